@@ -1,0 +1,594 @@
+//! The cartridge file: safetensors with one tensor pair per layer and a JSON header.
+//!
+//! Tensors are `layers.{i}.keys` and `layers.{i}.values`, each `[kv_heads, tokens, head_dim]` in
+//! the header's dtype, little-endian. The safetensors metadata holds one entry, `cartridge`, whose
+//! value is the JSON [`Header`]: format version, model fingerprint, dtype, token counts, the
+//! blake3 digest of the payload and free-form provenance.
+//!
+//! The payload is the concatenation, in layer order, of each layer's keys then values. It is
+//! defined independently of where safetensors places the tensors in the file, and it is exactly
+//! the concatenation of the raw bytes of the codec's chunks, so every tier (file, registry, loader)
+//! checks the same digest.
+//!
+//! Reading maps the file and validates everything before handing out byte slices into the map.
+
+use std::fmt;
+use std::fs::File;
+use std::ops::{Deref, Range};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::digest::Digest;
+use crate::dtype::Dtype;
+use crate::fingerprint::ModelFingerprint;
+
+pub const FORMAT_VERSION: u32 = 1;
+/// The safetensors metadata key that holds the [`Header`].
+pub const METADATA_KEY: &str = "cartridge";
+
+/// Everything a cartridge says about itself.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Header {
+    pub format_version: u32,
+    pub model: ModelFingerprint,
+    pub dtype: Dtype,
+    pub tokens: u64,
+    /// The first `frozen_tokens` positions are not trained (the attention sink).
+    pub frozen_tokens: u64,
+    pub payload_digest: Digest,
+    /// Where the cartridge came from: corpus digest, trainer parameters, composed parts, ….
+    #[serde(default)]
+    pub provenance: serde_json::Value,
+}
+
+impl Header {
+    /// `[kv_heads, tokens, head_dim]`, the shape of every tensor.
+    pub fn tensor_shape(&self) -> [usize; 3] {
+        [self.model.kv_heads as usize, self.tokens as usize, self.model.head_dim as usize]
+    }
+
+    /// Bytes of one tensor (the keys or the values of one layer).
+    pub fn tensor_bytes(&self) -> usize {
+        self.tensor_shape().iter().product::<usize>() * self.dtype.size()
+    }
+
+    /// Bytes of the whole payload: keys and values of every layer.
+    pub fn payload_bytes(&self) -> u64 {
+        self.layer_bytes() * u64::from(self.model.layers)
+    }
+
+    /// Bytes of one layer's keys and values together.
+    pub fn layer_bytes(&self) -> u64 {
+        self.tensor_bytes() as u64 * 2
+    }
+
+    /// Checks the header on its own: version, dimensions and token counts.
+    pub fn check(&self) -> Result<(), FormatError> {
+        if self.format_version != FORMAT_VERSION {
+            return Err(FormatError::UnsupportedVersion { found: u64::from(self.format_version) });
+        }
+        check_counts(&self.model, self.tokens, self.frozen_tokens)
+    }
+}
+
+/// Which tensor of a layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Part {
+    Keys,
+    Values,
+}
+
+impl Part {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Keys => "keys",
+            Self::Values => "values",
+        }
+    }
+}
+
+pub fn tensor_name(layer: usize, part: Part) -> String {
+    format!("layers.{layer}.{}", part.as_str())
+}
+
+/// The first defect found in a cartridge file.
+#[derive(Debug, thiserror::Error)]
+pub enum FormatError {
+    #[error("cannot read {}: {source}", path.display())]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("truncated: {detail}")]
+    Truncated { detail: String },
+    #[error("not a valid safetensors file: {detail}")]
+    Safetensors { detail: String },
+    #[error("not a cartridge: the safetensors metadata has no '{METADATA_KEY}' entry")]
+    NotACartridge,
+    #[error("unsupported cartridge format version {found} (this build reads version {FORMAT_VERSION})")]
+    UnsupportedVersion { found: u64 },
+    #[error("invalid cartridge header: {detail}")]
+    BadHeader { detail: String },
+    #[error("missing tensor '{name}'")]
+    MissingTensor { name: String },
+    #[error("unexpected tensor '{name}' (the model has {layers} layers of keys and values)")]
+    UnexpectedTensor { name: String, layers: u32 },
+    #[error("tensor '{name}' has dtype {found}, the header says {expected}")]
+    WrongDtype { name: String, expected: Dtype, found: String },
+    #[error("tensor '{name}' has shape {found:?}, expected {expected:?} ([kv_heads, tokens, head_dim])")]
+    WrongShape { name: String, expected: Vec<usize>, found: Vec<usize> },
+    #[error("tensor '{name}' has {found} bytes, expected {expected} ([kv_heads, tokens, head_dim] of the dtype)")]
+    WrongLength { name: String, expected: usize, found: usize },
+    #[error("payload digest mismatch: the header says {expected}, the tensors hash to {actual}")]
+    DigestMismatch { expected: Digest, actual: Digest },
+}
+
+/// The bytes of a cartridge file: a read-only memory map, or a buffer already in memory.
+enum Backing {
+    Mapped(memmap2::Mmap),
+    Owned(Vec<u8>),
+}
+
+impl Deref for Backing {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            Self::Mapped(map) => map,
+            Self::Owned(bytes) => bytes,
+        }
+    }
+}
+
+/// A validated cartridge. Tensor data is borrowed from the file's memory map, never copied.
+pub struct Cartridge {
+    bytes: Backing,
+    header: Header,
+    /// Absolute byte ranges of each layer's keys and values.
+    layers: Vec<[Range<usize>; 2]>,
+}
+
+impl fmt::Debug for Cartridge {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Cartridge").field("header", &self.header).field("file_bytes", &self.bytes.len()).finish()
+    }
+}
+
+impl Cartridge {
+    /// Maps and fully validates a cartridge file.
+    pub fn open(path: &Path) -> Result<Self, FormatError> {
+        let io = |source| FormatError::Io { path: path.to_owned(), source };
+        let file = File::open(path).map_err(io)?;
+        // SAFETY: the map is read-only. Another process truncating the file while it is mapped would
+        // fault the reader; files are only ever replaced by rename, never rewritten in place.
+        #[allow(unsafe_code)]
+        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io)?;
+        Self::validate(Backing::Mapped(map))
+    }
+
+    /// Fully validates a cartridge held in memory.
+    pub fn from_bytes(bytes: Vec<u8>) -> Result<Self, FormatError> {
+        Self::validate(Backing::Owned(bytes))
+    }
+
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    pub fn layer_count(&self) -> usize {
+        self.layers.len()
+    }
+
+    pub fn tensor(&self, layer: usize, part: Part) -> &[u8] {
+        let [keys, values] = &self.layers[layer];
+        match part {
+            Part::Keys => &self.bytes[keys.clone()],
+            Part::Values => &self.bytes[values.clone()],
+        }
+    }
+
+    pub fn keys(&self, layer: usize) -> &[u8] {
+        self.tensor(layer, Part::Keys)
+    }
+
+    pub fn values(&self, layer: usize) -> &[u8] {
+        self.tensor(layer, Part::Values)
+    }
+
+    /// The whole file, as stored.
+    pub fn file_bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    /// The payload in digest order: keys then values of layer 0, then layer 1, ….
+    pub fn payload(&self) -> impl Iterator<Item = &[u8]> {
+        (0..self.layer_count()).flat_map(|layer| [self.keys(layer), self.values(layer)])
+    }
+
+    fn validate(bytes: Backing) -> Result<Self, FormatError> {
+        let (header_len, metadata) = read_metadata(&bytes)?;
+        let data_start = 8 + header_len;
+
+        let header = parse_header(&metadata)?;
+        let tensors = metadata.tensors();
+        let mut layers = Vec::with_capacity(header.model.layers as usize);
+        let expected_shape = header.tensor_shape().to_vec();
+        for layer in 0..header.model.layers as usize {
+            let mut ranges = [Part::Keys, Part::Values].map(|part| (tensor_name(layer, part), 0..0));
+            for (name, range) in &mut ranges {
+                let info = tensors.get(name.as_str()).ok_or_else(|| FormatError::MissingTensor { name: name.clone() })?;
+                if Dtype::from_safetensors(info.dtype) != Some(header.dtype) {
+                    return Err(FormatError::WrongDtype {
+                        name: name.clone(),
+                        expected: header.dtype,
+                        found: format!("{:?}", info.dtype).to_lowercase(),
+                    });
+                }
+                if info.shape != expected_shape {
+                    return Err(FormatError::WrongShape {
+                        name: name.clone(),
+                        expected: expected_shape.clone(),
+                        found: info.shape.clone(),
+                    });
+                }
+                let (start, end) = info.data_offsets;
+                *range = data_start + start..data_start + end;
+            }
+            let [(_, keys), (_, values)] = ranges;
+            layers.push([keys, values]);
+        }
+        if tensors.len() != layers.len() * 2 {
+            let mut names: Vec<&String> = tensors.keys().collect();
+            names.sort();
+            let known = |name: &str| {
+                (0..layers.len()).any(|layer| name == tensor_name(layer, Part::Keys) || name == tensor_name(layer, Part::Values))
+            };
+            if let Some(name) = names.into_iter().find(|name| !known(name)) {
+                return Err(FormatError::UnexpectedTensor { name: name.clone(), layers: header.model.layers });
+            }
+        }
+
+        let cartridge = Self { bytes, header, layers };
+        let actual = payload_digest(cartridge.payload());
+        if actual != cartridge.header.payload_digest {
+            return Err(FormatError::DigestMismatch { expected: cartridge.header.payload_digest, actual });
+        }
+        Ok(cartridge)
+    }
+}
+
+/// Checks the safetensors framing, naming truncation precisely, and returns the header length.
+fn read_metadata(bytes: &[u8]) -> Result<(usize, safetensors::tensor::Metadata), FormatError> {
+    let Some(prefix) = bytes.first_chunk::<8>() else {
+        return Err(FormatError::Truncated {
+            detail: format!("the file is {} bytes, shorter than the 8-byte safetensors length prefix", bytes.len()),
+        });
+    };
+    let header_len = u64::from_le_bytes(*prefix);
+    if header_len > bytes.len() as u64 - 8 {
+        return Err(FormatError::Truncated {
+            detail: format!("the header declares {header_len} bytes but the file holds only {} after the prefix", bytes.len() - 8),
+        });
+    }
+    let header_len = header_len as usize;
+    safetensors::SafeTensors::read_metadata(bytes).map_err(|error| match error {
+        safetensors::SafeTensorError::MetadataIncompleteBuffer => {
+            let declared = declared_data_len(&bytes[8..8 + header_len]);
+            let held = bytes.len() - 8 - header_len;
+            let detail = match declared {
+                Some(declared) if declared > held => {
+                    format!("the header declares {declared} bytes of tensor data but the file holds {held}")
+                }
+                Some(declared) => format!("{} bytes follow the {declared} bytes of tensor data", held - declared),
+                None => "tensor data does not match the header".to_owned(),
+            };
+            FormatError::Truncated { detail }
+        }
+        other => FormatError::Safetensors { detail: other.to_string() },
+    })
+}
+
+/// The end of the last tensor according to a safetensors header, for error messages.
+fn declared_data_len(header: &[u8]) -> Option<usize> {
+    let value: serde_json::Value = serde_json::from_slice(header).ok()?;
+    value
+        .as_object()?
+        .iter()
+        .filter(|(key, _)| *key != "__metadata__")
+        .filter_map(|(_, info)| info.get("data_offsets")?.get(1)?.as_u64())
+        .max()
+        .map(|end| end as usize)
+}
+
+fn parse_header(metadata: &safetensors::tensor::Metadata) -> Result<Header, FormatError> {
+    let json = metadata.metadata().as_ref().and_then(|m| m.get(METADATA_KEY)).ok_or(FormatError::NotACartridge)?;
+
+    // The version is read on its own first, so a newer file is reported as such rather than as
+    // a header with unknown fields.
+    #[derive(Deserialize)]
+    struct Versioned {
+        format_version: u64,
+    }
+    let bad = |e: serde_json::Error| FormatError::BadHeader { detail: e.to_string() };
+    let versioned: Versioned = serde_json::from_str(json).map_err(bad)?;
+    if versioned.format_version != u64::from(FORMAT_VERSION) {
+        return Err(FormatError::UnsupportedVersion { found: versioned.format_version });
+    }
+    let header: Header = serde_json::from_str(json).map_err(bad)?;
+    header.check()?;
+    Ok(header)
+}
+
+fn check_counts(model: &ModelFingerprint, tokens: u64, frozen_tokens: u64) -> Result<(), FormatError> {
+    let detail = if model.layers == 0 || model.kv_heads == 0 || model.head_dim == 0 {
+        "the model's layers, kv_heads and head_dim must all be at least 1".to_owned()
+    } else if tokens == 0 {
+        "tokens must be at least 1".to_owned()
+    } else if frozen_tokens > tokens {
+        format!("frozen_tokens ({frozen_tokens}) exceeds tokens ({tokens})")
+    } else {
+        return Ok(());
+    };
+    Err(FormatError::BadHeader { detail })
+}
+
+/// blake3 of the payload pieces in order.
+pub fn payload_digest<'a>(pieces: impl IntoIterator<Item = &'a [u8]>) -> Digest {
+    let mut hasher = blake3::Hasher::new();
+    for piece in pieces {
+        // Layers run to megabytes: hashing them on all cores pays.
+        hasher.update_rayon(piece);
+    }
+    hasher.finalize().into()
+}
+
+/// What a writer supplies; the digest and format version are filled in by [`write`].
+#[derive(Debug, Clone)]
+pub struct NewCartridge {
+    pub model: ModelFingerprint,
+    pub dtype: Dtype,
+    pub tokens: u64,
+    pub frozen_tokens: u64,
+    pub provenance: serde_json::Value,
+}
+
+/// One layer's tensors, each `[kv_heads, tokens, head_dim]` little-endian.
+#[derive(Debug, Clone, Copy)]
+pub struct LayerData<'a> {
+    pub keys: &'a [u8],
+    pub values: &'a [u8],
+}
+
+struct TensorRef<'a> {
+    dtype: safetensors::Dtype,
+    shape: &'a [usize],
+    data: &'a [u8],
+}
+
+impl safetensors::View for TensorRef<'_> {
+    fn dtype(&self) -> safetensors::Dtype {
+        self.dtype
+    }
+
+    fn shape(&self) -> &[usize] {
+        self.shape
+    }
+
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        self.data.into()
+    }
+
+    fn data_len(&self) -> usize {
+        self.data.len()
+    }
+}
+
+/// Writes a cartridge atomically (a sibling temporary file renamed into place) and returns its header.
+pub fn write(path: &Path, new: NewCartridge, layers: &[LayerData<'_>]) -> Result<Header, FormatError> {
+    let header = build_header(new, layers)?;
+    let shape = header.tensor_shape();
+    let dtype = header.dtype.to_safetensors();
+    let tensors = layers.iter().enumerate().flat_map(|(layer, data)| {
+        [(Part::Keys, data.keys), (Part::Values, data.values)]
+            .map(|(part, data)| (tensor_name(layer, part), TensorRef { dtype, shape: &shape, data }))
+    });
+    let json = serde_json::to_string(&header).map_err(|e| FormatError::BadHeader { detail: e.to_string() })?;
+    let metadata = std::collections::HashMap::from([(METADATA_KEY.to_owned(), json)]);
+    safetensors::serialize_to_file(tensors, Some(metadata), path).map_err(|error| match error {
+        safetensors::SafeTensorError::IoError(source) => FormatError::Io { path: path.to_owned(), source },
+        other => FormatError::Safetensors { detail: other.to_string() },
+    })?;
+    Ok(header)
+}
+
+fn build_header(new: NewCartridge, layers: &[LayerData<'_>]) -> Result<Header, FormatError> {
+    check_counts(&new.model, new.tokens, new.frozen_tokens)?;
+    if layers.len() != new.model.layers as usize {
+        let name = tensor_name(layers.len().min(new.model.layers as usize), Part::Keys);
+        return Err(if layers.len() < new.model.layers as usize {
+            FormatError::MissingTensor { name }
+        } else {
+            FormatError::UnexpectedTensor { name, layers: new.model.layers }
+        });
+    }
+    let expected_bytes =
+        new.model.kv_heads as usize * new.tokens as usize * new.model.head_dim as usize * new.dtype.size();
+    for (layer, data) in layers.iter().enumerate() {
+        for (part, bytes) in [(Part::Keys, data.keys), (Part::Values, data.values)] {
+            if bytes.len() != expected_bytes {
+                return Err(FormatError::WrongLength {
+                    name: tensor_name(layer, part),
+                    expected: expected_bytes,
+                    found: bytes.len(),
+                });
+            }
+        }
+    }
+    Ok(Header {
+        format_version: FORMAT_VERSION,
+        payload_digest: payload_digest(layers.iter().flat_map(|l| [l.keys, l.values])),
+        model: new.model,
+        dtype: new.dtype,
+        tokens: new.tokens,
+        frozen_tokens: new.frozen_tokens,
+        provenance: new.provenance,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fingerprint::tests::tiny;
+
+    /// A cartridge for the tiny model whose bytes count up, so every element differs.
+    fn sample(tokens: u64) -> (NewCartridge, Vec<Vec<u8>>) {
+        let model = tiny();
+        let len = (model.kv_heads as u64 * tokens * model.head_dim as u64 * 2) as usize;
+        let tensors = (0..model.layers * 2).map(|t| (0..len).map(|i| (i * 7 + t as usize) as u8).collect()).collect();
+        let new = NewCartridge {
+            model,
+            dtype: Dtype::Bf16,
+            tokens,
+            frozen_tokens: 1,
+            provenance: serde_json::json!({"corpus": "test"}),
+        };
+        (new, tensors)
+    }
+
+    fn layer_data(tensors: &[Vec<u8>]) -> Vec<LayerData<'_>> {
+        tensors.chunks(2).map(|pair| LayerData { keys: &pair[0], values: &pair[1] }).collect()
+    }
+
+    fn write_sample(dir: &Path) -> (PathBuf, Header, Vec<Vec<u8>>) {
+        let (new, tensors) = sample(5);
+        let path = dir.join("sample.safetensors");
+        let header = write(&path, new, &layer_data(&tensors)).unwrap();
+        (path, header, tensors)
+    }
+
+    #[test]
+    fn write_then_open_round_trips() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, header, tensors) = write_sample(dir.path());
+        let cartridge = Cartridge::open(&path).unwrap();
+        assert_eq!(cartridge.header(), &header);
+        assert_eq!(cartridge.layer_count(), 2);
+        for layer in 0..2 {
+            assert_eq!(cartridge.keys(layer), tensors[layer * 2]);
+            assert_eq!(cartridge.values(layer), tensors[layer * 2 + 1]);
+        }
+        assert_eq!(header.payload_bytes(), tensors.iter().map(|t| t.len() as u64).sum::<u64>());
+        let from_memory = Cartridge::from_bytes(std::fs::read(&path).unwrap()).unwrap();
+        assert_eq!(from_memory.header(), &header);
+    }
+
+    #[test]
+    fn writing_is_deterministic() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, ..) = write_sample(dir.path());
+        let first = std::fs::read(&path).unwrap();
+        let (path, ..) = write_sample(dir.path());
+        assert_eq!(std::fs::read(path).unwrap(), first);
+    }
+
+    fn open_err(bytes: Vec<u8>) -> String {
+        Cartridge::from_bytes(bytes).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn flipped_payload_byte_is_a_digest_mismatch() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, ..) = write_sample(dir.path());
+        let mut bytes = std::fs::read(&path).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0x01;
+        assert!(open_err(bytes).starts_with("payload digest mismatch"));
+    }
+
+    #[test]
+    fn truncation_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, ..) = write_sample(dir.path());
+        let bytes = std::fs::read(&path).unwrap();
+        let err = open_err(bytes[..bytes.len() - 10].to_vec());
+        assert!(err.starts_with("truncated: the header declares"), "{err}");
+        assert!(open_err(bytes[..100].to_vec()).starts_with("truncated"));
+        assert!(open_err(bytes[..3].to_vec()).starts_with("truncated"));
+        let mut longer = bytes.clone();
+        longer.extend_from_slice(b"trailing");
+        assert!(open_err(longer).contains("8 bytes follow"));
+    }
+
+    /// Writes a safetensors file with the given tensors and the sample's header, bypassing our writer.
+    fn raw_file(header: &Header, tensors: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)>) -> Vec<u8> {
+        let views: Vec<_> = tensors
+            .iter()
+            .map(|(name, dtype, shape, data)| (name.clone(), TensorRef { dtype: *dtype, shape, data }))
+            .collect();
+        let metadata =
+            std::collections::HashMap::from([(METADATA_KEY.to_owned(), serde_json::to_string(header).unwrap())]);
+        safetensors::serialize(views, Some(metadata)).unwrap()
+    }
+
+    fn sample_tensors(header: &Header, tensors: &[Vec<u8>]) -> Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> {
+        tensors
+            .iter()
+            .enumerate()
+            .map(|(i, data)| {
+                let part = if i % 2 == 0 { Part::Keys } else { Part::Values };
+                (tensor_name(i / 2, part), safetensors::Dtype::BF16, header.tensor_shape().to_vec(), data.clone())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn structural_defects_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, header, tensors) = write_sample(dir.path());
+        let good = sample_tensors(&header, &tensors);
+        assert!(Cartridge::from_bytes(raw_file(&header, good.clone())).is_ok());
+
+        let mut wrong_shape = good.clone();
+        wrong_shape[2].2 = vec![2, 8, 5];
+        assert_eq!(
+            open_err(raw_file(&header, wrong_shape)),
+            "tensor 'layers.1.keys' has shape [2, 8, 5], expected [2, 5, 8] ([kv_heads, tokens, head_dim])"
+        );
+
+        let mut wrong_dtype = good.clone();
+        wrong_dtype[1].1 = safetensors::Dtype::F16;
+        assert_eq!(open_err(raw_file(&header, wrong_dtype)), "tensor 'layers.0.values' has dtype f16, the header says bf16");
+
+        let mut missing = good.clone();
+        missing.remove(3);
+        assert_eq!(open_err(raw_file(&header, missing)), "missing tensor 'layers.1.values'");
+
+        let mut extra = good.clone();
+        extra.push(("layers.2.keys".into(), safetensors::Dtype::BF16, header.tensor_shape().to_vec(), tensors[0].clone()));
+        assert!(open_err(raw_file(&header, extra)).starts_with("unexpected tensor 'layers.2.keys'"));
+
+        let mut newer = header.clone();
+        newer.format_version = 2;
+        assert!(open_err(raw_file(&newer, good.clone())).starts_with("unsupported cartridge format version 2"));
+
+        let mut frozen = header.clone();
+        frozen.frozen_tokens = 6;
+        assert!(open_err(raw_file(&frozen, good.clone())).contains("frozen_tokens (6) exceeds tokens (5)"));
+
+        let plain = safetensors::serialize(
+            good.iter().map(|(n, d, s, b)| (n.clone(), TensorRef { dtype: *d, shape: s, data: b })),
+            None,
+        )
+        .unwrap();
+        assert!(open_err(plain).starts_with("not a cartridge"));
+    }
+
+    #[test]
+    fn writer_refuses_wrong_sizes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (new, mut tensors) = sample(5);
+        tensors[3].pop();
+        let err = write(&dir.path().join("x"), new, &layer_data(&tensors)).unwrap_err();
+        assert_eq!(err.to_string(), "tensor 'layers.1.values' has 159 bytes, expected 160 ([kv_heads, tokens, head_dim] of the dtype)");
+        assert!(!dir.path().join("x").exists());
+    }
+}
