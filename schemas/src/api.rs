@@ -60,9 +60,15 @@ mod tests {
 
     #[test]
     fn error_body_wire_shape() {
-        let body = ErrorBody { code: ErrorCode::VersionExists, message: "legal/contracts@v3 exists".into() };
+        let body = ErrorBody {
+            code: ErrorCode::VersionExists,
+            message: "legal/contracts@v3 exists".into(),
+        };
         let json = serde_json::to_string(&body).unwrap();
-        assert_eq!(json, r#"{"code":"version_exists","message":"legal/contracts@v3 exists"}"#);
+        assert_eq!(
+            json,
+            r#"{"code":"version_exists","message":"legal/contracts@v3 exists"}"#
+        );
         assert_eq!(serde_json::from_str::<ErrorBody>(&json).unwrap(), body);
         assert_eq!(body.code.http_status(), 409);
     }

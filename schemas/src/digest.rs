@@ -34,10 +34,17 @@ impl Digest {
         if hex.len() != 64 {
             return Err(DigestError::new(hex, "expected 64 hex characters"));
         }
-        if !hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
-            return Err(DigestError::new(hex, "expected lowercase hex characters 0-9a-f"));
+        if !hex
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
+            return Err(DigestError::new(
+                hex,
+                "expected lowercase hex characters 0-9a-f",
+            ));
         }
-        let hash = blake3::Hash::from_hex(hex).map_err(|e| DigestError::new(hex, &e.to_string()))?;
+        let hash =
+            blake3::Hash::from_hex(hex).map_err(|e| DigestError::new(hex, &e.to_string()))?;
         Ok(Self(*hash.as_bytes()))
     }
 }
@@ -93,7 +100,10 @@ pub struct DigestError {
 
 impl DigestError {
     fn new(input: &str, reason: &str) -> Self {
-        Self { input: input.to_owned(), reason: reason.to_owned() }
+        Self {
+            input: input.to_owned(),
+            reason: reason.to_owned(),
+        }
     }
 }
 
@@ -117,7 +127,10 @@ mod tests {
         let err = format!("blake3:{upper}").parse::<Digest>().unwrap_err();
         assert!(err.to_string().contains("lowercase hex"), "{err}");
         let err = "sha256:00".parse::<Digest>().unwrap_err();
-        assert!(err.to_string().contains("must start with 'blake3:'"), "{err}");
+        assert!(
+            err.to_string().contains("must start with 'blake3:'"),
+            "{err}"
+        );
         let err = "blake3:abc".parse::<Digest>().unwrap_err();
         assert!(err.to_string().contains("64 hex"), "{err}");
     }

@@ -46,7 +46,11 @@ pub struct Header {
 impl Header {
     /// `[kv_heads, tokens, head_dim]`, the shape of every tensor.
     pub fn tensor_shape(&self) -> [usize; 3] {
-        [self.model.kv_heads as usize, self.tokens as usize, self.model.head_dim as usize]
+        [
+            self.model.kv_heads as usize,
+            self.tokens as usize,
+            self.model.head_dim as usize,
+        ]
     }
 
     /// Bytes of one tensor (the keys or the values of one layer).
@@ -67,7 +71,9 @@ impl Header {
     /// Checks the header on its own: version, dimensions and token counts.
     pub fn check(&self) -> Result<(), FormatError> {
         if self.format_version != FORMAT_VERSION {
-            return Err(FormatError::UnsupportedVersion { found: u64::from(self.format_version) });
+            return Err(FormatError::UnsupportedVersion {
+                found: u64::from(self.format_version),
+            });
         }
         check_counts(&self.model, self.tokens, self.frozen_tokens)
     }
@@ -97,14 +103,19 @@ pub fn tensor_name(layer: usize, part: Part) -> String {
 #[derive(Debug, thiserror::Error)]
 pub enum FormatError {
     #[error("cannot read {}: {source}", path.display())]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("truncated: {detail}")]
     Truncated { detail: String },
     #[error("not a valid safetensors file: {detail}")]
     Safetensors { detail: String },
     #[error("not a cartridge: the safetensors metadata has no '{METADATA_KEY}' entry")]
     NotACartridge,
-    #[error("unsupported cartridge format version {found} (this build reads version {FORMAT_VERSION})")]
+    #[error(
+        "unsupported cartridge format version {found} (this build reads version {FORMAT_VERSION})"
+    )]
     UnsupportedVersion { found: u64 },
     #[error("invalid cartridge header: {detail}")]
     BadHeader { detail: String },
@@ -113,11 +124,27 @@ pub enum FormatError {
     #[error("unexpected tensor '{name}' (the model has {layers} layers of keys and values)")]
     UnexpectedTensor { name: String, layers: u32 },
     #[error("tensor '{name}' has dtype {found}, the header says {expected}")]
-    WrongDtype { name: String, expected: Dtype, found: String },
-    #[error("tensor '{name}' has shape {found:?}, expected {expected:?} ([kv_heads, tokens, head_dim])")]
-    WrongShape { name: String, expected: Vec<usize>, found: Vec<usize> },
-    #[error("tensor '{name}' has {found} bytes, expected {expected} ([kv_heads, tokens, head_dim] of the dtype)")]
-    WrongLength { name: String, expected: usize, found: usize },
+    WrongDtype {
+        name: String,
+        expected: Dtype,
+        found: String,
+    },
+    #[error(
+        "tensor '{name}' has shape {found:?}, expected {expected:?} ([kv_heads, tokens, head_dim])"
+    )]
+    WrongShape {
+        name: String,
+        expected: Vec<usize>,
+        found: Vec<usize>,
+    },
+    #[error(
+        "tensor '{name}' has {found} bytes, expected {expected} ([kv_heads, tokens, head_dim] of the dtype)"
+    )]
+    WrongLength {
+        name: String,
+        expected: usize,
+        found: usize,
+    },
     #[error("payload digest mismatch: the header says {expected}, the tensors hash to {actual}")]
     DigestMismatch { expected: Digest, actual: Digest },
 }
@@ -149,14 +176,20 @@ pub struct Cartridge {
 
 impl fmt::Debug for Cartridge {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Cartridge").field("header", &self.header).field("file_bytes", &self.bytes.len()).finish()
+        f.debug_struct("Cartridge")
+            .field("header", &self.header)
+            .field("file_bytes", &self.bytes.len())
+            .finish()
     }
 }
 
 impl Cartridge {
     /// Maps and fully validates a cartridge file.
     pub fn open(path: &Path) -> Result<Self, FormatError> {
-        let io = |source| FormatError::Io { path: path.to_owned(), source };
+        let io = |source| FormatError::Io {
+            path: path.to_owned(),
+            source,
+        };
         let file = File::open(path).map_err(io)?;
         // SAFETY: the map is read-only. Another process truncating the file while it is mapped would
         // fault the reader; files are only ever replaced by rename, never rewritten in place.
@@ -213,9 +246,12 @@ impl Cartridge {
         let mut layers = Vec::with_capacity(header.model.layers as usize);
         let expected_shape = header.tensor_shape().to_vec();
         for layer in 0..header.model.layers as usize {
-            let mut ranges = [Part::Keys, Part::Values].map(|part| (tensor_name(layer, part), 0..0));
+            let mut ranges =
+                [Part::Keys, Part::Values].map(|part| (tensor_name(layer, part), 0..0));
             for (name, range) in &mut ranges {
-                let info = tensors.get(name.as_str()).ok_or_else(|| FormatError::MissingTensor { name: name.clone() })?;
+                let info = tensors
+                    .get(name.as_str())
+                    .ok_or_else(|| FormatError::MissingTensor { name: name.clone() })?;
                 if Dtype::from_safetensors(info.dtype) != Some(header.dtype) {
                     return Err(FormatError::WrongDtype {
                         name: name.clone(),
@@ -240,17 +276,30 @@ impl Cartridge {
             let mut names: Vec<&String> = tensors.keys().collect();
             names.sort();
             let known = |name: &str| {
-                (0..layers.len()).any(|layer| name == tensor_name(layer, Part::Keys) || name == tensor_name(layer, Part::Values))
+                (0..layers.len()).any(|layer| {
+                    name == tensor_name(layer, Part::Keys)
+                        || name == tensor_name(layer, Part::Values)
+                })
             };
             if let Some(name) = names.into_iter().find(|name| !known(name)) {
-                return Err(FormatError::UnexpectedTensor { name: name.clone(), layers: header.model.layers });
+                return Err(FormatError::UnexpectedTensor {
+                    name: name.clone(),
+                    layers: header.model.layers,
+                });
             }
         }
 
-        let cartridge = Self { bytes, header, layers };
+        let cartridge = Self {
+            bytes,
+            header,
+            layers,
+        };
         let actual = payload_digest(cartridge.payload());
         if actual != cartridge.header.payload_digest {
-            return Err(FormatError::DigestMismatch { expected: cartridge.header.payload_digest, actual });
+            return Err(FormatError::DigestMismatch {
+                expected: cartridge.header.payload_digest,
+                actual,
+            });
         }
         Ok(cartridge)
     }
@@ -260,13 +309,24 @@ impl Cartridge {
 fn read_metadata(bytes: &[u8]) -> Result<(usize, safetensors::tensor::Metadata), FormatError> {
     let Some(prefix) = bytes.first_chunk::<8>() else {
         return Err(FormatError::Truncated {
-            detail: format!("the file is {} bytes, shorter than the 8-byte safetensors length prefix", bytes.len()),
+            detail: format!(
+                "the file is {} bytes, shorter than the 8-byte safetensors length prefix",
+                bytes.len()
+            ),
         });
     };
     let header_len = u64::from_le_bytes(*prefix);
+    if bytes.get(8).is_some_and(|&first| first != b'{') {
+        return Err(FormatError::Safetensors {
+            detail: "the header is not JSON (is this a safetensors file?)".into(),
+        });
+    }
     if header_len > bytes.len() as u64 - 8 {
         return Err(FormatError::Truncated {
-            detail: format!("the header declares {header_len} bytes but the file holds only {} after the prefix", bytes.len() - 8),
+            detail: format!(
+                "the header declares {header_len} bytes but the file holds only {} after the prefix",
+                bytes.len() - 8
+            ),
         });
     }
     let header_len = header_len as usize;
@@ -300,7 +360,11 @@ fn declared_data_len(header: &[u8]) -> Option<usize> {
 }
 
 fn parse_header(metadata: &safetensors::tensor::Metadata) -> Result<Header, FormatError> {
-    let json = metadata.metadata().as_ref().and_then(|m| m.get(METADATA_KEY)).ok_or(FormatError::NotACartridge)?;
+    let json = metadata
+        .metadata()
+        .as_ref()
+        .and_then(|m| m.get(METADATA_KEY))
+        .ok_or(FormatError::NotACartridge)?;
 
     // The version is read on its own first, so a newer file is reported as such rather than as
     // a header with unknown fields.
@@ -308,17 +372,25 @@ fn parse_header(metadata: &safetensors::tensor::Metadata) -> Result<Header, Form
     struct Versioned {
         format_version: u64,
     }
-    let bad = |e: serde_json::Error| FormatError::BadHeader { detail: e.to_string() };
+    let bad = |e: serde_json::Error| FormatError::BadHeader {
+        detail: e.to_string(),
+    };
     let versioned: Versioned = serde_json::from_str(json).map_err(bad)?;
     if versioned.format_version != u64::from(FORMAT_VERSION) {
-        return Err(FormatError::UnsupportedVersion { found: versioned.format_version });
+        return Err(FormatError::UnsupportedVersion {
+            found: versioned.format_version,
+        });
     }
     let header: Header = serde_json::from_str(json).map_err(bad)?;
     header.check()?;
     Ok(header)
 }
 
-fn check_counts(model: &ModelFingerprint, tokens: u64, frozen_tokens: u64) -> Result<(), FormatError> {
+fn check_counts(
+    model: &ModelFingerprint,
+    tokens: u64,
+    frozen_tokens: u64,
+) -> Result<(), FormatError> {
     let detail = if model.layers == 0 || model.kv_heads == 0 || model.head_dim == 0 {
         "the model's layers, kv_heads and head_dim must all be at least 1".to_owned()
     } else if tokens == 0 {
@@ -383,19 +455,38 @@ impl safetensors::View for TensorRef<'_> {
 }
 
 /// Writes a cartridge atomically (a sibling temporary file renamed into place) and returns its header.
-pub fn write(path: &Path, new: NewCartridge, layers: &[LayerData<'_>]) -> Result<Header, FormatError> {
+pub fn write(
+    path: &Path,
+    new: NewCartridge,
+    layers: &[LayerData<'_>],
+) -> Result<Header, FormatError> {
     let header = build_header(new, layers)?;
     let shape = header.tensor_shape();
     let dtype = header.dtype.to_safetensors();
     let tensors = layers.iter().enumerate().flat_map(|(layer, data)| {
-        [(Part::Keys, data.keys), (Part::Values, data.values)]
-            .map(|(part, data)| (tensor_name(layer, part), TensorRef { dtype, shape: &shape, data }))
+        [(Part::Keys, data.keys), (Part::Values, data.values)].map(|(part, data)| {
+            (
+                tensor_name(layer, part),
+                TensorRef {
+                    dtype,
+                    shape: &shape,
+                    data,
+                },
+            )
+        })
     });
-    let json = serde_json::to_string(&header).map_err(|e| FormatError::BadHeader { detail: e.to_string() })?;
+    let json = serde_json::to_string(&header).map_err(|e| FormatError::BadHeader {
+        detail: e.to_string(),
+    })?;
     let metadata = std::collections::HashMap::from([(METADATA_KEY.to_owned(), json)]);
     safetensors::serialize_to_file(tensors, Some(metadata), path).map_err(|error| match error {
-        safetensors::SafeTensorError::IoError(source) => FormatError::Io { path: path.to_owned(), source },
-        other => FormatError::Safetensors { detail: other.to_string() },
+        safetensors::SafeTensorError::IoError(source) => FormatError::Io {
+            path: path.to_owned(),
+            source,
+        },
+        other => FormatError::Safetensors {
+            detail: other.to_string(),
+        },
     })?;
     Ok(header)
 }
@@ -407,11 +498,16 @@ fn build_header(new: NewCartridge, layers: &[LayerData<'_>]) -> Result<Header, F
         return Err(if layers.len() < new.model.layers as usize {
             FormatError::MissingTensor { name }
         } else {
-            FormatError::UnexpectedTensor { name, layers: new.model.layers }
+            FormatError::UnexpectedTensor {
+                name,
+                layers: new.model.layers,
+            }
         });
     }
-    let expected_bytes =
-        new.model.kv_heads as usize * new.tokens as usize * new.model.head_dim as usize * new.dtype.size();
+    let expected_bytes = new.model.kv_heads as usize
+        * new.tokens as usize
+        * new.model.head_dim as usize
+        * new.dtype.size();
     for (layer, data) in layers.iter().enumerate() {
         for (part, bytes) in [(Part::Keys, data.keys), (Part::Values, data.values)] {
             if bytes.len() != expected_bytes {
@@ -443,7 +539,9 @@ mod tests {
     fn sample(tokens: u64) -> (NewCartridge, Vec<Vec<u8>>) {
         let model = tiny();
         let len = (model.kv_heads as u64 * tokens * model.head_dim as u64 * 2) as usize;
-        let tensors = (0..model.layers * 2).map(|t| (0..len).map(|i| (i * 7 + t as usize) as u8).collect()).collect();
+        let tensors = (0..model.layers * 2)
+            .map(|t| (0..len).map(|i| (i * 7 + t as usize) as u8).collect())
+            .collect();
         let new = NewCartridge {
             model,
             dtype: Dtype::Bf16,
@@ -455,7 +553,13 @@ mod tests {
     }
 
     fn layer_data(tensors: &[Vec<u8>]) -> Vec<LayerData<'_>> {
-        tensors.chunks(2).map(|pair| LayerData { keys: &pair[0], values: &pair[1] }).collect()
+        tensors
+            .chunks(2)
+            .map(|pair| LayerData {
+                keys: &pair[0],
+                values: &pair[1],
+            })
+            .collect()
     }
 
     fn write_sample(dir: &Path) -> (PathBuf, Header, Vec<Vec<u8>>) {
@@ -476,7 +580,10 @@ mod tests {
             assert_eq!(cartridge.keys(layer), tensors[layer * 2]);
             assert_eq!(cartridge.values(layer), tensors[layer * 2 + 1]);
         }
-        assert_eq!(header.payload_bytes(), tensors.iter().map(|t| t.len() as u64).sum::<u64>());
+        assert_eq!(
+            header.payload_bytes(),
+            tensors.iter().map(|t| t.len() as u64).sum::<u64>()
+        );
         let from_memory = Cartridge::from_bytes(std::fs::read(&path).unwrap()).unwrap();
         assert_eq!(from_memory.header(), &header);
     }
@@ -519,23 +626,45 @@ mod tests {
     }
 
     /// Writes a safetensors file with the given tensors and the sample's header, bypassing our writer.
-    fn raw_file(header: &Header, tensors: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)>) -> Vec<u8> {
+    fn raw_file(
+        header: &Header,
+        tensors: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)>,
+    ) -> Vec<u8> {
         let views: Vec<_> = tensors
             .iter()
-            .map(|(name, dtype, shape, data)| (name.clone(), TensorRef { dtype: *dtype, shape, data }))
+            .map(|(name, dtype, shape, data)| {
+                (
+                    name.clone(),
+                    TensorRef {
+                        dtype: *dtype,
+                        shape,
+                        data,
+                    },
+                )
+            })
             .collect();
-        let metadata =
-            std::collections::HashMap::from([(METADATA_KEY.to_owned(), serde_json::to_string(header).unwrap())]);
+        let metadata = std::collections::HashMap::from([(
+            METADATA_KEY.to_owned(),
+            serde_json::to_string(header).unwrap(),
+        )]);
         safetensors::serialize(views, Some(metadata)).unwrap()
     }
 
-    fn sample_tensors(header: &Header, tensors: &[Vec<u8>]) -> Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> {
+    fn sample_tensors(
+        header: &Header,
+        tensors: &[Vec<u8>],
+    ) -> Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> {
         tensors
             .iter()
             .enumerate()
             .map(|(i, data)| {
                 let part = if i % 2 == 0 { Part::Keys } else { Part::Values };
-                (tensor_name(i / 2, part), safetensors::Dtype::BF16, header.tensor_shape().to_vec(), data.clone())
+                (
+                    tensor_name(i / 2, part),
+                    safetensors::Dtype::BF16,
+                    header.tensor_shape().to_vec(),
+                    data.clone(),
+                )
             })
             .collect()
     }
@@ -556,26 +685,54 @@ mod tests {
 
         let mut wrong_dtype = good.clone();
         wrong_dtype[1].1 = safetensors::Dtype::F16;
-        assert_eq!(open_err(raw_file(&header, wrong_dtype)), "tensor 'layers.0.values' has dtype f16, the header says bf16");
+        assert_eq!(
+            open_err(raw_file(&header, wrong_dtype)),
+            "tensor 'layers.0.values' has dtype f16, the header says bf16"
+        );
 
         let mut missing = good.clone();
         missing.remove(3);
-        assert_eq!(open_err(raw_file(&header, missing)), "missing tensor 'layers.1.values'");
+        assert_eq!(
+            open_err(raw_file(&header, missing)),
+            "missing tensor 'layers.1.values'"
+        );
 
         let mut extra = good.clone();
-        extra.push(("layers.2.keys".into(), safetensors::Dtype::BF16, header.tensor_shape().to_vec(), tensors[0].clone()));
-        assert!(open_err(raw_file(&header, extra)).starts_with("unexpected tensor 'layers.2.keys'"));
+        extra.push((
+            "layers.2.keys".into(),
+            safetensors::Dtype::BF16,
+            header.tensor_shape().to_vec(),
+            tensors[0].clone(),
+        ));
+        assert!(
+            open_err(raw_file(&header, extra)).starts_with("unexpected tensor 'layers.2.keys'")
+        );
 
         let mut newer = header.clone();
         newer.format_version = 2;
-        assert!(open_err(raw_file(&newer, good.clone())).starts_with("unsupported cartridge format version 2"));
+        assert!(
+            open_err(raw_file(&newer, good.clone()))
+                .starts_with("unsupported cartridge format version 2")
+        );
 
         let mut frozen = header.clone();
         frozen.frozen_tokens = 6;
-        assert!(open_err(raw_file(&frozen, good.clone())).contains("frozen_tokens (6) exceeds tokens (5)"));
+        assert!(
+            open_err(raw_file(&frozen, good.clone()))
+                .contains("frozen_tokens (6) exceeds tokens (5)")
+        );
 
         let plain = safetensors::serialize(
-            good.iter().map(|(n, d, s, b)| (n.clone(), TensorRef { dtype: *d, shape: s, data: b })),
+            good.iter().map(|(n, d, s, b)| {
+                (
+                    n.clone(),
+                    TensorRef {
+                        dtype: *d,
+                        shape: s,
+                        data: b,
+                    },
+                )
+            }),
             None,
         )
         .unwrap();
@@ -588,7 +745,10 @@ mod tests {
         let (new, mut tensors) = sample(5);
         tensors[3].pop();
         let err = write(&dir.path().join("x"), new, &layer_data(&tensors)).unwrap_err();
-        assert_eq!(err.to_string(), "tensor 'layers.1.values' has 159 bytes, expected 160 ([kv_heads, tokens, head_dim] of the dtype)");
+        assert_eq!(
+            err.to_string(),
+            "tensor 'layers.1.values' has 159 bytes, expected 160 ([kv_heads, tokens, head_dim] of the dtype)"
+        );
         assert!(!dir.path().join("x").exists());
     }
 }

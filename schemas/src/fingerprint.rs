@@ -74,9 +74,17 @@ impl ModelFingerprint {
             if expected == found {
                 return Ok(());
             }
-            Err(FingerprintMismatch { field, expected: expected.to_string(), found: found.to_string() })
+            Err(FingerprintMismatch {
+                field,
+                expected: expected.to_string(),
+                found: found.to_string(),
+            })
         }
-        let scaling = |rope: &Rope| rope.scaling.as_ref().map_or("none".to_owned(), |v| v.to_string());
+        let scaling = |rope: &Rope| {
+            rope.scaling
+                .as_ref()
+                .map_or("none".to_owned(), |v| v.to_string())
+        };
         compare("architecture", &self.architecture, &other.architecture)?;
         compare("layers", &self.layers, &other.layers)?;
         compare("kv_heads", &self.kv_heads, &other.kv_heads)?;
@@ -93,7 +101,13 @@ impl fmt::Display for ModelFingerprint {
         write!(
             f,
             "{} ({} layers, {} kv heads, head_dim {}, rope θ={} {}) weights {}",
-            self.architecture, self.layers, self.kv_heads, self.head_dim, self.rope.theta, self.rope.layout, self.weights
+            self.architecture,
+            self.layers,
+            self.kv_heads,
+            self.head_dim,
+            self.rope.theta,
+            self.rope.layout,
+            self.weights
         )
     }
 }
@@ -108,7 +122,11 @@ pub(crate) mod tests {
             layers: 2,
             kv_heads: 2,
             head_dim: 8,
-            rope: Rope { theta: 10000.0, layout: RopeLayout::Half, scaling: None },
+            rope: Rope {
+                theta: 10000.0,
+                layout: RopeLayout::Half,
+                scaling: None,
+            },
             weights: Digest::of(b"weights"),
         }
     }
@@ -123,21 +141,33 @@ pub(crate) mod tests {
         let mut other = tiny();
         other.kv_heads = 3;
         let err = tiny().check_compatible(&other).unwrap_err();
-        assert_eq!(err.to_string(), "model mismatch: kv_heads differs (expected 2, found 3)");
+        assert_eq!(
+            err.to_string(),
+            "model mismatch: kv_heads differs (expected 2, found 3)"
+        );
 
         let mut other = tiny();
         other.weights = Digest::of(b"other weights");
-        assert_eq!(tiny().check_compatible(&other).unwrap_err().field, "weights");
+        assert_eq!(
+            tiny().check_compatible(&other).unwrap_err().field,
+            "weights"
+        );
 
         let mut other = tiny();
         other.rope.scaling = Some(serde_json::json!({"type": "llama3", "factor": 8.0}));
-        assert_eq!(tiny().check_compatible(&other).unwrap_err().field, "rope.scaling");
+        assert_eq!(
+            tiny().check_compatible(&other).unwrap_err().field,
+            "rope.scaling"
+        );
     }
 
     #[test]
     fn json_round_trip_refuses_unknown_fields() {
         let json = serde_json::to_string(&tiny()).unwrap();
-        assert_eq!(serde_json::from_str::<ModelFingerprint>(&json).unwrap(), tiny());
+        assert_eq!(
+            serde_json::from_str::<ModelFingerprint>(&json).unwrap(),
+            tiny()
+        );
         let mut value: serde_json::Value = serde_json::from_str(&json).unwrap();
         value["surprise"] = 1.into();
         assert!(serde_json::from_value::<ModelFingerprint>(value).is_err());

@@ -107,14 +107,17 @@ pub struct ManifestError {
 
 impl ManifestError {
     fn new(detail: impl Into<String>) -> Self {
-        Self { detail: detail.into() }
+        Self {
+            detail: detail.into(),
+        }
     }
 }
 
 impl Manifest {
     /// Parses and validates a manifest from JSON (canonical or not).
     pub fn from_json(bytes: &[u8]) -> Result<Self, ManifestError> {
-        let manifest: Self = serde_json::from_slice(bytes).map_err(|e| ManifestError::new(e.to_string()))?;
+        let manifest: Self =
+            serde_json::from_slice(bytes).map_err(|e| ManifestError::new(e.to_string()))?;
         manifest.validate()?;
         Ok(manifest)
     }
@@ -132,7 +135,11 @@ impl Manifest {
     /// Every blob the manifest references, each once, in chunk order.
     pub fn blobs(&self) -> Vec<BlobInfo> {
         let mut seen = std::collections::HashSet::new();
-        self.chunks.iter().map(|chunk| chunk.stored).filter(|blob| seen.insert(blob.digest)).collect()
+        self.chunks
+            .iter()
+            .map(|chunk| chunk.stored)
+            .filter(|blob| seen.insert(blob.digest))
+            .collect()
     }
 
     /// Checks internal consistency: version, header, and chunks covering every layer once with the
@@ -144,7 +151,9 @@ impl Manifest {
                 self.schema_version
             )));
         }
-        self.cartridge.check().map_err(|e| ManifestError::new(e.to_string()))?;
+        self.cartridge
+            .check()
+            .map_err(|e| ManifestError::new(e.to_string()))?;
         let layers = self.cartridge.model.layers;
         let layer_bytes = self.cartridge.layer_bytes();
         let mut next = 0;
@@ -174,7 +183,9 @@ impl Manifest {
             next = range.end;
         }
         if next != layers {
-            return Err(ManifestError::new(format!("chunks cover layers 0..{next}, the model has {layers}")));
+            return Err(ManifestError::new(format!(
+                "chunks cover layers 0..{next}, the model has {layers}"
+            )));
         }
         Ok(())
     }
@@ -199,10 +210,19 @@ pub(crate) mod tests {
         };
         let layer_bytes = header.layer_bytes();
         let chunk = |start, blob: &[u8]| ChunkDescriptor {
-            layers: LayerRange { start, end: start + 1 },
+            layers: LayerRange {
+                start,
+                end: start + 1,
+            },
             codec: Codec::Shuffle2Zstd,
-            stored: BlobInfo { digest: Digest::of(blob), size: 10 },
-            raw: BlobInfo { digest: Digest::of(b"raw"), size: layer_bytes },
+            stored: BlobInfo {
+                digest: Digest::of(blob),
+                size: 10,
+            },
+            raw: BlobInfo {
+                digest: Digest::of(b"raw"),
+                size: layer_bytes,
+            },
         };
         Manifest {
             schema_version: MANIFEST_SCHEMA_VERSION,
@@ -223,28 +243,58 @@ pub(crate) mod tests {
         assert_eq!(reparsed.digest(), Digest::of(&bytes));
         // The same value from pretty, reordered JSON has the same digest.
         let pretty = serde_json::to_vec_pretty(&manifest).unwrap();
-        assert_eq!(Manifest::from_json(&pretty).unwrap().digest(), manifest.digest());
+        assert_eq!(
+            Manifest::from_json(&pretty).unwrap().digest(),
+            manifest.digest()
+        );
     }
 
     #[test]
     fn validation_names_the_problem() {
         let mut gap = sample();
         gap.chunks.remove(0);
-        assert!(gap.validate().unwrap_err().to_string().contains("chunk 0 covers layers 1..2"));
+        assert!(
+            gap.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("chunk 0 covers layers 1..2")
+        );
 
         let mut short = sample();
         short.chunks.pop();
-        assert!(short.validate().unwrap_err().to_string().contains("chunks cover layers 0..1, the model has 2"));
+        assert!(
+            short
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("chunks cover layers 0..1, the model has 2")
+        );
 
         let mut size = sample();
         size.chunks[1].raw.size += 1;
-        assert!(size.validate().unwrap_err().to_string().contains("chunk 1 has"));
+        assert!(
+            size.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("chunk 1 has")
+        );
 
         let mut codec = sample();
         codec.chunks[0].codec = Codec::Shuffle4Zstd;
-        assert!(codec.validate().unwrap_err().to_string().contains("shuffle4+zstd on bf16"));
+        assert!(
+            codec
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("shuffle4+zstd on bf16")
+        );
 
-        assert!(Manifest::from_json(b"{}").unwrap_err().to_string().starts_with("invalid manifest: missing field"));
+        assert!(
+            Manifest::from_json(b"{}")
+                .unwrap_err()
+                .to_string()
+                .starts_with("invalid manifest: missing field")
+        );
     }
 
     #[test]

@@ -34,7 +34,10 @@ pub struct ReferenceError {
 
 impl ReferenceError {
     fn new(input: &str, reason: impl Into<String>) -> Self {
-        Self { input: input.to_owned(), reason: reason.into() }
+        Self {
+            input: input.to_owned(),
+            reason: reason.into(),
+        }
     }
 }
 
@@ -141,7 +144,10 @@ impl FromStr for Repository {
             return Err(ReferenceError::new(s, "expected namespace/name"));
         };
         let wrap = |e: ReferenceError| ReferenceError::new(s, e.reason);
-        Ok(Self { namespace: namespace.parse().map_err(wrap)?, name: name.parse().map_err(wrap)? })
+        Ok(Self {
+            namespace: namespace.parse().map_err(wrap)?,
+            name: name.parse().map_err(wrap)?,
+        })
     }
 }
 
@@ -168,7 +174,10 @@ impl FromStr for Selector {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         if s.is_empty() {
-            return Err(ReferenceError::new(s, "nothing after '@': expected a version, a tag or a blake3 digest"));
+            return Err(ReferenceError::new(
+                s,
+                "nothing after '@': expected a version, a tag or a blake3 digest",
+            ));
         }
         if s.starts_with("blake3:") {
             return s
@@ -176,7 +185,11 @@ impl FromStr for Selector {
                 .map(Self::Digest)
                 .map_err(|e: crate::digest::DigestError| ReferenceError::new(s, e.reason));
         }
-        if looks_like_version(s) { s.parse().map(Self::Version) } else { s.parse().map(Self::Tag) }
+        if looks_like_version(s) {
+            s.parse().map(Self::Version)
+        } else {
+            s.parse().map(Self::Tag)
+        }
     }
 }
 
@@ -224,11 +237,22 @@ impl FromStr for Reference {
             [namespace, name] => (None, namespace, name),
             [registry, namespace, name] => (Some(registry.parse().map_err(wrap)?), namespace, name),
             [_] => return Err(ReferenceError::new(s, "expected namespace/name")),
-            _ => return Err(ReferenceError::new(s, "too many '/': expected [registry/]namespace/name")),
+            _ => {
+                return Err(ReferenceError::new(
+                    s,
+                    "too many '/': expected [registry/]namespace/name",
+                ));
+            }
         };
-        let repository =
-            Repository { namespace: namespace.parse().map_err(wrap)?, name: name.parse().map_err(wrap)? };
-        Ok(Self { registry, repository, selector })
+        let repository = Repository {
+            namespace: namespace.parse().map_err(wrap)?,
+            name: name.parse().map_err(wrap)?,
+        };
+        Ok(Self {
+            registry,
+            repository,
+            selector,
+        })
     }
 }
 
@@ -261,8 +285,13 @@ fn validate_component(kind: &str, s: &str, max_len: usize) -> Result<(), String>
     if s.chars().any(|c| c.is_ascii_uppercase()) {
         return Err(format!("{kind} must be lowercase"));
     }
-    if let Some(c) = s.chars().find(|&c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || is_separator(c))) {
-        return Err(format!("{kind} contains {c:?}; allowed are a-z, 0-9, '.', '_' and '-'"));
+    if let Some(c) = s
+        .chars()
+        .find(|&c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || is_separator(c)))
+    {
+        return Err(format!(
+            "{kind} contains {c:?}; allowed are a-z, 0-9, '.', '_' and '-'"
+        ));
     }
     if s.contains("..") {
         return Err(format!("{kind} must not contain '..'"));
@@ -273,8 +302,13 @@ fn validate_component(kind: &str, s: &str, max_len: usize) -> Result<(), String>
     if s.ends_with(is_separator) {
         return Err(format!("{kind} must end with a letter or digit"));
     }
-    if s.as_bytes().windows(2).any(|w| is_separator(w[0] as char) && is_separator(w[1] as char)) {
-        return Err(format!("{kind} must not have two of '.', '_', '-' in a row"));
+    if s.as_bytes()
+        .windows(2)
+        .any(|w| is_separator(w[0] as char) && is_separator(w[1] as char))
+    {
+        return Err(format!(
+            "{kind} must not have two of '.', '_', '-' in a row"
+        ));
     }
     Ok(())
 }
@@ -291,7 +325,9 @@ fn looks_like_version(s: &str) -> bool {
 fn validate_tag(s: &str) -> Result<(), String> {
     validate_component("tag", s, SELECTOR_MAX_LEN)?;
     if !s.starts_with(|c: char| c.is_ascii_lowercase()) {
-        return Err("tag must start with a letter (selectors starting with a digit are versions)".into());
+        return Err(
+            "tag must start with a letter (selectors starting with a digit are versions)".into(),
+        );
     }
     if looks_like_version(s) {
         return Err("tag must not look like a version ('v' followed by a digit)".into());
@@ -304,7 +340,9 @@ fn validate_version(s: &str) -> Result<(), String> {
         return Err("version is empty".into());
     }
     if s.len() > SELECTOR_MAX_LEN {
-        return Err(format!("version is longer than {SELECTOR_MAX_LEN} characters"));
+        return Err(format!(
+            "version is longer than {SELECTOR_MAX_LEN} characters"
+        ));
     }
     if s.chars().any(|c| c.is_ascii_uppercase()) {
         return Err("version must be lowercase".into());
@@ -320,12 +358,17 @@ fn validate_version(s: &str) -> Result<(), String> {
         Some((core, prerelease)) => (core, Some(prerelease)),
         None => (main, None),
     };
-    if !core.split('.').all(|part| !part.is_empty() && part.bytes().all(|b| b.is_ascii_digit())) {
+    if !core
+        .split('.')
+        .all(|part| !part.is_empty() && part.bytes().all(|b| b.is_ascii_digit()))
+    {
         return Err(shape.into());
     }
     let suffix_ok = |suffix: &str| {
         !suffix.is_empty()
-            && suffix.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-')
+            && suffix
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-')
             && !suffix.contains("..")
     };
     if !prerelease.into_iter().chain(build).all(suffix_ok) {
@@ -339,20 +382,34 @@ fn validate_registry(s: &str) -> Result<(), String> {
         return Err("registry host is empty".into());
     }
     if s.len() > REGISTRY_MAX_LEN {
-        return Err(format!("registry host is longer than {REGISTRY_MAX_LEN} characters"));
+        return Err(format!(
+            "registry host is longer than {REGISTRY_MAX_LEN} characters"
+        ));
     }
     if s.chars().any(|c| c.is_ascii_uppercase()) {
         return Err("registry host must be lowercase".into());
     }
     let (host, port) = if let Some(rest) = s.strip_prefix('[') {
-        let (address, after) =
-            rest.split_once(']').ok_or("registry host has '[' without a closing ']'")?;
-        if address.is_empty() || !address.chars().all(|c| c.is_ascii_hexdigit() || c == ':' || c == '.') {
+        let (address, after) = rest
+            .split_once(']')
+            .ok_or("registry host has '[' without a closing ']'")?;
+        if address.is_empty()
+            || !address
+                .chars()
+                .all(|c| c.is_ascii_hexdigit() || c == ':' || c == '.')
+        {
             return Err("registry host has an invalid IPv6 address".into());
         }
         match after {
             "" => (None, None),
-            _ => (None, Some(after.strip_prefix(':').ok_or("registry host: expected ':port' after ']'")?)),
+            _ => (
+                None,
+                Some(
+                    after
+                        .strip_prefix(':')
+                        .ok_or("registry host: expected ':port' after ']'")?,
+                ),
+            ),
         }
     } else {
         match s.rsplit_once(':') {
@@ -365,8 +422,13 @@ fn validate_registry(s: &str) -> Result<(), String> {
             if label.is_empty() {
                 return Err("registry host has an empty label".into());
             }
-            if let Some(c) = label.chars().find(|&c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')) {
-                return Err(format!("registry host contains {c:?}; allowed are a-z, 0-9, '.', '-' and ':port'"));
+            if let Some(c) = label
+                .chars()
+                .find(|&c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-'))
+            {
+                return Err(format!(
+                    "registry host contains {c:?}; allowed are a-z, 0-9, '.', '-' and ':port'"
+                ));
             }
             if label.starts_with('-') || label.ends_with('-') {
                 return Err("registry host labels must not start or end with '-'".into());
@@ -376,7 +438,9 @@ fn validate_registry(s: &str) -> Result<(), String> {
     if let Some(port) = port {
         // Leading zeros would give one port several spellings, breaking display/parse identity.
         if port.starts_with('0') || !matches!(port.parse::<u16>(), Ok(1..)) {
-            return Err(format!("registry port {port:?} is not a number from 1 to 65535"));
+            return Err(format!(
+                "registry port {port:?} is not a number from 1 to 65535"
+            ));
         }
     }
     Ok(())
@@ -411,10 +475,18 @@ mod tests {
         let r: Reference = format!("legal/contracts@{digest}").parse().unwrap();
         assert_eq!(r.selector, Selector::Digest(digest));
 
-        let r: Reference = "localhost:5000/legal/contracts@1.2.0-rc.1+b7".parse().unwrap();
+        let r: Reference = "localhost:5000/legal/contracts@1.2.0-rc.1+b7"
+            .parse()
+            .unwrap();
         assert_eq!(r.registry.as_ref().unwrap().as_str(), "localhost:5000");
-        assert_eq!(r.selector, Selector::Version("1.2.0-rc.1+b7".parse().unwrap()));
-        assert_eq!(r.to_string(), "localhost:5000/legal/contracts@1.2.0-rc.1+b7");
+        assert_eq!(
+            r.selector,
+            Selector::Version("1.2.0-rc.1+b7".parse().unwrap())
+        );
+        assert_eq!(
+            r.to_string(),
+            "localhost:5000/legal/contracts@1.2.0-rc.1+b7"
+        );
 
         let r: Reference = "[::1]:8080/a/b@v1".parse().unwrap();
         assert_eq!(r.registry.unwrap().as_str(), "[::1]:8080");
@@ -425,7 +497,10 @@ mod tests {
         assert_eq!(error("Legal/x"), "\"Legal/x\": namespace must be lowercase");
         assert_eq!(error("legal"), "\"legal\": expected namespace/name");
         assert_eq!(error(""), "\"\": reference is empty");
-        assert_eq!(error("a/b/c/d"), "\"a/b/c/d\": too many '/': expected [registry/]namespace/name");
+        assert_eq!(
+            error("a/b/c/d"),
+            "\"a/b/c/d\": too many '/': expected [registry/]namespace/name"
+        );
         assert!(error("legal/../x").contains("namespace must not contain '..'"));
         assert!(error("legal/..").contains("name must not contain '..'"));
         assert!(error("legal/con tracts").contains("name contains ' '"));
@@ -444,10 +519,30 @@ mod tests {
 
     #[test]
     fn component_parse_names_the_kind() {
-        assert_eq!("Legal".parse::<Namespace>().unwrap_err().to_string(), "\"Legal\": namespace must be lowercase");
-        assert!("a/b".parse::<Name>().unwrap_err().to_string().contains("name contains '/'"));
-        assert!("1abc".parse::<Tag>().unwrap_err().to_string().contains("tag must start with a letter"));
-        assert!("v2".parse::<Tag>().unwrap_err().to_string().contains("must not look like a version"));
+        assert_eq!(
+            "Legal".parse::<Namespace>().unwrap_err().to_string(),
+            "\"Legal\": namespace must be lowercase"
+        );
+        assert!(
+            "a/b"
+                .parse::<Name>()
+                .unwrap_err()
+                .to_string()
+                .contains("name contains '/'")
+        );
+        assert!(
+            "1abc"
+                .parse::<Tag>()
+                .unwrap_err()
+                .to_string()
+                .contains("tag must start with a letter")
+        );
+        assert!(
+            "v2".parse::<Tag>()
+                .unwrap_err()
+                .to_string()
+                .contains("must not look like a version")
+        );
         assert!("latest".parse::<Version>().is_err());
     }
 
@@ -466,18 +561,22 @@ mod tests {
 
     fn registry() -> impl Strategy<Value = Option<Registry>> {
         proptest::option::of(
-            "[a-z][a-z0-9-]{0,8}[a-z0-9](\\.[a-z]{2,5}){0,2}(:[1-9][0-9]{0,3})?".prop_map(|s| s.parse().unwrap()),
+            "[a-z][a-z0-9-]{0,8}[a-z0-9](\\.[a-z]{2,5}){0,2}(:[1-9][0-9]{0,3})?"
+                .prop_map(|s| s.parse().unwrap()),
         )
     }
 
     fn reference() -> impl Strategy<Value = Reference> {
-        (registry(), component(), component(), selector()).prop_map(|(registry, namespace, name, selector)| {
-            Reference {
+        (registry(), component(), component(), selector()).prop_map(
+            |(registry, namespace, name, selector)| Reference {
                 registry,
-                repository: Repository { namespace: namespace.parse().unwrap(), name: name.parse().unwrap() },
+                repository: Repository {
+                    namespace: namespace.parse().unwrap(),
+                    name: name.parse().unwrap(),
+                },
                 selector,
-            }
-        })
+            },
+        )
     }
 
     proptest! {

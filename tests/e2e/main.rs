@@ -1,1 +1,4 @@
-mod x {}
+//! End-to-end tests: the real `cartridge` binary on real files.
+
+mod offline;
+mod support;

@@ -1,0 +1,407 @@
+//! `cartridge import`: convert a cache saved by the reference PyTorch training code.
+//!
+//! The reference `TrainableCache.save` calls `torch.save` on a plain dict of four
+//! `nn.ParameterList`s — `trainable_keys`, `trainable_values`, `frozen_keys`, `frozen_values`
+//! (`fixed_*` before August 2025) — one `[1, kv_heads, tokens, head_dim]` bf16 Parameter per layer,
+//! frozen tokens first. No configuration is saved, so the model comes from `--model`.
+//!
+//! candle's pickle reader parses the file but its tensor listing only looks at a flat state dict,
+//! so the ParameterLists are walked here: each is `BUILD(NEWOBJ(ParameterList), state)` whose
+//! `state["_parameters"]` maps "0", "1", … to `_rebuild_parameter(_rebuild_tensor_v2(…))`.
+
+use std::io::{BufReader, Read};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail, ensure};
+use candle_core::DType;
+use candle_core::pickle::{Object, Stack, TensorInfo};
+use cartridge_schemas::file::{self, LayerData, NewCartridge};
+use cartridge_schemas::{Digest, Dtype, ModelFingerprint};
+use clap::Args;
+use serde_json::json;
+
+use crate::output::human_bytes;
+use crate::paths::Paths;
+
+/// Convert a cartridge saved by the paper's reference PyTorch code (a `torch.save` of
+/// trainable/frozen key and value ParameterLists) into a cartridge file.
+#[derive(Debug, Args)]
+pub struct ImportArgs {
+    /// The .pt file written by the reference code's `TrainableCache.save`.
+    pub file: PathBuf,
+    /// The model it was trained for: a GGUF file, a fingerprint JSON file, or an installed alias.
+    #[arg(long)]
+    pub model: String,
+    /// Where to write the cartridge.
+    #[arg(short, long)]
+    pub output: PathBuf,
+    /// Print the written header as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(args: ImportArgs) -> Result<()> {
+    let model = crate::model::fingerprint(&args.model, &Paths::from_env()?)?;
+    let cache = ReferenceCache::read(&args.file)
+        .with_context(|| format!("importing {}", args.file.display()))?;
+    let header = cache.write(&args.file, model, &args.output)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&header)?);
+    } else {
+        println!(
+            "wrote {}: {} layers, {} tokens ({} frozen), {}, {}",
+            args.output.display(),
+            header.model.layers,
+            header.tokens,
+            header.frozen_tokens,
+            header.dtype,
+            human_bytes(header.payload_bytes())
+        );
+    }
+    Ok(())
+}
+
+/// One ParameterList: per layer, the tensor's bytes and its `[1, kv_heads, tokens, head_dim]` shape.
+struct TensorList {
+    tensors: Vec<(Vec<u8>, [usize; 4])>,
+}
+
+struct ReferenceCache {
+    dtype: Dtype,
+    /// "frozen" or "fixed": which naming the file used.
+    naming: &'static str,
+    trainable_keys: TensorList,
+    trainable_values: TensorList,
+    frozen_keys: TensorList,
+    frozen_values: TensorList,
+}
+
+impl ReferenceCache {
+    fn read(path: &Path) -> Result<Self> {
+        let file = std::fs::File::open(path)?;
+        let mut zip =
+            zip::ZipArchive::new(BufReader::new(file)).context("not a torch.save zip archive")?;
+        // The archive's folder is named after the file it was first saved as, so find data.pkl.
+        let names = zip
+            .file_names()
+            .map(|name| name.map(|n| n.into_owned()))
+            .collect::<Result<Vec<_>, _>>()?;
+        let pickle_name = names
+            .into_iter()
+            .find(|name| name.ends_with("/data.pkl") || name == "data.pkl")
+            .context("the archive has no data.pkl: not a torch.save file")?;
+        let data_dir = PathBuf::from(pickle_name.strip_suffix(".pkl").unwrap_or("data"));
+        let mut stack = Stack::empty();
+        stack
+            .read_loop(&mut BufReader::new(zip.by_name(&pickle_name)?))
+            .context("malformed pickle in data.pkl")?;
+        let Object::Dict(entries) = stack.finalize().context("malformed pickle in data.pkl")?
+        else {
+            bail!("data.pkl does not hold a dict: not a reference cartridge");
+        };
+        let mut lists: Vec<(String, Object)> = entries
+            .into_iter()
+            .filter_map(|(key, value)| Some((key.unicode().ok()?, value)))
+            .collect();
+        let mut take = |name: &str| {
+            lists
+                .iter()
+                .position(|(key, _)| key == name)
+                .map(|i| lists.remove(i).1)
+        };
+        let trainable_keys = take("trainable_keys");
+        let trainable_values = take("trainable_values");
+        let (naming, frozen_keys, frozen_values) = match (
+            take("frozen_keys"),
+            take("frozen_values"),
+        ) {
+            (Some(keys), Some(values)) => ("frozen", keys, values),
+            (None, None) => match (take("fixed_keys"), take("fixed_values")) {
+                (Some(keys), Some(values)) => ("fixed", keys, values),
+                _ => bail!(
+                    "no frozen_keys/frozen_values (or older fixed_keys/fixed_values): not a reference cartridge"
+                ),
+            },
+            _ => bail!("only one of frozen_keys and frozen_values is present"),
+        };
+        let (Some(trainable_keys), Some(trainable_values)) = (trainable_keys, trainable_values)
+        else {
+            bail!("no trainable_keys/trainable_values: not a reference cartridge");
+        };
+
+        let mut dtype = None;
+        let mut read_list = |name: &str, object: Object| -> Result<TensorList> {
+            let infos =
+                parameter_list(object, &data_dir).with_context(|| format!("reading {name}"))?;
+            let mut tensors = Vec::with_capacity(infos.len());
+            for (index, info) in infos.into_iter().enumerate() {
+                let what = || format!("{name}[{index}]");
+                let this = match info.dtype {
+                    DType::BF16 => Dtype::Bf16,
+                    DType::F16 => Dtype::F16,
+                    DType::F32 => Dtype::F32,
+                    other => bail!("{} is {other:?}; cartridges hold bf16, f16 or f32", what()),
+                };
+                ensure!(
+                    *dtype.get_or_insert(this) == this,
+                    "{} is {this}, earlier tensors are {}",
+                    what(),
+                    dtype.unwrap_or(this)
+                );
+                let dims = info.layout.dims();
+                let shape: [usize; 4] = dims
+                    .try_into()
+                    .ok()
+                    .filter(|s: &[usize; 4]| s[0] == 1)
+                    .with_context(|| {
+                        format!(
+                            "{} has shape {dims:?}, expected [1, kv_heads, tokens, head_dim]",
+                            what()
+                        )
+                    })?;
+                ensure!(info.layout.is_contiguous(), "{} is not contiguous", what());
+                let mut storage = Vec::new();
+                zip.by_name(&info.path)
+                    .with_context(|| format!("{}: storage {} is missing", what(), info.path))?
+                    .read_to_end(&mut storage)?;
+                let start = info.layout.start_offset();
+                let len = shape.iter().product::<usize>() * this.size();
+                let bytes = storage.get(start..start + len).with_context(|| {
+                    format!(
+                        "{}: storage {} is truncated ({} bytes)",
+                        what(),
+                        info.path,
+                        storage.len()
+                    )
+                })?;
+                tensors.push((bytes.to_vec(), shape));
+            }
+            Ok(TensorList { tensors })
+        };
+        let cache = Self {
+            trainable_keys: read_list("trainable_keys", trainable_keys)?,
+            trainable_values: read_list("trainable_values", trainable_values)?,
+            frozen_keys: read_list(&format!("{naming}_keys"), frozen_keys)?,
+            frozen_values: read_list(&format!("{naming}_values"), frozen_values)?,
+            dtype: dtype.context("the file holds no tensors")?,
+            naming,
+        };
+        Ok(cache)
+    }
+
+    /// Checks the shapes against the model and writes `[kv_heads, frozen + trainable, head_dim]`
+    /// tensors, frozen tokens first.
+    fn write(self, source: &Path, model: ModelFingerprint, output: &Path) -> Result<file::Header> {
+        let layers = self.trainable_keys.tensors.len();
+        let naming = self.naming;
+        ensure!(
+            layers == model.layers as usize,
+            "the file has {layers} layers, the model has {}: wrong --model?",
+            model.layers
+        );
+        let lists = [
+            ("trainable_keys", &self.trainable_keys),
+            ("trainable_values", &self.trainable_values),
+            ("frozen_keys", &self.frozen_keys),
+            ("frozen_values", &self.frozen_values),
+        ];
+        for (name, list) in &lists[1..] {
+            // A cache trained with nothing frozen saves empty frozen lists.
+            let empty_frozen = name.starts_with("frozen") && list.tensors.is_empty();
+            ensure!(
+                list.tensors.len() == layers || empty_frozen,
+                "{name} has {} layers, trainable_keys has {layers}",
+                list.tensors.len()
+            );
+        }
+        let tokens_of = |list: &TensorList| -> Result<usize> {
+            let Some((_, first)) = list.tensors.first() else {
+                return Ok(0);
+            };
+            for (layer, (_, shape)) in list.tensors.iter().enumerate() {
+                ensure!(
+                    shape[1] == model.kv_heads as usize && shape[3] == model.head_dim as usize,
+                    "layer {layer} has {} kv heads of dim {}, the model has {} of dim {}: wrong --model?",
+                    shape[1],
+                    shape[3],
+                    model.kv_heads,
+                    model.head_dim
+                );
+                ensure!(
+                    shape[2] == first[2],
+                    "layer {layer} has {} tokens, layer 0 has {}",
+                    shape[2],
+                    first[2]
+                );
+            }
+            Ok(first[2])
+        };
+        let trainable = tokens_of(&self.trainable_keys)?;
+        let frozen = tokens_of(&self.frozen_keys)?;
+        ensure!(
+            tokens_of(&self.trainable_values)? == trainable,
+            "trainable keys and values differ in tokens"
+        );
+        ensure!(
+            tokens_of(&self.frozen_values)? == frozen,
+            "frozen keys and values differ in tokens"
+        );
+
+        let kv_heads = model.kv_heads as usize;
+        let join =
+            |frozen_list: &TensorList, trainable_list: &TensorList, layer: usize| -> Vec<u8> {
+                let parts: Vec<&[u8]> = [
+                    frozen_list.tensors.get(layer),
+                    trainable_list.tensors.get(layer),
+                ]
+                .into_iter()
+                .flatten()
+                .map(|(bytes, _)| bytes.as_slice())
+                .collect();
+                let mut out = Vec::with_capacity(parts.iter().map(|p| p.len()).sum());
+                for head in 0..kv_heads {
+                    for part in &parts {
+                        let per_head = part.len() / kv_heads;
+                        out.extend_from_slice(&part[head * per_head..(head + 1) * per_head]);
+                    }
+                }
+                out
+            };
+        let tensors: Vec<[Vec<u8>; 2]> = (0..layers)
+            .map(|layer| {
+                [
+                    join(&self.frozen_keys, &self.trainable_keys, layer),
+                    join(&self.frozen_values, &self.trainable_values, layer),
+                ]
+            })
+            .collect();
+        let layer_data: Vec<LayerData<'_>> = tensors
+            .iter()
+            .map(|[keys, values]| LayerData { keys, values })
+            .collect();
+
+        let source_digest = {
+            let mut hasher = blake3::Hasher::new();
+            hasher.update_mmap_rayon(source)?;
+            Digest::from(hasher.finalize())
+        };
+        let new = NewCartridge {
+            model,
+            dtype: self.dtype,
+            tokens: (frozen + trainable) as u64,
+            frozen_tokens: frozen as u64,
+            provenance: json!({
+                "imported_from": {
+                    "file": source.file_name().map(|n| n.to_string_lossy()).unwrap_or_default(),
+                    "digest": source_digest,
+                    "format": format!("torch.save of TrainableCache ({naming}_* naming)"),
+                }
+            }),
+        };
+        file::write(output, new, &layer_data)
+            .with_context(|| format!("writing {}", output.display()))
+    }
+}
+
+/// The tensors of a pickled `nn.ParameterList` (or a plain list of tensors), in index order.
+fn parameter_list(object: Object, data_dir: &Path) -> Result<Vec<TensorInfo>> {
+    let items: Vec<(usize, Object)> = match object {
+        Object::Build { callable, args } => {
+            let Object::Reduce {
+                callable: class, ..
+            } = *callable
+            else {
+                bail!("expected a ParameterList object")
+            };
+            ensure!(
+                matches!(&*class, Object::Class { class_name, .. } if class_name == "ParameterList"),
+                "expected a ParameterList, found {class:?}"
+            );
+            let Object::Dict(state) = *args else {
+                bail!("ParameterList state is not a dict")
+            };
+            let parameters = state
+                .into_iter()
+                .find(|(key, _)| matches!(key, Object::Unicode(k) if k == "_parameters"))
+                .map(|(_, value)| value)
+                .context("ParameterList state has no _parameters")?;
+            let Object::Dict(parameters) = parameters else {
+                bail!("ParameterList _parameters is not a dict")
+            };
+            parameters
+                .into_iter()
+                .map(|(key, value)| {
+                    let index = key
+                        .unicode()
+                        .ok()
+                        .and_then(|k| k.parse().ok())
+                        .context("parameter names must be 0, 1, …")?;
+                    Ok((index, value))
+                })
+                .collect::<Result<_>>()?
+        }
+        Object::List(items) => items.into_iter().enumerate().collect(),
+        // An empty ParameterList (nothing frozen) can also pickle as an empty dict.
+        Object::Dict(entries) if entries.is_empty() => Vec::new(),
+        other => bail!("expected a ParameterList, found {other:?}"),
+    };
+    let mut items = items;
+    // SETITEMS pushes pairs in reverse; order by the index the names carry.
+    items.sort_by_key(|(index, _)| *index);
+    for (position, (index, _)) in items.iter().enumerate() {
+        ensure!(
+            *index == position,
+            "parameters skip from {} to {index}",
+            position.saturating_sub(1)
+        );
+    }
+    items
+        .into_iter()
+        .map(|(index, value)| {
+            check_rebuild_args(&value).with_context(|| format!("parameter {index}"))?;
+            value
+                .into_tensor_info(Object::Unicode(index.to_string()), data_dir)?
+                .with_context(|| format!("parameter {index} is not a tensor"))
+        })
+        .collect()
+}
+
+/// candle indexes the rebuild arguments without checking their count (a malformed file would
+/// panic there), so their shape is checked first.
+fn check_rebuild_args(object: &Object) -> Result<()> {
+    let mut object = object;
+    loop {
+        let Object::Reduce { callable, args } = object else {
+            bail!("not a tensor")
+        };
+        let Object::Class { class_name, .. } = &**callable else {
+            bail!("not a tensor")
+        };
+        let Object::Tuple(args) = &**args else {
+            bail!("{class_name} arguments are not a tuple")
+        };
+        match class_name.as_str() {
+            "_rebuild_parameter" => {
+                object = args
+                    .first()
+                    .context("_rebuild_parameter has no arguments")?;
+            }
+            "_rebuild_tensor_v2" => {
+                ensure!(
+                    args.len() >= 4,
+                    "_rebuild_tensor_v2 has {} arguments, expected at least 4",
+                    args.len()
+                );
+                let Object::PersistentLoad(storage) = &args[0] else {
+                    bail!("tensor storage is not a persistent id")
+                };
+                ensure!(
+                    matches!(&**storage, Object::Tuple(fields) if fields.len() == 5),
+                    "tensor storage id is not ('storage', class, key, location, size)"
+                );
+                return Ok(());
+            }
+            other => bail!("unsupported tensor constructor {other}"),
+        }
+    }
+}

@@ -1,0 +1,478 @@
+//! The offline commands: import, inspect, verify, compose.
+
+use std::path::{Path, PathBuf};
+
+use cartridge_schemas::Dtype;
+use cartridge_schemas::file::{self, Cartridge, LayerData, NewCartridge};
+use serde_json::Value;
+
+use crate::support::{cartridge, fixture, path_str};
+
+const KV_HEADS: usize = 2;
+const HEAD_DIM: usize = 8;
+
+/// The element the fixtures' generator (`tests/fixtures/reference/make_fixtures.py`) put at
+/// `[layer, head, token, dim]` of the full cache, as bf16 bytes.
+fn fixture_element(keys: bool, layer: usize, head: usize, token: usize, dim: usize) -> [u8; 2] {
+    let magnitude = (((layer * KV_HEADS + head) * 4 + token) * HEAD_DIM + dim + 1) as f32;
+    half::bf16::from_f32(if keys { magnitude } else { -magnitude }).to_le_bytes()
+}
+
+fn expected_tensor(keys: bool, layer: usize, tokens: usize) -> Vec<u8> {
+    let mut out = Vec::new();
+    for head in 0..KV_HEADS {
+        for token in 0..tokens {
+            for dim in 0..HEAD_DIM {
+                out.extend(fixture_element(keys, layer, head, token, dim));
+            }
+        }
+    }
+    out
+}
+
+fn tiny_model() -> String {
+    path_str(&fixture("reference/tiny-model.json")).to_owned()
+}
+
+/// Imports a reference fixture into `dir/<output>`.
+fn import(dir: &Path, fixture_name: &str, output: &str) -> PathBuf {
+    let source = fixture(&format!("reference/{fixture_name}"));
+    cartridge(
+        dir,
+        &[
+            "import",
+            path_str(&source),
+            "--model",
+            &tiny_model(),
+            "-o",
+            output,
+        ],
+    )
+    .ok();
+    dir.join(output)
+}
+
+#[test]
+fn import_reads_torch_saved_reference_caches_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    // (fixture, frozen tokens, total tokens)
+    for (name, frozen, tokens) in [
+        ("cache-step1.pt", 1, 4),
+        ("fixed-names.pt", 1, 3),
+        ("nofrozen.pt", 0, 3),
+    ] {
+        let path = import(dir.path(), name, &format!("{name}.safetensors"));
+        let imported = Cartridge::open(&path).unwrap();
+        let header = imported.header();
+        assert_eq!(
+            (header.frozen_tokens, header.tokens),
+            (frozen, tokens),
+            "{name}"
+        );
+        assert_eq!(header.dtype, Dtype::Bf16);
+        assert_eq!(header.tensor_shape(), [KV_HEADS, tokens as usize, HEAD_DIM]);
+        for layer in 0..2 {
+            assert_eq!(
+                imported.keys(layer),
+                expected_tensor(true, layer, tokens as usize),
+                "{name} layer {layer} keys"
+            );
+            assert_eq!(
+                imported.values(layer),
+                expected_tensor(false, layer, tokens as usize),
+                "{name} values"
+            );
+        }
+        let source = &header.provenance["imported_from"];
+        assert_eq!(source["file"], name);
+        assert!(source["digest"].as_str().unwrap().starts_with("blake3:"));
+    }
+}
+
+#[test]
+fn import_refuses_the_wrong_model_and_non_caches() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = fixture("reference/cache-step1.pt");
+    let mut model: Value =
+        serde_json::from_str(&std::fs::read_to_string(tiny_model()).unwrap()).unwrap();
+    model["kv_heads"] = 3.into();
+    let wrong = dir.path().join("wrong-model.json");
+    std::fs::write(&wrong, model.to_string()).unwrap();
+    let err = cartridge(
+        dir.path(),
+        &[
+            "import",
+            path_str(&source),
+            "--model",
+            path_str(&wrong),
+            "-o",
+            "x.safetensors",
+        ],
+    )
+    .fails();
+    assert!(
+        err.contains("layer 0 has 2 kv heads of dim 8, the model has 3 of dim 8"),
+        "{err}"
+    );
+    assert!(!dir.path().join("x.safetensors").exists());
+
+    let not_zip = fixture("reference/make_fixtures.py");
+    let err = cartridge(
+        dir.path(),
+        &[
+            "import",
+            path_str(&not_zip),
+            "--model",
+            &tiny_model(),
+            "-o",
+            "x.safetensors",
+        ],
+    )
+    .fails();
+    assert!(err.contains("not a torch.save zip archive"), "{err}");
+
+    let err = cartridge(
+        dir.path(),
+        &[
+            "import",
+            path_str(&source),
+            "--model",
+            "no-such-model",
+            "-o",
+            "x",
+        ],
+    )
+    .fails();
+    assert!(err.contains("neither a file nor a known alias"), "{err}");
+}
+
+#[test]
+fn compose_concatenates_in_order_and_inspect_shows_the_parts() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = import(dir.path(), "cache-step1.pt", "a.safetensors");
+    let b = import(dir.path(), "fixed-names.pt", "b.safetensors");
+    cartridge(
+        dir.path(),
+        &[
+            "compose",
+            "a.safetensors",
+            "b.safetensors",
+            "-o",
+            "ab.safetensors",
+        ],
+    )
+    .ok();
+
+    let report = cartridge(dir.path(), &["inspect", "--json", "ab.safetensors"]).json();
+    assert_eq!(report["header"]["tokens"], 7);
+    assert_eq!(report["header"]["frozen_tokens"], 1);
+    assert_eq!(report["tensor_shape"], serde_json::json!([2, 7, 8]));
+    let parts = report["header"]["provenance"]["composed_of"]
+        .as_array()
+        .unwrap();
+    let sources: Vec<&str> = parts
+        .iter()
+        .map(|p| p["source"].as_str().unwrap())
+        .collect();
+    assert_eq!(sources, ["a.safetensors", "b.safetensors"]);
+    assert_eq!(parts[0]["tokens"], 4);
+    assert_eq!(parts[1]["tokens"], 3);
+
+    let table = cartridge(dir.path(), &["inspect", "ab.safetensors"]).ok();
+    assert!(table.contains("7 (1 frozen)"), "{table}");
+    assert!(
+        table.contains("1. a.safetensors: 4 tokens")
+            && table.contains("2. b.safetensors: 3 tokens"),
+        "{table}"
+    );
+
+    // Per head: a's rows, then b's rows.
+    let (a, b) = (Cartridge::open(&a).unwrap(), Cartridge::open(&b).unwrap());
+    let composed = Cartridge::open(&dir.path().join("ab.safetensors")).unwrap();
+    for layer in 0..2 {
+        let mut expected = Vec::new();
+        for head in 0..KV_HEADS {
+            for part in [&a, &b] {
+                let keys = part.keys(layer);
+                let per_head = keys.len() / KV_HEADS;
+                expected.extend_from_slice(&keys[head * per_head..(head + 1) * per_head]);
+            }
+        }
+        assert_eq!(composed.keys(layer), expected);
+    }
+}
+
+fn write_f32_copy(from: &Path, to: &Path) {
+    let source = Cartridge::open(from).unwrap();
+    let header = source.header();
+    let widen = |bytes: &[u8]| -> Vec<u8> {
+        bytes
+            .chunks_exact(2)
+            .flat_map(|b| {
+                half::bf16::from_le_bytes([b[0], b[1]])
+                    .to_f32()
+                    .to_le_bytes()
+            })
+            .collect()
+    };
+    let tensors: Vec<[Vec<u8>; 2]> = (0..source.layer_count())
+        .map(|l| [widen(source.keys(l)), widen(source.values(l))])
+        .collect();
+    let layers: Vec<LayerData<'_>> = tensors
+        .iter()
+        .map(|[k, v]| LayerData { keys: k, values: v })
+        .collect();
+    let new = NewCartridge {
+        model: header.model.clone(),
+        dtype: Dtype::F32,
+        tokens: header.tokens,
+        frozen_tokens: header.frozen_tokens,
+        provenance: Value::Null,
+    };
+    file::write(to, new, &layers).unwrap();
+}
+
+#[test]
+fn compose_refuses_other_models_and_dtypes() {
+    let dir = tempfile::tempdir().unwrap();
+    import(dir.path(), "cache-step1.pt", "a.safetensors");
+    let mut model: Value =
+        serde_json::from_str(&std::fs::read_to_string(tiny_model()).unwrap()).unwrap();
+    model["weights"] = format!("blake3:{}", "2".repeat(64)).into();
+    std::fs::write(dir.path().join("other.json"), model.to_string()).unwrap();
+    let source = fixture("reference/cache-step1.pt");
+    cartridge(
+        dir.path(),
+        &[
+            "import",
+            path_str(&source),
+            "--model",
+            "other.json",
+            "-o",
+            "other.safetensors",
+        ],
+    )
+    .ok();
+
+    let err = cartridge(
+        dir.path(),
+        &[
+            "compose",
+            "a.safetensors",
+            "other.safetensors",
+            "-o",
+            "x.safetensors",
+        ],
+    )
+    .fails();
+    assert!(
+        err.contains("other.safetensors was made for another model than a.safetensors"),
+        "{err}"
+    );
+    assert!(err.contains("weights differs"), "{err}");
+
+    write_f32_copy(
+        &dir.path().join("a.safetensors"),
+        &dir.path().join("wide.safetensors"),
+    );
+    let err = cartridge(
+        dir.path(),
+        &[
+            "compose",
+            "a.safetensors",
+            "wide.safetensors",
+            "-o",
+            "x.safetensors",
+        ],
+    )
+    .fails();
+    assert!(
+        err.contains("wide.safetensors holds f32 but a.safetensors holds bf16"),
+        "{err}"
+    );
+    assert!(!dir.path().join("x.safetensors").exists());
+
+    let err = cartridge(
+        dir.path(),
+        &["compose", "a.safetensors", "-o", "x.safetensors"],
+    )
+    .fails();
+    assert!(err.contains("2 values required"), "{err}");
+}
+
+/// Writes `bytes` to a file in `dir` and returns what `verify` printed on stderr.
+fn verify_fails(dir: &Path, name: &str, bytes: &[u8]) -> String {
+    std::fs::write(dir.join(name), bytes).unwrap();
+    let err = cartridge(dir, &["verify", name]).fails();
+    // inspect refuses a defective file the same way.
+    cartridge(dir, &["inspect", name]).fails();
+    err
+}
+
+#[test]
+fn verify_names_each_defect() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = import(dir.path(), "cache-step1.pt", "good.safetensors");
+    let out = cartridge(dir.path(), &["verify", "good.safetensors"]).ok();
+    assert!(
+        out.starts_with("ok: good.safetensors: 2 layers, 4 tokens, bf16"),
+        "{out}"
+    );
+    let report = cartridge(dir.path(), &["verify", "--json", "good.safetensors"]).json();
+    assert_eq!(report["ok"], true);
+
+    let bytes = std::fs::read(&good).unwrap();
+
+    let mut flipped = bytes.clone();
+    let position = flipped.len() - 100;
+    flipped[position] ^= 0x10;
+    let err = verify_fails(dir.path(), "flipped.safetensors", &flipped);
+    assert!(
+        err.contains("flipped.safetensors: payload digest mismatch"),
+        "{err}"
+    );
+
+    let err = verify_fails(
+        dir.path(),
+        "truncated.safetensors",
+        &bytes[..bytes.len() - 7],
+    );
+    assert!(
+        err.contains(
+            "truncated: the header declares 512 bytes of tensor data but the file holds 505"
+        ),
+        "{err}"
+    );
+
+    // A consistent safetensors file whose tensors have the wrong shape for the header.
+    let source = Cartridge::open(&good).unwrap();
+    let header = source.header();
+    let transposed = [KV_HEADS, HEAD_DIM, header.tokens as usize];
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = (0..2)
+        .flat_map(|layer| {
+            [
+                (format!("layers.{layer}.keys"), source.keys(layer)),
+                (format!("layers.{layer}.values"), source.values(layer)),
+            ]
+        })
+        .map(|(name, data)| {
+            (
+                name,
+                safetensors::tensor::TensorView::new(
+                    safetensors::Dtype::BF16,
+                    transposed.to_vec(),
+                    data,
+                )
+                .unwrap(),
+            )
+        })
+        .collect();
+    let metadata = std::collections::HashMap::from([(
+        "cartridge".to_owned(),
+        serde_json::to_string(header).unwrap(),
+    )]);
+    let reshaped = safetensors::serialize(views, Some(metadata)).unwrap();
+    let err = verify_fails(dir.path(), "shape.safetensors", &reshaped);
+    assert!(
+        err.contains("tensor 'layers.0.keys' has shape [2, 8, 4], expected [2, 4, 8]"),
+        "{err}"
+    );
+
+    let report = cartridge(dir.path(), &["verify", "--json", "shape.safetensors"]);
+    assert!(!report.success);
+    let report: Value = serde_json::from_str(&report.stdout).unwrap();
+    assert_eq!(report["ok"], false);
+    assert!(report["error"].as_str().unwrap().contains("has shape"));
+
+    let err = verify_fails(
+        dir.path(),
+        "pickle.safetensors",
+        &std::fs::read(fixture("reference/cache-step1.pt")).unwrap(),
+    );
+    assert!(err.contains("not a valid safetensors file"), "{err}");
+
+    let err = cartridge(dir.path(), &["verify", "missing.safetensors"]).fails();
+    assert!(err.contains("cannot read missing.safetensors"), "{err}");
+}
+
+#[test]
+fn every_command_has_help() {
+    let dir = tempfile::tempdir().unwrap();
+    for command in [
+        &["--help"][..],
+        &["inspect", "--help"],
+        &["verify", "--help"],
+        &["compose", "--help"],
+        &["import", "--help"],
+        &["model", "--help"],
+        &["model", "install", "--help"],
+        &["model", "fingerprint", "--help"],
+    ] {
+        let out = cartridge(dir.path(), command).ok();
+        assert!(out.contains("Usage:"), "{command:?}: {out}");
+    }
+}
+
+#[test]
+fn real_model_fingerprint_and_a_cache_of_its_shape() {
+    let dir = tempfile::tempdir().unwrap();
+    let gguf = crate::support::smollm2_gguf();
+    let fingerprint = cartridge(
+        dir.path(),
+        &["model", "fingerprint", "--json", path_str(&gguf)],
+    )
+    .json();
+    assert_eq!(fingerprint["architecture"], "llama");
+    assert_eq!(
+        (
+            fingerprint["layers"].as_u64(),
+            fingerprint["kv_heads"].as_u64()
+        ),
+        (Some(30), Some(3))
+    );
+    assert_eq!(fingerprint["head_dim"], 64);
+    assert_eq!(fingerprint["rope"]["theta"], 100000.0);
+
+    // A cache in the reference format written without torch, as the demo makes them.
+    let generator = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/reference_cache.py");
+    let status = std::process::Command::new("python3")
+        .arg(&generator)
+        .args([
+            "gen.pt",
+            "--layers",
+            "30",
+            "--kv-heads",
+            "3",
+            "--head-dim",
+            "64",
+            "--tokens",
+            "6",
+            "--frozen",
+            "2",
+        ])
+        .current_dir(dir.path())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    cartridge(
+        dir.path(),
+        &[
+            "import",
+            "gen.pt",
+            "--model",
+            path_str(&gguf),
+            "-o",
+            "gen.safetensors",
+        ],
+    )
+    .ok();
+    let imported = Cartridge::open(&dir.path().join("gen.safetensors")).unwrap();
+    assert_eq!(
+        imported.header().model.weights.to_string(),
+        fingerprint["weights"]
+    );
+    assert_eq!(
+        (imported.header().tokens, imported.header().frozen_tokens),
+        (6, 2)
+    );
+}
