@@ -1,6 +1,115 @@
-//! Bodies of the registry's HTTP API that more than one crate reads or writes.
+//! Bodies of the registry's HTTP API (`/v1`), shared by the server and its clients.
 
 use serde::{Deserialize, Serialize};
+
+use crate::digest::Digest;
+use crate::manifest::{BlobInfo, Manifest};
+use crate::reference::{Name, Namespace, Tag, Version};
+
+/// `GET /v1/repos/{ns}/{name}/resolve/{selector}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Resolved {
+    /// The reference as resolved, e.g. `legal/contracts@v3`.
+    pub reference: String,
+    pub digest: Digest,
+    pub manifest: Manifest,
+}
+
+/// `GET /v1/namespaces`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NamespaceList {
+    pub namespaces: Vec<Namespace>,
+}
+
+/// `GET /v1/repos/{ns}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NameList {
+    pub namespace: Namespace,
+    pub names: Vec<Name>,
+}
+
+/// `GET /v1/repos/{ns}/{name}`: every version and tag of one cartridge.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RepositoryListing {
+    pub repository: String,
+    pub versions: Vec<VersionEntry>,
+    pub tags: Vec<TagEntry>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VersionEntry {
+    pub version: Version,
+    pub manifest: Digest,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TagEntry {
+    pub tag: Tag,
+    pub manifest: Digest,
+    /// Bumped by every move; a client can watch it to see that a tag moved.
+    pub generation: u64,
+}
+
+/// `POST /v1/repos/{ns}/{name}/blobs/missing`: which of these does the registry lack?
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MissingBlobsRequest {
+    pub digests: Vec<Digest>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MissingBlobsResponse {
+    pub missing: Vec<Digest>,
+}
+
+/// `POST /v1/repos/{ns}/{name}/blobs/uploads`: where to send these blobs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UploadRequest {
+    pub blobs: Vec<BlobInfo>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UploadResponse {
+    pub uploads: Vec<UploadTarget>,
+}
+
+/// Where one blob goes: `PUT` its bytes to `url`, then, if `commit_url` is set, `POST` it so the
+/// registry verifies the bytes and makes the blob visible. Relative URLs are relative to the registry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UploadTarget {
+    pub digest: Digest,
+    pub url: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit_url: Option<String>,
+}
+
+/// `PUT /v1/repos/{ns}/{name}/versions/{version}` answers with this.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Published {
+    pub reference: String,
+    pub digest: Digest,
+}
+
+/// `PUT /v1/repos/{ns}/{name}/tags/{tag}`: point a tag at a manifest, optionally only if it still
+/// points where the client last saw it (compare-and-swap).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TagUpdate {
+    pub manifest: Digest,
+    /// Move only if the tag currently points at this manifest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub if_matches: Option<Digest>,
+    /// Create only if the tag does not exist.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub if_absent: bool,
+}
+
+/// `GET/PUT /v1/namespaces/{ns}/settings`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NamespaceSettings {
+    /// Anyone may pull from this namespace without a token.
+    #[serde(default)]
+    pub anonymous_pull: bool,
+}
 
 /// Every error response's body.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -26,6 +135,8 @@ pub enum ErrorCode {
     TagMoved,
     /// The body is over the size cap.
     TooLarge,
+    /// A byte range outside the blob.
+    RangeNotSatisfiable,
     /// Uploaded bytes do not hash to the digest they were sent under.
     DigestMismatch,
     /// A manifest references blobs the registry does not hold.
@@ -47,6 +158,7 @@ impl ErrorCode {
             Self::VersionExists => 409,
             Self::TagMoved => 412,
             Self::TooLarge => 413,
+            Self::RangeNotSatisfiable => 416,
             Self::DigestMismatch | Self::MissingBlobs | Self::InvalidManifest => 422,
             Self::Unavailable => 503,
             Self::Internal => 500,

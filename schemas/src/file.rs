@@ -238,10 +238,100 @@ impl Cartridge {
     }
 
     fn validate(bytes: Backing) -> Result<Self, FormatError> {
-        let (header_len, metadata) = read_metadata(&bytes)?;
-        let data_start = 8 + header_len;
+        let layout = FileLayout::parse(header_text(&bytes)?)?;
+        let held = bytes.len();
+        if held != layout.file_len {
+            let data_start = 8 + layout.header_text_len;
+            let declared = layout.file_len - data_start;
+            let detail = match held.checked_sub(data_start) {
+                Some(data) if data < declared => {
+                    format!(
+                        "the header declares {declared} bytes of tensor data but the file holds {data}"
+                    )
+                }
+                Some(data) => format!(
+                    "{} bytes follow the {declared} bytes of tensor data",
+                    data - declared
+                ),
+                None => format!("the file ends inside its header ({held} bytes)"),
+            };
+            return Err(FormatError::Truncated { detail });
+        }
+        let cartridge = Self {
+            bytes,
+            header: layout.header,
+            layers: layout.layers,
+        };
+        let actual = payload_digest(cartridge.payload());
+        if actual != cartridge.header.payload_digest {
+            return Err(FormatError::DigestMismatch {
+                expected: cartridge.header.payload_digest,
+                actual,
+            });
+        }
+        Ok(cartridge)
+    }
 
+    /// The safetensors header JSON, exactly as stored (padding included).
+    pub fn file_header(&self) -> &str {
+        // Validated as UTF-8 when the cartridge was opened.
+        header_text(&self.bytes).unwrap_or_default()
+    }
+}
+
+/// The safetensors header text of a file, checking the framing around it.
+fn header_text(bytes: &[u8]) -> Result<&str, FormatError> {
+    let Some(prefix) = bytes.first_chunk::<8>() else {
+        return Err(FormatError::Truncated {
+            detail: format!(
+                "the file is {} bytes, shorter than the 8-byte safetensors length prefix",
+                bytes.len()
+            ),
+        });
+    };
+    if bytes.get(8).is_some_and(|&first| first != b'{') {
+        return Err(FormatError::Safetensors {
+            detail: "the header is not JSON (is this a safetensors file?)".into(),
+        });
+    }
+    let header_len = u64::from_le_bytes(*prefix);
+    if header_len > bytes.len() as u64 - 8 {
+        return Err(FormatError::Truncated {
+            detail: format!(
+                "the header declares {header_len} bytes but the file holds only {} after the prefix",
+                bytes.len() - 8
+            ),
+        });
+    }
+    std::str::from_utf8(&bytes[8..8 + header_len as usize]).map_err(|e| FormatError::Safetensors {
+        detail: format!("the header is not UTF-8: {e}"),
+    })
+}
+
+/// Where everything sits in a cartridge file, read from its safetensors header alone: the
+/// cartridge header and each layer's tensors as absolute byte ranges. Lets a reader check a file
+/// it has not fetched yet, and a writer rebuild a file byte for byte from its header and payload.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FileLayout {
+    pub header: Header,
+    /// Length of the header text (the `n` of the 8-byte prefix).
+    pub header_text_len: usize,
+    /// Per layer, the absolute byte ranges of its keys and values.
+    pub layers: Vec<[Range<usize>; 2]>,
+    /// Length of the whole file.
+    pub file_len: usize,
+}
+
+impl FileLayout {
+    /// Validates a safetensors header text as a cartridge's: metadata, every tensor's presence,
+    /// dtype and shape, and no extra tensors.
+    pub fn parse(text: &str) -> Result<Self, FormatError> {
+        let metadata: safetensors::tensor::Metadata =
+            serde_json::from_str(text).map_err(|e| FormatError::Safetensors {
+                detail: e.to_string(),
+            })?;
         let header = parse_header(&metadata)?;
+        let data_start = 8 + text.len();
         let tensors = metadata.tensors();
         let mut layers = Vec::with_capacity(header.model.layers as usize);
         let expected_shape = header.tensor_shape().to_vec();
@@ -288,75 +378,13 @@ impl Cartridge {
                 });
             }
         }
-
-        let cartridge = Self {
-            bytes,
+        Ok(Self {
             header,
+            header_text_len: text.len(),
             layers,
-        };
-        let actual = payload_digest(cartridge.payload());
-        if actual != cartridge.header.payload_digest {
-            return Err(FormatError::DigestMismatch {
-                expected: cartridge.header.payload_digest,
-                actual,
-            });
-        }
-        Ok(cartridge)
+            file_len: data_start + metadata.data_len(),
+        })
     }
-}
-
-/// Checks the safetensors framing, naming truncation precisely, and returns the header length.
-fn read_metadata(bytes: &[u8]) -> Result<(usize, safetensors::tensor::Metadata), FormatError> {
-    let Some(prefix) = bytes.first_chunk::<8>() else {
-        return Err(FormatError::Truncated {
-            detail: format!(
-                "the file is {} bytes, shorter than the 8-byte safetensors length prefix",
-                bytes.len()
-            ),
-        });
-    };
-    let header_len = u64::from_le_bytes(*prefix);
-    if bytes.get(8).is_some_and(|&first| first != b'{') {
-        return Err(FormatError::Safetensors {
-            detail: "the header is not JSON (is this a safetensors file?)".into(),
-        });
-    }
-    if header_len > bytes.len() as u64 - 8 {
-        return Err(FormatError::Truncated {
-            detail: format!(
-                "the header declares {header_len} bytes but the file holds only {} after the prefix",
-                bytes.len() - 8
-            ),
-        });
-    }
-    let header_len = header_len as usize;
-    safetensors::SafeTensors::read_metadata(bytes).map_err(|error| match error {
-        safetensors::SafeTensorError::MetadataIncompleteBuffer => {
-            let declared = declared_data_len(&bytes[8..8 + header_len]);
-            let held = bytes.len() - 8 - header_len;
-            let detail = match declared {
-                Some(declared) if declared > held => {
-                    format!("the header declares {declared} bytes of tensor data but the file holds {held}")
-                }
-                Some(declared) => format!("{} bytes follow the {declared} bytes of tensor data", held - declared),
-                None => "tensor data does not match the header".to_owned(),
-            };
-            FormatError::Truncated { detail }
-        }
-        other => FormatError::Safetensors { detail: other.to_string() },
-    })
-}
-
-/// The end of the last tensor according to a safetensors header, for error messages.
-fn declared_data_len(header: &[u8]) -> Option<usize> {
-    let value: serde_json::Value = serde_json::from_slice(header).ok()?;
-    value
-        .as_object()?
-        .iter()
-        .filter(|(key, _)| *key != "__metadata__")
-        .filter_map(|(_, info)| info.get("data_offsets")?.get(1)?.as_u64())
-        .max()
-        .map(|end| end as usize)
 }
 
 fn parse_header(metadata: &safetensors::tensor::Metadata) -> Result<Header, FormatError> {
@@ -531,9 +559,18 @@ fn build_header(new: NewCartridge, layers: &[LayerData<'_>]) -> Result<Header, F
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::fingerprint::tests::tiny;
+
+    /// A valid cartridge of the tiny model, held in memory.
+    pub(crate) fn sample_cartridge(tokens: u64) -> Cartridge {
+        let dir = tempfile::tempdir().unwrap();
+        let (new, tensors) = sample(tokens);
+        let path = dir.path().join("sample.safetensors");
+        write(&path, new, &layer_data(&tensors)).unwrap();
+        Cartridge::from_bytes(std::fs::read(path).unwrap()).unwrap()
+    }
 
     /// A cartridge for the tiny model whose bytes count up, so every element differs.
     fn sample(tokens: u64) -> (NewCartridge, Vec<Vec<u8>>) {

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::canonical;
 use crate::digest::Digest;
-use crate::file::Header;
+use crate::file::{FileLayout, Header};
 
 pub const MANIFEST_SCHEMA_VERSION: u32 = 1;
 
@@ -19,6 +19,9 @@ pub const MANIFEST_SCHEMA_VERSION: u32 = 1;
 pub struct Manifest {
     pub schema_version: u32,
     pub cartridge: Header,
+    /// The file's safetensors header text, exactly as stored, so a pull rebuilds the very bytes
+    /// that were pushed. Its `cartridge` metadata must equal `cartridge`.
+    pub file_header: String,
     /// In layer order; together they cover every layer exactly once.
     pub chunks: Vec<ChunkDescriptor>,
     /// RFC 3339, UTC.
@@ -154,6 +157,13 @@ impl Manifest {
         self.cartridge
             .check()
             .map_err(|e| ManifestError::new(e.to_string()))?;
+        let layout = FileLayout::parse(&self.file_header)
+            .map_err(|e| ManifestError::new(format!("file_header: {e}")))?;
+        if layout.header != self.cartridge {
+            return Err(ManifestError::new(
+                "file_header's cartridge metadata differs from the manifest's cartridge",
+            ));
+        }
         let layers = self.cartridge.model.layers;
         let layer_bytes = self.cartridge.layer_bytes();
         let mut next = 0;
@@ -194,20 +204,10 @@ impl Manifest {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::dtype::Dtype;
-    use crate::file::FORMAT_VERSION;
-    use crate::fingerprint::tests::tiny;
 
     pub(crate) fn sample() -> Manifest {
-        let header = Header {
-            format_version: FORMAT_VERSION,
-            model: tiny(),
-            dtype: Dtype::Bf16,
-            tokens: 4,
-            frozen_tokens: 1,
-            payload_digest: Digest::of(b"payload"),
-            provenance: serde_json::json!({"b": 1, "a": [1, 2]}),
-        };
+        let cartridge = crate::file::tests::sample_cartridge(4);
+        let header = cartridge.header().clone();
         let layer_bytes = header.layer_bytes();
         let chunk = |start, blob: &[u8]| ChunkDescriptor {
             layers: LayerRange {
@@ -227,6 +227,7 @@ pub(crate) mod tests {
         Manifest {
             schema_version: MANIFEST_SCHEMA_VERSION,
             cartridge: header,
+            file_header: cartridge.file_header().to_owned(),
             chunks: vec![chunk(0, b"a"), chunk(1, b"b")],
             created: "2026-11-23T00:00:00Z".into(),
             annotations: BTreeMap::new(),
@@ -294,6 +295,29 @@ pub(crate) mod tests {
                 .unwrap_err()
                 .to_string()
                 .starts_with("invalid manifest: missing field")
+        );
+    }
+
+    #[test]
+    fn file_header_must_match_the_cartridge() {
+        let mut other = sample();
+        other.cartridge.tokens = 5;
+        other.cartridge.provenance = serde_json::json!({});
+        assert!(
+            other
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("file_header")
+        );
+        let mut garbage = sample();
+        garbage.file_header = "{}".into();
+        assert!(
+            garbage
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("file_header: not a cartridge")
         );
     }
 

@@ -1,0 +1,63 @@
+//! Opening storage from a URL: `file://DIR` (the default), `s3://bucket/prefix` (AWS or any
+//! S3-compatible endpoint, configured by the usual AWS_* variables), `memory://` (tests).
+
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use object_store::aws::AmazonS3Builder;
+use object_store::local::LocalFileSystem;
+use object_store::memory::InMemory;
+use object_store::path::Path;
+use object_store::prefix::PrefixStore;
+
+use crate::storage::Storage;
+
+pub fn open(url: &str) -> Result<Storage> {
+    open_with(url, &[])
+}
+
+/// Like [`open`], with S3 settings (`aws_endpoint`, `aws_allow_http`, …) given explicitly on top
+/// of the environment's.
+pub fn open_with(url: &str, s3_options: &[(&str, &str)]) -> Result<Storage> {
+    if let Some(dir) = url.strip_prefix("file://") {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating storage directory {dir}"))?;
+        let dir = std::fs::canonicalize(dir).with_context(|| format!("storage directory {dir}"))?;
+        // Removing empty directories keeps deleted repositories and tags from lingering in listings.
+        let store = LocalFileSystem::new_with_prefix(&dir)?.with_automatic_cleanup(true);
+        return Ok(Storage::new(
+            Arc::new(store),
+            format!("file://{}", dir.display()),
+        ));
+    }
+    if url == "memory://" {
+        return Ok(Storage::new(Arc::new(InMemory::new()), "memory://"));
+    }
+    if let Some(rest) = url.strip_prefix("s3://") {
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        if bucket.is_empty() {
+            bail!("storage URL {url:?} names no bucket: expected s3://bucket[/prefix]");
+        }
+        let mut builder = AmazonS3Builder::from_env().with_bucket_name(bucket);
+        for (key, value) in s3_options {
+            builder = builder.with_config(
+                key.parse()
+                    .with_context(|| format!("unknown S3 setting {key}"))?,
+                *value,
+            );
+        }
+        let s3 = Arc::new(
+            builder
+                .build()
+                .with_context(|| format!("configuring S3 for {url}"))?,
+        );
+        let prefix = Path::from(prefix.trim_matches('/'));
+        let store: Arc<dyn object_store::ObjectStore> = if prefix.as_ref().is_empty() {
+            s3.clone()
+        } else {
+            Arc::new(PrefixStore::new(s3.clone(), prefix.clone()))
+        };
+        return Ok(Storage::new(store, url.to_owned()).with_signer(s3, prefix));
+    }
+    bail!("unsupported storage URL {url:?}: expected file://DIR, s3://bucket[/prefix] or memory://")
+}

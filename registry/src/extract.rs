@@ -1,0 +1,149 @@
+//! Extractors that validate input before a handler runs, answering bad input with `{code, message}`.
+
+use std::collections::HashMap;
+
+use axum::extract::rejection::{BytesRejection, JsonRejection};
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::StatusCode;
+use axum::http::request::Parts;
+use bytes::Bytes;
+use cartridge_schemas::Digest;
+use cartridge_schemas::api::ErrorCode;
+use cartridge_schemas::reference::{Namespace, Repository, Tag, Version};
+use serde::de::DeserializeOwned;
+
+use crate::AppState;
+use crate::auth::Claims;
+use crate::error::ApiError;
+
+/// The path parameters of a route, parsed on demand into validated types.
+pub struct Params(HashMap<String, String>);
+
+impl Params {
+    fn get(&self, key: &str) -> Result<&str, ApiError> {
+        self.0
+            .get(key)
+            .map(String::as_str)
+            .ok_or_else(|| ApiError::bad_request(format!("missing path parameter {key}")))
+    }
+
+    pub fn namespace(&self) -> Result<Namespace, ApiError> {
+        Ok(self.get("ns")?.parse()?)
+    }
+
+    pub fn repository(&self) -> Result<Repository, ApiError> {
+        Ok(Repository {
+            namespace: self.namespace()?,
+            name: self.get("name")?.parse()?,
+        })
+    }
+
+    pub fn version(&self) -> Result<Version, ApiError> {
+        Ok(self.get("version")?.parse()?)
+    }
+
+    pub fn tag(&self) -> Result<Tag, ApiError> {
+        Ok(self.get("tag")?.parse()?)
+    }
+
+    pub fn selector(&self) -> Result<&str, ApiError> {
+        self.get("selector")
+    }
+
+    pub fn digest(&self) -> Result<Digest, ApiError> {
+        let text = self.get("digest")?;
+        // Bare hex or the `blake3:` form.
+        let parsed = if text.starts_with("blake3:") {
+            text.parse()
+        } else {
+            Digest::from_hex(text)
+        };
+        parsed.map_err(|e| ApiError::bad_request(e.to_string()))
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Params {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let axum::extract::Path(map) =
+            axum::extract::Path::<HashMap<String, String>>::from_request_parts(parts, state)
+                .await
+                .map_err(|rejection| ApiError::bad_request(rejection.body_text()))?;
+        Ok(Self(map))
+    }
+}
+
+/// Who is calling: verified claims, or `None` for a request without a token. A token that is
+/// present but forged, expired or malformed is refused here, never treated as anonymous.
+pub struct Caller(pub Option<Claims>);
+
+impl FromRequestParts<AppState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        let Some(value) = parts.headers.get(axum::http::header::AUTHORIZATION) else {
+            return Ok(Self(None));
+        };
+        let token = value
+            .to_str()
+            .ok()
+            .and_then(|v| {
+                v.strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("bearer "))
+            })
+            .ok_or_else(|| {
+                ApiError::new(
+                    ErrorCode::Unauthorized,
+                    "the Authorization header must be 'Bearer <token>'",
+                )
+            })?;
+        Ok(Self(Some(state.keyring.verify(token.trim())?)))
+    }
+}
+
+fn rejection_error(status: StatusCode, text: String) -> ApiError {
+    if status == StatusCode::PAYLOAD_TOO_LARGE {
+        ApiError::new(
+            ErrorCode::TooLarge,
+            format!("request body too large: {text}"),
+        )
+    } else {
+        ApiError::bad_request(text)
+    }
+}
+
+/// A JSON body, with size and syntax errors answered as `{code, message}`.
+pub struct ApiJson<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
+        axum::Json::<T>::from_request(request, state)
+            .await
+            .map(|axum::Json(value)| Self(value))
+            .map_err(|rejection: JsonRejection| {
+                rejection_error(rejection.status(), rejection.body_text())
+            })
+    }
+}
+
+/// A whole body within the route's size limit.
+pub struct LimitedBytes(pub Bytes);
+
+impl<S: Send + Sync> FromRequest<S> for LimitedBytes {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
+        Bytes::from_request(request, state)
+            .await
+            .map(Self)
+            .map_err(|rejection: BytesRejection| {
+                rejection_error(rejection.status(), rejection.body_text())
+            })
+    }
+}

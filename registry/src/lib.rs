@@ -1,0 +1,114 @@
+//! The cartridge registry: content-addressed, compressed cartridges in object storage with
+//! versioned metadata, served over a JSON HTTP API. The object store is the only state, so the
+//! same Router runs as a long-lived server or inside AWS Lambda.
+
+pub mod auth;
+pub mod backend;
+pub mod error;
+pub mod extract;
+pub mod gc;
+pub mod metrics;
+pub mod routes;
+pub mod server;
+pub mod storage;
+
+use std::sync::Arc;
+
+use cartridge_schemas::api::ErrorCode;
+use cartridge_schemas::reference::{Namespace, Repository};
+
+use crate::auth::{Action, Keyring};
+use crate::error::ApiError;
+use crate::extract::Caller;
+use crate::storage::Storage;
+
+/// Size caps on request bodies.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Largest blob accepted (chunks are a few MiB; the cap bounds memory per upload).
+    pub max_blob_bytes: u64,
+    /// Largest JSON body (manifests, requests).
+    pub max_json_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_blob_bytes: 256 << 20,
+            max_json_bytes: 4 << 20,
+        }
+    }
+}
+
+/// What every handler shares.
+#[derive(Debug, Clone)]
+pub struct AppState {
+    pub storage: Storage,
+    pub keyring: Arc<Keyring>,
+    pub limits: Limits,
+}
+
+impl AppState {
+    pub fn new(storage: Storage, keyring: Keyring, limits: Limits) -> Self {
+        Self {
+            storage,
+            keyring: Arc::new(keyring),
+            limits,
+        }
+    }
+
+    /// Checks that the caller may do `action` on `repo`. Anonymous callers may pull from
+    /// namespaces that allow it and nothing else.
+    pub async fn authorize(
+        &self,
+        caller: &Caller,
+        repo: &Repository,
+        action: Action,
+    ) -> Result<(), ApiError> {
+        self.authorize_in(caller, &repo.namespace, Some(repo), action)
+            .await
+    }
+
+    /// Like [`AppState::authorize`], for requests about a whole namespace.
+    pub async fn authorize_namespace(
+        &self,
+        caller: &Caller,
+        namespace: &Namespace,
+        action: Action,
+    ) -> Result<(), ApiError> {
+        self.authorize_in(caller, namespace, None, action).await
+    }
+
+    async fn authorize_in(
+        &self,
+        caller: &Caller,
+        namespace: &Namespace,
+        repo: Option<&Repository>,
+        action: Action,
+    ) -> Result<(), ApiError> {
+        let target = repo.map_or_else(|| format!("{namespace}/*"), ToString::to_string);
+        match &caller.0 {
+            Some(claims) if claims.allows(namespace, repo.map(|r| &r.name), action) => Ok(()),
+            Some(claims) => Err(ApiError::new(
+                ErrorCode::Forbidden,
+                format!(
+                    "token of {:?} does not grant {action} on {target}",
+                    claims.subject
+                ),
+            )),
+            None if action == Action::Pull
+                && self
+                    .storage
+                    .namespace_settings(namespace)
+                    .await?
+                    .anonymous_pull =>
+            {
+                Ok(())
+            }
+            None => Err(ApiError::new(
+                ErrorCode::Unauthorized,
+                format!("{action} on {target} needs a token"),
+            )),
+        }
+    }
+}

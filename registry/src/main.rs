@@ -1,0 +1,360 @@
+//! `cartridge-registry`: serve the registry, collect garbage, mint tokens, manage keys.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use bytesize::ByteSize;
+use cartridge_registry::auth::{Keyring, Scope};
+use cartridge_registry::gc::{self, GcOptions};
+use cartridge_registry::{AppState, Limits, backend, routes, server};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "cartridge-registry",
+    version,
+    about = "The cartridge registry: content-addressed, versioned cartridges in object storage"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve the HTTP API until Ctrl-C or SIGTERM.
+    Serve(ServeArgs),
+    /// Delete blobs and manifests nothing references that are older than the grace period.
+    Gc(GcArgs),
+    /// Mint bearer tokens.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+    /// Manage the signing keys tokens are verified with.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+    /// Serve the same API from AWS Lambda (storage and keys from the environment).
+    #[cfg(feature = "lambda")]
+    Lambda,
+}
+
+#[derive(Debug, Args)]
+struct StorageArgs {
+    /// Where everything is stored: file://DIR, s3://bucket[/prefix] (AWS_* variables configure the
+    /// client and endpoint) or memory://. Defaults to a directory in the user's data folder.
+    #[arg(long, env = "CARTRIDGE_REGISTRY_STORAGE")]
+    storage: Option<String>,
+}
+
+impl StorageArgs {
+    fn url(&self) -> Result<String> {
+        match &self.storage {
+            Some(url) => Ok(url.clone()),
+            None => Ok(format!("file://{}", data_dir()?.join("registry").display())),
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+struct KeysArgs {
+    /// The keyring file (JSON). `CARTRIDGE_REGISTRY_KEYS` may instead hold the keyring itself.
+    #[arg(long, env = "CARTRIDGE_REGISTRY_KEYS_FILE")]
+    keys: Option<PathBuf>,
+}
+
+impl KeysArgs {
+    fn path(&self) -> Result<PathBuf> {
+        match &self.keys {
+            Some(path) => Ok(path.clone()),
+            None => Ok(config_dir()?.join("registry-keys.json")),
+        }
+    }
+
+    fn load(&self) -> Result<Keyring> {
+        if let Ok(json) = std::env::var("CARTRIDGE_REGISTRY_KEYS") {
+            return Ok(Keyring::from_json(&json, "CARTRIDGE_REGISTRY_KEYS")?);
+        }
+        Ok(Keyring::load(&self.path()?)?)
+    }
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    storage: StorageArgs,
+    #[command(flatten)]
+    keys: KeysArgs,
+    /// Address to listen on; port 0 picks a free one (the address is printed).
+    #[arg(
+        long,
+        env = "CARTRIDGE_REGISTRY_LISTEN",
+        default_value = "127.0.0.1:7070"
+    )]
+    listen: SocketAddr,
+    /// Log format.
+    #[arg(long, value_enum, default_value = "text")]
+    log_format: LogFormat,
+    /// Largest blob accepted.
+    #[arg(long, default_value = "256MiB")]
+    max_blob_size: ByteSize,
+    /// Largest JSON body accepted (manifests, requests).
+    #[arg(long, default_value = "4MiB")]
+    max_json_size: ByteSize,
+}
+
+#[derive(Debug, Args)]
+struct GcArgs {
+    #[command(flatten)]
+    storage: StorageArgs,
+    /// Objects younger than this are kept: it must exceed the longest push.
+    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+    grace: Duration,
+    /// List what would be deleted without deleting.
+    #[arg(long)]
+    dry_run: bool,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Mint a token signed with the current signing key.
+    Create {
+        #[command(flatten)]
+        keys: KeysArgs,
+        /// What the token grants: `*:admin`, `legal/*:pull`, `legal/contracts:push`, … (repeatable).
+        #[arg(long = "scope", required = true)]
+        scopes: Vec<Scope>,
+        /// How long the token is valid.
+        #[arg(long, default_value = "30d", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+        /// Who the token is for (recorded in logs).
+        #[arg(long, default_value = "cli")]
+        subject: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum KeysCommand {
+    /// Create a keyring with one signing key (refuses to overwrite one).
+    Init(KeysArgs),
+    /// Add a new signing key; tokens signed by older keys stay valid until those are removed.
+    Rotate(KeysArgs),
+    /// Remove a key: tokens it signed stop being accepted.
+    Remove {
+        #[command(flatten)]
+        keys: KeysArgs,
+        id: String,
+    },
+}
+
+fn home_dir() -> Result<PathBuf> {
+    std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .context("HOME is not set; set CARTRIDGE_HOME")
+}
+
+fn data_dir() -> Result<PathBuf> {
+    if let Some(home) = std::env::var_os("CARTRIDGE_HOME") {
+        return Ok(PathBuf::from(home));
+    }
+    Ok(match std::env::var_os("XDG_DATA_HOME") {
+        Some(dir) => PathBuf::from(dir),
+        None => home_dir()?.join(".local/share"),
+    }
+    .join("cartridge"))
+}
+
+fn config_dir() -> Result<PathBuf> {
+    if let Some(home) = std::env::var_os("CARTRIDGE_HOME") {
+        return Ok(PathBuf::from(home));
+    }
+    Ok(match std::env::var_os("XDG_CONFIG_HOME") {
+        Some(dir) => PathBuf::from(dir),
+        None => home_dir()?.join(".config"),
+    }
+    .join("cartridge"))
+}
+
+fn init_logging(format: LogFormat) {
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn keyring_for_serve(keys: &KeysArgs) -> Result<Keyring> {
+    if std::env::var_os("CARTRIDGE_REGISTRY_KEYS").is_none() {
+        let path = keys.path()?;
+        if !path.exists() {
+            Keyring::generate().save(&path)?;
+            tracing::info!(path = %path.display(), "created a signing keyring; mint tokens with `cartridge-registry token create`");
+        }
+    }
+    keys.load()
+}
+
+async fn serve(args: ServeArgs) -> Result<()> {
+    init_logging(args.log_format);
+    let storage = backend::open(&args.storage.url()?)?;
+    let keyring = keyring_for_serve(&args.keys)?;
+    let limits = Limits {
+        max_blob_bytes: args.max_blob_size.as_u64(),
+        max_json_bytes: args.max_json_size.as_u64() as usize,
+    };
+    let description = storage.description().to_owned();
+    let router = routes::router(AppState::new(storage, keyring, limits));
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("binding {}", args.listen))?;
+    let address = listener.local_addr()?;
+    tracing::info!(%address, storage = %description, "serving");
+    // Scripts and tests read the chosen port from this line.
+    println!("listening on http://{address}");
+    server::run(listener, router, server::shutdown_signal()).await?;
+    Ok(())
+}
+
+async fn collect_garbage(args: GcArgs) -> Result<()> {
+    init_logging(LogFormat::Text);
+    let storage = backend::open(&args.storage.url()?)?;
+    let report = gc::collect(
+        &storage,
+        GcOptions {
+            grace: args.grace,
+            dry_run: args.dry_run,
+        },
+    )
+    .await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    let verb = if args.dry_run {
+        "would delete"
+    } else {
+        "deleted"
+    };
+    for digest in &report.manifests_deleted {
+        println!("{verb} manifest {digest}");
+    }
+    for digest in &report.blobs_deleted {
+        println!("{verb} blob {digest}");
+    }
+    println!(
+        "{verb} {} manifests, {} blobs ({}), {} stale uploads; kept {} manifests, {} blobs",
+        report.manifests_deleted.len(),
+        report.blobs_deleted.len(),
+        ByteSize::b(report.bytes_freed),
+        report.uploads_deleted,
+        report.manifests_kept,
+        report.blobs_kept
+    );
+    Ok(())
+}
+
+fn keys(command: KeysCommand) -> Result<()> {
+    match command {
+        KeysCommand::Init(keys) => {
+            let path = keys.path()?;
+            if path.exists() {
+                bail!("{} exists; use `keys rotate` to add a key", path.display());
+            }
+            Keyring::generate().save(&path)?;
+            println!("{}", path.display());
+        }
+        KeysCommand::Rotate(keys) => {
+            let path = keys.path()?;
+            let mut keyring = Keyring::load(&path)?;
+            let id = keyring.rotate();
+            keyring.save(&path)?;
+            println!("new signing key {id} in {}", path.display());
+        }
+        KeysCommand::Remove { keys, id } => {
+            let path = keys.path()?;
+            let mut keyring = Keyring::load(&path)?;
+            keyring.remove(&id)?;
+            keyring.save(&path)?;
+            println!("removed key {id} from {}", path.display());
+        }
+    }
+    Ok(())
+}
+
+#[cfg(feature = "lambda")]
+async fn lambda() -> Result<()> {
+    tracing_subscriber::fmt()
+        .json()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .init();
+    let url = std::env::var("CARTRIDGE_REGISTRY_STORAGE")
+        .context("CARTRIDGE_REGISTRY_STORAGE must name the s3:// storage")?;
+    let keys = std::env::var("CARTRIDGE_REGISTRY_KEYS")
+        .context("CARTRIDGE_REGISTRY_KEYS must hold the keyring JSON")?;
+    let state = AppState::new(
+        backend::open(&url)?,
+        Keyring::from_json(&keys, "CARTRIDGE_REGISTRY_KEYS")?,
+        Limits::default(),
+    );
+    lambda_http::run(routes::router(state))
+        .await
+        .map_err(|e| anyhow::anyhow!(e))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: starting the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Serve(args) => serve(args).await,
+            Command::Gc(args) => collect_garbage(args).await,
+            Command::Token {
+                command:
+                    TokenCommand::Create {
+                        keys,
+                        scopes,
+                        ttl,
+                        subject,
+                    },
+            } => {
+                let token = keys.load()?.mint(&subject, &scopes, ttl)?;
+                println!("{token}");
+                Ok(())
+            }
+            Command::Keys { command } => keys(command),
+            #[cfg(feature = "lambda")]
+            Command::Lambda => lambda().await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,236 @@
+use axum::Json;
+use axum::body::Body;
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use cartridge_schemas::api::{
+    ErrorCode, MissingBlobsRequest, MissingBlobsResponse, UploadRequest, UploadResponse,
+    UploadTarget,
+};
+use futures::StreamExt;
+use serde::Deserialize;
+
+use crate::AppState;
+use crate::auth::Action;
+use crate::error::ApiError;
+use crate::extract::{ApiJson, Caller, Params};
+use crate::storage::{BlobWriter, UploadDestination, parse_range, resolve_range};
+use object_store::GetRange;
+
+/// The most digests one request may ask about (a cartridge has one chunk per few layers).
+const MAX_DIGESTS: usize = 10_000;
+
+/// `POST /v1/repos/{ns}/{name}/blobs/missing`: which of these blobs must be uploaded.
+pub async fn missing(
+    State(state): State<AppState>,
+    caller: Caller,
+    params: Params,
+    ApiJson(request): ApiJson<MissingBlobsRequest>,
+) -> Result<Json<MissingBlobsResponse>, ApiError> {
+    let repo = params.repository()?;
+    state.authorize(&caller, &repo, Action::Push).await?;
+    if request.digests.len() > MAX_DIGESTS {
+        return Err(ApiError::new(
+            ErrorCode::TooLarge,
+            format!("at most {MAX_DIGESTS} digests per request"),
+        ));
+    }
+    Ok(Json(MissingBlobsResponse {
+        missing: state.storage.missing_blobs(&request.digests).await?,
+    }))
+}
+
+/// `POST /v1/repos/{ns}/{name}/blobs/uploads`: where to send each blob — straight to object
+/// storage when it presigns (bytes never pass through the registry, e.g. in Lambda), otherwise
+/// to this registry.
+pub async fn uploads(
+    State(state): State<AppState>,
+    caller: Caller,
+    params: Params,
+    ApiJson(request): ApiJson<UploadRequest>,
+) -> Result<Json<UploadResponse>, ApiError> {
+    let repo = params.repository()?;
+    state.authorize(&caller, &repo, Action::Push).await?;
+    if request.blobs.len() > MAX_DIGESTS {
+        return Err(ApiError::new(
+            ErrorCode::TooLarge,
+            format!("at most {MAX_DIGESTS} blobs per request"),
+        ));
+    }
+    let mut uploads = Vec::with_capacity(request.blobs.len());
+    for blob in request.blobs {
+        if blob.size > state.limits.max_blob_bytes {
+            return Err(ApiError::new(
+                ErrorCode::TooLarge,
+                format!(
+                    "blob {} has {} bytes, over the {} byte limit",
+                    blob.digest, blob.size, state.limits.max_blob_bytes
+                ),
+            ));
+        }
+        let own = format!("/v1/repos/{repo}/blobs/{}", blob.digest.hex());
+        uploads.push(
+            match state.storage.upload_destination(&blob.digest).await? {
+                UploadDestination::Registry => UploadTarget {
+                    digest: blob.digest,
+                    url: own,
+                    commit_url: None,
+                },
+                UploadDestination::Presigned { url, id } => UploadTarget {
+                    digest: blob.digest,
+                    url: url.to_string(),
+                    commit_url: Some(format!("{own}/commit?upload={id}")),
+                },
+            },
+        );
+    }
+    Ok(Json(UploadResponse { uploads }))
+}
+
+/// `PUT /v1/repos/{ns}/{name}/blobs/{digest}`: the bytes of one blob, hashed as they arrive and
+/// stored only if they match the digest.
+pub async fn upload(
+    State(state): State<AppState>,
+    caller: Caller,
+    params: Params,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<StatusCode, ApiError> {
+    let repo = params.repository()?;
+    let digest = params.digest()?;
+    state.authorize(&caller, &repo, Action::Push).await?;
+    let limit = state.limits.max_blob_bytes;
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|length| length > limit) {
+        return Err(ApiError::new(
+            ErrorCode::TooLarge,
+            format!("blob {digest} is over the {limit} byte limit"),
+        ));
+    }
+    let mut writer = BlobWriter::new(digest, limit);
+    let mut stream = body.into_data_stream();
+    while let Some(piece) = stream.next().await {
+        let piece = piece
+            .map_err(|e| ApiError::bad_request(format!("upload of {digest} broke off: {e}")))?;
+        writer.append(&piece)?;
+    }
+    let blob = writer.finish()?;
+    crate::metrics::blob_bytes("in", blob.len());
+    state.storage.put_blob(blob).await?;
+    Ok(StatusCode::CREATED)
+}
+
+#[derive(Debug, Deserialize)]
+pub struct CommitQuery {
+    upload: String,
+}
+
+/// `POST /v1/repos/{ns}/{name}/blobs/{digest}/commit?upload=ID`: verify a direct upload and make
+/// it the blob.
+pub async fn commit(
+    State(state): State<AppState>,
+    caller: Caller,
+    params: Params,
+    Query(query): Query<CommitQuery>,
+) -> Result<StatusCode, ApiError> {
+    let repo = params.repository()?;
+    let digest = params.digest()?;
+    state.authorize(&caller, &repo, Action::Push).await?;
+    // The id becomes part of an object key: only the hex ids this registry hands out pass.
+    if query.upload.len() != 32
+        || !query
+            .upload
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+    {
+        return Err(ApiError::bad_request(
+            "upload id must be 32 lowercase hex characters",
+        ));
+    }
+    state
+        .storage
+        .commit_upload(&digest, &query.upload, state.limits.max_blob_bytes)
+        .await?;
+    Ok(StatusCode::CREATED)
+}
+
+/// `GET /v1/repos/{ns}/{name}/blobs/{digest}`, with HTTP Range. On object stores that presign,
+/// a redirect to the object itself.
+pub async fn download(
+    State(state): State<AppState>,
+    caller: Caller,
+    params: Params,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let repo = params.repository()?;
+    let digest = params.digest()?;
+    state.authorize(&caller, &repo, Action::Pull).await?;
+    let Some(meta) = state.storage.blob_meta(&digest).await? else {
+        return Err(ApiError::not_found(format!("blob {digest} not found")));
+    };
+    if let Some(url) = state.storage.blob_download_url(&digest).await? {
+        return Ok((
+            StatusCode::TEMPORARY_REDIRECT,
+            [(header::LOCATION, url.to_string())],
+        )
+            .into_response());
+    }
+    let requested = headers
+        .get(header::RANGE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_range);
+    let partial = requested.is_some();
+    let range = match requested {
+        Some(range) => Some(resolve_range(&range, meta.size).ok_or_else(|| {
+            ApiError::new(
+                ErrorCode::RangeNotSatisfiable,
+                format!(
+                    "blob {digest} has {} bytes; the range is outside it",
+                    meta.size
+                ),
+            )
+        })?),
+        None => None,
+    };
+    let result = state
+        .storage
+        .get_blob(&digest, range.map(GetRange::Bounded))
+        .await?;
+    let total = result.meta.size;
+    let served = result.range.clone();
+    let mut response_headers = HeaderMap::new();
+    response_headers.insert(
+        header::CONTENT_TYPE,
+        "application/octet-stream".parse().expect("static"),
+    );
+    response_headers.insert(header::ACCEPT_RANGES, "bytes".parse().expect("static"));
+    response_headers.insert(header::CONTENT_LENGTH, (served.end - served.start).into());
+    response_headers.insert(
+        header::ETAG,
+        format!("\"{}\"", digest.hex())
+            .parse()
+            .expect("hex is a valid header"),
+    );
+    let status = if partial {
+        let value = format!(
+            "bytes {}-{}/{total}",
+            served.start,
+            served.end.saturating_sub(1)
+        );
+        response_headers.insert(
+            header::CONTENT_RANGE,
+            value.parse().expect("numbers are a valid header"),
+        );
+        StatusCode::PARTIAL_CONTENT
+    } else {
+        StatusCode::OK
+    };
+    let stream = result.into_stream().inspect(|piece| {
+        if let Ok(piece) = piece {
+            crate::metrics::blob_bytes("out", piece.len() as u64);
+        }
+    });
+    Ok((status, response_headers, Body::from_stream(stream)).into_response())
+}

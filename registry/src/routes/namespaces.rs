@@ -1,0 +1,107 @@
+use axum::Json;
+use axum::extract::State;
+use cartridge_schemas::api::{ErrorCode, NameList, NamespaceList, NamespaceSettings};
+use cartridge_schemas::reference::Name;
+
+use crate::AppState;
+use crate::auth::Action;
+use crate::error::ApiError;
+use crate::extract::{ApiJson, Caller, Params};
+
+/// `GET /v1/namespaces`: the namespaces the caller can see.
+pub async fn list(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> Result<Json<NamespaceList>, ApiError> {
+    let mut namespaces = Vec::new();
+    for namespace in state.storage.namespaces().await? {
+        let visible = match &caller.0 {
+            Some(claims) => claims.scopes.iter().any(|scope| scope.touches(&namespace)),
+            None => {
+                state
+                    .storage
+                    .namespace_settings(&namespace)
+                    .await?
+                    .anonymous_pull
+            }
+        };
+        if visible {
+            namespaces.push(namespace);
+        }
+    }
+    Ok(Json(NamespaceList { namespaces }))
+}
+
+/// `GET /v1/repos/{ns}`: the cartridges of a namespace the caller can pull.
+pub async fn names(
+    State(state): State<AppState>,
+    caller: Caller,
+    params: Params,
+) -> Result<Json<NameList>, ApiError> {
+    let namespace = params.namespace()?;
+    let anonymous = state
+        .storage
+        .namespace_settings(&namespace)
+        .await?
+        .anonymous_pull;
+    if caller.0.is_none() && !anonymous {
+        return Err(ApiError::new(
+            ErrorCode::Unauthorized,
+            format!("listing {namespace} needs a token"),
+        ));
+    }
+    let can_pull = |name: &Name| {
+        anonymous
+            || caller
+                .0
+                .as_ref()
+                .is_some_and(|c| c.allows(&namespace, Some(name), Action::Pull))
+    };
+    let names = state
+        .storage
+        .names(&namespace)
+        .await?
+        .into_iter()
+        .filter(can_pull)
+        .collect();
+    Ok(Json(NameList { namespace, names }))
+}
+
+/// `GET /v1/namespaces/{ns}/settings`.
+pub async fn settings(
+    State(state): State<AppState>,
+    caller: Caller,
+    params: Params,
+) -> Result<Json<NamespaceSettings>, ApiError> {
+    let namespace = params.namespace()?;
+    let settings = state.storage.namespace_settings(&namespace).await?;
+    let touches = caller
+        .0
+        .as_ref()
+        .is_some_and(|claims| claims.scopes.iter().any(|s| s.touches(&namespace)));
+    if !settings.anonymous_pull && !touches {
+        state
+            .authorize_namespace(&caller, &namespace, Action::Pull)
+            .await?;
+    }
+    Ok(Json(settings))
+}
+
+/// `PUT /v1/namespaces/{ns}/settings` (admin of the namespace).
+pub async fn set_settings(
+    State(state): State<AppState>,
+    caller: Caller,
+    params: Params,
+    ApiJson(settings): ApiJson<NamespaceSettings>,
+) -> Result<Json<NamespaceSettings>, ApiError> {
+    let namespace = params.namespace()?;
+    state
+        .authorize_namespace(&caller, &namespace, Action::Admin)
+        .await?;
+    state
+        .storage
+        .set_namespace_settings(&namespace, &settings)
+        .await?;
+    tracing::info!(%namespace, ?settings, "namespace settings changed");
+    Ok(Json(settings))
+}

@@ -1,0 +1,44 @@
+use axum::Json;
+use axum::extract::State;
+use axum::http::StatusCode;
+use cartridge_schemas::api::{ErrorCode, Published};
+use cartridge_schemas::manifest::Manifest;
+
+use crate::AppState;
+use crate::auth::Action;
+use crate::error::ApiError;
+use crate::extract::{Caller, LimitedBytes, Params};
+
+/// `PUT /v1/repos/{ns}/{name}/versions/{version}` with the manifest as the body: publishes a
+/// version, create-only. 409 if it exists, 422 if the manifest is invalid or blobs are missing.
+pub async fn publish(
+    State(state): State<AppState>,
+    caller: Caller,
+    params: Params,
+    LimitedBytes(body): LimitedBytes,
+) -> Result<(StatusCode, Json<Published>), ApiError> {
+    let repo = params.repository()?;
+    let version = params.version()?;
+    state.authorize(&caller, &repo, Action::Push).await?;
+    let manifest = Manifest::from_json(&body)
+        .map_err(|e| ApiError::new(ErrorCode::InvalidManifest, e.to_string()))?;
+    let digest = state.storage.publish(&repo, &version, &manifest).await?;
+    let reference = format!("{repo}@{version}");
+    tracing::info!(%reference, %digest, "published");
+    Ok((StatusCode::CREATED, Json(Published { reference, digest })))
+}
+
+/// `DELETE /v1/repos/{ns}/{name}/versions/{version}` (admin): the manifest and blobs stay until
+/// garbage collection finds them unreferenced.
+pub async fn delete(
+    State(state): State<AppState>,
+    caller: Caller,
+    params: Params,
+) -> Result<StatusCode, ApiError> {
+    let repo = params.repository()?;
+    let version = params.version()?;
+    state.authorize(&caller, &repo, Action::Admin).await?;
+    state.storage.delete_version(&repo, &version).await?;
+    tracing::info!(reference = %format!("{repo}@{version}"), "version deleted");
+    Ok(StatusCode::NO_CONTENT)
+}

@@ -1,0 +1,877 @@
+//! The registry's only state: objects in an object store.
+//!
+//! Layout (every key comes from [`Key`]):
+//! ```text
+//! blobs/<hex>                                  one chunk as stored; the key is blake3 of its bytes
+//! manifests/<hex>                              canonical JSON manifest; the key is blake3 of its bytes
+//! repos/<ns>/<name>/versions/<version>         {"manifest": digest}, written create-only
+//! repos/<ns>/<name>/tags/<tag>/<generation>    {"manifest": digest | null}, each move creates the next
+//! namespaces/<ns>/settings.json                namespace settings (anonymous pull)
+//! uploads/<hex>/<id>                           direct uploads to object storage, awaiting verification
+//! gc/lease                                     held while garbage collection runs
+//! ```
+//! Invariants: only bytes whose blake3 matches their key ever reach `blobs/` or `manifests/`;
+//! a version is written create-only after its manifest and every blob it references are present;
+//! a tag moves by creating generation n+1 create-only after reading generation n, so two racing
+//! moves cannot both win. Create-only puts are the one conditional write every backend supports
+//! atomically (object_store's local filesystem has no compare-and-swap on etags), which is why tags
+//! are generations rather than one object updated in place.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::ops::Range;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use cartridge_schemas::api::NamespaceSettings;
+use cartridge_schemas::manifest::Manifest;
+use cartridge_schemas::reference::{Namespace, Repository, Tag, Version};
+use cartridge_schemas::{Digest, canonical};
+use chrono::{DateTime, Utc};
+use futures::{StreamExt, TryStreamExt};
+use object_store::path::Path;
+use object_store::signer::Signer;
+use object_store::{
+    GetOptions, GetRange, GetResult, ObjectMeta, ObjectStore, ObjectStoreExt, PutMode, PutOptions,
+    PutPayload,
+};
+use serde::{Deserialize, Serialize};
+
+/// Tag generations kept behind the current one (older ones are pruned after a move).
+const TAG_HISTORY: u64 = 8;
+/// How long presigned URLs stay valid.
+const PRESIGN_TTL: Duration = Duration::from_secs(15 * 60);
+/// A garbage collection lease is considered abandoned after this long.
+pub const GC_LEASE_TTL: Duration = Duration::from_secs(10 * 60);
+
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("{what} not found")]
+    NotFound { what: String },
+    #[error("{reference} already exists; published versions never change")]
+    VersionExists { reference: String },
+    #[error("tag {reference} moved: it points at {current}, not {expected}")]
+    TagMoved {
+        reference: String,
+        expected: String,
+        current: String,
+    },
+    #[error("blob {expected}: the bytes received hash to {actual}")]
+    DigestMismatch { expected: Digest, actual: Digest },
+    #[error("blob {digest} is over the {limit} byte limit")]
+    TooLarge { digest: Digest, limit: u64 },
+    #[error("{count} blobs are missing, first {first}: upload them before publishing")]
+    MissingBlobs { count: usize, first: Digest },
+    #[error("stored object {key} is corrupt: {detail}")]
+    Corrupt { key: String, detail: String },
+    #[error("garbage collection is running; retry in a moment")]
+    GcRunning,
+    #[error("storage: {0}")]
+    Backend(#[from] object_store::Error),
+}
+
+pub type Result<T, E = StorageError> = std::result::Result<T, E>;
+
+/// Every object the registry stores.
+#[derive(Debug, Clone, Copy)]
+pub enum Key<'a> {
+    Blob(&'a Digest),
+    Blobs,
+    Manifest(&'a Digest),
+    Manifests,
+    Repos,
+    Namespace(&'a Namespace),
+    Version(&'a Repository, &'a Version),
+    Versions(&'a Repository),
+    TagGeneration(&'a Repository, &'a Tag, u64),
+    Tag(&'a Repository, &'a Tag),
+    Tags(&'a Repository),
+    NamespaceSettings(&'a Namespace),
+    Upload(&'a Digest, &'a str),
+    Uploads,
+    GcLease,
+}
+
+impl Key<'_> {
+    pub fn path(&self) -> Path {
+        // Every component was validated by its type (lowercase, no '/', no '..'), so it is safe
+        // as a path segment on every backend.
+        let repo = |r: &Repository| format!("repos/{}/{}", r.namespace, r.name);
+        let text = match self {
+            Self::Blob(digest) => format!("blobs/{}", digest.hex()),
+            Self::Blobs => "blobs".into(),
+            Self::Manifest(digest) => format!("manifests/{}", digest.hex()),
+            Self::Manifests => "manifests".into(),
+            Self::Repos => "repos".into(),
+            Self::Namespace(namespace) => format!("repos/{namespace}"),
+            Self::Version(r, version) => format!("{}/versions/{version}", repo(r)),
+            Self::Versions(r) => format!("{}/versions", repo(r)),
+            // Zero-padded so generations sort as text in every listing.
+            Self::TagGeneration(r, tag, generation) => {
+                format!("{}/tags/{tag}/{generation:020}", repo(r))
+            }
+            Self::Tag(r, tag) => format!("{}/tags/{tag}", repo(r)),
+            Self::Tags(r) => format!("{}/tags", repo(r)),
+            Self::NamespaceSettings(namespace) => format!("namespaces/{namespace}/settings.json"),
+            Self::Upload(digest, id) => format!("uploads/{}/{id}", digest.hex()),
+            Self::Uploads => "uploads".into(),
+            Self::GcLease => "gc/lease".into(),
+        };
+        Path::from(text)
+    }
+}
+
+/// What a version or tag generation holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+struct Pointer {
+    manifest: Option<Digest>,
+}
+
+/// A tag's newest generation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TagHead {
+    pub generation: u64,
+    /// `None` once the tag was deleted.
+    pub manifest: Option<Digest>,
+}
+
+/// The condition a tag move is made under.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TagCondition {
+    /// Move whatever it points at now.
+    Always,
+    /// Only if the tag does not exist.
+    Absent,
+    /// Only if it points at this manifest.
+    Matches(Digest),
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct GcLease {
+    owner: String,
+    expires: DateTime<Utc>,
+}
+
+/// Collects a blob's bytes as they arrive, hashing them on the way and refusing more than the cap.
+#[derive(Debug)]
+pub struct BlobWriter {
+    expected: Digest,
+    limit: u64,
+    hasher: blake3::Hasher,
+    bytes: bytes::BytesMut,
+}
+
+/// Bytes proven to hash to `digest`; only these reach `blobs/`.
+#[derive(Debug)]
+pub struct VerifiedBlob {
+    digest: Digest,
+    bytes: Bytes,
+}
+
+impl VerifiedBlob {
+    pub fn len(&self) -> u64 {
+        self.bytes.len() as u64
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.bytes.is_empty()
+    }
+}
+
+impl BlobWriter {
+    pub fn new(expected: Digest, limit: u64) -> Self {
+        Self {
+            expected,
+            limit,
+            hasher: blake3::Hasher::new(),
+            bytes: bytes::BytesMut::new(),
+        }
+    }
+
+    pub fn append(&mut self, piece: &[u8]) -> Result<()> {
+        if self.bytes.len() as u64 + piece.len() as u64 > self.limit {
+            return Err(StorageError::TooLarge {
+                digest: self.expected,
+                limit: self.limit,
+            });
+        }
+        self.hasher.update(piece);
+        self.bytes.extend_from_slice(piece);
+        Ok(())
+    }
+
+    pub fn finish(self) -> Result<VerifiedBlob> {
+        let actual = Digest::from(self.hasher.finalize());
+        if actual != self.expected {
+            return Err(StorageError::DigestMismatch {
+                expected: self.expected,
+                actual,
+            });
+        }
+        Ok(VerifiedBlob {
+            digest: actual,
+            bytes: self.bytes.freeze(),
+        })
+    }
+}
+
+/// Where a client sends one blob's bytes.
+#[derive(Debug, Clone)]
+pub enum UploadDestination {
+    /// Through the registry itself (`PUT .../blobs/{digest}`), which verifies as bytes arrive.
+    Registry,
+    /// Straight to object storage; the registry verifies when the upload is committed.
+    Presigned { url: url::Url, id: String },
+}
+
+#[derive(Clone)]
+pub struct Storage {
+    store: Arc<dyn ObjectStore>,
+    /// For backends that can presign (S3): the signer and the prefix its paths need.
+    signer: Option<(Arc<dyn Signer>, Path)>,
+    description: String,
+}
+
+impl std::fmt::Debug for Storage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Storage")
+            .field("description", &self.description)
+            .finish()
+    }
+}
+
+fn is_not_found(error: &object_store::Error) -> bool {
+    matches!(error, object_store::Error::NotFound { .. })
+}
+
+impl Storage {
+    pub fn new(store: Arc<dyn ObjectStore>, description: impl Into<String>) -> Self {
+        Self {
+            store,
+            signer: None,
+            description: description.into(),
+        }
+    }
+
+    /// Lets clients move blob bytes straight to and from the object store with presigned URLs.
+    /// `prefix` is prepended to every key when signing (the store itself may already apply it).
+    pub fn with_signer(mut self, signer: Arc<dyn Signer>, prefix: Path) -> Self {
+        self.signer = Some((signer, prefix));
+        self
+    }
+
+    pub fn description(&self) -> &str {
+        &self.description
+    }
+
+    pub fn object_store(&self) -> &Arc<dyn ObjectStore> {
+        &self.store
+    }
+
+    async fn read(&self, key: Key<'_>) -> Result<Option<Bytes>> {
+        match self.store.get(&key.path()).await {
+            Ok(result) => Ok(Some(result.bytes().await?)),
+            Err(error) if is_not_found(&error) => Ok(None),
+            Err(error) => Err(error.into()),
+        }
+    }
+
+    async fn read_json<T: for<'de> Deserialize<'de>>(&self, key: Key<'_>) -> Result<Option<T>> {
+        let Some(bytes) = self.read(key).await? else {
+            return Ok(None);
+        };
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| StorageError::Corrupt {
+                key: key.path().to_string(),
+                detail: e.to_string(),
+            })
+    }
+
+    /// Writes `bytes` only if nothing is at `key`; `Ok(false)` if something was.
+    async fn create(&self, key: Key<'_>, bytes: Vec<u8>) -> Result<bool> {
+        let options = PutOptions {
+            mode: PutMode::Create,
+            ..Default::default()
+        };
+        match self
+            .store
+            .put_opts(&key.path(), PutPayload::from(bytes), options)
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
+            Err(error) => Err(error.into()),
+        }
+    }
+
+    async fn delete(&self, key: Key<'_>) -> Result<()> {
+        match self.store.delete(&key.path()).await {
+            Ok(()) => Ok(()),
+            Err(error) if is_not_found(&error) => Ok(()),
+            Err(error) => Err(error.into()),
+        }
+    }
+
+    async fn list(&self, key: Key<'_>) -> Result<Vec<ObjectMeta>> {
+        Ok(self.store.list(Some(&key.path())).try_collect().await?)
+    }
+
+    /// The immediate children of a prefix, as names.
+    async fn list_children(&self, key: Key<'_>) -> Result<Vec<String>> {
+        let listing = self.store.list_with_delimiter(Some(&key.path())).await?;
+        Ok(listing
+            .common_prefixes
+            .iter()
+            .chain(listing.objects.iter().map(|o| &o.location))
+            .filter_map(|p| p.filename().map(str::to_owned))
+            .collect())
+    }
+
+    // ----- blobs -----
+
+    pub async fn blob_meta(&self, digest: &Digest) -> Result<Option<ObjectMeta>> {
+        match self.store.head(&Key::Blob(digest).path()).await {
+            Ok(meta) => Ok(Some(meta)),
+            Err(error) if is_not_found(&error) => Ok(None),
+            Err(error) => Err(error.into()),
+        }
+    }
+
+    /// Stores a blob whose bytes were verified as they arrived.
+    pub async fn put_blob(&self, blob: VerifiedBlob) -> Result<()> {
+        // Content-addressed: if it is there already, it is these bytes.
+        let options = PutOptions {
+            mode: PutMode::Create,
+            ..Default::default()
+        };
+        match self
+            .store
+            .put_opts(
+                &Key::Blob(&blob.digest).path(),
+                PutPayload::from(blob.bytes),
+                options,
+            )
+            .await
+        {
+            Ok(_) | Err(object_store::Error::AlreadyExists { .. }) => Ok(()),
+            Err(error) => Err(error.into()),
+        }
+    }
+
+    pub async fn get_blob(&self, digest: &Digest, range: Option<GetRange>) -> Result<GetResult> {
+        let options = GetOptions {
+            range,
+            ..Default::default()
+        };
+        self.store
+            .get_opts(&Key::Blob(digest).path(), options)
+            .await
+            .map_err(|error| match error {
+                error if is_not_found(&error) => StorageError::NotFound {
+                    what: format!("blob {digest}"),
+                },
+                error => error.into(),
+            })
+    }
+
+    /// A presigned GET URL for a blob, on backends that presign.
+    pub async fn blob_download_url(&self, digest: &Digest) -> Result<Option<url::Url>> {
+        let Some((signer, prefix)) = &self.signer else {
+            return Ok(None);
+        };
+        let path = join(prefix, &Key::Blob(digest).path());
+        Ok(Some(
+            signer
+                .signed_url(http::Method::GET, &path, PRESIGN_TTL)
+                .await?,
+        ))
+    }
+
+    /// Where a client should send a blob: straight to object storage when it can presign.
+    pub async fn upload_destination(&self, digest: &Digest) -> Result<UploadDestination> {
+        let Some((signer, prefix)) = &self.signer else {
+            return Ok(UploadDestination::Registry);
+        };
+        let id = format!("{:032x}", rand::random::<u128>());
+        let path = join(prefix, &Key::Upload(digest, &id).path());
+        let url = signer
+            .signed_url(http::Method::PUT, &path, PRESIGN_TTL)
+            .await?;
+        Ok(UploadDestination::Presigned { url, id })
+    }
+
+    /// Verifies a direct upload by reading it back and hashing it, then makes it the blob.
+    pub async fn commit_upload(&self, digest: &Digest, id: &str, max_bytes: u64) -> Result<()> {
+        let staged = Key::Upload(digest, id).path();
+        let result = self.store.get(&staged).await.map_err(|error| match error {
+            error if is_not_found(&error) => StorageError::NotFound {
+                what: format!("upload {id} of blob {digest}"),
+            },
+            error => error.into(),
+        })?;
+        if result.meta.size > max_bytes {
+            self.store.delete(&staged).await?;
+            return Err(StorageError::TooLarge {
+                digest: *digest,
+                limit: max_bytes,
+            });
+        }
+        let mut hasher = blake3::Hasher::new();
+        let mut stream = result.into_stream();
+        while let Some(piece) = stream.next().await {
+            hasher.update(&piece?);
+        }
+        let actual = Digest::from(hasher.finalize());
+        if actual != *digest {
+            self.store.delete(&staged).await?;
+            return Err(StorageError::DigestMismatch {
+                expected: *digest,
+                actual,
+            });
+        }
+        // A server-side copy: the bytes never pass through the registry again.
+        self.store.copy(&staged, &Key::Blob(digest).path()).await?;
+        self.store.delete(&staged).await?;
+        Ok(())
+    }
+
+    pub async fn missing_blobs(&self, digests: &[Digest]) -> Result<Vec<Digest>> {
+        let unique: BTreeSet<Digest> = digests.iter().copied().collect();
+        let present = futures::stream::iter(unique.iter().copied())
+            .map(|digest| async move {
+                Ok::<_, StorageError>((digest, self.blob_meta(&digest).await?.is_some()))
+            })
+            .buffer_unordered(16)
+            .try_collect::<Vec<_>>()
+            .await?;
+        let missing: HashSet<Digest> = present
+            .into_iter()
+            .filter(|(_, present)| !present)
+            .map(|(d, _)| d)
+            .collect();
+        // Keep the caller's order.
+        let mut seen = HashSet::new();
+        Ok(digests
+            .iter()
+            .copied()
+            .filter(|d| missing.contains(d) && seen.insert(*d))
+            .collect())
+    }
+
+    // ----- manifests -----
+
+    /// Stores a manifest (canonical JSON) and returns its digest. Rewriting an identical manifest
+    /// refreshes its age, which garbage collection relies on (see [`Storage::publish`]).
+    pub async fn put_manifest(&self, manifest: &Manifest) -> Result<Digest> {
+        let bytes = manifest.to_canonical_json();
+        let digest = Digest::of(&bytes);
+        self.store
+            .put(&Key::Manifest(&digest).path(), PutPayload::from(bytes))
+            .await?;
+        Ok(digest)
+    }
+
+    /// Reads a manifest, re-verifying that its bytes hash to its name.
+    pub async fn get_manifest(&self, digest: &Digest) -> Result<Manifest> {
+        let key = Key::Manifest(digest);
+        let bytes = self
+            .read(key)
+            .await?
+            .ok_or_else(|| StorageError::NotFound {
+                what: format!("manifest {digest}"),
+            })?;
+        let corrupt = |detail: String| StorageError::Corrupt {
+            key: key.path().to_string(),
+            detail,
+        };
+        let actual = Digest::of(&bytes);
+        if actual != *digest {
+            return Err(corrupt(format!("its bytes hash to {actual}")));
+        }
+        Manifest::from_json(&bytes).map_err(|e| corrupt(e.to_string()))
+    }
+
+    // ----- versions -----
+
+    pub async fn version(&self, repo: &Repository, version: &Version) -> Result<Option<Digest>> {
+        let pointer: Option<Pointer> = self.read_json(Key::Version(repo, version)).await?;
+        Ok(pointer.and_then(|p| p.manifest))
+    }
+
+    /// Publishes `repo@version` → `manifest`, create-only. The manifest and every blob it references
+    /// must be present; the first of two concurrent publishes wins, the other gets `VersionExists`.
+    ///
+    /// Ordering against garbage collection: the manifest is (re)written first, so it is young and
+    /// protects its blobs from any collection that starts after this point; then, if a collection
+    /// is already running, we wait for it to end before checking that the blobs are present, so
+    /// nothing it deletes can go unnoticed.
+    pub async fn publish(
+        &self,
+        repo: &Repository,
+        version: &Version,
+        manifest: &Manifest,
+    ) -> Result<Digest> {
+        let reference = format!("{repo}@{version}");
+        if self.version(repo, version).await?.is_some() {
+            return Err(StorageError::VersionExists { reference });
+        }
+        let digest = self.put_manifest(manifest).await?;
+        self.wait_for_gc().await?;
+        let blobs = manifest.blobs();
+        let missing = self
+            .missing_blobs(&blobs.iter().map(|b| b.digest).collect::<Vec<_>>())
+            .await?;
+        if let Some(first) = missing.first() {
+            return Err(StorageError::MissingBlobs {
+                count: missing.len(),
+                first: *first,
+            });
+        }
+        for blob in &blobs {
+            let meta = self.blob_meta(&blob.digest).await?;
+            if let Some(meta) = meta
+                && meta.size != blob.size
+            {
+                return Err(StorageError::Corrupt {
+                    key: Key::Blob(&blob.digest).path().to_string(),
+                    detail: format!(
+                        "it holds {} bytes, the manifest says {}",
+                        meta.size, blob.size
+                    ),
+                });
+            }
+        }
+        let pointer = json_bytes(&Pointer {
+            manifest: Some(digest),
+        });
+        if !self.create(Key::Version(repo, version), pointer).await? {
+            return Err(StorageError::VersionExists { reference });
+        }
+        Ok(digest)
+    }
+
+    pub async fn delete_version(&self, repo: &Repository, version: &Version) -> Result<()> {
+        if self.version(repo, version).await?.is_none() {
+            return Err(StorageError::NotFound {
+                what: format!("{repo}@{version}"),
+            });
+        }
+        self.delete(Key::Version(repo, version)).await
+    }
+
+    pub async fn versions(&self, repo: &Repository) -> Result<Vec<(Version, Digest)>> {
+        let mut versions = Vec::new();
+        for name in self.list_children(Key::Versions(repo)).await? {
+            let Ok(version) = name.parse::<Version>() else {
+                continue;
+            };
+            if let Some(digest) = self.version(repo, &version).await? {
+                versions.push((version, digest));
+            }
+        }
+        Ok(versions)
+    }
+
+    // ----- tags -----
+
+    pub async fn tag(&self, repo: &Repository, tag: &Tag) -> Result<Option<TagHead>> {
+        let generations = self.list(Key::Tag(repo, tag)).await?;
+        let Some(newest) = generations
+            .iter()
+            .filter_map(|meta| meta.location.filename()?.parse::<u64>().ok())
+            .max()
+        else {
+            return Ok(None);
+        };
+        let pointer: Option<Pointer> = self
+            .read_json(Key::TagGeneration(repo, tag, newest))
+            .await?;
+        // A generation pruned between the listing and the read means the tag moved on: read again.
+        match pointer {
+            Some(pointer) => Ok(Some(TagHead {
+                generation: newest,
+                manifest: pointer.manifest,
+            })),
+            None => Box::pin(self.tag(repo, tag)).await,
+        }
+    }
+
+    /// Points `tag` at `manifest` (or deletes it with `None`) if `condition` holds.
+    pub async fn move_tag(
+        &self,
+        repo: &Repository,
+        tag: &Tag,
+        manifest: Option<Digest>,
+        condition: TagCondition,
+    ) -> Result<TagHead> {
+        let reference = format!("{repo}@{tag}");
+        if let Some(digest) = manifest
+            && self
+                .store
+                .head(&Key::Manifest(&digest).path())
+                .await
+                .is_err()
+        {
+            return Err(StorageError::NotFound {
+                what: format!("manifest {digest}"),
+            });
+        }
+        loop {
+            let head = self.tag(repo, tag).await?;
+            let current = head.and_then(|h| h.manifest);
+            let moved = |expected: String| StorageError::TagMoved {
+                reference: reference.clone(),
+                expected,
+                current: current.map_or("nothing".into(), |d| d.to_string()),
+            };
+            match condition {
+                TagCondition::Always => {}
+                TagCondition::Absent if current.is_some() => return Err(moved("nothing".into())),
+                TagCondition::Matches(expected) if current != Some(expected) => {
+                    return Err(moved(expected.to_string()));
+                }
+                _ => {}
+            }
+            if manifest.is_none() && current.is_none() {
+                return Err(StorageError::NotFound {
+                    what: format!("tag {reference}"),
+                });
+            }
+            let generation = head.map_or(1, |h| h.generation + 1);
+            let pointer = json_bytes(&Pointer { manifest });
+            if self
+                .create(Key::TagGeneration(repo, tag, generation), pointer)
+                .await?
+            {
+                self.prune_tag(repo, tag, generation).await;
+                return Ok(TagHead {
+                    generation,
+                    manifest,
+                });
+            }
+            // Someone else created this generation first.
+            if condition != TagCondition::Always {
+                return Err(moved(match condition {
+                    TagCondition::Matches(expected) => expected.to_string(),
+                    _ => "nothing".into(),
+                }));
+            }
+        }
+    }
+
+    async fn prune_tag(&self, repo: &Repository, tag: &Tag, newest: u64) {
+        let Ok(generations) = self.list(Key::Tag(repo, tag)).await else {
+            return;
+        };
+        for meta in generations {
+            let old = meta
+                .location
+                .filename()
+                .and_then(|n| n.parse::<u64>().ok())
+                .is_some_and(|g| g + TAG_HISTORY < newest);
+            if old && let Err(error) = self.store.delete(&meta.location).await {
+                tracing::warn!(%error, location = %meta.location, "pruning an old tag generation failed");
+            }
+        }
+    }
+
+    pub async fn tags(&self, repo: &Repository) -> Result<Vec<(Tag, TagHead)>> {
+        let mut tags = Vec::new();
+        for name in self.list_children(Key::Tags(repo)).await? {
+            let Ok(tag) = name.parse::<Tag>() else {
+                continue;
+            };
+            if let Some(head) = self.tag(repo, &tag).await?
+                && head.manifest.is_some()
+            {
+                tags.push((tag, head));
+            }
+        }
+        Ok(tags)
+    }
+
+    // ----- namespaces -----
+
+    pub async fn namespaces(&self) -> Result<Vec<Namespace>> {
+        let mut names: Vec<Namespace> = self
+            .list_children(Key::Repos)
+            .await?
+            .into_iter()
+            .filter_map(|n| n.parse().ok())
+            .collect();
+        names.sort();
+        Ok(names)
+    }
+
+    pub async fn names(
+        &self,
+        namespace: &Namespace,
+    ) -> Result<Vec<cartridge_schemas::reference::Name>> {
+        let mut names: Vec<_> = self
+            .list_children(Key::Namespace(namespace))
+            .await?
+            .into_iter()
+            .filter_map(|n| n.parse().ok())
+            .collect();
+        names.sort();
+        Ok(names)
+    }
+
+    pub async fn namespace_settings(&self, namespace: &Namespace) -> Result<NamespaceSettings> {
+        Ok(self
+            .read_json(Key::NamespaceSettings(namespace))
+            .await?
+            .unwrap_or_default())
+    }
+
+    pub async fn set_namespace_settings(
+        &self,
+        namespace: &Namespace,
+        settings: &NamespaceSettings,
+    ) -> Result<()> {
+        let bytes = json_bytes(settings);
+        self.store
+            .put(
+                &Key::NamespaceSettings(namespace).path(),
+                PutPayload::from(bytes),
+            )
+            .await?;
+        Ok(())
+    }
+
+    // ----- garbage collection support -----
+
+    /// Every manifest a version or tag points at.
+    pub async fn referenced_manifests(&self) -> Result<BTreeSet<Digest>> {
+        let mut referenced = BTreeSet::new();
+        for namespace in self.namespaces().await? {
+            for name in self.names(&namespace).await? {
+                let repo = Repository {
+                    namespace: namespace.clone(),
+                    name,
+                };
+                referenced.extend(self.versions(&repo).await?.into_iter().map(|(_, d)| d));
+                referenced.extend(
+                    self.tags(&repo)
+                        .await?
+                        .into_iter()
+                        .filter_map(|(_, h)| h.manifest),
+                );
+            }
+        }
+        Ok(referenced)
+    }
+
+    /// Objects under a content-addressed prefix (`blobs/`, `manifests/`) by digest.
+    pub async fn content_objects(&self, key: Key<'_>) -> Result<BTreeMap<Digest, ObjectMeta>> {
+        Ok(self
+            .list(key)
+            .await?
+            .into_iter()
+            .filter_map(|meta| Some((Digest::from_hex(meta.location.filename()?).ok()?, meta)))
+            .collect())
+    }
+
+    pub async fn uploads(&self) -> Result<Vec<ObjectMeta>> {
+        self.list(Key::Uploads).await
+    }
+
+    pub async fn delete_object(&self, location: &Path) -> Result<()> {
+        match self.store.delete(location).await {
+            Ok(()) => Ok(()),
+            Err(error) if is_not_found(&error) => Ok(()),
+            Err(error) => Err(error.into()),
+        }
+    }
+
+    /// Takes the collection lease; `false` if a live one is held by someone else.
+    pub async fn acquire_gc_lease(&self, owner: &str) -> Result<bool> {
+        let lease = GcLease {
+            owner: owner.to_owned(),
+            expires: Utc::now() + GC_LEASE_TTL,
+        };
+        let bytes = json_bytes(&lease);
+        if self.create(Key::GcLease, bytes.clone()).await? {
+            return Ok(true);
+        }
+        match self.read_json::<GcLease>(Key::GcLease).await {
+            Ok(Some(current)) if current.expires > Utc::now() => Ok(false),
+            // Abandoned (or unreadable): take it over.
+            _ => {
+                self.delete(Key::GcLease).await?;
+                self.create(Key::GcLease, bytes).await
+            }
+        }
+    }
+
+    pub async fn release_gc_lease(&self) -> Result<()> {
+        self.delete(Key::GcLease).await
+    }
+
+    async fn gc_running(&self) -> Result<bool> {
+        match self.read_json::<GcLease>(Key::GcLease).await {
+            Ok(Some(lease)) => Ok(lease.expires > Utc::now()),
+            Ok(None) => Ok(false),
+            Err(StorageError::Corrupt { .. }) => Ok(false),
+            Err(error) => Err(error),
+        }
+    }
+
+    async fn wait_for_gc(&self) -> Result<()> {
+        for _ in 0..600 {
+            if !self.gc_running().await? {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Err(StorageError::GcRunning)
+    }
+}
+
+/// Canonical JSON of the small records the registry writes (pointers, settings, leases), which
+/// have no maps with non-string keys and so always serialize.
+fn json_bytes<T: Serialize>(value: &T) -> Vec<u8> {
+    canonical::to_canonical_json(value).expect("registry records always serialize")
+}
+
+fn join(prefix: &Path, path: &Path) -> Path {
+    if prefix.as_ref().is_empty() {
+        path.clone()
+    } else {
+        Path::from(format!("{prefix}/{path}"))
+    }
+}
+
+/// A `bytes=` range header value of one range, in object_store's terms. `None` for anything we
+/// do not serve as a range (which then gets the whole blob, as HTTP allows).
+pub fn parse_range(header: &str) -> Option<GetRange> {
+    let spec = header.trim().strip_prefix("bytes=")?;
+    if spec.contains(',') {
+        return None;
+    }
+    let (start, end) = spec.split_once('-')?;
+    match (start.trim(), end.trim()) {
+        ("", suffix) => Some(GetRange::Suffix(suffix.parse().ok()?)),
+        (start, "") => Some(GetRange::Offset(start.parse().ok()?)),
+        (start, end) => {
+            let (start, end): (u64, u64) = (start.parse().ok()?, end.parse().ok()?);
+            (end >= start).then(|| {
+                GetRange::Bounded(Range {
+                    start,
+                    end: end + 1,
+                })
+            })
+        }
+    }
+}
+
+/// The bytes a range selects from an object of `size` bytes; `None` if it selects none.
+pub fn resolve_range(range: &GetRange, size: u64) -> Option<Range<u64>> {
+    let resolved = match range {
+        GetRange::Bounded(r) => r.start..r.end.min(size),
+        GetRange::Offset(start) => *start..size,
+        GetRange::Suffix(n) => size.saturating_sub(*n)..size,
+    };
+    (resolved.start < resolved.end).then_some(resolved)
+}

@@ -1,0 +1,563 @@
+//! One storage conformance suite, run against memory://, file:// and a real S3-compatible server.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use bytes::Bytes;
+use cartridge_registry::backend;
+use cartridge_registry::gc::{self, GcOptions};
+use cartridge_registry::storage::{
+    BlobWriter, Key, Storage, StorageError, TagCondition, UploadDestination,
+};
+use cartridge_schemas::Digest;
+use cartridge_schemas::api::NamespaceSettings;
+use cartridge_schemas::reference::{Repository, Tag, Version};
+use object_store::{GetRange, ObjectStoreExt, PutPayload};
+
+use crate::moto::Moto;
+use crate::support::{encoded, upload_all};
+
+fn repo(text: &str) -> Repository {
+    text.parse().unwrap()
+}
+
+fn version(text: &str) -> Version {
+    text.parse().unwrap()
+}
+
+fn tag(text: &str) -> Tag {
+    text.parse().unwrap()
+}
+
+async fn blobs(storage: &Storage) {
+    let bytes = Bytes::from_static(b"some chunk bytes");
+    let digest = Digest::of(&bytes);
+    assert_eq!(
+        storage.missing_blobs(&[digest, digest]).await.unwrap(),
+        vec![digest]
+    );
+
+    let mut wrong = BlobWriter::new(Digest::of(b"other"), 1024);
+    wrong.append(&bytes).unwrap();
+    assert!(matches!(
+        wrong.finish(),
+        Err(StorageError::DigestMismatch { .. })
+    ));
+    let mut small = BlobWriter::new(digest, 4);
+    assert!(matches!(
+        small.append(&bytes),
+        Err(StorageError::TooLarge { .. })
+    ));
+
+    let mut writer = BlobWriter::new(digest, 1024);
+    writer.append(&bytes[..5]).unwrap();
+    writer.append(&bytes[5..]).unwrap();
+    storage.put_blob(writer.finish().unwrap()).await.unwrap();
+    // Storing the same content again is harmless.
+    let mut again = BlobWriter::new(digest, 1024);
+    again.append(&bytes).unwrap();
+    storage.put_blob(again.finish().unwrap()).await.unwrap();
+    assert!(storage.missing_blobs(&[digest]).await.unwrap().is_empty());
+    assert_eq!(
+        storage.blob_meta(&digest).await.unwrap().unwrap().size,
+        bytes.len() as u64
+    );
+
+    let whole = storage
+        .get_blob(&digest, None)
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(whole, bytes);
+    let part = storage
+        .get_blob(&digest, Some(GetRange::Bounded(5..10)))
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(part, bytes.slice(5..10));
+    let tail = storage
+        .get_blob(&digest, Some(GetRange::Offset(12)))
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(tail, bytes.slice(12..));
+    assert!(matches!(
+        storage.get_blob(&Digest::of(b"absent"), None).await,
+        Err(StorageError::NotFound { .. })
+    ));
+}
+
+async fn manifests(storage: &Storage) {
+    let (manifest, _) = encoded(1);
+    let digest = storage.put_manifest(&manifest).await.unwrap();
+    assert_eq!(digest, manifest.digest());
+    assert_eq!(storage.get_manifest(&digest).await.unwrap(), manifest);
+    // A manifest whose bytes no longer match its name is reported, not served.
+    let tampered = Digest::of(b"tampered manifest");
+    storage
+        .object_store()
+        .put(
+            &Key::Manifest(&tampered).path(),
+            PutPayload::from(manifest.to_canonical_json()),
+        )
+        .await
+        .unwrap();
+    assert!(matches!(
+        storage.get_manifest(&tampered).await,
+        Err(StorageError::Corrupt { .. })
+    ));
+    storage
+        .delete_object(&Key::Manifest(&tampered).path())
+        .await
+        .unwrap();
+}
+
+async fn publish(storage: &Storage) {
+    let repo = repo("legal/contracts");
+    let (manifest, chunks) = encoded(2);
+    let err = storage
+        .publish(&repo, &version("v1"), &manifest)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, StorageError::MissingBlobs { count: 4, .. }),
+        "{err}"
+    );
+    assert_eq!(storage.version(&repo, &version("v1")).await.unwrap(), None);
+
+    upload_all(storage, &chunks).await;
+    let digest = storage
+        .publish(&repo, &version("v1"), &manifest)
+        .await
+        .unwrap();
+    assert_eq!(
+        storage.version(&repo, &version("v1")).await.unwrap(),
+        Some(digest)
+    );
+
+    let (other, other_chunks) = encoded(3);
+    upload_all(storage, &other_chunks).await;
+    let err = storage
+        .publish(&repo, &version("v1"), &other)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StorageError::VersionExists { .. }), "{err}");
+    assert_eq!(
+        storage.version(&repo, &version("v1")).await.unwrap(),
+        Some(digest),
+        "the first publish is intact"
+    );
+
+    let versions = storage.versions(&repo).await.unwrap();
+    assert_eq!(versions, vec![(version("v1"), digest)]);
+    storage.delete_version(&repo, &version("v1")).await.unwrap();
+    assert!(storage.versions(&repo).await.unwrap().is_empty());
+    assert!(matches!(
+        storage.delete_version(&repo, &version("v1")).await,
+        Err(StorageError::NotFound { .. })
+    ));
+}
+
+async fn concurrent_publishes(storage: &Storage) {
+    let repo = repo("race/publish");
+    let mut contenders = Vec::new();
+    for seed in 10..30u8 {
+        let (manifest, chunks) = encoded(seed);
+        upload_all(storage, &chunks).await;
+        contenders.push(manifest);
+    }
+    let tasks: Vec<_> = contenders
+        .into_iter()
+        .map(|manifest| {
+            let storage = storage.clone();
+            let repo = repo.clone();
+            tokio::spawn(async move { storage.publish(&repo, &version("v1"), &manifest).await })
+        })
+        .collect();
+    let mut winners = Vec::new();
+    for task in tasks {
+        match task.await.unwrap() {
+            Ok(digest) => winners.push(digest),
+            Err(StorageError::VersionExists { .. }) => {}
+            Err(other) => panic!("unexpected {other}"),
+        }
+    }
+    assert_eq!(
+        winners.len(),
+        1,
+        "exactly one of 20 concurrent publishes wins"
+    );
+    assert_eq!(
+        storage.version(&repo, &version("v1")).await.unwrap(),
+        Some(winners[0])
+    );
+}
+
+async fn tags(storage: &Storage) {
+    let repo = repo("legal/tagged");
+    let (first, chunks) = encoded(40);
+    upload_all(storage, &chunks).await;
+    let a = storage
+        .publish(&repo, &version("1.0.0"), &first)
+        .await
+        .unwrap();
+    let (second, chunks) = encoded(41);
+    upload_all(storage, &chunks).await;
+    let b = storage
+        .publish(&repo, &version("1.1.0"), &second)
+        .await
+        .unwrap();
+    let latest = tag("latest");
+
+    assert_eq!(storage.tag(&repo, &latest).await.unwrap(), None);
+    let head = storage
+        .move_tag(&repo, &latest, Some(a), TagCondition::Absent)
+        .await
+        .unwrap();
+    assert_eq!(head.manifest, Some(a));
+    let err = storage
+        .move_tag(&repo, &latest, Some(b), TagCondition::Absent)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StorageError::TagMoved { .. }), "{err}");
+    let err = storage
+        .move_tag(&repo, &latest, Some(b), TagCondition::Matches(b))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StorageError::TagMoved { .. }), "{err}");
+    let moved = storage
+        .move_tag(&repo, &latest, Some(b), TagCondition::Matches(a))
+        .await
+        .unwrap();
+    assert_eq!(moved.generation, head.generation + 1);
+    let unknown = Digest::of(b"no such manifest");
+    assert!(matches!(
+        storage
+            .move_tag(&repo, &latest, Some(unknown), TagCondition::Always)
+            .await,
+        Err(StorageError::NotFound { .. })
+    ));
+
+    // Compare-and-swap under contention: of ten movers that all saw `b`, one wins.
+    let tasks: Vec<_> = (0..10)
+        .map(|_| {
+            let (storage, repo, latest) = (storage.clone(), repo.clone(), latest.clone());
+            tokio::spawn(async move {
+                storage
+                    .move_tag(&repo, &latest, Some(a), TagCondition::Matches(b))
+                    .await
+            })
+        })
+        .collect();
+    let mut wins = 0;
+    for task in tasks {
+        match task.await.unwrap() {
+            Ok(_) => wins += 1,
+            Err(StorageError::TagMoved { .. }) => {}
+            Err(other) => panic!("unexpected {other}"),
+        }
+    }
+    assert_eq!(wins, 1);
+
+    // Unconditional moves all land, one generation each, and old generations are pruned.
+    for _ in 0..12 {
+        storage
+            .move_tag(&repo, &latest, Some(b), TagCondition::Always)
+            .await
+            .unwrap();
+    }
+    let generations = storage
+        .object_store()
+        .list(Some(&Key::Tag(&repo, &latest).path()));
+    let count = futures::TryStreamExt::try_collect::<Vec<_>>(generations)
+        .await
+        .unwrap()
+        .len();
+    assert!(count <= 9, "{count} generations kept");
+    assert_eq!(
+        storage.tag(&repo, &latest).await.unwrap().unwrap().manifest,
+        Some(b)
+    );
+
+    let tags = storage.tags(&repo).await.unwrap();
+    assert_eq!(tags.len(), 1);
+    storage
+        .move_tag(&repo, &latest, None, TagCondition::Always)
+        .await
+        .unwrap();
+    assert!(storage.tags(&repo).await.unwrap().is_empty());
+    assert_eq!(
+        storage.tag(&repo, &latest).await.unwrap().unwrap().manifest,
+        None
+    );
+    assert!(matches!(
+        storage
+            .move_tag(&repo, &latest, None, TagCondition::Always)
+            .await,
+        Err(StorageError::NotFound { .. })
+    ));
+    storage
+        .move_tag(&repo, &latest, Some(a), TagCondition::Absent)
+        .await
+        .unwrap();
+}
+
+async fn listings_and_settings(storage: &Storage) {
+    let namespaces: Vec<String> = storage
+        .namespaces()
+        .await
+        .unwrap()
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(namespaces, ["legal", "race"]);
+    let names: Vec<String> = storage
+        .names(&"legal".parse().unwrap())
+        .await
+        .unwrap()
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(names, ["tagged"]);
+
+    let legal = "legal".parse().unwrap();
+    assert_eq!(
+        storage.namespace_settings(&legal).await.unwrap(),
+        NamespaceSettings::default()
+    );
+    storage
+        .set_namespace_settings(
+            &legal,
+            &NamespaceSettings {
+                anonymous_pull: true,
+            },
+        )
+        .await
+        .unwrap();
+    assert!(
+        storage
+            .namespace_settings(&legal)
+            .await
+            .unwrap()
+            .anonymous_pull
+    );
+    assert_eq!(
+        storage.namespaces().await.unwrap().len(),
+        2,
+        "settings do not create namespaces"
+    );
+}
+
+async fn garbage_collection(storage: &Storage) {
+    let repo = repo("gc/kept");
+    let (kept, chunks) = encoded(50);
+    upload_all(storage, &chunks).await;
+    storage.publish(&repo, &version("v1"), &kept).await.unwrap();
+    // An abandoned push: blobs and a manifest that no version references.
+    let (orphan, orphan_chunks) = encoded(51);
+    upload_all(storage, &orphan_chunks).await;
+    let orphan_digest = storage.put_manifest(&orphan).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+
+    // Within the grace period nothing goes.
+    let report = gc::collect(
+        storage,
+        GcOptions {
+            grace: Duration::from_secs(3600),
+            dry_run: false,
+        },
+    )
+    .await
+    .unwrap();
+    assert!(report.blobs_deleted.is_empty() && report.manifests_deleted.is_empty());
+
+    let dry = gc::collect(
+        storage,
+        GcOptions {
+            grace: Duration::ZERO,
+            dry_run: true,
+        },
+    )
+    .await
+    .unwrap();
+    let orphan_blobs: BTreeSet<Digest> = orphan_chunks
+        .iter()
+        .map(|c| c.descriptor.stored.digest)
+        .collect();
+    assert!(orphan_blobs.iter().all(|d| dry.blobs_deleted.contains(d)));
+    assert!(dry.manifests_deleted.contains(&orphan_digest));
+    assert!(
+        storage
+            .blob_meta(orphan_blobs.first().unwrap())
+            .await
+            .unwrap()
+            .is_some(),
+        "a dry run deletes nothing"
+    );
+
+    let report = gc::collect(
+        storage,
+        GcOptions {
+            grace: Duration::ZERO,
+            dry_run: false,
+        },
+    )
+    .await
+    .unwrap();
+    for digest in &orphan_blobs {
+        assert!(report.blobs_deleted.contains(digest));
+        assert!(storage.blob_meta(digest).await.unwrap().is_none());
+    }
+    assert!(matches!(
+        storage.get_manifest(&orphan_digest).await,
+        Err(StorageError::NotFound { .. })
+    ));
+    for chunk in &chunks {
+        assert!(
+            storage
+                .blob_meta(&chunk.descriptor.stored.digest)
+                .await
+                .unwrap()
+                .is_some(),
+            "referenced blobs stay"
+        );
+    }
+    assert!(storage.get_manifest(&kept.digest()).await.is_ok());
+
+    // A second collection cannot start while one holds the lease, and a publish waits for it.
+    assert!(storage.acquire_gc_lease("someone else").await.unwrap());
+    assert!(matches!(
+        gc::collect(
+            storage,
+            GcOptions {
+                grace: Duration::ZERO,
+                dry_run: false
+            }
+        )
+        .await,
+        Err(StorageError::GcRunning)
+    ));
+    let (late, late_chunks) = encoded(52);
+    upload_all(storage, &late_chunks).await;
+    let publishing = {
+        let (storage, repo) = (storage.clone(), repo.clone());
+        tokio::spawn(async move { storage.publish(&repo, &version("v2"), &late).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !publishing.is_finished(),
+        "publish waits while a collection runs"
+    );
+    storage.release_gc_lease().await.unwrap();
+    publishing.await.unwrap().unwrap();
+}
+
+async fn direct_uploads(storage: &Storage) {
+    let bytes = b"bytes sent straight to object storage".to_vec();
+    let digest = Digest::of(&bytes);
+    let UploadDestination::Presigned { url, id } =
+        storage.upload_destination(&digest).await.unwrap()
+    else {
+        panic!("S3 storage presigns uploads");
+    };
+    let http = reqwest::Client::new();
+    assert!(
+        http.put(url.clone())
+            .body(bytes.clone())
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .is_success()
+    );
+    assert!(
+        storage.blob_meta(&digest).await.unwrap().is_none(),
+        "not visible before the commit verifies it"
+    );
+    storage.commit_upload(&digest, &id, 1 << 20).await.unwrap();
+    assert_eq!(
+        storage
+            .get_blob(&digest, None)
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap(),
+        bytes
+    );
+    let download = storage.blob_download_url(&digest).await.unwrap().unwrap();
+    assert_eq!(
+        http.get(download)
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap(),
+        bytes
+    );
+
+    // Bytes that do not match the digest they were sent under never become the blob.
+    let claimed = Digest::of(b"what the client claimed");
+    let UploadDestination::Presigned { url, id } =
+        storage.upload_destination(&claimed).await.unwrap()
+    else {
+        unreachable!()
+    };
+    http.put(url)
+        .body(b"something else".to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert!(matches!(
+        storage.commit_upload(&claimed, &id, 1 << 20).await,
+        Err(StorageError::DigestMismatch { .. })
+    ));
+    assert!(storage.blob_meta(&claimed).await.unwrap().is_none());
+}
+
+async fn conformance(storage: Storage) {
+    blobs(&storage).await;
+    manifests(&storage).await;
+    publish(&storage).await;
+    concurrent_publishes(&storage).await;
+    tags(&storage).await;
+    listings_and_settings(&storage).await;
+    garbage_collection(&storage).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn memory() {
+    conformance(backend::open("memory://").unwrap()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn local_filesystem() {
+    let dir = tempfile::tempdir().unwrap();
+    conformance(backend::open(&format!("file://{}", dir.path().display())).unwrap()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn s3_compatible_server() {
+    let moto = Moto::start();
+    moto.create_bucket("cartridges");
+    // The AWS_* variables, as explicit settings (tests share one process environment).
+    let settings: Vec<(String, String)> = moto
+        .environment()
+        .into_iter()
+        .map(|(k, v)| (k.to_ascii_lowercase(), v))
+        .collect();
+    let options: Vec<(&str, &str)> = settings
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    let storage = backend::open_with("s3://cartridges/team-a", &options).unwrap();
+    direct_uploads(&storage).await;
+    conformance(storage).await;
+}

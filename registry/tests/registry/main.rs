@@ -1,0 +1,8 @@
+//! The registry's integration tests: the storage conformance suite against every backend (a real
+//! S3-compatible server included) and the HTTP API called in-process.
+
+mod api;
+mod conformance;
+#[path = "../../../tests/support/moto.rs"]
+mod moto;
+mod support;
