@@ -1,9 +1,11 @@
 //! `cartridge`: hold, check, combine, convert, push and pull cartridges.
 
 mod commands;
+mod config;
 mod model;
 mod output;
 mod paths;
+mod progress;
 
 use std::process::ExitCode;
 
@@ -27,16 +29,37 @@ enum Command {
     Compose(commands::compose::ComposeArgs),
     Import(commands::import::ImportArgs),
     Model(commands::model::ModelArgs),
+    Login(commands::login::LoginArgs),
+    Push(commands::push::PushArgs),
+    Pull(commands::pull::PullArgs),
+    Tag(commands::tag::TagArgs),
+    Ls(commands::ls::LsArgs),
+    Rm(commands::rm::RmArgs),
+    Namespace(commands::namespace::NamespaceArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Warnings (retries, resumed downloads) go to stderr; RUST_LOG turns up the detail.
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     let result = match cli.command {
         Command::Inspect(args) => commands::inspect::run(args),
         Command::Verify(args) => commands::verify::run(args),
         Command::Compose(args) => commands::compose::run(args),
         Command::Import(args) => commands::import::run(args),
         Command::Model(args) => commands::model::run(args),
+        Command::Login(args) => commands::login::run(args),
+        Command::Push(args) => commands::push::run(args),
+        Command::Pull(args) => commands::pull::run(args),
+        Command::Tag(args) => commands::tag::run(args),
+        Command::Ls(args) => commands::ls::run(args),
+        Command::Rm(args) => commands::rm::run(args),
+        Command::Namespace(args) => commands::namespace::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,29 +1,76 @@
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
-use cartridge_schemas::file::Cartridge;
+use anyhow::{Context, Result, bail};
+use cartridge_schemas::Reference;
+use cartridge_schemas::file::{Cartridge, Header};
 use clap::Args;
 use serde_json::json;
 
+use super::RegistryArgs;
 use crate::output::{Table, human_bytes};
 
-/// Show a cartridge file's model, tokens, layers, dtype, size and provenance.
+/// Show a cartridge's model, tokens, layers, dtype, size and provenance: a local file, or a
+/// reference in a registry (ns/name@version).
 #[derive(Debug, Args)]
 pub struct InspectArgs {
-    /// The cartridge file (.safetensors).
-    pub file: PathBuf,
+    /// A cartridge file (.safetensors) or a reference.
+    pub target: String,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub registry: RegistryArgs,
 }
 
 pub fn run(args: InspectArgs) -> Result<()> {
-    let cartridge =
-        Cartridge::open(&args.file).with_context(|| format!("{}", args.file.display()))?;
-    let header = cartridge.header();
+    let path = Path::new(&args.target);
+    if path.exists() {
+        return inspect_file(path, args.json);
+    }
+    let reference: Reference = match args.target.parse() {
+        Ok(reference) => reference,
+        Err(error) => bail!(
+            "{} is not a file, and not a reference: {error}",
+            args.target
+        ),
+    };
+    let client = args.registry.connect(reference.registry.as_ref())?;
+    let resolved =
+        super::runtime()?.block_on(client.resolve(&reference.repository, &reference.selector))?;
     if args.json {
+        println!("{}", serde_json::to_string_pretty(&resolved)?);
+        return Ok(());
+    }
+    let manifest = &resolved.manifest;
+    let mut table = Table::default();
+    table.row("reference", &resolved.reference);
+    table.row("manifest", resolved.digest);
+    table.row("created", &manifest.created);
+    let stored: u64 = manifest.blobs().iter().map(|b| b.size).sum();
+    describe(&mut table, &manifest.cartridge);
+    table.row(
+        "stored",
+        format!(
+            "{} in {} chunks ({:.2} of the payload)",
+            human_bytes(stored),
+            manifest.chunks.len(),
+            stored as f64 / manifest.cartridge.payload_bytes() as f64
+        ),
+    );
+    table.row(
+        "provenance",
+        serde_json::to_string_pretty(&manifest.cartridge.provenance)?,
+    );
+    print!("{table}");
+    Ok(())
+}
+
+fn inspect_file(path: &Path, json: bool) -> Result<()> {
+    let cartridge = Cartridge::open(path).with_context(|| format!("{}", path.display()))?;
+    let header = cartridge.header();
+    if json {
         let report = json!({
-            "file": args.file,
+            "file": PathBuf::from(path),
             "file_bytes": cartridge.file_bytes().len(),
             "payload_bytes": header.payload_bytes(),
             "layers": cartridge.layer_count(),
@@ -34,21 +81,8 @@ pub fn run(args: InspectArgs) -> Result<()> {
         return Ok(());
     }
     let mut table = Table::default();
-    table.row("file", args.file.display());
-    table.row("model", &header.model);
-    table.row("dtype", header.dtype);
-    table.row(
-        "tokens",
-        format!("{} ({} frozen)", header.tokens, header.frozen_tokens),
-    );
-    let [kv_heads, tokens, head_dim] = header.tensor_shape();
-    table.row(
-        "layers",
-        format!(
-            "{} × keys/values [{kv_heads}, {tokens}, {head_dim}]",
-            cartridge.layer_count()
-        ),
-    );
+    table.row("file", path.display());
+    describe(&mut table, header);
     table.row(
         "size",
         format!(
@@ -57,7 +91,6 @@ pub fn run(args: InspectArgs) -> Result<()> {
             human_bytes(header.payload_bytes())
         ),
     );
-    table.row("digest", header.payload_digest);
     if let Some(parts) = header
         .provenance
         .get("composed_of")
@@ -83,4 +116,23 @@ pub fn run(args: InspectArgs) -> Result<()> {
     );
     print!("{table}");
     Ok(())
+}
+
+/// The rows every cartridge has, wherever it lives.
+fn describe(table: &mut Table, header: &Header) {
+    table.row("model", &header.model);
+    table.row("dtype", header.dtype);
+    table.row(
+        "tokens",
+        format!("{} ({} frozen)", header.tokens, header.frozen_tokens),
+    );
+    let [kv_heads, tokens, head_dim] = header.tensor_shape();
+    table.row(
+        "layers",
+        format!(
+            "{} × keys/values [{kv_heads}, {tokens}, {head_dim}]",
+            header.model.layers
+        ),
+    );
+    table.row("digest", header.payload_digest);
 }

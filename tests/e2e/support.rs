@@ -80,3 +80,208 @@ pub fn smollm2_gguf() -> PathBuf {
         .expect("install prints the model's path");
     PathBuf::from(path)
 }
+
+/// The registry server binary, built beside `cartridge` (scripts/test builds every binary first).
+pub fn registry_binary() -> PathBuf {
+    let path = Path::new(env!("CARGO_BIN_EXE_cartridge")).with_file_name("cartridge-registry");
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --release --bins` first (scripts/test does)",
+        path.display()
+    );
+    path
+}
+
+/// A real `cartridge-registry serve` on a loopback port, killed when dropped.
+pub struct Registry {
+    child: std::process::Child,
+    pub url: String,
+    pub storage: String,
+    pub keys: PathBuf,
+    environment: Vec<(&'static str, String)>,
+}
+
+impl Registry {
+    /// Serves `file://<dir>/store` with keys in `<dir>/keys.json`.
+    pub fn start(dir: &Path) -> Self {
+        let storage = format!("file://{}", dir.join("store").display());
+        Self::start_with(dir, &storage, Vec::new())
+    }
+
+    /// Serves `storage` with extra environment (e.g. AWS_* settings for s3:// storage).
+    pub fn start_with(dir: &Path, storage: &str, environment: Vec<(&'static str, String)>) -> Self {
+        let keys = dir.join("keys.json");
+        let mut child = Command::new(registry_binary())
+            .args([
+                "serve",
+                "--storage",
+                storage,
+                "--listen",
+                "127.0.0.1:0",
+                "--keys",
+            ])
+            .arg(&keys)
+            .envs(environment.iter().map(|(k, v)| (*k, v.as_str())))
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .expect("cartridge-registry starts");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line)
+            .expect("the server prints its address");
+        let url = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .to_owned();
+        Self {
+            child,
+            url,
+            storage: storage.to_owned(),
+            keys,
+            environment,
+        }
+    }
+
+    /// Mints a token for these scopes with the server's keyring.
+    pub fn token(&self, scopes: &[&str]) -> String {
+        self.token_with(scopes, "1h")
+    }
+
+    pub fn token_with(&self, scopes: &[&str], ttl: &str) -> String {
+        let mut command = Command::new(registry_binary());
+        command
+            .args(["token", "create", "--keys"])
+            .arg(&self.keys)
+            .args(["--ttl", ttl]);
+        for scope in scopes {
+            command.args(["--scope", scope]);
+        }
+        let run = Run::from(command.output().expect("token create runs"));
+        run.ok().trim().to_owned()
+    }
+
+    /// Stops the server the hard way (SIGKILL), as a crash would.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts a new server on the same storage and keys (on a new port).
+    pub fn restart(&mut self, dir: &Path) {
+        self.kill();
+        *self = Self::start_with(dir, &self.storage.clone(), self.environment.clone());
+    }
+
+    /// Runs `cartridge` against this registry with `token`, its home in `dir`.
+    pub fn cartridge(&self, dir: &Path, token: &str, args: &[&str]) -> Run {
+        Run::from(
+            self.command(dir, token, args)
+                .output()
+                .expect("the cartridge binary runs"),
+        )
+    }
+
+    pub fn command(&self, dir: &Path, token: &str, args: &[&str]) -> Command {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_cartridge"));
+        command
+            .args(args)
+            .current_dir(dir)
+            .env("CARTRIDGE_HOME", dir.join("home"))
+            .env("CARTRIDGE_REGISTRY", &self.url)
+            .env("CARTRIDGE_TOKEN", token)
+            .envs(self.environment.iter().map(|(k, v)| (*k, v.as_str())));
+        command
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Writes a bf16 cartridge of pseudo-random bytes (blake3's output stream, seeded) with
+/// `layers` layers of `tokens` tokens, 2 kv heads of dim 64; `changed_layer`, if given, differs.
+pub fn random_cartridge(
+    path: &Path,
+    layers: u32,
+    tokens: u64,
+    seed: &str,
+    changed_layer: Option<u32>,
+) {
+    use cartridge_schemas::file::{LayerData, NewCartridge};
+    use cartridge_schemas::fingerprint::{ModelFingerprint, Rope, RopeLayout};
+    let model = ModelFingerprint {
+        architecture: "llama".into(),
+        layers,
+        kv_heads: 2,
+        head_dim: 64,
+        rope: Rope {
+            theta: 10000.0,
+            layout: RopeLayout::Half,
+            scaling: None,
+        },
+        weights: cartridge_schemas::Digest::of(b"e2e model"),
+    };
+    let tensor_bytes = (2 * tokens * 64 * 2) as usize;
+    let tensors: Vec<Vec<u8>> = (0..layers * 2)
+        .map(|index| {
+            let layer = index / 2;
+            let mut hasher = blake3::Hasher::new();
+            hasher.update(seed.as_bytes()).update(&index.to_le_bytes());
+            if changed_layer == Some(layer) {
+                hasher.update(b"changed");
+            }
+            let mut bytes = vec![0; tensor_bytes];
+            hasher.finalize_xof().fill(&mut bytes);
+            bytes
+        })
+        .collect();
+    let layer_data: Vec<LayerData<'_>> = tensors
+        .chunks(2)
+        .map(|p| LayerData {
+            keys: &p[0],
+            values: &p[1],
+        })
+        .collect();
+    let new = NewCartridge {
+        model,
+        dtype: cartridge_schemas::Dtype::Bf16,
+        tokens,
+        frozen_tokens: 1,
+        provenance: serde_json::json!({"seed": seed}),
+    };
+    cartridge_schemas::file::write(path, new, &layer_data).expect("writing a test cartridge");
+}
+
+/// One raw HTTP/1.1 request (no client library, so nothing normalizes the path); the status.
+pub fn raw_http(url: &str, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> u16 {
+    use std::io::{Read, Write};
+    let address = url.trim_start_matches("http://");
+    let mut stream =
+        std::net::TcpStream::connect(address).expect("the registry accepts connections");
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .unwrap();
+    let mut request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str("\r\n");
+    stream.write_all(request.as_bytes()).unwrap();
+    // The server may answer (e.g. 413) before reading the whole body.
+    let _ = stream.write_all(body);
+    let mut response = Vec::new();
+    let _ = stream.read_to_end(&mut response);
+    let text = String::from_utf8_lossy(&response);
+    text.split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no HTTP status in {text:.200}"))
+}

@@ -1,0 +1,257 @@
+//! The registry's HTTP API, one method per endpoint.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use cartridge_schemas::Digest;
+use cartridge_schemas::api::{
+    ErrorBody, MissingBlobsRequest, MissingBlobsResponse, NameList, NamespaceList,
+    NamespaceSettings, Published, RepositoryListing, Resolved, TagEntry, TagUpdate, UploadRequest,
+    UploadResponse, UploadTarget,
+};
+use cartridge_schemas::manifest::{BlobInfo, Manifest};
+use cartridge_schemas::reference::{Namespace, Repository, Selector, Tag, Version};
+use reqwest::{Method, RequestBuilder, Response};
+use serde::de::DeserializeOwned;
+use url::Url;
+
+use crate::ClientError;
+
+#[derive(Debug, Clone)]
+pub struct Client {
+    http: reqwest::Client,
+    base: Url,
+    token: Option<String>,
+}
+
+impl Client {
+    /// A client of the registry at `base` (e.g. `http://127.0.0.1:7070`), with an optional token.
+    pub fn new(base: &str, token: Option<String>) -> Result<Self, ClientError> {
+        let base = Url::parse(base)
+            .map_err(|e| ClientError::Usage(format!("registry URL {base:?}: {e}")))?;
+        if !matches!(base.scheme(), "http" | "https") {
+            return Err(ClientError::Usage(format!(
+                "registry URL {base} must be http:// or https://"
+            )));
+        }
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .user_agent(concat!("cartridge/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        Ok(Self { http, base, token })
+    }
+
+    pub fn base(&self) -> &Url {
+        &self.base
+    }
+
+    fn url(&self, path: &str) -> Result<Url, ClientError> {
+        self.base
+            .join(path)
+            .map_err(|e| ClientError::Usage(format!("{path}: {e}")))
+    }
+
+    /// A request to the registry itself, carrying the token.
+    fn request(&self, method: Method, path: &str) -> Result<RequestBuilder, ClientError> {
+        let mut builder = self.http.request(method, self.url(path)?);
+        if let Some(token) = &self.token {
+            builder = builder.bearer_auth(token);
+        }
+        Ok(builder)
+    }
+
+    /// Sends a request; API errors become [`ClientError::Api`].
+    async fn send(&self, builder: RequestBuilder) -> Result<Response, ClientError> {
+        let response = builder.send().await.map_err(|source| {
+            if source.is_connect() {
+                ClientError::Connect {
+                    url: self.base.to_string(),
+                    source,
+                }
+            } else {
+                ClientError::Http(source)
+            }
+        })?;
+        check(response).await
+    }
+
+    async fn json<T: DeserializeOwned>(&self, builder: RequestBuilder) -> Result<T, ClientError> {
+        Ok(self.send(builder).await?.json().await?)
+    }
+
+    pub async fn health(&self) -> Result<serde_json::Value, ClientError> {
+        self.json(self.request(Method::GET, "/v1/health")?).await
+    }
+
+    pub async fn namespaces(&self) -> Result<NamespaceList, ClientError> {
+        self.json(self.request(Method::GET, "/v1/namespaces")?)
+            .await
+    }
+
+    pub async fn names(&self, namespace: &Namespace) -> Result<NameList, ClientError> {
+        self.json(self.request(Method::GET, &format!("/v1/repos/{namespace}"))?)
+            .await
+    }
+
+    pub async fn listing(&self, repo: &Repository) -> Result<RepositoryListing, ClientError> {
+        self.json(self.request(Method::GET, &format!("/v1/repos/{repo}"))?)
+            .await
+    }
+
+    pub async fn resolve(
+        &self,
+        repo: &Repository,
+        selector: &Selector,
+    ) -> Result<Resolved, ClientError> {
+        let resolved: Resolved = self
+            .json(self.request(Method::GET, &format!("/v1/repos/{repo}/resolve/{selector}"))?)
+            .await?;
+        // Never trust a manifest because of where it came from: it must hash to its name.
+        let actual = resolved.manifest.digest();
+        if actual != resolved.digest {
+            return Err(ClientError::Manifest(format!(
+                "{} claims digest {} but hashes to {actual}",
+                resolved.reference, resolved.digest
+            )));
+        }
+        resolved
+            .manifest
+            .validate()
+            .map_err(|e| ClientError::Manifest(e.to_string()))?;
+        Ok(resolved)
+    }
+
+    pub async fn missing(
+        &self,
+        repo: &Repository,
+        digests: Vec<Digest>,
+    ) -> Result<Vec<Digest>, ClientError> {
+        let builder = self
+            .request(Method::POST, &format!("/v1/repos/{repo}/blobs/missing"))?
+            .json(&MissingBlobsRequest { digests });
+        Ok(self.json::<MissingBlobsResponse>(builder).await?.missing)
+    }
+
+    pub async fn upload_targets(
+        &self,
+        repo: &Repository,
+        blobs: Vec<BlobInfo>,
+    ) -> Result<Vec<UploadTarget>, ClientError> {
+        let builder = self
+            .request(Method::POST, &format!("/v1/repos/{repo}/blobs/uploads"))?
+            .json(&UploadRequest { blobs });
+        Ok(self.json::<UploadResponse>(builder).await?.uploads)
+    }
+
+    /// Sends one blob where the registry said to, and commits it if it went around the registry.
+    pub async fn upload(&self, target: &UploadTarget, bytes: Bytes) -> Result<(), ClientError> {
+        let builder = if target.url.starts_with('/') {
+            self.request(Method::PUT, &target.url)?
+        } else {
+            // A presigned URL carries its own authorization; ours must not go to another host.
+            let url = Url::parse(&target.url)
+                .map_err(|e| ClientError::Usage(format!("upload URL: {e}")))?;
+            self.http.put(url)
+        };
+        self.send(builder.body(bytes)).await?;
+        if let Some(commit) = &target.commit_url {
+            self.send(self.request(Method::POST, commit)?).await?;
+        }
+        Ok(())
+    }
+
+    pub async fn publish(
+        &self,
+        repo: &Repository,
+        version: &Version,
+        manifest: &Manifest,
+    ) -> Result<Published, ClientError> {
+        let builder = self
+            .request(Method::PUT, &format!("/v1/repos/{repo}/versions/{version}"))?
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(manifest.to_canonical_json());
+        self.json(builder).await
+    }
+
+    pub async fn delete_version(
+        &self,
+        repo: &Repository,
+        version: &Version,
+    ) -> Result<(), ClientError> {
+        self.send(self.request(
+            Method::DELETE,
+            &format!("/v1/repos/{repo}/versions/{version}"),
+        )?)
+        .await
+        .map(drop)
+    }
+
+    pub async fn move_tag(
+        &self,
+        repo: &Repository,
+        tag: &Tag,
+        update: &TagUpdate,
+    ) -> Result<TagEntry, ClientError> {
+        self.json(
+            self.request(Method::PUT, &format!("/v1/repos/{repo}/tags/{tag}"))?
+                .json(update),
+        )
+        .await
+    }
+
+    pub async fn delete_tag(&self, repo: &Repository, tag: &Tag) -> Result<(), ClientError> {
+        self.send(self.request(Method::DELETE, &format!("/v1/repos/{repo}/tags/{tag}"))?)
+            .await
+            .map(drop)
+    }
+
+    pub async fn set_namespace_settings(
+        &self,
+        namespace: &Namespace,
+        settings: &NamespaceSettings,
+    ) -> Result<NamespaceSettings, ClientError> {
+        self.json(
+            self.request(Method::PUT, &format!("/v1/namespaces/{namespace}/settings"))?
+                .json(settings),
+        )
+        .await
+    }
+
+    /// Starts downloading a blob from byte `offset` on; the response may be a redirect's target.
+    pub async fn blob(
+        &self,
+        repo: &Repository,
+        digest: &Digest,
+        offset: u64,
+    ) -> Result<Response, ClientError> {
+        let mut builder = self.request(
+            Method::GET,
+            &format!("/v1/repos/{repo}/blobs/{}", digest.hex()),
+        )?;
+        if offset > 0 {
+            builder = builder.header(reqwest::header::RANGE, format!("bytes={offset}-"));
+        }
+        self.send(builder).await
+    }
+}
+
+async fn check(response: Response) -> Result<Response, ClientError> {
+    let status = response.status();
+    if status.is_success() {
+        return Ok(response);
+    }
+    let url = response.url().to_string();
+    let text = response.text().await.unwrap_or_default();
+    match serde_json::from_str::<ErrorBody>(&text) {
+        Ok(body) => Err(ClientError::Api {
+            status: status.as_u16(),
+            code: body.code,
+            message: body.message,
+        }),
+        Err(_) => Err(ClientError::Unexpected {
+            status: status.as_u16(),
+            url,
+            body: text.chars().take(300).collect(),
+        }),
+    }
+}

@@ -1,0 +1,69 @@
+use std::path::PathBuf;
+
+use cartridge_codec::CodecError;
+use cartridge_schemas::api::ErrorCode;
+use cartridge_schemas::file::FormatError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The registry answered with an error body.
+    #[error("{message} (HTTP {status})")]
+    Api {
+        status: u16,
+        code: ErrorCode,
+        message: String,
+    },
+    /// The registry answered with something that is not the API's.
+    #[error("unexpected HTTP {status} from {url}: {body}")]
+    Unexpected {
+        status: u16,
+        url: String,
+        body: String,
+    },
+    #[error("cannot reach the registry at {url}: {source}")]
+    Connect { url: String, source: reqwest::Error },
+    #[error("{0}")]
+    Http(#[from] reqwest::Error),
+    #[error("no data for {seconds} s while downloading blob {digest}")]
+    Stalled {
+        digest: cartridge_schemas::Digest,
+        seconds: u64,
+    },
+    #[error(transparent)]
+    Codec(#[from] CodecError),
+    #[error(transparent)]
+    Format(#[from] FormatError),
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid manifest from the registry: {0}")]
+    Manifest(String),
+    #[error("{0}")]
+    Usage(String),
+}
+
+impl ClientError {
+    pub fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Self {
+        let path = path.into();
+        move |source| Self::Io { path, source }
+    }
+
+    /// The API error code, if the registry sent one.
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            Self::Api { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+
+    /// Worth retrying: the network or the registry's storage failed, not the request.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::Api { status, .. } | Self::Unexpected { status, .. } => *status >= 500,
+            Self::Connect { .. } | Self::Http(_) | Self::Stalled { .. } => true,
+            _ => false,
+        }
+    }
+}

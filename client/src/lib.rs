@@ -1,0 +1,33 @@
+//! Client of the cartridge registry: the HTTP API, and push and pull built on it with parallel,
+//! resumable, retried and verified transfers into a local content-addressed cache.
+
+mod api;
+mod cache;
+mod error;
+mod pull;
+mod push;
+mod rate;
+
+pub use api::Client;
+pub use cache::Cache;
+pub use error::ClientError;
+pub use pull::{PullOptions, PullReport, pull};
+pub use push::{PushOptions, PushReport, push};
+pub use rate::RateLimit;
+
+/// Receives transfer progress (the CLI draws a progress bar with it).
+pub trait Progress: Send + Sync {
+    /// A transfer of `total` bytes begins (`already` of them are on hand, e.g. resumed).
+    fn begin(&self, total: u64, already: u64);
+    fn advance(&self, bytes: u64);
+    fn end(&self);
+}
+
+/// Progress nobody watches.
+pub struct NoProgress;
+
+impl Progress for NoProgress {
+    fn begin(&self, _: u64, _: u64) {}
+    fn advance(&self, _: u64) {}
+    fn end(&self) {}
+}

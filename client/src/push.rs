@@ -1,0 +1,181 @@
+//! Push: chunk and compress a cartridge, upload only the blobs the registry lacks (several at
+//! once, retried), publish the version, then move tags.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use backon::{ExponentialBuilder, Retryable};
+use bytes::Bytes;
+use cartridge_codec::{EncodeOptions, EncodedChunk, encode_cartridge};
+use cartridge_schemas::Digest;
+use cartridge_schemas::api::{ErrorCode, TagUpdate};
+use cartridge_schemas::file::Cartridge;
+use cartridge_schemas::manifest::{MANIFEST_SCHEMA_VERSION, Manifest};
+use cartridge_schemas::reference::{Repository, Tag, Version};
+use futures::{StreamExt, TryStreamExt};
+use serde::Serialize;
+
+use crate::{Client, ClientError, Progress, RateLimit};
+
+#[derive(Debug, Clone)]
+pub struct PushOptions {
+    pub encode: EncodeOptions,
+    /// Blobs uploaded at once.
+    pub jobs: usize,
+    /// Tags to point at the new version once it is published.
+    pub tags: Vec<Tag>,
+    pub rate: Option<Arc<RateLimit>>,
+}
+
+impl Default for PushOptions {
+    fn default() -> Self {
+        Self {
+            encode: EncodeOptions::default(),
+            jobs: 8,
+            tags: vec![Tag::latest()],
+            rate: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PushReport {
+    pub reference: String,
+    pub digest: Digest,
+    pub chunks: usize,
+    pub uploaded_blobs: usize,
+    pub uploaded_bytes: u64,
+    /// Blobs the registry already held (shared with other versions).
+    pub reused_blobs: usize,
+    pub payload_bytes: u64,
+    pub stored_bytes: u64,
+    pub tags: Vec<String>,
+}
+
+/// Retry policy for one transfer or call: a few tries with growing pauses.
+pub(crate) fn backoff() -> ExponentialBuilder {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(200))
+        .with_max_delay(Duration::from_secs(10))
+        .with_max_times(6)
+}
+
+pub async fn push(
+    client: &Client,
+    repo: &Repository,
+    version: &Version,
+    file: &Path,
+    options: &PushOptions,
+    progress: &dyn Progress,
+) -> Result<PushReport, ClientError> {
+    let path = file.to_owned();
+    let encode = options.encode;
+    // Opening validates the whole file (its digest included) before anything is sent.
+    let (cartridge, chunks) = tokio::task::spawn_blocking(move || -> Result<_, ClientError> {
+        let cartridge = Cartridge::open(&path)?;
+        let chunks = encode_cartridge(&cartridge, &encode)?;
+        Ok((cartridge, chunks))
+    })
+    .await
+    .map_err(|e| ClientError::Usage(format!("encoding failed: {e}")))??;
+    let manifest = Manifest {
+        schema_version: MANIFEST_SCHEMA_VERSION,
+        cartridge: cartridge.header().clone(),
+        file_header: cartridge.file_header().to_owned(),
+        chunks: chunks.iter().map(|c| c.descriptor.clone()).collect(),
+        created: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+        annotations: Default::default(),
+    };
+    manifest
+        .validate()
+        .map_err(|e| ClientError::Manifest(e.to_string()))?;
+
+    let mut uploaded = (0, 0);
+    let mut published = None;
+    // A publish can find blobs missing that were present when we asked (garbage collection
+    // removed old unreferenced ones in between): upload those and publish again.
+    for _ in 0..3 {
+        let (blobs, bytes) = upload_missing(client, repo, &chunks, options, progress).await?;
+        uploaded = (uploaded.0 + blobs, uploaded.1 + bytes);
+        match client.publish(repo, version, &manifest).await {
+            Ok(result) => {
+                published = Some(result);
+                break;
+            }
+            Err(error) if error.code() == Some(ErrorCode::MissingBlobs) => continue,
+            Err(error) => return Err(error),
+        }
+    }
+    let published = published.ok_or_else(|| {
+        ClientError::Usage("blobs kept disappearing before the publish; retry".into())
+    })?;
+
+    for tag in &options.tags {
+        let update = TagUpdate {
+            manifest: published.digest,
+            if_matches: None,
+            if_absent: false,
+        };
+        client.move_tag(repo, tag, &update).await?;
+    }
+    let unique = manifest.blobs().len();
+    Ok(PushReport {
+        reference: published.reference,
+        digest: published.digest,
+        chunks: chunks.len(),
+        uploaded_blobs: uploaded.0,
+        uploaded_bytes: uploaded.1,
+        reused_blobs: unique.saturating_sub(uploaded.0),
+        payload_bytes: manifest.cartridge.payload_bytes(),
+        stored_bytes: chunks.iter().map(|c| c.bytes.len() as u64).sum(),
+        tags: options.tags.iter().map(|t| format!("{repo}@{t}")).collect(),
+    })
+}
+
+/// Uploads the chunks the registry lacks; returns how many blobs and bytes went up.
+async fn upload_missing(
+    client: &Client,
+    repo: &Repository,
+    chunks: &[EncodedChunk],
+    options: &PushOptions,
+    progress: &dyn Progress,
+) -> Result<(usize, u64), ClientError> {
+    let digests: Vec<Digest> = chunks.iter().map(|c| c.descriptor.stored.digest).collect();
+    let missing = client.missing(repo, digests).await?;
+    let to_send: Vec<&EncodedChunk> = missing
+        .iter()
+        .filter_map(|digest| {
+            chunks
+                .iter()
+                .find(|c| c.descriptor.stored.digest == *digest)
+        })
+        .collect();
+    if to_send.is_empty() {
+        return Ok((0, 0));
+    }
+    let targets = client
+        .upload_targets(repo, to_send.iter().map(|c| c.descriptor.stored).collect())
+        .await?;
+    let total: u64 = to_send.iter().map(|c| c.bytes.len() as u64).sum();
+    progress.begin(total, 0);
+    futures::stream::iter(to_send.iter().zip(targets))
+        .map(|(chunk, target)| async move {
+            let bytes = Bytes::from(chunk.bytes.clone());
+            if let Some(rate) = &options.rate {
+                rate.consume(bytes.len() as u64).await;
+            }
+            (|| client.upload(&target, bytes.clone()))
+                .retry(backoff())
+                .when(ClientError::is_transient)
+                .notify(|error, pause| tracing::warn!(%error, ?pause, digest = %target.digest, "upload failed; retrying"))
+                .await?;
+            progress.advance(bytes.len() as u64);
+            Ok::<_, ClientError>(())
+        })
+        .buffer_unordered(options.jobs.max(1))
+        .try_collect::<Vec<()>>()
+        .await?;
+    progress.end();
+    Ok((to_send.len(), total))
+}

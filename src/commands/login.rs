@@ -1,0 +1,54 @@
+use std::io::{BufRead, IsTerminal};
+
+use anyhow::{Context, Result, bail};
+use cartridge_client::Client;
+use clap::Args;
+
+use crate::config::{Config, RegistryConfig, normalize};
+use crate::paths::Paths;
+
+/// Save a token for a registry and make it the default. The token is read from
+/// `CARTRIDGE_TOKEN` or standard input (one line), and checked against the registry first.
+#[derive(Debug, Args)]
+pub struct LoginArgs {
+    /// The registry's URL, e.g. http://127.0.0.1:7070.
+    pub url: String,
+}
+
+pub fn run(args: LoginArgs) -> Result<()> {
+    let url = normalize(&args.url);
+    let token = match std::env::var("CARTRIDGE_TOKEN") {
+        Ok(token) if !token.is_empty() => token,
+        _ => {
+            if std::io::stdin().is_terminal() {
+                eprintln!("paste the token and press enter:");
+            }
+            let mut line = String::new();
+            std::io::stdin()
+                .lock()
+                .read_line(&mut line)
+                .context("reading the token from standard input")?;
+            line.trim().to_owned()
+        }
+    };
+    if token.is_empty() {
+        bail!("no token: pipe one to standard input or set CARTRIDGE_TOKEN");
+    }
+    let client = Client::new(&url, Some(token.clone()))?;
+    // Any authenticated call proves the token; listing namespaces needs no particular scope.
+    let namespaces = super::runtime()?
+        .block_on(client.namespaces())
+        .with_context(|| format!("checking the token with {url}"))?;
+    let paths = Paths::from_env()?;
+    let mut config = Config::load(&paths)?;
+    config
+        .registries
+        .insert(url.clone(), RegistryConfig { token: Some(token) });
+    config.default_registry = Some(url.clone());
+    config.save(&paths)?;
+    println!(
+        "logged in to {url} ({} namespaces visible); it is now the default registry",
+        namespaces.namespaces.len()
+    );
+    Ok(())
+}

@@ -1,0 +1,63 @@
+use anyhow::Result;
+use cartridge_schemas::reference::{Namespace, Repository};
+use clap::Args;
+
+use super::RegistryArgs;
+
+/// List namespaces, the cartridges of a namespace (NS), or the versions and tags of one (NS/NAME).
+#[derive(Debug, Args)]
+pub struct LsArgs {
+    /// Nothing, a namespace, or namespace/name.
+    pub what: Option<String>,
+    #[command(flatten)]
+    pub registry: RegistryArgs,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(args: LsArgs) -> Result<()> {
+    let client = args.registry.connect(None)?;
+    let runtime = super::runtime()?;
+    let print = |value: serde_json::Value, lines: Vec<String>| -> Result<()> {
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&value)?);
+        } else {
+            lines.iter().for_each(|line| println!("{line}"));
+        }
+        Ok(())
+    };
+    match args.what.as_deref() {
+        None => {
+            let list = runtime.block_on(client.namespaces())?;
+            let lines = list.namespaces.iter().map(ToString::to_string).collect();
+            print(serde_json::to_value(&list)?, lines)
+        }
+        Some(what) if what.contains('/') => {
+            let repo: Repository = what.parse()?;
+            let listing = runtime.block_on(client.listing(&repo))?;
+            let mut lines: Vec<String> = listing
+                .versions
+                .iter()
+                .map(|v| format!("{repo}@{}  {}", v.version, v.manifest))
+                .collect();
+            lines.extend(listing.tags.iter().map(|t| {
+                format!(
+                    "{repo}@{}  {}  (tag, generation {})",
+                    t.tag, t.manifest, t.generation
+                )
+            }));
+            print(serde_json::to_value(&listing)?, lines)
+        }
+        Some(namespace) => {
+            let namespace: Namespace = namespace.parse()?;
+            let list = runtime.block_on(client.names(&namespace))?;
+            let lines = list
+                .names
+                .iter()
+                .map(|name| format!("{namespace}/{name}"))
+                .collect();
+            print(serde_json::to_value(&list)?, lines)
+        }
+    }
+}

@@ -1,0 +1,46 @@
+//! Progress bars for transfers (drawn only on a terminal).
+
+use cartridge_client::Progress;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+pub struct Bar {
+    bar: ProgressBar,
+}
+
+impl Bar {
+    /// A bar labelled `message`; hidden when `hidden` (e.g. for `--json`).
+    pub fn new(message: &str, hidden: bool) -> Self {
+        let bar = ProgressBar::with_draw_target(
+            None,
+            if hidden {
+                ProgressDrawTarget::hidden()
+            } else {
+                ProgressDrawTarget::stderr()
+            },
+        );
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+        );
+        bar.set_message(message.to_owned());
+        Self { bar }
+    }
+}
+
+impl Progress for Bar {
+    fn begin(&self, total: u64, already: u64) {
+        self.bar.set_length(total);
+        self.bar.set_position(already);
+    }
+
+    fn advance(&self, bytes: u64) {
+        self.bar.inc(bytes);
+    }
+
+    fn end(&self) {
+        self.bar.finish_and_clear();
+    }
+}

@@ -1,0 +1,669 @@
+//! The real `cartridge-registry` and `cartridge` binaries against each other on loopback.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::moto::Moto;
+use crate::support::{Registry, random_cartridge, raw_http};
+
+fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while !done() {
+        assert!(started.elapsed() < limit, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn dir_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir).map_or(0, |entries| {
+        entries
+            .flatten()
+            .filter_map(|e| e.metadata().ok())
+            .map(|m| m.len())
+            .sum()
+    })
+}
+
+/// Files in a directory, not counting the staging files (`name#n`) the local store writes first.
+fn files_in(dir: &Path) -> usize {
+    std::fs::read_dir(dir).map_or(0, |entries| {
+        entries
+            .flatten()
+            .filter(|e| !e.file_name().to_string_lossy().contains('#'))
+            .count()
+    })
+}
+
+#[test]
+fn push_then_pull_is_byte_identical_and_cached() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Registry::start(dir.path());
+    let token = registry.token(&["legal/*:push"]);
+    random_cartridge(&dir.path().join("a.safetensors"), 8, 64, "a", None);
+
+    let report: Value = registry
+        .cartridge(
+            dir.path(),
+            &token,
+            &[
+                "push",
+                "legal/contracts@v3",
+                "a.safetensors",
+                "--chunk-size",
+                "64KiB",
+                "--json",
+            ],
+        )
+        .json();
+    assert_eq!(report["reference"], "legal/contracts@v3");
+    assert_eq!(report["chunks"], 4);
+    assert_eq!(report["uploaded_blobs"], 4);
+
+    let path = registry
+        .cartridge(
+            dir.path(),
+            &token,
+            &["pull", "legal/contracts@v3", "-o", "b.safetensors"],
+        )
+        .ok();
+    assert_eq!(path.trim(), "b.safetensors");
+    assert_eq!(
+        std::fs::read(dir.path().join("a.safetensors")).unwrap(),
+        std::fs::read(dir.path().join("b.safetensors")).unwrap()
+    );
+    // `latest` followed the push; a second pull comes from the local cache.
+    let again: Value = registry
+        .cartridge(dir.path(), &token, &["pull", "legal/contracts", "--json"])
+        .json();
+    assert_eq!(again["downloaded_bytes"], 0);
+    assert_eq!(again["digest"], report["digest"]);
+    let cached = again["path"].as_str().unwrap();
+    assert_eq!(
+        std::fs::read(cached).unwrap(),
+        std::fs::read(dir.path().join("a.safetensors")).unwrap()
+    );
+
+    let remote: Value = registry
+        .cartridge(
+            dir.path(),
+            &token,
+            &["inspect", "legal/contracts@v3", "--json"],
+        )
+        .json();
+    assert_eq!(remote["manifest"]["cartridge"]["tokens"], 64);
+    let listing = registry
+        .cartridge(dir.path(), &token, &["ls", "legal/contracts"])
+        .ok();
+    assert!(
+        listing.contains("legal/contracts@v3") && listing.contains("legal/contracts@latest"),
+        "{listing}"
+    );
+}
+
+#[test]
+fn a_published_version_never_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Registry::start(dir.path());
+    let token = registry.token(&["*:admin"]);
+    random_cartridge(&dir.path().join("first.safetensors"), 4, 32, "first", None);
+    random_cartridge(
+        &dir.path().join("second.safetensors"),
+        4,
+        32,
+        "second",
+        None,
+    );
+    registry
+        .cartridge(
+            dir.path(),
+            &token,
+            &["push", "legal/x@v1", "first.safetensors"],
+        )
+        .ok();
+    let err = registry
+        .cartridge(
+            dir.path(),
+            &token,
+            &["push", "legal/x@v1", "second.safetensors"],
+        )
+        .fails();
+    assert!(
+        err.contains("legal/x@v1 already exists") && err.contains("HTTP 409"),
+        "{err}"
+    );
+    registry
+        .cartridge(
+            dir.path(),
+            &token,
+            &["pull", "legal/x@v1", "-o", "check.safetensors"],
+        )
+        .ok();
+    assert_eq!(
+        std::fs::read(dir.path().join("check.safetensors")).unwrap(),
+        std::fs::read(dir.path().join("first.safetensors")).unwrap()
+    );
+}
+
+#[test]
+fn twenty_concurrent_publishes_of_one_version_have_one_winner() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Registry::start(dir.path());
+    let token = registry.token(&["race/*:push"]);
+    let children: Vec<_> = (0..20)
+        .map(|i| {
+            let name = format!("c{i}.safetensors");
+            random_cartridge(&dir.path().join(&name), 2, 16, &name, None);
+            registry
+                .command(
+                    dir.path(),
+                    &token,
+                    &["push", "race/one@v1", &name, "--no-latest"],
+                )
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let mut winners = Vec::new();
+    for (i, child) in children.into_iter().enumerate() {
+        let output = child.wait_with_output().unwrap();
+        if output.status.success() {
+            winners.push(i);
+        } else {
+            let err = String::from_utf8_lossy(&output.stderr);
+            assert!(err.contains("already exists"), "{err}");
+        }
+    }
+    assert_eq!(winners.len(), 1, "winners: {winners:?}");
+    registry
+        .cartridge(
+            dir.path(),
+            &token,
+            &["pull", "race/one@v1", "-o", "won.safetensors"],
+        )
+        .ok();
+    let winner = format!("c{}.safetensors", winners[0]);
+    assert_eq!(
+        std::fs::read(dir.path().join("won.safetensors")).unwrap(),
+        std::fs::read(dir.path().join(winner)).unwrap()
+    );
+}
+
+#[test]
+fn a_new_version_uploads_only_its_new_chunks() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Registry::start(dir.path());
+    let token = registry.token(&["legal/*:push"]);
+    random_cartridge(&dir.path().join("v3.safetensors"), 8, 64, "base", None);
+    random_cartridge(&dir.path().join("v4.safetensors"), 8, 64, "base", Some(7));
+    let first: Value = registry
+        .cartridge(
+            dir.path(),
+            &token,
+            &[
+                "push",
+                "legal/c@v3",
+                "v3.safetensors",
+                "--chunk-size",
+                "64KiB",
+                "--json",
+            ],
+        )
+        .json();
+    assert_eq!(first["uploaded_blobs"], 4);
+    let second: Value = registry
+        .cartridge(
+            dir.path(),
+            &token,
+            &[
+                "push",
+                "legal/c@v4",
+                "v4.safetensors",
+                "--chunk-size",
+                "64KiB",
+                "--json",
+            ],
+        )
+        .json();
+    assert_eq!(
+        second["uploaded_blobs"], 1,
+        "only the chunk holding layer 7 is new: {second}"
+    );
+    assert_eq!(second["reused_blobs"], 3);
+    registry
+        .cartridge(
+            dir.path(),
+            &token,
+            &["pull", "legal/c@v4", "-o", "got.safetensors"],
+        )
+        .ok();
+    assert_eq!(
+        std::fs::read(dir.path().join("got.safetensors")).unwrap(),
+        std::fs::read(dir.path().join("v4.safetensors")).unwrap()
+    );
+}
+
+#[test]
+fn a_server_killed_mid_push_leaves_nothing_partial_and_the_retry_succeeds() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut registry = Registry::start(dir.path());
+    let token = registry.token(&["legal/*:push"]);
+    random_cartridge(&dir.path().join("big.safetensors"), 16, 2048, "big", None);
+    let mut push = registry
+        .command(
+            dir.path(),
+            &token,
+            &[
+                "push",
+                "legal/big@v1",
+                "big.safetensors",
+                "--chunk-size",
+                "1MiB",
+                "--limit-rate",
+                "4MiB",
+                "--jobs",
+                "2",
+            ],
+        )
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let blobs = dir.path().join("store/blobs");
+    wait_until("the first blobs to land", Duration::from_secs(60), || {
+        files_in(&blobs) >= 2
+    });
+    registry.kill();
+    let _ = push.kill();
+    let _ = push.wait();
+    let landed = files_in(&blobs);
+    assert!(
+        landed < 16,
+        "the push was interrupted part way ({landed} of 16 blobs)"
+    );
+
+    registry.restart(dir.path());
+    let err = registry
+        .cartridge(dir.path(), &token, &["pull", "legal/big@v1"])
+        .fails();
+    assert!(
+        err.contains("not found"),
+        "nothing of the interrupted push is visible: {err}"
+    );
+    assert!(!dir.path().join("store/repos/legal/big").exists());
+
+    let retry: Value = registry
+        .cartridge(
+            dir.path(),
+            &token,
+            &[
+                "push",
+                "legal/big@v1",
+                "big.safetensors",
+                "--chunk-size",
+                "1MiB",
+                "--json",
+            ],
+        )
+        .json();
+    assert_eq!(
+        retry["reused_blobs"].as_u64().unwrap() as usize,
+        landed,
+        "the retry uploads only what is missing"
+    );
+    registry
+        .cartridge(
+            dir.path(),
+            &token,
+            &["pull", "legal/big@v1", "-o", "back.safetensors"],
+        )
+        .ok();
+    assert_eq!(
+        std::fs::read(dir.path().join("back.safetensors")).unwrap(),
+        std::fs::read(dir.path().join("big.safetensors")).unwrap()
+    );
+}
+
+#[test]
+fn a_killed_pull_resumes_where_it_stopped() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Registry::start(dir.path());
+    let token = registry.token(&["legal/*:push"]);
+    random_cartridge(&dir.path().join("big.safetensors"), 4, 4096, "resume", None);
+    registry
+        .cartridge(
+            dir.path(),
+            &token,
+            &[
+                "push",
+                "legal/big@v1",
+                "big.safetensors",
+                "--chunk-size",
+                "8MiB",
+            ],
+        )
+        .ok();
+
+    let mut pull = registry
+        .command(
+            dir.path(),
+            &token,
+            &[
+                "pull",
+                "legal/big@v1",
+                "--limit-rate",
+                "2MiB",
+                "--jobs",
+                "1",
+            ],
+        )
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let partial = dir.path().join("home/cache/partial");
+    wait_until(
+        "part of the blob to arrive",
+        Duration::from_secs(60),
+        || dir_bytes(&partial) > 1 << 20,
+    );
+    pull.kill().unwrap();
+    pull.wait().unwrap();
+    let kept = dir_bytes(&partial);
+
+    let report: Value = registry
+        .cartridge(
+            dir.path(),
+            &token,
+            &["pull", "legal/big@v1", "--json", "-o", "back.safetensors"],
+        )
+        .json();
+    let resumed = report["resumed_bytes"].as_u64().unwrap();
+    assert!(
+        resumed >= 1 << 20 && resumed <= kept,
+        "resumed {resumed} of the {kept} bytes kept"
+    );
+    assert_eq!(
+        std::fs::read(dir.path().join("back.safetensors")).unwrap(),
+        std::fs::read(dir.path().join("big.safetensors")).unwrap()
+    );
+    assert_eq!(files_in(&partial), 0);
+}
+
+#[test]
+fn a_flipped_byte_in_a_stored_blob_is_caught_on_pull() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Registry::start(dir.path());
+    let token = registry.token(&["legal/*:push"]);
+    random_cartridge(&dir.path().join("a.safetensors"), 4, 64, "flip", None);
+    registry
+        .cartridge(dir.path(), &token, &["push", "legal/a@v1", "a.safetensors"])
+        .ok();
+    let blobs = dir.path().join("store/blobs");
+    let blob = std::fs::read_dir(&blobs)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let mut bytes = std::fs::read(&blob).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x01;
+    std::fs::write(&blob, bytes).unwrap();
+    let digest = blob.file_name().unwrap().to_str().unwrap();
+    let err = registry
+        .cartridge(dir.path(), &token, &["pull", "legal/a@v1"])
+        .fails();
+    assert!(
+        err.contains(&format!("blob blake3:{digest} is corrupt")),
+        "{err}"
+    );
+    assert!(
+        !dir.path().join("home/cache/blobs").join(digest).exists(),
+        "nothing corrupt is cached"
+    );
+}
+
+#[test]
+fn garbage_collection_during_a_push_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Registry::start(dir.path());
+    let token = registry.token(&["legal/*:push"]);
+    // Garbage from an abandoned push, which collection should remove.
+    random_cartridge(&dir.path().join("kept.safetensors"), 8, 1024, "kept", None);
+    let mut push = registry
+        .command(
+            dir.path(),
+            &token,
+            &[
+                "push",
+                "legal/kept@v1",
+                "kept.safetensors",
+                "--chunk-size",
+                "256KiB",
+                "--limit-rate",
+                "2MiB",
+                "--jobs",
+                "1",
+            ],
+        )
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let gc = |grace: &str| {
+        let output = std::process::Command::new(crate::support::registry_binary())
+            .args([
+                "gc",
+                "--storage",
+                &registry.storage,
+                "--grace",
+                grace,
+                "--json",
+            ])
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        serde_json::from_slice::<Value>(&output.stdout).unwrap()
+    };
+    let mut collections = 0;
+    while push.try_wait().unwrap().is_none() {
+        let report = gc("10m");
+        assert_eq!(
+            report["blobs_deleted"].as_array().unwrap().len(),
+            0,
+            "in-flight blobs are within the grace period"
+        );
+        collections += 1;
+    }
+    assert!(push.wait().unwrap().success());
+    assert!(
+        collections >= 2,
+        "collection ran during the push ({collections} times)"
+    );
+    // With no grace at all, a collection still keeps everything a version references.
+    let report = gc("0s");
+    assert_eq!(
+        report["blobs_deleted"].as_array().unwrap().len(),
+        0,
+        "{report}"
+    );
+    registry
+        .cartridge(
+            dir.path(),
+            &token,
+            &["pull", "legal/kept@v1", "-o", "back.safetensors"],
+        )
+        .ok();
+    assert_eq!(
+        std::fs::read(dir.path().join("back.safetensors")).unwrap(),
+        std::fs::read(dir.path().join("kept.safetensors")).unwrap()
+    );
+}
+
+#[test]
+fn tokens_are_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Registry::start(dir.path());
+    let admin = registry.token(&["*:admin"]);
+    random_cartridge(&dir.path().join("a.safetensors"), 2, 16, "auth", None);
+    registry
+        .cartridge(dir.path(), &admin, &["push", "legal/a@v1", "a.safetensors"])
+        .ok();
+
+    let other = tempfile::tempdir().unwrap();
+    let stranger = Registry::start(other.path());
+    let forged = stranger.token(&["*:admin"]);
+    let err = registry
+        .cartridge(dir.path(), &forged, &["pull", "legal/a@v1"])
+        .fails();
+    assert!(
+        err.contains("HTTP 401"),
+        "a token from another keyring: {err}"
+    );
+
+    let expired = registry.token_with(&["*:admin"], "1s");
+    std::thread::sleep(Duration::from_millis(2100));
+    let err = registry
+        .cartridge(dir.path(), &expired, &["pull", "legal/a@v1"])
+        .fails();
+    assert!(
+        err.contains("token expired") && err.contains("HTTP 401"),
+        "{err}"
+    );
+
+    let reader = registry.token(&["hr/*:pull"]);
+    let err = registry
+        .cartridge(dir.path(), &reader, &["pull", "legal/a@v1"])
+        .fails();
+    assert!(err.contains("HTTP 403"), "{err}");
+    let puller = registry.token(&["legal/a:pull"]);
+    let err = registry
+        .cartridge(
+            dir.path(),
+            &puller,
+            &["push", "legal/a@v2", "a.safetensors"],
+        )
+        .fails();
+    assert!(
+        err.contains("does not grant push") && err.contains("HTTP 403"),
+        "{err}"
+    );
+    let err = registry
+        .cartridge(dir.path(), &puller, &["rm", "legal/a@v1"])
+        .fails();
+    assert!(err.contains("HTTP 403"), "{err}");
+    let err = registry
+        .cartridge(dir.path(), "", &["pull", "legal/a@v1"])
+        .fails();
+    assert!(err.contains("HTTP 401"), "{err}");
+
+    // Anonymous pull, once an admin turns it on for the namespace.
+    registry
+        .cartridge(
+            dir.path(),
+            &admin,
+            &["namespace", "set", "legal", "--anonymous-pull", "true"],
+        )
+        .ok();
+    registry
+        .cartridge(dir.path(), "", &["pull", "legal/a@v1"])
+        .ok();
+    let err = registry
+        .cartridge(dir.path(), "", &["push", "legal/a@v2", "a.safetensors"])
+        .fails();
+    assert!(err.contains("HTTP 401"), "{err}");
+}
+
+#[test]
+fn bad_names_and_bodies_get_4xx_never_500() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Registry::start(dir.path());
+    let token = registry.token(&["*:admin"]);
+    let auth = format!("Bearer {token}");
+    let headers = [("Authorization", auth.as_str())];
+    for path in [
+        "/v1/repos/legal/../etc",
+        "/v1/repos/legal/%2e%2e/resolve/v1",
+        "/v1/repos/legal/a%2Fb/resolve/v1",
+        "/v1/repos/Legal/x/resolve/v1",
+        "/v1/repos/legal/x%00y",
+        "/v1/repos/legal/x%1by/resolve/v1",
+        "/v1/repos/legal/x/resolve/..%2f..",
+        "/v1/repos/legal/x/manifests/blake3:..",
+    ] {
+        let status = raw_http(&registry.url, "GET", path, &headers, b"");
+        assert!((400..500).contains(&status), "{path}: {status}");
+    }
+    let long = format!("/v1/repos/legal/{}", "n".repeat(5000));
+    assert!((400..500).contains(&raw_http(&registry.url, "GET", &long, &headers, b"")));
+    let huge = vec![b'x'; 5 << 20];
+    let status = raw_http(
+        &registry.url,
+        "PUT",
+        "/v1/repos/legal/x/versions/v1",
+        &headers,
+        &huge,
+    );
+    assert_eq!(status, 413);
+    let status = raw_http(
+        &registry.url,
+        "POST",
+        "/v1/repos/legal/x/blobs/missing",
+        &[
+            ("Authorization", &auth),
+            ("Content-Type", "application/json"),
+        ],
+        b"{\"digests\": [1, 2",
+    );
+    assert_eq!(status, 400);
+    // The CLI refuses malformed references before sending anything.
+    let err = registry
+        .cartridge(dir.path(), &token, &["pull", "legal/../x@v1"])
+        .fails();
+    assert!(err.contains("must not contain '..'"), "{err}");
+}
+
+#[test]
+fn s3_storage_moves_blobs_through_presigned_urls() {
+    let dir = tempfile::tempdir().unwrap();
+    let moto = Moto::start();
+    moto.create_bucket("registry");
+    let registry = Registry::start_with(dir.path(), "s3://registry/prod", moto.environment());
+    let token = registry.token(&["legal/*:push"]);
+    random_cartridge(&dir.path().join("a.safetensors"), 8, 64, "s3", None);
+    let report: Value = registry
+        .cartridge(
+            dir.path(),
+            &token,
+            &[
+                "push",
+                "legal/s3@v1",
+                "a.safetensors",
+                "--chunk-size",
+                "64KiB",
+                "--json",
+            ],
+        )
+        .json();
+    assert_eq!(report["uploaded_blobs"], 4);
+    registry
+        .cartridge(
+            dir.path(),
+            &token,
+            &["pull", "legal/s3@v1", "-o", "b.safetensors"],
+        )
+        .ok();
+    assert_eq!(
+        std::fs::read(dir.path().join("a.safetensors")).unwrap(),
+        std::fs::read(dir.path().join("b.safetensors")).unwrap()
+    );
+}
