@@ -1,19 +1,20 @@
-//! Pull: resolve a reference, download the blobs the local cache lacks (several at once, resuming
-//! partial downloads, retrying stalls), verify every one, and rebuild the cartridge file byte for
-//! byte into the cache, atomically.
+//! Pull: resolve a reference, download the blobs the local cache lacks (several at once, hashed
+//! as they arrive, resuming partial downloads, retrying stalls), and rebuild the cartridge file
+//! byte for byte into the cache. Each chunk is decoded straight into its place in the new file as
+//! soon as its blob is in, so decoding overlaps the downloads still running.
 
-use std::os::unix::fs::FileExt;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::mpsc::Receiver;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use cartridge_codec::{CodecError, decode_chunk};
+use cartridge_codec::{CodecError, decode_chunk_into};
 use cartridge_schemas::Digest;
 use cartridge_schemas::file::{Cartridge, FileLayout};
-use cartridge_schemas::manifest::{BlobInfo, Manifest};
+use cartridge_schemas::manifest::{BlobInfo, ChunkDescriptor, Manifest};
 use cartridge_schemas::reference::{Repository, Selector};
 use futures::{StreamExt, TryStreamExt};
-use rayon::prelude::*;
 use serde::Serialize;
 use tokio::io::AsyncWriteExt;
 
@@ -61,8 +62,8 @@ pub async fn pull(
     progress: &dyn Progress,
 ) -> Result<PullReport, ClientError> {
     let resolved = client.resolve(repo, selector).await?;
-    let manifest = Arc::new(resolved.manifest);
     let target = cache.cartridge(&resolved.digest);
+    let manifest = Arc::new(resolved.manifest);
     let blobs = manifest.blobs();
     let mut report = PullReport {
         reference: resolved.reference,
@@ -78,29 +79,46 @@ pub async fn pull(
         return Ok(report);
     }
 
-    let needed: Vec<BlobInfo> = blobs
+    let (ready, arrivals) = std::sync::mpsc::channel();
+    let assembler = {
+        let (manifest, cache, target) = (manifest.clone(), cache.clone(), target.clone());
+        tokio::task::spawn_blocking(move || assemble(&manifest, &cache, &target, arrivals))
+    };
+    let (cached, needed): (Vec<BlobInfo>, Vec<BlobInfo>) = blobs
         .into_iter()
-        .filter(|b| !cache.blob(&b.digest).exists())
-        .collect();
-    report.cached_blobs = report.blobs - needed.len();
+        .partition(|b| cache.blob(&b.digest).exists());
+    report.cached_blobs = cached.len();
+    for blob in &cached {
+        let _ = ready.send(blob.digest);
+    }
     let resumable: u64 = needed
         .iter()
         .map(|b| partial_len(&cache.partial(&b.digest)).min(b.size))
         .sum();
     progress.begin(needed.iter().map(|b| b.size).sum(), resumable);
-    let fetched: Vec<(u64, u64)> = futures::stream::iter(needed)
-        .map(|blob| fetch_blob(client, repo, blob, cache, options, progress))
+    let fetched: Result<Vec<(u64, u64)>, ClientError> = futures::stream::iter(needed)
+        .map(|blob| {
+            let ready = ready.clone();
+            async move {
+                let counts = fetch_blob(client, repo, blob, cache, options, progress).await?;
+                let _ = ready.send(blob.digest);
+                Ok(counts)
+            }
+        })
         .buffer_unordered(options.jobs.max(1))
         .try_collect()
-        .await?;
+        .await;
+    // Closing the channel tells the assembler no more blobs are coming.
+    drop(ready);
     progress.end();
+    let assembled = assembler
+        .await
+        .map_err(|e| ClientError::Usage(format!("assembling failed: {e}")))?;
+    // A download error explains an incomplete assembly better than the assembly error does.
+    let fetched = fetched?;
+    assembled?;
     report.downloaded_bytes = fetched.iter().map(|(downloaded, _)| downloaded).sum();
     report.resumed_bytes = fetched.iter().map(|(_, resumed)| resumed).sum();
-
-    let (cache, destination) = (cache.clone(), target.clone());
-    tokio::task::spawn_blocking(move || assemble(&manifest, &cache, &destination))
-        .await
-        .map_err(|e| ClientError::Usage(format!("assembling failed: {e}")))??;
     Ok(report)
 }
 
@@ -108,8 +126,24 @@ fn partial_len(path: &Path) -> u64 {
     std::fs::metadata(path).map_or(0, |m| m.len())
 }
 
-/// Downloads one blob into the cache, resuming what an earlier attempt left. Returns the bytes
-/// downloaded now and the bytes resumed.
+/// blake3 of a file's bytes, off the async threads.
+async fn hash_file(path: &Path) -> Result<(blake3::Hasher, u64), ClientError> {
+    let owned = path.to_owned();
+    tokio::task::spawn_blocking(move || -> std::io::Result<(blake3::Hasher, u64)> {
+        let mut hasher = blake3::Hasher::new();
+        let length = std::fs::metadata(&owned)?.len();
+        if length > 0 {
+            hasher.update_mmap(&owned)?;
+        }
+        Ok((hasher, length))
+    })
+    .await
+    .map_err(|e| ClientError::Usage(e.to_string()))?
+    .map_err(ClientError::io(path))
+}
+
+/// Downloads one blob into the cache, resuming what an earlier attempt or process left, and
+/// verifies it. Returns the bytes downloaded now and the bytes resumed.
 async fn fetch_blob(
     client: &Client,
     repo: &Repository,
@@ -126,9 +160,26 @@ async fn fetch_blob(
             .await
             .map_err(ClientError::io(&partial))?;
     }
+    let mut hasher = blake3::Hasher::new();
+    let mut hashed = 0;
     let mut delays = backon::BackoffBuilder::build(backoff());
     loop {
-        match download_into(client, repo, &blob, &partial, options, progress).await {
+        // Bytes are hashed as they arrive; only what is already on disk (resumed, or written
+        // before an attempt failed) is read back.
+        if partial_len(&partial) != hashed {
+            (hasher, hashed) = hash_file(&partial).await?;
+        }
+        match download_into(
+            client,
+            repo,
+            &blob,
+            &partial,
+            (&mut hasher, &mut hashed),
+            options,
+            progress,
+        )
+        .await
+        {
             Ok(()) => break,
             Err(error) if error.is_transient() => match delays.next() {
                 Some(pause) => {
@@ -140,58 +191,51 @@ async fn fetch_blob(
             Err(error) => return Err(error),
         }
     }
-
-    let (path, digest) = (partial.clone(), blob.digest);
-    let actual = tokio::task::spawn_blocking(move || -> std::io::Result<Digest> {
-        let mut hasher = blake3::Hasher::new();
-        hasher.update_mmap_rayon(&path)?;
-        Ok(hasher.finalize().into())
-    })
-    .await
-    .map_err(|e| ClientError::Usage(e.to_string()))?
-    .map_err(ClientError::io(&partial))?;
-    if actual != digest {
+    let actual = Digest::from(hasher.finalize());
+    if actual != blob.digest {
         // Never keep or resume from bytes that proved wrong.
         let _ = tokio::fs::remove_file(&partial).await;
         return Err(CodecError::StoredDigestMismatch {
-            expected: digest,
+            expected: blob.digest,
             actual,
             size: blob.size,
         }
         .into());
     }
-    let done = cache.blob(&digest);
+    let done = cache.blob(&blob.digest);
     tokio::fs::rename(&partial, &done)
         .await
         .map_err(ClientError::io(&done))?;
     Ok((blob.size - resumed, resumed))
 }
 
-/// Appends the rest of a blob to its partial file, from where the file ends.
+/// Appends the rest of a blob to its partial file, from where the file ends, hashing as it goes.
 async fn download_into(
     client: &Client,
     repo: &Repository,
     blob: &BlobInfo,
     partial: &Path,
+    (hasher, hashed): (&mut blake3::Hasher, &mut u64),
     options: &PullOptions,
     progress: &dyn Progress,
 ) -> Result<(), ClientError> {
-    let mut offset = partial_len(partial);
-    if offset == blob.size {
+    if *hashed == blob.size {
         return Ok(());
     }
-    let response = client.blob(repo, &blob.digest, offset).await?;
-    let mut file = tokio::fs::OpenOptions::new()
+    let response = client.blob(repo, &blob.digest, *hashed).await?;
+    let file = tokio::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(partial)
         .await
         .map_err(ClientError::io(partial))?;
-    if offset > 0 && response.status() != reqwest::StatusCode::PARTIAL_CONTENT {
+    if *hashed > 0 && response.status() != reqwest::StatusCode::PARTIAL_CONTENT {
         // The server sent the whole blob: start over.
         file.set_len(0).await.map_err(ClientError::io(partial))?;
-        offset = 0;
+        (*hasher, *hashed) = (blake3::Hasher::new(), 0);
     }
+    // Network reads arrive in small pieces; batching them saves a blocking file write per piece.
+    let mut file = tokio::io::BufWriter::with_capacity(1 << 20, file);
     let mut stream = response.bytes_stream();
     let stalled = || ClientError::Stalled {
         digest: blob.digest,
@@ -202,7 +246,8 @@ async fn download_into(
         .map_err(|_| stalled())?
     {
         let piece = piece?;
-        if offset + piece.len() as u64 > blob.size {
+        if *hashed + piece.len() as u64 > blob.size {
+            drop(file);
             let _ = tokio::fs::remove_file(partial).await;
             return Err(ClientError::Manifest(format!(
                 "blob {} is longer than the {} bytes the manifest says",
@@ -212,73 +257,166 @@ async fn download_into(
         file.write_all(&piece)
             .await
             .map_err(ClientError::io(partial))?;
-        offset += piece.len() as u64;
+        hasher.update(&piece);
+        *hashed += piece.len() as u64;
         progress.advance(piece.len() as u64);
         if let Some(rate) = &options.rate {
             rate.consume(piece.len() as u64).await;
         }
     }
     file.flush().await.map_err(ClientError::io(partial))?;
-    if offset < blob.size {
+    if *hashed < blob.size {
         // The connection ended early; the next attempt resumes from here.
         return Err(stalled());
     }
     Ok(())
 }
 
-/// Rebuilds the cartridge file from its header and decoded chunks, checks it, and renames it into
-/// place. A cached blob that fails to decode is dropped so the next pull fetches it again.
-fn assemble(manifest: &Manifest, cache: &Cache, target: &Path) -> Result<(), ClientError> {
+/// Builds the cartridge file as its blobs arrive on `arrivals`: the safetensors header first, then
+/// each chunk decoded (on all cores) straight into its tensors' places in a memory map of the new
+/// file. When every blob is in, the file is validated like any cartridge and renamed into place;
+/// on any failure the half-built file is removed. A cached blob that fails to decode is dropped
+/// so the next pull fetches it again.
+fn assemble(
+    manifest: &Manifest,
+    cache: &Cache,
+    target: &Path,
+    arrivals: Receiver<Digest>,
+) -> Result<(), ClientError> {
     let layout = FileLayout::parse(&manifest.file_header)?;
-    let temporary = target.with_extension(format!("partial-{:08x}", rand_suffix()));
-    let file = std::fs::File::create(&temporary).map_err(ClientError::io(&temporary))?;
-    let result = (|| {
-        let io = ClientError::io(&temporary);
-        file.set_len(layout.file_len as u64)
-            .map_err(ClientError::io(&temporary))?;
-        file.write_all_at(&(layout.header_text_len as u64).to_le_bytes(), 0)
-            .map_err(ClientError::io(&temporary))?;
-        file.write_all_at(manifest.file_header.as_bytes(), 8)
-            .map_err(io)?;
-        let tensor_bytes = manifest.cartridge.tensor_bytes();
-        manifest
-            .chunks
-            .par_iter()
-            .try_for_each(|chunk| -> Result<(), ClientError> {
-                let source = cache.blob(&chunk.stored.digest);
-                let stored = std::fs::read(&source).map_err(ClientError::io(&source))?;
-                let raw = decode_chunk(&stored, chunk).inspect_err(|_| {
-                    let _ = std::fs::remove_file(&source);
-                })?;
-                for (index, layer) in
-                    (chunk.layers.start as usize..chunk.layers.end as usize).enumerate()
-                {
-                    let [keys, values] = &layout.layers[layer];
-                    let start = index * 2 * tensor_bytes;
-                    file.write_all_at(&raw[start..start + tensor_bytes], keys.start as u64)
-                        .map_err(ClientError::io(&temporary))?;
-                    file.write_all_at(
-                        &raw[start + tensor_bytes..start + 2 * tensor_bytes],
-                        values.start as u64,
-                    )
-                    .map_err(ClientError::io(&temporary))?;
-                }
-                Ok(())
-            })?;
-        file.sync_all().map_err(ClientError::io(&temporary))?;
-        // The rebuilt file must pass the same validation as any other cartridge.
+    let temporary = target.with_extension(format!("partial-{}", std::process::id()));
+    let result = build(manifest, &layout, cache, &temporary, arrivals).and_then(|()| {
+        // No fsync: a file torn by a crash fails the validation every use of the cache does
+        // (the payload digest) and is rebuilt, so durability would only cost time.
         Cartridge::open(&temporary)?;
         std::fs::rename(&temporary, target).map_err(ClientError::io(target))
-    })();
+    });
     if result.is_err() {
         let _ = std::fs::remove_file(&temporary);
     }
     result
 }
 
-fn rand_suffix() -> u32 {
-    std::process::id()
-        ^ (std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.subsec_nanos()))
+fn build(
+    manifest: &Manifest,
+    layout: &FileLayout,
+    cache: &Cache,
+    path: &Path,
+    arrivals: Receiver<Digest>,
+) -> Result<(), ClientError> {
+    let io = |source| ClientError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)
+        .map_err(io)?;
+    file.set_len(layout.file_len as u64).map_err(io)?;
+    // SAFETY: the file was just created under a name private to this process and is only
+    // renamed into the cache after the map is dropped; nothing else maps or writes it.
+    #[allow(unsafe_code)]
+    let mut map = unsafe { memmap2::MmapMut::map_mut(&file) }.map_err(io)?;
+    let (head, body) = map.split_at_mut(8 + layout.header_text_len);
+    head[..8].copy_from_slice(&(layout.header_text_len as u64).to_le_bytes());
+    head[8..].copy_from_slice(manifest.file_header.as_bytes());
+    let mut destinations =
+        chunk_destinations(body, 8 + layout.header_text_len, layout, &manifest.chunks);
+
+    let mut chunks_of: HashMap<Digest, Vec<usize>> = HashMap::new();
+    for (index, chunk) in manifest.chunks.iter().enumerate() {
+        chunks_of
+            .entry(chunk.stored.digest)
+            .or_default()
+            .push(index);
+    }
+    let failure: Mutex<Option<ClientError>> = Mutex::new(None);
+    let failure_slot = &failure;
+    // The receiving loop runs inside the scope so decodes start while later blobs download.
+    let never_arrived = rayon::scope(move |scope| {
+        while !chunks_of.is_empty() {
+            // A closed channel before every blob arrived means a download failed.
+            let Ok(digest) = arrivals.recv() else { break };
+            for index in chunks_of.remove(&digest).unwrap_or_default() {
+                let mut outs = std::mem::take(&mut destinations[index]);
+                let chunk = &manifest.chunks[index];
+                scope.spawn(move |_| {
+                    if let Err(error) = decode_cached(cache, chunk, &mut outs)
+                        && let Ok(mut slot) = failure_slot.lock()
+                    {
+                        slot.get_or_insert(error);
+                    }
+                });
+            }
+        }
+        chunks_of.len()
+    });
+    if let Some(error) = failure.into_inner().ok().flatten() {
+        return Err(error);
+    }
+    if never_arrived > 0 {
+        return Err(ClientError::Usage(format!(
+            "{never_arrived} blobs never arrived"
+        )));
+    }
+    map.flush_async().map_err(io)?;
+    Ok(())
+}
+
+fn decode_cached(
+    cache: &Cache,
+    chunk: &ChunkDescriptor,
+    outs: &mut [&mut [u8]],
+) -> Result<(), ClientError> {
+    let path = cache.blob(&chunk.stored.digest);
+    let file = std::fs::File::open(&path).map_err(ClientError::io(&path))?;
+    // SAFETY: cached blobs are written once, under a temporary name, and renamed into place;
+    // they are never modified, only deleted (which leaves an existing map intact).
+    #[allow(unsafe_code)]
+    let stored = unsafe { memmap2::Mmap::map(&file) }.map_err(ClientError::io(&path))?;
+    decode_chunk_into(&stored, chunk, outs).inspect_err(|_| {
+        let _ = std::fs::remove_file(&path);
+    })?;
+    Ok(())
+}
+
+/// Splits the tensor region of the new file into each chunk's destinations: per layer of the
+/// chunk, its keys then its values, wherever the safetensors header placed them.
+fn chunk_destinations<'a>(
+    body: &'a mut [u8],
+    body_offset: usize,
+    layout: &FileLayout,
+    chunks: &[ChunkDescriptor],
+) -> Vec<Vec<&'a mut [u8]>> {
+    let mut tensors: Vec<(usize, std::ops::Range<usize>)> = layout
+        .layers
+        .iter()
+        .enumerate()
+        .flat_map(|(layer, [keys, values])| {
+            [(layer * 2, keys.clone()), (layer * 2 + 1, values.clone())]
+        })
+        .collect();
+    tensors.sort_by_key(|(_, range)| range.start);
+    let mut slices: Vec<Option<&'a mut [u8]>> = (0..tensors.len()).map(|_| None).collect();
+    let mut rest = body;
+    let mut consumed = body_offset;
+    for (index, range) in tensors {
+        // The header validated that tensors are contiguous and do not overlap.
+        let (_, tail) = rest.split_at_mut(range.start - consumed);
+        let (slice, tail) = tail.split_at_mut(range.len());
+        slices[index] = Some(slice);
+        rest = tail;
+        consumed = range.end;
+    }
+    chunks
+        .iter()
+        .map(|chunk| {
+            (chunk.layers.start as usize * 2..chunk.layers.end as usize * 2)
+                .filter_map(|t| slices[t].take())
+                .collect()
+        })
+        .collect()
 }

@@ -203,54 +203,78 @@ pub fn verify_stored(stored: &[u8], descriptor: &ChunkDescriptor) -> Result<(), 
 /// Verifies and decodes a stored chunk into its raw bytes.
 pub fn decode_chunk(stored: &[u8], descriptor: &ChunkDescriptor) -> Result<Vec<u8>, CodecError> {
     let mut out = vec![0; descriptor.raw.size as usize];
-    decode_chunk_into(stored, descriptor, &mut out)?;
+    decode_chunk_into(stored, descriptor, &mut [&mut out])?;
     Ok(out)
 }
 
-/// Verifies and decodes a stored chunk into `out`, which must be exactly the raw size (a staging
-/// buffer the caller owns, e.g. pinned host memory).
+thread_local! {
+    /// Per-thread decompression state: the decoder and the shuffled-bytes buffer, reused so
+    /// decoding many chunks neither reallocates nor faults in fresh pages each time.
+    static DECODER: std::cell::RefCell<Option<(zstd::bulk::Decompressor<'static>, Vec<u8>)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Verifies and decodes a stored chunk into `outs`, the raw bytes' destinations in order (e.g.
+/// each layer's keys and values where they belong in a file or in pinned host memory); their
+/// lengths must add up to the raw size. The stored digest is checked before decompressing, the
+/// raw digest after.
 pub fn decode_chunk_into(
     stored: &[u8],
     descriptor: &ChunkDescriptor,
-    out: &mut [u8],
+    outs: &mut [&mut [u8]],
 ) -> Result<(), CodecError> {
     verify_stored(stored, descriptor)?;
     let digest = descriptor.stored.digest;
     let expected = descriptor.raw.size;
-    if out.len() as u64 != expected {
+    let total: usize = outs.iter().map(|out| out.len()).sum();
+    if total as u64 != expected {
         return Err(CodecError::OutputSize {
             expected,
-            actual: out.len(),
+            actual: total,
         });
     }
-    // The raw size from the manifest caps decompression, so a hostile blob cannot balloon memory.
-    let decompress = |target: &mut [u8]| {
-        zstd::bulk::Decompressor::new()
-            .and_then(|mut d| d.decompress_to_buffer(stored, target))
-            .map_err(|e| CodecError::Decompress {
+    let decompress_error = |e: std::io::Error| CodecError::Decompress {
+        digest,
+        detail: e.to_string(),
+    };
+    DECODER.with_borrow_mut(|state| -> Result<(), CodecError> {
+        let (decompressor, scratch) = match state {
+            Some(state) => state,
+            None => state.insert((
+                zstd::bulk::Decompressor::new().map_err(decompress_error)?,
+                Vec::new(),
+            )),
+        };
+        scratch.resize(total, 0);
+        // The raw size from the manifest caps decompression, so a hostile blob cannot balloon
+        // memory.
+        let written = decompressor
+            .decompress_to_buffer(stored, scratch.as_mut_slice())
+            .map_err(decompress_error)?;
+        if written as u64 != expected {
+            return Err(CodecError::RawSizeMismatch {
                 digest,
-                detail: e.to_string(),
-            })
-    };
-    let written = match descriptor.codec.shuffle_width() {
-        Some(width) => {
-            let mut shuffled = vec![0; out.len()];
-            let written = decompress(&mut shuffled)?;
-            if written == out.len() {
-                unshuffle(&shuffled, width, out)?;
-            }
-            written
+                expected,
+                actual: written as u64,
+            });
         }
-        None => decompress(out)?,
-    };
-    if written as u64 != expected {
-        return Err(CodecError::RawSizeMismatch {
-            digest,
-            expected,
-            actual: written as u64,
-        });
+        match descriptor.codec.shuffle_width() {
+            Some(width) => unshuffle(scratch, width, outs),
+            None => {
+                let mut offset = 0;
+                for out in outs.iter_mut() {
+                    out.copy_from_slice(&scratch[offset..offset + out.len()]);
+                    offset += out.len();
+                }
+                Ok(())
+            }
+        }
+    })?;
+    let mut hasher = blake3::Hasher::new();
+    for out in outs.iter() {
+        hasher.update(out);
     }
-    let actual = Digest::from(blake3::hash(out));
+    let actual = Digest::from(hasher.finalize());
     if actual != descriptor.raw.digest {
         return Err(CodecError::RawDigestMismatch {
             digest,
@@ -278,7 +302,9 @@ pub fn decode_payload(
     }
     outputs
         .into_par_iter()
-        .try_for_each(|(descriptor, stored, out)| decode_chunk_into(stored, descriptor, out))?;
+        .try_for_each(|(descriptor, stored, out)| {
+            decode_chunk_into(stored, descriptor, &mut [out])
+        })?;
     Ok(payload)
 }
 
@@ -311,29 +337,36 @@ pub fn shuffle(pieces: &[&[u8]], width: usize, out: &mut [u8]) -> Result<(), Cod
     Ok(())
 }
 
-/// Inverse of [`shuffle`].
-pub fn unshuffle(shuffled: &[u8], width: usize, out: &mut [u8]) -> Result<(), CodecError> {
+/// Inverse of [`shuffle`]: the element bytes go back into `outs`, in order.
+pub fn unshuffle(shuffled: &[u8], width: usize, outs: &mut [&mut [u8]]) -> Result<(), CodecError> {
     check_aligned(shuffled.len(), width)?;
-    if out.len() != shuffled.len() {
+    let total: usize = outs.iter().map(|out| out.len()).sum();
+    if total != shuffled.len() {
         return Err(CodecError::OutputSize {
             expected: shuffled.len() as u64,
-            actual: out.len(),
+            actual: total,
         });
     }
     let elements = shuffled.len() / width;
     if elements == 0 {
         return Ok(());
     }
-    match width {
-        2 => unshuffle_planes::<2>(shuffled, out, elements),
-        4 => unshuffle_planes::<4>(shuffled, out, elements),
-        _ => {
-            for (index, element) in out.chunks_exact_mut(width).enumerate() {
-                for (byte, value) in element.iter_mut().enumerate() {
-                    *value = shuffled[(width - 1 - byte) * elements + index];
+    let planes: Vec<&[u8]> = shuffled.chunks_exact(elements).collect();
+    let mut offset = 0;
+    for out in outs.iter_mut() {
+        check_aligned(out.len(), width)?;
+        match width {
+            2 => unshuffle_piece::<2>(&planes, out, offset),
+            4 => unshuffle_piece::<4>(&planes, out, offset),
+            _ => {
+                for (index, element) in out.chunks_exact_mut(width).enumerate() {
+                    for (byte, value) in element.iter_mut().enumerate() {
+                        *value = planes[width - 1 - byte][offset + index];
+                    }
                 }
             }
         }
+        offset += out.len() / width;
     }
     Ok(())
 }
@@ -368,8 +401,12 @@ fn shuffle_piece_dyn(piece: &[u8], width: usize, out: &mut [u8], elements: usize
     }
 }
 
-fn unshuffle_planes<const W: usize>(shuffled: &[u8], out: &mut [u8], elements: usize) {
-    let planes: Vec<&[u8]> = shuffled.chunks_exact(elements).collect();
+fn unshuffle_piece<const W: usize>(planes: &[&[u8]], out: &mut [u8], offset: usize) {
+    let count = out.len() / W;
+    let planes: Vec<&[u8]> = planes
+        .iter()
+        .map(|plane| &plane[offset..offset + count])
+        .collect();
     for (index, element) in out.chunks_exact_mut(W).enumerate() {
         for (plane, byte) in planes.iter().zip(element.iter_mut().rev()) {
             *byte = plane[index];
@@ -390,7 +427,8 @@ mod tests {
         shuffle(&[&raw[..2], &raw[2..]], 2, &mut out).unwrap();
         assert_eq!(out, [0xa1, 0xa2, 0xa3, 0x01, 0x02, 0x03]);
         let mut back = [0; 6];
-        unshuffle(&out, 2, &mut back).unwrap();
+        let (first, second) = back.split_at_mut(4);
+        unshuffle(&out, 2, &mut [first, second]).unwrap();
         assert_eq!(back, raw);
     }
 
@@ -496,7 +534,8 @@ mod tests {
             let mut shuffled = vec![0; raw.len()];
             shuffle(&[&raw[..cut], &raw[cut..]], width, &mut shuffled).unwrap();
             let mut back = vec![0; raw.len()];
-            unshuffle(&shuffled, width, &mut back).unwrap();
+            let (first, second) = back.split_at_mut(cut);
+            unshuffle(&shuffled, width, &mut [first, second]).unwrap();
             prop_assert_eq!(&back, &raw);
 
             for codec in [Codec::Zstd, Codec::Shuffle2Zstd, Codec::Shuffle4Zstd] {

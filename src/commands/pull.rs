@@ -70,9 +70,15 @@ pub fn run(args: PullArgs) -> Result<()> {
     Ok(())
 }
 
-/// Copies next to the destination, then renames, so a reader never sees half a file.
+/// Links (or, across filesystems, copies) the cached file next to the destination, then renames,
+/// so a reader never sees half a file. Cached files are never written in place, and every use
+/// of one re-validates it, so sharing the inode with the cache is safe.
 fn copy_atomically(from: &std::path::Path, to: &std::path::Path) -> Result<()> {
     let temporary = to.with_extension("partial");
-    std::fs::copy(from, &temporary).with_context(|| format!("writing {}", temporary.display()))?;
+    let _ = std::fs::remove_file(&temporary);
+    if std::fs::hard_link(from, &temporary).is_err() {
+        std::fs::copy(from, &temporary)
+            .with_context(|| format!("writing {}", temporary.display()))?;
+    }
     std::fs::rename(&temporary, to).with_context(|| format!("writing {}", to.display()))
 }

@@ -8,7 +8,10 @@ use cartridge_schemas::api::{
     UploadTarget,
 };
 use futures::StreamExt;
+use object_store::GetResultPayload;
 use serde::Deserialize;
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+use tokio_util::io::ReaderStream;
 
 use crate::AppState;
 use crate::auth::Action;
@@ -227,10 +230,34 @@ pub async fn download(
     } else {
         StatusCode::OK
     };
-    let stream = result.into_stream().inspect(|piece| {
+    let body = match result.payload {
+        // object_store streams files in 8 KiB reads, one blocking task each; large reads keep a
+        // loopback pull from being bound by task switches.
+        GetResultPayload::File(file, _) => {
+            let mut file = tokio::fs::File::from_std(file);
+            file.seek(std::io::SeekFrom::Start(served.start))
+                .await
+                .map_err(|e| {
+                    ApiError::new(
+                        ErrorCode::Unavailable,
+                        format!("reading blob {digest}: {e}"),
+                    )
+                })?;
+            let reader = file.take(served.end - served.start);
+            Body::from_stream(counted(ReaderStream::with_capacity(reader, 256 << 10)))
+        }
+        GetResultPayload::Stream(stream) => Body::from_stream(counted(stream)),
+    };
+    Ok((status, response_headers, body).into_response())
+}
+
+/// Counts the bytes a download stream yields.
+fn counted<E, S: futures::Stream<Item = Result<bytes::Bytes, E>>>(
+    stream: S,
+) -> impl futures::Stream<Item = Result<bytes::Bytes, E>> {
+    stream.inspect(|piece| {
         if let Ok(piece) = piece {
             crate::metrics::blob_bytes("out", piece.len() as u64);
         }
-    });
-    Ok((status, response_headers, Body::from_stream(stream)).into_response())
+    })
 }

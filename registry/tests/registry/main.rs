@@ -3,6 +3,8 @@
 
 mod api;
 mod conformance;
+#[cfg(feature = "lambda")]
+mod lambda;
 #[path = "../../../tests/support/moto.rs"]
 mod moto;
 mod support;
