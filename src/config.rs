@@ -9,7 +9,7 @@ use cartridge_client::Client;
 use cartridge_schemas::reference::Registry;
 use serde::{Deserialize, Serialize};
 
-use crate::paths::Paths;
+use cartridge_schemas::paths::Paths;
 
 #[derive(Debug, Default, Serialize, Deserialize)]
 pub struct Config {

@@ -2,9 +2,7 @@
 
 mod commands;
 mod config;
-mod model;
 mod output;
-mod paths;
 mod progress;
 
 use std::process::ExitCode;

@@ -8,6 +8,7 @@ pub mod dtype;
 pub mod file;
 pub mod fingerprint;
 pub mod manifest;
+pub mod paths;
 pub mod reference;
 
 pub use digest::Digest;

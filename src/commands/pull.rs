@@ -8,8 +8,8 @@ use clap::Args;
 
 use super::{RegistryArgs, TransferArgs};
 use crate::output::human_bytes;
-use crate::paths::Paths;
 use crate::progress::Bar;
+use cartridge_schemas::paths::Paths;
 
 /// Fetch a cartridge into the local cache (resuming an interrupted pull, verifying every chunk)
 /// and print its path.

@@ -667,3 +667,101 @@ fn s3_storage_moves_blobs_through_presigned_urls() {
         std::fs::read(dir.path().join("b.safetensors")).unwrap()
     );
 }
+
+#[test]
+fn login_saves_the_registry_and_token_for_later_commands() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Registry::start(dir.path());
+    let token = registry.token(&["legal/*:push"]);
+    random_cartridge(&dir.path().join("a.safetensors"), 2, 16, "login", None);
+    let run = |args: &[&str], stdin: &str| {
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_cartridge"))
+            .args(args)
+            .current_dir(dir.path())
+            .env("CARTRIDGE_HOME", dir.path().join("home"))
+            .env_remove("CARTRIDGE_TOKEN")
+            .env_remove("CARTRIDGE_REGISTRY")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::io::Write::write_all(&mut child.stdin.take().unwrap(), stdin.as_bytes()).unwrap();
+        child.wait_with_output().unwrap()
+    };
+    let bad = run(&["login", &registry.url], "not-a-token\n");
+    assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("HTTP 401"));
+    let good = run(&["login", &registry.url], &format!("{token}\n"));
+    assert!(
+        good.status.success(),
+        "{}",
+        String::from_utf8_lossy(&good.stderr)
+    );
+    let config = dir.path().join("home/config.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    assert!(text.contains(&registry.url) && text.contains(&token));
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&config).unwrap().permissions())
+            & 0o777,
+        0o600
+    );
+    let push = run(&["push", "legal/a@v1", "a.safetensors"], "");
+    assert!(
+        push.status.success(),
+        "{}",
+        String::from_utf8_lossy(&push.stderr)
+    );
+}
+
+#[test]
+fn the_server_logs_json_and_shuts_down_gracefully() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = std::process::Command::new(crate::support::registry_binary())
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+            "--storage",
+        ])
+        .arg(format!("file://{}", dir.path().join("store").display()))
+        .arg("--keys")
+        .arg(dir.path().join("keys.json"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(server.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let url = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap()
+        .to_owned();
+    assert_eq!(raw_http(&url, "GET", "/v1/health", &[], b""), 200);
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &server.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let output = server.wait_with_output().unwrap();
+    assert!(
+        output.status.success(),
+        "SIGTERM ends the server cleanly: {:?}",
+        output.status
+    );
+    let logs = String::from_utf8_lossy(&output.stderr);
+    let lines: Vec<&str> = logs.lines().collect();
+    assert!(lines.len() >= 2, "{logs}");
+    for line in lines {
+        let record: Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert!(record["level"].is_string());
+    }
+    assert!(logs.contains("shutting down"));
+}

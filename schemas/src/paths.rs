@@ -1,11 +1,9 @@
-//! Where cartridge keeps things on a user's machine.
+//! Where cartridge keeps things on a user's machine, shared by every tool.
 //!
 //! `CARTRIDGE_HOME` moves everything under one directory (`config.toml`, `cache/`); otherwise the
 //! XDG locations are used: `~/.config/cartridge` and `~/.cache/cartridge`.
 
 use std::path::PathBuf;
-
-use anyhow::{Context, Result};
 
 #[derive(Debug, Clone)]
 pub struct Paths {
@@ -13,8 +11,12 @@ pub struct Paths {
     pub cache: PathBuf,
 }
 
+#[derive(Debug, thiserror::Error)]
+#[error("HOME is not set; set CARTRIDGE_HOME")]
+pub struct NoHome;
+
 impl Paths {
-    pub fn from_env() -> Result<Self> {
+    pub fn from_env() -> Result<Self, NoHome> {
         if let Some(home) = std::env::var_os("CARTRIDGE_HOME") {
             let home = PathBuf::from(home);
             return Ok(Self {
@@ -22,15 +24,10 @@ impl Paths {
                 cache: home.join("cache"),
             });
         }
-        let user_home = || {
-            std::env::var_os("HOME")
-                .map(PathBuf::from)
-                .context("HOME is not set; set CARTRIDGE_HOME")
-        };
-        let xdg = |variable: &str, fallback: &str| -> Result<PathBuf> {
+        let xdg = |variable: &str, fallback: &str| -> Result<PathBuf, NoHome> {
             Ok(match std::env::var_os(variable) {
                 Some(dir) => PathBuf::from(dir),
-                None => user_home()?.join(fallback),
+                None => PathBuf::from(std::env::var_os("HOME").ok_or(NoHome)?).join(fallback),
             }
             .join("cartridge"))
         };
@@ -40,7 +37,7 @@ impl Paths {
         })
     }
 
-    /// Models installed by `cartridge model install`.
+    /// Models installed from their packages (`cartridge model install`).
     pub fn models(&self) -> PathBuf {
         self.cache.join("models")
     }

@@ -1,0 +1,274 @@
+//! Batched generation with a KV cache: many continuations of one shared context (a corpus chunk
+//! in self-study, a question in evaluation), each stopping on its own, with temperature/top-p
+//! sampling or greedy decoding, optionally recording the top log-probabilities of every token.
+
+use candle_core::{D, DType, Tensor};
+use rand::{Rng, SeedableRng};
+
+use super::llama::{Context, Llama, Mode, Prefix, causal_mask};
+use crate::error::{Error, Result};
+
+/// How the next token is chosen.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Sampling {
+    /// 0 chooses the most likely token (greedy).
+    pub temperature: f64,
+    /// Nucleus sampling: draw from the smallest set of tokens holding this much probability.
+    pub top_p: f64,
+}
+
+impl Sampling {
+    pub const GREEDY: Self = Self {
+        temperature: 0.0,
+        top_p: 1.0,
+    };
+}
+
+#[derive(Debug, Clone)]
+pub struct GenerationRequest<'a> {
+    /// A cartridge in front of everything (positions `0..P`).
+    pub prefix: Option<&'a Prefix>,
+    /// Tokens every sequence starts with (processed once).
+    pub shared: &'a [u32],
+    /// Each sequence's own tokens after the shared ones.
+    pub prompts: &'a [Vec<u32>],
+    pub max_new_tokens: usize,
+    pub sampling: Sampling,
+    /// Record, for every generated token, the most likely tokens' log-probabilities: at most
+    /// this many, and no more than needed to cover `keep_mass` of the probability.
+    pub top_logprobs: Option<(usize, f32)>,
+    pub stop_ids: &'a [u32],
+    pub seed: u64,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Generated {
+    /// The new tokens, the stop token included when one ended the sequence.
+    pub tokens: Vec<u32>,
+    /// Per new token, `(token, log-probability)` of the most likely tokens, best first.
+    pub top_logprobs: Vec<Vec<(u32, f32)>>,
+    pub stopped: bool,
+}
+
+pub fn generate(model: &Llama, request: &GenerationRequest<'_>) -> Result<Vec<Generated>> {
+    let batch = request.prompts.len();
+    if batch == 0 {
+        return Ok(Vec::new());
+    }
+    if request.prompts.iter().any(Vec::is_empty) && request.shared.is_empty() {
+        return Err(Error::Data("a sequence has no tokens to continue".into()));
+    }
+    let device = model.device();
+    let dtype = model.dtype();
+    let prefix_len = request.prefix.map_or(0, Prefix::tokens);
+    let longest = request.prompts.iter().map(Vec::len).max().unwrap_or(0);
+    let capacity = prefix_len + request.shared.len() + longest + request.max_new_tokens;
+    if capacity > model.config.max_positions {
+        return Err(Error::Data(format!(
+            "{capacity} positions exceed the model's {}",
+            model.config.max_positions
+        )));
+    }
+
+    // The prefix and the shared tokens go through the model once, for a batch of one.
+    let mut cache = model.new_cache(capacity);
+    if let Some(prefix) = request.prefix {
+        cache.append_prefix(prefix)?;
+    }
+    let mut last_shared: Option<Tensor> = None;
+    if !request.shared.is_empty() {
+        let n = request.shared.len();
+        let ids = Tensor::new(request.shared, device)?.unsqueeze(0)?;
+        let positions =
+            Tensor::arange(prefix_len as u32, (prefix_len + n) as u32, device)?.unsqueeze(0)?;
+        let mask = causal_mask(&[n], prefix_len, n, dtype, device)?;
+        let hidden = model.forward(
+            &ids,
+            &positions,
+            &mask,
+            Context::Cache(&mut cache),
+            Mode::Infer,
+        )?;
+        last_shared = Some(hidden.narrow(1, n - 1, 1)?);
+    }
+    let mut cache = cache.expand(batch)?;
+    let context = prefix_len + request.shared.len();
+
+    // Each sequence's own tokens, right-padded; padded slots stay masked out from then on.
+    let lengths: Vec<usize> = request.prompts.iter().map(Vec::len).collect();
+    let mut hidden_last = match (longest, last_shared.clone()) {
+        (0, Some(hidden)) => hidden
+            .broadcast_as((batch, 1, model.config.hidden))?
+            .contiguous()?,
+        (0, None) => unreachable!("checked above: something precedes generation"),
+        _ => {
+            let mut ids = Vec::with_capacity(batch * longest);
+            let mut positions = Vec::with_capacity(batch * longest);
+            for prompt in request.prompts {
+                for j in 0..longest {
+                    ids.push(prompt.get(j).copied().unwrap_or(0));
+                    positions.push((context + j.min(prompt.len().saturating_sub(1))) as u32);
+                }
+            }
+            let ids = Tensor::from_vec(ids, (batch, longest), device)?;
+            let positions = Tensor::from_vec(positions, (batch, longest), device)?;
+            let mask = causal_mask(&lengths, context, longest, dtype, device)?;
+            let hidden = model.forward(
+                &ids,
+                &positions,
+                &mask,
+                Context::Cache(&mut cache),
+                Mode::Infer,
+            )?;
+            let rows = lengths
+                .iter()
+                .enumerate()
+                .map(|(b, &len)| match len {
+                    // No own tokens: continue from the shared context's last token.
+                    0 => last_shared
+                        .clone()
+                        .ok_or_else(|| Error::Data("empty prompt".into())),
+                    _ => Ok(hidden.narrow(0, b, 1)?.narrow(1, len - 1, 1)?),
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Tensor::cat(&rows, 0)?
+        }
+    };
+    // Which cache slots each sequence may attend to.
+    let mut visible: Vec<Vec<bool>> = lengths
+        .iter()
+        .map(|&len| {
+            let mut slots = vec![true; context + longest];
+            slots[context + len..].fill(false);
+            slots
+        })
+        .collect();
+
+    let mut next_position: Vec<usize> = lengths.iter().map(|&len| context + len).collect();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(request.seed);
+    let mut results = vec![Generated::default(); batch];
+    for _ in 0..request.max_new_tokens {
+        let logits = model
+            .logits(&hidden_last)?
+            .squeeze(1)?
+            .to_dtype(DType::F32)?;
+        let log_probabilities =
+            candle_nn::ops::log_softmax(&logits, D::Minus1)?.to_vec2::<f32>()?;
+        let mut next = Vec::with_capacity(batch);
+        for (row, result) in log_probabilities.iter().zip(&mut results) {
+            if result.stopped {
+                // Finished sequences ride along until the batch ends; what they see is ignored.
+                next.push(0);
+                continue;
+            }
+            let token = choose(row, request.sampling, &mut rng);
+            if let Some((k, mass)) = request.top_logprobs {
+                result.top_logprobs.push(top_tokens(row, k, mass));
+            }
+            result.tokens.push(token);
+            result.stopped = request.stop_ids.contains(&token);
+            next.push(token);
+        }
+        if results.iter().all(|r| r.stopped)
+            || results
+                .iter()
+                .all(|r| r.tokens.len() == request.max_new_tokens)
+        {
+            break;
+        }
+        let slots = cache.len() + 1;
+        let mut mask = vec![f32::NEG_INFINITY; batch * slots];
+        for (b, v) in visible.iter_mut().enumerate() {
+            v.push(true);
+            for (j, _) in v.iter().enumerate().filter(|(_, seen)| **seen) {
+                mask[b * slots + j] = 0.0;
+            }
+        }
+        let mask = Tensor::from_vec(mask, (batch, 1, 1, 1, slots), device)?.to_dtype(dtype)?;
+        let ids = Tensor::from_vec(next, (batch, 1), device)?;
+        let positions = Tensor::from_vec(
+            next_position.iter().map(|&p| p as u32).collect::<Vec<_>>(),
+            (batch, 1),
+            device,
+        )?;
+        next_position.iter_mut().for_each(|p| *p += 1);
+        hidden_last = model.forward(
+            &ids,
+            &positions,
+            &mask,
+            Context::Cache(&mut cache),
+            Mode::Infer,
+        )?;
+    }
+    Ok(results)
+}
+
+/// Picks a token from a row of log-probabilities.
+fn choose(log_probabilities: &[f32], sampling: Sampling, rng: &mut impl Rng) -> u32 {
+    if sampling.temperature <= 0.0 {
+        return argmax(log_probabilities);
+    }
+    // Tempered probabilities, most likely first, cut at the nucleus.
+    let scale = 1.0 / sampling.temperature as f32;
+    let peak = log_probabilities
+        .iter()
+        .copied()
+        .fold(f32::NEG_INFINITY, f32::max);
+    let mut weights: Vec<(u32, f32)> = log_probabilities
+        .iter()
+        .enumerate()
+        .map(|(i, &lp)| (i as u32, ((lp - peak) * scale).exp()))
+        .collect();
+    weights.sort_unstable_by(|a, b| b.1.total_cmp(&a.1));
+    let total: f32 = weights.iter().map(|w| w.1).sum();
+    let mut kept = 0.0;
+    let mut cut = weights.len();
+    for (index, (_, weight)) in weights.iter().enumerate() {
+        kept += weight;
+        if kept / total >= sampling.top_p as f32 {
+            cut = index + 1;
+            break;
+        }
+    }
+    let weights = &weights[..cut];
+    let mut draw = rng.random::<f32>() * weights.iter().map(|w| w.1).sum::<f32>();
+    for &(token, weight) in weights {
+        draw -= weight;
+        if draw <= 0.0 {
+            return token;
+        }
+    }
+    weights[weights.len() - 1].0
+}
+
+fn argmax(values: &[f32]) -> u32 {
+    values
+        .iter()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(b.1))
+        .map_or(0, |(i, _)| i as u32)
+}
+
+/// The `k` most likely tokens, stopping early once they hold `mass` of the probability.
+pub(crate) fn top_tokens(log_probabilities: &[f32], k: usize, mass: f32) -> Vec<(u32, f32)> {
+    let mut indexed: Vec<(u32, f32)> = log_probabilities
+        .iter()
+        .enumerate()
+        .map(|(i, &lp)| (i as u32, lp))
+        .collect();
+    let k = k.clamp(1, indexed.len());
+    indexed.select_nth_unstable_by(k - 1, |a, b| b.1.total_cmp(&a.1));
+    indexed.truncate(k);
+    indexed.sort_unstable_by(|a, b| b.1.total_cmp(&a.1));
+    let mut held = 0.0;
+    let mut keep = indexed.len();
+    for (index, (_, lp)) in indexed.iter().enumerate() {
+        held += lp.exp();
+        if held >= mass {
+            keep = index + 1;
+            break;
+        }
+    }
+    indexed.truncate(keep);
+    indexed
+}

@@ -1,0 +1,528 @@
+//! The Llama family, with a KV prefix: the one model implementation, shared by training, scoring
+//! and generation.
+//!
+//! A cartridge occupies positions `0..P` of every layer's attention: its keys (already rotated
+//! for those positions) and values are put in front of the keys and values the input computes,
+//! and the input continues at position `P`. Training runs the same forward with the prefix built
+//! from trainable variables and [`Mode::Train`], which uses only operations with a backward pass
+//! (candle's fused softmax, RMSNorm and RoPE kernels have none and would silently cut the graph).
+//! Generation uses [`Mode::Infer`] with the fused kernels and a per-layer KV cache.
+//!
+//! Keys use the half-split rotary layout (channel `i` pairs with `i + head_dim/2`), as Hugging
+//! Face transformers computes them; GGUF files store q/k weights permuted for the interleaved
+//! layout, so loading un-permutes them.
+
+use std::fs::File;
+use std::path::Path;
+
+use candle_core::quantized::gguf_file;
+use candle_core::{D, DType, Device, IndexOp, Tensor};
+use candle_nn::kv_cache::KvCache;
+
+use super::config::Config;
+use super::ops::frozen_linear;
+use crate::error::{Error, Result};
+
+/// Which implementation of each operation the forward uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Operations that carry gradients (to a trainable prefix).
+    Train,
+    /// candle's fused kernels: faster, no backward.
+    Infer,
+}
+
+struct Layer {
+    attn_norm: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    o: Tensor,
+    ffn_norm: Tensor,
+    gate: Tensor,
+    up: Tensor,
+    down: Tensor,
+}
+
+/// Per layer, keys and values `[kv_heads, P, head_dim]` placed before the input.
+#[derive(Debug, Clone)]
+pub struct Prefix {
+    pub keys: Vec<Tensor>,
+    pub values: Vec<Tensor>,
+}
+
+impl Prefix {
+    pub fn tokens(&self) -> usize {
+        self.keys.first().map_or(0, |k| k.dim(1).unwrap_or(0))
+    }
+}
+
+/// Per layer, the keys and values of everything generated so far (batch-major).
+pub struct Cache {
+    layers: Vec<KvCache>,
+    capacity: usize,
+}
+
+impl Cache {
+    /// Puts a cartridge at the front of the cache (for a batch of one).
+    pub fn append_prefix(&mut self, prefix: &Prefix) -> Result<()> {
+        for ((layer, keys), values) in self.layers.iter_mut().zip(&prefix.keys).zip(&prefix.values)
+        {
+            layer.append(&keys.unsqueeze(0)?, &values.unsqueeze(0)?)?;
+        }
+        Ok(())
+    }
+
+    /// A cache for `batch` sequences that each start with this (batch-of-one) cache's contents.
+    pub fn expand(self, batch: usize) -> Result<Self> {
+        if batch == 1 {
+            return Ok(self);
+        }
+        let mut expanded = Self {
+            layers: (0..self.layers.len())
+                .map(|_| KvCache::new(2, self.capacity))
+                .collect(),
+            capacity: self.capacity,
+        };
+        for (from, to) in self.layers.iter().zip(&mut expanded.layers) {
+            if let (Some(k), Some(v)) = (from.k()?, from.v()?) {
+                let grow = |t: &Tensor| -> Result<Tensor> {
+                    let (_, heads, len, dim) = t.dims4()?;
+                    Ok(t.broadcast_as((batch, heads, len, dim))?.contiguous()?)
+                };
+                to.append(&grow(&k)?, &grow(&v)?)?;
+            }
+        }
+        Ok(expanded)
+    }
+
+    pub fn len(&self) -> usize {
+        self.layers.first().map_or(0, KvCache::current_seq_len)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// What the input attends to besides itself.
+pub enum Context<'a> {
+    None,
+    Prefix(&'a Prefix),
+    Cache(&'a mut Cache),
+}
+
+pub struct Llama {
+    pub config: Config,
+    embed: Tensor,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    lm_head: Option<Tensor>,
+    cos: Tensor,
+    sin: Tensor,
+    device: Device,
+    dtype: DType,
+}
+
+/// Undoes llama.cpp's q/k row permutation (interleaved rotary pairs back to half-split).
+fn unpermute(weight: Tensor, heads: usize) -> Result<Tensor> {
+    let (rows, columns) = weight.dims2()?;
+    Ok(weight
+        .reshape((heads, rows / heads / 2, 2, columns))?
+        .transpose(1, 2)?
+        .reshape((rows, columns))?)
+}
+
+impl Llama {
+    /// Loads a GGUF file, dequantizing every tensor to `dtype` on `device`.
+    pub fn from_gguf(
+        path: &Path,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<(Self, gguf_file::Content)> {
+        let mut file = File::open(path).map_err(|e| Error::io(path, e))?;
+        let content = gguf_file::Content::read(&mut file)
+            .map_err(|e| Error::Model(format!("{}: {e}", path.display())))?;
+        let config = Config::from_gguf(&content)?;
+        config.check()?;
+        let mut tensor = |name: &str| -> Result<Tensor> {
+            let quantized = content
+                .tensor(&mut file, name, device)
+                .map_err(|e| Error::Model(format!("{}: {name}: {e}", path.display())))?;
+            Ok(quantized.dequantize(device)?.to_dtype(dtype)?)
+        };
+        let mut layers = Vec::with_capacity(config.layers);
+        for i in 0..config.layers {
+            let name = |part: &str| format!("blk.{i}.{part}.weight");
+            layers.push(Layer {
+                attn_norm: tensor(&name("attn_norm"))?,
+                q: unpermute(tensor(&name("attn_q"))?, config.heads)?,
+                k: unpermute(tensor(&name("attn_k"))?, config.kv_heads)?,
+                v: tensor(&name("attn_v"))?,
+                o: tensor(&name("attn_output"))?,
+                ffn_norm: tensor(&name("ffn_norm"))?,
+                gate: tensor(&name("ffn_gate"))?,
+                up: tensor(&name("ffn_up"))?,
+                down: tensor(&name("ffn_down"))?,
+            });
+        }
+        let embed = tensor("token_embd.weight")?;
+        let norm = tensor("output_norm.weight")?;
+        let lm_head = if config.tie_embeddings {
+            None
+        } else {
+            Some(tensor("output.weight")?)
+        };
+        let model = Self::assemble(config, embed, layers, norm, lm_head, device, dtype)?;
+        Ok((model, content))
+    }
+
+    /// Loads a Hugging Face checkpoint directory: `config.json` and `*.safetensors`.
+    pub fn from_hf_dir(dir: &Path, device: &Device, dtype: DType) -> Result<Self> {
+        let config_path = dir.join("config.json");
+        let config = Config::from_hf_json(
+            &std::fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?,
+        )?;
+        config.check()?;
+        let files = super::source::safetensors_files(dir)?;
+        // SAFETY: the weights are only read; a checkpoint rewritten while loaded is the user's
+        // to avoid, as with every memory-mapped model loader.
+        #[allow(unsafe_code)]
+        let vb = unsafe { candle_nn::VarBuilder::from_mmaped_safetensors(&files, dtype, device)? };
+        let (hidden, heads, kv, hd, inter) = (
+            config.hidden,
+            config.heads,
+            config.kv_heads,
+            config.head_dim,
+            config.intermediate,
+        );
+        let mut layers = Vec::with_capacity(config.layers);
+        for i in 0..config.layers {
+            let vb = vb.pp(format!("model.layers.{i}"));
+            layers.push(Layer {
+                attn_norm: vb.get(hidden, "input_layernorm.weight")?,
+                q: vb.get((heads * hd, hidden), "self_attn.q_proj.weight")?,
+                k: vb.get((kv * hd, hidden), "self_attn.k_proj.weight")?,
+                v: vb.get((kv * hd, hidden), "self_attn.v_proj.weight")?,
+                o: vb.get((hidden, heads * hd), "self_attn.o_proj.weight")?,
+                ffn_norm: vb.get(hidden, "post_attention_layernorm.weight")?,
+                gate: vb.get((inter, hidden), "mlp.gate_proj.weight")?,
+                up: vb.get((inter, hidden), "mlp.up_proj.weight")?,
+                down: vb.get((hidden, inter), "mlp.down_proj.weight")?,
+            });
+        }
+        let embed = vb.get((config.vocab, hidden), "model.embed_tokens.weight")?;
+        let norm = vb.get(hidden, "model.norm.weight")?;
+        let lm_head = if config.tie_embeddings {
+            None
+        } else {
+            Some(vb.get((config.vocab, hidden), "lm_head.weight")?)
+        };
+        Self::assemble(config, embed, layers, norm, lm_head, device, dtype)
+    }
+
+    /// A model of the given shape with random weights (tests, and speed measurements where the
+    /// values do not matter).
+    pub fn random(config: Config, seed: u64, device: &Device, dtype: DType) -> Result<Self> {
+        use rand::SeedableRng;
+        use rand_distr::Distribution;
+        config.check()?;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let mut normal = |shape: (usize, usize), scale: f32| -> Result<Tensor> {
+            let values: Vec<f32> = (0..shape.0 * shape.1)
+                .map(|_| rand_distr::StandardNormal.sample(&mut rng))
+                .map(|v: f32| v * scale)
+                .collect();
+            Ok(Tensor::from_vec(values, shape, device)?.to_dtype(dtype)?)
+        };
+        let (hidden, hd) = (config.hidden, config.head_dim);
+        let mut matrix =
+            |rows: usize, columns: usize| normal((rows, columns), 1.0 / (columns as f32).sqrt());
+        let mut layers = Vec::with_capacity(config.layers);
+        for _ in 0..config.layers {
+            layers.push(Layer {
+                attn_norm: Tensor::ones(hidden, dtype, device)?,
+                q: matrix(config.heads * hd, hidden)?,
+                k: matrix(config.kv_heads * hd, hidden)?,
+                v: matrix(config.kv_heads * hd, hidden)?,
+                o: matrix(hidden, config.heads * hd)?,
+                ffn_norm: Tensor::ones(hidden, dtype, device)?,
+                gate: matrix(config.intermediate, hidden)?,
+                up: matrix(config.intermediate, hidden)?,
+                down: matrix(hidden, config.intermediate)?,
+            });
+        }
+        let embed = matrix(config.vocab, hidden)?;
+        let norm = Tensor::ones(hidden, dtype, device)?;
+        Self::assemble(config, embed, layers, norm, None, device, dtype)
+    }
+
+    fn assemble(
+        config: Config,
+        embed: Tensor,
+        layers: Vec<Layer>,
+        norm: Tensor,
+        lm_head: Option<Tensor>,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
+        let half = config.head_dim / 2;
+        let inverse: Vec<f32> = (0..half)
+            .map(|i| {
+                1.0 / config
+                    .rope_theta
+                    .powf(2.0 * i as f64 / config.head_dim as f64) as f32
+            })
+            .collect();
+        let inverse = Tensor::from_vec(inverse, (1, half), device)?;
+        let positions = Tensor::arange(0u32, config.max_positions as u32, device)?
+            .to_dtype(DType::F32)?
+            .unsqueeze(1)?;
+        let angles = positions.broadcast_mul(&inverse)?;
+        Ok(Self {
+            cos: angles.cos()?.to_dtype(dtype)?,
+            sin: angles.sin()?.to_dtype(dtype)?,
+            config,
+            embed,
+            layers,
+            norm,
+            lm_head,
+            device: device.clone(),
+            dtype,
+        })
+    }
+
+    /// The weights under Hugging Face transformers' names (q/k in the half-split layout), e.g.
+    /// to check this implementation against another one.
+    pub fn named_weights(&self) -> std::collections::HashMap<String, Tensor> {
+        let mut named = std::collections::HashMap::new();
+        named.insert("model.embed_tokens.weight".to_owned(), self.embed.clone());
+        named.insert("model.norm.weight".to_owned(), self.norm.clone());
+        named.insert(
+            "lm_head.weight".to_owned(),
+            self.lm_head.clone().unwrap_or_else(|| self.embed.clone()),
+        );
+        for (i, layer) in self.layers.iter().enumerate() {
+            for (name, tensor) in [
+                ("input_layernorm", &layer.attn_norm),
+                ("self_attn.q_proj", &layer.q),
+                ("self_attn.k_proj", &layer.k),
+                ("self_attn.v_proj", &layer.v),
+                ("self_attn.o_proj", &layer.o),
+                ("post_attention_layernorm", &layer.ffn_norm),
+                ("mlp.gate_proj", &layer.gate),
+                ("mlp.up_proj", &layer.up),
+                ("mlp.down_proj", &layer.down),
+            ] {
+                named.insert(format!("model.layers.{i}.{name}.weight"), tensor.clone());
+            }
+        }
+        named
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn new_cache(&self, max_tokens: usize) -> Cache {
+        Cache {
+            layers: (0..self.config.layers)
+                .map(|_| KvCache::new(2, max_tokens))
+                .collect(),
+            capacity: max_tokens,
+        }
+    }
+
+    /// Hidden states after the final norm, `[B, L, hidden]`, for `ids` `[B, L]` at `positions`
+    /// `[B, L]`. `mask` is additive, `[B, 1, 1, L, T]` with `T` the attended length (context +
+    /// input): 0 where attention is allowed, -inf where not.
+    pub fn forward(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        mask: &Tensor,
+        mut context: Context<'_>,
+        mode: Mode,
+    ) -> Result<Tensor> {
+        let (batch, length) = ids.dims2()?;
+        let flat = positions.flatten_all()?;
+        let shape = (batch, length, self.config.head_dim / 2);
+        let cos = self.cos.index_select(&flat, 0)?.reshape(shape)?;
+        let sin = self.sin.index_select(&flat, 0)?.reshape(shape)?;
+        let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((
+            batch,
+            length,
+            self.config.hidden,
+        ))?;
+        for (index, layer) in self.layers.iter().enumerate() {
+            let h = self.rms_norm(&x, &layer.attn_norm, mode)?;
+            let attended =
+                self.attention(index, layer, &h, &cos, &sin, mask, &mut context, mode)?;
+            x = (x + attended)?;
+            let h = self.rms_norm(&x, &layer.ffn_norm, mode)?;
+            let gated = (candle_nn::ops::silu(&frozen_linear(&h, &layer.gate)?)?
+                * frozen_linear(&h, &layer.up)?)?;
+            x = (x + frozen_linear(&gated, &layer.down)?)?;
+        }
+        self.rms_norm(&x, &self.norm, mode)
+    }
+
+    /// Next-token logits for hidden states `[..., hidden]`.
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        Ok(frozen_linear(
+            hidden,
+            self.lm_head.as_ref().unwrap_or(&self.embed),
+        )?)
+    }
+
+    fn rms_norm(&self, x: &Tensor, weight: &Tensor, mode: Mode) -> Result<Tensor> {
+        let eps = self.config.rms_eps as f32;
+        Ok(match mode {
+            Mode::Train => candle_nn::ops::rms_norm_slow(x, weight, eps)?,
+            Mode::Infer => candle_nn::ops::rms_norm(x, weight, eps)?,
+        })
+    }
+
+    /// Rotates `x` `[B, heads, L, head_dim]` by per-token angles `cos`/`sin` `[B, L, head_dim/2]`.
+    fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, mode: Mode) -> Result<Tensor> {
+        Ok(match mode {
+            Mode::Infer => candle_nn::rotary_emb::rope(&x.contiguous()?, cos, sin)?,
+            Mode::Train => {
+                let half = x.dim(D::Minus1)? / 2;
+                let cos = Tensor::cat(&[cos, cos], D::Minus1)?.unsqueeze(1)?;
+                let sin = Tensor::cat(&[sin, sin], D::Minus1)?.unsqueeze(1)?;
+                let rotated = Tensor::cat(
+                    &[
+                        &x.narrow(D::Minus1, half, half)?.neg()?,
+                        &x.narrow(D::Minus1, 0, half)?,
+                    ],
+                    D::Minus1,
+                )?;
+                (x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?)?
+            }
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        index: usize,
+        layer: &Layer,
+        h: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &Tensor,
+        context: &mut Context<'_>,
+        mode: Mode,
+    ) -> Result<Tensor> {
+        let config = &self.config;
+        let (batch, length, _) = h.dims3()?;
+        let (heads, kv_heads, hd) = (config.heads, config.kv_heads, config.head_dim);
+        let split = |w: &Tensor, n: usize| -> Result<Tensor> {
+            Ok(frozen_linear(h, w)?
+                .reshape((batch, length, n, hd))?
+                .transpose(1, 2)?
+                .contiguous()?)
+        };
+        let q = Self::rope(&split(&layer.q, heads)?, cos, sin, mode)?;
+        let k = Self::rope(&split(&layer.k, kv_heads)?, cos, sin, mode)?;
+        let v = split(&layer.v, kv_heads)?;
+        let (k, v) = match context {
+            Context::None => (k, v),
+            Context::Prefix(prefix) => {
+                let shape = (batch, kv_heads, prefix.tokens(), hd);
+                let pk = prefix.keys[index].unsqueeze(0)?.broadcast_as(shape)?;
+                let pv = prefix.values[index].unsqueeze(0)?.broadcast_as(shape)?;
+                (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?)
+            }
+            Context::Cache(cache) => cache.layers[index].append(&k, &v)?,
+        };
+        let total = k.dim(2)?;
+        // Grouped-query attention without copying keys: the query heads sharing a key head are
+        // stacked along the sequence axis.
+        let group = heads / kv_heads;
+        let q = q.reshape((batch, kv_heads, group * length, hd))?;
+        let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
+        let scores = scores
+            .reshape((batch, kv_heads, group, length, total))?
+            .broadcast_add(mask)?;
+        let probabilities = match mode {
+            Mode::Train => candle_nn::ops::softmax(&scores, D::Minus1)?,
+            Mode::Infer => candle_nn::ops::softmax_last_dim(&scores)?,
+        };
+        let out = probabilities
+            .reshape((batch, kv_heads, group * length, total))?
+            .matmul(&v.contiguous()?)?;
+        let out = out
+            .reshape((batch, heads, length, hd))?
+            .transpose(1, 2)?
+            .reshape((batch, length, heads * hd))?;
+        Ok(frozen_linear(&out, &layer.o)?)
+    }
+
+    /// Keys and values that `ids` (one sequence, positions `0..n`) leave in every layer: the
+    /// prefix a model would hold after reading them. Used to initialize a cartridge from text.
+    pub fn prefix_of(&self, ids: &[u32]) -> Result<Prefix> {
+        let mut cache = self.new_cache(ids.len());
+        let input = Tensor::new(ids, &self.device)?.unsqueeze(0)?;
+        let positions = Tensor::arange(0u32, ids.len() as u32, &self.device)?.unsqueeze(0)?;
+        let mask = causal_mask(&[ids.len()], 0, ids.len(), self.dtype, &self.device)?;
+        self.forward(
+            &input,
+            &positions,
+            &mask,
+            Context::Cache(&mut cache),
+            Mode::Infer,
+        )?;
+        let mut prefix = Prefix {
+            keys: Vec::new(),
+            values: Vec::new(),
+        };
+        for layer in &cache.layers {
+            let (k, v) = (layer.k()?, layer.v()?);
+            let (k, v) = (
+                k.ok_or_else(|| Error::Model("empty cache".into()))?,
+                v.ok_or_else(|| Error::Model("empty cache".into()))?,
+            );
+            prefix.keys.push(k.i(0)?.contiguous()?);
+            prefix.values.push(v.i(0)?.contiguous()?);
+        }
+        Ok(prefix)
+    }
+}
+
+/// The additive mask for `lengths.len()` sequences of `length` tokens (right-padded to `length`;
+/// `lengths[b]` are real) after `context` always-visible tokens: `[B, 1, 1, length, context +
+/// length]`. Padding rows still see the context (or, without one, themselves) so softmax never
+/// meets a row of -inf.
+pub fn causal_mask(
+    lengths: &[usize],
+    context: usize,
+    length: usize,
+    dtype: DType,
+    device: &Device,
+) -> Result<Tensor> {
+    let total = context + length;
+    let mut values = vec![f32::NEG_INFINITY; lengths.len() * length * total];
+    for (b, &real) in lengths.iter().enumerate() {
+        for i in 0..length {
+            let row = &mut values[(b * length + i) * total..(b * length + i + 1) * total];
+            row[..context].fill(0.0);
+            let visible = if i < real {
+                i + 1
+            } else {
+                usize::from(context == 0) * (i + 1)
+            };
+            for (j, slot) in row[context..].iter_mut().enumerate().take(visible) {
+                if j < real || j == i {
+                    *slot = 0.0;
+                }
+            }
+        }
+    }
+    Ok(Tensor::from_vec(values, (lengths.len(), 1, 1, length, total), device)?.to_dtype(dtype)?)
+}

@@ -1,0 +1,15 @@
+//! The model: Llama-family weights, tokenizer and chat template, and the forward with a KV prefix.
+
+mod config;
+mod generate;
+mod llama;
+mod ops;
+mod source;
+mod text;
+
+pub use config::Config;
+pub use generate::{Generated, GenerationRequest, Sampling, generate};
+pub use llama::{Cache, Context, Llama, Mode, Prefix, causal_mask};
+pub use ops::frozen_linear;
+pub use source::{ALIASES, Alias, LoadedModel, ModelSource};
+pub use text::{Message, TextCodec};

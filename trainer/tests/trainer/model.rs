@@ -1,0 +1,402 @@
+//! The model: against candle's reference implementation, prefix against full context, gradients
+//! against finite differences, and a real answer from the real model.
+
+use candle_core::{D, DType, Device, IndexOp, Tensor, Var};
+use cartridge_trainer::model::{
+    Config, Context, GenerationRequest, Llama, Message, Mode, Prefix, Sampling, causal_mask,
+    generate,
+};
+
+use crate::support::{smollm2, smollm2_path};
+
+fn max_difference(a: &Tensor, b: &Tensor) -> f32 {
+    a.sub(b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+/// Last-position logits of one sequence, no prefix.
+fn last_logits(model: &Llama, ids: &[u32], mode: Mode) -> Tensor {
+    let device = model.device();
+    let input = Tensor::new(ids, device).unwrap().unsqueeze(0).unwrap();
+    let positions = Tensor::arange(0u32, ids.len() as u32, device)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let mask = causal_mask(&[ids.len()], 0, ids.len(), model.dtype(), device).unwrap();
+    let hidden = model
+        .forward(&input, &positions, &mask, Context::None, mode)
+        .unwrap();
+    model
+        .logits(&hidden.i((0, ids.len() - 1)).unwrap())
+        .unwrap()
+}
+
+#[test]
+fn logits_match_candles_quantized_llama() {
+    let loaded = smollm2();
+    let ids = loaded.text.encode("The capital of France is").unwrap();
+    let ours = last_logits(&loaded.llama, &ids, Mode::Infer);
+
+    let mut file = std::fs::File::open(smollm2_path()).unwrap();
+    let content = candle_core::quantized::gguf_file::Content::read(&mut file).unwrap();
+    let mut reference = candle_transformers::models::quantized_llama::ModelWeights::from_gguf(
+        content,
+        &mut file,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let theirs = reference
+        .forward(
+            &Tensor::new(ids.as_slice(), &Device::Cpu)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap(),
+            0,
+        )
+        .unwrap()
+        .squeeze(0)
+        .unwrap();
+
+    // candle's reference multiplies Q4_1 weights with activations quantized to 8 bits, we the
+    // same weights dequantized with f32 activations: the logits agree to within that rounding.
+    let difference = max_difference(&ours, &theirs);
+    let (a, b) = (
+        ours.to_vec1::<f32>().unwrap(),
+        theirs.to_vec1::<f32>().unwrap(),
+    );
+    let dot: f32 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
+    let norm = |v: &[f32]| v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    let cosine = dot / (norm(&a) * norm(&b));
+    let range = a.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x))
+        - a.iter().fold(f32::INFINITY, |m, &x| m.min(x));
+    println!("max logit difference {difference} over a range of {range}, cosine {cosine}");
+    assert!(cosine > 0.995, "cosine similarity {cosine}");
+    assert!(
+        difference < 0.05 * range,
+        "max logit difference {difference} over a range of {range}"
+    );
+    let argmax = |t: &Tensor| t.argmax(D::Minus1).unwrap().to_scalar::<u32>().unwrap();
+    assert_eq!(argmax(&ours), argmax(&theirs));
+}
+
+#[test]
+fn logits_match_candles_llama_on_the_same_weights() {
+    // candle-transformers' Llama in f32 on our dequantized weights: the same arithmetic, so the
+    // logits agree to rounding, which checks the attention, rotary layout and norms exactly.
+    let loaded = smollm2();
+    let config = &loaded.llama.config;
+    let ids = loaded.text.encode("The capital of France is").unwrap();
+    let ours = last_logits(&loaded.llama, &ids, Mode::Infer);
+    let wire = candle_transformers::models::llama::LlamaConfig {
+        hidden_size: config.hidden,
+        intermediate_size: config.intermediate,
+        vocab_size: config.vocab,
+        num_hidden_layers: config.layers,
+        num_attention_heads: config.heads,
+        num_key_value_heads: Some(config.kv_heads),
+        rms_norm_eps: config.rms_eps,
+        rope_theta: config.rope_theta as f32,
+        bos_token_id: None,
+        eos_token_id: None,
+        rope_scaling: None,
+        max_position_embeddings: config.max_positions,
+        tie_word_embeddings: Some(true),
+    }
+    .into_config(false);
+    let vb =
+        candle_nn::VarBuilder::from_tensors(loaded.llama.named_weights(), DType::F32, &Device::Cpu);
+    let reference = candle_transformers::models::llama::Llama::load(vb, &wire).unwrap();
+    let mut cache =
+        candle_transformers::models::llama::Cache::new(false, DType::F32, &wire, &Device::Cpu)
+            .unwrap();
+    let theirs = reference
+        .forward(
+            &Tensor::new(ids.as_slice(), &Device::Cpu)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap(),
+            0,
+            &mut cache,
+        )
+        .unwrap()
+        .squeeze(0)
+        .unwrap();
+    let difference = max_difference(&ours, &theirs);
+    assert!(difference < 1e-3, "max logit difference {difference}");
+}
+
+#[test]
+fn training_and_inference_forwards_agree() {
+    let loaded = smollm2();
+    let ids = loaded
+        .text
+        .encode("Cartridges are small caches trained on one corpus.")
+        .unwrap();
+    let fast = last_logits(&loaded.llama, &ids, Mode::Infer);
+    let slow = last_logits(&loaded.llama, &ids, Mode::Train);
+    assert!(
+        max_difference(&fast, &slow) < 1e-3,
+        "{}",
+        max_difference(&fast, &slow)
+    );
+}
+
+#[test]
+fn a_prefix_of_text_is_the_text_in_context() {
+    let loaded = smollm2();
+    let model = &loaded.llama;
+    let text = loaded
+        .text
+        .encode("Alice keeps the keys to the archive in a blue tin under the stairs.")
+        .unwrap();
+    let question = loaded.text.encode(" Where are the keys?").unwrap();
+    let full: Vec<u32> = text.iter().chain(&question).copied().collect();
+    let expected = last_logits(model, &full, Mode::Infer);
+
+    let prefix = model.prefix_of(&text).unwrap();
+    assert_eq!(prefix.tokens(), text.len());
+    let device = model.device();
+    let input = Tensor::new(question.as_slice(), device)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let start = text.len() as u32;
+    let positions = Tensor::arange(start, start + question.len() as u32, device)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let mask = causal_mask(
+        &[question.len()],
+        text.len(),
+        question.len(),
+        model.dtype(),
+        device,
+    )
+    .unwrap();
+    for mode in [Mode::Infer, Mode::Train] {
+        let hidden = model
+            .forward(&input, &positions, &mask, Context::Prefix(&prefix), mode)
+            .unwrap();
+        let logits = model
+            .logits(&hidden.i((0, question.len() - 1)).unwrap())
+            .unwrap();
+        let difference = max_difference(&logits, &expected);
+        assert!(
+            difference < 1e-3,
+            "{mode:?}: max logit difference {difference}"
+        );
+    }
+}
+
+fn tiny_config() -> Config {
+    Config {
+        vocab: 64,
+        hidden: 32,
+        intermediate: 48,
+        layers: 2,
+        heads: 4,
+        kv_heads: 2,
+        head_dim: 8,
+        rope_theta: 10_000.0,
+        rms_eps: 1e-6,
+        max_positions: 64,
+        tie_embeddings: true,
+    }
+}
+
+/// A scalar loss of the prefix: a fixed random projection of the logits of a short input.
+fn loss(model: &Llama, prefix: &Prefix, ids: &[u32], weights: &Tensor) -> Tensor {
+    let device = model.device();
+    let p = prefix.tokens();
+    let input = Tensor::new(ids, device).unwrap().unsqueeze(0).unwrap();
+    let positions = Tensor::arange(p as u32, (p + ids.len()) as u32, device)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let mask = causal_mask(&[ids.len()], p, ids.len(), model.dtype(), device).unwrap();
+    let hidden = model
+        .forward(
+            &input,
+            &positions,
+            &mask,
+            Context::Prefix(prefix),
+            Mode::Train,
+        )
+        .unwrap();
+    model
+        .logits(&hidden)
+        .unwrap()
+        .mul(weights)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+}
+
+#[test]
+fn prefix_gradients_match_finite_differences() {
+    let device = Device::Cpu;
+    let model = Llama::random(tiny_config(), 7, &device, DType::F64).unwrap();
+    let (kv, p, hd) = (2, 3, 8);
+    let keys: Vec<Var> = (0..2)
+        .map(|_| Var::randn(0f64, 1.0, (kv, p, hd), &device).unwrap())
+        .collect();
+    let values: Vec<Var> = (0..2)
+        .map(|_| Var::randn(0f64, 1.0, (kv, p, hd), &device).unwrap())
+        .collect();
+    let prefix = |keys: &[Var], values: &[Var]| Prefix {
+        keys: keys.iter().map(|v| v.as_tensor().clone()).collect(),
+        values: values.iter().map(|v| v.as_tensor().clone()).collect(),
+    };
+    let ids = [5u32, 9, 13, 2];
+    let weights = Tensor::randn(0f64, 1.0, (1, ids.len(), 64), &device).unwrap();
+    let gradients = loss(&model, &prefix(&keys, &values), &ids, &weights)
+        .backward()
+        .unwrap();
+
+    for (name, vars) in [("keys", &keys), ("values", &values)] {
+        for (layer, var) in vars.iter().enumerate() {
+            let gradient = gradients
+                .get(var)
+                .unwrap_or_else(|| panic!("{name} of layer {layer} got no gradient"));
+            assert!(
+                gradient
+                    .abs()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f64>()
+                    .unwrap()
+                    > 0.0,
+                "{name} {layer}: zero gradient"
+            );
+            let analytic = gradient.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+            let original = var
+                .as_tensor()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap();
+            for index in [0, 7, 23, original.len() - 1] {
+                let epsilon = 1e-5;
+                let nudged = |delta: f64| {
+                    let mut data = original.clone();
+                    data[index] += delta;
+                    var.set(&Tensor::from_vec(data, (kv, p, hd), &device).unwrap())
+                        .unwrap();
+                    let value = loss(&model, &prefix(&keys, &values), &ids, &weights)
+                        .to_scalar::<f64>()
+                        .unwrap();
+                    var.set(&Tensor::from_vec(original.clone(), (kv, p, hd), &device).unwrap())
+                        .unwrap();
+                    value
+                };
+                let numeric = (nudged(epsilon) - nudged(-epsilon)) / (2.0 * epsilon);
+                let tolerance = 1e-5 * (1.0 + numeric.abs());
+                assert!(
+                    (numeric - analytic[index]).abs() < tolerance,
+                    "{name} layer {layer} [{index}]: numeric {numeric}, analytic {}",
+                    analytic[index]
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn the_real_model_knows_the_capital_of_france() {
+    let loaded = smollm2();
+    let prompt = loaded
+        .text
+        .render(
+            &[Message::new("user", "What is the capital of France?")],
+            true,
+        )
+        .unwrap();
+    let ids = loaded.text.encode(&prompt).unwrap();
+    let request = GenerationRequest {
+        prefix: None,
+        shared: &ids,
+        prompts: &[Vec::new()],
+        max_new_tokens: 16,
+        sampling: Sampling::GREEDY,
+        top_logprobs: None,
+        stop_ids: &loaded.text.stop_ids,
+        seed: 0,
+    };
+    let generated = generate(&loaded.llama, &request).unwrap();
+    let answer = loaded.text.decode(&generated[0].tokens).unwrap();
+    assert!(answer.contains("Paris"), "{answer:?}");
+}
+
+#[test]
+fn batched_generation_matches_one_at_a_time() {
+    let loaded = smollm2();
+    let shared = loaded
+        .text
+        .encode(
+            &loaded
+                .text
+                .render(&[Message::new("system", "You answer in one word.")], false)
+                .unwrap(),
+        )
+        .unwrap();
+    let questions = [
+        "What color is the sky?",
+        "Name a fruit.",
+        "What is two plus two, as a word?",
+    ];
+    let prompts: Vec<Vec<u32>> = questions
+        .iter()
+        .map(|q| {
+            let turn = loaded
+                .text
+                .render(
+                    &[
+                        Message::new("system", "You answer in one word."),
+                        Message::new("user", *q),
+                    ],
+                    true,
+                )
+                .unwrap();
+            loaded.text.encode(&turn).unwrap()[shared.len()..].to_vec()
+        })
+        .collect();
+    fn request<'a>(
+        shared: &'a [u32],
+        prompts: &'a [Vec<u32>],
+        stop_ids: &'a [u32],
+    ) -> GenerationRequest<'a> {
+        GenerationRequest {
+            prefix: None,
+            shared,
+            prompts,
+            max_new_tokens: 6,
+            sampling: Sampling::GREEDY,
+            top_logprobs: Some((20, 0.99)),
+            stop_ids,
+            seed: 0,
+        }
+    }
+    let stop = &loaded.text.stop_ids;
+    let batched = generate(&loaded.llama, &request(&shared, &prompts, stop)).unwrap();
+    for (prompt, together) in prompts.iter().zip(&batched) {
+        let alone = generate(
+            &loaded.llama,
+            &request(&shared, std::slice::from_ref(prompt), stop),
+        )
+        .unwrap();
+        assert_eq!(alone[0].tokens, together.tokens);
+        let (a, b) = (&alone[0].top_logprobs[0], &together.top_logprobs[0]);
+        assert_eq!(a[0].0, b[0].0);
+        assert!((a[0].1 - b[0].1).abs() < 1e-3);
+        assert!(!a.is_empty() && a.len() <= 20);
+    }
+}
