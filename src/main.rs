@@ -34,6 +34,8 @@ enum Command {
     Ls(commands::ls::LsArgs),
     Rm(commands::rm::RmArgs),
     Namespace(commands::namespace::NamespaceArgs),
+    Train(commands::train::TrainArgs),
+    Eval(commands::eval::EvalArgs),
 }
 
 fn main() -> ExitCode {
@@ -58,6 +60,8 @@ fn main() -> ExitCode {
         Command::Ls(args) => commands::ls::run(args),
         Command::Rm(args) => commands::rm::run(args),
         Command::Namespace(args) => commands::namespace::run(args),
+        Command::Train(args) => commands::train::run(args),
+        Command::Eval(args) => commands::eval::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,4 +1,5 @@
 pub mod compose;
+pub mod eval;
 pub mod import;
 pub mod inspect;
 pub mod login;
@@ -9,6 +10,7 @@ pub mod pull;
 pub mod push;
 pub mod rm;
 pub mod tag;
+pub mod train;
 pub mod verify;
 
 use std::sync::Arc;

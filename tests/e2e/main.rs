@@ -6,3 +6,4 @@ mod moto;
 mod offline;
 mod registry;
 mod support;
+mod trainer;

@@ -437,7 +437,11 @@ impl Llama {
                 let shape = (batch, kv_heads, prefix.tokens(), hd);
                 let pk = prefix.keys[index].unsqueeze(0)?.broadcast_as(shape)?;
                 let pv = prefix.values[index].unsqueeze(0)?.broadcast_as(shape)?;
-                (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?)
+                // cat of a broadcast view leaves strides the batched matmul refuses.
+                (
+                    Tensor::cat(&[&pk, &k], 2)?.contiguous()?,
+                    Tensor::cat(&[&pv, &v], 2)?.contiguous()?,
+                )
             }
             Context::Cache(cache) => cache.layers[index].append(&k, &v)?,
         };

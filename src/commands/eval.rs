@@ -1,0 +1,148 @@
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use cartridge_schemas::file::Cartridge;
+use cartridge_schemas::paths::Paths;
+use cartridge_trainer::cartridge::{concatenate, prefix_of_cartridge};
+use cartridge_trainer::corpus::Corpus;
+use cartridge_trainer::eval::{Setting, evaluate, read_qa};
+use cartridge_trainer::model::ModelSource;
+use clap::Args;
+
+use super::train::DeviceKind;
+use crate::output::human_bytes;
+
+/// Measure how well a model answers questions about a corpus: with no context, with the corpus in
+/// context, with a truncated corpus, with each cartridge, and with the cartridges composed.
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    #[arg(long)]
+    pub model: String,
+    /// Corpus files or directories (for the in-context baselines).
+    #[arg(long, required = true, num_args = 1..)]
+    pub corpus: Vec<PathBuf>,
+    /// Questions and reference answers, one `{"question": …, "answer": …}` per line.
+    #[arg(long)]
+    pub qa: PathBuf,
+    /// Cartridges to evaluate (repeatable); with several, their composition too.
+    #[arg(long = "cartridge")]
+    pub cartridges: Vec<PathBuf>,
+    /// Tokens of the truncated-corpus baseline (default: the first cartridge's length).
+    #[arg(long)]
+    pub tokens: Option<usize>,
+    /// Generated answers to show per mode.
+    #[arg(long, default_value_t = 3)]
+    pub samples: usize,
+    #[arg(long, default_value_t = 64)]
+    pub max_answer_tokens: usize,
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub device: DeviceKind,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(args: EvalArgs) -> Result<()> {
+    let paths = Paths::from_env()?;
+    let (device, dtype) = args.device.open()?;
+    let model = ModelSource::resolve(&args.model, &paths.models())?
+        .load(&device, dtype)
+        .with_context(|| format!("loading {}", args.model))?;
+    let corpus = Corpus::read(&args.corpus)?;
+    let qa = read_qa(&args.qa)?;
+
+    let mut cartridges = Vec::new();
+    for path in &args.cartridges {
+        let cartridge = Cartridge::open(path).with_context(|| format!("{}", path.display()))?;
+        let prefix = prefix_of_cartridge(&cartridge, &model.llama, &model.fingerprint)
+            .with_context(|| format!("{}", path.display()))?;
+        cartridges.push((
+            path.file_name().map_or_else(
+                || path.display().to_string(),
+                |n| n.to_string_lossy().into_owned(),
+            ),
+            prefix,
+        ));
+    }
+    let truncated_tokens = match (args.tokens, cartridges.first()) {
+        (Some(tokens), _) => tokens,
+        (None, Some((_, prefix))) => prefix.tokens(),
+        (None, None) => {
+            bail!("--tokens is needed for the truncated baseline when no cartridge is given")
+        }
+    };
+    let text = corpus.text();
+    let corpus_tokens = model.text.encode(&text)?;
+    let truncated = model
+        .text
+        .decode(&corpus_tokens[..truncated_tokens.min(corpus_tokens.len())])?;
+
+    let mut settings = vec![
+        ("no context".to_owned(), Setting::Bare),
+        (
+            format!("corpus in context ({} tokens)", corpus_tokens.len()),
+            Setting::Text(text),
+        ),
+        (
+            format!("truncated corpus ({truncated_tokens} tokens)"),
+            Setting::Text(truncated),
+        ),
+    ];
+    if cartridges.len() > 1 {
+        let composed = concatenate(
+            &cartridges
+                .iter()
+                .map(|(_, p)| p.clone())
+                .collect::<Vec<_>>(),
+        )?;
+        let names: Vec<&str> = cartridges.iter().map(|(n, _)| n.as_str()).collect();
+        settings.push((
+            format!("composed: {}", names.join(" + ")),
+            Setting::Cartridge(composed),
+        ));
+    }
+    settings.extend(
+        cartridges
+            .into_iter()
+            .map(|(name, prefix)| (format!("cartridge: {name}"), Setting::Cartridge(prefix))),
+    );
+
+    let reports = evaluate(&model, settings, &qa, args.samples, args.max_answer_tokens)?;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &serde_json::json!({"questions": qa.len(), "modes": reports})
+            )?
+        );
+        return Ok(());
+    }
+    println!(
+        "{} questions; mean log-likelihood per answer token (higher is better)\n",
+        qa.len()
+    );
+    println!(
+        "{:<44} {:>10} {:>8} {:>10} {:>10}",
+        "mode", "log-lik", "gain", "KV tokens", "KV bytes"
+    );
+    for report in &reports {
+        println!(
+            "{:<44} {:>10.4} {:>8.4} {:>10} {:>10}",
+            report.mode,
+            report.log_likelihood,
+            report.gain,
+            report.context_tokens,
+            human_bytes(report.kv_bytes)
+        );
+    }
+    for report in &reports {
+        println!("\n{}", report.mode);
+        for sample in &report.samples {
+            println!(
+                "  Q: {}\n  A: {}\n  reference: {}",
+                sample.question, sample.generated, sample.reference
+            );
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,209 @@
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use candle_core::{DType, Device};
+use cartridge_schemas::Dtype;
+use cartridge_schemas::paths::Paths;
+use cartridge_trainer::corpus::Corpus;
+use cartridge_trainer::distill::DistillOptions;
+use cartridge_trainer::model::ModelSource;
+use cartridge_trainer::pipeline::{TrainProgress, TrainRequest, train};
+use cartridge_trainer::synthesis::SynthesisOptions;
+use clap::{Args, ValueEnum};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+use crate::output::human_bytes;
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum DeviceKind {
+    Cpu,
+    Cuda,
+}
+
+impl DeviceKind {
+    /// The device and the dtype the model computes in there.
+    pub fn open(self) -> Result<(Device, DType)> {
+        match self {
+            Self::Cpu => Ok((Device::Cpu, DType::F32)),
+            Self::Cuda if candle_core::utils::cuda_is_available() => {
+                Ok((Device::new_cuda(0)?, DType::BF16))
+            }
+            Self::Cuda => bail!("this build has no CUDA support (build with --features cuda)"),
+        }
+    }
+}
+
+/// Train a cartridge on a corpus by self-study: the model writes conversations about chunks of
+/// the corpus, and the cartridge learns to make the model answer them without the corpus.
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// The model: a GGUF file, a Hugging Face checkpoint directory or an installed alias.
+    #[arg(long)]
+    pub model: String,
+    /// Corpus files or directories.
+    #[arg(long, required = true, num_args = 1..)]
+    pub corpus: Vec<PathBuf>,
+    /// Cartridge length in tokens.
+    #[arg(long)]
+    pub tokens: usize,
+    /// Where to write the cartridge.
+    #[arg(short, long)]
+    pub output: PathBuf,
+    /// Conversations to synthesize.
+    #[arg(long, default_value_t = 1024)]
+    pub conversations: usize,
+    /// Optimizer steps (default: two epochs over the conversations).
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// Adam learning rate (constant).
+    #[arg(long, default_value_t = 2e-2)]
+    pub lr: f64,
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub device: DeviceKind,
+    /// Continue an interrupted run from its work directory.
+    #[arg(long)]
+    pub resume: bool,
+    /// Conversations and checkpoints (default: OUTPUT.work).
+    #[arg(long)]
+    pub work_dir: Option<PathBuf>,
+    /// Chunk sizes drawn from MIN..MAX tokens.
+    #[arg(long, default_value = "512..4096", value_parser = parse_range)]
+    pub chunk_tokens: (usize, usize),
+    /// Conversations generated per chunk, as one batch.
+    #[arg(long, default_value_t = 16)]
+    pub per_chunk: usize,
+    /// Longest synthesized user message.
+    #[arg(long, default_value_t = 128)]
+    pub user_tokens: usize,
+    /// Longest synthesized answer.
+    #[arg(long, default_value_t = 512)]
+    pub answer_tokens: usize,
+    /// Tokens per packed training row.
+    #[arg(long, default_value_t = 2048)]
+    pub row_tokens: usize,
+    /// Rows per optimizer step.
+    #[arg(long, default_value_t = 4)]
+    pub rows: usize,
+    /// Leading tokens kept as initialized (the attention sink).
+    #[arg(long, default_value_t = 1)]
+    pub frozen: usize,
+    #[arg(long, default_value_t = 50)]
+    pub checkpoint_every: usize,
+    /// A line describing the corpus, shown to the model with every chunk.
+    #[arg(long)]
+    pub description: Option<String>,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Print a JSON report.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn parse_range(text: &str) -> Result<(usize, usize), String> {
+    let (low, high) = text.split_once("..").ok_or("expected MIN..MAX")?;
+    let (low, high): (usize, usize) = (
+        low.parse().map_err(|_| "MIN is not a number")?,
+        high.parse().map_err(|_| "MAX is not a number")?,
+    );
+    if low == 0 || low > high {
+        return Err("expected 0 < MIN <= MAX".into());
+    }
+    Ok((low, high))
+}
+
+struct Bars {
+    synthesis: ProgressBar,
+    training: ProgressBar,
+}
+
+impl TrainProgress for Bars {
+    fn synthesized(&self, done: usize, total: usize) {
+        self.synthesis.set_length(total as u64);
+        self.synthesis.set_position(done as u64);
+    }
+
+    fn stepped(&self, step: usize, total: usize, loss: f32, tokens_per_second: f64) {
+        self.training.set_length(total as u64);
+        self.training.set_position(step as u64);
+        self.training
+            .set_message(format!("loss {loss:.4}, {tokens_per_second:.0} tok/s"));
+    }
+}
+
+pub fn run(args: TrainArgs) -> Result<()> {
+    let paths = Paths::from_env()?;
+    let source = ModelSource::resolve(&args.model, &paths.models())?;
+    let (device, dtype) = args.device.open()?;
+    let model = source
+        .load(&device, dtype)
+        .with_context(|| format!("loading {}", args.model))?;
+    let corpus = Corpus::read(&args.corpus)?;
+    let work_dir = args
+        .work_dir
+        .clone()
+        .unwrap_or_else(|| args.output.with_extension("work"));
+    let request = TrainRequest {
+        synthesis: SynthesisOptions {
+            conversations: args.conversations,
+            per_chunk: args.per_chunk,
+            chunk_tokens: args.chunk_tokens,
+            user_max_tokens: args.user_tokens,
+            answer_max_tokens: args.answer_tokens,
+            description: args.description.clone(),
+            seed: args.seed,
+            ..SynthesisOptions::default()
+        },
+        distill: DistillOptions {
+            tokens: args.tokens,
+            frozen: args.frozen,
+            learning_rate: args.lr,
+            steps: args.steps.unwrap_or(1),
+            row_tokens: args.row_tokens,
+            rows: args.rows,
+            seed: args.seed,
+        },
+        work_dir,
+        output: args.output.clone(),
+        resume: args.resume,
+        checkpoint_every: args.checkpoint_every,
+        epochs: args.steps.is_none().then_some(2.0),
+        dtype: Dtype::Bf16,
+        model_name: args.model.clone(),
+    };
+    let target = || {
+        if args.json {
+            ProgressDrawTarget::hidden()
+        } else {
+            ProgressDrawTarget::stderr()
+        }
+    };
+    let style = |template: &str| {
+        ProgressStyle::with_template(template).unwrap_or_else(|_| ProgressStyle::default_bar())
+    };
+    let bars = Bars {
+        synthesis: ProgressBar::with_draw_target(None, target()).with_style(style(
+            "synthesis [{bar:30}] {pos}/{len} conversations {elapsed}",
+        )),
+        training: ProgressBar::with_draw_target(None, target()).with_style(style(
+            "training  [{bar:30}] {pos}/{len} steps {msg} {elapsed}",
+        )),
+    };
+    let report = train(&model, &corpus, &request, &bars)?;
+    bars.synthesis.finish_and_clear();
+    bars.training.finish_and_clear();
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!(
+            "wrote {}: {} tokens, {} from {} conversations in {} steps (loss {}), {:.0} training tok/s",
+            report.output.display(),
+            report.header.tokens,
+            human_bytes(report.header.payload_bytes()),
+            report.conversations,
+            report.steps,
+            report.final_loss.map_or("-".into(), |l| format!("{l:.4}")),
+            report.training_tokens_per_second
+        );
+    }
+    Ok(())
+}

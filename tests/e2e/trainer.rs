@@ -1,0 +1,145 @@
+//! `cartridge train` and `cartridge eval` on the real small model, at sizes a CPU runs in seconds.
+
+use serde_json::Value;
+
+use crate::support::{cartridge, path_str, smollm2_gguf};
+
+const CORPUS: &str = "The lighthouse on Varn Island was built in 1871 by the engineer Edda Morrow. \
+Its lamp burns whale oil and can be seen for nineteen miles on a clear night. The keeper, by order of \
+the harbour board, must log every ship that passes and ring the fog bell every two minutes in fog. \
+In 1903 a storm broke the lantern glass, and it was replaced with glass made in Birmingham.";
+
+const QA: &str = r#"{"question": "Who built the lighthouse on Varn Island?", "answer": "The engineer Edda Morrow built it, in 1871."}
+{"question": "How far can the lamp be seen?", "answer": "Nineteen miles on a clear night."}
+{"question": "What must the keeper do in fog?", "answer": "Ring the fog bell every two minutes."}
+"#;
+
+fn train_args<'a>(model: &'a str, steps: &'a str) -> Vec<&'a str> {
+    vec![
+        "train",
+        "--model",
+        model,
+        "--corpus",
+        "corpus.txt",
+        "--tokens",
+        "32",
+        "-o",
+        "varn.safetensors",
+        "--conversations",
+        "3",
+        "--per-chunk",
+        "3",
+        "--chunk-tokens",
+        "48..64",
+        "--user-tokens",
+        "24",
+        "--answer-tokens",
+        "24",
+        "--row-tokens",
+        "128",
+        "--rows",
+        "1",
+        "--steps",
+        steps,
+        "--checkpoint-every",
+        "1",
+        "--resume",
+        "--json",
+    ]
+}
+
+#[test]
+fn train_then_eval_on_the_real_model() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("corpus.txt"), CORPUS).unwrap();
+    std::fs::write(dir.path().join("qa.jsonl"), QA).unwrap();
+    let gguf = smollm2_gguf();
+    let model = path_str(&gguf);
+
+    let first: Value = cartridge(dir.path(), &train_args(model, "2")).json();
+    assert_eq!(first["steps"], 2);
+    assert_eq!(first["conversations"], 3);
+    assert_eq!(first["header"]["tokens"], 32);
+    assert_eq!(first["header"]["frozen_tokens"], 1);
+    // Asked for more steps, the run resumes: the same conversations, two steps further.
+    let second: Value = cartridge(dir.path(), &train_args(model, "4")).json();
+    assert_eq!(second["steps"], 4);
+    assert!(
+        second["synthesis_seconds"].as_f64().unwrap()
+            < first["synthesis_seconds"].as_f64().unwrap()
+    );
+
+    let verified = cartridge(dir.path(), &["verify", "varn.safetensors"]).ok();
+    assert!(
+        verified.contains("30 layers, 32 tokens, bf16"),
+        "{verified}"
+    );
+    let inspected = cartridge(dir.path(), &["inspect", "--json", "varn.safetensors"]).json();
+    let provenance = &inspected["header"]["provenance"]["trainer"];
+    assert_eq!(provenance["method"], "self-study");
+    assert_eq!(provenance["steps"], 4);
+    assert!(
+        provenance["corpus"]["digest"]
+            .as_str()
+            .unwrap()
+            .starts_with("blake3:")
+    );
+
+    let conversations =
+        std::fs::read_to_string(dir.path().join("varn.work/conversations.jsonl")).unwrap();
+    assert_eq!(conversations.lines().count(), 3);
+
+    let report: Value = cartridge(
+        dir.path(),
+        &[
+            "eval",
+            "--model",
+            model,
+            "--corpus",
+            "corpus.txt",
+            "--qa",
+            "qa.jsonl",
+            "--cartridge",
+            "varn.safetensors",
+            "--samples",
+            "1",
+            "--max-answer-tokens",
+            "8",
+            "--json",
+        ],
+    )
+    .json();
+    let modes = report["modes"].as_array().unwrap();
+    let names: Vec<&str> = modes.iter().map(|m| m["mode"].as_str().unwrap()).collect();
+    assert_eq!(names.len(), 4, "{names:?}");
+    assert!(
+        names[0] == "no context"
+            && names[1].starts_with("corpus in context")
+            && names[3] == "cartridge: varn.safetensors"
+    );
+    // The corpus in context makes its answers far more likely than no context at all.
+    assert!(modes[1]["gain"].as_f64().unwrap() > 0.5, "{}", modes[1]);
+    assert_eq!(modes[3]["context_tokens"], 32);
+    assert!(
+        modes
+            .iter()
+            .all(|m| m["samples"].as_array().unwrap().len() == 1)
+    );
+
+    let err = cartridge(
+        dir.path(),
+        &[
+            "eval",
+            "--model",
+            model,
+            "--corpus",
+            "corpus.txt",
+            "--qa",
+            "missing.jsonl",
+            "--tokens",
+            "8",
+        ],
+    )
+    .fails();
+    assert!(err.contains("missing.jsonl"), "{err}");
+}

@@ -1,0 +1,452 @@
+//! Context distillation: train the cartridge so the model reading only the conversation (after
+//! the cartridge) predicts the answers as the model did with the chunk in its context.
+//!
+//! The loss on each answer token is the cross-entropy against the teacher's kept top-k
+//! distribution, `-Σ p_teacher · log p_student`, averaged over answer tokens. Several
+//! conversations are packed into each row (each attends to the cartridge and to itself, and
+//! starts at position P), several rows make a step. Only the cartridge trains, with Adam at a
+//! constant learning rate; its first `frozen` tokens (the attention sink) stay as initialized.
+
+use std::path::Path;
+
+use candle_core::backprop::GradStore;
+use candle_core::{D, DType, Device, Tensor, Var};
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::model::{Context, Llama, LoadedModel, Message, Mode, Prefix};
+use crate::synthesis::Conversation;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DistillOptions {
+    /// Cartridge length P.
+    pub tokens: usize,
+    /// Leading tokens kept as initialized.
+    pub frozen: usize,
+    pub learning_rate: f64,
+    pub steps: usize,
+    /// Tokens per packed row.
+    pub row_tokens: usize,
+    /// Rows per step.
+    pub rows: usize,
+    pub seed: u64,
+}
+
+impl Default for DistillOptions {
+    fn default() -> Self {
+        Self {
+            tokens: 2048,
+            frozen: 1,
+            learning_rate: 2e-2,
+            steps: 256,
+            row_tokens: 2048,
+            rows: 4,
+            seed: 0,
+        }
+    }
+}
+
+/// Adam with its moments in tensors, so a checkpoint can hold them (candle-nn's optimizer keeps
+/// its state private, and restarting the moments at every resume would jolt training).
+struct Adam {
+    learning_rate: f64,
+    step: usize,
+    first: Vec<Tensor>,
+    second: Vec<Tensor>,
+}
+
+const BETA1: f64 = 0.9;
+const BETA2: f64 = 0.999;
+const EPSILON: f64 = 1e-8;
+
+impl Adam {
+    fn new(vars: &[Var], learning_rate: f64) -> Result<Self> {
+        let zeros = || {
+            vars.iter()
+                .map(|v| v.zeros_like())
+                .collect::<candle_core::Result<Vec<_>>>()
+        };
+        Ok(Self {
+            learning_rate,
+            step: 0,
+            first: zeros()?,
+            second: zeros()?,
+        })
+    }
+
+    fn update(&mut self, vars: &[Var], gradients: &GradStore) -> Result<()> {
+        self.step += 1;
+        let correction1 = 1.0 - BETA1.powi(self.step as i32);
+        let correction2 = 1.0 - BETA2.powi(self.step as i32);
+        for ((var, first), second) in vars.iter().zip(&mut self.first).zip(&mut self.second) {
+            let Some(gradient) = gradients.get(var) else {
+                continue;
+            };
+            *first = ((&*first * BETA1)? + (gradient * (1.0 - BETA1))?)?;
+            *second = ((&*second * BETA2)? + (gradient.sqr()? * (1.0 - BETA2))?)?;
+            let step = ((&*first / correction1)? / ((&*second / correction2)?.sqrt()? + EPSILON)?)?;
+            var.set(&(var.as_tensor() - (step * self.learning_rate)?)?)?;
+        }
+        Ok(())
+    }
+}
+
+/// A cartridge being trained: per layer, frozen leading tokens and trainable ones.
+pub struct Distiller<'a> {
+    model: &'a LoadedModel,
+    options: DistillOptions,
+    frozen_keys: Vec<Tensor>,
+    frozen_values: Vec<Tensor>,
+    keys: Vec<Var>,
+    values: Vec<Var>,
+    adam: Adam,
+    /// Where the next step draws conversations from: the epoch (which seeds its order) and the
+    /// position in it. Checkpointed, so a resumed run sees the same batches.
+    epoch: u64,
+    cursor: usize,
+    pub losses: Vec<f32>,
+}
+
+/// One step's packed input.
+struct Batch {
+    ids: Tensor,
+    positions: Tensor,
+    mask: Tensor,
+    /// Flat `row * row_tokens + column` indices whose output predicts an answer token.
+    rows: Tensor,
+    teacher_ids: Tensor,
+    teacher_probabilities: Tensor,
+    targets: usize,
+    tokens: usize,
+}
+
+impl<'a> Distiller<'a> {
+    /// Initializes the cartridge from the keys and values of the corpus's first tokens, wrapped
+    /// in the chat template as a system message (the reference's best initialization).
+    pub fn from_corpus(
+        model: &'a LoadedModel,
+        corpus_text: &str,
+        options: DistillOptions,
+    ) -> Result<Self> {
+        let rendered = model
+            .text
+            .render(&[Message::new("system", corpus_text)], false)?;
+        let ids = model.text.encode(&rendered)?;
+        if ids.len() < options.tokens {
+            return Err(Error::Data(format!(
+                "the corpus has {} tokens (chat-wrapped), fewer than the {} the cartridge should hold",
+                ids.len(),
+                options.tokens
+            )));
+        }
+        let prefix = model.llama.prefix_of(&ids[..options.tokens])?;
+        Self::from_prefix(model, &prefix, options)
+    }
+
+    /// Continues training from a cartridge's keys and values.
+    pub fn from_prefix(
+        model: &'a LoadedModel,
+        prefix: &Prefix,
+        options: DistillOptions,
+    ) -> Result<Self> {
+        let p = prefix.tokens();
+        if options.frozen > p {
+            return Err(Error::Data(format!(
+                "{} frozen tokens exceed the cartridge's {p}",
+                options.frozen
+            )));
+        }
+        let split = |tensors: &[Tensor]| -> Result<(Vec<Tensor>, Vec<Var>)> {
+            let mut frozen = Vec::new();
+            let mut trainable = Vec::new();
+            for t in tensors {
+                frozen.push(t.narrow(1, 0, options.frozen)?.detach());
+                trainable.push(Var::from_tensor(
+                    &t.narrow(1, options.frozen, p - options.frozen)?
+                        .contiguous()?,
+                )?);
+            }
+            Ok((frozen, trainable))
+        };
+        let (frozen_keys, keys) = split(&prefix.keys)?;
+        let (frozen_values, values) = split(&prefix.values)?;
+        let all: Vec<Var> = keys.iter().chain(&values).cloned().collect();
+        let adam = Adam::new(&all, options.learning_rate)?;
+        Ok(Self {
+            model,
+            options,
+            frozen_keys,
+            frozen_values,
+            keys,
+            values,
+            adam,
+            epoch: 0,
+            cursor: 0,
+            losses: Vec::new(),
+        })
+    }
+
+    pub fn step_count(&self) -> usize {
+        self.adam.step
+    }
+
+    /// The cartridge as it stands.
+    pub fn prefix(&self) -> Result<Prefix> {
+        let join = |frozen: &[Tensor], vars: &[Var]| -> Result<Vec<Tensor>> {
+            frozen
+                .iter()
+                .zip(vars)
+                .map(|(f, v)| Ok(Tensor::cat(&[f, v.as_tensor()], 1)?))
+                .collect()
+        };
+        Ok(Prefix {
+            keys: join(&self.frozen_keys, &self.keys)?,
+            values: join(&self.frozen_values, &self.values)?,
+        })
+    }
+
+    fn vars(&self) -> Vec<Var> {
+        self.keys.iter().chain(&self.values).cloned().collect()
+    }
+
+    /// Runs steps until `options.steps`, each packing conversations drawn in a seeded shuffled
+    /// order (epoch after epoch). Calls `each_step(step, loss, tokens)` after every step.
+    pub fn train(
+        &mut self,
+        conversations: &[Conversation],
+        mut each_step: impl FnMut(&Self, usize, f32, usize) -> Result<()>,
+    ) -> Result<()> {
+        let usable: Vec<&Conversation> = conversations
+            .iter()
+            .filter(|c| !c.is_empty() && c.len() <= self.options.row_tokens)
+            .collect();
+        if usable.is_empty() {
+            return Err(Error::Data(format!(
+                "no conversation fits in a row of {} tokens",
+                self.options.row_tokens
+            )));
+        }
+        let shuffled = |epoch: u64| {
+            let mut order: Vec<usize> = (0..usable.len()).collect();
+            order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(
+                self.options.seed ^ epoch.wrapping_mul(0x9e37_79b9_7f4a_7c15),
+            ));
+            order
+        };
+        let mut order = shuffled(self.epoch);
+        while self.adam.step < self.options.steps {
+            let mut rows: Vec<Vec<&Conversation>> = Vec::with_capacity(self.options.rows);
+            while rows.len() < self.options.rows {
+                let mut row = Vec::new();
+                let mut used = 0;
+                loop {
+                    if self.cursor >= order.len() {
+                        self.epoch += 1;
+                        self.cursor = 0;
+                        order = shuffled(self.epoch);
+                    }
+                    let next = usable[order[self.cursor]];
+                    if used + next.len() > self.options.row_tokens {
+                        break;
+                    }
+                    used += next.len();
+                    row.push(next);
+                    self.cursor += 1;
+                    if row.len() == usable.len() {
+                        break;
+                    }
+                }
+                rows.push(row);
+            }
+            let batch = self.pack(&rows)?;
+            let loss = self.loss(&batch)?;
+            let gradients = loss.backward()?;
+            self.adam.update(&self.vars(), &gradients)?;
+            let value = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+            if !value.is_finite() {
+                return Err(Error::Data(format!(
+                    "the loss became {value} at step {}",
+                    self.adam.step
+                )));
+            }
+            self.losses.push(value);
+            each_step(self, self.adam.step, value, batch.tokens)?;
+        }
+        Ok(())
+    }
+
+    fn pack(&self, rows: &[Vec<&Conversation>]) -> Result<Batch> {
+        let device = self.model.llama.device();
+        let (length, p) = (self.options.row_tokens, self.options.tokens);
+        let batch = rows.len();
+        let mut ids = vec![0u32; batch * length];
+        let mut positions = vec![p as u32; batch * length];
+        let mut mask = vec![f32::NEG_INFINITY; batch * length * (p + length)];
+        let (mut flat_rows, mut teacher_ids, mut teacher_probabilities) =
+            (Vec::new(), Vec::new(), Vec::new());
+        let k = 20;
+        let mut tokens = 0;
+        for (b, row) in rows.iter().enumerate() {
+            let mut start = 0;
+            for conversation in row {
+                let sequence: Vec<u32> = conversation
+                    .prompt_ids
+                    .iter()
+                    .chain(&conversation.answer_ids)
+                    .copied()
+                    .collect();
+                for (offset, &token) in sequence.iter().enumerate() {
+                    let column = start + offset;
+                    ids[b * length + column] = token;
+                    positions[b * length + column] = (p + offset) as u32;
+                    let mask_row = &mut mask[(b * length + column) * (p + length)
+                        ..(b * length + column + 1) * (p + length)];
+                    mask_row[..p].fill(0.0);
+                    mask_row[p + start..=p + column].fill(0.0);
+                }
+                // The output at column c predicts the token at c + 1.
+                let answer_start = start + conversation.prompt_ids.len();
+                for (index, top) in conversation
+                    .teacher
+                    .iter()
+                    .enumerate()
+                    .take(conversation.answer_ids.len())
+                {
+                    flat_rows.push((b * length + answer_start + index - 1) as u32);
+                    let total: f32 = top.iter().map(|(_, lp)| lp.exp()).sum();
+                    for slot in 0..k {
+                        let (id, probability) = top.get(slot).map_or((0, 0.0), |&(id, lp)| {
+                            (id, lp.exp() / total.max(f32::MIN_POSITIVE))
+                        });
+                        teacher_ids.push(id);
+                        teacher_probabilities.push(probability);
+                    }
+                }
+                start += sequence.len();
+            }
+            tokens += start;
+            // Padding rows see the cartridge only, so their softmax stays finite.
+            for column in start..length {
+                mask[(b * length + column) * (p + length)
+                    ..(b * length + column) * (p + length) + p]
+                    .fill(0.0);
+            }
+        }
+        let targets = flat_rows.len();
+        let dtype = self.model.llama.dtype();
+        Ok(Batch {
+            ids: Tensor::from_vec(ids, (batch, length), device)?,
+            positions: Tensor::from_vec(positions, (batch, length), device)?,
+            mask: Tensor::from_vec(mask, (batch, 1, 1, length, p + length), device)?
+                .to_dtype(dtype)?,
+            rows: Tensor::from_vec(flat_rows, targets, device)?,
+            teacher_ids: Tensor::from_vec(teacher_ids, (targets, k), device)?,
+            teacher_probabilities: Tensor::from_vec(teacher_probabilities, (targets, k), device)?,
+            targets,
+            tokens,
+        })
+    }
+
+    fn loss(&self, batch: &Batch) -> Result<Tensor> {
+        if batch.targets == 0 {
+            return Err(Error::Data("a step packed no answer tokens".into()));
+        }
+        let prefix = self.prefix()?;
+        let llama: &Llama = &self.model.llama;
+        let hidden = llama.forward(
+            &batch.ids,
+            &batch.positions,
+            &batch.mask,
+            Context::Prefix(&prefix),
+            Mode::Train,
+        )?;
+        let hidden = hidden.flatten_to(1)?.index_select(&batch.rows, 0)?;
+        // The vocabulary projection runs only where there is a target: a fraction of all tokens.
+        let logits = llama.logits(&hidden)?.to_dtype(DType::F32)?;
+        let log_probabilities = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+        let picked = log_probabilities.gather(&batch.teacher_ids.contiguous()?, 1)?;
+        let loss = (picked * &batch.teacher_probabilities)?.sum_all()?.neg()?;
+        Ok((loss / batch.targets as f64)?)
+    }
+
+    /// Saves the cartridge and the optimizer's moments, to resume from.
+    pub fn save_checkpoint(&self, path: &Path) -> Result<()> {
+        let prefix = self.prefix()?;
+        let mut tensors = std::collections::HashMap::new();
+        for (i, (k, v)) in prefix.keys.iter().zip(&prefix.values).enumerate() {
+            tensors.insert(format!("prefix.{i}.keys"), k.to_device(&Device::Cpu)?);
+            tensors.insert(format!("prefix.{i}.values"), v.to_device(&Device::Cpu)?);
+        }
+        for (i, (m, v)) in self.adam.first.iter().zip(&self.adam.second).enumerate() {
+            tensors.insert(format!("adam.{i}.first"), m.to_device(&Device::Cpu)?);
+            tensors.insert(format!("adam.{i}.second"), v.to_device(&Device::Cpu)?);
+        }
+        let metadata = serde_json::json!({
+            "step": self.adam.step,
+            "epoch": self.epoch,
+            "cursor": self.cursor,
+            "options": self.options,
+            "losses": self.losses,
+        });
+        let temporary = path.with_extension("partial");
+        candle_core::safetensors::save(&tensors, &temporary)?;
+        std::fs::write(path.with_extension("json"), metadata.to_string())
+            .map_err(|e| Error::io(path, e))?;
+        std::fs::rename(&temporary, path).map_err(|e| Error::io(path, e))
+    }
+
+    /// Restores a checkpoint written by [`Distiller::save_checkpoint`] with the same options.
+    pub fn resume(model: &'a LoadedModel, path: &Path, options: DistillOptions) -> Result<Self> {
+        let device = model.llama.device();
+        let tensors = candle_core::safetensors::load(path, device)?;
+        let metadata_path = path.with_extension("json");
+        let metadata: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(&metadata_path).map_err(|e| Error::io(&metadata_path, e))?,
+        )
+        .map_err(|e| Error::Data(format!("{}: {e}", metadata_path.display())))?;
+        let stored: DistillOptions = serde_json::from_value(metadata["options"].clone())
+            .map_err(|e| Error::Data(e.to_string()))?;
+        if (stored.tokens, stored.frozen) != (options.tokens, options.frozen) {
+            return Err(Error::Data(format!(
+                "the checkpoint holds a {}-token cartridge ({} frozen); the run asks for {} ({})",
+                stored.tokens, stored.frozen, options.tokens, options.frozen
+            )));
+        }
+        let get = |name: String| {
+            tensors
+                .get(&name)
+                .cloned()
+                .ok_or_else(|| Error::Data(format!("checkpoint has no {name}")))
+        };
+        let layers = model.llama.config.layers;
+        let prefix = Prefix {
+            keys: (0..layers)
+                .map(|i| {
+                    get(format!("prefix.{i}.keys"))
+                        .and_then(|t| Ok(t.to_dtype(model.llama.dtype())?))
+                })
+                .collect::<Result<_>>()?,
+            values: (0..layers)
+                .map(|i| {
+                    get(format!("prefix.{i}.values"))
+                        .and_then(|t| Ok(t.to_dtype(model.llama.dtype())?))
+                })
+                .collect::<Result<_>>()?,
+        };
+        let mut distiller = Self::from_prefix(model, &prefix, options)?;
+        let count = distiller.adam.first.len();
+        distiller.adam.first = (0..count)
+            .map(|i| get(format!("adam.{i}.first")))
+            .collect::<Result<_>>()?;
+        distiller.adam.second = (0..count)
+            .map(|i| get(format!("adam.{i}.second")))
+            .collect::<Result<_>>()?;
+        distiller.adam.step = metadata["step"].as_u64().unwrap_or(0) as usize;
+        distiller.epoch = metadata["epoch"].as_u64().unwrap_or(0);
+        distiller.cursor = metadata["cursor"].as_u64().unwrap_or(0) as usize;
+        distiller.losses = serde_json::from_value(metadata["losses"].clone()).unwrap_or_default();
+        Ok(distiller)
+    }
+}

@@ -1,0 +1,131 @@
+//! The whole of `cartridge train`: synthesize conversations about the corpus (resumable), distill
+//! them into a cartridge (checkpointed, resumable), and write the cartridge with its provenance.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use cartridge_schemas::Dtype;
+use cartridge_schemas::file::Header;
+use serde::Serialize;
+use serde_json::json;
+
+use crate::corpus::Corpus;
+use crate::distill::{DistillOptions, Distiller};
+use crate::error::Result;
+use crate::model::LoadedModel;
+use crate::synthesis::{SynthesisOptions, conversations_path, synthesize};
+
+#[derive(Debug, Clone)]
+pub struct TrainRequest {
+    pub synthesis: SynthesisOptions,
+    pub distill: DistillOptions,
+    /// Conversations and checkpoints live here, so a run can resume.
+    pub work_dir: PathBuf,
+    pub output: PathBuf,
+    /// Continue from the work directory's checkpoint, if it has one.
+    pub resume: bool,
+    pub checkpoint_every: usize,
+    /// Size the run by epochs over the conversations instead of `distill.steps`.
+    pub epochs: Option<f64>,
+    pub dtype: Dtype,
+    /// How the model was named (recorded in the provenance).
+    pub model_name: String,
+}
+
+/// Hooks for a progress display.
+pub trait TrainProgress {
+    fn synthesized(&self, done: usize, total: usize);
+    fn stepped(&self, step: usize, total: usize, loss: f32, tokens_per_second: f64);
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TrainReport {
+    pub output: PathBuf,
+    pub header: Header,
+    pub conversations: usize,
+    pub steps: usize,
+    pub final_loss: Option<f32>,
+    pub synthesis_seconds: f64,
+    pub training_seconds: f64,
+    /// Packed tokens per second through forward and backward.
+    pub training_tokens_per_second: f64,
+}
+
+pub fn train(
+    model: &LoadedModel,
+    corpus: &Corpus,
+    request: &TrainRequest,
+    progress: &dyn TrainProgress,
+) -> Result<TrainReport> {
+    let started = Instant::now();
+    let conversations = synthesize(
+        model,
+        corpus,
+        &request.synthesis,
+        &conversations_path(&request.work_dir),
+        |done, total| progress.synthesized(done, total),
+    )?;
+    let synthesis_seconds = started.elapsed().as_secs_f64();
+
+    let mut options = request.distill.clone();
+    if let Some(epochs) = request.epochs {
+        let tokens: usize = conversations.iter().map(|c| c.len()).sum();
+        options.steps = ((epochs * tokens as f64) / (options.rows * options.row_tokens) as f64)
+            .ceil()
+            .max(1.0) as usize;
+    }
+    let checkpoint = request.work_dir.join("checkpoint.safetensors");
+    let mut distiller = if request.resume && checkpoint.exists() {
+        Distiller::resume(model, &checkpoint, options.clone())?
+    } else {
+        Distiller::from_corpus(model, &corpus.text(), options.clone())?
+    };
+    let training = Instant::now();
+    let mut tokens = 0usize;
+    let first_step = distiller.step_count();
+    distiller.train(&conversations, |distiller, step, loss, step_tokens| {
+        tokens += step_tokens;
+        let rate = tokens as f64 / training.elapsed().as_secs_f64().max(1e-9);
+        progress.stepped(step, options.steps, loss, rate);
+        if request.checkpoint_every > 0 && step % request.checkpoint_every == 0 {
+            distiller.save_checkpoint(&checkpoint)?;
+        }
+        Ok(())
+    })?;
+    let training_seconds = training.elapsed().as_secs_f64();
+    let final_loss = distiller.losses.last().copied();
+    let provenance = json!({
+        "trainer": {
+            "method": "self-study",
+            "model": request.model_name,
+            "corpus": {"digest": corpus.digest, "documents": corpus.documents},
+            "conversations": conversations.len(),
+            "synthesis": request.synthesis,
+            "distillation": options,
+            "steps": distiller.step_count(),
+            "final_loss": final_loss,
+        }
+    });
+    let header = crate::cartridge::write(
+        &request.output,
+        &distiller.prefix()?,
+        model.fingerprint.clone(),
+        request.dtype,
+        options.frozen,
+        provenance,
+    )?;
+    Ok(TrainReport {
+        output: request.output.clone(),
+        header,
+        conversations: conversations.len(),
+        steps: distiller.step_count(),
+        final_loss,
+        synthesis_seconds,
+        training_seconds,
+        training_tokens_per_second: if distiller.step_count() > first_step {
+            tokens as f64 / training_seconds
+        } else {
+            0.0
+        },
+    })
+}

@@ -1,0 +1,374 @@
+//! Self-study synthesis: the model writes conversations about chunks of the corpus.
+//!
+//! For each sampled chunk, model A — the chunk in its system prompt — is given a seed prompt of
+//! one of five kinds (structuring, summarization, question, use case, creative) and writes a user
+//! message (sampled). Model B, seeing the same chunk, answers it greedily, and the top-k
+//! log-probabilities of every answer token (kept up to a probability mass) become the
+//! distillation targets. Conversations sharing a chunk are generated as one batch.
+//!
+//! Conversations are appended to a JSON-lines file as they are made, so a run can stop and resume,
+//! and a person can read what the cartridge is trained on.
+
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+
+use rand::seq::IndexedRandom;
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+
+use crate::corpus::Corpus;
+use crate::error::{Error, Result};
+use crate::model::{GenerationRequest, LoadedModel, Message, Sampling, TextCodec, generate};
+
+/// What kind of conversation a seed prompt starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SeedKind {
+    Structuring,
+    Summarization,
+    Question,
+    UseCase,
+    Creative,
+}
+
+impl SeedKind {
+    pub const ALL: [Self; 5] = [
+        Self::Structuring,
+        Self::Summarization,
+        Self::Question,
+        Self::UseCase,
+        Self::Creative,
+    ];
+
+    /// The instruction model A gets, to write the first user message.
+    pub fn prompt(self) -> &'static str {
+        match self {
+            Self::Structuring => {
+                "Write a single message asking an assistant to restructure part of the information above in a \
+                 specific format (a JSON object, a YAML document, a table, or a list of key points). Name the part \
+                 and the format precisely. Reply with the message only."
+            }
+            Self::Summarization => {
+                "Write a single message asking an assistant to summarize a specific part of the information \
+                 above. Say which part, and give enough detail that the request is unambiguous. Reply with the \
+                 message only."
+            }
+            Self::Question => {
+                "Write one question that tests knowledge of the information above. It should be answerable from \
+                 the information, specific, and mention the details needed to answer it. Reply with the question only."
+            }
+            Self::UseCase => {
+                "Think of a practical, real-world task someone could have that the information above helps with. \
+                 Write the single message they would send an assistant about it. Reply with the message only."
+            }
+            Self::Creative => {
+                "Write a message that starts a creative conversation inspired by the information above: a \
+                 thought experiment, an analogy, or a scenario to explore. Reply with the message only."
+            }
+        }
+    }
+}
+
+/// The system prompt that puts a chunk in a model's context.
+pub fn system_prompt(description: Option<&str>, chunk: &str) -> String {
+    let description = description.map(|d| format!("{d}\n")).unwrap_or_default();
+    format!(
+        "You are in a conversation about the following information:\n<info>\n{description}{chunk}\n</info>"
+    )
+}
+
+/// A synthesized conversation and the teacher's targets for its answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Conversation {
+    /// Which tokens of the corpus the chunk was: `[start, start + tokens)`.
+    pub chunk_start: usize,
+    pub chunk_tokens: usize,
+    pub seed: SeedKind,
+    pub user: String,
+    pub assistant: String,
+    /// What the student reads before the answer: the chat-templated user turn, no chunk.
+    pub prompt_ids: Vec<u32>,
+    /// The teacher's answer, its stop token included when it finished.
+    pub answer_ids: Vec<u32>,
+    /// Per answer token: the teacher's most likely tokens and their log-probabilities.
+    pub teacher: Vec<Vec<(u32, f32)>>,
+}
+
+impl Conversation {
+    pub fn len(&self) -> usize {
+        self.prompt_ids.len() + self.answer_ids.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.answer_ids.is_empty()
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SynthesisOptions {
+    pub conversations: usize,
+    /// Conversations per chunk (one generation batch).
+    pub per_chunk: usize,
+    /// Chunk sizes are drawn uniformly from this range of tokens.
+    pub chunk_tokens: (usize, usize),
+    pub user_max_tokens: usize,
+    pub answer_max_tokens: usize,
+    pub user_temperature: f64,
+    pub top_logprobs: usize,
+    pub logprob_mass: f32,
+    /// A line describing the corpus, put before each chunk.
+    pub description: Option<String>,
+    pub seed: u64,
+}
+
+impl Default for SynthesisOptions {
+    fn default() -> Self {
+        Self {
+            conversations: 1024,
+            per_chunk: 16,
+            chunk_tokens: (512, 4096),
+            user_max_tokens: 128,
+            answer_max_tokens: 512,
+            user_temperature: 0.6,
+            top_logprobs: 20,
+            logprob_mass: 0.99,
+            description: None,
+            seed: 0,
+        }
+    }
+}
+
+/// What a conversations file belongs to; a resumed run must match it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+struct Provenance {
+    corpus: cartridge_schemas::Digest,
+    model: cartridge_schemas::Digest,
+    options: SynthesisOptions,
+}
+
+/// The longest token prefix every list shares.
+fn common_prefix(lists: &[Vec<u32>]) -> usize {
+    let first = &lists[0];
+    (0..first.len())
+        .take_while(|&i| lists.iter().all(|l| l.get(i) == Some(&first[i])))
+        .count()
+}
+
+/// Generates one batch of continuations of `conversations` (each ending with an open assistant turn).
+fn continue_all(
+    model: &LoadedModel,
+    conversations: &[Vec<Message>],
+    max_new_tokens: usize,
+    sampling: Sampling,
+    top_logprobs: Option<(usize, f32)>,
+    seed: u64,
+) -> Result<Vec<crate::model::Generated>> {
+    let encoded: Vec<Vec<u32>> = conversations
+        .iter()
+        .map(|c| model.text.encode(&model.text.render(c, true)?))
+        .collect::<Result<_>>()?;
+    // The chunk's system prompt is the same for all: process it once.
+    let shared = common_prefix(&encoded);
+    let prompts: Vec<Vec<u32>> = encoded.iter().map(|e| e[shared..].to_vec()).collect();
+    let request = GenerationRequest {
+        prefix: None,
+        shared: &encoded[0][..shared],
+        prompts: &prompts,
+        max_new_tokens,
+        sampling,
+        top_logprobs,
+        stop_ids: &model.text.stop_ids,
+        seed,
+    };
+    generate(&model.llama, &request)
+}
+
+fn clean(text: &TextCodec, tokens: &[u32]) -> Result<String> {
+    let stops = &text.stop_ids;
+    let content: Vec<u32> = tokens
+        .iter()
+        .copied()
+        .filter(|t| !stops.contains(t))
+        .collect();
+    Ok(text.decode(&content)?.trim().to_owned())
+}
+
+/// Synthesizes conversations into `path` (JSON lines), continuing a file an earlier run left.
+/// Returns every conversation in the file.
+pub fn synthesize(
+    model: &LoadedModel,
+    corpus: &Corpus,
+    options: &SynthesisOptions,
+    path: &Path,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<Vec<Conversation>> {
+    let provenance = Provenance {
+        corpus: corpus.digest,
+        model: model.fingerprint.weights,
+        options: options.clone(),
+    };
+    let meta_path = path.with_extension("meta.json");
+    let mut conversations = match std::fs::read_to_string(&meta_path) {
+        Ok(text) => {
+            let stored: Provenance = serde_json::from_str(&text)
+                .map_err(|e| Error::Data(format!("{}: {e}", meta_path.display())))?;
+            if stored != provenance {
+                return Err(Error::Data(format!(
+                    "{} holds conversations for another corpus, model or settings; choose another work directory",
+                    path.display()
+                )));
+            }
+            read_conversations(path)?
+        }
+        Err(_) => {
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+            }
+            std::fs::write(
+                &meta_path,
+                serde_json::to_vec_pretty(&provenance).unwrap_or_default(),
+            )
+            .map_err(|e| Error::io(&meta_path, e))?;
+            let _ = std::fs::remove_file(path);
+            Vec::new()
+        }
+    };
+    let tokens = model.text.encode(&corpus.text())?;
+    if tokens.is_empty() {
+        return Err(Error::Data("the corpus tokenizes to nothing".into()));
+    }
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| Error::io(path, e))?;
+    // Each batch draws from its own seed, so a resumed run continues the same sequence.
+    let mut batch_index = conversations.len().div_ceil(options.per_chunk.max(1));
+    while conversations.len() < options.conversations {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(
+            options.seed ^ (batch_index as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15),
+        );
+        batch_index += 1;
+        let (low, high) = options.chunk_tokens;
+        let length = rng
+            .random_range(low.min(high)..=high.max(low))
+            .clamp(1, tokens.len());
+        let start = rng.random_range(0..=tokens.len() - length);
+        let chunk = model.text.decode(&tokens[start..start + length])?;
+        let system = Message::new(
+            "system",
+            system_prompt(options.description.as_deref(), &chunk),
+        );
+        let count = options
+            .per_chunk
+            .min(options.conversations - conversations.len())
+            .max(1);
+        let seeds: Vec<SeedKind> = (0..count)
+            .map(|_| {
+                *SeedKind::ALL
+                    .choose(&mut rng)
+                    .unwrap_or(&SeedKind::Question)
+            })
+            .collect();
+
+        let writer: Vec<Vec<Message>> = seeds
+            .iter()
+            .map(|s| vec![system.clone(), Message::new("user", s.prompt())])
+            .collect();
+        let sampling = Sampling {
+            temperature: options.user_temperature,
+            top_p: 0.95,
+        };
+        let questions = continue_all(
+            model,
+            &writer,
+            options.user_max_tokens,
+            sampling,
+            None,
+            rng.random(),
+        )?;
+        let users: Vec<String> = questions
+            .iter()
+            .map(|g| clean(&model.text, &g.tokens))
+            .collect::<Result<_>>()?;
+
+        let kept: Vec<usize> = (0..count).filter(|&i| !users[i].is_empty()).collect();
+        if kept.is_empty() {
+            continue;
+        }
+        let answerer: Vec<Vec<Message>> = kept
+            .iter()
+            .map(|&i| vec![system.clone(), Message::new("user", users[i].clone())])
+            .collect();
+        let top = Some((options.top_logprobs, options.logprob_mass));
+        let answers = continue_all(
+            model,
+            &answerer,
+            options.answer_max_tokens,
+            Sampling::GREEDY,
+            top,
+            0,
+        )?;
+        for (&i, answer) in kept.iter().zip(answers) {
+            let prompt = model
+                .text
+                .render(&[Message::new("user", users[i].clone())], true)?;
+            let conversation = Conversation {
+                chunk_start: start,
+                chunk_tokens: length,
+                seed: seeds[i],
+                user: users[i].clone(),
+                assistant: clean(&model.text, &answer.tokens)?,
+                prompt_ids: model.text.encode(&prompt)?,
+                answer_ids: answer.tokens,
+                teacher: answer.top_logprobs,
+            };
+            if conversation.is_empty() {
+                continue;
+            }
+            let mut line =
+                serde_json::to_vec(&conversation).map_err(|e| Error::Data(e.to_string()))?;
+            line.push(b'\n');
+            file.write_all(&line).map_err(|e| Error::io(path, e))?;
+            conversations.push(conversation);
+            if conversations.len() == options.conversations {
+                break;
+            }
+        }
+        file.flush().map_err(|e| Error::io(path, e))?;
+        progress(conversations.len(), options.conversations);
+    }
+    Ok(conversations)
+}
+
+/// Reads a conversations file; a last line cut off by an interrupted run is dropped.
+pub fn read_conversations(path: &Path) -> Result<Vec<Conversation>> {
+    let file = match std::fs::File::open(path) {
+        Ok(file) => file,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(error) => return Err(Error::io(path, error)),
+    };
+    let mut conversations = Vec::new();
+    let mut valid_bytes = 0u64;
+    for line in std::io::BufReader::new(file).lines() {
+        let line = line.map_err(|e| Error::io(path, e))?;
+        match serde_json::from_str(&line) {
+            Ok(conversation) => {
+                conversations.push(conversation);
+                valid_bytes += line.len() as u64 + 1;
+            }
+            Err(_) => break,
+        }
+    }
+    // Trim a torn last line so appends start on a line boundary.
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(|e| Error::io(path, e))?;
+    file.set_len(valid_bytes).map_err(|e| Error::io(path, e))?;
+    Ok(conversations)
+}
+
+pub fn conversations_path(work_dir: &Path) -> PathBuf {
+    work_dir.join("conversations.jsonl")
+}

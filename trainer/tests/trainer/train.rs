@@ -1,0 +1,237 @@
+//! Synthesis and distillation: resumable, deterministic, and actually learning.
+
+use candle_core::{DType, Device, IndexOp};
+use cartridge_schemas::fingerprint::{ModelFingerprint, Rope, RopeLayout};
+use cartridge_trainer::corpus::Corpus;
+use cartridge_trainer::distill::{DistillOptions, Distiller};
+use cartridge_trainer::model::{Config, Llama, LoadedModel, ModelSource, TextCodec};
+use cartridge_trainer::synthesis::{
+    Conversation, SeedKind, SynthesisOptions, read_conversations, synthesize,
+};
+
+use crate::support::{smollm2, smollm2_path};
+
+/// A tiny random model that speaks SmolLM2's tokens (so its tokenizer and template apply).
+fn tiny_model() -> LoadedModel {
+    let mut file = std::fs::File::open(smollm2_path()).unwrap();
+    let content = candle_core::quantized::gguf_file::Content::read(&mut file).unwrap();
+    let config = Config {
+        vocab: 49152,
+        hidden: 32,
+        intermediate: 64,
+        layers: 2,
+        heads: 4,
+        kv_heads: 2,
+        head_dim: 8,
+        rope_theta: 10_000.0,
+        rms_eps: 1e-5,
+        max_positions: 512,
+        tie_embeddings: true,
+    };
+    LoadedModel {
+        llama: Llama::random(config, 3, &Device::Cpu, DType::F32).unwrap(),
+        text: TextCodec::from_gguf(&content).unwrap(),
+        fingerprint: ModelFingerprint {
+            architecture: "llama".into(),
+            layers: 2,
+            kv_heads: 2,
+            head_dim: 8,
+            rope: Rope {
+                theta: 10_000.0,
+                layout: RopeLayout::Half,
+                scaling: None,
+            },
+            weights: cartridge_schemas::Digest::of(b"tiny"),
+        },
+    }
+}
+
+/// Conversations whose teacher is sure of every answer token.
+fn conversations(count: usize) -> Vec<Conversation> {
+    (0..count)
+        .map(|i| {
+            let answer: Vec<u32> = (0..6)
+                .map(|j| 100 + ((i * 7 + j * 3) % 50) as u32)
+                .collect();
+            Conversation {
+                chunk_start: 0,
+                chunk_tokens: 0,
+                seed: SeedKind::Question,
+                user: String::new(),
+                assistant: String::new(),
+                prompt_ids: vec![1, 200 + i as u32, 300, 2],
+                teacher: answer
+                    .iter()
+                    .map(|&t| vec![(t, -0.01), (t + 1, -4.6)])
+                    .collect(),
+                answer_ids: answer,
+            }
+        })
+        .collect()
+}
+
+fn options(steps: usize) -> DistillOptions {
+    DistillOptions {
+        tokens: 8,
+        frozen: 1,
+        learning_rate: 2e-2,
+        steps,
+        row_tokens: 48,
+        rows: 2,
+        seed: 5,
+    }
+}
+
+fn initial_prefix(model: &LoadedModel) -> cartridge_trainer::model::Prefix {
+    model
+        .llama
+        .prefix_of(&[1, 5, 9, 13, 17, 21, 25, 29])
+        .unwrap()
+}
+
+#[test]
+fn distillation_lowers_the_loss_and_keeps_the_frozen_token() {
+    let model = tiny_model();
+    let start = initial_prefix(&model);
+    let mut distiller = Distiller::from_prefix(&model, &start, options(30)).unwrap();
+    distiller
+        .train(&conversations(12), |_, _, _, _| Ok(()))
+        .unwrap();
+    let losses = &distiller.losses;
+    assert_eq!(losses.len(), 30);
+    let (first, last) = (
+        losses[..3].iter().sum::<f32>() / 3.0,
+        losses[27..].iter().sum::<f32>() / 3.0,
+    );
+    assert!(last < first - 0.5, "loss went from {first} to {last}");
+    let trained = distiller.prefix().unwrap();
+    for layer in 0..2 {
+        let frozen =
+            |p: &cartridge_trainer::model::Prefix| p.keys[layer].i((.., 0..1, ..)).unwrap();
+        let difference = frozen(&trained)
+            .sub(&frozen(&start))
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert_eq!(difference, 0.0, "the frozen token moved in layer {layer}");
+        let moved = trained.values[layer]
+            .sub(&start.values[layer])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(moved > 0.0, "layer {layer} did not train");
+    }
+}
+
+#[test]
+fn a_resumed_run_continues_exactly() {
+    let model = tiny_model();
+    let dir = tempfile::tempdir().unwrap();
+    let checkpoint = dir.path().join("checkpoint.safetensors");
+    let data = conversations(6);
+
+    let mut straight = Distiller::from_prefix(&model, &initial_prefix(&model), options(4)).unwrap();
+    straight.train(&data, |_, _, _, _| Ok(())).unwrap();
+
+    let mut first = Distiller::from_prefix(&model, &initial_prefix(&model), options(2)).unwrap();
+    first.train(&data, |_, _, _, _| Ok(())).unwrap();
+    first.save_checkpoint(&checkpoint).unwrap();
+    let mut resumed = Distiller::resume(&model, &checkpoint, options(4)).unwrap();
+    assert_eq!(resumed.step_count(), 2);
+    resumed.train(&data, |_, _, _, _| Ok(())).unwrap();
+
+    assert_eq!(resumed.losses, straight.losses);
+    let (a, b) = (resumed.prefix().unwrap(), straight.prefix().unwrap());
+    for layer in 0..2 {
+        let difference = a.keys[layer]
+            .sub(&b.keys[layer])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(difference < 1e-6, "layer {layer} differs by {difference}");
+    }
+    let mut other = options(4);
+    other.tokens = 16;
+    assert!(
+        Distiller::resume(&model, &checkpoint, other).is_err(),
+        "a checkpoint of another shape is refused"
+    );
+}
+
+#[test]
+fn synthesis_writes_readable_conversations_and_resumes() {
+    let model = smollm2();
+    let dir = tempfile::tempdir().unwrap();
+    let corpus_path = dir.path().join("corpus.txt");
+    std::fs::write(&corpus_path, "The lighthouse on Varn Island was built in 1871 by Edda Morrow. Its lamp burns whale oil and can be seen for nineteen miles. The keeper must log every ship that passes.").unwrap();
+    let corpus = Corpus::read(&[corpus_path]).unwrap();
+    let path = dir.path().join("conversations.jsonl");
+    let mut options = SynthesisOptions {
+        conversations: 2,
+        per_chunk: 2,
+        chunk_tokens: (24, 40),
+        user_max_tokens: 24,
+        answer_max_tokens: 16,
+        ..SynthesisOptions::default()
+    };
+    let first = synthesize(model, &corpus, &options, &path, |_, _| {}).unwrap();
+    assert_eq!(first.len(), 2);
+    for conversation in &first {
+        assert!(!conversation.user.is_empty() && !conversation.assistant.is_empty());
+        assert_eq!(conversation.teacher.len(), conversation.answer_ids.len());
+        assert!(
+            conversation
+                .teacher
+                .iter()
+                .all(|top| !top.is_empty() && top.len() <= 20)
+        );
+        // The student's view has no chunk in it.
+        let prompt = model.text.decode(&conversation.prompt_ids).unwrap();
+        assert!(!prompt.contains("lighthouse on Varn"), "{prompt}");
+    }
+    assert_eq!(read_conversations(&path).unwrap(), first);
+
+    // A run asking for more continues the same file.
+    options.conversations = 3;
+    let err = synthesize(model, &corpus, &options, &path, |_, _| {}).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("another corpus, model or settings"),
+        "{err}"
+    );
+    options.conversations = 2;
+    let again = synthesize(model, &corpus, &options, &path, |_, _| {}).unwrap();
+    assert_eq!(again, first, "a finished run does no more work");
+
+    // A torn last line (an interrupted write) is dropped, and the run fills the gap.
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, &text[..text.len() - 20]).unwrap();
+    let repaired = synthesize(model, &corpus, &options, &path, |_, _| {}).unwrap();
+    assert_eq!(repaired.len(), 2);
+    assert_eq!(repaired[0], first[0]);
+}
+
+#[test]
+fn loading_refuses_a_fingerprint_without_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("model.json");
+    std::fs::write(
+        &path,
+        serde_json::to_string(&tiny_model().fingerprint).unwrap(),
+    )
+    .unwrap();
+    let source = ModelSource::resolve(path.to_str().unwrap(), dir.path()).unwrap();
+    assert!(source.load(&Device::Cpu, DType::F32).is_err());
+}
