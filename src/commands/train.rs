@@ -7,12 +7,18 @@ use cartridge_schemas::paths::Paths;
 use cartridge_trainer::corpus::Corpus;
 use cartridge_trainer::distill::DistillOptions;
 use cartridge_trainer::model::ModelSource;
-use cartridge_trainer::pipeline::{TrainProgress, TrainRequest, train};
+use cartridge_trainer::pipeline::{Objective, TrainProgress, TrainRequest, train};
 use cartridge_trainer::synthesis::SynthesisOptions;
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::output::human_bytes;
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum ObjectiveArg {
+    SelfStudy,
+    NextToken,
+}
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum DeviceKind {
@@ -60,6 +66,10 @@ pub struct TrainArgs {
     pub lr: f64,
     #[arg(long, value_enum, default_value = "cpu")]
     pub device: DeviceKind,
+    /// self-study (the method), or next-token: plain next-token prediction on the corpus (the
+    /// baseline).
+    #[arg(long, value_enum, default_value = "self-study")]
+    pub objective: ObjectiveArg,
     /// Continue an interrupted run from its work directory.
     #[arg(long)]
     pub resume: bool,
@@ -143,6 +153,10 @@ pub fn run(args: TrainArgs) -> Result<()> {
         .clone()
         .unwrap_or_else(|| args.output.with_extension("work"));
     let request = TrainRequest {
+        objective: match args.objective {
+            ObjectiveArg::SelfStudy => Objective::SelfStudy,
+            ObjectiveArg::NextToken => Objective::NextToken,
+        },
         synthesis: SynthesisOptions {
             conversations: args.conversations,
             per_chunk: args.per_chunk,

@@ -13,10 +13,21 @@ use crate::corpus::Corpus;
 use crate::distill::{DistillOptions, Distiller};
 use crate::error::Result;
 use crate::model::LoadedModel;
-use crate::synthesis::{SynthesisOptions, conversations_path, synthesize};
+use crate::synthesis::{SynthesisOptions, conversations_path, next_token_conversations, synthesize};
+
+/// What the cartridge learns from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Objective {
+    /// Distill the model's own answers about the corpus (the method).
+    SelfStudy,
+    /// Predict the corpus text itself (the baseline the method is measured against).
+    NextToken,
+}
 
 #[derive(Debug, Clone)]
 pub struct TrainRequest {
+    pub objective: Objective,
     pub synthesis: SynthesisOptions,
     pub distill: DistillOptions,
     /// Conversations and checkpoints live here, so a run can resume.
@@ -58,13 +69,19 @@ pub fn train(
     progress: &dyn TrainProgress,
 ) -> Result<TrainReport> {
     let started = Instant::now();
-    let conversations = synthesize(
-        model,
-        corpus,
-        &request.synthesis,
-        &conversations_path(&request.work_dir),
-        |done, total| progress.synthesized(done, total),
-    )?;
+    let conversations = match request.objective {
+        Objective::SelfStudy => synthesize(
+            model,
+            corpus,
+            &request.synthesis,
+            &conversations_path(&request.work_dir),
+            |done, total| progress.synthesized(done, total),
+        )?,
+        // Pieces short enough that a few pack into a row.
+        Objective::NextToken => {
+            next_token_conversations(&model.text, corpus, request.distill.row_tokens / 2)?
+        }
+    };
     let synthesis_seconds = started.elapsed().as_secs_f64();
 
     let mut options = request.distill.clone();
@@ -96,7 +113,7 @@ pub fn train(
     let final_loss = distiller.losses.last().copied();
     let provenance = json!({
         "trainer": {
-            "method": "self-study",
+            "method": request.objective,
             "model": request.model_name,
             "corpus": {"digest": corpus.digest, "documents": corpus.documents},
             "conversations": conversations.len(),

@@ -341,6 +341,30 @@ pub fn synthesize(
     Ok(conversations)
 }
 
+/// The baseline objective: plain next-token prediction on the corpus. Consecutive pieces of
+/// `length` tokens become "conversations" whose first token is the prompt and whose teacher is
+/// certain of every following token, so the same distillation loss is the cross-entropy of the
+/// corpus text read after the cartridge.
+pub fn next_token_conversations(text: &TextCodec, corpus: &Corpus, length: usize) -> Result<Vec<Conversation>> {
+    let tokens = text.encode(&corpus.text())?;
+    let length = length.max(2);
+    Ok(tokens
+        .chunks(length)
+        .enumerate()
+        .filter(|(_, piece)| piece.len() >= 2)
+        .map(|(index, piece)| Conversation {
+            chunk_start: index * length,
+            chunk_tokens: piece.len(),
+            seed: SeedKind::Structuring,
+            user: String::new(),
+            assistant: String::new(),
+            prompt_ids: piece[..1].to_vec(),
+            answer_ids: piece[1..].to_vec(),
+            teacher: piece[1..].iter().map(|&t| vec![(t, 0.0)]).collect(),
+        })
+        .collect())
+}
+
 /// Reads a conversations file; a last line cut off by an interrupted run is dropped.
 pub fn read_conversations(path: &Path) -> Result<Vec<Conversation>> {
     let file = match std::fs::File::open(path) {

@@ -216,6 +216,20 @@ impl TextCodec {
         }
     }
 
+    /// Writes `tokenizer.json` and `tokenizer_config.json` (with the chat template) into `dir`,
+    /// the layout [`TextCodec::from_hf_dir`] reads.
+    pub fn save_hf(&self, dir: &Path) -> Result<()> {
+        let tokenizer_path = dir.join("tokenizer.json");
+        self.tokenizer.save(&tokenizer_path, false).map_err(|e| Error::Model(format!("{}: {e}", tokenizer_path.display())))?;
+        let config = serde_json::json!({
+            "chat_template": self.template,
+            "bos_token": self.bos_token,
+            "eos_token": self.eos_token,
+        });
+        let config_path = dir.join("tokenizer_config.json");
+        std::fs::write(&config_path, config.to_string()).map_err(|e| Error::io(&config_path, e))
+    }
+
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         Ok(self
             .tokenizer

@@ -400,3 +400,43 @@ fn batched_generation_matches_one_at_a_time() {
         assert!(!a.is_empty() && a.len() <= 20);
     }
 }
+
+#[test]
+fn a_hugging_face_checkpoint_loads_to_the_same_model() {
+    let loaded = smollm2();
+    let dir = tempfile::tempdir().unwrap();
+    let config = &loaded.llama.config;
+    // The GGUF model written out as a transformers checkpoint: config, weights, tokenizer.
+    let config_json = serde_json::json!({
+        "architectures": ["LlamaForCausalLM"],
+        "vocab_size": config.vocab,
+        "hidden_size": config.hidden,
+        "intermediate_size": config.intermediate,
+        "num_hidden_layers": config.layers,
+        "num_attention_heads": config.heads,
+        "num_key_value_heads": config.kv_heads,
+        "rope_theta": config.rope_theta,
+        "rms_norm_eps": config.rms_eps,
+        "max_position_embeddings": config.max_positions,
+        "tie_word_embeddings": true,
+    });
+    std::fs::write(dir.path().join("config.json"), config_json.to_string()).unwrap();
+    let mut weights = loaded.llama.named_weights();
+    weights.remove("lm_head.weight");
+    candle_core::safetensors::save(&weights, dir.path().join("model.safetensors")).unwrap();
+    loaded.text.save_hf(dir.path()).unwrap();
+
+    let source = cartridge_trainer::model::ModelSource::resolve(dir.path().to_str().unwrap(), dir.path()).unwrap();
+    let from_hf = source.load(&Device::Cpu, DType::F32).unwrap();
+    assert_eq!(from_hf.llama.config, loaded.llama.config);
+    let text = "The capital of France is";
+    let ids = from_hf.text.encode(text).unwrap();
+    assert_eq!(ids, loaded.text.encode(text).unwrap());
+    let messages = [Message::new("user", "Hi")];
+    assert_eq!(from_hf.text.render(&messages, true).unwrap(), loaded.text.render(&messages, true).unwrap());
+    assert_eq!(from_hf.text.stop_ids, loaded.text.stop_ids);
+    let difference = max_difference(&last_logits(&from_hf.llama, &ids, Mode::Infer), &last_logits(&loaded.llama, &ids, Mode::Infer));
+    assert!(difference < 1e-4, "{difference}");
+    assert_eq!(from_hf.fingerprint.layers, 30);
+    assert_ne!(from_hf.fingerprint.weights, loaded.fingerprint.weights, "the fingerprint names the weights file");
+}

@@ -235,3 +235,23 @@ fn loading_refuses_a_fingerprint_without_weights() {
     let source = ModelSource::resolve(path.to_str().unwrap(), dir.path()).unwrap();
     assert!(source.load(&Device::Cpu, DType::F32).is_err());
 }
+
+#[test]
+fn next_token_prediction_is_distillation_onto_the_text() {
+    let model = tiny_model();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("corpus.txt");
+    std::fs::write(&path, "one two three four five six seven eight nine ten eleven twelve thirteen").unwrap();
+    let corpus = Corpus::read(&[path]).unwrap();
+    let tokens = model.text.encode(&corpus.text()).unwrap();
+    let pieces = cartridge_trainer::synthesis::next_token_conversations(&model.text, &corpus, 5).unwrap();
+    let rebuilt: Vec<u32> = pieces.iter().flat_map(|c| c.prompt_ids.iter().chain(&c.answer_ids).copied()).collect();
+    assert_eq!(rebuilt, tokens[..rebuilt.len()]);
+    for piece in &pieces {
+        assert_eq!(piece.teacher.len(), piece.answer_ids.len());
+        assert!(piece.teacher.iter().zip(&piece.answer_ids).all(|(top, &t)| top == &vec![(t, 0.0)]));
+    }
+    let mut distiller = Distiller::from_prefix(&model, &initial_prefix(&model), DistillOptions { row_tokens: 16, ..options(3) }).unwrap();
+    distiller.train(&pieces, |_, _, _, _| Ok(())).unwrap();
+    assert_eq!(distiller.losses.len(), 3);
+}
