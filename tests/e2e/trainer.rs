@@ -92,11 +92,33 @@ fn train_then_eval_on_the_real_model() {
     // The baseline objective: plain next-token prediction on the corpus, no synthesis.
     let baseline: Value = cartridge(
         dir.path(),
-        &["train", "--model", model, "--corpus", "corpus.txt", "--tokens", "32", "-o", "ntp.safetensors", "--objective", "next-token", "--row-tokens", "64", "--rows", "1", "--steps", "2", "--json"],
+        &[
+            "train",
+            "--model",
+            model,
+            "--corpus",
+            "corpus.txt",
+            "--tokens",
+            "32",
+            "-o",
+            "ntp.safetensors",
+            "--objective",
+            "next-token",
+            "--row-tokens",
+            "64",
+            "--rows",
+            "1",
+            "--steps",
+            "2",
+            "--json",
+        ],
     )
     .json();
     assert_eq!(baseline["steps"], 2);
-    assert_eq!(baseline["header"]["provenance"]["trainer"]["method"], "next-token");
+    assert_eq!(
+        baseline["header"]["provenance"]["trainer"]["method"],
+        "next-token"
+    );
 
     let report: Value = cartridge(
         dir.path(),

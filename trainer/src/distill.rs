@@ -95,7 +95,7 @@ impl Adam {
 
 /// A cartridge being trained: per layer, frozen leading tokens and trainable ones.
 pub struct Distiller<'a> {
-    model: &'a LoadedModel,
+    model: &'a Llama,
     options: DistillOptions,
     frozen_keys: Vec<Tensor>,
     frozen_values: Vec<Tensor>,
@@ -142,15 +142,11 @@ impl<'a> Distiller<'a> {
             )));
         }
         let prefix = model.llama.prefix_of(&ids[..options.tokens])?;
-        Self::from_prefix(model, &prefix, options)
+        Self::from_prefix(&model.llama, &prefix, options)
     }
 
     /// Continues training from a cartridge's keys and values.
-    pub fn from_prefix(
-        model: &'a LoadedModel,
-        prefix: &Prefix,
-        options: DistillOptions,
-    ) -> Result<Self> {
+    pub fn from_prefix(model: &'a Llama, prefix: &Prefix, options: DistillOptions) -> Result<Self> {
         let p = prefix.tokens();
         if options.frozen > p {
             return Err(Error::Data(format!(
@@ -278,7 +274,7 @@ impl<'a> Distiller<'a> {
     }
 
     fn pack(&self, rows: &[Vec<&Conversation>]) -> Result<Batch> {
-        let device = self.model.llama.device();
+        let device = self.model.device();
         let (length, p) = (self.options.row_tokens, self.options.tokens);
         let batch = rows.len();
         let mut ids = vec![0u32; batch * length];
@@ -335,7 +331,7 @@ impl<'a> Distiller<'a> {
             }
         }
         let targets = flat_rows.len();
-        let dtype = self.model.llama.dtype();
+        let dtype = self.model.dtype();
         Ok(Batch {
             ids: Tensor::from_vec(ids, (batch, length), device)?,
             positions: Tensor::from_vec(positions, (batch, length), device)?,
@@ -354,7 +350,7 @@ impl<'a> Distiller<'a> {
             return Err(Error::Data("a step packed no answer tokens".into()));
         }
         let prefix = self.prefix()?;
-        let llama: &Llama = &self.model.llama;
+        let llama = self.model;
         let hidden = llama.forward(
             &batch.ids,
             &batch.positions,
@@ -398,8 +394,8 @@ impl<'a> Distiller<'a> {
     }
 
     /// Restores a checkpoint written by [`Distiller::save_checkpoint`] with the same options.
-    pub fn resume(model: &'a LoadedModel, path: &Path, options: DistillOptions) -> Result<Self> {
-        let device = model.llama.device();
+    pub fn resume(model: &'a Llama, path: &Path, options: DistillOptions) -> Result<Self> {
+        let device = model.device();
         let tensors = candle_core::safetensors::load(path, device)?;
         let metadata_path = path.with_extension("json");
         let metadata: serde_json::Value = serde_json::from_str(
@@ -420,18 +416,16 @@ impl<'a> Distiller<'a> {
                 .cloned()
                 .ok_or_else(|| Error::Data(format!("checkpoint has no {name}")))
         };
-        let layers = model.llama.config.layers;
+        let layers = model.config.layers;
         let prefix = Prefix {
             keys: (0..layers)
                 .map(|i| {
-                    get(format!("prefix.{i}.keys"))
-                        .and_then(|t| Ok(t.to_dtype(model.llama.dtype())?))
+                    get(format!("prefix.{i}.keys")).and_then(|t| Ok(t.to_dtype(model.dtype())?))
                 })
                 .collect::<Result<_>>()?,
             values: (0..layers)
                 .map(|i| {
-                    get(format!("prefix.{i}.values"))
-                        .and_then(|t| Ok(t.to_dtype(model.llama.dtype())?))
+                    get(format!("prefix.{i}.values")).and_then(|t| Ok(t.to_dtype(model.dtype())?))
                 })
                 .collect::<Result<_>>()?,
         };

@@ -13,7 +13,9 @@ use crate::corpus::Corpus;
 use crate::distill::{DistillOptions, Distiller};
 use crate::error::Result;
 use crate::model::LoadedModel;
-use crate::synthesis::{SynthesisOptions, conversations_path, next_token_conversations, synthesize};
+use crate::synthesis::{
+    SynthesisOptions, conversations_path, next_token_conversations, synthesize,
+};
 
 /// What the cartridge learns from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -93,7 +95,7 @@ pub fn train(
     }
     let checkpoint = request.work_dir.join("checkpoint.safetensors");
     let mut distiller = if request.resume && checkpoint.exists() {
-        Distiller::resume(model, &checkpoint, options.clone())?
+        Distiller::resume(&model.llama, &checkpoint, options.clone())?
     } else {
         Distiller::from_corpus(model, &corpus.text(), options.clone())?
     };

@@ -345,7 +345,11 @@ pub fn synthesize(
 /// `length` tokens become "conversations" whose first token is the prompt and whose teacher is
 /// certain of every following token, so the same distillation loss is the cross-entropy of the
 /// corpus text read after the cartridge.
-pub fn next_token_conversations(text: &TextCodec, corpus: &Corpus, length: usize) -> Result<Vec<Conversation>> {
+pub fn next_token_conversations(
+    text: &TextCodec,
+    corpus: &Corpus,
+    length: usize,
+) -> Result<Vec<Conversation>> {
     let tokens = text.encode(&corpus.text())?;
     let length = length.max(2);
     Ok(tokens

@@ -220,7 +220,9 @@ impl TextCodec {
     /// the layout [`TextCodec::from_hf_dir`] reads.
     pub fn save_hf(&self, dir: &Path) -> Result<()> {
         let tokenizer_path = dir.join("tokenizer.json");
-        self.tokenizer.save(&tokenizer_path, false).map_err(|e| Error::Model(format!("{}: {e}", tokenizer_path.display())))?;
+        self.tokenizer
+            .save(&tokenizer_path, false)
+            .map_err(|e| Error::Model(format!("{}: {e}", tokenizer_path.display())))?;
         let config = serde_json::json!({
             "chat_template": self.template,
             "bos_token": self.bos_token,

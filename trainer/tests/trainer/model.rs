@@ -426,17 +426,28 @@ fn a_hugging_face_checkpoint_loads_to_the_same_model() {
     candle_core::safetensors::save(&weights, dir.path().join("model.safetensors")).unwrap();
     loaded.text.save_hf(dir.path()).unwrap();
 
-    let source = cartridge_trainer::model::ModelSource::resolve(dir.path().to_str().unwrap(), dir.path()).unwrap();
+    let source =
+        cartridge_trainer::model::ModelSource::resolve(dir.path().to_str().unwrap(), dir.path())
+            .unwrap();
     let from_hf = source.load(&Device::Cpu, DType::F32).unwrap();
     assert_eq!(from_hf.llama.config, loaded.llama.config);
     let text = "The capital of France is";
     let ids = from_hf.text.encode(text).unwrap();
     assert_eq!(ids, loaded.text.encode(text).unwrap());
     let messages = [Message::new("user", "Hi")];
-    assert_eq!(from_hf.text.render(&messages, true).unwrap(), loaded.text.render(&messages, true).unwrap());
+    assert_eq!(
+        from_hf.text.render(&messages, true).unwrap(),
+        loaded.text.render(&messages, true).unwrap()
+    );
     assert_eq!(from_hf.text.stop_ids, loaded.text.stop_ids);
-    let difference = max_difference(&last_logits(&from_hf.llama, &ids, Mode::Infer), &last_logits(&loaded.llama, &ids, Mode::Infer));
+    let difference = max_difference(
+        &last_logits(&from_hf.llama, &ids, Mode::Infer),
+        &last_logits(&loaded.llama, &ids, Mode::Infer),
+    );
     assert!(difference < 1e-4, "{difference}");
     assert_eq!(from_hf.fingerprint.layers, 30);
-    assert_ne!(from_hf.fingerprint.weights, loaded.fingerprint.weights, "the fingerprint names the weights file");
+    assert_ne!(
+        from_hf.fingerprint.weights, loaded.fingerprint.weights,
+        "the fingerprint names the weights file"
+    );
 }

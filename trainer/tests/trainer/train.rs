@@ -93,7 +93,7 @@ fn initial_prefix(model: &LoadedModel) -> cartridge_trainer::model::Prefix {
 fn distillation_lowers_the_loss_and_keeps_the_frozen_token() {
     let model = tiny_model();
     let start = initial_prefix(&model);
-    let mut distiller = Distiller::from_prefix(&model, &start, options(30)).unwrap();
+    let mut distiller = Distiller::from_prefix(&model.llama, &start, options(30)).unwrap();
     distiller
         .train(&conversations(12), |_, _, _, _| Ok(()))
         .unwrap();
@@ -138,13 +138,15 @@ fn a_resumed_run_continues_exactly() {
     let checkpoint = dir.path().join("checkpoint.safetensors");
     let data = conversations(6);
 
-    let mut straight = Distiller::from_prefix(&model, &initial_prefix(&model), options(4)).unwrap();
+    let mut straight =
+        Distiller::from_prefix(&model.llama, &initial_prefix(&model), options(4)).unwrap();
     straight.train(&data, |_, _, _, _| Ok(())).unwrap();
 
-    let mut first = Distiller::from_prefix(&model, &initial_prefix(&model), options(2)).unwrap();
+    let mut first =
+        Distiller::from_prefix(&model.llama, &initial_prefix(&model), options(2)).unwrap();
     first.train(&data, |_, _, _, _| Ok(())).unwrap();
     first.save_checkpoint(&checkpoint).unwrap();
-    let mut resumed = Distiller::resume(&model, &checkpoint, options(4)).unwrap();
+    let mut resumed = Distiller::resume(&model.llama, &checkpoint, options(4)).unwrap();
     assert_eq!(resumed.step_count(), 2);
     resumed.train(&data, |_, _, _, _| Ok(())).unwrap();
 
@@ -165,7 +167,7 @@ fn a_resumed_run_continues_exactly() {
     let mut other = options(4);
     other.tokens = 16;
     assert!(
-        Distiller::resume(&model, &checkpoint, other).is_err(),
+        Distiller::resume(&model.llama, &checkpoint, other).is_err(),
         "a checkpoint of another shape is refused"
     );
 }
@@ -241,17 +243,39 @@ fn next_token_prediction_is_distillation_onto_the_text() {
     let model = tiny_model();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("corpus.txt");
-    std::fs::write(&path, "one two three four five six seven eight nine ten eleven twelve thirteen").unwrap();
+    std::fs::write(
+        &path,
+        "one two three four five six seven eight nine ten eleven twelve thirteen",
+    )
+    .unwrap();
     let corpus = Corpus::read(&[path]).unwrap();
     let tokens = model.text.encode(&corpus.text()).unwrap();
-    let pieces = cartridge_trainer::synthesis::next_token_conversations(&model.text, &corpus, 5).unwrap();
-    let rebuilt: Vec<u32> = pieces.iter().flat_map(|c| c.prompt_ids.iter().chain(&c.answer_ids).copied()).collect();
+    let pieces =
+        cartridge_trainer::synthesis::next_token_conversations(&model.text, &corpus, 5).unwrap();
+    let rebuilt: Vec<u32> = pieces
+        .iter()
+        .flat_map(|c| c.prompt_ids.iter().chain(&c.answer_ids).copied())
+        .collect();
     assert_eq!(rebuilt, tokens[..rebuilt.len()]);
     for piece in &pieces {
         assert_eq!(piece.teacher.len(), piece.answer_ids.len());
-        assert!(piece.teacher.iter().zip(&piece.answer_ids).all(|(top, &t)| top == &vec![(t, 0.0)]));
+        assert!(
+            piece
+                .teacher
+                .iter()
+                .zip(&piece.answer_ids)
+                .all(|(top, &t)| top == &vec![(t, 0.0)])
+        );
     }
-    let mut distiller = Distiller::from_prefix(&model, &initial_prefix(&model), DistillOptions { row_tokens: 16, ..options(3) }).unwrap();
+    let mut distiller = Distiller::from_prefix(
+        &model.llama,
+        &initial_prefix(&model),
+        DistillOptions {
+            row_tokens: 16,
+            ..options(3)
+        },
+    )
+    .unwrap();
     distiller.train(&pieces, |_, _, _, _| Ok(())).unwrap();
     assert_eq!(distiller.losses.len(), 3);
 }
