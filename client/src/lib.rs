@@ -11,7 +11,7 @@ mod rate;
 pub use api::Client;
 pub use cache::Cache;
 pub use error::ClientError;
-pub use pull::{PullOptions, PullReport, pull};
+pub use pull::{FetchReport, PullOptions, PullReport, decode_arrivals, fetch_blobs, pull};
 pub use push::{PushOptions, PushReport, push};
 pub use rate::RateLimit;
 

@@ -4,8 +4,9 @@
 //! soon as its blob is in, so decoding overlaps the downloads still running.
 
 use std::collections::HashMap;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::Receiver;
+use std::sync::mpsc::{Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -28,6 +29,8 @@ pub struct PullOptions {
     /// A download that receives nothing for this long is dropped and resumed.
     pub stall_timeout: Duration,
     pub rate: Option<Arc<RateLimit>>,
+    /// Attempts after the first, with growing pauses, before a download gives up.
+    pub retries: usize,
 }
 
 impl Default for PullOptions {
@@ -36,6 +39,7 @@ impl Default for PullOptions {
             jobs: 8,
             stall_timeout: Duration::from_secs(30),
             rate: None,
+            retries: 6,
         }
     }
 }
@@ -84,10 +88,44 @@ pub async fn pull(
         let (manifest, cache, target) = (manifest.clone(), cache.clone(), target.clone());
         tokio::task::spawn_blocking(move || assemble(&manifest, &cache, &target, arrivals))
     };
-    let (cached, needed): (Vec<BlobInfo>, Vec<BlobInfo>) = blobs
+    let fetched = fetch_blobs(client, repo, &manifest, cache, options, progress, ready).await;
+    let assembled = assembler
+        .await
+        .map_err(|e| ClientError::Usage(format!("assembling failed: {e}")))?;
+    // A download error explains an incomplete assembly better than the assembly error does.
+    let fetched = fetched?;
+    assembled?;
+    report.cached_blobs = fetched.cached_blobs;
+    report.downloaded_bytes = fetched.downloaded_bytes;
+    report.resumed_bytes = fetched.resumed_bytes;
+    Ok(report)
+}
+
+/// What [`fetch_blobs`] did.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct FetchReport {
+    pub cached_blobs: usize,
+    pub downloaded_bytes: u64,
+    pub resumed_bytes: u64,
+}
+
+/// Makes every blob of `manifest` present (and verified) in the cache, downloading the missing
+/// ones several at once, and announces each on `ready` as soon as it is there, so decoding can
+/// start before the last download ends. Dropping `ready` at the end tells the receiver that
+/// nothing more is coming.
+pub async fn fetch_blobs(
+    client: &Client,
+    repo: &Repository,
+    manifest: &Manifest,
+    cache: &Cache,
+    options: &PullOptions,
+    progress: &dyn Progress,
+    ready: Sender<Digest>,
+) -> Result<FetchReport, ClientError> {
+    let (cached, needed): (Vec<BlobInfo>, Vec<BlobInfo>) = manifest
+        .blobs()
         .into_iter()
         .partition(|b| cache.blob(&b.digest).exists());
-    report.cached_blobs = cached.len();
     for blob in &cached {
         let _ = ready.send(blob.digest);
     }
@@ -96,30 +134,24 @@ pub async fn pull(
         .map(|b| partial_len(&cache.partial(&b.digest)).min(b.size))
         .sum();
     progress.begin(needed.iter().map(|b| b.size).sum(), resumable);
-    let fetched: Result<Vec<(u64, u64)>, ClientError> = futures::stream::iter(needed)
+    let fetched: Vec<(u64, u64)> = futures::stream::iter(needed)
         .map(|blob| {
             let ready = ready.clone();
             async move {
                 let counts = fetch_blob(client, repo, blob, cache, options, progress).await?;
                 let _ = ready.send(blob.digest);
-                Ok(counts)
+                Ok::<_, ClientError>(counts)
             }
         })
         .buffer_unordered(options.jobs.max(1))
         .try_collect()
-        .await;
-    // Closing the channel tells the assembler no more blobs are coming.
-    drop(ready);
+        .await?;
     progress.end();
-    let assembled = assembler
-        .await
-        .map_err(|e| ClientError::Usage(format!("assembling failed: {e}")))?;
-    // A download error explains an incomplete assembly better than the assembly error does.
-    let fetched = fetched?;
-    assembled?;
-    report.downloaded_bytes = fetched.iter().map(|(downloaded, _)| downloaded).sum();
-    report.resumed_bytes = fetched.iter().map(|(_, resumed)| resumed).sum();
-    Ok(report)
+    Ok(FetchReport {
+        cached_blobs: cached.len(),
+        downloaded_bytes: fetched.iter().map(|(downloaded, _)| downloaded).sum(),
+        resumed_bytes: fetched.iter().map(|(_, resumed)| resumed).sum(),
+    })
 }
 
 fn partial_len(path: &Path) -> u64 {
@@ -162,7 +194,7 @@ async fn fetch_blob(
     }
     let mut hasher = blake3::Hasher::new();
     let mut hashed = 0;
-    let mut delays = backon::BackoffBuilder::build(backoff());
+    let mut delays = backon::BackoffBuilder::build(backoff().with_max_times(options.retries));
     loop {
         // Bytes are hashed as they arrive; only what is already on disk (resumed, or written
         // before an attempt failed) is read back.
@@ -320,12 +352,35 @@ fn build(
     // renamed into the cache after the map is dropped; nothing else maps or writes it.
     #[allow(unsafe_code)]
     let mut map = unsafe { memmap2::MmapMut::map_mut(&file) }.map_err(io)?;
-    let (head, body) = map.split_at_mut(8 + layout.header_text_len);
-    head[..8].copy_from_slice(&(layout.header_text_len as u64).to_le_bytes());
-    head[8..].copy_from_slice(manifest.file_header.as_bytes());
-    let mut destinations =
-        chunk_destinations(body, 8 + layout.header_text_len, layout, &manifest.chunks);
+    map[..8].copy_from_slice(&(layout.header_text_len as u64).to_le_bytes());
+    map[8..8 + layout.header_text_len].copy_from_slice(manifest.file_header.as_bytes());
+    // Each chunk's raw bytes are its layers' keys and values, wherever the header put them.
+    let ranges = |chunk: &ChunkDescriptor| {
+        (chunk.layers.start as usize..chunk.layers.end as usize)
+            .flat_map(|layer| layout.layers[layer].clone())
+            .collect()
+    };
+    decode_arrivals(manifest, cache, &mut map, &ranges, arrivals)?;
+    map.flush_async().map_err(io)?;
+    Ok(())
+}
 
+/// Decodes each chunk into its places in `buffer` as its blob arrives on `arrivals`, on all
+/// cores. `ranges` gives, for a chunk, the byte ranges of `buffer` its raw bytes fill, in order;
+/// the ranges of all chunks must not overlap. Returns once every blob has arrived and decoded,
+/// or with the first failure (a blob that fails to decode is dropped from the cache so the next
+/// attempt fetches it again), or when `arrivals` closes early.
+pub fn decode_arrivals(
+    manifest: &Manifest,
+    cache: &Cache,
+    buffer: &mut [u8],
+    ranges: &dyn Fn(&ChunkDescriptor) -> Vec<Range<usize>>,
+    arrivals: Receiver<Digest>,
+) -> Result<(), ClientError> {
+    let mut destinations = split_ranges(
+        buffer,
+        &manifest.chunks.iter().map(ranges).collect::<Vec<_>>(),
+    )?;
     let mut chunks_of: HashMap<Digest, Vec<usize>> = HashMap::new();
     for (index, chunk) in manifest.chunks.iter().enumerate() {
         chunks_of
@@ -362,7 +417,6 @@ fn build(
             "{never_arrived} blobs never arrived"
         )));
     }
-    map.flush_async().map_err(io)?;
     Ok(())
 }
 
@@ -383,40 +437,42 @@ fn decode_cached(
     Ok(())
 }
 
-/// Splits the tensor region of the new file into each chunk's destinations: per layer of the
-/// chunk, its keys then its values, wherever the safetensors header placed them.
-fn chunk_destinations<'a>(
-    body: &'a mut [u8],
-    body_offset: usize,
-    layout: &FileLayout,
-    chunks: &[ChunkDescriptor],
-) -> Vec<Vec<&'a mut [u8]>> {
-    let mut tensors: Vec<(usize, std::ops::Range<usize>)> = layout
-        .layers
+/// Splits `buffer` into disjoint mutable pieces: for each group, one piece per range.
+fn split_ranges<'a>(
+    buffer: &'a mut [u8],
+    groups: &[Vec<Range<usize>>],
+) -> Result<Vec<Vec<&'a mut [u8]>>, ClientError> {
+    let mut order: Vec<(usize, usize, Range<usize>)> = groups
         .iter()
         .enumerate()
-        .flat_map(|(layer, [keys, values])| {
-            [(layer * 2, keys.clone()), (layer * 2 + 1, values.clone())]
+        .flat_map(|(g, ranges)| {
+            ranges
+                .iter()
+                .enumerate()
+                .map(move |(i, r)| (g, i, r.clone()))
         })
         .collect();
-    tensors.sort_by_key(|(_, range)| range.start);
-    let mut slices: Vec<Option<&'a mut [u8]>> = (0..tensors.len()).map(|_| None).collect();
-    let mut rest = body;
-    let mut consumed = body_offset;
-    for (index, range) in tensors {
-        // The header validated that tensors are contiguous and do not overlap.
+    order.sort_by_key(|(_, _, range)| range.start);
+    let mut pieces: Vec<Vec<Option<&'a mut [u8]>>> = groups
+        .iter()
+        .map(|ranges| ranges.iter().map(|_| None).collect())
+        .collect();
+    let mut rest = buffer;
+    let mut consumed = 0;
+    for (group, index, range) in order {
+        if range.start < consumed || range.end < range.start || range.end - consumed > rest.len() {
+            return Err(ClientError::Manifest(format!(
+                "chunk destinations overlap or overrun the buffer at {range:?}"
+            )));
+        }
         let (_, tail) = rest.split_at_mut(range.start - consumed);
-        let (slice, tail) = tail.split_at_mut(range.len());
-        slices[index] = Some(slice);
+        let (piece, tail) = tail.split_at_mut(range.len());
+        pieces[group][index] = Some(piece);
         rest = tail;
         consumed = range.end;
     }
-    chunks
-        .iter()
-        .map(|chunk| {
-            (chunk.layers.start as usize * 2..chunk.layers.end as usize * 2)
-                .filter_map(|t| slices[t].take())
-                .collect()
-        })
-        .collect()
+    Ok(pieces
+        .into_iter()
+        .map(|group| group.into_iter().flatten().collect())
+        .collect())
 }

@@ -143,7 +143,11 @@ pub enum ErrorCode {
     MissingBlobs,
     /// A manifest or cartridge is inconsistent.
     InvalidManifest,
-    /// The storage backend failed; retrying may help.
+    /// A cartridge made for another model than the one asking for it.
+    ModelMismatch,
+    /// The request does not fit in the memory budget, even after evicting everything unused.
+    OutOfMemory,
+    /// The storage backend (or, for the loader, the registry) failed; retrying may help.
     Unavailable,
     Internal,
 }
@@ -155,12 +159,13 @@ impl ErrorCode {
             Self::Unauthorized => 401,
             Self::Forbidden => 403,
             Self::NotFound => 404,
-            Self::VersionExists => 409,
+            Self::VersionExists | Self::ModelMismatch => 409,
             Self::TagMoved => 412,
             Self::TooLarge => 413,
             Self::RangeNotSatisfiable => 416,
             Self::DigestMismatch | Self::MissingBlobs | Self::InvalidManifest => 422,
             Self::Unavailable => 503,
+            Self::OutOfMemory => 507,
             Self::Internal => 500,
         }
     }

@@ -38,6 +38,7 @@ pub fn run(args: PullArgs) -> Result<()> {
         jobs: args.transfer.jobs,
         stall_timeout: args.stall_timeout,
         rate: args.transfer.rate(),
+        ..PullOptions::default()
     };
     let bar = Bar::new(&format!("pull {}", args.reference), args.json);
     let report = super::runtime()?.block_on(pull(

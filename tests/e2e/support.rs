@@ -83,13 +83,7 @@ pub fn smollm2_gguf() -> PathBuf {
 
 /// The registry server binary, built beside `cartridge` (scripts/test builds every binary first).
 pub fn registry_binary() -> PathBuf {
-    let path = Path::new(env!("CARGO_BIN_EXE_cartridge")).with_file_name("cartridge-registry");
-    assert!(
-        path.exists(),
-        "{} is missing: run `cargo build --release --bins` first (scripts/test does)",
-        path.display()
-    );
-    path
+    workspace_binary("cartridge-registry")
 }
 
 /// A real `cartridge-registry serve` on a loopback port, killed when dropped.
@@ -173,6 +167,39 @@ impl Registry {
     pub fn restart(&mut self, dir: &Path) {
         self.kill();
         *self = Self::start_with(dir, &self.storage.clone(), self.environment.clone());
+    }
+
+    /// Starts a new server on the same storage, keys and port, as a crashed server comes back.
+    pub fn restart_in_place(&mut self, dir: &Path) {
+        self.kill();
+        let address = self.url.trim_start_matches("http://").to_owned();
+        let keys = dir.join("keys.json");
+        let mut child = Command::new(registry_binary())
+            .args([
+                "serve",
+                "--storage",
+                &self.storage,
+                "--listen",
+                &address,
+                "--keys",
+            ])
+            .arg(&keys)
+            .envs(self.environment.iter().map(|(k, v)| (*k, v.as_str())))
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("cartridge-registry restarts");
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        assert!(
+            line.contains(&address),
+            "the registry came back elsewhere: {line}"
+        );
+        self.child = child;
     }
 
     /// Runs `cartridge` against this registry with `token`, its home in `dir`.
@@ -284,4 +311,107 @@ pub fn raw_http(url: &str, method: &str, path: &str, headers: &[(&str, &str)], b
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| panic!("no HTTP status in {text:.200}"))
+}
+
+/// A binary of the workspace, built beside `cartridge` (scripts/test builds them all first).
+pub fn workspace_binary(name: &str) -> PathBuf {
+    let path = Path::new(env!("CARGO_BIN_EXE_cartridge")).with_file_name(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --release --workspace --bins` first",
+        path.display()
+    );
+    path
+}
+
+/// One HTTP/1.1 request with an optional JSON body; the status and the JSON answer (Null if none).
+pub fn http_json(
+    url: &str,
+    method: &str,
+    path: &str,
+    body: Option<&serde_json::Value>,
+) -> (u16, serde_json::Value) {
+    use std::io::{Read, Write};
+    let address = url.trim_start_matches("http://");
+    let mut stream = std::net::TcpStream::connect(address).expect("the server accepts connections");
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(120)))
+        .unwrap();
+    let payload = body.map(ToString::to_string).unwrap_or_default();
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{payload}",
+        payload.len()
+    )
+    .unwrap();
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).unwrap();
+    let text = String::from_utf8_lossy(&response);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (
+        status,
+        serde_json::from_str(body).unwrap_or(serde_json::Value::Null),
+    )
+}
+
+/// A real `cartridge-loader serve`, killed when dropped.
+pub struct LoaderProcess {
+    child: std::process::Child,
+    pub url: String,
+}
+
+impl LoaderProcess {
+    /// Serves the registry at `registry` with token `token`, caching in `dir/loader-cache`.
+    pub fn start(dir: &Path, registry: &str, token: &str, extra: &[&str]) -> Self {
+        let mut child = Command::new(workspace_binary("cartridge-loader"))
+            .args([
+                "serve",
+                "--registry",
+                registry,
+                "--listen",
+                "127.0.0.1:0",
+                "--cache-dir",
+            ])
+            .arg(dir.join("loader-cache"))
+            .arg("--shm-dir")
+            .arg(dir.join("shm"))
+            .args(extra)
+            .env("CARTRIDGE_TOKEN", token)
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .expect("cartridge-loader starts");
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        let url = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("unexpected {line:?}"))
+            .to_owned();
+        Self { child, url }
+    }
+
+    pub fn stop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for LoaderProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

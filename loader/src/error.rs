@@ -1,0 +1,57 @@
+use axum::Json;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use cartridge_schemas::api::{ErrorBody, ErrorCode};
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoaderError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("unknown cartridge {0}")]
+    UnknownReference(String),
+    #[error("{reference}: {detail}")]
+    ModelMismatch { reference: String, detail: String },
+    #[error("{0}")]
+    OutOfMemory(String),
+    #[error("unknown handle {0}")]
+    UnknownHandle(u64),
+    #[error("registry unavailable: {0}")]
+    Unavailable(String),
+    /// A blob failed verification (it is dropped from the disk cache).
+    #[error("{0}")]
+    Corrupt(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl LoaderError {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Self::BadRequest(_) => ErrorCode::BadRequest,
+            Self::UnknownReference(_) | Self::UnknownHandle(_) => ErrorCode::NotFound,
+            Self::ModelMismatch { .. } => ErrorCode::ModelMismatch,
+            Self::OutOfMemory(_) => ErrorCode::OutOfMemory,
+            Self::Unavailable(_) => ErrorCode::Unavailable,
+            Self::Corrupt(_) | Self::Internal(_) => ErrorCode::Internal,
+        }
+    }
+}
+
+impl IntoResponse for LoaderError {
+    fn into_response(self) -> Response {
+        let code = self.code();
+        if code == ErrorCode::Internal {
+            tracing::error!(error = %self, "load failed");
+        }
+        let status =
+            StatusCode::from_u16(code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        (
+            status,
+            Json(ErrorBody {
+                code,
+                message: self.to_string(),
+            }),
+        )
+            .into_response()
+    }
+}

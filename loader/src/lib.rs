@@ -1,0 +1,14 @@
+//! The cartridge loader: a sidecar beside an inference server that puts the right cartridges in
+//! device memory on demand. Tiers: registry → verified blobs on disk (size cap, LRU, survives
+//! restarts) → decoded keys and values in device memory (byte budget, reference counts, LRU).
+//! Without CUDA the device is host memory in shared-memory files another process maps.
+
+pub mod api;
+pub mod buffer;
+pub mod disk;
+pub mod error;
+pub mod loader;
+pub mod resolve;
+pub mod store;
+
+pub use loader::{LoadRequest, LoadResponse, Loader, LoaderOptions};

@@ -1,0 +1,517 @@
+//! The loader: references in, composed keys and values in device memory out.
+//!
+//! A load resolves each reference (remembering resolutions for when the registry is down),
+//! checks the cartridge was made for the asking model, and makes each cartridge resident:
+//! already resident (the device tier), decoded from verified blobs on disk (the disk tier), or
+//! fetched from the registry first — chunks downloaded in parallel and decoded into place as they
+//! arrive. Concurrent loads of one cartridge share a single fetch. Several cartridges are then
+//! concatenated, per layer along the token axis, into one buffer.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use cartridge_client::{NoProgress, PullOptions, decode_arrivals, fetch_blobs};
+use cartridge_schemas::file::Header;
+use cartridge_schemas::manifest::ChunkDescriptor;
+use cartridge_schemas::{Digest, Dtype, ModelFingerprint, Reference};
+use serde::{Deserialize, Serialize};
+
+use crate::buffer::HostBuffer;
+use crate::disk::{DiskCache, DiskUsage};
+use crate::error::LoaderError;
+use crate::resolve::{Resolved, Resolver, client_error};
+use crate::store::{EntryKey, Store, StoreStatus};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LoadRequest {
+    /// The model the keys and values are for; a cartridge made for another is refused.
+    pub model: ModelFingerprint,
+    /// Cartridges in the order their tokens should come.
+    pub cartridges: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PrefetchRequest {
+    pub cartridges: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReleaseRequest {
+    pub handle: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Part {
+    pub reference: String,
+    pub digest: Digest,
+    pub tokens: u64,
+}
+
+/// Where one layer's keys and values are in the buffer.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct LayerSpan {
+    pub keys: u64,
+    pub values: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LoadResponse {
+    pub handle: u64,
+    /// Total tokens: the inference continues at this position.
+    pub tokens: u64,
+    pub layers: u32,
+    pub kv_heads: u32,
+    pub head_dim: u32,
+    pub dtype: Dtype,
+    pub parts: Vec<Part>,
+    /// The slowest tier the load reached: `device`, `disk` or `registry`.
+    pub tier: String,
+    /// The shared-memory file holding the keys and values; each tensor is
+    /// `[kv_heads, tokens, head_dim]` at the byte offsets of `layout`.
+    pub path: PathBuf,
+    pub bytes: u64,
+    pub layout: Vec<LayerSpan>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Status {
+    pub device: StoreStatus,
+    pub disk: DiskUsage,
+    pub handles: usize,
+}
+
+/// Where a cartridge was found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Tier {
+    Device,
+    Disk,
+    Registry,
+}
+
+impl Tier {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Device => "device",
+            Self::Disk => "disk",
+            Self::Registry => "registry",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct LoaderOptions {
+    pub shm_dir: PathBuf,
+    pub transfers: PullOptions,
+}
+
+pub struct Loader {
+    resolver: Resolver,
+    disk: DiskCache,
+    store: Mutex<Store>,
+    options: LoaderOptions,
+    handles: Mutex<HashMap<u64, EntryKey>>,
+    next_handle: AtomicU64,
+    /// One lock per entry being made resident, so concurrent loads of it share one fetch.
+    flights: Mutex<HashMap<EntryKey, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl Loader {
+    pub fn new(
+        resolver: Resolver,
+        disk: DiskCache,
+        budget: u64,
+        options: LoaderOptions,
+    ) -> Result<Self, LoaderError> {
+        std::fs::create_dir_all(&options.shm_dir)
+            .map_err(|e| LoaderError::Internal(format!("{}: {e}", options.shm_dir.display())))?;
+        Ok(Self {
+            resolver,
+            disk,
+            store: Mutex::new(Store::new(budget)),
+            options,
+            handles: Mutex::new(HashMap::new()),
+            next_handle: AtomicU64::new(1),
+            flights: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn store(&self) -> std::sync::MutexGuard<'_, Store> {
+        // A panic while holding the lock leaves plain bookkeeping, still consistent enough to use.
+        self.store
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn parse(reference: &str) -> Result<Reference, LoaderError> {
+        reference
+            .parse()
+            .map_err(|e: cartridge_schemas::reference::ReferenceError| {
+                LoaderError::BadRequest(e.to_string())
+            })
+    }
+
+    pub async fn load(&self, request: LoadRequest) -> Result<LoadResponse, LoaderError> {
+        let started = Instant::now();
+        if request.cartridges.is_empty() {
+            return Err(LoaderError::BadRequest("no cartridges to load".into()));
+        }
+        let references = request
+            .cartridges
+            .iter()
+            .map(|r| Self::parse(r))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut parts = Vec::with_capacity(references.len());
+        for reference in &references {
+            let resolved = self.resolver.resolve(reference).await?;
+            let header = &resolved.manifest.cartridge;
+            request.model.check_compatible(&header.model).map_err(|e| {
+                LoaderError::ModelMismatch {
+                    reference: reference.to_string(),
+                    detail: e.to_string(),
+                }
+            })?;
+            if let Some(first) = parts.first().map(|p: &Resolved| p.manifest.cartridge.dtype)
+                && first != header.dtype
+            {
+                return Err(LoaderError::ModelMismatch {
+                    reference: reference.to_string(),
+                    detail: format!(
+                        "holds {} but the first cartridge holds {first}: they cannot be composed",
+                        header.dtype
+                    ),
+                });
+            }
+            parts.push(resolved);
+        }
+
+        // Make every part resident, holding a reference on each while composing.
+        let mut tier = Tier::Device;
+        let mut held = Vec::new();
+        let mut result = Ok(());
+        for part in &parts {
+            match self.ensure_single(part).await {
+                Ok(reached) => {
+                    tier = tier.max(reached);
+                    held.push(EntryKey::Single(part.digest));
+                }
+                Err(error) => {
+                    result = Err(error);
+                    break;
+                }
+            }
+        }
+        let key = match (result, parts.len()) {
+            (Err(error), _) => {
+                self.release_keys(&held);
+                return Err(error);
+            }
+            (Ok(()), 1) => held.remove(0),
+            (Ok(()), _) => {
+                let composed = self.ensure_composed(&parts).await;
+                self.release_keys(&held);
+                composed?
+            }
+        };
+        let (buffer, header) = self
+            .store()
+            .acquire(&key)
+            .ok_or_else(|| LoaderError::Internal(format!("{key} vanished while loading")))?;
+        // The acquire above is the handle's reference; the one the load itself took goes.
+        self.store().release(&key);
+        let handle = self.next_handle.fetch_add(1, Ordering::Relaxed);
+        self.handles
+            .lock()
+            .map_err(|_| LoaderError::Internal("handle table poisoned".into()))?
+            .insert(handle, key);
+
+        metrics::histogram!("loader_load_seconds", "tier" => tier.name())
+            .record(started.elapsed().as_secs_f64());
+        metrics::counter!("loader_loads_total", "tier" => tier.name()).increment(1);
+        let tensor = header.tensor_bytes() as u64;
+        Ok(LoadResponse {
+            handle,
+            tokens: header.tokens,
+            layers: header.model.layers,
+            kv_heads: header.model.kv_heads,
+            head_dim: header.model.head_dim,
+            dtype: header.dtype,
+            parts: parts
+                .iter()
+                .map(|p| Part {
+                    reference: p.reference.to_string(),
+                    digest: p.digest,
+                    tokens: p.manifest.cartridge.tokens,
+                })
+                .collect(),
+            tier: tier.name().to_owned(),
+            path: buffer.path().to_owned(),
+            bytes: buffer.len() as u64,
+            layout: (0..u64::from(header.model.layers))
+                .map(|l| LayerSpan {
+                    keys: l * 2 * tensor,
+                    values: (l * 2 + 1) * tensor,
+                })
+                .collect(),
+        })
+    }
+
+    pub fn release(&self, handle: u64) -> Result<(), LoaderError> {
+        let key = self
+            .handles
+            .lock()
+            .map_err(|_| LoaderError::Internal("handle table poisoned".into()))?
+            .remove(&handle)
+            .ok_or(LoaderError::UnknownHandle(handle))?;
+        self.store().release(&key);
+        Ok(())
+    }
+
+    fn release_keys(&self, keys: &[EntryKey]) {
+        let mut store = self.store();
+        keys.iter().for_each(|key| store.release(key));
+    }
+
+    /// Resolves and downloads cartridges to the disk tier, without decoding them.
+    pub async fn prefetch(&self, references: &[String]) -> Result<Vec<Part>, LoaderError> {
+        let mut parts = Vec::new();
+        for reference in references {
+            let resolved = self.resolver.resolve(&Self::parse(reference)?).await?;
+            let (ready, arrivals) = std::sync::mpsc::channel();
+            drop(arrivals);
+            let digests: Vec<Digest> = resolved.manifest.blobs().iter().map(|b| b.digest).collect();
+            self.disk.pin(&digests);
+            let fetched = fetch_blobs(
+                self.resolver.client(),
+                &resolved.reference.repository,
+                &resolved.manifest,
+                self.disk.cache(),
+                &self.options.transfers,
+                &NoProgress,
+                ready,
+            )
+            .await;
+            self.disk.unpin(&digests);
+            fetched.map_err(client_error)?;
+            parts.push(Part {
+                reference: reference.clone(),
+                digest: resolved.digest,
+                tokens: resolved.manifest.cartridge.tokens,
+            });
+        }
+        Ok(parts)
+    }
+
+    pub fn status(&self) -> Status {
+        let handles = self.handles.lock().map(|h| h.len()).unwrap_or(0);
+        Status {
+            device: self.store().status(),
+            disk: self.disk.usage(),
+            handles,
+        }
+    }
+
+    fn flight(&self, key: &EntryKey) -> Arc<tokio::sync::Mutex<()>> {
+        let mut flights = self
+            .flights
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        flights.entry(key.clone()).or_default().clone()
+    }
+
+    /// Makes one cartridge resident and takes a reference on it.
+    async fn ensure_single(&self, part: &Resolved) -> Result<Tier, LoaderError> {
+        let key = EntryKey::Single(part.digest);
+        if self.store().acquire(&key).is_some() {
+            return Ok(Tier::Device);
+        }
+        let flight = self.flight(&key);
+        let _turn = flight.lock().await;
+        // Whoever held the turn before may have loaded it.
+        if self.store().acquire(&key).is_some() {
+            return Ok(Tier::Device);
+        }
+        let bytes = part.manifest.cartridge.payload_bytes();
+        self.store().reserve(bytes)?;
+        let loaded = self.fetch_and_decode(part).await;
+        let mut store = self.store();
+        match loaded {
+            Ok((buffer, tier)) => {
+                store.insert(key, buffer, part.manifest.cartridge.clone());
+                Ok(tier)
+            }
+            Err(error) => {
+                store.unreserve(bytes);
+                Err(error)
+            }
+        }
+    }
+
+    /// Decodes a cartridge's chunks into a new buffer (payload layout: every layer's keys then
+    /// values) as its blobs arrive from disk or from the registry. A blob on disk that fails to
+    /// verify is dropped by the decoder; one more attempt fetches it again.
+    async fn fetch_and_decode(&self, part: &Resolved) -> Result<(HostBuffer, Tier), LoaderError> {
+        let digests: Vec<Digest> = part.manifest.blobs().iter().map(|b| b.digest).collect();
+        self.disk.pin(&digests);
+        let mut outcome = self.fetch_and_decode_once(part).await;
+        if matches!(outcome, Err(LoaderError::Corrupt(_))) {
+            tracing::warn!(digest = %part.digest, "a cached blob failed verification; fetching it again");
+            metrics::counter!("loader_corrupt_blobs_total").increment(1);
+            outcome = self.fetch_and_decode_once(part).await;
+        }
+        self.disk.unpin(&digests);
+        outcome
+    }
+
+    async fn fetch_and_decode_once(
+        &self,
+        part: &Resolved,
+    ) -> Result<(HostBuffer, Tier), LoaderError> {
+        let manifest = Arc::new(part.manifest.clone());
+        let bytes = manifest.cartridge.payload_bytes() as usize;
+        let (ready, arrivals) = std::sync::mpsc::channel();
+        let decoder = {
+            let (manifest, cache, dir) = (
+                manifest.clone(),
+                self.disk.cache().clone(),
+                self.options.shm_dir.clone(),
+            );
+            tokio::task::spawn_blocking(move || -> Result<HostBuffer, LoaderError> {
+                let mut buffer = HostBuffer::create(&dir, bytes).map_err(|e| {
+                    LoaderError::OutOfMemory(format!(
+                        "allocating {bytes} bytes in {}: {e}",
+                        dir.display()
+                    ))
+                })?;
+                let layer_bytes = manifest.cartridge.layer_bytes() as usize;
+                let ranges = |chunk: &ChunkDescriptor| {
+                    // One contiguous range: a chunk's layers are adjacent in the payload.
+                    std::iter::once(
+                        chunk.layers.start as usize * layer_bytes
+                            ..chunk.layers.end as usize * layer_bytes,
+                    )
+                    .collect()
+                };
+                decode_arrivals(&manifest, &cache, buffer.as_mut_slice(), &ranges, arrivals)
+                    .map_err(|e| match e {
+                        cartridge_client::ClientError::Codec(codec) => {
+                            LoaderError::Corrupt(codec.to_string())
+                        }
+                        other => LoaderError::Internal(other.to_string()),
+                    })?;
+                Ok(buffer)
+            })
+        };
+        let fetched = fetch_blobs(
+            self.resolver.client(),
+            &part.reference.repository,
+            &manifest,
+            self.disk.cache(),
+            &self.options.transfers,
+            &NoProgress,
+            ready,
+        )
+        .await;
+        let decoded = decoder
+            .await
+            .map_err(|e| LoaderError::Internal(format!("decoding: {e}")))?;
+        // A failed download explains an incomplete decode better than the decoder does.
+        let fetched = fetched.map_err(client_error)?;
+        let buffer = decoded?;
+        let tier = if fetched.downloaded_bytes + fetched.resumed_bytes > 0 {
+            Tier::Registry
+        } else {
+            Tier::Disk
+        };
+        if tier == Tier::Registry {
+            metrics::counter!("loader_fetches_total").increment(1);
+            metrics::counter!("loader_fetched_bytes_total").increment(fetched.downloaded_bytes);
+        }
+        metrics::counter!("loader_decoded_bytes_total").increment(bytes as u64);
+        Ok((buffer, tier))
+    }
+
+    /// Makes the composition of resident parts resident and takes a reference on it: per layer,
+    /// per head, the parts' tokens one after another.
+    async fn ensure_composed(&self, parts: &[Resolved]) -> Result<EntryKey, LoaderError> {
+        let key = EntryKey::Composed(parts.iter().map(|p| p.digest).collect());
+        if self.store().acquire(&key).is_some() {
+            return Ok(key);
+        }
+        let flight = self.flight(&key);
+        let _turn = flight.lock().await;
+        if self.store().acquire(&key).is_some() {
+            return Ok(key);
+        }
+        let headers: Vec<&Header> = parts.iter().map(|p| &p.manifest.cartridge).collect();
+        let first = headers[0];
+        let mut header = first.clone();
+        header.tokens = headers.iter().map(|h| h.tokens).sum();
+        header.provenance = serde_json::json!({"composed_of": parts.iter().map(|p| p.reference.to_string()).collect::<Vec<_>>()});
+        let bytes = header.payload_bytes();
+        self.store().reserve(bytes)?;
+        let sources: Vec<_> = {
+            let mut store = self.store();
+            parts
+                .iter()
+                .filter_map(|p| store.acquire(&EntryKey::Single(p.digest)))
+                .collect()
+        };
+        let composed = if sources.len() == parts.len() {
+            let dir = self.options.shm_dir.clone();
+            let layout = header.clone();
+            let inputs = sources.clone();
+            tokio::task::spawn_blocking(move || compose(&dir, &layout, &inputs))
+                .await
+                .map_err(|e| LoaderError::Internal(format!("composing: {e}")))?
+        } else {
+            Err(LoaderError::Internal(
+                "a part was evicted while composing".into(),
+            ))
+        };
+        let mut store = self.store();
+        for part in parts.iter().take(sources.len()) {
+            store.release(&EntryKey::Single(part.digest));
+        }
+        match composed {
+            Ok(buffer) => {
+                store.insert(key.clone(), buffer, header);
+                Ok(key)
+            }
+            Err(error) => {
+                store.unreserve(bytes);
+                Err(error)
+            }
+        }
+    }
+}
+
+/// Concatenates cartridges (payload layout) along the token axis into a new buffer.
+fn compose(
+    dir: &std::path::Path,
+    header: &Header,
+    parts: &[(Arc<HostBuffer>, Header)],
+) -> Result<HostBuffer, LoaderError> {
+    let bytes = header.payload_bytes() as usize;
+    let mut buffer = HostBuffer::create(dir, bytes)
+        .map_err(|e| LoaderError::OutOfMemory(format!("allocating {bytes} bytes: {e}")))?;
+    let heads = header.model.kv_heads as usize;
+    let out = buffer.as_mut_slice();
+    let mut offset = 0;
+    for layer in 0..header.model.layers as usize {
+        for tensor in 0..2 {
+            for head in 0..heads {
+                for (source, part) in parts {
+                    let per_head = part.tensor_bytes() / heads;
+                    let start = (layer * 2 + tensor) * part.tensor_bytes() + head * per_head;
+                    out[offset..offset + per_head]
+                        .copy_from_slice(&source.as_slice()[start..start + per_head]);
+                    offset += per_head;
+                }
+            }
+        }
+    }
+    Ok(buffer)
+}

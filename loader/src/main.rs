@@ -1,0 +1,180 @@
+//! `cartridge-loader serve`: the sidecar's HTTP API on loopback or a Unix socket.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use bytesize::ByteSize;
+use cartridge_client::{Client, PullOptions};
+use cartridge_loader::disk::DiskCache;
+use cartridge_loader::resolve::Resolver;
+use cartridge_loader::{Loader, LoaderOptions, api};
+use cartridge_schemas::paths::Paths;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "cartridge-loader",
+    version,
+    about = "Sidecar that loads cartridges into device memory on demand"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve the loader API until Ctrl-C or SIGTERM.
+    Serve(ServeArgs),
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Args)]
+struct ServeArgs {
+    /// The registry cartridges come from.
+    #[arg(long, env = "CARTRIDGE_REGISTRY")]
+    registry: String,
+    /// Token for the registry (pull scope).
+    #[arg(long, env = "CARTRIDGE_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Disk tier: verified blobs and remembered resolutions (default: the user cache's loader/).
+    #[arg(long)]
+    cache_dir: Option<PathBuf>,
+    /// Size cap of the disk tier.
+    #[arg(long, default_value = "20GiB")]
+    disk_cap: ByteSize,
+    /// Byte budget of the device tier (GPU memory; host memory without CUDA).
+    #[arg(long, default_value = "8GiB")]
+    gpu_budget: ByteSize,
+    /// Where host-memory buffers live as files other processes can map.
+    #[arg(long)]
+    shm_dir: Option<PathBuf>,
+    /// Address to listen on (loopback by default; port 0 picks a free one, printed).
+    #[arg(long, default_value = "127.0.0.1:7071", conflicts_with = "socket")]
+    listen: SocketAddr,
+    /// Serve on a Unix socket instead of TCP.
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    /// Chunks downloaded at once per cartridge.
+    #[arg(long, default_value_t = 8)]
+    jobs: usize,
+    /// Cap on the loader's download rate, per second (e.g. 200MiB), to leave the node's network
+    /// to inference traffic.
+    #[arg(long)]
+    limit_rate: Option<ByteSize>,
+    /// Attempts after the first before a download from the registry gives up.
+    #[arg(long, default_value_t = 6)]
+    retries: usize,
+    #[arg(long, value_enum, default_value = "text")]
+    log_format: LogFormat,
+}
+
+async fn serve(args: ServeArgs) -> Result<()> {
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match args.log_format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+    let cache_dir = match &args.cache_dir {
+        Some(dir) => dir.clone(),
+        None => Paths::from_env()?.cache.join("loader"),
+    };
+    let shm_dir = args.shm_dir.clone().unwrap_or_else(|| {
+        let shared = std::path::Path::new("/dev/shm");
+        let base = if shared.is_dir() {
+            shared.to_owned()
+        } else {
+            std::env::temp_dir()
+        };
+        base.join(format!("cartridge-loader-{}", std::process::id()))
+    });
+    let client = Client::new(&args.registry, args.token.clone())?;
+    let resolver = Resolver::new(client, &cache_dir)?;
+    let disk = DiskCache::open(&cache_dir, args.disk_cap.as_u64())
+        .with_context(|| format!("opening {}", cache_dir.display()))?;
+    let options = LoaderOptions {
+        shm_dir: shm_dir.clone(),
+        transfers: PullOptions {
+            jobs: args.jobs,
+            stall_timeout: Duration::from_secs(30),
+            rate: args
+                .limit_rate
+                .map(|r| Arc::new(cartridge_client::RateLimit::new(r.as_u64()))),
+            retries: args.retries,
+        },
+    };
+    let loader = Arc::new(Loader::new(
+        resolver,
+        disk,
+        args.gpu_budget.as_u64(),
+        options,
+    )?);
+    let router = api::router(loader);
+    let shutdown = async {
+        let interrupt = tokio::signal::ctrl_c();
+        let mut terminate =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = interrupt => {},
+            _ = async { match terminate.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {},
+        }
+        tracing::info!("shutting down");
+    };
+    match &args.socket {
+        Some(path) => {
+            let _ = std::fs::remove_file(path);
+            let listener = tokio::net::UnixListener::bind(path)
+                .with_context(|| format!("binding {}", path.display()))?;
+            println!("listening on unix:{}", path.display());
+            axum::serve(listener, router)
+                .with_graceful_shutdown(shutdown)
+                .await?;
+            let _ = std::fs::remove_file(path);
+        }
+        None => {
+            let listener = tokio::net::TcpListener::bind(args.listen)
+                .await
+                .with_context(|| format!("binding {}", args.listen))?;
+            println!("listening on http://{}", listener.local_addr()?);
+            axum::serve(listener, router)
+                .with_graceful_shutdown(shutdown)
+                .await?;
+        }
+    }
+    // Buffers still mapped by consumers stay valid; the files go with the loader.
+    let _ = std::fs::remove_dir_all(&shm_dir);
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = tokio::runtime::Runtime::new()
+        .context("starting the async runtime")
+        .and_then(|runtime| {
+            runtime.block_on(async {
+                match cli.command {
+                    Command::Serve(args) => serve(args).await,
+                }
+            })
+        });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

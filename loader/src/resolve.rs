@@ -1,0 +1,123 @@
+//! Resolving references, remembered on disk: every successful resolution is saved (the reference's
+//! manifest digest, and the manifest by its digest), so when the registry is down a cartridge that
+//! was seen before still resolves and whatever is cached keeps serving.
+
+use std::path::{Path, PathBuf};
+
+use cartridge_client::{Client, ClientError};
+use cartridge_schemas::api::ErrorCode;
+use cartridge_schemas::manifest::Manifest;
+use cartridge_schemas::{Digest, Reference};
+
+use crate::error::LoaderError;
+
+#[derive(Debug)]
+pub struct Resolver {
+    client: Client,
+    dir: PathBuf,
+}
+
+/// A reference resolved to its manifest.
+#[derive(Debug, Clone)]
+pub struct Resolved {
+    pub reference: Reference,
+    pub digest: Digest,
+    pub manifest: Manifest,
+    /// Resolved from the local record because the registry could not be reached.
+    pub from_memory: bool,
+}
+
+impl Resolver {
+    pub fn new(client: Client, dir: &Path) -> Result<Self, LoaderError> {
+        for sub in ["refs", "manifests"] {
+            std::fs::create_dir_all(dir.join(sub))
+                .map_err(|e| LoaderError::Internal(format!("{}: {e}", dir.display())))?;
+        }
+        Ok(Self {
+            client,
+            dir: dir.to_owned(),
+        })
+    }
+
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    fn ref_path(&self, reference: &Reference) -> PathBuf {
+        self.dir
+            .join("refs")
+            .join(Digest::of(reference.to_string().as_bytes()).hex())
+    }
+
+    fn manifest_path(&self, digest: &Digest) -> PathBuf {
+        self.dir.join("manifests").join(digest.hex())
+    }
+
+    pub async fn resolve(&self, reference: &Reference) -> Result<Resolved, LoaderError> {
+        match self
+            .client
+            .resolve(&reference.repository, &reference.selector)
+            .await
+        {
+            Ok(resolved) => {
+                // Remembering is best effort: a full disk must not fail a load.
+                let _ = std::fs::write(
+                    self.manifest_path(&resolved.digest),
+                    resolved.manifest.to_canonical_json(),
+                );
+                let _ = std::fs::write(self.ref_path(reference), resolved.digest.to_string());
+                Ok(Resolved {
+                    reference: reference.clone(),
+                    digest: resolved.digest,
+                    manifest: resolved.manifest,
+                    from_memory: false,
+                })
+            }
+            Err(error) if error.code() == Some(ErrorCode::NotFound) => {
+                Err(LoaderError::UnknownReference(reference.to_string()))
+            }
+            Err(error) if error.is_transient() => match self.remembered(reference) {
+                Some(resolved) => {
+                    tracing::warn!(%reference, %error, "registry unreachable; serving the last resolution");
+                    Ok(resolved)
+                }
+                None => Err(LoaderError::Unavailable(format!(
+                    "the registry cannot resolve {reference}: {error}"
+                ))),
+            },
+            Err(error) => Err(client_error(error)),
+        }
+    }
+
+    /// The last resolution of `reference` saved on disk, if its manifest still verifies.
+    fn remembered(&self, reference: &Reference) -> Option<Resolved> {
+        let digest: Digest = std::fs::read_to_string(self.ref_path(reference))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()?;
+        let bytes = std::fs::read(self.manifest_path(&digest)).ok()?;
+        if Digest::of(&bytes) != digest {
+            return None;
+        }
+        let manifest = Manifest::from_json(&bytes).ok()?;
+        Some(Resolved {
+            reference: reference.clone(),
+            digest,
+            manifest,
+            from_memory: true,
+        })
+    }
+}
+
+/// Registry errors as the loader reports them.
+pub fn client_error(error: ClientError) -> LoaderError {
+    match error.code() {
+        Some(ErrorCode::NotFound) => LoaderError::UnknownReference(error.to_string()),
+        Some(ErrorCode::Unauthorized | ErrorCode::Forbidden) => {
+            LoaderError::Unavailable(format!("the registry refused the loader's token: {error}"))
+        }
+        _ if error.is_transient() => LoaderError::Unavailable(error.to_string()),
+        _ => LoaderError::Internal(error.to_string()),
+    }
+}

@@ -1,0 +1,178 @@
+//! The device tier: decoded cartridges (and compositions) resident in memory under a byte budget.
+//! Entries in use by a handle are never evicted; the least recently used unused ones go first
+//! when room is needed; a request that cannot fit even then is refused, never overrun.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use cartridge_schemas::Digest;
+use cartridge_schemas::file::Header;
+use serde::Serialize;
+
+use crate::buffer::HostBuffer;
+use crate::error::LoaderError;
+
+/// What a resident entry holds: one cartridge, or several composed in order.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum EntryKey {
+    Single(Digest),
+    Composed(Vec<Digest>),
+}
+
+impl std::fmt::Display for EntryKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Single(digest) => write!(f, "{digest}"),
+            Self::Composed(digests) => write!(
+                f,
+                "{}",
+                digests
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join("+")
+            ),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Entry {
+    pub buffer: Arc<HostBuffer>,
+    /// The (composed) cartridge's header: model, dtype, tokens.
+    pub header: Header,
+    refs: usize,
+    used: Instant,
+}
+
+#[derive(Debug, Serialize)]
+pub struct EntryStatus {
+    pub key: String,
+    pub bytes: u64,
+    pub tokens: u64,
+    pub refs: usize,
+    pub path: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct StoreStatus {
+    pub budget: u64,
+    /// Bytes resident or reserved for loads in progress.
+    pub used: u64,
+    pub entries: Vec<EntryStatus>,
+}
+
+#[derive(Debug)]
+pub struct Store {
+    budget: u64,
+    /// Resident bytes plus reservations of loads in progress.
+    used: u64,
+    entries: HashMap<EntryKey, Entry>,
+}
+
+impl Store {
+    pub fn new(budget: u64) -> Self {
+        Self {
+            budget,
+            used: 0,
+            entries: HashMap::new(),
+        }
+    }
+
+    /// Takes a reference on a resident entry.
+    pub fn acquire(&mut self, key: &EntryKey) -> Option<(Arc<HostBuffer>, Header)> {
+        let entry = self.entries.get_mut(key)?;
+        entry.refs += 1;
+        entry.used = Instant::now();
+        Some((entry.buffer.clone(), entry.header.clone()))
+    }
+
+    pub fn release(&mut self, key: &EntryKey) {
+        if let Some(entry) = self.entries.get_mut(key) {
+            entry.refs = entry.refs.saturating_sub(1);
+        }
+    }
+
+    /// Sets aside `bytes` for a load, evicting unused entries (least recently used first) as
+    /// needed. Fails without side effects if even that cannot make room.
+    pub fn reserve(&mut self, bytes: u64) -> Result<(), LoaderError> {
+        if bytes > self.budget {
+            return Err(LoaderError::OutOfMemory(format!(
+                "{bytes} bytes exceed the whole {} byte budget",
+                self.budget
+            )));
+        }
+        let evictable: u64 = self
+            .entries
+            .values()
+            .filter(|e| e.refs == 0)
+            .map(|e| e.buffer.len() as u64)
+            .sum();
+        if self.used + bytes > self.budget + evictable {
+            return Err(LoaderError::OutOfMemory(format!(
+                "{bytes} bytes do not fit: {} of the {} byte budget are in use by handles or loads",
+                self.used - evictable,
+                self.budget
+            )));
+        }
+        while self.used + bytes > self.budget {
+            let Some(key) = self
+                .entries
+                .iter()
+                .filter(|(_, e)| e.refs == 0)
+                .min_by_key(|(_, e)| e.used)
+                .map(|(k, _)| k.clone())
+            else {
+                break;
+            };
+            if let Some(entry) = self.entries.remove(&key) {
+                self.used -= entry.buffer.len() as u64;
+                metrics::counter!("loader_evictions_total", "tier" => "device").increment(1);
+                tracing::debug!(%key, "evicted");
+            }
+        }
+        self.used += bytes;
+        Ok(())
+    }
+
+    /// Returns a reservation a failed load did not use.
+    pub fn unreserve(&mut self, bytes: u64) {
+        self.used = self.used.saturating_sub(bytes);
+    }
+
+    /// Makes a reserved load resident, holding one reference for the caller.
+    pub fn insert(&mut self, key: EntryKey, buffer: HostBuffer, header: Header) -> Arc<HostBuffer> {
+        let buffer = Arc::new(buffer);
+        self.entries.insert(
+            key,
+            Entry {
+                buffer: buffer.clone(),
+                header,
+                refs: 1,
+                used: Instant::now(),
+            },
+        );
+        buffer
+    }
+
+    pub fn status(&self) -> StoreStatus {
+        let mut entries: Vec<EntryStatus> = self
+            .entries
+            .iter()
+            .map(|(key, entry)| EntryStatus {
+                key: key.to_string(),
+                bytes: entry.buffer.len() as u64,
+                tokens: entry.header.tokens,
+                refs: entry.refs,
+                path: entry.buffer.path().display().to_string(),
+            })
+            .collect();
+        entries.sort_by(|a, b| a.key.cmp(&b.key));
+        StoreStatus {
+            budget: self.budget,
+            used: self.used,
+            entries,
+        }
+    }
+}

@@ -1,0 +1,444 @@
+//! The real `cartridge-loader` against a real registry (host-memory path, as CI has no GPU).
+
+use std::path::Path;
+use std::time::Duration;
+
+use cartridge_schemas::file::Cartridge;
+use serde_json::{Value, json};
+
+use crate::support::{LoaderProcess, Registry, http_json, random_cartridge};
+
+/// A cartridge file's payload: every layer's keys then values, as the loader lays them out.
+fn payload(path: &Path) -> Vec<u8> {
+    let cartridge = Cartridge::open(path).unwrap();
+    cartridge.payload().flatten().copied().collect()
+}
+
+/// The model fingerprint the test cartridges are made for.
+fn model(dir: &Path, name: &str) -> Value {
+    let cartridge = Cartridge::open(&dir.join(name)).unwrap();
+    serde_json::to_value(&cartridge.header().model).unwrap()
+}
+
+fn load(loader: &LoaderProcess, model: &Value, refs: &[&str]) -> (u16, Value) {
+    http_json(
+        &loader.url,
+        "POST",
+        "/v1/load",
+        Some(&json!({"model": model, "cartridges": refs})),
+    )
+}
+
+fn shared_bytes(response: &Value) -> Vec<u8> {
+    std::fs::read(response["path"].as_str().unwrap()).unwrap()
+}
+
+fn metric(loader: &LoaderProcess, name: &str) -> f64 {
+    use std::io::{Read, Write};
+    let address = loader.url.trim_start_matches("http://");
+    let mut stream = std::net::TcpStream::connect(address).unwrap();
+    write!(
+        stream,
+        "GET /metrics HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut text = String::new();
+    stream.read_to_string(&mut text).unwrap();
+    text.lines()
+        .filter(|line| line.starts_with(name))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// A registry holding cartridges `a`, `b`, `c` (4 layers, `tokens` tokens each), and a loader.
+fn setup(dir: &Path, tokens: u64, loader_args: &[&str]) -> (Registry, LoaderProcess, Value) {
+    let registry = Registry::start(dir);
+    let token = registry.token(&["team/*:push"]);
+    for name in ["a", "b", "c"] {
+        let file = format!("{name}.safetensors");
+        random_cartridge(&dir.join(&file), 4, tokens, name, None);
+        registry
+            .cartridge(
+                dir,
+                &token,
+                &[
+                    "push",
+                    &format!("team/{name}@v1"),
+                    &file,
+                    "--chunk-size",
+                    "64KiB",
+                ],
+            )
+            .ok();
+    }
+    let loader = LoaderProcess::start(dir, &registry.url, &token, loader_args);
+    let model = model(dir, "a.safetensors");
+    (registry, loader, model)
+}
+
+#[test]
+fn cold_warm_and_composed_loads_are_byte_exact() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_registry, loader, model) = setup(dir.path(), 64, &[]);
+
+    let (status, cold) = load(&loader, &model, &["team/a@v1"]);
+    assert_eq!(status, 200, "{cold}");
+    assert_eq!(cold["tier"], "registry");
+    assert_eq!(cold["tokens"], 64);
+    assert_eq!(
+        shared_bytes(&cold),
+        payload(&dir.path().join("a.safetensors"))
+    );
+    let (_, warm) = load(&loader, &model, &["team/a@v1"]);
+    assert_eq!(warm["tier"], "device");
+    assert_eq!(
+        warm["path"], cold["path"],
+        "a warm load shares the resident buffer"
+    );
+
+    let (status, composed) = load(&loader, &model, &["team/b@v1", "team/a@v1"]);
+    assert_eq!(status, 200, "{composed}");
+    assert_eq!(composed["tokens"], 128);
+    let parts: Vec<&str> = composed["parts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["reference"].as_str().unwrap())
+        .collect();
+    assert_eq!(parts, ["team/b@v1", "team/a@v1"]);
+    // The same bytes `cartridge compose` writes, in the order given.
+    crate::support::cartridge(
+        dir.path(),
+        &[
+            "compose",
+            "b.safetensors",
+            "a.safetensors",
+            "-o",
+            "ba.safetensors",
+        ],
+    )
+    .ok();
+    assert_eq!(
+        shared_bytes(&composed),
+        payload(&dir.path().join("ba.safetensors"))
+    );
+    let layout = composed["layout"].as_array().unwrap();
+    assert_eq!(layout.len(), 4);
+    assert_eq!(layout[1]["keys"].as_u64().unwrap(), 2 * 2 * 128 * 64 * 2);
+
+    let status: Value = http_json(&loader.url, "GET", "/v1/status", None).1;
+    assert_eq!(status["handles"], 3);
+    for response in [&cold, &warm, &composed] {
+        let (code, _) = http_json(
+            &loader.url,
+            "POST",
+            "/v1/release",
+            Some(&json!({"handle": response["handle"]})),
+        );
+        assert_eq!(code, 200);
+    }
+    let (code, body) = http_json(
+        &loader.url,
+        "POST",
+        "/v1/release",
+        Some(&json!({"handle": cold["handle"]})),
+    );
+    assert_eq!(code, 404, "{body}");
+    let status: Value = http_json(&loader.url, "GET", "/v1/status", None).1;
+    assert!(
+        status["device"]["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|e| e["refs"] == 0),
+        "{status}"
+    );
+}
+
+#[test]
+fn bad_requests_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_registry, loader, model) = setup(dir.path(), 16, &[]);
+    let (status, body) = load(&loader, &model, &["team/nope@v1"]);
+    assert_eq!(status, 404);
+    assert!(
+        body["message"].as_str().unwrap().contains("team/nope@v1"),
+        "{body}"
+    );
+    let mut other = model.clone();
+    other["kv_heads"] = 8.into();
+    let (status, body) = load(&loader, &other, &["team/a@v1"]);
+    assert_eq!(status, 409);
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("kv_heads differs"),
+        "{body}"
+    );
+    let (status, body) = load(&loader, &model, &["Team/a@v1"]);
+    assert_eq!(status, 400);
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("namespace must be lowercase"),
+        "{body}"
+    );
+    let (status, _) = load(&loader, &model, &[]);
+    assert_eq!(status, 400);
+    let (status, _) = http_json(
+        &loader.url,
+        "POST",
+        "/v1/load",
+        Some(&json!({"cartridges": "x"})),
+    );
+    assert_eq!(status, 400);
+}
+
+#[test]
+fn a_hundred_concurrent_loads_share_one_fetch() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_registry, loader, model) = setup(dir.path(), 256, &[]);
+    let responses: Vec<(u16, Value)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..100)
+            .map(|_| scope.spawn(|| load(&loader, &model, &["team/c@v1"])))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert!(responses.iter().all(|(status, _)| *status == 200));
+    assert_eq!(metric(&loader, "loader_fetches_total"), 1.0);
+    let paths: std::collections::HashSet<&str> = responses
+        .iter()
+        .map(|(_, r)| r["path"].as_str().unwrap())
+        .collect();
+    assert_eq!(paths.len(), 1, "one resident copy");
+    assert_eq!(
+        shared_bytes(&responses[0].1),
+        payload(&dir.path().join("c.safetensors"))
+    );
+}
+
+#[test]
+fn the_device_budget_is_never_exceeded() {
+    let dir = tempfile::tempdir().unwrap();
+    let size = 4 * 2 * (2 * 64 * 64 * 2); // one cartridge's payload: 4 layers, 64 tokens
+    let budget = format!("{}B", size * 5 / 2);
+    let (_registry, loader, model) = setup(dir.path(), 64, &["--gpu-budget", &budget]);
+    let choices: [&[&str]; 5] = [
+        &["team/a@v1"],
+        &["team/b@v1"],
+        &["team/c@v1"],
+        &["team/a@v1", "team/b@v1"],
+        &["team/c@v1", "team/a@v1"],
+    ];
+    let mut held: Vec<u64> = Vec::new();
+    let mut state = 7u64;
+    let (mut refused, mut loaded) = (0, 0);
+    for _ in 0..60 {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        if state >> 62 == 0 && !held.is_empty() {
+            let handle = held.remove((state >> 32) as usize % held.len());
+            assert_eq!(
+                http_json(
+                    &loader.url,
+                    "POST",
+                    "/v1/release",
+                    Some(&json!({"handle": handle}))
+                )
+                .0,
+                200
+            );
+        } else {
+            let (status, body) = load(
+                &loader,
+                &model,
+                choices[(state >> 40) as usize % choices.len()],
+            );
+            match status {
+                200 => {
+                    loaded += 1;
+                    held.push(body["handle"].as_u64().unwrap());
+                }
+                507 => {
+                    refused += 1;
+                    assert!(
+                        body["message"].as_str().unwrap().contains("do not fit"),
+                        "{body}"
+                    );
+                    // Nothing fits while everything is held: let go of the oldest.
+                    if !held.is_empty() {
+                        let handle = held.remove(0);
+                        http_json(
+                            &loader.url,
+                            "POST",
+                            "/v1/release",
+                            Some(&json!({"handle": handle})),
+                        );
+                    }
+                }
+                other => panic!("unexpected {other}: {body}"),
+            }
+        }
+        let status: Value = http_json(&loader.url, "GET", "/v1/status", None).1;
+        let used = status["device"]["used"].as_u64().unwrap();
+        let resident: u64 = status["device"]["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["bytes"].as_u64().unwrap())
+            .sum();
+        assert!(
+            used <= (size * 5 / 2) as u64 && resident <= used,
+            "used {used}, resident {resident}: {status}"
+        );
+    }
+    assert!(
+        loaded > 10 && refused > 0,
+        "loaded {loaded}, refused {refused}"
+    );
+}
+
+#[test]
+fn a_corrupted_disk_cache_blob_is_refetched_and_the_disk_cache_survives_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut registry, mut loader, model) = setup(dir.path(), 64, &[]);
+    let (_, first) = load(&loader, &model, &["team/a@v1"]);
+    assert_eq!(first["tier"], "registry");
+    loader.stop();
+
+    // Damage one cached blob; a restarted loader finds out on read and fetches it again.
+    let blobs = dir.path().join("loader-cache/blobs");
+    let blob = std::fs::read_dir(&blobs)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let mut bytes = std::fs::read(&blob).unwrap();
+    bytes[10] ^= 0xff;
+    std::fs::write(&blob, bytes).unwrap();
+    let token = registry.token(&["team/*:pull"]);
+    let loader = LoaderProcess::start(dir.path(), &registry.url, &token, &[]);
+    let (status, again) = load(&loader, &model, &["team/a@v1"]);
+    assert_eq!(status, 200, "{again}");
+    assert_eq!(
+        shared_bytes(&again),
+        payload(&dir.path().join("a.safetensors"))
+    );
+    assert_eq!(metric(&loader, "loader_corrupt_blobs_total"), 1.0);
+    drop(loader);
+
+    // With the registry gone, a restarted loader still serves what its disk holds.
+    registry.kill();
+    let loader = LoaderProcess::start(dir.path(), &registry.url, &token, &["--retries", "0"]);
+    let (status, offline) = load(&loader, &model, &["team/a@v1"]);
+    assert_eq!(status, 200, "{offline}");
+    assert_eq!(offline["tier"], "disk");
+    assert_eq!(
+        shared_bytes(&offline),
+        payload(&dir.path().join("a.safetensors"))
+    );
+    let (status, body) = load(&loader, &model, &["team/b@v1"]);
+    assert_eq!(status, 503, "never seen, and the registry is down: {body}");
+    registry.restart_in_place(dir.path());
+}
+
+#[test]
+fn a_registry_killed_mid_load_fails_the_load_then_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry_dir = dir.path();
+    let mut registry = Registry::start(registry_dir);
+    let token = registry.token(&["team/*:push"]);
+    random_cartridge(&dir.path().join("big.safetensors"), 16, 2048, "big", None);
+    registry
+        .cartridge(
+            dir.path(),
+            &token,
+            &[
+                "push",
+                "team/big@v1",
+                "big.safetensors",
+                "--chunk-size",
+                "1MiB",
+            ],
+        )
+        .ok();
+    let loader = LoaderProcess::start(
+        dir.path(),
+        &registry.url,
+        &token,
+        &["--limit-rate", "4MiB", "--jobs", "2", "--retries", "1"],
+    );
+    let model = model(dir.path(), "big.safetensors");
+
+    let loading = std::thread::scope(|scope| {
+        let request = scope.spawn(|| load(&loader, &model, &["team/big@v1"]));
+        let blobs = dir.path().join("loader-cache/blobs");
+        let started = std::time::Instant::now();
+        while std::fs::read_dir(&blobs).map_or(0, |d| d.count()) < 2 {
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "no blob arrived"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        registry.kill();
+        request.join().unwrap()
+    });
+    assert_eq!(loading.0, 503, "{}", loading.1);
+    // Only verified blobs are in the disk cache: each hashes to its name.
+    for entry in std::fs::read_dir(dir.path().join("loader-cache/blobs"))
+        .unwrap()
+        .flatten()
+    {
+        let digest = blake3::hash(&std::fs::read(entry.path()).unwrap())
+            .to_hex()
+            .to_string();
+        assert_eq!(entry.file_name().to_str().unwrap(), digest);
+    }
+    registry.restart_in_place(registry_dir);
+    let (status, body) = load(&loader, &model, &["team/big@v1"]);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        shared_bytes(&body),
+        payload(&dir.path().join("big.safetensors"))
+    );
+}
+
+#[test]
+fn the_api_serves_on_a_unix_socket() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("loader.sock");
+    let mut child =
+        std::process::Command::new(crate::support::workspace_binary("cartridge-loader"))
+            .args(["serve", "--registry", "http://127.0.0.1:9", "--socket"])
+            .arg(&socket)
+            .arg("--cache-dir")
+            .arg(dir.path().join("cache"))
+            .arg("--shm-dir")
+            .arg(dir.path().join("shm"))
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert!(line.starts_with("listening on unix:"), "{line}");
+    let mut stream = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+    stream
+        .write_all(b"GET /v1/status HTTP/1.1\r\nHost: loader\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    assert!(response.contains("\"handles\":0"), "{response}");
+    let _ = child.kill();
+    let _ = child.wait();
+}
