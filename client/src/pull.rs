@@ -154,6 +154,23 @@ pub async fn fetch_blobs(
     })
 }
 
+/// Opens (creating) and exclusively locks a partial download, off the async threads since
+/// taking the lock may wait for another downloader.
+async fn lock_partial(path: &Path) -> Result<std::fs::File, ClientError> {
+    let owned = path.to_owned();
+    tokio::task::spawn_blocking(move || -> std::io::Result<std::fs::File> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&owned)?;
+        file.lock()?;
+        Ok(file)
+    })
+    .await
+    .map_err(|e| ClientError::Usage(e.to_string()))?
+    .map_err(ClientError::io(path))
+}
+
 fn partial_len(path: &Path) -> u64 {
     std::fs::metadata(path).map_or(0, |m| m.len())
 }
@@ -185,6 +202,13 @@ async fn fetch_blob(
     progress: &dyn Progress,
 ) -> Result<(u64, u64), ClientError> {
     let partial = cache.partial(&blob.digest);
+    // One downloader per blob at a time, across tasks and processes: an exclusive lock on the
+    // partial file. Whoever waited finds the blob done (the file it locked was renamed into
+    // place) and has nothing to fetch.
+    let _lock = lock_partial(&partial).await?;
+    if cache.blob(&blob.digest).exists() {
+        return Ok((0, 0));
+    }
     let mut resumed = partial_len(&partial);
     if resumed > blob.size {
         resumed = 0;
@@ -316,7 +340,10 @@ fn assemble(
     arrivals: Receiver<Digest>,
 ) -> Result<(), ClientError> {
     let layout = FileLayout::parse(&manifest.file_header)?;
-    let temporary = target.with_extension(format!("partial-{}", std::process::id()));
+    // Unique per build, so two pulls of one manifest in one process never share a file.
+    static BUILDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let build_id = BUILDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let temporary = target.with_extension(format!("partial-{}-{build_id}", std::process::id()));
     let result = build(manifest, &layout, cache, &temporary, arrivals).and_then(|()| {
         // No fsync: a file torn by a crash fails the validation every use of the cache does
         // (the payload digest) and is rebuilt, so durability would only cost time.

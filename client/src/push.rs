@@ -95,7 +95,7 @@ pub async fn push(
     let mut published = None;
     // A publish can find blobs missing that were present when we asked (garbage collection
     // removed old unreferenced ones in between): upload those and publish again.
-    for _ in 0..3 {
+    for _ in 0..24 {
         let (blobs, bytes) = upload_missing(client, repo, &chunks, options, progress).await?;
         uploaded = (uploaded.0 + blobs, uploaded.1 + bytes);
         match client.publish(repo, version, &manifest).await {
@@ -104,6 +104,12 @@ pub async fn push(
                 break;
             }
             Err(error) if error.code() == Some(ErrorCode::MissingBlobs) => continue,
+            // A garbage collection holds publishes back; wait it out.
+            Err(error) if error.code() == Some(ErrorCode::Unavailable) => {
+                tracing::warn!(%error, "publish deferred; retrying");
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                continue;
+            }
             Err(error) => return Err(error),
         }
     }
@@ -154,21 +160,23 @@ async fn upload_missing(
     if to_send.is_empty() {
         return Ok((0, 0));
     }
-    let targets = client
-        .upload_targets(repo, to_send.iter().map(|c| c.descriptor.stored).collect())
-        .await?;
     let total: u64 = to_send.iter().map(|c| c.bytes.len() as u64).sum();
     progress.begin(total, 0);
-    futures::stream::iter(to_send.iter().zip(targets))
-        .map(|(chunk, target)| async move {
+    futures::stream::iter(to_send.iter())
+        .map(|chunk| async move {
             let bytes = Bytes::from(chunk.bytes.clone());
             if let Some(rate) = &options.rate {
                 rate.consume(bytes.len() as u64).await;
             }
-            (|| client.upload(&target, bytes.clone()))
-                .retry(backoff())
+            // Each attempt asks where to send the blob right before sending it: presigned URLs
+            // expire, and a long push must not reach its last blobs with stale ones.
+            let send = || async {
+                let target = client.upload_targets(repo, vec![chunk.descriptor.stored]).await?.remove(0);
+                client.upload(&target, bytes.clone()).await
+            };
+            send.retry(backoff())
                 .when(ClientError::is_transient)
-                .notify(|error, pause| tracing::warn!(%error, ?pause, digest = %target.digest, "upload failed; retrying"))
+                .notify(|error, pause| tracing::warn!(%error, ?pause, digest = %chunk.descriptor.stored.digest, "upload failed; retrying"))
                 .await?;
             progress.advance(bytes.len() as u64);
             Ok::<_, ClientError>(())

@@ -43,7 +43,21 @@ async fn load(
     State(loader): State<Arc<Loader>>,
     Body(request): Body<LoadRequest>,
 ) -> Result<Json<LoadResponse>, LoaderError> {
-    Ok(Json(loader.load(request).await?))
+    // The load runs to completion on its own task even if the caller goes away (a cancelled
+    // future would strand its reservations, pins and references); a handle nobody received is
+    // released at once.
+    let (answer, answered) = tokio::sync::oneshot::channel();
+    let worker = loader.clone();
+    tokio::spawn(async move {
+        let result = worker.load(request).await;
+        if let Err(Ok(unclaimed)) = answer.send(result) {
+            let _ = worker.release(unclaimed.handle);
+        }
+    });
+    let result = answered
+        .await
+        .map_err(|_| LoaderError::Internal("the load task ended without an answer".into()))?;
+    Ok(Json(result?))
 }
 
 async fn release(

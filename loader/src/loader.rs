@@ -313,6 +313,20 @@ impl Loader {
         }
     }
 
+    /// Forgets a finished flight (later loads find the entry resident, or start a new one).
+    fn land(&self, key: &EntryKey) {
+        let mut flights = self
+            .flights
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if flights
+            .get(key)
+            .is_some_and(|flight| Arc::strong_count(flight) <= 2)
+        {
+            flights.remove(key);
+        }
+    }
+
     fn flight(&self, key: &EntryKey) -> Arc<tokio::sync::Mutex<()>> {
         let mut flights = self
             .flights
@@ -336,17 +350,21 @@ impl Loader {
         let bytes = part.manifest.cartridge.payload_bytes();
         self.store().reserve(bytes)?;
         let loaded = self.fetch_and_decode(part).await;
-        let mut store = self.store();
-        match loaded {
-            Ok((buffer, tier)) => {
-                store.insert(key, buffer, part.manifest.cartridge.clone());
-                Ok(tier)
+        let outcome = {
+            let mut store = self.store();
+            match loaded {
+                Ok((buffer, tier)) => {
+                    store.insert(key.clone(), buffer, part.manifest.cartridge.clone());
+                    Ok(tier)
+                }
+                Err(error) => {
+                    store.unreserve(bytes);
+                    Err(error)
+                }
             }
-            Err(error) => {
-                store.unreserve(bytes);
-                Err(error)
-            }
-        }
+        };
+        self.land(&key);
+        outcome
     }
 
     /// Decodes a cartridge's chunks into a new buffer (payload layout: every layer's keys then
@@ -471,20 +489,24 @@ impl Loader {
                 "a part was evicted while composing".into(),
             ))
         };
-        let mut store = self.store();
-        for part in parts.iter().take(sources.len()) {
-            store.release(&EntryKey::Single(part.digest));
-        }
-        match composed {
-            Ok(buffer) => {
-                store.insert(key.clone(), buffer, header);
-                Ok(key)
+        let outcome = {
+            let mut store = self.store();
+            for part in parts.iter().take(sources.len()) {
+                store.release(&EntryKey::Single(part.digest));
             }
-            Err(error) => {
-                store.unreserve(bytes);
-                Err(error)
+            match composed {
+                Ok(buffer) => {
+                    store.insert(key.clone(), buffer, header);
+                    Ok(key.clone())
+                }
+                Err(error) => {
+                    store.unreserve(bytes);
+                    Err(error)
+                }
             }
-        }
+        };
+        self.land(&key);
+        outcome
     }
 }
 

@@ -62,7 +62,8 @@ impl From<StorageError> for ApiError {
             StorageError::DigestMismatch { .. } => ErrorCode::DigestMismatch,
             StorageError::TooLarge { .. } => ErrorCode::TooLarge,
             StorageError::MissingBlobs { .. } => ErrorCode::MissingBlobs,
-            StorageError::GcRunning => ErrorCode::Unavailable,
+            StorageError::GcRunning | StorageError::GcLeaseLost => ErrorCode::Unavailable,
+            StorageError::InvalidManifest(_) => ErrorCode::InvalidManifest,
             StorageError::Corrupt { .. } => {
                 tracing::error!(%error, "corrupt object in storage");
                 ErrorCode::Internal

@@ -37,21 +37,49 @@ pub struct GcReport {
 
 pub async fn collect(storage: &Storage, options: GcOptions) -> Result<GcReport, StorageError> {
     if options.dry_run {
-        return sweep(storage, options).await;
+        return sweep(storage, options, None).await;
     }
     let owner = format!("gc-{}-{:08x}", std::process::id(), rand::random::<u32>());
     if !storage.acquire_gc_lease(&owner).await? {
         return Err(StorageError::GcRunning);
     }
-    let result = sweep(storage, options).await;
+    let result = sweep(storage, options, Some(&owner)).await;
     // Release even after a failure, so publishes do not wait for the lease to expire.
-    let released = storage.release_gc_lease().await;
+    let released = storage.release_gc_lease(&owner).await;
     let report = result?;
     released?;
     Ok(report)
 }
 
-async fn sweep(storage: &Storage, options: GcOptions) -> Result<GcReport, StorageError> {
+/// Keeps the lease fresh during a long sweep, and stops the sweep if it was lost.
+struct Heartbeat<'a> {
+    storage: &'a Storage,
+    owner: Option<&'a str>,
+    last: std::time::Instant,
+}
+
+impl Heartbeat<'_> {
+    async fn beat(&mut self) -> Result<(), StorageError> {
+        if let Some(owner) = self.owner
+            && self.last.elapsed() > crate::storage::GC_LEASE_TTL / 4
+        {
+            self.storage.renew_gc_lease(owner).await?;
+            self.last = std::time::Instant::now();
+        }
+        Ok(())
+    }
+}
+
+async fn sweep(
+    storage: &Storage,
+    options: GcOptions,
+    owner: Option<&str>,
+) -> Result<GcReport, StorageError> {
+    let mut heartbeat = Heartbeat {
+        storage,
+        owner,
+        last: std::time::Instant::now(),
+    };
     let grace = chrono::Duration::from_std(options.grace).unwrap_or(chrono::Duration::MAX);
     let cutoff = Utc::now()
         .checked_sub_signed(grace)
@@ -64,6 +92,7 @@ async fn sweep(storage: &Storage, options: GcOptions) -> Result<GcReport, Storag
     let referenced = storage.referenced_manifests().await?;
     let mut marked = HashSet::new();
     for (digest, meta) in storage.content_objects(Key::Manifests).await? {
+        heartbeat.beat().await?;
         if referenced.contains(&digest) || meta.last_modified > cutoff {
             // A live manifest that cannot be read would leave its blobs unmarked: stop rather
             // than delete what it may reference.
@@ -72,6 +101,7 @@ async fn sweep(storage: &Storage, options: GcOptions) -> Result<GcReport, Storag
             report.manifests_kept += 1;
         } else {
             if !options.dry_run {
+                heartbeat.beat().await?;
                 storage.delete_object(&meta.location).await?;
             }
             report.manifests_deleted.push(digest);
@@ -84,6 +114,7 @@ async fn sweep(storage: &Storage, options: GcOptions) -> Result<GcReport, Storag
             continue;
         }
         if !options.dry_run {
+            heartbeat.beat().await?;
             storage.delete_object(&meta.location).await?;
         }
         report.bytes_freed += meta.size;

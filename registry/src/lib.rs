@@ -29,6 +29,9 @@ pub struct Limits {
     pub max_blob_bytes: u64,
     /// Largest JSON body (manifests, requests).
     pub max_json_bytes: usize,
+    /// Blob uploads through the registry held at once; each buffers up to `max_blob_bytes`, so
+    /// this bounds their memory. Further uploads wait their turn.
+    pub max_concurrent_uploads: usize,
 }
 
 impl Default for Limits {
@@ -36,6 +39,7 @@ impl Default for Limits {
         Self {
             max_blob_bytes: 256 << 20,
             max_json_bytes: 4 << 20,
+            max_concurrent_uploads: 16,
         }
     }
 }
@@ -46,14 +50,19 @@ pub struct AppState {
     pub storage: Storage,
     pub keyring: Arc<Keyring>,
     pub limits: Limits,
+    pub uploads: Arc<tokio::sync::Semaphore>,
 }
 
 impl AppState {
     pub fn new(storage: Storage, keyring: Keyring, limits: Limits) -> Self {
+        let uploads = Arc::new(tokio::sync::Semaphore::new(
+            limits.max_concurrent_uploads.max(1),
+        ));
         Self {
             storage,
             keyring: Arc::new(keyring),
             limits,
+            uploads,
         }
     }
 
@@ -87,8 +96,22 @@ impl AppState {
         action: Action,
     ) -> Result<(), ApiError> {
         let target = repo.map_or_else(|| format!("{namespace}/*"), ToString::to_string);
+        if let Some(claims) = &caller.0
+            && claims.allows(namespace, repo.map(|r| &r.name), action)
+        {
+            return Ok(());
+        }
+        // What anyone may pull, a token without a matching scope may pull too.
+        if action == Action::Pull
+            && self
+                .storage
+                .namespace_settings(namespace)
+                .await?
+                .anonymous_pull
+        {
+            return Ok(());
+        }
         match &caller.0 {
-            Some(claims) if claims.allows(namespace, repo.map(|r| &r.name), action) => Ok(()),
             Some(claims) => Err(ApiError::new(
                 ErrorCode::Forbidden,
                 format!(
@@ -96,15 +119,6 @@ impl AppState {
                     claims.subject
                 ),
             )),
-            None if action == Action::Pull
-                && self
-                    .storage
-                    .namespace_settings(namespace)
-                    .await?
-                    .anonymous_pull =>
-            {
-                Ok(())
-            }
             None => Err(ApiError::new(
                 ErrorCode::Unauthorized,
                 format!("{action} on {target} needs a token"),

@@ -219,6 +219,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
     let limits = Limits {
         max_blob_bytes: args.max_blob_size.as_u64(),
         max_json_bytes: args.max_json_size.as_u64() as usize,
+        ..Limits::default()
     };
     let description = storage.description().to_owned();
     let router = routes::router(AppState::new(storage, keyring, limits));

@@ -66,6 +66,10 @@ pub enum StorageError {
     Corrupt { key: String, detail: String },
     #[error("garbage collection is running; retry in a moment")]
     GcRunning,
+    #[error("another garbage collection took over the lease; stopped")]
+    GcLeaseLost,
+    #[error("invalid manifest: {0}")]
+    InvalidManifest(String),
     #[error("storage: {0}")]
     Backend(#[from] object_store::Error),
 }
@@ -88,7 +92,12 @@ pub enum Key<'a> {
     Tags(&'a Repository),
     NamespaceSettings(&'a Namespace),
     Upload(&'a Digest, &'a str),
+    /// A private copy of a direct upload, hashed where the uploader can no longer write.
+    Verifying(&'a Digest, &'a str),
     Uploads,
+    /// Marks content as part of a repository: reads through the repository see only this.
+    BlobLink(&'a Repository, &'a Digest),
+    ManifestLink(&'a Repository, &'a Digest),
     GcLease,
 }
 
@@ -114,6 +123,11 @@ impl Key<'_> {
             Self::Tags(r) => format!("{}/tags", repo(r)),
             Self::NamespaceSettings(namespace) => format!("namespaces/{namespace}/settings.json"),
             Self::Upload(digest, id) => format!("uploads/{}/{id}", digest.hex()),
+            Self::Verifying(digest, id) => format!("uploads/{}/{id}.verifying", digest.hex()),
+            Self::BlobLink(r, digest) => format!("{}/links/blobs/{}", repo(r), digest.hex()),
+            Self::ManifestLink(r, digest) => {
+                format!("{}/links/manifests/{}", repo(r), digest.hex())
+            }
             Self::Uploads => "uploads".into(),
             Self::GcLease => "gc/lease".into(),
         };
@@ -401,17 +415,44 @@ impl Storage {
         Ok(UploadDestination::Presigned { url, id })
     }
 
-    /// Verifies a direct upload by reading it back and hashing it, then makes it the blob.
+    /// Verifies a direct upload and makes it the blob. The upload is first copied (server side) to
+    /// a key the uploader's presigned URL cannot write, and that copy is what is hashed and
+    /// becomes the blob: bytes swapped in after the check can never reach `blobs/`.
     pub async fn commit_upload(&self, digest: &Digest, id: &str, max_bytes: u64) -> Result<()> {
         let staged = Key::Upload(digest, id).path();
-        let result = self.store.get(&staged).await.map_err(|error| match error {
-            error if is_not_found(&error) => StorageError::NotFound {
-                what: format!("upload {id} of blob {digest}"),
-            },
-            error => error.into(),
-        })?;
+        let verifying = Key::Verifying(digest, id).path();
+        let meta = self
+            .store
+            .head(&staged)
+            .await
+            .map_err(|error| match error {
+                error if is_not_found(&error) => StorageError::NotFound {
+                    what: format!("upload {id} of blob {digest}"),
+                },
+                error => error.into(),
+            })?;
+        if meta.size > max_bytes {
+            self.delete_object(&staged).await?;
+            return Err(StorageError::TooLarge {
+                digest: *digest,
+                limit: max_bytes,
+            });
+        }
+        self.store.copy(&staged, &verifying).await?;
+        self.delete_object(&staged).await?;
+        let outcome = self.verify_and_promote(digest, &verifying, max_bytes).await;
+        self.delete_object(&verifying).await?;
+        outcome
+    }
+
+    async fn verify_and_promote(
+        &self,
+        digest: &Digest,
+        verifying: &Path,
+        max_bytes: u64,
+    ) -> Result<()> {
+        let result = self.store.get(verifying).await?;
         if result.meta.size > max_bytes {
-            self.store.delete(&staged).await?;
             return Err(StorageError::TooLarge {
                 digest: *digest,
                 limit: max_bytes,
@@ -424,15 +465,17 @@ impl Storage {
         }
         let actual = Digest::from(hasher.finalize());
         if actual != *digest {
-            self.store.delete(&staged).await?;
             return Err(StorageError::DigestMismatch {
                 expected: *digest,
                 actual,
             });
         }
-        // A server-side copy: the bytes never pass through the registry again.
-        self.store.copy(&staged, &Key::Blob(digest).path()).await?;
-        self.store.delete(&staged).await?;
+        // Content-addressed: a blob already there is these same bytes; never overwrite it.
+        if self.blob_meta(digest).await?.is_none() {
+            self.store
+                .copy(verifying, &Key::Blob(digest).path())
+                .await?;
+        }
         Ok(())
     }
 
@@ -494,28 +537,30 @@ impl Storage {
 
     // ----- versions -----
 
-    pub async fn version(&self, repo: &Repository, version: &Version) -> Result<Option<Digest>> {
+    /// What a version holds: `Some(None)` is a deleted version, kept as a tombstone.
+    async fn version_pointer(
+        &self,
+        repo: &Repository,
+        version: &Version,
+    ) -> Result<Option<Option<Digest>>> {
         let pointer: Option<Pointer> = self.read_json(Key::Version(repo, version)).await?;
-        Ok(pointer.and_then(|p| p.manifest))
+        Ok(pointer.map(|p| p.manifest))
     }
 
-    /// Publishes `repo@version` → `manifest`, create-only. The manifest and every blob it references
-    /// must be present; the first of two concurrent publishes wins, the other gets `VersionExists`.
+    pub async fn version(&self, repo: &Repository, version: &Version) -> Result<Option<Digest>> {
+        Ok(self.version_pointer(repo, version).await?.flatten())
+    }
+
+    /// Makes `manifest` safe to reference from `repo`: (re)writes it, waits out a running garbage
+    /// collection, checks every blob it names is present with the size it says, and links the
+    /// manifest and its blobs to the repository (reads through a repository see only linked
+    /// content). Returns the manifest's digest.
     ///
     /// Ordering against garbage collection: the manifest is (re)written first, so it is young and
     /// protects its blobs from any collection that starts after this point; then, if a collection
     /// is already running, we wait for it to end before checking that the blobs are present, so
     /// nothing it deletes can go unnoticed.
-    pub async fn publish(
-        &self,
-        repo: &Repository,
-        version: &Version,
-        manifest: &Manifest,
-    ) -> Result<Digest> {
-        let reference = format!("{repo}@{version}");
-        if self.version(repo, version).await?.is_some() {
-            return Err(StorageError::VersionExists { reference });
-        }
+    async fn ensure_publishable(&self, repo: &Repository, manifest: &Manifest) -> Result<Digest> {
         let digest = self.put_manifest(manifest).await?;
         self.wait_for_gc().await?;
         let blobs = manifest.blobs();
@@ -529,35 +574,89 @@ impl Storage {
             });
         }
         for blob in &blobs {
-            let meta = self.blob_meta(&blob.digest).await?;
-            if let Some(meta) = meta
+            if let Some(meta) = self.blob_meta(&blob.digest).await?
                 && meta.size != blob.size
             {
-                return Err(StorageError::Corrupt {
-                    key: Key::Blob(&blob.digest).path().to_string(),
-                    detail: format!(
-                        "it holds {} bytes, the manifest says {}",
-                        meta.size, blob.size
-                    ),
-                });
+                return Err(StorageError::InvalidManifest(format!(
+                    "blob {} holds {} bytes, the manifest says {}",
+                    blob.digest, meta.size, blob.size
+                )));
             }
         }
+        for blob in &blobs {
+            self.store
+                .put(
+                    &Key::BlobLink(repo, &blob.digest).path(),
+                    PutPayload::from_static(b""),
+                )
+                .await?;
+        }
+        self.store
+            .put(
+                &Key::ManifestLink(repo, &digest).path(),
+                PutPayload::from_static(b""),
+            )
+            .await?;
+        Ok(digest)
+    }
+
+    /// Whether content is part of `repo` (published there).
+    pub async fn linked(&self, link: Key<'_>) -> Result<bool> {
+        match self.store.head(&link.path()).await {
+            Ok(_) => Ok(true),
+            Err(error) if is_not_found(&error) => Ok(false),
+            Err(error) => Err(error.into()),
+        }
+    }
+
+    /// Publishes `repo@version` → `manifest`, create-only. The manifest and every blob it references
+    /// must be present; the first of two concurrent publishes wins, the other gets `VersionExists`.
+    /// A deleted version's name is never reused.
+    pub async fn publish(
+        &self,
+        repo: &Repository,
+        version: &Version,
+        manifest: &Manifest,
+    ) -> Result<Digest> {
+        let exists = |deleted: bool| StorageError::VersionExists {
+            reference: format!(
+                "{repo}@{version}{}",
+                if deleted {
+                    " (deleted; a version name is never reused)"
+                } else {
+                    ""
+                }
+            ),
+        };
+        if let Some(pointer) = self.version_pointer(repo, version).await? {
+            return Err(exists(pointer.is_none()));
+        }
+        let digest = self.ensure_publishable(repo, manifest).await?;
         let pointer = json_bytes(&Pointer {
             manifest: Some(digest),
         });
         if !self.create(Key::Version(repo, version), pointer).await? {
-            return Err(StorageError::VersionExists { reference });
+            return Err(exists(false));
         }
         Ok(digest)
     }
 
+    /// Deletes a version, leaving a tombstone so the name is never published again with other
+    /// content. Its manifest and blobs go at the next garbage collection if nothing else uses them.
     pub async fn delete_version(&self, repo: &Repository, version: &Version) -> Result<()> {
         if self.version(repo, version).await?.is_none() {
             return Err(StorageError::NotFound {
                 what: format!("{repo}@{version}"),
             });
         }
-        self.delete(Key::Version(repo, version)).await
+        let tombstone = json_bytes(&Pointer { manifest: None });
+        self.store
+            .put(
+                &Key::Version(repo, version).path(),
+                PutPayload::from(tombstone),
+            )
+            .await?;
+        Ok(())
     }
 
     pub async fn versions(&self, repo: &Repository) -> Result<Vec<(Version, Digest)>> {
@@ -606,16 +705,16 @@ impl Storage {
         condition: TagCondition,
     ) -> Result<TagHead> {
         let reference = format!("{repo}@{tag}");
-        if let Some(digest) = manifest
-            && self
-                .store
-                .head(&Key::Manifest(&digest).path())
-                .await
-                .is_err()
-        {
-            return Err(StorageError::NotFound {
-                what: format!("manifest {digest}"),
-            });
+        if let Some(digest) = manifest {
+            // A tag points only at what was published in its own repository, and whose blobs
+            // are all still there (the same checks as a publish, against garbage collection too).
+            if !self.linked(Key::ManifestLink(repo, &digest)).await? {
+                return Err(StorageError::NotFound {
+                    what: format!("manifest {digest} in {repo}"),
+                });
+            }
+            let content = self.get_manifest(&digest).await?;
+            self.ensure_publishable(repo, &content).await?;
         }
         loop {
             let head = self.tag(repo, tag).await?;
@@ -644,11 +743,16 @@ impl Storage {
                 .create(Key::TagGeneration(repo, tag, generation), pointer)
                 .await?
             {
-                self.prune_tag(repo, tag, generation).await;
-                return Ok(TagHead {
-                    generation,
-                    manifest,
-                });
+                // A mover that stalled while others moved past and pruned its generation could
+                // recreate it: only a write that is still the newest counts.
+                let newest = self.tag(repo, tag).await?.map_or(0, |h| h.generation);
+                if newest == generation {
+                    self.prune_tag(repo, tag, generation).await;
+                    return Ok(TagHead {
+                        generation,
+                        manifest,
+                    });
+                }
             }
             // Someone else created this generation first.
             if condition != TagCondition::Always {
@@ -786,12 +890,14 @@ impl Storage {
     }
 
     /// Takes the collection lease; `false` if a live one is held by someone else.
+    /// Takes the collection lease; `false` if a live one is held by someone else. An expired
+    /// lease is taken over, and the takeover is confirmed by reading the lease back, so of two
+    /// collectors racing for it at most one goes ahead.
     pub async fn acquire_gc_lease(&self, owner: &str) -> Result<bool> {
-        let lease = GcLease {
+        let bytes = json_bytes(&GcLease {
             owner: owner.to_owned(),
             expires: Utc::now() + GC_LEASE_TTL,
-        };
-        let bytes = json_bytes(&lease);
+        });
         if self.create(Key::GcLease, bytes.clone()).await? {
             return Ok(true);
         }
@@ -800,13 +906,44 @@ impl Storage {
             // Abandoned (or unreadable): take it over.
             _ => {
                 self.delete(Key::GcLease).await?;
-                self.create(Key::GcLease, bytes).await
+                if !self.create(Key::GcLease, bytes).await? {
+                    return Ok(false);
+                }
+                Ok(self.gc_lease_owner().await?.as_deref() == Some(owner))
             }
         }
     }
 
-    pub async fn release_gc_lease(&self) -> Result<()> {
-        self.delete(Key::GcLease).await
+    async fn gc_lease_owner(&self) -> Result<Option<String>> {
+        match self.read_json::<GcLease>(Key::GcLease).await {
+            Ok(lease) => Ok(lease.map(|l| l.owner)),
+            Err(StorageError::Corrupt { .. }) => Ok(None),
+            Err(error) => Err(error),
+        }
+    }
+
+    /// Extends the lease `owner` holds; fails with `GcLeaseLost` if someone else holds it now, so
+    /// the collection stops before deleting anything more.
+    pub async fn renew_gc_lease(&self, owner: &str) -> Result<()> {
+        if self.gc_lease_owner().await?.as_deref() != Some(owner) {
+            return Err(StorageError::GcLeaseLost);
+        }
+        let bytes = json_bytes(&GcLease {
+            owner: owner.to_owned(),
+            expires: Utc::now() + GC_LEASE_TTL,
+        });
+        self.store
+            .put(&Key::GcLease.path(), PutPayload::from(bytes))
+            .await?;
+        Ok(())
+    }
+
+    /// Gives the lease up, if `owner` still holds it.
+    pub async fn release_gc_lease(&self, owner: &str) -> Result<()> {
+        if self.gc_lease_owner().await?.as_deref() == Some(owner) {
+            self.delete(Key::GcLease).await?;
+        }
+        Ok(())
     }
 
     async fn gc_running(&self) -> Result<bool> {

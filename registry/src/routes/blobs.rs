@@ -17,7 +17,7 @@ use crate::AppState;
 use crate::auth::Action;
 use crate::error::ApiError;
 use crate::extract::{ApiJson, Caller, Params};
-use crate::storage::{BlobWriter, UploadDestination, parse_range, resolve_range};
+use crate::storage::{BlobWriter, Key, UploadDestination, parse_range, resolve_range};
 use object_store::GetRange;
 
 /// The most digests one request may ask about (a cartridge has one chunk per few layers).
@@ -112,6 +112,11 @@ pub async fn upload(
             format!("blob {digest} is over the {limit} byte limit"),
         ));
     }
+    let _turn = state
+        .uploads
+        .acquire()
+        .await
+        .map_err(|_| ApiError::new(ErrorCode::Unavailable, "shutting down"))?;
     let mut writer = BlobWriter::new(digest, limit);
     let mut stream = body.into_data_stream();
     while let Some(piece) = stream.next().await {
@@ -170,8 +175,12 @@ pub async fn download(
     let repo = params.repository()?;
     let digest = params.digest()?;
     state.authorize(&caller, &repo, Action::Pull).await?;
-    let Some(meta) = state.storage.blob_meta(&digest).await? else {
-        return Err(ApiError::not_found(format!("blob {digest} not found")));
+    // Content is shared across repositories, but read only through one it was published in.
+    let linked = state.storage.linked(Key::BlobLink(&repo, &digest)).await?;
+    let Some(meta) = state.storage.blob_meta(&digest).await?.filter(|_| linked) else {
+        return Err(ApiError::not_found(format!(
+            "blob {digest} not found in {repo}"
+        )));
     };
     if let Some(url) = state.storage.blob_download_url(&digest).await? {
         return Ok((

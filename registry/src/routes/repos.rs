@@ -8,6 +8,7 @@ use crate::AppState;
 use crate::auth::Action;
 use crate::error::ApiError;
 use crate::extract::{Caller, Params};
+use crate::storage::Key;
 
 /// `GET /v1/repos/{ns}/{name}`: every version and tag.
 pub async fn listing(
@@ -65,8 +66,12 @@ pub async fn resolve(
             .tag(&repo, tag)
             .await?
             .and_then(|head| head.manifest),
-        // A digest names content, not a place; holding pull on the repository is enough.
-        Selector::Digest(digest) => Some(*digest),
+        // A digest is resolved only among what was published in this repository.
+        Selector::Digest(digest) => state
+            .storage
+            .linked(Key::ManifestLink(&repo, digest))
+            .await?
+            .then_some(*digest),
     }
     .ok_or_else(|| ApiError::not_found(format!("{reference} not found")))?;
     let manifest = state.storage.get_manifest(&digest).await?;
@@ -86,5 +91,14 @@ pub async fn manifest(
     let repo = params.repository()?;
     let digest = params.digest()?;
     state.authorize(&caller, &repo, Action::Pull).await?;
+    if !state
+        .storage
+        .linked(Key::ManifestLink(&repo, &digest))
+        .await?
+    {
+        return Err(ApiError::not_found(format!(
+            "manifest {digest} not found in {repo}"
+        )));
+    }
     Ok(Json(state.storage.get_manifest(&digest).await?))
 }

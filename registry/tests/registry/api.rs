@@ -52,6 +52,7 @@ fn app() -> App {
     let limits = Limits {
         max_blob_bytes: 64 << 10,
         max_json_bytes: 256 << 10,
+        ..Limits::default()
     };
     let state = AppState::new(backend::open("memory://").unwrap(), keyring.clone(), limits);
     App {
@@ -236,6 +237,16 @@ async fn push_resolve_and_download_with_ranges() {
         StatusCode::RANGE_NOT_SATISFIABLE,
         ErrorCode::RangeNotSatisfiable,
     );
+
+    // Content is read only through a repository it was published in.
+    let foreign = format!("/v1/repos/legal/elsewhere/blobs/{}", chunk.digest);
+    app.get(&foreign, Some(&token))
+        .await
+        .error(StatusCode::NOT_FOUND, ErrorCode::NotFound);
+    let foreign = format!("/v1/repos/legal/elsewhere/resolve/{}", published.digest);
+    app.get(&foreign, Some(&token))
+        .await
+        .error(StatusCode::NOT_FOUND, ErrorCode::NotFound);
 
     let missing: MissingBlobsResponse = app
         .send_json(
@@ -422,6 +433,11 @@ async fn tokens_and_scopes() {
         StatusCode::OK
     );
     assert_eq!(app.get(path, None).await.status, StatusCode::OK);
+    assert_eq!(
+        app.get(path, Some(&elsewhere)).await.status,
+        StatusCode::OK,
+        "a token may pull what anyone may"
+    );
     let namespaces: Value = app.get("/v1/namespaces", None).await.json();
     assert_eq!(namespaces["namespaces"], json!(["legal"]));
     // Anonymous pull never extends to writes.

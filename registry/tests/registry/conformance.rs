@@ -158,6 +158,16 @@ async fn publish(storage: &Storage) {
     assert_eq!(versions, vec![(version("v1"), digest)]);
     storage.delete_version(&repo, &version("v1")).await.unwrap();
     assert!(storage.versions(&repo).await.unwrap().is_empty());
+    // A deleted version's name is never published again.
+    let err = storage
+        .publish(&repo, &version("v1"), &other)
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("deleted; a version name is never reused"),
+        "{err}"
+    );
     assert!(matches!(
         storage.delete_version(&repo, &version("v1")).await,
         Err(StorageError::NotFound { .. })
@@ -236,6 +246,13 @@ async fn tags(storage: &Storage) {
         .await
         .unwrap();
     assert_eq!(moved.generation, head.generation + 1);
+    // A tag points only at manifests published in its own repository.
+    let elsewhere: Repository = "other/place".parse().unwrap();
+    let err = storage
+        .move_tag(&elsewhere, &latest, Some(a), TagCondition::Always)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StorageError::NotFound { .. }), "{err}");
     let unknown = Digest::of(b"no such manifest");
     assert!(matches!(
         storage
@@ -324,7 +341,8 @@ async fn listings_and_settings(storage: &Storage) {
         .iter()
         .map(ToString::to_string)
         .collect();
-    assert_eq!(names, ["tagged"]);
+    // legal/contracts keeps its deleted version's tombstone.
+    assert_eq!(names, ["contracts", "tagged"]);
 
     let legal = "legal".parse().unwrap();
     assert_eq!(
@@ -433,6 +451,15 @@ async fn garbage_collection(storage: &Storage) {
     // A second collection cannot start while one holds the lease, and a publish waits for it.
     assert!(storage.acquire_gc_lease("someone else").await.unwrap());
     assert!(matches!(
+        storage.renew_gc_lease("me").await,
+        Err(StorageError::GcLeaseLost)
+    ));
+    storage.release_gc_lease("me").await.unwrap();
+    assert!(
+        !storage.acquire_gc_lease("me").await.unwrap(),
+        "releasing needs the owner"
+    );
+    assert!(matches!(
         gc::collect(
             storage,
             GcOptions {
@@ -454,7 +481,7 @@ async fn garbage_collection(storage: &Storage) {
         !publishing.is_finished(),
         "publish waits while a collection runs"
     );
-    storage.release_gc_lease().await.unwrap();
+    storage.release_gc_lease("someone else").await.unwrap();
     publishing.await.unwrap().unwrap();
 }
 
