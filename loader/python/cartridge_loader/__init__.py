@@ -1,0 +1,140 @@
+"""Client of the cartridge loader sidecar.
+
+Loads cartridges through the loader's local API and hands their keys and values to PyTorch
+without copying them: on the host path the loader keeps each composed cartridge in a
+shared-memory file, which this client maps and views as tensors shaped for a Hugging Face
+``DynamicCache`` (``[1, kv_heads, tokens, head_dim]`` per layer).
+
+    loader = Loader("http://127.0.0.1:7071")           # or Loader(socket="/run/cartridge.sock")
+    handle = loader.load(model_fingerprint, ["legal/contracts@v3", "hr/handbook@v1"])
+    cache = handle.dynamic_cache(device="cuda")        # prompt positions start at handle.tokens
+    ...
+    handle.release()
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import mmap
+import socket as socket_module
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlparse
+
+__all__ = ["Loader", "Handle", "LoaderError"]
+
+_TORCH_DTYPES = {"bf16": "bfloat16", "f16": "float16", "f32": "float32"}
+
+
+class LoaderError(RuntimeError):
+    """The loader answered with an error body ``{code, message}``."""
+
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__(f"{message} (HTTP {status}, {code})")
+        self.status, self.code, self.message = status, code, message
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float):
+        super().__init__("loader", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        self.sock = socket_module.socket(socket_module.AF_UNIX, socket_module.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self._path)
+
+
+class Loader:
+    """The loader's API, over loopback HTTP or a Unix socket."""
+
+    def __init__(self, url: str = "http://127.0.0.1:7071", socket: str | None = None, timeout: float = 600.0):
+        self._url = urlparse(url)
+        self._socket = socket
+        self._timeout = timeout
+
+    def _request(self, method: str, path: str, body: Any = None) -> Any:
+        if self._socket:
+            connection: http.client.HTTPConnection = _UnixConnection(self._socket, self._timeout)
+        else:
+            connection = http.client.HTTPConnection(self._url.hostname, self._url.port or 80, timeout=self._timeout)
+        try:
+            payload = None if body is None else json.dumps(body).encode()
+            headers = {"Content-Type": "application/json"} if payload is not None else {}
+            connection.request(method, path, body=payload, headers=headers)
+            response = connection.getresponse()
+            data = response.read()
+        finally:
+            connection.close()
+        answer = json.loads(data) if data else None
+        if response.status >= 400:
+            answer = answer or {}
+            raise LoaderError(response.status, answer.get("code", "unknown"), answer.get("message", data.decode(errors="replace")))
+        return answer
+
+    def load(self, model: dict, cartridges: list[str]) -> "Handle":
+        """Loads (and composes, in order) cartridges for the model with this fingerprint."""
+        answer = self._request("POST", "/v1/load", {"model": model, "cartridges": list(cartridges)})
+        return Handle(self, answer)
+
+    def release(self, handle: int) -> None:
+        self._request("POST", "/v1/release", {"handle": handle})
+
+    def prefetch(self, cartridges: list[str]) -> list[dict]:
+        return self._request("POST", "/v1/prefetch", {"cartridges": list(cartridges)})
+
+    def status(self) -> dict:
+        return self._request("GET", "/v1/status")
+
+
+@dataclass
+class Handle:
+    """A loaded (composed) cartridge. Release it when done; the loader may then evict it."""
+
+    loader: Loader
+    answer: dict
+    _map: mmap.mmap | None = field(default=None, repr=False)
+
+    @property
+    def handle(self) -> int:
+        return self.answer["handle"]
+
+    @property
+    def tokens(self) -> int:
+        """Positions the cartridge occupies: the prompt starts at this position."""
+        return self.answer["tokens"]
+
+    def tensors(self, device: str | None = None) -> list[tuple["torch.Tensor", "torch.Tensor"]]:  # noqa: F821
+        """Per layer, ``(keys, values)`` shaped ``[1, kv_heads, tokens, head_dim]``. On the host
+        they are views of the shared buffer (no copy); with ``device`` they are copied there."""
+        import torch
+
+        if self._map is None:
+            with open(self.answer["path"], "rb") as file:
+                # Copy-on-write: torch wants a writable buffer; pages are shared until written.
+                self._map = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY)
+        dtype = getattr(torch, _TORCH_DTYPES[self.answer["dtype"]])
+        flat = torch.frombuffer(self._map, dtype=torch.uint8)
+        shape = (1, self.answer["kv_heads"], self.answer["tokens"], self.answer["head_dim"])
+        nbytes = shape[1] * shape[2] * shape[3] * flat.new_empty((), dtype=dtype).element_size()
+        layers = []
+        for span in self.answer["layout"]:
+            pair = []
+            for offset in (span["keys"], span["values"]):
+                tensor = flat[offset : offset + nbytes].view(dtype).view(shape)
+                pair.append(tensor if device is None else tensor.to(device))
+            layers.append((pair[0], pair[1]))
+        return layers
+
+    def dynamic_cache(self, device: str | None = None):
+        """A transformers ``DynamicCache`` holding the cartridge, ready for ``generate``."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        for index, (keys, values) in enumerate(self.tensors(device)):
+            cache.update(keys, values, index)
+        return cache
+
+    def release(self) -> None:
+        self.loader.release(self.handle)

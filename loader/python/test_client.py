@@ -1,0 +1,63 @@
+"""Checks the client against a running loader: the tensors it hands out are exactly the
+cartridge's keys and values. Needs torch (and transformers for the cache check).
+
+    LOADER_URL=http://127.0.0.1:7071 CARTRIDGE=legal/contracts@v3 CARTRIDGE_FILE=contracts.safetensors \
+        python test_client.py
+"""
+
+import json
+import os
+import struct
+
+from cartridge_loader import Loader, LoaderError
+
+
+def file_tensors(path):
+    """The cartridge file's tensors as raw bytes, and its header's model fingerprint."""
+    with open(path, "rb") as file:
+        data = file.read()
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + length])
+    body = data[8 + length :]
+    tensors = {
+        name: body[info["data_offsets"][0] : info["data_offsets"][1]]
+        for name, info in header.items()
+        if name != "__metadata__"
+    }
+    return tensors, json.loads(header["__metadata__"]["cartridge"])
+
+
+def main():
+    loader = Loader(os.environ.get("LOADER_URL", "http://127.0.0.1:7071"), socket=os.environ.get("LOADER_SOCKET"))
+    expected, header = file_tensors(os.environ["CARTRIDGE_FILE"])
+    handle = loader.load(header["model"], [os.environ["CARTRIDGE"]])
+    assert handle.tokens == header["tokens"], (handle.tokens, header["tokens"])
+    layers = handle.tensors()
+    assert len(layers) == header["model"]["layers"]
+    for index, (keys, values) in enumerate(layers):
+        assert keys.shape == (1, header["model"]["kv_heads"], header["tokens"], header["model"]["head_dim"]), keys.shape
+        assert keys.contiguous().view(-1).view(dtype=__import__("torch").uint8).numpy().tobytes() == expected[f"layers.{index}.keys"]
+        assert values.contiguous().view(-1).view(dtype=__import__("torch").uint8).numpy().tobytes() == expected[f"layers.{index}.values"]
+    try:
+        cache = handle.dynamic_cache()
+        assert cache.get_seq_length() == header["tokens"]
+        print("DynamicCache holds", cache.get_seq_length(), "tokens")
+    except ImportError:
+        print("transformers not installed: DynamicCache not checked")
+    handle.release()
+    try:
+        loader.release(handle.handle)
+        raise AssertionError("a released handle was released again")
+    except LoaderError as error:
+        assert error.status == 404
+    wrong = dict(header["model"], kv_heads=header["model"]["kv_heads"] + 1)
+    try:
+        loader.load(wrong, [os.environ["CARTRIDGE"]])
+        raise AssertionError("a cartridge for another model was loaded")
+    except LoaderError as error:
+        assert error.status == 409 and "kv_heads" in error.message
+    print("ok:", len(layers), "layers match the file byte for byte")
+
+
+if __name__ == "__main__":
+    main()
