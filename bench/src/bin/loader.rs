@@ -1,0 +1,162 @@
+//! Loader benchmark (host-memory path): in one run, the machine's own memory copy bandwidth, then
+//! a cold load from a loopback registry, a load from the disk tier (decode only), a device-tier
+//! hit, and the composition of four cartridges, as GB/s of keys and values made resident.
+//! Needs `cargo build --release --workspace --bins`. Writes bench/results/loader-cpu.json.
+//! (On a GPU build the same figures are taken against pinned host→device bandwidth.)
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, ensure};
+use bytesize::ByteSize;
+use cartridge_bench::{results_path, smollm2_shape, write_gaussian_cartridge, write_results};
+use clap::Parser;
+use serde_json::{Value, json};
+
+#[derive(Debug, Parser)]
+struct Args {
+    /// Size of each of the four cartridges.
+    #[arg(long, default_value = "64MiB")]
+    size: ByteSize,
+    #[arg(long)]
+    output: Option<PathBuf>,
+}
+
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn sibling(name: &str) -> Result<PathBuf> {
+    let path = std::env::current_exe()?.with_file_name(name);
+    ensure!(path.exists(), "{} is missing: run `cargo build --release --workspace --bins`", path.display());
+    Ok(path)
+}
+
+/// Starts a server binary and returns it with the URL it printed.
+fn start(command: &mut Command) -> Result<(Server, String)> {
+    let mut child = command.env("RUST_LOG", "warn").stdout(Stdio::piped()).spawn()?;
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().context("stdout")?), &mut line)?;
+    let url = line.trim().strip_prefix("listening on ").context("no address printed")?.to_owned();
+    Ok((Server(child), url))
+}
+
+fn post(url: &str, path: &str, body: &Value) -> Result<Value> {
+    let output = Command::new("curl").args(["-sf", "-H", "Content-Type: application/json", "-d", &body.to_string(), &format!("{url}{path}")]).output()?;
+    ensure!(output.status.success(), "POST {path} failed");
+    Ok(serde_json::from_slice(&output.stdout)?)
+}
+
+fn timed_load(url: &str, model: &Value, refs: &[String]) -> Result<(Duration, Value)> {
+    let started = Instant::now();
+    let answer = post(url, "/v1/load", &json!({"model": model, "cartridges": refs}))?;
+    let elapsed = started.elapsed();
+    post(url, "/v1/release", &json!({"handle": answer["handle"]}))?;
+    Ok((elapsed, answer))
+}
+
+fn gb_per_s(bytes: u64, time: Duration) -> f64 {
+    bytes as f64 / 1e9 / time.as_secs_f64()
+}
+
+fn start_loader(dir: &Path, registry: &str, token: &str) -> Result<(Server, String)> {
+    start(
+        Command::new(sibling("cartridge-loader")?)
+            .args(["serve", "--registry", registry, "--listen", "127.0.0.1:0", "--gpu-budget", "4GiB", "--cache-dir"])
+            .arg(dir.join("loader-cache"))
+            .arg("--shm-dir")
+            .arg(dir.join("shm"))
+            .env("CARTRIDGE_TOKEN", token),
+    )
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let scratch = tempfile::tempdir()?;
+    let dir = scratch.path();
+
+    // The ceiling: this machine's memory copy bandwidth on a buffer of the same size.
+    let bytes = args.size.as_u64() as usize;
+    let source = vec![1u8; bytes];
+    let mut target = vec![0u8; bytes];
+    let mut copies = Vec::new();
+    for _ in 0..5 {
+        let started = Instant::now();
+        target.copy_from_slice(&source);
+        copies.push(started.elapsed());
+    }
+    copies.sort();
+    let memcpy = gb_per_s(bytes as u64, copies[2]);
+    drop((source, target));
+
+    let registry_bin = sibling("cartridge-registry")?;
+    let (_registry, registry) = start(
+        Command::new(&registry_bin)
+            .args(["serve", "--listen", "127.0.0.1:0", "--storage"])
+            .arg(format!("file://{}", dir.join("store").display()))
+            .arg("--keys")
+            .arg(dir.join("keys.json")),
+    )?;
+    let token = String::from_utf8(
+        Command::new(&registry_bin).args(["token", "create", "--scope", "*:admin", "--keys"]).arg(dir.join("keys.json")).output()?.stdout,
+    )?
+    .trim()
+    .to_owned();
+    let model = smollm2_shape();
+    let per_token = u64::from(model.layers * model.kv_heads * model.head_dim) * 4;
+    let mut refs = Vec::new();
+    for index in 0..4 {
+        let file = dir.join(format!("c{index}.safetensors"));
+        write_gaussian_cartridge(&file, model.clone(), (args.size.as_u64() / per_token).max(1), 100 + index)?;
+        let reference = format!("bench/c{index}@v1");
+        let status = Command::new(sibling("cartridge")?)
+            .args(["push", &reference])
+            .arg(&file)
+            .env("CARTRIDGE_REGISTRY", &registry)
+            .env("CARTRIDGE_TOKEN", &token)
+            .env("CARTRIDGE_HOME", dir.join("home"))
+            .stdout(Stdio::null())
+            .status()?;
+        ensure!(status.success(), "push failed");
+        refs.push(reference);
+    }
+    let model = serde_json::to_value(&model)?;
+
+    let (loader, url) = start_loader(dir, &registry, &token)?;
+    let (cold, answer) = timed_load(&url, &model, &refs[..1])?;
+    let payload = answer["bytes"].as_u64().context("bytes")?;
+    let (hit, _) = timed_load(&url, &model, &refs[..1])?;
+    for reference in &refs[1..] {
+        timed_load(&url, &model, std::slice::from_ref(reference))?;
+    }
+    let (compose, composed) = timed_load(&url, &model, &refs)?;
+    drop(loader);
+    // A fresh loader: nothing resident, every blob on disk.
+    std::fs::remove_dir_all(dir.join("shm")).ok();
+    let (_loader, url) = start_loader(dir, &registry, &token)?;
+    let (disk, answer) = timed_load(&url, &model, &refs[..1])?;
+    ensure!(answer["tier"] == "disk", "expected a disk-tier load, got {}", answer["tier"]);
+
+    let report = json!({
+        "benchmark": "loader",
+        "path": "host memory (no CUDA)",
+        "cartridge_bytes": payload,
+        "memcpy_gb_per_s": memcpy,
+        "cold_load_from_registry": {"seconds": cold.as_secs_f64(), "gb_per_s": gb_per_s(payload, cold)},
+        "load_from_disk_tier": {"seconds": disk.as_secs_f64(), "gb_per_s": gb_per_s(payload, disk), "share_of_memcpy": gb_per_s(payload, disk) / memcpy},
+        "device_tier_hit_ms": hit.as_secs_f64() * 1e3,
+        "compose_4": {"bytes": composed["bytes"], "seconds": compose.as_secs_f64(), "gb_per_s": gb_per_s(composed["bytes"].as_u64().unwrap_or(0), compose), "share_of_memcpy": gb_per_s(composed["bytes"].as_u64().unwrap_or(0), compose) / memcpy},
+        "time_to_first_layer": "not measured: loads answer when every layer is resident",
+    });
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    let output = args.output.unwrap_or_else(|| results_path("loader-cpu"));
+    write_results(&output, report)?;
+    println!("wrote {}", output.display());
+    Ok(())
+}
