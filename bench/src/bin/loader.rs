@@ -34,28 +34,55 @@ impl Drop for Server {
 
 fn sibling(name: &str) -> Result<PathBuf> {
     let path = std::env::current_exe()?.with_file_name(name);
-    ensure!(path.exists(), "{} is missing: run `cargo build --release --workspace --bins`", path.display());
+    ensure!(
+        path.exists(),
+        "{} is missing: run `cargo build --release --workspace --bins`",
+        path.display()
+    );
     Ok(path)
 }
 
 /// Starts a server binary and returns it with the URL it printed.
 fn start(command: &mut Command) -> Result<(Server, String)> {
-    let mut child = command.env("RUST_LOG", "warn").stdout(Stdio::piped()).spawn()?;
+    let mut child = command
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .spawn()?;
     let mut line = String::new();
-    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().context("stdout")?), &mut line)?;
-    let url = line.trim().strip_prefix("listening on ").context("no address printed")?.to_owned();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().context("stdout")?),
+        &mut line,
+    )?;
+    let url = line
+        .trim()
+        .strip_prefix("listening on ")
+        .context("no address printed")?
+        .to_owned();
     Ok((Server(child), url))
 }
 
 fn post(url: &str, path: &str, body: &Value) -> Result<Value> {
-    let output = Command::new("curl").args(["-sf", "-H", "Content-Type: application/json", "-d", &body.to_string(), &format!("{url}{path}")]).output()?;
+    let output = Command::new("curl")
+        .args([
+            "-sf",
+            "-H",
+            "Content-Type: application/json",
+            "-d",
+            &body.to_string(),
+            &format!("{url}{path}"),
+        ])
+        .output()?;
     ensure!(output.status.success(), "POST {path} failed");
     Ok(serde_json::from_slice(&output.stdout)?)
 }
 
 fn timed_load(url: &str, model: &Value, refs: &[String]) -> Result<(Duration, Value)> {
     let started = Instant::now();
-    let answer = post(url, "/v1/load", &json!({"model": model, "cartridges": refs}))?;
+    let answer = post(
+        url,
+        "/v1/load",
+        &json!({"model": model, "cartridges": refs}),
+    )?;
     let elapsed = started.elapsed();
     post(url, "/v1/release", &json!({"handle": answer["handle"]}))?;
     Ok((elapsed, answer))
@@ -68,7 +95,16 @@ fn gb_per_s(bytes: u64, time: Duration) -> f64 {
 fn start_loader(dir: &Path, registry: &str, token: &str) -> Result<(Server, String)> {
     start(
         Command::new(sibling("cartridge-loader")?)
-            .args(["serve", "--registry", registry, "--listen", "127.0.0.1:0", "--gpu-budget", "4GiB", "--cache-dir"])
+            .args([
+                "serve",
+                "--registry",
+                registry,
+                "--listen",
+                "127.0.0.1:0",
+                "--gpu-budget",
+                "4GiB",
+                "--cache-dir",
+            ])
             .arg(dir.join("loader-cache"))
             .arg("--shm-dir")
             .arg(dir.join("shm"))
@@ -104,7 +140,11 @@ fn main() -> Result<()> {
             .arg(dir.join("keys.json")),
     )?;
     let token = String::from_utf8(
-        Command::new(&registry_bin).args(["token", "create", "--scope", "*:admin", "--keys"]).arg(dir.join("keys.json")).output()?.stdout,
+        Command::new(&registry_bin)
+            .args(["token", "create", "--scope", "*:admin", "--keys"])
+            .arg(dir.join("keys.json"))
+            .output()?
+            .stdout,
     )?
     .trim()
     .to_owned();
@@ -113,7 +153,12 @@ fn main() -> Result<()> {
     let mut refs = Vec::new();
     for index in 0..4 {
         let file = dir.join(format!("c{index}.safetensors"));
-        write_gaussian_cartridge(&file, model.clone(), (args.size.as_u64() / per_token).max(1), 100 + index)?;
+        write_gaussian_cartridge(
+            &file,
+            model.clone(),
+            (args.size.as_u64() / per_token).max(1),
+            100 + index,
+        )?;
         let reference = format!("bench/c{index}@v1");
         let status = Command::new(sibling("cartridge")?)
             .args(["push", &reference])
@@ -141,7 +186,11 @@ fn main() -> Result<()> {
     std::fs::remove_dir_all(dir.join("shm")).ok();
     let (_loader, url) = start_loader(dir, &registry, &token)?;
     let (disk, answer) = timed_load(&url, &model, &refs[..1])?;
-    ensure!(answer["tier"] == "disk", "expected a disk-tier load, got {}", answer["tier"]);
+    ensure!(
+        answer["tier"] == "disk",
+        "expected a disk-tier load, got {}",
+        answer["tier"]
+    );
 
     let report = json!({
         "benchmark": "loader",
