@@ -154,15 +154,19 @@ impl<'a> Distiller<'a> {
                 options.frozen
             )));
         }
+        // The trainable part and the optimizer's moments stay in f32 whatever the model computes
+        // in: in bf16, Adam's 0.999 rounds to 1 and small steps round away.
         let split = |tensors: &[Tensor]| -> Result<(Vec<Tensor>, Vec<Var>)> {
             let mut frozen = Vec::new();
             let mut trainable = Vec::new();
             for t in tensors {
-                frozen.push(t.narrow(1, 0, options.frozen)?.detach());
-                trainable.push(Var::from_tensor(
-                    &t.narrow(1, options.frozen, p - options.frozen)?
-                        .contiguous()?,
-                )?);
+                frozen.push(
+                    t.narrow(1, 0, options.frozen)?
+                        .to_dtype(model.dtype())?
+                        .detach(),
+                );
+                let rest = t.narrow(1, options.frozen, p - options.frozen)?;
+                trainable.push(Var::from_tensor(&rest.to_dtype(DType::F32)?.contiguous()?)?);
             }
             Ok((frozen, trainable))
         };
@@ -194,7 +198,7 @@ impl<'a> Distiller<'a> {
             frozen
                 .iter()
                 .zip(vars)
-                .map(|(f, v)| Ok(Tensor::cat(&[f, v.as_tensor()], 1)?))
+                .map(|(f, v)| Ok(Tensor::cat(&[f, &v.as_tensor().to_dtype(f.dtype())?], 1)?))
                 .collect()
         };
         Ok(Prefix {
@@ -282,7 +286,14 @@ impl<'a> Distiller<'a> {
         let mut mask = vec![f32::NEG_INFINITY; batch * length * (p + length)];
         let (mut flat_rows, mut teacher_ids, mut teacher_probabilities) =
             (Vec::new(), Vec::new(), Vec::new());
-        let k = 20;
+        // As many teacher slots as the widest kept distribution in this batch.
+        let k = rows
+            .iter()
+            .flatten()
+            .flat_map(|c| c.teacher.iter().map(Vec::len))
+            .max()
+            .unwrap_or(1)
+            .max(1);
         let mut tokens = 0;
         for (b, row) in rows.iter().enumerate() {
             let mut start = 0;
@@ -369,65 +380,84 @@ impl<'a> Distiller<'a> {
 
     /// Saves the cartridge and the optimizer's moments, to resume from.
     pub fn save_checkpoint(&self, path: &Path) -> Result<()> {
-        let prefix = self.prefix()?;
-        let mut tensors = std::collections::HashMap::new();
-        for (i, (k, v)) in prefix.keys.iter().zip(&prefix.values).enumerate() {
-            tensors.insert(format!("prefix.{i}.keys"), k.to_device(&Device::Cpu)?);
-            tensors.insert(format!("prefix.{i}.values"), v.to_device(&Device::Cpu)?);
+        // One safetensors file, written to a temporary name and renamed: tensors (in f32) and
+        // the loop's position (in the metadata) always match.
+        let f32 =
+            |t: &Tensor| -> Result<Tensor> { Ok(t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?) };
+        let mut tensors = Vec::new();
+        for (i, ((frozen_keys, frozen_values), (keys, values))) in self
+            .frozen_keys
+            .iter()
+            .zip(&self.frozen_values)
+            .zip(self.keys.iter().zip(&self.values))
+            .enumerate()
+        {
+            tensors.push((format!("frozen.{i}.keys"), f32(frozen_keys)?));
+            tensors.push((format!("frozen.{i}.values"), f32(frozen_values)?));
+            tensors.push((format!("trainable.{i}.keys"), f32(keys.as_tensor())?));
+            tensors.push((format!("trainable.{i}.values"), f32(values.as_tensor())?));
         }
         for (i, (m, v)) in self.adam.first.iter().zip(&self.adam.second).enumerate() {
-            tensors.insert(format!("adam.{i}.first"), m.to_device(&Device::Cpu)?);
-            tensors.insert(format!("adam.{i}.second"), v.to_device(&Device::Cpu)?);
+            tensors.push((format!("adam.{i}.first"), f32(m)?));
+            tensors.push((format!("adam.{i}.second"), f32(v)?));
         }
-        let metadata = serde_json::json!({
+        let state = serde_json::json!({
             "step": self.adam.step,
             "epoch": self.epoch,
             "cursor": self.cursor,
             "options": self.options,
             "losses": self.losses,
         });
-        let temporary = path.with_extension("partial");
-        candle_core::safetensors::save(&tensors, &temporary)?;
-        std::fs::write(path.with_extension("json"), metadata.to_string())
-            .map_err(|e| Error::io(path, e))?;
-        std::fs::rename(&temporary, path).map_err(|e| Error::io(path, e))
+        let metadata =
+            std::collections::HashMap::from([("checkpoint".to_owned(), state.to_string())]);
+        safetensors::serialize_to_file(tensors, Some(metadata), path)
+            .map_err(|e| Error::Data(format!("{}: {e}", path.display())))
     }
 
     /// Restores a checkpoint written by [`Distiller::save_checkpoint`] with the same options.
     pub fn resume(model: &'a Llama, path: &Path, options: DistillOptions) -> Result<Self> {
-        let device = model.device();
-        let tensors = candle_core::safetensors::load(path, device)?;
-        let metadata_path = path.with_extension("json");
-        let metadata: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(&metadata_path).map_err(|e| Error::io(&metadata_path, e))?,
-        )
-        .map_err(|e| Error::Data(format!("{}: {e}", metadata_path.display())))?;
-        let stored: DistillOptions = serde_json::from_value(metadata["options"].clone())
-            .map_err(|e| Error::Data(e.to_string()))?;
+        let bad = |detail: String| Error::Data(format!("checkpoint {}: {detail}", path.display()));
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let (_, metadata) =
+            safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| bad(e.to_string()))?;
+        let state: serde_json::Value = metadata
+            .metadata()
+            .as_ref()
+            .and_then(|m| m.get("checkpoint"))
+            .ok_or_else(|| bad("no checkpoint state".into()))
+            .and_then(|json| serde_json::from_str(json).map_err(|e| bad(e.to_string())))?;
+        let stored: DistillOptions =
+            serde_json::from_value(state["options"].clone()).map_err(|e| bad(e.to_string()))?;
         if (stored.tokens, stored.frozen) != (options.tokens, options.frozen) {
             return Err(Error::Data(format!(
                 "the checkpoint holds a {}-token cartridge ({} frozen); the run asks for {} ({})",
                 stored.tokens, stored.frozen, options.tokens, options.frozen
             )));
         }
+        let tensors = candle_core::safetensors::load_buffer(&bytes, model.device())?;
         let get = |name: String| {
             tensors
                 .get(&name)
                 .cloned()
-                .ok_or_else(|| Error::Data(format!("checkpoint has no {name}")))
+                .ok_or_else(|| bad(format!("no tensor {name}")))
         };
         let layers = model.config.layers;
+        let join = |part: &str| -> Result<Vec<Tensor>> {
+            (0..layers)
+                .map(|i| {
+                    Ok(Tensor::cat(
+                        &[
+                            get(format!("frozen.{i}.{part}"))?,
+                            get(format!("trainable.{i}.{part}"))?,
+                        ],
+                        1,
+                    )?)
+                })
+                .collect()
+        };
         let prefix = Prefix {
-            keys: (0..layers)
-                .map(|i| {
-                    get(format!("prefix.{i}.keys")).and_then(|t| Ok(t.to_dtype(model.dtype())?))
-                })
-                .collect::<Result<_>>()?,
-            values: (0..layers)
-                .map(|i| {
-                    get(format!("prefix.{i}.values")).and_then(|t| Ok(t.to_dtype(model.dtype())?))
-                })
-                .collect::<Result<_>>()?,
+            keys: join("keys")?,
+            values: join("values")?,
         };
         let mut distiller = Self::from_prefix(model, &prefix, options)?;
         let count = distiller.adam.first.len();
@@ -437,10 +467,10 @@ impl<'a> Distiller<'a> {
         distiller.adam.second = (0..count)
             .map(|i| get(format!("adam.{i}.second")))
             .collect::<Result<_>>()?;
-        distiller.adam.step = metadata["step"].as_u64().unwrap_or(0) as usize;
-        distiller.epoch = metadata["epoch"].as_u64().unwrap_or(0);
-        distiller.cursor = metadata["cursor"].as_u64().unwrap_or(0) as usize;
-        distiller.losses = serde_json::from_value(metadata["losses"].clone()).unwrap_or_default();
+        distiller.adam.step = state["step"].as_u64().unwrap_or(0) as usize;
+        distiller.epoch = state["epoch"].as_u64().unwrap_or(0);
+        distiller.cursor = state["cursor"].as_u64().unwrap_or(0) as usize;
+        distiller.losses = serde_json::from_value(state["losses"].clone()).unwrap_or_default();
         Ok(distiller)
     }
 }

@@ -9,7 +9,7 @@
 //! Conversations are appended to a JSON-lines file as they are made, so a run can stop and resume,
 //! and a person can read what the cartridge is trained on.
 
-use std::io::{BufRead, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use rand::seq::IndexedRandom;
@@ -80,6 +80,9 @@ pub fn system_prompt(description: Option<&str>, chunk: &str) -> String {
 /// A synthesized conversation and the teacher's targets for its answer.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Conversation {
+    /// The generation batch it came from (a resumed run continues after the last one).
+    #[serde(default)]
+    pub batch: u64,
     /// Which tokens of the corpus the chunk was: `[start, start + tokens)`.
     pub chunk_start: usize,
     pub chunk_tokens: usize,
@@ -243,10 +246,10 @@ pub fn synthesize(
         .open(path)
         .map_err(|e| Error::io(path, e))?;
     // Each batch draws from its own seed, so a resumed run continues the same sequence.
-    let mut batch_index = conversations.len().div_ceil(options.per_chunk.max(1));
+    let mut batch_index = conversations.iter().map(|c| c.batch + 1).max().unwrap_or(0);
     while conversations.len() < options.conversations {
         let mut rng = rand::rngs::StdRng::seed_from_u64(
-            options.seed ^ (batch_index as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15),
+            options.seed ^ batch_index.wrapping_mul(0x9e37_79b9_7f4a_7c15),
         );
         batch_index += 1;
         let (low, high) = options.chunk_tokens;
@@ -314,6 +317,7 @@ pub fn synthesize(
                 .text
                 .render(&[Message::new("user", users[i].clone())], true)?;
             let conversation = Conversation {
+                batch: batch_index - 1,
                 chunk_start: start,
                 chunk_tokens: length,
                 seed: seeds[i],
@@ -357,6 +361,7 @@ pub fn next_token_conversations(
         .enumerate()
         .filter(|(_, piece)| piece.len() >= 2)
         .map(|(index, piece)| Conversation {
+            batch: index as u64,
             chunk_start: index * length,
             chunk_tokens: piece.len(),
             seed: SeedKind::Structuring,
@@ -369,31 +374,37 @@ pub fn next_token_conversations(
         .collect())
 }
 
-/// Reads a conversations file; a last line cut off by an interrupted run is dropped.
+/// Reads a conversations file. A last line an interrupted run cut off (no newline) is dropped
+/// from the file, so appends start on a line boundary; any other unreadable line is an error.
 pub fn read_conversations(path: &Path) -> Result<Vec<Conversation>> {
-    let file = match std::fs::File::open(path) {
-        Ok(file) => file,
+    let bytes = match std::fs::read(path) {
+        Ok(bytes) => bytes,
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(error) => return Err(Error::io(path, error)),
     };
+    let complete = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
     let mut conversations = Vec::new();
-    let mut valid_bytes = 0u64;
-    for line in std::io::BufReader::new(file).lines() {
-        let line = line.map_err(|e| Error::io(path, e))?;
-        match serde_json::from_str(&line) {
-            Ok(conversation) => {
-                conversations.push(conversation);
-                valid_bytes += line.len() as u64 + 1;
-            }
-            Err(_) => break,
+    for (number, line) in bytes[..complete].split(|&b| b == b'\n').enumerate() {
+        if line.is_empty() {
+            continue;
         }
+        let conversation = serde_json::from_slice(line).map_err(|e| {
+            Error::Data(format!(
+                "{}:{}: not a conversation: {e}",
+                path.display(),
+                number + 1
+            ))
+        })?;
+        conversations.push(conversation);
     }
-    // Trim a torn last line so appends start on a line boundary.
-    let file = std::fs::OpenOptions::new()
-        .write(true)
-        .open(path)
-        .map_err(|e| Error::io(path, e))?;
-    file.set_len(valid_bytes).map_err(|e| Error::io(path, e))?;
+    if complete < bytes.len() {
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(path)
+            .map_err(|e| Error::io(path, e))?;
+        file.set_len(complete as u64)
+            .map_err(|e| Error::io(path, e))?;
+    }
     Ok(conversations)
 }
 

@@ -77,6 +77,7 @@ fn rows(count: usize, length: usize, vocab: u32) -> Vec<Conversation> {
             let token = |i: usize| ((row * 7919 + i * 104_729) as u32) % vocab;
             let answer: Vec<u32> = (1..length).map(token).collect();
             Conversation {
+                batch: 0,
                 chunk_start: 0,
                 chunk_tokens: 0,
                 seed: SeedKind::Question,

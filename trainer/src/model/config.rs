@@ -67,6 +67,15 @@ impl Config {
                 "architecture {architecture:?} is not supported (llama family only)"
             )));
         }
+        // Llama 3.1+ rescales rotary frequencies; running such a model without that would give
+        // wrong logits silently.
+        let scaled = content.tensor_infos.contains_key("rope_freqs.weight")
+            || matches!(content.metadata.get("llama.rope.scaling.type"), Some(gguf_file::Value::String(kind)) if kind != "none");
+        if scaled {
+            return Err(Error::Model(
+                "the GGUF uses rope scaling, which this trainer does not implement".into(),
+            ));
+        }
         let heads = integer("llama.attention.head_count")?;
         let hidden = integer("llama.embedding_length")?;
         let vocab = match content.metadata.get("tokenizer.ggml.tokens") {

@@ -455,6 +455,12 @@ impl Llama {
             .reshape((batch, kv_heads, group, length, total))?
             .broadcast_add(mask)?;
         let probabilities = match mode {
+            // Half-precision scores go through softmax in f32, as the fused kernel accumulates:
+            // in bf16 the trained function would differ from the one evaluated.
+            Mode::Train if matches!(scores.dtype(), DType::BF16 | DType::F16) => {
+                candle_nn::ops::softmax(&scores.to_dtype(DType::F32)?, D::Minus1)?
+                    .to_dtype(scores.dtype())?
+            }
             Mode::Train => candle_nn::ops::softmax(&scores, D::Minus1)?,
             Mode::Infer => candle_nn::ops::softmax_last_dim(&scores)?,
         };

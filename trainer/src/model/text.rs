@@ -79,6 +79,17 @@ impl TextCodec {
                 )));
             }
         }
+        // The pre-tokenizer built below is SmolLM's (single digits, then GPT-2 byte-level
+        // splitting); another model's would tokenize off-distribution without any error.
+        match content.metadata.get("tokenizer.ggml.pre") {
+            Some(gguf_file::Value::String(pre)) if pre == "smollm" => {}
+            other => {
+                return Err(Error::Model(format!(
+                    "tokenizer.ggml.pre is {other:?}; from GGUF this build reads the \"smollm\" pre-tokenizer \
+                     (use a Hugging Face checkpoint directory for other models)"
+                )));
+            }
+        }
         let tokens = strings(
             content.metadata.get("tokenizer.ggml.tokens"),
             "tokenizer.ggml.tokens",
@@ -254,6 +265,9 @@ impl TextCodec {
     /// Renders messages with the model's chat template.
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
         let mut environment = minijinja::Environment::new();
+        // As transformers renders chat templates.
+        environment.set_trim_blocks(true);
+        environment.set_lstrip_blocks(true);
         minijinja_contrib::add_to_environment(&mut environment);
         environment
             .set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);

@@ -54,6 +54,7 @@ fn conversations(count: usize) -> Vec<Conversation> {
                 .map(|j| 100 + ((i * 7 + j * 3) % 50) as u32)
                 .collect();
             Conversation {
+                batch: 0,
                 chunk_start: 0,
                 chunk_tokens: 0,
                 seed: SeedKind::Question,
