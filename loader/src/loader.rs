@@ -17,6 +17,7 @@ use cartridge_client::{NoProgress, PullOptions, decode_arrivals, fetch_blobs};
 use cartridge_schemas::file::Header;
 use cartridge_schemas::manifest::ChunkDescriptor;
 use cartridge_schemas::{Digest, Dtype, ModelFingerprint, Reference};
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::buffer::HostBuffer;
@@ -520,20 +521,22 @@ fn compose(
     let mut buffer = HostBuffer::create(dir, bytes)
         .map_err(|e| LoaderError::OutOfMemory(format!("allocating {bytes} bytes: {e}")))?;
     let heads = header.model.kv_heads as usize;
-    let out = buffer.as_mut_slice();
-    let mut offset = 0;
-    for layer in 0..header.model.layers as usize {
-        for tensor in 0..2 {
+    // Each output tensor (a layer's keys or values) is filled on its own core.
+    buffer
+        .as_mut_slice()
+        .par_chunks_mut(header.tensor_bytes())
+        .enumerate()
+        .for_each(|(tensor, out)| {
+            let mut offset = 0;
             for head in 0..heads {
                 for (source, part) in parts {
                     let per_head = part.tensor_bytes() / heads;
-                    let start = (layer * 2 + tensor) * part.tensor_bytes() + head * per_head;
+                    let start = tensor * part.tensor_bytes() + head * per_head;
                     out[offset..offset + per_head]
                         .copy_from_slice(&source.as_slice()[start..start + per_head]);
                     offset += per_head;
                 }
             }
-        }
-    }
+        });
     Ok(buffer)
 }

@@ -61,38 +61,46 @@ fn start(command: &mut Command) -> Result<(Server, String)> {
     Ok((Server(child), url))
 }
 
-fn post(url: &str, path: &str, body: &Value) -> Result<Value> {
-    let output = Command::new("curl")
-        .args([
-            "-sf",
-            "-H",
-            "Content-Type: application/json",
-            "-d",
-            &body.to_string(),
-            &format!("{url}{path}"),
-        ])
-        .output()?;
-    ensure!(output.status.success(), "POST {path} failed");
-    Ok(serde_json::from_slice(&output.stdout)?)
+/// An in-process HTTP client, so the figures hold the loader's time and not a process start.
+struct Http {
+    runtime: tokio::runtime::Runtime,
+    client: reqwest::Client,
 }
 
-fn timed_load(url: &str, model: &Value, refs: &[String]) -> Result<(Duration, Value)> {
-    let started = Instant::now();
-    let answer = post(
-        url,
-        "/v1/load",
-        &json!({"model": model, "cartridges": refs}),
-    )?;
-    let elapsed = started.elapsed();
-    post(url, "/v1/release", &json!({"handle": answer["handle"]}))?;
-    Ok((elapsed, answer))
+impl Http {
+    fn post(&self, url: &str, path: &str, body: &Value) -> Result<Value> {
+        self.runtime.block_on(async {
+            let response = self
+                .client
+                .post(format!("{url}{path}"))
+                .json(body)
+                .send()
+                .await?;
+            let status = response.status();
+            let text = response.text().await?;
+            ensure!(status.is_success(), "POST {path}: {status} {text}");
+            Ok(serde_json::from_str(&text)?)
+        })
+    }
+
+    fn timed_load(&self, url: &str, model: &Value, refs: &[String]) -> Result<(Duration, Value)> {
+        let started = Instant::now();
+        let answer = self.post(
+            url,
+            "/v1/load",
+            &json!({"model": model, "cartridges": refs}),
+        )?;
+        let elapsed = started.elapsed();
+        self.post(url, "/v1/release", &json!({"handle": answer["handle"]}))?;
+        Ok((elapsed, answer))
+    }
 }
 
 fn gb_per_s(bytes: u64, time: Duration) -> f64 {
     bytes as f64 / 1e9 / time.as_secs_f64()
 }
 
-fn start_loader(dir: &Path, registry: &str, token: &str) -> Result<(Server, String)> {
+fn start_loader(dir: &Path, shm: &Path, registry: &str, token: &str) -> Result<(Server, String)> {
     start(
         Command::new(sibling("cartridge-loader")?)
             .args([
@@ -107,7 +115,7 @@ fn start_loader(dir: &Path, registry: &str, token: &str) -> Result<(Server, Stri
             ])
             .arg(dir.join("loader-cache"))
             .arg("--shm-dir")
-            .arg(dir.join("shm"))
+            .arg(shm)
             .env("CARTRIDGE_TOKEN", token),
     )
 }
@@ -129,7 +137,7 @@ fn main() -> Result<()> {
     }
     copies.sort();
     let memcpy = gb_per_s(bytes as u64, copies[2]);
-    drop((source, target));
+    drop(target);
 
     let registry_bin = sibling("cartridge-registry")?;
     let (_registry, registry) = start(
@@ -173,19 +181,51 @@ fn main() -> Result<()> {
     }
     let model = serde_json::to_value(&model)?;
 
-    let (loader, url) = start_loader(dir, &registry, &token)?;
-    let (cold, answer) = timed_load(&url, &model, &refs[..1])?;
-    let payload = answer["bytes"].as_u64().context("bytes")?;
-    let (hit, _) = timed_load(&url, &model, &refs[..1])?;
-    for reference in &refs[1..] {
-        timed_load(&url, &model, std::slice::from_ref(reference))?;
+    let http = Http {
+        runtime: tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?,
+        client: reqwest::Client::new(),
+    };
+    // Resident buffers live where they would in service: in shared memory when the machine
+    // has it, not in files on disk.
+    let shm_root = Path::new("/dev/shm");
+    let shm = if shm_root.is_dir() {
+        tempfile::tempdir_in(shm_root)?
+    } else {
+        tempfile::tempdir_in(dir)?
+    };
+    // A new resident buffer also pays for its pages: the same copy into fresh shared memory.
+    let mut fresh = Vec::new();
+    for _ in 0..5 {
+        let file = tempfile::tempfile_in(shm.path())?;
+        file.set_len(bytes as u64)?;
+        // SAFETY: the file is anonymous and private to this loop.
+        #[allow(unsafe_code)]
+        let mut map = unsafe { memmap2::MmapMut::map_mut(&file)? };
+        let started = Instant::now();
+        map.copy_from_slice(&source);
+        fresh.push(started.elapsed());
     }
-    let (compose, composed) = timed_load(&url, &model, &refs)?;
+    fresh.sort();
+    let fresh_copy = gb_per_s(bytes as u64, fresh[2]);
+    drop(source);
+
+    let (loader, url) = start_loader(dir, shm.path(), &registry, &token)?;
+    let (cold, answer) = http.timed_load(&url, &model, &refs[..1])?;
+    let payload = answer["bytes"].as_u64().context("bytes")?;
+    let (hit, _) = http.timed_load(&url, &model, &refs[..1])?;
+    for reference in &refs[1..] {
+        http.timed_load(&url, &model, std::slice::from_ref(reference))?;
+    }
+    let (compose, composed) = http.timed_load(&url, &model, &refs)?;
     drop(loader);
-    // A fresh loader: nothing resident, every blob on disk.
-    std::fs::remove_dir_all(dir.join("shm")).ok();
-    let (_loader, url) = start_loader(dir, &registry, &token)?;
-    let (disk, answer) = timed_load(&url, &model, &refs[..1])?;
+    // A fresh loader: nothing resident, every blob on disk. The killed one's buffers go too.
+    for entry in std::fs::read_dir(shm.path())? {
+        std::fs::remove_file(entry?.path())?;
+    }
+    let (_loader, url) = start_loader(dir, shm.path(), &registry, &token)?;
+    let (disk, answer) = http.timed_load(&url, &model, &refs[..1])?;
     ensure!(
         answer["tier"] == "disk",
         "expected a disk-tier load, got {}",
@@ -197,10 +237,11 @@ fn main() -> Result<()> {
         "path": "host memory (no CUDA)",
         "cartridge_bytes": payload,
         "memcpy_gb_per_s": memcpy,
+        "copy_into_fresh_shm_gb_per_s": fresh_copy,
         "cold_load_from_registry": {"seconds": cold.as_secs_f64(), "gb_per_s": gb_per_s(payload, cold)},
         "load_from_disk_tier": {"seconds": disk.as_secs_f64(), "gb_per_s": gb_per_s(payload, disk), "share_of_memcpy": gb_per_s(payload, disk) / memcpy},
         "device_tier_hit_ms": hit.as_secs_f64() * 1e3,
-        "compose_4": {"bytes": composed["bytes"], "seconds": compose.as_secs_f64(), "gb_per_s": gb_per_s(composed["bytes"].as_u64().unwrap_or(0), compose), "share_of_memcpy": gb_per_s(composed["bytes"].as_u64().unwrap_or(0), compose) / memcpy},
+        "compose_4": {"bytes": composed["bytes"], "seconds": compose.as_secs_f64(), "gb_per_s": gb_per_s(composed["bytes"].as_u64().unwrap_or(0), compose), "share_of_memcpy": gb_per_s(composed["bytes"].as_u64().unwrap_or(0), compose) / memcpy, "share_of_fresh_shm_copy": gb_per_s(composed["bytes"].as_u64().unwrap_or(0), compose) / fresh_copy},
         "time_to_first_layer": "not measured: loads answer when every layer is resident",
     });
     println!("{}", serde_json::to_string_pretty(&report)?);
