@@ -16,7 +16,7 @@ use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::model::{Context, Llama, LoadedModel, Message, Mode, Prefix};
+use crate::model::{Context, Llama, LoadedModel, Message, Prefix};
 use crate::synthesis::Conversation;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -367,7 +367,6 @@ impl<'a> Distiller<'a> {
             &batch.positions,
             &batch.mask,
             Context::Prefix(&prefix),
-            Mode::Train,
         )?;
         let hidden = hidden.flatten_to(1)?.index_select(&batch.rows, 0)?;
         // The vocabulary projection runs only where there is a target: a fraction of all tokens.

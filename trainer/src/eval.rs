@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::model::{
-    Context, GenerationRequest, LoadedModel, Message, Mode, Prefix, Sampling, causal_mask, generate,
+    Context, GenerationRequest, LoadedModel, Message, Prefix, Sampling, causal_mask, generate,
 };
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -224,7 +224,7 @@ fn score(
     let positions = Tensor::arange(p as u32, (p + n) as u32, device)?.unsqueeze(0)?;
     let mask = causal_mask(&[n], p, n, llama.dtype(), device)?;
     let context = prefix.map_or(Context::None, Context::Prefix);
-    let hidden = llama.forward(&input, &positions, &mask, context, Mode::Infer)?;
+    let hidden = llama.forward(&input, &positions, &mask, context)?;
     // Outputs at question.len()-1 .. n-1 predict the answer tokens.
     let rows = hidden.i((0, question.len() - 1..n - 1))?;
     let log_probabilities =

@@ -162,6 +162,7 @@ fn main() -> Result<()> {
     synchronize()?;
     let step_seconds = started.elapsed().as_secs_f64() / args.steps as f64;
     let step_tokens = (args.batch * args.length) as f64;
+    let peak_host_bytes = peak_resident_bytes();
     println!(
         "distillation step: {:.1} ms, {:.0} tokens/s (P={}, L={}, B={})",
         step_seconds * 1e3,
@@ -226,10 +227,18 @@ fn main() -> Result<()> {
             "device": device_name,
             "dtype": format!("{dtype:?}"),
             "model_shape": "SmolLM2-135M (random weights)",
-            "distillation": {"prefix": args.prefix, "length": args.length, "batch": args.batch, "steps_timed": args.steps, "step_ms": step_seconds * 1e3, "tokens_per_s": step_tokens / step_seconds},
+            "distillation": {"prefix": args.prefix, "length": args.length, "batch": args.batch, "steps_timed": args.steps, "step_ms": step_seconds * 1e3, "tokens_per_s": step_tokens / step_seconds, "peak_host_bytes": peak_host_bytes},
             "generation": {"batch": args.generate_batch, "prompt": args.generate_prompt, "new_tokens": args.generate_new, "seconds": generate_seconds, "new_tokens_per_s": new_tokens as f64 / generate_seconds},
         }),
     )?;
     println!("wrote {}", output.display());
     Ok(())
+}
+
+/// The process's peak resident memory so far (Linux), the host side of what a step holds.
+fn peak_resident_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }

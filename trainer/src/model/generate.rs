@@ -5,7 +5,7 @@
 use candle_core::{D, DType, Tensor};
 use rand::{Rng, SeedableRng};
 
-use super::llama::{Context, Llama, Mode, Prefix, causal_mask};
+use super::llama::{Context, Llama, Prefix, causal_mask};
 use crate::error::{Error, Result};
 
 /// How the next token is chosen.
@@ -82,13 +82,7 @@ pub fn generate(model: &Llama, request: &GenerationRequest<'_>) -> Result<Vec<Ge
         let positions =
             Tensor::arange(prefix_len as u32, (prefix_len + n) as u32, device)?.unsqueeze(0)?;
         let mask = causal_mask(&[n], prefix_len, n, dtype, device)?;
-        let hidden = model.forward(
-            &ids,
-            &positions,
-            &mask,
-            Context::Cache(&mut cache),
-            Mode::Infer,
-        )?;
+        let hidden = model.forward(&ids, &positions, &mask, Context::Cache(&mut cache))?;
         last_shared = Some(hidden.narrow(1, n - 1, 1)?);
     }
     let mut cache = cache.expand(batch)?;
@@ -113,13 +107,7 @@ pub fn generate(model: &Llama, request: &GenerationRequest<'_>) -> Result<Vec<Ge
             let ids = Tensor::from_vec(ids, (batch, longest), device)?;
             let positions = Tensor::from_vec(positions, (batch, longest), device)?;
             let mask = causal_mask(&lengths, context, longest, dtype, device)?;
-            let hidden = model.forward(
-                &ids,
-                &positions,
-                &mask,
-                Context::Cache(&mut cache),
-                Mode::Infer,
-            )?;
+            let hidden = model.forward(&ids, &positions, &mask, Context::Cache(&mut cache))?;
             let rows = lengths
                 .iter()
                 .enumerate()
@@ -192,13 +180,7 @@ pub fn generate(model: &Llama, request: &GenerationRequest<'_>) -> Result<Vec<Ge
             device,
         )?;
         next_position.iter_mut().for_each(|p| *p += 1);
-        hidden_last = model.forward(
-            &ids,
-            &positions,
-            &mask,
-            Context::Cache(&mut cache),
-            Mode::Infer,
-        )?;
+        hidden_last = model.forward(&ids, &positions, &mask, Context::Cache(&mut cache))?;
     }
     Ok(results)
 }

@@ -4,9 +4,8 @@
 //! A cartridge occupies positions `0..P` of every layer's attention: its keys (already rotated
 //! for those positions) and values are put in front of the keys and values the input computes,
 //! and the input continues at position `P`. Training runs the same forward with the prefix built
-//! from trainable variables and [`Mode::Train`], which uses only operations with a backward pass
-//! (candle's fused softmax, RMSNorm and RoPE kernels have none and would silently cut the graph).
-//! Generation uses [`Mode::Infer`] with the fused kernels and a per-layer KV cache.
+//! from trainable variables; the ops in [`super::ops`] carry the gradient through candle's fused
+//! kernels. Generation runs it with a per-layer KV cache.
 //!
 //! Keys use the half-split rotary layout (channel `i` pairs with `i + head_dim/2`), as Hugging
 //! Face transformers computes them; GGUF files store q/k weights permuted for the interleaved
@@ -16,21 +15,12 @@ use std::fs::File;
 use std::path::Path;
 
 use candle_core::quantized::gguf_file;
-use candle_core::{D, DType, Device, IndexOp, Tensor};
+use candle_core::{DType, Device, IndexOp, Tensor};
 use candle_nn::kv_cache::KvCache;
 
 use super::config::Config;
-use super::ops::frozen_linear;
+use super::ops::{attention, frozen_linear, rms_norm, rope};
 use crate::error::{Error, Result};
-
-/// Which implementation of each operation the forward uses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
-    /// Operations that carry gradients (to a trainable prefix).
-    Train,
-    /// candle's fused kernels: faster, no backward.
-    Infer,
-}
 
 struct Layer {
     attn_norm: Tensor,
@@ -346,7 +336,6 @@ impl Llama {
         positions: &Tensor,
         mask: &Tensor,
         mut context: Context<'_>,
-        mode: Mode,
     ) -> Result<Tensor> {
         let (batch, length) = ids.dims2()?;
         let flat = positions.flatten_all()?;
@@ -359,16 +348,15 @@ impl Llama {
             self.config.hidden,
         ))?;
         for (index, layer) in self.layers.iter().enumerate() {
-            let h = self.rms_norm(&x, &layer.attn_norm, mode)?;
-            let attended =
-                self.attention(index, layer, &h, &cos, &sin, mask, &mut context, mode)?;
+            let h = self.rms_norm(&x, &layer.attn_norm)?;
+            let attended = self.attention(index, layer, &h, &cos, &sin, mask, &mut context)?;
             x = (x + attended)?;
-            let h = self.rms_norm(&x, &layer.ffn_norm, mode)?;
+            let h = self.rms_norm(&x, &layer.ffn_norm)?;
             let gated = (candle_nn::ops::silu(&frozen_linear(&h, &layer.gate)?)?
                 * frozen_linear(&h, &layer.up)?)?;
             x = (x + frozen_linear(&gated, &layer.down)?)?;
         }
-        self.rms_norm(&x, &self.norm, mode)
+        self.rms_norm(&x, &self.norm)
     }
 
     /// Next-token logits for hidden states `[..., hidden]`.
@@ -379,32 +367,8 @@ impl Llama {
         )?)
     }
 
-    fn rms_norm(&self, x: &Tensor, weight: &Tensor, mode: Mode) -> Result<Tensor> {
-        let eps = self.config.rms_eps as f32;
-        Ok(match mode {
-            Mode::Train => candle_nn::ops::rms_norm_slow(x, weight, eps)?,
-            Mode::Infer => candle_nn::ops::rms_norm(x, weight, eps)?,
-        })
-    }
-
-    /// Rotates `x` `[B, heads, L, head_dim]` by per-token angles `cos`/`sin` `[B, L, head_dim/2]`.
-    fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, mode: Mode) -> Result<Tensor> {
-        Ok(match mode {
-            Mode::Infer => candle_nn::rotary_emb::rope(&x.contiguous()?, cos, sin)?,
-            Mode::Train => {
-                let half = x.dim(D::Minus1)? / 2;
-                let cos = Tensor::cat(&[cos, cos], D::Minus1)?.unsqueeze(1)?;
-                let sin = Tensor::cat(&[sin, sin], D::Minus1)?.unsqueeze(1)?;
-                let rotated = Tensor::cat(
-                    &[
-                        &x.narrow(D::Minus1, half, half)?.neg()?,
-                        &x.narrow(D::Minus1, 0, half)?,
-                    ],
-                    D::Minus1,
-                )?;
-                (x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?)?
-            }
-        })
+    fn rms_norm(&self, x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+        Ok(rms_norm(x, weight, self.config.rms_eps as f32)?)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -417,7 +381,6 @@ impl Llama {
         sin: &Tensor,
         mask: &Tensor,
         context: &mut Context<'_>,
-        mode: Mode,
     ) -> Result<Tensor> {
         let config = &self.config;
         let (batch, length, _) = h.dims3()?;
@@ -428,8 +391,8 @@ impl Llama {
                 .transpose(1, 2)?
                 .contiguous()?)
         };
-        let q = Self::rope(&split(&layer.q, heads)?, cos, sin, mode)?;
-        let k = Self::rope(&split(&layer.k, kv_heads)?, cos, sin, mode)?;
+        let q = rope(&split(&layer.q, heads)?, cos, sin)?;
+        let k = rope(&split(&layer.k, kv_heads)?, cos, sin)?;
         let v = split(&layer.v, kv_heads)?;
         let (k, v) = match context {
             Context::None => (k, v),
@@ -445,28 +408,11 @@ impl Llama {
             }
             Context::Cache(cache) => cache.layers[index].append(&k, &v)?,
         };
-        let total = k.dim(2)?;
         // Grouped-query attention without copying keys: the query heads sharing a key head are
         // stacked along the sequence axis.
         let group = heads / kv_heads;
         let q = q.reshape((batch, kv_heads, group * length, hd))?;
-        let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
-        let scores = scores
-            .reshape((batch, kv_heads, group, length, total))?
-            .broadcast_add(mask)?;
-        let probabilities = match mode {
-            // Half-precision scores go through softmax in f32, as the fused kernel accumulates:
-            // in bf16 the trained function would differ from the one evaluated.
-            Mode::Train if matches!(scores.dtype(), DType::BF16 | DType::F16) => {
-                candle_nn::ops::softmax(&scores.to_dtype(DType::F32)?, D::Minus1)?
-                    .to_dtype(scores.dtype())?
-            }
-            Mode::Train => candle_nn::ops::softmax(&scores, D::Minus1)?,
-            Mode::Infer => candle_nn::ops::softmax_last_dim(&scores)?,
-        };
-        let out = probabilities
-            .reshape((batch, kv_heads, group * length, total))?
-            .matmul(&v.contiguous()?)?;
+        let out = attention(&q, &k, &v.contiguous()?, mask, group)?;
         let out = out
             .reshape((batch, heads, length, hd))?
             .transpose(1, 2)?
@@ -481,13 +427,7 @@ impl Llama {
         let input = Tensor::new(ids, &self.device)?.unsqueeze(0)?;
         let positions = Tensor::arange(0u32, ids.len() as u32, &self.device)?.unsqueeze(0)?;
         let mask = causal_mask(&[ids.len()], 0, ids.len(), self.dtype, &self.device)?;
-        self.forward(
-            &input,
-            &positions,
-            &mask,
-            Context::Cache(&mut cache),
-            Mode::Infer,
-        )?;
+        self.forward(&input, &positions, &mask, Context::Cache(&mut cache))?;
         let mut prefix = Prefix {
             keys: Vec::new(),
             values: Vec::new(),

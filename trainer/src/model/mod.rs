@@ -9,7 +9,7 @@ mod text;
 
 pub use config::Config;
 pub use generate::{Generated, GenerationRequest, Sampling, generate};
-pub use llama::{Cache, Context, Llama, Mode, Prefix, causal_mask};
+pub use llama::{Cache, Context, Llama, Prefix, causal_mask};
 pub use ops::frozen_linear;
 pub use source::{ALIASES, Alias, LoadedModel, ModelSource};
 pub use text::{Message, TextCodec};

@@ -1,12 +1,276 @@
-//! Operations the training forward needs beyond candle's own.
+//! Operations the forward needs beyond candle's own, so that one forward serves training and
+//! inference.
 //!
-//! candle's backward pass computes a gradient for both operands of every matmul, frozen weights
-//! included, and keeps them all: for SmolLM2 that is half a GiB of weight gradients per step and
-//! two to four times the backward time, for gradients nobody reads. [`frozen_linear`] is a matmul
-//! whose backward returns the input's gradient only.
+//! candle's fused kernels (softmax, RMSNorm, RoPE) are fast and have no backward: a graph through
+//! them is silently cut. The ops here run those kernels forward and, when an input carries a
+//! gradient, join the result to the graph with a backward written out by hand ([`Attached`]).
+//! Attention keeps only its inputs and output between the passes and recomputes the
+//! probabilities in its backward, as FlashAttention does: the `[L, T]` matrices of every layer
+//! are never held at once.
+//!
+//! candle's backward pass also computes a gradient for both operands of every matmul, frozen
+//! weights included, and keeps them all: for SmolLM2 that is half a GiB of weight gradients per
+//! step and two to four times the backward time, for gradients nobody reads. [`frozen_linear`] is
+//! a matmul whose backward returns the input's gradient only.
+
+use std::sync::Mutex;
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, D, DType, Device, Layout, Result, Shape, Storage,
+    Tensor,
+};
+
+/// RMSNorm of `x` `[..., hidden]` with a frozen `weight` `[hidden]`; gradients flow to `x`.
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> Result<Tensor> {
+    if x.dtype() == DType::F64 {
+        // The fused kernel has no f64 (the dtype of the finite-difference tests); the composed
+        // form is exact and carries its own gradient.
+        return candle_nn::ops::rms_norm_slow(x, weight, eps);
+    }
+    let y = candle_nn::ops::rms_norm(x, weight, eps)?;
+    if !x.track_op() {
+        return Ok(y);
+    }
+    let weight = weight.clone();
+    x.apply_op1(Attached::new(
+        "rms-norm",
+        y,
+        move |x: &Tensor, _: &Tensor, grad: &Tensor| {
+            // y = w·x·r with r = (mean(x²) + eps)^-½, so dx = r·(g·w) - x·r³·mean(g·w·x).
+            let dtype = x.dtype();
+            let wide = |t: &Tensor| t.to_dtype(accumulation_dtype(dtype));
+            let (x, grad, weight) = (wide(x)?, wide(grad)?, wide(&weight)?);
+            let n = x.dim(D::Minus1)? as f64;
+            let r = ((x.sqr()?.sum_keepdim(D::Minus1)? / n)? + f64::from(eps))?
+                .sqrt()?
+                .recip()?;
+            let gw = grad.broadcast_mul(&weight)?;
+            let dot = (gw.mul(&x)?.sum_keepdim(D::Minus1)? / n)?;
+            let dx = (gw.broadcast_mul(&r)? - x.broadcast_mul(&dot.mul(&r.powf(3.0)?)?)?)?;
+            dx.to_dtype(dtype)
+        },
+    ))
+}
+
+/// Rotates `x` `[B, heads, L, head_dim]` (half-split pairs) by per-token angles given as `cos`
+/// and `sin` `[B, L, head_dim/2]`; gradients flow to `x`.
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let x = x.contiguous()?;
+    let y = candle_nn::rotary_emb::rope(&x, cos, sin)?;
+    if !x.track_op() {
+        return Ok(y);
+    }
+    // A rotation's transpose is the rotation by the opposite angle.
+    let (cos, sin) = (cos.clone(), sin.neg()?);
+    x.apply_op1(Attached::new(
+        "rope",
+        y,
+        move |_: &Tensor, _: &Tensor, grad: &Tensor| {
+            candle_nn::rotary_emb::rope(&grad.contiguous()?, &cos, &sin)
+        },
+    ))
+}
+
+/// Attention of `q` `[B, kv_heads, group·L, head_dim]` — the `group` query heads that share a
+/// key head stacked along the sequence axis, so keys are never copied per query head — over
+/// `k`, `v` `[B, kv_heads, T, head_dim]` with an additive `mask` `[B, 1, 1, L, T]`. Returns
+/// `[B, kv_heads, group·L, head_dim]`; gradients flow to `q`, `k` and `v`.
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Tensor,
+    group: usize,
+) -> Result<Tensor> {
+    let out = probabilities(q, k, mask, group)?.matmul(v)?;
+    if !(q.track_op() || k.track_op() || v.track_op()) {
+        return Ok(out);
+    }
+    let mask = mask.clone();
+    let backward = move |q: &Tensor, k: &Tensor, v: &Tensor, out: &Tensor, grad: &Tensor| {
+        let (q, k, v, grad) = (q.detach(), k.detach(), v.detach(), grad.contiguous()?);
+        let p = probabilities(&q, &k, &mask, group)?;
+        let dv = p.t()?.matmul(&grad)?;
+        let dp = grad.matmul(&v.t()?)?;
+        // Softmax backward: dS = P·(dP - rowsum(dP·P)), and rowsum(dP·P) = rowsum(dO·O).
+        let wide = accumulation_dtype(q.dtype());
+        let rows = grad
+            .to_dtype(wide)?
+            .mul(&out.to_dtype(wide)?)?
+            .sum_keepdim(D::Minus1)?;
+        let ds = p
+            .to_dtype(wide)?
+            .mul(&dp.to_dtype(wide)?.broadcast_sub(&rows)?)?
+            .affine(scale(&q)?, 0.0)?
+            .to_dtype(q.dtype())?;
+        Ok((ds.matmul(&k)?, ds.t()?.matmul(&q)?, dv))
+    };
+    q.apply_op3(k, v, Attached::new("attention", out, backward))
+}
+
+fn scale(q: &Tensor) -> Result<f64> {
+    Ok(1.0 / (q.dim(D::Minus1)? as f64).sqrt())
+}
+
+/// Softmax of the scaled, masked scores: `[B, kv_heads, group·L, T]`.
+fn probabilities(q: &Tensor, k: &Tensor, mask: &Tensor, group: usize) -> Result<Tensor> {
+    let (batch, kv_heads, rows, _) = q.dims4()?;
+    let total = k.dim(2)?;
+    let scores = (q.matmul(&k.t()?)? * scale(q)?)?
+        .reshape((batch, kv_heads, group, rows / group, total))?
+        .broadcast_add(mask)?;
+    softmax_last_dim(&scores)?.reshape((batch, kv_heads, rows, total))
+}
+
+/// candle's fused softmax over the last axis. Half precision goes through f32 on the CPU, whose
+/// kernel would accumulate in half precision; the CUDA kernel accumulates in f32 itself.
+fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    let dtype = x.dtype();
+    if matches!(x.device(), Device::Cpu) && accumulation_dtype(dtype) != dtype {
+        return candle_nn::ops::softmax_last_dim(&x.to_dtype(DType::F32)?)?.to_dtype(dtype);
+    }
+    candle_nn::ops::softmax_last_dim(x)
+}
+
+/// The dtype sums are taken in: f32 for half precision, the dtype itself otherwise.
+fn accumulation_dtype(dtype: DType) -> DType {
+    match dtype {
+        DType::BF16 | DType::F16 => DType::F32,
+        other => other,
+    }
+}
+
+/// A value computed outside the graph (by fused kernels, which have no backward), joined to the
+/// graph of the inputs it was computed from with a hand-written backward. As a custom op its
+/// forward hands out the precomputed value: candle cannot move a tensor's storage into an op's
+/// result, so that costs one copy of the output.
+struct Attached<B> {
+    name: &'static str,
+    value: Mutex<Option<Tensor>>,
+    backward: B,
+}
+
+impl<B> Attached<B> {
+    fn new(name: &'static str, value: Tensor, backward: B) -> Self {
+        Self {
+            name,
+            value: Mutex::new(Some(value)),
+            backward,
+        }
+    }
+
+    /// The value, taken: the graph then holds it once, as this op's result.
+    fn take(&self) -> Result<Tensor> {
+        let value = self
+            .value
+            .lock()
+            .map_err(|_| candle_core::Error::Msg(format!("{}: poisoned", self.name)))?
+            .take();
+        let value = value
+            .ok_or_else(|| candle_core::Error::Msg(format!("{}: forward ran twice", self.name)))?;
+        let layout = value.layout();
+        // A fresh kernel output: contiguous from the start of its own storage, which is what a
+        // storage clone copies.
+        if !layout.is_contiguous() || layout.start_offset() != 0 {
+            candle_core::bail!("{}: value is a view, not a kernel output", self.name);
+        }
+        Ok(value)
+    }
+
+    fn cpu_output(&self) -> Result<(CpuStorage, Shape)> {
+        let value = self.take()?;
+        let (storage, layout) = value.storage_and_layout();
+        match &*storage {
+            Storage::Cpu(storage) => Ok((storage.try_clone(layout)?, layout.shape().clone())),
+            _ => candle_core::bail!("{}: value is not in host memory", self.name),
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_output(&self) -> Result<(candle_core::CudaStorage, Shape)> {
+        let value = self.take()?;
+        let (storage, layout) = value.storage_and_layout();
+        match &*storage {
+            Storage::Cuda(storage) => Ok((storage.try_clone(layout)?, layout.shape().clone())),
+            _ => candle_core::bail!("{}: value is not on the GPU", self.name),
+        }
+    }
+}
+
+impl<B> CustomOp1 for Attached<B>
+where
+    B: Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor> + Send + Sync,
+{
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.cpu_output()
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.cuda_output()
+    }
+
+    fn bwd(&self, arg: &Tensor, result: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some((self.backward)(arg, result, grad)?))
+    }
+}
+
+impl<B> CustomOp3 for Attached<B>
+where
+    B: Fn(&Tensor, &Tensor, &Tensor, &Tensor, &Tensor) -> Result<(Tensor, Tensor, Tensor)>
+        + Send
+        + Sync,
+{
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.cpu_output()
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.cuda_output()
+    }
+
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        c: &Tensor,
+        result: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (da, db, dc) = (self.backward)(a, b, c, result, grad)?;
+        Ok((Some(da), Some(db), Some(dc)))
+    }
+}
 
 /// `x @ weight^T` for a frozen `weight` of shape `[out, in]`; `x` is `[..., in]`. Gradients
 /// flow to `x` only.
@@ -110,6 +374,119 @@ mod tests {
             frozen_grad.get(&weight).is_none(),
             "no gradient is kept for the frozen weight"
         );
+        Ok(())
+    }
+
+    fn max_difference(a: &Tensor, b: &Tensor) -> Result<f32> {
+        a.sub(b)?
+            .abs()?
+            .max_all()?
+            .to_dtype(DType::F32)?
+            .to_scalar::<f32>()
+    }
+
+    /// The gradient of `sum(f(x) · w)` with respect to `x`, for a fixed random `w`.
+    fn gradient(f: impl Fn(&Tensor) -> Result<Tensor>, x: &Var, w: &Tensor) -> Result<Tensor> {
+        let grads = f(x.as_tensor())?.mul(w)?.sum_all()?.backward()?;
+        Ok(grads.get(x).expect("a gradient").clone())
+    }
+
+    /// Checks an op against the composed (slow, differentiable) form of the same function:
+    /// values and input gradients.
+    fn check(
+        fast: impl Fn(&Tensor) -> Result<Tensor>,
+        slow: impl Fn(&Tensor) -> Result<Tensor>,
+        x: &Var,
+    ) -> Result<()> {
+        let (a, b) = (fast(x.as_tensor())?, slow(x.as_tensor())?);
+        assert!(
+            max_difference(&a, &b)? < 1e-5,
+            "values: {}",
+            max_difference(&a, &b)?
+        );
+        let w = Tensor::randn(0f32, 1.0, a.shape(), x.device())?;
+        let (ga, gb) = (gradient(&fast, x, &w)?, gradient(&slow, x, &w)?);
+        assert!(
+            max_difference(&ga, &gb)? < 1e-4,
+            "gradients: {}",
+            max_difference(&ga, &gb)?
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn rms_norm_matches_the_composed_form() -> Result<()> {
+        let device = Device::Cpu;
+        let x = Var::randn(0f32, 1.0, (2, 5, 16), &device)?;
+        let weight = Tensor::randn(0f32, 1.0, 16, &device)?;
+        check(
+            |x| rms_norm(x, &weight, 1e-5),
+            |x| candle_nn::ops::rms_norm_slow(x, &weight, 1e-5),
+            &x,
+        )
+    }
+
+    #[test]
+    fn rope_matches_the_composed_form() -> Result<()> {
+        let device = Device::Cpu;
+        let x = Var::randn(0f32, 1.0, (2, 3, 5, 8), &device)?;
+        let angles = Tensor::randn(0f32, 3.0, (2, 5, 4), &device)?;
+        let (cos, sin) = (angles.cos()?, angles.sin()?);
+        let slow = |x: &Tensor| -> Result<Tensor> {
+            let cos = Tensor::cat(&[&cos, &cos], D::Minus1)?.unsqueeze(1)?;
+            let sin = Tensor::cat(&[&sin, &sin], D::Minus1)?.unsqueeze(1)?;
+            let rotated = Tensor::cat(
+                &[
+                    &x.narrow(D::Minus1, 4, 4)?.neg()?,
+                    &x.narrow(D::Minus1, 0, 4)?,
+                ],
+                D::Minus1,
+            )?;
+            x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?
+        };
+        check(|x| rope(x, &cos, &sin), slow, &x)
+    }
+
+    #[test]
+    fn attention_matches_the_composed_form() -> Result<()> {
+        // Two sequences of 4 tokens (one padded to 3) after a 3-token prefix, 2 key heads each
+        // shared by 3 query heads.
+        let device = Device::Cpu;
+        let (batch, kv_heads, group, length, prefix, hd) = (2, 2, 3, 4, 3, 8);
+        let total = prefix + length;
+        let mask = crate::model::causal_mask(&[4, 3], prefix, length, DType::F32, &device)
+            .expect("a mask");
+        let q = Var::randn(0f32, 1.0, (batch, kv_heads, group * length, hd), &device)?;
+        let k = Var::randn(0f32, 1.0, (batch, kv_heads, total, hd), &device)?;
+        let v = Var::randn(0f32, 1.0, (batch, kv_heads, total, hd), &device)?;
+        let slow = |q: &Tensor, k: &Tensor, v: &Tensor| -> Result<Tensor> {
+            let scores = (q.matmul(&k.t()?)? / (hd as f64).sqrt())?
+                .reshape((batch, kv_heads, group, length, total))?
+                .broadcast_add(&mask)?;
+            candle_nn::ops::softmax(&scores, D::Minus1)?
+                .reshape((batch, kv_heads, group * length, total))?
+                .matmul(v)
+        };
+        let fast = attention(&q, &k, &v, &mask, group)?;
+        let reference = slow(&q, &k, &v)?;
+        assert!(max_difference(&fast, &reference)? < 1e-5);
+        let w = Tensor::randn(0f32, 1.0, fast.shape(), &device)?;
+        let a = fast.mul(&w)?.sum_all()?.backward()?;
+        let b = reference.mul(&w)?.sum_all()?.backward()?;
+        for var in [&q, &k, &v] {
+            let difference = max_difference(a.get(var).unwrap(), b.get(var).unwrap())?;
+            assert!(difference < 1e-4, "gradient: {difference}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn without_a_gradient_to_carry_the_ops_stay_off_the_graph() -> Result<()> {
+        let device = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (1, 2, 3, 8), &device)?;
+        let angles = Tensor::randn(0f32, 1.0, (1, 3, 4), &device)?;
+        assert!(!rope(&x, &angles.cos()?, &angles.sin()?)?.track_op());
+        assert!(!rms_norm(&x, &Tensor::ones(8, DType::F32, &device)?, 1e-5)?.track_op());
         Ok(())
     }
 }
