@@ -387,14 +387,15 @@ fn build(
             .flat_map(|layer| layout.layers[layer].clone())
             .collect()
     };
-    decode_arrivals(manifest, cache, &mut map, &ranges, arrivals)?;
+    decode_arrivals(manifest, cache, &mut map, &ranges, arrivals, &|_| {})?;
     map.flush_async().map_err(io)?;
     Ok(())
 }
 
 /// Decodes each chunk into its places in `buffer` as its blob arrives on `arrivals`, on all
 /// cores. `ranges` gives, for a chunk, the byte ranges of `buffer` its raw bytes fill, in order;
-/// the ranges of all chunks must not overlap. Returns once every blob has arrived and decoded,
+/// the ranges of all chunks must not overlap. `decoded` is told the index of each chunk whose
+/// bytes are in place, from the decoding thread. Returns once every blob has arrived and decoded,
 /// or with the first failure (a blob that fails to decode is dropped from the cache so the next
 /// attempt fetches it again), or when `arrivals` closes early.
 pub fn decode_arrivals(
@@ -403,6 +404,7 @@ pub fn decode_arrivals(
     buffer: &mut [u8],
     ranges: &dyn Fn(&ChunkDescriptor) -> Vec<Range<usize>>,
     arrivals: Receiver<Digest>,
+    decoded: &(dyn Fn(usize) + Sync),
 ) -> Result<(), ClientError> {
     let mut destinations = split_ranges(
         buffer,
@@ -425,11 +427,12 @@ pub fn decode_arrivals(
             for index in chunks_of.remove(&digest).unwrap_or_default() {
                 let mut outs = std::mem::take(&mut destinations[index]);
                 let chunk = &manifest.chunks[index];
-                scope.spawn(move |_| {
-                    if let Err(error) = decode_cached(cache, chunk, &mut outs)
-                        && let Ok(mut slot) = failure_slot.lock()
-                    {
-                        slot.get_or_insert(error);
+                scope.spawn(move |_| match decode_cached(cache, chunk, &mut outs) {
+                    Ok(()) => decoded(index),
+                    Err(error) => {
+                        if let Ok(mut slot) = failure_slot.lock() {
+                            slot.get_or_insert(error);
+                        }
                     }
                 });
             }

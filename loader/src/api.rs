@@ -1,18 +1,27 @@
 //! The local API: `POST /v1/load`, `POST /v1/release`, `POST /v1/prefetch`, `GET /v1/status`,
 //! `GET /metrics`. Errors are `{code, message}`.
+//!
+//! A load with `"stream": true` answers `200` with newline-delimited JSON events, each tagged by
+//! `event`: `layers` ([`LayersReady`]) as layers land, then `loaded` (the [`LoadResponse`]) or
+//! `error` (`{code, message}`).
 
 use std::sync::{Arc, OnceLock};
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{FromRequest, Request, State};
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use cartridge_schemas::api::ErrorBody;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::error::LoaderError;
 use crate::loader::{
-    LoadRequest, LoadResponse, Loader, Part, PrefetchRequest, ReleaseRequest, Status,
+    LayersReady, LoadRequest, LoadResponse, Loader, Part, PrefetchRequest, Progress,
+    ReleaseRequest, Status,
 };
 
 fn metrics_handle() -> &'static PrometheusHandle {
@@ -39,25 +48,75 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Body<T> {
     }
 }
 
-async fn load(
-    State(loader): State<Arc<Loader>>,
-    Body(request): Body<LoadRequest>,
-) -> Result<Json<LoadResponse>, LoaderError> {
+/// One line of a streamed load.
+#[derive(Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+enum LoadEvent {
+    Layers(LayersReady),
+    Loaded(LoadResponse),
+    Error(ErrorBody),
+}
+
+impl LoadEvent {
+    fn line(&self) -> String {
+        let mut line = serde_json::to_string(self).unwrap_or_default();
+        line.push('\n');
+        line
+    }
+}
+
+async fn load(State(loader): State<Arc<Loader>>, Body(request): Body<LoadRequest>) -> Response {
     // The load runs to completion on its own task even if the caller goes away (a cancelled
     // future would strand its reservations, pins and references); a handle nobody received is
     // released at once.
+    if request.stream {
+        let (lines, receiver) = tokio::sync::mpsc::unbounded_channel();
+        let progress: Progress = {
+            let lines = lines.clone();
+            Arc::new(move |ready: &LayersReady| {
+                let _ = lines.send(LoadEvent::Layers(ready.clone()).line());
+            })
+        };
+        tokio::spawn(async move {
+            let last = match loader.load(request, Some(progress)).await {
+                Ok(answer) => LoadEvent::Loaded(answer),
+                Err(error) => LoadEvent::Error(ErrorBody {
+                    code: error.code(),
+                    message: error.to_string(),
+                }),
+            };
+            if lines.send(last.line()).is_err()
+                && let LoadEvent::Loaded(unclaimed) = last
+            {
+                let _ = loader.release(unclaimed.handle);
+            }
+        });
+        let stream = futures::stream::unfold(receiver, |mut receiver| async move {
+            let line = receiver.recv().await?;
+            Some((Ok::<_, std::convert::Infallible>(line), receiver))
+        });
+        return (
+            [(header::CONTENT_TYPE, "application/x-ndjson")],
+            axum::body::Body::from_stream(stream),
+        )
+            .into_response();
+    }
     let (answer, answered) = tokio::sync::oneshot::channel();
     let worker = loader.clone();
     tokio::spawn(async move {
-        let result = worker.load(request).await;
+        let result = worker.load(request, None).await;
         if let Err(Ok(unclaimed)) = answer.send(result) {
             let _ = worker.release(unclaimed.handle);
         }
     });
     let result = answered
         .await
-        .map_err(|_| LoaderError::Internal("the load task ended without an answer".into()))?;
-    Ok(Json(result?))
+        .map_err(|_| LoaderError::Internal("the load task ended without an answer".into()))
+        .and_then(|result| result);
+    match result {
+        Ok(answer) => Json(answer).into_response(),
+        Err(error) => error.into_response(),
+    }
 }
 
 async fn release(

@@ -15,7 +15,7 @@ use std::time::Instant;
 
 use cartridge_client::{NoProgress, PullOptions, decode_arrivals, fetch_blobs};
 use cartridge_schemas::file::Header;
-use cartridge_schemas::manifest::ChunkDescriptor;
+use cartridge_schemas::manifest::{ChunkDescriptor, Manifest};
 use cartridge_schemas::{Digest, Dtype, ModelFingerprint, Reference};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -32,7 +32,25 @@ pub struct LoadRequest {
     pub model: ModelFingerprint,
     /// Cartridges in the order their tokens should come.
     pub cartridges: Vec<String>,
+    /// Answer as newline-delimited JSON events: [`LayersReady`] as a single cartridge's layers
+    /// land, so a consumer can start on the first layers, then the [`LoadResponse`].
+    #[serde(default)]
+    pub stream: bool,
 }
+
+/// The first `ready` of `layers` layers in the buffer at `path` hold their final bytes. Told
+/// while a single cartridge is decoded into a new buffer (a composition, or a cartridge already
+/// resident, is answered whole).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LayersReady {
+    pub path: PathBuf,
+    pub ready: u32,
+    pub layers: u32,
+}
+
+/// Told each time more leading layers of a load are ready; called from decoding threads, in
+/// order.
+pub type Progress = Arc<dyn Fn(&LayersReady) + Send + Sync>;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PrefetchRequest {
@@ -154,7 +172,11 @@ impl Loader {
             })
     }
 
-    pub async fn load(&self, request: LoadRequest) -> Result<LoadResponse, LoaderError> {
+    pub async fn load(
+        &self,
+        request: LoadRequest,
+        progress: Option<Progress>,
+    ) -> Result<LoadResponse, LoaderError> {
         let started = Instant::now();
         if request.cartridges.is_empty() {
             return Err(LoaderError::BadRequest("no cartridges to load".into()));
@@ -192,8 +214,9 @@ impl Loader {
         let mut tier = Tier::Device;
         let mut held = Vec::new();
         let mut result = Ok(());
+        let progress = progress.filter(|_| parts.len() == 1);
         for part in &parts {
-            match self.ensure_single(part).await {
+            match self.ensure_single(part, progress.clone()).await {
                 Ok(reached) => {
                     tier = tier.max(reached);
                     held.push(EntryKey::Single(part.digest));
@@ -337,7 +360,11 @@ impl Loader {
     }
 
     /// Makes one cartridge resident and takes a reference on it.
-    async fn ensure_single(&self, part: &Resolved) -> Result<Tier, LoaderError> {
+    async fn ensure_single(
+        &self,
+        part: &Resolved,
+        progress: Option<Progress>,
+    ) -> Result<Tier, LoaderError> {
         let key = EntryKey::Single(part.digest);
         if self.store().acquire(&key).is_some() {
             return Ok(Tier::Device);
@@ -350,7 +377,7 @@ impl Loader {
         }
         let bytes = part.manifest.cartridge.payload_bytes();
         self.store().reserve(bytes)?;
-        let loaded = self.fetch_and_decode(part).await;
+        let loaded = self.fetch_and_decode(part, progress).await;
         let outcome = {
             let mut store = self.store();
             match loaded {
@@ -371,14 +398,18 @@ impl Loader {
     /// Decodes a cartridge's chunks into a new buffer (payload layout: every layer's keys then
     /// values) as its blobs arrive from disk or from the registry. A blob on disk that fails to
     /// verify is dropped by the decoder; one more attempt fetches it again.
-    async fn fetch_and_decode(&self, part: &Resolved) -> Result<(HostBuffer, Tier), LoaderError> {
+    async fn fetch_and_decode(
+        &self,
+        part: &Resolved,
+        progress: Option<Progress>,
+    ) -> Result<(HostBuffer, Tier), LoaderError> {
         let digests: Vec<Digest> = part.manifest.blobs().iter().map(|b| b.digest).collect();
         self.disk.pin(&digests);
-        let mut outcome = self.fetch_and_decode_once(part).await;
+        let mut outcome = self.fetch_and_decode_once(part, progress.clone()).await;
         if matches!(outcome, Err(LoaderError::Corrupt(_))) {
             tracing::warn!(digest = %part.digest, "a cached blob failed verification; fetching it again");
             metrics::counter!("loader_corrupt_blobs_total").increment(1);
-            outcome = self.fetch_and_decode_once(part).await;
+            outcome = self.fetch_and_decode_once(part, progress).await;
         }
         self.disk.unpin(&digests);
         outcome
@@ -387,6 +418,7 @@ impl Loader {
     async fn fetch_and_decode_once(
         &self,
         part: &Resolved,
+        progress: Option<Progress>,
     ) -> Result<(HostBuffer, Tier), LoaderError> {
         let manifest = Arc::new(part.manifest.clone());
         let bytes = manifest.cartridge.payload_bytes() as usize;
@@ -413,13 +445,22 @@ impl Loader {
                     )
                     .collect()
                 };
-                decode_arrivals(&manifest, &cache, buffer.as_mut_slice(), &ranges, arrivals)
-                    .map_err(|e| match e {
-                        cartridge_client::ClientError::Codec(codec) => {
-                            LoaderError::Corrupt(codec.to_string())
-                        }
-                        other => LoaderError::Internal(other.to_string()),
-                    })?;
+                let frontier = Frontier::new(&manifest, buffer.path(), progress);
+                let decoded = |index| frontier.decoded(index);
+                decode_arrivals(
+                    &manifest,
+                    &cache,
+                    buffer.as_mut_slice(),
+                    &ranges,
+                    arrivals,
+                    &decoded,
+                )
+                .map_err(|e| match e {
+                    cartridge_client::ClientError::Codec(codec) => {
+                        LoaderError::Corrupt(codec.to_string())
+                    }
+                    other => LoaderError::Internal(other.to_string()),
+                })?;
                 Ok(buffer)
             })
         };
@@ -508,6 +549,50 @@ impl Loader {
         };
         self.land(&key);
         outcome
+    }
+}
+
+/// Follows which chunks of a decode are in place and tells [`Progress`] each time the run of
+/// complete leading layers grows.
+struct Frontier<'a> {
+    manifest: &'a Manifest,
+    path: PathBuf,
+    progress: Option<Progress>,
+    /// Per chunk, whether it is in place; and how many leading chunks are.
+    state: Mutex<(Vec<bool>, usize)>,
+}
+
+impl<'a> Frontier<'a> {
+    fn new(manifest: &'a Manifest, path: &std::path::Path, progress: Option<Progress>) -> Self {
+        Self {
+            manifest,
+            path: path.to_owned(),
+            progress,
+            state: Mutex::new((vec![false; manifest.chunks.len()], 0)),
+        }
+    }
+
+    fn decoded(&self, index: usize) {
+        let Some(progress) = &self.progress else {
+            return;
+        };
+        // Told under the lock, so the counts arrive in increasing order.
+        let Ok(mut state) = self.state.lock() else {
+            return;
+        };
+        let (done, leading) = &mut *state;
+        done[index] = true;
+        let before = *leading;
+        while *leading < done.len() && done[*leading] {
+            *leading += 1;
+        }
+        if *leading > before {
+            progress(&LayersReady {
+                path: self.path.clone(),
+                ready: self.manifest.chunks[*leading - 1].layers.end,
+                layers: self.manifest.cartridge.model.layers,
+            });
+        }
     }
 }
 

@@ -442,3 +442,81 @@ fn the_api_serves_on_a_unix_socket() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// A streamed load: its newline-delimited events, read to the end. HTTP/1.0, so the body ends
+/// when the connection closes.
+fn load_streamed(loader: &LoaderProcess, model: &Value, refs: &[&str]) -> (u16, Vec<Value>) {
+    use std::io::{Read, Write};
+    let address = loader.url.trim_start_matches("http://");
+    let mut stream = std::net::TcpStream::connect(address).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(120)))
+        .unwrap();
+    let body = json!({"model": model, "cartridges": refs, "stream": true}).to_string();
+    write!(
+        stream,
+        "POST /v1/load HTTP/1.0\r\nHost: {address}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    assert!(head.contains("application/x-ndjson"), "{head}");
+    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let events = body
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    (status, events)
+}
+
+#[test]
+fn a_streamed_load_tells_layers_as_they_land() {
+    let dir = tempfile::tempdir().unwrap();
+    // 128 KiB layers in 64 KiB chunks: one chunk per layer, four in all.
+    let (_registry, loader, model) = setup(dir.path(), 256, &[]);
+
+    let (status, events) = load_streamed(&loader, &model, &["team/a@v1"]);
+    assert_eq!(status, 200);
+    let (last, progress) = events.split_last().unwrap();
+    assert_eq!(last["event"], "loaded", "{last}");
+    assert_eq!(last["tier"], "registry");
+    assert!(!progress.is_empty(), "no layer events: {events:?}");
+    let mut ready = 0;
+    for event in progress {
+        assert_eq!(event["event"], "layers", "{event}");
+        assert_eq!(event["path"], last["path"]);
+        assert_eq!(event["layers"], 4);
+        let now = event["ready"].as_u64().unwrap();
+        assert!(now > ready, "ready went from {ready} to {now}");
+        ready = now;
+    }
+    assert_eq!(ready, 4, "the last event covers every layer");
+    assert_eq!(
+        shared_bytes(last),
+        payload(&dir.path().join("a.safetensors"))
+    );
+
+    // Resident already, or a composition: the answer comes whole.
+    let (_, events) = load_streamed(&loader, &model, &["team/a@v1"]);
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0]["tier"], "device");
+    let (_, events) = load_streamed(&loader, &model, &["team/a@v1", "team/b@v1"]);
+    assert_eq!(events.last().unwrap()["event"], "loaded");
+    assert_eq!(events.last().unwrap()["tokens"], 512);
+    assert!(events.iter().all(|e| e["event"] != "layers"), "{events:?}");
+
+    // A failure is the stream's one event.
+    let (status, events) = load_streamed(&loader, &model, &["team/nope@v1"]);
+    assert_eq!(status, 200);
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0]["event"], "error");
+    assert!(
+        events[0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("team/nope@v1"),
+        "{events:?}"
+    );
+}
