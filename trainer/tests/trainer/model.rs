@@ -301,6 +301,52 @@ fn prefix_gradients_match_finite_differences() {
 }
 
 #[test]
+fn half_precision_prefix_gradients_follow_single_precision_ones() {
+    // The GPU trains in bf16, through the fused kernels in half precision: its prefix gradient
+    // must point where the f32 one does.
+    let device = Device::Cpu;
+    let (kv, p, hd) = (2, 5, 8);
+    let start: Vec<Tensor> = (0..4)
+        .map(|_| Tensor::randn(0f32, 1.0, (kv, p, hd), &device).unwrap())
+        .collect();
+    let ids = [5u32, 9, 13, 2, 40, 41];
+    let weights = Tensor::randn(0f32, 1.0, (1, ids.len(), 64), &device).unwrap();
+    let gradient = |dtype: DType| -> Vec<f32> {
+        let model = Llama::random(tiny_config(), 7, &device, dtype).unwrap();
+        let vars: Vec<Var> = start
+            .iter()
+            .map(|t| Var::from_tensor(&t.to_dtype(dtype).unwrap()).unwrap())
+            .collect();
+        let prefix = Prefix {
+            keys: vars[..2].iter().map(|v| v.as_tensor().clone()).collect(),
+            values: vars[2..].iter().map(|v| v.as_tensor().clone()).collect(),
+        };
+        let grads = loss(&model, &prefix, &ids, &weights.to_dtype(dtype).unwrap())
+            .backward()
+            .unwrap();
+        vars.iter()
+            .flat_map(|v| {
+                grads
+                    .get(v)
+                    .expect("a gradient")
+                    .to_dtype(DType::F32)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+            })
+            .collect()
+    };
+    let (single, half) = (gradient(DType::F32), gradient(DType::BF16));
+    assert!(half.iter().all(|g| g.is_finite()));
+    let dot: f32 = single.iter().zip(&half).map(|(a, b)| a * b).sum();
+    let norm = |v: &[f32]| v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    let cosine = dot / (norm(&single) * norm(&half));
+    assert!(cosine > 0.99, "cosine {cosine}");
+}
+
+#[test]
 fn the_real_model_knows_the_capital_of_france() {
     let loaded = smollm2();
     let prompt = loaded
