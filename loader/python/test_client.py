@@ -30,6 +30,13 @@ def file_tensors(path):
 def main():
     loader = Loader(os.environ.get("LOADER_URL", "http://127.0.0.1:7071"), socket=os.environ.get("LOADER_SOCKET"))
     expected, header = file_tensors(os.environ["CARTRIDGE_FILE"])
+    # Streamed first, so a fresh loader reports layers as they land.
+    ready = []
+    handle = loader.load(header["model"], [os.environ["CARTRIDGE"]], on_layers=lambda n, of, path: ready.append((n, of, path)))
+    assert all(a[0] < b[0] for a, b in zip(ready, ready[1:])), ready
+    assert not ready or (ready[-1][0] == header["model"]["layers"] and ready[-1][2] == handle.answer["path"]), ready
+    print("streamed load:", len(ready), "layer events")
+    handle.release()
     handle = loader.load(header["model"], [os.environ["CARTRIDGE"]])
     assert handle.tokens == header["tokens"], (handle.tokens, header["tokens"])
     layers = handle.tensors()

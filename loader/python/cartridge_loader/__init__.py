@@ -19,7 +19,7 @@ import json
 import mmap
 import socket as socket_module
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 from urllib.parse import urlparse
 
 __all__ = ["Loader", "Handle", "LoaderError"]
@@ -54,11 +54,13 @@ class Loader:
         self._socket = socket
         self._timeout = timeout
 
-    def _request(self, method: str, path: str, body: Any = None) -> Any:
+    def _connection(self) -> http.client.HTTPConnection:
         if self._socket:
-            connection: http.client.HTTPConnection = _UnixConnection(self._socket, self._timeout)
-        else:
-            connection = http.client.HTTPConnection(self._url.hostname, self._url.port or 80, timeout=self._timeout)
+            return _UnixConnection(self._socket, self._timeout)
+        return http.client.HTTPConnection(self._url.hostname, self._url.port or 80, timeout=self._timeout)
+
+    def _request(self, method: str, path: str, body: Any = None) -> Any:
+        connection = self._connection()
         try:
             payload = None if body is None else json.dumps(body).encode()
             headers = {"Content-Type": "application/json"} if payload is not None else {}
@@ -73,10 +75,35 @@ class Loader:
             raise LoaderError(response.status, answer.get("code", "unknown"), answer.get("message", data.decode(errors="replace")))
         return answer
 
-    def load(self, model: dict, cartridges: list[str]) -> "Handle":
-        """Loads (and composes, in order) cartridges for the model with this fingerprint."""
-        answer = self._request("POST", "/v1/load", {"model": model, "cartridges": list(cartridges)})
-        return Handle(self, answer)
+    def load(self, model: dict, cartridges: list[str], on_layers: Callable[[int, int, str], None] | None = None) -> "Handle":
+        """Loads (and composes, in order) cartridges for the model with this fingerprint.
+
+        With ``on_layers``, the load streams: while a single cartridge is decoded into a new
+        buffer, ``on_layers(ready, layers, path)`` is called each time more leading layers of the
+        file at ``path`` hold their final bytes, so work on the first layers can start early.
+        """
+        body = {"model": model, "cartridges": list(cartridges)}
+        if on_layers is None:
+            return Handle(self, self._request("POST", "/v1/load", body))
+        connection = self._connection()
+        try:
+            connection.request("POST", "/v1/load", body=json.dumps(dict(body, stream=True)).encode(), headers={"Content-Type": "application/json"})
+            response = connection.getresponse()
+            if response.status >= 400:  # refused before streaming began (a malformed request)
+                answer = json.loads(response.read() or b"{}")
+                raise LoaderError(response.status, answer.get("code", "unknown"), answer.get("message", ""))
+            while line := response.readline():
+                event = json.loads(line)
+                kind = event.pop("event")
+                if kind == "layers":
+                    on_layers(event["ready"], event["layers"], event["path"])
+                elif kind == "loaded":
+                    return Handle(self, event)
+                else:
+                    raise LoaderError(200, event.get("code", "unknown"), event.get("message", ""))
+        finally:
+            connection.close()
+        raise LoaderError(200, "internal", "the stream ended without an answer")
 
     def release(self, handle: int) -> None:
         self._request("POST", "/v1/release", {"handle": handle})
