@@ -59,7 +59,10 @@ enum LoadEvent {
 
 impl LoadEvent {
     fn line(&self) -> String {
-        let mut line = serde_json::to_string(self).unwrap_or_default();
+        let mut line = serde_json::to_string(self).unwrap_or_else(|e| {
+            serde_json::json!({"event": "error", "code": "internal", "message": format!("answer unwritable: {e}")})
+                .to_string()
+        });
         line.push('\n');
         line
     }

@@ -32,8 +32,8 @@ impl HostBuffer {
             .create_new(true)
             .open(&path)?;
         file.set_len(len as u64)?;
-        // SAFETY: the file is new and private to this process until its path is handed out, and
-        // it is only ever written through this map; readers map it read-only.
+        // SAFETY: the file is new, and only ever written through this map; readers in other
+        // processes (which may map it while layers still land) map it read-only.
         #[allow(unsafe_code)]
         let map = unsafe { memmap2::MmapMut::map_mut(&file) }.inspect_err(|_| {
             let _ = std::fs::remove_file(&path);

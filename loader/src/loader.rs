@@ -40,7 +40,9 @@ pub struct LoadRequest {
 
 /// The first `ready` of `layers` layers in the buffer at `path` hold their final bytes. Told
 /// while a single cartridge is decoded into a new buffer (a composition, or a cartridge already
-/// resident, is answered whole).
+/// resident, is answered whole). Provisional until the load answers: if a cached blob fails
+/// verification the decode starts over in a new buffer (a new `path`, counting from the start),
+/// and a failed load removes its buffer.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LayersReady {
     pub path: PathBuf,

@@ -81,6 +81,8 @@ class Loader:
         With ``on_layers``, the load streams: while a single cartridge is decoded into a new
         buffer, ``on_layers(ready, layers, path)`` is called each time more leading layers of the
         file at ``path`` hold their final bytes, so work on the first layers can start early.
+        Events are provisional until the call returns: a new ``path`` means the decode started
+        over (a cached blob failed verification).
         """
         body = {"model": model, "cartridges": list(cartridges)}
         if on_layers is None:

@@ -28,6 +28,9 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> Result<Tensor> {
         // form is exact and carries its own gradient.
         return candle_nn::ops::rms_norm_slow(x, weight, eps);
     }
+    if weight.track_op() {
+        candle_core::bail!("rms_norm: the weight is frozen here and would get no gradient");
+    }
     let y = candle_nn::ops::rms_norm(x, weight, eps)?;
     if !x.track_op() {
         return Ok(y);
@@ -88,23 +91,27 @@ pub fn attention(
         return Ok(out);
     }
     let mask = mask.clone();
-    let backward = move |q: &Tensor, k: &Tensor, v: &Tensor, out: &Tensor, grad: &Tensor| {
+    let backward = move |q: &Tensor, k: &Tensor, v: &Tensor, _: &Tensor, grad: &Tensor| {
+        // Only what carries a gradient is computed: in training the queries of the first layer
+        // and every key and value of the input are constants; only the prefix is trained.
+        let wanted = (q.track_op(), k.track_op(), v.track_op());
         let (q, k, v, grad) = (q.detach(), k.detach(), v.detach(), grad.contiguous()?);
         let p = probabilities(&q, &k, &mask, group)?;
-        let dv = p.t()?.matmul(&grad)?;
-        let dp = grad.matmul(&v.t()?)?;
-        // Softmax backward: dS = P·(dP - rowsum(dP·P)), and rowsum(dP·P) = rowsum(dO·O).
+        let dv = wanted.2.then(|| p.t()?.matmul(&grad)).transpose()?;
+        if !(wanted.0 || wanted.1) {
+            return Ok((None, None, dv));
+        }
+        // Softmax backward, dS = P·(dP - rowsum(P·dP)), with the sums in f32 for half precision.
         let wide = accumulation_dtype(q.dtype());
-        let rows = grad
-            .to_dtype(wide)?
-            .mul(&out.to_dtype(wide)?)?
-            .sum_keepdim(D::Minus1)?;
+        let (p, dp) = (p.to_dtype(wide)?, grad.matmul(&v.t()?)?.to_dtype(wide)?);
+        let rows = p.mul(&dp)?.sum_keepdim(D::Minus1)?;
         let ds = p
-            .to_dtype(wide)?
-            .mul(&dp.to_dtype(wide)?.broadcast_sub(&rows)?)?
+            .mul(&dp.broadcast_sub(&rows)?)?
             .affine(scale(&q)?, 0.0)?
             .to_dtype(q.dtype())?;
-        Ok((ds.matmul(&k)?, ds.t()?.matmul(&q)?, dv))
+        let dq = wanted.0.then(|| ds.matmul(&k)).transpose()?;
+        let dk = wanted.1.then(|| ds.t()?.matmul(&q)).transpose()?;
+        Ok((dq, dk, dv))
     };
     q.apply_op3(k, v, Attached::new("attention", out, backward))
 }
@@ -226,7 +233,13 @@ where
 
 impl<B> CustomOp3 for Attached<B>
 where
-    B: Fn(&Tensor, &Tensor, &Tensor, &Tensor, &Tensor) -> Result<(Tensor, Tensor, Tensor)>
+    B: Fn(
+            &Tensor,
+            &Tensor,
+            &Tensor,
+            &Tensor,
+            &Tensor,
+        ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)>
         + Send
         + Sync,
 {
@@ -267,8 +280,7 @@ where
         result: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (da, db, dc) = (self.backward)(a, b, c, result, grad)?;
-        Ok((Some(da), Some(db), Some(dc)))
+        (self.backward)(a, b, c, result, grad)
     }
 }
 
