@@ -71,6 +71,10 @@ struct ServeArgs {
     /// to inference traffic.
     #[arg(long)]
     limit_rate: Option<ByteSize>,
+    /// How long a resolved reference is reused without asking the registry again: a moved tag
+    /// or a deleted version is seen within this time (0s: every load asks).
+    #[arg(long, default_value = "5s")]
+    resolve_ttl: humantime::Duration,
     /// Attempts after the first before a download from the registry gives up.
     #[arg(long, default_value_t = 6)]
     retries: usize,
@@ -102,7 +106,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
         base.join(format!("cartridge-loader-{}", std::process::id()))
     });
     let client = Client::new(&args.registry, args.token.clone())?;
-    let resolver = Resolver::new(client, &cache_dir)?;
+    let resolver = Resolver::new(client, &cache_dir, args.resolve_ttl.into())?;
     let disk = DiskCache::open(&cache_dir, args.disk_cap.as_u64())
         .with_context(|| format!("opening {}", cache_dir.display()))?;
     let options = LoaderOptions {

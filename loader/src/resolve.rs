@@ -1,8 +1,13 @@
 //! Resolving references, remembered on disk: every successful resolution is saved (the reference's
 //! manifest digest, and the manifest by its digest), so when the registry is down a cartridge that
-//! was seen before still resolves and whatever is cached keeps serving.
+//! was seen before still resolves and whatever is cached keeps serving. A resolution younger than
+//! the resolver's time-to-live is reused without asking the registry, so loads of resident
+//! cartridges take no round trip; a moved tag or deleted version is seen once it expires.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use cartridge_client::{Client, ClientError};
 use cartridge_schemas::api::ErrorCode;
@@ -15,6 +20,8 @@ use crate::error::LoaderError;
 pub struct Resolver {
     client: Client,
     dir: PathBuf,
+    ttl: Duration,
+    recent: Mutex<HashMap<String, (Instant, Resolved)>>,
 }
 
 /// A reference resolved to its manifest.
@@ -28,7 +35,8 @@ pub struct Resolved {
 }
 
 impl Resolver {
-    pub fn new(client: Client, dir: &Path) -> Result<Self, LoaderError> {
+    /// Resolutions are reused for `ttl` (zero: every load asks the registry).
+    pub fn new(client: Client, dir: &Path, ttl: Duration) -> Result<Self, LoaderError> {
         for sub in ["refs", "manifests"] {
             std::fs::create_dir_all(dir.join(sub))
                 .map_err(|e| LoaderError::Internal(format!("{}: {e}", dir.display())))?;
@@ -36,6 +44,8 @@ impl Resolver {
         Ok(Self {
             client,
             dir: dir.to_owned(),
+            ttl,
+            recent: Mutex::new(HashMap::new()),
         })
     }
 
@@ -54,6 +64,13 @@ impl Resolver {
     }
 
     pub async fn resolve(&self, reference: &Reference) -> Result<Resolved, LoaderError> {
+        let key = reference.to_string();
+        if let Ok(recent) = self.recent.lock()
+            && let Some((at, resolved)) = recent.get(&key)
+            && at.elapsed() < self.ttl
+        {
+            return Ok(resolved.clone());
+        }
         match self
             .client
             .resolve(&reference.repository, &reference.selector)
@@ -66,12 +83,19 @@ impl Resolver {
                     resolved.manifest.to_canonical_json(),
                 );
                 let _ = std::fs::write(self.ref_path(reference), resolved.digest.to_string());
-                Ok(Resolved {
+                let resolved = Resolved {
                     reference: reference.clone(),
                     digest: resolved.digest,
                     manifest: resolved.manifest,
                     from_memory: false,
-                })
+                };
+                if let Ok(mut recent) = self.recent.lock() {
+                    // Expired entries go as new ones come, so the map holds what is in use.
+                    let ttl = self.ttl;
+                    recent.retain(|_, (at, _)| at.elapsed() < ttl);
+                    recent.insert(key, (Instant::now(), resolved.clone()));
+                }
+                Ok(resolved)
             }
             Err(error) if error.code() == Some(ErrorCode::NotFound) => {
                 Err(LoaderError::UnknownReference(reference.to_string()))

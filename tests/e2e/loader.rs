@@ -520,3 +520,32 @@ fn a_streamed_load_tells_layers_as_they_land() {
         "{events:?}"
     );
 }
+
+#[test]
+fn a_moved_tag_is_seen_once_its_resolution_expires() {
+    let dir = tempfile::tempdir().unwrap();
+    let ttl = Duration::from_secs(3);
+    let (registry, loader, model) = setup(dir.path(), 16, &["--resolve-ttl", "3s"]);
+    let token = registry.token(&["team/*:push"]);
+    let cli = |args: &[&str]| registry.cartridge(dir.path(), &token, args).ok();
+    cli(&["push", "team/a@v2", "c.safetensors"]);
+    cli(&["tag", "team/a@v1", "stable"]);
+    let digest = |answer: &Value| answer["parts"][0]["digest"].as_str().unwrap().to_owned();
+    let (_, v1) = load(&loader, &model, &["team/a@v1"]);
+    let (_, v2) = load(&loader, &model, &["team/a@v2"]);
+    assert_ne!(digest(&v1), digest(&v2));
+
+    let resolved = std::time::Instant::now();
+    let (status, first) = load(&loader, &model, &["team/a@stable"]);
+    assert_eq!(status, 200, "{first}");
+    assert_eq!(digest(&first), digest(&v1));
+    cli(&["tag", "team/a@v2", "stable"]);
+    let (_, reused) = load(&loader, &model, &["team/a@stable"]);
+    // Within the time-to-live the loader answers from its resolution, without the registry.
+    if resolved.elapsed() < ttl {
+        assert_eq!(digest(&reused), digest(&v1));
+    }
+    std::thread::sleep(ttl.saturating_sub(resolved.elapsed()) + Duration::from_millis(200));
+    let (_, moved) = load(&loader, &model, &["team/a@stable"]);
+    assert_eq!(digest(&moved), digest(&v2), "the moved tag is seen");
+}
