@@ -120,3 +120,46 @@ pub fn write_results(path: &Path, mut result: serde_json::Value) -> Result<()> {
         .with_context(|| format!("writing {}", path.display()))?;
     Ok(())
 }
+
+/// A server process started by a benchmark, killed when dropped.
+pub struct Server(pub std::process::Child);
+
+impl Server {
+    /// Starts a server binary listening on a free port and returns it with the URL it printed
+    /// (`listening on URL`).
+    pub fn start(command: &mut std::process::Command) -> Result<(Self, String)> {
+        let mut child = command
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting {command:?}"))?;
+        let stdout = child.stdout.take().context("stdout")?;
+        let server = Self(child);
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line)?;
+        let url = line
+            .trim()
+            .strip_prefix("listening on ")
+            .context("no address printed")?
+            .to_owned();
+        Ok((server, url))
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A binary built beside the running benchmark (`cargo build --release --workspace --bins`).
+pub fn sibling(name: &str) -> Result<PathBuf> {
+    let path = std::env::current_exe()?.with_file_name(name);
+    anyhow::ensure!(
+        path.exists(),
+        "{} is missing: run `cargo build --release --workspace --bins`",
+        path.display()
+    );
+    Ok(path)
+}

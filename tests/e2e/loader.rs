@@ -6,7 +6,7 @@ use std::time::Duration;
 use cartridge_schemas::file::Cartridge;
 use serde_json::{Value, json};
 
-use crate::support::{LoaderProcess, Registry, http_json, random_cartridge};
+use crate::support::{LoaderProcess, Registry, exchange, http_json, random_cartridge};
 
 /// A cartridge file's payload: every layer's keys then values, as the loader lays them out.
 fn payload(path: &Path) -> Vec<u8> {
@@ -34,16 +34,7 @@ fn shared_bytes(response: &Value) -> Vec<u8> {
 }
 
 fn metric(loader: &LoaderProcess, name: &str) -> f64 {
-    use std::io::{Read, Write};
-    let address = loader.url.trim_start_matches("http://");
-    let mut stream = std::net::TcpStream::connect(address).unwrap();
-    write!(
-        stream,
-        "GET /metrics HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut text = String::new();
-    stream.read_to_string(&mut text).unwrap();
+    let text = exchange(&loader.url, "HTTP/1.1", "GET", "/metrics", &[], b"");
     text.lines()
         .filter(|line| line.starts_with(name))
         .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
@@ -446,21 +437,15 @@ fn the_api_serves_on_a_unix_socket() {
 /// A streamed load: its newline-delimited events, read to the end. HTTP/1.0, so the body ends
 /// when the connection closes.
 fn load_streamed(loader: &LoaderProcess, model: &Value, refs: &[&str]) -> (u16, Vec<Value>) {
-    use std::io::{Read, Write};
-    let address = loader.url.trim_start_matches("http://");
-    let mut stream = std::net::TcpStream::connect(address).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(120)))
-        .unwrap();
     let body = json!({"model": model, "cartridges": refs, "stream": true}).to_string();
-    write!(
-        stream,
-        "POST /v1/load HTTP/1.0\r\nHost: {address}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
+    let response = exchange(
+        &loader.url,
+        "HTTP/1.0",
+        "POST",
+        "/v1/load",
+        &[("Content-Type", "application/json")],
+        body.as_bytes(),
+    );
     let (head, body) = response.split_once("\r\n\r\n").unwrap();
     assert!(head.contains("application/x-ndjson"), "{head}");
     let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();

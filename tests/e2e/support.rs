@@ -284,17 +284,25 @@ pub fn random_cartridge(
     cartridge_schemas::file::write(path, new, &layer_data).expect("writing a test cartridge");
 }
 
-/// One raw HTTP/1.1 request (no client library, so nothing normalizes the path); the status.
-pub fn raw_http(url: &str, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> u16 {
+/// One raw request (no client library, so nothing normalizes the path or the body); the whole
+/// response as text. `version` `HTTP/1.0` asks for a body that ends with the connection, never
+/// chunked.
+pub fn exchange(
+    url: &str,
+    version: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> String {
     use std::io::{Read, Write};
     let address = url.trim_start_matches("http://");
-    let mut stream =
-        std::net::TcpStream::connect(address).expect("the registry accepts connections");
+    let mut stream = std::net::TcpStream::connect(address).expect("the server accepts connections");
     stream
-        .set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .set_read_timeout(Some(std::time::Duration::from_secs(120)))
         .unwrap();
     let mut request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        "{method} {path} {version}\r\nHost: {address}\r\nConnection: close\r\nContent-Length: {}\r\n",
         body.len()
     );
     for (name, value) in headers {
@@ -306,7 +314,12 @@ pub fn raw_http(url: &str, method: &str, path: &str, headers: &[(&str, &str)], b
     let _ = stream.write_all(body);
     let mut response = Vec::new();
     let _ = stream.read_to_end(&mut response);
-    let text = String::from_utf8_lossy(&response);
+    String::from_utf8_lossy(&response).into_owned()
+}
+
+/// One raw HTTP/1.1 request; the status.
+pub fn raw_http(url: &str, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> u16 {
+    let text = exchange(url, "HTTP/1.1", method, path, headers, body);
     text.split_whitespace()
         .nth(1)
         .and_then(|s| s.parse().ok())
@@ -331,22 +344,15 @@ pub fn http_json(
     path: &str,
     body: Option<&serde_json::Value>,
 ) -> (u16, serde_json::Value) {
-    use std::io::{Read, Write};
-    let address = url.trim_start_matches("http://");
-    let mut stream = std::net::TcpStream::connect(address).expect("the server accepts connections");
-    stream
-        .set_read_timeout(Some(std::time::Duration::from_secs(120)))
-        .unwrap();
     let payload = body.map(ToString::to_string).unwrap_or_default();
-    write!(
-        stream,
-        "{method} {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{payload}",
-        payload.len()
-    )
-    .unwrap();
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).unwrap();
-    let text = String::from_utf8_lossy(&response);
+    let text = exchange(
+        url,
+        "HTTP/1.1",
+        method,
+        path,
+        &[("Content-Type", "application/json")],
+        payload.as_bytes(),
+    );
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
     let status = head
         .split_whitespace()

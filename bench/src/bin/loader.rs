@@ -5,12 +5,14 @@
 //! Needs `cargo build --release --workspace --bins`. Writes bench/results/loader-cpu.json.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use bytesize::ByteSize;
-use cartridge_bench::{results_path, smollm2_shape, write_gaussian_cartridge, write_results};
+use cartridge_bench::{
+    Server, results_path, sibling, smollm2_shape, write_gaussian_cartridge, write_results,
+};
 use clap::Parser;
 use serde_json::{Value, json};
 
@@ -21,44 +23,6 @@ struct Args {
     size: ByteSize,
     #[arg(long)]
     output: Option<PathBuf>,
-}
-
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn sibling(name: &str) -> Result<PathBuf> {
-    let path = std::env::current_exe()?.with_file_name(name);
-    ensure!(
-        path.exists(),
-        "{} is missing: run `cargo build --release --workspace --bins`",
-        path.display()
-    );
-    Ok(path)
-}
-
-/// Starts a server binary and returns it with the URL it printed.
-fn start(command: &mut Command) -> Result<(Server, String)> {
-    let mut child = command
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .spawn()?;
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(child.stdout.take().context("stdout")?),
-        &mut line,
-    )?;
-    let url = line
-        .trim()
-        .strip_prefix("listening on ")
-        .context("no address printed")?
-        .to_owned();
-    Ok((Server(child), url))
 }
 
 /// An in-process HTTP client, so the figures hold the loader's time and not a process start.
@@ -148,7 +112,7 @@ fn gb_per_s(bytes: u64, time: Duration) -> f64 {
 }
 
 fn start_loader(dir: &Path, shm: &Path, registry: &str, token: &str) -> Result<(Server, String)> {
-    start(
+    Server::start(
         Command::new(sibling("cartridge-loader")?)
             .args([
                 "serve",
@@ -187,7 +151,7 @@ fn main() -> Result<()> {
     drop(target);
 
     let registry_bin = sibling("cartridge-registry")?;
-    let (_registry, registry) = start(
+    let (_registry, registry) = Server::start(
         Command::new(&registry_bin)
             .args(["serve", "--listen", "127.0.0.1:0", "--storage"])
             .arg(format!("file://{}", dir.join("store").display()))

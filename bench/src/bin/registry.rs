@@ -12,13 +12,13 @@
 //! Writes bench/results/registry.json.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use bytesize::ByteSize;
 use cartridge_bench::{
-    mb_per_s, results_path, smollm2_shape, write_gaussian_cartridge, write_results,
+    Server, mb_per_s, results_path, sibling, smollm2_shape, write_gaussian_cartridge, write_results,
 };
 use clap::Parser;
 use serde_json::json;
@@ -39,25 +39,6 @@ struct Args {
     duration: Duration,
     #[arg(long)]
     output: Option<PathBuf>,
-}
-
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn sibling(name: &str) -> Result<PathBuf> {
-    let path = std::env::current_exe()?.with_file_name(name);
-    ensure!(
-        path.exists(),
-        "{} is missing: run `cargo build --release --bins`",
-        path.display()
-    );
-    Ok(path)
 }
 
 fn run(command: &mut Command) -> Result<String> {
@@ -111,34 +92,19 @@ struct Ours {
 fn start_ours(dir: &Path) -> Result<Ours> {
     let registry = sibling("cartridge-registry")?;
     let keys = dir.join("keys.json");
-    let mut child = Command::new(&registry)
-        .args(["serve", "--listen", "127.0.0.1:0", "--storage"])
-        .arg(format!("file://{}", dir.join("store").display()))
-        .arg("--keys")
-        .arg(&keys)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .spawn()?;
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(child.stdout.take().context("stdout")?),
-        &mut line,
+    let (server, url) = Server::start(
+        Command::new(&registry)
+            .args(["serve", "--listen", "127.0.0.1:0", "--storage"])
+            .arg(format!("file://{}", dir.join("store").display()))
+            .arg("--keys")
+            .arg(&keys),
     )?;
-    let url = line
-        .trim()
-        .strip_prefix("listening on ")
-        .context("no address printed")?
-        .to_owned();
     let token = run(Command::new(&registry)
         .args(["token", "create", "--scope", "*:admin", "--keys"])
         .arg(&keys))?
     .trim()
     .to_owned();
-    Ok(Ours {
-        server: Server(child),
-        url,
-        token,
-    })
+    Ok(Ours { server, url, token })
 }
 
 fn cartridge(dir: &Path, ours: &Ours) -> Result<Command> {

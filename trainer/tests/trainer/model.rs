@@ -6,20 +6,7 @@ use cartridge_trainer::model::{
     Config, Context, GenerationRequest, Llama, Message, Prefix, Sampling, causal_mask, generate,
 };
 
-use crate::support::{smollm2, smollm2_path};
-
-fn max_difference(a: &Tensor, b: &Tensor) -> f32 {
-    a.sub(b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_dtype(DType::F32)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
+use crate::support::{max_difference, smollm2, smollm2_path};
 
 /// Last-position logits of one sequence, no prefix.
 fn last_logits(model: &Llama, ids: &[u32]) -> Tensor {

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
 use cartridge_schemas::paths::Paths;
 use cartridge_trainer::model::{Alias, LoadedModel, ModelSource};
 
@@ -24,4 +24,18 @@ pub fn smollm2() -> &'static LoadedModel {
             .load(&Device::Cpu, DType::F32)
             .expect("loading SmolLM2")
     })
+}
+
+/// The largest absolute difference between two tensors of one shape.
+pub fn max_difference(a: &Tensor, b: &Tensor) -> f32 {
+    a.sub(b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }

@@ -9,7 +9,7 @@ use cartridge_trainer::synthesis::{
     Conversation, SeedKind, SynthesisOptions, read_conversations, synthesize,
 };
 
-use crate::support::{smollm2, smollm2_path};
+use crate::support::{max_difference, smollm2, smollm2_path};
 
 /// A tiny random model that speaks SmolLM2's tokens (so its tokenizer and template apply).
 fn tiny_model() -> LoadedModel {
@@ -109,25 +109,9 @@ fn distillation_lowers_the_loss_and_keeps_the_frozen_token() {
     for layer in 0..2 {
         let frozen =
             |p: &cartridge_trainer::model::Prefix| p.keys[layer].i((.., 0..1, ..)).unwrap();
-        let difference = frozen(&trained)
-            .sub(&frozen(&start))
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let difference = max_difference(&frozen(&trained), &frozen(&start));
         assert_eq!(difference, 0.0, "the frozen token moved in layer {layer}");
-        let moved = trained.values[layer]
-            .sub(&start.values[layer])
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let moved = max_difference(&trained.values[layer], &start.values[layer]);
         assert!(moved > 0.0, "layer {layer} did not train");
     }
 }
@@ -154,15 +138,7 @@ fn a_resumed_run_continues_exactly() {
     assert_eq!(resumed.losses, straight.losses);
     let (a, b) = (resumed.prefix().unwrap(), straight.prefix().unwrap());
     for layer in 0..2 {
-        let difference = a.keys[layer]
-            .sub(&b.keys[layer])
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let difference = max_difference(&a.keys[layer], &b.keys[layer]);
         assert!(difference < 1e-6, "layer {layer} differs by {difference}");
     }
     let mut other = options(4);
