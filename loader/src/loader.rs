@@ -8,23 +8,20 @@
 //! concatenated, per layer along the token axis, into one buffer.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use cartridge_client::{NoProgress, PullOptions, decode_arrivals, fetch_blobs};
+use cartridge_client::{NoProgress, PullOptions, fetch_blobs};
 use cartridge_schemas::file::Header;
-use cartridge_schemas::manifest::{ChunkDescriptor, Manifest};
 use cartridge_schemas::{Digest, Dtype, ModelFingerprint, Reference};
-use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::buffer::HostBuffer;
+use crate::device::{Buffer, Device, Location};
 use crate::disk::{DiskCache, DiskUsage};
 use crate::error::LoaderError;
 use crate::resolve::{Resolved, Resolver, client_error};
-use crate::store::{EntryKey, Store, StoreStatus};
+use crate::store::{EntryKey, Resident, Store, StoreStatus};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LoadRequest {
@@ -38,14 +35,15 @@ pub struct LoadRequest {
     pub stream: bool,
 }
 
-/// The first `ready` of `layers` layers in the buffer at `path` hold their final bytes. Told
-/// while a single cartridge is decoded into a new buffer (a composition, or a cartridge already
+/// The first `ready` of `layers` layers in the buffer at `location` hold their final bytes (on a
+/// GPU: their copies are done). Told while a single cartridge is decoded into a new buffer (a composition, or a cartridge already
 /// resident, is answered whole). Provisional until the load answers: if a cached blob fails
-/// verification the decode starts over in a new buffer (a new `path`, counting from the start),
+/// verification the decode starts over in a new buffer (a new location, counting from the start),
 /// and a failed load removes its buffer.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LayersReady {
-    pub path: PathBuf,
+    #[serde(flatten)]
+    pub location: Location,
     pub ready: u32,
     pub layers: u32,
 }
@@ -88,18 +86,24 @@ pub struct LoadResponse {
     pub head_dim: u32,
     pub dtype: Dtype,
     pub parts: Vec<Part>,
-    /// The slowest tier the load reached: `device`, `disk` or `registry`.
+    /// The slowest tier the load reached: `device`, `host`, `disk` or `registry`.
     pub tier: String,
-    /// The shared-memory file holding the keys and values; each tensor is
-    /// `[kv_heads, tokens, head_dim]` at the byte offsets of `layout`.
-    pub path: PathBuf,
+    /// Where the keys and values are (`path`: a shared-memory file; `cuda`: GPU memory by IPC
+    /// handle); each tensor is `[kv_heads, tokens, head_dim]` at the byte offsets of `layout`.
+    #[serde(flatten)]
+    pub location: Location,
     pub bytes: u64,
     pub layout: Vec<LayerSpan>,
 }
 
 #[derive(Debug, Serialize)]
 pub struct Status {
+    /// What the device tier is: host memory, or which GPU.
+    pub memory: String,
     pub device: StoreStatus,
+    /// Decoded cartridges kept in page-locked host memory (on a GPU).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host: Option<StoreStatus>,
     pub disk: DiskUsage,
     pub handles: usize,
 }
@@ -108,6 +112,7 @@ pub struct Status {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Tier {
     Device,
+    Host,
     Disk,
     Registry,
 }
@@ -116,22 +121,22 @@ impl Tier {
     fn name(self) -> &'static str {
         match self {
             Self::Device => "device",
+            Self::Host => "host",
             Self::Disk => "disk",
             Self::Registry => "registry",
         }
     }
 }
 
-#[derive(Debug, Clone)]
 pub struct LoaderOptions {
-    pub shm_dir: PathBuf,
+    pub device: Arc<Device>,
     pub transfers: PullOptions,
 }
 
 pub struct Loader {
     resolver: Resolver,
     disk: DiskCache,
-    store: Mutex<Store>,
+    store: Mutex<Store<Buffer>>,
     options: LoaderOptions,
     handles: Mutex<HashMap<u64, EntryKey>>,
     next_handle: AtomicU64,
@@ -140,26 +145,19 @@ pub struct Loader {
 }
 
 impl Loader {
-    pub fn new(
-        resolver: Resolver,
-        disk: DiskCache,
-        budget: u64,
-        options: LoaderOptions,
-    ) -> Result<Self, LoaderError> {
-        std::fs::create_dir_all(&options.shm_dir)
-            .map_err(|e| LoaderError::Internal(format!("{}: {e}", options.shm_dir.display())))?;
-        Ok(Self {
+    pub fn new(resolver: Resolver, disk: DiskCache, budget: u64, options: LoaderOptions) -> Self {
+        Self {
             resolver,
             disk,
-            store: Mutex::new(Store::new(budget)),
+            store: Mutex::new(Store::new("device", budget)),
             options,
             handles: Mutex::new(HashMap::new()),
             next_handle: AtomicU64::new(1),
             flights: Mutex::new(HashMap::new()),
-        })
+        }
     }
 
-    fn store(&self) -> std::sync::MutexGuard<'_, Store> {
+    fn store(&self) -> std::sync::MutexGuard<'_, Store<Buffer>> {
         // A panic while holding the lock leaves plain bookkeeping, still consistent enough to use.
         self.store
             .lock()
@@ -273,8 +271,8 @@ impl Loader {
                 })
                 .collect(),
             tier: tier.name().to_owned(),
-            path: buffer.path().to_owned(),
-            bytes: buffer.len() as u64,
+            location: buffer.location(),
+            bytes: buffer.bytes() as u64,
             layout: (0..u64::from(header.model.layers))
                 .map(|l| LayerSpan {
                     keys: l * 2 * tensor,
@@ -333,7 +331,9 @@ impl Loader {
     pub fn status(&self) -> Status {
         let handles = self.handles.lock().map(|h| h.len()).unwrap_or(0);
         Status {
+            memory: self.options.device.describe(),
             device: self.store().status(),
+            host: self.options.device.host_tier(),
             disk: self.disk.usage(),
             handles,
         }
@@ -379,7 +379,7 @@ impl Loader {
         }
         let bytes = part.manifest.cartridge.payload_bytes();
         self.store().reserve(bytes)?;
-        let loaded = self.fetch_and_decode(part, progress).await;
+        let loaded = self.make_resident(part, progress).await;
         let outcome = {
             let mut store = self.store();
             match loaded {
@@ -397,14 +397,32 @@ impl Loader {
         outcome
     }
 
-    /// Decodes a cartridge's chunks into a new buffer (payload layout: every layer's keys then
-    /// values) as its blobs arrive from disk or from the registry. A blob on disk that fails to
-    /// verify is dropped by the decoder; one more attempt fetches it again.
+    /// A new buffer holding the cartridge: copied from the host tier (on a GPU), or decoded
+    /// from its blobs.
+    async fn make_resident(
+        &self,
+        part: &Resolved,
+        progress: Option<Progress>,
+    ) -> Result<(Buffer, Tier), LoaderError> {
+        let device = self.options.device.clone();
+        let digest = part.digest;
+        match tokio::task::spawn_blocking(move || device.restage(digest))
+            .await
+            .map_err(|e| LoaderError::Internal(format!("copying to the device: {e}")))?
+        {
+            Some(restaged) => restaged.map(|buffer| (buffer, Tier::Host)),
+            None => self.fetch_and_decode(part, progress).await,
+        }
+    }
+
+    /// Decodes a cartridge's chunks into a new buffer as its blobs arrive from disk or from the
+    /// registry. A blob on disk that fails to verify is dropped by the decoder; one more attempt
+    /// fetches it again.
     async fn fetch_and_decode(
         &self,
         part: &Resolved,
         progress: Option<Progress>,
-    ) -> Result<(HostBuffer, Tier), LoaderError> {
+    ) -> Result<(Buffer, Tier), LoaderError> {
         let digests: Vec<Digest> = part.manifest.blobs().iter().map(|b| b.digest).collect();
         self.disk.pin(&digests);
         let mut outcome = self.fetch_and_decode_once(part, progress.clone()).await;
@@ -421,49 +439,19 @@ impl Loader {
         &self,
         part: &Resolved,
         progress: Option<Progress>,
-    ) -> Result<(HostBuffer, Tier), LoaderError> {
+    ) -> Result<(Buffer, Tier), LoaderError> {
         let manifest = Arc::new(part.manifest.clone());
-        let bytes = manifest.cartridge.payload_bytes() as usize;
+        let bytes = manifest.cartridge.payload_bytes();
         let (ready, arrivals) = std::sync::mpsc::channel();
         let decoder = {
-            let (manifest, cache, dir) = (
+            let (manifest, cache, device, digest) = (
                 manifest.clone(),
                 self.disk.cache().clone(),
-                self.options.shm_dir.clone(),
+                self.options.device.clone(),
+                part.digest,
             );
-            tokio::task::spawn_blocking(move || -> Result<HostBuffer, LoaderError> {
-                let mut buffer = HostBuffer::create(&dir, bytes).map_err(|e| {
-                    LoaderError::OutOfMemory(format!(
-                        "allocating {bytes} bytes in {}: {e}",
-                        dir.display()
-                    ))
-                })?;
-                let layer_bytes = manifest.cartridge.layer_bytes() as usize;
-                let ranges = |chunk: &ChunkDescriptor| {
-                    // One contiguous range: a chunk's layers are adjacent in the payload.
-                    std::iter::once(
-                        chunk.layers.start as usize * layer_bytes
-                            ..chunk.layers.end as usize * layer_bytes,
-                    )
-                    .collect()
-                };
-                let frontier = Frontier::new(&manifest, buffer.path(), progress);
-                let decoded = |index| frontier.decoded(index);
-                decode_arrivals(
-                    &manifest,
-                    &cache,
-                    buffer.as_mut_slice(),
-                    &ranges,
-                    arrivals,
-                    &decoded,
-                )
-                .map_err(|e| match e {
-                    cartridge_client::ClientError::Codec(codec) => {
-                        LoaderError::Corrupt(codec.to_string())
-                    }
-                    other => LoaderError::Internal(other.to_string()),
-                })?;
-                Ok(buffer)
+            tokio::task::spawn_blocking(move || {
+                device.decode(&manifest, digest, &cache, arrivals, progress)
             })
         };
         let fetched = fetch_blobs(
@@ -491,7 +479,7 @@ impl Loader {
             metrics::counter!("loader_fetches_total").increment(1);
             metrics::counter!("loader_fetched_bytes_total").increment(fetched.downloaded_bytes);
         }
-        metrics::counter!("loader_decoded_bytes_total").increment(bytes as u64);
+        metrics::counter!("loader_decoded_bytes_total").increment(bytes);
         Ok((buffer, tier))
     }
 
@@ -522,10 +510,10 @@ impl Loader {
                 .collect()
         };
         let composed = if sources.len() == parts.len() {
-            let dir = self.options.shm_dir.clone();
+            let device = self.options.device.clone();
             let layout = header.clone();
             let inputs = sources.clone();
-            tokio::task::spawn_blocking(move || compose(&dir, &layout, &inputs))
+            tokio::task::spawn_blocking(move || device.compose(&layout, &inputs))
                 .await
                 .map_err(|e| LoaderError::Internal(format!("composing: {e}")))?
         } else {
@@ -552,78 +540,4 @@ impl Loader {
         self.land(&key);
         outcome
     }
-}
-
-/// Follows which chunks of a decode are in place and tells [`Progress`] each time the run of
-/// complete leading layers grows.
-struct Frontier<'a> {
-    manifest: &'a Manifest,
-    path: PathBuf,
-    progress: Option<Progress>,
-    /// Per chunk, whether it is in place; and how many leading chunks are.
-    state: Mutex<(Vec<bool>, usize)>,
-}
-
-impl<'a> Frontier<'a> {
-    fn new(manifest: &'a Manifest, path: &std::path::Path, progress: Option<Progress>) -> Self {
-        Self {
-            manifest,
-            path: path.to_owned(),
-            progress,
-            state: Mutex::new((vec![false; manifest.chunks.len()], 0)),
-        }
-    }
-
-    fn decoded(&self, index: usize) {
-        let Some(progress) = &self.progress else {
-            return;
-        };
-        // Told under the lock, so the counts arrive in increasing order.
-        let Ok(mut state) = self.state.lock() else {
-            return;
-        };
-        let (done, leading) = &mut *state;
-        done[index] = true;
-        let before = *leading;
-        while *leading < done.len() && done[*leading] {
-            *leading += 1;
-        }
-        if *leading > before {
-            progress(&LayersReady {
-                path: self.path.clone(),
-                ready: self.manifest.chunks[*leading - 1].layers.end,
-                layers: self.manifest.cartridge.model.layers,
-            });
-        }
-    }
-}
-
-/// Concatenates cartridges (payload layout) along the token axis into a new buffer.
-fn compose(
-    dir: &std::path::Path,
-    header: &Header,
-    parts: &[(Arc<HostBuffer>, Header)],
-) -> Result<HostBuffer, LoaderError> {
-    let bytes = header.payload_bytes() as usize;
-    let mut buffer = HostBuffer::create(dir, bytes)
-        .map_err(|e| LoaderError::OutOfMemory(format!("allocating {bytes} bytes: {e}")))?;
-    let heads = header.model.kv_heads as usize;
-    // Each output tensor (a layer's keys or values) is filled on its own core.
-    buffer
-        .as_mut_slice()
-        .par_chunks_mut(header.tensor_bytes())
-        .enumerate()
-        .for_each(|(tensor, out)| {
-            let mut offset = 0;
-            for head in 0..heads {
-                for (source, part) in parts {
-                    let per_head = part.tensor_bytes() / heads;
-                    let start = tensor * part.tensor_bytes() + head * per_head;
-                    out[offset..offset + per_head]
-                        .copy_from_slice(&source.as_slice()[start..start + per_head]);
-                    offset += per_head;
-                }
-            }
-        });
-    Ok(buffer)
 }

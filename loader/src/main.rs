@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use bytesize::ByteSize;
 use cartridge_client::{Client, PullOptions};
+use cartridge_loader::device::Device;
 use cartridge_loader::disk::DiskCache;
 use cartridge_loader::resolve::Resolver;
 use cartridge_loader::{Loader, LoaderOptions, api};
@@ -29,7 +30,40 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Serve the loader API until Ctrl-C or SIGTERM.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
+    /// Measure this machine's copy bandwidths into and within a GPU (JSON on stdout): the
+    /// ceilings of the loader's own copies.
+    Bandwidth {
+        /// The GPU: `cuda` or `cuda:N`.
+        #[arg(long, default_value = "cuda")]
+        device: DeviceArg,
+        /// Bytes per copy.
+        #[arg(long, default_value = "256MiB")]
+        size: ByteSize,
+    },
+}
+
+/// `host`, `cuda` or `cuda:N`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DeviceArg {
+    Host,
+    Cuda(usize),
+}
+
+impl std::str::FromStr for DeviceArg {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text {
+            "host" => Ok(Self::Host),
+            "cuda" => Ok(Self::Cuda(0)),
+            _ => text
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(Self::Cuda)
+                .ok_or_else(|| format!("`{text}` is not host, cuda or cuda:N")),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -52,10 +86,18 @@ struct ServeArgs {
     /// Size cap of the disk tier.
     #[arg(long, default_value = "20GiB")]
     disk_cap: ByteSize,
-    /// Byte budget of the device tier (GPU memory; host memory without CUDA).
+    /// Where resident keys and values live: `cuda` / `cuda:N` (a GPU, handed out by CUDA IPC
+    /// handle) or `host` (shared-memory files).
+    #[arg(long, default_value = "host")]
+    device: DeviceArg,
+    /// Byte budget of the device tier (GPU memory, or host memory with `--device host`).
     #[arg(long, default_value = "8GiB")]
     gpu_budget: ByteSize,
-    /// Where host-memory buffers live as files other processes can map.
+    /// Byte budget of the host tier in front of a GPU: decoded cartridges kept in page-locked
+    /// memory, so one evicted from the GPU comes back by a single copy.
+    #[arg(long, default_value = "16GiB")]
+    host_budget: ByteSize,
+    /// With `--device host`: where buffers live as files other processes can map.
     #[arg(long)]
     shm_dir: Option<PathBuf>,
     /// Address to listen on (loopback by default; port 0 picks a free one, printed).
@@ -109,8 +151,15 @@ async fn serve(args: ServeArgs) -> Result<()> {
     let resolver = Resolver::new(client, &cache_dir, args.resolve_ttl.into())?;
     let disk = DiskCache::open(&cache_dir, args.disk_cap.as_u64())
         .with_context(|| format!("opening {}", cache_dir.display()))?;
+    let device = match args.device {
+        DeviceArg::Host => Device::host(&shm_dir)?,
+        DeviceArg::Cuda(ordinal) => {
+            Device::cuda(ordinal, args.host_budget.as_u64()).map_err(anyhow::Error::msg)?
+        }
+    };
+    tracing::info!(device = %device.describe(), "device tier");
     let options = LoaderOptions {
-        shm_dir: shm_dir.clone(),
+        device: Arc::new(device),
         transfers: PullOptions {
             jobs: args.jobs,
             stall_timeout: Duration::from_secs(30),
@@ -125,7 +174,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
         disk,
         args.gpu_budget.as_u64(),
         options,
-    )?);
+    ));
     let router = api::router(loader);
     let shutdown = async {
         let interrupt = tokio::signal::ctrl_c();
@@ -163,6 +212,22 @@ async fn serve(args: ServeArgs) -> Result<()> {
     Ok(())
 }
 
+fn bandwidth(device: DeviceArg, size: ByteSize) -> Result<()> {
+    let DeviceArg::Cuda(ordinal) = device else {
+        anyhow::bail!("bandwidth measures a GPU: --device cuda or cuda:N");
+    };
+    let (name, host, device) =
+        Device::gpu_bandwidth(ordinal, size.as_u64() as usize).map_err(anyhow::Error::msg)?;
+    let report = serde_json::json!({
+        "device": name,
+        "bytes": size.as_u64(),
+        "pinned_host_to_device_gb_per_s": host / 1e9,
+        "device_to_device_gb_per_s": device / 1e9,
+    });
+    println!("{report}");
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = tokio::runtime::Runtime::new()
@@ -170,7 +235,8 @@ fn main() -> ExitCode {
         .and_then(|runtime| {
             runtime.block_on(async {
                 match cli.command {
-                    Command::Serve(args) => serve(args).await,
+                    Command::Serve(args) => serve(*args).await,
+                    Command::Bandwidth { device, size } => bandwidth(device, size),
                 }
             })
         });

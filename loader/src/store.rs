@@ -1,5 +1,5 @@
-//! The device tier: decoded cartridges (and compositions) resident in memory under a byte budget.
-//! Entries in use by a handle are never evicted; the least recently used unused ones go first
+//! A tier of decoded cartridges (and compositions) resident in memory under a byte budget: the
+//! device tier, and on a GPU also the host tier. Entries in use are never evicted; the least recently used unused ones go first
 //! when room is needed; a request that cannot fit even then is refused, never overrun.
 
 use std::collections::HashMap;
@@ -10,7 +10,6 @@ use cartridge_schemas::Digest;
 use cartridge_schemas::file::Header;
 use serde::Serialize;
 
-use crate::buffer::HostBuffer;
 use crate::error::LoaderError;
 
 /// What a resident entry holds: one cartridge, or several composed in order.
@@ -37,11 +36,18 @@ impl std::fmt::Display for EntryKey {
     }
 }
 
+/// Memory a tier holds.
+pub trait Resident {
+    fn bytes(&self) -> usize;
+    /// Where it is, for the status.
+    fn describe(&self) -> String;
+}
+
 #[derive(Debug)]
-pub struct Entry {
-    pub buffer: Arc<HostBuffer>,
+struct Entry<B> {
+    buffer: Arc<B>,
     /// The (composed) cartridge's header: model, dtype, tokens.
-    pub header: Header,
+    header: Header,
     refs: usize,
     used: Instant,
 }
@@ -52,7 +58,7 @@ pub struct EntryStatus {
     pub bytes: u64,
     pub tokens: u64,
     pub refs: usize,
-    pub path: String,
+    pub location: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -64,16 +70,19 @@ pub struct StoreStatus {
 }
 
 #[derive(Debug)]
-pub struct Store {
+pub struct Store<B> {
+    /// The tier's name in metrics.
+    tier: &'static str,
     budget: u64,
     /// Resident bytes plus reservations of loads in progress.
     used: u64,
-    entries: HashMap<EntryKey, Entry>,
+    entries: HashMap<EntryKey, Entry<B>>,
 }
 
-impl Store {
-    pub fn new(budget: u64) -> Self {
+impl<B: Resident> Store<B> {
+    pub fn new(tier: &'static str, budget: u64) -> Self {
         Self {
+            tier,
             budget,
             used: 0,
             entries: HashMap::new(),
@@ -81,7 +90,7 @@ impl Store {
     }
 
     /// Takes a reference on a resident entry.
-    pub fn acquire(&mut self, key: &EntryKey) -> Option<(Arc<HostBuffer>, Header)> {
+    pub fn acquire(&mut self, key: &EntryKey) -> Option<(Arc<B>, Header)> {
         let entry = self.entries.get_mut(key)?;
         entry.refs += 1;
         entry.used = Instant::now();
@@ -107,7 +116,7 @@ impl Store {
             .entries
             .values()
             .filter(|e| e.refs == 0)
-            .map(|e| e.buffer.len() as u64)
+            .map(|e| e.buffer.bytes() as u64)
             .sum();
         if self.used + bytes > self.budget + evictable {
             return Err(LoaderError::OutOfMemory(format!(
@@ -127,8 +136,8 @@ impl Store {
                 break;
             };
             if let Some(entry) = self.entries.remove(&key) {
-                self.used -= entry.buffer.len() as u64;
-                metrics::counter!("loader_evictions_total", "tier" => "device").increment(1);
+                self.used -= entry.buffer.bytes() as u64;
+                metrics::counter!("loader_evictions_total", "tier" => self.tier).increment(1);
                 tracing::debug!(%key, "evicted");
             }
         }
@@ -142,7 +151,7 @@ impl Store {
     }
 
     /// Makes a reserved load resident, holding one reference for the caller.
-    pub fn insert(&mut self, key: EntryKey, buffer: HostBuffer, header: Header) -> Arc<HostBuffer> {
+    pub fn insert(&mut self, key: EntryKey, buffer: B, header: Header) -> Arc<B> {
         let buffer = Arc::new(buffer);
         self.entries.insert(
             key,
@@ -162,10 +171,10 @@ impl Store {
             .iter()
             .map(|(key, entry)| EntryStatus {
                 key: key.to_string(),
-                bytes: entry.buffer.len() as u64,
+                bytes: entry.buffer.bytes() as u64,
                 tokens: entry.header.tokens,
                 refs: entry.refs,
-                path: entry.buffer.path().display().to_string(),
+                location: entry.buffer.describe(),
             })
             .collect();
         entries.sort_by(|a, b| a.key.cmp(&b.key));

@@ -534,3 +534,59 @@ fn a_moved_tag_is_seen_once_its_resolution_expires() {
     let (_, moved) = load(&loader, &model, &["team/a@stable"]);
     assert_eq!(digest(&moved), digest(&v2), "the moved tag is seen");
 }
+
+/// `--device cuda` on a machine without a usable GPU is refused at start-up with the cause and
+/// the way out; where there is a GPU, loads answer with a CUDA IPC handle instead of a file.
+#[test]
+fn a_gpu_device_is_used_or_refused_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let loader = crate::support::workspace_binary("cartridge-loader");
+    let bad = std::process::Command::new(&loader)
+        .args([
+            "serve",
+            "--registry",
+            "http://127.0.0.1:9",
+            "--device",
+            "gpu0",
+        ])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("`gpu0` is not host, cuda or cuda:N"),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
+    let probe = std::process::Command::new(&loader)
+        .args(["bandwidth", "--size", "1MiB"])
+        .output()
+        .unwrap();
+    if !probe.status.success() {
+        let refused = std::process::Command::new(&loader)
+            .args([
+                "serve",
+                "--registry",
+                "http://127.0.0.1:9",
+                "--device",
+                "cuda",
+            ])
+            .arg("--cache-dir")
+            .arg(dir.path().join("cache"))
+            .output()
+            .unwrap();
+        assert!(!refused.status.success());
+        let message = String::from_utf8_lossy(&refused.stderr);
+        assert!(
+            message.contains("cuda:0 cannot be used") && message.contains("--device host"),
+            "{message}"
+        );
+        return;
+    }
+    let report: Value = serde_json::from_slice(&probe.stdout).unwrap();
+    assert!(report["pinned_host_to_device_gb_per_s"].as_f64().unwrap() > 0.0);
+    let (_registry, loader, model) = setup(dir.path(), 64, &["--device", "cuda"]);
+    let (status, answer) = load(&loader, &model, &["team/a@v1", "team/b@v1"]);
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["cuda"]["ipc_handle"].as_str().unwrap().len(), 128);
+    assert!(answer.get("path").is_none());
+}

@@ -1,0 +1,393 @@
+//! GPU memory through the CUDA driver API.
+//!
+//! The driver is loaded when a GPU is first asked for (cudarc's dynamic loading), so the loader
+//! builds without a CUDA toolkit and starts on machines without a driver. Device buffers come
+//! from `cuMemAlloc`, not the stream-ordered pool, because only such allocations can be exported
+//! by CUDA IPC handle to another process on the node. Copies run on one stream of their own, in
+//! the order they are enqueued, from page-locked host buffers.
+
+#![allow(unsafe_code)]
+
+use std::ffi::c_void;
+use std::ops::Range;
+use std::sync::Arc;
+
+use cudarc::driver::{CudaContext, CudaStream, DriverError, result, sys};
+
+use crate::device::CudaLocation;
+use crate::error::LoaderError;
+
+fn failed(what: &'static str) -> impl Fn(DriverError) -> LoaderError {
+    move |error| LoaderError::Internal(format!("CUDA {what}: {error}"))
+}
+
+pub struct Gpu {
+    context: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    name: String,
+    uuid: String,
+}
+
+impl Gpu {
+    /// The GPU with this ordinal, or why it cannot be used.
+    pub fn open(ordinal: usize) -> Result<Self, String> {
+        let unusable = |cause: String| {
+            format!("cuda:{ordinal} cannot be used: {cause}; serve with --device host")
+        };
+        // SAFETY: only tries to load the driver library.
+        if !unsafe { sys::is_culib_present() } {
+            return Err(unusable(
+                "no CUDA driver on this machine (libcuda.so.1 could not be loaded)".into(),
+            ));
+        }
+        let count = CudaContext::device_count().map_err(|e| unusable(e.to_string()))?;
+        if ordinal >= count.max(0) as usize {
+            return Err(unusable(format!("this machine has {count} GPU(s)")));
+        }
+        let context = CudaContext::new(ordinal).map_err(|e| unusable(e.to_string()))?;
+        let stream = context
+            .new_stream()
+            .map_err(|e| unusable(format!("creating a stream: {e}")))?;
+        let name = context.name().unwrap_or_else(|_| "unknown GPU".into());
+        let uuid = context
+            .uuid()
+            .map(|uuid| format_uuid(&uuid.bytes.map(|b| b as u8)))
+            .map_err(|e| unusable(format!("reading its UUID: {e}")))?;
+        Ok(Self {
+            context,
+            stream,
+            name,
+            uuid,
+        })
+    }
+
+    pub fn ordinal(&self) -> usize {
+        self.context.ordinal()
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn uuid(&self) -> &str {
+        &self.uuid
+    }
+
+    fn bind(&self) -> Result<(), LoaderError> {
+        self.context
+            .bind_to_thread()
+            .map_err(failed("binding the context"))
+    }
+
+    /// `len` (> 0) bytes of device memory, contents unset.
+    pub fn alloc(&self, len: usize) -> Result<DeviceBuffer, LoaderError> {
+        self.bind()?;
+        // SAFETY: the allocation is owned (and freed) by the returned buffer; every byte is
+        // written by the load or composition that made it before it is handed out.
+        let ptr = unsafe { result::malloc_sync(len) }.map_err(|e| {
+            LoaderError::OutOfMemory(format!(
+                "allocating {len} bytes on cuda:{}: {e}",
+                self.ordinal()
+            ))
+        })?;
+        let mut buffer = DeviceBuffer {
+            ptr,
+            len,
+            context: self.context.clone(),
+            location: CudaLocation {
+                device: self.ordinal() as u32,
+                uuid: self.uuid.clone(),
+                ipc_handle: String::new(),
+            },
+        };
+        let mut handle = std::mem::MaybeUninit::<sys::CUipcMemHandle>::uninit();
+        // SAFETY: `ptr` is the base of a live cuMemAlloc allocation; the handle is plain bytes.
+        let handle = unsafe {
+            sys::cuIpcGetMemHandle(handle.as_mut_ptr(), ptr)
+                .result()
+                .map_err(failed("exporting an IPC handle"))?;
+            handle.assume_init()
+        };
+        buffer.location.ipc_handle = handle
+            .reserved
+            .iter()
+            .map(|b| format!("{:02x}", *b as u8))
+            .collect();
+        Ok(buffer)
+    }
+
+    /// `len` (> 0) bytes of page-locked host memory, contents unset.
+    pub fn pinned(&self, len: usize) -> Result<PinnedBuffer, LoaderError> {
+        self.bind()?;
+        // SAFETY: owned (and freed) by the returned buffer; plain page-locked memory (not
+        // write-combined: the decoder reads back what it writes).
+        let ptr = unsafe { result::malloc_host(len, 0) }.map_err(|e| {
+            LoaderError::OutOfMemory(format!("allocating {len} page-locked bytes: {e}"))
+        })?;
+        Ok(PinnedBuffer {
+            ptr: ptr.cast(),
+            len,
+            context: self.context.clone(),
+        })
+    }
+
+    /// Enqueues a copy of the `len` bytes at `source` into `target` at byte `offset`.
+    ///
+    /// # Safety
+    /// `source` must point into page-locked memory that stays allocated and unwritten until a
+    /// later [`Gpu::wait`] returns.
+    pub unsafe fn copy_in(
+        &self,
+        target: &DeviceBuffer,
+        offset: usize,
+        source: *const u8,
+        len: usize,
+    ) -> Result<(), LoaderError> {
+        assert!(offset + len <= target.len, "copy past the buffer");
+        self.bind()?;
+        // SAFETY: the target range is inside the allocation (asserted); the source outlives the
+        // copy (the caller's promise).
+        unsafe {
+            sys::cuMemcpyHtoDAsync_v2(
+                target.ptr + offset as u64,
+                source.cast::<c_void>(),
+                len,
+                self.stream.cu_stream(),
+            )
+        }
+        .result()
+        .map_err(failed("copying to the GPU"))
+    }
+
+    /// Runs `fill` on `staging`'s bytes with a function that copies a finished range of them to
+    /// the same offsets of `target`, and returns once every copy is done, whatever `fill`
+    /// returned.
+    pub fn fill<R>(
+        &self,
+        staging: &mut PinnedBuffer,
+        target: &DeviceBuffer,
+        fill: impl FnOnce(&mut [u8], &(dyn Fn(Range<usize>) -> Result<(), LoaderError> + Sync)) -> R,
+    ) -> Result<R, LoaderError> {
+        assert_eq!(staging.len, target.len, "staging and target differ in size");
+        let base = staging.ptr as usize;
+        let copy = |range: Range<usize>| {
+            assert!(range.end <= target.len, "copy past the buffer");
+            // SAFETY: `staging` is page-locked and borrowed until the wait below; the range's
+            // bytes are final (the caller hands over only finished ranges).
+            unsafe {
+                self.copy_in(
+                    target,
+                    range.start,
+                    (base + range.start) as *const u8,
+                    range.len(),
+                )
+            }
+        };
+        let filled = fill(staging.as_mut_slice(), &copy);
+        self.wait()?;
+        Ok(filled)
+    }
+
+    /// Waits until every copy enqueued so far has finished.
+    pub fn wait(&self) -> Result<(), LoaderError> {
+        let event = self
+            .context
+            .new_event(None)
+            .map_err(failed("creating an event"))?;
+        event.record(&self.stream).map_err(failed("recording"))?;
+        event.synchronize().map_err(failed("copying"))
+    }
+
+    /// A new buffer of `rows` rows, each the rows of `parts` (a buffer and its row length in
+    /// bytes) side by side: one strided copy per part, then waits for them.
+    pub fn compose(
+        &self,
+        rows: usize,
+        parts: &[(&DeviceBuffer, usize)],
+    ) -> Result<DeviceBuffer, LoaderError> {
+        let width: usize = parts.iter().map(|(_, row)| row).sum();
+        let target = self.alloc(rows * width)?;
+        self.bind()?;
+        let mut x = 0;
+        for &(source, row) in parts {
+            assert_eq!(source.len, rows * row, "a part of the wrong size");
+            let copy = sys::CUDA_MEMCPY2D {
+                srcXInBytes: 0,
+                srcY: 0,
+                srcMemoryType: sys::CUmemorytype::CU_MEMORYTYPE_DEVICE,
+                srcHost: std::ptr::null(),
+                srcDevice: source.ptr,
+                srcArray: std::ptr::null_mut(),
+                srcPitch: row,
+                dstXInBytes: x,
+                dstY: 0,
+                dstMemoryType: sys::CUmemorytype::CU_MEMORYTYPE_DEVICE,
+                dstHost: std::ptr::null_mut(),
+                dstDevice: target.ptr,
+                dstArray: std::ptr::null_mut(),
+                dstPitch: width,
+                WidthInBytes: row,
+                Height: rows,
+            };
+            // SAFETY: both regions lie inside their allocations (rows x pitch, asserted above),
+            // which outlive the wait below.
+            unsafe { sys::cuMemcpy2DAsync_v2(&copy, self.stream.cu_stream()) }
+                .result()
+                .map_err(failed("composing"))?;
+            x += row;
+        }
+        self.wait()?;
+        Ok(target)
+    }
+
+    /// This machine's copy bandwidths in bytes per second, each the median of five copies of
+    /// `len` bytes: page-locked host to device, and device to device.
+    pub fn bandwidth(&self, len: usize) -> Result<(f64, f64), LoaderError> {
+        let mut source = self.pinned(len)?;
+        source.as_mut_slice().fill(1);
+        let first = self.alloc(len)?;
+        let second = self.alloc(len)?;
+        let median = |copy: &dyn Fn() -> Result<(), LoaderError>| {
+            copy()?;
+            self.wait()?;
+            let mut times = Vec::new();
+            for _ in 0..5 {
+                let started = std::time::Instant::now();
+                copy()?;
+                self.wait()?;
+                times.push(started.elapsed().as_secs_f64());
+            }
+            times.sort_by(f64::total_cmp);
+            Ok::<_, LoaderError>(len as f64 / times[2])
+        };
+        // SAFETY: `source` is page-locked and outlives every wait.
+        let host = median(&|| unsafe { self.copy_in(&first, 0, source.ptr, len) })?;
+        let device = median(&|| {
+            self.bind()?;
+            // SAFETY: both buffers hold `len` bytes and outlive the wait.
+            unsafe {
+                sys::cuMemcpyDtoDAsync_v2(second.ptr, first.ptr, len, self.stream.cu_stream())
+            }
+            .result()
+            .map_err(failed("copying on the GPU"))
+        })?;
+        Ok((host, device))
+    }
+
+    /// A new device buffer holding a copy of `source`.
+    pub fn upload(&self, source: &PinnedBuffer) -> Result<DeviceBuffer, LoaderError> {
+        let target = self.alloc(source.len)?;
+        // SAFETY: `source` is page-locked and borrowed until the wait returns.
+        unsafe { self.copy_in(&target, 0, source.ptr, source.len) }?;
+        self.wait()?;
+        Ok(target)
+    }
+}
+
+/// Formats a device UUID the way `nvidia-smi -L` prints it.
+fn format_uuid(bytes: &[u8; 16]) -> String {
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    format!(
+        "GPU-{}-{}-{}-{}-{}",
+        &hex[..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..]
+    )
+}
+
+/// Device memory, freed on drop. Another process may have opened it by its IPC handle: it is
+/// only dropped once no handle of the loader refers to it.
+pub struct DeviceBuffer {
+    ptr: sys::CUdeviceptr,
+    len: usize,
+    context: Arc<CudaContext>,
+    location: CudaLocation,
+}
+
+impl DeviceBuffer {
+    pub fn bytes(&self) -> usize {
+        self.len
+    }
+
+    pub fn location(&self) -> &CudaLocation {
+        &self.location
+    }
+}
+
+impl std::fmt::Debug for DeviceBuffer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceBuffer")
+            .field("device", &self.location.device)
+            .field("len", &self.len)
+            .finish()
+    }
+}
+
+impl Drop for DeviceBuffer {
+    fn drop(&mut self) {
+        // SAFETY: the pointer came from cuMemAlloc and is freed once; copies into or out of it
+        // were waited for by whoever enqueued them.
+        let freed = self
+            .context
+            .bind_to_thread()
+            .and_then(|()| unsafe { result::free_sync(self.ptr) });
+        if let Err(error) = freed {
+            tracing::error!(%error, "freeing device memory");
+        }
+    }
+}
+
+/// Page-locked host memory, freed on drop.
+pub struct PinnedBuffer {
+    ptr: *mut u8,
+    len: usize,
+    context: Arc<CudaContext>,
+}
+
+// SAFETY: the buffer owns its allocation; access goes through `&self` / `&mut self`.
+unsafe impl Send for PinnedBuffer {}
+unsafe impl Sync for PinnedBuffer {}
+
+impl PinnedBuffer {
+    pub fn bytes(&self) -> usize {
+        self.len
+    }
+
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: `len` bytes allocated by cuMemHostAlloc, owned by `self`.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+
+    /// The address [`Gpu::copy_in`] copies from while the buffer is being filled.
+    pub fn as_ptr(&self) -> *const u8 {
+        self.ptr
+    }
+
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: as above, borrowed mutably.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+}
+
+impl std::fmt::Debug for PinnedBuffer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PinnedBuffer")
+            .field("len", &self.len)
+            .finish()
+    }
+}
+
+impl Drop for PinnedBuffer {
+    fn drop(&mut self) {
+        // SAFETY: allocated by cuMemHostAlloc, freed once, no copy from it is in flight.
+        let freed = self
+            .context
+            .bind_to_thread()
+            .and_then(|()| unsafe { result::free_host(self.ptr.cast()) });
+        if let Err(error) = freed {
+            tracing::error!(%error, "freeing page-locked memory");
+        }
+    }
+}
