@@ -1,5 +1,5 @@
-"""Checks the client against a running loader: the tensors it hands out are exactly the
-cartridge's keys and values. Needs torch (and transformers for the cache check).
+"""Checks the client against a running loader (host memory or a GPU): the tensors it hands out
+are exactly the cartridge's keys and values. Needs torch (and transformers for the cache check).
 
     LOADER_URL=http://127.0.0.1:7071 CARTRIDGE=legal/contracts@v3 CARTRIDGE_FILE=contracts.safetensors \
         python test_client.py
@@ -27,6 +27,12 @@ def file_tensors(path):
     return tensors, json.loads(header["__metadata__"]["cartridge"])
 
 
+def raw(tensor):
+    import torch
+
+    return tensor.cpu().contiguous().view(-1).view(dtype=torch.uint8).numpy().tobytes()
+
+
 def main():
     loader = Loader(os.environ.get("LOADER_URL", "http://127.0.0.1:7071"), socket=os.environ.get("LOADER_SOCKET"))
     expected, header = file_tensors(os.environ["CARTRIDGE_FILE"])
@@ -34,17 +40,19 @@ def main():
     ready = []
     handle = loader.load(header["model"], [os.environ["CARTRIDGE"]], on_layers=lambda n, of, path: ready.append((n, of, path)))
     assert all(a[0] < b[0] for a, b in zip(ready, ready[1:])), ready
-    assert not ready or (ready[-1][0] == header["model"]["layers"] and ready[-1][2] == handle.answer["path"]), ready
+    assert not ready or (ready[-1][0] == header["model"]["layers"] and ready[-1][2] == handle.location), ready
     print("streamed load:", len(ready), "layer events")
     handle.release()
     handle = loader.load(header["model"], [os.environ["CARTRIDGE"]])
     assert handle.tokens == header["tokens"], (handle.tokens, header["tokens"])
     layers = handle.tensors()
     assert len(layers) == header["model"]["layers"]
+    where = "GPU memory by IPC handle" if "cuda" in handle.answer else "a shared-memory file"
+    assert all(k.device.type == ("cuda" if "cuda" in handle.answer else "cpu") for k, _ in layers)
     for index, (keys, values) in enumerate(layers):
         assert keys.shape == (1, header["model"]["kv_heads"], header["tokens"], header["model"]["head_dim"]), keys.shape
-        assert keys.contiguous().view(-1).view(dtype=__import__("torch").uint8).numpy().tobytes() == expected[f"layers.{index}.keys"]
-        assert values.contiguous().view(-1).view(dtype=__import__("torch").uint8).numpy().tobytes() == expected[f"layers.{index}.values"]
+        assert raw(keys) == expected[f"layers.{index}.keys"], index
+        assert raw(values) == expected[f"layers.{index}.values"], index
     try:
         cache = handle.dynamic_cache()
         assert cache.get_seq_length() == header["tokens"]
@@ -63,7 +71,7 @@ def main():
         raise AssertionError("a cartridge for another model was loaded")
     except LoaderError as error:
         assert error.status == 409 and "kv_heads" in error.message
-    print("ok:", len(layers), "layers match the file byte for byte")
+    print("ok:", len(layers), "layers match the file byte for byte, from", where)
 
 
 if __name__ == "__main__":

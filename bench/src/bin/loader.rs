@@ -1,8 +1,11 @@
-//! Loader benchmark (host-memory path): in one run, the machine's own memory copy bandwidth (warm
-//! and into fresh shared memory), then a cold load from a loopback registry and a load from the
-//! disk tier (decode only), each with the time to its first ready layer, a device-tier hit, and
-//! the composition of four cartridges, as GB/s of keys and values made resident.
-//! Needs `cargo build --release --workspace --bins`. Writes bench/results/loader-cpu.json.
+//! Loader benchmark: in one run, the machine's own copy bandwidths (the ceilings), then a cold
+//! load from a loopback registry and a load from the disk tier, each with the time to its first
+//! ready layer, a device-tier hit, the composition of four cartridges, and (on a GPU) a load from
+//! the host tier, as GB/s of keys and values made resident.
+//! `--device host` (default): ceilings are memcpy, warm and into fresh shared memory; writes
+//! bench/results/loader-cpu.json. `--device cuda`: ceilings are page-locked host-to-device and
+//! device-to-device copies, measured by `cartridge-loader bandwidth`; writes loader-cuda.json.
+//! Needs `cargo build --release --workspace --bins`.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -21,8 +24,15 @@ struct Args {
     /// Size of each of the four cartridges.
     #[arg(long, default_value = "64MiB")]
     size: ByteSize,
+    /// The loader's device: `host` or `cuda`.
+    #[arg(long, default_value = "host")]
+    device: String,
     #[arg(long)]
     output: Option<PathBuf>,
+    /// After measuring, run the Python client's check (loader/python/test_client.py) against
+    /// the loader, with the interpreter named here (it needs torch).
+    #[arg(long)]
+    python: Option<PathBuf>,
 }
 
 /// An in-process HTTP client, so the figures hold the loader's time and not a process start.
@@ -111,7 +121,14 @@ fn gb_per_s(bytes: u64, time: Duration) -> f64 {
     bytes as f64 / 1e9 / time.as_secs_f64()
 }
 
-fn start_loader(dir: &Path, shm: &Path, registry: &str, token: &str) -> Result<(Server, String)> {
+fn start_loader(
+    dir: &Path,
+    shm: &Path,
+    registry: &str,
+    token: &str,
+    device: &str,
+    budget: u64,
+) -> Result<(Server, String)> {
     Server::start(
         Command::new(sibling("cartridge-loader")?)
             .args([
@@ -120,8 +137,10 @@ fn start_loader(dir: &Path, shm: &Path, registry: &str, token: &str) -> Result<(
                 registry,
                 "--listen",
                 "127.0.0.1:0",
+                "--device",
+                device,
                 "--gpu-budget",
-                "4GiB",
+                &budget.to_string(),
                 "--cache-dir",
             ])
             .arg(dir.join("loader-cache"))
@@ -136,19 +155,22 @@ fn main() -> Result<()> {
     let scratch = tempfile::tempdir()?;
     let dir = scratch.path();
 
-    // The ceiling: this machine's memory copy bandwidth on a buffer of the same size.
     let bytes = args.size.as_u64() as usize;
-    let source = vec![1u8; bytes];
-    let mut target = vec![0u8; bytes];
-    let mut copies = Vec::new();
-    for _ in 0..5 {
-        let started = Instant::now();
-        target.copy_from_slice(&source);
-        copies.push(started.elapsed());
-    }
-    copies.sort();
-    let memcpy = gb_per_s(bytes as u64, copies[2]);
-    drop(target);
+    let cuda = args.device != "host";
+    let ceilings = if cuda {
+        let probe = Command::new(sibling("cartridge-loader")?)
+            .args(["bandwidth", "--device", &args.device, "--size"])
+            .arg(args.size.as_u64().to_string())
+            .output()?;
+        ensure!(
+            probe.status.success(),
+            "{}",
+            String::from_utf8_lossy(&probe.stderr)
+        );
+        serde_json::from_slice(&probe.stdout)?
+    } else {
+        host_ceilings(bytes)?
+    };
 
     let registry_bin = sibling("cartridge-registry")?;
     let (_registry, registry) = Server::start(
@@ -198,15 +220,135 @@ fn main() -> Result<()> {
             .build()?,
         client: reqwest::Client::new(),
     };
-    // Resident buffers live where they would in service: in shared memory when the machine
-    // has it, not in files on disk.
+    let shm = shared_memory_dir(dir)?;
+    // Room for the four cartridges and their composition.
+    let (loader, url) = start_loader(
+        dir,
+        shm.path(),
+        &registry,
+        &token,
+        &args.device,
+        10 * args.size.as_u64(),
+    )?;
+    let cold = http.streamed_load(&url, &model, &refs[0])?;
+    let payload = cold.answer["bytes"].as_u64().context("bytes")?;
+    let (hit, _) = http.timed_load(&url, &model, &refs[..1])?;
+    for reference in &refs[1..] {
+        http.timed_load(&url, &model, std::slice::from_ref(reference))?;
+    }
+    let (compose, composed) = http.timed_load(&url, &model, &refs)?;
+    let composed_bytes = composed["bytes"].as_u64().context("bytes")?;
+    drop(loader);
+    // A fresh loader with room for one cartridge: nothing resident, every blob on disk. The
+    // killed one's buffers go too.
+    for entry in std::fs::read_dir(shm.path())? {
+        std::fs::remove_file(entry?.path())?;
+    }
+    let (_loader, url) = start_loader(
+        dir,
+        shm.path(),
+        &registry,
+        &token,
+        &args.device,
+        args.size.as_u64() * 3 / 2,
+    )?;
+    let disk = http.streamed_load(&url, &model, &refs[0])?;
+    ensure!(
+        disk.answer["tier"] == "disk",
+        "expected a disk-tier load, got {}",
+        disk.answer["tier"]
+    );
+    let mut report = json!({
+        "benchmark": "loader",
+        "cartridge_bytes": payload,
+        "ceilings": ceilings,
+        "cold_load_from_registry": {"seconds": cold.total.as_secs_f64(), "gb_per_s": gb_per_s(payload, cold.total), "first_layer_ms": cold.first_layer.as_secs_f64() * 1e3},
+        "load_from_disk_tier": {"seconds": disk.total.as_secs_f64(), "gb_per_s": gb_per_s(payload, disk.total), "first_layer_ms": disk.first_layer.as_secs_f64() * 1e3},
+        "device_tier_hit_ms": hit.as_secs_f64() * 1e3,
+        "compose_4": {"bytes": composed_bytes, "seconds": compose.as_secs_f64(), "gb_per_s": gb_per_s(composed_bytes, compose)},
+    });
+    let compose_rate = gb_per_s(composed_bytes, compose);
+    if cuda {
+        // The second cartridge evicts the first from the GPU; the first comes back from the
+        // host tier by one copy.
+        http.timed_load(&url, &model, &refs[1..2])?;
+        let (host, answer) = http.timed_load(&url, &model, &refs[..1])?;
+        ensure!(
+            answer["tier"] == "host",
+            "expected a host-tier load, got {}",
+            answer["tier"]
+        );
+        let raw = ceilings["pinned_host_to_device_gb_per_s"]
+            .as_f64()
+            .context("bandwidth")?;
+        let within = ceilings["device_to_device_gb_per_s"]
+            .as_f64()
+            .context("bandwidth")?;
+        report["path"] = json!(format!("GPU ({})", ceilings["device"]));
+        report["load_from_host_tier"] = json!({"seconds": host.as_secs_f64(), "gb_per_s": gb_per_s(payload, host), "share_of_pinned_host_to_device": gb_per_s(payload, host) / raw});
+        report["compose_4"]["share_of_device_to_device"] = json!(compose_rate / within);
+    } else {
+        let memcpy = ceilings["memcpy_gb_per_s"].as_f64().context("memcpy")?;
+        let fresh = ceilings["copy_into_fresh_shm_gb_per_s"]
+            .as_f64()
+            .context("memcpy")?;
+        report["path"] = json!("host memory (no CUDA)");
+        report["load_from_disk_tier"]["share_of_memcpy"] =
+            json!(gb_per_s(payload, disk.total) / memcpy);
+        report["compose_4"]["share_of_memcpy"] = json!(compose_rate / memcpy);
+        report["compose_4"]["share_of_fresh_shm_copy"] = json!(compose_rate / fresh);
+    }
+    if let Some(python) = &args.python {
+        let client = Path::new(env!("CARGO_MANIFEST_DIR")).join("../loader/python");
+        let client = if client.is_dir() {
+            client
+        } else {
+            PathBuf::from("loader/python")
+        };
+        let status = Command::new(python)
+            .arg(client.join("test_client.py"))
+            .env("PYTHONPATH", &client)
+            .env("LOADER_URL", &url)
+            .env("CARTRIDGE", &refs[0])
+            .env("CARTRIDGE_FILE", dir.join("c0.safetensors"))
+            .status()?;
+        ensure!(status.success(), "the Python client's check failed");
+    }
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    let output = args
+        .output
+        .unwrap_or_else(|| results_path(if cuda { "loader-cuda" } else { "loader-cpu" }));
+    write_results(&output, report)?;
+    println!("wrote {}", output.display());
+    Ok(())
+}
+
+/// Resident buffers live where they would in service: in shared memory when the machine has it,
+/// not in files on disk.
+fn shared_memory_dir(dir: &Path) -> Result<tempfile::TempDir> {
     let shm_root = Path::new("/dev/shm");
-    let shm = if shm_root.is_dir() {
+    Ok(if shm_root.is_dir() {
         tempfile::tempdir_in(shm_root)?
     } else {
         tempfile::tempdir_in(dir)?
-    };
-    // A new resident buffer also pays for its pages: the same copy into fresh shared memory.
+    })
+}
+
+/// Host memory's copy bandwidth on a buffer of `bytes`: warm, and into fresh shared memory (a
+/// new resident buffer also pays for its pages).
+fn host_ceilings(bytes: usize) -> Result<Value> {
+    let source = vec![1u8; bytes];
+    let mut target = vec![0u8; bytes];
+    let mut copies = Vec::new();
+    for _ in 0..5 {
+        let started = Instant::now();
+        target.copy_from_slice(&source);
+        copies.push(started.elapsed());
+    }
+    copies.sort();
+    drop(target);
+    let scratch = tempfile::tempdir()?;
+    let shm = shared_memory_dir(scratch.path())?;
     let mut fresh = Vec::new();
     for _ in 0..5 {
         let file = tempfile::tempfile_in(shm.path())?;
@@ -219,44 +361,8 @@ fn main() -> Result<()> {
         fresh.push(started.elapsed());
     }
     fresh.sort();
-    let fresh_copy = gb_per_s(bytes as u64, fresh[2]);
-    drop(source);
-
-    let (loader, url) = start_loader(dir, shm.path(), &registry, &token)?;
-    let cold = http.streamed_load(&url, &model, &refs[0])?;
-    let payload = cold.answer["bytes"].as_u64().context("bytes")?;
-    let (hit, _) = http.timed_load(&url, &model, &refs[..1])?;
-    for reference in &refs[1..] {
-        http.timed_load(&url, &model, std::slice::from_ref(reference))?;
-    }
-    let (compose, composed) = http.timed_load(&url, &model, &refs)?;
-    drop(loader);
-    // A fresh loader: nothing resident, every blob on disk. The killed one's buffers go too.
-    for entry in std::fs::read_dir(shm.path())? {
-        std::fs::remove_file(entry?.path())?;
-    }
-    let (_loader, url) = start_loader(dir, shm.path(), &registry, &token)?;
-    let disk = http.streamed_load(&url, &model, &refs[0])?;
-    ensure!(
-        disk.answer["tier"] == "disk",
-        "expected a disk-tier load, got {}",
-        disk.answer["tier"]
-    );
-
-    let report = json!({
-        "benchmark": "loader",
-        "path": "host memory (no CUDA)",
-        "cartridge_bytes": payload,
-        "memcpy_gb_per_s": memcpy,
-        "copy_into_fresh_shm_gb_per_s": fresh_copy,
-        "cold_load_from_registry": {"seconds": cold.total.as_secs_f64(), "gb_per_s": gb_per_s(payload, cold.total), "first_layer_ms": cold.first_layer.as_secs_f64() * 1e3},
-        "load_from_disk_tier": {"seconds": disk.total.as_secs_f64(), "gb_per_s": gb_per_s(payload, disk.total), "share_of_memcpy": gb_per_s(payload, disk.total) / memcpy, "first_layer_ms": disk.first_layer.as_secs_f64() * 1e3},
-        "device_tier_hit_ms": hit.as_secs_f64() * 1e3,
-        "compose_4": {"bytes": composed["bytes"], "seconds": compose.as_secs_f64(), "gb_per_s": gb_per_s(composed["bytes"].as_u64().unwrap_or(0), compose), "share_of_memcpy": gb_per_s(composed["bytes"].as_u64().unwrap_or(0), compose) / memcpy, "share_of_fresh_shm_copy": gb_per_s(composed["bytes"].as_u64().unwrap_or(0), compose) / fresh_copy},
-    });
-    println!("{}", serde_json::to_string_pretty(&report)?);
-    let output = args.output.unwrap_or_else(|| results_path("loader-cpu"));
-    write_results(&output, report)?;
-    println!("wrote {}", output.display());
-    Ok(())
+    Ok(json!({
+        "memcpy_gb_per_s": gb_per_s(bytes as u64, copies[2]),
+        "copy_into_fresh_shm_gb_per_s": gb_per_s(bytes as u64, fresh[2]),
+    }))
 }

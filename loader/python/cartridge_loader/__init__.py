@@ -1,19 +1,22 @@
 """Client of the cartridge loader sidecar.
 
 Loads cartridges through the loader's local API and hands their keys and values to PyTorch
-without copying them: on the host path the loader keeps each composed cartridge in a
-shared-memory file, which this client maps and views as tensors shaped for a Hugging Face
-``DynamicCache`` (``[1, kv_heads, tokens, head_dim]`` per layer).
+without copying them, as tensors shaped for a Hugging Face ``DynamicCache``
+(``[1, kv_heads, tokens, head_dim]`` per layer). A loader serving a GPU (``--device cuda``)
+answers with a CUDA IPC handle, which this client opens in this process (the tensors are views
+of the loader's GPU memory); a loader serving host memory answers with a shared-memory file,
+which this client maps.
 
     loader = Loader("http://127.0.0.1:7071")           # or Loader(socket="/run/cartridge.sock")
     handle = loader.load(model_fingerprint, ["legal/contracts@v3", "hr/handbook@v1"])
-    cache = handle.dynamic_cache(device="cuda")        # prompt positions start at handle.tokens
+    cache = handle.dynamic_cache()                     # prompt positions start at handle.tokens
     ...
-    handle.release()
+    handle.release()                                   # the tensors are invalid from here on
 """
 
 from __future__ import annotations
 
+import ctypes
 import http.client
 import json
 import mmap
@@ -33,6 +36,44 @@ class LoaderError(RuntimeError):
     def __init__(self, status: int, code: str, message: str):
         super().__init__(f"{message} (HTTP {status}, {code})")
         self.status, self.code, self.message = status, code, message
+
+
+class _IpcMemHandle(ctypes.Structure):
+    _fields_ = [("reserved", ctypes.c_char * 64)]
+
+
+class _DeviceMemory:
+    """Raw GPU memory as torch sees it through ``__cuda_array_interface__``."""
+
+    def __init__(self, pointer: int, nbytes: int):
+        self.__cuda_array_interface__ = {"shape": (nbytes,), "typestr": "|u1", "data": (pointer, False), "version": 3, "strides": None}
+
+
+def _driver():
+    driver = ctypes.CDLL("libcuda.so.1")
+    driver.cuIpcOpenMemHandle_v2.argtypes = [ctypes.POINTER(ctypes.c_uint64), _IpcMemHandle, ctypes.c_uint]
+    driver.cuIpcCloseMemHandle.argtypes = [ctypes.c_uint64]
+    driver.cuGetErrorName.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_char_p)]
+    return driver
+
+
+def _check(driver, result: int, what: str) -> None:
+    if result != 0:
+        name = ctypes.c_char_p()
+        driver.cuGetErrorName(result, ctypes.byref(name))
+        raise RuntimeError(f"{what}: {(name.value or b'CUDA error %d' % result).decode()}")
+
+
+def _device_index(location: dict) -> int:
+    """This process's index of the loader's GPU: by UUID, as ordinals differ between processes
+    with different ``CUDA_VISIBLE_DEVICES``."""
+    import torch
+
+    wanted = location["uuid"].removeprefix("GPU-")
+    for index in range(torch.cuda.device_count()):
+        if str(torch.cuda.get_device_properties(index).uuid).removeprefix("GPU-") == wanted:
+            return index
+    raise RuntimeError(f"the loader's GPU {location['uuid']} is not visible to this process")
 
 
 class _UnixConnection(http.client.HTTPConnection):
@@ -79,10 +120,11 @@ class Loader:
         """Loads (and composes, in order) cartridges for the model with this fingerprint.
 
         With ``on_layers``, the load streams: while a single cartridge is decoded into a new
-        buffer, ``on_layers(ready, layers, path)`` is called each time more leading layers of the
-        file at ``path`` hold their final bytes, so work on the first layers can start early.
-        Events are provisional until the call returns: a new ``path`` means the decode started
-        over (a cached blob failed verification).
+        buffer, ``on_layers(ready, layers, location)`` is called each time more leading layers of
+        the buffer at ``location`` (a file path, or the ``cuda`` location of GPU memory) hold
+        their final bytes, so work on the first layers can start early. Events are provisional
+        until the call returns: a new location means the decode started over (a cached blob
+        failed verification).
         """
         body = {"model": model, "cartridges": list(cartridges)}
         if on_layers is None:
@@ -98,7 +140,7 @@ class Loader:
                 event = json.loads(line)
                 kind = event.pop("event")
                 if kind == "layers":
-                    on_layers(event["ready"], event["layers"], event["path"])
+                    on_layers(event["ready"], event["layers"], _location(event))
                 elif kind == "loaded":
                     return Handle(self, event)
                 else:
@@ -117,6 +159,10 @@ class Loader:
         return self._request("GET", "/v1/status")
 
 
+def _location(answer: dict):
+    return answer["path"] if "path" in answer else answer["cuda"]
+
+
 @dataclass
 class Handle:
     """A loaded (composed) cartridge. Release it when done; the loader may then evict it."""
@@ -124,6 +170,7 @@ class Handle:
     loader: Loader
     answer: dict
     _map: mmap.mmap | None = field(default=None, repr=False)
+    _opened: int | None = field(default=None, repr=False)
 
     @property
     def handle(self) -> int:
@@ -134,17 +181,42 @@ class Handle:
         """Positions the cartridge occupies: the prompt starts at this position."""
         return self.answer["tokens"]
 
-    def tensors(self, device: str | None = None) -> list[tuple["torch.Tensor", "torch.Tensor"]]:  # noqa: F821
-        """Per layer, ``(keys, values)`` shaped ``[1, kv_heads, tokens, head_dim]``. On the host
-        they are views of the shared buffer (no copy); with ``device`` they are copied there."""
+    @property
+    def location(self):
+        """The shared-memory file's path, or the ``cuda`` location (device, uuid, ipc_handle)."""
+        return _location(self.answer)
+
+    def _flat(self) -> "torch.Tensor":  # noqa: F821
+        """The whole buffer as bytes, without a copy."""
         import torch
 
+        if "cuda" in self.answer:
+            location = self.answer["cuda"]
+            index = _device_index(location)
+            if self._opened is None:
+                driver = _driver()
+                # Makes the device's primary context (the one torch uses) current here.
+                torch.cuda.synchronize(index)
+                pointer = ctypes.c_uint64()
+                handle = _IpcMemHandle.from_buffer_copy(bytes.fromhex(location["ipc_handle"]))
+                # 1 = CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS
+                _check(driver, driver.cuIpcOpenMemHandle_v2(ctypes.byref(pointer), handle, 1), "opening the loader's GPU memory")
+                self._opened = pointer.value
+            return torch.as_tensor(_DeviceMemory(self._opened, self.answer["bytes"]), device=torch.device("cuda", index))
         if self._map is None:
             with open(self.answer["path"], "rb") as file:
                 # Copy-on-write: torch wants a writable buffer; pages are shared until written.
                 self._map = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY)
+        return torch.frombuffer(self._map, dtype=torch.uint8)
+
+    def tensors(self, device: str | None = None) -> list[tuple["torch.Tensor", "torch.Tensor"]]:  # noqa: F821
+        """Per layer, ``(keys, values)`` shaped ``[1, kv_heads, tokens, head_dim]``: views of the
+        loader's buffer (GPU memory, or the shared file in host memory), valid until
+        :meth:`release`; with ``device`` they are copied there instead."""
+        import torch
+
         dtype = getattr(torch, _TORCH_DTYPES[self.answer["dtype"]])
-        flat = torch.frombuffer(self._map, dtype=torch.uint8)
+        flat = self._flat()
         shape = (1, self.answer["kv_heads"], self.answer["tokens"], self.answer["head_dim"])
         nbytes = shape[1] * shape[2] * shape[3] * flat.new_empty((), dtype=dtype).element_size()
         layers = []
@@ -166,4 +238,9 @@ class Handle:
         return cache
 
     def release(self) -> None:
+        """Lets the loader evict the buffer. Views from :meth:`tensors` must not be used after."""
+        if self._opened is not None:
+            driver = _driver()
+            _check(driver, driver.cuIpcCloseMemHandle(self._opened), "closing the loader's GPU memory")
+            self._opened = None
         self.loader.release(self.handle)
