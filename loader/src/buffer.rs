@@ -1,9 +1,9 @@
 //! Device memory for the host path: shared-memory files, mapped.
 //!
-//! Without CUDA the loader's "device" is host memory. Each resident cartridge (or composition)
-//! lives in one file under a shared-memory directory (`/dev/shm` by default), so an inference
-//! process on the same machine maps it read-only instead of copying it — the host counterpart of
-//! handing out CUDA IPC handles. The file is unlinked when the buffer is dropped; a process that
+//! With `--device host` the loader's "device" is host memory. Each resident cartridge (or
+//! composition) lives in one file under a shared-memory directory (`/dev/shm` by default), so an
+//! inference process on the same machine maps it read-only instead of copying it — the host
+//! counterpart of handing out CUDA IPC handles. The file is unlinked when the buffer is dropped; a process that
 //! still maps it keeps its view.
 
 use std::path::{Path, PathBuf};
