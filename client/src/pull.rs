@@ -428,7 +428,11 @@ pub fn decode_arrivals(
                 let mut outs = std::mem::take(&mut destinations[index]);
                 let chunk = &manifest.chunks[index];
                 scope.spawn(move |_| match decode_cached(cache, chunk, &mut outs) {
-                    Ok(()) => decoded(index),
+                    Ok(()) => {
+                        // Its bytes are final: the callback may read them (a GPU copy does).
+                        drop(outs);
+                        decoded(index)
+                    }
                     Err(error) => {
                         if let Ok(mut slot) = failure_slot.lock() {
                             slot.get_or_insert(error);

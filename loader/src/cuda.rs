@@ -159,9 +159,10 @@ impl Gpu {
         .map_err(failed("copying to the GPU"))
     }
 
-    /// Runs `fill` on `staging`'s bytes with a function that copies a finished range of them to
-    /// the same offsets of `target`, and returns once every copy is done, whatever `fill`
-    /// returned.
+    /// Runs `fill` on `staging`'s bytes with a function that copies a range of them to the same
+    /// offsets of `target`, and returns once every copy is done, whatever `fill` returned (or
+    /// if it panicked). `fill` hands over only ranges whose bytes are final: a range written
+    /// after it is handed over may reach the GPU either way.
     pub fn fill<R>(
         &self,
         staging: &mut PinnedBuffer,
@@ -183,16 +184,18 @@ impl Gpu {
                 )
             }
         };
+        let drained = Drained(self);
         let filled = fill(staging.as_mut_slice(), &copy);
-        self.wait()?;
+        drained.finish()?;
         Ok(filled)
     }
 
-    /// Waits until every copy enqueued so far has finished.
+    /// Waits until every copy enqueued so far (by any load) has finished, sleeping rather than
+    /// spinning: the decoding threads need the cores.
     pub fn wait(&self) -> Result<(), LoaderError> {
         let event = self
             .context
-            .new_event(None)
+            .new_event(Some(sys::CUevent_flags::CU_EVENT_BLOCKING_SYNC))
             .map_err(failed("creating an event"))?;
         event.record(&self.stream).map_err(failed("recording"))?;
         event.synchronize().map_err(failed("copying"))
@@ -207,6 +210,8 @@ impl Gpu {
     ) -> Result<DeviceBuffer, LoaderError> {
         let width: usize = parts.iter().map(|(_, row)| row).sum();
         let target = self.alloc(rows * width)?;
+        // Declared after `target`, so on an early return the copies end before it is freed.
+        let drained = Drained(self);
         self.bind()?;
         let mut x = 0;
         for &(source, row) in parts {
@@ -236,7 +241,7 @@ impl Gpu {
                 .map_err(failed("composing"))?;
             x += row;
         }
-        self.wait()?;
+        drained.finish()?;
         Ok(target)
     }
 
@@ -277,10 +282,31 @@ impl Gpu {
     /// A new device buffer holding a copy of `source`.
     pub fn upload(&self, source: &PinnedBuffer) -> Result<DeviceBuffer, LoaderError> {
         let target = self.alloc(source.len)?;
-        // SAFETY: `source` is page-locked and borrowed until the wait returns.
+        let drained = Drained(self);
+        // SAFETY: `source` is page-locked and borrowed until the copy is drained.
         unsafe { self.copy_in(&target, 0, source.ptr, source.len) }?;
-        self.wait()?;
+        drained.finish()?;
         Ok(target)
+    }
+}
+
+/// Waits for the copies enqueued while it lives before the memory they touch can be freed, also
+/// when an error or a panic leaves early.
+struct Drained<'a>(&'a Gpu);
+
+impl Drained<'_> {
+    fn finish(self) -> Result<(), LoaderError> {
+        let waited = self.0.wait();
+        std::mem::forget(self);
+        waited
+    }
+}
+
+impl Drop for Drained<'_> {
+    fn drop(&mut self) {
+        if let Err(error) = self.0.wait() {
+            tracing::error!(%error, "waiting for copies before freeing their memory");
+        }
     }
 }
 

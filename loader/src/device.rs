@@ -198,7 +198,7 @@ impl Device {
                     manifest,
                     Location::Path(buffer.path().to_owned()),
                     progress,
-                    &|| {},
+                    &|| true,
                 );
                 decode_into(
                     manifest,
@@ -212,16 +212,14 @@ impl Device {
             }
             #[cfg(feature = "cuda")]
             Self::Cuda { gpu, staged } => {
-                lock(staged).reserve(bytes as u64).map_err(|e| {
-                    LoaderError::OutOfMemory(format!("host tier (--host-budget): {e}"))
-                })?;
+                // The host tier is a cache: without room in it the decode still goes to the GPU,
+                // through page-locked memory freed afterwards.
+                let kept = lock(staged).reserve(bytes as u64).is_ok();
                 let staged_decode = || -> Result<(DeviceBuffer, PinnedBuffer), LoaderError> {
                     let mut staging = gpu.pinned(bytes)?;
                     let target = gpu.alloc(bytes)?;
                     // Layers are told ready once their copies are done, not when enqueued.
-                    let settle = || {
-                        let _ = gpu.wait();
-                    };
+                    let settle = || gpu.wait().is_ok();
                     let frontier = Frontier::new(
                         manifest,
                         Location::Cuda(target.location().clone()),
@@ -237,13 +235,17 @@ impl Device {
                 let mut staged = lock(staged);
                 match outcome {
                     Ok((target, staging)) => {
-                        let key = EntryKey::Single(digest);
-                        staged.insert(key.clone(), staging, manifest.cartridge.clone());
-                        staged.release(&key);
+                        if kept {
+                            let key = EntryKey::Single(digest);
+                            staged.insert(key.clone(), staging, manifest.cartridge.clone());
+                            staged.release(&key);
+                        }
                         Ok(Buffer::Cuda(target))
                     }
                     Err(error) => {
-                        staged.unreserve(bytes as u64);
+                        if kept {
+                            staged.unreserve(bytes as u64);
+                        }
                         Err(error)
                     }
                 }
@@ -379,8 +381,9 @@ struct Frontier<'a> {
     manifest: &'a Manifest,
     location: Location,
     progress: Option<Progress>,
-    /// Run before telling: makes what is in place visible where the layers are read.
-    settle: &'a (dyn Fn() + Sync),
+    /// Run before telling: makes what is in place visible where the layers are read; nothing is
+    /// told if it fails (the load then fails too).
+    settle: &'a (dyn Fn() -> bool + Sync),
     /// Per chunk, whether it is in place; and how many leading chunks are.
     state: Mutex<(Vec<bool>, usize)>,
 }
@@ -390,7 +393,7 @@ impl<'a> Frontier<'a> {
         manifest: &'a Manifest,
         location: Location,
         progress: Option<Progress>,
-        settle: &'a (dyn Fn() + Sync),
+        settle: &'a (dyn Fn() -> bool + Sync),
     ) -> Self {
         Self {
             manifest,
@@ -413,8 +416,7 @@ impl<'a> Frontier<'a> {
         while *leading < done.len() && done[*leading] {
             *leading += 1;
         }
-        if *leading > before {
-            (self.settle)();
+        if *leading > before && (self.settle)() {
             progress(&LayersReady {
                 location: self.location.clone(),
                 ready: self.manifest.chunks[*leading - 1].layers.end,

@@ -195,12 +195,13 @@ class Handle:
             index = _device_index(location)
             if self._opened is None:
                 driver = _driver()
-                # Makes the device's primary context (the one torch uses) current here.
-                torch.cuda.synchronize(index)
-                pointer = ctypes.c_uint64()
                 handle = _IpcMemHandle.from_buffer_copy(bytes.fromhex(location["ipc_handle"]))
-                # 1 = CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS
-                _check(driver, driver.cuIpcOpenMemHandle_v2(ctypes.byref(pointer), handle, 1), "opening the loader's GPU memory")
+                pointer = ctypes.c_uint64()
+                # Opened in that GPU's primary context (the one torch uses), made current here.
+                with torch.cuda.device(index):
+                    torch.cuda.synchronize()
+                    # 1 = CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS
+                    _check(driver, driver.cuIpcOpenMemHandle_v2(ctypes.byref(pointer), handle, 1), "opening the loader's GPU memory")
                 self._opened = pointer.value
             return torch.as_tensor(_DeviceMemory(self._opened, self.answer["bytes"]), device=torch.device("cuda", index))
         if self._map is None:
@@ -239,8 +240,15 @@ class Handle:
 
     def release(self) -> None:
         """Lets the loader evict the buffer. Views from :meth:`tensors` must not be used after."""
-        if self._opened is not None:
-            driver = _driver()
-            _check(driver, driver.cuIpcCloseMemHandle(self._opened), "closing the loader's GPU memory")
-            self._opened = None
-        self.loader.release(self.handle)
+        try:
+            if self._opened is not None:
+                import torch
+
+                driver = _driver()
+                # Work queued on the views finishes before they are unmapped.
+                with torch.cuda.device(_device_index(self.answer["cuda"])):
+                    torch.cuda.synchronize()
+                    opened, self._opened = self._opened, None
+                    _check(driver, driver.cuIpcCloseMemHandle(opened), "closing the loader's GPU memory")
+        finally:
+            self.loader.release(self.handle)
