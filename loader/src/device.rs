@@ -214,7 +214,9 @@ impl Device {
             Self::Cuda { gpu, staged } => {
                 // The host tier is a cache: without room in it the decode still goes to the GPU,
                 // through page-locked memory freed afterwards.
-                let kept = lock(staged).reserve(bytes as u64).is_ok();
+                let reserved = lock(staged).reserve(bytes as u64);
+                let kept = reserved.is_ok();
+                drop(reserved);
                 let staged_decode = || -> Result<(DeviceBuffer, PinnedBuffer), LoaderError> {
                     let mut staging = gpu.pinned(bytes)?;
                     let target = gpu.alloc(bytes)?;

@@ -378,7 +378,8 @@ impl Loader {
             return Ok(Tier::Device);
         }
         let bytes = part.manifest.cartridge.payload_bytes();
-        self.store().reserve(bytes)?;
+        let evicted = self.store().reserve(bytes)?;
+        drop(evicted);
         let loaded = self.make_resident(part, progress).await;
         let outcome = {
             let mut store = self.store();
@@ -501,7 +502,8 @@ impl Loader {
         header.tokens = headers.iter().map(|h| h.tokens).sum();
         header.provenance = serde_json::json!({"composed_of": parts.iter().map(|p| p.reference.to_string()).collect::<Vec<_>>()});
         let bytes = header.payload_bytes();
-        self.store().reserve(bytes)?;
+        let evicted = self.store().reserve(bytes)?;
+        drop(evicted);
         let sources: Vec<_> = {
             let mut store = self.store();
             parts

@@ -104,8 +104,10 @@ impl<B: Resident> Store<B> {
     }
 
     /// Sets aside `bytes` for a load, evicting unused entries (least recently used first) as
-    /// needed. Fails without side effects if even that cannot make room.
-    pub fn reserve(&mut self, bytes: u64) -> Result<(), LoaderError> {
+    /// needed. Fails without side effects if even that cannot make room. Returns the evicted
+    /// buffers, for the caller to drop once the lock is released: freeing memory takes a while.
+    #[must_use = "the evicted buffers are freed where they are dropped"]
+    pub fn reserve(&mut self, bytes: u64) -> Result<Vec<Arc<B>>, LoaderError> {
         if bytes > self.budget {
             return Err(LoaderError::OutOfMemory(format!(
                 "{bytes} bytes exceed the whole {} byte budget",
@@ -125,6 +127,7 @@ impl<B: Resident> Store<B> {
                 self.budget
             )));
         }
+        let mut evicted = Vec::new();
         while self.used + bytes > self.budget {
             let Some(key) = self
                 .entries
@@ -139,10 +142,11 @@ impl<B: Resident> Store<B> {
                 self.used -= entry.buffer.bytes() as u64;
                 metrics::counter!("loader_evictions_total", "tier" => self.tier).increment(1);
                 tracing::debug!(%key, "evicted");
+                evicted.push(entry.buffer);
             }
         }
         self.used += bytes;
-        Ok(())
+        Ok(evicted)
     }
 
     /// Returns a reservation a failed load did not use.
