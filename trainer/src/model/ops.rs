@@ -369,9 +369,15 @@ mod tests {
 
     use super::*;
 
+    /// The GPU where the build has CUDA and the machine a GPU (so the same checks run there on
+    /// the CUDA kernels), the CPU otherwise.
+    fn device() -> Result<Device> {
+        Device::cuda_if_available(0)
+    }
+
     #[test]
     fn matches_matmul_and_its_input_gradient() -> Result<()> {
-        let device = Device::Cpu;
+        let device = device()?;
         let x = Var::randn(0f32, 1.0, (2, 3, 5), &device)?;
         let weight = Tensor::randn(0f32, 1.0, (4, 5), &device)?;
         let frozen = frozen_linear(x.as_tensor(), &weight)?;
@@ -428,7 +434,7 @@ mod tests {
 
     #[test]
     fn rms_norm_matches_the_composed_form() -> Result<()> {
-        let device = Device::Cpu;
+        let device = device()?;
         let x = Var::randn(0f32, 1.0, (2, 5, 16), &device)?;
         let weight = Tensor::randn(0f32, 1.0, 16, &device)?;
         check(
@@ -440,7 +446,7 @@ mod tests {
 
     #[test]
     fn rope_matches_the_composed_form() -> Result<()> {
-        let device = Device::Cpu;
+        let device = device()?;
         let x = Var::randn(0f32, 1.0, (2, 3, 5, 8), &device)?;
         let angles = Tensor::randn(0f32, 3.0, (2, 5, 4), &device)?;
         let (cos, sin) = (angles.cos()?, angles.sin()?);
@@ -463,7 +469,7 @@ mod tests {
     fn attention_matches_the_composed_form() -> Result<()> {
         // Two sequences of 4 tokens (one padded to 3) after a 3-token prefix, 2 key heads each
         // shared by 3 query heads.
-        let device = Device::Cpu;
+        let device = device()?;
         let (batch, kv_heads, group, length, prefix, hd) = (2, 2, 3, 4, 3, 8);
         let total = prefix + length;
         let mask = crate::model::causal_mask(&[4, 3], prefix, length, DType::F32, &device)
@@ -494,7 +500,7 @@ mod tests {
 
     #[test]
     fn without_a_gradient_to_carry_the_ops_stay_off_the_graph() -> Result<()> {
-        let device = Device::Cpu;
+        let device = device()?;
         let x = Tensor::randn(0f32, 1.0, (1, 2, 3, 8), &device)?;
         let angles = Tensor::randn(0f32, 1.0, (1, 3, 4), &device)?;
         assert!(!rope(&x, &angles.cos()?, &angles.sin()?)?.track_op());
