@@ -324,6 +324,7 @@ fn format_uuid(bytes: &[u8; 16]) -> String {
 
 /// Device memory, freed on drop. Another process may have opened it by its IPC handle: it is
 /// only dropped once no handle of the loader refers to it.
+#[derive(Debug)]
 pub struct DeviceBuffer {
     ptr: sys::CUdeviceptr,
     len: usize,
@@ -338,15 +339,6 @@ impl DeviceBuffer {
 
     pub fn location(&self) -> &CudaLocation {
         &self.location
-    }
-}
-
-impl std::fmt::Debug for DeviceBuffer {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DeviceBuffer")
-            .field("device", &self.location.device)
-            .field("len", &self.len)
-            .finish()
     }
 }
 
@@ -365,6 +357,7 @@ impl Drop for DeviceBuffer {
 }
 
 /// Page-locked host memory, freed on drop.
+#[derive(Debug)]
 pub struct PinnedBuffer {
     ptr: *mut u8,
     len: usize,
@@ -380,27 +373,9 @@ impl PinnedBuffer {
         self.len
     }
 
-    pub fn as_slice(&self) -> &[u8] {
-        // SAFETY: `len` bytes allocated by cuMemHostAlloc, owned by `self`.
-        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
-    }
-
-    /// The address [`Gpu::copy_in`] copies from while the buffer is being filled.
-    pub fn as_ptr(&self) -> *const u8 {
-        self.ptr
-    }
-
     pub fn as_mut_slice(&mut self) -> &mut [u8] {
-        // SAFETY: as above, borrowed mutably.
+        // SAFETY: `len` bytes allocated by cuMemHostAlloc, owned by `self`, borrowed mutably.
         unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
-    }
-}
-
-impl std::fmt::Debug for PinnedBuffer {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PinnedBuffer")
-            .field("len", &self.len)
-            .finish()
     }
 }
 

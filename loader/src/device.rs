@@ -299,22 +299,17 @@ impl Device {
                 let mut buffer = HostBuffer::create(shm_dir, bytes).map_err(|e| {
                     LoaderError::OutOfMemory(format!("allocating {bytes} bytes: {e}"))
                 })?;
-                let width = bytes / rows;
-                // Rows are filled on all cores, a layer's keys or values per task.
+                // Rows are filled on all cores.
                 buffer
                     .as_mut_slice()
-                    .par_chunks_mut(width * heads)
+                    .par_chunks_mut(bytes / rows)
                     .enumerate()
-                    .for_each(|(tensor, out)| {
-                        for (index, row) in out.chunks_mut(width).enumerate() {
-                            let row_index = tensor * heads + index;
-                            let mut offset = 0;
-                            for &(source, part) in &sources {
-                                row[offset..offset + part].copy_from_slice(
-                                    &source[row_index * part..(row_index + 1) * part],
-                                );
-                                offset += part;
-                            }
+                    .for_each(|(index, row)| {
+                        let mut offset = 0;
+                        for &(source, part) in &sources {
+                            row[offset..offset + part]
+                                .copy_from_slice(&source[index * part..(index + 1) * part]);
+                            offset += part;
                         }
                     });
                 Ok(Buffer::Host(buffer))

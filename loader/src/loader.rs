@@ -36,10 +36,10 @@ pub struct LoadRequest {
 }
 
 /// The first `ready` of `layers` layers in the buffer at `location` hold their final bytes (on a
-/// GPU: their copies are done). Told while a single cartridge is decoded into a new buffer (a composition, or a cartridge already
-/// resident, is answered whole). Provisional until the load answers: if a cached blob fails
-/// verification the decode starts over in a new buffer (a new location, counting from the start),
-/// and a failed load removes its buffer.
+/// GPU: their copies are done). Told while a single cartridge is decoded into a new buffer (a
+/// composition, or a cartridge already resident, is answered whole). Provisional until the load
+/// answers: if a cached blob fails verification the decode starts over in a new buffer (a new
+/// location, counting from the start), and a failed load removes its buffer.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LayersReady {
     #[serde(flatten)]

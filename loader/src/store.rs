@@ -1,6 +1,7 @@
 //! A tier of decoded cartridges (and compositions) resident in memory under a byte budget: the
-//! device tier, and on a GPU also the host tier. Entries in use are never evicted; the least recently used unused ones go first
-//! when room is needed; a request that cannot fit even then is refused, never overrun.
+//! device tier, and on a GPU also the host tier. Entries in use are never evicted; the least
+//! recently used unused ones go first when room is needed; a request that cannot fit even then is
+//! refused, never overrun.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -155,18 +156,16 @@ impl<B: Resident> Store<B> {
     }
 
     /// Makes a reserved load resident, holding one reference for the caller.
-    pub fn insert(&mut self, key: EntryKey, buffer: B, header: Header) -> Arc<B> {
-        let buffer = Arc::new(buffer);
+    pub fn insert(&mut self, key: EntryKey, buffer: B, header: Header) {
         self.entries.insert(
             key,
             Entry {
-                buffer: buffer.clone(),
+                buffer: Arc::new(buffer),
                 header,
                 refs: 1,
                 used: Instant::now(),
             },
         );
-        buffer
     }
 
     pub fn status(&self) -> StoreStatus {

@@ -258,6 +258,7 @@ fn main() -> Result<()> {
         "expected a disk-tier load, got {}",
         disk.answer["tier"]
     );
+    let compose_rate = gb_per_s(composed_bytes, compose);
     let mut report = json!({
         "benchmark": "loader",
         "cartridge_bytes": payload,
@@ -265,9 +266,8 @@ fn main() -> Result<()> {
         "cold_load_from_registry": {"seconds": cold.total.as_secs_f64(), "gb_per_s": gb_per_s(payload, cold.total), "first_layer_ms": cold.first_layer.as_secs_f64() * 1e3},
         "load_from_disk_tier": {"seconds": disk.total.as_secs_f64(), "gb_per_s": gb_per_s(payload, disk.total), "first_layer_ms": disk.first_layer.as_secs_f64() * 1e3},
         "device_tier_hit_ms": hit.as_secs_f64() * 1e3,
-        "compose_4": {"bytes": composed_bytes, "seconds": compose.as_secs_f64(), "gb_per_s": gb_per_s(composed_bytes, compose)},
+        "compose_4": {"bytes": composed_bytes, "seconds": compose.as_secs_f64(), "gb_per_s": compose_rate},
     });
-    let compose_rate = gb_per_s(composed_bytes, compose);
     if cuda {
         // The second cartridge evicts the first from the GPU; the first comes back from the
         // host tier by one copy.
@@ -299,15 +299,14 @@ fn main() -> Result<()> {
         report["compose_4"]["share_of_fresh_shm_copy"] = json!(compose_rate / fresh);
     }
     if let Some(python) = &args.python {
-        let client = Path::new(env!("CARGO_MANIFEST_DIR")).join("../loader/python");
-        let client = if client.is_dir() {
-            client
-        } else {
-            PathBuf::from("loader/python")
-        };
+        let client = Path::new("loader/python");
+        ensure!(
+            client.is_dir(),
+            "--python: run from the repository root (loader/python/ holds the client)"
+        );
         let status = Command::new(python)
             .arg(client.join("test_client.py"))
-            .env("PYTHONPATH", &client)
+            .env("PYTHONPATH", client)
             .env("LOADER_URL", &url)
             .env("CARTRIDGE", &refs[0])
             .env("CARTRIDGE_FILE", dir.join("c0.safetensors"))

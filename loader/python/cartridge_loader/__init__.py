@@ -17,6 +17,7 @@ which this client maps.
 from __future__ import annotations
 
 import ctypes
+import functools
 import http.client
 import json
 import mmap
@@ -49,6 +50,7 @@ class _DeviceMemory:
         self.__cuda_array_interface__ = {"shape": (nbytes,), "typestr": "|u1", "data": (pointer, False), "version": 3, "strides": None}
 
 
+@functools.cache
 def _driver():
     driver = ctypes.CDLL("libcuda.so.1")
     driver.cuIpcOpenMemHandle_v2.argtypes = [ctypes.POINTER(ctypes.c_uint64), _IpcMemHandle, ctypes.c_uint]
@@ -116,7 +118,7 @@ class Loader:
             raise LoaderError(response.status, answer.get("code", "unknown"), answer.get("message", data.decode(errors="replace")))
         return answer
 
-    def load(self, model: dict, cartridges: list[str], on_layers: Callable[[int, int, str], None] | None = None) -> "Handle":
+    def load(self, model: dict, cartridges: list[str], on_layers: Callable[[int, int, Any], None] | None = None) -> "Handle":
         """Loads (and composes, in order) cartridges for the model with this fingerprint.
 
         With ``on_layers``, the load streams: while a single cartridge is decoded into a new
