@@ -67,3 +67,74 @@ impl Drop for HostBuffer {
         let _ = std::fs::remove_file(&self.path);
     }
 }
+
+/// This loader's own folder of buffer files under a shared base directory (`/dev/shm`), marked
+/// live by an exclusive lock held for the life of the process and removed when dropped.
+///
+/// A loader that dies without cleaning up (SIGKILL, the OOM killer) leaves its folder, and tmpfs
+/// keeps those pages allocated until the files go: a crash-looping sidecar would fill its pod's
+/// memory. The kernel drops a dead process's locks, so the next loader to start removes every
+/// folder whose lock it can take, and never touches one a running loader holds.
+#[derive(Debug)]
+pub struct ShmDir {
+    path: PathBuf,
+    _lock: std::fs::File,
+}
+
+const SHM_PREFIX: &str = "cartridge-loader-";
+const LOCK: &str = "lock";
+
+impl ShmDir {
+    /// Removes the folders dead loaders left under `base`, then makes this process's own.
+    pub fn create(base: &Path) -> std::io::Result<Self> {
+        std::fs::create_dir_all(base)?;
+        let removed = sweep(base);
+        if removed > 0 {
+            tracing::info!(removed, base = %base.display(), "removed buffer folders of loaders that are gone");
+        }
+        // The pid alone can repeat: every container's first process is pid 1.
+        let path = base.join(format!(
+            "{SHM_PREFIX}{}-{:08x}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        std::fs::create_dir(&path)?;
+        // Locked under a temporary name, then renamed: a sweep never sees an unlocked `lock` in a
+        // folder whose loader is alive.
+        let pending = path.join("lock.pending");
+        let lock = std::fs::File::create(&pending)
+            .and_then(|file| file.try_lock().map_err(std::io::Error::from).map(|()| file))
+            .and_then(|file| std::fs::rename(&pending, path.join(LOCK)).map(|()| file))
+            .inspect_err(|_| {
+                let _ = std::fs::remove_dir_all(&path);
+            })?;
+        Ok(Self { path, _lock: lock })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for ShmDir {
+    fn drop(&mut self) {
+        // Consumers that still map a buffer keep their view; the files go with the loader.
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// Removes the loader folders under `base` whose lock no process holds; returns how many.
+/// A folder without a `lock` is one being made right now, and is left alone.
+fn sweep(base: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(base) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .filter(|entry| entry.file_name().to_string_lossy().starts_with(SHM_PREFIX))
+        .filter(|entry| {
+            std::fs::File::open(entry.path().join(LOCK)).is_ok_and(|lock| lock.try_lock().is_ok())
+        })
+        .filter(|entry| std::fs::remove_dir_all(entry.path()).is_ok())
+        .count()
+}

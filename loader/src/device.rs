@@ -118,12 +118,11 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Device {
-    pub fn host(shm_dir: &Path) -> Result<Self, LoaderError> {
-        std::fs::create_dir_all(shm_dir)
-            .map_err(|e| LoaderError::Internal(format!("{}: {e}", shm_dir.display())))?;
-        Ok(Self::Host {
+    /// Host memory: buffers are files in `shm_dir` (see [`crate::buffer::ShmDir`]).
+    pub fn host(shm_dir: &Path) -> Self {
+        Self::Host {
             shm_dir: shm_dir.to_owned(),
-        })
+        }
     }
 
     /// The GPU with this ordinal, with a host tier of `host_budget` bytes.

@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use bytesize::ByteSize;
 use cartridge_client::{Client, PullOptions};
+use cartridge_loader::buffer::ShmDir;
 use cartridge_loader::device::Device;
 use cartridge_loader::disk::DiskCache;
 use cartridge_loader::resolve::Resolver;
@@ -97,7 +98,9 @@ struct ServeArgs {
     /// memory, so one evicted from the GPU comes back by a single copy.
     #[arg(long, default_value = "16GiB")]
     host_budget: ByteSize,
-    /// With `--device host`: where buffers live as files other processes can map.
+    /// With `--device host`: the directory in which the loader makes its own folder of buffers,
+    /// files other processes can map (default /dev/shm). Folders left by loaders that died are
+    /// removed at start.
     #[arg(long)]
     shm_dir: Option<PathBuf>,
     /// Address to listen on (loopback by default; port 0 picks a free one, printed).
@@ -138,24 +141,29 @@ async fn serve(args: ServeArgs) -> Result<()> {
         Some(dir) => dir.clone(),
         None => Paths::from_env()?.cache.join("loader"),
     };
-    let shm_dir = args.shm_dir.clone().unwrap_or_else(|| {
+    let shm_base = args.shm_dir.clone().unwrap_or_else(|| {
         let shared = std::path::Path::new("/dev/shm");
-        let base = if shared.is_dir() {
+        if shared.is_dir() {
             shared.to_owned()
         } else {
             std::env::temp_dir()
-        };
-        base.join(format!("cartridge-loader-{}", std::process::id()))
+        }
     });
     let client = Client::new(&args.registry, args.token.clone())?;
     let resolver = Resolver::new(client, &cache_dir, args.resolve_ttl.into())?;
     let disk = DiskCache::open(&cache_dir, args.disk_cap.as_u64())
         .with_context(|| format!("opening {}", cache_dir.display()))?;
-    let device = match args.device {
-        DeviceArg::Host => Device::host(&shm_dir)?,
-        DeviceArg::Cuda(ordinal) => {
-            Device::cuda(ordinal, args.host_budget.as_u64()).map_err(anyhow::Error::msg)?
+    // The buffer folder lives until the end of `serve`, after the last request.
+    let (device, shm_dir) = match args.device {
+        DeviceArg::Host => {
+            let dir = ShmDir::create(&shm_base)
+                .with_context(|| format!("making a buffer folder in {}", shm_base.display()))?;
+            (Device::host(dir.path()), Some(dir))
         }
+        DeviceArg::Cuda(ordinal) => (
+            Device::cuda(ordinal, args.host_budget.as_u64()).map_err(anyhow::Error::msg)?,
+            None,
+        ),
     };
     tracing::info!(device = %device.describe(), "device tier");
     let options = LoaderOptions {
@@ -207,8 +215,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
                 .await?;
         }
     }
-    // Buffers still mapped by consumers stay valid; the files go with the loader.
-    let _ = std::fs::remove_dir_all(&shm_dir);
+    drop(shm_dir);
     Ok(())
 }
 

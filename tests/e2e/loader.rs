@@ -400,6 +400,51 @@ fn a_registry_killed_mid_load_fails_the_load_then_recovers() {
 }
 
 #[test]
+fn buffer_folders_of_dead_loaders_are_removed_and_live_ones_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let (registry, mut live, model) = setup(dir.path(), 64, &[]);
+    let shm = dir.path().join("shm");
+    let shm_arg = shm.to_str().unwrap();
+    let (status, body) = load(&live, &model, &["team/a@v1"]);
+    assert_eq!(status, 200, "{body}");
+    let live_buffer = std::path::PathBuf::from(body["path"].as_str().unwrap());
+    let unrelated = shm.join("not-a-loader");
+    std::fs::write(&unrelated, b"kept").unwrap();
+
+    // A loader killed outright (SIGKILL) leaves its folder, buffers and all.
+    let token = registry.token(&["team/*:pull"]);
+    let other = |name: &str| {
+        let home = dir.path().join(name);
+        LoaderProcess::start(&home, &registry.url, &token, &["--shm-dir", shm_arg])
+    };
+    let killed = other("killed");
+    let (status, body) = load(&killed, &model, &["team/b@v1"]);
+    assert_eq!(status, 200, "{body}");
+    let killed_buffer = std::path::PathBuf::from(body["path"].as_str().unwrap());
+    drop(killed);
+    assert!(killed_buffer.exists());
+
+    // The next loader to start removes it, and leaves a running loader's buffers alone.
+    let mut next = other("next");
+    assert!(!killed_buffer.parent().unwrap().exists());
+    assert_eq!(
+        std::fs::read(&live_buffer).unwrap(),
+        payload(&dir.path().join("a.safetensors"))
+    );
+    let (status, body) = load(&live, &model, &["team/a@v1"]);
+    assert_eq!((status, body["tier"].as_str()), (200, Some("device")));
+
+    // A graceful stop removes the loader's own folder and nothing else.
+    next.stop();
+    live.stop();
+    let left: Vec<_> = std::fs::read_dir(&shm)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(left, [unrelated]);
+}
+
+#[test]
 fn the_api_serves_on_a_unix_socket() {
     use std::io::{Read, Write};
     let dir = tempfile::tempdir().unwrap();

@@ -372,9 +372,11 @@ pub struct LoaderProcess {
 }
 
 impl LoaderProcess {
-    /// Serves the registry at `registry` with token `token`, caching in `dir/loader-cache`.
+    /// Serves the registry at `registry` with token `token`, caching in `dir/loader-cache`, its
+    /// buffers under `dir/shm` unless `extra` names another `--shm-dir`.
     pub fn start(dir: &Path, registry: &str, token: &str, extra: &[&str]) -> Self {
-        let mut child = Command::new(workspace_binary("cartridge-loader"))
+        let mut command = Command::new(workspace_binary("cartridge-loader"));
+        command
             .args([
                 "serve",
                 "--registry",
@@ -383,9 +385,11 @@ impl LoaderProcess {
                 "127.0.0.1:0",
                 "--cache-dir",
             ])
-            .arg(dir.join("loader-cache"))
-            .arg("--shm-dir")
-            .arg(dir.join("shm"))
+            .arg(dir.join("loader-cache"));
+        if !extra.contains(&"--shm-dir") {
+            command.arg("--shm-dir").arg(dir.join("shm"));
+        }
+        let mut child = command
             .args(extra)
             .env("CARTRIDGE_TOKEN", token)
             .env("RUST_LOG", "warn")
