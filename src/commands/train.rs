@@ -91,6 +91,10 @@ pub struct TrainArgs {
     /// Tokens per packed training row.
     #[arg(long, default_value_t = 2048)]
     pub row_tokens: usize,
+    /// Stop a synthesized message or answer where its last N tokens repeat what it already
+    /// wrote (a loop); 0 keeps loops.
+    #[arg(long, default_value_t = 16, value_name = "N")]
+    pub stop_on_repeat: usize,
     /// Rows per optimizer step.
     #[arg(long, default_value_t = 4)]
     pub rows: usize,
@@ -163,6 +167,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
             chunk_tokens: args.chunk_tokens,
             user_max_tokens: args.user_tokens,
             answer_max_tokens: args.answer_tokens,
+            stop_on_repeat: args.stop_on_repeat,
             description: args.description.clone(),
             seed: args.seed,
             ..SynthesisOptions::default()

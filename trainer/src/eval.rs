@@ -178,6 +178,8 @@ fn evaluate_one(
             sampling: Sampling::GREEDY,
             top_logprobs: None,
             stop_ids: &model.text.stop_ids,
+            // Shown as the model wrote them, loops and all.
+            stop_on_repeat: 0,
             seed: 0,
         };
         let tokens: Vec<u32> = generate(&model.llama, &request)?

@@ -119,6 +119,11 @@ pub struct SynthesisOptions {
     pub user_temperature: f64,
     pub top_logprobs: usize,
     pub logprob_mass: f32,
+    /// A message or answer stops where its last this-many tokens repeat what it already wrote:
+    /// a loop teaches nothing about the corpus. 0 keeps loops (and reads conversation files
+    /// made before this setting existed).
+    #[serde(default)]
+    pub stop_on_repeat: usize,
     /// A line describing the corpus, put before each chunk.
     pub description: Option<String>,
     pub seed: u64,
@@ -135,6 +140,7 @@ impl Default for SynthesisOptions {
             user_temperature: 0.6,
             top_logprobs: 20,
             logprob_mass: 0.99,
+            stop_on_repeat: 16,
             description: None,
             seed: 0,
         }
@@ -164,6 +170,7 @@ fn continue_all(
     max_new_tokens: usize,
     sampling: Sampling,
     top_logprobs: Option<(usize, f32)>,
+    stop_on_repeat: usize,
     seed: u64,
 ) -> Result<Vec<crate::model::Generated>> {
     let encoded: Vec<Vec<u32>> = conversations
@@ -181,6 +188,7 @@ fn continue_all(
         sampling,
         top_logprobs,
         stop_ids: &model.text.stop_ids,
+        stop_on_repeat,
         seed,
     };
     generate(&model.llama, &request)
@@ -288,6 +296,7 @@ pub fn synthesize(
             options.user_max_tokens,
             sampling,
             None,
+            options.stop_on_repeat,
             rng.random(),
         )?;
         let users: Vec<String> = questions
@@ -310,6 +319,7 @@ pub fn synthesize(
             options.answer_max_tokens,
             Sampling::GREEDY,
             top,
+            options.stop_on_repeat,
             0,
         )?;
         for (&i, answer) in kept.iter().zip(answers) {

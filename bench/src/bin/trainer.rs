@@ -189,6 +189,7 @@ fn main() -> Result<()> {
         },
         top_logprobs: None,
         stop_ids: &[],
+        stop_on_repeat: 0,
         seed: 0,
     };
     generate(

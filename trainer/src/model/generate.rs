@@ -38,12 +38,17 @@ pub struct GenerationRequest<'a> {
     /// this many, and no more than needed to cover `keep_mass` of the probability.
     pub top_logprobs: Option<(usize, f32)>,
     pub stop_ids: &'a [u32],
+    /// Stop a sequence once its last this-many tokens repeat a stretch it already wrote (a
+    /// degenerate loop, which small models fall into under greedy decoding), dropping the
+    /// repeat; 0 never does.
+    pub stop_on_repeat: usize,
     pub seed: u64,
 }
 
 #[derive(Debug, Clone, Default)]
 pub struct Generated {
-    /// The new tokens, the stop token included when one ended the sequence.
+    /// The new tokens, the stop token included when one ended the sequence (a repeat that
+    /// ended it is not included).
     pub tokens: Vec<u32>,
     /// Per new token, `(token, log-probability)` of the most likely tokens, best first.
     pub top_logprobs: Vec<Vec<(u32, f32)>>,
@@ -155,6 +160,12 @@ pub fn generate(model: &Llama, request: &GenerationRequest<'_>) -> Result<Vec<Ge
             }
             result.tokens.push(token);
             result.stopped = request.stop_ids.contains(&token);
+            if !result.stopped && repeats(&result.tokens, request.stop_on_repeat) {
+                let kept = result.tokens.len() - request.stop_on_repeat;
+                result.tokens.truncate(kept);
+                result.top_logprobs.truncate(kept);
+                result.stopped = true;
+            }
             next.push(token);
         }
         if results.iter().all(|r| r.stopped)
@@ -183,6 +194,15 @@ pub fn generate(model: &Llama, request: &GenerationRequest<'_>) -> Result<Vec<Ge
         hidden_last = model.forward(&ids, &positions, &mask, Context::Cache(&mut cache))?;
     }
     Ok(results)
+}
+
+/// Whether the last `n` (> 0) tokens already occur earlier in `tokens`.
+fn repeats(tokens: &[u32], n: usize) -> bool {
+    n > 0
+        && tokens.len() > n
+        && tokens[..tokens.len() - 1]
+            .windows(n)
+            .any(|window| window == &tokens[tokens.len() - n..])
 }
 
 /// Picks a token from a row of log-probabilities.

@@ -352,11 +352,52 @@ fn the_real_model_knows_the_capital_of_france() {
         sampling: Sampling::GREEDY,
         top_logprobs: None,
         stop_ids: &loaded.text.stop_ids,
+        stop_on_repeat: 0,
         seed: 0,
     };
     let generated = generate(&loaded.llama, &request).unwrap();
     let answer = loaded.text.decode(&generated[0].tokens).unwrap();
     assert!(answer.contains("Paris"), "{answer:?}");
+}
+
+#[test]
+fn a_sequence_stops_where_it_starts_repeating_itself() {
+    let loaded = smollm2();
+    let prompt = loaded
+        .text
+        .render(
+            &[Message::new(
+                "user",
+                "What is the licensing agreement for a derivative work of the Apache-2 work?",
+            )],
+            true,
+        )
+        .unwrap();
+    let ids = loaded.text.encode(&prompt).unwrap();
+    let prompts = [Vec::new()];
+    let request = |stop_on_repeat| GenerationRequest {
+        prefix: None,
+        shared: &ids,
+        prompts: &prompts,
+        max_new_tokens: 64,
+        sampling: Sampling::GREEDY,
+        top_logprobs: Some((5, 0.99)),
+        stop_ids: &loaded.text.stop_ids,
+        stop_on_repeat,
+        seed: 0,
+    };
+    let n = 8;
+    let free = generate(&loaded.llama, &request(0)).unwrap().remove(0);
+    let stopped = generate(&loaded.llama, &request(n)).unwrap().remove(0);
+    let (free, kept) = (&free.tokens, stopped.tokens.len());
+    assert!(stopped.stopped);
+    assert!(kept + n <= free.len(), "{free:?} has no loop");
+    assert_eq!(stopped.tokens, free[..kept]);
+    assert_eq!(stopped.top_logprobs.len(), kept);
+    // What was kept repeats no stretch of n tokens; the next n tokens would have.
+    let seen = |tokens: &[u32], stretch: &[u32]| tokens.windows(n).any(|w| w == stretch);
+    assert!((n..=kept).all(|end| !seen(&free[..end - 1], &free[end - n..end])));
+    assert!(seen(&free[..kept + n - 1], &free[kept..kept + n]));
 }
 
 #[test]
@@ -405,6 +446,7 @@ fn batched_generation_matches_one_at_a_time() {
             sampling: Sampling::GREEDY,
             top_logprobs: Some((20, 0.99)),
             stop_ids,
+            stop_on_repeat: 0,
             seed: 0,
         }
     }
