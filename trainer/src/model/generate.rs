@@ -168,10 +168,10 @@ pub fn generate(model: &Llama, request: &GenerationRequest<'_>) -> Result<Vec<Ge
             }
             next.push(token);
         }
-        if results.iter().all(|r| r.stopped)
-            || results
-                .iter()
-                .all(|r| r.tokens.len() == request.max_new_tokens)
+        // Done when no sequence would take another token (some may have stopped, others filled).
+        if results
+            .iter()
+            .all(|r| r.stopped || r.tokens.len() == request.max_new_tokens)
         {
             break;
         }
