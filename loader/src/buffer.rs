@@ -6,6 +6,7 @@
 //! counterpart of handing out CUDA IPC handles. The file is unlinked when the buffer is dropped; a process that
 //! still maps it keeps its view.
 
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 pub struct HostBuffer {
@@ -78,11 +79,12 @@ impl Drop for HostBuffer {
 #[derive(Debug)]
 pub struct ShmDir {
     path: PathBuf,
+    /// The folder itself, flock'd while this loader runs: a sweep removes exactly the folders
+    /// whose lock no process holds, including one whose loader died before it took the lock.
     _lock: std::fs::File,
 }
 
 const SHM_PREFIX: &str = "cartridge-loader-";
-const LOCK: &str = "lock";
 
 impl ShmDir {
     /// Removes the folders dead loaders left under `base`, then makes this process's own.
@@ -92,23 +94,37 @@ impl ShmDir {
         if removed > 0 {
             tracing::info!(removed, base = %base.display(), "removed buffer folders of loaders that are gone");
         }
-        // The pid alone can repeat: every container's first process is pid 1.
-        let path = base.join(format!(
-            "{SHM_PREFIX}{}-{:08x}",
-            std::process::id(),
-            rand::random::<u32>()
-        ));
-        std::fs::create_dir(&path)?;
-        // Locked under a temporary name, then renamed: a sweep never sees an unlocked `lock` in a
-        // folder whose loader is alive.
-        let pending = path.join("lock.pending");
-        let lock = std::fs::File::create(&pending)
-            .and_then(|file| file.try_lock().map_err(std::io::Error::from).map(|()| file))
-            .and_then(|file| std::fs::rename(&pending, path.join(LOCK)).map(|()| file))
-            .inspect_err(|_| {
-                let _ = std::fs::remove_dir_all(&path);
-            })?;
-        Ok(Self { path, _lock: lock })
+        let mut attempts = 0;
+        loop {
+            // The pid alone can repeat: every container's first process is pid 1.
+            let path = base.join(format!(
+                "{SHM_PREFIX}{}-{:08x}",
+                std::process::id(),
+                rand::random::<u32>()
+            ));
+            std::fs::create_dir(&path)?;
+            // Another loader's sweep may take the folder between its creation and the lock:
+            // the lock counts only if the path still names the folder that was locked.
+            let locked = std::fs::File::open(&path).and_then(|dir| {
+                dir.try_lock().map_err(std::io::Error::from)?;
+                let same = std::fs::metadata(&path)?.ino() == dir.metadata()?.ino();
+                Ok(same.then_some(dir))
+            });
+            match locked {
+                Ok(Some(lock)) => return Ok(Self { path, _lock: lock }),
+                Ok(None) => {}
+                Err(_) => {
+                    let _ = std::fs::remove_dir_all(&path);
+                }
+            }
+            attempts += 1;
+            if attempts == 8 {
+                return Err(std::io::Error::other(format!(
+                    "could not make a locked buffer folder under {}",
+                    base.display()
+                )));
+            }
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -124,7 +140,6 @@ impl Drop for ShmDir {
 }
 
 /// Removes the loader folders under `base` whose lock no process holds; returns how many.
-/// A folder without a `lock` is one being made right now, and is left alone.
 fn sweep(base: &Path) -> usize {
     let Ok(entries) = std::fs::read_dir(base) else {
         return 0;
@@ -133,8 +148,11 @@ fn sweep(base: &Path) -> usize {
         .flatten()
         .filter(|entry| entry.file_name().to_string_lossy().starts_with(SHM_PREFIX))
         .filter(|entry| {
-            std::fs::File::open(entry.path().join(LOCK)).is_ok_and(|lock| lock.try_lock().is_ok())
+            // Held while removing: a loader that makes this folder right now cannot lock it
+            // meanwhile, and so never keeps a folder that is being removed.
+            std::fs::File::open(entry.path()).is_ok_and(|dir| {
+                dir.try_lock().is_ok() && std::fs::remove_dir_all(entry.path()).is_ok()
+            })
         })
-        .filter(|entry| std::fs::remove_dir_all(entry.path()).is_ok())
         .count()
 }

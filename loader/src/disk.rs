@@ -1,5 +1,5 @@
 //! The disk tier: verified blobs as stored, content-addressed, under a size cap with
-//! least-recently-used eviction. Blobs a load is using are pinned and never evicted under it.
+//! least-recently-used eviction (partial downloads count and go the same way). Blobs a load is using are pinned and never evicted under it.
 //! The index is rebuilt from the directory at start, with file times as last use, so the cache
 //! survives restarts; every read re-verifies the blob (decoding checks its digest).
 
@@ -36,29 +36,32 @@ impl DiskCache {
     pub fn open(root: &Path, cap: u64) -> Result<Self, cartridge_client::ClientError> {
         let cache = Cache::new(root)?;
         let mut entries = HashMap::new();
-        let blobs = root.join("blobs");
-        for entry in std::fs::read_dir(&blobs)
-            .map_err(cartridge_client::ClientError::io(&blobs))?
-            .flatten()
-        {
-            let (Some(digest), Ok(metadata)) = (
-                entry
-                    .file_name()
-                    .to_str()
-                    .and_then(|n| Digest::from_hex(n).ok()),
-                entry.metadata(),
-            ) else {
-                continue;
-            };
-            let used = metadata.modified().unwrap_or(SystemTime::UNIX_EPOCH);
-            entries.insert(
-                digest,
-                Entry {
-                    size: metadata.len(),
+        // Partial downloads count against the cap like blobs (a later load resumes one), so one
+        // whose blob is never asked for again is evicted in its turn instead of staying for good.
+        for dir in ["partial", "blobs"] {
+            let dir = root.join(dir);
+            for entry in std::fs::read_dir(&dir)
+                .map_err(cartridge_client::ClientError::io(&dir))?
+                .flatten()
+            {
+                let (Some(digest), Ok(metadata)) = (
+                    entry
+                        .file_name()
+                        .to_str()
+                        .and_then(|n| Digest::from_hex(n).ok()),
+                    entry.metadata(),
+                ) else {
+                    continue;
+                };
+                let used = metadata.modified().unwrap_or(SystemTime::UNIX_EPOCH);
+                let entry = entries.entry(digest).or_insert(Entry {
+                    size: 0,
                     used,
                     pins: 0,
-                },
-            );
+                });
+                entry.size += metadata.len();
+                entry.used = entry.used.max(used);
+            }
         }
         Ok(Self {
             cache,
@@ -104,10 +107,10 @@ impl DiskCache {
         for digest in digests {
             if let Some(entry) = entries.get_mut(digest) {
                 entry.pins = entry.pins.saturating_sub(1);
-                entry.size = std::fs::metadata(self.cache.blob(digest)).map_or(0, |m| m.len());
+                entry.size = self.bytes_on_disk(digest);
             }
         }
-        entries.retain(|digest, entry| entry.pins > 0 || self.cache.blob(digest).exists());
+        entries.retain(|digest, entry| entry.pins > 0 || self.bytes_on_disk(digest) > 0);
         let mut used: u64 = entries.values().map(|e| e.size).sum();
         let mut evicted = 0;
         while used > self.cap {
@@ -120,6 +123,7 @@ impl DiskCache {
                 break;
             };
             let _ = std::fs::remove_file(self.cache.blob(&digest));
+            let _ = std::fs::remove_file(self.cache.partial(&digest));
             entries.remove(&digest);
             used -= size;
             evicted += 1;
@@ -128,6 +132,14 @@ impl DiskCache {
             metrics::counter!("loader_evictions_total", "tier" => "disk").increment(evicted);
         }
         evicted
+    }
+
+    /// The blob's bytes, or those of its partial download (a blob is never both for long).
+    fn bytes_on_disk(&self, digest: &Digest) -> u64 {
+        [self.cache.blob(digest), self.cache.partial(digest)]
+            .iter()
+            .map(|path| std::fs::metadata(path).map_or(0, |m| m.len()))
+            .sum()
     }
 
     pub fn usage(&self) -> DiskUsage {
@@ -141,5 +153,62 @@ impl DiskCache {
             used: entries.0,
             blobs: entries.1,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// Writes `size` bytes at `path`, last used `age_s` seconds ago.
+    fn file(path: &Path, size: usize, age_s: u64) {
+        std::fs::write(path, vec![0u8; size]).unwrap();
+        let used = SystemTime::now() - Duration::from_secs(age_s);
+        let file = std::fs::File::options().write(true).open(path).unwrap();
+        file.set_modified(used).unwrap();
+    }
+
+    #[test]
+    fn blobs_and_partial_downloads_share_the_cap_and_go_least_recently_used_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::new(dir.path()).unwrap();
+        let [old, partial, recent, loading] = [1u8, 2, 3, 4].map(|n| Digest::of(&[n]));
+        file(&cache.blob(&old), 300, 300);
+        file(&cache.partial(&partial), 400, 200);
+        file(&cache.blob(&recent), 300, 100);
+        std::fs::write(dir.path().join("blobs/not-a-digest"), b"left alone").unwrap();
+
+        let disk = DiskCache::open(dir.path(), 1000).unwrap();
+        let usage = disk.usage();
+        assert_eq!((usage.used, usage.blobs), (1000, 3));
+
+        // A load pins its blob while it downloads; once done, the cache is over its cap and the
+        // two least recently used go, the forgotten partial download among them.
+        disk.pin(&[loading]);
+        file(&cache.blob(&loading), 500, 0);
+        assert_eq!(disk.unpin(&[loading]), 2);
+        assert!(!cache.blob(&old).exists());
+        assert!(!cache.partial(&partial).exists());
+        assert!(cache.blob(&recent).exists() && cache.blob(&loading).exists());
+        assert_eq!(disk.usage().used, 800);
+        assert!(dir.path().join("blobs/not-a-digest").exists());
+    }
+
+    #[test]
+    fn what_a_load_uses_is_never_evicted() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::new(dir.path()).unwrap();
+        let [used, other] = [1u8, 2].map(|n| Digest::of(&[n]));
+        file(&cache.blob(&used), 600, 300);
+        let disk = DiskCache::open(dir.path(), 1000).unwrap();
+        disk.pin(&[used]);
+        disk.pin(&[other]);
+        file(&cache.blob(&other), 600, 0);
+        // Over the cap: the pinned blob is the least recently used, yet the other one goes.
+        assert_eq!(disk.unpin(&[other]), 1);
+        assert!(cache.blob(&used).exists() && !cache.blob(&other).exists());
+        assert_eq!(disk.unpin(&[used]), 0);
+        assert_eq!(disk.usage().used, 600);
     }
 }

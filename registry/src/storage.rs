@@ -808,18 +808,39 @@ impl Storage {
         Ok(names)
     }
 
+    /// The cartridges of a namespace that hold something to pull: a name whose versions were
+    /// all deleted (their tombstones stay) and that no tag points from is not listed.
     pub async fn names(
         &self,
         namespace: &Namespace,
     ) -> Result<Vec<cartridge_schemas::reference::Name>> {
-        let mut names: Vec<_> = self
-            .list_children(Key::Namespace(namespace))
-            .await?
-            .into_iter()
-            .filter_map(|n| n.parse().ok())
-            .collect();
+        let mut names = Vec::new();
+        for name in self.list_children(Key::Namespace(namespace)).await? {
+            let Ok(name) = name.parse() else {
+                continue;
+            };
+            let repo = Repository {
+                namespace: namespace.clone(),
+                name,
+            };
+            if self.has_content(&repo).await? {
+                names.push(repo.name);
+            }
+        }
         names.sort();
         Ok(names)
+    }
+
+    /// Stops at the first live version, so a listing costs about one read per name.
+    async fn has_content(&self, repo: &Repository) -> Result<bool> {
+        for name in self.list_children(Key::Versions(repo)).await? {
+            if let Ok(version) = name.parse::<Version>()
+                && self.version(repo, &version).await?.is_some()
+            {
+                return Ok(true);
+            }
+        }
+        Ok(!self.tags(repo).await?.is_empty())
     }
 
     pub async fn namespace_settings(&self, namespace: &Namespace) -> Result<NamespaceSettings> {

@@ -423,10 +423,14 @@ fn buffer_folders_of_dead_loaders_are_removed_and_live_ones_kept() {
     let killed_buffer = std::path::PathBuf::from(body["path"].as_str().unwrap());
     drop(killed);
     assert!(killed_buffer.exists());
+    // One killed after making its folder and before locking it.
+    let unlocked = shm.join("cartridge-loader-1-0badf00d");
+    std::fs::create_dir(&unlocked).unwrap();
 
     // The next loader to start removes it, and leaves a running loader's buffers alone.
     let mut next = other("next");
     assert!(!killed_buffer.parent().unwrap().exists());
+    assert!(!unlocked.exists());
     assert_eq!(
         std::fs::read(&live_buffer).unwrap(),
         payload(&dir.path().join("a.safetensors"))

@@ -341,8 +341,8 @@ async fn listings_and_settings(storage: &Storage) {
         .iter()
         .map(ToString::to_string)
         .collect();
-    // legal/contracts keeps its deleted version's tombstone.
-    assert_eq!(names, ["contracts", "tagged"]);
+    // legal/contracts keeps only its deleted version's tombstone: nothing to list.
+    assert_eq!(names, ["tagged"]);
 
     let legal = "legal".parse().unwrap();
     assert_eq!(
