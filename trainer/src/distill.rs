@@ -16,7 +16,7 @@ use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::model::{Context, Llama, LoadedModel, Message, Prefix};
+use crate::model::{Context, Llama, LoadedModel, Prefix};
 use crate::synthesis::Conversation;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -123,25 +123,33 @@ struct Batch {
 }
 
 impl<'a> Distiller<'a> {
-    /// Initializes the cartridge from the keys and values of the corpus's first tokens, wrapped
-    /// in the chat template as a system message (the reference's best initialization).
+    /// Initializes the cartridge from the keys and values of a system turn holding the corpus's
+    /// first tokens, as many as fit with the template around them (the reference's best
+    /// initialization; the student reads its conversations as following a system turn).
     pub fn from_corpus(
         model: &'a LoadedModel,
         corpus_text: &str,
         options: DistillOptions,
     ) -> Result<Self> {
-        let rendered = model
-            .text
-            .render(&[Message::new("system", corpus_text)], false)?;
-        let ids = model.text.encode(&rendered)?;
-        if ids.len() < options.tokens {
+        let (before, after) = model.text.system_turn()?;
+        let (before, after) = (model.text.encode(&before)?, model.text.encode(&after)?);
+        let template = before.len() + after.len();
+        let room = options.tokens.checked_sub(template).filter(|&n| n > 0).ok_or_else(|| {
+            Error::Data(format!(
+                "a cartridge of {} tokens cannot hold a system turn ({template} tokens of template around the corpus)",
+                options.tokens
+            ))
+        })?;
+        let corpus = model.text.encode(corpus_text)?;
+        if corpus.len() < room {
             return Err(Error::Data(format!(
-                "the corpus has {} tokens (chat-wrapped), fewer than the {} the cartridge should hold",
-                ids.len(),
+                "the corpus has {} tokens, fewer than the {room} a cartridge of {} tokens holds (with {template} of chat template)",
+                corpus.len(),
                 options.tokens
             )));
         }
-        let prefix = model.llama.prefix_of(&ids[..options.tokens])?;
+        let ids: Vec<u32> = [&before, &corpus[..room], &after].concat();
+        let prefix = model.llama.prefix_of(&ids)?;
         Self::from_prefix(&model.llama, &prefix, options)
     }
 

@@ -53,8 +53,8 @@ pub enum Setting {
     Bare,
     /// Text in a system message (the corpus, or its first tokens).
     Text(String),
-    /// A cartridge (or several composed), in front of a conversation without a system message,
-    /// as it was trained.
+    /// A cartridge (or several composed) standing for a system turn, the conversation following
+    /// it, as it was trained.
     Cartridge(Prefix),
 }
 
@@ -116,21 +116,18 @@ fn evaluate_one(
     samples: usize,
     max_answer_tokens: usize,
 ) -> Result<ModeReport> {
-    let conversation = |question: &str| -> Vec<Message> {
-        match setting {
-            Setting::Text(text) => vec![
-                Message::new("system", text.clone()),
-                Message::new("user", question),
-            ],
-            Setting::Bare | Setting::Cartridge(_) => vec![Message::new("user", question)],
-        }
-    };
     let prompts: Vec<Vec<u32>> = qa
         .iter()
         .map(|pair| {
-            model
-                .text
-                .encode(&model.text.render(&conversation(&pair.question), true)?)
+            let question = Message::new("user", &pair.question);
+            let rendered = match setting {
+                Setting::Bare => model.text.render(&[question], true)?,
+                Setting::Text(text) => model
+                    .text
+                    .render(&[Message::new("system", text.clone()), question], true)?,
+                Setting::Cartridge(_) => model.text.render_after_system(&[question], true)?,
+            };
+            model.text.encode(&rendered)
         })
         .collect::<Result<_>>()?;
     // Context text is read once: its keys and values serve every question, like a cartridge.

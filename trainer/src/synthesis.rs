@@ -89,7 +89,8 @@ pub struct Conversation {
     pub seed: SeedKind,
     pub user: String,
     pub assistant: String,
-    /// What the student reads before the answer: the chat-templated user turn, no chunk.
+    /// What the student reads before the answer, after the cartridge: the chat-templated user
+    /// turn as it follows a system turn (no chunk, no default system prompt).
     pub prompt_ids: Vec<u32>,
     /// The teacher's answer, its stop token included when it finished.
     pub answer_ids: Vec<u32>,
@@ -153,7 +154,14 @@ struct Provenance {
     corpus: cartridge_schemas::Digest,
     model: cartridge_schemas::Digest,
     options: SynthesisOptions,
+    /// How the student's prompts were rendered: [`PROMPT_FORMAT`]; 0 in files made before it
+    /// (the user turn alone, with a template's default system prompt), which are not resumed.
+    #[serde(default)]
+    prompt_format: u32,
 }
+
+/// Student prompts follow the system turn the cartridge stands for.
+const PROMPT_FORMAT: u32 = 1;
 
 /// The longest token prefix every list shares.
 fn common_prefix(lists: &[Vec<u32>]) -> usize {
@@ -217,6 +225,7 @@ pub fn synthesize(
         corpus: corpus.digest,
         model: model.fingerprint.weights,
         options: options.clone(),
+        prompt_format: PROMPT_FORMAT,
     };
     let meta_path = path.with_extension("meta.json");
     let mut conversations = match std::fs::read_to_string(&meta_path) {
@@ -225,7 +234,7 @@ pub fn synthesize(
                 .map_err(|e| Error::Data(format!("{}: {e}", meta_path.display())))?;
             if stored != provenance {
                 return Err(Error::Data(format!(
-                    "{} holds conversations for another corpus, model or settings; choose another work directory",
+                    "{} holds conversations for another corpus, model or settings (or made by an older version); choose another work directory",
                     path.display()
                 )));
             }
@@ -325,7 +334,7 @@ pub fn synthesize(
         for (&i, answer) in kept.iter().zip(answers) {
             let prompt = model
                 .text
-                .render(&[Message::new("user", users[i].clone())], true)?;
+                .render_after_system(&[Message::new("user", users[i].clone())], true)?;
             let conversation = Conversation {
                 batch: batch_index - 1,
                 chunk_start: start,

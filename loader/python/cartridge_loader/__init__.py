@@ -10,6 +10,8 @@ which this client maps.
     loader = Loader("http://127.0.0.1:7071")           # or Loader(socket="/run/cartridge.sock")
     handle = loader.load(model_fingerprint, ["legal/contracts@v3", "hr/handbook@v1"])
     cache = handle.dynamic_cache()                     # prompt positions start at handle.tokens
+    # A cartridge stands for a system turn: the prompt is the conversation as it follows one
+    # (rendered after a system message, that message's text removed; no BOS).
     ...
     handle.release()                                   # the tensors are invalid from here on
 """

@@ -286,4 +286,41 @@ impl TextCodec {
             .and_then(|t| t.render(context))
             .map_err(bad)
     }
+
+    /// The template's text around a system message's content, the turn closed: a cartridge
+    /// initialized from corpus text stands for that system turn.
+    pub fn system_turn(&self) -> Result<(String, String)> {
+        let turn = self.render(&[Message::new("system", MARKER)], false)?;
+        turn.split_once(MARKER)
+            .map(|(before, after)| (before.to_owned(), after.to_owned()))
+            .ok_or_else(|| {
+                Error::Model("the chat template drops a system message's content".into())
+            })
+    }
+
+    /// `messages` rendered as they follow a system turn: what a model with a cartridge (which
+    /// stands for the system turn) reads. Rendered alone they would get the template's
+    /// beginning of text and, in some templates, a default system prompt.
+    pub fn render_after_system(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+    ) -> Result<String> {
+        let system = Message::new("system", MARKER);
+        let turn = self.render(std::slice::from_ref(&system), false)?;
+        let conversation: Vec<Message> = std::iter::once(system)
+            .chain(messages.iter().cloned())
+            .collect();
+        self.render(&conversation, add_generation_prompt)?
+            .strip_prefix(&turn)
+            .map(str::to_owned)
+            .ok_or_else(|| {
+                Error::Model(
+                    "the chat template renders a system message differently once a conversation follows it".into(),
+                )
+            })
+    }
 }
+
+/// Content no template writes itself, to find where a message's content goes.
+const MARKER: &str = "\u{e000}content\u{e000}";

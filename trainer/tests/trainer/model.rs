@@ -516,3 +516,24 @@ fn a_hugging_face_checkpoint_loads_to_the_same_model() {
         "the fingerprint names the weights file"
     );
 }
+
+#[test]
+fn a_conversation_renders_after_the_system_turn_a_cartridge_stands_for() {
+    let text = &smollm2().text;
+    let system = Message::new("system", "The lighthouse on Varn is green.");
+    let user = Message::new("user", "What color is the lighthouse?");
+    let turn = text.render(std::slice::from_ref(&system), false).unwrap();
+    let (before, after) = text.system_turn().unwrap();
+    assert_eq!(format!("{before}{}{after}", system.content), turn);
+
+    let following = text
+        .render_after_system(std::slice::from_ref(&user), true)
+        .unwrap();
+    assert_eq!(
+        format!("{turn}{following}"),
+        text.render(&[system, user.clone()], true).unwrap()
+    );
+    // Alone, the user turn would get the template's default system prompt.
+    assert!(text.render(&[user], true).unwrap().contains("SmolLM"));
+    assert!(!following.contains("SmolLM"), "{following}");
+}

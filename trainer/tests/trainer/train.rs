@@ -179,6 +179,8 @@ fn synthesis_writes_readable_conversations_and_resumes() {
         // The student's view has no chunk in it.
         let prompt = model.text.decode(&conversation.prompt_ids).unwrap();
         assert!(!prompt.contains("lighthouse on Varn"), "{prompt}");
+        // ...nor the template's default system prompt: the cartridge stands for the system turn.
+        assert!(!prompt.contains("SmolLM"), "{prompt}");
     }
     assert_eq!(read_conversations(&path).unwrap(), first);
 
