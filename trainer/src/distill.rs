@@ -1,8 +1,10 @@
 //! Context distillation: train the cartridge so the model reading only the conversation (after
 //! the cartridge) predicts the answers as the model did with the chunk in its context.
 //!
-//! The loss on each answer token is the cross-entropy against the teacher's kept top-k
-//! distribution, `-Σ p_teacher · log p_student`, averaged over answer tokens. Several
+//! The loss on each answer token is the divergence from the teacher's kept top-k distribution,
+//! `Σ p_teacher · (log p_teacher - log p_student)`, averaged over answer tokens: the reference's
+//! cross-entropy less the teacher's entropy, a constant, so the gradients are the same and 0
+//! reads as "predicts as the teacher did" (a cross-entropy's floor varies with the data). Several
 //! conversations are packed into each row (each attends to the cartridge and to itself, and
 //! starts at position P), several rows make a step. Only the cartridge trains, with Adam at a
 //! constant learning rate; its first `frozen` tokens (the attention sink) stay as initialized.
@@ -118,6 +120,8 @@ struct Batch {
     rows: Tensor,
     teacher_ids: Tensor,
     teacher_probabilities: Tensor,
+    /// `Σ p log p` over the kept teacher distributions: minus their summed entropy.
+    teacher_negentropy: f64,
     targets: usize,
     tokens: usize,
 }
@@ -294,6 +298,7 @@ impl<'a> Distiller<'a> {
         let mut mask = vec![f32::NEG_INFINITY; batch * length * (p + length)];
         let (mut flat_rows, mut teacher_ids, mut teacher_probabilities) =
             (Vec::new(), Vec::new(), Vec::new());
+        let mut teacher_negentropy = 0f64;
         // As many teacher slots as the widest kept distribution in this batch.
         let k = rows
             .iter()
@@ -337,6 +342,10 @@ impl<'a> Distiller<'a> {
                         });
                         teacher_ids.push(id);
                         teacher_probabilities.push(probability);
+                        if probability > 0.0 {
+                            teacher_negentropy +=
+                                f64::from(probability) * f64::from(probability).ln();
+                        }
                     }
                 }
                 start += sequence.len();
@@ -359,6 +368,7 @@ impl<'a> Distiller<'a> {
             rows: Tensor::from_vec(flat_rows, targets, device)?,
             teacher_ids: Tensor::from_vec(teacher_ids, (targets, k), device)?,
             teacher_probabilities: Tensor::from_vec(teacher_probabilities, (targets, k), device)?,
+            teacher_negentropy,
             targets,
             tokens,
         })
@@ -381,8 +391,8 @@ impl<'a> Distiller<'a> {
         let logits = llama.logits(&hidden)?.to_dtype(DType::F32)?;
         let log_probabilities = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
         let picked = log_probabilities.gather(&batch.teacher_ids.contiguous()?, 1)?;
-        let loss = (picked * &batch.teacher_probabilities)?.sum_all()?.neg()?;
-        Ok((loss / batch.targets as f64)?)
+        let cross_entropy = (picked * &batch.teacher_probabilities)?.sum_all()?.neg()?;
+        Ok(((cross_entropy + batch.teacher_negentropy)? / batch.targets as f64)?)
     }
 
     /// Saves the cartridge and the optimizer's moments, to resume from.

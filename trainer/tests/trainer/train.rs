@@ -4,7 +4,9 @@ use candle_core::{DType, Device, IndexOp};
 use cartridge_schemas::fingerprint::{ModelFingerprint, Rope, RopeLayout};
 use cartridge_trainer::corpus::Corpus;
 use cartridge_trainer::distill::{DistillOptions, Distiller};
-use cartridge_trainer::model::{Config, Llama, LoadedModel, ModelSource, TextCodec};
+use cartridge_trainer::model::{
+    Config, Context, Llama, LoadedModel, ModelSource, TextCodec, causal_mask,
+};
 use cartridge_trainer::synthesis::{
     Conversation, SeedKind, SynthesisOptions, read_conversations, synthesize,
 };
@@ -114,6 +116,70 @@ fn distillation_lowers_the_loss_and_keeps_the_frozen_token() {
         let moved = max_difference(&trained.values[layer], &start.values[layer]);
         assert!(moved > 0.0, "layer {layer} did not train");
     }
+}
+
+#[test]
+fn the_loss_is_zero_where_the_student_already_predicts_as_its_teacher() {
+    let model = tiny_model();
+    let start = initial_prefix(&model);
+    let p = start.tokens();
+    // The teacher of this conversation is the student itself: its whole next-token distribution
+    // after the initial cartridge.
+    let (prompt, answer) = (vec![1u32, 210, 300, 2], vec![120u32, 133, 101, 145]);
+    let ids: Vec<u32> = prompt.iter().chain(&answer).copied().collect();
+    let device = Device::Cpu;
+    let positions: Vec<u32> = (p..p + ids.len()).map(|i| i as u32).collect();
+    let hidden = model
+        .llama
+        .forward(
+            &candle_core::Tensor::new(ids.as_slice(), &device)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap(),
+            &candle_core::Tensor::new(positions.as_slice(), &device)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap(),
+            &causal_mask(&[ids.len()], p, ids.len(), DType::F32, &device).unwrap(),
+            Context::Prefix(&start),
+        )
+        .unwrap();
+    let log_probabilities = candle_nn::ops::log_softmax(
+        &model.llama.logits(&hidden.i(0).unwrap()).unwrap(),
+        candle_core::D::Minus1,
+    )
+    .unwrap()
+    .to_vec2::<f32>()
+    .unwrap();
+    let teacher = (prompt.len() - 1..ids.len() - 1)
+        .map(|i| (0u32..).zip(log_probabilities[i].iter().copied()).collect())
+        .collect();
+    let conversation = Conversation {
+        prompt_ids: prompt,
+        answer_ids: answer,
+        teacher,
+        ..conversations(1).remove(0)
+    };
+    let mut distiller = Distiller::from_prefix(&model.llama, &start, options(1)).unwrap();
+    distiller
+        .train(&[conversation], |_, _, _, _| Ok(()))
+        .unwrap();
+    assert!(
+        distiller.losses[0].abs() < 1e-4,
+        "loss {}",
+        distiller.losses[0]
+    );
+
+    // Against a teacher it does not match, the loss is positive.
+    let mut distiller = Distiller::from_prefix(&model.llama, &start, options(3)).unwrap();
+    distiller
+        .train(&conversations(4), |_, _, _, _| Ok(()))
+        .unwrap();
+    assert!(
+        distiller.losses.iter().all(|&l| l > 0.1),
+        "losses {:?}",
+        distiller.losses
+    );
 }
 
 #[test]
