@@ -1,4 +1,7 @@
+use std::io::IsTerminal;
 use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use candle_core::{DType, Device};
@@ -128,19 +131,42 @@ fn parse_range(text: &str) -> Result<(usize, usize), String> {
 struct Bars {
     synthesis: ProgressBar,
     training: ProgressBar,
+    /// Where stderr is not a terminal (a job's log), bars draw nothing, so progress goes out as
+    /// lines instead: the first and last of each phase and one every [`LOG_EVERY`] between.
+    /// (The phase and time of the last line.)
+    lines: Option<Mutex<Option<(&'static str, Instant)>>>,
+}
+
+const LOG_EVERY: Duration = Duration::from_secs(30);
+
+impl Bars {
+    fn line(&self, phase: &'static str, last: bool, line: impl FnOnce() -> String) {
+        let Some(lines) = &self.lines else { return };
+        let mut logged = lines.lock().unwrap_or_else(|e| e.into_inner());
+        if last || logged.is_none_or(|(p, at)| p != phase || at.elapsed() >= LOG_EVERY) {
+            eprintln!("{phase}: {}", line());
+            *logged = Some((phase, Instant::now()));
+        }
+    }
 }
 
 impl TrainProgress for Bars {
     fn synthesized(&self, done: usize, total: usize) {
         self.synthesis.set_length(total as u64);
         self.synthesis.set_position(done as u64);
+        self.line("synthesis", done == total, || {
+            format!("{done}/{total} conversations")
+        });
     }
 
     fn stepped(&self, step: usize, total: usize, loss: f32, tokens_per_second: f64) {
+        let message = format!("loss {loss:.4}, {tokens_per_second:.0} tok/s");
         self.training.set_length(total as u64);
         self.training.set_position(step as u64);
-        self.training
-            .set_message(format!("loss {loss:.4}, {tokens_per_second:.0} tok/s"));
+        self.training.set_message(message.clone());
+        self.line("training", step == total, || {
+            format!("step {step}/{total}, {message}")
+        });
     }
 }
 
@@ -206,6 +232,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         training: ProgressBar::with_draw_target(None, target()).with_style(style(
             "training  [{bar:30}] {pos}/{len} steps {msg} {elapsed}",
         )),
+        lines: (!std::io::stderr().is_terminal()).then(|| Mutex::new(None)),
     };
     let report = train(&model, &corpus, &request, &bars)?;
     bars.synthesis.finish_and_clear();

@@ -62,8 +62,14 @@ fn train_then_eval_on_the_real_model() {
     assert_eq!(first["header"]["tokens"], 32);
     assert_eq!(first["header"]["frozen_tokens"], 1);
     // Asked for more steps, the run resumes: the same conversations, two steps further.
-    let second: Value = cartridge(dir.path(), &train_args(model, "4")).json();
+    let run = cartridge(dir.path(), &train_args(model, "4"));
+    // Its stderr is not a terminal, as in a job's log: progress comes as lines.
+    let log = run.stderr.clone();
+    let second: Value = run.json();
     assert_eq!(second["steps"], 4);
+    assert!(log.contains("synthesis: 3/3 conversations"), "{log}");
+    assert!(log.contains("training: step 3/4, loss "), "{log}");
+    assert!(log.contains("training: step 4/4, loss "), "{log}");
     assert!(
         second["synthesis_seconds"].as_f64().unwrap()
             < first["synthesis_seconds"].as_f64().unwrap()

@@ -264,6 +264,7 @@ pub fn synthesize(
         .map_err(|e| Error::io(path, e))?;
     // Each batch draws from its own seed, so a resumed run continues the same sequence.
     let mut batch_index = conversations.iter().map(|c| c.batch + 1).max().unwrap_or(0);
+    progress(conversations.len(), options.conversations);
     while conversations.len() < options.conversations {
         let mut rng = rand::rngs::StdRng::seed_from_u64(
             options.seed ^ batch_index.wrapping_mul(0x9e37_79b9_7f4a_7c15),
