@@ -57,12 +57,17 @@ pub struct TrainReport {
     pub header: Header,
     pub conversations: usize,
     pub steps: usize,
+    /// The mean loss of the last [`FINAL_LOSS_STEPS`] steps: one step's loss swings with the
+    /// conversations it drew.
     pub final_loss: Option<f32>,
     pub synthesis_seconds: f64,
     pub training_seconds: f64,
     /// Packed tokens per second through forward and backward.
     pub training_tokens_per_second: f64,
 }
+
+/// How many of the last steps the reported final loss averages.
+pub const FINAL_LOSS_STEPS: usize = 10;
 
 pub fn train(
     model: &LoadedModel,
@@ -112,7 +117,8 @@ pub fn train(
         Ok(())
     })?;
     let training_seconds = training.elapsed().as_secs_f64();
-    let final_loss = distiller.losses.last().copied();
+    let last = &distiller.losses[distiller.losses.len().saturating_sub(FINAL_LOSS_STEPS)..];
+    let final_loss = (!last.is_empty()).then(|| last.iter().sum::<f32>() / last.len() as f32);
     let provenance = json!({
         "trainer": {
             "method": request.objective,
