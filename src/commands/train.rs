@@ -237,17 +237,19 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let report = train(&model, &corpus, &request, &bars)?;
     bars.synthesis.finish_and_clear();
     bars.training.finish_and_clear();
+    let loss = |l: Option<f32>| l.map_or("-".into(), |l| format!("{l:.4}"));
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         println!(
-            "wrote {}: {} tokens, {} from {} conversations in {} steps (loss {}), {:.0} training tok/s",
+            "wrote {}: {} tokens, {} from {} conversations in {} steps (loss {} to {}), {:.0} training tok/s",
             report.output.display(),
             report.header.tokens,
             human_bytes(report.header.payload_bytes()),
             report.conversations,
             report.steps,
-            report.final_loss.map_or("-".into(), |l| format!("{l:.4}")),
+            loss(report.first_loss),
+            loss(report.final_loss),
             report.training_tokens_per_second
         );
     }

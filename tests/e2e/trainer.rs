@@ -70,6 +70,10 @@ fn train_then_eval_on_the_real_model() {
     assert!(log.contains("synthesis: 3/3 conversations"), "{log}");
     assert!(log.contains("training: step 3/4, loss "), "{log}");
     assert!(log.contains("training: step 4/4, loss "), "{log}");
+    // Losses are divergences from the teacher: never negative.
+    for loss in ["first_loss", "final_loss"] {
+        assert!(second[loss].as_f64().unwrap() >= 0.0, "{second}");
+    }
     assert!(
         second["synthesis_seconds"].as_f64().unwrap()
             < first["synthesis_seconds"].as_f64().unwrap()

@@ -57,8 +57,9 @@ pub struct TrainReport {
     pub header: Header,
     pub conversations: usize,
     pub steps: usize,
-    /// The mean loss of the last [`FINAL_LOSS_STEPS`] steps: one step's loss swings with the
-    /// conversations it drew.
+    /// The mean loss of the first and of the last [`LOSS_STEPS`] steps (one step's loss swings
+    /// with the conversations it drew): how far training moved the cartridge toward the teacher.
+    pub first_loss: Option<f32>,
     pub final_loss: Option<f32>,
     pub synthesis_seconds: f64,
     pub training_seconds: f64,
@@ -66,8 +67,8 @@ pub struct TrainReport {
     pub training_tokens_per_second: f64,
 }
 
-/// How many of the last steps the reported final loss averages.
-pub const FINAL_LOSS_STEPS: usize = 10;
+/// How many steps the reported first and final losses average.
+pub const LOSS_STEPS: usize = 10;
 
 pub fn train(
     model: &LoadedModel,
@@ -117,8 +118,12 @@ pub fn train(
         Ok(())
     })?;
     let training_seconds = training.elapsed().as_secs_f64();
-    let last = &distiller.losses[distiller.losses.len().saturating_sub(FINAL_LOSS_STEPS)..];
-    let final_loss = (!last.is_empty()).then(|| last.iter().sum::<f32>() / last.len() as f32);
+    let mean = |losses: &[f32]| {
+        (!losses.is_empty()).then(|| losses.iter().sum::<f32>() / losses.len() as f32)
+    };
+    let losses = &distiller.losses;
+    let first_loss = mean(&losses[..losses.len().min(LOSS_STEPS)]);
+    let final_loss = mean(&losses[losses.len().saturating_sub(LOSS_STEPS)..]);
     let provenance = json!({
         "trainer": {
             "method": request.objective,
@@ -128,6 +133,7 @@ pub fn train(
             "synthesis": request.synthesis,
             "distillation": options,
             "steps": distiller.step_count(),
+            "first_loss": first_loss,
             "final_loss": final_loss,
         }
     });
@@ -144,6 +150,7 @@ pub fn train(
         header,
         conversations: conversations.len(),
         steps: distiller.step_count(),
+        first_loss,
         final_loss,
         synthesis_seconds,
         training_seconds,
