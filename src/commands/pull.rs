@@ -75,7 +75,11 @@ pub fn run(args: PullArgs) -> Result<()> {
 /// so a reader never sees half a file. Cached files are never written in place, and every use
 /// of one re-validates it, so sharing the inode with the cache is safe.
 fn copy_atomically(from: &std::path::Path, to: &std::path::Path) -> Result<()> {
-    let temporary = to.with_extension("partial");
+    // Beside the destination, named after all of it (`x.safetensors.partial`): `with_extension`
+    // would make `x.partial`, which may be someone's file.
+    let mut temporary = to.as_os_str().to_owned();
+    temporary.push(".partial");
+    let temporary = std::path::PathBuf::from(temporary);
     let _ = std::fs::remove_file(&temporary);
     if std::fs::hard_link(from, &temporary).is_err() {
         std::fs::copy(from, &temporary)

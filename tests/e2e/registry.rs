@@ -61,6 +61,8 @@ fn push_then_pull_is_byte_identical_and_cached() {
     assert_eq!(report["chunks"], 4);
     assert_eq!(report["uploaded_blobs"], 4);
 
+    // A file that happens to share the output's stem is not the pull's to touch.
+    std::fs::write(dir.path().join("b.partial"), "mine").unwrap();
     let path = registry
         .cartridge(
             dir.path(),
@@ -69,6 +71,10 @@ fn push_then_pull_is_byte_identical_and_cached() {
         )
         .ok();
     assert_eq!(path.trim(), "b.safetensors");
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("b.partial")).unwrap(),
+        "mine"
+    );
     assert_eq!(
         std::fs::read(dir.path().join("a.safetensors")).unwrap(),
         std::fs::read(dir.path().join("b.safetensors")).unwrap()
