@@ -159,16 +159,38 @@ pub async fn fetch_blobs(
 async fn lock_partial(path: &Path) -> Result<std::fs::File, ClientError> {
     let owned = path.to_owned();
     tokio::task::spawn_blocking(move || -> std::io::Result<std::fs::File> {
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&owned)?;
-        file.lock()?;
-        Ok(file)
+        loop {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&owned)?;
+            file.lock()?;
+            // While this waited, the holder may have renamed the file into place, or a disk
+            // cache evicted it: the lock then guards a file no longer at the path, and a new
+            // one there would have two writers. Only the file the path names counts.
+            if is_at(&file, &owned) {
+                return Ok(file);
+            }
+        }
     })
     .await
     .map_err(|e| ClientError::Usage(e.to_string()))?
     .map_err(ClientError::io(path))
+}
+
+#[cfg(unix)]
+fn is_at(file: &std::fs::File, path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (file.metadata(), std::fs::metadata(path)) {
+        (Ok(held), Ok(named)) => (held.dev(), held.ino()) == (named.dev(), named.ino()),
+        _ => false,
+    }
+}
+
+/// Elsewhere a file open for writing cannot be renamed or removed.
+#[cfg(not(unix))]
+fn is_at(_: &std::fs::File, _: &Path) -> bool {
+    true
 }
 
 fn partial_len(path: &Path) -> u64 {
@@ -207,6 +229,8 @@ async fn fetch_blob(
     // place) and has nothing to fetch.
     let _lock = lock_partial(&partial).await?;
     if cache.blob(&blob.digest).exists() {
+        // The partial file is the empty one this call made; it goes under the lock.
+        let _ = tokio::fs::remove_file(&partial).await;
         return Ok((0, 0));
     }
     let mut resumed = partial_len(&partial);
@@ -509,4 +533,27 @@ fn split_ranges<'a>(
         .into_iter()
         .map(|group| group.into_iter().flatten().collect())
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_waiting_downloader_locks_the_file_at_the_path_not_one_renamed_away() {
+        let dir = tempfile::tempdir().unwrap();
+        let (partial, done) = (dir.path().join("partial"), dir.path().join("blob"));
+        let held = lock_partial(&partial).await.unwrap();
+        let waiter = tokio::spawn({
+            let partial = partial.clone();
+            async move { lock_partial(&partial).await }
+        });
+        // Long enough for the waiter to open the file and block on its lock.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        std::fs::rename(&partial, &done).unwrap();
+        drop(held);
+        let locked = waiter.await.unwrap().unwrap();
+        assert!(is_at(&locked, &partial));
+        assert!(!is_at(&locked, &done));
+    }
 }

@@ -1,5 +1,6 @@
 //! The disk tier: verified blobs as stored, content-addressed, under a size cap with
-//! least-recently-used eviction (partial downloads count and go the same way). Blobs a load is using are pinned and never evicted under it.
+//! least-recently-used eviction (partial downloads count and go the same way, unless one is
+//! being written). Blobs a load is using are pinned and never evicted under it.
 //! The index is rebuilt from the directory at start, with file times as last use, so the cache
 //! survives restarts; every read re-verifies the blob (decoding checks its digest).
 
@@ -112,26 +113,43 @@ impl DiskCache {
         }
         entries.retain(|digest, entry| entry.pins > 0 || self.bytes_on_disk(digest) > 0);
         let mut used: u64 = entries.values().map(|e| e.size).sum();
+        let mut candidates: Vec<(SystemTime, Digest)> = entries
+            .iter()
+            .filter(|(_, e)| e.pins == 0)
+            .map(|(d, e)| (e.used, *d))
+            .collect();
+        candidates.sort();
         let mut evicted = 0;
-        while used > self.cap {
-            let Some((digest, size)) = entries
-                .iter()
-                .filter(|(_, e)| e.pins == 0)
-                .min_by_key(|(_, e)| e.used)
-                .map(|(d, e)| (*d, e.size))
-            else {
+        for (_, digest) in candidates {
+            if used <= self.cap {
                 break;
-            };
+            }
+            if !self.remove_partial(&digest) {
+                continue;
+            }
             let _ = std::fs::remove_file(self.cache.blob(&digest));
-            let _ = std::fs::remove_file(self.cache.partial(&digest));
-            entries.remove(&digest);
-            used -= size;
+            used -= entries.remove(&digest).map_or(0, |e| e.size);
             evicted += 1;
         }
         if evicted > 0 {
             metrics::counter!("loader_evictions_total", "tier" => "disk").increment(evicted);
         }
         evicted
+    }
+
+    /// Removes a partial download unless someone is downloading into it (another loader or a
+    /// `cartridge pull` sharing the folder holds its lock): false then, and it stays.
+    fn remove_partial(&self, digest: &Digest) -> bool {
+        let path = self.cache.partial(digest);
+        let Ok(file) = std::fs::File::options().append(true).open(&path) else {
+            return true;
+        };
+        if file.try_lock().is_err() {
+            return false;
+        }
+        // Removed while locked: a downloader waiting on this file finds it gone and starts anew.
+        let _ = std::fs::remove_file(&path);
+        true
     }
 
     /// The blob's bytes, or those of its partial download (a blob is never both for long).
@@ -193,6 +211,32 @@ mod tests {
         assert!(cache.blob(&recent).exists() && cache.blob(&loading).exists());
         assert_eq!(disk.usage().used, 800);
         assert!(dir.path().join("blobs/not-a-digest").exists());
+    }
+
+    #[test]
+    fn a_partial_download_in_progress_elsewhere_is_not_evicted() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::new(dir.path()).unwrap();
+        let [downloading, old, loaded] = [1u8, 2, 3].map(|n| Digest::of(&[n]));
+        file(&cache.partial(&downloading), 400, 300);
+        file(&cache.blob(&old), 400, 200);
+        let disk = DiskCache::open(dir.path(), 1000).unwrap();
+        // Another process (a `cartridge pull` on the same folder) is writing the partial file.
+        let writer = std::fs::File::options()
+            .append(true)
+            .open(cache.partial(&downloading))
+            .unwrap();
+        writer.lock().unwrap();
+        disk.pin(&[loaded]);
+        file(&cache.blob(&loaded), 400, 0);
+        // Over the cap: the least recently used is busy, so the next one goes.
+        assert_eq!(disk.unpin(&[loaded]), 1);
+        assert!(cache.partial(&downloading).exists() && !cache.blob(&old).exists());
+        drop(writer);
+        file(&cache.blob(&old), 400, 0);
+        disk.pin(&[old]);
+        assert_eq!(disk.unpin(&[old]), 1);
+        assert!(!cache.partial(&downloading).exists());
     }
 
     #[test]

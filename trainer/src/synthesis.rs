@@ -221,6 +221,11 @@ pub fn synthesize(
     path: &Path,
     mut progress: impl FnMut(usize, usize),
 ) -> Result<Vec<Conversation>> {
+    // The student's prompts follow a system turn; a template without one fails here, not after
+    // hours of synthesis.
+    model
+        .text
+        .render_after_system(&[Message::new("user", "?")], true)?;
     let provenance = Provenance {
         corpus: corpus.digest,
         model: model.fingerprint.weights,

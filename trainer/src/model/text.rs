@@ -307,16 +307,20 @@ impl TextCodec {
         add_generation_prompt: bool,
     ) -> Result<String> {
         let system = Message::new("system", MARKER);
-        let turn = self.render(std::slice::from_ref(&system), false)?;
+        let (before, after) = self.system_turn()?;
+        let turn = format!("{before}{MARKER}{after}");
         let conversation: Vec<Message> = std::iter::once(system)
             .chain(messages.iter().cloned())
             .collect();
         self.render(&conversation, add_generation_prompt)?
             .strip_prefix(&turn)
+            // A template that folds the system message into the first user turn renders it
+            // there, not as a turn of its own: then there is no system turn to stand for.
+            .filter(|rest| !rest.contains(MARKER))
             .map(str::to_owned)
             .ok_or_else(|| {
                 Error::Model(
-                    "the chat template renders a system message differently once a conversation follows it".into(),
+                    "the chat template renders a system message differently once a conversation follows it (a cartridge stands for a system turn of its own)".into(),
                 )
             })
     }

@@ -3,7 +3,8 @@
 
 use candle_core::{D, DType, Device, IndexOp, Tensor, Var};
 use cartridge_trainer::model::{
-    Config, Context, GenerationRequest, Llama, Message, Prefix, Sampling, causal_mask, generate,
+    Config, Context, GenerationRequest, Llama, Message, Prefix, Sampling, TextCodec, causal_mask,
+    generate,
 };
 
 use crate::support::{max_difference, smollm2, smollm2_path};
@@ -531,9 +532,41 @@ fn a_conversation_renders_after_the_system_turn_a_cartridge_stands_for() {
         .unwrap();
     assert_eq!(
         format!("{turn}{following}"),
-        text.render(&[system, user.clone()], true).unwrap()
+        text.render(&[system.clone(), user.clone()], true).unwrap()
     );
     // Alone, the user turn would get the template's default system prompt.
-    assert!(text.render(&[user], true).unwrap().contains("SmolLM"));
+    assert!(
+        text.render(std::slice::from_ref(&user), true)
+            .unwrap()
+            .contains("SmolLM")
+    );
     assert!(!following.contains("SmolLM"), "{following}");
+
+    // The pieces tokenized apart (the cartridge's, then the prompt's) are the tokens of the
+    // whole: the student reads what the model reads with the corpus in its context.
+    let pieces: Vec<u32> = [before.as_str(), &system.content, &after, &following]
+        .iter()
+        .flat_map(|piece| text.encode(piece).unwrap())
+        .collect();
+    let whole = text
+        .encode(&text.render(&[system, user], true).unwrap())
+        .unwrap();
+    assert_eq!(pieces, whole);
+}
+
+#[test]
+fn a_template_without_a_system_turn_of_its_own_is_refused() {
+    // Llama-2's template folds the system message into the first user turn.
+    let dir = tempfile::tempdir().unwrap();
+    smollm2().text.save_hf(dir.path()).unwrap();
+    let config_path = dir.path().join("tokenizer_config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    config["chat_template"] = "{% if messages[0]['role'] == 'system' %}{% set sys = '<<SYS>>\\n' + messages[0]['content'] + '\\n<</SYS>>\\n\\n' %}{% set messages = messages[1:] %}{% else %}{% set sys = '' %}{% endif %}{% for m in messages %}{% if m['role'] == 'user' %}{{ bos_token + '[INST] ' + (sys if loop.first else '') + m['content'] + ' [/INST]' }}{% else %}{{ ' ' + m['content'] + eos_token }}{% endif %}{% endfor %}".into();
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    let text = TextCodec::from_hf_dir(dir.path()).unwrap();
+    let user = Message::new("user", "What color is the lighthouse?");
+    assert!(text.system_turn().is_err());
+    let error = text.render_after_system(&[user], true).unwrap_err();
+    assert!(error.to_string().contains("system"), "{error}");
 }
