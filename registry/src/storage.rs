@@ -814,21 +814,34 @@ impl Storage {
         &self,
         namespace: &Namespace,
     ) -> Result<Vec<cartridge_schemas::reference::Name>> {
-        let mut names = Vec::new();
-        for name in self.list_children(Key::Namespace(namespace)).await? {
-            let Ok(name) = name.parse() else {
-                continue;
-            };
-            let repo = Repository {
-                namespace: namespace.clone(),
-                name,
-            };
-            if self.has_content(&repo).await? {
-                names.push(repo.name);
-            }
-        }
+        // The checks run side by side: on S3 each is a round trip.
+        let kept = futures::stream::iter(self.repositories(namespace).await?)
+            .map(
+                |repo| async move { Ok::<_, StorageError>((self.has_content(&repo).await?, repo)) },
+            )
+            .buffer_unordered(16)
+            .try_collect::<Vec<_>>()
+            .await?;
+        let mut names: Vec<_> = kept
+            .into_iter()
+            .filter_map(|(content, repo)| content.then_some(repo.name))
+            .collect();
         names.sort();
         Ok(names)
+    }
+
+    /// Every cartridge stored under a namespace, tombstones only or not.
+    async fn repositories(&self, namespace: &Namespace) -> Result<Vec<Repository>> {
+        Ok(self
+            .list_children(Key::Namespace(namespace))
+            .await?
+            .into_iter()
+            .filter_map(|name| name.parse().ok())
+            .map(|name| Repository {
+                namespace: namespace.clone(),
+                name,
+            })
+            .collect())
     }
 
     /// Stops at the first live version, so a listing costs about one read per name.
@@ -871,11 +884,7 @@ impl Storage {
     pub async fn referenced_manifests(&self) -> Result<BTreeSet<Digest>> {
         let mut referenced = BTreeSet::new();
         for namespace in self.namespaces().await? {
-            for name in self.names(&namespace).await? {
-                let repo = Repository {
-                    namespace: namespace.clone(),
-                    name,
-                };
+            for repo in self.repositories(&namespace).await? {
                 referenced.extend(self.versions(&repo).await?.into_iter().map(|(_, d)| d));
                 referenced.extend(
                     self.tags(&repo)
