@@ -27,7 +27,8 @@ pub struct EvalArgs {
     /// Cartridges to evaluate (repeatable); with several, their composition too.
     #[arg(long = "cartridge")]
     pub cartridges: Vec<PathBuf>,
-    /// Tokens of the truncated-corpus baseline (default: the first cartridge's length).
+    /// Tokens of the truncated-corpus baseline, its system turn's template included, as a
+    /// cartridge of that length holds them (default: the first cartridge's length).
     #[arg(long)]
     pub tokens: Option<usize>,
     /// Generated answers to show per mode.
@@ -73,9 +74,14 @@ pub fn run(args: EvalArgs) -> Result<()> {
     };
     let text = corpus.text();
     let corpus_tokens = model.text.encode(&text)?;
-    let truncated = model
-        .text
-        .decode(&corpus_tokens[..truncated_tokens.min(corpus_tokens.len())])?;
+    // The same budget as a cartridge of that length, which holds the template around the corpus.
+    let (before, after) = model.text.system_turn()?;
+    let template = model.text.encode(&before)?.len() + model.text.encode(&after)?.len();
+    let truncated = model.text.decode(
+        &corpus_tokens[..truncated_tokens
+            .saturating_sub(template)
+            .min(corpus_tokens.len())],
+    )?;
 
     let mut settings = vec![
         ("no context".to_owned(), Setting::Bare),

@@ -161,6 +161,9 @@ fn train_then_eval_on_the_real_model() {
     // The corpus in context makes its answers far more likely than no context at all.
     assert!(modes[1]["gain"].as_f64().unwrap() > 0.5, "{}", modes[1]);
     assert_eq!(modes[3]["context_tokens"], 32);
+    // The truncated corpus gets the cartridge's budget, template included; its shared context
+    // also takes the user turn's header (3 tokens) every question starts with.
+    assert_eq!(modes[2]["context_tokens"], 32 + 3);
     assert!(
         modes
             .iter()
