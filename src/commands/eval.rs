@@ -75,8 +75,8 @@ pub fn run(args: EvalArgs) -> Result<()> {
     let text = corpus.text();
     let corpus_tokens = model.text.encode(&text)?;
     // The same budget as a cartridge of that length, which holds the template around the corpus.
-    let (before, after) = model.text.system_turn()?;
-    let template = model.text.encode(&before)?.len() + model.text.encode(&after)?.len();
+    let (before, after) = model.text.system_turn_ids()?;
+    let template = before.len() + after.len();
     let truncated = model.text.decode(
         &corpus_tokens[..truncated_tokens
             .saturating_sub(template)

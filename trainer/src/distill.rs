@@ -135,8 +135,7 @@ impl<'a> Distiller<'a> {
         corpus_text: &str,
         options: DistillOptions,
     ) -> Result<Self> {
-        let (before, after) = model.text.system_turn()?;
-        let (before, after) = (model.text.encode(&before)?, model.text.encode(&after)?);
+        let (before, after) = model.text.system_turn_ids()?;
         let template = before.len() + after.len();
         let room = options.tokens.checked_sub(template).filter(|&n| n > 0).ok_or_else(|| {
             Error::Data(format!(

@@ -293,9 +293,21 @@ impl TextCodec {
         let turn = self.render(&[Message::new("system", MARKER)], false)?;
         turn.split_once(MARKER)
             .map(|(before, after)| (before.to_owned(), after.to_owned()))
+            // Templates that fold the system message into the first user turn (Llama-2's)
+            // render nothing for it alone: there is no system turn to stand for.
             .ok_or_else(|| {
-                Error::Model("the chat template drops a system message's content".into())
+                Error::Model(
+                    "the chat template renders no system turn of its own (a cartridge stands for one)"
+                        .into(),
+                )
             })
+    }
+
+    /// The tokens of [`TextCodec::system_turn`]'s two sides: what a cartridge holds around the
+    /// corpus.
+    pub fn system_turn_ids(&self) -> Result<(Vec<u32>, Vec<u32>)> {
+        let (before, after) = self.system_turn()?;
+        Ok((self.encode(&before)?, self.encode(&after)?))
     }
 
     /// `messages` rendered as they follow a system turn: what a model with a cartridge (which
@@ -314,9 +326,6 @@ impl TextCodec {
             .collect();
         self.render(&conversation, add_generation_prompt)?
             .strip_prefix(&turn)
-            // A template that folds the system message into the first user turn renders it
-            // there, not as a turn of its own: then there is no system turn to stand for.
-            .filter(|rest| !rest.contains(MARKER))
             .map(str::to_owned)
             .ok_or_else(|| {
                 Error::Model(
