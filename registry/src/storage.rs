@@ -558,11 +558,17 @@ impl Storage {
     ///
     /// Ordering against garbage collection: the manifest is (re)written first, so it is young and
     /// protects its blobs from any collection that starts after this point; then, if a collection
-    /// is already running, we wait for it to end before checking that the blobs are present, so
-    /// nothing it deletes can go unnoticed.
+    /// is already running, we wait for it to end before checking that the manifest and the blobs
+    /// are present, so nothing it deletes can go unnoticed.
     async fn ensure_publishable(&self, repo: &Repository, manifest: &Manifest) -> Result<Digest> {
         let digest = self.put_manifest(manifest).await?;
         self.wait_for_gc().await?;
+        // A collection that listed the manifests before that write saw this one old (it may
+        // have been stored, unreferenced, long before) and may have deleted it since. Any such
+        // collection has ended now, and any later one sees it young.
+        if !self.exists(Key::Manifest(&digest)).await? {
+            self.put_manifest(manifest).await?;
+        }
         let blobs = manifest.blobs();
         let missing = self
             .missing_blobs(&blobs.iter().map(|b| b.digest).collect::<Vec<_>>())
@@ -600,9 +606,10 @@ impl Storage {
         Ok(digest)
     }
 
-    /// Whether content is part of `repo` (published there).
-    pub async fn linked(&self, link: Key<'_>) -> Result<bool> {
-        match self.store.head(&link.path()).await {
+    /// Whether an object is stored; for a link, whether content is part of its repository
+    /// (published there).
+    pub async fn exists(&self, key: Key<'_>) -> Result<bool> {
+        match self.store.head(&key.path()).await {
             Ok(_) => Ok(true),
             Err(error) if is_not_found(&error) => Ok(false),
             Err(error) => Err(error.into()),
@@ -708,7 +715,7 @@ impl Storage {
         if let Some(digest) = manifest {
             // A tag points only at what was published in its own repository, and whose blobs
             // are all still there (the same checks as a publish, against garbage collection too).
-            if !self.linked(Key::ManifestLink(repo, &digest)).await? {
+            if !self.exists(Key::ManifestLink(repo, &digest)).await? {
                 return Err(StorageError::NotFound {
                     what: format!("manifest {digest} in {repo}"),
                 });

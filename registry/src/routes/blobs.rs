@@ -176,7 +176,7 @@ pub async fn download(
     let digest = params.digest()?;
     state.authorize(&caller, &repo, Action::Pull).await?;
     // Content is shared across repositories, but read only through one it was published in.
-    let linked = state.storage.linked(Key::BlobLink(&repo, &digest)).await?;
+    let linked = state.storage.exists(Key::BlobLink(&repo, &digest)).await?;
     let Some(meta) = state.storage.blob_meta(&digest).await?.filter(|_| linked) else {
         return Err(ApiError::not_found(format!(
             "blob {digest} not found in {repo}"

@@ -69,7 +69,7 @@ pub async fn resolve(
         // A digest is resolved only among what was published in this repository.
         Selector::Digest(digest) => state
             .storage
-            .linked(Key::ManifestLink(&repo, digest))
+            .exists(Key::ManifestLink(&repo, digest))
             .await?
             .then_some(*digest),
     }
@@ -93,7 +93,7 @@ pub async fn manifest(
     state.authorize(&caller, &repo, Action::Pull).await?;
     if !state
         .storage
-        .linked(Key::ManifestLink(&repo, &digest))
+        .exists(Key::ManifestLink(&repo, &digest))
         .await?
     {
         return Err(ApiError::not_found(format!(

@@ -473,7 +473,7 @@ async fn garbage_collection(storage: &Storage) {
     let (late, late_chunks) = encoded(52);
     upload_all(storage, &late_chunks).await;
     let publishing = {
-        let (storage, repo) = (storage.clone(), repo.clone());
+        let (storage, repo, late) = (storage.clone(), repo.clone(), late.clone());
         tokio::spawn(async move { storage.publish(&repo, &version("v2"), &late).await })
     };
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -481,8 +481,20 @@ async fn garbage_collection(storage: &Storage) {
         !publishing.is_finished(),
         "publish waits while a collection runs"
     );
+    // The running collection listed the manifests before the publish wrote its manifest, saw
+    // an old unreferenced copy of it, and deletes it now: the publish must not end up pointing
+    // at nothing.
+    storage
+        .delete_object(&Key::Manifest(&late.digest()).path())
+        .await
+        .unwrap();
     storage.release_gc_lease("someone else").await.unwrap();
-    publishing.await.unwrap().unwrap();
+    let digest = publishing.await.unwrap().unwrap();
+    assert_eq!(
+        storage.version(&repo, &version("v2")).await.unwrap(),
+        Some(digest)
+    );
+    assert!(storage.get_manifest(&digest).await.is_ok());
 }
 
 async fn direct_uploads(storage: &Storage) {
