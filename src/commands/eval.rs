@@ -75,13 +75,10 @@ pub fn run(args: EvalArgs) -> Result<()> {
     let text = corpus.text();
     let corpus_tokens = model.text.encode(&text)?;
     // The same budget as a cartridge of that length, which holds the template around the corpus.
-    let (before, after) = model.text.system_turn_ids()?;
-    let template = before.len() + after.len();
-    let truncated = model.text.decode(
-        &corpus_tokens[..truncated_tokens
-            .saturating_sub(template)
-            .min(corpus_tokens.len())],
-    )?;
+    let (_, _, room) = model.text.system_turn_ids(truncated_tokens)?;
+    let truncated = model
+        .text
+        .decode(&corpus_tokens[..room.min(corpus_tokens.len())])?;
 
     let mut settings = vec![
         ("no context".to_owned(), Setting::Bare),

@@ -53,19 +53,19 @@ pub struct TrainArgs {
     #[arg(long, required = true, num_args = 1..)]
     pub corpus: Vec<PathBuf>,
     /// Cartridge length in tokens.
-    #[arg(long)]
+    #[arg(long, value_parser = positive)]
     pub tokens: usize,
     /// Where to write the cartridge.
     #[arg(short, long)]
     pub output: PathBuf,
     /// Conversations to synthesize.
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, default_value_t = 1024, value_parser = positive)]
     pub conversations: usize,
     /// Optimizer steps (default: two epochs over the conversations).
-    #[arg(long)]
+    #[arg(long, value_parser = positive)]
     pub steps: Option<usize>,
     /// Adam learning rate (constant).
-    #[arg(long, default_value_t = 2e-2)]
+    #[arg(long, default_value_t = 2e-2, value_parser = learning_rate)]
     pub lr: f64,
     #[arg(long, value_enum, default_value = "cpu")]
     pub device: DeviceKind,
@@ -83,23 +83,23 @@ pub struct TrainArgs {
     #[arg(long, default_value = "512..4096", value_parser = parse_range)]
     pub chunk_tokens: (usize, usize),
     /// Conversations generated per chunk, as one batch.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, value_parser = positive)]
     pub per_chunk: usize,
     /// Longest synthesized user message.
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = 128, value_parser = positive)]
     pub user_tokens: usize,
     /// Longest synthesized answer.
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = 512, value_parser = positive)]
     pub answer_tokens: usize,
     /// Tokens per packed training row.
-    #[arg(long, default_value_t = 2048)]
+    #[arg(long, default_value_t = 2048, value_parser = positive)]
     pub row_tokens: usize,
     /// Stop a synthesized message or answer where its last N tokens repeat what it already
     /// wrote (a loop); 0 keeps loops.
     #[arg(long, default_value_t = 16, value_name = "N")]
     pub stop_on_repeat: usize,
     /// Rows per optimizer step.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 4, value_parser = positive)]
     pub rows: usize,
     /// Leading tokens kept as initialized (the attention sink).
     #[arg(long, default_value_t = 1)]
@@ -114,6 +114,20 @@ pub struct TrainArgs {
     /// Print a JSON report.
     #[arg(long)]
     pub json: bool,
+}
+
+fn positive(text: &str) -> Result<usize, String> {
+    match text.parse() {
+        Ok(0) | Err(_) => Err("expected a whole number above 0".into()),
+        Ok(n) => Ok(n),
+    }
+}
+
+fn learning_rate(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(rate) if rate.is_finite() && rate > 0.0 => Ok(rate),
+        _ => Err("expected a number above 0".into()),
+    }
 }
 
 fn parse_range(text: &str) -> Result<(usize, usize), String> {

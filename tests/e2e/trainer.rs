@@ -187,3 +187,63 @@ fn train_then_eval_on_the_real_model() {
     .fails();
     assert!(err.contains("missing.jsonl"), "{err}");
 }
+
+#[test]
+fn bad_arguments_are_refused_before_any_synthesis() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("corpus.txt"), CORPUS).unwrap();
+    let gguf = smollm2_gguf();
+    let model = path_str(&gguf);
+    let train = |tokens: &str, extra: &[&str]| {
+        let mut args = train_args(model, "2");
+        let at = args.iter().position(|a| *a == "--tokens").unwrap();
+        args[at + 1] = tokens;
+        args.extend_from_slice(extra);
+        cartridge(dir.path(), &args).fails()
+    };
+
+    // Each of these would otherwise fail only after synthesis, which takes hours at full size.
+    let err = train("2", &[]);
+    assert!(err.contains("cannot hold a system turn"), "{err}");
+    let err = train("4096", &[]);
+    assert!(err.contains("the corpus has"), "{err}");
+    let err = train("32", &["--frozen", "32"]);
+    assert!(
+        err.contains("nothing of the cartridge's 32 to train"),
+        "{err}"
+    );
+    assert!(!dir.path().join("varn.work/conversations.jsonl").exists());
+    for (flag, value) in [("--lr", "0"), ("--lr", "NaN"), ("--rows", "0")] {
+        let err = train("32", &[flag, value]);
+        assert!(err.contains(flag), "{flag} {value}: {err}");
+    }
+
+    let eval = |qa: &str, tokens: &str| {
+        std::fs::write(dir.path().join("qa.jsonl"), qa).unwrap();
+        cartridge(
+            dir.path(),
+            &[
+                "eval",
+                "--model",
+                model,
+                "--corpus",
+                "corpus.txt",
+                "--qa",
+                "qa.jsonl",
+                "--tokens",
+                tokens,
+            ],
+        )
+        .fails()
+    };
+    let err = eval(
+        &format!("{QA}{{\"question\": \"Who?\", \"answer\": \"\"}}\n"),
+        "32",
+    );
+    assert!(
+        err.contains("qa.jsonl:4: the question and the answer must not be empty"),
+        "{err}"
+    );
+    let err = eval(QA, "2");
+    assert!(err.contains("cannot hold a system turn"), "{err}");
+}

@@ -18,7 +18,7 @@ use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::model::{Context, Llama, LoadedModel, Prefix};
+use crate::model::{Context, Llama, LoadedModel, Prefix, TextCodec};
 use crate::synthesis::Conversation;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -47,6 +47,19 @@ impl Default for DistillOptions {
             rows: 4,
             seed: 0,
         }
+    }
+}
+
+impl DistillOptions {
+    /// A cartridge of `p` tokens keeps its first `frozen` as initialized and trains the rest.
+    pub fn check_frozen(&self, p: usize) -> Result<()> {
+        if self.frozen >= p {
+            return Err(Error::Data(format!(
+                "{} frozen tokens leave nothing of the cartridge's {p} to train",
+                self.frozen
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -126,45 +139,38 @@ struct Batch {
     tokens: usize,
 }
 
+/// The tokens a cartridge of `tokens` starts from: a system turn holding the corpus's first
+/// tokens, as many as fit with the template around them (the reference's best initialization;
+/// the student reads its conversations as following a system turn). Cheap: a run checks it
+/// before hours of synthesis.
+pub fn initial_ids(text: &TextCodec, corpus_text: &str, tokens: usize) -> Result<Vec<u32>> {
+    let (before, after, room) = text.system_turn_ids(tokens)?;
+    let corpus = text.encode(corpus_text)?;
+    if corpus.len() < room {
+        return Err(Error::Data(format!(
+            "the corpus has {} tokens, fewer than the {room} a cartridge of {tokens} tokens holds (with {} of chat template)",
+            corpus.len(),
+            before.len() + after.len()
+        )));
+    }
+    Ok([&before, &corpus[..room], &after].concat())
+}
+
 impl<'a> Distiller<'a> {
-    /// Initializes the cartridge from the keys and values of a system turn holding the corpus's
-    /// first tokens, as many as fit with the template around them (the reference's best
-    /// initialization; the student reads its conversations as following a system turn).
+    /// Initializes the cartridge from the keys and values of [`initial_ids`].
     pub fn from_corpus(
         model: &'a LoadedModel,
-        corpus_text: &str,
+        init: &[u32],
         options: DistillOptions,
     ) -> Result<Self> {
-        let (before, after) = model.text.system_turn_ids()?;
-        let template = before.len() + after.len();
-        let room = options.tokens.checked_sub(template).filter(|&n| n > 0).ok_or_else(|| {
-            Error::Data(format!(
-                "a cartridge of {} tokens cannot hold a system turn ({template} tokens of template around the corpus)",
-                options.tokens
-            ))
-        })?;
-        let corpus = model.text.encode(corpus_text)?;
-        if corpus.len() < room {
-            return Err(Error::Data(format!(
-                "the corpus has {} tokens, fewer than the {room} a cartridge of {} tokens holds (with {template} of chat template)",
-                corpus.len(),
-                options.tokens
-            )));
-        }
-        let ids: Vec<u32> = [&before, &corpus[..room], &after].concat();
-        let prefix = model.llama.prefix_of(&ids)?;
+        let prefix = model.llama.prefix_of(init)?;
         Self::from_prefix(&model.llama, &prefix, options)
     }
 
     /// Continues training from a cartridge's keys and values.
     pub fn from_prefix(model: &'a Llama, prefix: &Prefix, options: DistillOptions) -> Result<Self> {
         let p = prefix.tokens();
-        if options.frozen > p {
-            return Err(Error::Data(format!(
-                "{} frozen tokens exceed the cartridge's {p}",
-                options.frozen
-            )));
-        }
+        options.check_frozen(p)?;
         // The trainable part and the optimizer's moments stay in f32 whatever the model computes
         // in: in bf16, Adam's 0.999 rounds to 1 and small steps round away.
         let split = |tensors: &[Tensor]| -> Result<(Vec<Tensor>, Vec<Var>)> {

@@ -36,6 +36,14 @@ pub fn read_qa(path: &Path) -> Result<Vec<QaPair>> {
                 number + 1
             ))
         })?;
+        // An empty answer has no tokens to score.
+        if pair.question.trim().is_empty() || pair.answer.trim().is_empty() {
+            return Err(Error::Data(format!(
+                "{}:{}: the question and the answer must not be empty",
+                path.display(),
+                number + 1
+            )));
+        }
         pairs.push(pair);
     }
     if pairs.is_empty() {

@@ -10,7 +10,7 @@ use serde::Serialize;
 use serde_json::json;
 
 use crate::corpus::Corpus;
-use crate::distill::{DistillOptions, Distiller};
+use crate::distill::{DistillOptions, Distiller, initial_ids};
 use crate::error::Result;
 use crate::model::LoadedModel;
 use crate::synthesis::{
@@ -77,6 +77,18 @@ pub fn train(
     progress: &dyn TrainProgress,
 ) -> Result<TrainReport> {
     let started = Instant::now();
+    let checkpoint = request.work_dir.join("checkpoint.safetensors");
+    // What would refuse the initialization refuses it before hours of synthesis.
+    let init = if request.resume && checkpoint.exists() {
+        None
+    } else {
+        request.distill.check_frozen(request.distill.tokens)?;
+        Some(initial_ids(
+            &model.text,
+            &corpus.text(),
+            request.distill.tokens,
+        )?)
+    };
     let conversations = match request.objective {
         Objective::SelfStudy => synthesize(
             model,
@@ -99,11 +111,9 @@ pub fn train(
             .ceil()
             .max(1.0) as usize;
     }
-    let checkpoint = request.work_dir.join("checkpoint.safetensors");
-    let mut distiller = if request.resume && checkpoint.exists() {
-        Distiller::resume(&model.llama, &checkpoint, options.clone())?
-    } else {
-        Distiller::from_corpus(model, &corpus.text(), options.clone())?
+    let mut distiller = match &init {
+        None => Distiller::resume(&model.llama, &checkpoint, options.clone())?,
+        Some(init) => Distiller::from_corpus(model, init, options.clone())?,
     };
     let training = Instant::now();
     let mut tokens = 0usize;

@@ -291,23 +291,34 @@ impl TextCodec {
     /// initialized from corpus text stands for that system turn.
     pub fn system_turn(&self) -> Result<(String, String)> {
         let turn = self.render(&[Message::new("system", MARKER)], false)?;
-        turn.split_once(MARKER)
-            .map(|(before, after)| (before.to_owned(), after.to_owned()))
-            // Templates that fold the system message into the first user turn (Llama-2's)
-            // render nothing for it alone: there is no system turn to stand for.
-            .ok_or_else(|| {
-                Error::Model(
-                    "the chat template renders no system turn of its own (a cartridge stands for one)"
-                        .into(),
-                )
-            })
+        // Templates that fold the system message into the first user turn (Llama-2's) render
+        // nothing for it alone: there is no system turn to stand for.
+        let (before, after) = turn.split_once(MARKER).ok_or_else(|| {
+            Error::Model(
+                "the chat template renders no system turn of its own (a cartridge stands for one)"
+                    .into(),
+            )
+        })?;
+        if after.contains(MARKER) {
+            return Err(Error::Model(
+                "the chat template writes a system message's content twice in its turn".into(),
+            ));
+        }
+        Ok((before.to_owned(), after.to_owned()))
     }
 
-    /// The tokens of [`TextCodec::system_turn`]'s two sides: what a cartridge holds around the
-    /// corpus.
-    pub fn system_turn_ids(&self) -> Result<(Vec<u32>, Vec<u32>)> {
+    /// The tokens of [`TextCodec::system_turn`]'s two sides, what a cartridge holds around the
+    /// corpus, and how many corpus tokens fit between them in a cartridge of `tokens` in all.
+    pub fn system_turn_ids(&self, tokens: usize) -> Result<(Vec<u32>, Vec<u32>, usize)> {
         let (before, after) = self.system_turn()?;
-        Ok((self.encode(&before)?, self.encode(&after)?))
+        let (before, after) = (self.encode(&before)?, self.encode(&after)?);
+        let template = before.len() + after.len();
+        let room = tokens.checked_sub(template).filter(|&n| n > 0).ok_or_else(|| {
+            Error::Data(format!(
+                "a cartridge of {tokens} tokens cannot hold a system turn ({template} tokens of template around the corpus)"
+            ))
+        })?;
+        Ok((before, after, room))
     }
 
     /// `messages` rendered as they follow a system turn: what a model with a cartridge (which
@@ -324,14 +335,19 @@ impl TextCodec {
         let conversation: Vec<Message> = std::iter::once(system)
             .chain(messages.iter().cloned())
             .collect();
-        self.render(&conversation, add_generation_prompt)?
-            .strip_prefix(&turn)
-            .map(str::to_owned)
-            .ok_or_else(|| {
-                Error::Model(
-                    "the chat template renders a system message differently once a conversation follows it (a cartridge stands for a system turn of its own)".into(),
-                )
-            })
+        let rendered = self.render(&conversation, add_generation_prompt)?;
+        let rest = rendered.strip_prefix(&turn).ok_or_else(|| {
+            Error::Model(
+                "the chat template renders a system message differently once a conversation follows it (a cartridge stands for a system turn of its own)".into(),
+            )
+        })?;
+        // The student would read the marker where the teacher read the chunk.
+        if rest.contains(MARKER) {
+            return Err(Error::Model(
+                "the chat template repeats the system message in a later turn (a cartridge stands for a system turn of its own)".into(),
+            ));
+        }
+        Ok(rest.to_owned())
     }
 }
 

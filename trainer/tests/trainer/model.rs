@@ -556,17 +556,45 @@ fn a_conversation_renders_after_the_system_turn_a_cartridge_stands_for() {
 
 #[test]
 fn a_template_without_a_system_turn_of_its_own_is_refused() {
+    let with_template = |template: &str| {
+        let dir = tempfile::tempdir().unwrap();
+        smollm2().text.save_hf(dir.path()).unwrap();
+        let config_path = dir.path().join("tokenizer_config.json");
+        let mut config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+        config["chat_template"] = template.into();
+        std::fs::write(&config_path, config.to_string()).unwrap();
+        TextCodec::from_hf_dir(dir.path()).unwrap()
+    };
+    let user = || vec![Message::new("user", "What color is the lighthouse?")];
+
     // Llama-2's template folds the system message into the first user turn.
-    let dir = tempfile::tempdir().unwrap();
-    smollm2().text.save_hf(dir.path()).unwrap();
-    let config_path = dir.path().join("tokenizer_config.json");
-    let mut config: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
-    config["chat_template"] = "{% if messages[0]['role'] == 'system' %}{% set sys = '<<SYS>>\\n' + messages[0]['content'] + '\\n<</SYS>>\\n\\n' %}{% set messages = messages[1:] %}{% else %}{% set sys = '' %}{% endif %}{% for m in messages %}{% if m['role'] == 'user' %}{{ bos_token + '[INST] ' + (sys if loop.first else '') + m['content'] + ' [/INST]' }}{% else %}{{ ' ' + m['content'] + eos_token }}{% endif %}{% endfor %}".into();
-    std::fs::write(&config_path, config.to_string()).unwrap();
-    let text = TextCodec::from_hf_dir(dir.path()).unwrap();
-    let user = Message::new("user", "What color is the lighthouse?");
-    assert!(text.system_turn().is_err());
-    let error = text.render_after_system(&[user], true).unwrap_err();
-    assert!(error.to_string().contains("system"), "{error}");
+    let folded = with_template(
+        "{% if messages[0]['role'] == 'system' %}{% set sys = '<<SYS>>\\n' + messages[0]['content'] + '\\n<</SYS>>\\n\\n' %}{% set messages = messages[1:] %}{% else %}{% set sys = '' %}{% endif %}{% for m in messages %}{% if m['role'] == 'user' %}{{ bos_token + '[INST] ' + (sys if loop.first else '') + m['content'] + ' [/INST]' }}{% else %}{{ ' ' + m['content'] + eos_token }}{% endif %}{% endfor %}",
+    );
+    assert!(folded.system_turn().is_err());
+    let error = folded.render_after_system(&user(), true).unwrap_err();
+    assert!(
+        error.to_string().contains("system turn of its own"),
+        "{error}"
+    );
+
+    // A system turn of its own whose content the first user turn repeats: the student would
+    // read the template's placeholder where the teacher read the chunk.
+    let repeated = with_template(
+        "{% for m in messages %}{% if m['role'] == 'system' %}<|system|>{{ m['content'] }}<|end|>\n{% elif m['role'] == 'user' %}<|user|>{% if loop.index0 == 1 and messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}\n{% endif %}{{ m['content'] }}<|end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}",
+    );
+    assert!(repeated.system_turn().is_ok());
+    let error = repeated.render_after_system(&user(), true).unwrap_err();
+    assert!(
+        error.to_string().contains("repeats the system message"),
+        "{error}"
+    );
+
+    // Content written twice inside the system turn would put the placeholder in the cartridge.
+    let twice = with_template(
+        "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{{ m['content'] }}<|end|>\n{% endfor %}",
+    );
+    let error = twice.system_turn().unwrap_err();
+    assert!(error.to_string().contains("twice"), "{error}");
 }
