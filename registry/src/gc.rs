@@ -89,7 +89,13 @@ async fn sweep(
         ..GcReport::default()
     };
 
-    let referenced = storage.referenced_manifests().await?;
+    let mut referenced = HashSet::new();
+    for namespace in storage.namespaces().await? {
+        for repo in storage.repositories(&namespace).await? {
+            heartbeat.beat().await?;
+            referenced.extend(storage.referenced_manifests(&repo).await?);
+        }
+    }
     let mut marked = HashSet::new();
     for (digest, meta) in storage.content_objects(Key::Manifests).await? {
         heartbeat.beat().await?;

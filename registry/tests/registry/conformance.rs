@@ -448,6 +448,26 @@ async fn garbage_collection(storage: &Storage) {
     }
     assert!(storage.get_manifest(&kept.digest()).await.is_ok());
 
+    // A collection whose lease lapsed (a long listing, a paused process) stops: while it was
+    // lapsed a publish may have gone ahead on content its listing holds as unreferenced.
+    storage
+        .object_store()
+        .put(
+            &Key::GcLease.path(),
+            PutPayload::from_static(br#"{"expires":"2000-01-01T00:00:00Z","owner":"lapsed"}"#),
+        )
+        .await
+        .unwrap();
+    assert!(matches!(
+        storage.renew_gc_lease("lapsed").await,
+        Err(StorageError::GcLeaseLost)
+    ));
+    assert!(
+        storage.acquire_gc_lease("me").await.unwrap(),
+        "a lapsed lease is taken over"
+    );
+    storage.release_gc_lease("me").await.unwrap();
+
     // A second collection cannot start while one holds the lease, and a publish waits for it.
     assert!(storage.acquire_gc_lease("someone else").await.unwrap());
     assert!(matches!(
