@@ -250,7 +250,10 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("error: {error:#}");
+            eprintln!(
+                "error: {}",
+                cartridge_schemas::report::error_line(error.as_ref())
+            );
             ExitCode::FAILURE
         }
     }

@@ -10,6 +10,7 @@ pub mod fingerprint;
 pub mod manifest;
 pub mod paths;
 pub mod reference;
+pub mod report;
 
 pub use digest::Digest;
 pub use dtype::Dtype;
