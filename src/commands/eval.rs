@@ -75,7 +75,9 @@ pub fn run(args: EvalArgs) -> Result<()> {
     let text = corpus.text();
     let corpus_tokens = model.text.encode(&text)?;
     // The same budget as a cartridge of that length, which holds the template around the corpus.
-    let (_, _, room) = model.text.system_turn_ids(truncated_tokens)?;
+    let (_, _, room) = model.text.system_turn_ids(truncated_tokens).context(
+        "the truncated-corpus baseline (its budget is --tokens, else the first cartridge's)",
+    )?;
     let truncated = model
         .text
         .decode(&corpus_tokens[..room.min(corpus_tokens.len())])?;

@@ -194,11 +194,15 @@ fn bad_arguments_are_refused_before_any_synthesis() {
     std::fs::write(dir.path().join("corpus.txt"), CORPUS).unwrap();
     let gguf = smollm2_gguf();
     let model = path_str(&gguf);
-    let train = |tokens: &str, extra: &[&str]| {
+    // Trains with these flags set (in place where the usual arguments have them).
+    let train = |tokens: &str, flags: &[&str]| {
         let mut args = train_args(model, "2");
-        let at = args.iter().position(|a| *a == "--tokens").unwrap();
-        args[at + 1] = tokens;
-        args.extend_from_slice(extra);
+        for pair in [&["--tokens", tokens][..], flags].concat().chunks(2) {
+            match args.iter().position(|a| *a == pair[0]) {
+                Some(at) => args[at + 1] = pair[1],
+                None => args.extend_from_slice(pair),
+            }
+        }
         cartridge(dir.path(), &args).fails()
     };
 
@@ -210,6 +214,17 @@ fn bad_arguments_are_refused_before_any_synthesis() {
     let err = train("32", &["--frozen", "32"]);
     assert!(
         err.contains("nothing of the cartridge's 32 to train"),
+        "{err}"
+    );
+    // SmolLM2 reads 8192 positions.
+    let err = train("32", &["--row-tokens", "8190"]);
+    assert!(
+        err.contains("need 8222 positions; the model has 8192"),
+        "{err}"
+    );
+    let err = train("32", &["--answer-tokens", "8190"]);
+    assert!(
+        err.contains("positions; the model has 8192 (lower"),
         "{err}"
     );
     assert!(!dir.path().join("varn.work/conversations.jsonl").exists());

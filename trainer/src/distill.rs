@@ -51,12 +51,20 @@ impl Default for DistillOptions {
 }
 
 impl DistillOptions {
-    /// A cartridge of `p` tokens keeps its first `frozen` as initialized and trains the rest.
-    pub fn check_frozen(&self, p: usize) -> Result<()> {
+    /// Whether these options can train a cartridge of `p` tokens: its first `frozen` stay as
+    /// initialized and the rest train, and rows read at positions after it.
+    pub fn check(&self, p: usize, max_positions: usize) -> Result<()> {
         if self.frozen >= p {
             return Err(Error::Data(format!(
                 "{} frozen tokens leave nothing of the cartridge's {p} to train",
                 self.frozen
+            )));
+        }
+        if p + self.row_tokens > max_positions {
+            return Err(Error::Data(format!(
+                "a cartridge of {p} tokens and rows of {} need {} positions; the model has {max_positions}",
+                self.row_tokens,
+                p + self.row_tokens
             )));
         }
         Ok(())
@@ -170,7 +178,7 @@ impl<'a> Distiller<'a> {
     /// Continues training from a cartridge's keys and values.
     pub fn from_prefix(model: &'a Llama, prefix: &Prefix, options: DistillOptions) -> Result<Self> {
         let p = prefix.tokens();
-        options.check_frozen(p)?;
+        options.check(p, model.config.max_positions)?;
         // The trainable part and the optimizer's moments stay in f32 whatever the model computes
         // in: in bf16, Adam's 0.999 rounds to 1 and small steps round away.
         let split = |tensors: &[Tensor]| -> Result<(Vec<Tensor>, Vec<Var>)> {

@@ -82,7 +82,7 @@ pub fn train(
     let init = if request.resume && checkpoint.exists() {
         None
     } else {
-        request.distill.check_frozen(request.distill.tokens)?;
+        (request.distill).check(request.distill.tokens, model.llama.config.max_positions)?;
         Some(initial_ids(
             &model.text,
             &corpus.text(),

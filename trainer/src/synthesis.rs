@@ -226,6 +226,38 @@ pub fn synthesize(
     model
         .text
         .render_after_system(&[Message::new("user", "?")], true)?;
+    let tokens = model.text.encode(&corpus.text())?;
+    if tokens.is_empty() {
+        return Err(Error::Data("the corpus tokenizes to nothing".into()));
+    }
+    // The longest chunk's prompts, with the longest message and answer, must fit the model's
+    // positions: found out here, not when a batch draws such a chunk hours in.
+    let (_, high) = options.chunk_tokens;
+    let longest = Message::new(
+        "system",
+        system_prompt(
+            options.description.as_deref(),
+            &model.text.decode(&tokens[..high.min(tokens.len())])?,
+        ),
+    );
+    let needed = SeedKind::ALL
+        .iter()
+        .map(|seed| {
+            let writer = [longest.clone(), Message::new("user", seed.prompt())];
+            Ok(model.text.encode(&model.text.render(&writer, true)?)?.len())
+        })
+        .collect::<Result<Vec<_>>>()?
+        .into_iter()
+        .max()
+        .unwrap_or(0)
+        + options.user_max_tokens
+        + options.answer_max_tokens;
+    if needed > model.llama.config.max_positions {
+        return Err(Error::Data(format!(
+            "chunks of up to {high} tokens with messages of {} and answers of {} need {needed} positions; the model has {} (lower --chunk-tokens, --user-tokens or --answer-tokens)",
+            options.user_max_tokens, options.answer_max_tokens, model.llama.config.max_positions
+        )));
+    }
     let provenance = Provenance {
         corpus: corpus.digest,
         model: model.fingerprint.weights,
@@ -258,10 +290,6 @@ pub fn synthesize(
             Vec::new()
         }
     };
-    let tokens = model.text.encode(&corpus.text())?;
-    if tokens.is_empty() {
-        return Err(Error::Data("the corpus tokenizes to nothing".into()));
-    }
     let mut file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
