@@ -28,6 +28,7 @@ use cartridge_schemas::manifest::Manifest;
 use cartridge_schemas::reference::{Namespace, Repository, Tag, Version};
 use cartridge_schemas::{Digest, canonical};
 use chrono::{DateTime, Utc};
+use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt, TryStreamExt};
 use object_store::path::Path;
 use object_store::signer::Signer;
@@ -332,6 +333,25 @@ impl Storage {
     }
 
     /// The immediate children of a prefix, as names.
+    /// The children of `key` that parse as names, each read by `read`, 16 at a time and in order
+    /// (on S3 each read is a round trip); those it finds nothing for are left out.
+    async fn read_children<'a, N: std::str::FromStr, T>(
+        &'a self,
+        key: Key<'_>,
+        read: impl Fn(N) -> BoxFuture<'a, Result<Option<T>>>,
+    ) -> Result<Vec<T>> {
+        let names: Vec<N> = (self.list_children(key).await?)
+            .iter()
+            .filter_map(|n| n.parse().ok())
+            .collect();
+        let read: Vec<Option<T>> = futures::stream::iter(names)
+            .map(read)
+            .buffered(16)
+            .try_collect()
+            .await?;
+        Ok(read.into_iter().flatten().collect())
+    }
+
     async fn list_children(&self, key: Key<'_>) -> Result<Vec<String>> {
         let listing = self.store.list_with_delimiter(Some(&key.path())).await?;
         Ok(listing
@@ -666,23 +686,11 @@ impl Storage {
         Ok(())
     }
 
-    pub async fn versions(&self, repo: &Repository) -> Result<Vec<(Version, Digest)>> {
-        let names: Vec<Version> = (self.list_children(Key::Versions(repo)).await?)
-            .iter()
-            .filter_map(|n| n.parse().ok())
-            .collect();
-        // Side by side, in order: on S3 each read is a round trip.
-        let versions = futures::stream::iter(names)
-            .map(|version| {
-                async move {
-                    Ok::<_, StorageError>(self.version(repo, &version).await?.map(|d| (version, d)))
-                }
-                .boxed()
-            })
-            .buffered(16)
-            .try_collect::<Vec<_>>()
-            .await?;
-        Ok(versions.into_iter().flatten().collect())
+    pub async fn versions<'a>(&'a self, repo: &'a Repository) -> Result<Vec<(Version, Digest)>> {
+        self.read_children(Key::Versions(repo), |version: Version| {
+            async move { Ok(self.version(repo, &version).await?.map(|d| (version, d))) }.boxed()
+        })
+        .await
     }
 
     // ----- tags -----
@@ -793,26 +801,16 @@ impl Storage {
         }
     }
 
-    pub async fn tags(&self, repo: &Repository) -> Result<Vec<(Tag, TagHead)>> {
-        let names: Vec<Tag> = (self.list_children(Key::Tags(repo)).await?)
-            .iter()
-            .filter_map(|n| n.parse().ok())
-            .collect();
-        let tags = futures::stream::iter(names)
-            .map(|tag| {
-                async move {
-                        Ok::<_, StorageError>(self.tag(repo, &tag).await?.map(|head| (tag, head)))
-                    }
-                    .boxed()
-            })
-            .buffered(16)
-            .try_collect::<Vec<_>>()
-            .await?;
-        Ok(tags
-            .into_iter()
-            .flatten()
-            .filter(|(_, head)| head.manifest.is_some())
-            .collect())
+    /// The tags of `repo` that point at something (a deleted tag leaves an empty generation).
+    pub async fn tags<'a>(&'a self, repo: &'a Repository) -> Result<Vec<(Tag, TagHead)>> {
+        self.read_children(Key::Tags(repo), |tag: Tag| {
+            async move {
+                let head = self.tag(repo, &tag).await?;
+                Ok(head.filter(|h| h.manifest.is_some()).map(|h| (tag, h)))
+            }
+            .boxed()
+        })
+        .await
     }
 
     // ----- namespaces -----
