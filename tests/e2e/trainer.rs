@@ -217,11 +217,6 @@ fn bad_arguments_are_refused_before_any_synthesis() {
         "{err}"
     );
     // SmolLM2 reads 8192 positions.
-    let err = train("32", &["--row-tokens", "8190"]);
-    assert!(
-        err.contains("need 8222 positions; the model has 8192"),
-        "{err}"
-    );
     let err = train("32", &["--answer-tokens", "8190"]);
     assert!(
         err.contains("positions; the model has 8192 (lower"),

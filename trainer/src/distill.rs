@@ -52,7 +52,7 @@ impl Default for DistillOptions {
 
 impl DistillOptions {
     /// Whether these options can train a cartridge of `p` tokens: its first `frozen` stay as
-    /// initialized and the rest train, and rows read at positions after it.
+    /// initialized and the rest train, and conversations read at positions after it.
     pub fn check(&self, p: usize, max_positions: usize) -> Result<()> {
         if self.frozen >= p {
             return Err(Error::Data(format!(
@@ -60,11 +60,9 @@ impl DistillOptions {
                 self.frozen
             )));
         }
-        if p + self.row_tokens > max_positions {
+        if p >= max_positions {
             return Err(Error::Data(format!(
-                "a cartridge of {p} tokens and rows of {} need {} positions; the model has {max_positions}",
-                self.row_tokens,
-                p + self.row_tokens
+                "a cartridge of {p} tokens leaves none of the model's {max_positions} positions to a conversation"
             )));
         }
         Ok(())
@@ -243,13 +241,16 @@ impl<'a> Distiller<'a> {
         conversations: &[Conversation],
         mut each_step: impl FnMut(&Self, usize, f32, usize) -> Result<()>,
     ) -> Result<()> {
+        // Each conversation in a row reads at positions p.. after the cartridge.
+        let (p, max_positions) = (self.options.tokens, self.model.config.max_positions);
+        let longest = self.options.row_tokens.min(max_positions.saturating_sub(p));
         let usable: Vec<&Conversation> = conversations
             .iter()
-            .filter(|c| !c.is_empty() && c.len() <= self.options.row_tokens)
+            .filter(|c| !c.is_empty() && c.len() <= longest)
             .collect();
         if usable.is_empty() {
             return Err(Error::Data(format!(
-                "no conversation fits in a row of {} tokens",
+                "no conversation fits in a row of {} tokens after a cartridge of {p} (the model has {max_positions} positions)",
                 self.options.row_tokens
             )));
         }

@@ -231,7 +231,8 @@ pub fn synthesize(
         return Err(Error::Data("the corpus tokenizes to nothing".into()));
     }
     // The longest chunk's prompts, with the longest message and answer, must fit the model's
-    // positions: found out here, not when a batch draws such a chunk hours in.
+    // positions: found out here, not when a batch draws such a chunk hours in. (Close, not
+    // exact: a chunk cut mid-corpus may re-encode a token or two longer.)
     let (_, high) = options.chunk_tokens;
     let longest = Message::new(
         "system",

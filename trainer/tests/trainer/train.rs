@@ -15,6 +15,10 @@ use crate::support::{max_difference, smollm2, smollm2_path};
 
 /// A tiny random model that speaks SmolLM2's tokens (so its tokenizer and template apply).
 fn tiny_model() -> LoadedModel {
+    tiny_model_reading(512)
+}
+
+fn tiny_model_reading(max_positions: usize) -> LoadedModel {
     let mut file = std::fs::File::open(smollm2_path()).unwrap();
     let content = candle_core::quantized::gguf_file::Content::read(&mut file).unwrap();
     let config = Config {
@@ -27,7 +31,7 @@ fn tiny_model() -> LoadedModel {
         head_dim: 8,
         rope_theta: 10_000.0,
         rms_eps: 1e-5,
-        max_positions: 512,
+        max_positions,
         tie_embeddings: true,
     };
     LoadedModel {
@@ -90,6 +94,28 @@ fn initial_prefix(model: &LoadedModel) -> cartridge_trainer::model::Prefix {
         .llama
         .prefix_of(&[1, 5, 9, 13, 17, 21, 25, 29])
         .unwrap()
+}
+
+#[test]
+fn conversations_past_the_models_positions_are_left_out() {
+    // A cartridge of 8 and conversations of 10 tokens: 18 positions.
+    let distill = |max_positions: usize| {
+        let model = tiny_model_reading(max_positions);
+        let mut distiller =
+            Distiller::from_prefix(&model.llama, &initial_prefix(&model), options(1)).unwrap();
+        distiller
+            .train(&conversations(2), |_, _, _, _| Ok(()))
+            .map(|()| distiller.losses.len())
+    };
+    assert_eq!(distill(18).unwrap(), 1);
+    let error = distill(17).unwrap_err().to_string();
+    assert!(error.contains("the model has 17 positions"), "{error}");
+    let full = tiny_model_reading(8);
+    let error = Distiller::from_prefix(&full.llama, &initial_prefix(&full), options(1))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(error.contains("none of the model's 8 positions"), "{error}");
 }
 
 #[test]
