@@ -7,14 +7,16 @@
 //! blob a publish relies on cannot disappear between its check and its version being written
 //! (see `Storage::publish`).
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
 use cartridge_schemas::Digest;
-use chrono::Utc;
+use chrono::{DateTime, Utc};
+use futures::TryStreamExt;
+use object_store::ObjectMeta;
 use serde::Serialize;
 
-use crate::storage::{Key, Storage, StorageError};
+use crate::storage::{GC_LEASE_TTL, Key, Storage, StorageError};
 
 #[derive(Debug, Clone, Copy)]
 pub struct GcOptions {
@@ -40,10 +42,10 @@ pub async fn collect(storage: &Storage, options: GcOptions) -> Result<GcReport, 
         return sweep(storage, options, None).await;
     }
     let owner = format!("gc-{}-{:08x}", std::process::id(), rand::random::<u32>());
-    if !storage.acquire_gc_lease(&owner).await? {
+    let Some(expires) = storage.acquire_gc_lease(&owner).await? else {
         return Err(StorageError::GcRunning);
-    }
-    let result = sweep(storage, options, Some(&owner)).await;
+    };
+    let result = sweep(storage, options, Some((&owner, expires))).await;
     // Release even after a failure, so publishes do not wait for the lease to expire.
     let released = storage.release_gc_lease(&owner).await;
     let report = result?;
@@ -51,35 +53,52 @@ pub async fn collect(storage: &Storage, options: GcOptions) -> Result<GcReport, 
     Ok(report)
 }
 
-/// Keeps the lease fresh during a long sweep, and stops the sweep if it was lost.
+/// Keeps the lease fresh during a long sweep, and stops the sweep if it was lost. Called before
+/// every step that could outlast it: each listed object and each delete.
 struct Heartbeat<'a> {
     storage: &'a Storage,
-    owner: Option<&'a str>,
-    last: std::time::Instant,
+    /// The owner and when the lease expires (wall-clock time, as the lease reads it: a suspended
+    /// machine's monotonic clock stands still).
+    lease: Option<(&'a str, DateTime<Utc>)>,
 }
 
 impl Heartbeat<'_> {
     async fn beat(&mut self) -> Result<(), StorageError> {
-        if let Some(owner) = self.owner
-            && self.last.elapsed() > crate::storage::GC_LEASE_TTL / 4
+        if let Some((owner, expires)) = &mut self.lease
+            && Utc::now() > *expires - GC_LEASE_TTL * 3 / 4
         {
-            self.storage.renew_gc_lease(owner).await?;
-            self.last = std::time::Instant::now();
+            *expires = self.storage.renew_gc_lease(owner).await?;
         }
         Ok(())
     }
+
+    /// Everything under `key`, the lease kept fresh while a long listing pages on.
+    async fn list(&mut self, key: Key<'_>) -> Result<Vec<ObjectMeta>, StorageError> {
+        let storage = self.storage;
+        let mut listing = storage.listing(key);
+        let mut all = Vec::new();
+        while let Some(meta) = listing.try_next().await? {
+            self.beat().await?;
+            all.push(meta);
+        }
+        Ok(all)
+    }
+}
+
+/// Content-addressed objects by digest.
+fn by_digest(objects: Vec<ObjectMeta>) -> BTreeMap<Digest, ObjectMeta> {
+    objects
+        .into_iter()
+        .filter_map(|meta| Some((Digest::from_hex(meta.location.filename()?).ok()?, meta)))
+        .collect()
 }
 
 async fn sweep(
     storage: &Storage,
     options: GcOptions,
-    owner: Option<&str>,
+    lease: Option<(&str, DateTime<Utc>)>,
 ) -> Result<GcReport, StorageError> {
-    let mut heartbeat = Heartbeat {
-        storage,
-        owner,
-        last: std::time::Instant::now(),
-    };
+    let mut heartbeat = Heartbeat { storage, lease };
     let grace = chrono::Duration::from_std(options.grace).unwrap_or(chrono::Duration::MAX);
     let cutoff = Utc::now()
         .checked_sub_signed(grace)
@@ -97,7 +116,7 @@ async fn sweep(
         }
     }
     let mut marked = HashSet::new();
-    for (digest, meta) in storage.content_objects(Key::Manifests).await? {
+    for (digest, meta) in by_digest(heartbeat.list(Key::Manifests).await?) {
         heartbeat.beat().await?;
         if referenced.contains(&digest) || meta.last_modified > cutoff {
             // A live manifest that cannot be read would leave its blobs unmarked: stop rather
@@ -114,7 +133,7 @@ async fn sweep(
         }
     }
 
-    for (digest, meta) in storage.content_objects(Key::Blobs).await? {
+    for (digest, meta) in by_digest(heartbeat.list(Key::Blobs).await?) {
         if marked.contains(&digest) || meta.last_modified > cutoff {
             report.blobs_kept += 1;
             continue;
@@ -127,9 +146,10 @@ async fn sweep(
         report.blobs_deleted.push(digest);
     }
 
-    for meta in storage.uploads().await? {
+    for meta in heartbeat.list(Key::Uploads).await? {
         if meta.last_modified <= cutoff {
             if !options.dry_run {
+                heartbeat.beat().await?;
                 storage.delete_object(&meta.location).await?;
             }
             report.uploads_deleted += 1;

@@ -17,7 +17,7 @@
 //! atomically (object_store's local filesystem has no compare-and-swap on etags), which is why tags
 //! are generations rather than one object updated in place.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashSet};
 use std::ops::Range;
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,6 +29,7 @@ use cartridge_schemas::reference::{Namespace, Repository, Tag, Version};
 use cartridge_schemas::{Digest, canonical};
 use chrono::{DateTime, Utc};
 use futures::future::BoxFuture;
+use futures::stream::BoxStream;
 use futures::{FutureExt, StreamExt, TryStreamExt};
 use object_store::path::Path;
 use object_store::signer::Signer;
@@ -67,7 +68,7 @@ pub enum StorageError {
     Corrupt { key: String, detail: String },
     #[error("garbage collection is running; retry in a moment")]
     GcRunning,
-    #[error("another garbage collection took over the lease; stopped")]
+    #[error("the garbage collection lease lapsed or was taken over; stopped")]
     GcLeaseLost,
     #[error("invalid manifest: {0}")]
     InvalidManifest(String),
@@ -99,7 +100,9 @@ pub enum Key<'a> {
     /// Marks content as part of a repository: reads through the repository see only this.
     BlobLink(&'a Repository, &'a Digest),
     ManifestLink(&'a Repository, &'a Digest),
-    GcLease,
+    /// Generations of the garbage collection lease, each written once (create-only).
+    GcLeases,
+    GcLease(u64),
 }
 
 impl Key<'_> {
@@ -130,7 +133,8 @@ impl Key<'_> {
                 format!("{}/links/manifests/{}", repo(r), digest.hex())
             }
             Self::Uploads => "uploads".into(),
-            Self::GcLease => "gc/lease".into(),
+            Self::GcLeases => "gc/leases".into(),
+            Self::GcLease(generation) => format!("gc/leases/{generation}"),
         };
         Path::from(text)
     }
@@ -332,7 +336,6 @@ impl Storage {
         Ok(self.store.list(Some(&key.path())).try_collect().await?)
     }
 
-    /// The immediate children of a prefix, as names.
     /// The children of `key` that parse as names, each read by `read`, 16 at a time and in order
     /// (on S3 each read is a round trip); those it finds nothing for are left out.
     async fn read_children<'a, N: std::str::FromStr, T>(
@@ -352,6 +355,7 @@ impl Storage {
         Ok(read.into_iter().flatten().collect())
     }
 
+    /// The immediate children of a prefix, as names.
     async fn list_children(&self, key: Key<'_>) -> Result<Vec<String>> {
         let listing = self.store.list_with_delimiter(Some(&key.path())).await?;
         Ok(listing
@@ -910,17 +914,12 @@ impl Storage {
     }
 
     /// Objects under a content-addressed prefix (`blobs/`, `manifests/`) by digest.
-    pub async fn content_objects(&self, key: Key<'_>) -> Result<BTreeMap<Digest, ObjectMeta>> {
-        Ok(self
-            .list(key)
-            .await?
-            .into_iter()
-            .filter_map(|meta| Some((Digest::from_hex(meta.location.filename()?).ok()?, meta)))
-            .collect())
-    }
-
-    pub async fn uploads(&self) -> Result<Vec<ObjectMeta>> {
-        self.list(Key::Uploads).await
+    /// Every object under `key`, as the backend pages through them.
+    pub fn listing(&self, key: Key<'_>) -> BoxStream<'_, Result<ObjectMeta>> {
+        self.store
+            .list(Some(&key.path()))
+            .map_err(Into::into)
+            .boxed()
     }
 
     pub async fn delete_object(&self, location: &Path) -> Result<()> {
@@ -931,74 +930,97 @@ impl Storage {
         }
     }
 
-    /// Takes the collection lease; `false` if a live one is held by someone else. An expired
-    /// lease is taken over, and the takeover is confirmed by reading the lease back, so of two
-    /// collectors racing for it at most one goes ahead.
-    pub async fn acquire_gc_lease(&self, owner: &str) -> Result<bool> {
-        let bytes = json_bytes(&GcLease {
-            owner: owner.to_owned(),
-            expires: Utc::now() + GC_LEASE_TTL,
-        });
-        if self.create(Key::GcLease, bytes.clone()).await? {
-            return Ok(true);
+    /// Takes the collection lease; `false` if a live one is held. Each change of the lease is a
+    /// new generation written create-only, so of collectors racing for it exactly one wins, on
+    /// every backend.
+    pub async fn acquire_gc_lease(&self, owner: &str) -> Result<Option<DateTime<Utc>>> {
+        let (generation, current) = self.gc_lease().await?;
+        if current.is_some_and(|l| l.expires > Utc::now()) {
+            return Ok(None);
         }
-        // A failure to read it is an error, never a reason to take a live lease over.
-        match self.gc_lease().await? {
-            Some(current) if current.expires > Utc::now() => Ok(false),
-            // Abandoned (or unreadable): take it over.
-            _ => {
-                self.delete(Key::GcLease).await?;
-                if !self.create(Key::GcLease, bytes).await? {
-                    return Ok(false);
-                }
-                Ok(self.gc_lease().await?.is_some_and(|l| l.owner == owner))
+        let expires = Utc::now() + GC_LEASE_TTL;
+        Ok(self
+            .write_gc_lease(generation + 1, owner, expires)
+            .await?
+            .then_some(expires))
+    }
+
+    /// Extends the lease `owner` holds and returns its new expiry; fails with `GcLeaseLost` if
+    /// someone else holds it now or it lapsed at any moment (a publish may then have gone ahead
+    /// without waiting, on content this collection's earlier listing holds as unreferenced), so
+    /// the collection stops before deleting anything more.
+    pub async fn renew_gc_lease(&self, owner: &str) -> Result<DateTime<Utc>> {
+        let (generation, current) = self.gc_lease().await?;
+        let Some(held) = current.filter(|l| l.owner == owner && l.expires > Utc::now()) else {
+            return Err(StorageError::GcLeaseLost);
+        };
+        let expires = Utc::now() + GC_LEASE_TTL;
+        if !self.write_gc_lease(generation + 1, owner, expires).await?
+            // Checked after the write: a pause before it could have outlasted the lease.
+            || Utc::now() >= held.expires
+        {
+            return Err(StorageError::GcLeaseLost);
+        }
+        Ok(expires)
+    }
+
+    /// Gives the lease up, if `owner` still holds it: a generation that has already expired.
+    pub async fn release_gc_lease(&self, owner: &str) -> Result<()> {
+        let (generation, current) = self.gc_lease().await?;
+        if current.is_some_and(|l| l.owner == owner) {
+            self.write_gc_lease(generation + 1, owner, DateTime::<Utc>::MIN_UTC)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// The newest generation of the lease and what it holds (an unreadable one holds nothing).
+    async fn gc_lease(&self) -> Result<(u64, Option<GcLease>)> {
+        loop {
+            let Some(generation) = (self.list(Key::GcLeases).await?)
+                .iter()
+                .filter_map(|meta| meta.location.filename()?.parse::<u64>().ok())
+                .max()
+            else {
+                return Ok((0, None));
+            };
+            match self.read_json::<GcLease>(Key::GcLease(generation)).await {
+                // Pruned between the listing and the read: a newer one exists.
+                Ok(None) => continue,
+                Ok(lease) => return Ok((generation, lease)),
+                Err(StorageError::Corrupt { .. }) => return Ok((generation, None)),
+                Err(error) => return Err(error),
             }
         }
     }
 
-    /// The lease as stored; an unreadable one counts as none.
-    async fn gc_lease(&self) -> Result<Option<GcLease>> {
-        match self.read_json::<GcLease>(Key::GcLease).await {
-            Ok(lease) => Ok(lease),
-            Err(StorageError::Corrupt { .. }) => Ok(None),
-            Err(error) => Err(error),
-        }
-    }
-
-    /// Extends the lease `owner` holds; fails with `GcLeaseLost` if someone else holds it now or
-    /// it has expired, so the collection stops before deleting anything more. (While it was
-    /// expired a publish may have gone ahead without waiting, on content this collection's
-    /// earlier listing holds as unreferenced.)
-    pub async fn renew_gc_lease(&self, owner: &str) -> Result<()> {
-        if !self
-            .gc_lease()
-            .await?
-            .is_some_and(|l| l.owner == owner && l.expires > Utc::now())
-        {
-            return Err(StorageError::GcLeaseLost);
-        }
-        let bytes = json_bytes(&GcLease {
+    /// Writes `generation` of the lease unless someone has; prunes the ones before it.
+    async fn write_gc_lease(
+        &self,
+        generation: u64,
+        owner: &str,
+        expires: DateTime<Utc>,
+    ) -> Result<bool> {
+        let lease = json_bytes(&GcLease {
             owner: owner.to_owned(),
-            expires: Utc::now() + GC_LEASE_TTL,
+            expires,
         });
-        self.store
-            .put(&Key::GcLease.path(), PutPayload::from(bytes))
-            .await?;
-        Ok(())
-    }
-
-    /// Gives the lease up, if `owner` still holds it.
-    pub async fn release_gc_lease(&self, owner: &str) -> Result<()> {
-        if self.gc_lease().await?.is_some_and(|l| l.owner == owner) {
-            self.delete(Key::GcLease).await?;
+        if !self.create(Key::GcLease(generation), lease).await? {
+            return Ok(false);
         }
-        Ok(())
+        for old in generation.saturating_sub(4)..generation {
+            if let Err(error) = self.delete(Key::GcLease(old)).await {
+                tracing::warn!(%error, generation = old, "pruning an old lease generation failed");
+            }
+        }
+        Ok(true)
     }
 
     async fn gc_running(&self) -> Result<bool> {
         Ok(self
             .gc_lease()
             .await?
+            .1
             .is_some_and(|l| l.expires > Utc::now()))
     }
 

@@ -453,7 +453,7 @@ async fn garbage_collection(storage: &Storage) {
     storage
         .object_store()
         .put(
-            &Key::GcLease.path(),
+            &Key::GcLease(1_000).path(),
             PutPayload::from_static(br#"{"expires":"2000-01-01T00:00:00Z","owner":"lapsed"}"#),
         )
         .await
@@ -462,21 +462,37 @@ async fn garbage_collection(storage: &Storage) {
         storage.renew_gc_lease("lapsed").await,
         Err(StorageError::GcLeaseLost)
     ));
-    assert!(
-        storage.acquire_gc_lease("me").await.unwrap(),
-        "a lapsed lease is taken over"
-    );
-    storage.release_gc_lease("me").await.unwrap();
+    // Of collectors racing to take the lapsed lease over, exactly one wins.
+    let racing = (0..8).map(|i| {
+        let storage = storage.clone();
+        tokio::spawn(async move { storage.acquire_gc_lease(&format!("racer {i}")).await })
+    });
+    let mut winners = Vec::new();
+    for (i, race) in racing.enumerate() {
+        if race.await.unwrap().unwrap().is_some() {
+            winners.push(i);
+        }
+    }
+    assert_eq!(winners.len(), 1, "{winners:?}");
+    let winner = format!("racer {}", winners[0]);
+    storage.renew_gc_lease(&winner).await.unwrap();
+    storage.release_gc_lease(&winner).await.unwrap();
 
     // A second collection cannot start while one holds the lease, and a publish waits for it.
-    assert!(storage.acquire_gc_lease("someone else").await.unwrap());
+    assert!(
+        storage
+            .acquire_gc_lease("someone else")
+            .await
+            .unwrap()
+            .is_some()
+    );
     assert!(matches!(
         storage.renew_gc_lease("me").await,
         Err(StorageError::GcLeaseLost)
     ));
     storage.release_gc_lease("me").await.unwrap();
     assert!(
-        !storage.acquire_gc_lease("me").await.unwrap(),
+        storage.acquire_gc_lease("me").await.unwrap().is_none(),
         "releasing needs the owner"
     );
     assert!(matches!(
