@@ -2,15 +2,15 @@
 
 use std::error::Error;
 
-/// An error and its causes on one line, `outer: cause: …`, leaving out a cause whose text the
-/// line already holds (most of our errors write their cause into their own message and also
+/// An error and its causes on one line, `outer: cause: …`, leaving out a cause the line already
+/// ends with (most of our errors write their cause at the end of their own message and also
 /// expose it as their source).
 pub fn error_line(error: &(dyn Error + 'static)) -> String {
     let mut line = error.to_string();
     let mut cause = error.source();
     while let Some(error) = cause {
         let text = error.to_string();
-        if !line.contains(&text) {
+        if !line.ends_with(&text) {
             line.push_str(": ");
             line.push_str(&text);
         }
@@ -45,5 +45,10 @@ mod tests {
         assert_eq!(error_line(&repeating), "cannot reach x: connection refused");
         let terse = Wrapped("cannot reach x", Some(refused()));
         assert_eq!(error_line(&terse), "cannot reach x: connection refused");
+        let elsewhere = Wrapped("connection refused by x, retrying", Some(refused()));
+        assert_eq!(
+            error_line(&elsewhere),
+            "connection refused by x, retrying: connection refused"
+        );
     }
 }
