@@ -8,7 +8,7 @@
 //! repos/<ns>/<name>/tags/<tag>/<generation>    {"manifest": digest | null}, each move creates the next
 //! namespaces/<ns>/settings.json                namespace settings (anonymous pull)
 //! uploads/<hex>/<id>                           direct uploads to object storage, awaiting verification
-//! gc/lease                                     held while garbage collection runs
+//! gc/leases/<generation>                      {"owner", "expires"}: the collection lease, as tags
 //! ```
 //! Invariants: only bytes whose blake3 matches their key ever reach `blobs/` or `manifests/`;
 //! a version is written create-only after its manifest and every blob it references are present;
@@ -134,7 +134,7 @@ impl Key<'_> {
             }
             Self::Uploads => "uploads".into(),
             Self::GcLeases => "gc/leases".into(),
-            Self::GcLease(generation) => format!("gc/leases/{generation}"),
+            Self::GcLease(generation) => format!("gc/leases/{generation:020}"),
         };
         Path::from(text)
     }
@@ -165,7 +165,7 @@ pub enum TagCondition {
     Matches(Digest),
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct GcLease {
     owner: String,
     expires: DateTime<Utc>,
@@ -976,36 +976,58 @@ impl Storage {
 
     /// The newest generation of the lease and what it holds (an unreadable one holds nothing).
     async fn gc_lease(&self) -> Result<(u64, Option<GcLease>)> {
-        loop {
+        // A generation pruned between the listing and the read means a newer one exists: list
+        // again (a bounded number of times: the lease changes every few minutes at most).
+        for _ in 0..16 {
             let Some(generation) = (self.list(Key::GcLeases).await?)
                 .iter()
-                .filter_map(|meta| meta.location.filename()?.parse::<u64>().ok())
+                .filter_map(|meta| {
+                    let generation = meta.location.filename()?.parse::<u64>().ok()?;
+                    // Only our own keys: nothing else stored below counts.
+                    (meta.location == Key::GcLease(generation).path()).then_some(generation)
+                })
                 .max()
             else {
                 return Ok((0, None));
             };
             match self.read_json::<GcLease>(Key::GcLease(generation)).await {
-                // Pruned between the listing and the read: a newer one exists.
                 Ok(None) => continue,
                 Ok(lease) => return Ok((generation, lease)),
                 Err(StorageError::Corrupt { .. }) => return Ok((generation, None)),
                 Err(error) => return Err(error),
             }
         }
+        Err(StorageError::GcRunning)
     }
 
-    /// Writes `generation` of the lease unless someone has; prunes the ones before it.
-    async fn write_gc_lease(
+    /// Writes `generation` of the lease; `false` unless it is ours and, once written, still the
+    /// newest. (A writer that stalled while others wrote past it and pruned that generation could
+    /// write it again, and a create whose response was lost reads as someone else's.) Prunes
+    /// the generations before it.
+    pub(crate) async fn write_gc_lease(
         &self,
         generation: u64,
         owner: &str,
         expires: DateTime<Utc>,
     ) -> Result<bool> {
-        let lease = json_bytes(&GcLease {
+        let lease = GcLease {
             owner: owner.to_owned(),
             expires,
-        });
-        if !self.create(Key::GcLease(generation), lease).await? {
+        };
+        if !self
+            .create(Key::GcLease(generation), json_bytes(&lease))
+            .await?
+            && self
+                .read_json::<GcLease>(Key::GcLease(generation))
+                .await
+                .ok()
+                .flatten()
+                .as_ref()
+                != Some(&lease)
+        {
+            return Ok(false);
+        }
+        if self.gc_lease().await?.0 != generation {
             return Ok(false);
         }
         for old in generation.saturating_sub(4)..generation {
@@ -1080,4 +1102,21 @@ pub fn resolve_range(range: &GetRange, size: u64) -> Option<Range<u64>> {
         GetRange::Suffix(n) => size.saturating_sub(*n)..size,
     };
     (resolved.start < resolved.end).then_some(resolved)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_lease_generation_written_again_after_pruning_is_no_lease() {
+        let storage = Storage::new(Arc::new(object_store::memory::InMemory::new()), "memory");
+        assert!(storage.acquire_gc_lease("a").await.unwrap().is_some());
+        // "a" collects, then releases: generation 2, which prunes generation 1.
+        storage.release_gc_lease("a").await.unwrap();
+        // "b" read the lease before "a" took it, stalled, and now writes generation 1.
+        let expires = Utc::now() + GC_LEASE_TTL;
+        assert!(!storage.write_gc_lease(1, "b", expires).await.unwrap());
+        assert!(!storage.gc_running().await.unwrap());
+    }
 }

@@ -463,12 +463,18 @@ async fn garbage_collection(storage: &Storage) {
         Err(StorageError::GcLeaseLost)
     ));
     // Of collectors racing to take the lapsed lease over, exactly one wins.
-    let racing = (0..8).map(|i| {
-        let storage = storage.clone();
-        tokio::spawn(async move { storage.acquire_gc_lease(&format!("racer {i}")).await })
-    });
+    let start = std::sync::Arc::new(tokio::sync::Barrier::new(8));
+    let racing: Vec<_> = (0..8)
+        .map(|i| {
+            let (storage, start) = (storage.clone(), start.clone());
+            tokio::spawn(async move {
+                start.wait().await;
+                storage.acquire_gc_lease(&format!("racer {i}")).await
+            })
+        })
+        .collect();
     let mut winners = Vec::new();
-    for (i, race) in racing.enumerate() {
+    for (i, race) in racing.into_iter().enumerate() {
         if race.await.unwrap().unwrap().is_some() {
             winners.push(i);
         }
