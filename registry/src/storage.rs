@@ -1119,4 +1119,22 @@ mod tests {
         assert!(!storage.write_gc_lease(1, "b", expires).await.unwrap());
         assert!(!storage.gc_running().await.unwrap());
     }
+
+    #[tokio::test]
+    async fn a_lease_write_whose_response_was_lost_is_recognized_as_ours() {
+        let storage = Storage::new(Arc::new(object_store::memory::InMemory::new()), "memory");
+        let expires = Utc::now() + GC_LEASE_TTL;
+        let lease = |owner: &str| {
+            json_bytes(&GcLease {
+                owner: owner.into(),
+                expires,
+            })
+        };
+        // The first attempt landed; the retry finds it there.
+        assert!(storage.create(Key::GcLease(1), lease("a")).await.unwrap());
+        assert!(storage.write_gc_lease(1, "a", expires).await.unwrap());
+        // Someone else's write of the next generation is not ours.
+        assert!(storage.create(Key::GcLease(2), lease("b")).await.unwrap());
+        assert!(!storage.write_gc_lease(2, "a", expires).await.unwrap());
+    }
 }
