@@ -61,8 +61,9 @@ pub struct TrainArgs {
     /// Conversations to synthesize.
     #[arg(long, default_value_t = 1024, value_parser = positive)]
     pub conversations: usize,
-    /// Optimizer steps (default: two epochs over the conversations).
-    #[arg(long, value_parser = positive)]
+    /// Optimizer steps (default: two epochs over the conversations; 0 writes the initialization,
+    /// a baseline).
+    #[arg(long)]
     pub steps: Option<usize>,
     /// Adam learning rate (constant).
     #[arg(long, default_value_t = 2e-2, value_parser = learning_rate)]
