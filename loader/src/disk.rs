@@ -75,8 +75,17 @@ impl DiskCache {
         &self.cache
     }
 
-    /// Keeps these blobs from eviction (and marks them used) until [`DiskCache::unpin`].
-    pub fn pin(&self, digests: &[Digest]) {
+    /// Keeps these blobs from eviction (and marks them used) until the guard drops, however the
+    /// caller's future ends (a dropped request included).
+    pub fn pinned<'a>(&'a self, digests: &'a [Digest]) -> Pinned<'a> {
+        self.pin(digests);
+        Pinned {
+            disk: self,
+            digests,
+        }
+    }
+
+    fn pin(&self, digests: &[Digest]) {
         let now = SystemTime::now();
         let Ok(mut entries) = self.entries.lock() else {
             return;
@@ -101,7 +110,7 @@ impl DiskCache {
 
     /// Releases pins, records the blobs' sizes as they now are on disk, and evicts the least
     /// recently used unpinned blobs while the cache is over its cap.
-    pub fn unpin(&self, digests: &[Digest]) -> u64 {
+    fn unpin(&self, digests: &[Digest]) -> u64 {
         let Ok(mut entries) = self.entries.lock() else {
             return 0;
         };
@@ -174,6 +183,17 @@ impl DiskCache {
     }
 }
 
+pub struct Pinned<'a> {
+    disk: &'a DiskCache,
+    digests: &'a [Digest],
+}
+
+impl Drop for Pinned<'_> {
+    fn drop(&mut self) {
+        self.disk.unpin(self.digests);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -237,6 +257,31 @@ mod tests {
         disk.pin(&[old]);
         assert_eq!(disk.unpin(&[old]), 1);
         assert!(!cache.partial(&downloading).exists());
+    }
+
+    #[test]
+    fn a_pin_ends_with_its_guard_however_the_request_ends() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::new(dir.path()).unwrap();
+        let [fetched, other] = [1u8, 2].map(|n| Digest::of(&[n]));
+        let disk = DiskCache::open(dir.path(), 500).unwrap();
+        let digests = [fetched];
+        // A prefetch whose client went away: its future, guard and all, is dropped mid-fetch.
+        let mut request = Box::pin(async {
+            let _pinned = disk.pinned(&digests);
+            file(&cache.blob(&fetched), 400, 100);
+            std::future::pending::<()>().await;
+        });
+        assert!(futures::FutureExt::now_or_never(request.as_mut()).is_none());
+        drop(request);
+        disk.pin(&[other]);
+        file(&cache.blob(&other), 400, 0);
+        assert_eq!(
+            disk.unpin(&[other]),
+            1,
+            "the dropped request's blob is evictable"
+        );
+        assert!(!cache.blob(&fetched).exists());
     }
 
     #[test]

@@ -181,6 +181,7 @@ impl Loader {
         if request.cartridges.is_empty() {
             return Err(LoaderError::BadRequest("no cartridges to load".into()));
         }
+        check_count(&request.cartridges)?;
         let references = request
             .cartridges
             .iter()
@@ -202,7 +203,7 @@ impl Loader {
                 return Err(LoaderError::ModelMismatch {
                     reference: reference.to_string(),
                     detail: format!(
-                        "holds {} but the first cartridge holds {first}: they cannot be composed",
+                        "dtype: holds {} but the first cartridge holds {first}: they cannot be composed",
                         header.dtype
                     ),
                 });
@@ -300,13 +301,14 @@ impl Loader {
 
     /// Resolves and downloads cartridges to the disk tier, without decoding them.
     pub async fn prefetch(&self, references: &[String]) -> Result<Vec<Part>, LoaderError> {
+        check_count(references)?;
         let mut parts = Vec::new();
         for reference in references {
             let resolved = self.resolver.resolve(&Self::parse(reference)?).await?;
             let (ready, arrivals) = std::sync::mpsc::channel();
             drop(arrivals);
             let digests: Vec<Digest> = resolved.manifest.blobs().iter().map(|b| b.digest).collect();
-            self.disk.pin(&digests);
+            let _pinned = self.disk.pinned(&digests);
             let fetched = fetch_blobs(
                 self.resolver.client(),
                 &resolved.reference.repository,
@@ -317,7 +319,6 @@ impl Loader {
                 ready,
             )
             .await;
-            self.disk.unpin(&digests);
             fetched.map_err(client_error)?;
             parts.push(Part {
                 reference: reference.clone(),
@@ -340,6 +341,7 @@ impl Loader {
     }
 
     /// Forgets a finished flight (later loads find the entry resident, or start a new one).
+    /// Called by [`Landing`] however a turn ends.
     fn land(&self, key: &EntryKey) {
         let mut flights = self
             .flights
@@ -372,6 +374,10 @@ impl Loader {
             return Ok(Tier::Device);
         }
         let flight = self.flight(&key);
+        let _landing = Landing {
+            loader: self,
+            key: &key,
+        };
         let _turn = flight.lock().await;
         // Whoever held the turn before may have loaded it.
         if self.store().acquire(&key).is_some() {
@@ -381,7 +387,7 @@ impl Loader {
         let evicted = self.store().reserve(bytes)?;
         drop(evicted);
         let loaded = self.make_resident(part, progress).await;
-        let outcome = {
+        {
             let mut store = self.store();
             match loaded {
                 Ok((buffer, tier)) => {
@@ -393,9 +399,7 @@ impl Loader {
                     Err(error)
                 }
             }
-        };
-        self.land(&key);
-        outcome
+        }
     }
 
     /// A new buffer holding the cartridge: copied from the host tier (on a GPU), or decoded
@@ -425,14 +429,13 @@ impl Loader {
         progress: Option<Progress>,
     ) -> Result<(Buffer, Tier), LoaderError> {
         let digests: Vec<Digest> = part.manifest.blobs().iter().map(|b| b.digest).collect();
-        self.disk.pin(&digests);
+        let _pinned = self.disk.pinned(&digests);
         let mut outcome = self.fetch_and_decode_once(part, progress.clone()).await;
         if matches!(outcome, Err(LoaderError::Corrupt(_))) {
             tracing::warn!(digest = %part.digest, "a cached blob failed verification; fetching it again");
             metrics::counter!("loader_corrupt_blobs_total").increment(1);
             outcome = self.fetch_and_decode_once(part, progress).await;
         }
-        self.disk.unpin(&digests);
         outcome
     }
 
@@ -489,12 +492,16 @@ impl Loader {
     async fn ensure_composed(&self, parts: &[Resolved]) -> Result<EntryKey, LoaderError> {
         let key = EntryKey::Composed(parts.iter().map(|p| p.digest).collect());
         if self.store().acquire(&key).is_some() {
-            return Ok(key);
+            return Ok(key.clone());
         }
         let flight = self.flight(&key);
+        let _landing = Landing {
+            loader: self,
+            key: &key,
+        };
         let _turn = flight.lock().await;
         if self.store().acquire(&key).is_some() {
-            return Ok(key);
+            return Ok(key.clone());
         }
         let headers: Vec<&Header> = parts.iter().map(|p| &p.manifest.cartridge).collect();
         let first = headers[0];
@@ -515,15 +522,16 @@ impl Loader {
             let device = self.options.device.clone();
             let layout = header.clone();
             let inputs = sources.clone();
+            // A panic is an error like any other: the cleanup below still runs.
             tokio::task::spawn_blocking(move || device.compose(&layout, &inputs))
                 .await
-                .map_err(|e| LoaderError::Internal(format!("composing: {e}")))?
+                .unwrap_or_else(|e| Err(LoaderError::Internal(format!("composing: {e}"))))
         } else {
             Err(LoaderError::Internal(
                 "a part was evicted while composing".into(),
             ))
         };
-        let outcome = {
+        {
             let mut store = self.store();
             for part in parts.iter().take(sources.len()) {
                 store.release(&EntryKey::Single(part.digest));
@@ -538,8 +546,33 @@ impl Loader {
                     Err(error)
                 }
             }
-        };
-        self.land(&key);
-        outcome
+        }
     }
+}
+
+/// Lands a flight when its turn ends, on every path out (an early `?` included), so the flight
+/// table holds only flights in progress.
+struct Landing<'a> {
+    loader: &'a Loader,
+    key: &'a EntryKey,
+}
+
+impl Drop for Landing<'_> {
+    fn drop(&mut self) {
+        self.loader.land(self.key);
+    }
+}
+
+/// Most cartridges one request names: a composition of more is no use, and each costs a
+/// resolution and a manifest in memory.
+pub const MAX_CARTRIDGES: usize = 64;
+
+fn check_count(references: &[String]) -> Result<(), LoaderError> {
+    if references.len() > MAX_CARTRIDGES {
+        return Err(LoaderError::BadRequest(format!(
+            "{} cartridges in one request; at most {MAX_CARTRIDGES}",
+            references.len()
+        )));
+    }
+    Ok(())
 }

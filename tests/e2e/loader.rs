@@ -178,6 +178,13 @@ fn bad_requests_are_named() {
     );
     let (status, _) = load(&loader, &model, &[]);
     assert_eq!(status, 400);
+    // Each named cartridge costs a resolution and a manifest in memory: a request is bounded.
+    let (status, body) = load(&loader, &model, &["team/a@v1"; 65]);
+    assert_eq!(status, 400);
+    assert!(
+        body["message"].as_str().unwrap().contains("at most 64"),
+        "{body}"
+    );
     let (status, _) = http_json(
         &loader.url,
         "POST",
