@@ -16,6 +16,7 @@ use serde::de::DeserializeOwned;
 use url::Url;
 
 use crate::ClientError;
+use crate::error::redacted;
 
 #[derive(Debug, Clone)]
 pub struct Client {
@@ -36,6 +37,10 @@ impl Client {
         }
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
+            // A registry that takes a request and never answers (a stuck proxy, a hung handler)
+            // fails the read, and the transfer retries, instead of hanging it for good. Longer
+            // than a publish may wait out a garbage collection.
+            .read_timeout(Duration::from_secs(120))
             .user_agent(concat!("cartridge/", env!("CARGO_PKG_VERSION")))
             .build()?;
         Ok(Self { http, base, token })
@@ -53,7 +58,15 @@ impl Client {
 
     /// A request to the registry itself, carrying the token.
     fn request(&self, method: Method, path: &str) -> Result<RequestBuilder, ClientError> {
-        let mut builder = self.http.request(method, self.url(path)?);
+        let url = self.url(path)?;
+        // Paths come from the registry's answers too: one like `//host/…` must not carry the
+        // token to another host.
+        if url.origin() != self.base.origin() {
+            return Err(ClientError::Usage(format!(
+                "the registry sent a path to another host ({path}); the token goes to the registry only"
+            )));
+        }
+        let mut builder = self.http.request(method, url);
         if let Some(token) = &self.token {
             builder = builder.bearer_auth(token);
         }
@@ -63,6 +76,7 @@ impl Client {
     /// Sends a request; API errors become [`ClientError::Api`].
     async fn send(&self, builder: RequestBuilder) -> Result<Response, ClientError> {
         let response = builder.send().await.map_err(|source| {
+            let source = redacted(source);
             if source.is_connect() {
                 ClientError::Connect {
                     url: self.base.to_string(),
@@ -240,7 +254,8 @@ async fn check(response: Response) -> Result<Response, ClientError> {
     if status.is_success() {
         return Ok(response);
     }
-    let url = response.url().to_string();
+    let mut url = response.url().clone();
+    url.set_query(None);
     let text = response.text().await.unwrap_or_default();
     match serde_json::from_str::<ErrorBody>(&text) {
         Ok(body) => Err(ClientError::Api {
@@ -250,8 +265,34 @@ async fn check(response: Response) -> Result<Response, ClientError> {
         }),
         Err(_) => Err(ClientError::Unexpected {
             status: status.as_u16(),
-            url,
+            url: url.to_string(),
             body: text.chars().take(300).collect(),
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_token_goes_to_the_registry_only() {
+        let client = Client::new("http://127.0.0.1:7070", Some("secret".into())).unwrap();
+        assert!(client.request(Method::PUT, "/v1/uploads/x").is_ok());
+        let error = client
+            .request(Method::PUT, "//elsewhere.example/upload")
+            .unwrap_err();
+        assert!(error.to_string().contains("another host"), "{error}");
+    }
+
+    #[tokio::test]
+    async fn errors_leave_out_a_urls_query() {
+        // A presigned URL's query is a credential; nothing listens on port 9.
+        let client = Client::new("http://127.0.0.1:9", None).unwrap();
+        let url = Url::parse("http://127.0.0.1:9/blob?X-Amz-Signature=s3cr3t").unwrap();
+        let error = client.send(client.http.get(url)).await.unwrap_err();
+        let text = cartridge_schemas::report::error_line(&error);
+        assert!(text.contains("127.0.0.1:9/blob"), "{text}");
+        assert!(!text.contains("s3cr3t"), "{text}");
     }
 }

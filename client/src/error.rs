@@ -23,7 +23,7 @@ pub enum ClientError {
     #[error("cannot reach the registry at {url}: {source}")]
     Connect { url: String, source: reqwest::Error },
     #[error("{0}")]
-    Http(#[from] reqwest::Error),
+    Http(reqwest::Error),
     #[error("no data for {seconds} s while downloading blob {digest}")]
     Stalled {
         digest: cartridge_schemas::Digest,
@@ -42,6 +42,21 @@ pub enum ClientError {
     Manifest(String),
     #[error("{0}")]
     Usage(String),
+}
+
+impl From<reqwest::Error> for ClientError {
+    fn from(error: reqwest::Error) -> Self {
+        Self::Http(redacted(error))
+    }
+}
+
+/// `error` without its URL's query, which in a presigned URL is a credential (errors are
+/// printed and logged).
+pub fn redacted(mut error: reqwest::Error) -> reqwest::Error {
+    if let Some(url) = error.url_mut() {
+        url.set_query(None);
+    }
+    error
 }
 
 impl ClientError {

@@ -9,10 +9,10 @@ use backon::{ExponentialBuilder, Retryable};
 use bytes::Bytes;
 use cartridge_codec::{EncodeOptions, EncodedChunk, encode_cartridge};
 use cartridge_schemas::Digest;
-use cartridge_schemas::api::{ErrorCode, TagUpdate};
+use cartridge_schemas::api::{ErrorCode, Published, TagUpdate};
 use cartridge_schemas::file::Cartridge;
 use cartridge_schemas::manifest::{MANIFEST_SCHEMA_VERSION, Manifest};
-use cartridge_schemas::reference::{Repository, Tag, Version};
+use cartridge_schemas::reference::{Repository, Selector, Tag, Version};
 use futures::{StreamExt, TryStreamExt};
 use serde::Serialize;
 
@@ -95,6 +95,7 @@ pub async fn push(
     let mut published = None;
     // A publish can find blobs missing that were present when we asked (garbage collection
     // removed old unreferenced ones in between): upload those and publish again.
+    let mut sent = false;
     for _ in 0..24 {
         let (blobs, bytes) = upload_missing(client, repo, &chunks, options, progress).await?;
         uploaded = (uploaded.0 + blobs, uploaded.1 + bytes);
@@ -104,10 +105,27 @@ pub async fn push(
                 break;
             }
             Err(error) if error.code() == Some(ErrorCode::MissingBlobs) => continue,
-            // A garbage collection holds publishes back; wait it out.
-            Err(error) if error.code() == Some(ErrorCode::Unavailable) => {
+            // The answer to an earlier try that went through was lost: the version holding
+            // exactly this manifest is ours.
+            Err(error) if sent && error.code() == Some(ErrorCode::VersionExists) => {
+                let existing = client
+                    .resolve(repo, &Selector::Version(version.clone()))
+                    .await?;
+                if existing.digest != manifest.digest() {
+                    return Err(error);
+                }
+                published = Some(Published {
+                    reference: existing.reference,
+                    digest: existing.digest,
+                });
+                break;
+            }
+            // A garbage collection holds publishes back, or the answer was lost (a reset, a
+            // timeout): try again.
+            Err(error) if error.is_transient() => {
                 tracing::warn!(%error, "publish deferred; retrying");
                 tokio::time::sleep(Duration::from_secs(5)).await;
+                sent = true;
                 continue;
             }
             Err(error) => return Err(error),
