@@ -1,7 +1,7 @@
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use cartridge_client::{Cache, PullOptions, pull};
 use cartridge_schemas::Reference;
 use clap::Args;
@@ -74,16 +74,24 @@ pub fn run(args: PullArgs) -> Result<()> {
 /// Links (or, across filesystems, copies) the cached file next to the destination, then renames,
 /// so a reader never sees half a file. Cached files are never written in place, and every use
 /// of one re-validates it, so sharing the inode with the cache is safe.
-fn copy_atomically(from: &std::path::Path, to: &std::path::Path) -> Result<()> {
-    // Beside the destination, named after all of it (`x.safetensors.partial`): `with_extension`
-    // would make `x.partial`, which may be someone's file.
-    let mut temporary = to.as_os_str().to_owned();
-    temporary.push(".partial");
-    let temporary = std::path::PathBuf::from(temporary);
-    let _ = std::fs::remove_file(&temporary);
+fn copy_atomically(from: &Path, to: &Path) -> Result<()> {
+    if to.is_dir() {
+        bail!("{} is a folder: -o names the file to write", to.display());
+    }
+    // A name of its own beside the destination (the rename stays on one filesystem), never a
+    // file someone else has there; removed if anything fails.
+    let dir = to.parent().filter(|p| !p.as_os_str().is_empty());
+    let temporary = tempfile::Builder::new()
+        .prefix(".cartridge-pull-")
+        .tempfile_in(dir.unwrap_or(Path::new(".")))
+        .with_context(|| format!("writing beside {}", to.display()))?
+        .into_temp_path();
+    std::fs::remove_file(&temporary).with_context(|| format!("writing {}", temporary.display()))?;
     if std::fs::hard_link(from, &temporary).is_err() {
         std::fs::copy(from, &temporary)
             .with_context(|| format!("writing {}", temporary.display()))?;
     }
-    std::fs::rename(&temporary, to).with_context(|| format!("writing {}", to.display()))
+    temporary
+        .persist(to)
+        .with_context(|| format!("writing {}", to.display()))
 }

@@ -75,6 +75,24 @@ fn push_then_pull_is_byte_identical_and_cached() {
         std::fs::read_to_string(dir.path().join("b.partial")).unwrap(),
         "mine"
     );
+    std::fs::create_dir(dir.path().join("folder")).unwrap();
+    let err = registry
+        .cartridge(
+            dir.path(),
+            &token,
+            &["pull", "legal/contracts@v3", "-o", "folder/"],
+        )
+        .fails();
+    assert!(err.contains("is a folder"), "{err}");
+    // Nothing of the pull is left beside its outputs.
+    let mut names: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .chain(std::fs::read_dir(dir.path().join("folder")).unwrap())
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with('.'))
+        .collect();
+    names.sort();
+    assert!(names.is_empty(), "{names:?}");
     assert_eq!(
         std::fs::read(dir.path().join("a.safetensors")).unwrap(),
         std::fs::read(dir.path().join("b.safetensors")).unwrap()
