@@ -37,10 +37,6 @@ impl Client {
         }
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
-            // A registry that takes a request and never answers (a stuck proxy, a hung handler)
-            // fails the read, and the transfer retries, instead of hanging it for good. Longer
-            // than a publish may wait out a garbage collection.
-            .read_timeout(Duration::from_secs(120))
             .user_agent(concat!("cartridge/", env!("CARGO_PKG_VERSION")))
             .build()?;
         Ok(Self { http, base, token })
@@ -73,9 +69,27 @@ impl Client {
         Ok(builder)
     }
 
-    /// Sends a request; API errors become [`ClientError::Api`].
+    /// Sends a request and waits for the answer's head up to [`ANSWER_WITHIN`]; API errors
+    /// become [`ClientError::Api`].
     async fn send(&self, builder: RequestBuilder) -> Result<Response, ClientError> {
-        let response = builder.send().await.map_err(|source| {
+        self.send_within(builder, ANSWER_WITHIN).await
+    }
+
+    /// Sends a request and waits up to `limit` for the answer's head (the body sent, for an
+    /// upload): a registry that takes a request and never answers (a stuck proxy, a hung
+    /// handler) fails it, and the transfer retries, instead of hanging for good. A body that
+    /// comes back is timed by its reader (a download's stall timeout).
+    async fn send_within(
+        &self,
+        builder: RequestBuilder,
+        limit: Duration,
+    ) -> Result<Response, ClientError> {
+        let sent = tokio::time::timeout(limit, builder.send())
+            .await
+            .map_err(|_| ClientError::NoAnswer {
+                seconds: limit.as_secs(),
+            })?;
+        let response = sent.map_err(|source| {
             let source = redacted(source);
             if source.is_connect() {
                 ClientError::Connect {
@@ -167,7 +181,9 @@ impl Client {
                 .map_err(|e| ClientError::Usage(format!("upload URL: {e}")))?;
             self.http.put(url)
         };
-        self.send(builder.body(bytes)).await?;
+        // However slow the link, a blob this size goes up at 256 KiB/s or faster.
+        let limit = ANSWER_WITHIN + Duration::from_secs(bytes.len() as u64 / (256 << 10));
+        self.send_within(builder.body(bytes), limit).await?;
         if let Some(commit) = &target.commit_url {
             self.send(self.request(Method::POST, commit)?).await?;
         }
@@ -271,6 +287,10 @@ async fn check(response: Response) -> Result<Response, ClientError> {
     }
 }
 
+/// The longest wait for an answer's head: longer than a publish that first waits out a garbage
+/// collection and then checks thousands of blobs.
+const ANSWER_WITHIN: Duration = Duration::from_secs(300);
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -283,6 +303,22 @@ mod tests {
             .request(Method::PUT, "//elsewhere.example/upload")
             .unwrap_err();
         assert!(error.to_string().contains("another host"), "{error}");
+    }
+
+    #[tokio::test]
+    async fn a_registry_that_never_answers_fails_the_request() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        // Takes the connection and the request, and says nothing.
+        let _held = std::thread::spawn(move || listener.accept().map(|(stream, _)| stream));
+        let client = Client::new(&url, None).unwrap();
+        let request = client.request(Method::GET, "/v1/health").unwrap();
+        let error = client
+            .send_within(request, Duration::from_millis(300))
+            .await
+            .unwrap_err();
+        assert!(matches!(error, ClientError::NoAnswer { .. }), "{error}");
+        assert!(error.is_transient());
     }
 
     #[tokio::test]

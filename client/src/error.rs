@@ -24,6 +24,8 @@ pub enum ClientError {
     Connect { url: String, source: reqwest::Error },
     #[error("{0}")]
     Http(reqwest::Error),
+    #[error("no answer from the registry within {seconds} s")]
+    NoAnswer { seconds: u64 },
     #[error("no data for {seconds} s while downloading blob {digest}")]
     Stalled {
         digest: cartridge_schemas::Digest,
@@ -77,7 +79,9 @@ impl ClientError {
     pub fn is_transient(&self) -> bool {
         match self {
             Self::Api { status, .. } | Self::Unexpected { status, .. } => *status >= 500,
-            Self::Connect { .. } | Self::Http(_) | Self::Stalled { .. } => true,
+            Self::Connect { .. } | Self::Http(_) | Self::NoAnswer { .. } | Self::Stalled { .. } => {
+                true
+            }
             _ => false,
         }
     }

@@ -108,17 +108,20 @@ pub async fn push(
             // The answer to an earlier try that went through was lost: the version holding
             // exactly this manifest is ours.
             Err(error) if sent && error.code() == Some(ErrorCode::VersionExists) => {
-                let existing = client
+                match client
                     .resolve(repo, &Selector::Version(version.clone()))
-                    .await?;
-                if existing.digest != manifest.digest() {
-                    return Err(error);
+                    .await
+                {
+                    Ok(existing) if existing.digest == manifest.digest() => {
+                        published = Some(Published {
+                            reference: existing.reference,
+                            digest: existing.digest,
+                        });
+                        break;
+                    }
+                    // Another manifest, or a deleted version: the conflict stands.
+                    _ => return Err(error),
                 }
-                published = Some(Published {
-                    reference: existing.reference,
-                    digest: existing.digest,
-                });
-                break;
             }
             // A garbage collection holds publishes back, or the answer was lost (a reset, a
             // timeout): try again.
