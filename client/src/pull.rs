@@ -83,22 +83,35 @@ pub async fn pull(
         return Ok(report);
     }
 
-    let (ready, arrivals) = std::sync::mpsc::channel();
-    let assembler = {
-        let (manifest, cache, target) = (manifest.clone(), cache.clone(), target.clone());
-        tokio::task::spawn_blocking(move || assemble(&manifest, &cache, &target, arrivals))
-    };
-    let fetched = fetch_blobs(client, repo, &manifest, cache, options, progress, ready).await;
-    let assembled = assembler
-        .await
-        .map_err(|e| ClientError::Usage(format!("assembling failed: {e}")))?;
-    // A download error explains an incomplete assembly better than the assembly error does.
-    let fetched = fetched?;
-    assembled?;
-    report.cached_blobs = fetched.cached_blobs;
-    report.downloaded_bytes = fetched.downloaded_bytes;
-    report.resumed_bytes = fetched.resumed_bytes;
-    Ok(report)
+    let mut first = true;
+    loop {
+        let (ready, arrivals) = std::sync::mpsc::channel();
+        let assembler = {
+            let (manifest, cache, target) = (manifest.clone(), cache.clone(), target.clone());
+            tokio::task::spawn_blocking(move || assemble(&manifest, &cache, &target, arrivals))
+        };
+        let fetched = fetch_blobs(client, repo, &manifest, cache, options, progress, ready).await;
+        let assembled = assembler
+            .await
+            .map_err(|e| ClientError::Usage(format!("assembling failed: {e}")))?;
+        // A download error explains an incomplete assembly better than the assembly error does.
+        let fetched = fetched?;
+        if first {
+            report.cached_blobs = fetched.cached_blobs;
+        }
+        report.downloaded_bytes += fetched.downloaded_bytes;
+        report.resumed_bytes += fetched.resumed_bytes;
+        match assembled {
+            // A cached blob can vanish before it is read (a loader evicting from a shared
+            // folder) or fail to decode (torn by a crash; it is removed then): one more round
+            // fetches it again.
+            Err(error @ (ClientError::Codec(_) | ClientError::Io { .. })) if first => {
+                tracing::warn!(%error, "a cached blob could not be used; fetching it again");
+                first = false;
+            }
+            assembled => return assembled.map(|()| report),
+        }
+    }
 }
 
 /// What [`fetch_blobs`] did.

@@ -452,6 +452,39 @@ fn a_flipped_byte_in_a_stored_blob_is_caught_on_pull() {
 }
 
 #[test]
+fn a_torn_blob_in_the_local_cache_is_fetched_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Registry::start(dir.path());
+    let token = registry.token(&["legal/*:push"]);
+    random_cartridge(&dir.path().join("a.safetensors"), 4, 64, "torn", None);
+    registry
+        .cartridge(dir.path(), &token, &["push", "legal/a@v1", "a.safetensors"])
+        .ok();
+    let pull = || {
+        registry
+            .cartridge(dir.path(), &token, &["pull", "legal/a@v1"])
+            .ok()
+    };
+    let path = std::path::PathBuf::from(pull().trim());
+    // A crash tore a cached blob, and the assembled file is gone.
+    let blob = std::fs::read_dir(dir.path().join("home/cache/blobs"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let bytes = std::fs::read(&blob).unwrap();
+    std::fs::write(&blob, &bytes[..bytes.len() / 2]).unwrap();
+    std::fs::remove_file(&path).unwrap();
+    assert_eq!(pull().trim(), path.to_str().unwrap());
+    assert_eq!(
+        std::fs::read(&path).unwrap(),
+        std::fs::read(dir.path().join("a.safetensors")).unwrap()
+    );
+    assert_eq!(std::fs::read(&blob).unwrap(), bytes);
+}
+
+#[test]
 fn garbage_collection_during_a_push_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let registry = Registry::start(dir.path());
