@@ -128,6 +128,9 @@ pub struct Distiller<'a> {
     epoch: u64,
     cursor: usize,
     pub losses: Vec<f32>,
+    /// What the run trains on (corpus, model, objective…), as its caller describes it: kept in
+    /// checkpoints, and a resume must match it.
+    pub run: serde_json::Value,
 }
 
 /// One step's packed input.
@@ -208,6 +211,7 @@ impl<'a> Distiller<'a> {
             epoch: 0,
             cursor: 0,
             losses: Vec::new(),
+            run: serde_json::Value::Null,
         })
     }
 
@@ -438,6 +442,7 @@ impl<'a> Distiller<'a> {
             "cursor": self.cursor,
             "options": self.options,
             "losses": self.losses,
+            "run": self.run,
         });
         let metadata =
             std::collections::HashMap::from([("checkpoint".to_owned(), state.to_string())]);
@@ -445,8 +450,14 @@ impl<'a> Distiller<'a> {
             .map_err(|e| Error::Data(format!("{}: {e}", path.display())))
     }
 
-    /// Restores a checkpoint written by [`Distiller::save_checkpoint`] with the same options.
-    pub fn resume(model: &'a Llama, path: &Path, options: DistillOptions) -> Result<Self> {
+    /// Restores a checkpoint written by [`Distiller::save_checkpoint`] for the same `run` with
+    /// the same options (but for the number of steps, which a resume may extend).
+    pub fn resume(
+        model: &'a Llama,
+        path: &Path,
+        options: DistillOptions,
+        run: serde_json::Value,
+    ) -> Result<Self> {
         let bad = |detail: String| Error::Data(format!("checkpoint {}: {detail}", path.display()));
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
         let (_, metadata) =
@@ -457,12 +468,27 @@ impl<'a> Distiller<'a> {
             .and_then(|m| m.get("checkpoint"))
             .ok_or_else(|| bad("no checkpoint state".into()))
             .and_then(|json| serde_json::from_str(json).map_err(|e| bad(e.to_string())))?;
-        let stored: DistillOptions =
-            serde_json::from_value(state["options"].clone()).map_err(|e| bad(e.to_string()))?;
-        if (stored.tokens, stored.frozen) != (options.tokens, options.frozen) {
-            return Err(Error::Data(format!(
-                "the checkpoint holds a {}-token cartridge ({} frozen); the run asks for {} ({})",
-                stored.tokens, stored.frozen, options.tokens, options.frozen
+        // Other settings would change the batches (their order is seeded by the epoch, over the
+        // conversations that fit a row) or the updates under the restored position and moments.
+        let differing = |stored: &serde_json::Value, asked: serde_json::Value, skip: &[&str]| {
+            asked
+                .as_object()
+                .into_iter()
+                .flatten()
+                .filter(|(key, value)| {
+                    !skip.contains(&key.as_str()) && stored[key.as_str()] != **value
+                })
+                .map(|(key, value)| {
+                    format!("{key} {} (the run asks for {value})", stored[key.as_str()])
+                })
+                .collect::<Vec<_>>()
+        };
+        let mut differ = differing(&state["options"], serde_json::json!(options), &["steps"]);
+        differ.extend(differing(&state["run"], run.clone(), &[]));
+        if !differ.is_empty() {
+            return Err(bad(format!(
+                "made with {}; resume with the same, or start afresh without --resume",
+                differ.join(", ")
             )));
         }
         let tensors = candle_core::safetensors::load_buffer(&bytes, model.device())?;
@@ -502,6 +528,7 @@ impl<'a> Distiller<'a> {
         distiller.epoch = state["epoch"].as_u64().unwrap_or(0);
         distiller.cursor = state["cursor"].as_u64().unwrap_or(0) as usize;
         distiller.losses = serde_json::from_value(state["losses"].clone()).unwrap_or_default();
+        distiller.run = run;
         Ok(distiller)
     }
 }

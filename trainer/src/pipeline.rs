@@ -11,7 +11,7 @@ use serde_json::json;
 
 use crate::corpus::Corpus;
 use crate::distill::{DistillOptions, Distiller, initial_ids};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::model::LoadedModel;
 use crate::synthesis::{
     SynthesisOptions, conversations_path, next_token_conversations, synthesize,
@@ -78,8 +78,12 @@ pub fn train(
 ) -> Result<TrainReport> {
     let started = Instant::now();
     let checkpoint = request.work_dir.join("checkpoint.safetensors");
+    // A fresh run's checkpoints are its own: a later --resume must not find an older run's.
+    if !request.resume && checkpoint.exists() {
+        std::fs::remove_file(&checkpoint).map_err(|e| Error::io(&checkpoint, e))?;
+    }
     // What would refuse the initialization refuses it before hours of synthesis.
-    let init = if request.resume && checkpoint.exists() {
+    let init = if checkpoint.exists() {
         None
     } else {
         (request.distill).check(request.distill.tokens, model.llama.config.max_positions)?;
@@ -111,9 +115,20 @@ pub fn train(
             .ceil()
             .max(1.0) as usize;
     }
+    // What a checkpoint must have been made from to be resumed.
+    let run = json!({
+        "corpus": corpus.digest,
+        "model": model.fingerprint.weights,
+        "objective": request.objective,
+        "conversations": conversations.len(),
+    });
     let mut distiller = match &init {
-        None => Distiller::resume(&model.llama, &checkpoint, options.clone())?,
-        Some(init) => Distiller::from_corpus(model, init, options.clone())?,
+        None => Distiller::resume(&model.llama, &checkpoint, options.clone(), run)?,
+        Some(init) => {
+            let mut distiller = Distiller::from_corpus(model, init, options.clone())?;
+            distiller.run = run;
+            distiller
+        }
     };
     let training = Instant::now();
     let mut tokens = 0usize;

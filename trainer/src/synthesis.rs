@@ -267,6 +267,9 @@ pub fn synthesize(
     };
     let meta_path = path.with_extension("meta.json");
     let mut conversations = match std::fs::read_to_string(&meta_path) {
+        Err(error) if error.kind() != std::io::ErrorKind::NotFound => {
+            return Err(Error::io(&meta_path, error));
+        }
         Ok(text) => {
             let stored: Provenance = serde_json::from_str(&text)
                 .map_err(|e| Error::Data(format!("{}: {e}", meta_path.display())))?;
@@ -282,10 +285,13 @@ pub fn synthesize(
             if let Some(dir) = path.parent() {
                 std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
             }
+            // Written whole or not at all: a torn one would block every later run here.
+            let partial = meta_path.with_extension("json.partial");
             std::fs::write(
-                &meta_path,
+                &partial,
                 serde_json::to_vec_pretty(&provenance).unwrap_or_default(),
             )
+            .and_then(|()| std::fs::rename(&partial, &meta_path))
             .map_err(|e| Error::io(&meta_path, e))?;
             let _ = std::fs::remove_file(path);
             Vec::new()

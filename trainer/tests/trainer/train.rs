@@ -219,11 +219,14 @@ fn a_resumed_run_continues_exactly() {
         Distiller::from_prefix(&model.llama, &initial_prefix(&model), options(4)).unwrap();
     straight.train(&data, |_, _, _, _| Ok(())).unwrap();
 
+    let run = || serde_json::json!({"corpus": "a"});
     let mut first =
         Distiller::from_prefix(&model.llama, &initial_prefix(&model), options(2)).unwrap();
+    first.run = run();
     first.train(&data, |_, _, _, _| Ok(())).unwrap();
     first.save_checkpoint(&checkpoint).unwrap();
-    let mut resumed = Distiller::resume(&model.llama, &checkpoint, options(4)).unwrap();
+    // More steps than the interrupted run planned is a resume too.
+    let mut resumed = Distiller::resume(&model.llama, &checkpoint, options(4), run()).unwrap();
     assert_eq!(resumed.step_count(), 2);
     resumed.train(&data, |_, _, _, _| Ok(())).unwrap();
 
@@ -233,11 +236,23 @@ fn a_resumed_run_continues_exactly() {
         let difference = max_difference(&a.keys[layer], &b.keys[layer]);
         assert!(difference < 1e-6, "layer {layer} differs by {difference}");
     }
+    // Anything else would train on other batches or with other updates: refused, named.
+    let refused = |options: DistillOptions, run: serde_json::Value| {
+        Distiller::resume(&model.llama, &checkpoint, options, run)
+            .err()
+            .unwrap()
+            .to_string()
+    };
     let mut other = options(4);
     other.tokens = 16;
+    assert!(refused(other, run()).contains("tokens 8 (the run asks for 16)"));
+    let mut other = options(4);
+    other.row_tokens = 32;
+    assert!(refused(other, run()).contains("row_tokens 48 (the run asks for 32)"));
+    let error = refused(options(4), serde_json::json!({"corpus": "b"}));
     assert!(
-        Distiller::resume(&model.llama, &checkpoint, other).is_err(),
-        "a checkpoint of another shape is refused"
+        error.contains(r#"corpus "a" (the run asks for "b")"#),
+        "{error}"
     );
 }
 
