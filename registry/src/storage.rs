@@ -1087,7 +1087,8 @@ pub fn parse_range(header: &str) -> Option<GetRange> {
             (end >= start).then(|| {
                 GetRange::Bounded(Range {
                     start,
-                    end: end + 1,
+                    // The last byte may be named as u64::MAX: "to the end".
+                    end: end.saturating_add(1),
                 })
             })
         }
@@ -1107,6 +1108,12 @@ pub fn resolve_range(range: &GetRange, size: u64) -> Option<Range<u64>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_range_to_the_last_possible_byte_is_to_the_end() {
+        let range = parse_range("bytes=5-18446744073709551615").unwrap();
+        assert_eq!(resolve_range(&range, 10), Some(5..10));
+    }
 
     #[tokio::test]
     async fn a_lease_generation_written_again_after_pruning_is_no_lease() {

@@ -414,6 +414,12 @@ fn parse_header(metadata: &safetensors::tensor::Metadata) -> Result<Header, Form
     Ok(header)
 }
 
+/// Bounds on a header's counts, far past any model's, so that sizes computed from them cannot
+/// overflow or ask for absurd allocations: with these, one tensor is at most 2^50 bytes and a
+/// payload fits in a u64.
+const MAX_DIMENSION: u32 = 4096;
+const MAX_TOKENS: u64 = 1 << 24;
+
 fn check_counts(
     model: &ModelFingerprint,
     tokens: u64,
@@ -421,8 +427,16 @@ fn check_counts(
 ) -> Result<(), FormatError> {
     let detail = if model.layers == 0 || model.kv_heads == 0 || model.head_dim == 0 {
         "the model's layers, kv_heads and head_dim must all be at least 1".to_owned()
+    } else if model.layers > MAX_DIMENSION
+        || model.kv_heads > MAX_DIMENSION
+        || model.head_dim > MAX_DIMENSION
+    {
+        // Counts come from files and requests: bounded before anything is sized by them.
+        format!("the model's layers, kv_heads and head_dim must each be at most {MAX_DIMENSION}")
     } else if tokens == 0 {
         "tokens must be at least 1".to_owned()
+    } else if tokens > MAX_TOKENS {
+        format!("tokens ({tokens}) must be at most {MAX_TOKENS}")
     } else if frozen_tokens > tokens {
         format!("frozen_tokens ({frozen_tokens}) exceeds tokens ({tokens})")
     } else {
@@ -623,6 +637,16 @@ pub(crate) mod tests {
         );
         let from_memory = Cartridge::from_bytes(std::fs::read(&path).unwrap()).unwrap();
         assert_eq!(from_memory.header(), &header);
+    }
+
+    #[test]
+    fn counts_past_any_model_are_refused_before_anything_is_sized_by_them() {
+        let mut model = tiny();
+        model.layers = u32::MAX;
+        let err = check_counts(&model, 4, 1).unwrap_err().to_string();
+        assert!(err.contains("at most 4096"), "{err}");
+        let err = check_counts(&tiny(), u64::MAX, 1).unwrap_err().to_string();
+        assert!(err.contains("at most 16777216"), "{err}");
     }
 
     #[test]
