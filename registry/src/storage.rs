@@ -11,7 +11,8 @@
 //! gc/leases/<generation>                      {"owner", "expires"}: the collection lease, as tags
 //! ```
 //! Invariants: only bytes whose blake3 matches their key ever reach `blobs/` or `manifests/`;
-//! a version is written create-only after its manifest and every blob it references are present;
+//! a version is written create-only after its manifest and every blob it references are present
+//! and were sent to its repository (a digest alone never makes another repository's blob one's own);
 //! a tag moves by creating generation n+1 create-only after reading generation n, so two racing
 //! moves cannot both win. Create-only puts are the one conditional write every backend supports
 //! atomically (object_store's local filesystem has no compare-and-swap on etags), which is why tags
@@ -376,25 +377,41 @@ impl Storage {
         }
     }
 
-    /// Stores a blob whose bytes were verified as they arrived.
-    pub async fn put_blob(&self, blob: VerifiedBlob) -> Result<()> {
+    /// Stores a blob whose bytes were verified as they arrived, for `repo`.
+    pub async fn put_blob(&self, repo: &Repository, blob: VerifiedBlob) -> Result<()> {
         // Content-addressed: if it is there already, it is these bytes.
         let options = PutOptions {
             mode: PutMode::Create,
             ..Default::default()
         };
+        let digest = blob.digest;
         match self
             .store
             .put_opts(
-                &Key::Blob(&blob.digest).path(),
+                &Key::Blob(&digest).path(),
                 PutPayload::from(blob.bytes),
                 options,
             )
             .await
         {
-            Ok(_) | Err(object_store::Error::AlreadyExists { .. }) => Ok(()),
+            Ok(_) | Err(object_store::Error::AlreadyExists { .. }) => {
+                self.link_blob(repo, &digest).await
+            }
             Err(error) => Err(error.into()),
         }
+    }
+
+    /// Makes a blob part of `repo`, for whoever sent its bytes there: content is stored once,
+    /// but a repository may name in a manifest, and serve, only blobs sent to it (knowing a
+    /// digest is not holding the bytes).
+    async fn link_blob(&self, repo: &Repository, digest: &Digest) -> Result<()> {
+        self.store
+            .put(
+                &Key::BlobLink(repo, digest).path(),
+                PutPayload::from_static(b""),
+            )
+            .await?;
+        Ok(())
     }
 
     pub async fn get_blob(&self, digest: &Digest, range: Option<GetRange>) -> Result<GetResult> {
@@ -439,12 +456,20 @@ impl Storage {
         Ok(UploadDestination::Presigned { url, id })
     }
 
-    /// Verifies a direct upload and makes it the blob. The upload is first copied (server side) to
-    /// a key the uploader's presigned URL cannot write, and that copy is what is hashed and
+    /// Verifies a direct upload to `repo` and makes it the blob. The upload is first copied
+    /// (server side) to a key of this commit's own, which neither the uploader's presigned URL
+    /// nor another commit of the same upload can write, and that copy is what is hashed and
     /// becomes the blob: bytes swapped in after the check can never reach `blobs/`.
-    pub async fn commit_upload(&self, digest: &Digest, id: &str, max_bytes: u64) -> Result<()> {
+    pub async fn commit_upload(
+        &self,
+        repo: &Repository,
+        digest: &Digest,
+        id: &str,
+        max_bytes: u64,
+    ) -> Result<()> {
         let staged = Key::Upload(digest, id).path();
-        let verifying = Key::Verifying(digest, id).path();
+        let commit = format!("{id}.{:016x}", rand::random::<u64>());
+        let verifying = Key::Verifying(digest, &commit).path();
         let meta = self
             .store
             .head(&staged)
@@ -466,7 +491,8 @@ impl Storage {
         self.delete_object(&staged).await?;
         let outcome = self.verify_and_promote(digest, &verifying, max_bytes).await;
         self.delete_object(&verifying).await?;
-        outcome
+        outcome?;
+        self.link_blob(repo, digest).await
     }
 
     async fn verify_and_promote(
@@ -503,11 +529,19 @@ impl Storage {
         Ok(())
     }
 
-    pub async fn missing_blobs(&self, digests: &[Digest]) -> Result<Vec<Digest>> {
+    /// Which of `digests` `repo` lacks: a blob counts once stored and sent to (or published in)
+    /// that repository, see [`Storage::link_blob`].
+    pub async fn missing_blobs(
+        &self,
+        repo: &Repository,
+        digests: &[Digest],
+    ) -> Result<Vec<Digest>> {
         let unique: BTreeSet<Digest> = digests.iter().copied().collect();
         let present = futures::stream::iter(unique.iter().copied())
             .map(|digest| async move {
-                Ok::<_, StorageError>((digest, self.blob_meta(&digest).await?.is_some()))
+                let present = self.exists(Key::BlobLink(repo, &digest)).await?
+                    && self.blob_meta(&digest).await?.is_some();
+                Ok::<_, StorageError>((digest, present))
             })
             .buffer_unordered(16)
             .try_collect::<Vec<_>>()
@@ -576,9 +610,9 @@ impl Storage {
     }
 
     /// Makes `manifest` safe to reference from `repo`: (re)writes it, waits out a running garbage
-    /// collection, checks every blob it names is present with the size it says, and links the
-    /// manifest and its blobs to the repository (reads through a repository see only linked
-    /// content). Returns the manifest's digest.
+    /// collection, checks every blob it names is present in the repository (sent there: see
+    /// [`Storage::link_blob`]) with the size it says, and links the manifest to the repository
+    /// (reads through a repository see only linked content). Returns the manifest's digest.
     ///
     /// Ordering against garbage collection: the manifest is (re)written first, so it is young and
     /// protects its blobs from any collection that starts after this point; then, if a collection
@@ -595,7 +629,7 @@ impl Storage {
         }
         let blobs = manifest.blobs();
         let missing = self
-            .missing_blobs(&blobs.iter().map(|b| b.digest).collect::<Vec<_>>())
+            .missing_blobs(repo, &blobs.iter().map(|b| b.digest).collect::<Vec<_>>())
             .await?;
         if let Some(first) = missing.first() {
             return Err(StorageError::MissingBlobs {
@@ -612,14 +646,6 @@ impl Storage {
                     blob.digest, meta.size, blob.size
                 )));
             }
-        }
-        for blob in &blobs {
-            self.store
-                .put(
-                    &Key::BlobLink(repo, &blob.digest).path(),
-                    PutPayload::from_static(b""),
-                )
-                .await?;
         }
         self.store
             .put(
@@ -819,6 +845,7 @@ impl Storage {
 
     // ----- namespaces -----
 
+    /// Every namespace anything was stored for (blobs sent for a push included).
     pub async fn namespaces(&self) -> Result<Vec<Namespace>> {
         let mut names: Vec<Namespace> = self
             .list_children(Key::Repos)

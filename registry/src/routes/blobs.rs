@@ -39,7 +39,7 @@ pub async fn missing(
         ));
     }
     Ok(Json(MissingBlobsResponse {
-        missing: state.storage.missing_blobs(&request.digests).await?,
+        missing: state.storage.missing_blobs(&repo, &request.digests).await?,
     }))
 }
 
@@ -126,7 +126,7 @@ pub async fn upload(
     }
     let blob = writer.finish()?;
     crate::metrics::blob_bytes("in", blob.len());
-    state.storage.put_blob(blob).await?;
+    state.storage.put_blob(&repo, blob).await?;
     Ok(StatusCode::CREATED)
 }
 
@@ -159,7 +159,7 @@ pub async fn commit(
     }
     state
         .storage
-        .commit_upload(&digest, &query.upload, state.limits.max_blob_bytes)
+        .commit_upload(&repo, &digest, &query.upload, state.limits.max_blob_bytes)
         .await?;
     Ok(StatusCode::CREATED)
 }

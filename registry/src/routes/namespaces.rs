@@ -8,7 +8,8 @@ use crate::auth::Action;
 use crate::error::ApiError;
 use crate::extract::{ApiJson, Caller, Params};
 
-/// `GET /v1/namespaces`: the namespaces the caller can see.
+/// `GET /v1/namespaces`: the namespaces the caller can see that hold a cartridge to pull (blobs
+/// sent for a push that never published do not make one).
 pub async fn list(
     State(state): State<AppState>,
     caller: Caller,
@@ -25,7 +26,7 @@ pub async fn list(
                     .anonymous_pull
             }
         };
-        if visible {
+        if visible && !state.storage.names(&namespace).await?.is_empty() {
             namespaces.push(namespace);
         }
     }

@@ -329,6 +329,43 @@ async fn tags_compare_and_swap() {
 }
 
 #[tokio::test]
+async fn a_digest_alone_never_reads_another_namespaces_blobs() {
+    let app = app();
+    let owner = app.token(&["legal/*:push"]);
+    let reply = app.push(&owner, "legal/contracts", "v1", 7).await;
+    assert_eq!(reply.status, StatusCode::CREATED);
+    // Mallory may push to her own namespace and has learned the manifest's digests, not its
+    // bytes: a manifest of her own naming them is refused, and nothing is readable through it.
+    let mallory = app.token(&["mallory/*:push"]);
+    let (manifest, chunks) = encoded(7);
+    let digest = chunks[0].descriptor.stored.digest;
+    let missing: Value = app
+        .call(
+            Method::POST,
+            "/v1/repos/mallory/x/blobs/missing",
+            Some(&mallory),
+            Body::from(json!({"digests": [digest]}).to_string()),
+            &[(header::CONTENT_TYPE, "application/json")],
+        )
+        .await
+        .json();
+    assert_eq!(missing["missing"], json!([digest]), "no existence oracle");
+    app.call(
+        Method::PUT,
+        "/v1/repos/mallory/x/versions/v1",
+        Some(&mallory),
+        Body::from(manifest.to_canonical_json()),
+        &[],
+    )
+    .await
+    .error(StatusCode::UNPROCESSABLE_ENTITY, ErrorCode::MissingBlobs);
+    let path = format!("/v1/repos/mallory/x/blobs/{digest}");
+    app.get(&path, Some(&mallory))
+        .await
+        .error(StatusCode::NOT_FOUND, ErrorCode::NotFound);
+}
+
+#[tokio::test]
 async fn tokens_and_scopes() {
     let app = app();
     let pusher = app.token(&["legal/contracts:push"]);

@@ -30,10 +30,14 @@ fn tag(text: &str) -> Tag {
 }
 
 async fn blobs(storage: &Storage) {
+    let repo = repo("team/blobs");
     let bytes = Bytes::from_static(b"some chunk bytes");
     let digest = Digest::of(&bytes);
     assert_eq!(
-        storage.missing_blobs(&[digest, digest]).await.unwrap(),
+        storage
+            .missing_blobs(&repo, &[digest, digest])
+            .await
+            .unwrap(),
         vec![digest]
     );
 
@@ -52,12 +56,37 @@ async fn blobs(storage: &Storage) {
     let mut writer = BlobWriter::new(digest, 1024);
     writer.append(&bytes[..5]).unwrap();
     writer.append(&bytes[5..]).unwrap();
-    storage.put_blob(writer.finish().unwrap()).await.unwrap();
-    // Storing the same content again is harmless.
+    storage
+        .put_blob(&repo, writer.finish().unwrap())
+        .await
+        .unwrap();
+    assert!(
+        storage
+            .missing_blobs(&repo, &[digest])
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // Stored once, but another repository holds it only once its bytes are sent there too:
+    // knowing a digest is not holding the content.
+    let elsewhere = self::repo("other/blobs");
+    assert_eq!(
+        storage.missing_blobs(&elsewhere, &[digest]).await.unwrap(),
+        vec![digest]
+    );
     let mut again = BlobWriter::new(digest, 1024);
     again.append(&bytes).unwrap();
-    storage.put_blob(again.finish().unwrap()).await.unwrap();
-    assert!(storage.missing_blobs(&[digest]).await.unwrap().is_empty());
+    storage
+        .put_blob(&elsewhere, again.finish().unwrap())
+        .await
+        .unwrap();
+    assert!(
+        storage
+            .missing_blobs(&elsewhere, &[digest])
+            .await
+            .unwrap()
+            .is_empty()
+    );
     assert_eq!(
         storage.blob_meta(&digest).await.unwrap().unwrap().size,
         bytes.len() as u64
@@ -131,7 +160,13 @@ async fn publish(storage: &Storage) {
     );
     assert_eq!(storage.version(&repo, &version("v1")).await.unwrap(), None);
 
-    upload_all(storage, &chunks).await;
+    // Blobs sent to another repository are that repository's: naming them is not enough.
+    upload_all(storage, &self::repo("mallory/x"), &chunks).await;
+    assert!(matches!(
+        storage.publish(&repo, &version("v1"), &manifest).await,
+        Err(StorageError::MissingBlobs { count: 4, .. })
+    ));
+    upload_all(storage, &repo, &chunks).await;
     let digest = storage
         .publish(&repo, &version("v1"), &manifest)
         .await
@@ -142,7 +177,7 @@ async fn publish(storage: &Storage) {
     );
 
     let (other, other_chunks) = encoded(3);
-    upload_all(storage, &other_chunks).await;
+    upload_all(storage, &repo, &other_chunks).await;
     let err = storage
         .publish(&repo, &version("v1"), &other)
         .await
@@ -179,7 +214,7 @@ async fn concurrent_publishes(storage: &Storage) {
     let mut contenders = Vec::new();
     for seed in 10..30u8 {
         let (manifest, chunks) = encoded(seed);
-        upload_all(storage, &chunks).await;
+        upload_all(storage, &repo, &chunks).await;
         contenders.push(manifest);
     }
     let tasks: Vec<_> = contenders
@@ -212,13 +247,13 @@ async fn concurrent_publishes(storage: &Storage) {
 async fn tags(storage: &Storage) {
     let repo = repo("legal/tagged");
     let (first, chunks) = encoded(40);
-    upload_all(storage, &chunks).await;
+    upload_all(storage, &repo, &chunks).await;
     let a = storage
         .publish(&repo, &version("1.0.0"), &first)
         .await
         .unwrap();
     let (second, chunks) = encoded(41);
-    upload_all(storage, &chunks).await;
+    upload_all(storage, &repo, &chunks).await;
     let b = storage
         .publish(&repo, &version("1.1.0"), &second)
         .await
@@ -333,7 +368,8 @@ async fn listings_and_settings(storage: &Storage) {
         .iter()
         .map(ToString::to_string)
         .collect();
-    assert_eq!(namespaces, ["legal", "race"]);
+    // Every namespace anything was sent to (the API lists those with a cartridge to pull).
+    assert_eq!(namespaces, ["legal", "mallory", "other", "race", "team"]);
     let names: Vec<String> = storage
         .names(&"legal".parse().unwrap())
         .await
@@ -367,7 +403,7 @@ async fn listings_and_settings(storage: &Storage) {
     );
     assert_eq!(
         storage.namespaces().await.unwrap().len(),
-        2,
+        5,
         "settings do not create namespaces"
     );
 }
@@ -375,11 +411,11 @@ async fn listings_and_settings(storage: &Storage) {
 async fn garbage_collection(storage: &Storage) {
     let repo = repo("gc/kept");
     let (kept, chunks) = encoded(50);
-    upload_all(storage, &chunks).await;
+    upload_all(storage, &repo, &chunks).await;
     storage.publish(&repo, &version("v1"), &kept).await.unwrap();
     // An abandoned push: blobs and a manifest that no version references.
     let (orphan, orphan_chunks) = encoded(51);
-    upload_all(storage, &orphan_chunks).await;
+    upload_all(storage, &repo, &orphan_chunks).await;
     let orphan_digest = storage.put_manifest(&orphan).await.unwrap();
     tokio::time::sleep(Duration::from_millis(50)).await;
 
@@ -513,7 +549,7 @@ async fn garbage_collection(storage: &Storage) {
         Err(StorageError::GcRunning)
     ));
     let (late, late_chunks) = encoded(52);
-    upload_all(storage, &late_chunks).await;
+    upload_all(storage, &repo, &late_chunks).await;
     let publishing = {
         let (storage, repo, late) = (storage.clone(), repo.clone(), late.clone());
         tokio::spawn(async move { storage.publish(&repo, &version("v2"), &late).await })
@@ -561,7 +597,18 @@ async fn direct_uploads(storage: &Storage) {
         storage.blob_meta(&digest).await.unwrap().is_none(),
         "not visible before the commit verifies it"
     );
-    storage.commit_upload(&digest, &id, 1 << 20).await.unwrap();
+    let repo = repo("team/direct");
+    storage
+        .commit_upload(&repo, &digest, &id, 1 << 20)
+        .await
+        .unwrap();
+    assert!(
+        storage
+            .missing_blobs(&repo, &[digest])
+            .await
+            .unwrap()
+            .is_empty()
+    );
     assert_eq!(
         storage
             .get_blob(&digest, None)
@@ -597,7 +644,7 @@ async fn direct_uploads(storage: &Storage) {
         .await
         .unwrap();
     assert!(matches!(
-        storage.commit_upload(&claimed, &id, 1 << 20).await,
+        storage.commit_upload(&repo, &claimed, &id, 1 << 20).await,
         Err(StorageError::DigestMismatch { .. })
     ));
     assert!(storage.blob_meta(&claimed).await.unwrap().is_none());

@@ -6,6 +6,7 @@ use cartridge_schemas::Digest;
 use cartridge_schemas::file::{self, Cartridge, LayerData, NewCartridge};
 use cartridge_schemas::fingerprint::{ModelFingerprint, Rope, RopeLayout};
 use cartridge_schemas::manifest::{MANIFEST_SCHEMA_VERSION, Manifest};
+use cartridge_schemas::reference::Repository;
 
 /// A small real cartridge (4 layers, one chunk per layer) whose bytes depend on `seed`.
 pub fn cartridge(seed: u8) -> Cartridge {
@@ -69,10 +70,13 @@ pub fn encoded(seed: u8) -> (Manifest, Vec<EncodedChunk>) {
     (manifest, chunks)
 }
 
-pub async fn upload_all(storage: &Storage, chunks: &[EncodedChunk]) {
+pub async fn upload_all(storage: &Storage, repo: &Repository, chunks: &[EncodedChunk]) {
     for chunk in chunks {
         let mut writer = BlobWriter::new(chunk.descriptor.stored.digest, 1 << 30);
         writer.append(&chunk.bytes).unwrap();
-        storage.put_blob(writer.finish().unwrap()).await.unwrap();
+        storage
+            .put_blob(repo, writer.finish().unwrap())
+            .await
+            .unwrap();
     }
 }
