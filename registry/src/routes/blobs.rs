@@ -175,7 +175,7 @@ pub async fn download(
     let repo = params.repository()?;
     let digest = params.digest()?;
     state.authorize(&caller, &repo, Action::Pull).await?;
-    // Content is shared across repositories, but read only through one it was published in.
+    // Content is stored once, but read only through a repository it was sent to.
     let linked = state.storage.exists(Key::BlobLink(&repo, &digest)).await?;
     let Some(meta) = state.storage.blob_meta(&digest).await?.filter(|_| linked) else {
         return Err(ApiError::not_found(format!(
