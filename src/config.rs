@@ -41,16 +41,15 @@ impl Config {
         let path = paths.config_file();
         std::fs::create_dir_all(&paths.config)
             .with_context(|| format!("creating {}", paths.config.display()))?;
-        let temporary = path.with_extension("toml.tmp");
-        let mut options = std::fs::OpenOptions::new();
-        options.write(true).create(true).truncate(true);
-        #[cfg(unix)]
-        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-        let mut file = options
-            .open(&temporary)
-            .with_context(|| format!("writing {}", temporary.display()))?;
+        // A new file of its own (created 0600, never an existing one or a link someone left),
+        // synced, then renamed into place.
+        let mut file = tempfile::NamedTempFile::new_in(&paths.config)
+            .with_context(|| format!("writing in {}", paths.config.display()))?;
         file.write_all(toml::to_string_pretty(self)?.as_bytes())?;
-        std::fs::rename(&temporary, &path).with_context(|| format!("writing {}", path.display()))
+        file.as_file().sync_all()?;
+        file.persist(&path)
+            .with_context(|| format!("writing {}", path.display()))?;
+        Ok(())
     }
 }
 
@@ -60,7 +59,11 @@ pub fn registry_url(host: &Registry) -> String {
         .as_str()
         .rsplit_once(':')
         .map_or(host.as_str(), |(name, _)| name);
-    let local = matches!(name, "localhost" | "[::1]") || name.starts_with("127.");
+    // Only an address of this machine: a name such as `127.example.com` is anyone's.
+    let local = matches!(name, "localhost" | "[::1]")
+        || name
+            .parse::<std::net::Ipv4Addr>()
+            .is_ok_and(|ip| ip.is_loopback());
     format!("{}://{host}", if local { "http" } else { "https" })
 }
 
@@ -76,19 +79,75 @@ pub fn connect(
     flag: Option<&str>,
 ) -> Result<Client> {
     let config = Config::load(paths)?;
-    let url = match (from_reference, flag, &config.default_registry) {
-        (Some(host), ..) => registry_url(host),
-        (None, Some(url), _) => normalize(url),
-        (None, None, Some(url)) => normalize(url),
-        (None, None, None) => {
+    let chosen = flag
+        .map(normalize)
+        .or_else(|| config.default_registry.as_deref().map(normalize));
+    let url = match (from_reference, &chosen) {
+        (Some(host), _) => registry_url(host),
+        (None, Some(url)) => url.clone(),
+        (None, None) => {
             bail!(
                 "no registry: pass --registry URL, set CARTRIDGE_REGISTRY, or run `cartridge login URL`"
             )
         }
     };
-    let token = std::env::var("CARTRIDGE_TOKEN")
-        .ok()
-        .filter(|t| !t.is_empty())
-        .or_else(|| config.registries.get(&url).and_then(|r| r.token.clone()));
+    let token = token_for(
+        &config,
+        &url,
+        chosen.as_deref(),
+        std::env::var("CARTRIDGE_TOKEN").ok(),
+    );
     Ok(Client::new(&url, token)?)
+}
+
+/// The token to send to `url`: `CARTRIDGE_TOKEN` (`from_env`) is for the registry the flag,
+/// environment or configuration names (`chosen`), never for another host a reference happens to
+/// name; otherwise the one saved for `url`.
+fn token_for(
+    config: &Config,
+    url: &str,
+    chosen: Option<&str>,
+    from_env: Option<String>,
+) -> Option<String> {
+    from_env
+        .filter(|t| !t.is_empty() && chosen == Some(url))
+        .or_else(|| config.registries.get(url).and_then(|r| r.token.clone()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_environments_token_goes_only_to_the_chosen_registry() {
+        let mut config = Config::default();
+        config.registries.insert(
+            "https://hub.example".into(),
+            RegistryConfig {
+                token: Some("saved".into()),
+            },
+        );
+        let env = || Some("from-env".to_owned());
+        let ours = Some("https://ours.example");
+        assert_eq!(
+            token_for(&config, "https://ours.example", ours, env()).as_deref(),
+            Some("from-env")
+        );
+        assert_eq!(
+            token_for(&config, "https://hub.example", ours, env()).as_deref(),
+            Some("saved")
+        );
+        assert_eq!(
+            token_for(&config, "https://evil.example", ours, env()),
+            None
+        );
+    }
+
+    #[test]
+    fn only_this_machine_is_reached_over_plain_http() {
+        let url = |host: &str| registry_url(&host.parse().unwrap());
+        assert_eq!(url("127.0.0.1:7070"), "http://127.0.0.1:7070");
+        assert_eq!(url("localhost:7070"), "http://localhost:7070");
+        assert_eq!(url("127.example.com:7070"), "https://127.example.com:7070");
+    }
 }

@@ -265,17 +265,15 @@ impl Keyring {
             path: origin.clone(),
             detail: e.to_string(),
         })?;
-        let temporary = path.with_extension("tmp");
-        {
-            use std::io::Write;
-            let mut options = std::fs::OpenOptions::new();
-            options.write(true).create(true).truncate(true);
-            #[cfg(unix)]
-            std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-            let mut file = options.open(&temporary).map_err(fail)?;
-            file.write_all(json.as_bytes()).map_err(fail)?;
-        }
-        std::fs::rename(&temporary, path).map_err(fail)
+        // A new file of its own (created 0600, never an existing one or a link someone left
+        // there), synced, then renamed into place.
+        let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+        let mut file =
+            tempfile::NamedTempFile::new_in(dir.unwrap_or(Path::new("."))).map_err(fail)?;
+        std::io::Write::write_all(&mut file, json.as_bytes()).map_err(fail)?;
+        file.as_file().sync_all().map_err(fail)?;
+        file.persist(path).map_err(|e| fail(e.error))?;
+        Ok(())
     }
 
     pub fn mint(
