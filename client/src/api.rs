@@ -142,6 +142,15 @@ impl Client {
                 resolved.reference, resolved.digest
             )));
         }
+        // A reference pinned to a digest gets that manifest, whatever the registry answers.
+        if let Selector::Digest(pinned) = selector
+            && resolved.digest != *pinned
+        {
+            return Err(ClientError::Manifest(format!(
+                "{repo}@{pinned} was answered with manifest {}",
+                resolved.digest
+            )));
+        }
         resolved
             .manifest
             .validate()

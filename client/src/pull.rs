@@ -78,7 +78,9 @@ pub async fn pull(
         downloaded_bytes: 0,
         resumed_bytes: 0,
     };
-    if target.exists() && Cartridge::open(&target).is_ok() {
+    // A cached file is reused only if it is this manifest's (its payload digest included):
+    // `pull -o` links it to a path of the user's, which anything may rewrite in place.
+    if Cartridge::open(&target).is_ok_and(|cached| cached.header() == &manifest.cartridge) {
         report.cached_blobs = blobs.len();
         return Ok(report);
     }
@@ -502,8 +504,15 @@ fn decode_cached(
     // they are never modified, only deleted (which leaves an existing map intact).
     #[allow(unsafe_code)]
     let stored = unsafe { memmap2::Mmap::map(&file) }.map_err(ClientError::io(&path))?;
-    decode_chunk_into(&stored, chunk, outs).inspect_err(|_| {
-        let _ = std::fs::remove_file(&path);
+    decode_chunk_into(&stored, chunk, outs).inspect_err(|error| {
+        // Only a blob whose own bytes are wrong goes: a manifest that describes a good blob
+        // wrongly must not evict it for everyone else.
+        if matches!(
+            error,
+            CodecError::StoredDigestMismatch { .. } | CodecError::StoredSizeMismatch { .. }
+        ) {
+            let _ = std::fs::remove_file(&path);
+        }
     })?;
     Ok(())
 }

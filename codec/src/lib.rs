@@ -207,6 +207,9 @@ pub fn decode_chunk(stored: &[u8], descriptor: &ChunkDescriptor) -> Result<Vec<u
     Ok(out)
 }
 
+/// The largest decompression buffer a thread keeps between chunks.
+const KEEP_SCRATCH: usize = 64 << 20;
+
 thread_local! {
     /// Per-thread decompression state: the decoder and the shuffled-bytes buffer, reused so
     /// decoding many chunks neither reallocates nor faults in fresh pages each time.
@@ -258,7 +261,7 @@ pub fn decode_chunk_into(
                 actual: written as u64,
             });
         }
-        match descriptor.codec.shuffle_width() {
+        let unpacked = match descriptor.codec.shuffle_width() {
             Some(width) => unshuffle(scratch, width, outs),
             None => {
                 let mut offset = 0;
@@ -268,7 +271,13 @@ pub fn decode_chunk_into(
                 }
                 Ok(())
             }
+        };
+        // Kept for the next chunk only while it is of a usual size: each decoding thread would
+        // otherwise hold the largest chunk it ever saw, outside any budget.
+        if scratch.capacity() > KEEP_SCRATCH {
+            *scratch = Vec::new();
         }
+        unpacked
     })?;
     let mut hasher = blake3::Hasher::new();
     for out in outs.iter() {

@@ -363,6 +363,13 @@ fn decode_into(
     )
     .map_err(|e| match e {
         cartridge_client::ClientError::Codec(codec) => LoaderError::Corrupt(codec.to_string()),
+        // Gone from the disk cache since it was counted (another process evicted it): fetching
+        // again is the remedy, as for a corrupt one.
+        cartridge_client::ClientError::Io { ref source, .. }
+            if source.kind() == std::io::ErrorKind::NotFound =>
+        {
+            LoaderError::Corrupt(e.to_string())
+        }
         other => LoaderError::Internal(other.to_string()),
     })?;
     match failure.into_inner().unwrap_or_else(|p| p.into_inner()) {

@@ -97,6 +97,21 @@ fn push_then_pull_is_byte_identical_and_cached() {
         std::fs::read(dir.path().join("a.safetensors")).unwrap(),
         std::fs::read(dir.path().join("b.safetensors")).unwrap()
     );
+    // The output shares its file with the cache; rewritten in place (as `cp` does), the cache
+    // entry no longer matches the manifest and is not handed out again.
+    random_cartridge(&dir.path().join("other.safetensors"), 4, 64, "other", None);
+    std::fs::write(
+        dir.path().join("b.safetensors"),
+        std::fs::read(dir.path().join("other.safetensors")).unwrap(),
+    )
+    .unwrap();
+    let cached = registry
+        .cartridge(dir.path(), &token, &["pull", "legal/contracts@v3"])
+        .ok();
+    assert_eq!(
+        std::fs::read(cached.trim()).unwrap(),
+        std::fs::read(dir.path().join("a.safetensors")).unwrap()
+    );
     // `latest` followed the push; a second pull comes from the local cache.
     let again: Value = registry
         .cartridge(dir.path(), &token, &["pull", "legal/contracts", "--json"])
