@@ -55,14 +55,16 @@ impl Config {
 
 /// The registry URL for a reference's host prefix: plain HTTP only for the local machine.
 pub fn registry_url(host: &Registry) -> String {
-    let name = host
-        .as_str()
-        .rsplit_once(':')
-        .map_or(host.as_str(), |(name, _)| name);
+    let text = host.as_str();
+    // The host without its port: `[::1]:80` → `::1`, `127.0.0.1:80` → `127.0.0.1`.
+    let name = match text.strip_prefix('[') {
+        Some(bracketed) => bracketed.split(']').next().unwrap_or(bracketed),
+        None => text.rsplit_once(':').map_or(text, |(name, _)| name),
+    };
     // Only an address of this machine: a name such as `127.example.com` is anyone's.
-    let local = matches!(name, "localhost" | "[::1]")
+    let local = name == "localhost"
         || name
-            .parse::<std::net::Ipv4Addr>()
+            .parse::<std::net::IpAddr>()
             .is_ok_and(|ip| ip.is_loopback());
     format!("{}://{host}", if local { "http" } else { "https" })
 }
@@ -102,15 +104,19 @@ pub fn connect(
 
 /// The token to send to `url`: `CARTRIDGE_TOKEN` (`from_env`) is for the registry the flag,
 /// environment or configuration names (`chosen`), never for another host a reference happens to
-/// name; otherwise the one saved for `url`.
+/// name (with none chosen, the reference's host is the one named); otherwise the one saved for
+/// `url`.
 fn token_for(
     config: &Config,
     url: &str,
     chosen: Option<&str>,
     from_env: Option<String>,
 ) -> Option<String> {
+    let origin = |url: &str| url::Url::parse(url).ok().map(|u| u.origin());
+    let for_url =
+        chosen.is_none_or(|chosen| origin(chosen).is_some_and(|o| Some(o) == origin(url)));
     from_env
-        .filter(|t| !t.is_empty() && chosen == Some(url))
+        .filter(|t| !t.is_empty() && for_url)
         .or_else(|| config.registries.get(url).and_then(|r| r.token.clone()))
 }
 
@@ -141,6 +147,15 @@ mod tests {
             token_for(&config, "https://evil.example", ours, env()),
             None
         );
+        // The same registry however it is spelled; and with none chosen, the one named.
+        assert_eq!(
+            token_for(&config, "https://ours.example:443", ours, env()).as_deref(),
+            Some("from-env")
+        );
+        assert_eq!(
+            token_for(&config, "https://evil.example", None, env()).as_deref(),
+            Some("from-env")
+        );
     }
 
     #[test]
@@ -149,5 +164,7 @@ mod tests {
         assert_eq!(url("127.0.0.1:7070"), "http://127.0.0.1:7070");
         assert_eq!(url("localhost:7070"), "http://localhost:7070");
         assert_eq!(url("127.example.com:7070"), "https://127.example.com:7070");
+        assert_eq!(url("[::1]"), "http://[::1]");
+        assert_eq!(url("[::1]:7070"), "http://[::1]:7070");
     }
 }

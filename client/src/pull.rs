@@ -105,7 +105,7 @@ pub async fn pull(
         report.resumed_bytes += fetched.resumed_bytes;
         match assembled {
             // A cached blob can vanish before it is read (a loader evicting from a shared
-            // folder) or fail to decode (torn by a crash; it is removed then): one more round
+            // folder) or be torn by a crash (a blob whose own bytes are wrong is removed): one more round
             // fetches it again.
             Err(error @ (ClientError::Codec(_) | ClientError::Io { .. })) if first => {
                 tracing::warn!(%error, "a cached blob could not be used; fetching it again");
@@ -370,8 +370,8 @@ async fn download_into(
 /// Builds the cartridge file as its blobs arrive on `arrivals`: the safetensors header first, then
 /// each chunk decoded (on all cores) straight into its tensors' places in a memory map of the new
 /// file. When every blob is in, the file is validated like any cartridge and renamed into place;
-/// on any failure the half-built file is removed. A cached blob that fails to decode is dropped
-/// so the next pull fetches it again.
+/// on any failure the half-built file is removed. A cached blob whose own bytes are wrong is
+/// dropped so it is fetched again.
 fn assemble(
     manifest: &Manifest,
     cache: &Cache,
@@ -507,10 +507,13 @@ fn decode_cached(
     decode_chunk_into(&stored, chunk, outs).inspect_err(|error| {
         // Only a blob whose own bytes are wrong goes: a manifest that describes a good blob
         // wrongly must not evict it for everyone else.
-        if matches!(
-            error,
-            CodecError::StoredDigestMismatch { .. } | CodecError::StoredSizeMismatch { .. }
-        ) {
+        let own_bytes_wrong = match error {
+            CodecError::StoredDigestMismatch { .. } => true,
+            // The manifest may have the size wrong: the bytes' own digest settles it.
+            CodecError::StoredSizeMismatch { .. } => Digest::of(&stored) != chunk.stored.digest,
+            _ => false,
+        };
+        if own_bytes_wrong {
             let _ = std::fs::remove_file(&path);
         }
     })?;
