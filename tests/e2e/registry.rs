@@ -36,6 +36,16 @@ fn files_in(dir: &Path) -> usize {
     })
 }
 
+/// Some file in a directory.
+fn a_file_in(dir: &Path) -> std::path::PathBuf {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .next()
+        .expect("a file")
+        .unwrap()
+        .path()
+}
+
 #[test]
 fn push_then_pull_is_byte_identical_and_cached() {
     let dir = tempfile::tempdir().unwrap();
@@ -449,13 +459,7 @@ fn a_flipped_byte_in_a_stored_blob_is_caught_on_pull() {
     registry
         .cartridge(dir.path(), &token, &["push", "legal/a@v1", "a.safetensors"])
         .ok();
-    let blobs = dir.path().join("store/blobs");
-    let blob = std::fs::read_dir(&blobs)
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path();
+    let blob = a_file_in(&dir.path().join("store/blobs"));
     let mut bytes = std::fs::read(&blob).unwrap();
     let middle = bytes.len() / 2;
     bytes[middle] ^= 0x01;
@@ -490,12 +494,7 @@ fn a_torn_blob_in_the_local_cache_is_fetched_again() {
     };
     let path = std::path::PathBuf::from(pull().trim());
     // A crash tore a cached blob, and the assembled file is gone.
-    let blob = std::fs::read_dir(dir.path().join("home/cache/blobs"))
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path();
+    let blob = a_file_in(&dir.path().join("home/cache/blobs"));
     let bytes = std::fs::read(&blob).unwrap();
     std::fs::write(&blob, &bytes[..bytes.len() / 2]).unwrap();
     std::fs::remove_file(&path).unwrap();
