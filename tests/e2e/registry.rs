@@ -3,7 +3,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use serde_json::{Value, json};
 
 use crate::moto::Moto;
 use crate::support::{Registry, random_cartridge, raw_http};
@@ -511,7 +511,18 @@ fn garbage_collection_during_a_push_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let registry = Registry::start(dir.path());
     let token = registry.token(&["legal/*:push"]);
-    // Garbage from an abandoned push, which collection should remove.
+    // Garbage from a push abandoned an hour ago, which collection should remove.
+    let garbage = b"a blob of a push abandoned long ago";
+    let garbage_hex = blake3::hash(garbage).to_hex().to_string();
+    let blobs = dir.path().join("store/blobs");
+    std::fs::create_dir_all(&blobs).unwrap();
+    std::fs::write(blobs.join(&garbage_hex), garbage).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(blobs.join(&garbage_hex))
+        .unwrap()
+        .set_modified(std::time::SystemTime::now() - Duration::from_secs(3600))
+        .unwrap();
     random_cartridge(&dir.path().join("kept.safetensors"), 8, 1024, "kept", None);
     let mut push = registry
         .command(
@@ -554,13 +565,10 @@ fn garbage_collection_during_a_push_loses_nothing() {
         serde_json::from_slice::<Value>(&output.stdout).unwrap()
     };
     let mut collections = 0;
+    let mut deleted = Vec::new();
     while push.try_wait().unwrap().is_none() {
         let report = gc("10m");
-        assert_eq!(
-            report["blobs_deleted"].as_array().unwrap().len(),
-            0,
-            "in-flight blobs are within the grace period"
-        );
+        deleted.extend(report["blobs_deleted"].as_array().unwrap().clone());
         collections += 1;
     }
     assert!(push.wait().unwrap().success());
@@ -568,6 +576,8 @@ fn garbage_collection_during_a_push_loses_nothing() {
         collections >= 2,
         "collection ran during the push ({collections} times)"
     );
+    // The old garbage went; the push's own blobs, in flight and young, all stayed.
+    assert_eq!(deleted, [json!(format!("blake3:{garbage_hex}"))]);
     // With no grace at all, a collection still keeps everything a version references.
     let report = gc("0s");
     assert_eq!(

@@ -388,8 +388,19 @@ mod tests {
         let plain_grad = plain.sqr()?.sum_all()?.backward()?;
         let (a, b) = (frozen_grad.get(&x).unwrap(), plain_grad.get(&x).unwrap());
         assert!(a.sub(b)?.abs()?.max_all()?.to_scalar::<f32>()? < 1e-4);
+        // A plain matmul computes and keeps a gradient for its right side even when that is a
+        // frozen weight (candle's backward fills both sides); the frozen one keeps none.
+        let flat = x.as_tensor().reshape((6, 5))?;
+        let weight_t = weight.t()?;
+        let plain = flat.matmul(&weight_t)?.sqr()?.sum_all()?.backward()?;
+        let frozen = flat
+            .apply_op2(&weight_t, FrozenMatmul)?
+            .sqr()?
+            .sum_all()?
+            .backward()?;
+        assert!(plain.get(&weight_t).is_some());
         assert!(
-            frozen_grad.get(&weight).is_none(),
+            frozen.get(&weight_t).is_none(),
             "no gradient is kept for the frozen weight"
         );
         Ok(())
@@ -503,8 +514,13 @@ mod tests {
         let device = device()?;
         let x = Tensor::randn(0f32, 1.0, (1, 2, 3, 8), &device)?;
         let angles = Tensor::randn(0f32, 1.0, (1, 3, 4), &device)?;
+        let ones = Tensor::ones(8, DType::F32, &device)?;
         assert!(!rope(&x, &angles.cos()?, &angles.sin()?)?.track_op());
-        assert!(!rms_norm(&x, &Tensor::ones(8, DType::F32, &device)?, 1e-5)?.track_op());
+        assert!(!rms_norm(&x, &ones, 1e-5)?.track_op());
+        // And on it when there is one.
+        let var = Var::from_tensor(&x)?;
+        assert!(rope(var.as_tensor(), &angles.cos()?, &angles.sin()?)?.track_op());
+        assert!(rms_norm(var.as_tensor(), &ones, 1e-5)?.track_op());
         Ok(())
     }
 }

@@ -135,10 +135,15 @@ fn distillation_lowers_the_loss_and_keeps_the_frozen_token() {
     assert!(last < first - 0.5, "loss went from {first} to {last}");
     let trained = distiller.prefix().unwrap();
     for layer in 0..2 {
-        let frozen =
-            |p: &cartridge_trainer::model::Prefix| p.keys[layer].i((.., 0..1, ..)).unwrap();
-        let difference = max_difference(&frozen(&trained), &frozen(&start));
-        assert_eq!(difference, 0.0, "the frozen token moved in layer {layer}");
+        let pairs = [
+            (&trained.keys[layer], &start.keys[layer]),
+            (&trained.values[layer], &start.values[layer]),
+        ];
+        for (now, then) in pairs {
+            let frozen = |t: &candle_core::Tensor| t.i((.., 0..1, ..)).unwrap();
+            let difference = max_difference(&frozen(now), &frozen(then));
+            assert_eq!(difference, 0.0, "the frozen token moved in layer {layer}");
+        }
         let moved = max_difference(&trained.values[layer], &start.values[layer]);
         assert!(moved > 0.0, "layer {layer} did not train");
     }
@@ -291,7 +296,7 @@ fn synthesis_writes_readable_conversations_and_resumes() {
     }
     assert_eq!(read_conversations(&path).unwrap(), first);
 
-    // A run asking for more continues the same file.
+    // A run with other settings is refused: the file holds another run's conversations.
     options.conversations = 3;
     let err = synthesize(model, &corpus, &options, &path, |_, _| {}).unwrap_err();
     assert!(
@@ -300,13 +305,23 @@ fn synthesis_writes_readable_conversations_and_resumes() {
         "{err}"
     );
     options.conversations = 2;
-    let again = synthesize(model, &corpus, &options, &path, |_, _| {}).unwrap();
-    assert_eq!(again, first, "a finished run does no more work");
+    // What a run reports done, from its start on: work redone would start from 0.
+    let run = |progress: &mut Vec<usize>| {
+        synthesize(model, &corpus, &options, &path, |done, _| {
+            progress.push(done)
+        })
+        .unwrap()
+    };
+    let mut progress = Vec::new();
+    assert_eq!(run(&mut progress), first);
+    assert_eq!(progress, [2], "a finished run does no more work");
 
-    // A torn last line (an interrupted write) is dropped, and the run fills the gap.
+    // A torn last line (an interrupted write) is dropped, and the run makes only that one.
     let text = std::fs::read_to_string(&path).unwrap();
     std::fs::write(&path, &text[..text.len() - 20]).unwrap();
-    let repaired = synthesize(model, &corpus, &options, &path, |_, _| {}).unwrap();
+    let mut progress = Vec::new();
+    let repaired = run(&mut progress);
+    assert_eq!(progress, [1, 2]);
     assert_eq!(repaired.len(), 2);
     assert_eq!(repaired[0], first[0]);
 }
