@@ -36,11 +36,28 @@ impl Config {
         }
     }
 
-    /// Writes the configuration readable by its owner only: it holds tokens.
-    pub fn save(&self, paths: &Paths) -> Result<()> {
-        let path = paths.config_file();
+    /// Changes the stored configuration under an exclusive lock, so that two logins at once
+    /// each keep their registry's entry.
+    pub fn update(paths: &Paths, change: impl FnOnce(&mut Self)) -> Result<()> {
         std::fs::create_dir_all(&paths.config)
             .with_context(|| format!("creating {}", paths.config.display()))?;
+        let lock_path = paths.config.join("config.lock");
+        let lock = std::fs::File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .with_context(|| format!("opening {}", lock_path.display()))?;
+        lock.lock()
+            .with_context(|| format!("locking {}", lock_path.display()))?;
+        let mut config = Self::load(paths)?;
+        change(&mut config);
+        config.save(paths)
+    }
+
+    /// Writes the configuration readable by its owner only: it holds tokens.
+    fn save(&self, paths: &Paths) -> Result<()> {
+        let path = paths.config_file();
         // A new file of its own (created 0600, never an existing one or a link someone left),
         // synced, then renamed into place.
         let mut file = tempfile::NamedTempFile::new_in(&paths.config)
@@ -156,6 +173,44 @@ mod tests {
             token_for(&config, "https://evil.example", None, env()).as_deref(),
             Some("from-env")
         );
+    }
+
+    #[test]
+    fn logins_at_once_each_keep_their_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = Paths {
+            config: dir.path().join("config"),
+            cache: dir.path().join("cache"),
+        };
+        std::thread::scope(|scope| {
+            for i in 0..8 {
+                let paths = &paths;
+                scope.spawn(move || {
+                    Config::update(paths, |config| {
+                        // Hold the read-modify-write open a moment, so that writers overlap.
+                        std::thread::sleep(std::time::Duration::from_millis(5));
+                        config.registries.insert(
+                            format!("https://r{i}.example"),
+                            RegistryConfig {
+                                token: Some(format!("t{i}")),
+                            },
+                        );
+                    })
+                    .unwrap();
+                });
+            }
+        });
+        let config = Config::load(&paths).unwrap();
+        assert_eq!(config.registries.len(), 8);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(paths.config_file())
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
     }
 
     #[test]

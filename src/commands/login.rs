@@ -40,12 +40,12 @@ pub fn run(args: LoginArgs) -> Result<()> {
         .block_on(client.namespaces())
         .with_context(|| format!("checking the token with {url}"))?;
     let paths = Paths::from_env()?;
-    let mut config = Config::load(&paths)?;
-    config
-        .registries
-        .insert(url.clone(), RegistryConfig { token: Some(token) });
-    config.default_registry = Some(url.clone());
-    config.save(&paths)?;
+    Config::update(&paths, |config| {
+        config
+            .registries
+            .insert(url.clone(), RegistryConfig { token: Some(token) });
+        config.default_registry = Some(url.clone());
+    })?;
     println!(
         "logged in to {url} ({} namespaces visible); it is now the default registry",
         namespaces.namespaces.len()
