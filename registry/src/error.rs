@@ -62,7 +62,9 @@ impl From<StorageError> for ApiError {
             StorageError::DigestMismatch { .. } => ErrorCode::DigestMismatch,
             StorageError::TooLarge { .. } => ErrorCode::TooLarge,
             StorageError::MissingBlobs { .. } => ErrorCode::MissingBlobs,
-            StorageError::GcRunning | StorageError::GcLeaseLost => ErrorCode::Unavailable,
+            StorageError::GcRunning
+            | StorageError::GcLeaseLost
+            | StorageError::Contended { .. } => ErrorCode::Unavailable,
             StorageError::InvalidManifest(_) => ErrorCode::InvalidManifest,
             StorageError::Corrupt { .. } => {
                 tracing::error!(%error, "corrupt object in storage");

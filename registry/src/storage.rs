@@ -69,6 +69,8 @@ pub enum StorageError {
     Corrupt { key: String, detail: String },
     #[error("garbage collection is running; retry in a moment")]
     GcRunning,
+    #[error("{what} keeps changing; retry in a moment")]
+    Contended { what: String },
     #[error("the garbage collection lease lapsed or was taken over; stopped")]
     GcLeaseLost,
     #[error("invalid manifest: {0}")]
@@ -300,12 +302,37 @@ impl Storage {
         let Some(bytes) = self.read(key).await? else {
             return Ok(None);
         };
-        serde_json::from_slice(&bytes)
-            .map(Some)
-            .map_err(|e| StorageError::Corrupt {
-                key: key.path().to_string(),
-                detail: e.to_string(),
-            })
+        parse_json(key, &bytes).map(Some)
+    }
+
+    /// The newest of a series of generations, each written once, create-only (a tag's moves,
+    /// the collection lease), and its bytes; `None` for an empty series. Only the series' own
+    /// keys count (nothing else stored below it), and a generation pruned between the listing
+    /// and the read means a newer one exists: the series is listed again, a bounded number of
+    /// times.
+    async fn newest_generation<'k>(
+        &self,
+        series: Key<'_>,
+        generation_key: impl Fn(u64) -> Key<'k>,
+    ) -> Result<Option<(u64, Bytes)>> {
+        for _ in 0..16 {
+            let Some(generation) = (self.list(series).await?)
+                .iter()
+                .filter_map(|meta| {
+                    let generation = meta.location.filename()?.parse::<u64>().ok()?;
+                    (meta.location == generation_key(generation).path()).then_some(generation)
+                })
+                .max()
+            else {
+                return Ok(None);
+            };
+            if let Some(bytes) = self.read(generation_key(generation)).await? {
+                return Ok(Some((generation, bytes)));
+            }
+        }
+        Err(StorageError::Contended {
+            what: series.path().to_string(),
+        })
     }
 
     /// Writes `bytes` only if nothing is at `key`; `Ok(false)` if something was.
@@ -726,25 +753,18 @@ impl Storage {
     // ----- tags -----
 
     pub async fn tag(&self, repo: &Repository, tag: &Tag) -> Result<Option<TagHead>> {
-        let generations = self.list(Key::Tag(repo, tag)).await?;
-        let Some(newest) = generations
-            .iter()
-            .filter_map(|meta| meta.location.filename()?.parse::<u64>().ok())
-            .max()
+        let generation_key = |generation| Key::TagGeneration(repo, tag, generation);
+        let Some((generation, bytes)) = self
+            .newest_generation(Key::Tag(repo, tag), generation_key)
+            .await?
         else {
             return Ok(None);
         };
-        let pointer: Option<Pointer> = self
-            .read_json(Key::TagGeneration(repo, tag, newest))
-            .await?;
-        // A generation pruned between the listing and the read means the tag moved on: read again.
-        match pointer {
-            Some(pointer) => Ok(Some(TagHead {
-                generation: newest,
-                manifest: pointer.manifest,
-            })),
-            None => Box::pin(self.tag(repo, tag)).await,
-        }
+        let pointer: Pointer = parse_json(generation_key(generation), &bytes)?;
+        Ok(Some(TagHead {
+            generation,
+            manifest: pointer.manifest,
+        }))
     }
 
     /// Points `tag` at `manifest` (or deletes it with `None`) if `condition` holds.
@@ -940,7 +960,6 @@ impl Storage {
         Ok(versions.chain(tags).collect())
     }
 
-    /// Objects under a content-addressed prefix (`blobs/`, `manifests/`) by digest.
     /// Every object under `key`, as the backend pages through them.
     pub fn listing(&self, key: Key<'_>) -> BoxStream<'_, Result<ObjectMeta>> {
         self.store
@@ -1001,30 +1020,15 @@ impl Storage {
         Ok(())
     }
 
-    /// The newest generation of the lease and what it holds (an unreadable one holds nothing).
+    /// The newest generation of the lease and what it holds (an unreadable one holds nothing,
+    /// and is taken over).
     async fn gc_lease(&self) -> Result<(u64, Option<GcLease>)> {
-        // A generation pruned between the listing and the read means a newer one exists: list
-        // again (a bounded number of times: the lease changes every few minutes at most).
-        for _ in 0..16 {
-            let Some(generation) = (self.list(Key::GcLeases).await?)
-                .iter()
-                .filter_map(|meta| {
-                    let generation = meta.location.filename()?.parse::<u64>().ok()?;
-                    // Only our own keys: nothing else stored below counts.
-                    (meta.location == Key::GcLease(generation).path()).then_some(generation)
-                })
-                .max()
-            else {
-                return Ok((0, None));
-            };
-            match self.read_json::<GcLease>(Key::GcLease(generation)).await {
-                Ok(None) => continue,
-                Ok(lease) => return Ok((generation, lease)),
-                Err(StorageError::Corrupt { .. }) => return Ok((generation, None)),
-                Err(error) => return Err(error),
-            }
-        }
-        Err(StorageError::GcRunning)
+        Ok(self
+            .newest_generation(Key::GcLeases, Key::GcLease)
+            .await?
+            .map_or((0, None), |(generation, bytes)| {
+                (generation, serde_json::from_slice(&bytes).ok())
+            }))
     }
 
     /// Writes `generation` of the lease; `false` unless it is ours and, once written, still the
@@ -1088,6 +1092,14 @@ impl Storage {
 /// have no maps with non-string keys and so always serialize.
 fn json_bytes<T: Serialize>(value: &T) -> Vec<u8> {
     canonical::to_canonical_json(value).expect("registry records always serialize")
+}
+
+/// `bytes` read from `key`, as JSON; bytes that are not are a corrupt object.
+fn parse_json<T: for<'de> Deserialize<'de>>(key: Key<'_>, bytes: &[u8]) -> Result<T> {
+    serde_json::from_slice(bytes).map_err(|e| StorageError::Corrupt {
+        key: key.path().to_string(),
+        detail: e.to_string(),
+    })
 }
 
 fn join(prefix: &Path, path: &Path) -> Path {
