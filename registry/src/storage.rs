@@ -899,6 +899,16 @@ impl Storage {
         Ok(names)
     }
 
+    /// Whether a namespace holds a cartridge to pull (see [`Storage::names`]); stops at the first.
+    pub async fn has_names(&self, namespace: &Namespace) -> Result<bool> {
+        for repo in self.repositories(namespace).await? {
+            if self.has_content(&repo).await? {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
     /// Every cartridge stored under a namespace, tombstones only or not.
     pub async fn repositories(&self, namespace: &Namespace) -> Result<Vec<Repository>> {
         Ok(self

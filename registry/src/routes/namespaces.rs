@@ -26,7 +26,7 @@ pub async fn list(
                     .anonymous_pull
             }
         };
-        if visible && !state.storage.names(&namespace).await?.is_empty() {
+        if visible && state.storage.has_names(&namespace).await? {
             namespaces.push(namespace);
         }
     }
