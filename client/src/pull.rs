@@ -105,8 +105,8 @@ pub async fn pull(
         report.resumed_bytes += fetched.resumed_bytes;
         match assembled {
             // A cached blob can vanish before it is read (a loader evicting from a shared
-            // folder) or be torn by a crash (a blob whose own bytes are wrong is removed): one more round
-            // fetches it again.
+            // folder) or be torn by a crash (a blob whose own bytes are wrong is removed): one
+            // more round fetches it again.
             Err(error @ (ClientError::Codec(_) | ClientError::Io { .. })) if first => {
                 tracing::warn!(%error, "a cached blob could not be used; fetching it again");
                 first = false;

@@ -86,7 +86,9 @@ pub fn train(
     let init = if checkpoint.exists() {
         None
     } else {
-        (request.distill).check(request.distill.tokens, model.llama.config.max_positions)?;
+        request
+            .distill
+            .check(request.distill.tokens, model.llama.config.max_positions)?;
         Some(initial_ids(
             &model.text,
             &corpus.text(),
