@@ -6,8 +6,12 @@
 //! may belong to a push still uploading. Publishes wait while a collection holds the lease, so a
 //! blob a publish relies on cannot disappear between its check and its version being written
 //! (see `Storage::publish`).
+//!
+//! A repository's links (what was sent or published to it, see `Storage::link_blob`) are swept
+//! by the same rule, per repository: once a version is deleted, content only it held stops being
+//! readable through that repository, even while another repository keeps the bytes stored.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 
 use cartridge_schemas::Digest;
@@ -35,6 +39,8 @@ pub struct GcReport {
     pub blobs_deleted: Vec<Digest>,
     pub bytes_freed: u64,
     pub uploads_deleted: usize,
+    /// Links of repositories to content none of their versions or tags references any more.
+    pub links_deleted: usize,
 }
 
 pub async fn collect(storage: &Storage, options: GcOptions) -> Result<GcReport, StorageError> {
@@ -108,21 +114,37 @@ async fn sweep(
         ..GcReport::default()
     };
 
-    let mut referenced = HashSet::new();
+    // Each repository's roots: the manifests its versions and tags point at.
+    let mut roots = Vec::new();
     for namespace in storage.namespaces().await? {
         for repo in storage.repositories(&namespace).await? {
             heartbeat.beat().await?;
-            referenced.extend(storage.referenced_manifests(&repo).await?);
+            let referenced: HashSet<Digest> = storage
+                .referenced_manifests(&repo)
+                .await?
+                .into_iter()
+                .collect();
+            roots.push((repo, referenced));
         }
     }
-    let mut marked = HashSet::new();
+    let referenced: HashSet<Digest> = roots.iter().flat_map(|(_, r)| r).copied().collect();
+    // The blobs of every kept manifest, and what the young ones (publishes in flight, in any
+    // repository) hold.
+    let mut blobs_of = HashMap::new();
+    let (mut young_manifests, mut young_blobs) = (HashSet::new(), HashSet::new());
     for (digest, meta) in by_digest(heartbeat.list(Key::Manifests).await?) {
         heartbeat.beat().await?;
-        if referenced.contains(&digest) || meta.last_modified > cutoff {
+        let young = meta.last_modified > cutoff;
+        if referenced.contains(&digest) || young {
             // A live manifest that cannot be read would leave its blobs unmarked: stop rather
             // than delete what it may reference.
             let manifest = storage.get_manifest(&digest).await?;
-            marked.extend(manifest.blobs().into_iter().map(|blob| blob.digest));
+            let blobs: Vec<Digest> = manifest.blobs().into_iter().map(|b| b.digest).collect();
+            if young {
+                young_manifests.insert(digest);
+                young_blobs.extend(blobs.iter().copied());
+            }
+            blobs_of.insert(digest, blobs);
             report.manifests_kept += 1;
         } else {
             if !options.dry_run {
@@ -133,6 +155,7 @@ async fn sweep(
         }
     }
 
+    let marked: HashSet<Digest> = blobs_of.values().flatten().copied().collect();
     for (digest, meta) in by_digest(heartbeat.list(Key::Blobs).await?) {
         if marked.contains(&digest) || meta.last_modified > cutoff {
             report.blobs_kept += 1;
@@ -155,10 +178,37 @@ async fn sweep(
             report.uploads_deleted += 1;
         }
     }
+
+    for (repo, referenced) in &roots {
+        let kept_blobs: HashSet<Digest> = referenced
+            .iter()
+            .filter_map(|manifest| blobs_of.get(manifest))
+            .flatten()
+            .chain(&young_blobs)
+            .copied()
+            .collect();
+        let kept_manifests: HashSet<Digest> = referenced.union(&young_manifests).copied().collect();
+        for (key, kept) in [
+            (Key::BlobLinks(repo), kept_blobs),
+            (Key::ManifestLinks(repo), kept_manifests),
+        ] {
+            for (digest, meta) in by_digest(heartbeat.list(key).await?) {
+                if kept.contains(&digest) || meta.last_modified > cutoff {
+                    continue;
+                }
+                if !options.dry_run {
+                    heartbeat.beat().await?;
+                    storage.delete_object(&meta.location).await?;
+                }
+                report.links_deleted += 1;
+            }
+        }
+    }
     tracing::info!(
         dry_run = options.dry_run,
         manifests_deleted = report.manifests_deleted.len(),
         blobs_deleted = report.blobs_deleted.len(),
+        links_deleted = report.links_deleted,
         bytes_freed = report.bytes_freed,
         "garbage collection done"
     );

@@ -261,11 +261,13 @@ async fn collect_garbage(args: GcArgs) -> Result<()> {
         println!("{verb} blob {digest}");
     }
     println!(
-        "{verb} {} manifests, {} blobs ({}), {} stale uploads; kept {} manifests, {} blobs",
+        "{verb} {} manifests, {} blobs ({}), {} stale uploads, {} links of repositories to \
+         content none of their versions holds; kept {} manifests, {} blobs",
         report.manifests_deleted.len(),
         report.blobs_deleted.len(),
         ByteSize::b(report.bytes_freed),
         report.uploads_deleted,
+        report.links_deleted,
         report.manifests_kept,
         report.blobs_kept
     );

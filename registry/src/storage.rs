@@ -102,7 +102,9 @@ pub enum Key<'a> {
     Uploads,
     /// Marks content as part of a repository: reads through the repository see only this.
     BlobLink(&'a Repository, &'a Digest),
+    BlobLinks(&'a Repository),
     ManifestLink(&'a Repository, &'a Digest),
+    ManifestLinks(&'a Repository),
     /// Generations of the garbage collection lease, each written once (create-only).
     GcLeases,
     GcLease(u64),
@@ -132,9 +134,11 @@ impl Key<'_> {
             Self::Upload(digest, id) => format!("uploads/{}/{id}", digest.hex()),
             Self::Verifying(digest, id) => format!("uploads/{}/{id}.verifying", digest.hex()),
             Self::BlobLink(r, digest) => format!("{}/links/blobs/{}", repo(r), digest.hex()),
+            Self::BlobLinks(r) => format!("{}/links/blobs", repo(r)),
             Self::ManifestLink(r, digest) => {
                 format!("{}/links/manifests/{}", repo(r), digest.hex())
             }
+            Self::ManifestLinks(r) => format!("{}/links/manifests", repo(r)),
             Self::Uploads => "uploads".into(),
             Self::GcLeases => "gc/leases".into(),
             Self::GcLease(generation) => format!("gc/leases/{generation:020}"),

@@ -78,9 +78,12 @@ pub fn run(args: EvalArgs) -> Result<()> {
     let (_, _, room) = model.text.system_turn_ids(truncated_tokens).context(
         "the truncated-corpus baseline (its budget is --tokens, else the first cartridge's)",
     )?;
+    // A cut through a character's byte tokens decodes as U+FFFD.
     let truncated = model
         .text
-        .decode(&corpus_tokens[..room.min(corpus_tokens.len())])?;
+        .decode(&corpus_tokens[..room.min(corpus_tokens.len())])?
+        .trim_end_matches(char::REPLACEMENT_CHARACTER)
+        .to_owned();
 
     let mut settings = vec![
         ("no context".to_owned(), Setting::Bare),

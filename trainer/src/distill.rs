@@ -148,6 +148,101 @@ struct Batch {
     tokens: usize,
 }
 
+/// The conversations a row can hold: each reads at positions p.. after the cartridge, within
+/// the row and the model's positions. One with no prompt has no token to predict its answer's
+/// first from.
+fn usable<'c>(
+    options: &DistillOptions,
+    max_positions: usize,
+    conversations: &'c [Conversation],
+) -> Result<Vec<&'c Conversation>> {
+    let p = options.tokens;
+    let longest = options.row_tokens.min(max_positions.saturating_sub(p));
+    let usable: Vec<&Conversation> = conversations
+        .iter()
+        .filter(|c| !c.is_empty() && !c.prompt_ids.is_empty() && c.len() <= longest)
+        .collect();
+    if usable.is_empty() {
+        return Err(Error::Data(format!(
+            "no conversation fits in a row of {} tokens after a cartridge of {p} (the model has {max_positions} positions)",
+            options.row_tokens
+        )));
+    }
+    Ok(usable)
+}
+
+/// How many steps make `epochs` passes over the conversations, as [`Distiller::train`] packs
+/// them (rows are seldom full, and conversations too long for a row are left out).
+pub fn steps_for_epochs(
+    options: &DistillOptions,
+    max_positions: usize,
+    conversations: &[Conversation],
+    epochs: f64,
+) -> Result<usize> {
+    let usable = usable(options, max_positions, conversations)?;
+    let wanted = (epochs * usable.len() as f64).ceil() as usize;
+    let mut draw = Draw::new(usable, options.seed, 0, 0);
+    let (mut drawn, mut rows) = (0, 0usize);
+    while drawn < wanted {
+        drawn += draw.row(options.row_tokens).len();
+        rows += 1;
+    }
+    Ok(rows.div_ceil(options.rows).max(1))
+}
+
+/// The order conversations are packed in: a seeded shuffle per epoch, epoch after epoch. A row
+/// ends with its epoch, so it never holds a conversation twice.
+struct Draw<'c> {
+    usable: Vec<&'c Conversation>,
+    seed: u64,
+    epoch: u64,
+    /// The next conversation's place in this epoch's order.
+    cursor: usize,
+    order: Vec<usize>,
+}
+
+impl<'c> Draw<'c> {
+    fn new(usable: Vec<&'c Conversation>, seed: u64, epoch: u64, cursor: usize) -> Self {
+        let order = shuffled(usable.len(), seed, epoch);
+        Self {
+            usable,
+            seed,
+            epoch,
+            cursor,
+            order,
+        }
+    }
+
+    /// The next conversations in order while they fit in `row_tokens` (each one does alone).
+    fn row(&mut self, row_tokens: usize) -> Vec<&'c Conversation> {
+        if self.cursor >= self.order.len() {
+            self.epoch += 1;
+            self.cursor = 0;
+            self.order = shuffled(self.usable.len(), self.seed, self.epoch);
+        }
+        let mut row = Vec::new();
+        let mut used = 0;
+        while let Some(&index) = self.order.get(self.cursor) {
+            let next = self.usable[index];
+            if !row.is_empty() && used + next.len() > row_tokens {
+                break;
+            }
+            used += next.len();
+            row.push(next);
+            self.cursor += 1;
+        }
+        row
+    }
+}
+
+fn shuffled(count: usize, seed: u64, epoch: u64) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..count).collect();
+    order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(
+        seed ^ epoch.wrapping_mul(0x9e37_79b9_7f4a_7c15),
+    ));
+    order
+}
+
 /// The tokens a cartridge of `tokens` starts from: a system turn holding the corpus's first
 /// tokens, as many as fit with the template around them (the reference's best initialization;
 /// the student reads its conversations as following a system turn). Cheap: a run checks it
@@ -179,6 +274,12 @@ impl<'a> Distiller<'a> {
     /// Continues training from a cartridge's keys and values.
     pub fn from_prefix(model: &'a Llama, prefix: &Prefix, options: DistillOptions) -> Result<Self> {
         let p = prefix.tokens();
+        if p != options.tokens {
+            return Err(Error::Data(format!(
+                "the cartridge holds {p} tokens, the options say {}",
+                options.tokens
+            )));
+        }
         options.check(p, model.config.max_positions)?;
         // The trainable part and the optimizer's moments stay in f32 whatever the model computes
         // in: in bf16, Adam's 0.999 rounds to 1 and small steps round away.
@@ -239,57 +340,24 @@ impl<'a> Distiller<'a> {
     }
 
     /// Runs steps until `options.steps`, each packing conversations drawn in a seeded shuffled
-    /// order (epoch after epoch). Calls `each_step(step, loss, tokens)` after every step.
+    /// order (epoch after epoch, see [`Draw`]). Calls `each_step(step, loss, tokens)` after
+    /// every step.
     pub fn train(
         &mut self,
         conversations: &[Conversation],
         mut each_step: impl FnMut(&Self, usize, f32, usize) -> Result<()>,
     ) -> Result<()> {
-        // Each conversation in a row reads at positions p.. after the cartridge.
-        let (p, max_positions) = (self.options.tokens, self.model.config.max_positions);
-        let longest = self.options.row_tokens.min(max_positions.saturating_sub(p));
-        let usable: Vec<&Conversation> = conversations
-            .iter()
-            .filter(|c| !c.is_empty() && c.len() <= longest)
-            .collect();
-        if usable.is_empty() {
-            return Err(Error::Data(format!(
-                "no conversation fits in a row of {} tokens after a cartridge of {p} (the model has {max_positions} positions)",
-                self.options.row_tokens
-            )));
-        }
-        let shuffled = |epoch: u64| {
-            let mut order: Vec<usize> = (0..usable.len()).collect();
-            order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(
-                self.options.seed ^ epoch.wrapping_mul(0x9e37_79b9_7f4a_7c15),
-            ));
-            order
-        };
-        let mut order = shuffled(self.epoch);
+        let usable = usable(
+            &self.options,
+            self.model.config.max_positions,
+            conversations,
+        )?;
+        let mut draw = Draw::new(usable, self.options.seed, self.epoch, self.cursor);
         while self.adam.step < self.options.steps {
-            let mut rows: Vec<Vec<&Conversation>> = Vec::with_capacity(self.options.rows);
-            while rows.len() < self.options.rows {
-                let mut row = Vec::new();
-                let mut used = 0;
-                loop {
-                    if self.cursor >= order.len() {
-                        self.epoch += 1;
-                        self.cursor = 0;
-                        order = shuffled(self.epoch);
-                    }
-                    let next = usable[order[self.cursor]];
-                    if used + next.len() > self.options.row_tokens {
-                        break;
-                    }
-                    used += next.len();
-                    row.push(next);
-                    self.cursor += 1;
-                    if row.len() == usable.len() {
-                        break;
-                    }
-                }
-                rows.push(row);
-            }
+            let rows: Vec<Vec<&Conversation>> = (0..self.options.rows)
+                .map(|_| draw.row(self.options.row_tokens))
+                .collect();
+            (self.epoch, self.cursor) = (draw.epoch, draw.cursor);
             let batch = self.pack(&rows)?;
             let loss = self.loss(&batch)?;
             let gradients = loss.backward()?;
@@ -530,5 +598,78 @@ impl<'a> Distiller<'a> {
         distiller.losses = serde_json::from_value(state["losses"].clone()).unwrap_or_default();
         distiller.run = run;
         Ok(distiller)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::synthesis::SeedKind;
+
+    fn conversation(id: usize, prompt: usize, answer: usize) -> Conversation {
+        Conversation {
+            batch: 0,
+            chunk_start: id,
+            chunk_tokens: 0,
+            seed: SeedKind::Question,
+            user: String::new(),
+            assistant: String::new(),
+            prompt_ids: vec![1; prompt],
+            answer_ids: vec![2; answer],
+            teacher: vec![vec![(2, 0.0)]; answer],
+        }
+    }
+
+    #[test]
+    fn rows_hold_a_conversation_once_and_epochs_count_the_rows_packed() {
+        let mut conversations: Vec<Conversation> = (0..3).map(|i| conversation(i, 2, 4)).collect();
+        // Nothing to predict its answer's first token from: left out.
+        conversations.push(conversation(3, 0, 6));
+        let options = DistillOptions {
+            tokens: 4,
+            row_tokens: 13,
+            rows: 2,
+            ..DistillOptions::default()
+        };
+        let kept = usable(&options, 1024, &conversations).unwrap();
+        assert_eq!(kept.len(), 3);
+        // Two of six tokens fit in a row of 13; the third closes its epoch alone (filling the
+        // row with the next epoch's first could put one conversation in a row twice).
+        let mut draw = Draw::new(kept, options.seed, 0, 0);
+        let mut seen = vec![0; 3];
+        for epoch in 0..10 {
+            let rows = [draw.row(options.row_tokens), draw.row(options.row_tokens)];
+            assert_eq!(rows.each_ref().map(|r| r.len()), [2, 1], "epoch {epoch}");
+            for row in rows {
+                for c in row {
+                    seen[c.chunk_start] += 1;
+                }
+            }
+            assert_eq!(seen, vec![epoch + 1; 3]);
+        }
+        // Two epochs are four rows, two steps of two rows, or four of one; the tokens alone
+        // (36 in rows of 13) would say three steps of one row, 1.5 epochs.
+        assert_eq!(
+            steps_for_epochs(&options, 1024, &conversations, 2.0).unwrap(),
+            2
+        );
+        let one_row = DistillOptions {
+            rows: 1,
+            ..options.clone()
+        };
+        assert_eq!(
+            steps_for_epochs(&one_row, 1024, &conversations, 2.0).unwrap(),
+            4
+        );
+        assert_eq!(
+            steps_for_epochs(&one_row, 1024, &conversations, 3.0).unwrap(),
+            6
+        );
+        assert_eq!(
+            steps_for_epochs(&one_row, 1024, &conversations, 0.1).unwrap(),
+            1
+        );
+        // None fits after the cartridge in the model's positions.
+        assert!(usable(&options, 9, &conversations).is_err());
     }
 }

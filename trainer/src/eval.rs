@@ -139,12 +139,24 @@ fn evaluate_one(
         })
         .collect::<Result<_>>()?;
     // Context text is read once: its keys and values serve every question, like a cartridge.
-    // (At least one token of each prompt stays out of it, to score from.)
+    // That is what the prompts share up to the question (an empty one shows where it starts:
+    // words the questions happen to share are not context), and at least one token of each
+    // prompt stays out of it, to score from.
     let shortest = prompts.iter().map(Vec::len).min().unwrap_or(1);
     let shared = match setting {
-        Setting::Text(_) => prompts
-            .iter()
-            .fold(shortest - 1, |n, p| n.min(common(&prompts[0], p))),
+        Setting::Text(text) => {
+            let empty = Message::new("user", "");
+            let context = model.text.encode(
+                &model
+                    .text
+                    .render(&[Message::new("system", text.clone()), empty], true)?,
+            )?;
+            prompts
+                .iter()
+                .fold((shortest - 1).min(common(&prompts[0], &context)), |n, p| {
+                    n.min(common(&prompts[0], p))
+                })
+        }
         _ => 0,
     };
     let text_prefix = if shared > 0 {

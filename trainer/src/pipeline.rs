@@ -10,7 +10,7 @@ use serde::Serialize;
 use serde_json::json;
 
 use crate::corpus::Corpus;
-use crate::distill::{DistillOptions, Distiller, initial_ids};
+use crate::distill::{DistillOptions, Distiller, initial_ids, steps_for_epochs};
 use crate::error::{Error, Result};
 use crate::model::LoadedModel;
 use crate::synthesis::{
@@ -112,10 +112,12 @@ pub fn train(
 
     let mut options = request.distill.clone();
     if let Some(epochs) = request.epochs {
-        let tokens: usize = conversations.iter().map(|c| c.len()).sum();
-        options.steps = ((epochs * tokens as f64) / (options.rows * options.row_tokens) as f64)
-            .ceil()
-            .max(1.0) as usize;
+        options.steps = steps_for_epochs(
+            &options,
+            model.llama.config.max_positions,
+            &conversations,
+            epochs,
+        )?;
     }
     // What a checkpoint must have been made from to be resumed.
     let run = json!({

@@ -315,10 +315,12 @@ pub fn synthesize(
             .random_range(low.min(high)..=high.max(low))
             .clamp(1, tokens.len());
         let start = rng.random_range(0..=tokens.len() - length);
+        // A cut through a character's byte tokens decodes as U+FFFD at the chunk's edges.
         let chunk = model.text.decode(&tokens[start..start + length])?;
+        let chunk = chunk.trim_matches(char::REPLACEMENT_CHARACTER);
         let system = Message::new(
             "system",
-            system_prompt(options.description.as_deref(), &chunk),
+            system_prompt(options.description.as_deref(), chunk),
         );
         let count = options
             .per_chunk

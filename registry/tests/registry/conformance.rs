@@ -483,6 +483,74 @@ async fn garbage_collection(storage: &Storage) {
         );
     }
     assert!(storage.get_manifest(&kept.digest()).await.is_ok());
+    let kept_blobs: Vec<Digest> = chunks.iter().map(|c| c.descriptor.stored.digest).collect();
+    assert!(
+        storage
+            .missing_blobs(&repo, &kept_blobs)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    // A deleted version's content stops being readable through its repository, while another
+    // repository holding the same bytes keeps them.
+    let (shared, shared_chunks) = encoded(52);
+    let (deleter, keeper) = (self::repo("gc/deleter"), self::repo("gc/keeper"));
+    for repo in [&deleter, &keeper] {
+        upload_all(storage, repo, &shared_chunks).await;
+        storage
+            .publish(repo, &version("v1"), &shared)
+            .await
+            .unwrap();
+    }
+    storage
+        .delete_version(&deleter, &version("v1"))
+        .await
+        .unwrap();
+    let shared_blobs: BTreeSet<Digest> = shared_chunks
+        .iter()
+        .map(|c| c.descriptor.stored.digest)
+        .collect();
+    let shared_blobs: Vec<Digest> = shared_blobs.into_iter().collect();
+    let report = gc::collect(
+        storage,
+        GcOptions {
+            grace: Duration::ZERO,
+            dry_run: false,
+        },
+    )
+    .await
+    .unwrap();
+    assert!(report.links_deleted > shared_blobs.len(), "{report:?}");
+    assert_eq!(
+        storage
+            .missing_blobs(&deleter, &shared_blobs)
+            .await
+            .unwrap(),
+        shared_blobs
+    );
+    assert!(
+        !storage
+            .exists(Key::ManifestLink(&deleter, &shared.digest()))
+            .await
+            .unwrap()
+    );
+    assert!(
+        storage
+            .missing_blobs(&keeper, &shared_blobs)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        storage
+            .exists(Key::ManifestLink(&keeper, &shared.digest()))
+            .await
+            .unwrap()
+    );
+    for digest in &shared_blobs {
+        assert!(storage.blob_meta(digest).await.unwrap().is_some());
+    }
 
     // A collection whose lease lapsed (a long listing, a paused process) stops: while it was
     // lapsed a publish may have gone ahead on content its listing holds as unreferenced.
