@@ -239,11 +239,8 @@ fn main() -> Result<()> {
     let (compose, composed) = http.timed_load(&url, &model, &refs)?;
     let composed_bytes = composed["bytes"].as_u64().context("bytes")?;
     drop(loader);
-    // A fresh loader with room for one cartridge: nothing resident, every blob on disk. The
-    // killed one's buffers go too.
-    for entry in std::fs::read_dir(shm.path())? {
-        std::fs::remove_file(entry?.path())?;
-    }
+    // A fresh loader with room for one cartridge: nothing resident, every blob on disk. It
+    // removes the killed one's buffers when it starts.
     let (_loader, url) = start_loader(
         dir,
         shm.path(),
@@ -298,27 +295,45 @@ fn main() -> Result<()> {
         report["compose_4"]["share_of_memcpy"] = json!(compose_rate / memcpy);
         report["compose_4"]["share_of_fresh_shm_copy"] = json!(compose_rate / fresh);
     }
-    if let Some(python) = &args.python {
-        let client = Path::new("loader/python");
-        ensure!(
-            client.is_dir(),
-            "--python: run from the repository root (loader/python/ holds the client)"
-        );
-        let status = Command::new(python)
-            .arg(client.join("test_client.py"))
-            .env("PYTHONPATH", client)
-            .env("LOADER_URL", &url)
-            .env("CARTRIDGE", &refs[0])
-            .env("CARTRIDGE_FILE", dir.join("c0.safetensors"))
-            .status()?;
-        ensure!(status.success(), "the Python client's check failed");
-    }
+    // The Python client's check runs last and its outcome goes in the report: the figures
+    // above stand whatever it finds.
+    let python_client = match &args.python {
+        Some(python) => {
+            let client = Path::new("loader/python");
+            ensure!(
+                client.is_dir(),
+                "--python: run from the repository root (loader/python/ holds the client)"
+            );
+            let mut path = std::ffi::OsString::from(client);
+            if let Some(existing) = std::env::var_os("PYTHONPATH") {
+                path.push(":");
+                path.push(existing);
+            }
+            let status = Command::new(python)
+                .arg(client.join("test_client.py"))
+                .env("PYTHONPATH", path)
+                .env("LOADER_URL", &url)
+                .env("CARTRIDGE", &refs[0])
+                .env("CARTRIDGE_FILE", dir.join("c0.safetensors"))
+                .status();
+            report["python_client"] = json!(match &status {
+                Ok(status) if status.success() => "passed".to_owned(),
+                Ok(status) => format!("failed ({status})"),
+                Err(error) => format!("did not start: {error}"),
+            });
+            Some(status)
+        }
+        None => None,
+    };
     println!("{}", serde_json::to_string_pretty(&report)?);
     let output = args
         .output
         .unwrap_or_else(|| results_path(if cuda { "loader-cuda" } else { "loader-cpu" }));
     write_results(&output, report)?;
     println!("wrote {}", output.display());
+    if let Some(status) = python_client {
+        ensure!(status?.success(), "the Python client's check failed");
+    }
     Ok(())
 }
 

@@ -4,6 +4,7 @@
 
 use candle_core::{D, DType, Tensor};
 use rand::{Rng, SeedableRng};
+use rayon::prelude::*;
 
 use super::llama::{Context, Llama, Prefix, causal_mask};
 use crate::error::{Error, Result};
@@ -138,7 +139,13 @@ pub fn generate(model: &Llama, request: &GenerationRequest<'_>) -> Result<Vec<Ge
         .collect();
 
     let mut next_position: Vec<usize> = lengths.iter().map(|&len| context + len).collect();
-    let mut rng = rand::rngs::StdRng::seed_from_u64(request.seed);
+    // Each sequence draws from its own generator, so rows are chosen side by side and the
+    // draws do not depend on which other sequences are still running.
+    let mut rngs: Vec<rand::rngs::StdRng> = (0..batch as u64)
+        .map(|b| {
+            rand::rngs::StdRng::seed_from_u64(request.seed ^ b.wrapping_mul(0x9e37_79b9_7f4a_7c15))
+        })
+        .collect();
     let mut results = vec![Generated::default(); batch];
     for _ in 0..request.max_new_tokens {
         let logits = model
@@ -147,27 +154,31 @@ pub fn generate(model: &Llama, request: &GenerationRequest<'_>) -> Result<Vec<Ge
             .to_dtype(DType::F32)?;
         let log_probabilities =
             candle_nn::ops::log_softmax(&logits, D::Minus1)?.to_vec2::<f32>()?;
-        let mut next = Vec::with_capacity(batch);
-        for (row, result) in log_probabilities.iter().zip(&mut results) {
-            if result.stopped {
-                // Finished sequences ride along until the batch ends; what they see is ignored.
-                next.push(0);
-                continue;
-            }
-            let token = choose(row, request.sampling, &mut rng);
-            if let Some((k, mass)) = request.top_logprobs {
-                result.top_logprobs.push(top_tokens(row, k, mass));
-            }
-            result.tokens.push(token);
-            result.stopped = request.stop_ids.contains(&token);
-            if !result.stopped && repeats(&result.tokens, request.stop_on_repeat) {
-                let kept = result.tokens.len() - request.stop_on_repeat;
-                result.tokens.truncate(kept);
-                result.top_logprobs.truncate(kept);
-                result.stopped = true;
-            }
-            next.push(token);
-        }
+        let next: Vec<u32> = log_probabilities
+            .par_iter()
+            .zip(&mut results)
+            .zip(&mut rngs)
+            .map(|((row, result), rng)| {
+                if result.stopped {
+                    // Finished sequences ride along until the batch ends; what they see is
+                    // ignored.
+                    return 0;
+                }
+                let token = choose(row, request.sampling, rng);
+                if let Some((k, mass)) = request.top_logprobs {
+                    result.top_logprobs.push(top_tokens(row, k, mass));
+                }
+                result.tokens.push(token);
+                result.stopped = request.stop_ids.contains(&token);
+                if !result.stopped && repeats(&result.tokens, request.stop_on_repeat) {
+                    let kept = result.tokens.len() - request.stop_on_repeat;
+                    result.tokens.truncate(kept);
+                    result.top_logprobs.truncate(kept);
+                    result.stopped = true;
+                }
+                token
+            })
+            .collect();
         // Done when no sequence would take another token (some may have stopped, others filled).
         if results
             .iter()
@@ -221,17 +232,11 @@ fn choose(log_probabilities: &[f32], sampling: Sampling, rng: &mut impl Rng) -> 
         .enumerate()
         .map(|(i, &lp)| (i as u32, ((lp - peak) * scale).exp()))
         .collect();
-    weights.sort_unstable_by(|a, b| b.1.total_cmp(&a.1));
-    let total: f32 = weights.iter().map(|w| w.1).sum();
-    let mut kept = 0.0;
-    let mut cut = weights.len();
-    for (index, (_, weight)) in weights.iter().enumerate() {
-        kept += weight;
-        if kept / total >= sampling.top_p as f32 {
-            cut = index + 1;
-            break;
-        }
-    }
+    let cut = if sampling.top_p >= 1.0 {
+        weights.len()
+    } else {
+        nucleus(&mut weights, sampling.top_p as f32)
+    };
     let weights = &weights[..cut];
     let mut draw = rng.random::<f32>() * weights.iter().map(|w| w.1).sum::<f32>();
     for &(token, weight) in weights {
@@ -241,6 +246,32 @@ fn choose(log_probabilities: &[f32], sampling: Sampling, rng: &mut impl Rng) -> 
         }
     }
     weights[weights.len() - 1].0
+}
+
+/// Puts the most likely weights first, in order, as many as hold `top_p` of the total, and
+/// returns how many. A vocabulary's worth is never sorted: the nucleus is found among the
+/// largest few (selected in linear time), taking more only while they hold too little.
+fn nucleus(weights: &mut [(u32, f32)], top_p: f32) -> usize {
+    let wanted = top_p * weights.iter().map(|w| w.1).sum::<f32>();
+    let descending = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1);
+    let mut head = 64.min(weights.len());
+    loop {
+        if head < weights.len() {
+            weights.select_nth_unstable_by(head - 1, descending);
+        }
+        weights[..head].sort_unstable_by(descending);
+        let mut kept = 0.0;
+        for (index, (_, weight)) in weights[..head].iter().enumerate() {
+            kept += weight;
+            if kept >= wanted {
+                return index + 1;
+            }
+        }
+        if head == weights.len() {
+            return head;
+        }
+        head = (head * 8).min(weights.len());
+    }
 }
 
 fn argmax(values: &[f32]) -> u32 {
@@ -273,4 +304,40 @@ pub(crate) fn top_tokens(log_probabilities: &[f32], k: usize, mass: f32) -> Vec<
     }
     indexed.truncate(keep);
     indexed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The nucleus is the same set a full sort finds, flat distributions (thousands of tokens
+    /// in it) and peaked ones alike.
+    #[test]
+    fn nucleus_matches_a_full_sort() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        for (sharpness, top_p) in [(0.1f32, 0.95f32), (0.1, 0.5), (8.0, 0.95), (8.0, 0.9999)] {
+            let weights: Vec<(u32, f32)> = (0..49_152)
+                .map(|i| (i, (rng.random::<f32>() * sharpness).exp()))
+                .collect();
+            let mut sorted = weights.clone();
+            sorted.sort_by(|a, b| b.1.total_cmp(&a.1));
+            let wanted = top_p * weights.iter().map(|w| w.1).sum::<f32>();
+            let mut kept = 0.0;
+            let expected = sorted
+                .iter()
+                .position(|w| {
+                    kept += w.1;
+                    kept >= wanted
+                })
+                .map_or(sorted.len(), |i| i + 1);
+            let mut ours = weights.clone();
+            let cut = nucleus(&mut ours, top_p);
+            assert_eq!(cut, expected, "sharpness {sharpness}, top_p {top_p}");
+            let mut ours: Vec<u32> = ours[..cut].iter().map(|w| w.0).collect();
+            let mut theirs: Vec<u32> = sorted[..cut].iter().map(|w| w.0).collect();
+            ours.sort_unstable();
+            theirs.sort_unstable();
+            assert_eq!(ours, theirs);
+        }
+    }
 }

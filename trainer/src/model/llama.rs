@@ -135,11 +135,16 @@ impl Llama {
             .map_err(|e| Error::Model(format!("{}: {e}", path.display())))?;
         let config = Config::from_gguf(&content)?;
         config.check()?;
+        // Dequantized on the CPU and then moved: on CUDA this one-off step would load candle's
+        // quantized-kernel module, a large PTX the driver compiles in every process.
         let mut tensor = |name: &str| -> Result<Tensor> {
             let quantized = content
-                .tensor(&mut file, name, device)
+                .tensor(&mut file, name, &Device::Cpu)
                 .map_err(|e| Error::Model(format!("{}: {name}: {e}", path.display())))?;
-            Ok(quantized.dequantize(device)?.to_dtype(dtype)?)
+            Ok(quantized
+                .dequantize(&Device::Cpu)?
+                .to_dtype(dtype)?
+                .to_device(device)?)
         };
         let mut layers = Vec::with_capacity(config.layers);
         for i in 0..config.layers {
