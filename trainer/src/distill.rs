@@ -243,6 +243,35 @@ fn shuffled(count: usize, seed: u64, epoch: u64) -> Vec<usize> {
     order
 }
 
+/// The additive attention mask `[B, 1, 1, L, P + L]` of packed rows: every column sees the
+/// cartridge's `p` keys and the keys of its `spans` entry, `[from, to]` (empty when `from > to`).
+/// Made on the device from the spans: uploading it whole would move B·L·(P + L) floats a step,
+/// 134 MB at the benchmark's size.
+fn packed_mask(
+    spans: &[(u32, u32)],
+    (batch, length): (usize, usize),
+    p: usize,
+    dtype: DType,
+    device: &Device,
+) -> Result<Tensor> {
+    let keys =
+        Tensor::arange(0u32, (p + length) as u32, device)?.reshape((1, 1, 1, 1, p + length))?;
+    let (from, to): (Vec<u32>, Vec<u32>) = spans.iter().copied().unzip();
+    let from = Tensor::from_vec(from, (batch, 1, 1, length, 1), device)?;
+    let to = Tensor::from_vec(to, (batch, 1, 1, length, 1), device)?;
+    // 0 or 1 each: the cartridge's keys and a span's never overlap.
+    let visible = (keys.broadcast_ge(&from)? * keys.broadcast_le(&to)?)?
+        .broadcast_add(&keys.lt(p as u32)?)?;
+    let shape = visible.shape().clone();
+    let seen = Tensor::new(0f32, device)?
+        .to_dtype(dtype)?
+        .broadcast_as(&shape)?;
+    let hidden = Tensor::new(f32::NEG_INFINITY, device)?
+        .to_dtype(dtype)?
+        .broadcast_as(&shape)?;
+    Ok(visible.where_cond(&seen, &hidden)?)
+}
+
 /// The tokens a cartridge of `tokens` starts from: a system turn holding the corpus's first
 /// tokens, as many as fit with the template around them (the reference's best initialization;
 /// the student reads its conversations as following a system turn). Cheap: a run checks it
@@ -381,7 +410,9 @@ impl<'a> Distiller<'a> {
         let batch = rows.len();
         let mut ids = vec![0u32; batch * length];
         let mut positions = vec![p as u32; batch * length];
-        let mut mask = vec![f32::NEG_INFINITY; batch * length * (p + length)];
+        // Each column's own span of keys; padding's is empty (it sees the cartridge only, so
+        // its softmax stays finite).
+        let mut spans = vec![((p + length) as u32, 0u32); batch * length];
         let (mut flat_rows, mut teacher_ids, mut teacher_probabilities) =
             (Vec::new(), Vec::new(), Vec::new());
         let mut teacher_negentropy = 0f64;
@@ -407,10 +438,7 @@ impl<'a> Distiller<'a> {
                     let column = start + offset;
                     ids[b * length + column] = token;
                     positions[b * length + column] = (p + offset) as u32;
-                    let mask_row = &mut mask[(b * length + column) * (p + length)
-                        ..(b * length + column + 1) * (p + length)];
-                    mask_row[..p].fill(0.0);
-                    mask_row[p + start..=p + column].fill(0.0);
+                    spans[b * length + column] = ((p + start) as u32, (p + column) as u32);
                 }
                 // The output at column c predicts the token at c + 1.
                 let answer_start = start + conversation.prompt_ids.len();
@@ -437,20 +465,13 @@ impl<'a> Distiller<'a> {
                 start += sequence.len();
             }
             tokens += start;
-            // Padding rows see the cartridge only, so their softmax stays finite.
-            for column in start..length {
-                mask[(b * length + column) * (p + length)
-                    ..(b * length + column) * (p + length) + p]
-                    .fill(0.0);
-            }
         }
         let targets = flat_rows.len();
         let dtype = self.model.dtype();
         Ok(Batch {
             ids: Tensor::from_vec(ids, (batch, length), device)?,
             positions: Tensor::from_vec(positions, (batch, length), device)?,
-            mask: Tensor::from_vec(mask, (batch, 1, 1, length, p + length), device)?
-                .to_dtype(dtype)?,
+            mask: packed_mask(&spans, (batch, length), p, dtype, device)?,
             rows: Tensor::from_vec(flat_rows, targets, device)?,
             teacher_ids: Tensor::from_vec(teacher_ids, (targets, k), device)?,
             teacher_probabilities: Tensor::from_vec(teacher_probabilities, (targets, k), device)?,
@@ -671,5 +692,35 @@ mod tests {
         );
         // None fits after the cartridge in the model's positions.
         assert!(usable(&options, 9, &conversations).is_err());
+    }
+
+    #[test]
+    fn packed_rows_see_the_cartridge_and_their_own_conversation_only() {
+        // A cartridge of 2; a row of 5 holding conversations at columns 0..2 and 2..4, then
+        // padding.
+        let p = 2;
+        let spans = [(2, 2), (2, 3), (4, 4), (4, 5), (7, 0)];
+        let mask = packed_mask(&spans, (1, 5), p, DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(mask.dims(), [1, 1, 1, 5, 7]);
+        let seen: Vec<String> = mask
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .chunks(7)
+            .map(|row| {
+                row.iter()
+                    .map(|&v| match v {
+                        0.0 => 'x',
+                        f32::NEG_INFINITY => '.',
+                        other => panic!("{other} in an additive mask"),
+                    })
+                    .collect()
+            })
+            .collect();
+        assert_eq!(
+            seen,
+            ["xxx....", "xxxx...", "xx..x..", "xx..xx.", "xx....."]
+        );
     }
 }
