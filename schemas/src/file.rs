@@ -107,6 +107,11 @@ pub enum FormatError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("cannot write {}: {source}", path.display())]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("truncated: {detail}")]
     Truncated { detail: String },
     #[error("not a valid safetensors file: {detail}")]
@@ -521,16 +526,44 @@ pub fn write(
         detail: e.to_string(),
     })?;
     let metadata = std::collections::HashMap::from([(METADATA_KEY.to_owned(), json)]);
+    let written = |source| FormatError::Write {
+        path: path.to_owned(),
+        source,
+    };
+    let mode = new_file_permissions(path).map_err(written)?;
+    // safetensors writes a private (0600) temporary and renames it into place: the cartridge
+    // then gets the mode any new file gets here (a loader or another user may read it), and
+    // is synced before it counts as written.
     safetensors::serialize_to_file(tensors, Some(metadata), path).map_err(|error| match error {
-        safetensors::SafeTensorError::IoError(source) => FormatError::Io {
-            path: path.to_owned(),
-            source,
-        },
+        safetensors::SafeTensorError::IoError(source) => written(source),
         other => FormatError::Safetensors {
             detail: other.to_string(),
         },
     })?;
+    let file = std::fs::File::open(path).map_err(written)?;
+    file.set_permissions(mode).map_err(written)?;
+    file.sync_all().map_err(written)?;
     Ok(header)
+}
+
+/// The permissions a file created beside `path` gets (0666 less the umask), read off a probe:
+/// asking for the umask would change it, for every thread.
+fn new_file_permissions(path: &Path) -> std::io::Result<std::fs::Permissions> {
+    let dir = match path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent,
+        _ => Path::new("."),
+    };
+    let mut probe = tempfile::Builder::new();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        probe.permissions(std::fs::Permissions::from_mode(0o666));
+    }
+    probe
+        .tempfile_in(dir)?
+        .as_file()
+        .metadata()
+        .map(|m| m.permissions())
 }
 
 fn build_header(new: NewCartridge, layers: &[LayerData<'_>]) -> Result<Header, FormatError> {
@@ -618,6 +651,33 @@ pub(crate) mod tests {
         let path = dir.join("sample.safetensors");
         let header = write(&path, new, &layer_data(&tensors)).unwrap();
         (path, header, tensors)
+    }
+
+    /// A written cartridge has the mode any new file gets there (the writer's temporary was
+    /// private), also when it replaces one, and writing where a folder is says so.
+    #[cfg(unix)]
+    #[test]
+    fn a_cartridge_is_written_with_the_mode_of_a_new_file() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let plain = dir.path().join("plain");
+        std::fs::File::create(&plain).unwrap();
+        let mode = |path: &Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+        let (path, _, _) = write_sample(dir.path());
+        assert_eq!(mode(&path), mode(&plain));
+        assert_ne!(
+            mode(&path),
+            0o600,
+            "the umask here is 0077: the test shows nothing"
+        );
+        let (path, _, _) = write_sample(dir.path());
+        assert_eq!(mode(&path), mode(&plain));
+
+        let folder = dir.path().join("folder.safetensors");
+        std::fs::create_dir(&folder).unwrap();
+        let (new, tensors) = sample(5);
+        let error = write(&folder, new, &layer_data(&tensors)).unwrap_err();
+        assert!(error.to_string().starts_with("cannot write"), "{error}");
     }
 
     #[test]

@@ -133,14 +133,19 @@ pub fn run(args: EvalArgs) -> Result<()> {
         "{:<44} {:>10} {:>8} {:>10} {:>10}",
         "mode", "log-lik", "gain", "KV tokens", "KV bytes"
     );
+    let number = |value: Option<f64>| value.map_or("-".to_owned(), |v| format!("{v:.4}"));
     for report in &reports {
         println!(
-            "{:<44} {:>10.4} {:>8.4} {:>10} {:>10}",
+            "{:<44} {:>10} {:>8} {:>10} {:>10}{}",
             report.mode,
-            report.log_likelihood,
-            report.gain,
+            number(report.log_likelihood),
+            number(report.gain),
             report.context_tokens,
-            human_bytes(report.kv_bytes)
+            human_bytes(report.kv_bytes),
+            report
+                .skipped
+                .as_ref()
+                .map_or(String::new(), |why| format!("  (not scored: {why})"))
         );
     }
     for report in &reports {

@@ -23,8 +23,10 @@ pub struct InspectArgs {
 }
 
 pub fn run(args: InspectArgs) -> Result<()> {
+    // A folder (or anything but a file) that happens to share a reference's name is no
+    // cartridge: the reference is meant.
     let path = Path::new(&args.target);
-    if path.exists() {
+    if path.is_file() {
         return inspect_file(path, args.json);
     }
     let reference: Reference = match args.target.parse() {

@@ -1,5 +1,5 @@
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -186,6 +186,39 @@ impl TrainProgress for Bars {
 }
 
 pub fn run(args: TrainArgs) -> Result<()> {
+    let work_dir = args
+        .work_dir
+        .clone()
+        .unwrap_or_else(|| args.output.with_extension("work"));
+    // Written inside a corpus folder, the cartridge and the work would be read as corpus by
+    // the next run (a resume would find another corpus).
+    for (what, path) in [("output", &args.output), ("work directory", &work_dir)] {
+        let Some(folder) = path
+            .parent()
+            .map(|p| {
+                if p.as_os_str().is_empty() {
+                    Path::new(".")
+                } else {
+                    p
+                }
+            })
+            .and_then(|p| p.canonicalize().ok())
+        else {
+            continue;
+        };
+        for corpus in &args.corpus {
+            if let Ok(corpus) = corpus.canonicalize()
+                && corpus.is_dir()
+                && folder.starts_with(&corpus)
+            {
+                bail!(
+                    "the {what} {} lies inside the corpus folder {}: the next run would read it as corpus",
+                    path.display(),
+                    corpus.display()
+                );
+            }
+        }
+    }
     let paths = Paths::from_env()?;
     let source = ModelSource::resolve(&args.model, &paths.models())?;
     let (device, dtype) = args.device.open()?;
@@ -193,10 +226,6 @@ pub fn run(args: TrainArgs) -> Result<()> {
         .load(&device, dtype)
         .with_context(|| format!("loading {}", args.model))?;
     let corpus = Corpus::read(&args.corpus)?;
-    let work_dir = args
-        .work_dir
-        .clone()
-        .unwrap_or_else(|| args.output.with_extension("work"));
     let request = TrainRequest {
         objective: match args.objective {
             ObjectiveArg::SelfStudy => Objective::SelfStudy,

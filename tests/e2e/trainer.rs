@@ -206,6 +206,10 @@ fn bad_arguments_are_refused_before_any_synthesis() {
         cartridge(dir.path(), &args).fails()
     };
 
+    let checkpoint = dir.path().join("varn.work/checkpoint.safetensors");
+    std::fs::create_dir(dir.path().join("varn.work")).unwrap();
+    std::fs::write(&checkpoint, b"an earlier run's").unwrap();
+
     // Each of these would otherwise fail only after synthesis, which takes hours at full size.
     let err = train("2", &[]);
     assert!(err.contains("cannot hold a system turn"), "{err}");
@@ -217,16 +221,40 @@ fn bad_arguments_are_refused_before_any_synthesis() {
         "{err}"
     );
     // SmolLM2 reads 8192 positions.
-    let err = train("32", &["--answer-tokens", "8190"]);
+    let err = train("32", &["--answer-tokens", "8100", "--row-tokens", "8192"]);
     assert!(
         err.contains("positions; the model has 8192 (lower"),
         "{err}"
     );
+    // Rows that cannot hold a conversation, or could not be allocated.
+    let err = train("32", &["--row-tokens", "40"]);
+    assert!(err.contains("raise --row-tokens"), "{err}");
+    let err = train("32", &["--row-tokens", "100000"]);
+    assert!(
+        err.contains("expected 1 to the model's 8192 positions"),
+        "{err}"
+    );
+    let err = train("32", &["--rows", "1000000000000"]);
+    assert!(err.contains("expected 1 to 1024"), "{err}");
+    // Outputs that could not be written, found before the work rather than after it.
+    std::fs::create_dir(dir.path().join("folder")).unwrap();
+    let err = train("32", &["-o", "folder"]);
+    assert!(err.contains("the output folder is a directory"), "{err}");
+    let err = train("32", &["-o", "missing/varn.safetensors"]);
+    assert!(err.contains("missing does not exist"), "{err}");
+    std::fs::write(dir.path().join("folder/corpus.txt"), CORPUS).unwrap();
+    let err = train(
+        "32",
+        &["--corpus", "folder", "-o", "folder/varn.safetensors"],
+    );
+    assert!(err.contains("lies inside the corpus folder"), "{err}");
     assert!(!dir.path().join("varn.work/conversations.jsonl").exists());
     for (flag, value) in [("--lr", "0"), ("--lr", "NaN"), ("--rows", "0")] {
         let err = train("32", &[flag, value]);
         assert!(err.contains(flag), "{flag} {value}: {err}");
     }
+    // None of the refused runs touched an earlier run's checkpoint.
+    assert_eq!(std::fs::read(&checkpoint).unwrap(), b"an earlier run's");
 
     let eval = |qa: &str, tokens: &str| {
         std::fs::write(dir.path().join("qa.jsonl"), qa).unwrap();

@@ -27,18 +27,27 @@ impl Corpus {
     pub fn read(paths: &[PathBuf]) -> Result<Self> {
         let mut files = Vec::new();
         for path in paths {
-            collect(path, &mut files)?;
+            // Named from the argument's last component down, so `docs`, `./docs` and
+            // `/home/me/docs` make the same corpus (and no home folder reaches a provenance).
+            let last = |path: &Path| path.file_name().map(|n| n.to_string_lossy().into_owned());
+            let name = last(path)
+                .or_else(|| last(&std::fs::canonicalize(path).ok()?))
+                .unwrap_or_else(|| "corpus".to_owned());
+            collect(path, name, &mut files)?;
         }
         if files.is_empty() {
             return Err(Error::Data("the corpus is empty: no files given".into()));
         }
         let mut documents = Vec::with_capacity(files.len());
         let mut hasher = blake3::Hasher::new();
-        for file in files {
+        for (file, name) in files {
             let bytes = std::fs::read(&file).map_err(|e| Error::io(&file, e))?;
-            let text = String::from_utf8(bytes)
+            let mut text = String::from_utf8(bytes)
                 .map_err(|e| Error::Data(format!("{}: not UTF-8 text ({e})", file.display())))?;
-            let name = file.display().to_string();
+            // A byte-order mark is no text.
+            if text.starts_with('\u{feff}') {
+                text.drain(..'\u{feff}'.len_utf8());
+            }
             hasher
                 .update(&(name.len() as u64).to_le_bytes())
                 .update(name.as_bytes());
@@ -69,10 +78,11 @@ impl Corpus {
     }
 }
 
-fn collect(path: &Path, files: &mut Vec<PathBuf>) -> Result<()> {
+/// The files under `path`, each with its name in the corpus (`name` for `path` itself).
+fn collect(path: &Path, name: String, files: &mut Vec<(PathBuf, String)>) -> Result<()> {
     let metadata = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
     if metadata.is_file() {
-        files.push(path.to_owned());
+        files.push((path.to_owned(), name));
         return Ok(());
     }
     let mut entries: Vec<PathBuf> = std::fs::read_dir(path)
@@ -82,14 +92,14 @@ fn collect(path: &Path, files: &mut Vec<PathBuf>) -> Result<()> {
         .collect();
     entries.sort();
     for entry in entries {
+        let Some(file_name) = entry.file_name().map(|n| n.to_string_lossy().into_owned()) else {
+            continue;
+        };
         // Hidden files and directories (.git, editor state) are not corpus.
-        if entry
-            .file_name()
-            .is_some_and(|n| n.to_string_lossy().starts_with('.'))
-        {
+        if file_name.starts_with('.') {
             continue;
         }
-        collect(&entry, files)?;
+        collect(&entry, format!("{name}/{file_name}"), files)?;
     }
     Ok(())
 }

@@ -54,6 +54,19 @@ impl DistillOptions {
     /// Whether these options can train a cartridge of `p` tokens: its first `frozen` stay as
     /// initialized and the rest train, and conversations read at positions after it.
     pub fn check(&self, p: usize, max_positions: usize) -> Result<()> {
+        // A step's attention reads rows × row_tokens × (p + row_tokens) scores per head.
+        if self.row_tokens == 0 || self.row_tokens > max_positions {
+            return Err(Error::Data(format!(
+                "rows of {} tokens: expected 1 to the model's {max_positions} positions",
+                self.row_tokens
+            )));
+        }
+        if self.rows == 0 || self.rows > MAX_ROWS {
+            return Err(Error::Data(format!(
+                "{} rows a step: expected 1 to {MAX_ROWS}",
+                self.rows
+            )));
+        }
         if self.frozen >= p {
             return Err(Error::Data(format!(
                 "{} frozen tokens leave nothing of the cartridge's {p} to train",
@@ -68,6 +81,9 @@ impl DistillOptions {
         Ok(())
     }
 }
+
+/// The most rows a step packs.
+pub const MAX_ROWS: usize = 1024;
 
 /// Adam with its moments in tensors, so a checkpoint can hold them (candle-nn's optimizer keeps
 /// its state private, and restarting the moments at every resume would jolt training).

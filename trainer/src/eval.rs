@@ -25,11 +25,14 @@ pub fn read_qa(path: &Path) -> Result<Vec<QaPair>> {
     let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     let mut pairs = Vec::new();
     for (number, line) in std::io::BufReader::new(file).lines().enumerate() {
-        let line = line.map_err(|e| Error::io(path, e))?;
+        let line =
+            line.map_err(|e| Error::Data(format!("{}:{}: {e}", path.display(), number + 1)))?;
+        // A byte-order mark is no JSON.
+        let line = line.strip_prefix('\u{feff}').unwrap_or(&line);
         if line.trim().is_empty() {
             continue;
         }
-        let pair: QaPair = serde_json::from_str(&line).map_err(|e| {
+        let pair: QaPair = serde_json::from_str(line).map_err(|e| {
             Error::Data(format!(
                 "{}:{}: expected {{\"question\": …, \"answer\": …}}: {e}",
                 path.display(),
@@ -76,10 +79,14 @@ pub struct Sample {
 #[derive(Debug, Clone, Serialize)]
 pub struct ModeReport {
     pub mode: String,
-    /// Mean log-probability per answer token.
-    pub log_likelihood: f64,
+    /// Mean log-probability per answer token; none for a mode that does not fit the model.
+    pub log_likelihood: Option<f64>,
     /// Improvement over no context (filled in by [`evaluate`]).
-    pub gain: f64,
+    pub gain: Option<f64>,
+    /// Why the mode was not scored: its context, question and answer exceed the model's
+    /// positions (a corpus too long for the context is what a cartridge is for).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub skipped: Option<String>,
     /// Tokens of context the mode keeps in the KV cache.
     pub context_tokens: usize,
     /// Bytes of that KV cache in bf16.
@@ -109,9 +116,9 @@ pub fn evaluate(
     let bare = reports
         .iter()
         .find(|r| r.context_tokens == 0)
-        .map(|r| r.log_likelihood);
+        .and_then(|r| r.log_likelihood);
     for report in &mut reports {
-        report.gain = bare.map_or(0.0, |b| report.log_likelihood - b);
+        report.gain = report.log_likelihood.zip(bare).map(|(l, b)| l - b);
     }
     Ok(reports)
 }
@@ -159,6 +166,43 @@ fn evaluate_one(
         }
         _ => 0,
     };
+    let context_tokens = match setting {
+        Setting::Cartridge(prefix) => prefix.tokens(),
+        _ => shared,
+    };
+    let config = &model.llama.config;
+    let kv_bytes =
+        (context_tokens * config.layers * 2 * config.kv_heads * config.head_dim * 2) as u64;
+
+    // The longest reading: the context, a question and its answer (or a generated one).
+    let answers: Vec<Vec<u32>> = qa
+        .iter()
+        .map(|pair| model.text.encode(&pair.answer))
+        .collect::<Result<_>>()?;
+    let longest = prompts
+        .iter()
+        .zip(&answers)
+        .enumerate()
+        .map(|(i, (prompt, answer))| {
+            let generated = if i < samples { max_answer_tokens } else { 0 };
+            (context_tokens + prompt.len() - shared).saturating_add(answer.len().max(generated))
+        })
+        .max()
+        .unwrap_or(0);
+    if longest > config.max_positions {
+        return Ok(ModeReport {
+            mode: name.to_owned(),
+            log_likelihood: None,
+            gain: None,
+            skipped: Some(format!(
+                "needs {longest} positions, the model has {}",
+                config.max_positions
+            )),
+            context_tokens,
+            kv_bytes,
+            samples: Vec::new(),
+        });
+    }
     let text_prefix = if shared > 0 {
         Some(model.llama.prefix_of(&prompts[0][..shared])?)
     } else {
@@ -168,12 +212,10 @@ fn evaluate_one(
         Setting::Cartridge(prefix) => Some(prefix),
         _ => text_prefix.as_ref(),
     };
-    let context_tokens = prefix.map_or(0, Prefix::tokens);
 
     let mut total = 0.0;
     let mut count = 0usize;
-    for (pair, prompt) in qa.iter().zip(&prompts) {
-        let answer = model.text.encode(&pair.answer)?;
+    for ((pair, prompt), answer) in qa.iter().zip(&prompts).zip(&answers) {
         if answer.is_empty() {
             return Err(Error::Data(format!(
                 "the answer to {:?} is empty",
@@ -181,7 +223,7 @@ fn evaluate_one(
             )));
         }
         let question = &prompt[shared..];
-        total += score(model, prefix, question, &answer)?;
+        total += score(model, prefix, question, answer)?;
         count += answer.len();
     }
 
@@ -211,14 +253,13 @@ fn evaluate_one(
             generated: model.text.decode(&tokens)?.trim().to_owned(),
         });
     }
-    let config = &model.llama.config;
     Ok(ModeReport {
         mode: name.to_owned(),
-        log_likelihood: total / count as f64,
-        gain: 0.0,
+        log_likelihood: Some(total / count as f64),
+        gain: None,
+        skipped: None,
         context_tokens,
-        kv_bytes: (context_tokens * config.layers * 2 * config.kv_heads * config.head_dim * 2)
-            as u64,
+        kv_bytes,
         samples: generated,
     })
 }

@@ -12,7 +12,7 @@ use serde_json::json;
 use crate::corpus::Corpus;
 use crate::distill::{DistillOptions, Distiller, initial_ids, steps_for_epochs};
 use crate::error::{Error, Result};
-use crate::model::LoadedModel;
+use crate::model::{LoadedModel, Message};
 use crate::synthesis::{
     SynthesisOptions, conversations_path, next_token_conversations, synthesize,
 };
@@ -70,6 +70,56 @@ pub struct TrainReport {
 /// How many steps the reported first and final losses average.
 pub const LOSS_STEPS: usize = 10;
 
+/// The output can be written where it is asked for, and is not the work directory.
+fn check_paths(request: &TrainRequest) -> Result<()> {
+    let output = &request.output;
+    if output.is_dir() {
+        return Err(Error::Data(format!(
+            "the output {} is a directory",
+            output.display()
+        )));
+    }
+    if let Some(parent) = output.parent().filter(|p| !p.as_os_str().is_empty())
+        && !parent.is_dir()
+    {
+        return Err(Error::Data(format!(
+            "the output's folder {} does not exist",
+            parent.display()
+        )));
+    }
+    if output == &request.work_dir {
+        return Err(Error::Data(format!(
+            "the output {} is the work directory; name another",
+            output.display()
+        )));
+    }
+    Ok(())
+}
+
+/// A row, after the cartridge, holds the longest conversation synthesis may write (a shorter
+/// one would leave the long answers out of training, or all of them after hours of synthesis).
+fn check_rows_hold_a_conversation(model: &LoadedModel, request: &TrainRequest) -> Result<()> {
+    let template = model
+        .text
+        .encode(
+            &model
+                .text
+                .render_after_system(&[Message::new("user", "")], true)?,
+        )?
+        .len();
+    let synthesis = &request.synthesis;
+    let longest = template + synthesis.user_max_tokens + synthesis.answer_max_tokens;
+    let (p, positions) = (request.distill.tokens, model.llama.config.max_positions);
+    let room = request.distill.row_tokens.min(positions.saturating_sub(p));
+    if longest > room {
+        return Err(Error::Data(format!(
+            "a conversation takes up to {longest} tokens ({template} of chat template, messages of {} and answers of {}), more than a row of {} after a cartridge of {p} holds ({room}; the model has {positions} positions): raise --row-tokens or lower --user-tokens or --answer-tokens",
+            synthesis.user_max_tokens, synthesis.answer_max_tokens, request.distill.row_tokens
+        )));
+    }
+    Ok(())
+}
+
 pub fn train(
     model: &LoadedModel,
     corpus: &Corpus,
@@ -78,23 +128,18 @@ pub fn train(
 ) -> Result<TrainReport> {
     let started = Instant::now();
     let checkpoint = request.work_dir.join("checkpoint.safetensors");
-    // A fresh run's checkpoints are its own: a later --resume must not find an older run's.
-    if !request.resume && checkpoint.exists() {
-        std::fs::remove_file(&checkpoint).map_err(|e| Error::io(&checkpoint, e))?;
+    // What would fail later fails here, before hours of synthesis and before anything stored is
+    // touched. A fresh run leaves an older checkpoint alone: its own first one replaces it.
+    check_paths(request)?;
+    let max_positions = model.llama.config.max_positions;
+    request
+        .distill
+        .check(request.distill.tokens, max_positions)?;
+    if request.objective == Objective::SelfStudy {
+        check_rows_hold_a_conversation(model, request)?;
     }
-    // What would refuse the initialization refuses it before hours of synthesis.
-    let init = if checkpoint.exists() {
-        None
-    } else {
-        request
-            .distill
-            .check(request.distill.tokens, model.llama.config.max_positions)?;
-        Some(initial_ids(
-            &model.text,
-            &corpus.text(),
-            request.distill.tokens,
-        )?)
-    };
+    let init = initial_ids(&model.text, &corpus.text(), request.distill.tokens)?;
+    let init = (!(request.resume && checkpoint.exists())).then_some(init);
     let conversations = match request.objective {
         Objective::SelfStudy => synthesize(
             model,

@@ -305,7 +305,9 @@ pub fn synthesize(
     // Each batch draws from its own seed, so a resumed run continues the same sequence.
     let mut batch_index = conversations.iter().map(|c| c.batch + 1).max().unwrap_or(0);
     progress(conversations.len(), options.conversations);
+    let mut barren = 0;
     while conversations.len() < options.conversations {
+        let before = conversations.len();
         let mut rng = rand::rngs::StdRng::seed_from_u64(
             options.seed ^ batch_index.wrapping_mul(0x9e37_79b9_7f4a_7c15),
         );
@@ -358,6 +360,10 @@ pub fn synthesize(
 
         let kept: Vec<usize> = (0..count).filter(|&i| !users[i].is_empty()).collect();
         if kept.is_empty() {
+            barren += 1;
+            if barren == BARREN_BATCHES {
+                return Err(barren_error());
+            }
             continue;
         }
         let answerer: Vec<Vec<Message>> = kept
@@ -402,9 +408,27 @@ pub fn synthesize(
             }
         }
         file.flush().map_err(|e| Error::io(path, e))?;
+        barren = if conversations.len() > before {
+            0
+        } else {
+            barren + 1
+        };
+        if barren == BARREN_BATCHES {
+            return Err(barren_error());
+        }
         progress(conversations.len(), options.conversations);
     }
     Ok(conversations)
+}
+
+/// Batches in a row that may give no conversation before synthesis stops: a model that
+/// writes only empty messages or answers would otherwise loop for good.
+const BARREN_BATCHES: usize = 16;
+
+fn barren_error() -> Error {
+    Error::Data(format!(
+        "{BARREN_BATCHES} generation batches in a row gave no conversation (every message or answer was empty): does the model follow its chat template?"
+    ))
 }
 
 /// The baseline objective: plain next-token prediction on the corpus. Consecutive pieces of

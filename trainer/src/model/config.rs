@@ -1,10 +1,45 @@
 //! Model configuration: read from a GGUF file's metadata or a Hugging Face `config.json`, and
 //! turned into one runtime [`Config`].
 
+use std::fs::File;
+use std::path::Path;
+
 use candle_core::quantized::gguf_file;
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
+
+/// Opens a GGUF file: its metadata, its configuration (checked), and every tensor found within
+/// the file (a truncated download fails here, not halfway through loading).
+pub(crate) fn read_gguf(path: &Path) -> Result<(File, gguf_file::Content, Config)> {
+    let mut file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let content = gguf_file::Content::read(&mut file)
+        .map_err(|e| Error::Model(format!("{}: {e}", path.display())))?;
+    let config = Config::from_gguf(&content)?;
+    config.check()?;
+    let length = file.metadata().map_err(|e| Error::io(path, e))?.len();
+    for (name, info) in &content.tensor_infos {
+        let (count, block) = (info.shape.elem_count(), info.ggml_dtype.block_size());
+        let end = (count.is_multiple_of(block))
+            .then(|| (count / block).checked_mul(info.ggml_dtype.type_size()))
+            .flatten()
+            .and_then(|bytes| {
+                content
+                    .tensor_data_offset
+                    .checked_add(info.offset)?
+                    .checked_add(bytes as u64)
+            });
+        if end.is_none_or(|end| end > length) {
+            return Err(Error::Model(format!(
+                "{}: tensor {name} ({:?}, {:?}) lies past the file's {length} bytes (truncated?)",
+                path.display(),
+                info.shape,
+                info.ggml_dtype
+            )));
+        }
+    }
+    Ok((file, content, config))
+}
 
 /// Dimensions and settings of a Llama-family model.
 #[derive(Debug, Clone, PartialEq)]
@@ -48,6 +83,10 @@ impl Config {
             };
             Ok(number as usize)
         };
+        // Absent, the default; present but not a count, an error (never the default).
+        let optional = |key: &str| -> Result<Option<usize>> {
+            content.metadata.get(key).map(|_| integer(key)).transpose()
+        };
         let float = |key: &str, default: f64| -> Result<f64> {
             match content.metadata.get(key) {
                 None => Ok(default),
@@ -88,11 +127,11 @@ impl Config {
             intermediate: integer("llama.feed_forward_length")?,
             layers: integer("llama.block_count")?,
             heads,
-            kv_heads: integer("llama.attention.head_count_kv").unwrap_or(heads),
-            head_dim: integer("llama.attention.key_length").unwrap_or(hidden / heads.max(1)),
+            kv_heads: optional("llama.attention.head_count_kv")?.unwrap_or(heads),
+            head_dim: optional("llama.attention.key_length")?.unwrap_or(hidden / heads.max(1)),
             rope_theta: float("llama.rope.freq_base", 10_000.0)?,
             rms_eps: float("llama.attention.layer_norm_rms_epsilon", 1e-5)?,
-            max_positions: integer("llama.context_length").unwrap_or(4096),
+            max_positions: optional("llama.context_length")?.unwrap_or(4096),
             tie_embeddings: !content.tensor_infos.contains_key("output.weight"),
         })
     }
@@ -138,18 +177,89 @@ impl Config {
         })
     }
 
+    /// Odd metadata is an error naming the field, never an allocation of terabytes or a model
+    /// that computes NaN. Layers, heads and head size are bounded as the cartridge format bounds
+    /// them.
     pub fn check(&self) -> Result<()> {
-        let ok = self.heads > 0
-            && self.kv_heads > 0
-            && self.heads.is_multiple_of(self.kv_heads)
-            && self.head_dim.is_multiple_of(2)
-            && self.layers > 0
-            && self.vocab > 0;
-        if !ok {
-            return Err(Error::Model(format!(
-                "inconsistent model configuration {self:?}"
-            )));
+        let bad = |what: String| Err(Error::Model(format!("model configuration: {what}")));
+        for (name, value, most) in [
+            ("layers", self.layers, 4096),
+            ("heads", self.heads, 4096),
+            ("kv_heads", self.kv_heads, 4096),
+            ("head_dim", self.head_dim, 4096),
+            ("hidden", self.hidden, 1 << 20),
+            ("intermediate", self.intermediate, 1 << 22),
+            ("vocab", self.vocab, 1 << 24),
+            ("max_positions", self.max_positions, 1 << 21),
+        ] {
+            if value == 0 || value > most {
+                return bad(format!("{name} is {value}, expected 1 to {most}"));
+            }
+        }
+        if !self.heads.is_multiple_of(self.kv_heads) {
+            return bad(format!(
+                "heads ({}) is not a multiple of kv_heads ({})",
+                self.heads, self.kv_heads
+            ));
+        }
+        if !self.head_dim.is_multiple_of(2) {
+            return bad(format!(
+                "head_dim {} is odd (rotary embeddings turn pairs)",
+                self.head_dim
+            ));
+        }
+        for (name, value) in [("rope_theta", self.rope_theta), ("rms_eps", self.rms_eps)] {
+            if !(value.is_finite() && value > 0.0) {
+                return bad(format!("{name} is {value}, expected a positive number"));
+            }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn smollm2() -> Config {
+        Config {
+            vocab: 49152,
+            hidden: 576,
+            intermediate: 1536,
+            layers: 30,
+            heads: 9,
+            kv_heads: 3,
+            head_dim: 64,
+            rope_theta: 100_000.0,
+            rms_eps: 1e-5,
+            max_positions: 8192,
+            tie_embeddings: true,
+        }
+    }
+
+    /// Each odd value is refused by name: none may reach an allocation or a NaN model.
+    #[test]
+    fn odd_configurations_are_refused_naming_the_field() {
+        smollm2().check().unwrap();
+        type Change = fn(&mut Config);
+        let cases: [(&str, Change); 9] = [
+            ("layers is 1099511627776", |c| c.layers = 1 << 40),
+            ("head_dim is 0", |c| c.head_dim = 0),
+            ("max_positions is 1000000000", |c| {
+                c.max_positions = 1_000_000_000
+            }),
+            ("hidden is 0", |c| c.hidden = 0),
+            ("not a multiple of kv_heads", |c| c.kv_heads = 2),
+            ("head_dim 63 is odd", |c| c.head_dim = 63),
+            ("rms_eps is NaN", |c| c.rms_eps = f64::NAN),
+            ("rope_theta is -1", |c| c.rope_theta = -1.0),
+            ("rope_theta is inf", |c| c.rope_theta = f64::INFINITY),
+        ];
+        for (expected, change) in cases {
+            let mut config = smollm2();
+            change(&mut config);
+            let error = config.check().unwrap_err().to_string();
+            assert!(error.contains(expected), "{expected}: {error}");
+        }
     }
 }

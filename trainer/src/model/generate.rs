@@ -68,7 +68,10 @@ pub fn generate(model: &Llama, request: &GenerationRequest<'_>) -> Result<Vec<Ge
     let dtype = model.dtype();
     let prefix_len = request.prefix.map_or(0, Prefix::tokens);
     let longest = request.prompts.iter().map(Vec::len).max().unwrap_or(0);
-    let capacity = prefix_len + request.shared.len() + longest + request.max_new_tokens;
+    let capacity = prefix_len
+        .saturating_add(request.shared.len())
+        .saturating_add(longest)
+        .saturating_add(request.max_new_tokens);
     if capacity > model.config.max_positions {
         return Err(Error::Data(format!(
             "{capacity} positions exceed the model's {}",

@@ -11,14 +11,13 @@
 //! Face transformers computes them; GGUF files store q/k weights permuted for the interleaved
 //! layout, so loading un-permutes them.
 
-use std::fs::File;
 use std::path::Path;
 
 use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, IndexOp, Tensor};
 use candle_nn::kv_cache::KvCache;
 
-use super::config::Config;
+use super::config::{Config, read_gguf};
 use super::ops::{attention, frozen_linear, rms_norm, rope};
 use crate::error::{Error, Result};
 
@@ -130,17 +129,25 @@ impl Llama {
         device: &Device,
         dtype: DType,
     ) -> Result<(Self, gguf_file::Content)> {
-        let mut file = File::open(path).map_err(|e| Error::io(path, e))?;
-        let content = gguf_file::Content::read(&mut file)
-            .map_err(|e| Error::Model(format!("{}: {e}", path.display())))?;
-        let config = Config::from_gguf(&content)?;
-        config.check()?;
+        let (mut file, content, config) = read_gguf(path)?;
+        let (hidden, q, kv) = (
+            config.hidden,
+            config.heads * config.head_dim,
+            config.kv_heads * config.head_dim,
+        );
         // Dequantized on the CPU and then moved: on CUDA this one-off step would load candle's
         // quantized-kernel module, a large PTX the driver compiles in every process.
-        let mut tensor = |name: &str| -> Result<Tensor> {
+        let mut tensor = |name: &str, shape: &[usize]| -> Result<Tensor> {
             let quantized = content
                 .tensor(&mut file, name, &Device::Cpu)
                 .map_err(|e| Error::Model(format!("{}: {name}: {e}", path.display())))?;
+            if quantized.shape().dims() != shape {
+                return Err(Error::Model(format!(
+                    "{}: {name} is {:?}, the configuration makes it {shape:?}",
+                    path.display(),
+                    quantized.shape().dims()
+                )));
+            }
             Ok(quantized
                 .dequantize(&Device::Cpu)?
                 .to_dtype(dtype)?
@@ -149,24 +156,25 @@ impl Llama {
         let mut layers = Vec::with_capacity(config.layers);
         for i in 0..config.layers {
             let name = |part: &str| format!("blk.{i}.{part}.weight");
+            let inter = config.intermediate;
             layers.push(Layer {
-                attn_norm: tensor(&name("attn_norm"))?,
-                q: unpermute(tensor(&name("attn_q"))?, config.heads)?,
-                k: unpermute(tensor(&name("attn_k"))?, config.kv_heads)?,
-                v: tensor(&name("attn_v"))?,
-                o: tensor(&name("attn_output"))?,
-                ffn_norm: tensor(&name("ffn_norm"))?,
-                gate: tensor(&name("ffn_gate"))?,
-                up: tensor(&name("ffn_up"))?,
-                down: tensor(&name("ffn_down"))?,
+                attn_norm: tensor(&name("attn_norm"), &[hidden])?,
+                q: unpermute(tensor(&name("attn_q"), &[q, hidden])?, config.heads)?,
+                k: unpermute(tensor(&name("attn_k"), &[kv, hidden])?, config.kv_heads)?,
+                v: tensor(&name("attn_v"), &[kv, hidden])?,
+                o: tensor(&name("attn_output"), &[hidden, q])?,
+                ffn_norm: tensor(&name("ffn_norm"), &[hidden])?,
+                gate: tensor(&name("ffn_gate"), &[inter, hidden])?,
+                up: tensor(&name("ffn_up"), &[inter, hidden])?,
+                down: tensor(&name("ffn_down"), &[hidden, inter])?,
             });
         }
-        let embed = tensor("token_embd.weight")?;
-        let norm = tensor("output_norm.weight")?;
+        let embed = tensor("token_embd.weight", &[config.vocab, hidden])?;
+        let norm = tensor("output_norm.weight", &[hidden])?;
         let lm_head = if config.tie_embeddings {
             None
         } else {
-            Some(tensor("output.weight")?)
+            Some(tensor("output.weight", &[config.vocab, hidden])?)
         };
         let model = Self::assemble(config, embed, layers, norm, lm_head, device, dtype)?;
         Ok((model, content))

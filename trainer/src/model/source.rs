@@ -5,10 +5,10 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device};
 use cartridge_schemas::fingerprint::{ModelFingerprint, Rope, RopeLayout};
 
+use super::config::read_gguf;
 use super::{Config, Llama, TextCodec};
 use crate::error::{Error, Result};
 
@@ -157,17 +157,15 @@ impl ModelSource {
     pub fn fingerprint(&self) -> Result<ModelFingerprint> {
         let (config, files) = match self {
             Self::Fingerprint(fingerprint) => return Ok((**fingerprint).clone()),
-            Self::Gguf(path) => {
-                let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-                let content = gguf_file::Content::read(&mut file)
-                    .map_err(|e| Error::Model(format!("{}: {e}", path.display())))?;
-                (Config::from_gguf(&content)?, vec![path.clone()])
-            }
+            Self::Gguf(path) => (read_gguf(path)?.2, vec![path.clone()]),
             Self::HuggingFace(dir) => {
                 let config_path = dir.join("config.json");
                 let json = std::fs::read_to_string(&config_path)
                     .map_err(|e| Error::io(&config_path, e))?;
-                (Config::from_hf_json(&json)?, safetensors_files(dir)?)
+                let config = Config::from_hf_json(&json)
+                    .map_err(|e| Error::Model(format!("{}: {e}", dir.display())))?;
+                config.check()?;
+                (config, safetensors_files(dir)?)
             }
         };
         let mut hasher = blake3::Hasher::new();
@@ -178,6 +176,7 @@ impl ModelSource {
         }
         Ok(ModelFingerprint {
             architecture: "llama".into(),
+            // Checked: at most 4096 each.
             layers: config.layers as u32,
             kv_heads: config.kv_heads as u32,
             head_dim: config.head_dim as u32,
