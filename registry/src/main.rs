@@ -304,12 +304,20 @@ fn keys(command: KeysCommand) -> Result<()> {
 
 #[cfg(feature = "lambda")]
 async fn lambda() -> Result<()> {
+    // As `serve` logs: info unless RUST_LOG says otherwise.
     tracing_subscriber::fmt()
         .json()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
         .init();
     let url = std::env::var("CARTRIDGE_REGISTRY_STORAGE")
         .context("CARTRIDGE_REGISTRY_STORAGE must name the s3:// storage")?;
+    // Each instance has its own memory and a scratch /tmp: anything but S3 would lose pushes.
+    if !url.starts_with("s3://") {
+        bail!("CARTRIDGE_REGISTRY_STORAGE is {url}: on Lambda the storage must be s3://");
+    }
     let keys = std::env::var("CARTRIDGE_REGISTRY_KEYS")
         .context("CARTRIDGE_REGISTRY_KEYS must hold the keyring JSON")?;
     let state = AppState::new(

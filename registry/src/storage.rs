@@ -44,6 +44,8 @@ use serde::{Deserialize, Serialize};
 const TAG_HISTORY: u64 = 8;
 /// How long presigned URLs stay valid.
 const PRESIGN_TTL: Duration = Duration::from_secs(15 * 60);
+/// How long a publish waits for a running garbage collection before answering 503.
+const GC_WAIT: Duration = Duration::from_secs(20);
 /// A garbage collection lease is considered abandoned after this long.
 pub const GC_LEASE_TTL: Duration = Duration::from_secs(10 * 60);
 
@@ -1091,14 +1093,19 @@ impl Storage {
             .is_some_and(|l| l.expires > Utc::now()))
     }
 
+    /// Waits a bounded time (under an API gateway's 29 s, as the registry may run behind one),
+    /// then answers 503 and the client tries again.
     async fn wait_for_gc(&self) -> Result<()> {
-        for _ in 0..600 {
+        let deadline = tokio::time::Instant::now() + GC_WAIT;
+        loop {
             if !self.gc_running().await? {
                 return Ok(());
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            if tokio::time::Instant::now() >= deadline {
+                return Err(StorageError::GcRunning);
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
         }
-        Err(StorageError::GcRunning)
     }
 }
 

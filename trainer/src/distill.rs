@@ -54,6 +54,17 @@ impl DistillOptions {
     /// Whether these options can train a cartridge of `p` tokens: its first `frozen` stay as
     /// initialized and the rest train, and conversations read at positions after it.
     pub fn check(&self, p: usize, max_positions: usize) -> Result<()> {
+        if self.frozen >= p {
+            return Err(Error::Data(format!(
+                "{} frozen tokens leave nothing of the cartridge's {p} to train",
+                self.frozen
+            )));
+        }
+        if p >= max_positions {
+            return Err(Error::Data(format!(
+                "a cartridge of {p} tokens leaves none of the model's {max_positions} positions to a conversation"
+            )));
+        }
         // A step's attention reads rows × row_tokens × (p + row_tokens) scores per head.
         if self.row_tokens == 0 || self.row_tokens > max_positions {
             return Err(Error::Data(format!(
@@ -65,17 +76,6 @@ impl DistillOptions {
             return Err(Error::Data(format!(
                 "{} rows a step: expected 1 to {MAX_ROWS}",
                 self.rows
-            )));
-        }
-        if self.frozen >= p {
-            return Err(Error::Data(format!(
-                "{} frozen tokens leave nothing of the cartridge's {p} to train",
-                self.frozen
-            )));
-        }
-        if p >= max_positions {
-            return Err(Error::Data(format!(
-                "a cartridge of {p} tokens leaves none of the model's {max_positions} positions to a conversation"
             )));
         }
         Ok(())

@@ -64,9 +64,10 @@ impl Alias {
                 "--quiet",
                 "--no-deps",
                 "--disable-pip-version-check",
-                "--root-user-action=ignore",
                 "--target",
             ])
+            // As root (a container), pip warns about it; older pips lack the flag that quiets it.
+            .env("PIP_ROOT_USER_ACTION", "ignore")
             .arg(&scratch)
             .arg(&requirement)
             .status()

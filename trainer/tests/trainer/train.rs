@@ -98,11 +98,16 @@ fn initial_prefix(model: &LoadedModel) -> cartridge_trainer::model::Prefix {
 
 #[test]
 fn conversations_past_the_models_positions_are_left_out() {
-    // A cartridge of 8 and conversations of 10 tokens: 18 positions.
+    // A cartridge of 8 and conversations of 10 tokens: 18 positions (rows as long as the
+    // model reads).
     let distill = |max_positions: usize| {
         let model = tiny_model_reading(max_positions);
+        let options = DistillOptions {
+            row_tokens: max_positions,
+            ..options(1)
+        };
         let mut distiller =
-            Distiller::from_prefix(&model.llama, &initial_prefix(&model), options(1)).unwrap();
+            Distiller::from_prefix(&model.llama, &initial_prefix(&model), options).unwrap();
         distiller
             .train(&conversations(2), |_, _, _, _| Ok(()))
             .map(|()| distiller.losses.len())
