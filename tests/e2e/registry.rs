@@ -817,6 +817,8 @@ fn the_server_logs_json_and_shuts_down_gracefully() {
         .arg(format!("file://{}", dir.path().join("store").display()))
         .arg("--keys")
         .arg(dir.path().join("keys.json"))
+        // The lines looked for are at info, whatever the caller's environment sets.
+        .env("RUST_LOG", "info")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()

@@ -48,30 +48,57 @@ fn http(address: &str, method: &str, path: &str) -> std::io::Result<u16> {
 }
 
 impl Moto {
+    /// Starts a server on a free port. The port is free when picked, not when moto binds it
+    /// (its start takes a second or more): a server that exits meanwhile is started again on
+    /// another, and only moto's own answer counts as up.
     pub fn start() -> Self {
+        let mut failures = Vec::new();
+        for _ in 0..3 {
+            match Self::try_start() {
+                Ok(moto) => return moto,
+                Err(failure) => failures.push(failure),
+            }
+        }
+        panic!("moto_server did not start:\n{}", failures.join("\n"));
+    }
+
+    fn try_start() -> Result<Self, String> {
         let port = TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
             .unwrap()
             .port();
+        let log = tempfile::NamedTempFile::new().unwrap();
         let child = Command::new(moto_binary())
             .args(["-H", "127.0.0.1", "-p", &port.to_string()])
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(log.reopen().unwrap())
             .spawn()
             .expect("moto_server starts");
         let address = format!("127.0.0.1:{port}");
-        let started = Instant::now();
-        while http(&address, "GET", "/moto-api/").is_err() {
-            assert!(
-                started.elapsed() < Duration::from_secs(60),
-                "moto_server did not come up on {address}"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        Self {
+        // Owned from here on: a failure below stops the server.
+        let mut moto = Self {
             child,
             endpoint: format!("http://{address}"),
+        };
+        let started = Instant::now();
+        loop {
+            if http(&address, "GET", "/moto-api/").is_ok_and(|status| status == 200) {
+                return Ok(moto);
+            }
+            let exited = moto.child.try_wait().ok().flatten();
+            if exited.is_some() || started.elapsed() > Duration::from_secs(60) {
+                let output = std::fs::read_to_string(log.path()).unwrap_or_default();
+                let tail: String = output.lines().rev().take(20).collect::<Vec<_>>().join("\n");
+                return Err(format!(
+                    "on {address}: {} after {:?}; its last lines, newest first:\n{tail}",
+                    exited.map_or("no answer".to_owned(), |status| format!(
+                        "exited ({status})"
+                    )),
+                    started.elapsed()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(100));
         }
     }
 

