@@ -3,7 +3,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use backon::{ExponentialBuilder, Retryable};
 use bytes::Bytes;
@@ -53,6 +53,30 @@ pub struct PushReport {
     pub tags: Vec<String>,
 }
 
+/// How long a publish or tag move the registry defers is tried again: a garbage collection
+/// holds them back while it runs, for up to its lease (10 minutes) if its collector died.
+const PATIENCE: Duration = Duration::from_secs(15 * 60);
+
+/// Calls `call` until it answers, or fails other than transiently (the registry deferred it,
+/// or its answer was lost), or [`PATIENCE`] runs out. For calls that may be repeated: a
+/// conditional tag move whose answer was lost finds its condition failed on the next try.
+pub async fn patiently<T, F, Fut>(what: &str, mut call: F) -> Result<T, ClientError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, ClientError>>,
+{
+    let started = Instant::now();
+    loop {
+        match call().await {
+            Err(error) if error.is_transient() && started.elapsed() < PATIENCE => {
+                tracing::warn!(%error, "{what} deferred; retrying");
+                tokio::time::sleep(Duration::from_secs(5)).await;
+            }
+            outcome => return outcome,
+        }
+    }
+}
+
 /// Retry policy for one transfer or call: a few tries with growing pauses.
 pub(crate) fn backoff() -> ExponentialBuilder {
     ExponentialBuilder::default()
@@ -92,19 +116,23 @@ pub async fn push(
         .map_err(|e| ClientError::Manifest(e.to_string()))?;
 
     let mut uploaded = (0, 0);
-    let mut published = None;
     // A publish can find blobs missing that were present when we asked (garbage collection
     // removed old unreferenced ones in between): upload those and publish again.
-    let mut sent = false;
-    for _ in 0..24 {
+    let started = Instant::now();
+    let (mut sent, mut rounds) = (false, 0);
+    let published = loop {
         let (blobs, bytes) = upload_missing(client, repo, &chunks, options, progress).await?;
         uploaded = (uploaded.0 + blobs, uploaded.1 + bytes);
         match client.publish(repo, version, &manifest).await {
-            Ok(result) => {
-                published = Some(result);
-                break;
+            Ok(result) => break result,
+            Err(error) if error.code() == Some(ErrorCode::MissingBlobs) => {
+                rounds += 1;
+                if rounds == 24 {
+                    return Err(ClientError::Usage(
+                        "blobs kept disappearing before the publish (a garbage collection with a short grace?); retry".into(),
+                    ));
+                }
             }
-            Err(error) if error.code() == Some(ErrorCode::MissingBlobs) => continue,
             // The answer to an earlier try that went through was lost: the version holding
             // exactly this manifest is ours.
             Err(error) if sent && error.code() == Some(ErrorCode::VersionExists) => {
@@ -113,11 +141,10 @@ pub async fn push(
                     .await
                 {
                     Ok(existing) if existing.digest == manifest.digest() => {
-                        published = Some(Published {
+                        break Published {
                             reference: existing.reference,
                             digest: existing.digest,
-                        });
-                        break;
+                        };
                     }
                     // Another manifest, or a deleted version: the conflict stands.
                     _ => return Err(error),
@@ -125,18 +152,14 @@ pub async fn push(
             }
             // A garbage collection holds publishes back, or the answer was lost (a reset, a
             // timeout): try again.
-            Err(error) if error.is_transient() => {
+            Err(error) if error.is_transient() && started.elapsed() < PATIENCE => {
                 tracing::warn!(%error, "publish deferred; retrying");
                 tokio::time::sleep(Duration::from_secs(5)).await;
                 sent = true;
-                continue;
             }
             Err(error) => return Err(error),
         }
-    }
-    let published = published.ok_or_else(|| {
-        ClientError::Usage("blobs kept disappearing before the publish; retry".into())
-    })?;
+    };
 
     for tag in &options.tags {
         let update = TagUpdate {
@@ -144,7 +167,7 @@ pub async fn push(
             if_matches: None,
             if_absent: false,
         };
-        client.move_tag(repo, tag, &update).await?;
+        patiently("tag move", || client.move_tag(repo, tag, &update)).await?;
     }
     let unique = manifest.blobs().len();
     Ok(PushReport {

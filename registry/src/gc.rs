@@ -180,20 +180,21 @@ async fn sweep(
     }
 
     for (repo, referenced) in &roots {
-        let kept_blobs: HashSet<Digest> = referenced
+        let referenced_blobs: HashSet<Digest> = referenced
             .iter()
             .filter_map(|manifest| blobs_of.get(manifest))
             .flatten()
-            .chain(&young_blobs)
             .copied()
             .collect();
-        let kept_manifests: HashSet<Digest> = referenced.union(&young_manifests).copied().collect();
-        for (key, kept) in [
-            (Key::BlobLinks(repo), kept_blobs),
-            (Key::ManifestLinks(repo), kept_manifests),
+        // Manifest links first: a sweep cut short never leaves a manifest readable through the
+        // repository whose blobs are not.
+        for (key, kept, young) in [
+            (Key::ManifestLinks(repo), referenced, &young_manifests),
+            (Key::BlobLinks(repo), &referenced_blobs, &young_blobs),
         ] {
             for (digest, meta) in by_digest(heartbeat.list(key).await?) {
-                if kept.contains(&digest) || meta.last_modified > cutoff {
+                if kept.contains(&digest) || young.contains(&digest) || meta.last_modified > cutoff
+                {
                     continue;
                 }
                 if !options.dry_run {

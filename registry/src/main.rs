@@ -118,7 +118,7 @@ struct ServeArgs {
 struct GcArgs {
     #[command(flatten)]
     storage: StorageArgs,
-    /// Objects younger than this are kept: it must exceed the longest push.
+    /// Objects younger than this are kept: it must exceed the longest push (at least 1m).
     #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
     grace: Duration,
     /// List what would be deleted without deleting.
@@ -236,6 +236,14 @@ async fn serve(args: ServeArgs) -> Result<()> {
 
 async fn collect_garbage(args: GcArgs) -> Result<()> {
     init_logging(LogFormat::Text);
+    // A publish checks its blobs once a running collection ends, or after waiting 20 s; a
+    // collection started later must still see its manifest young.
+    if args.grace < Duration::from_secs(60) && !args.dry_run {
+        bail!(
+            "a grace of {} could delete what a publish in progress has just checked: use at least 1m",
+            humantime::format_duration(args.grace)
+        );
+    }
     let storage = backend::open(&args.storage.url()?)?;
     let report = gc::collect(
         &storage,

@@ -149,6 +149,14 @@ impl Key<'_> {
     }
 }
 
+/// Whether content made publishable must already be part of the repository (a tag move) or
+/// becomes part of it (a publish).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Linked {
+    Required,
+    New,
+}
+
 /// What a version or tag generation holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 struct Pointer {
@@ -651,9 +659,21 @@ impl Storage {
     /// protects its blobs from any collection that starts after this point; then, if a collection
     /// is already running, we wait for it to end before checking that the manifest and the blobs
     /// are present, so nothing it deletes can go unnoticed.
-    async fn ensure_publishable(&self, repo: &Repository, manifest: &Manifest) -> Result<Digest> {
+    async fn ensure_publishable(
+        &self,
+        repo: &Repository,
+        manifest: &Manifest,
+        linked: Linked,
+    ) -> Result<Digest> {
         let digest = self.put_manifest(manifest).await?;
         self.wait_for_gc().await?;
+        // A collection that ran meanwhile may have taken the manifest out of the repository (no
+        // version or tag referenced it): that stands.
+        if linked == Linked::Required && !self.exists(Key::ManifestLink(repo, &digest)).await? {
+            return Err(StorageError::NotFound {
+                what: format!("manifest {digest} in {repo}"),
+            });
+        }
         // A collection that listed the manifests before that write saw this one old (it may
         // have been stored, unreferenced, long before) and may have deleted it since. Any such
         // collection has ended now, and any later one sees it young.
@@ -721,7 +741,7 @@ impl Storage {
         if let Some(pointer) = self.version_pointer(repo, version).await? {
             return Err(exists(pointer.is_none()));
         }
-        let digest = self.ensure_publishable(repo, manifest).await?;
+        let digest = self.ensure_publishable(repo, manifest, Linked::New).await?;
         let pointer = json_bytes(&Pointer {
             manifest: Some(digest),
         });
@@ -791,7 +811,8 @@ impl Storage {
                 });
             }
             let content = self.get_manifest(&digest).await?;
-            self.ensure_publishable(repo, &content).await?;
+            self.ensure_publishable(repo, &content, Linked::Required)
+                .await?;
         }
         loop {
             let head = self.tag(repo, tag).await?;

@@ -31,7 +31,8 @@ pub fn run(args: TagArgs) -> Result<()> {
             if_matches: args.if_matches,
             if_absent: false,
         };
-        client.move_tag(repo, &args.tag, &update).await
+        // Deferred while a garbage collection runs: tried again, as a push does.
+        cartridge_client::patiently("tag move", || client.move_tag(repo, &args.tag, &update)).await
     })?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&entry)?);

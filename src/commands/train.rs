@@ -191,32 +191,35 @@ pub fn run(args: TrainArgs) -> Result<()> {
         .clone()
         .unwrap_or_else(|| args.output.with_extension("work"));
     // Written inside a corpus folder, the cartridge and the work would be read as corpus by
-    // the next run (a resume would find another corpus).
+    // the next run (a resume would find another corpus); written over a corpus file, the
+    // output would replace it.
+    let corpus: Vec<PathBuf> = args
+        .corpus
+        .iter()
+        .filter_map(|c| c.canonicalize().ok())
+        .collect();
     for (what, path) in [("output", &args.output), ("work directory", &work_dir)] {
-        let Some(folder) = path
-            .parent()
-            .map(|p| {
-                if p.as_os_str().is_empty() {
-                    Path::new(".")
-                } else {
-                    p
-                }
-            })
-            .and_then(|p| p.canonicalize().ok())
-        else {
-            continue;
-        };
-        for corpus in &args.corpus {
-            if let Ok(corpus) = corpus.canonicalize()
-                && corpus.is_dir()
-                && folder.starts_with(&corpus)
-            {
-                bail!(
-                    "the {what} {} lies inside the corpus folder {}: the next run would read it as corpus",
-                    path.display(),
-                    corpus.display()
-                );
+        let resolved = resolve(path);
+        if let Some(inside) = corpus.iter().find(|c| {
+            if c.is_dir() {
+                resolved.starts_with(c)
+            } else {
+                resolved == **c
             }
+        }) {
+            let (place, harm) = if inside.is_dir() {
+                (
+                    "lies inside the corpus folder",
+                    "the next run would read it as corpus",
+                )
+            } else {
+                ("is the corpus file", "it would be written over")
+            };
+            bail!(
+                "the {what} {} {place} {}: {harm}",
+                path.display(),
+                inside.display()
+            );
         }
     }
     let paths = Paths::from_env()?;
@@ -298,4 +301,23 @@ pub fn run(args: TrainArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// `path` made absolute through its nearest existing ancestor (what it will be once created).
+fn resolve(path: &Path) -> PathBuf {
+    let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_owned());
+    let mut missing = Vec::new();
+    let mut existing = absolute.as_path();
+    loop {
+        if let Ok(found) = existing.canonicalize() {
+            return missing.iter().rev().fold(found, |at, part| at.join(part));
+        }
+        match (existing.parent(), existing.file_name()) {
+            (Some(parent), Some(name)) => {
+                missing.push(name.to_owned());
+                existing = parent;
+            }
+            _ => return absolute,
+        }
+    }
 }

@@ -253,6 +253,13 @@ fn bad_arguments_are_refused_before_any_synthesis() {
         let err = train("32", &[flag, value]);
         assert!(err.contains(flag), "{flag} {value}: {err}");
     }
+    // A fresh run (no --resume) refused for its arguments keeps it too.
+    let mut fresh = train_args(model, "2");
+    fresh.retain(|a| *a != "--resume");
+    let at = fresh.iter().position(|a| *a == "--tokens").unwrap();
+    fresh[at + 1] = "2";
+    let err = cartridge(dir.path(), &fresh).fails();
+    assert!(err.contains("cannot hold a system turn"), "{err}");
     // None of the refused runs touched an earlier run's checkpoint.
     assert_eq!(std::fs::read(&checkpoint).unwrap(), b"an earlier run's");
 

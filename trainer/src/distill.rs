@@ -195,6 +195,11 @@ pub fn steps_for_epochs(
     conversations: &[Conversation],
     epochs: f64,
 ) -> Result<usize> {
+    if !(epochs.is_finite() && epochs > 0.0 && epochs <= 1e6) {
+        return Err(Error::Data(format!(
+            "{epochs} epochs: expected a positive number, at most a million"
+        )));
+    }
     let usable = usable(options, max_positions, conversations)?;
     let wanted = (epochs * usable.len() as f64).ceil() as usize;
     let mut draw = Draw::new(usable, options.seed, 0, 0);

@@ -129,7 +129,7 @@ pub fn train(
     let started = Instant::now();
     let checkpoint = request.work_dir.join("checkpoint.safetensors");
     // What would fail later fails here, before hours of synthesis and before anything stored is
-    // touched. A fresh run leaves an older checkpoint alone: its own first one replaces it.
+    // touched.
     check_paths(request)?;
     let max_positions = model.llama.config.max_positions;
     request
@@ -140,6 +140,11 @@ pub fn train(
     }
     let init = initial_ids(&model.text, &corpus.text(), request.distill.tokens)?;
     let init = (!(request.resume && checkpoint.exists())).then_some(init);
+    // A fresh run's checkpoints are its own: an older one is kept aside, never resumed.
+    if init.is_some() && checkpoint.exists() {
+        let aside = checkpoint.with_extension("previous.safetensors");
+        std::fs::rename(&checkpoint, &aside).map_err(|e| Error::io(&aside, e))?;
+    }
     let conversations = match request.objective {
         Objective::SelfStudy => synthesize(
             model,

@@ -423,7 +423,7 @@ pub fn synthesize(
 
 /// Batches in a row that may give no conversation before synthesis stops: a model that
 /// writes only empty messages or answers would otherwise loop for good.
-const BARREN_BATCHES: usize = 16;
+const BARREN_BATCHES: usize = 64;
 
 fn barren_error() -> Error {
     Error::Data(format!(
