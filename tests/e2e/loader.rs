@@ -455,6 +455,34 @@ fn buffer_folders_of_dead_loaders_are_removed_and_live_ones_kept() {
     assert_eq!(left, [unrelated]);
 }
 
+/// The Python client (loader/python) against the real loader serving host memory: streamed and
+/// plain loads, the buffer byte for byte against the file, release, and the errors it raises.
+/// CI has no torch and no GPU: the tensors and the CUDA IPC handoff are checked on the GPU
+/// machine (bench/gpu/loader).
+#[test]
+fn the_python_client_reads_what_the_loader_serves() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_registry, loader, _model) = setup(dir.path(), 64, &[]);
+    let client = Path::new(env!("CARGO_MANIFEST_DIR")).join("loader/python");
+    let output = std::process::Command::new("python3")
+        .arg(client.join("test_client.py"))
+        .env("PYTHONPATH", &client)
+        .env("LOADER_URL", &loader.url)
+        .env("CARTRIDGE", "team/a@v1")
+        .env("CARTRIDGE_FILE", dir.path().join("a.safetensors"))
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr),
+    );
+    assert!(output.status.success(), "{stdout}{stderr}");
+    assert!(
+        stdout.contains("4 layers match the file byte for byte, from a shared-memory file"),
+        "{stdout}"
+    );
+}
+
 #[test]
 fn the_api_serves_on_a_unix_socket() {
     use std::io::{Read, Write};

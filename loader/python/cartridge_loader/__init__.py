@@ -208,11 +208,18 @@ class Handle:
                     _check(driver, driver.cuIpcOpenMemHandle_v2(ctypes.byref(pointer), handle, 1), "opening the loader's GPU memory")
                 self._opened = pointer.value
             return torch.as_tensor(_DeviceMemory(self._opened, self.answer["bytes"]), device=torch.device("cuda", index))
+        return torch.frombuffer(self.buffer(), dtype=torch.uint8)
+
+    def buffer(self) -> memoryview:
+        """A loader serving host memory: its buffer (every layer's keys and values, at the
+        offsets of ``answer["layout"]``) mapped from the shared file, for readers without torch."""
+        if "cuda" in self.answer:
+            raise RuntimeError("the buffer is in GPU memory: use tensors()")
         if self._map is None:
             with open(self.answer["path"], "rb") as file:
                 # Copy-on-write: torch wants a writable buffer; pages are shared until written.
                 self._map = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY)
-        return torch.frombuffer(self._map, dtype=torch.uint8)
+        return memoryview(self._map)
 
     def tensors(self, device: str | None = None) -> list[tuple["torch.Tensor", "torch.Tensor"]]:  # noqa: F821
         """Per layer, ``(keys, values)`` shaped ``[1, kv_heads, tokens, head_dim]``: views of the
