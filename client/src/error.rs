@@ -85,4 +85,19 @@ impl ClientError {
             _ => false,
         }
     }
+
+    /// The registry put the call off (503: a garbage collection holds publishes back), a
+    /// gateway lost it (502, 504), or its answer never came: the same call may be made again
+    /// later. Not a failed storage (500), which waiting does not mend.
+    pub fn is_deferred(&self) -> bool {
+        match self {
+            Self::Api { status, .. } | Self::Unexpected { status, .. } => {
+                matches!(status, 502..=504)
+            }
+            Self::Connect { .. } | Self::Http(_) | Self::NoAnswer { .. } | Self::Stalled { .. } => {
+                true
+            }
+            _ => false,
+        }
+    }
 }

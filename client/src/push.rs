@@ -65,15 +65,32 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, ClientError>>,
 {
-    let started = Instant::now();
+    let mut deferral = Deferral::default();
     loop {
         match call().await {
-            Err(error) if error.is_transient() && started.elapsed() < PATIENCE => {
+            Err(error) if deferral.wait(&error).await => {
                 tracing::warn!(%error, "{what} deferred; retrying");
-                tokio::time::sleep(Duration::from_secs(5)).await;
             }
             outcome => return outcome,
         }
+    }
+}
+
+/// Waits before a deferred call is made again, for [`PATIENCE`] from the first deferral.
+#[derive(Default)]
+struct Deferral {
+    since: Option<Instant>,
+}
+
+impl Deferral {
+    /// Whether to try again (after a pause) rather than give up with `error`.
+    async fn wait(&mut self, error: &ClientError) -> bool {
+        let since = *self.since.get_or_insert_with(Instant::now);
+        if !error.is_deferred() || since.elapsed() >= PATIENCE {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        true
     }
 }
 
@@ -118,7 +135,7 @@ pub async fn push(
     let mut uploaded = (0, 0);
     // A publish can find blobs missing that were present when we asked (garbage collection
     // removed old unreferenced ones in between): upload those and publish again.
-    let started = Instant::now();
+    let mut deferral = Deferral::default();
     let (mut sent, mut rounds) = (false, 0);
     let published = loop {
         let (blobs, bytes) = upload_missing(client, repo, &chunks, options, progress).await?;
@@ -152,9 +169,8 @@ pub async fn push(
             }
             // A garbage collection holds publishes back, or the answer was lost (a reset, a
             // timeout): try again.
-            Err(error) if error.is_transient() && started.elapsed() < PATIENCE => {
+            Err(error) if deferral.wait(&error).await => {
                 tracing::warn!(%error, "publish deferred; retrying");
-                tokio::time::sleep(Duration::from_secs(5)).await;
                 sent = true;
             }
             Err(error) => return Err(error),
@@ -167,7 +183,14 @@ pub async fn push(
             if_matches: None,
             if_absent: false,
         };
-        patiently("tag move", || client.move_tag(repo, tag, &update)).await?;
+        patiently("tag move", || client.move_tag(repo, tag, &update))
+            .await
+            .map_err(|error| {
+                ClientError::Usage(format!(
+                    "published {} ({}), but moving its tag {tag} failed: {error}; run `cartridge tag {} {tag}`",
+                    published.reference, published.digest, published.reference
+                ))
+            })?;
     }
     let unique = manifest.blobs().len();
     Ok(PushReport {
@@ -192,7 +215,11 @@ async fn upload_missing(
     progress: &dyn Progress,
 ) -> Result<(usize, u64), ClientError> {
     let digests: Vec<Digest> = chunks.iter().map(|c| c.descriptor.stored.digest).collect();
-    let missing = client.missing(repo, digests).await?;
+    let missing = (|| client.missing(repo, digests.clone()))
+        .retry(backoff())
+        .when(ClientError::is_transient)
+        .notify(|error, pause| tracing::warn!(%error, ?pause, "asking for missing blobs failed; retrying"))
+        .await?;
     let to_send: Vec<&EncodedChunk> = missing
         .iter()
         .filter_map(|digest| {

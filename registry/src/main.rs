@@ -114,11 +114,14 @@ struct ServeArgs {
     max_json_size: ByteSize,
 }
 
+/// The shortest grace a collection may run with.
+const MIN_GRACE: Duration = Duration::from_secs(10 * 60);
+
 #[derive(Debug, Args)]
 struct GcArgs {
     #[command(flatten)]
     storage: StorageArgs,
-    /// Objects younger than this are kept: it must exceed the longest push (at least 1m).
+    /// Objects younger than this are kept: it must exceed the longest push (at least 10m).
     #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
     grace: Duration,
     /// List what would be deleted without deleting.
@@ -236,12 +239,14 @@ async fn serve(args: ServeArgs) -> Result<()> {
 
 async fn collect_garbage(args: GcArgs) -> Result<()> {
     init_logging(LogFormat::Text);
-    // A publish checks its blobs once a running collection ends, or after waiting 20 s; a
-    // collection started later must still see its manifest young.
-    if args.grace < Duration::from_secs(60) && !args.dry_run {
+    // A publish checks its blobs once a running collection ends (or after waiting 20 s), then
+    // writes its version: a collection started meanwhile must still see its manifest young,
+    // however many blobs the publish checks.
+    if args.grace < MIN_GRACE && !args.dry_run {
         bail!(
-            "a grace of {} could delete what a publish in progress has just checked: use at least 1m",
-            humantime::format_duration(args.grace)
+            "a grace of {} could delete what a publish in progress has just checked: use at least {}",
+            humantime::format_duration(args.grace),
+            humantime::format_duration(MIN_GRACE)
         );
     }
     let storage = backend::open(&args.storage.url()?)?;

@@ -586,7 +586,7 @@ fn garbage_collection_during_a_push_loses_nothing() {
         .unwrap();
     assert!(!output.status.success());
     assert!(
-        String::from_utf8_lossy(&output.stderr).contains("use at least 1m"),
+        String::from_utf8_lossy(&output.stderr).contains("use at least 10m"),
         "{}",
         String::from_utf8_lossy(&output.stderr)
     );

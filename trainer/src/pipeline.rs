@@ -140,11 +140,6 @@ pub fn train(
     }
     let init = initial_ids(&model.text, &corpus.text(), request.distill.tokens)?;
     let init = (!(request.resume && checkpoint.exists())).then_some(init);
-    // A fresh run's checkpoints are its own: an older one is kept aside, never resumed.
-    if init.is_some() && checkpoint.exists() {
-        let aside = checkpoint.with_extension("previous.safetensors");
-        std::fs::rename(&checkpoint, &aside).map_err(|e| Error::io(&aside, e))?;
-    }
     let conversations = match request.objective {
         Objective::SelfStudy => synthesize(
             model,
@@ -176,6 +171,12 @@ pub fn train(
         "objective": request.objective,
         "conversations": conversations.len(),
     });
+    // A fresh run's checkpoints are its own: an older one is set aside, never resumed (and
+    // only now, once synthesis accepted the work folder: a refused run moves nothing).
+    if init.is_some() && checkpoint.exists() {
+        let aside = checkpoint.with_extension("previous.safetensors");
+        std::fs::rename(&checkpoint, &aside).map_err(|e| Error::io(&aside, e))?;
+    }
     let mut distiller = match &init {
         None => Distiller::resume(&model.llama, &checkpoint, options.clone(), run)?,
         Some(init) => {

@@ -262,4 +262,6 @@ class Handle:
                     opened, self._opened = self._opened, None
                     _check(driver, driver.cuIpcCloseMemHandle(opened), "closing the loader's GPU memory")
         finally:
+            # The mapping goes with the last view of it.
+            self._map = None
             self.loader.release(self.handle)

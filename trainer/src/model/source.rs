@@ -92,8 +92,17 @@ impl Alias {
             )));
         }
         if dir.exists() && !weights.is_file() {
-            // What an older, broken install left.
-            std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+            // What an older, broken install left: moved aside first, so an install that puts
+            // its copy in place meanwhile is never the one removed.
+            let broken = tempfile::Builder::new()
+                .prefix(&format!(".{}.broken-", self.package))
+                .tempdir_in(models)
+                .map_err(|e| Error::io(models, e))?;
+            match std::fs::rename(&dir, broken.path().join("old")) {
+                Ok(()) => {}
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+                Err(error) => return Err(Error::io(&dir, error)),
+            }
         }
         match std::fs::rename(scratch, &dir) {
             Ok(()) => Ok(weights),
