@@ -260,6 +260,11 @@ fn bad_arguments_are_refused_before_any_synthesis() {
     fresh[at + 1] = "2";
     let err = cartridge(dir.path(), &fresh).fails();
     assert!(err.contains("cannot hold a system turn"), "{err}");
+    // And one that synthesis refuses (its work folder holds another run's conversations).
+    std::fs::write(dir.path().join("varn.work/conversations.meta.json"), "{}").unwrap();
+    fresh[at + 1] = "32";
+    let err = cartridge(dir.path(), &fresh).fails();
+    assert!(err.contains("conversations.meta.json"), "{err}");
     // None of the refused runs touched an earlier run's checkpoint.
     assert_eq!(std::fs::read(&checkpoint).unwrap(), b"an earlier run's");
 
