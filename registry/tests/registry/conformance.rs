@@ -167,6 +167,17 @@ async fn publish(storage: &Storage) {
         Err(StorageError::MissingBlobs { count: 4, .. })
     ));
     upload_all(storage, &repo, &chunks).await;
+    // A manifest that misstates a stored blob's size (the last one: all are checked).
+    let mut misstated = manifest.clone();
+    misstated.chunks.last_mut().unwrap().stored.size += 1;
+    let err = storage
+        .publish(&repo, &version("v1"), &misstated)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, StorageError::InvalidManifest(m) if m.contains("the manifest says")),
+        "{err}"
+    );
     let digest = storage
         .publish(&repo, &version("v1"), &manifest)
         .await
