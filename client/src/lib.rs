@@ -12,7 +12,7 @@ pub use api::Client;
 pub use cache::Cache;
 pub use error::ClientError;
 pub use pull::{FetchReport, PullOptions, PullReport, decode_arrivals, fetch_blobs, pull};
-pub use push::{PushOptions, PushReport, patiently, push};
+pub use push::{PushOptions, PushReport, move_tag_patiently, push};
 pub use rate::RateLimit;
 
 /// Receives transfer progress (the CLI draws a progress bar with it).

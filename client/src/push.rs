@@ -9,7 +9,7 @@ use backon::{ExponentialBuilder, Retryable};
 use bytes::Bytes;
 use cartridge_codec::{EncodeOptions, EncodedChunk, encode_cartridge};
 use cartridge_schemas::Digest;
-use cartridge_schemas::api::{ErrorCode, Published, TagUpdate};
+use cartridge_schemas::api::{ErrorCode, Published, TagEntry, TagUpdate};
 use cartridge_schemas::file::Cartridge;
 use cartridge_schemas::manifest::{MANIFEST_SCHEMA_VERSION, Manifest};
 use cartridge_schemas::reference::{Repository, Selector, Tag, Version};
@@ -57,19 +57,30 @@ pub struct PushReport {
 /// holds them back while it runs, for up to its lease (10 minutes) if its collector died.
 const PATIENCE: Duration = Duration::from_secs(15 * 60);
 
-/// Calls `call` until it answers, or fails other than transiently (the registry deferred it,
-/// or its answer was lost), or [`PATIENCE`] runs out. For calls that may be repeated: a
-/// conditional tag move whose answer was lost finds its condition failed on the next try.
-pub async fn patiently<T, F, Fut>(what: &str, mut call: F) -> Result<T, ClientError>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, ClientError>>,
-{
-    let mut deferral = Deferral::default();
+/// Moves a tag, trying again while the registry defers the move (a garbage collection holds
+/// it back) or its answer is lost, for [`PATIENCE`]. A try whose answer was lost may have gone
+/// through: when a later one finds its condition failed, the tag already pointing at this
+/// manifest counts as moved.
+pub async fn move_tag_patiently(
+    client: &Client,
+    repo: &Repository,
+    tag: &Tag,
+    update: &TagUpdate,
+) -> Result<TagEntry, ClientError> {
+    let (mut deferral, mut deferred) = (Deferral::default(), false);
     loop {
-        match call().await {
+        match client.move_tag(repo, tag, update).await {
             Err(error) if deferral.wait(&error).await => {
-                tracing::warn!(%error, "{what} deferred; retrying");
+                tracing::warn!(%error, "tag move deferred; retrying");
+                deferred = true;
+            }
+            Err(error) if deferred && error.code() == Some(ErrorCode::TagMoved) => {
+                let listing = client.listing(repo).await?;
+                return listing
+                    .tags
+                    .into_iter()
+                    .find(|entry| &entry.tag == tag && entry.manifest == update.manifest)
+                    .ok_or(error);
             }
             outcome => return outcome,
         }
@@ -183,7 +194,7 @@ pub async fn push(
             if_matches: None,
             if_absent: false,
         };
-        patiently("tag move", || client.move_tag(repo, tag, &update))
+        move_tag_patiently(client, repo, tag, &update)
             .await
             .map_err(|error| {
                 ClientError::Usage(format!(
@@ -257,4 +268,80 @@ async fn upload_missing(
         .await?;
     progress.end();
     Ok((to_send.len(), total))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{BufRead, BufReader, Read, Write};
+
+    use super::*;
+
+    /// A registry that answers each connection with the next of `answers` (status, JSON body).
+    fn scripted(answers: Vec<(u16, String)>) -> String {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        std::thread::spawn(move || {
+            for (status, body) in answers {
+                let (mut stream, _) = listener.accept().unwrap();
+                let mut request = BufReader::new(stream.try_clone().unwrap());
+                let mut length = 0;
+                loop {
+                    let mut line = String::new();
+                    request.read_line(&mut line).unwrap();
+                    if line == "\r\n" {
+                        break;
+                    }
+                    if let Some(value) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                        length = value.trim().parse().unwrap();
+                    }
+                }
+                request.read_exact(&mut vec![0; length]).unwrap();
+                write!(
+                    stream,
+                    "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                )
+                .unwrap();
+            }
+        });
+        url
+    }
+
+    /// A move put off, then refused as moved: it went through after all when the tag already
+    /// points at its manifest; refused outright, it stays refused.
+    #[tokio::test]
+    async fn a_tag_move_whose_answer_was_lost_counts_once_the_tag_is_there() {
+        let manifest = Digest::of(b"manifest");
+        let (repo, tag): (Repository, Tag) = ("ns/x".parse().unwrap(), "latest".parse().unwrap());
+        let update = TagUpdate {
+            manifest,
+            if_matches: Some(Digest::of(b"before")),
+            if_absent: false,
+        };
+        let moved = r#"{"code": "tag_moved", "message": "ns/x@latest moved"}"#.to_owned();
+        let url = scripted(vec![
+            (
+                503,
+                r#"{"code": "unavailable", "message": "collecting"}"#.to_owned(),
+            ),
+            (412, moved.clone()),
+            (
+                200,
+                serde_json::json!({"repository": "ns/x", "versions": [],
+                    "tags": [{"tag": "latest", "manifest": manifest, "generation": 7}]})
+                .to_string(),
+            ),
+        ]);
+        let client = Client::new(&url, None).unwrap();
+        let entry = move_tag_patiently(&client, &repo, &tag, &update)
+            .await
+            .unwrap();
+        assert_eq!((entry.manifest, entry.generation), (manifest, 7));
+
+        let client = Client::new(&scripted(vec![(412, moved)]), None).unwrap();
+        let error = move_tag_patiently(&client, &repo, &tag, &update)
+            .await
+            .unwrap_err();
+        assert_eq!(error.code(), Some(ErrorCode::TagMoved));
+    }
 }

@@ -32,7 +32,7 @@ pub fn run(args: TagArgs) -> Result<()> {
             if_absent: false,
         };
         // Deferred while a garbage collection runs: tried again, as a push does.
-        cartridge_client::patiently("tag move", || client.move_tag(repo, &args.tag, &update)).await
+        cartridge_client::move_tag_patiently(&client, repo, &args.tag, &update).await
     })?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&entry)?);
