@@ -83,6 +83,13 @@ def main():
         raise AssertionError("a released handle was released again")
     except LoaderError as error:
         assert error.status == 404
+    # A leased handle, renewed, is held like any other until released.
+    held = loader.status()["handles"]
+    leased = loader.load(header["model"], [os.environ["CARTRIDGE"]], lease=60)
+    leased.renew()
+    assert loader.status()["handles"] == held + 1
+    leased.release()
+    assert loader.status()["handles"] == held
     wrong = dict(header["model"], kv_heads=header["model"]["kv_heads"] + 1)
     try:
         loader.load(wrong, [os.environ["CARTRIDGE"]])

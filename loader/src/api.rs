@@ -21,7 +21,7 @@ use serde::de::DeserializeOwned;
 use crate::error::LoaderError;
 use crate::loader::{
     LayersReady, LoadRequest, LoadResponse, Loader, Part, PrefetchRequest, Progress,
-    ReleaseRequest, Status,
+    ReleaseRequest, Renewed, Status,
 };
 
 fn metrics_handle() -> &'static PrometheusHandle {
@@ -130,6 +130,13 @@ async fn release(
     Ok(Json(serde_json::json!({"released": request.handle})))
 }
 
+async fn renew(
+    State(loader): State<Arc<Loader>>,
+    Body(request): Body<ReleaseRequest>,
+) -> Result<Json<Renewed>, LoaderError> {
+    Ok(Json(loader.renew(request.handle)?))
+}
+
 async fn prefetch(
     State(loader): State<Arc<Loader>>,
     Body(request): Body<PrefetchRequest>,
@@ -152,6 +159,7 @@ pub fn router(loader: Arc<Loader>) -> Router {
     Router::new()
         .route("/v1/load", post(load))
         .route("/v1/release", post(release))
+        .route("/v1/renew", post(renew))
         .route("/v1/prefetch", post(prefetch))
         .route("/v1/status", get(status))
         .route("/metrics", get(metrics))

@@ -13,7 +13,7 @@ pub enum LoaderError {
     ModelMismatch { reference: String, detail: String },
     #[error("{0}")]
     OutOfMemory(String),
-    #[error("unknown handle {0}")]
+    #[error("unknown handle {0} (released, or its lease lapsed)")]
     UnknownHandle(u64),
     #[error("registry unavailable: {0}")]
     Unavailable(String),

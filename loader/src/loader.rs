@@ -33,7 +33,15 @@ pub struct LoadRequest {
     /// land, so a consumer can start on the first layers, then the [`LoadResponse`].
     #[serde(default)]
     pub stream: bool,
+    /// Seconds the handle lives unless renewed (`POST /v1/renew`), so a consumer that dies
+    /// without releasing does not hold the memory for good. Without one, it lives until
+    /// released. A consumer that lets its lease lapse must stop reading the buffer.
+    #[serde(default)]
+    pub lease: Option<u64>,
 }
+
+/// The longest lease a load may ask for: a week.
+const MAX_LEASE: u64 = 7 * 24 * 3600;
 
 /// The first `ready` of `layers` layers in the buffer at `location` hold their final bytes (on a
 /// GPU: their copies are done). Told while a single cartridge is decoded into a new buffer (a
@@ -60,6 +68,20 @@ pub struct PrefetchRequest {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ReleaseRequest {
     pub handle: u64,
+}
+
+/// A handle's lease, renewed: seconds from now (none for a handle without one).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Renewed {
+    pub handle: u64,
+    pub lease: Option<u64>,
+}
+
+/// What a handle holds, and until when.
+struct Held {
+    key: EntryKey,
+    lease: Option<std::time::Duration>,
+    expires: Option<Instant>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -138,7 +160,7 @@ pub struct Loader {
     disk: DiskCache,
     store: Mutex<Store<Buffer>>,
     options: LoaderOptions,
-    handles: Mutex<HashMap<u64, EntryKey>>,
+    handles: Mutex<HashMap<u64, Held>>,
     next_handle: AtomicU64,
     /// One lock per entry being made resident, so concurrent loads of it share one fetch.
     flights: Mutex<HashMap<EntryKey, Arc<tokio::sync::Mutex<()>>>>,
@@ -182,6 +204,17 @@ impl Loader {
             return Err(LoaderError::BadRequest("no cartridges to load".into()));
         }
         check_count(&request.cartridges)?;
+        let lease = match request.lease {
+            Some(seconds @ 1..=MAX_LEASE) => Some(std::time::Duration::from_secs(seconds)),
+            Some(seconds) => {
+                return Err(LoaderError::BadRequest(format!(
+                    "a lease of {seconds} s: expected 1 to {MAX_LEASE}"
+                )));
+            }
+            None => None,
+        };
+        // Memory whose lease lapsed is free for this load.
+        self.expire();
         let references = request
             .cartridges
             .iter()
@@ -250,7 +283,14 @@ impl Loader {
         self.handles
             .lock()
             .map_err(|_| LoaderError::Internal("handle table poisoned".into()))?
-            .insert(handle, key);
+            .insert(
+                handle,
+                Held {
+                    key,
+                    lease,
+                    expires: lease.map(|lease| Instant::now() + lease),
+                },
+            );
 
         metrics::histogram!("loader_load_seconds", "tier" => tier.name())
             .record(started.elapsed().as_secs_f64());
@@ -284,14 +324,57 @@ impl Loader {
     }
 
     pub fn release(&self, handle: u64) -> Result<(), LoaderError> {
-        let key = self
+        self.expire();
+        let held = self
             .handles
             .lock()
             .map_err(|_| LoaderError::Internal("handle table poisoned".into()))?
             .remove(&handle)
             .ok_or(LoaderError::UnknownHandle(handle))?;
-        self.store().release(&key);
+        self.store().release(&held.key);
         Ok(())
+    }
+
+    /// Extends a handle's lease by its length from now.
+    pub fn renew(&self, handle: u64) -> Result<Renewed, LoaderError> {
+        self.expire();
+        let mut handles = self
+            .handles
+            .lock()
+            .map_err(|_| LoaderError::Internal("handle table poisoned".into()))?;
+        let held = handles
+            .get_mut(&handle)
+            .ok_or(LoaderError::UnknownHandle(handle))?;
+        held.expires = held.lease.map(|lease| Instant::now() + lease);
+        Ok(Renewed {
+            handle,
+            lease: held.lease.map(|lease| lease.as_secs()),
+        })
+    }
+
+    /// Releases the handles whose lease lapsed. Checked whenever the loader is asked anything:
+    /// memory is needed, and counted, only then.
+    fn expire(&self) {
+        let now = Instant::now();
+        let lapsed: Vec<EntryKey> = {
+            let Ok(mut handles) = self.handles.lock() else {
+                return;
+            };
+            let ids: Vec<u64> = handles
+                .iter()
+                .filter(|(_, held)| held.expires.is_some_and(|at| at <= now))
+                .map(|(id, _)| *id)
+                .collect();
+            ids.iter()
+                .filter_map(|id| handles.remove(id))
+                .map(|held| held.key)
+                .collect()
+        };
+        if !lapsed.is_empty() {
+            tracing::warn!(count = lapsed.len(), "released handles whose lease lapsed");
+            metrics::counter!("loader_leases_lapsed_total").increment(lapsed.len() as u64);
+            self.release_keys(&lapsed);
+        }
     }
 
     fn release_keys(&self, keys: &[EntryKey]) {
@@ -330,6 +413,7 @@ impl Loader {
     }
 
     pub fn status(&self) -> Status {
+        self.expire();
         let handles = self.handles.lock().map(|h| h.len()).unwrap_or(0);
         Status {
             memory: self.options.device.describe(),

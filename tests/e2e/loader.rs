@@ -455,6 +455,49 @@ fn buffer_folders_of_dead_loaders_are_removed_and_live_ones_kept() {
     assert_eq!(left, [unrelated]);
 }
 
+/// A consumer that dies holding a handle does not hold the memory for good: a leased handle is
+/// released once its lease lapses, unless renewed; one without a lease stays until released.
+#[test]
+fn a_handle_whose_lease_lapses_is_released() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_registry, loader, model) = setup(dir.path(), 16, &[]);
+    let load = |lease: Option<u64>| {
+        let mut body = json!({"model": model, "cartridges": ["team/a@v1"]});
+        if let Some(lease) = lease {
+            body["lease"] = json!(lease);
+        }
+        let (status, answer) = http_json(&loader.url, "POST", "/v1/load", Some(&body));
+        assert_eq!(status, 200, "{answer}");
+        answer["handle"].clone()
+    };
+    let call = |path: &str, handle: &Value| {
+        http_json(&loader.url, "POST", path, Some(&json!({"handle": handle})))
+    };
+    let (lapsing, renewed, kept) = (load(Some(1)), load(Some(2)), load(None));
+    // Renewed every half second for three seconds: the one-second lease lapses meanwhile.
+    for _ in 0..6 {
+        std::thread::sleep(Duration::from_millis(500));
+        let (status, answer) = call("/v1/renew", &renewed);
+        assert_eq!((status, &answer["lease"]), (200, &json!(2)), "{answer}");
+    }
+    let (_, status) = http_json(&loader.url, "GET", "/v1/status", None);
+    assert_eq!(status["handles"], 2, "{status}");
+    let (code, answer) = call("/v1/release", &lapsing);
+    assert_eq!(code, 404, "{answer}");
+    assert!(
+        answer["message"].as_str().unwrap().contains("lease lapsed"),
+        "{answer}"
+    );
+    assert_eq!(call("/v1/renew", &kept).1["lease"], Value::Null);
+    for handle in [&renewed, &kept] {
+        assert_eq!(call("/v1/release", handle).0, 200);
+    }
+    assert!(metric(&loader, "loader_leases_lapsed_total") >= 1.0);
+    let body = json!({"model": model, "cartridges": ["team/a@v1"], "lease": 0});
+    let (status, answer) = http_json(&loader.url, "POST", "/v1/load", Some(&body));
+    assert_eq!(status, 400, "{answer}");
+}
+
 /// The Python client (loader/python) against the real loader serving host memory: streamed and
 /// plain loads, the buffer byte for byte against the file, release, and the errors it raises.
 /// CI has no torch and no GPU: the tensors and the CUDA IPC handoff are checked on the GPU

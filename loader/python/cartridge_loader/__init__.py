@@ -120,8 +120,13 @@ class Loader:
             raise LoaderError(response.status, answer.get("code", "unknown"), answer.get("message", data.decode(errors="replace")))
         return answer
 
-    def load(self, model: dict, cartridges: list[str], on_layers: Callable[[int, int, Any], None] | None = None) -> "Handle":
+    def load(self, model: dict, cartridges: list[str], on_layers: Callable[[int, int, Any], None] | None = None, lease: int | None = None) -> "Handle":
         """Loads (and composes, in order) cartridges for the model with this fingerprint.
+
+        With ``lease`` (seconds), the loader releases the handle by itself unless
+        :meth:`Handle.renew` comes first: a process that dies holding it does not hold the
+        memory for good. Reading the buffer after the lease lapsed reads whatever the loader
+        put there since.
 
         With ``on_layers``, the load streams: while a single cartridge is decoded into a new
         buffer, ``on_layers(ready, layers, location)`` is called each time more leading layers of
@@ -131,6 +136,8 @@ class Loader:
         failed verification).
         """
         body = {"model": model, "cartridges": list(cartridges)}
+        if lease is not None:
+            body["lease"] = lease
         if on_layers is None:
             return Handle(self, self._request("POST", "/v1/load", body))
         connection = self._connection()
@@ -155,6 +162,10 @@ class Loader:
 
     def release(self, handle: int) -> None:
         self._request("POST", "/v1/release", {"handle": handle})
+
+    def renew(self, handle: int) -> dict:
+        """Extends a handle's lease by its length from now: ``{"handle", "lease"}``."""
+        return self._request("POST", "/v1/renew", {"handle": handle})
 
     def prefetch(self, cartridges: list[str]) -> list[dict]:
         return self._request("POST", "/v1/prefetch", {"cartridges": list(cartridges)})
@@ -248,6 +259,10 @@ class Handle:
         for index, (keys, values) in enumerate(self.tensors(device)):
             cache.update(keys, values, index)
         return cache
+
+    def renew(self) -> None:
+        """Extends this handle's lease (see :meth:`Loader.load`)."""
+        self.loader.renew(self.handle)
 
     def release(self) -> None:
         """Lets the loader evict the buffer. Views from :meth:`tensors` must not be used after."""
