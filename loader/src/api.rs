@@ -1,5 +1,5 @@
-//! The local API: `POST /v1/load`, `POST /v1/release`, `POST /v1/prefetch`, `GET /v1/status`,
-//! `GET /metrics`. Errors are `{code, message}`.
+//! The local API: `POST /v1/load`, `POST /v1/release`, `POST /v1/renew`, `POST /v1/prefetch`,
+//! `GET /v1/status`, `GET /metrics`. Errors are `{code, message}`.
 //!
 //! A load with `"stream": true` answers `200` with newline-delimited JSON events, each tagged by
 //! `event`: `layers` ([`LayersReady`]) as layers land, then `loaded` (the [`LoadResponse`]) or
@@ -148,7 +148,9 @@ async fn status(State(loader): State<Arc<Loader>>) -> Json<Status> {
     Json(loader.status())
 }
 
-async fn metrics() -> String {
+async fn metrics(State(loader): State<Arc<Loader>>) -> String {
+    // Lapsed leases count as they are found: a node only scraped still finds them.
+    loader.expire();
     let handle = metrics_handle();
     handle.run_upkeep();
     handle.render()

@@ -35,7 +35,8 @@ pub struct LoadRequest {
     pub stream: bool,
     /// Seconds the handle lives unless renewed (`POST /v1/renew`), so a consumer that dies
     /// without releasing does not hold the memory for good. Without one, it lives until
-    /// released. A consumer that lets its lease lapse must stop reading the buffer.
+    /// released. A consumer whose lease lapsed must stop using the buffer at once: the loader
+    /// no longer keeps it (on a GPU the memory may go to another load).
     #[serde(default)]
     pub lease: Option<u64>,
 }
@@ -352,9 +353,9 @@ impl Loader {
         })
     }
 
-    /// Releases the handles whose lease lapsed. Checked whenever the loader is asked anything:
-    /// memory is needed, and counted, only then.
-    fn expire(&self) {
+    /// Releases the handles whose lease lapsed. Checked whenever the loader is asked anything
+    /// and before it reserves memory: memory is needed, and counted, only then.
+    pub fn expire(&self) {
         let now = Instant::now();
         let lapsed: Vec<EntryKey> = {
             let Ok(mut handles) = self.handles.lock() else {
@@ -385,6 +386,7 @@ impl Loader {
     /// Resolves and downloads cartridges to the disk tier, without decoding them.
     pub async fn prefetch(&self, references: &[String]) -> Result<Vec<Part>, LoaderError> {
         check_count(references)?;
+        self.expire();
         let mut parts = Vec::new();
         for reference in references {
             let resolved = self.resolver.resolve(&Self::parse(reference)?).await?;
@@ -468,6 +470,8 @@ impl Loader {
             return Ok(Tier::Device);
         }
         let bytes = part.manifest.cartridge.payload_bytes();
+        // Leases that lapsed while this load waited free their memory for it.
+        self.expire();
         let evicted = self.store().reserve(bytes)?;
         drop(evicted);
         let loaded = self.make_resident(part, progress).await;
@@ -593,6 +597,7 @@ impl Loader {
         header.tokens = headers.iter().map(|h| h.tokens).sum();
         header.provenance = serde_json::json!({"composed_of": parts.iter().map(|p| p.reference.to_string()).collect::<Vec<_>>()});
         let bytes = header.payload_bytes();
+        self.expire();
         let evicted = self.store().reserve(bytes)?;
         drop(evicted);
         let sources: Vec<_> = {

@@ -124,9 +124,10 @@ class Loader:
         """Loads (and composes, in order) cartridges for the model with this fingerprint.
 
         With ``lease`` (seconds), the loader releases the handle by itself unless
-        :meth:`Handle.renew` comes first: a process that dies holding it does not hold the
-        memory for good. Reading the buffer after the lease lapsed reads whatever the loader
-        put there since.
+        :meth:`Handle.renew` comes first (renew well within it, say every third of it): a
+        process that dies holding it does not hold the memory for good. Once a lease lapsed,
+        the buffer is no longer kept for this process: stop using its tensors (on a GPU the
+        memory may go to another load).
 
         With ``on_layers``, the load streams: while a single cartridge is decoded into a new
         buffer, ``on_layers(ready, layers, location)`` is called each time more leading layers of
@@ -139,7 +140,7 @@ class Loader:
         if lease is not None:
             body["lease"] = lease
         if on_layers is None:
-            return Handle(self, self._request("POST", "/v1/load", body))
+            return Handle(self, self._request("POST", "/v1/load", body), leased=lease is not None)
         connection = self._connection()
         try:
             connection.request("POST", "/v1/load", body=json.dumps(dict(body, stream=True)).encode(), headers={"Content-Type": "application/json"})
@@ -153,7 +154,7 @@ class Loader:
                 if kind == "layers":
                     on_layers(event["ready"], event["layers"], _location(event))
                 elif kind == "loaded":
-                    return Handle(self, event)
+                    return Handle(self, event, leased=lease is not None)
                 else:
                     raise LoaderError(200, event.get("code", "unknown"), event.get("message", ""))
         finally:
@@ -184,6 +185,7 @@ class Handle:
 
     loader: Loader
     answer: dict
+    leased: bool = False
     _map: mmap.mmap | None = field(default=None, repr=False)
     _opened: int | None = field(default=None, repr=False)
 
@@ -260,9 +262,9 @@ class Handle:
             cache.update(keys, values, index)
         return cache
 
-    def renew(self) -> None:
-        """Extends this handle's lease (see :meth:`Loader.load`)."""
-        self.loader.renew(self.handle)
+    def renew(self) -> dict:
+        """Extends this handle's lease (see :meth:`Loader.load`); 404 once it lapsed."""
+        return self.loader.renew(self.handle)
 
     def release(self) -> None:
         """Lets the loader evict the buffer. Views from :meth:`tensors` must not be used after."""
@@ -279,4 +281,9 @@ class Handle:
         finally:
             # The mapping goes with the last view of it.
             self._map = None
-            self.loader.release(self.handle)
+            try:
+                self.loader.release(self.handle)
+            except LoaderError as error:
+                # A lapsed lease released it already.
+                if not (error.status == 404 and self.leased):
+                    raise
