@@ -94,10 +94,7 @@ impl ClientError {
             Self::Api { status, .. } | Self::Unexpected { status, .. } => {
                 matches!(status, 502..=504)
             }
-            Self::Connect { .. } | Self::Http(_) | Self::NoAnswer { .. } | Self::Stalled { .. } => {
-                true
-            }
-            _ => false,
+            other => other.is_transient(),
         }
     }
 }

@@ -214,8 +214,6 @@ impl Loader {
             }
             None => None,
         };
-        // Memory whose lease lapsed is free for this load.
-        self.expire();
         let references = request
             .cartridges
             .iter()

@@ -18,6 +18,7 @@ use cartridge_schemas::Digest;
 use chrono::{DateTime, Utc};
 use futures::TryStreamExt;
 use object_store::ObjectMeta;
+use object_store::path::Path;
 use serde::Serialize;
 
 use crate::storage::{GC_LEASE_TTL, Key, Storage, StorageError};
@@ -74,6 +75,15 @@ impl Heartbeat<'_> {
             && Utc::now() > *expires - GC_LEASE_TTL * 3 / 4
         {
             *expires = self.storage.renew_gc_lease(owner).await?;
+        }
+        Ok(())
+    }
+
+    /// Deletes the object at `location`, the lease kept fresh first; a dry run deletes nothing.
+    async fn delete(&mut self, location: &Path, dry_run: bool) -> Result<(), StorageError> {
+        if !dry_run {
+            self.beat().await?;
+            self.storage.delete_object(location).await?;
         }
         Ok(())
     }
@@ -147,10 +157,7 @@ async fn sweep(
             blobs_of.insert(digest, blobs);
             report.manifests_kept += 1;
         } else {
-            if !options.dry_run {
-                heartbeat.beat().await?;
-                storage.delete_object(&meta.location).await?;
-            }
+            heartbeat.delete(&meta.location, options.dry_run).await?;
             report.manifests_deleted.push(digest);
         }
     }
@@ -161,20 +168,14 @@ async fn sweep(
             report.blobs_kept += 1;
             continue;
         }
-        if !options.dry_run {
-            heartbeat.beat().await?;
-            storage.delete_object(&meta.location).await?;
-        }
+        heartbeat.delete(&meta.location, options.dry_run).await?;
         report.bytes_freed += meta.size;
         report.blobs_deleted.push(digest);
     }
 
     for meta in heartbeat.list(Key::Uploads).await? {
         if meta.last_modified <= cutoff {
-            if !options.dry_run {
-                heartbeat.beat().await?;
-                storage.delete_object(&meta.location).await?;
-            }
+            heartbeat.delete(&meta.location, options.dry_run).await?;
             report.uploads_deleted += 1;
         }
     }
@@ -197,10 +198,7 @@ async fn sweep(
                 {
                     continue;
                 }
-                if !options.dry_run {
-                    heartbeat.beat().await?;
-                    storage.delete_object(&meta.location).await?;
-                }
+                heartbeat.delete(&meta.location, options.dry_run).await?;
                 report.links_deleted += 1;
             }
         }

@@ -200,13 +200,8 @@ pub fn run(args: TrainArgs) -> Result<()> {
         .collect();
     for (what, path) in [("output", &args.output), ("work directory", &work_dir)] {
         let resolved = resolve(path);
-        if let Some(inside) = corpus.iter().find(|c| {
-            if c.is_dir() {
-                resolved.starts_with(c)
-            } else {
-                resolved == **c
-            }
-        }) {
+        // A file's path starts with nothing but itself.
+        if let Some(inside) = corpus.iter().find(|c| resolved.starts_with(c)) {
             let (place, harm) = if inside.is_dir() {
                 (
                     "lies inside the corpus folder",

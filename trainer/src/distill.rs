@@ -51,6 +51,12 @@ impl Default for DistillOptions {
 }
 
 impl DistillOptions {
+    /// The longest conversation a row holds: it reads at positions p.. after the cartridge.
+    pub fn room(&self, max_positions: usize) -> usize {
+        self.row_tokens
+            .min(max_positions.saturating_sub(self.tokens))
+    }
+
     /// Whether these options can train a cartridge of `p` tokens: its first `frozen` stay as
     /// initialized and the rest train, and conversations read at positions after it.
     pub fn check(&self, p: usize, max_positions: usize) -> Result<()> {
@@ -172,16 +178,15 @@ fn usable<'c>(
     max_positions: usize,
     conversations: &'c [Conversation],
 ) -> Result<Vec<&'c Conversation>> {
-    let p = options.tokens;
-    let longest = options.row_tokens.min(max_positions.saturating_sub(p));
+    let longest = options.room(max_positions);
     let usable: Vec<&Conversation> = conversations
         .iter()
         .filter(|c| !c.is_empty() && !c.prompt_ids.is_empty() && c.len() <= longest)
         .collect();
     if usable.is_empty() {
         return Err(Error::Data(format!(
-            "no conversation fits in a row of {} tokens after a cartridge of {p} (the model has {max_positions} positions)",
-            options.row_tokens
+            "no conversation fits in a row of {} tokens after a cartridge of {} (the model has {max_positions} positions)",
+            options.row_tokens, options.tokens
         )));
     }
     Ok(usable)
@@ -284,13 +289,12 @@ fn packed_mask(
     let visible = (keys.broadcast_ge(&from)? * keys.broadcast_le(&to)?)?
         .broadcast_add(&keys.lt(p as u32)?)?;
     let shape = visible.shape().clone();
-    let seen = Tensor::new(0f32, device)?
-        .to_dtype(dtype)?
-        .broadcast_as(&shape)?;
-    let hidden = Tensor::new(f32::NEG_INFINITY, device)?
-        .to_dtype(dtype)?
-        .broadcast_as(&shape)?;
-    Ok(visible.where_cond(&seen, &hidden)?)
+    let fill = |value: f32| -> Result<Tensor> {
+        Ok(Tensor::new(value, device)?
+            .to_dtype(dtype)?
+            .broadcast_as(&shape)?)
+    };
+    Ok(visible.where_cond(&fill(0.0)?, &fill(f32::NEG_INFINITY)?)?)
 }
 
 /// The tokens a cartridge of `tokens` starts from: a system turn holding the corpus's first

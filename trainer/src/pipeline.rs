@@ -110,7 +110,7 @@ fn check_rows_hold_a_conversation(model: &LoadedModel, request: &TrainRequest) -
     let synthesis = &request.synthesis;
     let longest = template + synthesis.user_max_tokens + synthesis.answer_max_tokens;
     let (p, positions) = (request.distill.tokens, model.llama.config.max_positions);
-    let room = request.distill.row_tokens.min(positions.saturating_sub(p));
+    let room = request.distill.room(positions);
     if longest > room {
         return Err(Error::Data(format!(
             "a conversation takes up to {longest} tokens ({template} of chat template, messages of {} and answers of {}), more than a row of {} after a cartridge of {p} holds ({room}; the model has {positions} positions): raise --row-tokens or lower --user-tokens or --answer-tokens",
@@ -157,12 +157,7 @@ pub fn train(
 
     let mut options = request.distill.clone();
     if let Some(epochs) = request.epochs {
-        options.steps = steps_for_epochs(
-            &options,
-            model.llama.config.max_positions,
-            &conversations,
-            epochs,
-        )?;
+        options.steps = steps_for_epochs(&options, max_positions, &conversations, epochs)?;
     }
     // What a checkpoint must have been made from to be resumed.
     let run = json!({

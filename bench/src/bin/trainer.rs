@@ -54,22 +54,6 @@ struct Args {
     output: Option<PathBuf>,
 }
 
-fn smollm2() -> Config {
-    Config {
-        vocab: 49152,
-        hidden: 576,
-        intermediate: 1536,
-        layers: 30,
-        heads: 9,
-        kv_heads: 3,
-        head_dim: 64,
-        rope_theta: 100_000.0,
-        rms_eps: 1e-5,
-        max_positions: 8192,
-        tie_embeddings: true,
-    }
-}
-
 /// One conversation per row, filling it, with a loss on every position after the first.
 fn rows(count: usize, length: usize, vocab: u32) -> Vec<Conversation> {
     (0..count)
@@ -107,7 +91,7 @@ fn main() -> Result<()> {
         }
         DeviceKind::Cuda => bail!("built without CUDA (--features cuda)"),
     };
-    let config = smollm2();
+    let config = Config::smollm2_135m();
     let model = Llama::random(config.clone(), 1, &device, dtype)?;
     let prefix_tensor = |seed: f64| -> Result<Vec<Tensor>> {
         (0..config.layers)

