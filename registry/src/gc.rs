@@ -162,6 +162,19 @@ async fn sweep(
         }
     }
 
+    // A version or tag whose manifest is gone leaves its blobs unmarked: stop before deleting
+    // them, naming what to repair (the manifest may yet be pushed again).
+    for (repo, referenced) in &roots {
+        if let Some(missing) = referenced.iter().find(|d| !blobs_of.contains_key(*d)) {
+            return Err(StorageError::Corrupt {
+                key: Key::Manifest(missing).path().to_string(),
+                detail: format!(
+                    "{repo} points at this manifest but it is missing; \
+                     delete or push again the version or tag that names it, then collect"
+                ),
+            });
+        }
+    }
     let marked: HashSet<Digest> = blobs_of.values().flatten().copied().collect();
     for (digest, meta) in by_digest(heartbeat.list(Key::Blobs).await?) {
         if marked.contains(&digest) || meta.last_modified > cutoff {

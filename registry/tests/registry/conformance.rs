@@ -602,6 +602,48 @@ async fn garbage_collection(storage: &Storage) {
             .is_empty()
     );
 
+    // A version whose manifest went missing stops a collection before it deletes the blobs
+    // only that manifest marked; once the version is deleted, collecting goes on. (Seed 72
+    // shares no layer with the other cartridges here: a seed's layers are `seed ^ 0..8`.)
+    let (lost, lost_chunks) = encoded(72);
+    let lost_repo = self::repo("gc/lost");
+    upload_all(storage, &lost_repo, &lost_chunks).await;
+    storage
+        .publish(&lost_repo, &version("v1"), &lost)
+        .await
+        .unwrap();
+    storage
+        .delete_object(&Key::Manifest(&lost.digest()).path())
+        .await
+        .unwrap();
+    let collect = || {
+        gc::collect(
+            storage,
+            GcOptions {
+                grace: Duration::ZERO,
+                dry_run: false,
+            },
+        )
+    };
+    let error = collect().await.unwrap_err();
+    assert!(
+        matches!(&error, StorageError::Corrupt { detail, .. } if detail.contains("gc/lost")),
+        "{error}"
+    );
+    let lost_blobs: Vec<Digest> = lost_chunks
+        .iter()
+        .map(|c| c.descriptor.stored.digest)
+        .collect();
+    for digest in &lost_blobs {
+        assert!(storage.blob_meta(digest).await.unwrap().is_some());
+    }
+    storage
+        .delete_version(&lost_repo, &version("v1"))
+        .await
+        .unwrap();
+    let report = collect().await.unwrap();
+    assert!(lost_blobs.iter().all(|d| report.blobs_deleted.contains(d)));
+
     // A collection whose lease lapsed (a long listing, a paused process) stops: while it was
     // lapsed a publish may have gone ahead on content its listing holds as unreferenced.
     storage
