@@ -12,6 +12,9 @@ use std::time::SystemTime;
 use cartridge_client::Cache;
 use cartridge_schemas::Digest;
 
+/// How stale a blob's last use must be before a hit in memory records a new one.
+const TOUCH_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
+
 #[derive(Debug)]
 struct Entry {
     size: u64,
@@ -97,14 +100,35 @@ impl DiskCache {
                 pins: 0,
             });
             entry.pins += 1;
-            entry.used = now;
-            // The file time carries recency across restarts.
-            if let Ok(file) = std::fs::File::options()
-                .write(true)
-                .open(self.cache.blob(digest))
+            self.mark_used(digest, entry, now);
+        }
+    }
+
+    /// Marks blobs used by a load that found their cartridge in memory, so the hottest
+    /// cartridges are not the first evicted from disk. (File times are written at most once a
+    /// minute per blob: hits can come by the thousand.)
+    pub fn touch(&self, digests: &[Digest]) {
+        let now = SystemTime::now();
+        let Ok(mut entries) = self.entries.lock() else {
+            return;
+        };
+        for digest in digests {
+            if let Some(entry) = entries.get_mut(digest)
+                && now.duration_since(entry.used).unwrap_or_default() > TOUCH_INTERVAL
             {
-                let _ = file.set_modified(now);
+                self.mark_used(digest, entry, now);
             }
+        }
+    }
+
+    fn mark_used(&self, digest: &Digest, entry: &mut Entry, now: SystemTime) {
+        entry.used = now;
+        // The file time carries recency across restarts.
+        if let Ok(file) = std::fs::File::options()
+            .write(true)
+            .open(self.cache.blob(digest))
+        {
+            let _ = file.set_modified(now);
         }
     }
 
@@ -282,6 +306,31 @@ mod tests {
             "the dropped request's blob is evictable"
         );
         assert!(!cache.blob(&fetched).exists());
+    }
+
+    #[test]
+    fn a_cartridge_served_from_memory_stays_fresh_on_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::new(dir.path()).unwrap();
+        let [hot, cold, loaded] = [1u8, 2, 3].map(|n| Digest::of(&[n]));
+        // Fetched long ago and served from memory since; the other fetched later, never used.
+        file(&cache.blob(&hot), 400, 300);
+        file(&cache.blob(&cold), 400, 200);
+        let disk = DiskCache::open(dir.path(), 1000).unwrap();
+        disk.touch(&[hot]);
+        disk.touch(&[hot, loaded]);
+        disk.pin(&[loaded]);
+        file(&cache.blob(&loaded), 400, 0);
+        assert_eq!(disk.unpin(&[loaded]), 1);
+        assert!(cache.blob(&hot).exists() && !cache.blob(&cold).exists());
+        // The use reached the file's time: a restart keeps the order.
+        let age = std::fs::metadata(cache.blob(&hot))
+            .unwrap()
+            .modified()
+            .unwrap()
+            .elapsed()
+            .unwrap_or_default();
+        assert!(age < Duration::from_secs(60), "{age:?}");
     }
 
     #[test]

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use cartridge_client::{NoProgress, PullOptions, fetch_blobs};
+use cartridge_client::{FetchReport, NoProgress, PullOptions, fetch_blobs};
 use cartridge_schemas::file::Header;
 use cartridge_schemas::{Digest, Dtype, ModelFingerprint, Reference};
 use serde::{Deserialize, Serialize};
@@ -164,7 +164,16 @@ pub struct Loader {
     handles: Mutex<HashMap<u64, Held>>,
     next_handle: AtomicU64,
     /// One lock per entry being made resident, so concurrent loads of it share one fetch.
-    flights: Mutex<HashMap<EntryKey, Arc<tokio::sync::Mutex<()>>>>,
+    flights: Mutex<HashMap<EntryKey, Flight>>,
+}
+
+/// Loads of one entry take turns; each turn leaves how it ended for those waiting behind it.
+type Flight = Arc<tokio::sync::Mutex<Option<Landed>>>;
+
+/// How a turn ended, and when.
+struct Landed {
+    at: Instant,
+    outcome: Result<Tier, LoaderError>,
 }
 
 impl Loader {
@@ -200,6 +209,19 @@ impl Loader {
         request: LoadRequest,
         progress: Option<Progress>,
     ) -> Result<LoadResponse, LoaderError> {
+        let outcome = self.try_load(request, progress).await;
+        if let Err(error) = &outcome {
+            metrics::counter!("loader_load_errors_total", "status" => error.code().http_status().to_string())
+                .increment(1);
+        }
+        outcome
+    }
+
+    async fn try_load(
+        &self,
+        request: LoadRequest,
+        progress: Option<Progress>,
+    ) -> Result<LoadResponse, LoaderError> {
         let started = Instant::now();
         if request.cartridges.is_empty() {
             return Err(LoaderError::BadRequest("no cartridges to load".into()));
@@ -219,59 +241,14 @@ impl Loader {
             .iter()
             .map(|r| Self::parse(r))
             .collect::<Result<Vec<_>, _>>()?;
-        let mut parts = Vec::with_capacity(references.len());
-        for reference in &references {
-            let resolved = self.resolver.resolve(reference).await?;
-            let header = &resolved.manifest.cartridge;
-            request.model.check_compatible(&header.model).map_err(|e| {
-                LoaderError::ModelMismatch {
-                    reference: reference.to_string(),
-                    detail: e.to_string(),
-                }
-            })?;
-            if let Some(first) = parts.first().map(|p: &Resolved| p.manifest.cartridge.dtype)
-                && first != header.dtype
-            {
-                return Err(LoaderError::ModelMismatch {
-                    reference: reference.to_string(),
-                    detail: format!(
-                        "dtype: holds {} but the first cartridge holds {first}: they cannot be composed",
-                        header.dtype
-                    ),
-                });
-            }
-            parts.push(resolved);
+        let parts = self.resolve_parts(&request.model, &references).await?;
+        let (key, tier) = self.resident(&parts, progress).await?;
+        if tier <= Tier::Host {
+            // Hits on memory keep the blobs fresh on disk too, for when memory lets them go.
+            parts
+                .iter()
+                .for_each(|part| self.disk.touch(&part.blob_digests()));
         }
-
-        // Make every part resident, holding a reference on each while composing.
-        let mut tier = Tier::Device;
-        let mut held = Vec::new();
-        let mut result = Ok(());
-        let progress = progress.filter(|_| parts.len() == 1);
-        for part in &parts {
-            match self.ensure_single(part, progress.clone()).await {
-                Ok(reached) => {
-                    tier = tier.max(reached);
-                    held.push(EntryKey::Single(part.digest));
-                }
-                Err(error) => {
-                    result = Err(error);
-                    break;
-                }
-            }
-        }
-        let key = match (result, parts.len()) {
-            (Err(error), _) => {
-                self.release_keys(&held);
-                return Err(error);
-            }
-            (Ok(()), 1) => held.remove(0),
-            (Ok(()), _) => {
-                let composed = self.ensure_composed(&parts).await;
-                self.release_keys(&held);
-                composed?
-            }
-        };
         let (buffer, header) = self
             .store()
             .acquire(&key)
@@ -390,7 +367,7 @@ impl Loader {
             let resolved = self.resolver.resolve(&Self::parse(reference)?).await?;
             let (ready, arrivals) = std::sync::mpsc::channel();
             drop(arrivals);
-            let digests: Vec<Digest> = resolved.manifest.blobs().iter().map(|b| b.digest).collect();
+            let digests = resolved.blob_digests();
             let _pinned = self.disk.pinned(&digests);
             let fetched = fetch_blobs(
                 self.resolver.client(),
@@ -402,7 +379,7 @@ impl Loader {
                 ready,
             )
             .await;
-            fetched.map_err(client_error)?;
+            from_registry(&fetched.map_err(client_error)?);
             parts.push(Part {
                 reference: reference.clone(),
                 digest: resolved.digest,
@@ -439,12 +416,117 @@ impl Loader {
         }
     }
 
-    fn flight(&self, key: &EntryKey) -> Arc<tokio::sync::Mutex<()>> {
+    fn flight(&self, key: &EntryKey) -> Flight {
         let mut flights = self
             .flights
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         flights.entry(key.clone()).or_default().clone()
+    }
+
+    /// Resolves each reference and checks its cartridge suits `model`, and the first one's dtype.
+    async fn resolve_parts(
+        &self,
+        model: &ModelFingerprint,
+        references: &[Reference],
+    ) -> Result<Vec<Resolved>, LoaderError> {
+        let mut parts: Vec<Resolved> = Vec::with_capacity(references.len());
+        for reference in references {
+            let resolved = self.resolver.resolve(reference).await?;
+            let header = &resolved.manifest.cartridge;
+            model
+                .check_compatible(&header.model)
+                .map_err(|e| LoaderError::ModelMismatch {
+                    reference: reference.to_string(),
+                    detail: e.to_string(),
+                })?;
+            if let Some(first) = parts.first().map(|p| p.manifest.cartridge.dtype)
+                && first != header.dtype
+            {
+                return Err(LoaderError::ModelMismatch {
+                    reference: reference.to_string(),
+                    detail: format!(
+                        "dtype: holds {} but the first cartridge holds {first}: they cannot be composed",
+                        header.dtype
+                    ),
+                });
+            }
+            parts.push(resolved);
+        }
+        Ok(parts)
+    }
+
+    /// Makes what `parts` name resident (one cartridge, or their composition) and takes a
+    /// reference on it. Says the slowest tier a part came from.
+    async fn resident(
+        &self,
+        parts: &[Resolved],
+        progress: Option<Progress>,
+    ) -> Result<(EntryKey, Tier), LoaderError> {
+        if let [part] = parts {
+            let tier = self.ensure_single(part, progress).await?;
+            return Ok((EntryKey::Single(part.digest), tier));
+        }
+        let key = EntryKey::Composed(parts.iter().map(|p| p.digest).collect());
+        // A resident composition needs none of its parts (they may have been evicted).
+        if self.store().acquire(&key).is_some() {
+            return Ok((key, Tier::Device));
+        }
+        // Every part resident, each held while composing.
+        let (mut tier, mut held, mut result) = (Tier::Device, Vec::new(), Ok(()));
+        for part in parts {
+            match self.ensure_single(part, None).await {
+                Ok(reached) => {
+                    tier = tier.max(reached);
+                    held.push(EntryKey::Single(part.digest));
+                }
+                Err(error) => {
+                    result = Err(error);
+                    break;
+                }
+            }
+        }
+        let composed = match result {
+            Ok(()) => self.ensure_composed(&key, parts).await,
+            Err(error) => Err(error),
+        };
+        self.release_keys(&held);
+        Ok((key, tier.max(composed?)))
+    }
+
+    /// Takes a reference on `key`: resident already, made so by the load ahead of this one, or
+    /// by `load` in this one's turn. Loads that waited behind a turn that failed get its error
+    /// instead of each trying again in turn (a registry down would answer the last of a hundred
+    /// after a hundred timeouts); loads arriving after it try anew.
+    async fn fly(
+        &self,
+        key: &EntryKey,
+        load: impl Future<Output = Result<Tier, LoaderError>>,
+    ) -> Result<Tier, LoaderError> {
+        if self.store().acquire(key).is_some() {
+            return Ok(Tier::Device);
+        }
+        let flight = self.flight(key);
+        let _landing = Landing { loader: self, key };
+        let waiting_since = Instant::now();
+        let mut turn = flight.lock().await;
+        let ahead = turn
+            .as_ref()
+            .filter(|landed| landed.at >= waiting_since)
+            .map(|landed| landed.outcome.clone());
+        if self.store().acquire(key).is_some() {
+            // Waited for the tier the turn ahead reached.
+            return Ok(ahead.and_then(Result::ok).unwrap_or(Tier::Device));
+        }
+        if let Some(Err(error)) = ahead {
+            return Err(error);
+        }
+        let outcome = load.await;
+        *turn = Some(Landed {
+            at: Instant::now(),
+            outcome: outcome.clone(),
+        });
+        outcome
     }
 
     /// Makes one cartridge resident and takes a reference on it.
@@ -454,26 +536,13 @@ impl Loader {
         progress: Option<Progress>,
     ) -> Result<Tier, LoaderError> {
         let key = EntryKey::Single(part.digest);
-        if self.store().acquire(&key).is_some() {
-            return Ok(Tier::Device);
-        }
-        let flight = self.flight(&key);
-        let _landing = Landing {
-            loader: self,
-            key: &key,
-        };
-        let _turn = flight.lock().await;
-        // Whoever held the turn before may have loaded it.
-        if self.store().acquire(&key).is_some() {
-            return Ok(Tier::Device);
-        }
-        let bytes = part.manifest.cartridge.payload_bytes();
-        // Leases that lapsed while this load waited free their memory for it.
-        self.expire();
-        let evicted = self.store().reserve(bytes)?;
-        drop(evicted);
-        let loaded = self.make_resident(part, progress).await;
-        {
+        self.fly(&key, async {
+            let bytes = part.manifest.cartridge.payload_bytes();
+            // Leases that lapsed while this load waited free their memory for it.
+            self.expire();
+            let evicted = self.store().reserve(bytes)?;
+            drop(evicted);
+            let loaded = self.make_resident(part, progress).await;
             let mut store = self.store();
             match loaded {
                 Ok((buffer, tier)) => {
@@ -485,7 +554,8 @@ impl Loader {
                     Err(error)
                 }
             }
-        }
+        })
+        .await
     }
 
     /// A new buffer holding the cartridge: copied from the host tier (on a GPU), or decoded
@@ -501,7 +571,11 @@ impl Loader {
             .await
             .map_err(|e| LoaderError::Internal(format!("copying to the device: {e}")))?
         {
-            Some(restaged) => restaged.map(|buffer| (buffer, Tier::Host)),
+            Some(restaged) => restaged.map(|buffer| {
+                metrics::counter!("loader_restaged_bytes_total")
+                    .increment(part.manifest.cartridge.payload_bytes());
+                (buffer, Tier::Host)
+            }),
             None => self.fetch_and_decode(part, progress).await,
         }
     }
@@ -514,7 +588,7 @@ impl Loader {
         part: &Resolved,
         progress: Option<Progress>,
     ) -> Result<(Buffer, Tier), LoaderError> {
-        let digests: Vec<Digest> = part.manifest.blobs().iter().map(|b| b.digest).collect();
+        let digests = part.blob_digests();
         let _pinned = self.disk.pinned(&digests);
         let mut outcome = self.fetch_and_decode_once(part, progress.clone()).await;
         if matches!(outcome, Err(LoaderError::Corrupt(_))) {
@@ -560,80 +634,65 @@ impl Loader {
         // A failed download explains an incomplete decode better than the decoder does.
         let fetched = fetched.map_err(client_error)?;
         let buffer = decoded?;
-        let tier = if fetched.downloaded_bytes + fetched.resumed_bytes > 0 {
+        let tier = if from_registry(&fetched) {
             Tier::Registry
         } else {
             Tier::Disk
         };
-        if tier == Tier::Registry {
-            metrics::counter!("loader_fetches_total").increment(1);
-            metrics::counter!("loader_fetched_bytes_total").increment(fetched.downloaded_bytes);
-        }
         metrics::counter!("loader_decoded_bytes_total").increment(bytes);
         Ok((buffer, tier))
     }
 
     /// Makes the composition of resident parts resident and takes a reference on it: per layer,
     /// per head, the parts' tokens one after another.
-    async fn ensure_composed(&self, parts: &[Resolved]) -> Result<EntryKey, LoaderError> {
-        let key = EntryKey::Composed(parts.iter().map(|p| p.digest).collect());
-        if self.store().acquire(&key).is_some() {
-            return Ok(key.clone());
-        }
-        let flight = self.flight(&key);
-        let _landing = Landing {
-            loader: self,
-            key: &key,
-        };
-        let _turn = flight.lock().await;
-        if self.store().acquire(&key).is_some() {
-            return Ok(key.clone());
-        }
-        let headers: Vec<&Header> = parts.iter().map(|p| &p.manifest.cartridge).collect();
-        let first = headers[0];
-        let mut header = first.clone();
-        header.tokens = headers.iter().map(|h| h.tokens).sum();
-        header.provenance = serde_json::json!({"composed_of": parts.iter().map(|p| p.reference.to_string()).collect::<Vec<_>>()});
-        let bytes = header.payload_bytes();
-        self.expire();
-        let evicted = self.store().reserve(bytes)?;
-        drop(evicted);
-        let sources: Vec<_> = {
+    async fn ensure_composed(
+        &self,
+        key: &EntryKey,
+        parts: &[Resolved],
+    ) -> Result<Tier, LoaderError> {
+        self.fly(key, async {
+            let headers: Vec<&Header> = parts.iter().map(|p| &p.manifest.cartridge).collect();
+            let mut header = headers[0].clone();
+            header.tokens = headers.iter().map(|h| h.tokens).sum();
+            header.provenance = serde_json::json!({"composed_of": parts.iter().map(|p| p.reference.to_string()).collect::<Vec<_>>()});
+            let bytes = header.payload_bytes();
+            self.expire();
+            let evicted = self.store().reserve(bytes)?;
+            drop(evicted);
+            let (sources, inputs): (Vec<EntryKey>, Vec<_>) = {
+                let mut store = self.store();
+                parts
+                    .iter()
+                    .map(|p| EntryKey::Single(p.digest))
+                    .filter_map(|key| store.acquire(&key).map(|source| (key, source)))
+                    .unzip()
+            };
+            let composed = if inputs.len() == parts.len() {
+                let device = self.options.device.clone();
+                let layout = header.clone();
+                // A panic is an error like any other: the cleanup below still runs.
+                tokio::task::spawn_blocking(move || device.compose(&layout, &inputs))
+                    .await
+                    .unwrap_or_else(|e| Err(LoaderError::Internal(format!("composing: {e}"))))
+            } else {
+                Err(LoaderError::Internal(
+                    "a part was evicted while composing".into(),
+                ))
+            };
             let mut store = self.store();
-            parts
-                .iter()
-                .filter_map(|p| store.acquire(&EntryKey::Single(p.digest)))
-                .collect()
-        };
-        let composed = if sources.len() == parts.len() {
-            let device = self.options.device.clone();
-            let layout = header.clone();
-            let inputs = sources.clone();
-            // A panic is an error like any other: the cleanup below still runs.
-            tokio::task::spawn_blocking(move || device.compose(&layout, &inputs))
-                .await
-                .unwrap_or_else(|e| Err(LoaderError::Internal(format!("composing: {e}"))))
-        } else {
-            Err(LoaderError::Internal(
-                "a part was evicted while composing".into(),
-            ))
-        };
-        {
-            let mut store = self.store();
-            for part in parts.iter().take(sources.len()) {
-                store.release(&EntryKey::Single(part.digest));
-            }
+            sources.iter().for_each(|source| store.release(source));
             match composed {
                 Ok(buffer) => {
                     store.insert(key.clone(), buffer, header);
-                    Ok(key.clone())
+                    Ok(Tier::Device)
                 }
                 Err(error) => {
                     store.unreserve(bytes);
                     Err(error)
                 }
             }
-        }
+        })
+        .await
     }
 }
 
@@ -650,6 +709,16 @@ impl Drop for Landing<'_> {
     }
 }
 
+/// Whether a cartridge's blobs came from the registry (counted in the metrics) or all from disk.
+fn from_registry(fetched: &FetchReport) -> bool {
+    let fetched_any = fetched.downloaded_bytes + fetched.resumed_bytes > 0;
+    if fetched_any {
+        metrics::counter!("loader_fetches_total").increment(1);
+        metrics::counter!("loader_fetched_bytes_total").increment(fetched.downloaded_bytes);
+    }
+    fetched_any
+}
+
 /// Most cartridges one request names: a composition of more is no use, and each costs a
 /// resolution and a manifest in memory.
 pub const MAX_CARTRIDGES: usize = 64;
@@ -662,4 +731,68 @@ fn check_count(references: &[String]) -> Result<(), LoaderError> {
         )));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+    use std::time::Duration;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn loads_waiting_behind_a_failed_turn_get_its_error_and_later_ones_try_anew() {
+        let dir = tempfile::tempdir().unwrap();
+        // Nothing listens there: the turns below never ask the registry.
+        let client = cartridge_client::Client::new("http://127.0.0.1:9", None).unwrap();
+        let resolver = Resolver::new(client, &dir.path().join("resolved"), Duration::ZERO).unwrap();
+        let disk = DiskCache::open(&dir.path().join("cache"), 1 << 20).unwrap();
+        let options = LoaderOptions {
+            device: Arc::new(Device::host(&dir.path().join("shm"))),
+            transfers: PullOptions::default(),
+        };
+        let loader = Loader::new(resolver, disk, 1 << 20, options);
+        let key = EntryKey::Single(Digest::of(b"cartridge"));
+        let attempts = AtomicUsize::new(0);
+        let failing = || async {
+            attempts.fetch_add(1, Ordering::SeqCst);
+            tokio::task::yield_now().await;
+            Err::<Tier, _>(LoaderError::Unavailable("registry down".into()))
+        };
+        let (started, going) = tokio::sync::watch::channel(false);
+        let leader = async {
+            loader
+                .fly(&key, async {
+                    started.send_replace(true);
+                    // Fails only once every follower waits behind it.
+                    for _ in 0..10 {
+                        tokio::task::yield_now().await;
+                    }
+                    failing().await
+                })
+                .await
+        };
+        let followers = futures::future::join_all((0..10).map(|_| {
+            let mut going = going.clone();
+            let (loader, key, failing) = (&loader, &key, &failing);
+            async move {
+                going.wait_for(|started| *started).await.unwrap();
+                loader.fly(key, failing()).await
+            }
+        }));
+        let (first, rest) = tokio::join!(leader, followers);
+        assert!(matches!(first, Err(LoaderError::Unavailable(_))));
+        assert!(
+            rest.iter()
+                .all(|r| matches!(r, Err(LoaderError::Unavailable(_)))),
+            "{rest:?}"
+        );
+        assert_eq!(attempts.load(Ordering::SeqCst), 1, "one attempt for all");
+        assert!(loader.fly(&key, failing()).await.is_err());
+        assert_eq!(
+            attempts.load(Ordering::SeqCst),
+            2,
+            "a later load tries again"
+        );
+    }
 }

@@ -196,7 +196,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
     };
     match &args.socket {
         Some(path) => {
-            let _ = std::fs::remove_file(path);
+            remove_stale_socket(path)?;
             let listener = tokio::net::UnixListener::bind(path)
                 .with_context(|| format!("binding {}", path.display()))?;
             println!("listening on unix:{}", path.display());
@@ -217,6 +217,26 @@ async fn serve(args: ServeArgs) -> Result<()> {
     }
     drop(shm_dir);
     Ok(())
+}
+
+/// Removes a socket left by a loader that is gone; refuses anything else at `path` (a file,
+/// or a socket someone still listens on).
+fn remove_stale_socket(path: &std::path::Path) -> Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    let Ok(metadata) = std::fs::symlink_metadata(path) else {
+        return Ok(());
+    };
+    anyhow::ensure!(
+        metadata.file_type().is_socket(),
+        "{} exists and is not a socket; choose another --socket path",
+        path.display()
+    );
+    anyhow::ensure!(
+        std::os::unix::net::UnixStream::connect(path).is_err(),
+        "{} is in use: another process listens on it",
+        path.display()
+    );
+    std::fs::remove_file(path).with_context(|| format!("removing {}", path.display()))
 }
 
 fn bandwidth(device: DeviceArg, size: ByteSize) -> Result<()> {

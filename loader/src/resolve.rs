@@ -34,6 +34,13 @@ pub struct Resolved {
     pub from_memory: bool,
 }
 
+impl Resolved {
+    /// The blobs holding the cartridge, each once.
+    pub fn blob_digests(&self) -> Vec<Digest> {
+        self.manifest.blobs().iter().map(|b| b.digest).collect()
+    }
+}
+
 impl Resolver {
     /// Resolutions are reused for `ttl` (zero: every load asks the registry).
     pub fn new(client: Client, dir: &Path, ttl: Duration) -> Result<Self, LoaderError> {

@@ -297,6 +297,50 @@ fn the_device_budget_is_never_exceeded() {
         loaded > 10 && refused > 0,
         "loaded {loaded}, refused {refused}"
     );
+    // Once idle, what the budget counts is exactly what is resident: no reservation leaked.
+    for handle in held {
+        http_json(
+            &loader.url,
+            "POST",
+            "/v1/release",
+            Some(&json!({"handle": handle})),
+        );
+    }
+    let status: Value = http_json(&loader.url, "GET", "/v1/status", None).1;
+    let resident: u64 = status["device"]["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["bytes"].as_u64().unwrap())
+        .sum();
+    assert_eq!(
+        status["device"]["used"].as_u64().unwrap(),
+        resident,
+        "{status}"
+    );
+}
+
+#[test]
+fn a_resident_composition_is_served_without_its_parts() {
+    let dir = tempfile::tempdir().unwrap();
+    let size = 4 * 2 * (2 * 64 * 64 * 2); // one cartridge's payload: 4 layers, 64 tokens
+    let budget = format!("{}B", size * 4);
+    let (_registry, loader, model) = setup(dir.path(), 64, &["--gpu-budget", &budget]);
+    let (status, composed) = load(&loader, &model, &["team/a@v1", "team/b@v1"]);
+    assert_eq!(status, 200, "{composed}");
+    // The budget is full (a, b and their composition); c takes the place of a.
+    let (status, body) = load(&loader, &model, &["team/c@v1"]);
+    assert_eq!(status, 200, "{body}");
+    // Loading the parts again would need room held by c and the composition.
+    let (status, again) = load(&loader, &model, &["team/a@v1", "team/b@v1"]);
+    assert_eq!(status, 200, "{again}");
+    assert_eq!(again["tier"], "device");
+    assert_eq!(again["path"], composed["path"]);
+    assert_eq!(
+        shared_bytes(&again),
+        shared_bytes(&composed),
+        "the composition itself"
+    );
 }
 
 #[test]
@@ -537,24 +581,35 @@ fn the_api_serves_on_a_unix_socket() {
     use std::io::{Read, Write};
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("loader.sock");
-    let mut child =
+    let serve = |socket: &Path| {
         std::process::Command::new(crate::support::workspace_binary("cartridge-loader"))
             .args(["serve", "--registry", "http://127.0.0.1:9", "--socket"])
-            .arg(&socket)
+            .arg(socket)
             .arg("--cache-dir")
             .arg(dir.path().join("cache"))
             .arg("--shm-dir")
             .arg(dir.path().join("shm"))
             .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
             .spawn()
-            .unwrap();
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
-        &mut line,
-    )
-    .unwrap();
-    assert!(line.starts_with("listening on unix:"), "{line}");
+            .unwrap()
+    };
+    let listening = |child: &mut std::process::Child| {
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        assert!(line.starts_with("listening on unix:"), "{line}");
+    };
+    let refused = |socket: &Path| {
+        let output = serve(socket).wait_with_output().unwrap();
+        assert!(!output.status.success());
+        String::from_utf8_lossy(&output.stderr).into_owned()
+    };
+    let mut child = serve(&socket);
+    listening(&mut child);
     let mut stream = std::os::unix::net::UnixStream::connect(&socket).unwrap();
     stream
         .write_all(b"GET /v1/status HTTP/1.1\r\nHost: loader\r\nConnection: close\r\n\r\n")
@@ -563,8 +618,25 @@ fn the_api_serves_on_a_unix_socket() {
     stream.read_to_string(&mut response).unwrap();
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
     assert!(response.contains("\"handles\":0"), "{response}");
+
+    // A second loader leaves the live one's socket alone, and nothing but a socket is removed.
+    let error = refused(&socket);
+    assert!(error.contains("in use"), "{error}");
+    assert!(std::os::unix::net::UnixStream::connect(&socket).is_ok());
+    let file = dir.path().join("notes.txt");
+    std::fs::write(&file, "kept").unwrap();
+    let error = refused(&file);
+    assert!(error.contains("is not a socket"), "{error}");
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "kept");
+
+    // A socket left by a loader killed outright is taken over.
     let _ = child.kill();
     let _ = child.wait();
+    assert!(socket.exists());
+    let mut successor = serve(&socket);
+    listening(&mut successor);
+    let _ = successor.kill();
+    let _ = successor.wait();
 }
 
 /// A streamed load: its newline-delimited events, read to the end. HTTP/1.0, so the body ends
