@@ -202,20 +202,17 @@ pub fn verify_stored(stored: &[u8], descriptor: &ChunkDescriptor) -> Result<(), 
 
 /// Verifies and decodes a stored chunk into its raw bytes.
 pub fn decode_chunk(stored: &[u8], descriptor: &ChunkDescriptor) -> Result<Vec<u8>, CodecError> {
+    // Checked before the raw size, which the blob vouches for, sizes anything.
+    verify_stored(stored, descriptor)?;
     let mut out = vec![0; descriptor.raw.size as usize];
     decode_chunk_into(stored, descriptor, &mut [&mut out])?;
     Ok(out)
 }
 
-/// The largest decompression buffer a thread keeps between chunks.
-const KEEP_SCRATCH: usize = 64 << 20;
-
-thread_local! {
-    /// Per-thread decompression state: the decoder and the shuffled-bytes buffer, reused so
-    /// decoding many chunks neither reallocates nor faults in fresh pages each time.
-    static DECODER: std::cell::RefCell<Option<(zstd::bulk::Decompressor<'static>, Vec<u8>)>> =
-        const { std::cell::RefCell::new(None) };
-}
+/// Decompressed bytes are placed this many at a time. Decoding holds no copy of a chunk, so the
+/// raw size a manifest states (a hostile one can state anything) never sizes an allocation: only
+/// the caller's destinations, which it sized and counts.
+const WINDOW: usize = 1 << 20;
 
 /// Verifies and decodes a stored chunk into `outs`, the raw bytes' destinations in order (e.g.
 /// each layer's keys and values where they belong in a file or in pinned host memory); their
@@ -236,49 +233,44 @@ pub fn decode_chunk_into(
             actual: total,
         });
     }
+    let width = descriptor.codec.shuffle_width().unwrap_or(1);
+    for out in outs.iter() {
+        check_aligned(out.len(), width)?;
+    }
     let decompress_error = |e: std::io::Error| CodecError::Decompress {
         digest,
         detail: e.to_string(),
     };
-    DECODER.with_borrow_mut(|state| -> Result<(), CodecError> {
-        let (decompressor, scratch) = match state {
-            Some(state) => state,
-            None => state.insert((
-                zstd::bulk::Decompressor::new().map_err(decompress_error)?,
-                Vec::new(),
-            )),
+    let mut decoder = zstd::stream::read::Decoder::with_buffer(stored)
+        .map_err(decompress_error)?
+        .single_frame();
+    let mut window = vec![0; WINDOW.min(total).max(1)];
+    let mut position = 0;
+    loop {
+        let read = match std::io::Read::read(&mut decoder, &mut window) {
+            Ok(0) => break,
+            Ok(read) => read,
+            Err(error) if error.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(error) => return Err(decompress_error(error)),
         };
-        scratch.resize(total, 0);
-        // The raw size from the manifest caps decompression, so a hostile blob cannot balloon
-        // memory.
-        let written = decompressor
-            .decompress_to_buffer(stored, scratch.as_mut_slice())
-            .map_err(decompress_error)?;
-        if written as u64 != expected {
+        // More than stated: stop at once (a small blob may expand without end).
+        if position + read > total {
             return Err(CodecError::RawSizeMismatch {
                 digest,
                 expected,
-                actual: written as u64,
+                actual: (position + read) as u64,
             });
         }
-        let unpacked = match descriptor.codec.shuffle_width() {
-            Some(width) => unshuffle(scratch, width, outs),
-            None => {
-                let mut offset = 0;
-                for out in outs.iter_mut() {
-                    out.copy_from_slice(&scratch[offset..offset + out.len()]);
-                    offset += out.len();
-                }
-                Ok(())
-            }
-        };
-        // Kept for the next chunk only while it is of a usual size: each decoding thread would
-        // otherwise hold the largest chunk it ever saw, outside any budget.
-        if scratch.capacity() > KEEP_SCRATCH {
-            *scratch = Vec::new();
-        }
-        unpacked
-    })?;
+        place(&window[..read], position, width, total / width, outs);
+        position += read;
+    }
+    if position != total {
+        return Err(CodecError::RawSizeMismatch {
+            digest,
+            expected,
+            actual: position as u64,
+        });
+    }
     let mut hasher = blake3::Hasher::new();
     for out in outs.iter() {
         hasher.update(out);
@@ -346,38 +338,44 @@ pub fn shuffle(pieces: &[&[u8]], width: usize, out: &mut [u8]) -> Result<(), Cod
     Ok(())
 }
 
-/// Inverse of [`shuffle`]: the element bytes go back into `outs`, in order.
-pub fn unshuffle(shuffled: &[u8], width: usize, outs: &mut [&mut [u8]]) -> Result<(), CodecError> {
-    check_aligned(shuffled.len(), width)?;
-    let total: usize = outs.iter().map(|out| out.len()).sum();
-    if total != shuffled.len() {
-        return Err(CodecError::OutputSize {
-            expected: shuffled.len() as u64,
-            actual: total,
-        });
-    }
-    let elements = shuffled.len() / width;
-    if elements == 0 {
-        return Ok(());
-    }
-    let planes: Vec<&[u8]> = shuffled.chunks_exact(elements).collect();
-    let mut offset = 0;
-    for out in outs.iter_mut() {
-        check_aligned(out.len(), width)?;
-        match width {
-            2 => unshuffle_piece::<2>(&planes, out, offset),
-            4 => unshuffle_piece::<4>(&planes, out, offset),
-            _ => {
-                for (index, element) in out.chunks_exact_mut(width).enumerate() {
-                    for (byte, value) in element.iter_mut().enumerate() {
-                        *value = planes[width - 1 - byte][offset + index];
+/// Inverse of [`shuffle`], a window at a time: puts `bytes`, found at `position` of a shuffled
+/// stream of `elements` elements of `width` bytes, where they belong in `outs` (the elements in
+/// order, each out a whole number of them). Width 1 is a plain copy.
+fn place(
+    mut bytes: &[u8],
+    mut position: usize,
+    width: usize,
+    elements: usize,
+    outs: &mut [&mut [u8]],
+) {
+    while !bytes.is_empty() {
+        // The run of one byte plane this window holds: elements first..first + count.
+        let (plane, first) = (position / elements, position % elements);
+        let count = bytes.len().min(elements - first);
+        let byte = width - 1 - plane;
+        let mut start = 0;
+        for out in outs.iter_mut() {
+            let end = start + out.len() / width;
+            let (low, high) = (first.max(start), (first + count).min(end));
+            if low < high {
+                let source = &bytes[low - first..high - first];
+                let target = &mut out[(low - start) * width..(high - start) * width];
+                match width {
+                    1 => target.copy_from_slice(source),
+                    2 => place_plane::<2>(source, target, byte),
+                    4 => place_plane::<4>(source, target, byte),
+                    _ => {
+                        for (element, value) in target.chunks_exact_mut(width).zip(source) {
+                            element[byte] = *value;
+                        }
                     }
                 }
             }
+            start = end;
         }
-        offset += out.len() / width;
+        bytes = &bytes[count..];
+        position += count;
     }
-    Ok(())
 }
 
 fn check_aligned(len: usize, width: usize) -> Result<(), CodecError> {
@@ -410,16 +408,9 @@ fn shuffle_piece_dyn(piece: &[u8], width: usize, out: &mut [u8], elements: usize
     }
 }
 
-fn unshuffle_piece<const W: usize>(planes: &[&[u8]], out: &mut [u8], offset: usize) {
-    let count = out.len() / W;
-    let planes: Vec<&[u8]> = planes
-        .iter()
-        .map(|plane| &plane[offset..offset + count])
-        .collect();
-    for (index, element) in out.chunks_exact_mut(W).enumerate() {
-        for (plane, byte) in planes.iter().zip(element.iter_mut().rev()) {
-            *byte = plane[index];
-        }
+fn place_plane<const W: usize>(source: &[u8], target: &mut [u8], byte: usize) {
+    for (element, value) in target.chunks_exact_mut(W).zip(source) {
+        element[byte] = *value;
     }
 }
 
@@ -437,7 +428,7 @@ mod tests {
         assert_eq!(out, [0xa1, 0xa2, 0xa3, 0x01, 0x02, 0x03]);
         let mut back = [0; 6];
         let (first, second) = back.split_at_mut(4);
-        unshuffle(&out, 2, &mut [first, second]).unwrap();
+        place(&out, 0, 2, 3, &mut [first, second]);
         assert_eq!(back, raw);
     }
 
@@ -521,7 +512,7 @@ mod tests {
         small.raw.size = 100;
         assert!(matches!(
             decode_chunk(&chunk.bytes, &small),
-            Err(CodecError::Decompress { .. })
+            Err(CodecError::RawSizeMismatch { .. })
         ));
         let mut large = chunk.descriptor.clone();
         large.raw.size = 5000;
@@ -537,14 +528,19 @@ mod tests {
             elements in prop::collection::vec(any::<u64>(), 0..1000),
             width in prop_oneof![Just(2usize), Just(4), Just(8)],
             split in 0usize..100,
+            window in 0usize..100,
         ) {
             let raw: Vec<u8> = elements.iter().flat_map(|e| e.to_le_bytes()).collect();
             let cut = (split * raw.len() / 100) / width * width;
             let mut shuffled = vec![0; raw.len()];
             shuffle(&[&raw[..cut], &raw[cut..]], width, &mut shuffled).unwrap();
+            // Placed in two windows cut anywhere, across planes and destinations.
             let mut back = vec![0; raw.len()];
             let (first, second) = back.split_at_mut(cut);
-            unshuffle(&shuffled, width, &mut [first, second]).unwrap();
+            let at = window * raw.len() / 100;
+            let count = raw.len() / width;
+            place(&shuffled[..at], 0, width, count, &mut [&mut *first, &mut *second]);
+            place(&shuffled[at..], at, width, count, &mut [first, second]);
             prop_assert_eq!(&back, &raw);
 
             for codec in [Codec::Zstd, Codec::Shuffle2Zstd, Codec::Shuffle4Zstd] {

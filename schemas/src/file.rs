@@ -331,6 +331,13 @@ impl FileLayout {
     /// Validates a safetensors header text as a cartridge's: metadata, every tensor's presence,
     /// dtype and shape, and no extra tensors.
     pub fn parse(text: &str) -> Result<Self, FormatError> {
+        // What a file's reader demands (see `header_text`), so a manifest's header text passes
+        // here only if the file rebuilt from it opens.
+        if !text.starts_with('{') {
+            return Err(FormatError::Safetensors {
+                detail: "the header is not JSON (is this a safetensors file?)".into(),
+            });
+        }
         let metadata: safetensors::tensor::Metadata =
             serde_json::from_str(text).map_err(|e| FormatError::Safetensors {
                 detail: e.to_string(),
@@ -362,7 +369,14 @@ impl FileLayout {
                     });
                 }
                 let (start, end) = info.data_offsets;
-                *range = data_start + start..data_start + end;
+                *range = match (data_start.checked_add(start), data_start.checked_add(end)) {
+                    (Some(start), Some(end)) => start..end,
+                    _ => {
+                        return Err(FormatError::Safetensors {
+                            detail: format!("tensor {name}'s offsets are past any file"),
+                        });
+                    }
+                };
             }
             let [(_, keys), (_, values)] = ranges;
             layers.push([keys, values]);
@@ -370,13 +384,10 @@ impl FileLayout {
         if tensors.len() != layers.len() * 2 {
             let mut names: Vec<&String> = tensors.keys().collect();
             names.sort();
-            let known = |name: &str| {
-                (0..layers.len()).any(|layer| {
-                    name == tensor_name(layer, Part::Keys)
-                        || name == tensor_name(layer, Part::Values)
-                })
-            };
-            if let Some(name) = names.into_iter().find(|name| !known(name)) {
+            let known: std::collections::HashSet<String> = (0..layers.len())
+                .flat_map(|layer| [Part::Keys, Part::Values].map(|part| tensor_name(layer, part)))
+                .collect();
+            if let Some(name) = names.into_iter().find(|name| !known.contains(*name)) {
                 return Err(FormatError::UnexpectedTensor {
                     name: name.clone(),
                     layers: header.model.layers,
@@ -444,6 +455,12 @@ fn check_counts(
         format!("tokens ({tokens}) must be at most {MAX_TOKENS}")
     } else if frozen_tokens > tokens {
         format!("frozen_tokens ({frozen_tokens}) exceeds tokens ({tokens})")
+    } else if !(model.rope.theta.is_finite() && model.rope.theta > 0.0) {
+        // JSON has no NaN or infinity: such a header would be written as null and never read.
+        format!(
+            "the RoPE base ({}) must be a positive number",
+            model.rope.theta
+        )
     } else {
         return Ok(());
     };
@@ -709,6 +726,25 @@ pub(crate) mod tests {
         assert!(err.contains("at most 4096"), "{err}");
         let err = check_counts(&tiny(), u64::MAX, 1).unwrap_err().to_string();
         assert!(err.contains("at most 16777216"), "{err}");
+        for theta in [f64::NAN, f64::INFINITY, 0.0] {
+            let mut model = tiny();
+            model.rope.theta = theta;
+            let err = check_counts(&model, 4, 1).unwrap_err().to_string();
+            assert!(err.contains("RoPE base"), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_header_text_the_file_reader_refuses_is_refused_alone_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, ..) = write_sample(dir.path());
+        let bytes = std::fs::read(path).unwrap();
+        let text = header_text(&bytes).unwrap();
+        assert!(FileLayout::parse(text).is_ok());
+        let err = FileLayout::parse(&format!(" {text}"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not JSON"), "{err}");
     }
 
     #[test]

@@ -167,7 +167,17 @@ impl Manifest {
         let layers = self.cartridge.model.layers;
         let layer_bytes = self.cartridge.layer_bytes();
         let mut next = 0;
+        // One blob is one size: `blobs()` keeps the first size it sees, and a pull of the other
+        // could never succeed.
+        let mut sizes = std::collections::HashMap::new();
         for (index, chunk) in self.chunks.iter().enumerate() {
+            let stored = chunk.stored;
+            if *sizes.entry(stored.digest).or_insert(stored.size) != stored.size {
+                return Err(ManifestError::new(format!(
+                    "chunk {index} gives blob {} two sizes",
+                    stored.digest
+                )));
+            }
             let range = chunk.layers;
             if range.start != next || range.end <= range.start || range.end > layers {
                 return Err(ManifestError::new(format!(
@@ -326,5 +336,9 @@ pub(crate) mod tests {
         let mut manifest = sample();
         manifest.chunks[1].stored = manifest.chunks[0].stored;
         assert_eq!(manifest.blobs().len(), 1);
+        manifest.validate().unwrap();
+        manifest.chunks[1].stored.size += 1;
+        let err = manifest.validate().unwrap_err().to_string();
+        assert!(err.contains("two sizes"), "{err}");
     }
 }

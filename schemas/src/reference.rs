@@ -436,8 +436,12 @@ fn validate_registry(s: &str) -> Result<(), String> {
         }
     }
     if let Some(port) = port {
-        // Leading zeros would give one port several spellings, breaking display/parse identity.
-        if port.starts_with('0') || !matches!(port.parse::<u16>(), Ok(1..)) {
+        // Leading zeros or a sign would give one port several spellings, breaking display/parse
+        // identity (and `parse` takes a '+').
+        if port.starts_with('0')
+            || !port.bytes().all(|b| b.is_ascii_digit())
+            || !matches!(port.parse::<u16>(), Ok(1..))
+        {
             return Err(format!(
                 "registry port {port:?} is not a number from 1 to 65535"
             ));
@@ -513,6 +517,7 @@ mod tests {
         assert!(error("legal/x@blake3:abc").contains("64 hex"));
         assert!(error("Host:5000/a/b").contains("registry host must be lowercase"));
         assert!(error("host:99999/a/b").contains("not a number from 1 to 65535"));
+        assert!(error("host:+80/a/b").contains("not a number from 1 to 65535"));
         assert!(error(&format!("{}/x", "a".repeat(65))).contains("namespace is longer than 64"));
         assert!(error("a/b@x@y").contains("tag contains '@'"));
     }
