@@ -35,6 +35,16 @@ impl Client {
                 "registry URL {base} must be http:// or https://"
             )));
         }
+        // The API lives at the server's root (`/v1/…`, and the registry's answers name paths
+        // from there): a path here would be dropped, and the token sent to whatever serves the
+        // root of that host.
+        if base.path() != "/" || base.query().is_some() || base.fragment().is_some() {
+            return Err(ClientError::Usage(format!(
+                "registry URL {base} must name the server alone, without a path (e.g. {}://{})",
+                base.scheme(),
+                base.host_str().unwrap_or("host")
+            )));
+        }
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
             .user_agent(concat!("cartridge/", env!("CARGO_PKG_VERSION")))
@@ -169,15 +179,24 @@ impl Client {
         Ok(self.json::<MissingBlobsResponse>(builder).await?.missing)
     }
 
-    pub async fn upload_targets(
+    /// Where to send a blob.
+    pub async fn upload_target(
         &self,
         repo: &Repository,
-        blobs: Vec<BlobInfo>,
-    ) -> Result<Vec<UploadTarget>, ClientError> {
+        blob: BlobInfo,
+    ) -> Result<UploadTarget, ClientError> {
+        let path = format!("/v1/repos/{repo}/blobs/uploads");
         let builder = self
-            .request(Method::POST, &format!("/v1/repos/{repo}/blobs/uploads"))?
-            .json(&UploadRequest { blobs });
-        Ok(self.json::<UploadResponse>(builder).await?.uploads)
+            .request(Method::POST, &path)?
+            .json(&UploadRequest { blobs: vec![blob] });
+        match <[UploadTarget; 1]>::try_from(self.json::<UploadResponse>(builder).await?.uploads) {
+            Ok([target]) if target.digest == blob.digest => Ok(target),
+            _ => Err(ClientError::Unexpected {
+                status: 200,
+                url: path,
+                body: format!("no upload target for blob {}", blob.digest),
+            }),
+        }
     }
 
     /// Sends one blob where the registry said to, and commits it if it went around the registry.
@@ -312,6 +331,15 @@ mod tests {
             .request(Method::PUT, "//elsewhere.example/upload")
             .unwrap_err();
         assert!(error.to_string().contains("another host"), "{error}");
+        // A path would be dropped by every request: the token would reach the host's root.
+        assert!(Client::new("https://registry.example/", None).is_ok());
+        for url in [
+            "https://host.example/cartridge",
+            "https://host.example/?a=b",
+        ] {
+            let error = Client::new(url, None).unwrap_err().to_string();
+            assert!(error.contains("without a path"), "{url}: {error}");
+        }
     }
 
     #[tokio::test]

@@ -251,9 +251,8 @@ async fn fetch_blob(
     let mut resumed = partial_len(&partial);
     if resumed > blob.size {
         resumed = 0;
-        tokio::fs::remove_file(&partial)
-            .await
-            .map_err(ClientError::io(&partial))?;
+        // Emptied, not removed: the lock is on this file.
+        truncate(&partial).await?;
     }
     let mut hasher = blake3::Hasher::new();
     let mut hashed = 0;
@@ -304,6 +303,16 @@ async fn fetch_blob(
     Ok((blob.size - resumed, resumed))
 }
 
+/// Empties a partial download in place (whoever downloads it holds a lock on this very file).
+async fn truncate(partial: &Path) -> Result<(), ClientError> {
+    let file = tokio::fs::OpenOptions::new()
+        .write(true)
+        .open(partial)
+        .await
+        .map_err(ClientError::io(partial))?;
+    file.set_len(0).await.map_err(ClientError::io(partial))
+}
+
 /// Appends the rest of a blob to its partial file, from where the file ends, hashing as it goes.
 async fn download_into(
     client: &Client,
@@ -336,30 +345,41 @@ async fn download_into(
         digest: blob.digest,
         seconds: options.stall_timeout.as_secs(),
     };
-    while let Some(piece) = tokio::time::timeout(options.stall_timeout, stream.next())
-        .await
-        .map_err(|_| stalled())?
-    {
-        let piece = piece?;
-        if *hashed + piece.len() as u64 > blob.size {
-            drop(file);
-            let _ = tokio::fs::remove_file(partial).await;
-            return Err(ClientError::Manifest(format!(
-                "blob {} is longer than the {} bytes the manifest says",
-                blob.digest, blob.size
-            )));
-        }
-        file.write_all(&piece)
+    let received = async {
+        while let Some(piece) = tokio::time::timeout(options.stall_timeout, stream.next())
             .await
-            .map_err(ClientError::io(partial))?;
-        hasher.update(&piece);
-        *hashed += piece.len() as u64;
-        progress.advance(piece.len() as u64);
-        if let Some(rate) = &options.rate {
-            rate.consume(piece.len() as u64).await;
+            .map_err(|_| stalled())?
+        {
+            let piece = piece?;
+            if *hashed + piece.len() as u64 > blob.size {
+                return Err(ClientError::Manifest(format!(
+                    "blob {} is longer than the {} bytes the manifest says",
+                    blob.digest, blob.size
+                )));
+            }
+            file.write_all(&piece)
+                .await
+                .map_err(ClientError::io(partial))?;
+            hasher.update(&piece);
+            *hashed += piece.len() as u64;
+            progress.advance(piece.len() as u64);
+            if let Some(rate) = &options.rate {
+                rate.consume(piece.len() as u64).await;
+            }
         }
+        Ok(())
     }
-    file.flush().await.map_err(ClientError::io(partial))?;
+    .await;
+    // However the transfer ended, what was received is on disk before the file's length is
+    // read again: a tokio write still in flight could otherwise land after the next attempt
+    // resumes from the shorter length, doubling bytes.
+    let flushed = file.flush().await.map_err(ClientError::io(partial));
+    if let Err(error @ ClientError::Manifest(_)) = received {
+        truncate(partial).await?;
+        return Err(error);
+    }
+    received?;
+    flushed?;
     if *hashed < blob.size {
         // The connection ended early; the next attempt resumes from here.
         return Err(stalled());

@@ -123,9 +123,12 @@ pub async fn push(
 ) -> Result<PushReport, ClientError> {
     let path = file.to_owned();
     let encode = options.encode;
-    // Opening validates the whole file (its digest included) before anything is sent.
+    // Read once, then validated whole (its digest included) before anything is sent: the
+    // chunks are encoded from the very bytes checked. (A mapped file rewritten in place during
+    // the push would publish chunks that disagree with the header, a version no pull accepts.)
     let (cartridge, chunks) = tokio::task::spawn_blocking(move || -> Result<_, ClientError> {
-        let cartridge = Cartridge::open(&path)?;
+        let bytes = std::fs::read(&path).map_err(ClientError::io(&path))?;
+        let cartridge = Cartridge::from_bytes(bytes)?;
         let chunks = encode_cartridge(&cartridge, &encode)?;
         Ok((cartridge, chunks))
     })
@@ -253,7 +256,7 @@ async fn upload_missing(
             // Each attempt asks where to send the blob right before sending it: presigned URLs
             // expire, and a long push must not reach its last blobs with stale ones.
             let send = || async {
-                let target = client.upload_targets(repo, vec![chunk.descriptor.stored]).await?.remove(0);
+                let target = client.upload_target(repo, chunk.descriptor.stored).await?;
                 client.upload(&target, bytes.clone()).await
             };
             send.retry(backoff())

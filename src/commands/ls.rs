@@ -1,5 +1,5 @@
-use anyhow::Result;
-use cartridge_schemas::reference::{Namespace, Repository};
+use anyhow::{Result, bail};
+use cartridge_schemas::reference::{Namespace, Reference};
 use clap::Args;
 
 use super::RegistryArgs;
@@ -17,7 +17,6 @@ pub struct LsArgs {
 }
 
 pub fn run(args: LsArgs) -> Result<()> {
-    let client = args.registry.connect(None)?;
     let runtime = super::runtime()?;
     let print = |value: serde_json::Value, lines: Vec<String>| -> Result<()> {
         if args.json {
@@ -29,12 +28,20 @@ pub fn run(args: LsArgs) -> Result<()> {
     };
     match args.what.as_deref() {
         None => {
+            let client = args.registry.connect(None)?;
             let list = runtime.block_on(client.namespaces())?;
             let lines = list.namespaces.iter().map(ToString::to_string).collect();
             print(serde_json::to_value(&list)?, lines)
         }
         Some(what) if what.contains('/') => {
-            let repo: Repository = what.parse()?;
+            // A repository, on a named registry too (`host:port/ns/name`), as other commands
+            // take references.
+            if what.contains('@') {
+                bail!("{what}: ls lists every version and tag of a repository; leave out the @…");
+            }
+            let reference: Reference = what.parse()?;
+            let client = args.registry.connect(reference.registry.as_ref())?;
+            let repo = reference.repository;
             let listing = runtime.block_on(client.listing(&repo))?;
             let mut lines: Vec<String> = listing
                 .versions
@@ -51,6 +58,7 @@ pub fn run(args: LsArgs) -> Result<()> {
         }
         Some(namespace) => {
             let namespace: Namespace = namespace.parse()?;
+            let client = args.registry.connect(None)?;
             let list = runtime.block_on(client.names(&namespace))?;
             let lines = list
                 .names

@@ -78,20 +78,46 @@ fn copy_atomically(from: &Path, to: &Path) -> Result<()> {
     if to.is_dir() {
         bail!("{} is a folder: -o names the file to write", to.display());
     }
-    // A name of its own beside the destination (the rename stays on one filesystem), never a
-    // file someone else has there; removed if anything fails.
-    let dir = to.parent().filter(|p| !p.as_os_str().is_empty());
-    let temporary = tempfile::Builder::new()
-        .prefix(".cartridge-pull-")
-        .tempfile_in(dir.unwrap_or(Path::new(".")))
-        .with_context(|| format!("writing beside {}", to.display()))?
-        .into_temp_path();
-    std::fs::remove_file(&temporary).with_context(|| format!("writing {}", temporary.display()))?;
-    if std::fs::hard_link(from, &temporary).is_err() {
-        std::fs::copy(from, &temporary)
-            .with_context(|| format!("writing {}", temporary.display()))?;
+    // Already the cached file (an earlier pull linked it there, or -o names the cache entry): a
+    // rename between two names of one file does nothing and would leave the new name behind.
+    if same_file(from, to) {
+        return Ok(());
     }
+    // Under a name of its own beside the destination (the rename stays on one filesystem, and
+    // never lands on a file someone else put there): linked where it can be, else copied and
+    // synced; removed if anything fails.
+    let dir = to
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let mut builder = tempfile::Builder::new();
+    builder.prefix(".cartridge-pull-");
+    let temporary = match builder.make_in(dir, |path| std::fs::hard_link(from, path)) {
+        Ok(linked) => linked.into_temp_path(),
+        Err(_) => {
+            let writing = || format!("writing beside {}", to.display());
+            let mut copy = builder.tempfile_in(dir).with_context(writing)?;
+            let mut source =
+                std::fs::File::open(from).with_context(|| format!("reading {}", from.display()))?;
+            std::io::copy(&mut source, copy.as_file_mut()).with_context(writing)?;
+            let mode = std::fs::metadata(from)
+                .with_context(|| format!("reading {}", from.display()))?
+                .permissions();
+            copy.as_file().set_permissions(mode).with_context(writing)?;
+            copy.as_file().sync_all().with_context(writing)?;
+            copy.into_temp_path()
+        }
+    };
     temporary
         .persist(to)
         .with_context(|| format!("writing {}", to.display()))
+}
+
+/// Whether two paths name one file.
+fn same_file(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(a), Ok(b)) => (a.dev(), a.ino()) == (b.dev(), b.ino()),
+        _ => false,
+    }
 }

@@ -85,6 +85,14 @@ fn push_then_pull_is_byte_identical_and_cached() {
         std::fs::read_to_string(dir.path().join("b.partial")).unwrap(),
         "mine"
     );
+    // Again to the same file: it is already the pulled file (a link to the cached one).
+    registry
+        .cartridge(
+            dir.path(),
+            &token,
+            &["pull", "legal/contracts@v3", "-o", "b.safetensors"],
+        )
+        .ok();
     std::fs::create_dir(dir.path().join("folder")).unwrap();
     let err = registry
         .cartridge(
@@ -149,6 +157,13 @@ fn push_then_pull_is_byte_identical_and_cached() {
         listing.contains("legal/contracts@v3") && listing.contains("legal/contracts@latest"),
         "{listing}"
     );
+    // The registry named in the reference, as push and pull take it.
+    let named = format!(
+        "{}/legal/contracts",
+        registry.url.trim_start_matches("http://")
+    );
+    let listing = registry.cartridge(dir.path(), &token, &["ls", &named]).ok();
+    assert!(listing.contains("legal/contracts@v3"), "{listing}");
 }
 
 #[test]
