@@ -67,11 +67,15 @@ impl DiskCache {
                 entry.used = entry.used.max(used);
             }
         }
-        Ok(Self {
+        let mut disk = Self {
             cache,
             cap,
-            entries: Mutex::new(entries),
-        })
+            entries: Mutex::new(HashMap::new()),
+        };
+        // A cap lowered since the last run holds from the start.
+        disk.shrink(&mut entries);
+        disk.entries = Mutex::new(entries);
+        Ok(disk)
     }
 
     pub fn cache(&self) -> &Cache {
@@ -145,6 +149,11 @@ impl DiskCache {
             }
         }
         entries.retain(|digest, entry| entry.pins > 0 || self.bytes_on_disk(digest) > 0);
+        self.shrink(&mut entries)
+    }
+
+    /// Evicts the least recently used unpinned blobs while the cache is over its cap.
+    fn shrink(&self, entries: &mut HashMap<Digest, Entry>) -> u64 {
         let mut used: u64 = entries.values().map(|e| e.size).sum();
         let mut candidates: Vec<(SystemTime, Digest)> = entries
             .iter()
@@ -255,6 +264,12 @@ mod tests {
         assert!(cache.blob(&recent).exists() && cache.blob(&loading).exists());
         assert_eq!(disk.usage().used, 800);
         assert!(dir.path().join("blobs/not-a-digest").exists());
+
+        // Opened again under a lower cap: the least recently used go at once.
+        drop(disk);
+        let disk = DiskCache::open(dir.path(), 500).unwrap();
+        assert_eq!(disk.usage().used, 500);
+        assert!(!cache.blob(&recent).exists() && cache.blob(&loading).exists());
     }
 
     #[test]
