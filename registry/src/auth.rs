@@ -147,7 +147,6 @@ struct WireClaims {
 pub struct Claims {
     pub subject: String,
     pub scopes: Vec<Scope>,
-    pub expires: SystemTime,
 }
 
 impl Claims {
@@ -328,7 +327,6 @@ impl Keyring {
         Ok(Claims {
             subject: data.claims.sub,
             scopes,
-            expires: UNIX_EPOCH + Duration::from_secs(data.claims.exp),
         })
     }
 }

@@ -141,8 +141,8 @@ enum TokenCommand {
         /// What the token grants: `*:admin`, `legal/*:pull`, `legal/contracts:push`, … (repeatable).
         #[arg(long = "scope", required = true)]
         scopes: Vec<Scope>,
-        /// How long the token is valid.
-        #[arg(long, default_value = "30d", value_parser = humantime::parse_duration)]
+        /// How long the token is valid (at most 10 years).
+        #[arg(long, default_value = "30d", value_parser = token_ttl)]
         ttl: Duration,
         /// Who the token is for (recorded in logs).
         #[arg(long, default_value = "cli")]
@@ -162,6 +162,18 @@ enum KeysCommand {
         keys: KeysArgs,
         id: String,
     },
+}
+
+/// A token's lifetime: past 10 years the expiry no longer fits the token's clock.
+fn token_ttl(text: &str) -> Result<Duration, String> {
+    const MAX: Duration = Duration::from_secs(10 * 366 * 24 * 3600);
+    match humantime::parse_duration(text) {
+        Ok(ttl) if ttl.is_zero() || ttl > MAX => {
+            Err("expected more than 0 and at most 10 years".into())
+        }
+        Ok(ttl) => Ok(ttl),
+        Err(error) => Err(error.to_string()),
+    }
 }
 
 fn home_dir() -> Result<PathBuf> {

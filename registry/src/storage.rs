@@ -98,9 +98,10 @@ pub enum Key<'a> {
     Tag(&'a Repository, &'a Tag),
     Tags(&'a Repository),
     NamespaceSettings(&'a Namespace),
-    Upload(&'a Digest, &'a str),
+    /// A direct upload to a repository: only a commit to that repository can take it.
+    Upload(&'a Repository, &'a Digest, &'a str),
     /// A private copy of a direct upload, hashed where the uploader can no longer write.
-    Verifying(&'a Digest, &'a str),
+    Verifying(&'a Repository, &'a Digest, &'a str),
     Uploads,
     /// Marks content as part of a repository: reads through the repository see only this.
     BlobLink(&'a Repository, &'a Digest),
@@ -133,8 +134,10 @@ impl Key<'_> {
             Self::Tag(r, tag) => format!("{}/tags/{tag}", repo(r)),
             Self::Tags(r) => format!("{}/tags", repo(r)),
             Self::NamespaceSettings(namespace) => format!("namespaces/{namespace}/settings.json"),
-            Self::Upload(digest, id) => format!("uploads/{}/{id}", digest.hex()),
-            Self::Verifying(digest, id) => format!("uploads/{}/{id}.verifying", digest.hex()),
+            Self::Upload(r, digest, id) => format!("uploads/{r}/{}/{id}", digest.hex()),
+            Self::Verifying(r, digest, id) => {
+                format!("uploads/{r}/{}/{id}.verifying", digest.hex())
+            }
             Self::BlobLink(r, digest) => format!("{}/links/blobs/{}", repo(r), digest.hex()),
             Self::BlobLinks(r) => format!("{}/links/blobs", repo(r)),
             Self::ManifestLink(r, digest) => {
@@ -194,23 +197,33 @@ pub struct BlobWriter {
     expected: Digest,
     limit: u64,
     hasher: blake3::Hasher,
-    bytes: bytes::BytesMut,
+    /// The bytes in pieces of at least [`PIECE`] (but the last), stored as they are: not one
+    /// growing buffer, which holds up to three times a blob's size while it doubles, nor every
+    /// piece as it came, which tiny ones from a hostile sender would multiply.
+    pieces: Vec<Bytes>,
+    /// Small pieces gathered until they make one.
+    gathering: bytes::BytesMut,
+    len: u64,
 }
+
+/// Pieces of an upload smaller than this are gathered into one of this size.
+const PIECE: usize = 1 << 20;
 
 /// Bytes proven to hash to `digest`; only these reach `blobs/`.
 #[derive(Debug)]
 pub struct VerifiedBlob {
     digest: Digest,
-    bytes: Bytes,
+    pieces: Vec<Bytes>,
+    len: u64,
 }
 
 impl VerifiedBlob {
     pub fn len(&self) -> u64 {
-        self.bytes.len() as u64
+        self.len
     }
 
     pub fn is_empty(&self) -> bool {
-        self.bytes.is_empty()
+        self.len == 0
     }
 }
 
@@ -220,23 +233,45 @@ impl BlobWriter {
             expected,
             limit,
             hasher: blake3::Hasher::new(),
-            bytes: bytes::BytesMut::new(),
+            pieces: Vec::new(),
+            gathering: bytes::BytesMut::new(),
+            len: 0,
         }
     }
 
-    pub fn append(&mut self, piece: &[u8]) -> Result<()> {
-        if self.bytes.len() as u64 + piece.len() as u64 > self.limit {
+    pub fn append(&mut self, piece: Bytes) -> Result<()> {
+        if self.len + piece.len() as u64 > self.limit {
             return Err(StorageError::TooLarge {
                 digest: self.expected,
                 limit: self.limit,
             });
         }
-        self.hasher.update(piece);
-        self.bytes.extend_from_slice(piece);
+        self.hasher.update(&piece);
+        self.len += piece.len() as u64;
+        if piece.len() >= PIECE {
+            self.gathered();
+            self.pieces.push(piece);
+        } else {
+            if self.gathering.capacity() == 0 {
+                self.gathering.reserve(PIECE);
+            }
+            self.gathering.extend_from_slice(&piece);
+            if self.gathering.len() >= PIECE {
+                self.gathered();
+            }
+        }
         Ok(())
     }
 
-    pub fn finish(self) -> Result<VerifiedBlob> {
+    /// Ends the piece being gathered.
+    fn gathered(&mut self) {
+        if !self.gathering.is_empty() {
+            self.pieces.push(self.gathering.split().freeze());
+        }
+    }
+
+    pub fn finish(mut self) -> Result<VerifiedBlob> {
+        self.gathered();
         let actual = Digest::from(self.hasher.finalize());
         if actual != self.expected {
             return Err(StorageError::DigestMismatch {
@@ -246,7 +281,8 @@ impl BlobWriter {
         }
         Ok(VerifiedBlob {
             digest: actual,
-            bytes: self.bytes.freeze(),
+            pieces: self.pieces,
+            len: self.len,
         })
     }
 }
@@ -430,7 +466,7 @@ impl Storage {
             .store
             .put_opts(
                 &Key::Blob(&digest).path(),
-                PutPayload::from(blob.bytes),
+                blob.pieces.into_iter().collect::<PutPayload>(),
                 options,
             )
             .await
@@ -485,12 +521,16 @@ impl Storage {
     }
 
     /// Where a client should send a blob: straight to object storage when it can presign.
-    pub async fn upload_destination(&self, digest: &Digest) -> Result<UploadDestination> {
+    pub async fn upload_destination(
+        &self,
+        repo: &Repository,
+        digest: &Digest,
+    ) -> Result<UploadDestination> {
         let Some((signer, prefix)) = &self.signer else {
             return Ok(UploadDestination::Registry);
         };
         let id = format!("{:032x}", rand::random::<u128>());
-        let path = join(prefix, &Key::Upload(digest, &id).path());
+        let path = join(prefix, &Key::Upload(repo, digest, &id).path());
         let url = signer
             .signed_url(http::Method::PUT, &path, PRESIGN_TTL)
             .await?;
@@ -508,9 +548,9 @@ impl Storage {
         id: &str,
         max_bytes: u64,
     ) -> Result<()> {
-        let staged = Key::Upload(digest, id).path();
+        let staged = Key::Upload(repo, digest, id).path();
         let commit = format!("{id}.{:016x}", rand::random::<u64>());
-        let verifying = Key::Verifying(digest, &commit).path();
+        let verifying = Key::Verifying(repo, digest, &commit).path();
         let meta = self
             .store
             .head(&staged)
@@ -1195,6 +1235,20 @@ pub fn resolve_range(range: &GetRange, size: u64) -> Option<Range<u64>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_upload_in_tiny_pieces_is_kept_in_large_ones() {
+        let bytes: Vec<u8> = (0..(2 * PIECE + 10)).map(|i| (i % 251) as u8).collect();
+        let mut writer = BlobWriter::new(Digest::of(&bytes), u64::MAX);
+        for piece in bytes.chunks(7) {
+            writer.append(Bytes::copy_from_slice(piece)).unwrap();
+        }
+        writer.append(Bytes::new()).unwrap();
+        let blob = writer.finish().unwrap();
+        assert_eq!(blob.len(), bytes.len() as u64);
+        assert_eq!(blob.pieces.len(), 3, "two gathered pieces and the rest");
+        assert_eq!(blob.pieces.concat(), bytes);
+    }
 
     #[test]
     fn a_range_to_the_last_possible_byte_is_to_the_end() {

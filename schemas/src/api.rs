@@ -90,8 +90,10 @@ pub struct Published {
 }
 
 /// `PUT /v1/repos/{ns}/{name}/tags/{tag}`: point a tag at a manifest, optionally only if it still
-/// points where the client last saw it (compare-and-swap).
+/// points where the client last saw it (compare-and-swap). A misspelt condition is refused, never
+/// taken for an unconditional move.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct TagUpdate {
     pub manifest: Digest,
     /// Move only if the tag currently points at this manifest.

@@ -73,7 +73,11 @@ pub async fn uploads(
         }
         let own = format!("/v1/repos/{repo}/blobs/{}", blob.digest.hex());
         uploads.push(
-            match state.storage.upload_destination(&blob.digest).await? {
+            match state
+                .storage
+                .upload_destination(&repo, &blob.digest)
+                .await?
+            {
                 UploadDestination::Registry => UploadTarget {
                     digest: blob.digest,
                     url: own,
@@ -89,6 +93,9 @@ pub async fn uploads(
     }
     Ok(Json(UploadResponse { uploads }))
 }
+
+/// How long an upload through the registry may send nothing before it is dropped.
+const UPLOAD_STALL: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// `PUT /v1/repos/{ns}/{name}/blobs/{digest}`: the bytes of one blob, hashed as they arrive and
 /// stored only if they match the digest.
@@ -119,10 +126,20 @@ pub async fn upload(
         .map_err(|_| ApiError::new(ErrorCode::Unavailable, "shutting down"))?;
     let mut writer = BlobWriter::new(digest, limit);
     let mut stream = body.into_data_stream();
-    while let Some(piece) = stream.next().await {
+    // An upload holds one of few slots: one that stops sending gives it up.
+    let stalled = || {
+        ApiError::bad_request(format!(
+            "upload of {digest} stalled: no data for {} s",
+            UPLOAD_STALL.as_secs()
+        ))
+    };
+    while let Some(piece) = tokio::time::timeout(UPLOAD_STALL, stream.next())
+        .await
+        .map_err(|_| stalled())?
+    {
         let piece = piece
             .map_err(|e| ApiError::bad_request(format!("upload of {digest} broke off: {e}")))?;
-        writer.append(&piece)?;
+        writer.append(piece)?;
     }
     let blob = writer.finish()?;
     crate::metrics::blob_bytes("in", blob.len());

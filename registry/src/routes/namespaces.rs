@@ -16,16 +16,16 @@ pub async fn list(
 ) -> Result<Json<NamespaceList>, ApiError> {
     let mut namespaces = Vec::new();
     for namespace in state.storage.namespaces().await? {
-        let visible = match &caller.0 {
-            Some(claims) => claims.scopes.iter().any(|scope| scope.touches(&namespace)),
-            None => {
-                state
-                    .storage
-                    .namespace_settings(&namespace)
-                    .await?
-                    .anonymous_pull
-            }
-        };
+        // A token sees what its scopes touch, and whatever anyone may pull.
+        let visible = caller
+            .0
+            .as_ref()
+            .is_some_and(|claims| claims.scopes.iter().any(|scope| scope.touches(&namespace)))
+            || state
+                .storage
+                .namespace_settings(&namespace)
+                .await?
+                .anonymous_pull;
         if visible && state.storage.has_names(&namespace).await? {
             namespaces.push(namespace);
         }

@@ -303,6 +303,20 @@ async fn tags_compare_and_swap() {
             .error(StatusCode::PRECONDITION_FAILED, ErrorCode::TagMoved)
             .contains("moved")
     );
+    // A misspelt condition is no condition: refused, not taken for a plain move.
+    let reply = app
+        .send_json(
+            Method::PUT,
+            path,
+            Some(&token),
+            &json!({"manifest": b.digest, "if_match": b.digest}),
+        )
+        .await;
+    assert!(
+        reply
+            .error(StatusCode::BAD_REQUEST, ErrorCode::BadRequest)
+            .contains("if_match"),
+    );
     let reply = app
         .send_json(
             Method::PUT,
@@ -477,6 +491,12 @@ async fn tokens_and_scopes() {
     );
     let namespaces: Value = app.get("/v1/namespaces", None).await.json();
     assert_eq!(namespaces["namespaces"], json!(["legal"]));
+    let namespaces: Value = app.get("/v1/namespaces", Some(&elsewhere)).await.json();
+    assert_eq!(
+        namespaces["namespaces"],
+        json!(["legal"]),
+        "a token sees what anyone sees"
+    );
     // Anonymous pull never extends to writes.
     app.call(Method::PUT, &blob, None, Body::from("x"), &[])
         .await

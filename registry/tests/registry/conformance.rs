@@ -42,20 +42,24 @@ async fn blobs(storage: &Storage) {
     );
 
     let mut wrong = BlobWriter::new(Digest::of(b"other"), 1024);
-    wrong.append(&bytes).unwrap();
+    wrong.append(bytes::Bytes::copy_from_slice(&bytes)).unwrap();
     assert!(matches!(
         wrong.finish(),
         Err(StorageError::DigestMismatch { .. })
     ));
     let mut small = BlobWriter::new(digest, 4);
     assert!(matches!(
-        small.append(&bytes),
+        small.append(bytes::Bytes::copy_from_slice(&bytes)),
         Err(StorageError::TooLarge { .. })
     ));
 
     let mut writer = BlobWriter::new(digest, 1024);
-    writer.append(&bytes[..5]).unwrap();
-    writer.append(&bytes[5..]).unwrap();
+    writer
+        .append(bytes::Bytes::copy_from_slice(&bytes[..5]))
+        .unwrap();
+    writer
+        .append(bytes::Bytes::copy_from_slice(&bytes[5..]))
+        .unwrap();
     storage
         .put_blob(&repo, writer.finish().unwrap())
         .await
@@ -75,7 +79,7 @@ async fn blobs(storage: &Storage) {
         vec![digest]
     );
     let mut again = BlobWriter::new(digest, 1024);
-    again.append(&bytes).unwrap();
+    again.append(bytes::Bytes::copy_from_slice(&bytes)).unwrap();
     storage
         .put_blob(&elsewhere, again.finish().unwrap())
         .await
@@ -738,8 +742,9 @@ async fn garbage_collection(storage: &Storage) {
 async fn direct_uploads(storage: &Storage) {
     let bytes = b"bytes sent straight to object storage".to_vec();
     let digest = Digest::of(&bytes);
+    let repo = repo("team/direct");
     let UploadDestination::Presigned { url, id } =
-        storage.upload_destination(&digest).await.unwrap()
+        storage.upload_destination(&repo, &digest).await.unwrap()
     else {
         panic!("S3 storage presigns uploads");
     };
@@ -757,7 +762,14 @@ async fn direct_uploads(storage: &Storage) {
         storage.blob_meta(&digest).await.unwrap().is_none(),
         "not visible before the commit verifies it"
     );
-    let repo = repo("team/direct");
+    // The upload is its repository's: another repository's commit, though its caller may push
+    // there and knows the digest and the id, does not find it.
+    assert!(matches!(
+        storage
+            .commit_upload(&self::repo("other/team"), &digest, &id, 1 << 20)
+            .await,
+        Err(StorageError::NotFound { .. })
+    ));
     storage
         .commit_upload(&repo, &digest, &id, 1 << 20)
         .await
@@ -794,7 +806,7 @@ async fn direct_uploads(storage: &Storage) {
     // Bytes that do not match the digest they were sent under never become the blob.
     let claimed = Digest::of(b"what the client claimed");
     let UploadDestination::Presigned { url, id } =
-        storage.upload_destination(&claimed).await.unwrap()
+        storage.upload_destination(&repo, &claimed).await.unwrap()
     else {
         unreachable!()
     };

@@ -73,7 +73,9 @@ pub fn encoded(seed: u8) -> (Manifest, Vec<EncodedChunk>) {
 pub async fn upload_all(storage: &Storage, repo: &Repository, chunks: &[EncodedChunk]) {
     for chunk in chunks {
         let mut writer = BlobWriter::new(chunk.descriptor.stored.digest, 1 << 30);
-        writer.append(&chunk.bytes).unwrap();
+        writer
+            .append(bytes::Bytes::copy_from_slice(&chunk.bytes))
+            .unwrap();
         storage
             .put_blob(repo, writer.finish().unwrap())
             .await
