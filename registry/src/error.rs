@@ -62,13 +62,22 @@ impl From<StorageError> for ApiError {
             StorageError::DigestMismatch { .. } => ErrorCode::DigestMismatch,
             StorageError::TooLarge { .. } => ErrorCode::TooLarge,
             StorageError::MissingBlobs { .. } => ErrorCode::MissingBlobs,
-            StorageError::GcRunning
-            | StorageError::GcLeaseLost
-            | StorageError::Contended { .. } => ErrorCode::Unavailable,
+            StorageError::GcRunning | StorageError::GcLeaseLost => ErrorCode::Unavailable,
             StorageError::InvalidManifest(_) => ErrorCode::InvalidManifest,
+            // Both name object keys: the log gets them, the caller what it can act on.
+            StorageError::Contended { .. } => {
+                tracing::warn!(%error, "storage contended");
+                return Self::new(
+                    ErrorCode::Unavailable,
+                    "the registry's state changed under this request repeatedly; retry in a moment",
+                );
+            }
             StorageError::Corrupt { .. } => {
                 tracing::error!(%error, "corrupt object in storage");
-                ErrorCode::Internal
+                return Self::new(
+                    ErrorCode::Internal,
+                    "stored data this request needs is corrupt; the registry's log names it",
+                );
             }
             StorageError::Backend(_) => {
                 tracing::error!(%error, "storage backend failed");
@@ -91,5 +100,32 @@ impl From<ReferenceError> for ApiError {
 impl From<AuthError> for ApiError {
     fn from(error: AuthError) -> Self {
         Self::new(ErrorCode::Unauthorized, error.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answers_never_name_object_keys() {
+        let key = "repos/legal/contracts/tags/stable/00000000000000000007";
+        for (error, code) in [
+            (
+                StorageError::Corrupt {
+                    key: key.into(),
+                    detail: "expected value at line 1".into(),
+                },
+                ErrorCode::Internal,
+            ),
+            (
+                StorageError::Contended { what: key.into() },
+                ErrorCode::Unavailable,
+            ),
+        ] {
+            let answer = ApiError::from(error);
+            assert_eq!(answer.code, code);
+            assert!(!answer.message.contains("repos/"), "{}", answer.message);
+        }
     }
 }
