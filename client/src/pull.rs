@@ -375,7 +375,8 @@ async fn download_into(
     // resumes from the shorter length, doubling bytes.
     let flushed = file.flush().await.map_err(ClientError::io(partial));
     if let Err(error @ ClientError::Manifest(_)) = received {
-        truncate(partial).await?;
+        // The bytes proved wrong: never resumed from (the cause is what to report).
+        let _ = truncate(partial).await;
         return Err(error);
     }
     received?;

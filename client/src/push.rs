@@ -126,22 +126,23 @@ pub async fn push(
     // Read once, then validated whole (its digest included) before anything is sent: the
     // chunks are encoded from the very bytes checked. (A mapped file rewritten in place during
     // the push would publish chunks that disagree with the header, a version no pull accepts.)
-    let (cartridge, chunks) = tokio::task::spawn_blocking(move || -> Result<_, ClientError> {
+    // Only the manifest and the chunks outlive this: not the file's bytes.
+    let (manifest, chunks) = tokio::task::spawn_blocking(move || -> Result<_, ClientError> {
         let bytes = std::fs::read(&path).map_err(ClientError::io(&path))?;
         let cartridge = Cartridge::from_bytes(bytes)?;
         let chunks = encode_cartridge(&cartridge, &encode)?;
-        Ok((cartridge, chunks))
+        let manifest = Manifest {
+            schema_version: MANIFEST_SCHEMA_VERSION,
+            cartridge: cartridge.header().clone(),
+            file_header: cartridge.file_header().to_owned(),
+            chunks: chunks.iter().map(|c| c.descriptor.clone()).collect(),
+            created: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+            annotations: Default::default(),
+        };
+        Ok((manifest, chunks))
     })
     .await
     .map_err(|e| ClientError::Usage(format!("encoding failed: {e}")))??;
-    let manifest = Manifest {
-        schema_version: MANIFEST_SCHEMA_VERSION,
-        cartridge: cartridge.header().clone(),
-        file_header: cartridge.file_header().to_owned(),
-        chunks: chunks.iter().map(|c| c.descriptor.clone()).collect(),
-        created: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
-        annotations: Default::default(),
-    };
     manifest
         .validate()
         .map_err(|e| ClientError::Manifest(e.to_string()))?;

@@ -202,7 +202,7 @@ pub fn verify_stored(stored: &[u8], descriptor: &ChunkDescriptor) -> Result<(), 
 
 /// Verifies and decodes a stored chunk into its raw bytes.
 pub fn decode_chunk(stored: &[u8], descriptor: &ChunkDescriptor) -> Result<Vec<u8>, CodecError> {
-    // Checked before the raw size, which the blob vouches for, sizes anything.
+    // A blob other than the one named costs no allocation.
     verify_stored(stored, descriptor)?;
     let mut out = vec![0; descriptor.raw.size as usize];
     decode_chunk_into(stored, descriptor, &mut [&mut out])?;
@@ -269,6 +269,13 @@ pub fn decode_chunk_into(
             digest,
             expected,
             actual: position as u64,
+        });
+    }
+    // A blob is one frame and nothing else.
+    if !decoder.finish().is_empty() {
+        return Err(CodecError::Decompress {
+            digest,
+            detail: "bytes follow the compressed frame".into(),
         });
     }
     let mut hasher = blake3::Hasher::new();
@@ -514,6 +521,16 @@ mod tests {
             decode_chunk(&chunk.bytes, &small),
             Err(CodecError::RawSizeMismatch { .. })
         ));
+        // A blob is its frame alone (the digest vouches only for whatever bytes were stored).
+        let mut trailing = chunk.bytes.clone();
+        trailing.extend_from_slice(b"more");
+        let mut padded = chunk.descriptor.clone();
+        padded.stored = BlobInfo {
+            digest: Digest::of(&trailing),
+            size: trailing.len() as u64,
+        };
+        let err = decode_chunk(&trailing, &padded).unwrap_err().to_string();
+        assert!(err.contains("bytes follow"), "{err}");
         let mut large = chunk.descriptor.clone();
         large.raw.size = 5000;
         assert!(matches!(

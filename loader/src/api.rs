@@ -24,7 +24,9 @@ use crate::loader::{
     ReleaseRequest, Renewed, Status,
 };
 
-fn metrics_handle() -> &'static PrometheusHandle {
+/// The metrics recorder, installed on first use (`serve` does so first of all, so what happens
+/// at start counts too).
+pub fn metrics_handle() -> &'static PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE.get_or_init(|| {
         let recorder = PrometheusBuilder::new().build_recorder();

@@ -495,9 +495,11 @@ impl Loader {
     }
 
     /// Takes a reference on `key`: resident already, made so by the load ahead of this one, or
-    /// by `load` in this one's turn. Loads that waited behind a turn that failed get its error
-    /// instead of each trying again in turn (a registry down would answer the last of a hundred
-    /// after a hundred timeouts); loads arriving after it try anew.
+    /// by `load` in this one's turn. Loads that waited behind a turn that failed for a reason
+    /// of the loader's (the registry unreachable, no memory, corrupt data) get its error instead
+    /// of each trying again in turn: a registry down would answer the last of a hundred after a
+    /// hundred timeouts. One that failed for its request's sake (say, the repository it came
+    /// through) is no answer for the others; loads arriving later try anew.
     async fn fly(
         &self,
         key: &EntryKey,
@@ -522,7 +524,14 @@ impl Loader {
             return Err(error);
         }
         let outcome = load.await;
-        *turn = Some(Landed {
+        let answers_others = match &outcome {
+            Ok(_) => true,
+            Err(error) => matches!(
+                error,
+                LoaderError::Unavailable(_) | LoaderError::OutOfMemory(_) | LoaderError::Corrupt(_)
+            ),
+        };
+        *turn = answers_others.then(|| Landed {
             at: Instant::now(),
             outcome: outcome.clone(),
         });
@@ -740,8 +749,8 @@ mod tests {
 
     use super::*;
 
-    #[tokio::test]
-    async fn loads_waiting_behind_a_failed_turn_get_its_error_and_later_ones_try_anew() {
+    /// Ten loads wait behind one that fails with `error`; how many attempts were made.
+    async fn attempts_behind_a_failure(error: LoaderError) -> usize {
         let dir = tempfile::tempdir().unwrap();
         // Nothing listens there: the turns below never ask the registry.
         let client = cartridge_client::Client::new("http://127.0.0.1:9", None).unwrap();
@@ -757,7 +766,7 @@ mod tests {
         let failing = || async {
             attempts.fetch_add(1, Ordering::SeqCst);
             tokio::task::yield_now().await;
-            Err::<Tier, _>(LoaderError::Unavailable("registry down".into()))
+            Err::<Tier, _>(error.clone())
         };
         let (started, going) = tokio::sync::watch::channel(false);
         let leader = async {
@@ -781,18 +790,26 @@ mod tests {
             }
         }));
         let (first, rest) = tokio::join!(leader, followers);
-        assert!(matches!(first, Err(LoaderError::Unavailable(_))));
         assert!(
-            rest.iter()
-                .all(|r| matches!(r, Err(LoaderError::Unavailable(_)))),
+            first.is_err() && rest.iter().all(Result::is_err),
             "{rest:?}"
         );
-        assert_eq!(attempts.load(Ordering::SeqCst), 1, "one attempt for all");
+        let behind = attempts.load(Ordering::SeqCst);
+        // A load arriving after the failure tries again.
         assert!(loader.fly(&key, failing()).await.is_err());
-        assert_eq!(
-            attempts.load(Ordering::SeqCst),
-            2,
-            "a later load tries again"
-        );
+        assert_eq!(attempts.load(Ordering::SeqCst), behind + 1);
+        behind
+    }
+
+    #[tokio::test]
+    async fn loads_waiting_behind_a_failure_of_the_loaders_get_its_error() {
+        let down = LoaderError::Unavailable("registry down".into());
+        assert_eq!(attempts_behind_a_failure(down).await, 1);
+    }
+
+    #[tokio::test]
+    async fn loads_waiting_behind_a_failure_of_the_requests_own_try_themselves() {
+        let gone = LoaderError::UnknownReference("team/gone@v1".into());
+        assert_eq!(attempts_behind_a_failure(gone).await, 11);
     }
 }

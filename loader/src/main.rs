@@ -149,6 +149,24 @@ async fn serve(args: ServeArgs) -> Result<()> {
             std::env::temp_dir()
         }
     });
+    api::metrics_handle();
+    // Listening first: a loader refused its socket or port touches nothing of a live one's (its
+    // disk cache, which opening would trim to this one's cap).
+    let listener = match &args.socket {
+        Some(path) => {
+            remove_stale_socket(path)?;
+            Listener::Unix(
+                tokio::net::UnixListener::bind(path)
+                    .with_context(|| format!("binding {}", path.display()))?,
+                path.clone(),
+            )
+        }
+        None => Listener::Tcp(
+            tokio::net::TcpListener::bind(args.listen)
+                .await
+                .with_context(|| format!("binding {}", args.listen))?,
+        ),
+    };
     let client = Client::new(&args.registry, args.token.clone())?;
     let resolver = Resolver::new(client, &cache_dir, args.resolve_ttl.into())?;
     let disk = DiskCache::open(&cache_dir, args.disk_cap.as_u64())
@@ -194,21 +212,15 @@ async fn serve(args: ServeArgs) -> Result<()> {
         }
         tracing::info!("shutting down");
     };
-    match &args.socket {
-        Some(path) => {
-            remove_stale_socket(path)?;
-            let listener = tokio::net::UnixListener::bind(path)
-                .with_context(|| format!("binding {}", path.display()))?;
+    match listener {
+        Listener::Unix(listener, path) => {
             println!("listening on unix:{}", path.display());
             axum::serve(listener, router)
                 .with_graceful_shutdown(shutdown)
                 .await?;
             let _ = std::fs::remove_file(path);
         }
-        None => {
-            let listener = tokio::net::TcpListener::bind(args.listen)
-                .await
-                .with_context(|| format!("binding {}", args.listen))?;
+        Listener::Tcp(listener) => {
             println!("listening on http://{}", listener.local_addr()?);
             axum::serve(listener, router)
                 .with_graceful_shutdown(shutdown)
@@ -219,8 +231,13 @@ async fn serve(args: ServeArgs) -> Result<()> {
     Ok(())
 }
 
+enum Listener {
+    Unix(tokio::net::UnixListener, std::path::PathBuf),
+    Tcp(tokio::net::TcpListener),
+}
+
 /// Removes a socket left by a loader that is gone; refuses anything else at `path` (a file,
-/// or a socket someone still listens on).
+/// or a socket someone may still listen on).
 fn remove_stale_socket(path: &std::path::Path) -> Result<()> {
     use std::os::unix::fs::FileTypeExt;
     let Ok(metadata) = std::fs::symlink_metadata(path) else {
@@ -231,11 +248,16 @@ fn remove_stale_socket(path: &std::path::Path) -> Result<()> {
         "{} exists and is not a socket; choose another --socket path",
         path.display()
     );
-    anyhow::ensure!(
-        std::os::unix::net::UnixStream::connect(path).is_err(),
-        "{} is in use: another process listens on it",
-        path.display()
-    );
+    // Only a refused connection says nobody listens (a full backlog or another user's socket
+    // fail otherwise).
+    match std::os::unix::net::UnixStream::connect(path) {
+        Err(error) if error.kind() == std::io::ErrorKind::ConnectionRefused => {}
+        Ok(_) => anyhow::bail!(
+            "{} is in use: another process listens on it",
+            path.display()
+        ),
+        Err(error) => anyhow::bail!("{} is in use or not ours: {error}", path.display()),
+    }
     std::fs::remove_file(path).with_context(|| format!("removing {}", path.display()))
 }
 

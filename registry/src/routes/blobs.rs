@@ -126,12 +126,16 @@ pub async fn upload(
         .map_err(|_| ApiError::new(ErrorCode::Unavailable, "shutting down"))?;
     let mut writer = BlobWriter::new(digest, limit);
     let mut stream = body.into_data_stream();
-    // An upload holds one of few slots: one that stops sending gives it up.
+    // An upload holds one of few slots: one that stops sending gives it up (503: the client
+    // may retry, as after any broken link).
     let stalled = || {
-        ApiError::bad_request(format!(
-            "upload of {digest} stalled: no data for {} s",
-            UPLOAD_STALL.as_secs()
-        ))
+        ApiError::new(
+            ErrorCode::Unavailable,
+            format!(
+                "upload of {digest} stalled: no data for {} s",
+                UPLOAD_STALL.as_secs()
+            ),
+        )
     };
     while let Some(piece) = tokio::time::timeout(UPLOAD_STALL, stream.next())
         .await
