@@ -99,6 +99,32 @@ fn train_then_eval_on_the_real_model() {
         std::fs::read_to_string(dir.path().join("varn.work/conversations.jsonl")).unwrap();
     assert_eq!(conversations.lines().count(), 3);
 
+    // Zero steps writes the initialization alone, a baseline: nothing is synthesized for it
+    // (1024 conversations by default).
+    let init: Value = cartridge(
+        dir.path(),
+        &[
+            "train",
+            "--model",
+            model,
+            "--corpus",
+            "corpus.txt",
+            "--tokens",
+            "32",
+            "-o",
+            "init.safetensors",
+            "--steps",
+            "0",
+            "--json",
+        ],
+    )
+    .json();
+    assert_eq!(
+        (init["steps"].as_u64(), init["conversations"].as_u64()),
+        (Some(0), Some(0))
+    );
+    assert!(!dir.path().join("init.work/conversations.jsonl").exists());
+
     // The baseline objective: plain next-token prediction on the corpus, no synthesis.
     let baseline: Value = cartridge(
         dir.path(),

@@ -140,7 +140,11 @@ pub fn train(
     }
     let init = initial_ids(&model.text, &corpus.text(), request.distill.tokens)?;
     let init = (!(request.resume && checkpoint.exists())).then_some(init);
+    // Zero steps of a fresh run writes the initialization (a baseline): nothing to synthesize.
+    let initialization_only =
+        init.is_some() && request.epochs.is_none() && request.distill.steps == 0;
     let conversations = match request.objective {
+        _ if initialization_only => Vec::new(),
         Objective::SelfStudy => synthesize(
             model,
             corpus,
@@ -183,15 +187,17 @@ pub fn train(
     let training = Instant::now();
     let mut tokens = 0usize;
     let first_step = distiller.step_count();
-    distiller.train(&conversations, |distiller, step, loss, step_tokens| {
-        tokens += step_tokens;
-        let rate = tokens as f64 / training.elapsed().as_secs_f64().max(1e-9);
-        progress.stepped(step, options.steps, loss, rate);
-        if request.checkpoint_every > 0 && step % request.checkpoint_every == 0 {
-            distiller.save_checkpoint(&checkpoint)?;
-        }
-        Ok(())
-    })?;
+    if !initialization_only {
+        distiller.train(&conversations, |distiller, step, loss, step_tokens| {
+            tokens += step_tokens;
+            let rate = tokens as f64 / training.elapsed().as_secs_f64().max(1e-9);
+            progress.stepped(step, options.steps, loss, rate);
+            if request.checkpoint_every > 0 && step % request.checkpoint_every == 0 {
+                distiller.save_checkpoint(&checkpoint)?;
+            }
+            Ok(())
+        })?;
+    }
     let training_seconds = training.elapsed().as_secs_f64();
     let mean = |losses: &[f32]| {
         (!losses.is_empty()).then(|| losses.iter().sum::<f32>() / losses.len() as f32)
