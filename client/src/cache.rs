@@ -44,3 +44,23 @@ impl Cache {
             .join(format!("{}.safetensors", manifest.hex()))
     }
 }
+
+/// Gives the file `len` bytes with their blocks reserved: a disk or tmpfs without room for them
+/// fails here with an error, where a file merely set to that length would kill the process with
+/// SIGBUS at the first write through a memory map past the space.
+#[cfg(target_os = "linux")]
+pub fn allocate(file: &std::fs::File, len: u64) -> std::io::Result<()> {
+    match rustix::fs::fallocate(file, rustix::fs::FallocateFlags::empty(), 0, len) {
+        Ok(()) => Ok(()),
+        // A filesystem without fallocate (or a sandbox refusing it) gets the length alone.
+        Err(rustix::io::Errno::OPNOTSUPP | rustix::io::Errno::NOSYS | rustix::io::Errno::PERM) => {
+            file.set_len(len)
+        }
+        Err(error) => Err(error.into()),
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+pub fn allocate(file: &std::fs::File, len: u64) -> std::io::Result<()> {
+    file.set_len(len)
+}

@@ -9,7 +9,7 @@ mod push;
 mod rate;
 
 pub use api::Client;
-pub use cache::Cache;
+pub use cache::{Cache, allocate};
 pub use error::ClientError;
 pub use pull::{FetchReport, PullOptions, PullReport, decode_arrivals, fetch_blobs, pull};
 pub use push::{PushOptions, PushReport, move_tag_patiently, push};

@@ -434,7 +434,7 @@ fn build(
         .truncate(true)
         .open(path)
         .map_err(io)?;
-    file.set_len(layout.file_len as u64).map_err(io)?;
+    crate::allocate(&file, layout.file_len as u64).map_err(io)?;
     // SAFETY: the file was just created under a name private to this process and is only
     // renamed into the cache after the map is dropped; nothing else maps or writes it.
     #[allow(unsafe_code)]

@@ -35,7 +35,8 @@ impl HostBuffer {
         let remove = |_: &std::io::Error| {
             let _ = std::fs::remove_file(&path);
         };
-        allocate(&file, len).inspect_err(remove)?;
+        // A tmpfs too small (a pod's /dev/shm is often 64 MiB) fails here: the load gets a 507.
+        cartridge_client::allocate(&file, len as u64).inspect_err(remove)?;
         // SAFETY: the file is new, and only ever written through this map; readers in other
         // processes (which may map it while layers still land) map it read-only.
         #[allow(unsafe_code)]
@@ -156,22 +157,4 @@ fn sweep(base: &Path) -> usize {
             })
         })
         .count()
-}
-
-/// Gives the file `len` bytes with their pages reserved: a tmpfs too small for them (a pod's
-/// /dev/shm is often 64 MiB) fails here, and the load gets a 507, where a file merely set to that
-/// length would kill the process with SIGBUS at the first write past the space.
-#[cfg(target_os = "linux")]
-fn allocate(file: &std::fs::File, len: usize) -> std::io::Result<()> {
-    match rustix::fs::fallocate(file, rustix::fs::FallocateFlags::empty(), 0, len as u64) {
-        Ok(()) => Ok(()),
-        // A filesystem without fallocate gets the length alone.
-        Err(rustix::io::Errno::OPNOTSUPP) => file.set_len(len as u64),
-        Err(error) => Err(error.into()),
-    }
-}
-
-#[cfg(not(target_os = "linux"))]
-fn allocate(file: &std::fs::File, len: usize) -> std::io::Result<()> {
-    file.set_len(len as u64)
 }
