@@ -101,7 +101,7 @@ impl FromRequestParts<AppState> for Caller {
                     "the Authorization header must be 'Bearer <token>'",
                 )
             })?;
-        Ok(Self(Some(state.keyring.verify(token.trim())?)))
+        Ok(Self(Some(state.keyring().verify(token.trim())?)))
     }
 }
 

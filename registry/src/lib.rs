@@ -48,7 +48,8 @@ impl Default for Limits {
 #[derive(Debug, Clone)]
 pub struct AppState {
     pub storage: Storage,
-    pub keyring: Arc<Keyring>,
+    /// Replaced whole when the keyring file changes (see [`AppState::replace_keyring`]).
+    keyring: Arc<std::sync::RwLock<Arc<Keyring>>>,
     pub limits: Limits,
     pub uploads: Arc<tokio::sync::Semaphore>,
 }
@@ -60,10 +61,26 @@ impl AppState {
         ));
         Self {
             storage,
-            keyring: Arc::new(keyring),
+            keyring: Arc::new(std::sync::RwLock::new(Arc::new(keyring))),
             limits,
             uploads,
         }
+    }
+
+    /// The keys tokens are checked against now.
+    pub fn keyring(&self) -> Arc<Keyring> {
+        self.keyring
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Takes a new keyring (a key added or removed): requests from now on are checked against it.
+    pub fn replace_keyring(&self, keyring: Keyring) {
+        *self
+            .keyring
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(keyring);
     }
 
     /// Checks that the caller may do `action` on `repo`. Anonymous callers may pull from

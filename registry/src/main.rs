@@ -156,7 +156,8 @@ enum KeysCommand {
     Init(KeysArgs),
     /// Add a new signing key; tokens signed by older keys stay valid until those are removed.
     Rotate(KeysArgs),
-    /// Remove a key: tokens it signed stop being accepted.
+    /// Remove a key: tokens it signed stop being accepted (a serving registry reads its keyring
+    /// file again within seconds).
     Remove {
         #[command(flatten)]
         keys: KeysArgs,
@@ -216,6 +217,38 @@ fn init_logging(format: LogFormat) {
     }
 }
 
+/// How often a serving registry looks at its keyring file.
+const KEYRING_POLL: Duration = Duration::from_secs(3);
+
+/// Takes up changes to the keyring file (`keys rotate`, `keys remove`, a rewritten secret) while
+/// serving: a removed key's tokens stop being accepted within seconds, without a restart.
+async fn watch_keyring(path: PathBuf, state: AppState) {
+    let stamp = |path: &PathBuf| {
+        std::fs::metadata(path)
+            .and_then(|m| Ok((m.modified()?, m.len())))
+            .ok()
+    };
+    let mut seen = stamp(&path);
+    loop {
+        tokio::time::sleep(KEYRING_POLL).await;
+        let now = stamp(&path);
+        if now == seen {
+            continue;
+        }
+        seen = now;
+        match Keyring::load(&path) {
+            Ok(keyring) => {
+                state.replace_keyring(keyring);
+                tracing::info!(path = %path.display(), "keyring reloaded");
+            }
+            // Told once per change; the next change is tried again.
+            Err(error) => {
+                tracing::warn!(%error, "the keyring changed but does not load; keeping the one in use")
+            }
+        }
+    }
+}
+
 fn keyring_for_serve(keys: &KeysArgs) -> Result<Keyring> {
     if std::env::var_os("CARTRIDGE_REGISTRY_KEYS").is_none() {
         let path = keys.path()?;
@@ -237,7 +270,11 @@ async fn serve(args: ServeArgs) -> Result<()> {
         ..Limits::default()
     };
     let description = storage.description().to_owned();
-    let router = routes::router(AppState::new(storage, keyring, limits));
+    let state = AppState::new(storage, keyring, limits);
+    if std::env::var_os("CARTRIDGE_REGISTRY_KEYS").is_none() {
+        tokio::spawn(watch_keyring(args.keys.path()?, state.clone()));
+    }
+    let router = routes::router(state);
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;

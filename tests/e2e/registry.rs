@@ -690,6 +690,38 @@ fn tokens_are_checked() {
         .cartridge(dir.path(), "", &["push", "legal/a@v2", "a.safetensors"])
         .fails();
     assert!(err.contains("HTTP 401"), "{err}");
+
+    // A key removed while the registry serves: its tokens are refused within seconds, tokens of
+    // the key that replaced it are accepted, without a restart.
+    let keyring: Value = serde_json::from_slice(&std::fs::read(&registry.keys).unwrap()).unwrap();
+    let old = keyring["signing"].as_str().unwrap().to_owned();
+    let keys = |args: &[&str]| {
+        let run = std::process::Command::new(crate::support::registry_binary())
+            .arg("keys")
+            .args(args)
+            .arg("--keys")
+            .arg(&registry.keys)
+            .output()
+            .unwrap();
+        assert!(run.status.success(), "{run:?}");
+    };
+    keys(&["rotate"]);
+    keys(&["remove", &old]);
+    let fresh = registry.token(&["*:admin"]);
+    let refused = (0..60).any(|_| {
+        std::thread::sleep(Duration::from_millis(250));
+        !registry
+            .cartridge(dir.path(), &admin, &["ls", "legal/a"])
+            .success
+    });
+    assert!(refused, "a removed key's token still works after 15 s");
+    let err = registry
+        .cartridge(dir.path(), &admin, &["ls", "legal/a"])
+        .fails();
+    assert!(err.contains("HTTP 401"), "{err}");
+    registry
+        .cartridge(dir.path(), &fresh, &["ls", "legal/a"])
+        .ok();
 }
 
 #[test]
