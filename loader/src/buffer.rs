@@ -6,7 +6,7 @@
 //! counterpart of handing out CUDA IPC handles. The file is unlinked when the buffer is dropped; a process that
 //! still maps it keeps its view.
 
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 pub struct HostBuffer {
@@ -24,13 +24,16 @@ impl std::fmt::Debug for HostBuffer {
 }
 
 impl HostBuffer {
-    /// A zeroed buffer of `len` (> 0) bytes in a new file under `dir`.
+    /// A zeroed buffer of `len` (> 0) bytes in a new file under `dir`. Readable by the loader's
+    /// user and group only (a cartridge is its corpus, in another form): a consumer running as
+    /// another user shares the group.
     pub fn create(dir: &Path, len: usize) -> std::io::Result<Self> {
         let path = dir.join(format!("kv-{:016x}", rand::random::<u64>()));
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .create_new(true)
+            .mode(0o640)
             .open(&path)?;
         let remove = |_: &std::io::Error| {
             let _ = std::fs::remove_file(&path);
@@ -104,7 +107,7 @@ impl ShmDir {
                 std::process::id(),
                 rand::random::<u32>()
             ));
-            std::fs::create_dir(&path)?;
+            std::fs::DirBuilder::new().mode(0o750).create(&path)?;
             // Another loader's sweep may take the folder between its creation and the lock:
             // the lock counts only if the path still names the folder that was locked.
             let locked = std::fs::File::open(&path).and_then(|dir| {

@@ -76,6 +76,15 @@ fn cold_warm_and_composed_loads_are_byte_exact() {
     assert_eq!(status, 200, "{cold}");
     assert_eq!(cold["tier"], "registry");
     assert_eq!(cold["tokens"], 64);
+    // Keys and values are the corpus in another form: not for every local user.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let path = Path::new(cold["path"].as_str().unwrap());
+        for shared in [path, path.parent().unwrap()] {
+            let mode = std::fs::metadata(shared).unwrap().permissions().mode();
+            assert_eq!(mode & 0o007, 0, "{} is {mode:o}", shared.display());
+        }
+    }
     assert_eq!(
         shared_bytes(&cold),
         payload(&dir.path().join("a.safetensors"))
