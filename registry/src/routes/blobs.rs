@@ -215,16 +215,26 @@ pub async fn download(
         .and_then(|v| v.to_str().ok())
         .and_then(parse_range);
     let partial = requested.is_some();
-    let range = match requested {
-        Some(range) => Some(resolve_range(&range, meta.size).ok_or_else(|| {
-            ApiError::new(
+    let range = match requested.map(|range| resolve_range(&range, meta.size)) {
+        Some(Some(range)) => Some(range),
+        Some(None) => {
+            // With the size, as HTTP asks, so a client can ask again within it.
+            let mut response = ApiError::new(
                 ErrorCode::RangeNotSatisfiable,
                 format!(
                     "blob {digest} has {} bytes; the range is outside it",
                     meta.size
                 ),
             )
-        })?),
+            .into_response();
+            response.headers_mut().insert(
+                header::CONTENT_RANGE,
+                format!("bytes */{}", meta.size)
+                    .parse()
+                    .expect("digits and ASCII"),
+            );
+            return Ok(response);
+        }
         None => None,
     };
     let result = state

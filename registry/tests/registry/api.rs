@@ -233,6 +233,10 @@ async fn push_resolve_and_download_with_ranges() {
             &[(header::RANGE, &format!("bytes={}-", chunk.size + 5))],
         )
         .await;
+    assert_eq!(
+        outside.headers[header::CONTENT_RANGE],
+        format!("bytes */{}", chunk.size).as_str()
+    );
     outside.error(
         StatusCode::RANGE_NOT_SATISFIABLE,
         ErrorCode::RangeNotSatisfiable,
