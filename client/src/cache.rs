@@ -45,18 +45,22 @@ impl Cache {
     }
 }
 
-/// Gives the file `len` bytes with their blocks reserved: a disk or tmpfs without room for them
-/// fails here with an error, where a file merely set to that length would kill the process with
-/// SIGBUS at the first write through a memory map past the space.
+/// Gives the file `len` bytes with their blocks reserved where the filesystem reserves them
+/// (tmpfs, ext4, xfs): one without room for them fails here with an error, where a file merely set
+/// to that length would kill the process with SIGBUS at the first write through a memory map past
+/// the space.
 #[cfg(target_os = "linux")]
 pub fn allocate(file: &std::fs::File, len: u64) -> std::io::Result<()> {
-    match rustix::fs::fallocate(file, rustix::fs::FallocateFlags::empty(), 0, len) {
-        Ok(()) => Ok(()),
-        // A filesystem without fallocate (or a sandbox refusing it) gets the length alone.
-        Err(rustix::io::Errno::OPNOTSUPP | rustix::io::Errno::NOSYS | rustix::io::Errno::PERM) => {
-            file.set_len(len)
+    loop {
+        match rustix::fs::fallocate(file, rustix::fs::FallocateFlags::empty(), 0, len) {
+            Ok(()) => return Ok(()),
+            Err(rustix::io::Errno::INTR) => {}
+            // A filesystem without fallocate (or a sandbox refusing it) gets the length alone.
+            Err(
+                rustix::io::Errno::OPNOTSUPP | rustix::io::Errno::NOSYS | rustix::io::Errno::PERM,
+            ) => return file.set_len(len),
+            Err(error) => return Err(error.into()),
         }
-        Err(error) => Err(error.into()),
     }
 }
 

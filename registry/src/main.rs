@@ -157,7 +157,7 @@ enum KeysCommand {
     /// Add a new signing key; tokens signed by older keys stay valid until those are removed.
     Rotate(KeysArgs),
     /// Remove a key: tokens it signed stop being accepted (a serving registry reads its keyring
-    /// file again within seconds).
+    /// file again within seconds; one given CARTRIDGE_REGISTRY_KEYS, as on Lambda, on restart).
     Remove {
         #[command(flatten)]
         keys: KeysArgs,
@@ -221,29 +221,42 @@ fn init_logging(format: LogFormat) {
 const KEYRING_POLL: Duration = Duration::from_secs(3);
 
 /// Takes up changes to the keyring file (`keys rotate`, `keys remove`, a rewritten secret) while
-/// serving: a removed key's tokens stop being accepted within seconds, without a restart.
+/// serving: a removed key's tokens stop being accepted within seconds, without a restart. The
+/// file's bytes are compared (it is small), not its times: a chown that makes it readable, or two
+/// writes within one clock tick, count. The first look reloads once, so a change made while the
+/// server started is not missed.
 async fn watch_keyring(path: PathBuf, state: AppState) {
-    let stamp = |path: &PathBuf| {
-        std::fs::metadata(path)
-            .and_then(|m| Ok((m.modified()?, m.len())))
-            .ok()
-    };
-    let mut seen = stamp(&path);
+    let (mut loaded, mut failed) = (None::<Vec<u8>>, None::<String>);
     loop {
         tokio::time::sleep(KEYRING_POLL).await;
-        let now = stamp(&path);
-        if now == seen {
-            continue;
-        }
-        seen = now;
-        match Keyring::load(&path) {
-            Ok(keyring) => {
+        let outcome = std::fs::read(&path)
+            .map_err(|e| e.to_string())
+            .and_then(|bytes| {
+                if loaded.as_ref() == Some(&bytes) {
+                    return Ok(None);
+                }
+                let keyring = Keyring::from_json(
+                    &String::from_utf8_lossy(&bytes),
+                    &path.display().to_string(),
+                )
+                .map_err(|e| e.to_string())?;
+                Ok(Some((bytes, keyring)))
+            });
+        match outcome {
+            Ok(None) => {}
+            Ok(Some((bytes, keyring))) => {
                 state.replace_keyring(keyring);
-                tracing::info!(path = %path.display(), "keyring reloaded");
+                if loaded.is_some() {
+                    tracing::info!(path = %path.display(), "keyring reloaded");
+                }
+                (loaded, failed) = (Some(bytes), None);
             }
-            // Told once per change; the next change is tried again.
+            // Told once per cause, and tried again at every look.
             Err(error) => {
-                tracing::warn!(%error, "the keyring changed but does not load; keeping the one in use")
+                if failed.as_ref() != Some(&error) {
+                    tracing::warn!(%error, path = %path.display(), "the keyring does not load; keeping the one in use");
+                    failed = Some(error);
+                }
             }
         }
     }

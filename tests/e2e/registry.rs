@@ -710,15 +710,10 @@ fn tokens_are_checked() {
     let fresh = registry.token(&["*:admin"]);
     let refused = (0..60).any(|_| {
         std::thread::sleep(Duration::from_millis(250));
-        !registry
-            .cartridge(dir.path(), &admin, &["ls", "legal/a"])
-            .success
+        let run = registry.cartridge(dir.path(), &admin, &["ls", "legal/a"]);
+        !run.success && run.stderr.contains("HTTP 401")
     });
     assert!(refused, "a removed key's token still works after 15 s");
-    let err = registry
-        .cartridge(dir.path(), &admin, &["ls", "legal/a"])
-        .fails();
-    assert!(err.contains("HTTP 401"), "{err}");
     registry
         .cartridge(dir.path(), &fresh, &["ls", "legal/a"])
         .ok();

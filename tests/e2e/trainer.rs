@@ -124,6 +124,10 @@ fn train_then_eval_on_the_real_model() {
         (Some(0), Some(0))
     );
     assert!(!dir.path().join("init.work/conversations.jsonl").exists());
+    assert_eq!(
+        init["header"]["provenance"]["trainer"]["method"],
+        "initialization"
+    );
 
     // The baseline objective: plain next-token prediction on the corpus, no synthesis.
     let baseline: Value = cartridge(

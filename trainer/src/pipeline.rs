@@ -135,14 +135,14 @@ pub fn train(
     request
         .distill
         .check(request.distill.tokens, max_positions)?;
-    if request.objective == Objective::SelfStudy {
-        check_rows_hold_a_conversation(model, request)?;
-    }
     let init = initial_ids(&model.text, &corpus.text(), request.distill.tokens)?;
     let init = (!(request.resume && checkpoint.exists())).then_some(init);
     // Zero steps of a fresh run writes the initialization (a baseline): nothing to synthesize.
     let initialization_only =
         init.is_some() && request.epochs.is_none() && request.distill.steps == 0;
+    if request.objective == Objective::SelfStudy && !initialization_only {
+        check_rows_hold_a_conversation(model, request)?;
+    }
     let conversations = match request.objective {
         _ if initialization_only => Vec::new(),
         Objective::SelfStudy => synthesize(
@@ -172,7 +172,8 @@ pub fn train(
     });
     // A fresh run's checkpoints are its own: an older one is set aside, never resumed (and
     // only now, once synthesis accepted the work folder: a refused run moves nothing).
-    if init.is_some() && checkpoint.exists() {
+    // (Writing the initialization alone leaves them be: it makes no checkpoint.)
+    if init.is_some() && !initialization_only && checkpoint.exists() {
         let aside = checkpoint.with_extension("previous.safetensors");
         std::fs::rename(&checkpoint, &aside).map_err(|e| Error::io(&aside, e))?;
     }
@@ -205,9 +206,15 @@ pub fn train(
     let losses = &distiller.losses;
     let first_loss = mean(&losses[..losses.len().min(LOSS_STEPS)]);
     let final_loss = mean(&losses[losses.len().saturating_sub(LOSS_STEPS)..]);
+    // The initialization alone was trained by no method.
+    let method = if initialization_only {
+        json!("initialization")
+    } else {
+        json!(request.objective)
+    };
     let provenance = json!({
         "trainer": {
-            "method": request.objective,
+            "method": method,
             "model": request.model_name,
             "corpus": {"digest": corpus.digest, "documents": corpus.documents},
             "conversations": conversations.len(),
