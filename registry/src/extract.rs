@@ -123,6 +123,7 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
     type Rejection = ApiError;
 
     async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
+        require_token(&request)?;
         axum::Json::<T>::from_request(request, state)
             .await
             .map(|axum::Json(value)| Self(value))
@@ -132,6 +133,21 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
     }
 }
 
+/// Every route that takes a body writes, which no anonymous caller may: a body is read (and its
+/// errors answered) only for a caller with a token, which [`Caller`] has verified by then.
+fn require_token(request: &Request) -> Result<(), ApiError> {
+    if request
+        .headers()
+        .contains_key(axum::http::header::AUTHORIZATION)
+    {
+        return Ok(());
+    }
+    Err(ApiError::new(
+        ErrorCode::Unauthorized,
+        "this needs a token (cartridge login, or CARTRIDGE_TOKEN)",
+    ))
+}
+
 /// A whole body within the route's size limit.
 pub struct LimitedBytes(pub Bytes);
 
@@ -139,6 +155,7 @@ impl<S: Send + Sync> FromRequest<S> for LimitedBytes {
     type Rejection = ApiError;
 
     async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
+        require_token(&request)?;
         Bytes::from_request(request, state)
             .await
             .map(Self)

@@ -501,10 +501,19 @@ async fn tokens_and_scopes() {
         json!(["legal"]),
         "a token sees what anyone sees"
     );
-    // Anonymous pull never extends to writes.
+    // Anonymous pull never extends to writes, and an anonymous body is not even read: a
+    // malformed one gets 401, not 400.
     app.call(Method::PUT, &blob, None, Body::from("x"), &[])
         .await
         .error(StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized);
+    for path in [
+        "/v1/repos/legal/contracts/versions/v9",
+        "/v1/repos/legal/contracts/tags/stable",
+    ] {
+        app.call(Method::PUT, path, None, Body::from("{not json"), &[])
+            .await
+            .error(StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized);
+    }
     let delete = app
         .call(
             Method::DELETE,
