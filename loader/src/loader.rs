@@ -8,7 +8,6 @@
 //! concatenated, per layer along the token axis, into one buffer.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -162,7 +161,6 @@ pub struct Loader {
     store: Mutex<Store<Buffer>>,
     options: LoaderOptions,
     handles: Mutex<HashMap<u64, Held>>,
-    next_handle: AtomicU64,
     /// One lock per entry being made resident, so concurrent loads of it share one fetch.
     flights: Mutex<HashMap<EntryKey, Flight>>,
 }
@@ -184,7 +182,6 @@ impl Loader {
             store: Mutex::new(Store::new("device", budget)),
             options,
             handles: Mutex::new(HashMap::new()),
-            next_handle: AtomicU64::new(1),
             flights: Mutex::new(HashMap::new()),
         }
     }
@@ -255,11 +252,20 @@ impl Loader {
             .ok_or_else(|| LoaderError::Internal(format!("{key} vanished while loading")))?;
         // The acquire above is the handle's reference; the one the load itself took goes.
         self.store().release(&key);
-        let handle = self.next_handle.fetch_add(1, Ordering::Relaxed);
-        self.handles
-            .lock()
-            .map_err(|_| LoaderError::Internal("handle table poisoned".into()))?
-            .insert(
+        let handle = {
+            let mut handles = self
+                .handles
+                .lock()
+                .map_err(|_| LoaderError::Internal("handle table poisoned".into()))?;
+            // Unguessable, as the API has no authentication (one consumer must not release
+            // another's handle by counting), and exact as a JSON number (below 2^53).
+            let handle = loop {
+                let id = rand::random::<u64>() >> 11;
+                if id != 0 && !handles.contains_key(&id) {
+                    break id;
+                }
+            };
+            handles.insert(
                 handle,
                 Held {
                     key,
@@ -267,6 +273,8 @@ impl Loader {
                     expires: lease.map(|lease| Instant::now() + lease),
                 },
             );
+            handle
+        };
 
         metrics::histogram!("loader_load_seconds", "tier" => tier.name())
             .record(started.elapsed().as_secs_f64());
@@ -744,7 +752,7 @@ fn check_count(references: &[String]) -> Result<(), LoaderError> {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::AtomicUsize;
+    use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::Duration;
 
     use super::*;

@@ -95,6 +95,10 @@ fn cold_warm_and_composed_loads_are_byte_exact() {
         warm["path"], cold["path"],
         "a warm load shares the resident buffer"
     );
+    // Handles are not counted out (one consumer must not guess another's) and are exact in JSON.
+    let handles = [&cold, &warm].map(|r| r["handle"].as_u64().unwrap());
+    assert!(handles[0].abs_diff(handles[1]) > 1, "{handles:?}");
+    assert!(handles.iter().all(|h| *h < 1 << 53), "{handles:?}");
 
     let (status, composed) = load(&loader, &model, &["team/b@v1", "team/a@v1"]);
     assert_eq!(status, 200, "{composed}");
