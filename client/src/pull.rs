@@ -303,6 +303,16 @@ async fn fetch_blob(
     Ok((blob.size - resumed, resumed))
 }
 
+/// The first byte of a `Content-Range: bytes START-END/TOTAL`.
+fn range_start(header: &str) -> Option<u64> {
+    header
+        .strip_prefix("bytes ")?
+        .split('-')
+        .next()?
+        .parse()
+        .ok()
+}
+
 /// Empties a partial download in place (whoever downloads it holds a lock on this very file).
 async fn truncate(partial: &Path) -> Result<(), ClientError> {
     let file = tokio::fs::OpenOptions::new()
@@ -333,10 +343,35 @@ async fn download_into(
         .open(partial)
         .await
         .map_err(ClientError::io(partial))?;
-    if *hashed > 0 && response.status() != reqwest::StatusCode::PARTIAL_CONTENT {
-        // The server sent the whole blob: start over.
-        file.set_len(0).await.map_err(ClientError::io(partial))?;
-        (*hasher, *hashed) = (blake3::Hasher::new(), 0);
+    // Where the body starts in the blob: a whole blob (200) from 0, a range from where its
+    // Content-Range says (a proxy may answer a range other than the one asked for).
+    let starts_at = if response.status() == reqwest::StatusCode::PARTIAL_CONTENT {
+        response
+            .headers()
+            .get(reqwest::header::CONTENT_RANGE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(range_start)
+    } else {
+        Some(0)
+    };
+    match starts_at {
+        Some(start) if start == *hashed => {}
+        Some(0) => {
+            // The blob from its start: start over.
+            file.set_len(0).await.map_err(ClientError::io(partial))?;
+            (*hasher, *hashed) = (blake3::Hasher::new(), 0);
+        }
+        other => {
+            return Err(ClientError::Unexpected {
+                status: 206,
+                url: format!("blob {}", blob.digest),
+                body: format!(
+                    "asked for the bytes from {}, got a range starting at {}",
+                    *hashed,
+                    other.map_or("an unreadable Content-Range".into(), |s| s.to_string())
+                ),
+            });
+        }
     }
     // Network reads arrive in small pieces; batching them saves a blocking file write per piece.
     let mut file = tokio::io::BufWriter::with_capacity(1 << 20, file);
@@ -584,6 +619,14 @@ fn split_ranges<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_range_answer_says_where_it_starts() {
+        assert_eq!(range_start("bytes 100-199/200"), Some(100));
+        assert_eq!(range_start("bytes 0-0/1"), Some(0));
+        assert_eq!(range_start("bytes */200"), None);
+        assert_eq!(range_start("items 1-2/3"), None);
+    }
 
     #[tokio::test(flavor = "multi_thread")]
     async fn a_waiting_downloader_locks_the_file_at_the_path_not_one_renamed_away() {
