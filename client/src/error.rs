@@ -40,6 +40,13 @@ pub enum ClientError {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// A resumed download answered with a range that does not continue it (a proxy's doing).
+    #[error("asked for blob {digest} from byte {asked}, the answer starts {}", got.map_or("nowhere readable".into(), |at| format!("at byte {at}")))]
+    WrongRange {
+        digest: cartridge_schemas::Digest,
+        asked: u64,
+        got: Option<u64>,
+    },
     #[error("invalid manifest from the registry: {0}")]
     Manifest(String),
     #[error("{0}")]
@@ -79,9 +86,12 @@ impl ClientError {
     pub fn is_transient(&self) -> bool {
         match self {
             Self::Api { status, .. } | Self::Unexpected { status, .. } => *status >= 500,
-            Self::Connect { .. } | Self::Http(_) | Self::NoAnswer { .. } | Self::Stalled { .. } => {
-                true
-            }
+            // A wrong range emptied the partial download: the retry asks for the whole blob.
+            Self::Connect { .. }
+            | Self::Http(_)
+            | Self::NoAnswer { .. }
+            | Self::Stalled { .. }
+            | Self::WrongRange { .. } => true,
             _ => false,
         }
     }

@@ -336,7 +336,8 @@ async fn download_into(
     if *hashed == blob.size {
         return Ok(());
     }
-    let response = client.blob(repo, &blob.digest, *hashed).await?;
+    let resumed_from = *hashed;
+    let response = client.blob(repo, &blob.digest, resumed_from).await?;
     let file = tokio::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -354,25 +355,22 @@ async fn download_into(
     } else {
         Some(0)
     };
-    match starts_at {
-        Some(start) if start == *hashed => {}
-        Some(0) => {
-            // The blob from its start: start over.
+    // Bytes of the body the partial file already holds.
+    let mut skip = match starts_at {
+        // Content-addressed: what an earlier start (the whole blob included) sends again of
+        // the bytes already here is the same, and skipped.
+        Some(start) if start <= *hashed => *hashed - start,
+        got => {
+            // A gap, or no telling: the retry fetches the whole blob.
             file.set_len(0).await.map_err(ClientError::io(partial))?;
             (*hasher, *hashed) = (blake3::Hasher::new(), 0);
-        }
-        other => {
-            return Err(ClientError::Unexpected {
-                status: 206,
-                url: format!("blob {}", blob.digest),
-                body: format!(
-                    "asked for the bytes from {}, got a range starting at {}",
-                    *hashed,
-                    other.map_or("an unreadable Content-Range".into(), |s| s.to_string())
-                ),
+            return Err(ClientError::WrongRange {
+                digest: blob.digest,
+                asked: resumed_from,
+                got,
             });
         }
-    }
+    };
     // Network reads arrive in small pieces; batching them saves a blocking file write per piece.
     let mut file = tokio::io::BufWriter::with_capacity(1 << 20, file);
     let mut stream = response.bytes_stream();
@@ -385,7 +383,12 @@ async fn download_into(
             .await
             .map_err(|_| stalled())?
         {
-            let piece = piece?;
+            let mut piece = piece?;
+            if skip > 0 {
+                let skipped = skip.min(piece.len() as u64);
+                piece = piece.slice(skipped as usize..);
+                skip -= skipped;
+            }
             if *hashed + piece.len() as u64 > blob.size {
                 return Err(ClientError::Manifest(format!(
                     "blob {} is longer than the {} bytes the manifest says",
@@ -619,6 +622,95 @@ fn split_ranges<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A registry that answers one request with `status`, `headers` and `body`.
+    fn answering(status: &str, headers: &str, body: &'static [u8]) -> String {
+        use std::io::{BufRead, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let (status, headers) = (status.to_owned(), headers.to_owned());
+        std::thread::spawn(move || {
+            let (mut stream, _) = listener.accept().unwrap();
+            let mut request = std::io::BufReader::new(stream.try_clone().unwrap());
+            let mut line = String::new();
+            while request.read_line(&mut line).unwrap() > 2 {
+                line.clear();
+            }
+            write!(
+                stream,
+                "HTTP/1.1 {status}\r\n{headers}Content-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            )
+            .unwrap();
+            stream.write_all(body).unwrap();
+        });
+        url
+    }
+
+    /// Resumes a download of `BLOB` whose first 4 bytes are on disk, from a registry answering
+    /// as given; the partial file's bytes after.
+    async fn resume(
+        status: &str,
+        headers: &str,
+        body: &'static [u8],
+    ) -> (Result<(), ClientError>, Vec<u8>) {
+        const BLOB: &[u8] = b"0123456789";
+        let dir = tempfile::tempdir().unwrap();
+        let partial = dir.path().join("partial");
+        std::fs::write(&partial, &BLOB[..4]).unwrap();
+        let client = Client::new(&answering(status, headers, body), None).unwrap();
+        let blob = BlobInfo {
+            digest: Digest::of(BLOB),
+            size: BLOB.len() as u64,
+        };
+        let (mut hasher, mut hashed) = hash_file(&partial).await.unwrap();
+        let outcome = download_into(
+            &client,
+            &"team/blobs".parse().unwrap(),
+            &blob,
+            &partial,
+            (&mut hasher, &mut hashed),
+            &PullOptions::default(),
+            &crate::NoProgress,
+        )
+        .await;
+        if outcome.is_ok() {
+            assert_eq!(Digest::from(hasher.finalize()), blob.digest);
+        }
+        (outcome, std::fs::read(&partial).unwrap())
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_resume_takes_what_continues_the_blob_and_drops_the_rest() {
+        // The range asked for, an earlier one, the whole blob: each ends in the blob.
+        for (status, headers, body) in [
+            (
+                "206 Partial",
+                "Content-Range: bytes 4-9/10\r\n",
+                &b"456789"[..],
+            ),
+            (
+                "206 Partial",
+                "Content-Range: bytes 2-9/10\r\n",
+                b"23456789",
+            ),
+            ("200 OK", "", b"0123456789"),
+        ] {
+            let (outcome, bytes) = resume(status, headers, body).await;
+            assert!(outcome.is_ok(), "{headers}: {outcome:?}");
+            assert_eq!(bytes, b"0123456789", "{headers}");
+        }
+        // A gap, or no Content-Range: the partial is emptied and the error is retried whole.
+        for headers in ["Content-Range: bytes 6-9/10\r\n", ""] {
+            let (outcome, bytes) = resume("206 Partial", headers, b"6789").await;
+            let error = outcome.unwrap_err();
+            assert!(
+                matches!(error, ClientError::WrongRange { asked: 4, .. }),
+                "{error}"
+            );
+            assert!(error.is_transient() && bytes.is_empty(), "{error}");
+        }
+    }
 
     #[test]
     fn a_range_answer_says_where_it_starts() {
