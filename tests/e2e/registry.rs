@@ -639,6 +639,19 @@ fn tokens_are_checked() {
         "a token from another keyring: {err}"
     );
 
+    // A lifetime past any use is refused when minting (an extreme one overflowed the clock).
+    let run = std::process::Command::new(crate::support::registry_binary())
+        .args([
+            "token", "create", "--scope", "*:admin", "--ttl", "11years", "--keys",
+        ])
+        .arg(&registry.keys)
+        .output()
+        .unwrap();
+    assert!(!run.status.success());
+    assert!(
+        String::from_utf8_lossy(&run.stderr).contains("at most 10 years"),
+        "{run:?}"
+    );
     let expired = registry.token_with(&["*:admin"], "1s");
     std::thread::sleep(Duration::from_millis(2100));
     let err = registry
