@@ -67,14 +67,15 @@ impl DiskCache {
                 entry.used = entry.used.max(used);
             }
         }
-        let mut disk = Self {
+        let disk = Self {
             cache,
             cap,
-            entries: Mutex::new(HashMap::new()),
+            entries: Mutex::new(entries),
         };
         // A cap lowered since the last run holds from the start.
-        disk.shrink(&mut entries);
-        disk.entries = Mutex::new(entries);
+        if let Ok(mut entries) = disk.entries.lock() {
+            disk.shrink(&mut entries);
+        }
         Ok(disk)
     }
 

@@ -475,31 +475,10 @@ impl Loader {
             let tier = self.ensure_single(part, progress).await?;
             return Ok((EntryKey::Single(part.digest), tier));
         }
-        let key = EntryKey::Composed(parts.iter().map(|p| p.digest).collect());
         // A resident composition needs none of its parts (they may have been evicted).
-        if self.store().acquire(&key).is_some() {
-            return Ok((key, Tier::Device));
-        }
-        // Every part resident, each held while composing.
-        let (mut tier, mut held, mut result) = (Tier::Device, Vec::new(), Ok(()));
-        for part in parts {
-            match self.ensure_single(part, None).await {
-                Ok(reached) => {
-                    tier = tier.max(reached);
-                    held.push(EntryKey::Single(part.digest));
-                }
-                Err(error) => {
-                    result = Err(error);
-                    break;
-                }
-            }
-        }
-        let composed = match result {
-            Ok(()) => self.ensure_composed(&key, parts).await,
-            Err(error) => Err(error),
-        };
-        self.release_keys(&held);
-        Ok((key, tier.max(composed?)))
+        let key = EntryKey::Composed(parts.iter().map(|p| p.digest).collect());
+        let tier = self.fly(&key, self.compose(&key, parts)).await?;
+        Ok((key, tier))
     }
 
     /// Takes a reference on `key`: resident already, made so by the load ahead of this one, or
@@ -660,56 +639,69 @@ impl Loader {
         Ok((buffer, tier))
     }
 
-    /// Makes the composition of resident parts resident and takes a reference on it: per layer,
-    /// per head, the parts' tokens one after another.
-    async fn ensure_composed(
+    /// Makes the parts resident, each held meanwhile, and their composition (per layer, per
+    /// head, the parts' tokens one after another) resident under `key`, with a reference on it.
+    /// Says the slowest tier a part came from.
+    async fn compose(&self, key: &EntryKey, parts: &[Resolved]) -> Result<Tier, LoaderError> {
+        let (mut tier, mut held) = (Tier::Device, Vec::new());
+        let composed = async {
+            for part in parts {
+                tier = tier.max(self.ensure_single(part, None).await?);
+                held.push(EntryKey::Single(part.digest));
+            }
+            self.compose_resident(key, parts).await
+        }
+        .await;
+        self.release_keys(&held);
+        composed.map(|()| tier)
+    }
+
+    /// Makes the composition of resident parts resident under `key`, with a reference on it.
+    async fn compose_resident(
         &self,
         key: &EntryKey,
         parts: &[Resolved],
-    ) -> Result<Tier, LoaderError> {
-        self.fly(key, async {
-            let headers: Vec<&Header> = parts.iter().map(|p| &p.manifest.cartridge).collect();
-            let mut header = headers[0].clone();
-            header.tokens = headers.iter().map(|h| h.tokens).sum();
-            header.provenance = serde_json::json!({"composed_of": parts.iter().map(|p| p.reference.to_string()).collect::<Vec<_>>()});
-            let bytes = header.payload_bytes();
-            self.expire();
-            let evicted = self.store().reserve(bytes)?;
-            drop(evicted);
-            let (sources, inputs): (Vec<EntryKey>, Vec<_>) = {
-                let mut store = self.store();
-                parts
-                    .iter()
-                    .map(|p| EntryKey::Single(p.digest))
-                    .filter_map(|key| store.acquire(&key).map(|source| (key, source)))
-                    .unzip()
-            };
-            let composed = if inputs.len() == parts.len() {
-                let device = self.options.device.clone();
-                let layout = header.clone();
-                // A panic is an error like any other: the cleanup below still runs.
-                tokio::task::spawn_blocking(move || device.compose(&layout, &inputs))
-                    .await
-                    .unwrap_or_else(|e| Err(LoaderError::Internal(format!("composing: {e}"))))
-            } else {
-                Err(LoaderError::Internal(
-                    "a part was evicted while composing".into(),
-                ))
-            };
+    ) -> Result<(), LoaderError> {
+        let headers: Vec<&Header> = parts.iter().map(|p| &p.manifest.cartridge).collect();
+        let mut header = headers[0].clone();
+        header.tokens = headers.iter().map(|h| h.tokens).sum();
+        header.provenance = serde_json::json!({"composed_of": parts.iter().map(|p| p.reference.to_string()).collect::<Vec<_>>()});
+        let bytes = header.payload_bytes();
+        self.expire();
+        let evicted = self.store().reserve(bytes)?;
+        drop(evicted);
+        let (sources, inputs): (Vec<EntryKey>, Vec<_>) = {
             let mut store = self.store();
-            sources.iter().for_each(|source| store.release(source));
-            match composed {
-                Ok(buffer) => {
-                    store.insert(key.clone(), buffer, header);
-                    Ok(Tier::Device)
-                }
-                Err(error) => {
-                    store.unreserve(bytes);
-                    Err(error)
-                }
+            parts
+                .iter()
+                .map(|p| EntryKey::Single(p.digest))
+                .filter_map(|key| store.acquire(&key).map(|source| (key, source)))
+                .unzip()
+        };
+        let composed = if inputs.len() == parts.len() {
+            let device = self.options.device.clone();
+            let layout = header.clone();
+            // A panic is an error like any other: the cleanup below still runs.
+            tokio::task::spawn_blocking(move || device.compose(&layout, &inputs))
+                .await
+                .unwrap_or_else(|e| Err(LoaderError::Internal(format!("composing: {e}"))))
+        } else {
+            Err(LoaderError::Internal(
+                "a part was evicted while composing".into(),
+            ))
+        };
+        let mut store = self.store();
+        sources.iter().for_each(|source| store.release(source));
+        match composed {
+            Ok(buffer) => {
+                store.insert(key.clone(), buffer, header);
+                Ok(())
             }
-        })
-        .await
+            Err(error) => {
+                store.unreserve(bytes);
+                Err(error)
+            }
+        }
     }
 }
 

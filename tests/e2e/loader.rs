@@ -41,6 +41,20 @@ fn metric(loader: &LoaderProcess, name: &str) -> f64 {
         .sum()
 }
 
+/// The device tier's bytes counted against its budget, the bytes of its resident entries, and
+/// the status they come from.
+fn device_usage(loader: &LoaderProcess) -> (u64, u64, Value) {
+    let status: Value = http_json(&loader.url, "GET", "/v1/status", None).1;
+    let used = status["device"]["used"].as_u64().unwrap();
+    let resident = status["device"]["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["bytes"].as_u64().unwrap())
+        .sum();
+    (used, resident, status)
+}
+
 /// A registry holding cartridges `a`, `b`, `c` (4 layers, `tokens` tokens each), and a loader.
 fn setup(dir: &Path, tokens: u64, loader_args: &[&str]) -> (Registry, LoaderProcess, Value) {
     let registry = Registry::start(dir);
@@ -293,14 +307,7 @@ fn the_device_budget_is_never_exceeded() {
                 other => panic!("unexpected {other}: {body}"),
             }
         }
-        let status: Value = http_json(&loader.url, "GET", "/v1/status", None).1;
-        let used = status["device"]["used"].as_u64().unwrap();
-        let resident: u64 = status["device"]["entries"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|e| e["bytes"].as_u64().unwrap())
-            .sum();
+        let (used, resident, status) = device_usage(&loader);
         assert!(
             used <= (size * 5 / 2) as u64 && resident <= used,
             "used {used}, resident {resident}: {status}"
@@ -319,18 +326,8 @@ fn the_device_budget_is_never_exceeded() {
             Some(&json!({"handle": handle})),
         );
     }
-    let status: Value = http_json(&loader.url, "GET", "/v1/status", None).1;
-    let resident: u64 = status["device"]["entries"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["bytes"].as_u64().unwrap())
-        .sum();
-    assert_eq!(
-        status["device"]["used"].as_u64().unwrap(),
-        resident,
-        "{status}"
-    );
+    let (used, resident, status) = device_usage(&loader);
+    assert_eq!(used, resident, "{status}");
 }
 
 #[test]

@@ -145,16 +145,22 @@ impl Registry {
     }
 
     pub fn token_with(&self, scopes: &[&str], ttl: &str) -> String {
-        let mut command = Command::new(registry_binary());
-        command
-            .args(["token", "create", "--keys"])
-            .arg(&self.keys)
-            .args(["--ttl", ttl]);
+        let mut args = vec!["token", "create", "--ttl", ttl];
         for scope in scopes {
-            command.args(["--scope", scope]);
+            args.extend(["--scope", scope]);
         }
-        let run = Run::from(command.output().expect("token create runs"));
-        run.ok().trim().to_owned()
+        self.admin(&args).ok().trim().to_owned()
+    }
+
+    /// Runs an administration command (`token`, `keys`) on the server's keyring.
+    pub fn admin(&self, args: &[&str]) -> Run {
+        let output = Command::new(registry_binary())
+            .args(args)
+            .arg("--keys")
+            .arg(&self.keys)
+            .output()
+            .expect("the registry binary runs");
+        Run::from(output)
     }
 
     /// Stops the server the hard way (SIGKILL), as a crash would.

@@ -1,5 +1,7 @@
 //! `cartridge train` and `cartridge eval` on the real small model, at sizes a CPU runs in seconds.
 
+use std::path::Path;
+
 use serde_json::Value;
 
 use crate::support::{cartridge, path_str, smollm2_gguf};
@@ -46,6 +48,24 @@ fn train_args<'a>(model: &'a str, steps: &'a str) -> Vec<&'a str> {
         "--resume",
         "--json",
     ]
+}
+
+/// A baseline cartridge of 32 tokens of the corpus at `output`: `train` with `extra`, its report.
+fn baseline(dir: &Path, model: &str, output: &str, extra: &[&str]) -> Value {
+    let mut args = vec![
+        "train",
+        "--model",
+        model,
+        "--corpus",
+        "corpus.txt",
+        "--tokens",
+        "32",
+        "-o",
+        output,
+        "--json",
+    ];
+    args.extend(extra);
+    cartridge(dir, &args).json()
 }
 
 #[test]
@@ -101,24 +121,7 @@ fn train_then_eval_on_the_real_model() {
 
     // Zero steps writes the initialization alone, a baseline: nothing is synthesized for it
     // (1024 conversations by default).
-    let init: Value = cartridge(
-        dir.path(),
-        &[
-            "train",
-            "--model",
-            model,
-            "--corpus",
-            "corpus.txt",
-            "--tokens",
-            "32",
-            "-o",
-            "init.safetensors",
-            "--steps",
-            "0",
-            "--json",
-        ],
-    )
-    .json();
+    let init = baseline(dir.path(), model, "init.safetensors", &["--steps", "0"]);
     assert_eq!(
         (init["steps"].as_u64(), init["conversations"].as_u64()),
         (Some(0), Some(0))
@@ -130,18 +133,11 @@ fn train_then_eval_on_the_real_model() {
     );
 
     // The baseline objective: plain next-token prediction on the corpus, no synthesis.
-    let baseline: Value = cartridge(
+    let next_token = baseline(
         dir.path(),
+        model,
+        "ntp.safetensors",
         &[
-            "train",
-            "--model",
-            model,
-            "--corpus",
-            "corpus.txt",
-            "--tokens",
-            "32",
-            "-o",
-            "ntp.safetensors",
             "--objective",
             "next-token",
             "--row-tokens",
@@ -150,13 +146,11 @@ fn train_then_eval_on_the_real_model() {
             "1",
             "--steps",
             "2",
-            "--json",
         ],
-    )
-    .json();
-    assert_eq!(baseline["steps"], 2);
+    );
+    assert_eq!(next_token["steps"], 2);
     assert_eq!(
-        baseline["header"]["provenance"]["trainer"]["method"],
+        next_token["header"]["provenance"]["trainer"]["method"],
         "next-token"
     );
 
