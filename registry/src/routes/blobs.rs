@@ -1,7 +1,7 @@
 use axum::Json;
 use axum::body::Body;
 use axum::extract::{Query, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use cartridge_schemas::api::{
     ErrorCode, MissingBlobsRequest, MissingBlobsResponse, UploadRequest, UploadResponse,
@@ -186,11 +186,13 @@ pub async fn commit(
 }
 
 /// `GET /v1/repos/{ns}/{name}/blobs/{digest}`, with HTTP Range. On object stores that presign,
-/// a redirect to the object itself.
+/// a redirect to the object itself. `HEAD` answers the same headers from the blob's metadata,
+/// without opening the object (on S3 a GET is a billed request that starts sending the bytes).
 pub async fn download(
     State(state): State<AppState>,
     caller: Caller,
     params: Params,
+    method: Method,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let repo = params.repository()?;
@@ -237,12 +239,8 @@ pub async fn download(
         }
         None => None,
     };
-    let result = state
-        .storage
-        .get_blob(&digest, range.map(GetRange::Bounded))
-        .await?;
-    let total = result.meta.size;
-    let served = result.range.clone();
+    let total = meta.size;
+    let served = range.clone().unwrap_or(0..total);
     let mut response_headers = HeaderMap::new();
     response_headers.insert(
         header::CONTENT_TYPE,
@@ -270,6 +268,13 @@ pub async fn download(
     } else {
         StatusCode::OK
     };
+    if method == Method::HEAD {
+        return Ok((status, response_headers).into_response());
+    }
+    let result = state
+        .storage
+        .get_blob(&digest, range.map(GetRange::Bounded))
+        .await?;
     let body = match result.payload {
         // object_store streams files in 8 KiB reads, one blocking task each; large reads keep a
         // loopback pull from being bound by task switches.

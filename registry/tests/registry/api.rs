@@ -214,6 +214,36 @@ async fn push_resolve_and_download_with_ranges() {
         part.headers[header::CONTENT_RANGE],
         format!("bytes 4-9/{}", chunk.size)
     );
+    // HEAD answers the same headers, from the blob's metadata, and no bytes.
+    for (range, length, status) in [
+        (None, chunk.size, StatusCode::OK),
+        (Some("bytes=4-9"), 6, StatusCode::PARTIAL_CONTENT),
+    ] {
+        let head = app
+            .call(
+                Method::HEAD,
+                &path,
+                Some(&token),
+                Body::empty(),
+                &range
+                    .map(|r| (header::RANGE, r))
+                    .into_iter()
+                    .collect::<Vec<_>>(),
+            )
+            .await;
+        assert_eq!(head.status, status);
+        assert!(head.body.is_empty());
+        assert_eq!(
+            head.headers[header::CONTENT_LENGTH],
+            length.to_string().as_str()
+        );
+        assert_eq!(
+            head.headers.get(header::CONTENT_RANGE),
+            (range.is_some().then(|| format!("bytes 4-9/{}", chunk.size)))
+                .map(|v| v.parse().unwrap())
+                .as_ref()
+        );
+    }
     let rest = app
         .call(
             Method::GET,
