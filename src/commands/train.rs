@@ -190,35 +190,50 @@ pub fn run(args: TrainArgs) -> Result<()> {
         .work_dir
         .clone()
         .unwrap_or_else(|| args.output.with_extension("work"));
+    let paths = Paths::from_env()?;
+    let source = ModelSource::resolve(&args.model, &paths.models())?;
     // Written inside a corpus folder, the cartridge and the work would be read as corpus by
-    // the next run (a resume would find another corpus); written over a corpus file, the
-    // output would replace it.
-    let corpus: Vec<PathBuf> = args
+    // the next run (a resume would find another corpus); inside a model folder, they would
+    // change the model's fingerprint; over either's file, they would replace it.
+    let inputs: Vec<(&str, PathBuf)> = args
         .corpus
         .iter()
-        .filter_map(|c| c.canonicalize().ok())
+        .map(|c| ("corpus", c.as_path()))
+        .chain(source.path().map(|m| ("model", m)))
+        .filter_map(|(kind, path)| Some((kind, path.canonicalize().ok()?)))
         .collect();
-    for (what, path) in [("output", &args.output), ("work directory", &work_dir)] {
-        let resolved = resolve(path);
+    let (output, work) = (resolve(&args.output), resolve(&work_dir));
+    if output == work {
+        bail!(
+            "the output {} is the work directory {}; name another",
+            args.output.display(),
+            work_dir.display()
+        );
+    }
+    for (what, path, resolved) in [
+        ("output", &args.output, output),
+        ("work directory", &work_dir, work),
+    ] {
         // A file's path starts with nothing but itself.
-        if let Some(inside) = corpus.iter().find(|c| resolved.starts_with(c)) {
-            let (place, harm) = if inside.is_dir() {
-                (
+        if let Some((kind, inside)) = inputs.iter().find(|(_, c)| resolved.starts_with(c)) {
+            let (place, harm) = match (inside.is_dir(), *kind) {
+                (true, "corpus") => (
                     "lies inside the corpus folder",
                     "the next run would read it as corpus",
-                )
-            } else {
-                ("is the corpus file", "it would be written over")
+                ),
+                (true, _) => (
+                    "lies inside the model folder",
+                    "it would change the model's fingerprint",
+                ),
+                (false, _) => ("is the input file", "it would be written over"),
             };
             bail!(
-                "the {what} {} {place} {}: {harm}",
+                "the {what} {} {place} {} ({kind}): {harm}",
                 path.display(),
                 inside.display()
             );
         }
     }
-    let paths = Paths::from_env()?;
-    let source = ModelSource::resolve(&args.model, &paths.models())?;
     let (device, dtype) = args.device.open()?;
     let model = source
         .load(&device, dtype)

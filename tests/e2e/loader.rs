@@ -6,7 +6,9 @@ use std::time::Duration;
 use cartridge_schemas::file::Cartridge;
 use serde_json::{Value, json};
 
-use crate::support::{LoaderProcess, Registry, exchange, http_json, random_cartridge};
+use crate::support::{
+    LoaderProcess, Registry, composed_payload, exchange, http_json, random_cartridge,
+};
 
 /// A cartridge file's payload: every layer's keys then values, as the loader lays them out.
 fn payload(path: &Path) -> Vec<u8> {
@@ -84,7 +86,7 @@ fn setup(dir: &Path, tokens: u64, loader_args: &[&str]) -> (Registry, LoaderProc
 #[test]
 fn cold_warm_and_composed_loads_are_byte_exact() {
     let dir = tempfile::tempdir().unwrap();
-    let (_registry, loader, model) = setup(dir.path(), 64, &[]);
+    let (registry, loader, model) = setup(dir.path(), 64, &[]);
 
     let (status, cold) = load(&loader, &model, &["team/a@v1"]);
     assert_eq!(status, 200, "{cold}");
@@ -114,35 +116,45 @@ fn cold_warm_and_composed_loads_are_byte_exact() {
     assert!(handles[0].abs_diff(handles[1]) > 1, "{handles:?}");
     assert!(handles.iter().all(|h| *h < 1 << 53), "{handles:?}");
 
-    let (status, composed) = load(&loader, &model, &["team/b@v1", "team/a@v1"]);
+    // Parts of different lengths, so each part's rows must be sized by its own token count.
+    random_cartridge(&dir.path().join("d.safetensors"), 4, 16, "d", None);
+    registry
+        .cartridge(
+            dir.path(),
+            &registry.token(&["team/*:push"]),
+            &["push", "team/d@v1", "d.safetensors"],
+        )
+        .ok();
+    let order = ["team/b@v1", "team/d@v1", "team/a@v1"];
+    let (status, composed) = load(&loader, &model, &order);
     assert_eq!(status, 200, "{composed}");
-    assert_eq!(composed["tokens"], 128);
+    assert_eq!(composed["tokens"], 144);
     let parts: Vec<&str> = composed["parts"]
         .as_array()
         .unwrap()
         .iter()
         .map(|p| p["reference"].as_str().unwrap())
         .collect();
-    assert_eq!(parts, ["team/b@v1", "team/a@v1"]);
-    // The same bytes `cartridge compose` writes, in the order given.
-    crate::support::cartridge(
-        dir.path(),
-        &[
-            "compose",
-            "b.safetensors",
-            "a.safetensors",
-            "-o",
-            "ba.safetensors",
-        ],
-    )
-    .ok();
+    assert_eq!(parts, order);
+    let files = ["b", "d", "a"].map(|name| dir.path().join(format!("{name}.safetensors")));
     assert_eq!(
         shared_bytes(&composed),
-        payload(&dir.path().join("ba.safetensors"))
+        composed_payload(&files.each_ref().map(|p| p.as_path()))
     );
-    let layout = composed["layout"].as_array().unwrap();
-    assert_eq!(layout.len(), 4);
-    assert_eq!(layout[1]["keys"].as_u64().unwrap(), 2 * 2 * 128 * 64 * 2);
+    // Each layer's keys then values, `[kv_heads, tokens, head_dim]` of bf16 each.
+    let tensor = 2 * 144 * 64 * 2;
+    let layout: Vec<(u64, u64)> = composed["layout"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| (l["keys"].as_u64().unwrap(), l["values"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(
+        layout,
+        (0..4)
+            .map(|l| (2 * l * tensor, (2 * l + 1) * tensor))
+            .collect::<Vec<_>>()
+    );
 
     let status: Value = http_json(&loader.url, "GET", "/v1/status", None).1;
     assert_eq!(status["handles"], 3);
@@ -224,7 +236,8 @@ fn bad_requests_are_named() {
 #[test]
 fn a_hundred_concurrent_loads_share_one_fetch() {
     let dir = tempfile::tempdir().unwrap();
-    let (_registry, loader, model) = setup(dir.path(), 256, &[]);
+    // Slowed to a few seconds, so every request arrives while the one fetch runs.
+    let (_registry, loader, model) = setup(dir.path(), 256, &["--limit-rate", "128KiB"]);
     let responses: Vec<(u16, Value)> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..100)
             .map(|_| scope.spawn(|| load(&loader, &model, &["team/c@v1"])))
@@ -233,6 +246,12 @@ fn a_hundred_concurrent_loads_share_one_fetch() {
     });
     assert!(responses.iter().all(|(status, _)| *status == 200));
     assert_eq!(metric(&loader, "loader_fetches_total"), 1.0);
+    // Each waited on that fetch: none found the blobs already on disk or resident.
+    let tiers: std::collections::BTreeSet<&str> = responses
+        .iter()
+        .map(|(_, r)| r["tier"].as_str().unwrap())
+        .collect();
+    assert_eq!(tiers, ["registry"].into(), "a load did not join the fetch");
     let paths: std::collections::HashSet<&str> = responses
         .iter()
         .map(|(_, r)| r["path"].as_str().unwrap())
@@ -248,86 +267,105 @@ fn a_hundred_concurrent_loads_share_one_fetch() {
 fn the_device_budget_is_never_exceeded() {
     let dir = tempfile::tempdir().unwrap();
     let size = 4 * 2 * (2 * 64 * 64 * 2); // one cartridge's payload: 4 layers, 64 tokens
-    let budget = format!("{}B", size * 5 / 2);
-    let (_registry, loader, model) = setup(dir.path(), 64, &["--gpu-budget", &budget]);
-    let choices: [&[&str]; 5] = [
-        &["team/a@v1"],
-        &["team/b@v1"],
-        &["team/c@v1"],
-        &["team/a@v1", "team/b@v1"],
-        &["team/c@v1", "team/a@v1"],
-    ];
-    let mut held: Vec<u64> = Vec::new();
-    let mut state = 7u64;
-    let (mut refused, mut loaded) = (0, 0);
-    for _ in 0..60 {
-        state = state
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        if state >> 62 == 0 && !held.is_empty() {
-            let handle = held.remove((state >> 32) as usize % held.len());
-            assert_eq!(
-                http_json(
-                    &loader.url,
-                    "POST",
-                    "/v1/release",
-                    Some(&json!({"handle": handle}))
+    // Room for a composition with its two parts, and a little more: loads sometimes fit only
+    // after evicting, sometimes not at all.
+    let budget = size * 9 / 2;
+    let (_registry, loader, model) =
+        setup(dir.path(), 64, &["--gpu-budget", &format!("{budget}B")]);
+    let file = |name: &str| dir.path().join(format!("{name}.safetensors"));
+    // What each choice loads, and the bytes it must hold.
+    let choices: Vec<(Vec<String>, Vec<u8>)> =
+        [&["a"][..], &["b"], &["c"], &["a", "b"], &["c", "a"]]
+            .iter()
+            .map(|names| {
+                let files: Vec<_> = names.iter().map(|n| file(n)).collect();
+                (
+                    names.iter().map(|n| format!("team/{n}@v1")).collect(),
+                    composed_payload(&files.iter().map(|p| p.as_path()).collect::<Vec<_>>()),
                 )
-                .0,
-                200
-            );
-        } else {
-            let (status, body) = load(
-                &loader,
-                &model,
-                choices[(state >> 40) as usize % choices.len()],
-            );
-            match status {
-                200 => {
-                    loaded += 1;
-                    held.push(body["handle"].as_u64().unwrap());
-                }
-                507 => {
-                    refused += 1;
-                    assert!(
-                        body["message"].as_str().unwrap().contains("do not fit"),
-                        "{body}"
-                    );
-                    // Nothing fits while everything is held: let go of the oldest.
-                    if !held.is_empty() {
-                        let handle = held.remove(0);
-                        http_json(
-                            &loader.url,
-                            "POST",
-                            "/v1/release",
-                            Some(&json!({"handle": handle})),
-                        );
-                    }
-                }
-                other => panic!("unexpected {other}: {body}"),
-            }
-        }
-        let (used, resident, status) = device_usage(&loader);
-        assert!(
-            used <= (size * 5 / 2) as u64 && resident <= used,
-            "used {used}, resident {resident}: {status}"
-        );
-    }
-    assert!(
-        loaded > 10 && refused > 0,
-        "loaded {loaded}, refused {refused}"
-    );
-    // Once idle, what the budget counts is exactly what is resident: no reservation leaked.
-    for handle in held {
+            })
+            .collect();
+    let release = |handle: &Value| {
         http_json(
             &loader.url,
             "POST",
             "/v1/release",
             Some(&json!({"handle": handle})),
-        );
-    }
+        )
+        .0
+    };
+    // Four clients at once, each holding what it loaded and checking it is intact after every
+    // step: a buffer in use is never evicted or overwritten.
+    let (loaded, refused): (Vec<u32>, Vec<u32>) = std::thread::scope(|scope| {
+        let clients: Vec<_> = (0..4u64)
+            .map(|client| {
+                let (loader, model, choices, release) = (&loader, &model, &choices, &release);
+                scope.spawn(move || {
+                    let mut held: Vec<(Value, &[u8])> = Vec::new();
+                    let mut state = client + 7;
+                    let (mut loaded, mut refused) = (0, 0);
+                    for _ in 0..25 {
+                        state = state
+                            .wrapping_mul(6364136223846793005)
+                            .wrapping_add(1442695040888963407);
+                        if state >> 62 == 0 && !held.is_empty() {
+                            let (body, _) = held.remove((state >> 32) as usize % held.len());
+                            assert_eq!(release(&body["handle"]), 200);
+                        } else {
+                            let (refs, expected) = &choices[(state >> 40) as usize % choices.len()];
+                            let refs: Vec<&str> = refs.iter().map(String::as_str).collect();
+                            let (status, body) = load(loader, model, &refs);
+                            match status {
+                                200 => {
+                                    loaded += 1;
+                                    held.push((body, expected));
+                                }
+                                507 => {
+                                    refused += 1;
+                                    let message = body["message"].as_str().unwrap();
+                                    assert!(message.contains("do not fit"), "{body}");
+                                    // Let go of the oldest, so the clients do not starve.
+                                    if !held.is_empty() {
+                                        assert_eq!(release(&held.remove(0).0["handle"]), 200);
+                                    }
+                                }
+                                other => panic!("unexpected {other}: {body}"),
+                            }
+                        }
+                        for (body, expected) in &held {
+                            assert!(shared_bytes(body) == *expected, "a held buffer changed");
+                        }
+                        let (used, resident, status) = device_usage(loader);
+                        assert!(
+                            used <= budget as u64 && resident <= used,
+                            "used {used}, resident {resident}: {status}"
+                        );
+                    }
+                    for (body, _) in held {
+                        assert_eq!(release(&body["handle"]), 200);
+                    }
+                    (loaded, refused)
+                })
+            })
+            .collect();
+        clients.into_iter().map(|c| c.join().unwrap()).unzip()
+    });
+    let (loaded, refused) = (loaded.iter().sum::<u32>(), refused.iter().sum::<u32>());
+    assert!(
+        loaded > 20 && refused > 0,
+        "loaded {loaded}, refused {refused}"
+    );
+    // Once idle, what the budget counts is exactly what is resident: no reservation leaked.
     let (used, resident, status) = device_usage(&loader);
     assert_eq!(used, resident, "{status}");
+    assert!(
+        status["device"]["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|e| e["refs"] == 0),
+        "{status}"
+    );
 }
 
 #[test]

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use crate::moto::Moto;
-use crate::support::{Registry, random_cartridge, raw_http};
+use crate::support::{Registry, exchange, random_cartridge, raw_http};
 
 fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
     let started = Instant::now();
@@ -348,6 +348,14 @@ fn a_server_killed_mid_push_leaves_nothing_partial_and_the_retry_succeeds() {
         landed < 16,
         "the push was interrupted part way ({landed} of 16 blobs)"
     );
+    // What landed is whole: each blob hashes to its name (`#` marks the store's staging files).
+    for entry in std::fs::read_dir(&blobs).unwrap().flatten() {
+        let name = entry.file_name().into_string().unwrap();
+        if !name.contains('#') {
+            let digest = blake3::hash(&std::fs::read(entry.path()).unwrap());
+            assert_eq!(name, digest.to_hex().as_str());
+        }
+    }
 
     registry.restart(dir.path());
     let err = registry
@@ -475,7 +483,8 @@ fn a_flipped_byte_in_a_stored_blob_is_caught_on_pull() {
         .cartridge(dir.path(), &token, &["push", "legal/a@v1", "a.safetensors"])
         .ok();
     let blob = a_file_in(&dir.path().join("store/blobs"));
-    let mut bytes = std::fs::read(&blob).unwrap();
+    let original = std::fs::read(&blob).unwrap();
+    let mut bytes = original.clone();
     let middle = bytes.len() / 2;
     bytes[middle] ^= 0x01;
     std::fs::write(&blob, bytes).unwrap();
@@ -487,9 +496,27 @@ fn a_flipped_byte_in_a_stored_blob_is_caught_on_pull() {
         err.contains(&format!("blob blake3:{digest} is corrupt")),
         "{err}"
     );
+    let cache = dir.path().join("home/cache");
     assert!(
-        !dir.path().join("home/cache/blobs").join(digest).exists(),
+        !cache.join("blobs").join(digest).exists(),
         "nothing corrupt is cached"
+    );
+    assert!(
+        !cache.join("partial").join(digest).exists(),
+        "no later pull resumes from the corrupt bytes"
+    );
+    // Repaired at the source, the next pull succeeds.
+    std::fs::write(&blob, original).unwrap();
+    registry
+        .cartridge(
+            dir.path(),
+            &token,
+            &["pull", "legal/a@v1", "-o", "back.safetensors"],
+        )
+        .ok();
+    assert_eq!(
+        std::fs::read(dir.path().join("back.safetensors")).unwrap(),
+        std::fs::read(dir.path().join("a.safetensors")).unwrap()
     );
 }
 
@@ -786,6 +813,26 @@ fn s3_storage_moves_blobs_through_presigned_urls() {
         )
         .json();
     assert_eq!(report["uploaded_blobs"], 4);
+    // A blob's GET is a redirect to the object store, and its HEAD is answered from the
+    // metadata (the URL is signed for GET alone, so a HEAD sent after it would be refused).
+    let remote: Value = registry
+        .cartridge(dir.path(), &token, &["inspect", "legal/s3@v1", "--json"])
+        .json();
+    let chunk = &remote["manifest"]["chunks"][0]["stored"];
+    let path = format!(
+        "/v1/repos/legal/s3/blobs/{}",
+        chunk["digest"].as_str().unwrap()
+    );
+    let bearer = format!("Bearer {token}");
+    let auth = [("Authorization", bearer.as_str())];
+    let get = exchange(&registry.url, "HTTP/1.1", "GET", &path, &auth, b"");
+    assert!(get.starts_with("HTTP/1.1 307"), "{get}");
+    let location = format!("\r\nlocation: {}/", moto.endpoint);
+    assert!(get.to_lowercase().contains(&location), "{get}");
+    let head = exchange(&registry.url, "HTTP/1.1", "HEAD", &path, &auth, b"");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let length = format!("\r\ncontent-length: {}\r\n", chunk["size"]);
+    assert!(head.to_lowercase().contains(&length), "{head}");
     registry
         .cartridge(
             dir.path(),
@@ -793,6 +840,14 @@ fn s3_storage_moves_blobs_through_presigned_urls() {
             &["pull", "legal/s3@v1", "-o", "b.safetensors"],
         )
         .ok();
+    // No blob byte passed through the registry.
+    let metrics = exchange(&registry.url, "HTTP/1.1", "GET", "/metrics", &[], b"");
+    assert!(
+        !metrics
+            .lines()
+            .any(|line| line.starts_with("registry_blob_bytes")),
+        "{metrics}"
+    );
     assert_eq!(
         std::fs::read(dir.path().join("a.safetensors")).unwrap(),
         std::fs::read(dir.path().join("b.safetensors")).unwrap()

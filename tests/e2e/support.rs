@@ -3,6 +3,8 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use cartridge_schemas::file::Cartridge;
+
 /// The outcome of one CLI run.
 pub struct Run {
     pub success: bool,
@@ -238,6 +240,27 @@ impl Drop for Registry {
 
 /// Writes a bf16 cartridge of pseudo-random bytes (blake3's output stream, seeded) with
 /// `layers` layers of `tokens` tokens, 2 kv heads of dim 64; `changed_layer`, if given, differs.
+/// The payload a composition of these cartridge files must have, built from their tensors alone:
+/// per layer, keys then values; per head (tensors are `[kv_heads, tokens, head_dim]`), each
+/// part's rows in the order given.
+pub fn composed_payload(paths: &[&Path]) -> Vec<u8> {
+    let parts: Vec<Cartridge> = paths.iter().map(|p| Cartridge::open(p).unwrap()).collect();
+    let heads = parts[0].header().model.kv_heads as usize;
+    let mut payload = Vec::new();
+    for layer in 0..parts[0].layer_count() {
+        for tensor in [Cartridge::keys, Cartridge::values] {
+            for head in 0..heads {
+                for part in &parts {
+                    let rows = tensor(part, layer);
+                    let per_head = rows.len() / heads;
+                    payload.extend_from_slice(&rows[head * per_head..(head + 1) * per_head]);
+                }
+            }
+        }
+    }
+    payload
+}
+
 pub fn random_cartridge(
     path: &Path,
     layers: u32,

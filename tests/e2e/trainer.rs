@@ -81,6 +81,8 @@ fn train_then_eval_on_the_real_model() {
     assert_eq!(first["conversations"], 3);
     assert_eq!(first["header"]["tokens"], 32);
     assert_eq!(first["header"]["frozen_tokens"], 1);
+    let stored = dir.path().join("varn.work/conversations.jsonl");
+    let conversations = std::fs::read(&stored).unwrap();
     // Asked for more steps, the run resumes: the same conversations, two steps further.
     let run = cartridge(dir.path(), &train_args(model, "4"));
     // Its stderr is not a terminal, as in a job's log: progress comes as lines.
@@ -94,10 +96,9 @@ fn train_then_eval_on_the_real_model() {
     for loss in ["first_loss", "final_loss"] {
         assert!(second[loss].as_f64().unwrap() >= 0.0, "{second}");
     }
-    assert!(
-        second["synthesis_seconds"].as_f64().unwrap()
-            < first["synthesis_seconds"].as_f64().unwrap()
-    );
+    // Nothing was synthesized again.
+    assert!(!log.contains("synthesis: 1/3"), "{log}");
+    assert_eq!(std::fs::read(&stored).unwrap(), conversations);
 
     let verified = cartridge(dir.path(), &["verify", "varn.safetensors"]).ok();
     assert!(
@@ -115,9 +116,13 @@ fn train_then_eval_on_the_real_model() {
             .starts_with("blake3:")
     );
 
-    let conversations =
-        std::fs::read_to_string(dir.path().join("varn.work/conversations.jsonl")).unwrap();
-    assert_eq!(conversations.lines().count(), 3);
+    assert_eq!(
+        conversations
+            .split(|b| *b == b'\n')
+            .filter(|l| !l.is_empty())
+            .count(),
+        3
+    );
 
     // Zero steps writes the initialization alone, a baseline: nothing is synthesized for it
     // (1024 conversations by default).
@@ -146,6 +151,8 @@ fn train_then_eval_on_the_real_model() {
             "1",
             "--steps",
             "2",
+            "--checkpoint-every",
+            "1",
         ],
     );
     assert_eq!(next_token["steps"], 2);
@@ -166,6 +173,8 @@ fn train_then_eval_on_the_real_model() {
             "qa.jsonl",
             "--cartridge",
             "varn.safetensors",
+            "--cartridge",
+            "ntp.safetensors",
             "--samples",
             "1",
             "--max-answer-tokens",
@@ -176,15 +185,28 @@ fn train_then_eval_on_the_real_model() {
     .json();
     let modes = report["modes"].as_array().unwrap();
     let names: Vec<&str> = modes.iter().map(|m| m["mode"].as_str().unwrap()).collect();
-    assert_eq!(names.len(), 4, "{names:?}");
-    assert!(
-        names[0] == "no context"
-            && names[1].starts_with("corpus in context")
-            && names[3] == "cartridge: varn.safetensors"
+    assert_eq!(
+        names[3..],
+        [
+            "composed: varn.safetensors + ntp.safetensors",
+            "cartridge: varn.safetensors",
+            "cartridge: ntp.safetensors"
+        ],
+        "{names:?}"
     );
+    assert!(names[0] == "no context" && names[1].starts_with("corpus in context"));
     // The corpus in context makes its answers far more likely than no context at all.
     assert!(modes[1]["gain"].as_f64().unwrap() > 0.5, "{}", modes[1]);
-    assert_eq!(modes[3]["context_tokens"], 32);
+    assert_eq!(modes[4]["context_tokens"], 32);
+    // The composition holds both: twice the tokens and twice the memory of one.
+    assert_eq!(modes[3]["context_tokens"], 64);
+    let kv = |m: usize| modes[m]["kv_bytes"].as_u64().unwrap();
+    assert_eq!(kv(3), 2 * kv(4));
+    assert_eq!(
+        kv(4),
+        32 * 30 * 2 * 3 * 64 * 2,
+        "bf16 keys and values of 30 layers"
+    );
     // The truncated corpus gets the cartridge's budget, template included; its shared context
     // also takes the user turn's header (3 tokens) every question starts with.
     assert_eq!(modes[2]["context_tokens"], 32 + 3);
@@ -272,7 +294,22 @@ fn bad_arguments_are_refused_before_any_synthesis() {
         &["--corpus", "folder", "-o", "folder/varn.safetensors"],
     );
     assert!(err.contains("lies inside the corpus folder"), "{err}");
+    // The model file is an input too (through a link, so a failing check harms no model).
+    std::os::unix::fs::symlink(&gguf, dir.path().join("model.gguf")).unwrap();
+    let err = train("32", &["-o", "model.gguf"]);
+    assert!(err.contains("is the input file"), "{err}");
+    let err = train("32", &["--work-dir", "./varn.safetensors"]);
+    assert!(err.contains("is the work directory"), "{err}");
     assert!(!dir.path().join("varn.work/conversations.jsonl").exists());
+    // One run at a time in a work directory.
+    let lock = std::fs::File::create(dir.path().join("varn.work/lock")).unwrap();
+    lock.try_lock().unwrap();
+    let err = train("32", &[]);
+    assert!(
+        err.contains("another run is using the work directory"),
+        "{err}"
+    );
+    drop(lock);
     for (flag, value) in [("--lr", "0"), ("--lr", "NaN"), ("--rows", "0")] {
         let err = train("32", &[flag, value]);
         assert!(err.contains(flag), "{flag} {value}: {err}");

@@ -1,7 +1,7 @@
 //! The whole of `cartridge train`: synthesize conversations about the corpus (resumable), distill
 //! them into a cartridge (checkpointed, resumable), and write the cartridge with its provenance.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use cartridge_schemas::Dtype;
@@ -96,6 +96,26 @@ fn check_paths(request: &TrainRequest) -> Result<()> {
     Ok(())
 }
 
+/// Creates the work directory and locks it for this run.
+fn lock_work_dir(dir: &Path) -> Result<std::fs::File> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let path = dir.join("lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| Error::io(&path, e))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(Error::Data(format!(
+            "another run is using the work directory {}",
+            dir.display()
+        ))),
+        Err(std::fs::TryLockError::Error(e)) => Err(Error::io(&path, e)),
+    }
+}
+
 /// A row, after the cartridge, holds the longest conversation synthesis may write (a shorter
 /// one would leave the long answers out of training, or all of them after hours of synthesis).
 fn check_rows_hold_a_conversation(model: &LoadedModel, request: &TrainRequest) -> Result<()> {
@@ -108,7 +128,9 @@ fn check_rows_hold_a_conversation(model: &LoadedModel, request: &TrainRequest) -
         )?
         .len();
     let synthesis = &request.synthesis;
-    let longest = template + synthesis.user_max_tokens + synthesis.answer_max_tokens;
+    let longest = template
+        .saturating_add(synthesis.user_max_tokens)
+        .saturating_add(synthesis.answer_max_tokens);
     let (p, positions) = (request.distill.tokens, model.llama.config.max_positions);
     let room = request.distill.room(positions);
     if longest > room {
@@ -143,6 +165,11 @@ pub fn train(
     if request.objective == Objective::SelfStudy && !initialization_only {
         check_rows_hold_a_conversation(model, request)?;
     }
+    // Held to the end: a second run in this work directory would interleave the stored
+    // conversations and write over the checkpoints.
+    let _lock = (!initialization_only)
+        .then(|| lock_work_dir(&request.work_dir))
+        .transpose()?;
     let conversations = match request.objective {
         _ if initialization_only => Vec::new(),
         Objective::SelfStudy => synthesize(
@@ -152,9 +179,9 @@ pub fn train(
             &conversations_path(&request.work_dir),
             |done, total| progress.synthesized(done, total),
         )?,
-        // Pieces short enough that a few pack into a row.
+        // Pieces short enough that two pack into what a row holds after the cartridge.
         Objective::NextToken => {
-            next_token_conversations(&model.text, corpus, request.distill.row_tokens / 2)?
+            next_token_conversations(&model.text, corpus, request.distill.room(max_positions) / 2)?
         }
     };
     let synthesis_seconds = started.elapsed().as_secs_f64();

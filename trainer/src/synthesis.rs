@@ -251,8 +251,8 @@ pub fn synthesize(
         .into_iter()
         .max()
         .unwrap_or(0)
-        + options.user_max_tokens
-        + options.answer_max_tokens;
+        .saturating_add(options.user_max_tokens)
+        .saturating_add(options.answer_max_tokens);
     if needed > model.llama.config.max_positions {
         return Err(Error::Data(format!(
             "chunks of up to {high} tokens with messages of {} and answers of {} need {needed} positions; the model has {} (lower --chunk-tokens, --user-tokens or --answer-tokens)",
@@ -279,7 +279,17 @@ pub fn synthesize(
                     path.display()
                 )));
             }
-            read_conversations(path)?
+            let stored = read_conversations(path, model.llama.config.vocab)?;
+            // A run appends up to what it was asked for: more is another writer's.
+            if stored.len() > options.conversations {
+                return Err(Error::Data(format!(
+                    "{} holds {} conversations, more than the {} these settings make: was it written by two runs at once? choose another work directory",
+                    path.display(),
+                    stored.len(),
+                    options.conversations
+                )));
+            }
+            stored
         }
         Err(_) => {
             if let Some(dir) = path.parent() {
@@ -460,9 +470,41 @@ pub fn next_token_conversations(
         .collect())
 }
 
-/// Reads a conversations file. A last line an interrupted run cut off (no newline) is dropped
-/// from the file, so appends start on a line boundary; any other unreadable line is an error.
-pub fn read_conversations(path: &Path) -> Result<Vec<Conversation>> {
+impl Conversation {
+    /// What training indexes by: token ids within the vocabulary, one teacher distribution per
+    /// answer token, log-probabilities that are probabilities' (an id past the embeddings stops a
+    /// CUDA kernel by a device assert, which ends the process).
+    fn check(&self, vocab: usize) -> std::result::Result<(), String> {
+        let ids = self.prompt_ids.iter().chain(&self.answer_ids);
+        if let Some(id) = ids
+            .chain(self.teacher.iter().flatten().map(|(id, _)| id))
+            .find(|&&id| id as usize >= vocab)
+        {
+            return Err(format!("token {id} is outside the model's {vocab} tokens"));
+        }
+        if self.teacher.len() != self.answer_ids.len() {
+            return Err(format!(
+                "{} teacher distributions for {} answer tokens",
+                self.teacher.len(),
+                self.answer_ids.len()
+            ));
+        }
+        if let Some((_, logp)) = self
+            .teacher
+            .iter()
+            .flatten()
+            .find(|(_, logp)| !(logp.is_finite() && *logp <= 0.0))
+        {
+            return Err(format!("the log-probability {logp} is not one"));
+        }
+        Ok(())
+    }
+}
+
+/// Reads a conversations file written for a model of `vocab` tokens. A last line an interrupted
+/// run cut off (no newline) is dropped from the file, so appends start on a line boundary; any
+/// other unreadable line is an error.
+pub fn read_conversations(path: &Path, vocab: usize) -> Result<Vec<Conversation>> {
     let bytes = match std::fs::read(path) {
         Ok(bytes) => bytes,
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -474,13 +516,10 @@ pub fn read_conversations(path: &Path) -> Result<Vec<Conversation>> {
         if line.is_empty() {
             continue;
         }
-        let conversation = serde_json::from_slice(line).map_err(|e| {
-            Error::Data(format!(
-                "{}:{}: not a conversation: {e}",
-                path.display(),
-                number + 1
-            ))
-        })?;
+        let conversation: Conversation = serde_json::from_slice(line)
+            .map_err(|e| format!("not a conversation: {e}"))
+            .and_then(|c: Conversation| c.check(vocab).map(|()| c))
+            .map_err(|e| Error::Data(format!("{}:{}: {e}", path.display(), number + 1)))?;
         conversations.push(conversation);
     }
     if complete < bytes.len() {

@@ -186,8 +186,8 @@ pub async fn commit(
 }
 
 /// `GET /v1/repos/{ns}/{name}/blobs/{digest}`, with HTTP Range. On object stores that presign,
-/// a redirect to the object itself. `HEAD` answers the same headers from the blob's metadata,
-/// without opening the object (on S3 a GET is a billed request that starts sending the bytes).
+/// a redirect to the object itself. `HEAD` answers the headers from the blob's metadata, on every
+/// store, without opening the object.
 pub async fn download(
     State(state): State<AppState>,
     caller: Caller,
@@ -205,7 +205,11 @@ pub async fn download(
             "blob {digest} not found in {repo}"
         )));
     };
-    if let Some(url) = state.storage.blob_download_url(&digest).await? {
+    // A presigned URL is signed for GET alone (a HEAD sent after it is refused): HEAD is
+    // answered here, from the metadata.
+    if method != Method::HEAD
+        && let Some(url) = state.storage.blob_download_url(&digest).await?
+    {
         return Ok((
             StatusCode::TEMPORARY_REDIRECT,
             [(header::LOCATION, url.to_string())],

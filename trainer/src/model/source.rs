@@ -260,11 +260,27 @@ impl ModelSource {
                 TextCodec::from_hf_dir(dir)?,
             ),
         };
+        // Ids past the embeddings fail deep in a step (on CUDA, by a device assert).
+        if text.vocab_size() > llama.config.vocab {
+            return Err(Error::Model(format!(
+                "the tokenizer has {} tokens, more than the model's {} embeddings",
+                text.vocab_size(),
+                llama.config.vocab
+            )));
+        }
         Ok(LoadedModel {
             llama,
             text,
             fingerprint,
         })
+    }
+
+    /// The file or folder the model is read from (a fingerprint names none).
+    pub fn path(&self) -> Option<&Path> {
+        match self {
+            Self::Fingerprint(_) => None,
+            Self::Gguf(path) | Self::HuggingFace(path) => Some(path),
+        }
     }
 }
 

@@ -287,19 +287,35 @@ fn synthesis_writes_readable_conversations_and_resumes() {
     for conversation in &first {
         assert!(!conversation.user.is_empty() && !conversation.assistant.is_empty());
         assert_eq!(conversation.teacher.len(), conversation.answer_ids.len());
-        assert!(
-            conversation
-                .teacher
-                .iter()
-                .all(|top| !top.is_empty() && top.len() <= 20)
-        );
+        // The teacher's most likely tokens, most likely first, up to 20 or 0.99 of the mass.
+        for top in &conversation.teacher {
+            let mass: f32 = top.iter().map(|(_, logp)| logp.exp()).sum();
+            assert!(!top.is_empty() && top.len() <= 20, "{top:?}");
+            assert!(top.len() == 20 || mass >= 0.99, "{mass} in {top:?}");
+            assert!(mass <= 1.0 + 1e-3, "{mass} in {top:?}");
+            assert!(top.windows(2).all(|w| w[0].1 >= w[1].1), "{top:?}");
+        }
         // The student's view has no chunk in it.
         let prompt = model.text.decode(&conversation.prompt_ids).unwrap();
         assert!(!prompt.contains("lighthouse on Varn"), "{prompt}");
         // ...nor the template's default system prompt: the cartridge stands for the system turn.
         assert!(!prompt.contains("SmolLM"), "{prompt}");
     }
-    assert_eq!(read_conversations(&path).unwrap(), first);
+    let vocab = model.llama.config.vocab;
+    assert_eq!(read_conversations(&path, vocab).unwrap(), first);
+    // A stored conversation that training would index out of bounds is named with its line.
+    let stored = std::fs::read_to_string(&path).unwrap();
+    let mut bad = first[1].clone();
+    bad.answer_ids[0] = vocab as u32;
+    let damaged = path.with_extension("damaged.jsonl");
+    let line = serde_json::to_string(&bad).unwrap();
+    let first_line = stored.lines().next().unwrap();
+    std::fs::write(&damaged, format!("{first_line}\n{line}\n")).unwrap();
+    let err = read_conversations(&damaged, vocab).unwrap_err().to_string();
+    assert!(
+        err.contains("damaged.jsonl:2: token 49152 is outside the model's 49152 tokens"),
+        "{err}"
+    );
 
     // A run with other settings is refused: the file holds another run's conversations.
     options.conversations = 3;
@@ -341,7 +357,12 @@ fn loading_refuses_a_fingerprint_without_weights() {
     )
     .unwrap();
     let source = ModelSource::resolve(path.to_str().unwrap(), dir.path()).unwrap();
-    assert!(source.load(&Device::Cpu, DType::F32).is_err());
+    let err = source
+        .load(&Device::Cpu, DType::F32)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("holds no weights to run"), "{err}");
 }
 
 #[test]
@@ -362,6 +383,12 @@ fn next_token_prediction_is_distillation_onto_the_text() {
         .iter()
         .flat_map(|c| c.prompt_ids.iter().chain(&c.answer_ids).copied())
         .collect();
+    // The whole text but a last piece too short to predict anything from.
+    assert!(pieces.len() > 1, "{} pieces", pieces.len());
+    assert!(
+        rebuilt.len() + 1 >= tokens.len(),
+        "{rebuilt:?} of {tokens:?}"
+    );
     assert_eq!(rebuilt, tokens[..rebuilt.len()]);
     for piece in &pieces {
         assert_eq!(piece.teacher.len(), piece.answer_ids.len());
