@@ -887,23 +887,32 @@ impl Storage {
                 .create(Key::TagGeneration(repo, tag, generation), pointer)
                 .await?
             {
-                // A mover that stalled while others moved past and pruned its generation could
-                // recreate it: only a write that is still the newest counts.
+                // A mover that stalled while others moved far past could recreate a generation
+                // already pruned. Pruning keeps the newest TAG_HISTORY, so a generation that
+                // close to the newest was never pruned, never written before: the move counts,
+                // even if others have moved on from it since.
                 let newest = self.tag(repo, tag).await?.map_or(0, |h| h.generation);
-                if newest == generation {
-                    self.prune_tag(repo, tag, generation).await;
+                if newest <= generation + TAG_HISTORY {
+                    if newest == generation {
+                        self.prune_tag(repo, tag, generation).await;
+                    }
                     return Ok(TagHead {
                         generation,
                         manifest,
                     });
                 }
             }
-            // Someone else created this generation first.
+            // Someone else created this generation first (or it was a stale recreation).
             if condition != TagCondition::Always {
-                return Err(moved(match condition {
-                    TagCondition::Matches(expected) => expected.to_string(),
-                    _ => "nothing".into(),
-                }));
+                let now = self.tag(repo, tag).await?.and_then(|h| h.manifest);
+                return Err(StorageError::TagMoved {
+                    reference,
+                    expected: match condition {
+                        TagCondition::Matches(expected) => expected.to_string(),
+                        _ => "nothing".into(),
+                    },
+                    current: now.map_or("nothing".into(), |d| d.to_string()),
+                });
             }
         }
     }

@@ -7,4 +7,5 @@ mod conformance;
 mod lambda;
 #[path = "../../../tests/support/moto.rs"]
 mod moto;
+mod races;
 mod support;

@@ -1,0 +1,157 @@
+//! Interleavings of concurrent writers that no scheduler reliably produces, made exact by a
+//! store that lets a second writer's object land right after a chosen write.
+
+use std::fmt;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use cartridge_registry::storage::{Key, Storage, TagCondition};
+use cartridge_schemas::reference::{Repository, Tag, Version};
+use futures::stream::BoxStream;
+use object_store::memory::InMemory;
+use object_store::path::Path;
+use object_store::{
+    CopyOptions, GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore,
+    ObjectStoreExt, PutMultipartOptions, PutOptions, PutPayload, PutResult,
+};
+
+use crate::support::{encoded, upload_all};
+
+/// An in-memory store where, once `after` is written, `then` lands too, before the writer of
+/// `after` hears back.
+#[derive(Debug, Default)]
+struct Interleaved {
+    inner: InMemory,
+    armed: Mutex<Option<(Path, Path, Bytes)>>,
+}
+
+impl Interleaved {
+    fn arm(&self, after: Path, then: Path, bytes: Bytes) {
+        *self.armed.lock().unwrap() = Some((after, then, bytes));
+    }
+}
+
+impl fmt::Display for Interleaved {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Interleaved({})", self.inner)
+    }
+}
+
+#[async_trait]
+impl ObjectStore for Interleaved {
+    async fn put_opts(
+        &self,
+        location: &Path,
+        payload: PutPayload,
+        opts: PutOptions,
+    ) -> object_store::Result<PutResult> {
+        let result = self.inner.put_opts(location, payload, opts).await?;
+        let next = {
+            let mut armed = self.armed.lock().unwrap();
+            match armed.take() {
+                Some((after, then, bytes)) if &after == location => Some((then, bytes)),
+                other => {
+                    *armed = other;
+                    None
+                }
+            }
+        };
+        if let Some((then, bytes)) = next {
+            self.inner.put(&then, bytes.into()).await?;
+        }
+        Ok(result)
+    }
+
+    async fn put_multipart_opts(
+        &self,
+        location: &Path,
+        opts: PutMultipartOptions,
+    ) -> object_store::Result<Box<dyn MultipartUpload>> {
+        self.inner.put_multipart_opts(location, opts).await
+    }
+
+    async fn get_opts(
+        &self,
+        location: &Path,
+        options: GetOptions,
+    ) -> object_store::Result<GetResult> {
+        self.inner.get_opts(location, options).await
+    }
+
+    fn delete_stream(
+        &self,
+        locations: BoxStream<'static, object_store::Result<Path>>,
+    ) -> BoxStream<'static, object_store::Result<Path>> {
+        self.inner.delete_stream(locations)
+    }
+
+    fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
+        self.inner.list(prefix)
+    }
+
+    async fn list_with_delimiter(&self, prefix: Option<&Path>) -> object_store::Result<ListResult> {
+        self.inner.list_with_delimiter(prefix).await
+    }
+
+    async fn copy_opts(
+        &self,
+        from: &Path,
+        to: &Path,
+        options: CopyOptions,
+    ) -> object_store::Result<()> {
+        self.inner.copy_opts(from, to, options).await
+    }
+}
+
+/// A tag move that lands is a move made, even when another mover moves the tag on before the
+/// first hears back: the first is not told it failed, and (moving unconditionally) does not
+/// move the tag back over the second.
+#[tokio::test]
+async fn a_tag_move_overtaken_at_once_still_counts() {
+    let store = Arc::new(Interleaved::default());
+    let storage = Storage::new(store.clone(), "interleaved");
+    let repo: Repository = "legal/raced".parse().unwrap();
+    let mut published = Vec::new();
+    for (seed, version) in [(50, "1.0.0"), (51, "2.0.0")] {
+        let (manifest, chunks) = encoded(seed);
+        upload_all(&storage, &repo, &chunks).await;
+        let version: Version = version.parse().unwrap();
+        published.push(storage.publish(&repo, &version, &manifest).await.unwrap());
+    }
+    let (a, b) = (published[0], published[1]);
+    let latest: Tag = "latest".parse().unwrap();
+    let generation = |n| Key::TagGeneration(&repo, &latest, n).path();
+    storage
+        .move_tag(&repo, &latest, Some(a), TagCondition::Absent)
+        .await
+        .unwrap();
+    // What another mover writes to point the tag back at `a`: the first generation's bytes.
+    let to_a = store
+        .get(&generation(1))
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+
+    // X moves a → b; Y, having seen b, moves it back to a before X checks its write.
+    store.arm(generation(2), generation(3), to_a.clone());
+    let moved = storage
+        .move_tag(&repo, &latest, Some(b), TagCondition::Matches(a))
+        .await
+        .unwrap();
+    assert_eq!((moved.generation, moved.manifest), (2, Some(b)));
+    let head = storage.tag(&repo, &latest).await.unwrap().unwrap();
+    assert_eq!((head.generation, head.manifest), (3, Some(a)));
+
+    // Unconditionally the same: X's move to b counts, and Y's later move stays.
+    store.arm(generation(4), generation(5), to_a);
+    let moved = storage
+        .move_tag(&repo, &latest, Some(b), TagCondition::Always)
+        .await
+        .unwrap();
+    assert_eq!((moved.generation, moved.manifest), (4, Some(b)));
+    let head = storage.tag(&repo, &latest).await.unwrap().unwrap();
+    assert_eq!((head.generation, head.manifest), (5, Some(a)));
+}
