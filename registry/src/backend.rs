@@ -23,8 +23,12 @@ pub fn open_with(url: &str, s3_options: &[(&str, &str)]) -> Result<Storage> {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("creating storage directory {dir}"))?;
         let dir = std::fs::canonicalize(dir).with_context(|| format!("storage directory {dir}"))?;
-        // Removing empty directories keeps deleted repositories and tags from lingering in listings.
-        let store = LocalFileSystem::new_with_prefix(&dir)?.with_automatic_cleanup(true);
+        // Removing empty directories keeps deleted repositories and tags from lingering in
+        // listings. A write is on disk before it is acknowledged, as on S3: after a power loss,
+        // a version or tag pointer left empty would refuse every later read or write of its name.
+        let store = LocalFileSystem::new_with_prefix(&dir)?
+            .with_automatic_cleanup(true)
+            .with_fsync(true);
         return Ok(Storage::new(
             Arc::new(store),
             format!("file://{}", dir.display()),

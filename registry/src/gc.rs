@@ -15,6 +15,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 
 use cartridge_schemas::Digest;
+use cartridge_schemas::reference::{Name, Namespace, Tag, Version};
 use chrono::{DateTime, Utc};
 use futures::TryStreamExt;
 use object_store::ObjectMeta;
@@ -109,6 +110,25 @@ fn by_digest(objects: Vec<ObjectMeta>) -> BTreeMap<Digest, ObjectMeta> {
         .collect()
 }
 
+/// Whether an object under `repos/` has a name of the layout the roots are read from.
+fn readable_name(location: &Path) -> bool {
+    let parts: Vec<_> = location.parts().collect();
+    let parts: Vec<&str> = parts.iter().map(AsRef::as_ref).collect();
+    let ["repos", namespace, name, rest @ ..] = parts.as_slice() else {
+        return false;
+    };
+    namespace.parse::<Namespace>().is_ok()
+        && name.parse::<Name>().is_ok()
+        && match rest {
+            ["versions", version] => version.parse::<Version>().is_ok(),
+            ["tags", tag, generation] => {
+                tag.parse::<Tag>().is_ok() && generation.parse::<u64>().is_ok()
+            }
+            ["links", "blobs" | "manifests", digest] => Digest::from_hex(digest).is_ok(),
+            _ => false,
+        }
+}
+
 async fn sweep(
     storage: &Storage,
     options: GcOptions,
@@ -135,6 +155,19 @@ async fn sweep(
                 .into_iter()
                 .collect();
             roots.push((repo, referenced));
+        }
+    }
+    // Roots are found by parsing stored names. One this release cannot parse (written by another
+    // release, or copied in) would hide the manifest it points at, whose content would then be
+    // deleted: stop instead, naming it.
+    for meta in heartbeat.list(Key::Repos).await? {
+        if !readable_name(&meta.location) {
+            return Err(StorageError::Corrupt {
+                key: meta.location.to_string(),
+                detail: "this name cannot be read, so what it points at cannot be kept; \
+                         move or delete it, then collect"
+                    .into(),
+            });
         }
     }
     let referenced: HashSet<Digest> = roots.iter().flat_map(|(_, r)| r).copied().collect();

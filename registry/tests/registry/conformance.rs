@@ -648,6 +648,54 @@ async fn garbage_collection(storage: &Storage) {
     let report = collect().await.unwrap();
     assert!(lost_blobs.iter().all(|d| report.blobs_deleted.contains(d)));
 
+    // A version under a name this release cannot read (another release's, or copied in) hides
+    // what it points at: collection stops, naming it, and deletes nothing.
+    let (unread, unread_chunks) = encoded(73);
+    let unread_repo = self::repo("gc/unread");
+    upload_all(storage, &unread_repo, &unread_chunks).await;
+    storage
+        .publish(&unread_repo, &version("v1"), &unread)
+        .await
+        .unwrap();
+    let versions = Key::Versions(&unread_repo).path();
+    let odd = object_store::path::Path::from(format!("{versions}/Not_A_Version"));
+    let pointer = storage
+        .object_store()
+        .get(&Key::Version(&unread_repo, &version("v1")).path())
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    storage
+        .object_store()
+        .put(&odd, pointer.into())
+        .await
+        .unwrap();
+    storage
+        .delete_version(&unread_repo, &version("v1"))
+        .await
+        .unwrap();
+    let error = collect().await.unwrap_err();
+    assert!(
+        matches!(&error, StorageError::Corrupt { key, .. } if key.ends_with("Not_A_Version")),
+        "{error}"
+    );
+    let unread_blobs: Vec<Digest> = unread_chunks
+        .iter()
+        .map(|c| c.descriptor.stored.digest)
+        .collect();
+    for digest in &unread_blobs {
+        assert!(storage.blob_meta(digest).await.unwrap().is_some());
+    }
+    storage.object_store().delete(&odd).await.unwrap();
+    let report = collect().await.unwrap();
+    assert!(
+        unread_blobs
+            .iter()
+            .all(|d| report.blobs_deleted.contains(d))
+    );
+
     // A collection whose lease lapsed (a long listing, a paused process) stops: while it was
     // lapsed a publish may have gone ahead on content its listing holds as unreferenced.
     storage
