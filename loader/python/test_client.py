@@ -59,7 +59,7 @@ def main():
     ready = []
     handle = loader.load(header["model"], [os.environ["CARTRIDGE"]], on_layers=lambda n, of, path: ready.append((n, of, path)))
     assert all(a[0] < b[0] for a, b in zip(ready, ready[1:])), ready
-    assert not ready or (ready[-1][0] == header["model"]["layers"] and ready[-1][2] == handle.location), ready
+    assert ready and ready[-1][0] == header["model"]["layers"] and ready[-1][2] == handle.location, ready
     print("streamed load:", len(ready), "layer events")
     handle.release()
     handle = loader.load(header["model"], [os.environ["CARTRIDGE"]])

@@ -188,3 +188,142 @@ impl<B: Resident> Store<B> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use cartridge_schemas::fingerprint::{ModelFingerprint, Rope, RopeLayout};
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// Memory of `bytes` bytes that knows which entry it was made for.
+    #[derive(Debug)]
+    struct Held {
+        key: u8,
+        bytes: usize,
+    }
+
+    impl Resident for Held {
+        fn bytes(&self) -> usize {
+            self.bytes
+        }
+
+        fn describe(&self) -> String {
+            format!("entry {}", self.key)
+        }
+    }
+
+    fn header() -> Header {
+        Header {
+            format_version: cartridge_schemas::file::FORMAT_VERSION,
+            model: ModelFingerprint {
+                architecture: "llama".into(),
+                layers: 1,
+                kv_heads: 1,
+                head_dim: 2,
+                rope: Rope {
+                    theta: 10000.0,
+                    layout: RopeLayout::Half,
+                    scaling: None,
+                },
+                weights: Digest::of(b"model"),
+            },
+            dtype: cartridge_schemas::Dtype::Bf16,
+            tokens: 1,
+            frozen_tokens: 0,
+            payload_digest: Digest::of(b"payload"),
+            provenance: serde_json::Value::Null,
+        }
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        /// Reserve room for entry `key` of `bytes`, and make it resident (or give it back).
+        Load {
+            key: u8,
+            bytes: u64,
+            lands: bool,
+        },
+        Acquire(u8),
+        Release(u8),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            (0..6u8, 1..=40u64, any::<bool>()).prop_map(|(key, bytes, lands)| Op::Load {
+                key,
+                bytes,
+                lands
+            }),
+            (0..6u8).prop_map(Op::Acquire),
+            (0..6u8).prop_map(Op::Release),
+        ]
+    }
+
+    proptest! {
+        /// Whatever loads and releases come, the budget holds, nothing in use is evicted, and
+        /// what is counted is exactly what is resident.
+        #[test]
+        fn the_budget_holds_and_entries_in_use_stay(ops in proptest::collection::vec(op(), 1..80)) {
+            const BUDGET: u64 = 100;
+            let mut store: Store<Held> = Store::new("test", BUDGET);
+            // The references each resident entry holds, as the callers know them.
+            let mut refs: HashMap<u8, usize> = HashMap::new();
+            let key = |k: u8| EntryKey::Single(Digest::of(&[k]));
+            for op in ops {
+                match op {
+                    Op::Load { key: k, bytes, lands } => {
+                        if refs.contains_key(&k) {
+                            continue; // resident: a load acquires it instead
+                        }
+                        let in_use: u64 = store
+                            .status()
+                            .entries
+                            .iter()
+                            .filter(|e| e.refs > 0)
+                            .map(|e| e.bytes)
+                            .sum();
+                        match store.reserve(bytes) {
+                            Ok(evicted) => {
+                                for buffer in evicted {
+                                    prop_assert_eq!(refs.remove(&buffer.key), Some(0), "evicted {} in use", buffer.key);
+                                }
+                                if lands {
+                                    store.insert(key(k), Held { key: k, bytes: bytes as usize }, header());
+                                    refs.insert(k, 1);
+                                } else {
+                                    store.unreserve(bytes);
+                                }
+                            }
+                            // Refused only when even evicting every unused entry leaves no room.
+                            Err(_) => prop_assert!(in_use + bytes > BUDGET, "{bytes} refused with {in_use} in use"),
+                        }
+                    }
+                    Op::Acquire(k) => {
+                        let acquired = store.acquire(&key(k));
+                        prop_assert_eq!(acquired.is_some(), refs.contains_key(&k));
+                        if let Some(held) = refs.get_mut(&k) {
+                            *held += 1;
+                        }
+                    }
+                    Op::Release(k) => {
+                        if let Some(held) = refs.get_mut(&k).filter(|h| **h > 0) {
+                            *held -= 1;
+                            store.release(&key(k));
+                        }
+                    }
+                }
+                let status = store.status();
+                prop_assert!(status.used <= BUDGET, "{} used", status.used);
+                prop_assert_eq!(status.used, status.entries.iter().map(|e| e.bytes).sum::<u64>());
+                prop_assert_eq!(status.entries.len(), refs.len());
+                for entry in &status.entries {
+                    let k = refs.iter().find(|(k, _)| key(**k).to_string() == entry.key);
+                    prop_assert_eq!(k.map(|(_, r)| *r), Some(entry.refs));
+                }
+            }
+        }
+    }
+}

@@ -433,7 +433,53 @@ fn a_corrupted_disk_cache_blob_is_refetched_and_the_disk_cache_survives_restarts
     );
     let (status, body) = load(&loader, &model, &["team/b@v1"]);
     assert_eq!(status, 503, "never seen, and the registry is down: {body}");
+    let message = body["message"].as_str().unwrap();
+    assert!(
+        message.contains("the registry cannot resolve team/b@v1"),
+        "the cause: {body}"
+    );
+    // Back, the registry serves what was missing, to the same loader.
     registry.restart_in_place(dir.path());
+    let (status, body) = load(&loader, &model, &["team/b@v1"]);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        shared_bytes(&body),
+        payload(&dir.path().join("b.safetensors"))
+    );
+}
+
+/// Prefetch fills the disk cache without taking memory: a later load needs no registry.
+#[test]
+fn prefetched_cartridges_load_from_disk_with_the_registry_gone() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut registry, loader, model) = setup(dir.path(), 64, &[]);
+    let body = json!({"cartridges": ["team/a@v1", "team/b@v1"]});
+    let (status, parts) = http_json(&loader.url, "POST", "/v1/prefetch", Some(&body));
+    assert_eq!(status, 200, "{parts}");
+    let named: Vec<&str> = parts
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["reference"].as_str().unwrap())
+        .collect();
+    assert_eq!(named, ["team/a@v1", "team/b@v1"]);
+    assert_eq!(metric(&loader, "loader_fetches_total"), 2.0);
+    let (used, _, status) = device_usage(&loader);
+    assert_eq!(used, 0, "prefetch holds no memory: {status}");
+
+    registry.kill();
+    for name in ["a", "b"] {
+        let (status, body) = load(&loader, &model, &[&format!("team/{name}@v1")]);
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["tier"], "disk");
+        assert_eq!(
+            shared_bytes(&body),
+            payload(&dir.path().join(format!("{name}.safetensors")))
+        );
+    }
+    let body = json!({"cartridges": ["team/c@v1"]});
+    let (status, answer) = http_json(&loader.url, "POST", "/v1/prefetch", Some(&body));
+    assert_eq!(status, 503, "{answer}");
 }
 
 #[test]
@@ -669,7 +715,7 @@ fn the_api_serves_on_a_unix_socket() {
 
     // A second loader leaves the live one's socket alone, and nothing but a socket is removed.
     let error = refused(&socket);
-    assert!(error.contains("in use"), "{error}");
+    assert!(error.contains("another process listens on it"), "{error}");
     assert!(std::os::unix::net::UnixStream::connect(&socket).is_ok());
     let file = dir.path().join("notes.txt");
     std::fs::write(&file, "kept").unwrap();
