@@ -11,6 +11,11 @@ use crate::support::{max_difference, smollm2, smollm2_path};
 
 /// Last-position logits of one sequence, no prefix.
 fn last_logits(model: &Llama, ids: &[u32]) -> Tensor {
+    logits_from(model, ids, ids.len() - 1).squeeze(0).unwrap()
+}
+
+/// The logits at every position from `from` on, reading `ids` with nothing before them.
+fn logits_from(model: &Llama, ids: &[u32], from: usize) -> Tensor {
     let device = model.device();
     let input = Tensor::new(ids, device).unwrap().unsqueeze(0).unwrap();
     let positions = Tensor::arange(0u32, ids.len() as u32, device)
@@ -21,9 +26,7 @@ fn last_logits(model: &Llama, ids: &[u32]) -> Tensor {
     let hidden = model
         .forward(&input, &positions, &mask, Context::None)
         .unwrap();
-    model
-        .logits(&hidden.i((0, ids.len() - 1)).unwrap())
-        .unwrap()
+    model.logits(&hidden.i((0, from..)).unwrap()).unwrap()
 }
 
 #[test]
@@ -130,7 +133,8 @@ fn a_prefix_of_text_is_the_text_in_context() {
         .unwrap();
     let question = loaded.text.encode(" Where are the keys?").unwrap();
     let full: Vec<u32> = text.iter().chain(&question).copied().collect();
-    let expected = last_logits(model, &full);
+    // Every position of the question, as training reads them all.
+    let expected = logits_from(model, &full, text.len());
 
     let prefix = model.prefix_of(&text).unwrap();
     assert_eq!(prefix.tokens(), text.len());
@@ -169,9 +173,7 @@ fn a_prefix_of_text_is_the_text_in_context() {
             .forward(&input, &positions, &mask, Context::Prefix(prefix))
             .unwrap();
         assert_eq!(hidden.track_op(), kind == "trainable");
-        let logits = model
-            .logits(&hidden.i((0, question.len() - 1)).unwrap())
-            .unwrap();
+        let logits = model.logits(&hidden.i(0).unwrap()).unwrap();
         let difference = max_difference(&logits, &expected);
         assert!(
             difference < 1e-3,
@@ -238,6 +240,10 @@ fn prefix_gradients_match_finite_differences() {
     let gradients = loss(&model, &prefix(&keys, &values), &ids, &weights)
         .backward()
         .unwrap();
+    // The model is frozen: no gradient buffer is kept for any of its weights.
+    for (name, weight) in model.named_weights() {
+        assert!(gradients.get(&weight).is_none(), "{name} got a gradient");
+    }
 
     for (name, vars) in [("keys", &keys), ("values", &values)] {
         for (layer, var) in vars.iter().enumerate() {

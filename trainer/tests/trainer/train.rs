@@ -412,3 +412,66 @@ fn next_token_prediction_is_distillation_onto_the_text() {
     distiller.train(&pieces, |_, _, _, _| Ok(())).unwrap();
     assert_eq!(distiller.losses.len(), 3);
 }
+
+/// A cartridge starts as the keys and values of a system turn holding the corpus's first tokens,
+/// the chat template around them, exactly `tokens` long.
+#[test]
+fn a_cartridge_starts_as_the_corpus_in_a_system_turn() {
+    let model = tiny_model();
+    let corpus = "The lighthouse on Varn is kept by three sisters who take turns at the lamp.";
+    let (before, after, room) = model.text.system_turn_ids(16).unwrap();
+    let ids = cartridge_trainer::distill::initial_ids(&model.text, corpus, 16).unwrap();
+    assert_eq!(ids.len(), 16);
+    assert_eq!(ids[..before.len()], before);
+    assert_eq!(ids[ids.len() - after.len()..], after);
+    let text = model
+        .text
+        .decode(&ids[before.len()..before.len() + room])
+        .unwrap();
+    assert!(corpus.starts_with(text.trim_end()), "{text:?}");
+    let err = cartridge_trainer::distill::initial_ids(&model.text, "Too short.", 16).unwrap_err();
+    assert!(err.to_string().contains("the corpus has"), "{err}");
+
+    let distiller = Distiller::from_corpus(
+        &model,
+        &ids,
+        DistillOptions {
+            tokens: 16,
+            ..options(1)
+        },
+    )
+    .unwrap();
+    let trained = distiller.prefix().unwrap();
+    let expected = model.llama.prefix_of(&ids).unwrap();
+    for (ours, theirs) in trained
+        .keys
+        .iter()
+        .chain(&trained.values)
+        .zip(expected.keys.iter().chain(&expected.values))
+    {
+        assert!(max_difference(ours, theirs) < 1e-6);
+    }
+}
+
+/// Composition puts each cartridge's tokens after the one before, per layer and head.
+#[test]
+fn concatenated_prefixes_keep_each_part_in_order() {
+    let model = tiny_model();
+    let first = model.llama.prefix_of(&[5, 9, 13]).unwrap();
+    let second = model.llama.prefix_of(&[40, 41]).unwrap();
+    let both = cartridge_trainer::cartridge::concatenate(&[first.clone(), second.clone()]).unwrap();
+    assert_eq!(both.tokens(), 5);
+    for layer in 0..both.keys.len() {
+        for (joined, a, b) in [
+            (&both.keys[layer], &first.keys[layer], &second.keys[layer]),
+            (
+                &both.values[layer],
+                &first.values[layer],
+                &second.values[layer],
+            ),
+        ] {
+            assert_eq!(max_difference(&joined.narrow(1, 0, 3).unwrap(), a), 0.0);
+            assert_eq!(max_difference(&joined.narrow(1, 3, 2).unwrap(), b), 0.0);
+        }
+    }
+}
