@@ -91,11 +91,18 @@ def main():
     leased.release()
     assert loader.status()["handles"] == held
     wrong = dict(header["model"], kv_heads=header["model"]["kv_heads"] + 1)
-    try:
-        loader.load(wrong, [os.environ["CARTRIDGE"]])
-        raise AssertionError("a cartridge for another model was loaded")
-    except LoaderError as error:
-        assert error.status == 409 and "kv_heads" in error.message
+    # Streamed or not, a refusal carries its own status.
+    for on_layers in (None, lambda *_: None):
+        try:
+            loader.load(wrong, [os.environ["CARTRIDGE"]], on_layers=on_layers)
+            raise AssertionError("a cartridge for another model was loaded")
+        except LoaderError as error:
+            assert error.status == 409 and "kv_heads" in error.message, error
+        try:
+            loader.load(header["model"], ["team/nope@v1"], on_layers=on_layers)
+            raise AssertionError("an unknown cartridge was loaded")
+        except LoaderError as error:
+            assert error.status == 404 and "team/nope@v1" in error.message, error
     print("ok:", len(layers), "layers match the file byte for byte, from", where)
 
 

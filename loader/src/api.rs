@@ -9,12 +9,12 @@ use std::sync::{Arc, OnceLock};
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{FromRequest, Request, State};
-use axum::http::header;
+use axum::http::{StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use cartridge_schemas::api::ErrorBody;
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -29,7 +29,17 @@ use crate::loader::{
 pub fn metrics_handle() -> &'static PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE.get_or_init(|| {
-        let recorder = PrometheusBuilder::new().build_recorder();
+        // Histograms (not summaries), so a fleet's latencies add up across nodes.
+        let recorder = PrometheusBuilder::new()
+            .set_buckets_for_metric(
+                Matcher::Full("loader_load_seconds".into()),
+                &[
+                    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                    30.0, 60.0,
+                ],
+            )
+            .expect("buckets are given")
+            .build_recorder();
         let handle = recorder.handle();
         let _ = metrics::set_global_recorder(recorder);
         handle
@@ -46,7 +56,12 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Body<T> {
         Json::<T>::from_request(request, state)
             .await
             .map(|Json(v)| Self(v))
-            .map_err(|e: JsonRejection| LoaderError::BadRequest(e.body_text()))
+            .map_err(|e: JsonRejection| match e.status() {
+                StatusCode::PAYLOAD_TOO_LARGE => {
+                    LoaderError::TooLarge(format!("request body too large: {}", e.body_text()))
+                }
+                _ => LoaderError::BadRequest(e.body_text()),
+            })
     }
 }
 
@@ -71,6 +86,11 @@ impl LoadEvent {
 }
 
 async fn load(State(loader): State<Arc<Loader>>, Body(request): Body<LoadRequest>) -> Response {
+    // Refusals come first, with their own status, streamed or not.
+    let prepared = match loader.prepare(&request).await {
+        Ok(prepared) => prepared,
+        Err(error) => return error.into_response(),
+    };
     // The load runs to completion on its own task even if the caller goes away (a cancelled
     // future would strand its reservations, pins and references); a handle nobody received is
     // released at once.
@@ -83,7 +103,7 @@ async fn load(State(loader): State<Arc<Loader>>, Body(request): Body<LoadRequest
             })
         };
         tokio::spawn(async move {
-            let last = match loader.load(request, Some(progress)).await {
+            let last = match loader.load(prepared, Some(progress)).await {
                 Ok(answer) => LoadEvent::Loaded(answer),
                 Err(error) => LoadEvent::Error(ErrorBody {
                     code: error.code(),
@@ -109,7 +129,7 @@ async fn load(State(loader): State<Arc<Loader>>, Body(request): Body<LoadRequest
     let (answer, answered) = tokio::sync::oneshot::channel();
     let worker = loader.clone();
     tokio::spawn(async move {
-        let result = worker.load(request, None).await;
+        let result = worker.load(prepared, None).await;
         if let Err(Ok(unclaimed)) = answer.send(result) {
             let _ = worker.release(unclaimed.handle);
         }
@@ -167,7 +187,7 @@ pub fn router(loader: Arc<Loader>) -> Router {
         .route("/v1/prefetch", post(prefetch))
         .route("/v1/status", get(status))
         .route("/metrics", get(metrics))
-        .fallback(|| async { LoaderError::BadRequest("no such endpoint".into()) })
+        .fallback(|uri: Uri| async move { LoaderError::NoEndpoint(uri.path().to_owned()) })
         // Refusals (507 when a load does not fit, 503 when the registry is down) are expected
         // answers, not faults: log them as warnings.
         .layer(

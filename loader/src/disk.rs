@@ -1,8 +1,9 @@
 //! The disk tier: verified blobs as stored, content-addressed, under a size cap with
 //! least-recently-used eviction (partial downloads count and go the same way, unless one is
 //! being written). Blobs a load is using are pinned and never evicted under it.
-//! The index is rebuilt from the directory at start, with file times as last use, so the cache
-//! survives restarts; every read re-verifies the blob (decoding checks its digest).
+//! The index is read from the directory at start, with file times as last use, so the cache
+//! survives restarts, and again after each load, as several loaders may share the directory;
+//! every read re-verifies the blob (decoding checks its digest).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -38,12 +39,31 @@ pub struct DiskUsage {
 
 impl DiskCache {
     pub fn open(root: &Path, cap: u64) -> Result<Self, cartridge_client::ClientError> {
-        let cache = Cache::new(root)?;
-        let mut entries = HashMap::new();
-        // Partial downloads count against the cap like blobs (a later load resumes one), so one
-        // whose blob is never asked for again is evicted in its turn instead of staying for good.
+        let disk = Self {
+            cache: Cache::new(root)?,
+            cap,
+            entries: Mutex::new(HashMap::new()),
+        };
+        // A cap lowered since the last run holds from the start.
+        if let Ok(mut entries) = disk.entries.lock() {
+            disk.rescan(&mut entries)?;
+            disk.shrink(&mut entries);
+        }
+        Ok(disk)
+    }
+
+    /// Brings the index up to what the folder holds: at start (so the cache survives restarts,
+    /// with file times as last use), and after each load, as other loaders (one per GPU of a
+    /// node, say) or `cartridge pull` may share the folder and add or evict blobs. Partial
+    /// downloads count against the cap like blobs (a later load resumes one), so one whose blob is
+    /// never asked for again is evicted in its turn instead of staying for good.
+    fn rescan(
+        &self,
+        entries: &mut HashMap<Digest, Entry>,
+    ) -> Result<(), cartridge_client::ClientError> {
+        let mut found: HashMap<Digest, (u64, SystemTime)> = HashMap::new();
         for dir in ["partial", "blobs"] {
-            let dir = root.join(dir);
+            let dir = self.cache.root().join(dir);
             for entry in std::fs::read_dir(&dir)
                 .map_err(cartridge_client::ClientError::io(&dir))?
                 .flatten()
@@ -58,25 +78,25 @@ impl DiskCache {
                     continue;
                 };
                 let used = metadata.modified().unwrap_or(SystemTime::UNIX_EPOCH);
-                let entry = entries.entry(digest).or_insert(Entry {
-                    size: 0,
-                    used,
-                    pins: 0,
-                });
-                entry.size += metadata.len();
-                entry.used = entry.used.max(used);
+                let (size, last) = found.entry(digest).or_insert((0, used));
+                *size += metadata.len();
+                *last = (*last).max(used);
             }
         }
-        let disk = Self {
-            cache,
-            cap,
-            entries: Mutex::new(entries),
-        };
-        // A cap lowered since the last run holds from the start.
-        if let Ok(mut entries) = disk.entries.lock() {
-            disk.shrink(&mut entries);
+        for entry in entries.values_mut() {
+            entry.size = 0;
         }
-        Ok(disk)
+        for (digest, (size, used)) in found {
+            let entry = entries.entry(digest).or_insert(Entry {
+                size: 0,
+                used,
+                pins: 0,
+            });
+            entry.size = size;
+            entry.used = entry.used.max(used);
+        }
+        entries.retain(|_, entry| entry.pins > 0 || entry.size > 0);
+        Ok(())
     }
 
     pub fn cache(&self) -> &Cache {
@@ -137,8 +157,8 @@ impl DiskCache {
         }
     }
 
-    /// Releases pins, records the blobs' sizes as they now are on disk, and evicts the least
-    /// recently used unpinned blobs while the cache is over its cap.
+    /// Releases pins, records what the folder now holds, and evicts the least recently used
+    /// unpinned blobs while the cache is over its cap.
     fn unpin(&self, digests: &[Digest]) -> u64 {
         let Ok(mut entries) = self.entries.lock() else {
             return 0;
@@ -146,10 +166,11 @@ impl DiskCache {
         for digest in digests {
             if let Some(entry) = entries.get_mut(digest) {
                 entry.pins = entry.pins.saturating_sub(1);
-                entry.size = self.bytes_on_disk(digest);
             }
         }
-        entries.retain(|digest, entry| entry.pins > 0 || self.bytes_on_disk(digest) > 0);
+        if let Err(error) = self.rescan(&mut entries) {
+            tracing::warn!(%error, "reading the disk cache folder");
+        }
         self.shrink(&mut entries)
     }
 
@@ -193,14 +214,6 @@ impl DiskCache {
         // Removed while locked: a downloader waiting on this file finds it gone and starts anew.
         let _ = std::fs::remove_file(&path);
         true
-    }
-
-    /// The blob's bytes, or those of its partial download (a blob is never both for long).
-    fn bytes_on_disk(&self, digest: &Digest) -> u64 {
-        [self.cache.blob(digest), self.cache.partial(digest)]
-            .iter()
-            .map(|path| std::fs::metadata(path).map_or(0, |m| m.len()))
-            .sum()
     }
 
     pub fn usage(&self) -> DiskUsage {
@@ -347,6 +360,31 @@ mod tests {
             .elapsed()
             .unwrap_or_default();
         assert!(age < Duration::from_secs(60), "{age:?}");
+    }
+
+    #[test]
+    fn loaders_sharing_a_folder_keep_it_under_the_cap_together() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::new(dir.path()).unwrap();
+        let [first, second] = [1u8, 2].map(|n| Digest::of(&[n]));
+        // One loader per GPU of a node, on one disk cache.
+        let (a, b) = (
+            DiskCache::open(dir.path(), 1000).unwrap(),
+            DiskCache::open(dir.path(), 1000).unwrap(),
+        );
+        a.pin(&[first]);
+        file(&cache.blob(&first), 600, 100);
+        assert_eq!(a.unpin(&[first]), 0);
+        b.pin(&[second]);
+        file(&cache.blob(&second), 600, 0);
+        // b counts what a stored: over the cap together, the least recently used goes.
+        assert_eq!(b.unpin(&[second]), 1);
+        assert!(!cache.blob(&first).exists() && cache.blob(&second).exists());
+        assert_eq!(b.usage().used, 600);
+        // a learns of it at its next load.
+        a.pin(&[]);
+        a.unpin(&[]);
+        assert_eq!((a.usage().used, a.usage().blobs), (600, 1));
     }
 
     #[test]

@@ -13,6 +13,10 @@ pub enum LoaderError {
     ModelMismatch { reference: String, detail: String },
     #[error("{0}")]
     OutOfMemory(String),
+    #[error("no such endpoint: {0}")]
+    NoEndpoint(String),
+    #[error("{0}")]
+    TooLarge(String),
     #[error("unknown handle {0} (released, or its lease lapsed)")]
     UnknownHandle(u64),
     #[error("registry unavailable: {0}")]
@@ -28,7 +32,10 @@ impl LoaderError {
     pub fn code(&self) -> ErrorCode {
         match self {
             Self::BadRequest(_) => ErrorCode::BadRequest,
-            Self::UnknownReference(_) | Self::UnknownHandle(_) => ErrorCode::NotFound,
+            Self::UnknownReference(_) | Self::UnknownHandle(_) | Self::NoEndpoint(_) => {
+                ErrorCode::NotFound
+            }
+            Self::TooLarge(_) => ErrorCode::TooLarge,
             Self::ModelMismatch { .. } => ErrorCode::ModelMismatch,
             Self::OutOfMemory(_) => ErrorCode::OutOfMemory,
             Self::Unavailable(_) => ErrorCode::Unavailable,

@@ -23,6 +23,7 @@ use crate::resolve::{Resolved, Resolver, client_error};
 use crate::store::{EntryKey, Resident, Store, StoreStatus};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct LoadRequest {
     /// The model the keys and values are for; a cartridge made for another is refused.
     pub model: ModelFingerprint,
@@ -61,11 +62,13 @@ pub struct LayersReady {
 pub type Progress = Arc<dyn Fn(&LayersReady) + Send + Sync>;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct PrefetchRequest {
     pub cartridges: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ReleaseRequest {
     pub handle: u64,
 }
@@ -193,32 +196,36 @@ impl Loader {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn parse(reference: &str) -> Result<Reference, LoaderError> {
-        reference
-            .parse()
-            .map_err(|e: cartridge_schemas::reference::ReferenceError| {
-                LoaderError::BadRequest(e.to_string())
-            })
-    }
-
-    pub async fn load(
-        &self,
-        request: LoadRequest,
-        progress: Option<Progress>,
-    ) -> Result<LoadResponse, LoaderError> {
-        let outcome = self.try_load(request, progress).await;
-        if let Err(error) = &outcome {
-            metrics::counter!("loader_load_errors_total", "status" => error.code().http_status().to_string())
-                .increment(1);
+    /// A reference may name the registry this loader fetches from, and no other: it holds one
+    /// registry's token, and would otherwise serve that registry's cartridge under another's name.
+    fn parse(&self, text: &str) -> Result<Reference, LoaderError> {
+        let reference: Reference =
+            text.parse()
+                .map_err(|e: cartridge_schemas::reference::ReferenceError| {
+                    LoaderError::BadRequest(e.to_string())
+                })?;
+        if let Some(named) = &reference.registry {
+            let base = self.resolver.client().base();
+            let same = url::Url::parse(&format!("{}://{named}", base.scheme())).is_ok_and(|url| {
+                url.host() == base.host()
+                    && url.port_or_known_default() == base.port_or_known_default()
+            });
+            if !same {
+                return Err(LoaderError::BadRequest(format!(
+                    "{text} names the registry {named}; this loader fetches from {base} only"
+                )));
+            }
         }
-        outcome
+        Ok(reference)
     }
 
-    async fn try_load(
-        &self,
-        request: LoadRequest,
-        progress: Option<Progress>,
-    ) -> Result<LoadResponse, LoaderError> {
+    /// Checks a load and resolves what it names, for the model it names: everything that can
+    /// refuse it before memory is touched (a streamed load answers these with their own status).
+    pub async fn prepare(&self, request: &LoadRequest) -> Result<Prepared, LoaderError> {
+        counted(self.try_prepare(request).await)
+    }
+
+    async fn try_prepare(&self, request: &LoadRequest) -> Result<Prepared, LoaderError> {
         let started = Instant::now();
         if request.cartridges.is_empty() {
             return Err(LoaderError::BadRequest("no cartridges to load".into()));
@@ -236,9 +243,35 @@ impl Loader {
         let references = request
             .cartridges
             .iter()
-            .map(|r| Self::parse(r))
+            .map(|r| self.parse(r))
             .collect::<Result<Vec<_>, _>>()?;
         let parts = self.resolve_parts(&request.model, &references).await?;
+        Ok(Prepared {
+            started,
+            lease,
+            parts,
+        })
+    }
+
+    /// Makes a prepared load resident and hands out a handle to it.
+    pub async fn load(
+        &self,
+        prepared: Prepared,
+        progress: Option<Progress>,
+    ) -> Result<LoadResponse, LoaderError> {
+        counted(self.try_load(prepared, progress).await)
+    }
+
+    async fn try_load(
+        &self,
+        prepared: Prepared,
+        progress: Option<Progress>,
+    ) -> Result<LoadResponse, LoaderError> {
+        let Prepared {
+            started,
+            lease,
+            parts,
+        } = prepared;
         let (key, tier) = self.resident(&parts, progress).await?;
         if tier <= Tier::Host {
             // Hits on memory keep the blobs fresh on disk too, for when memory lets them go.
@@ -372,7 +405,7 @@ impl Loader {
         self.expire();
         let mut parts = Vec::new();
         for reference in references {
-            let resolved = self.resolver.resolve(&Self::parse(reference)?).await?;
+            let resolved = self.resolver.resolve(&self.parse(reference)?).await?;
             let (ready, arrivals) = std::sync::mpsc::channel();
             drop(arrivals);
             let digests = resolved.blob_digests();
@@ -668,7 +701,12 @@ impl Loader {
         header.provenance = serde_json::json!({"composed_of": parts.iter().map(|p| p.reference.to_string()).collect::<Vec<_>>()});
         let bytes = header.payload_bytes();
         self.expire();
-        let evicted = self.store().reserve(bytes)?;
+        let evicted = self.store().reserve(bytes).map_err(|error| match error {
+            LoaderError::OutOfMemory(detail) => LoaderError::OutOfMemory(format!(
+                "the composition: {detail} (its parts stay resident while it is built)"
+            )),
+            other => other,
+        })?;
         drop(evicted);
         let (sources, inputs): (Vec<EntryKey>, Vec<_>) = {
             let mut store = self.store();
@@ -731,6 +769,22 @@ fn from_registry(fetched: &FetchReport) -> bool {
 /// Most cartridges one request names: a composition of more is no use, and each costs a
 /// resolution and a manifest in memory.
 pub const MAX_CARTRIDGES: usize = 64;
+
+/// A load checked and resolved, to be made resident ([`Loader::prepare`]).
+pub struct Prepared {
+    started: Instant,
+    lease: Option<std::time::Duration>,
+    parts: Vec<Resolved>,
+}
+
+/// Counts a failed load by the status it answers.
+fn counted<T>(outcome: Result<T, LoaderError>) -> Result<T, LoaderError> {
+    if let Err(error) = &outcome {
+        metrics::counter!("loader_load_errors_total", "status" => error.code().http_status().to_string())
+            .increment(1);
+    }
+    outcome
+}
 
 fn check_count(references: &[String]) -> Result<(), LoaderError> {
     if references.len() > MAX_CARTRIDGES {

@@ -106,6 +106,10 @@ struct ServeArgs {
     /// Address to listen on (loopback by default; port 0 picks a free one, printed).
     #[arg(long, default_value = "127.0.0.1:7071", conflicts_with = "socket")]
     listen: SocketAddr,
+    /// Allow `--listen` on an address other machines reach. The API has no authentication:
+    /// anyone who reaches it can load, release and read cartridges.
+    #[arg(long)]
+    allow_remote: bool,
     /// Serve on a Unix socket instead of TCP.
     #[arg(long)]
     socket: Option<PathBuf>,
@@ -149,17 +153,25 @@ async fn serve(args: ServeArgs) -> Result<()> {
             std::env::temp_dir()
         }
     });
+    if args.socket.is_none() && !args.listen.ip().is_loopback() && !args.allow_remote {
+        anyhow::bail!(
+            "--listen {} is reachable from other machines, and the API has no authentication: listen on loopback, use --socket, or pass --allow-remote",
+            args.listen
+        );
+    }
     api::metrics_handle();
     // Listening first: a loader refused its socket or port touches nothing of a live one's (its
     // disk cache, which opening would trim to this one's cap).
     let listener = match &args.socket {
         Some(path) => {
             remove_stale_socket(path)?;
-            Listener::Unix(
-                tokio::net::UnixListener::bind(path)
-                    .with_context(|| format!("binding {}", path.display()))?,
-                path.clone(),
-            )
+            let listener = tokio::net::UnixListener::bind(path)
+                .with_context(|| format!("binding {}", path.display()))?;
+            // Consumers in the loader's group connect, as they read its buffers (0640).
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+                .with_context(|| format!("setting the mode of {}", path.display()))?;
+            Listener::Unix(listener, path.clone())
         }
         None => Listener::Tcp(
             tokio::net::TcpListener::bind(args.listen)
@@ -202,7 +214,8 @@ async fn serve(args: ServeArgs) -> Result<()> {
         options,
     ));
     let router = api::router(loader);
-    let shutdown = async {
+    let (signalled, mut stopping) = tokio::sync::watch::channel(false);
+    let shutdown = async move {
         let interrupt = tokio::signal::ctrl_c();
         let mut terminate =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
@@ -211,25 +224,53 @@ async fn serve(args: ServeArgs) -> Result<()> {
             _ = async { match terminate.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {},
         }
         tracing::info!("shutting down");
+        signalled.send_replace(true);
     };
-    match listener {
-        Listener::Unix(listener, path) => {
-            println!("listening on unix:{}", path.display());
-            axum::serve(listener, router)
-                .with_graceful_shutdown(shutdown)
-                .await?;
-            let _ = std::fs::remove_file(path);
+    // Loads in flight may finish within the grace; a fetch stalled on a slow registry does not
+    // hold the process past it (an orchestrator would kill it, leaving its buffers behind).
+    let grace = async move {
+        let _ = stopping.wait_for(|stopping| *stopping).await;
+        tokio::time::sleep(SHUTDOWN_GRACE).await;
+        tracing::warn!(
+            "requests still running {} s after the signal: stopping",
+            SHUTDOWN_GRACE.as_secs()
+        );
+    };
+    let served = match &listener {
+        Listener::Unix(_, path) => format!("unix:{}", path.display()),
+        Listener::Tcp(listener) => format!("http://{}", listener.local_addr()?),
+    };
+    println!("listening on {served}");
+    let serving = async {
+        match listener {
+            Listener::Unix(listener, path) => {
+                let served = axum::serve(listener, router)
+                    .with_graceful_shutdown(shutdown)
+                    .await;
+                let _ = std::fs::remove_file(path);
+                served
+            }
+            Listener::Tcp(listener) => {
+                axum::serve(listener, router)
+                    .with_graceful_shutdown(shutdown)
+                    .await
+            }
         }
-        Listener::Tcp(listener) => {
-            println!("listening on http://{}", listener.local_addr()?);
-            axum::serve(listener, router)
-                .with_graceful_shutdown(shutdown)
-                .await?;
+    };
+    tokio::select! {
+        served = serving => served?,
+        () = grace => {
+            if let Some(path) = &args.socket {
+                let _ = std::fs::remove_file(path);
+            }
         }
     }
     drop(shm_dir);
     Ok(())
 }
+
+/// How long a signalled loader lets requests in flight finish.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 enum Listener {
     Unix(tokio::net::UnixListener, std::path::PathBuf),

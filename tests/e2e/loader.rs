@@ -158,6 +158,12 @@ fn cold_warm_and_composed_loads_are_byte_exact() {
 
     let status: Value = http_json(&loader.url, "GET", "/v1/status", None).1;
     assert_eq!(status["handles"], 3);
+    // Load latencies are histograms, which add up across a fleet.
+    let metrics = exchange(&loader.url, "HTTP/1.1", "GET", "/metrics", &[], b"");
+    assert!(
+        metrics.contains("loader_load_seconds_bucket{tier=\"registry\",le=\"0.1\"}"),
+        "{metrics}"
+    );
     for response in [&cold, &warm, &composed] {
         let (code, _) = http_json(
             &loader.url,
@@ -188,7 +194,7 @@ fn cold_warm_and_composed_loads_are_byte_exact() {
 #[test]
 fn bad_requests_are_named() {
     let dir = tempfile::tempdir().unwrap();
-    let (_registry, loader, model) = setup(dir.path(), 16, &[]);
+    let (registry, loader, model) = setup(dir.path(), 16, &[]);
     let (status, body) = load(&loader, &model, &["team/nope@v1"]);
     assert_eq!(status, 404);
     assert!(
@@ -231,6 +237,40 @@ fn bad_requests_are_named() {
         Some(&json!({"cartridges": "x"})),
     );
     assert_eq!(status, 400);
+    // A reference naming another registry is not served from this one.
+    let (status, body) = load(&loader, &model, &["elsewhere.example.com/team/a@v1"]);
+    assert_eq!(status, 400);
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("names the registry elsewhere.example.com"),
+        "{body}"
+    );
+    let own = format!("{}/team/a@v1", registry.url.trim_start_matches("http://"));
+    let (status, body) = load(&loader, &model, &[&own]);
+    assert_eq!(status, 200, "{body}");
+    // A misspelt field is refused, not ignored (a `lease` that was not read never lapses).
+    let body = json!({"model": model, "cartridges": ["team/a@v1"], "leas": 5});
+    let (status, answer) = http_json(&loader.url, "POST", "/v1/load", Some(&body));
+    assert_eq!(status, 400, "{answer}");
+    assert!(
+        answer["message"].as_str().unwrap().contains("leas"),
+        "{answer}"
+    );
+    // An unknown endpoint, and a body over the limit, get their own status.
+    let (status, answer) = http_json(&loader.url, "GET", "/v1/nope", None);
+    assert_eq!((status, &answer["code"]), (404, &json!("not_found")));
+    let big = vec![b' '; 3 << 20];
+    let answer = exchange(
+        &loader.url,
+        "HTTP/1.1",
+        "POST",
+        "/v1/load",
+        &[("Content-Type", "application/json")],
+        &big,
+    );
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer:.200}");
 }
 
 #[test]
@@ -713,6 +753,28 @@ fn the_api_serves_on_a_unix_socket() {
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
     assert!(response.contains("\"handles\":0"), "{response}");
 
+    // TCP is loopback unless asked otherwise: the API has no authentication.
+    let remote = std::process::Command::new(crate::support::workspace_binary("cartridge-loader"))
+        .args([
+            "serve",
+            "--registry",
+            "http://127.0.0.1:9",
+            "--listen",
+            "0.0.0.0:0",
+        ])
+        .output()
+        .unwrap();
+    let error = String::from_utf8_lossy(&remote.stderr);
+    assert!(
+        !remote.status.success() && error.contains("--allow-remote"),
+        "{error}"
+    );
+    // Consumers in the loader's group may connect, as they may read its buffers.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&socket).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o660, "{mode:o}");
+    }
     // A second loader leaves the live one's socket alone, and nothing but a socket is removed.
     let error = refused(&socket);
     assert!(error.contains("another process listens on it"), "{error}");
@@ -746,8 +808,14 @@ fn load_streamed(loader: &LoaderProcess, model: &Value, refs: &[&str]) -> (u16, 
         body.as_bytes(),
     );
     let (head, body) = response.split_once("\r\n\r\n").unwrap();
-    assert!(head.contains("application/x-ndjson"), "{head}");
     let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    // A refusal before the stream is one JSON body.
+    let streamed = if status == 200 {
+        "application/x-ndjson"
+    } else {
+        "application/json"
+    };
+    assert!(head.contains(streamed), "{head}");
     let events = body
         .lines()
         .map(|line| serde_json::from_str(line).unwrap())
@@ -760,7 +828,7 @@ fn a_streamed_load_tells_layers_as_they_land() {
     let dir = tempfile::tempdir().unwrap();
     // 128 KiB layers in 64 KiB chunks: one chunk per layer, four in all, fetched one at a time
     // at 1 MiB/s so they land apart.
-    let (_registry, loader, model) =
+    let (registry, loader, model) =
         setup(dir.path(), 256, &["--jobs", "1", "--limit-rate", "1MiB"]);
 
     let (status, events) = load_streamed(&loader, &model, &["team/a@v1"]);
@@ -793,17 +861,30 @@ fn a_streamed_load_tells_layers_as_they_land() {
     assert_eq!(events.last().unwrap()["tokens"], 512);
     assert!(events.iter().all(|e| e["event"] != "layers"), "{events:?}");
 
-    // A failure is the stream's one event.
+    // What is refused before memory is touched has its own status, streamed or not.
     let (status, events) = load_streamed(&loader, &model, &["team/nope@v1"]);
-    assert_eq!(status, 200);
-    assert_eq!(events.len(), 1, "{events:?}");
-    assert_eq!(events[0]["event"], "error");
+    assert_eq!(status, 404);
     assert!(
         events[0]["message"]
             .as_str()
             .unwrap()
             .contains("team/nope@v1"),
         "{events:?}"
+    );
+    // A failure once streaming began is the stream's last event.
+    let token = registry.token(&["team/*:pull"]);
+    let small = LoaderProcess::start(
+        dir.path(),
+        &registry.url,
+        &token,
+        &["--gpu-budget", "64KiB"],
+    );
+    let (status, events) = load_streamed(&small, &model, &["team/a@v1"]);
+    assert_eq!(status, 200);
+    let last = events.last().unwrap();
+    assert_eq!(
+        (&last["event"], &last["code"]),
+        (&json!("error"), &json!("out_of_memory"))
     );
 }
 

@@ -41,6 +41,10 @@ class LoaderError(RuntimeError):
         self.status, self.code, self.message = status, code, message
 
 
+# The HTTP status of each error code, for errors a streamed load reports after its 200.
+_STATUS = {"bad_request": 400, "not_found": 404, "model_mismatch": 409, "too_large": 413, "unavailable": 503, "out_of_memory": 507}
+
+
 class _IpcMemHandle(ctypes.Structure):
     _fields_ = [("reserved", ctypes.c_char * 64)]
 
@@ -145,7 +149,7 @@ class Loader:
         try:
             connection.request("POST", "/v1/load", body=json.dumps(dict(body, stream=True)).encode(), headers={"Content-Type": "application/json"})
             response = connection.getresponse()
-            if response.status >= 400:  # refused before streaming began (a malformed request)
+            if response.status >= 400:  # refused before streaming began
                 answer = json.loads(response.read() or b"{}")
                 raise LoaderError(response.status, answer.get("code", "unknown"), answer.get("message", ""))
             while line := response.readline():
@@ -156,10 +160,11 @@ class Loader:
                 elif kind == "loaded":
                     return Handle(self, event, leased=lease is not None)
                 else:
-                    raise LoaderError(200, event.get("code", "unknown"), event.get("message", ""))
+                    code = event.get("code", "internal")
+                    raise LoaderError(_STATUS.get(code, 500), code, event.get("message", ""))
         finally:
             connection.close()
-        raise LoaderError(200, "internal", "the stream ended without an answer")
+        raise LoaderError(500, "internal", "the stream ended without an answer")
 
     def release(self, handle: int) -> None:
         self._request("POST", "/v1/release", {"handle": handle})
