@@ -45,12 +45,13 @@ pub struct EvalArgs {
 
 pub fn run(args: EvalArgs) -> Result<()> {
     let paths = Paths::from_env()?;
+    // Read before the model, which takes a while to load: a wrong path fails at once.
+    let corpus = Corpus::read(&args.corpus)?;
+    let qa = read_qa(&args.qa)?;
     let (device, dtype) = args.device.open()?;
     let model = ModelSource::resolve(&args.model, &paths.models())?
         .load(&device, dtype)
         .with_context(|| format!("loading {}", args.model))?;
-    let corpus = Corpus::read(&args.corpus)?;
-    let qa = read_qa(&args.qa)?;
 
     let mut cartridges = Vec::new();
     for path in &args.cartridges {

@@ -234,11 +234,12 @@ pub fn run(args: TrainArgs) -> Result<()> {
             );
         }
     }
+    // Read before the model, which takes a while to load: a wrong path fails at once.
+    let corpus = Corpus::read(&args.corpus)?;
     let (device, dtype) = args.device.open()?;
     let model = source
         .load(&device, dtype)
         .with_context(|| format!("loading {}", args.model))?;
-    let corpus = Corpus::read(&args.corpus)?;
     let request = TrainRequest {
         objective: match args.objective {
             ObjectiveArg::SelfStudy => Objective::SelfStudy,

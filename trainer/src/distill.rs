@@ -561,7 +561,11 @@ impl<'a> Distiller<'a> {
         let metadata =
             std::collections::HashMap::from([("checkpoint".to_owned(), state.to_string())]);
         safetensors::serialize_to_file(tensors, Some(metadata), path)
-            .map_err(|e| Error::Data(format!("{}: {e}", path.display())))
+            .map_err(|e| Error::Data(format!("{}: {e}", path.display())))?;
+        // On disk before training goes on from it (the previous one was replaced).
+        std::fs::File::open(path)
+            .and_then(|file| file.sync_all())
+            .map_err(|e| Error::io(path, e))
     }
 
     /// Restores a checkpoint written by [`Distiller::save_checkpoint`] for the same `run` with
@@ -639,6 +643,13 @@ impl<'a> Distiller<'a> {
             .map(|i| get(format!("adam.{i}.second")))
             .collect::<Result<_>>()?;
         distiller.adam.step = state["step"].as_u64().unwrap_or(0) as usize;
+        // Its cartridge would be written as this run's, trained further than asked.
+        if distiller.adam.step > distiller.options.steps {
+            return Err(bad(format!(
+                "it is at step {}, past the {} this run asks for: ask for at least as many, or start afresh without --resume",
+                distiller.adam.step, distiller.options.steps
+            )));
+        }
         distiller.epoch = state["epoch"].as_u64().unwrap_or(0);
         distiller.cursor = state["cursor"].as_u64().unwrap_or(0) as usize;
         distiller.losses = serde_json::from_value(state["losses"].clone()).unwrap_or_default();

@@ -264,6 +264,9 @@ fn a_resumed_run_continues_exactly() {
         error.contains(r#"corpus "a" (the run asks for "b")"#),
         "{error}"
     );
+    // Fewer steps than it already made: its cartridge is not the one asked for.
+    let error = refused(options(1), run());
+    assert!(error.contains("at step 2, past the 1"), "{error}");
 }
 
 #[test]
