@@ -72,6 +72,7 @@ impl From<StorageError> for ApiError {
                     "the registry's state changed under this request repeatedly; retry in a moment",
                 );
             }
+            StorageError::Unconditional => ErrorCode::Internal,
             StorageError::Corrupt { .. } => {
                 tracing::error!(%error, "corrupt object in storage");
                 return Self::new(

@@ -276,6 +276,7 @@ fn keyring_for_serve(keys: &KeysArgs) -> Result<Keyring> {
 async fn serve(args: ServeArgs) -> Result<()> {
     init_logging(args.log_format);
     let storage = backend::open(&args.storage.url()?)?;
+    storage.check_conditional_writes().await?;
     let keyring = keyring_for_serve(&args.keys)?;
     let limits = Limits {
         max_blob_bytes: args.max_blob_size.as_u64(),
@@ -312,6 +313,7 @@ async fn collect_garbage(args: GcArgs) -> Result<()> {
         );
     }
     let storage = backend::open(&args.storage.url()?)?;
+    storage.check_conditional_writes().await?;
     let report = gc::collect(
         &storage,
         GcOptions {
@@ -395,8 +397,10 @@ async fn lambda() -> Result<()> {
     }
     let keys = std::env::var("CARTRIDGE_REGISTRY_KEYS")
         .context("CARTRIDGE_REGISTRY_KEYS must hold the keyring JSON")?;
+    let storage = backend::open(&url)?;
+    storage.check_conditional_writes().await?;
     let state = AppState::new(
-        backend::open(&url)?,
+        storage,
         Keyring::from_json(&keys, "CARTRIDGE_REGISTRY_KEYS")?,
         Limits::default(),
     );

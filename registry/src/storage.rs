@@ -77,6 +77,10 @@ pub enum StorageError {
     GcLeaseLost,
     #[error("invalid manifest: {0}")]
     InvalidManifest(String),
+    #[error(
+        "the object store ignores conditional writes (a create over an object overwrote it): published versions could change and concurrent publishes both win; use a store that honours If-None-Match (S3, MinIO)"
+    )]
+    Unconditional,
     #[error("storage: {0}")]
     Backend(#[from] object_store::Error),
 }
@@ -383,6 +387,29 @@ impl Storage {
         Err(StorageError::Contended {
             what: series.path().to_string(),
         })
+    }
+
+    /// Checks the store refuses to create what exists: every invariant (a version never
+    /// changes, one of two concurrent publishes wins, one collector at a time) rests on it, and
+    /// an S3-compatible store that ignores `If-None-Match` would overwrite silently.
+    pub async fn check_conditional_writes(&self) -> Result<()> {
+        let probe = Path::from(format!("probes/{:032x}", rand::random::<u128>()));
+        let create = || {
+            let options = PutOptions {
+                mode: PutMode::Create,
+                ..Default::default()
+            };
+            self.store
+                .put_opts(&probe, PutPayload::from_static(b"probe"), options)
+        };
+        create().await?;
+        let again = create().await;
+        let _ = self.store.delete(&probe).await;
+        match again {
+            Err(object_store::Error::AlreadyExists { .. }) => Ok(()),
+            Ok(_) => Err(StorageError::Unconditional),
+            Err(error) => Err(error.into()),
+        }
     }
 
     /// Writes `bytes` only if nothing is at `key`; `Ok(false)` if something was.

@@ -872,6 +872,7 @@ async fn direct_uploads(storage: &Storage) {
 }
 
 async fn conformance(storage: Storage) {
+    storage.check_conditional_writes().await.unwrap();
     blobs(&storage).await;
     manifests(&storage).await;
     publish(&storage).await;

@@ -1,29 +1,32 @@
-//! Interleavings of concurrent writers that no scheduler reliably produces, made exact by a
-//! store that lets a second writer's object land right after a chosen write.
+//! What real stores and writers do but no test reliably provokes: a second writer's object
+//! landing right after a chosen write, and a store that ignores create-only writes. An in-memory
+//! store does each on cue.
 
 use std::fmt;
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use cartridge_registry::storage::{Key, Storage, TagCondition};
+use cartridge_registry::storage::{Key, Storage, StorageError, TagCondition};
 use cartridge_schemas::reference::{Repository, Tag, Version};
 use futures::stream::BoxStream;
 use object_store::memory::InMemory;
 use object_store::path::Path;
 use object_store::{
     CopyOptions, GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore,
-    ObjectStoreExt, PutMultipartOptions, PutOptions, PutPayload, PutResult,
+    ObjectStoreExt, PutMode, PutMultipartOptions, PutOptions, PutPayload, PutResult,
 };
 
 use crate::support::{encoded, upload_all};
 
 /// An in-memory store where, once `after` is written, `then` lands too, before the writer of
-/// `after` hears back.
+/// `after` hears back; or, `unconditional`, one that overwrites where asked to create only (as
+/// S3-compatible stores that ignore `If-None-Match` do).
 #[derive(Debug, Default)]
 struct Interleaved {
     inner: InMemory,
     armed: Mutex<Option<(Path, Path, Bytes)>>,
+    unconditional: bool,
 }
 
 impl Interleaved {
@@ -44,8 +47,11 @@ impl ObjectStore for Interleaved {
         &self,
         location: &Path,
         payload: PutPayload,
-        opts: PutOptions,
+        mut opts: PutOptions,
     ) -> object_store::Result<PutResult> {
+        if self.unconditional {
+            opts.mode = PutMode::Overwrite;
+        }
         let result = self.inner.put_opts(location, payload, opts).await?;
         let next = {
             let mut armed = self.armed.lock().unwrap();
@@ -154,4 +160,20 @@ async fn a_tag_move_overtaken_at_once_still_counts() {
     assert_eq!((moved.generation, moved.manifest), (4, Some(b)));
     let head = storage.tag(&repo, &latest).await.unwrap().unwrap();
     assert_eq!((head.generation, head.manifest), (5, Some(a)));
+}
+
+/// Every invariant rests on create-only writes: a store that ignores them is refused at start.
+#[tokio::test]
+async fn a_store_that_ignores_conditional_writes_is_refused() {
+    let honest = Storage::new(Arc::new(Interleaved::default()), "honest");
+    honest.check_conditional_writes().await.unwrap();
+    let store = Interleaved {
+        unconditional: true,
+        ..Interleaved::default()
+    };
+    let storage = Storage::new(Arc::new(store), "unconditional");
+    assert!(matches!(
+        storage.check_conditional_writes().await,
+        Err(StorageError::Unconditional)
+    ));
 }
