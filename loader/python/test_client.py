@@ -59,7 +59,9 @@ def main():
     ready = []
     handle = loader.load(header["model"], [os.environ["CARTRIDGE"]], on_layers=lambda n, of, path: ready.append((n, of, path)))
     assert all(a[0] < b[0] for a, b in zip(ready, ready[1:])), ready
-    assert ready and ready[-1][0] == header["model"]["layers"] and ready[-1][2] == handle.location, ready
+    # Layers are told as they are decoded into a new buffer; one already in memory comes whole.
+    if handle.answer["tier"] in ("disk", "registry"):
+        assert ready and ready[-1][0] == header["model"]["layers"] and ready[-1][2] == handle.location, ready
     print("streamed load:", len(ready), "layer events")
     handle.release()
     handle = loader.load(header["model"], [os.environ["CARTRIDGE"]])

@@ -3,7 +3,8 @@
 //!
 //! A load with `"stream": true` answers `200` with newline-delimited JSON events, each tagged by
 //! `event`: `layers` ([`LayersReady`]) as layers land, then `loaded` (the [`LoadResponse`]) or
-//! `error` (`{code, message}`).
+//! `error` (`{code, message, status}`: the HTTP status it would have had). What is refused
+//! before memory is touched answers with its own status instead, streamed or not.
 
 use std::sync::{Arc, OnceLock};
 
@@ -14,7 +15,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use cartridge_schemas::api::ErrorBody;
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -29,16 +30,9 @@ use crate::loader::{
 pub fn metrics_handle() -> &'static PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE.get_or_init(|| {
-        // Histograms (not summaries), so a fleet's latencies add up across nodes.
         let recorder = PrometheusBuilder::new()
-            .set_buckets_for_metric(
-                Matcher::Full("loader_load_seconds".into()),
-                &[
-                    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-                    30.0, 60.0,
-                ],
-            )
-            .expect("buckets are given")
+            .set_buckets(cartridge_schemas::api::LATENCY_BUCKETS)
+            .expect("the bounds are not empty")
             .build_recorder();
         let handle = recorder.handle();
         let _ = metrics::set_global_recorder(recorder);
@@ -71,13 +65,18 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Body<T> {
 enum LoadEvent {
     Layers(LayersReady),
     Loaded(LoadResponse),
-    Error(ErrorBody),
+    Error {
+        #[serde(flatten)]
+        body: ErrorBody,
+        /// The HTTP status the error would have had, had the answer not begun.
+        status: u16,
+    },
 }
 
 impl LoadEvent {
     fn line(&self) -> String {
         let mut line = serde_json::to_string(self).unwrap_or_else(|e| {
-            serde_json::json!({"event": "error", "code": "internal", "message": format!("answer unwritable: {e}")})
+            serde_json::json!({"event": "error", "code": "internal", "status": 500, "message": format!("answer unwritable: {e}")})
                 .to_string()
         });
         line.push('\n');
@@ -105,10 +104,13 @@ async fn load(State(loader): State<Arc<Loader>>, Body(request): Body<LoadRequest
         tokio::spawn(async move {
             let last = match loader.load(prepared, Some(progress)).await {
                 Ok(answer) => LoadEvent::Loaded(answer),
-                Err(error) => LoadEvent::Error(ErrorBody {
-                    code: error.code(),
-                    message: error.to_string(),
-                }),
+                Err(error) => LoadEvent::Error {
+                    status: error.code().http_status(),
+                    body: ErrorBody {
+                        code: error.code(),
+                        message: error.to_string(),
+                    },
+                },
             };
             if lines.send(last.line()).is_err()
                 && let LoadEvent::Loaded(unclaimed) = last

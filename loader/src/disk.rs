@@ -21,6 +21,9 @@ struct Entry {
     size: u64,
     used: SystemTime,
     pins: usize,
+    /// Used by this loader since it started: others sharing the folder do not tell their pins,
+    /// so a blob only they used lately is left to them (see [`DiskCache::shrink`]).
+    ours: bool,
 }
 
 #[derive(Debug)]
@@ -91,6 +94,7 @@ impl DiskCache {
                 size: 0,
                 used,
                 pins: 0,
+                ours: false,
             });
             entry.size = size;
             entry.used = entry.used.max(used);
@@ -123,8 +127,10 @@ impl DiskCache {
                 size: 0,
                 used: now,
                 pins: 0,
+                ours: true,
             });
             entry.pins += 1;
+            entry.ours = true;
             self.mark_used(digest, entry, now);
         }
     }
@@ -174,12 +180,18 @@ impl DiskCache {
         self.shrink(&mut entries)
     }
 
-    /// Evicts the least recently used unpinned blobs while the cache is over its cap.
+    /// Evicts the least recently used unpinned blobs while the cache is over its cap. A blob
+    /// another loader sharing the folder used within the last minute (its pins mark the file's
+    /// time) may be one it is reading: it stays, and the cache stays over its cap meanwhile.
     fn shrink(&self, entries: &mut HashMap<Digest, Entry>) -> u64 {
         let mut used: u64 = entries.values().map(|e| e.size).sum();
+        let now = SystemTime::now();
         let mut candidates: Vec<(SystemTime, Digest)> = entries
             .iter()
-            .filter(|(_, e)| e.pins == 0)
+            .filter(|(_, e)| {
+                e.pins == 0
+                    && (e.ours || now.duration_since(e.used).unwrap_or_default() > TOUCH_INTERVAL)
+            })
             .map(|(d, e)| (e.used, *d))
             .collect();
         candidates.sort();
@@ -385,6 +397,18 @@ mod tests {
         a.pin(&[]);
         a.unpin(&[]);
         assert_eq!((a.usage().used, a.usage().blobs), (600, 1));
+
+        // What b used in the last minute (it may still be reading it: b's pins are its own) is
+        // not a's to evict, though it is less recently used than a's own: a gives up its own.
+        let [third, stale] = [3u8, 4].map(|n| Digest::of(&[n]));
+        file(&cache.blob(&stale), 300, 300);
+        b.pin(&[third]);
+        file(&cache.blob(&third), 300, 30);
+        a.pin(&[first]);
+        file(&cache.blob(&first), 800, 0);
+        assert_eq!(a.unpin(&[first]), 2);
+        assert!(cache.blob(&third).exists() && cache.blob(&second).exists());
+        assert!(!cache.blob(&stale).exists() && !cache.blob(&first).exists());
     }
 
     #[test]

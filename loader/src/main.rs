@@ -243,12 +243,10 @@ async fn serve(args: ServeArgs) -> Result<()> {
     println!("listening on {served}");
     let serving = async {
         match listener {
-            Listener::Unix(listener, path) => {
-                let served = axum::serve(listener, router)
+            Listener::Unix(listener, _) => {
+                axum::serve(listener, router)
                     .with_graceful_shutdown(shutdown)
-                    .await;
-                let _ = std::fs::remove_file(path);
-                served
+                    .await
             }
             Listener::Tcp(listener) => {
                 axum::serve(listener, router)
@@ -257,15 +255,15 @@ async fn serve(args: ServeArgs) -> Result<()> {
             }
         }
     };
-    tokio::select! {
-        served = serving => served?,
-        () = grace => {
-            if let Some(path) = &args.socket {
-                let _ = std::fs::remove_file(path);
-            }
-        }
+    let served = tokio::select! {
+        served = serving => served,
+        () = grace => Ok(()),
+    };
+    if let Some(path) = &args.socket {
+        let _ = std::fs::remove_file(path);
     }
     drop(shm_dir);
+    served?;
     Ok(())
 }
 

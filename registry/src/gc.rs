@@ -121,8 +121,11 @@ fn readable_name(location: &Path) -> bool {
         && name.parse::<Name>().is_ok()
         && match rest {
             ["versions", version] => version.parse::<Version>().is_ok(),
+            // As `Key::TagGeneration` writes them: only those are read as the tag.
             ["tags", tag, generation] => {
-                tag.parse::<Tag>().is_ok() && generation.parse::<u64>().is_ok()
+                tag.parse::<Tag>().is_ok()
+                    && generation.len() == 20
+                    && generation.bytes().all(|b| b.is_ascii_digit())
             }
             ["links", "blobs" | "manifests", digest] => Digest::from_hex(digest).is_ok(),
             _ => false,

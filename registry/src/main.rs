@@ -313,7 +313,10 @@ async fn collect_garbage(args: GcArgs) -> Result<()> {
         );
     }
     let storage = backend::open(&args.storage.url()?)?;
-    storage.check_conditional_writes().await?;
+    // A dry run writes nothing (read-only credentials do).
+    if !args.dry_run {
+        storage.check_conditional_writes().await?;
+    }
     let report = gc::collect(
         &storage,
         GcOptions {

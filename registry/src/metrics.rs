@@ -13,7 +13,10 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 pub fn handle() -> &'static PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE.get_or_init(|| {
-        let recorder = PrometheusBuilder::new().build_recorder();
+        let recorder = PrometheusBuilder::new()
+            .set_buckets(cartridge_schemas::api::LATENCY_BUCKETS)
+            .expect("the bounds are not empty")
+            .build_recorder();
         let handle = recorder.handle();
         // Fails only if another recorder was installed first; then our metrics go there.
         let _ = metrics::set_global_recorder(recorder);

@@ -115,6 +115,8 @@ pub enum Key<'a> {
     /// Generations of the garbage collection lease, each written once (create-only).
     GcLeases,
     GcLease(u64),
+    /// Written twice at start, create-only, to see the store refuse the second.
+    Probe(&'a str),
 }
 
 impl Key<'_> {
@@ -151,6 +153,7 @@ impl Key<'_> {
             Self::Uploads => "uploads".into(),
             Self::GcLeases => "gc/leases".into(),
             Self::GcLease(generation) => format!("gc/leases/{generation:020}"),
+            Self::Probe(id) => format!("probes/{id}"),
         };
         Path::from(text)
     }
@@ -393,23 +396,17 @@ impl Storage {
     /// changes, one of two concurrent publishes wins, one collector at a time) rests on it, and
     /// an S3-compatible store that ignores `If-None-Match` would overwrite silently.
     pub async fn check_conditional_writes(&self) -> Result<()> {
-        let probe = Path::from(format!("probes/{:032x}", rand::random::<u128>()));
-        let create = || {
-            let options = PutOptions {
-                mode: PutMode::Create,
-                ..Default::default()
-            };
-            self.store
-                .put_opts(&probe, PutPayload::from_static(b"probe"), options)
-        };
-        create().await?;
-        let again = create().await;
-        let _ = self.store.delete(&probe).await;
-        match again {
-            Err(object_store::Error::AlreadyExists { .. }) => Ok(()),
-            Ok(_) => Err(StorageError::Unconditional),
-            Err(error) => Err(error.into()),
+        let id = format!("{:032x}", rand::random::<u128>());
+        let probe = Key::Probe(&id);
+        self.create(probe, b"probe".to_vec()).await?;
+        let again = self.create(probe, b"probe".to_vec()).await;
+        if let Err(error) = self.delete(probe).await {
+            tracing::warn!(%error, key = %probe.path(), "removing the conditional-write probe");
         }
+        if again? {
+            return Err(StorageError::Unconditional);
+        }
+        Ok(())
     }
 
     /// Writes `bytes` only if nothing is at `key`; `Ok(false)` if something was.
@@ -917,7 +914,8 @@ impl Storage {
                 // A mover that stalled while others moved far past could recreate a generation
                 // already pruned. Pruning keeps the newest TAG_HISTORY, so a generation that
                 // close to the newest was never pruned, never written before: the move counts,
-                // even if others have moved on from it since.
+                // even if others have moved on from it since. (Further behind, a first write is
+                // taken for a stale one: it happened, but is reported lost, or written again.)
                 let newest = self.tag(repo, tag).await?.map_or(0, |h| h.generation);
                 if newest <= generation + TAG_HISTORY {
                     if newest == generation {

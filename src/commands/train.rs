@@ -1,5 +1,5 @@
 use std::io::IsTerminal;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -10,7 +10,7 @@ use cartridge_schemas::paths::Paths;
 use cartridge_trainer::corpus::Corpus;
 use cartridge_trainer::distill::DistillOptions;
 use cartridge_trainer::model::ModelSource;
-use cartridge_trainer::pipeline::{Objective, TrainProgress, TrainRequest, train};
+use cartridge_trainer::pipeline::{Objective, TrainProgress, TrainRequest, resolve, train};
 use cartridge_trainer::synthesis::SynthesisOptions;
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -193,42 +193,33 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let paths = Paths::from_env()?;
     let source = ModelSource::resolve(&args.model, &paths.models())?;
     // Written inside a corpus folder, the cartridge and the work would be read as corpus by
-    // the next run (a resume would find another corpus); inside a model folder, they would
-    // change the model's fingerprint; over either's file, they would replace it.
-    let inputs: Vec<(&str, PathBuf)> = args
+    // the next run (a resume would find another corpus); inside a model folder, as part of the
+    // model; over either's file, they would replace it.
+    let inputs: Vec<(Input, PathBuf)> = args
         .corpus
         .iter()
-        .map(|c| ("corpus", c.as_path()))
-        .chain(source.path().map(|m| ("model", m)))
+        .map(|c| (Input::Corpus, c.as_path()))
+        .chain(source.path().map(|m| (Input::Model, m)))
         .filter_map(|(kind, path)| Some((kind, path.canonicalize().ok()?)))
         .collect();
-    let (output, work) = (resolve(&args.output), resolve(&work_dir));
-    if output == work {
-        bail!(
-            "the output {} is the work directory {}; name another",
-            args.output.display(),
-            work_dir.display()
-        );
-    }
-    for (what, path, resolved) in [
-        ("output", &args.output, output),
-        ("work directory", &work_dir, work),
-    ] {
+    for (what, path) in [("output", &args.output), ("work directory", &work_dir)] {
+        let resolved = resolve(path);
         // A file's path starts with nothing but itself.
         if let Some((kind, inside)) = inputs.iter().find(|(_, c)| resolved.starts_with(c)) {
-            let (place, harm) = match (inside.is_dir(), *kind) {
-                (true, "corpus") => (
+            let (place, harm) = match (inside.is_dir(), kind) {
+                (true, Input::Corpus) => (
                     "lies inside the corpus folder",
                     "the next run would read it as corpus",
                 ),
-                (true, _) => (
+                (true, Input::Model) => (
                     "lies inside the model folder",
-                    "it would change the model's fingerprint",
+                    "it would be read as part of the model",
                 ),
-                (false, _) => ("is the input file", "it would be written over"),
+                (false, Input::Corpus) => ("is the corpus file", "it would be written over"),
+                (false, Input::Model) => ("is the model file", "it would be written over"),
             };
             bail!(
-                "the {what} {} {place} {} ({kind}): {harm}",
+                "the {what} {} {place} {}: {harm}",
                 path.display(),
                 inside.display()
             );
@@ -314,21 +305,8 @@ pub fn run(args: TrainArgs) -> Result<()> {
     Ok(())
 }
 
-/// `path` made absolute through its nearest existing ancestor (what it will be once created).
-fn resolve(path: &Path) -> PathBuf {
-    let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_owned());
-    let mut missing = Vec::new();
-    let mut existing = absolute.as_path();
-    loop {
-        if let Ok(found) = existing.canonicalize() {
-            return missing.iter().rev().fold(found, |at, part| at.join(part));
-        }
-        match (existing.parent(), existing.file_name()) {
-            (Some(parent), Some(name)) => {
-                missing.push(name.to_owned());
-                existing = parent;
-            }
-            _ => return absolute,
-        }
-    }
+/// What a run reads, which its outputs must not land on.
+enum Input {
+    Corpus,
+    Model,
 }

@@ -7,14 +7,8 @@ use cartridge_schemas::file::Cartridge;
 use serde_json::{Value, json};
 
 use crate::support::{
-    LoaderProcess, Registry, composed_payload, exchange, http_json, random_cartridge,
+    LoaderProcess, Registry, composed_payload, exchange, http_json, payload, random_cartridge,
 };
-
-/// A cartridge file's payload: every layer's keys then values, as the loader lays them out.
-fn payload(path: &Path) -> Vec<u8> {
-    let cartridge = Cartridge::open(path).unwrap();
-    cartridge.payload().flatten().copied().collect()
-}
 
 /// The model fingerprint the test cartridges are made for.
 fn model(dir: &Path, name: &str) -> Value {
@@ -255,7 +249,10 @@ fn bad_requests_are_named() {
     let (status, answer) = http_json(&loader.url, "POST", "/v1/load", Some(&body));
     assert_eq!(status, 400, "{answer}");
     assert!(
-        answer["message"].as_str().unwrap().contains("leas"),
+        answer["message"]
+            .as_str()
+            .unwrap()
+            .contains("unknown field `leas`"),
         "{answer}"
     );
     // An unknown endpoint, and a body over the limit, get their own status.
@@ -522,6 +519,33 @@ fn prefetched_cartridges_load_from_disk_with_the_registry_gone() {
     assert_eq!(status, 503, "{answer}");
 }
 
+/// A signal stops the loader once requests in flight finish, or after a grace however slow they
+/// are (an orchestrator would kill it, leaving its buffers behind); its buffers go with it.
+#[test]
+fn a_signalled_loader_stops_within_its_grace() {
+    let dir = tempfile::tempdir().unwrap();
+    // 512 KiB at 1 KiB/s: a load that would run for minutes.
+    let (_registry, mut loader, model) = setup(dir.path(), 256, &["--limit-rate", "1KiB"]);
+    let url = loader.url.clone();
+    let body = json!({"model": model, "cartridges": ["team/c@v1"]});
+    std::thread::spawn(move || http_json(&url, "POST", "/v1/load", Some(&body)));
+    let partial = dir.path().join("loader-cache/partial");
+    let started = std::time::Instant::now();
+    while std::fs::read_dir(&partial).map_or(0, |d| d.count()) == 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the load never began"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        loader.stops_within(Duration::from_secs(120)),
+        "still running two minutes after the signal"
+    );
+    let left: Vec<_> = std::fs::read_dir(dir.path().join("shm")).unwrap().collect();
+    assert!(left.is_empty(), "{left:?}");
+}
+
 #[test]
 fn a_registry_killed_mid_load_fails_the_load_then_recovers() {
     let dir = tempfile::tempdir().unwrap();
@@ -754,19 +778,36 @@ fn the_api_serves_on_a_unix_socket() {
     assert!(response.contains("\"handles\":0"), "{response}");
 
     // TCP is loopback unless asked otherwise: the API has no authentication.
-    let remote = std::process::Command::new(crate::support::workspace_binary("cartridge-loader"))
-        .args([
-            "serve",
-            "--registry",
-            "http://127.0.0.1:9",
-            "--listen",
-            "0.0.0.0:0",
-        ])
-        .output()
-        .unwrap();
-    let error = String::from_utf8_lossy(&remote.stderr);
+    let mut remote =
+        std::process::Command::new(crate::support::workspace_binary("cartridge-loader"))
+            .args([
+                "serve",
+                "--registry",
+                "http://127.0.0.1:9",
+                "--listen",
+                "0.0.0.0:0",
+            ])
+            .arg("--cache-dir")
+            .arg(dir.path().join("cache"))
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+    // Refused at once; one that serves instead is stopped, not waited on.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = remote.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = remote.kill();
+            panic!("a loader listening on 0.0.0.0 was not refused");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut error = String::new();
+    std::io::Read::read_to_string(&mut remote.stderr.take().unwrap(), &mut error).unwrap();
     assert!(
-        !remote.status.success() && error.contains("--allow-remote"),
+        !status.success() && error.contains("--allow-remote"),
         "{error}"
     );
     // Consumers in the loader's group may connect, as they may read its buffers.
@@ -883,8 +924,8 @@ fn a_streamed_load_tells_layers_as_they_land() {
     assert_eq!(status, 200);
     let last = events.last().unwrap();
     assert_eq!(
-        (&last["event"], &last["code"]),
-        (&json!("error"), &json!("out_of_memory"))
+        (&last["event"], &last["code"], &last["status"]),
+        (&json!("error"), &json!("out_of_memory"), &json!(507))
     );
 }
 

@@ -6,7 +6,7 @@ use cartridge_schemas::Dtype;
 use cartridge_schemas::file::{self, Cartridge, LayerData, NewCartridge};
 use serde_json::Value;
 
-use crate::support::{cartridge, composed_payload, fixture, path_str};
+use crate::support::{cartridge, composed_payload, fixture, path_str, payload};
 
 const KV_HEADS: usize = 2;
 const HEAD_DIM: usize = 8;
@@ -187,9 +187,8 @@ fn compose_concatenates_in_order_and_inspect_shows_the_parts() {
     );
 
     // Keys and values alike: per head, a's rows, then b's rows.
-    let composed = Cartridge::open(&dir.path().join("ab.safetensors")).unwrap();
     assert_eq!(
-        composed.payload().flatten().copied().collect::<Vec<u8>>(),
+        payload(&dir.path().join("ab.safetensors")),
         composed_payload(&[&a, &b])
     );
 }

@@ -238,8 +238,12 @@ impl Drop for Registry {
     }
 }
 
-/// Writes a bf16 cartridge of pseudo-random bytes (blake3's output stream, seeded) with
-/// `layers` layers of `tokens` tokens, 2 kv heads of dim 64; `changed_layer`, if given, differs.
+/// A cartridge file's payload: every layer's keys then values, as the loader lays them out.
+pub fn payload(path: &Path) -> Vec<u8> {
+    let cartridge = Cartridge::open(path).unwrap();
+    cartridge.payload().flatten().copied().collect()
+}
+
 /// The payload a composition of these cartridge files must have, built from their tensors alone:
 /// per layer, keys then values; per head (tensors are `[kv_heads, tokens, head_dim]`), each
 /// part's rows in the order given.
@@ -261,6 +265,8 @@ pub fn composed_payload(paths: &[&Path]) -> Vec<u8> {
     payload
 }
 
+/// Writes a bf16 cartridge of pseudo-random bytes (blake3's output stream, seeded) with
+/// `layers` layers of `tokens` tokens, 2 kv heads of dim 64; `changed_layer`, if given, differs.
 pub fn random_cartridge(
     path: &Path,
     layers: u32,
@@ -445,6 +451,21 @@ impl LoaderProcess {
             .args(["-TERM", &self.child.id().to_string()])
             .status();
         let _ = self.child.wait();
+    }
+
+    /// Signals the loader to stop; whether it exited within `limit` (killed otherwise).
+    pub fn stops_within(&mut self, limit: std::time::Duration) -> bool {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = std::time::Instant::now() + limit;
+        while std::time::Instant::now() < deadline {
+            if self.child.try_wait().unwrap().is_some() {
+                return true;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        false
     }
 }
 

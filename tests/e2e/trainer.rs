@@ -97,7 +97,7 @@ fn train_then_eval_on_the_real_model() {
         assert!(second[loss].as_f64().unwrap() >= 0.0, "{second}");
     }
     // Nothing was synthesized again.
-    assert!(!log.contains("synthesis: 1/3"), "{log}");
+    assert!(!log.contains("synthesis: 0/3"), "{log}");
     assert_eq!(std::fs::read(&stored).unwrap(), conversations);
 
     let verified = cartridge(dir.path(), &["verify", "varn.safetensors"]).ok();
@@ -297,7 +297,7 @@ fn bad_arguments_are_refused_before_any_synthesis() {
     // The model file is an input too (through a link, so a failing check harms no model).
     std::os::unix::fs::symlink(&gguf, dir.path().join("model.gguf")).unwrap();
     let err = train("32", &["-o", "model.gguf"]);
-    assert!(err.contains("is the input file"), "{err}");
+    assert!(err.contains("is the model file"), "{err}");
     let err = train("32", &["--work-dir", "./varn.safetensors"]);
     assert!(err.contains("is the work directory"), "{err}");
     assert!(!dir.path().join("varn.work/conversations.jsonl").exists());

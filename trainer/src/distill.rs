@@ -560,12 +560,20 @@ impl<'a> Distiller<'a> {
         });
         let metadata =
             std::collections::HashMap::from([("checkpoint".to_owned(), state.to_string())]);
-        safetensors::serialize_to_file(tensors, Some(metadata), path)
-            .map_err(|e| Error::Data(format!("{}: {e}", path.display())))?;
-        // On disk before training goes on from it (the previous one was replaced).
-        std::fs::File::open(path)
+        // On disk whole before it replaces the previous one: a crash leaves one or the other.
+        let partial = path.with_extension("partial");
+        safetensors::serialize_to_file(tensors, Some(metadata), &partial)
+            .map_err(|e| Error::Data(format!("{}: {e}", partial.display())))?;
+        std::fs::File::open(&partial)
             .and_then(|file| file.sync_all())
-            .map_err(|e| Error::io(path, e))
+            .and_then(|()| std::fs::rename(&partial, path))
+            .map_err(|e| Error::io(path, e))?;
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::File::open(dir)
+                .and_then(|dir| dir.sync_all())
+                .map_err(|e| Error::io(dir, e))?;
+        }
+        Ok(())
     }
 
     /// Restores a checkpoint written by [`Distiller::save_checkpoint`] for the same `run` with

@@ -87,13 +87,45 @@ fn check_paths(request: &TrainRequest) -> Result<()> {
             parent.display()
         )));
     }
-    if output == &request.work_dir {
+    if resolve(output) == resolve(&request.work_dir) {
         return Err(Error::Data(format!(
-            "the output {} is the work directory; name another",
-            output.display()
+            "the output {} is the work directory {}; name another",
+            output.display(),
+            request.work_dir.display()
         )));
     }
     Ok(())
+}
+
+/// `path` made absolute through its nearest existing ancestor (what it will be once created),
+/// so two spellings of one place compare equal.
+pub fn resolve(path: &Path) -> PathBuf {
+    let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_owned());
+    // `..` after a folder that does not exist yet is undone by its name alone.
+    let mut lexical = PathBuf::new();
+    for component in absolute.components() {
+        match component {
+            std::path::Component::ParentDir => {
+                lexical.pop();
+            }
+            std::path::Component::CurDir => {}
+            other => lexical.push(other),
+        }
+    }
+    let mut missing = Vec::new();
+    let mut existing = lexical.as_path();
+    loop {
+        if let Ok(found) = existing.canonicalize() {
+            return missing.iter().rev().fold(found, |at, part| at.join(part));
+        }
+        match (existing.parent(), existing.file_name()) {
+            (Some(parent), Some(name)) => {
+                missing.push(name.to_owned());
+                existing = parent;
+            }
+            _ => return lexical,
+        }
+    }
 }
 
 /// Creates the work directory and locks it for this run.
@@ -158,18 +190,20 @@ pub fn train(
         .distill
         .check(request.distill.tokens, max_positions)?;
     let init = initial_ids(&model.text, &corpus.text(), request.distill.tokens)?;
-    let init = (!(request.resume && checkpoint.exists())).then_some(init);
-    // Zero steps of a fresh run writes the initialization (a baseline): nothing to synthesize.
-    let initialization_only =
-        init.is_some() && request.epochs.is_none() && request.distill.steps == 0;
-    if request.objective == Objective::SelfStudy && !initialization_only {
+    let zero_steps = request.epochs.is_none() && request.distill.steps == 0;
+    if request.objective == Objective::SelfStudy && !zero_steps {
         check_rows_hold_a_conversation(model, request)?;
     }
-    // Held to the end: a second run in this work directory would interleave the stored
-    // conversations and write over the checkpoints.
-    let _lock = (!initialization_only)
+    // Held to the end, and before a checkpoint is looked for: a second run in this work
+    // directory would interleave the stored conversations, and set aside or write over the
+    // checkpoints.
+    let _lock = (!zero_steps || request.resume)
         .then(|| lock_work_dir(&request.work_dir))
         .transpose()?;
+    let init = (!(request.resume && checkpoint.exists())).then_some(init);
+    // Zero steps of a fresh run writes the initialization (a baseline): nothing to synthesize,
+    // no work folder.
+    let initialization_only = init.is_some() && zero_steps;
     let conversations = match request.objective {
         _ if initialization_only => Vec::new(),
         Objective::SelfStudy => synthesize(

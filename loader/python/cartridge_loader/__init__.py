@@ -41,10 +41,6 @@ class LoaderError(RuntimeError):
         self.status, self.code, self.message = status, code, message
 
 
-# The HTTP status of each error code, for errors a streamed load reports after its 200.
-_STATUS = {"bad_request": 400, "not_found": 404, "model_mismatch": 409, "too_large": 413, "unavailable": 503, "out_of_memory": 507}
-
-
 class _IpcMemHandle(ctypes.Structure):
     _fields_ = [("reserved", ctypes.c_char * 64)]
 
@@ -160,8 +156,7 @@ class Loader:
                 elif kind == "loaded":
                     return Handle(self, event, leased=lease is not None)
                 else:
-                    code = event.get("code", "internal")
-                    raise LoaderError(_STATUS.get(code, 500), code, event.get("message", ""))
+                    raise LoaderError(event.get("status", 500), event.get("code", "internal"), event.get("message", ""))
         finally:
             connection.close()
         raise LoaderError(500, "internal", "the stream ended without an answer")

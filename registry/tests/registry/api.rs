@@ -687,6 +687,11 @@ async fn health_and_metrics() {
     assert_eq!(metrics.status, StatusCode::OK);
     let text = String::from_utf8(metrics.body).unwrap();
     assert!(text.contains("registry_requests_total"), "{text}");
+    // Latencies are histograms, which add up across replicas.
+    assert!(
+        text.contains("registry_request_duration_seconds_bucket{"),
+        "{text}"
+    );
     // These requests' own series (a PATCH elsewhere in this process is "other" too).
     assert!(
         text.lines()

@@ -19,19 +19,19 @@ use object_store::{
 
 use crate::support::{encoded, upload_all};
 
-/// An in-memory store where, once `after` is written, `then` lands too, before the writer of
-/// `after` hears back; or, `unconditional`, one that overwrites where asked to create only (as
+/// An in-memory store where, once `after` is written, the objects `then` land too, before the
+/// writer of `after` hears back; or, `unconditional`, one that overwrites where asked to create only (as
 /// S3-compatible stores that ignore `If-None-Match` do).
 #[derive(Debug, Default)]
 struct Interleaved {
     inner: InMemory,
-    armed: Mutex<Option<(Path, Path, Bytes)>>,
+    armed: Mutex<Option<(Path, Vec<(Path, Bytes)>)>>,
     unconditional: bool,
 }
 
 impl Interleaved {
-    fn arm(&self, after: Path, then: Path, bytes: Bytes) {
-        *self.armed.lock().unwrap() = Some((after, then, bytes));
+    fn arm(&self, after: Path, then: Vec<(Path, Bytes)>) {
+        *self.armed.lock().unwrap() = Some((after, then));
     }
 }
 
@@ -56,14 +56,14 @@ impl ObjectStore for Interleaved {
         let next = {
             let mut armed = self.armed.lock().unwrap();
             match armed.take() {
-                Some((after, then, bytes)) if &after == location => Some((then, bytes)),
+                Some((after, then)) if &after == location => Some(then),
                 other => {
                     *armed = other;
                     None
                 }
             }
         };
-        if let Some((then, bytes)) = next {
+        for (then, bytes) in next.into_iter().flatten() {
             self.inner.put(&then, bytes.into()).await?;
         }
         Ok(result)
@@ -142,7 +142,7 @@ async fn a_tag_move_overtaken_at_once_still_counts() {
         .unwrap();
 
     // X moves a → b; Y, having seen b, moves it back to a before X checks its write.
-    store.arm(generation(2), generation(3), to_a.clone());
+    store.arm(generation(2), vec![(generation(3), to_a.clone())]);
     let moved = storage
         .move_tag(&repo, &latest, Some(b), TagCondition::Matches(a))
         .await
@@ -152,7 +152,7 @@ async fn a_tag_move_overtaken_at_once_still_counts() {
     assert_eq!((head.generation, head.manifest), (3, Some(a)));
 
     // Unconditionally the same: X's move to b counts, and Y's later move stays.
-    store.arm(generation(4), generation(5), to_a);
+    store.arm(generation(4), vec![(generation(5), to_a.clone())]);
     let moved = storage
         .move_tag(&repo, &latest, Some(b), TagCondition::Always)
         .await
@@ -160,6 +160,30 @@ async fn a_tag_move_overtaken_at_once_still_counts() {
     assert_eq!((moved.generation, moved.manifest), (4, Some(b)));
     let head = storage.tag(&repo, &latest).await.unwrap().unwrap();
     assert_eq!((head.generation, head.manifest), (5, Some(a)));
+
+    // Past what pruning keeps, a write cannot be told from a stale recreation of a pruned
+    // generation: it is taken as lost. Unconditionally, it is written again on top...
+    let past = |from: u64| {
+        (from..from + 9)
+            .map(|n| (generation(n), to_a.clone()))
+            .collect()
+    };
+    store.arm(generation(6), past(7));
+    let moved = storage
+        .move_tag(&repo, &latest, Some(b), TagCondition::Always)
+        .await
+        .unwrap();
+    assert_eq!((moved.generation, moved.manifest), (16, Some(b)));
+    // ...and conditionally, the move is reported refused, naming where the tag points now.
+    store.arm(generation(17), past(18));
+    let refused = storage
+        .move_tag(&repo, &latest, Some(a), TagCondition::Matches(b))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&refused, StorageError::TagMoved { current, .. } if *current == a.to_string()),
+        "{refused}"
+    );
 }
 
 /// Every invariant rests on create-only writes: a store that ignores them is refused at start.

@@ -258,8 +258,13 @@ impl TextCodec {
             .map_err(|e| Error::Model(format!("detokenizing: {e}")))
     }
 
-    pub fn vocab_size(&self) -> usize {
-        self.tokenizer.get_vocab_size(true)
+    /// One past the highest id the tokenizer gives, added tokens included.
+    pub fn id_bound(&self) -> usize {
+        self.tokenizer
+            .get_vocab(true)
+            .values()
+            .max()
+            .map_or(0, |&id| id as usize + 1)
     }
 
     /// Renders messages with the model's chat template.

@@ -416,8 +416,9 @@ fn next_token_prediction_is_distillation_onto_the_text() {
     assert_eq!(distiller.losses.len(), 3);
 }
 
-/// A cartridge starts as the keys and values of a system turn holding the corpus's first tokens,
-/// the chat template around them, exactly `tokens` long.
+/// A cartridge starts as a system turn holding the corpus's first tokens, the chat template
+/// around them, exactly `tokens` long, and trains from their keys and values unchanged (that
+/// those are the text's, read in context, `model.rs` checks).
 #[test]
 fn a_cartridge_starts_as_the_corpus_in_a_system_turn() {
     let model = tiny_model();
