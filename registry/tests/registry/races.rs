@@ -25,12 +25,15 @@ use crate::support::{encoded, upload_all};
 #[derive(Debug, Default)]
 struct Interleaved {
     inner: InMemory,
-    armed: Mutex<Option<(Path, Vec<(Path, Bytes)>)>>,
+    armed: Mutex<Option<(Path, Vec<Landing>)>>,
     unconditional: bool,
 }
 
+/// An object another writer puts, and its bytes.
+type Landing = (Path, Bytes);
+
 impl Interleaved {
-    fn arm(&self, after: Path, then: Vec<(Path, Bytes)>) {
+    fn arm(&self, after: Path, then: Vec<Landing>) {
         *self.armed.lock().unwrap() = Some((after, then));
     }
 }
