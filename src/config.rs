@@ -11,7 +11,9 @@ use serde::{Deserialize, Serialize};
 
 use cartridge_schemas::paths::Paths;
 
+/// Unknown keys are refused: a misspelt one would be ignored, then dropped at the next login.
 #[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Config {
     /// The registry used when a reference names none.
     pub default_registry: Option<String>,
@@ -20,6 +22,7 @@ pub struct Config {
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RegistryConfig {
     pub token: Option<String>,
 }
@@ -86,8 +89,16 @@ pub fn registry_url(host: &Registry) -> String {
     format!("{}://{host}", if local { "http" } else { "https" })
 }
 
+/// One spelling per registry (`HTTP://Host:443/` → `http://host:443`, `https://h:443` →
+/// `https://h`), so a token saved for it is found however it is named. A URL with a path is
+/// left for the client to refuse.
 pub fn normalize(url: &str) -> String {
-    url.trim_end_matches('/').to_owned()
+    match url::Url::parse(url) {
+        Ok(parsed) if parsed.path() == "/" && parsed.query().is_none() => {
+            parsed.origin().ascii_serialization()
+        }
+        _ => url.trim_end_matches('/').to_owned(),
+    }
 }
 
 /// A client for the registry a command should talk to: the reference's own, else `--registry`
@@ -132,9 +143,14 @@ fn token_for(
     let origin = |url: &str| url::Url::parse(url).ok().map(|u| u.origin());
     let for_url =
         chosen.is_none_or(|chosen| origin(chosen).is_some_and(|o| Some(o) == origin(url)));
-    from_env
-        .filter(|t| !t.is_empty() && for_url)
-        .or_else(|| config.registries.get(url).and_then(|r| r.token.clone()))
+    from_env.filter(|t| !t.is_empty() && for_url).or_else(|| {
+        // Saved under the spelling normalize gives (or an older one: compared as origins).
+        config
+            .registries
+            .iter()
+            .find(|(saved, _)| origin(saved).is_some_and(|o| Some(o) == origin(url)))
+            .and_then(|(_, r)| r.token.clone())
+    })
 }
 
 #[cfg(test)]
@@ -211,6 +227,49 @@ mod tests {
                 .mode();
             assert_eq!(mode & 0o777, 0o600);
         }
+    }
+
+    #[test]
+    fn a_saved_token_is_found_however_its_registry_is_spelled() {
+        assert_eq!(normalize("HTTP://Reg.Example:80/"), "http://reg.example");
+        assert_eq!(normalize("https://reg.example:443"), "https://reg.example");
+        assert_eq!(normalize("http://127.0.0.1:7070/"), "http://127.0.0.1:7070");
+        // A path is kept, for the client to refuse by name.
+        assert_eq!(
+            normalize("https://reg.example/v1/"),
+            "https://reg.example/v1"
+        );
+        let mut config = Config::default();
+        config.registries.insert(
+            "http://127.0.0.1:7070/".into(),
+            RegistryConfig {
+                token: Some("saved".into()),
+            },
+        );
+        let url = normalize("HTTP://127.0.0.1:7070");
+        assert_eq!(
+            token_for(&config, &url, None, None).as_deref(),
+            Some("saved")
+        );
+    }
+
+    #[test]
+    fn a_misspelt_setting_is_refused_not_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = Paths {
+            config: dir.path().to_owned(),
+            cache: dir.path().join("cache"),
+        };
+        std::fs::write(
+            paths.config_file(),
+            "default-registry = \"http://x.example\"\n",
+        )
+        .unwrap();
+        let error = format!("{:#}", Config::load(&paths).unwrap_err());
+        assert!(
+            error.contains("unknown field `default-registry`"),
+            "{error}"
+        );
     }
 
     #[test]

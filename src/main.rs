@@ -39,6 +39,13 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // Output piped into `head` ends quietly, as other command-line tools do, rather than as a
+    // panic on the broken pipe.
+    // SAFETY: restores the default action before any thread starts.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     // Warnings (retries, resumed downloads) go to stderr; RUST_LOG turns up the detail.
     tracing_subscriber::fmt()

@@ -58,6 +58,7 @@ impl From<StorageError> for ApiError {
         let code = match &error {
             StorageError::NotFound { .. } => ErrorCode::NotFound,
             StorageError::VersionExists { .. } => ErrorCode::VersionExists,
+            StorageError::InUse { .. } => ErrorCode::InUse,
             StorageError::TagMoved { .. } => ErrorCode::TagMoved,
             StorageError::DigestMismatch { .. } => ErrorCode::DigestMismatch,
             StorageError::TooLarge { .. } => ErrorCode::TooLarge,

@@ -55,6 +55,8 @@ pub enum StorageError {
     NotFound { what: String },
     #[error("{reference} already exists; published versions never change")]
     VersionExists { reference: String },
+    #[error("{what} is in use by {by}: move or delete that first")]
+    InUse { what: String, by: String },
     #[error("tag {reference} moved: it points at {current}, not {expected}")]
     TagMoved {
         reference: String,
@@ -823,10 +825,26 @@ impl Storage {
 
     /// Deletes a version, leaving a tombstone so the name is never published again with other
     /// content. Its manifest and blobs go at the next garbage collection if nothing else uses them.
+    /// Refused while a tag points at its content and no other version holds it: the tag would
+    /// go on serving what was deleted (and keep it from collection).
     pub async fn delete_version(&self, repo: &Repository, version: &Version) -> Result<()> {
-        if self.version(repo, version).await?.is_none() {
+        let Some(digest) = self.version(repo, version).await? else {
             return Err(StorageError::NotFound {
                 what: format!("{repo}@{version}"),
+            });
+        };
+        let held_elsewhere = (self.versions(repo).await?)
+            .iter()
+            .any(|(other, d)| other != version && *d == digest);
+        let tags: Vec<String> = (self.tags(repo).await?)
+            .into_iter()
+            .filter(|(_, head)| head.manifest == Some(digest))
+            .map(|(tag, _)| tag.to_string())
+            .collect();
+        if !held_elsewhere && !tags.is_empty() {
+            return Err(StorageError::InUse {
+                what: format!("{repo}@{version}"),
+                by: format!("tag {}", tags.join(", ")),
             });
         }
         let tombstone = json_bytes(&Pointer { manifest: None });

@@ -139,6 +139,8 @@ pub enum ErrorCode {
     NotFound,
     /// The version is already published; versions never change.
     VersionExists,
+    /// Something still points at what is to be deleted (a tag at a version).
+    InUse,
     /// The tag moved since the client read it (compare-and-swap lost).
     TagMoved,
     /// The body is over the size cap.
@@ -167,7 +169,7 @@ impl ErrorCode {
             Self::Unauthorized => 401,
             Self::Forbidden => 403,
             Self::NotFound => 404,
-            Self::VersionExists | Self::ModelMismatch => 409,
+            Self::VersionExists | Self::InUse | Self::ModelMismatch => 409,
             Self::TagMoved => 412,
             Self::TooLarge => 413,
             Self::RangeNotSatisfiable => 416,

@@ -196,6 +196,19 @@ impl Cartridge {
             source,
         };
         let file = File::open(path).map_err(io)?;
+        // Mapping a folder or a device fails with "No such device": say what it is instead.
+        let kind = file.metadata().map_err(io)?.file_type();
+        if !kind.is_file() {
+            let what = if kind.is_dir() {
+                "it is a folder, not a cartridge file"
+            } else {
+                "it is not a regular file"
+            };
+            return Err(io(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                what,
+            )));
+        }
         // SAFETY: the map is read-only. Another process truncating the file while it is mapped would
         // fault the reader; files are only ever replaced by rename, never rewritten in place.
         #[allow(unsafe_code)]
@@ -518,6 +531,22 @@ impl safetensors::View for TensorRef<'_> {
     }
 }
 
+/// Refuses a destination that exists and is not a regular file: a write renames a new file
+/// over it, which would replace a device (`/dev/null`), a pipe or a socket with a plain file.
+pub fn check_destination(path: &Path) -> std::io::Result<()> {
+    match std::fs::metadata(path) {
+        Ok(existing) if existing.is_dir() => Err(std::io::Error::new(
+            std::io::ErrorKind::IsADirectory,
+            "it is a folder: name the file to write",
+        )),
+        Ok(existing) if !existing.is_file() => Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "it is not a regular file (a device, pipe or socket), which writing would replace",
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// Writes a cartridge atomically (a sibling temporary file renamed into place) and returns its header.
 pub fn write(
     path: &Path,
@@ -547,6 +576,7 @@ pub fn write(
         path: path.to_owned(),
         source,
     };
+    check_destination(path).map_err(written)?;
     let mode = new_file_permissions(path).map_err(written)?;
     // safetensors writes a private (0600) temporary and renames it into place: the cartridge
     // then gets the mode any new file gets here (a loader or another user may read it), and
@@ -697,6 +727,25 @@ pub(crate) mod tests {
         let (new, tensors) = sample(5);
         let error = write(&folder, new, &layer_data(&tensors)).unwrap_err();
         assert!(error.to_string().starts_with("cannot write"), "{error}");
+        // A device or pipe there is refused, never replaced by a plain file.
+        use std::os::unix::fs::FileTypeExt;
+        let pipe = dir.path().join("pipe");
+        assert!(
+            std::process::Command::new("mkfifo")
+                .arg(&pipe)
+                .status()
+                .unwrap()
+                .success()
+        );
+        let (new, tensors) = sample(5);
+        let error = write(&pipe, new, &layer_data(&tensors)).unwrap_err();
+        assert!(error.to_string().contains("not a regular file"), "{error}");
+        assert!(
+            std::fs::symlink_metadata(&pipe)
+                .unwrap()
+                .file_type()
+                .is_fifo()
+        );
     }
 
     #[test]

@@ -17,7 +17,8 @@ pub struct NoHome;
 
 impl Paths {
     pub fn from_env() -> Result<Self, NoHome> {
-        if let Some(home) = std::env::var_os("CARTRIDGE_HOME") {
+        // Empty is unset: it would put the token in whatever folder a command runs in.
+        if let Some(home) = std::env::var_os("CARTRIDGE_HOME").filter(|h| !h.is_empty()) {
             let home = PathBuf::from(home);
             return Ok(Self {
                 config: home.clone(),

@@ -235,7 +235,7 @@ impl FromStr for Reference {
         let segments: Vec<&str> = path.split('/').collect();
         let (registry, namespace, name) = match segments[..] {
             [namespace, name] => (None, namespace, name),
-            [registry, namespace, name] => (Some(registry.parse().map_err(wrap)?), namespace, name),
+            [registry, namespace, name] => (Some(registry), namespace, name),
             [_] => return Err(ReferenceError::new(s, "expected namespace/name")),
             _ => {
                 return Err(ReferenceError::new(
@@ -248,6 +248,8 @@ impl FromStr for Reference {
             namespace: namespace.parse().map_err(wrap)?,
             name: name.parse().map_err(wrap)?,
         };
+        // After the repository: `legal/../x` is a path trick before it is a wrong host.
+        let registry = registry.map(str::parse).transpose().map_err(wrap)?;
         Ok(Self {
             registry,
             repository,
@@ -435,6 +437,16 @@ fn validate_registry(s: &str) -> Result<(), String> {
             }
         }
     }
+    // As container image references read it: a first segment of three that is no host (no '.',
+    // no port, not localhost) is a typo, not a registry to send a token to.
+    if let (Some(host), None) = (host, port)
+        && !host.contains('.')
+        && host != "localhost"
+    {
+        return Err(format!(
+            "{host:?} is not a registry host (one has a '.' or a ':port', or is localhost)"
+        ));
+    }
     if let Some(port) = port {
         // Leading zeros or a sign would give one port several spellings, breaking display/parse
         // identity (and `parse` takes a '+').
@@ -518,6 +530,10 @@ mod tests {
         assert!(error("Host:5000/a/b").contains("registry host must be lowercase"));
         assert!(error("host:99999/a/b").contains("not a number from 1 to 65535"));
         assert!(error("host:+80/a/b").contains("not a number from 1 to 65535"));
+        // A typo's extra segment is no registry host to send a token to.
+        assert!(error("legal/contracts/extra").contains("\"legal\" is not a registry host"));
+        let local: Reference = "localhost/a/b".parse().unwrap();
+        assert_eq!(local.registry.unwrap().as_str(), "localhost");
         assert!(error(&format!("{}/x", "a".repeat(65))).contains("namespace is longer than 64"));
         assert!(error("a/b@x@y").contains("tag contains '@'"));
     }
@@ -566,7 +582,7 @@ mod tests {
 
     fn registry() -> impl Strategy<Value = Option<Registry>> {
         proptest::option::of(
-            "[a-z][a-z0-9-]{0,8}[a-z0-9](\\.[a-z]{2,5}){0,2}(:[1-9][0-9]{0,3})?"
+            "[a-z][a-z0-9-]{0,8}[a-z0-9]((\\.[a-z]{2,5}){1,2}(:[1-9][0-9]{0,3})?|:[1-9][0-9]{0,3})"
                 .prop_map(|s| s.parse().unwrap()),
         )
     }

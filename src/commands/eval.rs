@@ -16,6 +16,7 @@ use crate::output::human_bytes;
 /// context, with a truncated corpus, with each cartridge, and with the cartridges composed.
 #[derive(Debug, Args)]
 pub struct EvalArgs {
+    /// The model: a GGUF file, a Hugging Face checkpoint directory or an installed alias.
     #[arg(long)]
     pub model: String,
     /// Corpus files or directories (for the in-context baselines).
@@ -34,8 +35,10 @@ pub struct EvalArgs {
     /// Generated answers to show per mode.
     #[arg(long, default_value_t = 3)]
     pub samples: usize,
+    /// Longest generated answer, in tokens.
     #[arg(long, default_value_t = 64)]
     pub max_answer_tokens: usize,
+    /// Where the model runs (`cuda` needs a build with `--features cuda`).
     #[arg(long, value_enum, default_value = "cpu")]
     pub device: DeviceKind,
     /// Print JSON.

@@ -30,7 +30,8 @@ use cartridge_schemas::paths::Paths;
 pub struct ImportArgs {
     /// The .pt file written by the reference code's `TrainableCache.save`.
     pub file: PathBuf,
-    /// The model it was trained for: a GGUF file, a fingerprint JSON file, or an installed alias.
+    /// The model it was trained for: a GGUF file, a Hugging Face checkpoint directory, a
+    /// fingerprint JSON file, or an installed alias.
     #[arg(long)]
     pub model: String,
     /// Where to write the cartridge.

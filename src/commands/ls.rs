@@ -1,5 +1,5 @@
 use anyhow::{Result, bail};
-use cartridge_schemas::reference::{Namespace, Reference};
+use cartridge_schemas::reference::{Namespace, Reference, Registry};
 use clap::Args;
 
 use super::RegistryArgs;
@@ -7,7 +7,8 @@ use super::RegistryArgs;
 /// List namespaces, the cartridges of a namespace (NS), or the versions and tags of one (NS/NAME).
 #[derive(Debug, Args)]
 pub struct LsArgs {
-    /// Nothing, a namespace, or namespace/name.
+    /// Nothing, a namespace, or namespace/name; a registry named as `host:port` (or localhost)
+    /// may come first (`host:port`, `host:port/ns`, `host[:port]/ns/name`).
     pub what: Option<String>,
     #[command(flatten)]
     pub registry: RegistryArgs,
@@ -26,9 +27,24 @@ pub fn run(args: LsArgs) -> Result<()> {
         }
         Ok(())
     };
-    match args.what.as_deref() {
+    // A leading `host:port` or localhost names the registry; a bare dotted name could be a
+    // namespace (`my.team/x`), so a host without a port is named in full references only.
+    let (host, what) = match args
+        .what
+        .as_deref()
+        .map(|w| w.split_once('/').unwrap_or((w, "")))
+    {
+        Some((first, rest))
+            if (first.contains(':') || first == "localhost") && rest.matches('/').count() < 2 =>
+        {
+            let host: Registry = first.parse()?;
+            (Some(host), Some(rest).filter(|r| !r.is_empty()))
+        }
+        _ => (None, args.what.as_deref()),
+    };
+    match what {
         None => {
-            let client = args.registry.connect(None)?;
+            let client = args.registry.connect(host.as_ref())?;
             let list = runtime.block_on(client.namespaces())?;
             let lines = list.namespaces.iter().map(ToString::to_string).collect();
             print(serde_json::to_value(&list)?, lines)
@@ -40,7 +56,9 @@ pub fn run(args: LsArgs) -> Result<()> {
                 bail!("{what}: ls lists every version and tag of a repository; leave out the @…");
             }
             let reference: Reference = what.parse()?;
-            let client = args.registry.connect(reference.registry.as_ref())?;
+            let client = args
+                .registry
+                .connect(reference.registry.as_ref().or(host.as_ref()))?;
             let repo = reference.repository;
             let listing = runtime.block_on(client.listing(&repo))?;
             let mut lines: Vec<String> = listing
@@ -58,7 +76,7 @@ pub fn run(args: LsArgs) -> Result<()> {
         }
         Some(namespace) => {
             let namespace: Namespace = namespace.parse()?;
-            let client = args.registry.connect(None)?;
+            let client = args.registry.connect(host.as_ref())?;
             let list = runtime.block_on(client.names(&namespace))?;
             let lines = list
                 .names

@@ -23,6 +23,7 @@ pub enum ModelCommand {
     /// Print the fingerprint of a model: a GGUF file, a Hugging Face checkpoint directory, a
     /// fingerprint JSON file or an installed alias.
     Fingerprint {
+        /// The model, in any of those forms.
         model: String,
         /// Print JSON (usable as `--model FILE.json`).
         #[arg(long)]

@@ -18,6 +18,7 @@ pub struct NamespaceArgs {
 pub enum NamespaceCommand {
     /// Change a namespace's settings.
     Set {
+        /// The namespace (the first part of `ns/name`).
         namespace: Namespace,
         /// Let anyone pull from the namespace without a token.
         #[arg(long, action = clap::ArgAction::Set)]

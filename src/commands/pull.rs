@@ -1,7 +1,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use cartridge_client::{Cache, PullOptions, pull};
 use cartridge_schemas::Reference;
 use clap::Args;
@@ -15,6 +15,7 @@ use cartridge_schemas::paths::Paths;
 /// and print its path.
 #[derive(Debug, Args)]
 pub struct PullArgs {
+    /// `[host[:port]/]ns/name[@version|@tag|@blake3:<hex>]` (the tag `latest` if none).
     pub reference: Reference,
     /// Also copy the cartridge here.
     #[arg(short, long)]
@@ -75,9 +76,8 @@ pub fn run(args: PullArgs) -> Result<()> {
 /// so a reader never sees half a file. Cached files are never written in place, and every use
 /// of one re-validates it, so sharing the inode with the cache is safe.
 fn copy_atomically(from: &Path, to: &Path) -> Result<()> {
-    if to.is_dir() {
-        bail!("{} is a folder: -o names the file to write", to.display());
-    }
+    cartridge_schemas::file::check_destination(to)
+        .with_context(|| format!("cannot write {}", to.display()))?;
     // Already the cached file (an earlier pull linked it there, or -o names the cache entry): a
     // rename between two names of one file does nothing and would leave the new name behind.
     if same_file(from, to) {

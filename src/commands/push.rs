@@ -1,6 +1,6 @@
 use std::path::PathBuf;
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use bytesize::ByteSize;
 use cartridge_client::{PushOptions, push};
 use cartridge_codec::EncodeOptions;
@@ -16,7 +16,9 @@ use crate::progress::Bar;
 /// chunks the registry lacks are uploaded. `latest` moves to the new version unless --no-latest.
 #[derive(Debug, Args)]
 pub struct PushArgs {
+    /// `[host[:port]/]ns/name@version`: the version to publish.
     pub reference: Reference,
+    /// The cartridge file (.safetensors).
     pub file: PathBuf,
     /// Also point these tags at the new version (repeatable).
     #[arg(long = "tag")]
@@ -63,14 +65,16 @@ pub fn run(args: PushArgs) -> Result<()> {
         rate: args.transfer.rate(),
     };
     let bar = Bar::new(&format!("push {}", args.reference), args.json);
-    let report = super::runtime()?.block_on(push(
-        &client,
-        &args.reference.repository,
-        version,
-        &args.file,
-        &options,
-        &bar,
-    ))?;
+    let report = super::runtime()?
+        .block_on(push(
+            &client,
+            &args.reference.repository,
+            version,
+            &args.file,
+            &options,
+            &bar,
+        ))
+        .with_context(|| format!("pushing {}", args.file.display()))?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {

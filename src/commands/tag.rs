@@ -9,7 +9,9 @@ use super::RegistryArgs;
 /// Point TAG of REF's cartridge at what REF resolves to (e.g. `tag legal/contracts@v3 stable`).
 #[derive(Debug, Args)]
 pub struct TagArgs {
+    /// What the tag should point at: `[host[:port]/]ns/name@version|@tag|@blake3:<hex>`.
     pub reference: Reference,
+    /// The tag to point there (created if absent).
     pub tag: Tag,
     /// Move only if the tag still points at this manifest digest (compare-and-swap).
     #[arg(long)]

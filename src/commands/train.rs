@@ -68,6 +68,7 @@ pub struct TrainArgs {
     /// Adam learning rate (constant).
     #[arg(long, default_value_t = 2e-2, value_parser = learning_rate)]
     pub lr: f64,
+    /// Where the model runs (`cuda` needs a build with `--features cuda`).
     #[arg(long, value_enum, default_value = "cpu")]
     pub device: DeviceKind,
     /// self-study (the method), or next-token: plain next-token prediction on the corpus (the
@@ -105,11 +106,13 @@ pub struct TrainArgs {
     /// Leading tokens kept as initialized (the attention sink).
     #[arg(long, default_value_t = 1)]
     pub frozen: usize,
+    /// Steps between checkpoints in the work folder, which `--resume` continues from (0: none).
     #[arg(long, default_value_t = 50)]
     pub checkpoint_every: usize,
     /// A line describing the corpus, shown to the model with every chunk.
     #[arg(long)]
     pub description: Option<String>,
+    /// Seed of everything drawn: chunks, sampled messages, batches.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Print a JSON report.

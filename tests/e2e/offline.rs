@@ -311,6 +311,12 @@ fn verify_names_each_defect() {
     );
     let report = cartridge(dir.path(), &["verify", "--json", "good.safetensors"]).json();
     assert_eq!(report["ok"], true);
+    // What is not a file is named as such.
+    let err = cartridge(dir.path(), &["verify", "."]).fails();
+    assert!(
+        err.contains("it is a folder, not a cartridge file"),
+        "{err}"
+    );
 
     let bytes = std::fs::read(&good).unwrap();
 

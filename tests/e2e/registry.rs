@@ -141,6 +141,30 @@ fn push_then_pull_is_byte_identical_and_cached() {
         std::fs::read(cached).unwrap(),
         std::fs::read(dir.path().join("a.safetensors")).unwrap()
     );
+    // A pipe (or a device: `-o /dev/null` as root) is refused, not replaced by a plain file.
+    let pipe = dir.path().join("pipe");
+    assert!(
+        std::process::Command::new("mkfifo")
+            .arg(&pipe)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let err = registry
+        .cartridge(
+            dir.path(),
+            &token,
+            &["pull", "legal/contracts", "-o", "pipe"],
+        )
+        .fails();
+    assert!(err.contains("not a regular file"), "{err}");
+    use std::os::unix::fs::FileTypeExt;
+    assert!(
+        std::fs::symlink_metadata(&pipe)
+            .unwrap()
+            .file_type()
+            .is_fifo()
+    );
 
     let remote: Value = registry
         .cartridge(
@@ -164,6 +188,14 @@ fn push_then_pull_is_byte_identical_and_cached() {
     );
     let listing = registry.cartridge(dir.path(), &token, &["ls", &named]).ok();
     assert!(listing.contains("legal/contracts@v3"), "{listing}");
+    // Its namespaces, and one namespace's cartridges, with the registry named the same way.
+    let host = registry.url.trim_start_matches("http://");
+    let listing = registry.cartridge(dir.path(), &token, &["ls", host]).ok();
+    assert_eq!(listing.trim(), "legal");
+    let listing = registry
+        .cartridge(dir.path(), &token, &["ls", &format!("{host}/legal")])
+        .ok();
+    assert_eq!(listing.trim(), "legal/contracts");
 }
 
 #[test]
@@ -702,6 +734,11 @@ fn tokens_are_checked() {
         .cartridge(dir.path(), &puller, &["rm", "legal/a@v1"])
         .fails();
     assert!(err.contains("HTTP 403"), "{err}");
+    // A deletion names what it deletes: without a selector the reference means `latest`.
+    let err = registry
+        .cartridge(dir.path(), &puller, &["rm", "legal/a"])
+        .fails();
+    assert!(err.contains("name the version or tag to remove"), "{err}");
     let err = registry
         .cartridge(dir.path(), "", &["pull", "legal/a@v1"])
         .fails();

@@ -373,6 +373,29 @@ async fn tags(storage: &Storage) {
         .move_tag(&repo, &latest, Some(a), TagCondition::Absent)
         .await
         .unwrap();
+
+    // A version a tag points at is not deleted (the tag would go on serving it)...
+    let err = storage
+        .delete_version(&repo, &version("1.0.0"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, StorageError::InUse { by, .. } if by == "tag latest"),
+        "{err}"
+    );
+    assert_eq!(
+        storage.version(&repo, &version("1.0.0")).await.unwrap(),
+        Some(a)
+    );
+    // ...unless another version holds the same content.
+    storage
+        .publish(&repo, &version("1.0.1"), &first)
+        .await
+        .unwrap();
+    storage
+        .delete_version(&repo, &version("1.0.0"))
+        .await
+        .unwrap();
 }
 
 async fn listings_and_settings(storage: &Storage) {
