@@ -57,8 +57,9 @@ pub struct TrainReport {
     pub header: Header,
     pub conversations: usize,
     pub steps: usize,
-    /// The mean loss of the first and of the last [`LOSS_STEPS`] steps (one step's loss swings
-    /// with the conversations it drew): how far training moved the cartridge toward the teacher.
+    /// The mean loss of the first and of the last [`LOSS_STEPS`] steps, or halves of a shorter
+    /// run (one step's loss swings with the conversations it drew): how far training moved the
+    /// cartridge toward the teacher.
     pub first_loss: Option<f32>,
     pub final_loss: Option<f32>,
     pub synthesis_seconds: f64,
@@ -67,7 +68,7 @@ pub struct TrainReport {
     pub training_tokens_per_second: f64,
 }
 
-/// How many steps the reported first and final losses average.
+/// How many steps the reported first and final losses average (at most half the run each).
 pub const LOSS_STEPS: usize = 10;
 
 /// The output can be written where it is asked for, and is not the work directory.
@@ -264,9 +265,11 @@ pub fn train(
     let mean = |losses: &[f32]| {
         (!losses.is_empty()).then(|| losses.iter().sum::<f32>() / losses.len() as f32)
     };
+    // Windows that do not overlap (but in a run of one step): in a shorter run, each half.
     let losses = &distiller.losses;
-    let first_loss = mean(&losses[..losses.len().min(LOSS_STEPS)]);
-    let final_loss = mean(&losses[losses.len().saturating_sub(LOSS_STEPS)..]);
+    let window = LOSS_STEPS.min((losses.len() / 2).max(1)).min(losses.len());
+    let first_loss = mean(&losses[..window]);
+    let final_loss = mean(&losses[losses.len() - window..]);
     // The initialization alone was trained by no method.
     let method = if initialization_only {
         json!("initialization")
