@@ -123,6 +123,29 @@ impl Tag {
     }
 }
 
+impl Version {
+    /// Orders versions as people read them: numbers by value (`v9` before `v10`), a
+    /// pre-release before its release, the build ignored but for ties.
+    pub fn precedence(&self) -> impl Ord + '_ {
+        let rest = self.0.strip_prefix('v').unwrap_or(&self.0);
+        let main = rest.split_once('+').map_or(rest, |(main, _)| main);
+        let (core, prerelease) = main
+            .split_once('-')
+            .map_or((main, None), |(c, p)| (c, Some(p)));
+        let numbers: Vec<u128> = core
+            .split('.')
+            .map(|n| n.parse().unwrap_or(u128::MAX))
+            .collect();
+        // A release (`true`) after its pre-releases; the whole text last, to break ties.
+        (
+            numbers,
+            prerelease.is_none(),
+            prerelease.unwrap_or(""),
+            &self.0,
+        )
+    }
+}
+
 /// `namespace/name`: one cartridge's history of versions and tags.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Repository {
@@ -470,6 +493,21 @@ mod tests {
 
     fn error(input: &str) -> String {
         input.parse::<Reference>().unwrap_err().to_string()
+    }
+
+    #[test]
+    fn versions_order_as_read() {
+        let mut versions: Vec<Version> =
+            ["v10", "v1.10.0", "v9", "v1.2.0", "v1.2.0-rc.1", "1.2.0+b2"]
+                .iter()
+                .map(|v| v.parse().unwrap())
+                .collect();
+        versions.sort_by(|a, b| a.precedence().cmp(&b.precedence()));
+        let order: Vec<&str> = versions.iter().map(Version::as_str).collect();
+        assert_eq!(
+            order,
+            ["v1.2.0-rc.1", "1.2.0+b2", "v1.2.0", "v1.10.0", "v9", "v10"]
+        );
     }
 
     #[test]

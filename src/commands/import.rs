@@ -162,13 +162,20 @@ impl ReferenceCache {
                         )
                     })?;
                 ensure!(info.layout.is_contiguous(), "{} is not contiguous", what());
+                // Sizes come from the file: checked, and no more is read than they span (a
+                // compressed entry could expand without end).
+                let start = info.layout.start_offset();
+                let end = shape
+                    .iter()
+                    .try_fold(this.size(), |bytes, &dim| bytes.checked_mul(dim))
+                    .and_then(|len| start.checked_add(len))
+                    .with_context(|| format!("{} has shape {dims:?}: too large", what()))?;
                 let mut storage = Vec::new();
                 zip.by_name(&info.path)
                     .with_context(|| format!("{}: storage {} is missing", what(), info.path))?
+                    .take(end as u64)
                     .read_to_end(&mut storage)?;
-                let start = info.layout.start_offset();
-                let len = shape.iter().product::<usize>() * this.size();
-                let bytes = storage.get(start..start + len).with_context(|| {
+                let bytes = storage.get(start..end).with_context(|| {
                     format!(
                         "{}: storage {} is truncated ({} bytes)",
                         what(),

@@ -41,7 +41,7 @@ pub async fn listing(
     if versions.is_empty() && tags.is_empty() {
         return Err(ApiError::not_found(format!("{repo} has no versions")));
     }
-    versions.sort_by(|a, b| a.version.cmp(&b.version));
+    versions.sort_by(|a, b| a.version.precedence().cmp(&b.version.precedence()));
     Ok(Json(RepositoryListing {
         repository: repo.to_string(),
         versions,
