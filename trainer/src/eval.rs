@@ -135,14 +135,13 @@ fn evaluate_one(
         .iter()
         .map(|pair| {
             let question = Message::new("user", &pair.question);
-            let rendered = match setting {
-                Setting::Bare => model.text.render(&[question], true)?,
+            match setting {
+                Setting::Bare => model.text.render_ids(&[question], true),
                 Setting::Text(text) => model
                     .text
-                    .render(&[Message::new("system", text.clone()), question], true)?,
-                Setting::Cartridge(_) => model.text.render_after_system(&[question], true)?,
-            };
-            model.text.encode(&rendered)
+                    .render_ids(&[Message::new("system", text.clone()), question], true),
+                Setting::Cartridge(_) => model.text.render_after_system_ids(&[question], true),
+            }
         })
         .collect::<Result<_>>()?;
     // Context text is read once: its keys and values serve every question, like a cartridge.
@@ -153,11 +152,9 @@ fn evaluate_one(
     let shared = match setting {
         Setting::Text(text) => {
             let empty = Message::new("user", "");
-            let context = model.text.encode(
-                &model
-                    .text
-                    .render(&[Message::new("system", text.clone()), empty], true)?,
-            )?;
+            let context = model
+                .text
+                .render_ids(&[Message::new("system", text.clone()), empty], true)?;
             prompts
                 .iter()
                 .fold((shortest - 1).min(common(&prompts[0], &context)), |n, p| {

@@ -154,11 +154,7 @@ fn lock_work_dir(dir: &Path) -> Result<std::fs::File> {
 fn check_rows_hold_a_conversation(model: &LoadedModel, request: &TrainRequest) -> Result<()> {
     let template = model
         .text
-        .encode(
-            &model
-                .text
-                .render_after_system(&[Message::new("user", "")], true)?,
-        )?
+        .render_after_system_ids(&[Message::new("user", "")], true)?
         .len();
     let synthesis = &request.synthesis;
     let longest = template

@@ -160,8 +160,9 @@ struct Provenance {
     prompt_format: u32,
 }
 
-/// Student prompts follow the system turn the cartridge stands for.
-const PROMPT_FORMAT: u32 = 1;
+/// Student prompts follow the system turn the cartridge stands for (1), and message contents
+/// are read as plain text, never as the template's control tokens (2).
+const PROMPT_FORMAT: u32 = 2;
 
 /// The longest token prefix every list shares.
 fn common_prefix(lists: &[Vec<u32>]) -> usize {
@@ -183,7 +184,7 @@ fn continue_all(
 ) -> Result<Vec<crate::model::Generated>> {
     let encoded: Vec<Vec<u32>> = conversations
         .iter()
-        .map(|c| model.text.encode(&model.text.render(c, true)?))
+        .map(|c| model.text.render_ids(c, true))
         .collect::<Result<_>>()?;
     // The chunk's system prompt is the same for all: process it once.
     let shared = common_prefix(&encoded);
@@ -245,7 +246,7 @@ pub fn synthesize(
         .iter()
         .map(|seed| {
             let writer = [longest.clone(), Message::new("user", seed.prompt())];
-            Ok(model.text.encode(&model.text.render(&writer, true)?)?.len())
+            Ok(model.text.render_ids(&writer, true)?.len())
         })
         .collect::<Result<Vec<_>>>()?
         .into_iter()
@@ -391,9 +392,6 @@ pub fn synthesize(
             0,
         )?;
         for (&i, answer) in kept.iter().zip(answers) {
-            let prompt = model
-                .text
-                .render_after_system(&[Message::new("user", users[i].clone())], true)?;
             let conversation = Conversation {
                 batch: batch_index - 1,
                 chunk_start: start,
@@ -401,7 +399,9 @@ pub fn synthesize(
                 seed: seeds[i],
                 user: users[i].clone(),
                 assistant: clean(&model.text, &answer.tokens)?,
-                prompt_ids: model.text.encode(&prompt)?,
+                prompt_ids: model
+                    .text
+                    .render_after_system_ids(&[Message::new("user", users[i].clone())], true)?,
                 answer_ids: answer.tokens,
                 teacher: answer.top_logprobs,
             };

@@ -32,8 +32,15 @@ impl Message {
 }
 
 /// A model's tokenizer, chat template and stop tokens.
+///
+/// Text is read two ways: the chat template's own text with its control tokens
+/// (`<|im_start|>`), and everything else (a corpus, a message, an answer) as plain text, where
+/// `<|im_end|>` is the characters a codebase or a manual may well hold, never a turn's end.
+/// Rendered conversations are read piece by piece, each the way its source asks.
 pub struct TextCodec {
     tokenizer: Tokenizer,
+    /// The same tokenizer with its control tokens read as plain text.
+    literal: Tokenizer,
     template: String,
     bos_token: String,
     eos_token: String,
@@ -218,8 +225,11 @@ impl TextCodec {
                 stop_ids.push(id);
             }
         }
+        let mut literal = tokenizer.clone();
+        literal.set_encode_special_tokens(true);
         Self {
             tokenizer,
+            literal,
             template,
             bos_token,
             eos_token,
@@ -243,13 +253,87 @@ impl TextCodec {
         std::fs::write(&config_path, config.to_string()).map_err(|e| Error::io(&config_path, e))
     }
 
+    /// Plain text's tokens: a control token's name in it is read as its characters.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        Ok(self
-            .tokenizer
+        Self::ids(&self.literal, text)
+    }
+
+    /// The chat template's text, its control tokens recognized.
+    pub fn encode_template(&self, text: &str) -> Result<Vec<u32>> {
+        Self::ids(&self.tokenizer, text)
+    }
+
+    fn ids(tokenizer: &Tokenizer, text: &str) -> Result<Vec<u32>> {
+        Ok(tokenizer
             .encode(text, false)
             .map_err(|e| Error::Model(format!("tokenizing: {e}")))?
             .get_ids()
             .to_vec())
+    }
+
+    /// The tokens of `messages` rendered with the chat template ([`TextCodec::render`]).
+    pub fn render_ids(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+    ) -> Result<Vec<u32>> {
+        let render = |messages: &[Message]| self.render(messages, add_generation_prompt);
+        self.pieces_ids(&render(&marked(messages))?, &render(messages)?, messages)
+    }
+
+    /// The tokens of [`TextCodec::render_after_system`].
+    pub fn render_after_system_ids(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+    ) -> Result<Vec<u32>> {
+        let render =
+            |messages: &[Message]| self.render_after_system(messages, add_generation_prompt);
+        self.pieces_ids(&render(&marked(messages))?, &render(messages)?, messages)
+    }
+
+    /// `rendered`'s tokens, read from the rendering of the same messages with their contents
+    /// marked (`marked`): the template's pieces with its control tokens, the contents as plain
+    /// text. The contents are put back as the template wrote them, verbatim or trimmed.
+    fn pieces_ids(&self, marked: &str, rendered: &str, messages: &[Message]) -> Result<Vec<u32>> {
+        let pieces: Vec<&str> = marked.split(CONTENT_MARK).collect();
+        let content = |index: &str, trim: bool| -> Result<&str> {
+            let message = index
+                .parse::<usize>()
+                .ok()
+                .and_then(|i| messages.get(i))
+                .ok_or_else(|| Error::Model("the chat template mangles message contents".into()))?;
+            Ok(if trim {
+                message.content.trim()
+            } else {
+                &message.content
+            })
+        };
+        for trim in [false, true] {
+            let mut text = String::new();
+            for (k, piece) in pieces.iter().enumerate() {
+                text.push_str(if k % 2 == 0 {
+                    piece
+                } else {
+                    content(piece, trim)?
+                });
+            }
+            if text != rendered {
+                continue;
+            }
+            let mut ids = Vec::new();
+            for (k, piece) in pieces.iter().enumerate() {
+                ids.extend(if k % 2 == 0 {
+                    self.encode_template(piece)?
+                } else {
+                    self.encode(content(piece, trim)?)?
+                });
+            }
+            return Ok(ids);
+        }
+        Err(Error::Model(
+            "the chat template changes message contents (beyond trimming them): their text cannot be told from the template's".into(),
+        ))
     }
 
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
@@ -316,7 +400,10 @@ impl TextCodec {
     /// corpus, and how many corpus tokens fit between them in a cartridge of `tokens` in all.
     pub fn system_turn_ids(&self, tokens: usize) -> Result<(Vec<u32>, Vec<u32>, usize)> {
         let (before, after) = self.system_turn()?;
-        let (before, after) = (self.encode(&before)?, self.encode(&after)?);
+        let (before, after) = (
+            self.encode_template(&before)?,
+            self.encode_template(&after)?,
+        );
         let template = before.len() + after.len();
         let room = tokens.checked_sub(template).filter(|&n| n > 0).ok_or_else(|| {
             Error::Data(format!(
@@ -358,3 +445,15 @@ impl TextCodec {
 
 /// Content no template writes itself, to find where a message's content goes.
 const MARKER: &str = "\u{e000}content\u{e000}";
+
+/// Around a message's index where its content goes, to tell the template's text from contents.
+const CONTENT_MARK: char = '\u{e001}';
+
+/// `messages` with each content replaced by its marked index.
+fn marked(messages: &[Message]) -> Vec<Message> {
+    messages
+        .iter()
+        .enumerate()
+        .map(|(i, m)| Message::new(&m.role, format!("{CONTENT_MARK}{i}{CONTENT_MARK}")))
+        .collect()
+}
