@@ -227,6 +227,8 @@ pub fn train(
         "model": model.fingerprint.weights,
         "objective": request.objective,
         "conversations": conversations.len(),
+        // How text became tokens: a next-token run's pieces are the corpus's.
+        "prompt_format": crate::synthesis::PROMPT_FORMAT,
     });
     // A fresh run's checkpoints are its own: an older one is set aside, never resumed (and
     // only now, once synthesis accepted the work folder: a refused run moves nothing).

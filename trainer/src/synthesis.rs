@@ -162,7 +162,7 @@ struct Provenance {
 
 /// Student prompts follow the system turn the cartridge stands for (1), and message contents
 /// are read as plain text, never as the template's control tokens (2).
-const PROMPT_FORMAT: u32 = 2;
+pub(crate) const PROMPT_FORMAT: u32 = 2;
 
 /// The longest token prefix every list shares.
 fn common_prefix(lists: &[Vec<u32>]) -> usize {

@@ -33,14 +33,17 @@ impl Message {
 
 /// A model's tokenizer, chat template and stop tokens.
 ///
-/// Text is read two ways: the chat template's own text with its control tokens
+/// Text is read two ways: the chat template's own text with its special tokens
 /// (`<|im_start|>`), and everything else (a corpus, a message, an answer) as plain text, where
 /// `<|im_end|>` is the characters a codebase or a manual may well hold, never a turn's end.
-/// Rendered conversations are read piece by piece, each the way its source asks.
+/// A rendered conversation whose contents name a special token is read piece by piece, each
+/// the way its source asks.
 pub struct TextCodec {
     tokenizer: Tokenizer,
-    /// The same tokenizer with its control tokens read as plain text.
+    /// The same tokenizer with its special tokens read as plain text.
     literal: Tokenizer,
+    /// The special tokens' texts.
+    specials: Vec<String>,
     template: String,
     bos_token: String,
     eos_token: String,
@@ -227,9 +230,16 @@ impl TextCodec {
         }
         let mut literal = tokenizer.clone();
         literal.set_encode_special_tokens(true);
+        let specials = tokenizer
+            .get_added_tokens_decoder()
+            .into_values()
+            .filter(|token| token.special)
+            .map(|token| token.content)
+            .collect();
         Self {
             tokenizer,
             literal,
+            specials,
             template,
             bos_token,
             eos_token,
@@ -253,12 +263,12 @@ impl TextCodec {
         std::fs::write(&config_path, config.to_string()).map_err(|e| Error::io(&config_path, e))
     }
 
-    /// Plain text's tokens: a control token's name in it is read as its characters.
+    /// Plain text's tokens: a special token's name in it is read as its characters.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         Self::ids(&self.literal, text)
     }
 
-    /// The chat template's text, its control tokens recognized.
+    /// The chat template's text, its special tokens recognized.
     pub fn encode_template(&self, text: &str) -> Result<Vec<u32>> {
         Self::ids(&self.tokenizer, text)
     }
@@ -277,8 +287,9 @@ impl TextCodec {
         messages: &[Message],
         add_generation_prompt: bool,
     ) -> Result<Vec<u32>> {
-        let render = |messages: &[Message]| self.render(messages, add_generation_prompt);
-        self.pieces_ids(&render(&marked(messages))?, &render(messages)?, messages)
+        self.rendered_ids(messages, |messages| {
+            self.render(messages, add_generation_prompt)
+        })
     }
 
     /// The tokens of [`TextCodec::render_after_system`].
@@ -287,53 +298,74 @@ impl TextCodec {
         messages: &[Message],
         add_generation_prompt: bool,
     ) -> Result<Vec<u32>> {
-        let render =
-            |messages: &[Message]| self.render_after_system(messages, add_generation_prompt);
-        self.pieces_ids(&render(&marked(messages))?, &render(messages)?, messages)
+        self.rendered_ids(messages, |messages| {
+            self.render_after_system(messages, add_generation_prompt)
+        })
+    }
+
+    /// The tokens of `render(messages)`. Contents that name no special token read the same
+    /// either way: the whole rendering is read at once, as the model learned to read it. Else
+    /// it is read piece by piece ([`TextCodec::pieces_ids`]).
+    fn rendered_ids(
+        &self,
+        messages: &[Message],
+        render: impl Fn(&[Message]) -> Result<String>,
+    ) -> Result<Vec<u32>> {
+        let rendered = render(messages)?;
+        let names_one = |content: &str| self.specials.iter().any(|s| content.contains(s.as_str()));
+        if !messages.iter().any(|m| names_one(&m.content)) {
+            return self.encode_template(&rendered);
+        }
+        self.pieces_ids(&render(&marked(messages))?, &rendered, messages)
     }
 
     /// `rendered`'s tokens, read from the rendering of the same messages with their contents
-    /// marked (`marked`): the template's pieces with its control tokens, the contents as plain
-    /// text. The contents are put back as the template wrote them, verbatim or trimmed.
+    /// marked (`marked`): the template's pieces with its special tokens, the contents as plain
+    /// text, each as the template wrote it (verbatim, or with whitespace trimmed at either end).
     fn pieces_ids(&self, marked: &str, rendered: &str, messages: &[Message]) -> Result<Vec<u32>> {
+        let mangled = || {
+            Error::Model(
+                "the chat template changes message contents (beyond trimming them): their text cannot be told from the template's".into(),
+            )
+        };
         let pieces: Vec<&str> = marked.split(CONTENT_MARK).collect();
-        let content = |index: &str, trim: bool| -> Result<&str> {
-            let message = index
+        let (mut at, mut ids) = (0, Vec::new());
+        for (k, piece) in pieces.iter().enumerate() {
+            let rest = &rendered[at..];
+            if k % 2 == 0 {
+                if !rest.starts_with(piece) {
+                    return Err(mangled());
+                }
+                ids.extend(self.encode_template(piece)?);
+                at += piece.len();
+                continue;
+            }
+            let message = piece
                 .parse::<usize>()
                 .ok()
                 .and_then(|i| messages.get(i))
-                .ok_or_else(|| Error::Model("the chat template mangles message contents".into()))?;
-            Ok(if trim {
-                message.content.trim()
-            } else {
-                &message.content
+                .ok_or_else(mangled)?;
+            let next = pieces.get(k + 1).copied().unwrap_or_default();
+            let content = &message.content;
+            let written = [
+                content.as_str(),
+                content.trim(),
+                content.trim_start(),
+                content.trim_end(),
+            ]
+            .into_iter()
+            .find(|c| {
+                rest.strip_prefix(c)
+                    .is_some_and(|after| after.starts_with(next))
             })
-        };
-        for trim in [false, true] {
-            let mut text = String::new();
-            for (k, piece) in pieces.iter().enumerate() {
-                text.push_str(if k % 2 == 0 {
-                    piece
-                } else {
-                    content(piece, trim)?
-                });
-            }
-            if text != rendered {
-                continue;
-            }
-            let mut ids = Vec::new();
-            for (k, piece) in pieces.iter().enumerate() {
-                ids.extend(if k % 2 == 0 {
-                    self.encode_template(piece)?
-                } else {
-                    self.encode(content(piece, trim)?)?
-                });
-            }
-            return Ok(ids);
+            .ok_or_else(mangled)?;
+            ids.extend(self.encode(written)?);
+            at += written.len();
         }
-        Err(Error::Model(
-            "the chat template changes message contents (beyond trimming them): their text cannot be told from the template's".into(),
-        ))
+        if at != rendered.len() {
+            return Err(mangled());
+        }
+        Ok(ids)
     }
 
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
@@ -449,11 +481,19 @@ const MARKER: &str = "\u{e000}content\u{e000}";
 /// Around a message's index where its content goes, to tell the template's text from contents.
 const CONTENT_MARK: char = '\u{e001}';
 
-/// `messages` with each content replaced by its marked index.
+/// `messages` with each content replaced by its marked index (an empty one stays empty: a
+/// template may write nothing for it).
 fn marked(messages: &[Message]) -> Vec<Message> {
     messages
         .iter()
         .enumerate()
-        .map(|(i, m)| Message::new(&m.role, format!("{CONTENT_MARK}{i}{CONTENT_MARK}")))
+        .map(|(i, m)| {
+            let content = if m.content.is_empty() {
+                String::new()
+            } else {
+                format!("{CONTENT_MARK}{i}{CONTENT_MARK}")
+            };
+            Message::new(&m.role, content)
+        })
         .collect()
 }

@@ -592,6 +592,10 @@ fn control_tokens_named_in_text_are_text() {
         count(&unsaid),
         "only the template's own turns end"
     );
+    // Read piece by piece, the contents are the plain text's tokens, the rest the template's.
+    let ids = text.render_ids(&said, true).unwrap();
+    let content = text.encode(&said[1].content).unwrap();
+    assert!(ids.windows(content.len()).any(|w| w == content), "{ids:?}");
     // So does a cartridge's start: the corpus between its template pieces is plain text.
     let ids = cartridge_trainer::distill::initial_ids(
         text,
