@@ -94,7 +94,11 @@ pub fn registry_url(host: &Registry) -> String {
 /// left for the client to refuse.
 pub fn normalize(url: &str) -> String {
     match url::Url::parse(url) {
-        Ok(parsed) if parsed.path() == "/" && parsed.query().is_none() => {
+        Ok(parsed)
+            if matches!(parsed.scheme(), "http" | "https")
+                && parsed.path() == "/"
+                && parsed.query().is_none() =>
+        {
             parsed.origin().ascii_serialization()
         }
         _ => url.trim_end_matches('/').to_owned(),
@@ -144,12 +148,15 @@ fn token_for(
     let for_url =
         chosen.is_none_or(|chosen| origin(chosen).is_some_and(|o| Some(o) == origin(url)));
     from_env.filter(|t| !t.is_empty() && for_url).or_else(|| {
-        // Saved under the spelling normalize gives (or an older one: compared as origins).
-        config
-            .registries
-            .iter()
-            .find(|(saved, _)| origin(saved).is_some_and(|o| Some(o) == origin(url)))
-            .and_then(|(_, r)| r.token.clone())
+        // Saved under the spelling normalize gives, else an older one (compared as origins).
+        let older = || {
+            (config.registries.iter())
+                .find(|(saved, _)| origin(saved).is_some_and(|o| Some(o) == origin(url)))
+                .map(|(_, r)| r)
+        };
+        (config.registries.get(url))
+            .or_else(older)
+            .and_then(|r| r.token.clone())
     })
 }
 

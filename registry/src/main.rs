@@ -183,9 +183,17 @@ fn home_dir() -> Result<PathBuf> {
         .context("HOME is not set; set CARTRIDGE_HOME")
 }
 
+/// `CARTRIDGE_HOME`, unless unset or empty (which would put the keyring in whatever folder a
+/// command runs in).
+fn cartridge_home() -> Option<PathBuf> {
+    std::env::var_os("CARTRIDGE_HOME")
+        .filter(|home| !home.is_empty())
+        .map(PathBuf::from)
+}
+
 fn data_dir() -> Result<PathBuf> {
-    if let Some(home) = std::env::var_os("CARTRIDGE_HOME") {
-        return Ok(PathBuf::from(home));
+    if let Some(home) = cartridge_home() {
+        return Ok(home);
     }
     Ok(match std::env::var_os("XDG_DATA_HOME") {
         Some(dir) => PathBuf::from(dir),
@@ -195,8 +203,8 @@ fn data_dir() -> Result<PathBuf> {
 }
 
 fn config_dir() -> Result<PathBuf> {
-    if let Some(home) = std::env::var_os("CARTRIDGE_HOME") {
-        return Ok(PathBuf::from(home));
+    if let Some(home) = cartridge_home() {
+        return Ok(home);
     }
     Ok(match std::env::var_os("XDG_CONFIG_HOME") {
         Some(dir) => PathBuf::from(dir),

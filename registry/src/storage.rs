@@ -854,6 +854,13 @@ impl Storage {
                 PutPayload::from(tombstone),
             )
             .await?;
+        // Nothing else holds it: its content is no longer the repository's to tag or read by
+        // digest (collection would have taken the link; a tag moved by digest meanwhile would
+        // have served deleted content). A tag moved onto it between the check above and now
+        // is the one window left.
+        if !held_elsewhere {
+            self.delete(Key::ManifestLink(repo, &digest)).await?;
+        }
         Ok(())
     }
 

@@ -195,9 +195,9 @@ impl Cartridge {
             path: path.to_owned(),
             source,
         };
-        let file = File::open(path).map_err(io)?;
-        // Mapping a folder or a device fails with "No such device": say what it is instead.
-        let kind = file.metadata().map_err(io)?.file_type();
+        // Mapping a folder or a device fails with "No such device", and opening a pipe waits for
+        // a writer: say what it is instead.
+        let kind = std::fs::metadata(path).map_err(io)?.file_type();
         if !kind.is_file() {
             let what = if kind.is_dir() {
                 "it is a folder, not a cartridge file"
@@ -209,6 +209,7 @@ impl Cartridge {
                 what,
             )));
         }
+        let file = File::open(path).map_err(io)?;
         // SAFETY: the map is read-only. Another process truncating the file while it is mapped would
         // fault the reader; files are only ever replaced by rename, never rewritten in place.
         #[allow(unsafe_code)]

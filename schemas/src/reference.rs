@@ -124,26 +124,36 @@ impl Tag {
 }
 
 impl Version {
-    /// Orders versions as people read them: numbers by value (`v9` before `v10`), a
-    /// pre-release before its release, the build ignored but for ties.
+    /// Orders versions as people (and semantic versioning) read them: numbers by value (`v9`
+    /// before `v10`, `rc.9` before `rc.10`), a pre-release before its release, the build
+    /// ignored but for ties.
     pub fn precedence(&self) -> impl Ord + '_ {
         let rest = self.0.strip_prefix('v').unwrap_or(&self.0);
         let main = rest.split_once('+').map_or(rest, |(main, _)| main);
         let (core, prerelease) = main
             .split_once('-')
             .map_or((main, None), |(c, p)| (c, Some(p)));
-        let numbers: Vec<u128> = core
-            .split('.')
-            .map(|n| n.parse().unwrap_or(u128::MAX))
-            .collect();
         // A release (`true`) after its pre-releases; the whole text last, to break ties.
         (
-            numbers,
+            version_parts(core),
             prerelease.is_none(),
-            prerelease.unwrap_or(""),
+            prerelease.map(version_parts).unwrap_or_default(),
             &self.0,
         )
     }
+}
+
+/// A dot-separated part of a version: numbers by value, and before words.
+#[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum VersionPart<'a> {
+    Number(u128),
+    Word(&'a str),
+}
+
+fn version_parts(text: &str) -> Vec<VersionPart<'_>> {
+    text.split('.')
+        .map(|p| p.parse().map_or(VersionPart::Word(p), VersionPart::Number))
+        .collect()
 }
 
 /// `namespace/name`: one cartridge's history of versions and tags.
@@ -497,16 +507,31 @@ mod tests {
 
     #[test]
     fn versions_order_as_read() {
-        let mut versions: Vec<Version> =
-            ["v10", "v1.10.0", "v9", "v1.2.0", "v1.2.0-rc.1", "1.2.0+b2"]
-                .iter()
-                .map(|v| v.parse().unwrap())
-                .collect();
+        let mut versions: Vec<Version> = [
+            "v10",
+            "v1.10.0",
+            "v9",
+            "v1.2.0",
+            "v1.2.0-rc.10",
+            "v1.2.0-rc.9",
+            "1.2.0+b2",
+        ]
+        .iter()
+        .map(|v| v.parse().unwrap())
+        .collect();
         versions.sort_by(|a, b| a.precedence().cmp(&b.precedence()));
         let order: Vec<&str> = versions.iter().map(Version::as_str).collect();
         assert_eq!(
             order,
-            ["v1.2.0-rc.1", "1.2.0+b2", "v1.2.0", "v1.10.0", "v9", "v10"]
+            [
+                "v1.2.0-rc.9",
+                "v1.2.0-rc.10",
+                "1.2.0+b2",
+                "v1.2.0",
+                "v1.10.0",
+                "v9",
+                "v10"
+            ]
         );
     }
 

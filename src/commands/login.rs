@@ -41,6 +41,11 @@ pub fn run(args: LoginArgs) -> Result<()> {
         .with_context(|| format!("checking the token with {url}"))?;
     let paths = Paths::from_env()?;
     Config::update(&paths, |config| {
+        // One entry per registry: an older spelling of it would shadow the new token.
+        let origin = |u: &str| url::Url::parse(u).ok().map(|u| u.origin());
+        config.registries.retain(|saved, _| {
+            saved == &url || origin(saved).is_none_or(|o| Some(o) != origin(&url))
+        });
         config
             .registries
             .insert(url.clone(), RegistryConfig { token: Some(token) });

@@ -7,8 +7,8 @@ use super::RegistryArgs;
 /// List namespaces, the cartridges of a namespace (NS), or the versions and tags of one (NS/NAME).
 #[derive(Debug, Args)]
 pub struct LsArgs {
-    /// Nothing, a namespace, or namespace/name; a registry named as `host:port` (or localhost)
-    /// may come first (`host:port`, `host:port/ns`, `host[:port]/ns/name`).
+    /// Nothing, a namespace, or namespace/name; a registry named as `host:port` may come first
+    /// (`host:port`, `host:port/ns`, `host[:port]/ns/name`).
     pub what: Option<String>,
     #[command(flatten)]
     pub registry: RegistryArgs,
@@ -27,16 +27,14 @@ pub fn run(args: LsArgs) -> Result<()> {
         }
         Ok(())
     };
-    // A leading `host:port` or localhost names the registry; a bare dotted name could be a
-    // namespace (`my.team/x`), so a host without a port is named in full references only.
+    // A leading `host:port` names the registry; a name without a port could be a namespace
+    // (`my.team/x`, `localhost/x`), so a host without one is named in full references only.
     let (host, what) = match args
         .what
         .as_deref()
         .map(|w| w.split_once('/').unwrap_or((w, "")))
     {
-        Some((first, rest))
-            if (first.contains(':') || first == "localhost") && rest.matches('/').count() < 2 =>
-        {
+        Some((first, rest)) if first.contains(':') && rest.matches('/').count() < 2 => {
             let host: Registry = first.parse()?;
             (Some(host), Some(rest).filter(|r| !r.is_empty()))
         }

@@ -205,6 +205,9 @@ pub fn run(args: TrainArgs) -> Result<()> {
         .chain(source.path().map(|m| (Input::Model, m)))
         .filter_map(|(kind, path)| Some((kind, path.canonicalize().ok()?)))
         .collect();
+    // Found out now, not when the cartridge is written at the end of the run.
+    cartridge_schemas::file::check_destination(&args.output)
+        .with_context(|| format!("cannot write {}", args.output.display()))?;
     for (what, path) in [("output", &args.output), ("work directory", &work_dir)] {
         let resolved = resolve(path);
         // A file's path starts with nothing but itself.

@@ -285,7 +285,7 @@ fn bad_arguments_are_refused_before_any_synthesis() {
     // Outputs that could not be written, found before the work rather than after it.
     std::fs::create_dir(dir.path().join("folder")).unwrap();
     let err = train("32", &["-o", "folder"]);
-    assert!(err.contains("the output folder is a directory"), "{err}");
+    assert!(err.contains("cannot write folder: it is a folder"), "{err}");
     let err = train("32", &["-o", "missing/varn.safetensors"]);
     assert!(err.contains("missing does not exist"), "{err}");
     std::fs::write(dir.path().join("folder/corpus.txt"), CORPUS).unwrap();
@@ -298,6 +298,20 @@ fn bad_arguments_are_refused_before_any_synthesis() {
     std::os::unix::fs::symlink(&gguf, dir.path().join("model.gguf")).unwrap();
     let err = train("32", &["-o", "model.gguf"]);
     assert!(err.contains("is the model file"), "{err}");
+    // A pipe is refused before the run, not when the cartridge is written at its end.
+    let pipe = dir.path().join("out.pipe");
+    assert!(
+        std::process::Command::new("mkfifo")
+            .arg(&pipe)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let err = train("32", &["-o", "out.pipe"]);
+    assert!(err.contains("not a regular file"), "{err}");
+    // Nor does reading one wait for a writer.
+    let err = cartridge(dir.path(), &["verify", "out.pipe"]).fails();
+    assert!(err.contains("not a regular file"), "{err}");
     let err = train("32", &["--work-dir", "./varn.safetensors"]);
     assert!(err.contains("is the work directory"), "{err}");
     assert!(!dir.path().join("varn.work/conversations.jsonl").exists());

@@ -74,12 +74,8 @@ pub const LOSS_STEPS: usize = 10;
 /// The output can be written where it is asked for, and is not the work directory.
 fn check_paths(request: &TrainRequest) -> Result<()> {
     let output = &request.output;
-    if output.is_dir() {
-        return Err(Error::Data(format!(
-            "the output {} is a directory",
-            output.display()
-        )));
-    }
+    cartridge_schemas::file::check_destination(output)
+        .map_err(|e| Error::Data(format!("cannot write {}: {e}", output.display())))?;
     if let Some(parent) = output.parent().filter(|p| !p.as_os_str().is_empty())
         && !parent.is_dir()
     {
