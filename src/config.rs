@@ -261,6 +261,26 @@ mod tests {
     }
 
     #[test]
+    fn the_exact_spelling_wins_over_an_older_one() {
+        let mut config = Config::default();
+        for (saved, token) in [
+            ("HTTP://127.0.0.1:7070/", "older"),
+            ("http://127.0.0.1:7070", "newer"),
+        ] {
+            config.registries.insert(
+                saved.into(),
+                RegistryConfig {
+                    token: Some(token.into()),
+                },
+            );
+        }
+        assert_eq!(
+            token_for(&config, "http://127.0.0.1:7070", None, None).as_deref(),
+            Some("newer")
+        );
+    }
+
+    #[test]
     fn a_misspelt_setting_is_refused_not_dropped() {
         let dir = tempfile::tempdir().unwrap();
         let paths = Paths {

@@ -9,7 +9,8 @@
 //!
 //! A repository's links (what was sent or published to it, see `Storage::link_blob`) are swept
 //! by the same rule, per repository: once a version is deleted, content only it held stops being
-//! readable through that repository, even while another repository keeps the bytes stored.
+//! readable through that repository (its manifest's link goes with the version; its blobs' here),
+//! even while another repository keeps the bytes stored.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;

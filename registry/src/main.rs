@@ -195,22 +195,26 @@ fn data_dir() -> Result<PathBuf> {
     if let Some(home) = cartridge_home() {
         return Ok(home);
     }
-    Ok(match std::env::var_os("XDG_DATA_HOME") {
-        Some(dir) => PathBuf::from(dir),
-        None => home_dir()?.join(".local/share"),
-    }
-    .join("cartridge"))
+    Ok(
+        match std::env::var_os("XDG_DATA_HOME").filter(|dir| !dir.is_empty()) {
+            Some(dir) => PathBuf::from(dir),
+            None => home_dir()?.join(".local/share"),
+        }
+        .join("cartridge"),
+    )
 }
 
 fn config_dir() -> Result<PathBuf> {
     if let Some(home) = cartridge_home() {
         return Ok(home);
     }
-    Ok(match std::env::var_os("XDG_CONFIG_HOME") {
-        Some(dir) => PathBuf::from(dir),
-        None => home_dir()?.join(".config"),
-    }
-    .join("cartridge"))
+    Ok(
+        match std::env::var_os("XDG_CONFIG_HOME").filter(|dir| !dir.is_empty()) {
+            Some(dir) => PathBuf::from(dir),
+            None => home_dir()?.join(".config"),
+        }
+        .join("cartridge"),
+    )
 }
 
 fn init_logging(format: LogFormat) {

@@ -772,13 +772,19 @@ impl Storage {
             .buffer_unordered(16)
             .try_collect::<Vec<()>>()
             .await?;
+        self.link_manifest(repo, &digest).await?;
+        Ok(digest)
+    }
+
+    /// Marks a manifest as part of `repo` (published there).
+    async fn link_manifest(&self, repo: &Repository, digest: &Digest) -> Result<()> {
         self.store
             .put(
-                &Key::ManifestLink(repo, &digest).path(),
+                &Key::ManifestLink(repo, digest).path(),
                 PutPayload::from_static(b""),
             )
             .await?;
-        Ok(digest)
+        Ok(())
     }
 
     /// Whether an object is stored; for a link, whether content is part of its repository
@@ -820,13 +826,17 @@ impl Storage {
         if !self.create(Key::Version(repo, version), pointer).await? {
             return Err(exists(false));
         }
+        // Again: a deletion of another version of this content, deciding meanwhile that nothing
+        // else held it, may have taken the link.
+        self.link_manifest(repo, &digest).await?;
         Ok(digest)
     }
 
     /// Deletes a version, leaving a tombstone so the name is never published again with other
-    /// content. Its manifest and blobs go at the next garbage collection if nothing else uses them.
-    /// Refused while a tag points at its content and no other version holds it: the tag would
-    /// go on serving what was deleted (and keep it from collection).
+    /// content. If nothing else in the repository holds its manifest, the manifest stops being
+    /// the repository's at once (its link goes); it and the blobs go at the next garbage
+    /// collection if no repository uses them. Refused while a tag points at its content and no
+    /// other version holds it: the tag would go on serving what was deleted.
     pub async fn delete_version(&self, repo: &Repository, version: &Version) -> Result<()> {
         let Some(digest) = self.version(repo, version).await? else {
             return Err(StorageError::NotFound {
@@ -856,10 +866,15 @@ impl Storage {
             .await?;
         // Nothing else holds it: its content is no longer the repository's to tag or read by
         // digest (collection would have taken the link; a tag moved by digest meanwhile would
-        // have served deleted content). A tag moved onto it between the check above and now
-        // is the one window left.
+        // have served deleted content). A publish of the same content meanwhile writes the link
+        // again once its version exists; a tag moved onto it between the check above and the
+        // tombstone is the window left.
         if !held_elsewhere {
             self.delete(Key::ManifestLink(repo, &digest)).await?;
+            let holders = self.versions(repo).await?;
+            if holders.iter().any(|(_, d)| *d == digest) {
+                self.link_manifest(repo, &digest).await?;
+            }
         }
         Ok(())
     }

@@ -26,11 +26,13 @@ impl Paths {
             });
         }
         let xdg = |variable: &str, fallback: &str| -> Result<PathBuf, NoHome> {
-            Ok(match std::env::var_os(variable) {
-                Some(dir) => PathBuf::from(dir),
-                None => PathBuf::from(std::env::var_os("HOME").ok_or(NoHome)?).join(fallback),
-            }
-            .join("cartridge"))
+            Ok(
+                match std::env::var_os(variable).filter(|dir| !dir.is_empty()) {
+                    Some(dir) => PathBuf::from(dir),
+                    None => PathBuf::from(std::env::var_os("HOME").ok_or(NoHome)?).join(fallback),
+                }
+                .join("cartridge"),
+            )
         };
         Ok(Self {
             config: xdg("XDG_CONFIG_HOME", ".config")?,

@@ -143,16 +143,24 @@ impl Version {
     }
 }
 
-/// A dot-separated part of a version: numbers by value, and before words.
+/// A dot-separated part of a version: numbers by value (their digits' count without leading
+/// zeros, then the digits, so any length compares), and before words.
 #[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum VersionPart<'a> {
-    Number(u128),
+    Number(usize, &'a str),
     Word(&'a str),
 }
 
 fn version_parts(text: &str) -> Vec<VersionPart<'_>> {
     text.split('.')
-        .map(|p| p.parse().map_or(VersionPart::Word(p), VersionPart::Number))
+        .map(|part| {
+            if !part.is_empty() && part.bytes().all(|b| b.is_ascii_digit()) {
+                let digits = part.trim_start_matches('0');
+                VersionPart::Number(digits.len(), digits)
+            } else {
+                VersionPart::Word(part)
+            }
+        })
         .collect()
 }
 
@@ -521,6 +529,10 @@ mod tests {
         .collect();
         versions.sort_by(|a, b| a.precedence().cmp(&b.precedence()));
         let order: Vec<&str> = versions.iter().map(Version::as_str).collect();
+        // Numbers of any length compare by value.
+        let long = |digits: &str| -> Version { format!("v1-rc.{digits}").parse().unwrap() };
+        let (shorter, longer) = (long(&"9".repeat(41)), long(&format!("1{}", "0".repeat(41))));
+        assert!(shorter.precedence() < longer.precedence());
         assert_eq!(
             order,
             [

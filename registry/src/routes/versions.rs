@@ -28,8 +28,9 @@ pub async fn publish(
     Ok((StatusCode::CREATED, Json(Published { reference, digest })))
 }
 
-/// `DELETE /v1/repos/{ns}/{name}/versions/{version}` (admin): the manifest and blobs stay until
-/// garbage collection finds them unreferenced.
+/// `DELETE /v1/repos/{ns}/{name}/versions/{version}` (admin): 409 while a tag points at it; its
+/// manifest stops being the repository's at once, and it and the blobs stay stored until garbage
+/// collection finds them unreferenced.
 pub async fn delete(
     State(state): State<AppState>,
     caller: Caller,
