@@ -204,3 +204,41 @@ async fn a_store_that_ignores_conditional_writes_is_refused() {
         Err(StorageError::Unconditional)
     ));
 }
+
+/// A version of the same content published while another is deleted keeps its manifest the
+/// repository's: the deletion saw no other holder, but one appeared before it took the link.
+#[tokio::test]
+async fn a_deletion_racing_a_publish_of_the_same_content_keeps_its_link() {
+    let store = Arc::new(Interleaved::default());
+    let storage = Storage::new(store.clone(), "interleaved");
+    let repo: Repository = "legal/raced".parse().unwrap();
+    let (manifest, chunks) = encoded(60);
+    upload_all(&storage, &repo, &chunks).await;
+    let (old, new): (Version, Version) = ("1.0.0".parse().unwrap(), "1.0.1".parse().unwrap());
+    let digest = storage.publish(&repo, &old, &manifest).await.unwrap();
+    let pointer = store
+        .get(&Key::Version(&repo, &old).path())
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    // The publish of `new` lands right after the deletion's tombstone.
+    store.arm(
+        Key::Version(&repo, &old).path(),
+        vec![(Key::Version(&repo, &new).path(), pointer)],
+    );
+    storage.delete_version(&repo, &old).await.unwrap();
+    assert_eq!(storage.version(&repo, &new).await.unwrap(), Some(digest));
+    assert!(
+        storage
+            .exists(Key::ManifestLink(&repo, &digest))
+            .await
+            .unwrap()
+    );
+    let stable: Tag = "stable".parse().unwrap();
+    storage
+        .move_tag(&repo, &stable, Some(digest), TagCondition::Absent)
+        .await
+        .unwrap();
+}
