@@ -793,17 +793,8 @@ fn the_api_serves_on_a_unix_socket() {
             .spawn()
             .unwrap();
     // Refused at once; one that serves instead is stopped, not waited on.
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(status) = remote.try_wait().unwrap() {
-            break status;
-        }
-        if std::time::Instant::now() > deadline {
-            let _ = remote.kill();
-            panic!("a loader listening on 0.0.0.0 was not refused");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = crate::support::exit_within(&mut remote, Duration::from_secs(30))
+        .expect("a loader listening on 0.0.0.0 was not refused");
     let mut error = String::new();
     std::io::Read::read_to_string(&mut remote.stderr.take().unwrap(), &mut error).unwrap();
     assert!(

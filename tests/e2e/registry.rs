@@ -143,13 +143,7 @@ fn push_then_pull_is_byte_identical_and_cached() {
     );
     // A pipe (or a device: `-o /dev/null` as root) is refused, not replaced by a plain file.
     let pipe = dir.path().join("pipe");
-    assert!(
-        std::process::Command::new("mkfifo")
-            .arg(&pipe)
-            .status()
-            .unwrap()
-            .success()
-    );
+    crate::support::fifo(&pipe);
     let err = registry
         .cartridge(
             dir.path(),

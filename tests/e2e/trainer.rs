@@ -299,14 +299,7 @@ fn bad_arguments_are_refused_before_any_synthesis() {
     let err = train("32", &["-o", "model.gguf"]);
     assert!(err.contains("is the model file"), "{err}");
     // A pipe is refused before the run, not when the cartridge is written at its end.
-    let pipe = dir.path().join("out.pipe");
-    assert!(
-        std::process::Command::new("mkfifo")
-            .arg(&pipe)
-            .status()
-            .unwrap()
-            .success()
-    );
+    crate::support::fifo(&dir.path().join("out.pipe"));
     let err = train("32", &["-o", "out.pipe"]);
     assert!(err.contains("not a regular file"), "{err}");
     // Nor does reading one wait for a writer.
