@@ -10,6 +10,7 @@ use bytesize::ByteSize;
 use cartridge_registry::auth::{Keyring, Scope};
 use cartridge_registry::gc::{self, GcOptions};
 use cartridge_registry::{AppState, Limits, backend, routes, server};
+use cartridge_schemas::paths::{cartridge_home, xdg_dir};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 #[derive(Debug, Parser)]
@@ -177,44 +178,12 @@ fn token_ttl(text: &str) -> Result<Duration, String> {
     }
 }
 
-fn home_dir() -> Result<PathBuf> {
-    std::env::var_os("HOME")
-        .map(PathBuf::from)
-        .context("HOME is not set; set CARTRIDGE_HOME")
-}
-
-/// `CARTRIDGE_HOME`, unless unset or empty (which would put the keyring in whatever folder a
-/// command runs in).
-fn cartridge_home() -> Option<PathBuf> {
-    std::env::var_os("CARTRIDGE_HOME")
-        .filter(|home| !home.is_empty())
-        .map(PathBuf::from)
-}
-
 fn data_dir() -> Result<PathBuf> {
-    if let Some(home) = cartridge_home() {
-        return Ok(home);
-    }
-    Ok(
-        match std::env::var_os("XDG_DATA_HOME").filter(|dir| !dir.is_empty()) {
-            Some(dir) => PathBuf::from(dir),
-            None => home_dir()?.join(".local/share"),
-        }
-        .join("cartridge"),
-    )
+    Ok(cartridge_home().map_or_else(|| xdg_dir("XDG_DATA_HOME", ".local/share"), Ok)?)
 }
 
 fn config_dir() -> Result<PathBuf> {
-    if let Some(home) = cartridge_home() {
-        return Ok(home);
-    }
-    Ok(
-        match std::env::var_os("XDG_CONFIG_HOME").filter(|dir| !dir.is_empty()) {
-            Some(dir) => PathBuf::from(dir),
-            None => home_dir()?.join(".config"),
-        }
-        .join("cartridge"),
-    )
+    Ok(cartridge_home().map_or_else(|| xdg_dir("XDG_CONFIG_HOME", ".config"), Ok)?)
 }
 
 fn init_logging(format: LogFormat) {

@@ -15,28 +15,37 @@ pub struct Paths {
 #[error("HOME is not set; set CARTRIDGE_HOME")]
 pub struct NoHome;
 
+/// `CARTRIDGE_HOME`, unless unset or empty (empty would put tokens and keys in whatever folder
+/// a command runs in).
+pub fn cartridge_home() -> Option<PathBuf> {
+    std::env::var_os("CARTRIDGE_HOME")
+        .filter(|home| !home.is_empty())
+        .map(PathBuf::from)
+}
+
+/// `cartridge` under the XDG folder `variable` names (unless unset or empty), else under
+/// `$HOME/fallback`.
+pub fn xdg_dir(variable: &str, fallback: &str) -> Result<PathBuf, NoHome> {
+    Ok(
+        match std::env::var_os(variable).filter(|dir| !dir.is_empty()) {
+            Some(dir) => PathBuf::from(dir),
+            None => PathBuf::from(std::env::var_os("HOME").ok_or(NoHome)?).join(fallback),
+        }
+        .join("cartridge"),
+    )
+}
+
 impl Paths {
     pub fn from_env() -> Result<Self, NoHome> {
-        // Empty is unset: it would put the token in whatever folder a command runs in.
-        if let Some(home) = std::env::var_os("CARTRIDGE_HOME").filter(|h| !h.is_empty()) {
-            let home = PathBuf::from(home);
+        if let Some(home) = cartridge_home() {
             return Ok(Self {
                 config: home.clone(),
                 cache: home.join("cache"),
             });
         }
-        let xdg = |variable: &str, fallback: &str| -> Result<PathBuf, NoHome> {
-            Ok(
-                match std::env::var_os(variable).filter(|dir| !dir.is_empty()) {
-                    Some(dir) => PathBuf::from(dir),
-                    None => PathBuf::from(std::env::var_os("HOME").ok_or(NoHome)?).join(fallback),
-                }
-                .join("cartridge"),
-            )
-        };
         Ok(Self {
-            config: xdg("XDG_CONFIG_HOME", ".config")?,
-            cache: xdg("XDG_CACHE_HOME", ".cache")?,
+            config: xdg_dir("XDG_CONFIG_HOME", ".config")?,
+            cache: xdg_dir("XDG_CACHE_HOME", ".cache")?,
         })
     }
 

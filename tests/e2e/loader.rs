@@ -29,6 +29,14 @@ fn shared_bytes(response: &Value) -> Vec<u8> {
     std::fs::read(response["path"].as_str().unwrap()).unwrap()
 }
 
+/// Loads `reference` and checks its buffer holds `file`'s payload byte for byte; the answer.
+fn loads_exactly(loader: &LoaderProcess, model: &Value, reference: &str, file: &Path) -> Value {
+    let (status, body) = load(loader, model, &[reference]);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(shared_bytes(&body), payload(file), "{reference}");
+    body
+}
+
 fn metric(loader: &LoaderProcess, name: &str) -> f64 {
     let text = exchange(&loader.url, "HTTP/1.1", "GET", "/metrics", &[], b"");
     text.lines()
@@ -449,11 +457,11 @@ fn a_corrupted_disk_cache_blob_is_refetched_and_the_disk_cache_survives_restarts
     std::fs::write(&blob, bytes).unwrap();
     let token = registry.token(&["team/*:pull"]);
     let loader = LoaderProcess::start(dir.path(), &registry.url, &token, &[]);
-    let (status, again) = load(&loader, &model, &["team/a@v1"]);
-    assert_eq!(status, 200, "{again}");
-    assert_eq!(
-        shared_bytes(&again),
-        payload(&dir.path().join("a.safetensors"))
+    loads_exactly(
+        &loader,
+        &model,
+        "team/a@v1",
+        &dir.path().join("a.safetensors"),
     );
     assert_eq!(metric(&loader, "loader_corrupt_blobs_total"), 1.0);
     drop(loader);
@@ -461,13 +469,13 @@ fn a_corrupted_disk_cache_blob_is_refetched_and_the_disk_cache_survives_restarts
     // With the registry gone, a restarted loader still serves what its disk holds.
     registry.kill();
     let loader = LoaderProcess::start(dir.path(), &registry.url, &token, &["--retries", "0"]);
-    let (status, offline) = load(&loader, &model, &["team/a@v1"]);
-    assert_eq!(status, 200, "{offline}");
-    assert_eq!(offline["tier"], "disk");
-    assert_eq!(
-        shared_bytes(&offline),
-        payload(&dir.path().join("a.safetensors"))
+    let offline = loads_exactly(
+        &loader,
+        &model,
+        "team/a@v1",
+        &dir.path().join("a.safetensors"),
     );
+    assert_eq!(offline["tier"], "disk");
     let (status, body) = load(&loader, &model, &["team/b@v1"]);
     assert_eq!(status, 503, "never seen, and the registry is down: {body}");
     let message = body["message"].as_str().unwrap();
@@ -477,11 +485,11 @@ fn a_corrupted_disk_cache_blob_is_refetched_and_the_disk_cache_survives_restarts
     );
     // Back, the registry serves what was missing, to the same loader.
     registry.restart_in_place(dir.path());
-    let (status, body) = load(&loader, &model, &["team/b@v1"]);
-    assert_eq!(status, 200, "{body}");
-    assert_eq!(
-        shared_bytes(&body),
-        payload(&dir.path().join("b.safetensors"))
+    loads_exactly(
+        &loader,
+        &model,
+        "team/b@v1",
+        &dir.path().join("b.safetensors"),
     );
 }
 
@@ -506,13 +514,9 @@ fn prefetched_cartridges_load_from_disk_with_the_registry_gone() {
 
     registry.kill();
     for name in ["a", "b"] {
-        let (status, body) = load(&loader, &model, &[&format!("team/{name}@v1")]);
-        assert_eq!(status, 200, "{body}");
+        let file = dir.path().join(format!("{name}.safetensors"));
+        let body = loads_exactly(&loader, &model, &format!("team/{name}@v1"), &file);
         assert_eq!(body["tier"], "disk");
-        assert_eq!(
-            shared_bytes(&body),
-            payload(&dir.path().join(format!("{name}.safetensors")))
-        );
     }
     let body = json!({"cartridges": ["team/c@v1"]});
     let (status, answer) = http_json(&loader.url, "POST", "/v1/prefetch", Some(&body));
@@ -600,11 +604,11 @@ fn a_registry_killed_mid_load_fails_the_load_then_recovers() {
         assert_eq!(entry.file_name().to_str().unwrap(), digest);
     }
     registry.restart_in_place(registry_dir);
-    let (status, body) = load(&loader, &model, &["team/big@v1"]);
-    assert_eq!(status, 200, "{body}");
-    assert_eq!(
-        shared_bytes(&body),
-        payload(&dir.path().join("big.safetensors"))
+    loads_exactly(
+        &loader,
+        &model,
+        "team/big@v1",
+        &dir.path().join("big.safetensors"),
     );
 }
 
