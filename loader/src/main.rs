@@ -165,12 +165,13 @@ async fn serve(args: ServeArgs) -> Result<()> {
     let listener = match &args.socket {
         Some(path) => {
             remove_stale_socket(path)?;
-            let listener = tokio::net::UnixListener::bind(path)
-                .with_context(|| format!("binding {}", path.display()))?;
-            // Consumers in the loader's group connect, as they read its buffers (0640).
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
-                .with_context(|| format!("setting the mode of {}", path.display()))?;
+            // Consumers in the loader's group connect, as they read its buffers (0640). The
+            // socket is made with that mode, not changed to it after: in between, anyone could
+            // connect. No other thread makes files yet, so the process-wide mask is ours here.
+            let mask = rustix::process::umask(rustix::fs::Mode::from_bits_truncate(0o117));
+            let bound = tokio::net::UnixListener::bind(path);
+            rustix::process::umask(mask);
+            let listener = bound.with_context(|| format!("binding {}", path.display()))?;
             Listener::Unix(listener, path.clone())
         }
         None => Listener::Tcp(
