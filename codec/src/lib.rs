@@ -55,6 +55,18 @@ pub enum CodecError {
     Misaligned { len: usize, width: usize },
     #[error("output buffer holds {actual} bytes, the chunk decodes to {expected}")]
     OutputSize { expected: u64, actual: usize },
+    #[error("cannot allocate {bytes} bytes to decode into")]
+    Allocation { bytes: u64 },
+    #[error(
+        "chunk {index} covers layers {start}..{end}, expected a range starting at {next} within 0..{layers}"
+    )]
+    Layout {
+        index: usize,
+        start: u32,
+        end: u32,
+        next: u32,
+        layers: u32,
+    },
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -204,8 +216,18 @@ pub fn verify_stored(stored: &[u8], descriptor: &ChunkDescriptor) -> Result<(), 
 pub fn decode_chunk(stored: &[u8], descriptor: &ChunkDescriptor) -> Result<Vec<u8>, CodecError> {
     // A blob other than the one named costs no allocation.
     verify_stored(stored, descriptor)?;
-    let mut out = vec![0; descriptor.raw.size as usize];
+    let mut out = zeroed(descriptor.raw.size)?;
     decode_chunk_into(stored, descriptor, &mut [&mut out])?;
+    Ok(out)
+}
+
+/// A zeroed buffer of a size a file or manifest stated: too large is an error, not an abort.
+fn zeroed(bytes: u64) -> Result<Vec<u8>, CodecError> {
+    let refused = || CodecError::Allocation { bytes };
+    let len = usize::try_from(bytes).map_err(|_| refused())?;
+    let mut out = Vec::new();
+    out.try_reserve_exact(len).map_err(|_| refused())?;
+    out.resize(len, 0);
     Ok(out)
 }
 
@@ -293,18 +315,43 @@ pub fn decode_chunk_into(
     Ok(())
 }
 
-/// Decodes every chunk of a manifest in parallel into one payload buffer (layer order).
+/// Decodes every chunk of a manifest in parallel into one payload buffer (layer order). The
+/// chunks must cover the header's layers in order, each once.
 pub fn decode_payload(
     header: &Header,
     chunks: &[(ChunkDescriptor, &[u8])],
 ) -> Result<Vec<u8>, CodecError> {
-    let mut payload = vec![0; header.payload_bytes() as usize];
+    let layers = header.model.layers;
+    let mut next = 0;
+    for (index, (descriptor, _)) in chunks.iter().enumerate() {
+        let range = descriptor.layers;
+        if range.start != next || range.end <= range.start || range.end > layers {
+            return Err(CodecError::Layout {
+                index,
+                start: range.start,
+                end: range.end,
+                next,
+                layers,
+            });
+        }
+        next = range.end;
+    }
+    if next != layers {
+        return Err(CodecError::Layout {
+            index: chunks.len(),
+            start: next,
+            end: next,
+            next,
+            layers,
+        });
+    }
+    let mut payload = zeroed(header.payload_bytes())?;
     let layer_bytes = header.layer_bytes() as usize;
     let mut outputs = Vec::with_capacity(chunks.len());
     let mut rest = payload.as_mut_slice();
     for (descriptor, stored) in chunks {
-        let take = (descriptor.layers.len() as usize * layer_bytes).min(rest.len());
-        let (head, tail) = rest.split_at_mut(take);
+        // Each chunk's raw size is checked against its destination when it decodes.
+        let (head, tail) = rest.split_at_mut(descriptor.layers.len() as usize * layer_bytes);
         outputs.push((descriptor, *stored, head));
         rest = tail;
     }
@@ -537,6 +584,82 @@ mod tests {
             decode_chunk(&chunk.bytes, &large),
             Err(CodecError::RawSizeMismatch { .. })
         ));
+        // A size no buffer can hold is refused, not an abort.
+        large.raw.size = u64::MAX;
+        assert!(matches!(
+            decode_chunk(&chunk.bytes, &large),
+            Err(CodecError::Allocation { bytes: u64::MAX })
+        ));
+        // Bytes that are no zstd frame, under their right digest.
+        let mut garbage = chunk.descriptor.clone();
+        garbage.stored = BlobInfo {
+            digest: Digest::of(&raw),
+            size: raw.len() as u64,
+        };
+        assert!(matches!(
+            decode_chunk(&raw, &garbage),
+            Err(CodecError::Decompress { .. })
+        ));
+    }
+
+    #[test]
+    fn a_payload_is_its_chunks_in_layer_order() {
+        use cartridge_schemas::file;
+        let model = cartridge_schemas::ModelFingerprint {
+            architecture: "llama".into(),
+            layers: 3,
+            kv_heads: 2,
+            head_dim: 8,
+            rope: cartridge_schemas::fingerprint::Rope {
+                theta: 10000.0,
+                layout: cartridge_schemas::fingerprint::RopeLayout::Half,
+                scaling: None,
+            },
+            weights: Digest::of(b"weights"),
+        };
+        let tensors: Vec<Vec<u8>> = (0..6u8)
+            .map(|t| (0..2 * 4 * 8 * 2).map(|i| (i as u8) ^ (t * 40)).collect())
+            .collect();
+        let layers: Vec<_> = tensors
+            .chunks(2)
+            .map(|pair| file::LayerData {
+                keys: &pair[0],
+                values: &pair[1],
+            })
+            .collect();
+        let new = file::NewCartridge {
+            model,
+            dtype: Dtype::Bf16,
+            tokens: 4,
+            frozen_tokens: 1,
+            provenance: serde_json::json!({}),
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.safetensors");
+        file::write(&path, new, &layers).unwrap();
+        let cartridge = Cartridge::open(&path).unwrap();
+        let header = cartridge.header();
+        // A layer a chunk.
+        let options = EncodeOptions {
+            target_chunk_bytes: 1,
+            ..Default::default()
+        };
+        let chunks = encode_cartridge(&cartridge, &options).unwrap();
+        let inputs: Vec<_> = chunks
+            .iter()
+            .map(|c| (c.descriptor.clone(), c.bytes.as_slice()))
+            .collect();
+        assert_eq!(inputs.len(), 3);
+        assert_eq!(decode_payload(header, &inputs).unwrap(), tensors.concat());
+        // Chunks out of order would swap layers; a missing one would leave zeros.
+        let mut swapped = inputs.clone();
+        swapped.swap(0, 1);
+        assert!(matches!(
+            decode_payload(header, &swapped),
+            Err(CodecError::Layout { index: 0, .. })
+        ));
+        let err = decode_payload(header, &inputs[..2]).unwrap_err();
+        assert!(matches!(err, CodecError::Layout { index: 2, .. }), "{err}");
     }
 
     proptest! {

@@ -352,8 +352,9 @@ impl FileLayout {
                 detail: "the header is not JSON (is this a safetensors file?)".into(),
             });
         }
-        let metadata: safetensors::tensor::Metadata =
-            serde_json::from_str(text).map_err(|e| FormatError::Safetensors {
+        let metadata: safetensors::tensor::Metadata = unique_keys(text)
+            .and_then(|()| serde_json::from_str(text))
+            .map_err(|e| FormatError::Safetensors {
                 detail: e.to_string(),
             })?;
         let header = parse_header(&metadata)?;
@@ -433,6 +434,7 @@ fn parse_header(metadata: &safetensors::tensor::Metadata) -> Result<Header, Form
     let bad = |e: serde_json::Error| FormatError::BadHeader {
         detail: e.to_string(),
     };
+    unique_keys(json).map_err(bad)?;
     let versioned: Versioned = serde_json::from_str(json).map_err(bad)?;
     if versioned.format_version != u64::from(FORMAT_VERSION) {
         return Err(FormatError::UnsupportedVersion {
@@ -442,6 +444,58 @@ fn parse_header(metadata: &safetensors::tensor::Metadata) -> Result<Header, Form
     let header: Header = serde_json::from_str(json).map_err(bad)?;
     header.check()?;
     Ok(header)
+}
+
+/// Refuses JSON naming a key twice in one object, at any depth: serde_json keeps the last, other
+/// readers the first, so the same header would say different things (another provenance) to
+/// each.
+fn unique_keys(text: &str) -> serde_json::Result<()> {
+    use serde::de::{Deserializer, Error, MapAccess, SeqAccess, Visitor};
+    struct Unique;
+    impl<'de> Deserialize<'de> for Unique {
+        fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+            deserializer.deserialize_any(Unique)
+        }
+    }
+    impl<'de> Visitor<'de> for Unique {
+        type Value = Unique;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("JSON")
+        }
+        fn visit_bool<E>(self, _: bool) -> Result<Unique, E> {
+            Ok(Unique)
+        }
+        fn visit_i64<E>(self, _: i64) -> Result<Unique, E> {
+            Ok(Unique)
+        }
+        fn visit_u64<E>(self, _: u64) -> Result<Unique, E> {
+            Ok(Unique)
+        }
+        fn visit_f64<E>(self, _: f64) -> Result<Unique, E> {
+            Ok(Unique)
+        }
+        fn visit_str<E>(self, _: &str) -> Result<Unique, E> {
+            Ok(Unique)
+        }
+        fn visit_unit<E>(self) -> Result<Unique, E> {
+            Ok(Unique)
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Unique, A::Error> {
+            while seq.next_element::<Unique>()?.is_some() {}
+            Ok(Unique)
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Unique, A::Error> {
+            let mut seen = std::collections::HashSet::new();
+            while let Some(key) = map.next_key::<String>()? {
+                map.next_value::<Unique>()?;
+                if !seen.insert(key.clone()) {
+                    return Err(A::Error::custom(format!("key {key:?} appears twice")));
+                }
+            }
+            Ok(Unique)
+        }
+    }
+    serde_json::from_str::<Unique>(text).map(|_| ())
 }
 
 /// Bounds on a header's counts, far past any model's, so that sizes computed from them cannot
@@ -455,7 +509,19 @@ fn check_counts(
     tokens: u64,
     frozen_tokens: u64,
 ) -> Result<(), FormatError> {
-    let detail = if model.layers == 0 || model.kv_heads == 0 || model.head_dim == 0 {
+    // Names like GGUF's `general.architecture`: printed in tables and errors, so no control
+    // characters or text direction tricks ride along.
+    let architecture = &model.architecture;
+    let detail = if architecture.is_empty()
+        || architecture.len() > 64
+        || !architecture
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
+    {
+        format!(
+            "the model's architecture {architecture:?} must be 1 to 64 letters, digits, '_', '.' or '-'"
+        )
+    } else if model.layers == 0 || model.kv_heads == 0 || model.head_dim == 0 {
         "the model's layers, kv_heads and head_dim must all be at least 1".to_owned()
     } else if model.layers > MAX_DIMENSION
         || model.kv_heads > MAX_DIMENSION
@@ -782,6 +848,46 @@ pub(crate) mod tests {
             let err = check_counts(&model, 4, 1).unwrap_err().to_string();
             assert!(err.contains("RoPE base"), "{err}");
         }
+        for architecture in [
+            "",
+            "llama\n\u{1b}[31mFAKE",
+            "llama\u{202e}",
+            &"x".repeat(65),
+        ] {
+            let mut model = tiny();
+            model.architecture = architecture.into();
+            let err = check_counts(&model, 4, 1).unwrap_err().to_string();
+            assert!(err.contains("architecture"), "{err}");
+        }
+        let mut model = tiny();
+        model.architecture = "gpt-neox_2.5".into();
+        check_counts(&model, 4, 1).unwrap();
+    }
+
+    #[test]
+    fn a_key_named_twice_is_refused_at_any_depth() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, ..) = write_sample(dir.path());
+        let bytes = std::fs::read(path).unwrap();
+        let text = header_text(&bytes).unwrap();
+        // A second cartridge header (serde_json would read the last, other readers the first).
+        let twice = text.replacen(
+            "\"__metadata__\":{",
+            "\"__metadata__\":{\"cartridge\":\"{}\",",
+            1,
+        );
+        assert_ne!(twice, text);
+        let err = FileLayout::parse(&twice).unwrap_err().to_string();
+        assert!(err.contains("\"cartridge\" appears twice"), "{err}");
+        // A key named twice inside the provenance.
+        let inner = text.replacen(
+            "\\\"corpus\\\":",
+            "\\\"corpus\\\":\\\"x\\\",\\\"corpus\\\":",
+            1,
+        );
+        assert_ne!(inner, text);
+        let err = FileLayout::parse(&inner).unwrap_err().to_string();
+        assert!(err.contains("\"corpus\" appears twice"), "{err}");
     }
 
     #[test]

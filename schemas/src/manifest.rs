@@ -167,14 +167,24 @@ impl Manifest {
         let layers = self.cartridge.model.layers;
         let layer_bytes = self.cartridge.layer_bytes();
         let mut next = 0;
-        // One blob is one size: `blobs()` keeps the first size it sees, and a pull of the other
-        // could never succeed.
-        let mut sizes = std::collections::HashMap::new();
+        // One blob is one size and decodes one way: `blobs()` keeps the first size it sees,
+        // and a chunk describing the same bytes otherwise could never be pulled.
+        let mut blobs = std::collections::HashMap::new();
         for (index, chunk) in self.chunks.iter().enumerate() {
             let stored = chunk.stored;
-            if *sizes.entry(stored.digest).or_insert(stored.size) != stored.size {
+            let first =
+                *blobs
+                    .entry(stored.digest)
+                    .or_insert((stored.size, chunk.codec, chunk.raw));
+            if first.0 != stored.size {
                 return Err(ManifestError::new(format!(
                     "chunk {index} gives blob {} two sizes",
+                    stored.digest
+                )));
+            }
+            if (first.1, first.2) != (chunk.codec, chunk.raw) {
+                return Err(ManifestError::new(format!(
+                    "chunk {index} decodes blob {} differently from an earlier chunk",
                     stored.digest
                 )));
             }
@@ -337,6 +347,10 @@ pub(crate) mod tests {
         manifest.chunks[1].stored = manifest.chunks[0].stored;
         assert_eq!(manifest.blobs().len(), 1);
         manifest.validate().unwrap();
+        let mut decoded_otherwise = manifest.clone();
+        decoded_otherwise.chunks[1].raw.digest = Digest::of(b"other");
+        let err = decoded_otherwise.validate().unwrap_err().to_string();
+        assert!(err.contains("decodes blob"), "{err}");
         manifest.chunks[1].stored.size += 1;
         let err = manifest.validate().unwrap_err().to_string();
         assert!(err.contains("two sizes"), "{err}");

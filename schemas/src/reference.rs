@@ -322,9 +322,6 @@ fn validate_component(kind: &str, s: &str, max_len: usize) -> Result<(), String>
     if s.is_empty() {
         return Err(format!("{kind} is empty"));
     }
-    if s.len() > max_len {
-        return Err(format!("{kind} is longer than {max_len} characters"));
-    }
     if s.chars().any(|c| c.is_ascii_uppercase()) {
         return Err(format!("{kind} must be lowercase"));
     }
@@ -335,6 +332,10 @@ fn validate_component(kind: &str, s: &str, max_len: usize) -> Result<(), String>
         return Err(format!(
             "{kind} contains {c:?}; allowed are a-z, 0-9, '.', '_' and '-'"
         ));
+    }
+    // After the characters: all ASCII now, bytes are characters.
+    if s.len() > max_len {
+        return Err(format!("{kind} is longer than {max_len} characters"));
     }
     if s.contains("..") {
         return Err(format!("{kind} must not contain '..'"));
@@ -407,12 +408,14 @@ fn validate_version(s: &str) -> Result<(), String> {
     {
         return Err(shape.into());
     }
+    // Dot-separated identifiers, none empty (semver's rule).
     let suffix_ok = |suffix: &str| {
-        !suffix.is_empty()
-            && suffix
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-')
-            && !suffix.contains("..")
+        suffix.split('.').all(|identifier| {
+            !identifier.is_empty()
+                && identifier
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        })
     };
     if !prerelease.into_iter().chain(build).all(suffix_ok) {
         return Err(shape.into());
@@ -436,11 +439,7 @@ fn validate_registry(s: &str) -> Result<(), String> {
         let (address, after) = rest
             .split_once(']')
             .ok_or("registry host has '[' without a closing ']'")?;
-        if address.is_empty()
-            || !address
-                .chars()
-                .all(|c| c.is_ascii_hexdigit() || c == ':' || c == '.')
-        {
+        if address.parse::<std::net::Ipv6Addr>().is_err() {
             return Err("registry host has an invalid IPv6 address".into());
         }
         match after {
@@ -611,6 +610,19 @@ mod tests {
         assert_eq!(local.registry.unwrap().as_str(), "localhost");
         assert!(error(&format!("{}/x", "a".repeat(65))).contains("namespace is longer than 64"));
         assert!(error("a/b@x@y").contains("tag contains '@'"));
+        // The character is the problem, however long its bytes make the name.
+        assert!(error(&format!("{}/x", "é".repeat(40))).contains("namespace contains 'é'"));
+        assert!(error("[:]:80/a/b").contains("invalid IPv6 address"));
+        assert!(error("[::1:/a/b").contains("without a closing"));
+        // Pre-release and build identifiers are never empty.
+        for version in ["1-.", "1.2.3-a.", "1-x+y.", "1-.a", "1+"] {
+            assert!(
+                error(&format!("a/b@{version}")).contains("version must be numbers"),
+                "{version}"
+            );
+        }
+        let r: Reference = "a/b@1.2.3-rc.1+build.5".parse().unwrap();
+        assert_eq!(r.to_string(), "a/b@1.2.3-rc.1+build.5");
     }
 
     #[test]
