@@ -45,7 +45,10 @@ impl Client {
                 base.host_str().unwrap_or("host")
             )));
         }
+        // Redirects are followed by hand (see `blob`): reqwest's own following sends the token
+        // again to any further hop on the redirected-to host.
         let http = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(Duration::from_secs(10))
             .user_agent(concat!("cartridge/", env!("CARGO_PKG_VERSION")))
             .build()?;
@@ -94,12 +97,21 @@ impl Client {
         builder: RequestBuilder,
         limit: Duration,
     ) -> Result<Response, ClientError> {
+        check(self.exchange(builder, limit).await?).await
+    }
+
+    /// Sends a request and waits up to `limit` for the answer's head, whatever its status.
+    async fn exchange(
+        &self,
+        builder: RequestBuilder,
+        limit: Duration,
+    ) -> Result<Response, ClientError> {
         let sent = tokio::time::timeout(limit, builder.send())
             .await
             .map_err(|_| ClientError::NoAnswer {
                 seconds: limit.as_secs(),
             })?;
-        let response = sent.map_err(|source| {
+        sent.map_err(|source| {
             let source = redacted(source);
             if source.is_connect() {
                 ClientError::Connect {
@@ -109,12 +121,21 @@ impl Client {
             } else {
                 ClientError::Http(source)
             }
-        })?;
-        check(response).await
+        })
     }
 
+    /// An API answer's JSON, read up to [`JSON_LIMIT`] bytes with [`BODY_STALL`] between pieces:
+    /// a registry (or what poses as one) cannot fill memory or hold the call without end.
     async fn json<T: DeserializeOwned>(&self, builder: RequestBuilder) -> Result<T, ClientError> {
-        Ok(self.send(builder).await?.json().await?)
+        let response = self.send(builder).await?;
+        let (status, url) = (response.status().as_u16(), bare_url(&response));
+        let body = read_body(response, JSON_LIMIT).await?;
+        serde_json::from_slice(&body).map_err(|e| ClientError::Unexpected {
+            status,
+            url,
+            body: format!("an answer that is not the API's JSON: {e}"),
+            retry_after: None,
+        })
     }
 
     pub async fn health(&self) -> Result<serde_json::Value, ClientError> {
@@ -195,6 +216,7 @@ impl Client {
                 status: 200,
                 url: path,
                 body: format!("no upload target for blob {}", blob.digest),
+                retry_after: None,
             }),
         }
     }
@@ -275,21 +297,76 @@ impl Client {
         .await
     }
 
-    /// Starts downloading a blob from byte `offset` on; the response may be a redirect's target.
+    /// Starts downloading a blob from byte `offset` on, waiting up to `limit` for each answer's
+    /// head. The registry may redirect to where the blob lies (a presigned URL): that hop, and
+    /// any after it, goes without the token.
     pub async fn blob(
         &self,
         repo: &Repository,
         digest: &Digest,
         offset: u64,
+        limit: Duration,
     ) -> Result<Response, ClientError> {
-        let mut builder = self.request(
+        let range = |builder: RequestBuilder| {
+            if offset > 0 {
+                builder.header(reqwest::header::RANGE, format!("bytes={offset}-"))
+            } else {
+                builder
+            }
+        };
+        let builder = self.request(
             Method::GET,
             &format!("/v1/repos/{repo}/blobs/{}", digest.hex()),
         )?;
-        if offset > 0 {
-            builder = builder.header(reqwest::header::RANGE, format!("bytes={offset}-"));
+        let mut response = self.exchange(range(builder), limit).await?;
+        for _ in 0..MAX_REDIRECTS {
+            let Some(next) = redirect_target(&response) else {
+                break;
+            };
+            response = self.exchange(range(self.http.get(next)), limit).await?;
         }
-        self.send(builder).await
+        check(response).await
+    }
+}
+
+/// Where a redirect points, resolved against the URL that answered it.
+fn redirect_target(response: &Response) -> Option<Url> {
+    if !response.status().is_redirection() {
+        return None;
+    }
+    let location = response.headers().get(reqwest::header::LOCATION)?;
+    response.url().join(location.to_str().ok()?).ok()
+}
+
+/// A response's URL without its query (a presigned URL's query is a credential).
+fn bare_url(response: &Response) -> String {
+    let mut url = response.url().clone();
+    url.set_query(None);
+    url.to_string()
+}
+
+/// Reads a whole body, refusing more than `limit` bytes and a pause of [`BODY_STALL`].
+async fn read_body(mut response: Response, limit: usize) -> Result<Vec<u8>, ClientError> {
+    let (status, url) = (response.status().as_u16(), bare_url(&response));
+    let mut body = Vec::new();
+    loop {
+        let piece = tokio::time::timeout(BODY_STALL, response.chunk())
+            .await
+            .map_err(|_| ClientError::NoAnswer {
+                seconds: BODY_STALL.as_secs(),
+            })??;
+        let Some(piece) = piece else {
+            return Ok(body);
+        };
+        if body.len() + piece.len() > limit {
+            return Err(ClientError::Unexpected {
+                status,
+                url,
+                body: format!("an answer longer than {limit} bytes"),
+                retry_after: None,
+            });
+        }
+        body.extend_from_slice(&piece);
     }
 }
 
@@ -298,19 +375,43 @@ async fn check(response: Response) -> Result<Response, ClientError> {
     if status.is_success() {
         return Ok(response);
     }
-    let mut url = response.url().clone();
-    url.set_query(None);
-    let text = response.text().await.unwrap_or_default();
+    let url = bare_url(&response);
+    // Seconds only; an HTTP date is rare from the services in front of a registry.
+    let retry_after = response
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok()?.trim().parse().ok())
+        .map(Duration::from_secs);
+    if status.is_redirection() {
+        let to = redirect_target(&response).map_or("nowhere readable".into(), |u| {
+            let mut u = u;
+            u.set_query(None);
+            u.to_string()
+        });
+        return Err(ClientError::Unexpected {
+            status: status.as_u16(),
+            url,
+            body: format!("redirected to {to}; use the registry URL it names"),
+            retry_after,
+        });
+    }
+    // Only the start of an error is shown: the rest is neither read nor held.
+    let text = match read_body(response, ERROR_LIMIT).await {
+        Ok(body) => String::from_utf8_lossy(&body).into_owned(),
+        Err(_) => String::new(),
+    };
     match serde_json::from_str::<ErrorBody>(&text) {
         Ok(body) => Err(ClientError::Api {
             status: status.as_u16(),
             code: body.code,
             message: body.message,
+            retry_after,
         }),
         Err(_) => Err(ClientError::Unexpected {
             status: status.as_u16(),
-            url: url.to_string(),
+            url,
             body: text.chars().take(300).collect(),
+            retry_after,
         }),
     }
 }
@@ -318,6 +419,18 @@ async fn check(response: Response) -> Result<Response, ClientError> {
 /// The longest wait for an answer's head: longer than a publish that first waits out a garbage
 /// collection and then checks thousands of blobs.
 const ANSWER_WITHIN: Duration = Duration::from_secs(300);
+
+/// The longest pause within an answer's body (its head came).
+const BODY_STALL: Duration = Duration::from_secs(60);
+
+/// The largest API answer read: a listing of tens of thousands of versions fits.
+const JSON_LIMIT: usize = 64 << 20;
+
+/// The most of an error answer read.
+const ERROR_LIMIT: usize = 64 << 10;
+
+/// Hops a blob download follows (the registry's redirect to storage, and storage's own).
+const MAX_REDIRECTS: usize = 5;
 
 #[cfg(test)]
 mod tests {
@@ -356,6 +469,122 @@ mod tests {
             .unwrap_err();
         assert!(matches!(error, ClientError::NoAnswer { .. }), "{error}");
         assert!(error.is_transient());
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_redirect_carries_no_token_past_the_registry() {
+        use std::io::Write;
+
+        use crate::testing::{serve, target};
+        // Storage redirects to itself once more, as S3 and CDNs may.
+        let storage = serve(|head, stream| {
+            let _ = match target(head) {
+                "/blob" => write!(
+                    stream,
+                    "HTTP/1.1 307 Again\r\nLocation: /blob?hop=1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                ),
+                _ => write!(
+                    stream,
+                    "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\nbytes"
+                ),
+            };
+        });
+        let to = format!("{}/blob", storage.url);
+        let registry = serve(move |head, stream| {
+            let _ = if target(head).starts_with("/v1/repos/") {
+                write!(
+                    stream,
+                    "HTTP/1.1 302 Found\r\nLocation: {to}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                )
+            } else {
+                write!(
+                    stream,
+                    "HTTP/1.1 301 Moved\r\nLocation: https://elsewhere.example/v1/health\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                )
+            };
+        });
+        let client = Client::new(&registry.url, Some("s3cr3t".into())).unwrap();
+        let response = client
+            .blob(
+                &"team/x".parse().unwrap(),
+                &Digest::of(b"x"),
+                0,
+                Duration::from_secs(10),
+            )
+            .await
+            .unwrap();
+        assert_eq!(response.bytes().await.unwrap().as_ref(), b"bytes");
+        let asked = storage.requests.lock().unwrap().clone();
+        assert_eq!(asked.len(), 2, "{asked:?}");
+        assert!(
+            asked.iter().all(|head| !head.contains("s3cr3t")),
+            "{asked:?}"
+        );
+        assert!(registry.requests.lock().unwrap()[0].contains("Bearer s3cr3t"));
+        // The API itself is never redirected: the answer names where to go instead.
+        let error = client.health().await.unwrap_err().to_string();
+        assert!(
+            error.contains("redirected to https://elsewhere.example/v1/health"),
+            "{error}"
+        );
+        assert_eq!(registry.requests.lock().unwrap().len(), 2);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn an_endless_answer_is_cut_short() {
+        use std::io::Write;
+
+        use crate::testing::{serve, target};
+        // An error, or an answer, whose body never ends.
+        let server = serve(|head, stream| {
+            let status = if target(head) == "/v1/health" {
+                "500 Oops"
+            } else {
+                "200 OK"
+            };
+            let _ = write!(
+                stream,
+                "HTTP/1.1 {status}\r\nTransfer-Encoding: chunked\r\nContent-Type: application/json\r\n\r\n"
+            );
+            let piece = [b'['; 1 << 16];
+            while write!(stream, "{:x}\r\n", piece.len())
+                .and_then(|()| stream.write_all(&piece))
+                .and_then(|()| stream.write_all(b"\r\n"))
+                .is_ok()
+            {}
+        });
+        let client = Client::new(&server.url, None).unwrap();
+        let error = client.health().await.unwrap_err();
+        assert!(
+            matches!(error, ClientError::Unexpected { status: 500, .. }),
+            "{error}"
+        );
+        let error = client.namespaces().await.unwrap_err().to_string();
+        assert!(error.contains("an answer longer than"), "{error}");
+    }
+
+    #[test]
+    fn a_throttled_call_waits_as_asked_within_reason() {
+        let throttled = |seconds| ClientError::Api {
+            status: 429,
+            code: cartridge_schemas::api::ErrorCode::Unavailable,
+            message: "slow down".into(),
+            retry_after: Some(Duration::from_secs(seconds)),
+        };
+        assert!(throttled(3).is_transient() && throttled(3).is_deferred());
+        let planned = Duration::from_millis(200);
+        assert_eq!(throttled(3).pause(planned), Duration::from_secs(3));
+        assert_eq!(throttled(3600).pause(planned), Duration::from_secs(60));
+        assert_eq!(throttled(0).pause(planned), planned);
+        // S3's answer to a body that came too slowly is worth another try; other 400s are not.
+        let s3 = |body: &str| ClientError::Unexpected {
+            status: 400,
+            url: "http://s3".into(),
+            body: body.into(),
+            retry_after: None,
+        };
+        assert!(s3("<Error><Code>RequestTimeout</Code></Error>").is_transient());
+        assert!(!s3("<Error><Code>InvalidArgument</Code></Error>").is_transient());
     }
 
     #[tokio::test]

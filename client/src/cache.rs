@@ -39,9 +39,13 @@ impl Cache {
     }
 
     pub fn cartridge(&self, manifest: &Digest) -> PathBuf {
-        self.root
-            .join("cartridges")
+        self.cartridges()
             .join(format!("{}.safetensors", manifest.hex()))
+    }
+
+    /// The folder of assembled cartridges.
+    pub fn cartridges(&self) -> PathBuf {
+        self.root.join("cartridges")
     }
 }
 

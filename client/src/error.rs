@@ -1,4 +1,5 @@
 use std::path::PathBuf;
+use std::time::Duration;
 
 use cartridge_codec::CodecError;
 use cartridge_schemas::api::ErrorCode;
@@ -12,6 +13,8 @@ pub enum ClientError {
         status: u16,
         code: ErrorCode,
         message: String,
+        /// The answer's Retry-After.
+        retry_after: Option<Duration>,
     },
     /// The registry answered with something that is not the API's.
     #[error("unexpected HTTP {status} from {url}: {body}")]
@@ -19,11 +22,17 @@ pub enum ClientError {
         status: u16,
         url: String,
         body: String,
+        retry_after: Option<Duration>,
     },
     #[error("cannot reach the registry at {url}: {source}")]
     Connect { url: String, source: reqwest::Error },
     #[error("{0}")]
     Http(reqwest::Error),
+    #[error("downloading blob {digest}: {source}")]
+    Download {
+        digest: cartridge_schemas::Digest,
+        source: reqwest::Error,
+    },
     #[error("no answer from the registry within {seconds} s")]
     NoAnswer { seconds: u64 },
     #[error("no data for {seconds} s while downloading blob {digest}")]
@@ -82,13 +91,21 @@ impl ClientError {
         }
     }
 
-    /// Worth retrying: the network or the registry's storage failed, not the request.
+    /// Worth retrying: the network or the registry's storage failed, or a gateway throttled
+    /// or timed out the request (429, 408), not the request itself.
     pub fn is_transient(&self) -> bool {
         match self {
-            Self::Api { status, .. } | Self::Unexpected { status, .. } => *status >= 500,
+            Self::Api { status, .. } => *status >= 500 || matches!(status, 408 | 429),
+            // S3 answers a presigned PUT whose body came too slowly with 400 RequestTimeout.
+            Self::Unexpected { status, body, .. } => {
+                *status >= 500
+                    || matches!(status, 408 | 429)
+                    || (*status == 400 && body.contains("<Code>RequestTimeout</Code>"))
+            }
             // A wrong range emptied the partial download: the retry asks for the whole blob.
             Self::Connect { .. }
             | Self::Http(_)
+            | Self::Download { .. }
             | Self::NoAnswer { .. }
             | Self::Stalled { .. }
             | Self::WrongRange { .. } => true,
@@ -97,14 +114,32 @@ impl ClientError {
     }
 
     /// The registry put the call off (503: a garbage collection holds publishes back), a
-    /// gateway lost it (502, 504), or its answer never came: the same call may be made again
-    /// later. Not a failed storage (500), which waiting does not mend.
+    /// gateway lost it (502, 504) or throttled it (429), or its answer never came: the same call
+    /// may be made again later. Not a failed storage (500), which waiting does not mend.
     pub fn is_deferred(&self) -> bool {
         match self {
             Self::Api { status, .. } | Self::Unexpected { status, .. } => {
-                matches!(status, 502..=504)
+                matches!(status, 429 | 502..=504)
             }
             other => other.is_transient(),
         }
     }
+
+    /// How long the answer asked the caller to wait before trying again.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::Api { retry_after, .. } | Self::Unexpected { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+
+    /// The pause before retrying after this error: `planned`, or longer where the answer asked
+    /// for it (at most a minute: a gateway's hint, not a schedule to keep for hours).
+    pub fn pause(&self, planned: Duration) -> Duration {
+        self.retry_after()
+            .map_or(planned, |asked| planned.max(asked.min(MAX_RETRY_AFTER)))
+    }
 }
+
+/// The longest Retry-After honoured.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);

@@ -7,6 +7,8 @@ mod error;
 mod pull;
 mod push;
 mod rate;
+#[cfg(test)]
+mod testing;
 
 pub use api::Client;
 pub use cache::{Cache, allocate};

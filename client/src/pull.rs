@@ -85,6 +85,7 @@ pub async fn pull(
         return Ok(report);
     }
 
+    sweep_assemblies(cache);
     let mut first = true;
     loop {
         let (ready, arrivals) = std::sync::mpsc::channel();
@@ -169,28 +170,33 @@ pub async fn fetch_blobs(
     })
 }
 
-/// Opens (creating) and exclusively locks a partial download, off the async threads since
-/// taking the lock may wait for another downloader.
+/// Opens (creating) and exclusively locks a partial download. The lock is tried, not waited on
+/// in a blocking call: a pull that fails elsewhere then ends at once, not when another process
+/// lets go of its download.
 async fn lock_partial(path: &Path) -> Result<std::fs::File, ClientError> {
-    let owned = path.to_owned();
-    tokio::task::spawn_blocking(move || -> std::io::Result<std::fs::File> {
-        loop {
-            let file = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&owned)?;
-            file.lock()?;
+    let mut told = false;
+    loop {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(ClientError::io(path))?;
+        match file.try_lock() {
             // While this waited, the holder may have renamed the file into place, or a disk
             // cache evicted it: the lock then guards a file no longer at the path, and a new
             // one there would have two writers. Only the file the path names counts.
-            if is_at(&file, &owned) {
-                return Ok(file);
+            Ok(()) if is_at(&file, path) => return Ok(file),
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                if !told {
+                    tracing::info!(path = %path.display(), "waiting for another download of this blob");
+                    told = true;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
+            Err(std::fs::TryLockError::Error(error)) => return Err(ClientError::io(path)(error)),
         }
-    })
-    .await
-    .map_err(|e| ClientError::Usage(e.to_string()))?
-    .map_err(ClientError::io(path))
+    }
 }
 
 #[cfg(unix)]
@@ -256,37 +262,56 @@ async fn fetch_blob(
     }
     let mut hasher = blake3::Hasher::new();
     let mut hashed = 0;
-    let mut delays = backon::BackoffBuilder::build(backoff().with_max_times(options.retries));
+    let retries = || backon::BackoffBuilder::build(backoff().with_max_times(options.retries));
     loop {
-        // Bytes are hashed as they arrive; only what is already on disk (resumed, or written
-        // before an attempt failed) is read back.
-        if partial_len(&partial) != hashed {
-            (hasher, hashed) = hash_file(&partial).await?;
-        }
-        match download_into(
-            client,
-            repo,
-            &blob,
-            &partial,
-            (&mut hasher, &mut hashed),
-            options,
-            progress,
-        )
-        .await
-        {
-            Ok(()) => break,
-            Err(error) if error.is_transient() => match delays.next() {
-                Some(pause) => {
+        let mut delays = retries();
+        loop {
+            // Bytes are hashed as they arrive; only what is already on disk (resumed, or
+            // written before an attempt failed) is read back.
+            if partial_len(&partial) != hashed {
+                (hasher, hashed) = hash_file(&partial).await?;
+            }
+            let before = hashed;
+            match download_into(
+                client,
+                repo,
+                &blob,
+                &partial,
+                (&mut hasher, &mut hashed),
+                options,
+                progress,
+            )
+            .await
+            {
+                Ok(()) => break,
+                Err(error) if error.is_transient() => {
+                    // An attempt that moved the download on earns a fresh set of retries: a
+                    // link that drops every few hundred kilobytes still gets there.
+                    if hashed >= before + PROGRESS_FOR_RETRIES {
+                        delays = retries();
+                    }
+                    let Some(pause) = delays.next() else {
+                        return Err(error);
+                    };
+                    let pause = error.pause(pause);
                     tracing::warn!(%error, ?pause, digest = %blob.digest, "download interrupted; resuming");
                     tokio::time::sleep(pause).await;
                 }
-                None => return Err(error),
-            },
-            Err(error) => return Err(error),
+                Err(error) => return Err(error),
+            }
         }
-    }
-    let actual = Digest::from(hasher.finalize());
-    if actual != blob.digest {
+        let actual = Digest::from(hasher.finalize());
+        if actual == blob.digest {
+            break;
+        }
+        if resumed > 0 {
+            // What an earlier pull left was wrong (torn, or written by something else): the
+            // registry's blob is not to blame. Once more, from byte 0.
+            tracing::warn!(digest = %blob.digest, resumed, "a partial download proved wrong; downloading the blob again");
+            truncate(&partial).await?;
+            (hasher, hashed, resumed) = (blake3::Hasher::new(), 0, 0);
+            continue;
+        }
         // Never keep or resume from bytes that proved wrong.
         let _ = tokio::fs::remove_file(&partial).await;
         return Err(CodecError::StoredDigestMismatch {
@@ -302,6 +327,9 @@ async fn fetch_blob(
         .map_err(ClientError::io(&done))?;
     Ok((blob.size - resumed, resumed))
 }
+
+/// Bytes an attempt must add to a download to reset its retries.
+const PROGRESS_FOR_RETRIES: u64 = 64 << 10;
 
 /// The first byte of a `Content-Range: bytes START-END/TOTAL`.
 fn range_start(header: &str) -> Option<u64> {
@@ -337,7 +365,9 @@ async fn download_into(
         return Ok(());
     }
     let resumed_from = *hashed;
-    let response = client.blob(repo, &blob.digest, resumed_from).await?;
+    let response = client
+        .blob(repo, &blob.digest, resumed_from, options.stall_timeout)
+        .await?;
     let file = tokio::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -383,7 +413,10 @@ async fn download_into(
             .await
             .map_err(|_| stalled())?
         {
-            let mut piece = piece?;
+            let mut piece = piece.map_err(|source| ClientError::Download {
+                digest: blob.digest,
+                source: crate::error::redacted(source),
+            })?;
             if skip > 0 {
                 let skipped = skip.min(piece.len() as u64);
                 piece = piece.slice(skipped as usize..);
@@ -426,6 +459,38 @@ async fn download_into(
     Ok(())
 }
 
+/// What a cartridge file being assembled is named after, in `cartridges/`.
+const ASSEMBLING: &str = "partial-";
+
+/// Removes the files killed pulls left in `cartridges/` (full-size, so they add up): those no
+/// pull holds locked, untouched for a minute (one just made is locked a moment later).
+fn sweep_assemblies(cache: &Cache) {
+    let Ok(entries) = std::fs::read_dir(cache.cartridges()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let assembling = path
+            .extension()
+            .and_then(|e| e.to_str())
+            .is_some_and(|e| e.starts_with(ASSEMBLING));
+        let idle = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .is_ok_and(|t| t.elapsed().is_ok_and(|age| age > Duration::from_secs(60)));
+        if !(assembling && idle) {
+            continue;
+        }
+        if let Ok(file) = std::fs::OpenOptions::new().write(true).open(&path)
+            && file.try_lock().is_ok()
+            && is_at(&file, &path)
+        {
+            tracing::info!(path = %path.display(), "removing what an interrupted pull left");
+            let _ = std::fs::remove_file(&path);
+        }
+    }
+}
+
 /// Builds the cartridge file as its blobs arrive on `arrivals`: the safetensors header first, then
 /// each chunk decoded (on all cores) straight into its tensors' places in a memory map of the new
 /// file. When every blob is in, the file is validated like any cartridge and renamed into place;
@@ -441,7 +506,7 @@ fn assemble(
     // Unique per build, so two pulls of one manifest in one process never share a file.
     static BUILDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let build_id = BUILDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let temporary = target.with_extension(format!("partial-{}-{build_id}", std::process::id()));
+    let temporary = target.with_extension(format!("{ASSEMBLING}{}-{build_id}", std::process::id()));
     let result = build(manifest, &layout, cache, &temporary, arrivals).and_then(|()| {
         // No fsync: a file torn by a crash fails the validation every use of the cache does
         // (the payload digest) and is rebuilt, so durability would only cost time.
@@ -472,6 +537,8 @@ fn build(
         .truncate(true)
         .open(path)
         .map_err(io)?;
+    // Held while the file is built: one a killed pull left is found unlocked and removed.
+    file.lock().map_err(io)?;
     crate::allocate(&file, layout.file_len as u64).map_err(io)?;
     // SAFETY: the file was just created under a name private to this process and is only
     // renamed into the cache after the map is dropped; nothing else maps or writes it.
@@ -710,6 +777,118 @@ mod tests {
             );
             assert!(error.is_transient() && bytes.is_empty(), "{error}");
         }
+    }
+
+    /// Storage for one blob that answers ranges, sending at most `per_answer` bytes of each
+    /// answer before the connection drops.
+    fn flaky_storage(blob: &'static [u8], per_answer: usize) -> crate::testing::Server {
+        use std::io::Write;
+        crate::testing::serve(move |head, stream| {
+            let from: usize = crate::testing::header(head, "range")
+                .and_then(|r| r.strip_prefix("bytes=")?.strip_suffix('-')?.parse().ok())
+                .unwrap_or(0);
+            let rest = &blob[from..];
+            let _ = write!(
+                stream,
+                "HTTP/1.1 206 Partial\r\nContent-Range: bytes {from}-{}/{}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                blob.len() - 1,
+                blob.len(),
+                rest.len()
+            )
+            .and_then(|()| stream.write_all(&rest[..rest.len().min(per_answer)]));
+        })
+    }
+
+    async fn fetch(
+        url: &str,
+        cache: &Cache,
+        blob: &[u8],
+        retries: usize,
+    ) -> Result<(u64, u64), ClientError> {
+        let client = Client::new(url, None).unwrap();
+        let options = PullOptions {
+            retries,
+            ..PullOptions::default()
+        };
+        let info = BlobInfo {
+            digest: Digest::of(blob),
+            size: blob.len() as u64,
+        };
+        let repo = "team/blobs".parse().unwrap();
+        fetch_blob(&client, &repo, info, cache, &options, &crate::NoProgress).await
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn retries_are_renewed_while_a_download_moves_on() {
+        // Twenty drops, two retries: each drop came after progress.
+        static BLOB: std::sync::LazyLock<Vec<u8>> =
+            std::sync::LazyLock::new(|| (0..2_000_000u32).map(|i| (i % 251) as u8).collect());
+        let storage = flaky_storage(&BLOB, 100_000);
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::new(dir.path()).unwrap();
+        let (downloaded, resumed) = fetch(&storage.url, &cache, &BLOB, 2).await.unwrap();
+        assert_eq!((downloaded, resumed), (BLOB.len() as u64, 0));
+        assert_eq!(
+            std::fs::read(cache.blob(&Digest::of(&BLOB))).unwrap(),
+            *BLOB
+        );
+        assert_eq!(storage.requests.lock().unwrap().len(), 20);
+        // Without progress the retries run out (and the error names the blob).
+        let stuck = flaky_storage(&BLOB, 0);
+        let other = tempfile::tempdir().unwrap();
+        let error = fetch(&stuck.url, &Cache::new(other.path()).unwrap(), &BLOB, 2)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains(&Digest::of(&BLOB).to_string()), "{error}");
+        assert_eq!(stuck.requests.lock().unwrap().len(), 3);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_resumed_download_that_proves_wrong_starts_over() {
+        const BLOB: &[u8] = b"0123456789";
+        let storage = flaky_storage(BLOB, usize::MAX);
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::new(dir.path()).unwrap();
+        // What an earlier pull left is not the blob's start.
+        std::fs::write(cache.partial(&Digest::of(BLOB)), b"XXXX").unwrap();
+        let (downloaded, resumed) = fetch(&storage.url, &cache, BLOB, 0).await.unwrap();
+        assert_eq!((downloaded, resumed), (10, 0));
+        assert_eq!(std::fs::read(cache.blob(&Digest::of(BLOB))).unwrap(), BLOB);
+        let asked: Vec<_> = storage
+            .requests
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|head| crate::testing::header(head, "range").map(str::to_owned))
+            .collect();
+        assert_eq!(asked, [Some("bytes=4-".to_owned()), None]);
+    }
+
+    #[test]
+    fn what_a_killed_pull_left_is_swept() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::new(dir.path()).unwrap();
+        let name = |n| cache.cartridges().join(format!("{n}.{ASSEMBLING}1-0"));
+        let old = std::time::SystemTime::now() - Duration::from_secs(120);
+        let make = |path: &Path, modified| {
+            let file = std::fs::File::create(path).unwrap();
+            file.set_len(1000).unwrap();
+            file.set_modified(modified).unwrap();
+            file
+        };
+        let left = make(&name("left"), old);
+        drop(left);
+        // One a running pull holds, and one made a moment ago (locked next).
+        let held = make(&name("held"), old);
+        held.lock().unwrap();
+        drop(make(&name("new"), std::time::SystemTime::now()));
+        let done = cache.cartridge(&Digest::of(b"done"));
+        drop(make(&done, old));
+        sweep_assemblies(&cache);
+        assert!(!name("left").exists());
+        assert!(name("held").exists() && name("new").exists() && done.exists());
+        drop(held);
     }
 
     #[test]

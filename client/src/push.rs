@@ -100,7 +100,7 @@ impl Deferral {
         if !error.is_deferred() || since.elapsed() >= PATIENCE {
             return false;
         }
-        tokio::time::sleep(Duration::from_secs(5)).await;
+        tokio::time::sleep(error.pause(Duration::from_secs(5))).await;
         true
     }
 }
@@ -233,6 +233,7 @@ async fn upload_missing(
     let missing = (|| client.missing(repo, digests.clone()))
         .retry(backoff())
         .when(ClientError::is_transient)
+        .adjust(|error, pause| pause.map(|p| error.pause(p)))
         .notify(|error, pause| tracing::warn!(%error, ?pause, "asking for missing blobs failed; retrying"))
         .await?;
     let to_send: Vec<&EncodedChunk> = missing
@@ -262,6 +263,7 @@ async fn upload_missing(
             };
             send.retry(backoff())
                 .when(ClientError::is_transient)
+                .adjust(|error, pause| pause.map(|p| error.pause(p)))
                 .notify(|error, pause| tracing::warn!(%error, ?pause, digest = %chunk.descriptor.stored.digest, "upload failed; retrying"))
                 .await?;
             progress.advance(bytes.len() as u64);
