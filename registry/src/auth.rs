@@ -186,6 +186,9 @@ fn new_key_id() -> String {
     format!("k{}-{:04x}", unix_now(), rand::random::<u16>())
 }
 
+/// How far ahead of this machine's clock a token's issuing clock may run.
+const CLOCK_SKEW: u64 = 300;
+
 fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -308,6 +311,7 @@ impl Keyring {
         let secret = self.keys.get(&id).ok_or(AuthError::UnknownKey(id))?;
         let mut validation = Validation::new(Algorithm::HS256);
         validation.leeway = 0;
+        validation.validate_nbf = true;
         validation.set_required_spec_claims(&["exp"]);
         let data = jsonwebtoken::decode::<WireClaims>(
             token,
@@ -316,8 +320,18 @@ impl Keyring {
         )
         .map_err(|e| match e.kind() {
             jsonwebtoken::errors::ErrorKind::ExpiredSignature => AuthError::Expired,
+            jsonwebtoken::errors::ErrorKind::ImmatureSignature => {
+                AuthError::Invalid("the token is not valid yet (its nbf)".into())
+            }
             _ => AuthError::Invalid(e.to_string()),
         })?;
+        // Issued in the future (past a clock's drift): minted with a clock set wrong, or to
+        // outlive a key's rotation.
+        if data.claims.iat > unix_now().saturating_add(CLOCK_SKEW) {
+            return Err(AuthError::Invalid(
+                "the token was issued in the future".into(),
+            ));
+        }
         let scopes = data
             .claims
             .scopes
@@ -410,6 +424,45 @@ mod tests {
         let expired = keyring.mint("carol", &[], Duration::ZERO).unwrap();
         std::thread::sleep(Duration::from_millis(1100));
         assert!(matches!(keyring.verify(&expired), Err(AuthError::Expired)));
+    }
+
+    #[test]
+    fn tokens_not_valid_yet_are_refused() {
+        let keyring = Keyring::generate();
+        let sign = |claims: serde_json::Value| {
+            let mut header = Header::new(Algorithm::HS256);
+            header.kid = Some(keyring.signing.clone());
+            let secret = &keyring.keys[&keyring.signing];
+            jsonwebtoken::encode(
+                &header,
+                &claims,
+                &EncodingKey::from_secret(secret.as_bytes()),
+            )
+            .unwrap()
+        };
+        let now = unix_now();
+        let token = |iat: u64, nbf: Option<u64>| {
+            let mut claims = serde_json::json!({
+                "sub": "dave", "scopes": ["*:admin"], "iat": iat, "exp": now + 3600,
+            });
+            if let Some(nbf) = nbf {
+                claims["nbf"] = nbf.into();
+            }
+            sign(claims)
+        };
+        assert_eq!(keyring.verify(&token(now, None)).unwrap().subject, "dave");
+        // A clock a little ahead is no reason to refuse.
+        assert!(keyring.verify(&token(now + 60, Some(now))).is_ok());
+        let err = keyring
+            .verify(&token(now, Some(now + 86_400)))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not valid yet"), "{err}");
+        let err = keyring
+            .verify(&token(now + 86_400, None))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("issued in the future"), "{err}");
     }
 
     #[test]

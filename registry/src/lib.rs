@@ -13,6 +13,7 @@ pub mod server;
 pub mod storage;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use cartridge_schemas::api::ErrorCode;
 use cartridge_schemas::reference::{Namespace, Repository};
@@ -30,8 +31,15 @@ pub struct Limits {
     /// Largest JSON body (manifests, requests).
     pub max_json_bytes: usize,
     /// Blob uploads through the registry held at once; each buffers up to `max_blob_bytes`, so
-    /// this bounds their memory. Further uploads wait their turn.
+    /// this bounds their memory. Further uploads wait their turn, for `upload_wait` at most.
     pub max_concurrent_uploads: usize,
+    /// How long an upload waits for a slot before it is answered 503 (the client retries).
+    pub upload_wait: Duration,
+    /// How long an upload may send nothing before it is dropped.
+    pub upload_stall: Duration,
+    /// Bytes per second an upload must average once it has run for `upload_stall`: one
+    /// trickling a byte at a time would otherwise hold its slot for good.
+    pub min_upload_rate: u64,
 }
 
 impl Default for Limits {
@@ -40,6 +48,9 @@ impl Default for Limits {
             max_blob_bytes: 256 << 20,
             max_json_bytes: 4 << 20,
             max_concurrent_uploads: 16,
+            upload_wait: Duration::from_secs(30),
+            upload_stall: Duration::from_secs(60),
+            min_upload_rate: 16 << 10,
         }
     }
 }

@@ -79,6 +79,12 @@ impl KeysArgs {
 
     fn load(&self) -> Result<Keyring> {
         if let Ok(json) = std::env::var("CARTRIDGE_REGISTRY_KEYS") {
+            // Two keyrings named: signing or checking with the one not meant is worse than
+            // stopping.
+            anyhow::ensure!(
+                self.keys.is_none(),
+                "both CARTRIDGE_REGISTRY_KEYS (a keyring) and --keys or CARTRIDGE_REGISTRY_KEYS_FILE (a keyring file) are given; name one"
+            );
             return Ok(Keyring::from_json(&json, "CARTRIDGE_REGISTRY_KEYS")?);
         }
         Ok(Keyring::load(&self.path()?)?)
@@ -277,7 +283,13 @@ async fn serve(args: ServeArgs) -> Result<()> {
     tracing::info!(%address, storage = %description, "serving");
     // Scripts and tests read the chosen port from this line.
     println!("listening on http://{address}");
-    server::run(listener, router, server::shutdown_signal()).await?;
+    server::run(
+        listener,
+        router,
+        server::HEADER_READ,
+        server::shutdown_signal(),
+    )
+    .await?;
     Ok(())
 }
 

@@ -1,19 +1,74 @@
 //! Serving the Router on a listener until a shutdown signal.
+//!
+//! Connections are served by hyper directly rather than `axum::serve`, for two limits it does
+//! not set: a client must send a request's head within [`HEADER_READ`] (a half-sent one held
+//! its connection for good, and enough of them ran the process out of file descriptors), and at
+//! most [`MAX_CONNECTIONS`] are open at once (further ones wait in the listen backlog).
 
 use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 
+/// How long a client has to send a request's head.
+pub const HEADER_READ: Duration = Duration::from_secs(30);
+
+/// Connections served at once.
+const MAX_CONNECTIONS: usize = 4096;
+
 /// Serves until `shutdown` completes, then stops accepting and lets requests in flight finish.
+/// A connection that has not sent a request's head within `header_read` is closed.
 pub async fn run(
     listener: TcpListener,
     router: Router,
+    header_read: Duration,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown)
-        .await
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(header_read);
+    let graceful = GracefulShutdown::new();
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    tokio::pin!(shutdown);
+    loop {
+        let slot = tokio::select! {
+            slot = slots.clone().acquire_owned() => slot.map_err(std::io::Error::other)?,
+            () = &mut shutdown => break,
+        };
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                // Out of descriptors, or a connection reset before it was taken: the listener
+                // itself is fine; pause so a persistent cause does not spin.
+                Err(error) => {
+                    tracing::warn!(%error, "accepting a connection failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let connection = http.serve_connection(
+            TokioIo::new(stream),
+            TowerToHyperService::new(router.clone()),
+        );
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%error, "connection ended with an error");
+            }
+            drop(slot);
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+    Ok(())
 }
 
 /// Completes on Ctrl-C or SIGTERM (what container runtimes send).

@@ -577,16 +577,13 @@ impl Storage {
         let staged = Key::Upload(repo, digest, id).path();
         let commit = format!("{id}.{:016x}", rand::random::<u64>());
         let verifying = Key::Verifying(repo, digest, &commit).path();
-        let meta = self
-            .store
-            .head(&staged)
-            .await
-            .map_err(|error| match error {
-                error if is_not_found(&error) => StorageError::NotFound {
-                    what: format!("upload {id} of blob {digest}"),
-                },
-                error => error.into(),
-            })?;
+        let gone = |error: object_store::Error| match error {
+            error if is_not_found(&error) => StorageError::NotFound {
+                what: format!("upload {id} of blob {digest}"),
+            },
+            error => error.into(),
+        };
+        let meta = self.store.head(&staged).await.map_err(gone)?;
         if meta.size > max_bytes {
             self.delete_object(&staged).await?;
             return Err(StorageError::TooLarge {
@@ -594,7 +591,8 @@ impl Storage {
                 limit: max_bytes,
             });
         }
-        self.store.copy(&staged, &verifying).await?;
+        // Gone since the head: another commit of the same upload took it.
+        self.store.copy(&staged, &verifying).await.map_err(gone)?;
         self.delete_object(&staged).await?;
         let outcome = self.verify_and_promote(digest, &verifying, max_bytes).await;
         self.delete_object(&verifying).await?;

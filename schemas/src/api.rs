@@ -132,6 +132,8 @@ pub const LATENCY_BUCKETS: &[f64] = &[
 pub enum ErrorCode {
     /// A malformed name, reference, digest or body.
     BadRequest,
+    /// The endpoint exists, but not for this method.
+    MethodNotAllowed,
     /// No token, or one that is forged or expired.
     Unauthorized,
     /// A valid token without the scope the request needs.
@@ -166,6 +168,7 @@ impl ErrorCode {
     pub fn http_status(self) -> u16 {
         match self {
             Self::BadRequest => 400,
+            Self::MethodNotAllowed => 405,
             Self::Unauthorized => 401,
             Self::Forbidden => 403,
             Self::NotFound => 404,

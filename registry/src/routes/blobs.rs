@@ -1,6 +1,6 @@
 use axum::Json;
 use axum::body::Body;
-use axum::extract::{Query, State};
+use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use cartridge_schemas::api::{
@@ -9,7 +9,6 @@ use cartridge_schemas::api::{
 };
 use futures::StreamExt;
 use object_store::GetResultPayload;
-use serde::Deserialize;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio_util::io::ReaderStream;
 
@@ -94,9 +93,6 @@ pub async fn uploads(
     Ok(Json(UploadResponse { uploads }))
 }
 
-/// How long an upload through the registry may send nothing before it is dropped.
-const UPLOAD_STALL: std::time::Duration = std::time::Duration::from_secs(60);
-
 /// `PUT /v1/repos/{ns}/{name}/blobs/{digest}`: the bytes of one blob, hashed as they arrive and
 /// stored only if they match the digest.
 pub async fn upload(
@@ -119,41 +115,60 @@ pub async fn upload(
             format!("blob {digest} is over the {limit} byte limit"),
         ));
     }
-    let _turn = state
-        .uploads
-        .acquire()
+    let limits = state.limits;
+    let _turn = tokio::time::timeout(limits.upload_wait, state.uploads.acquire())
         .await
+        .map_err(|_| {
+            ApiError::new(
+                ErrorCode::Unavailable,
+                format!(
+                    "all {} upload slots stayed busy for {} s; retry later",
+                    limits.max_concurrent_uploads,
+                    limits.upload_wait.as_secs()
+                ),
+            )
+        })?
         .map_err(|_| ApiError::new(ErrorCode::Unavailable, "shutting down"))?;
     let mut writer = BlobWriter::new(digest, limit);
     let mut stream = body.into_data_stream();
-    // An upload holds one of few slots: one that stops sending gives it up (503: the client
-    // may retry, as after any broken link).
-    let stalled = || {
+    // An upload holds one of few slots: one that stops sending, or sends too slowly, gives it
+    // up (503: the client may retry, as after any broken link).
+    let dropped = |why: String| {
         ApiError::new(
             ErrorCode::Unavailable,
-            format!(
-                "upload of {digest} stalled: no data for {} s",
-                UPLOAD_STALL.as_secs()
-            ),
+            format!("upload of {digest} dropped: {why}"),
         )
     };
-    while let Some(piece) = tokio::time::timeout(UPLOAD_STALL, stream.next())
+    let started = std::time::Instant::now();
+    let mut received = 0u64;
+    while let Some(piece) = tokio::time::timeout(limits.upload_stall, stream.next())
         .await
-        .map_err(|_| stalled())?
+        .map_err(|_| {
+            dropped(format!(
+                "no data for {} s",
+                limits.upload_stall.as_secs_f64()
+            ))
+        })?
     {
         let piece = piece
             .map_err(|e| ApiError::bad_request(format!("upload of {digest} broke off: {e}")))?;
+        received += piece.len() as u64;
         writer.append(piece)?;
+        let elapsed = started.elapsed();
+        if elapsed > limits.upload_stall
+            && (received as f64) < limits.min_upload_rate as f64 * elapsed.as_secs_f64()
+        {
+            return Err(dropped(format!(
+                "{received} bytes in {} s, under {} bytes/s",
+                elapsed.as_secs(),
+                limits.min_upload_rate
+            )));
+        }
     }
     let blob = writer.finish()?;
     crate::metrics::blob_bytes("in", blob.len());
     state.storage.put_blob(&repo, blob).await?;
     Ok(StatusCode::CREATED)
-}
-
-#[derive(Debug, Deserialize)]
-pub struct CommitQuery {
-    upload: String,
 }
 
 /// `POST /v1/repos/{ns}/{name}/blobs/{digest}/commit?upload=ID`: verify a direct upload and make
@@ -162,15 +177,18 @@ pub async fn commit(
     State(state): State<AppState>,
     caller: Caller,
     params: Params,
-    Query(query): Query<CommitQuery>,
+    RawQuery(query): RawQuery,
 ) -> Result<StatusCode, ApiError> {
     let repo = params.repository()?;
     let digest = params.digest()?;
     state.authorize(&caller, &repo, Action::Push).await?;
+    // Read after the authorization: a caller without a token hears that first.
+    let upload = url::form_urlencoded::parse(query.unwrap_or_default().as_bytes())
+        .find_map(|(key, value)| (key == "upload").then(|| value.into_owned()))
+        .unwrap_or_default();
     // The id becomes part of an object key: only the hex ids this registry hands out pass.
-    if query.upload.len() != 32
-        || !query
-            .upload
+    if upload.len() != 32
+        || !upload
             .bytes()
             .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
     {
@@ -180,7 +198,7 @@ pub async fn commit(
     }
     state
         .storage
-        .commit_upload(&repo, &digest, &query.upload, state.limits.max_blob_bytes)
+        .commit_upload(&repo, &digest, &upload, state.limits.max_blob_bytes)
         .await?;
     Ok(StatusCode::CREATED)
 }

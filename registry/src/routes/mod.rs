@@ -61,7 +61,10 @@ pub fn router(state: AppState) -> Router {
         )
         .fallback(|| async { ApiError::not_found("no such endpoint") })
         .method_not_allowed_fallback(|| async {
-            ApiError::new(ErrorCode::BadRequest, "method not allowed on this endpoint")
+            ApiError::new(
+                ErrorCode::MethodNotAllowed,
+                "method not allowed on this endpoint",
+            )
         })
         .layer(DefaultBodyLimit::max(json_limit))
         .layer(axum::middleware::from_fn(crate::metrics::track))

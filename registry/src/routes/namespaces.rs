@@ -45,11 +45,23 @@ pub async fn names(
         .namespace_settings(&namespace)
         .await?
         .anonymous_pull;
-    if caller.0.is_none() && !anonymous {
-        return Err(ApiError::new(
-            ErrorCode::Unauthorized,
-            format!("listing {namespace} needs a token"),
-        ));
+    if !anonymous {
+        match &caller.0 {
+            None => {
+                return Err(ApiError::new(
+                    ErrorCode::Unauthorized,
+                    format!("listing {namespace} needs a token"),
+                ));
+            }
+            // As a repository of it would answer: forbidden, not an empty list.
+            Some(claims) if !claims.scopes.iter().any(|s| s.touches(&namespace)) => {
+                return Err(ApiError::new(
+                    ErrorCode::Forbidden,
+                    format!("the token has no scope in {namespace}"),
+                ));
+            }
+            Some(_) => {}
+        }
     }
     let can_pull = |name: &Name| {
         anonymous

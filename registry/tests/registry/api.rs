@@ -48,12 +48,15 @@ impl Reply {
 }
 
 fn app() -> App {
-    let keyring = Keyring::generate();
-    let limits = Limits {
+    app_with(Limits {
         max_blob_bytes: 64 << 10,
         max_json_bytes: 256 << 10,
         ..Limits::default()
-    };
+    })
+}
+
+fn app_with(limits: Limits) -> App {
+    let keyring = Keyring::generate();
     let state = AppState::new(backend::open("memory://").unwrap(), keyring.clone(), limits);
     App {
         router: routes::router(state),
@@ -484,6 +487,12 @@ async fn tokens_and_scopes() {
             .error(StatusCode::FORBIDDEN, ErrorCode::Forbidden)
             .contains("does not grant pull on legal/contracts")
     );
+    // Nor list the namespace: forbidden, as its repositories are, not an empty list.
+    app.get("/v1/repos/legal", Some(&elsewhere))
+        .await
+        .error(StatusCode::FORBIDDEN, ErrorCode::Forbidden);
+    let names: Value = app.get("/v1/repos/legal", Some(&reader)).await.json();
+    assert_eq!(names["names"], json!(["contracts"]));
     let delete = app
         .call(
             Method::DELETE,
@@ -601,7 +610,7 @@ async fn bad_input_gets_4xx_never_500() {
             &[],
         )
         .await;
-    assert!(wrong_method.status.is_client_error());
+    wrong_method.error(StatusCode::METHOD_NOT_ALLOWED, ErrorCode::MethodNotAllowed);
 
     // Oversize bodies: a JSON body over the JSON cap, a blob over the blob cap.
     let huge = json!({"digests": vec![cartridge_schemas::Digest::of(b"x"); 5000]});
@@ -669,6 +678,88 @@ async fn bad_input_gets_4xx_never_500() {
     app.call(Method::POST, &commit, Some(&token), Body::empty(), &[])
         .await
         .error(StatusCode::BAD_REQUEST, ErrorCode::BadRequest);
+    // Without its upload id, or without a token: answered in the API's shape, the missing
+    // token first.
+    let bare = commit.split_once('?').unwrap().0;
+    let message = app
+        .call(Method::POST, bare, Some(&token), Body::empty(), &[])
+        .await
+        .error(StatusCode::BAD_REQUEST, ErrorCode::BadRequest);
+    assert!(message.contains("upload id"), "{message}");
+    app.call(Method::POST, bare, None, Body::empty(), &[])
+        .await
+        .error(StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized);
+    // The scheme's name in any case.
+    let shouted = app
+        .call(
+            Method::GET,
+            "/v1/namespaces",
+            None,
+            Body::empty(),
+            &[(header::AUTHORIZATION, &format!("BEARER {token}"))],
+        )
+        .await;
+    assert_eq!(shouted.status, StatusCode::OK);
+}
+
+/// A trickling upload cannot hold its slot, and one waiting for a slot is told to come back.
+#[tokio::test]
+async fn uploads_give_up_busy_slots_and_slow_senders() {
+    let app = app_with(Limits {
+        max_concurrent_uploads: 1,
+        upload_wait: Duration::from_millis(200),
+        upload_stall: Duration::from_millis(300),
+        min_upload_rate: 1 << 20,
+        ..Limits::default()
+    });
+    let token = app.token(&["legal/*:push"]);
+    let path = |blob: &[u8]| {
+        format!(
+            "/v1/repos/legal/x/blobs/{}",
+            cartridge_schemas::Digest::of(blob).hex()
+        )
+    };
+    // A byte every 50 ms, without end.
+    let trickle = futures::stream::unfold((), |()| async {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        Some((Ok::<_, std::io::Error>(bytes::Bytes::from_static(b"x")), ()))
+    });
+    let slow = tokio::spawn({
+        let router = app.router.clone();
+        let request = Request::put(path(b"never"))
+            .header(header::AUTHORIZATION, format!("Bearer {token}"))
+            .body(Body::from_stream(trickle))
+            .unwrap();
+        async move { router.oneshot(request).await.unwrap() }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let message = app
+        .call(
+            Method::PUT,
+            &path(b"blob"),
+            Some(&token),
+            Body::from("blob"),
+            &[],
+        )
+        .await
+        .error(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable);
+    assert!(message.contains("upload slots stayed busy"), "{message}");
+    let slow = slow.await.unwrap();
+    assert_eq!(slow.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let body = slow.into_body().collect().await.unwrap().to_bytes();
+    let body: ErrorBody = serde_json::from_slice(&body).unwrap();
+    assert!(body.message.contains("bytes/s"), "{}", body.message);
+    // The slot is free again.
+    let retried = app
+        .call(
+            Method::PUT,
+            &path(b"blob"),
+            Some(&token),
+            Body::from("blob"),
+            &[],
+        )
+        .await;
+    assert_eq!(retried.status, StatusCode::CREATED);
 }
 
 #[tokio::test]

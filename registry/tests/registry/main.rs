@@ -8,4 +8,5 @@ mod lambda;
 #[path = "../../../tests/support/moto.rs"]
 mod moto;
 mod races;
+mod server;
 mod support;
