@@ -190,6 +190,9 @@ pub fn router(loader: Arc<Loader>) -> Router {
         .route("/v1/status", get(status))
         .route("/metrics", get(metrics))
         .fallback(|uri: Uri| async move { LoaderError::NoEndpoint(uri.path().to_owned()) })
+        .method_not_allowed_fallback(|uri: Uri| async move {
+            LoaderError::WrongMethod(uri.path().to_owned())
+        })
         // Refusals (507 when a load does not fit, 503 when the registry is down) are expected
         // answers, not faults: log them as warnings.
         .layer(

@@ -15,6 +15,8 @@ pub enum LoaderError {
     OutOfMemory(String),
     #[error("no such endpoint: {0}")]
     NoEndpoint(String),
+    #[error("{0} does not take this method")]
+    WrongMethod(String),
     #[error("{0}")]
     TooLarge(String),
     #[error("unknown handle {0} (released, or its lease lapsed)")]
@@ -36,6 +38,7 @@ impl LoaderError {
                 ErrorCode::NotFound
             }
             Self::TooLarge(_) => ErrorCode::TooLarge,
+            Self::WrongMethod(_) => ErrorCode::MethodNotAllowed,
             Self::ModelMismatch { .. } => ErrorCode::ModelMismatch,
             Self::OutOfMemory(_) => ErrorCode::OutOfMemory,
             Self::Unavailable(_) => ErrorCode::Unavailable,

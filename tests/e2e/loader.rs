@@ -266,6 +266,11 @@ fn bad_requests_are_named() {
     // An unknown endpoint, and a body over the limit, get their own status.
     let (status, answer) = http_json(&loader.url, "GET", "/v1/nope", None);
     assert_eq!((status, &answer["code"]), (404, &json!("not_found")));
+    let (status, answer) = http_json(&loader.url, "GET", "/v1/load", None);
+    assert_eq!(
+        (status, &answer["code"]),
+        (405, &json!("method_not_allowed"))
+    );
     let big = vec![b' '; 3 << 20];
     let answer = exchange(
         &loader.url,
