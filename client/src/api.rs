@@ -152,9 +152,40 @@ impl Client {
             .await
     }
 
+    /// Every version (page after page) and tag of a cartridge.
     pub async fn listing(&self, repo: &Repository) -> Result<RepositoryListing, ClientError> {
-        self.json(self.request(Method::GET, &format!("/v1/repos/{repo}"))?)
-            .await
+        let path = format!("/v1/repos/{repo}");
+        let mut listing: RepositoryListing = self.json(self.request(Method::GET, &path)?).await?;
+        while let Some(after) = listing.next.take() {
+            // A version's `+` is a space in a query: encoded.
+            let query = url::form_urlencoded::Serializer::new(String::new())
+                .append_pair("after", after.as_str())
+                .finish();
+            let page: RepositoryListing = self
+                .json(self.request(Method::GET, &format!("{path}?{query}"))?)
+                .await?;
+            // Each page must move on, or a registry could keep the client asking.
+            if page
+                .versions
+                .iter()
+                .any(|v| v.version.precedence() <= after.precedence())
+                || page
+                    .next
+                    .as_ref()
+                    .is_some_and(|n| n.precedence() <= after.precedence())
+            {
+                return Err(ClientError::Unexpected {
+                    status: 200,
+                    url: path,
+                    body: format!("a listing page after {after} went back"),
+                    retry_after: None,
+                });
+            }
+            listing.versions.extend(page.versions);
+            listing.tags = page.tags;
+            listing.next = page.next;
+        }
+        Ok(listing)
     }
 
     pub async fn resolve(
@@ -561,6 +592,57 @@ mod tests {
         );
         let error = client.namespaces().await.unwrap_err().to_string();
         assert!(error.contains("an answer longer than"), "{error}");
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_listing_follows_its_pages_and_they_must_move_on() {
+        use std::io::Write;
+
+        use crate::testing::{serve, target};
+        let answer = |body: serde_json::Value| {
+            let body = body.to_string();
+            format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            )
+        };
+        let entry =
+            |v: &str| serde_json::json!({"version": v, "manifest": Digest::of(v.as_bytes())});
+        let server = serve(move |head, stream| {
+            let body = match target(head) {
+                "/v1/repos/ns/x" => {
+                    serde_json::json!({"repository": "ns/x", "versions": [entry("v1")], "tags": [], "next": "v1+b"})
+                }
+                "/v1/repos/ns/x?after=v1%2Bb" => {
+                    serde_json::json!({"repository": "ns/x", "versions": [entry("v2")],
+                        "tags": [{"tag": "latest", "manifest": Digest::of(b"v2"), "generation": 2}]})
+                }
+                // A registry sending the client back where it was.
+                "/v1/repos/ns/loop" => {
+                    serde_json::json!({"repository": "ns/loop", "versions": [], "tags": [], "next": "v1"})
+                }
+                _ => {
+                    serde_json::json!({"repository": "ns/loop", "versions": [entry("v1")], "tags": [], "next": "v1"})
+                }
+            };
+            let _ = stream.write_all(answer(body).as_bytes());
+        });
+        let client = Client::new(&server.url, None).unwrap();
+        let listing = client.listing(&"ns/x".parse().unwrap()).await.unwrap();
+        let versions: Vec<&str> = listing
+            .versions
+            .iter()
+            .map(|v| v.version.as_str())
+            .collect();
+        assert_eq!(versions, ["v1", "v2"]);
+        assert_eq!(listing.tags.len(), 1);
+        assert_eq!(listing.next, None);
+        let error = client
+            .listing(&"ns/loop".parse().unwrap())
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("went back"), "{error}");
     }
 
     #[test]

@@ -74,6 +74,12 @@ impl<S: Send + Sync> FromRequestParts<S> for Params {
     }
 }
 
+/// A query parameter of a request, decoded.
+pub fn query_param(query: Option<&str>, key: &str) -> Option<String> {
+    url::form_urlencoded::parse(query.unwrap_or_default().as_bytes())
+        .find_map(|(k, value)| (k == key).then(|| value.into_owned()))
+}
+
 /// Who is calling: verified claims, or `None` for a request without a token. A token that is
 /// present but forged, expired or malformed is refused here, never treated as anonymous.
 pub struct Caller(pub Option<Claims>);

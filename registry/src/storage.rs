@@ -877,6 +877,17 @@ impl Storage {
         Ok(())
     }
 
+    /// The names under `repo`'s versions (deleted ones' tombstones included) in reading order,
+    /// from one listing: nothing is read.
+    pub async fn version_names(&self, repo: &Repository) -> Result<Vec<Version>> {
+        let mut names: Vec<Version> = (self.list_children(Key::Versions(repo)).await?)
+            .iter()
+            .filter_map(|n| n.parse().ok())
+            .collect();
+        names.sort_by(|a, b| a.precedence().cmp(&b.precedence()));
+        Ok(names)
+    }
+
     pub async fn versions<'a>(&'a self, repo: &'a Repository) -> Result<Vec<(Version, Digest)>> {
         self.read_children(Key::Versions(repo), |version: Version| {
             async move { Ok(self.version(repo, &version).await?.map(|d| (version, d))) }.boxed()

@@ -28,13 +28,20 @@ pub struct NameList {
     pub names: Vec<Name>,
 }
 
-/// `GET /v1/repos/{ns}/{name}`: every version and tag of one cartridge.
+/// `GET /v1/repos/{ns}/{name}[?after=VERSION&limit=N]`: one cartridge's versions in reading
+/// order, a page at a time, and all its tags.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RepositoryListing {
     pub repository: String,
     pub versions: Vec<VersionEntry>,
     pub tags: Vec<TagEntry>,
+    /// More versions follow: ask again with `after` set to this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next: Option<Version>,
 }
+
+/// Versions a listing answers at most at once (and by default).
+pub const LISTING_PAGE: usize = 1000;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VersionEntry {

@@ -15,7 +15,7 @@ use tokio_util::io::ReaderStream;
 use crate::AppState;
 use crate::auth::Action;
 use crate::error::ApiError;
-use crate::extract::{ApiJson, Caller, Params};
+use crate::extract::{ApiJson, Caller, Params, query_param};
 use crate::storage::{BlobWriter, Key, UploadDestination, parse_range, resolve_range};
 use object_store::GetRange;
 
@@ -183,9 +183,7 @@ pub async fn commit(
     let digest = params.digest()?;
     state.authorize(&caller, &repo, Action::Push).await?;
     // Read after the authorization: a caller without a token hears that first.
-    let upload = url::form_urlencoded::parse(query.unwrap_or_default().as_bytes())
-        .find_map(|(key, value)| (key == "upload").then(|| value.into_owned()))
-        .unwrap_or_default();
+    let upload = query_param(query.as_deref(), "upload").unwrap_or_default();
     // The id becomes part of an object key: only the hex ids this registry hands out pass.
     if upload.len() != 32
         || !upload

@@ -311,6 +311,53 @@ async fn push_resolve_and_download_with_ranges() {
     assert_eq!(uploads.uploads[0].commit_url, None);
 }
 
+/// Versions list a page at a time, in reading order, reading only the page's versions.
+#[tokio::test]
+async fn listings_come_in_pages() {
+    let app = app();
+    let token = app.token(&["legal/contracts:push"]);
+    for (seed, version) in ["v10", "v2", "v1", "v11+build", "v3"].iter().enumerate() {
+        let reply = app
+            .push(&token, "legal/contracts", version, seed as u8)
+            .await;
+        assert_eq!(reply.status, StatusCode::CREATED, "{version}");
+    }
+    let page = |query: &str| {
+        let app = &app;
+        let token = token.clone();
+        let path = format!("/v1/repos/legal/contracts{query}");
+        async move { app.get(&path, Some(&token)).await }
+    };
+    let versions = |listing: &Value| -> Vec<String> {
+        listing["versions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v["version"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let first: Value = page("?limit=2").await.json();
+    assert_eq!(versions(&first), ["v1", "v2"]);
+    assert_eq!(first["next"], "v2");
+    assert!(first["tags"].is_array(), "{first}");
+    let second: Value = page("?after=v2&limit=2").await.json();
+    assert_eq!(versions(&second), ["v3", "v10"]);
+    assert_eq!(second["next"], "v10");
+    let last: Value = page("?after=v10&limit=2").await.json();
+    assert_eq!(versions(&last), ["v11+build"]);
+    assert!(last.get("next").is_none(), "{last}");
+    // `+` arrives encoded; a page past the end is empty, not missing.
+    let past: Value = page("?after=v11%2Bbuild").await.json();
+    assert!(versions(&past).is_empty());
+    let all: Value = page("").await.json();
+    assert_eq!(versions(&all), ["v1", "v2", "v3", "v10", "v11+build"]);
+    for bad in ["?limit=0", "?limit=1001", "?limit=x", "?after=V1"] {
+        page(bad)
+            .await
+            .error(StatusCode::BAD_REQUEST, ErrorCode::BadRequest);
+    }
+}
+
 #[tokio::test]
 async fn tags_compare_and_swap() {
     let app = app();
