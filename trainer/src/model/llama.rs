@@ -425,7 +425,9 @@ impl Llama {
         // stacked along the sequence axis.
         let group = heads / kv_heads;
         let q = q.reshape((batch, kv_heads, group * length, hd))?;
-        let out = attention(&q, &k, &v.contiguous()?, mask, group)?;
+        // A cache's keys and values are views into its buffers, which matmuls on either device
+        // read as they are.
+        let out = attention(&q, &k, &v, mask, group)?;
         let out = out
             .reshape((batch, heads, length, hd))?
             .transpose(1, 2)?

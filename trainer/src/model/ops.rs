@@ -91,7 +91,7 @@ pub fn attention(
         return Ok(out);
     }
     let mask = mask.clone();
-    let backward = move |q: &Tensor, k: &Tensor, v: &Tensor, _: &Tensor, grad: &Tensor| {
+    let backward = move |q: &Tensor, k: &Tensor, v: &Tensor, out: &Tensor, grad: &Tensor| {
         // Only what carries a gradient is computed: in training the queries of the first layer
         // and every key and value of the input are constants; only the prefix is trained.
         let wanted = (q.track_op(), k.track_op(), v.track_op());
@@ -102,15 +102,18 @@ pub fn attention(
             return Ok((None, None, dv));
         }
         // Softmax backward, dS = P·(dP - rowsum(P·dP)), with the sums in f32 for half precision.
+        // rowsum(P·dP) = rowsum(dO·O) (dP = dO·Vᵀ and O = P·V), from `[.., head_dim]` tensors
+        // rather than `[.., T]` ones. The score scale goes on dQ and dK, not on all of dS.
         let wide = accumulation_dtype(q.dtype());
+        let rows = grad
+            .to_dtype(wide)?
+            .mul(&out.to_dtype(wide)?)?
+            .sum_keepdim(D::Minus1)?;
         let (p, dp) = (p.to_dtype(wide)?, grad.matmul(&v.t()?)?.to_dtype(wide)?);
-        let rows = p.mul(&dp)?.sum_keepdim(D::Minus1)?;
-        let ds = p
-            .mul(&dp.broadcast_sub(&rows)?)?
-            .affine(scale(&q)?, 0.0)?
-            .to_dtype(q.dtype())?;
-        let dq = wanted.0.then(|| ds.matmul(&k)).transpose()?;
-        let dk = wanted.1.then(|| ds.t()?.matmul(&q)).transpose()?;
+        let ds = p.mul(&dp.broadcast_sub(&rows)?)?.to_dtype(q.dtype())?;
+        let scale = scale(&q)?;
+        let dq = wanted.0.then(|| ds.matmul(&k)? * scale).transpose()?;
+        let dk = wanted.1.then(|| ds.t()?.matmul(&q)? * scale).transpose()?;
         Ok((dq, dk, dv))
     };
     q.apply_op3(k, v, Attached::new("attention", out, backward))
@@ -124,20 +127,44 @@ fn scale(q: &Tensor) -> Result<f64> {
 fn probabilities(q: &Tensor, k: &Tensor, mask: &Tensor, group: usize) -> Result<Tensor> {
     let (batch, kv_heads, rows, _) = q.dims4()?;
     let total = k.dim(2)?;
-    let scores = (q.matmul(&k.t()?)? * scale(q)?)?
+    // The scale goes on the queries, `head_dim` wide, not on the `T`-wide scores (for a head
+    // dimension that is a power of 4 it is a power of 2: exact in any precision).
+    let scores = (q * scale(q)?)?
+        .matmul(&k.t()?)?
         .reshape((batch, kv_heads, group, rows / group, total))?
         .broadcast_add(mask)?;
     softmax_last_dim(&scores)?.reshape((batch, kv_heads, rows, total))
 }
 
 /// candle's fused softmax over the last axis. Half precision goes through f32 on the CPU, whose
-/// kernel would accumulate in half precision; the CUDA kernel accumulates in f32 itself.
+/// kernel would accumulate in half precision; the CUDA kernel sums in f32 itself (its
+/// exponentials are stored in the input's precision).
 fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     let dtype = x.dtype();
     if matches!(x.device(), Device::Cpu) && accumulation_dtype(dtype) != dtype {
         return candle_nn::ops::softmax_last_dim(&x.to_dtype(DType::F32)?)?.to_dtype(dtype);
     }
-    candle_nn::ops::softmax_last_dim(x)
+    // The CUDA kernel indexes elements with 32-bit integers: past 2^31 of them (8 sequences of
+    // 4096 after a 4096-token cartridge, 24 heads) it would read out of bounds.
+    softmax_in_parts(x, i32::MAX as usize)
+}
+
+/// Softmax over the last axis, at most about `limit` elements per kernel call.
+fn softmax_in_parts(x: &Tensor, limit: usize) -> Result<Tensor> {
+    if x.elem_count() <= limit {
+        return candle_nn::ops::softmax_last_dim(x);
+    }
+    let columns = x.dim(D::Minus1)?;
+    let rows = x.elem_count() / columns;
+    let per_part = (limit / columns).max(1);
+    let flat = x.reshape((rows, columns))?;
+    let parts = (0..rows)
+        .step_by(per_part)
+        .map(|start| {
+            candle_nn::ops::softmax_last_dim(&flat.narrow(0, start, per_part.min(rows - start))?)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Tensor::cat(&parts, 0)?.reshape(x.shape())
 }
 
 /// The dtype sums are taken in: f32 for half precision, the dtype itself otherwise.
@@ -369,10 +396,25 @@ mod tests {
 
     use super::*;
 
-    /// The GPU where the build has CUDA and the machine a GPU (so the same checks run there on
-    /// the CUDA kernels), the CPU otherwise.
+    /// The GPU in a CUDA build (so the same checks run there on the CUDA kernels; such a build
+    /// on a machine without one fails here), the CPU otherwise.
     fn device() -> Result<Device> {
         Device::cuda_if_available(0)
+    }
+
+    #[test]
+    fn a_softmax_in_parts_is_the_softmax() -> Result<()> {
+        let device = device()?;
+        let x = Tensor::randn(0f32, 3.0, (2, 3, 7, 5), &device)?;
+        let whole = candle_nn::ops::softmax_last_dim(&x)?;
+        // Parts of 2 rows (the last one short), of 1 row, and a limit under one row.
+        for limit in [10, 5, 3] {
+            let parts = softmax_in_parts(&x, limit)?;
+            assert_eq!(parts.dims(), whole.dims());
+            let error = parts.sub(&whole)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(error < 1e-6, "limit {limit}: {error}");
+        }
+        Ok(())
     }
 
     #[test]
