@@ -49,6 +49,9 @@ impl Client {
         // again to any further hop on the redirected-to host.
         let http = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
+            // Under the registry's 30 s for an idle connection's next request: a request is
+            // never sent on a connection the registry is closing.
+            .pool_idle_timeout(Duration::from_secs(20))
             .connect_timeout(Duration::from_secs(10))
             .user_agent(concat!("cartridge/", env!("CARGO_PKG_VERSION")))
             .build()?;
@@ -114,10 +117,12 @@ impl Client {
         sent.map_err(|source| {
             let source = redacted(source);
             if source.is_connect() {
-                ClientError::Connect {
-                    url: self.base.to_string(),
-                    source,
-                }
+                // The registry, or the storage it sent the request on to.
+                let url = source.url().map_or_else(
+                    || self.base.to_string(),
+                    |u| u.origin().ascii_serialization(),
+                );
+                ClientError::Connect { url, source }
             } else {
                 ClientError::Http(source)
             }
@@ -127,9 +132,17 @@ impl Client {
     /// An API answer's JSON, read up to [`JSON_LIMIT`] bytes with [`BODY_STALL`] between pieces:
     /// a registry (or what poses as one) cannot fill memory or hold the call without end.
     async fn json<T: DeserializeOwned>(&self, builder: RequestBuilder) -> Result<T, ClientError> {
-        let response = self.send(builder).await?;
+        let mut response = self.send(builder).await?;
         let (status, url) = (response.status().as_u16(), bare_url(&response));
-        let body = read_body(response, JSON_LIMIT).await?;
+        let mut body = Vec::new();
+        if !read_up_to(&mut response, JSON_LIMIT, &mut body).await? {
+            return Err(ClientError::Unexpected {
+                status,
+                url,
+                body: format!("an answer longer than {JSON_LIMIT} bytes"),
+                retry_after: None,
+            });
+        }
         serde_json::from_slice(&body).map_err(|e| ClientError::Unexpected {
             status,
             url,
@@ -376,10 +389,13 @@ fn bare_url(response: &Response) -> String {
     url.to_string()
 }
 
-/// Reads a whole body, refusing more than `limit` bytes and a pause of [`BODY_STALL`].
-async fn read_body(mut response: Response, limit: usize) -> Result<Vec<u8>, ClientError> {
-    let (status, url) = (response.status().as_u16(), bare_url(&response));
-    let mut body = Vec::new();
+/// Reads a body into `body`, at most `limit` bytes of it, waiting at most [`BODY_STALL`] for
+/// each piece. Whether that was the whole body; on an error, `body` holds what came.
+async fn read_up_to(
+    response: &mut Response,
+    limit: usize,
+    body: &mut Vec<u8>,
+) -> Result<bool, ClientError> {
     loop {
         let piece = tokio::time::timeout(BODY_STALL, response.chunk())
             .await
@@ -387,21 +403,17 @@ async fn read_body(mut response: Response, limit: usize) -> Result<Vec<u8>, Clie
                 seconds: BODY_STALL.as_secs(),
             })??;
         let Some(piece) = piece else {
-            return Ok(body);
+            return Ok(true);
         };
-        if body.len() + piece.len() > limit {
-            return Err(ClientError::Unexpected {
-                status,
-                url,
-                body: format!("an answer longer than {limit} bytes"),
-                retry_after: None,
-            });
+        let room = limit - body.len();
+        body.extend_from_slice(&piece[..piece.len().min(room)]);
+        if piece.len() > room {
+            return Ok(false);
         }
-        body.extend_from_slice(&piece);
     }
 }
 
-async fn check(response: Response) -> Result<Response, ClientError> {
+async fn check(mut response: Response) -> Result<Response, ClientError> {
     let status = response.status();
     if status.is_success() {
         return Ok(response);
@@ -419,18 +431,18 @@ async fn check(response: Response) -> Result<Response, ClientError> {
             u.set_query(None);
             u.to_string()
         });
+        // Not followed: a request to the registry carries the token.
         return Err(ClientError::Unexpected {
             status: status.as_u16(),
             url,
-            body: format!("redirected to {to}; use the registry URL it names"),
+            body: format!("redirected to {to}"),
             retry_after,
         });
     }
-    // Only the start of an error is shown: the rest is neither read nor held.
-    let text = match read_body(response, ERROR_LIMIT).await {
-        Ok(body) => String::from_utf8_lossy(&body).into_owned(),
-        Err(_) => String::new(),
-    };
+    // Only the start of an error is read and shown, however it ends.
+    let mut body = Vec::new();
+    let _ = read_up_to(&mut response, ERROR_LIMIT, &mut body).await;
+    let text = String::from_utf8_lossy(&body).into_owned();
     match serde_json::from_str::<ErrorBody>(&text) {
         Ok(body) => Err(ClientError::Api {
             status: status.as_u16(),
@@ -587,7 +599,7 @@ mod tests {
         let client = Client::new(&server.url, None).unwrap();
         let error = client.health().await.unwrap_err();
         assert!(
-            matches!(error, ClientError::Unexpected { status: 500, .. }),
+            matches!(&error, ClientError::Unexpected { status: 500, body, .. } if body.starts_with("[[[[")),
             "{error}"
         );
         let error = client.namespaces().await.unwrap_err().to_string();
@@ -643,6 +655,26 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(error.contains("went back"), "{error}");
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_throttled_answer_says_how_long_to_wait() {
+        use std::io::Write;
+        let server = crate::testing::serve(|_, stream| {
+            let body = r#"{"code": "unavailable", "message": "slow down"}"#;
+            let _ = write!(
+                stream,
+                "HTTP/1.1 429 Too Many\r\nRetry-After: 7\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        });
+        let error = Client::new(&server.url, None)
+            .unwrap()
+            .health()
+            .await
+            .unwrap_err();
+        assert_eq!(error.retry_after(), Some(Duration::from_secs(7)), "{error}");
+        assert!(error.is_transient() && error.to_string().contains("slow down"));
     }
 
     #[test]

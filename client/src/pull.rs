@@ -265,13 +265,15 @@ async fn fetch_blob(
     let retries = || backon::BackoffBuilder::build(backoff().with_max_times(options.retries));
     loop {
         let mut delays = retries();
+        // How far the download has ever come: only new ground renews the retries (an answer
+        // that empties the partial file would otherwise make the same bytes count again).
+        let mut furthest = hashed;
         loop {
             // Bytes are hashed as they arrive; only what is already on disk (resumed, or
             // written before an attempt failed) is read back.
             if partial_len(&partial) != hashed {
                 (hasher, hashed) = hash_file(&partial).await?;
             }
-            let before = hashed;
             match download_into(
                 client,
                 repo,
@@ -287,9 +289,10 @@ async fn fetch_blob(
                 Err(error) if error.is_transient() => {
                     // An attempt that moved the download on earns a fresh set of retries: a
                     // link that drops every few hundred kilobytes still gets there.
-                    if hashed >= before + PROGRESS_FOR_RETRIES {
+                    if hashed >= furthest + PROGRESS_FOR_RETRIES {
                         delays = retries();
                     }
+                    furthest = furthest.max(hashed);
                     let Some(pause) = delays.next() else {
                         return Err(error);
                     };
@@ -503,19 +506,35 @@ fn assemble(
     arrivals: Receiver<Digest>,
 ) -> Result<(), ClientError> {
     let layout = FileLayout::parse(&manifest.file_header)?;
-    // Unique per build, so two pulls of one manifest in one process never share a file.
-    static BUILDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let build_id = BUILDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let temporary = target.with_extension(format!("{ASSEMBLING}{}-{build_id}", std::process::id()));
-    let result = build(manifest, &layout, cache, &temporary, arrivals).and_then(|()| {
-        // No fsync: a file torn by a crash fails the validation every use of the cache does
-        // (the payload digest) and is rebuilt, so durability would only cost time.
-        Cartridge::open(&temporary)?;
-        std::fs::rename(&temporary, target).map_err(ClientError::io(target))
-    });
+    // A name of this build's own, made new: processes sharing a cache may have one pid (each
+    // container's first process is 1).
+    let temporary = target.with_extension(format!(
+        "{ASSEMBLING}{}-{:016x}",
+        std::process::id(),
+        rand::random::<u64>()
+    ));
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&temporary)
+        .map_err(ClientError::io(&temporary))?;
+    // Held until the file is in place or gone: one a killed pull left is found unlocked and
+    // removed (see `sweep_assemblies`).
+    let result = file
+        .lock()
+        .map_err(ClientError::io(&temporary))
+        .and_then(|()| build(manifest, &layout, cache, &file, &temporary, arrivals))
+        .and_then(|()| {
+            // No fsync: a file torn by a crash fails the validation every use of the cache
+            // does (the payload digest) and is rebuilt, so durability would only cost time.
+            Cartridge::open(&temporary)?;
+            std::fs::rename(&temporary, target).map_err(ClientError::io(target))
+        });
     if result.is_err() {
         let _ = std::fs::remove_file(&temporary);
     }
+    drop(file);
     result
 }
 
@@ -523,6 +542,7 @@ fn build(
     manifest: &Manifest,
     layout: &FileLayout,
     cache: &Cache,
+    file: &std::fs::File,
     path: &Path,
     arrivals: Receiver<Digest>,
 ) -> Result<(), ClientError> {
@@ -530,20 +550,11 @@ fn build(
         path: path.to_owned(),
         source,
     };
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(path)
-        .map_err(io)?;
-    // Held while the file is built: one a killed pull left is found unlocked and removed.
-    file.lock().map_err(io)?;
-    crate::allocate(&file, layout.file_len as u64).map_err(io)?;
-    // SAFETY: the file was just created under a name private to this process and is only
+    crate::allocate(file, layout.file_len as u64).map_err(io)?;
+    // SAFETY: the file was just created under a name private to this build and is only
     // renamed into the cache after the map is dropped; nothing else maps or writes it.
     #[allow(unsafe_code)]
-    let mut map = unsafe { memmap2::MmapMut::map_mut(&file) }.map_err(io)?;
+    let mut map = unsafe { memmap2::MmapMut::map_mut(file) }.map_err(io)?;
     map[..8].copy_from_slice(&(layout.header_text_len as u64).to_le_bytes());
     map[8..8 + layout.header_text_len].copy_from_slice(manifest.file_header.as_bytes());
     // Each chunk's raw bytes are its layers' keys and values, wherever the header put them.
@@ -842,6 +853,42 @@ mod tests {
             .to_string();
         assert!(error.contains(&Digest::of(&BLOB).to_string()), "{error}");
         assert_eq!(stuck.requests.lock().unwrap().len(), 3);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn ground_won_again_renews_no_retries() {
+        use std::io::Write;
+        static BLOB: std::sync::LazyLock<Vec<u8>> =
+            std::sync::LazyLock::new(|| (0..1_000_000u32).map(|i| (i % 251) as u8).collect());
+        // Ranges are answered from a byte too late (the partial file is emptied), whole
+        // answers break off after 100 kB: the same bytes, won again and again.
+        let storage = crate::testing::serve(|head, stream| {
+            let _ = match crate::testing::header(head, "range") {
+                Some(range) => {
+                    let from: usize = range[6..range.len() - 1].parse().unwrap();
+                    write!(
+                        stream,
+                        "HTTP/1.1 206 Partial\r\nContent-Range: bytes {}-{}/{}\r\nContent-Length: 1\r\nConnection: close\r\n\r\nx",
+                        from + 1,
+                        from + 1,
+                        BLOB.len()
+                    )
+                }
+                None => write!(
+                    stream,
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    BLOB.len()
+                )
+                .and_then(|()| stream.write_all(&BLOB[..100_000])),
+            };
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let error = fetch(&storage.url, &Cache::new(dir.path()).unwrap(), &BLOB, 2)
+            .await
+            .unwrap_err();
+        assert!(error.is_transient(), "{error}");
+        // The first 100 kB renewed the retries (two); nothing after did.
+        assert_eq!(storage.requests.lock().unwrap().len(), 3);
     }
 
     #[tokio::test(flavor = "multi_thread")]

@@ -148,7 +148,11 @@ pub fn client_error(error: ClientError) -> LoaderError {
         Some(ErrorCode::Unauthorized | ErrorCode::Forbidden) => {
             LoaderError::Unavailable(format!("the registry refused the loader's token: {error}"))
         }
-        _ if error.is_transient() => LoaderError::Unavailable(error.to_string()),
+        // Answers that are not the API's (a redirect, a proxy's page): the registry URL the
+        // loader was given does not reach a registry, which is what 503 says.
+        _ if error.is_transient() || matches!(error, ClientError::Unexpected { .. }) => {
+            LoaderError::Unavailable(error.to_string())
+        }
         _ => LoaderError::Internal(error.to_string()),
     }
 }

@@ -140,6 +140,9 @@ struct WireClaims {
     scopes: Vec<String>,
     iat: u64,
     exp: u64,
+    /// Not valid before (minted by another issuer; ours set none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    nbf: Option<u64>,
 }
 
 /// A verified token: who, and what they may do.
@@ -290,6 +293,7 @@ impl Keyring {
             scopes: scopes.iter().map(ToString::to_string).collect(),
             iat: now,
             exp: now.saturating_add(ttl.as_secs()),
+            nbf: None,
         };
         let mut header = Header::new(Algorithm::HS256);
         header.kid = Some(self.signing.clone());
@@ -311,7 +315,6 @@ impl Keyring {
         let secret = self.keys.get(&id).ok_or(AuthError::UnknownKey(id))?;
         let mut validation = Validation::new(Algorithm::HS256);
         validation.leeway = 0;
-        validation.validate_nbf = true;
         validation.set_required_spec_claims(&["exp"]);
         let data = jsonwebtoken::decode::<WireClaims>(
             token,
@@ -320,16 +323,19 @@ impl Keyring {
         )
         .map_err(|e| match e.kind() {
             jsonwebtoken::errors::ErrorKind::ExpiredSignature => AuthError::Expired,
-            jsonwebtoken::errors::ErrorKind::ImmatureSignature => {
-                AuthError::Invalid("the token is not valid yet (its nbf)".into())
-            }
             _ => AuthError::Invalid(e.to_string()),
         })?;
-        // Issued in the future (past a clock's drift): minted with a clock set wrong, or to
-        // outlive a key's rotation.
-        if data.claims.iat > unix_now().saturating_add(CLOCK_SKEW) {
+        // Issued, or valid only, in the future (past a clock's drift): minted with a clock set
+        // wrong, or to outlive a key's rotation. (The expiry has no leeway: it is ours.)
+        let latest = unix_now().saturating_add(CLOCK_SKEW);
+        if data.claims.iat > latest {
             return Err(AuthError::Invalid(
                 "the token was issued in the future".into(),
+            ));
+        }
+        if data.claims.nbf.is_some_and(|nbf| nbf > latest) {
+            return Err(AuthError::Invalid(
+                "the token is not valid yet (its nbf)".into(),
             ));
         }
         let scopes = data
@@ -452,7 +458,7 @@ mod tests {
         };
         assert_eq!(keyring.verify(&token(now, None)).unwrap().subject, "dave");
         // A clock a little ahead is no reason to refuse.
-        assert!(keyring.verify(&token(now + 60, Some(now))).is_ok());
+        assert!(keyring.verify(&token(now + 60, Some(now + 60))).is_ok());
         let err = keyring
             .verify(&token(now, Some(now + 86_400)))
             .unwrap_err()

@@ -37,8 +37,9 @@ pub struct Limits {
     pub upload_wait: Duration,
     /// How long an upload may send nothing before it is dropped.
     pub upload_stall: Duration,
-    /// Bytes per second an upload must average once it has run for `upload_stall`: one
-    /// trickling a byte at a time would otherwise hold its slot for good.
+    /// Bytes per second an upload must average, once it has run for `upload_stall`, while
+    /// another waits for its slot: one trickling a byte at a time would otherwise hold the slot
+    /// for good. (Uncontested, a slow link keeps its pace.)
     pub min_upload_rate: u64,
 }
 
@@ -63,6 +64,8 @@ pub struct AppState {
     keyring: Arc<std::sync::RwLock<Arc<Keyring>>>,
     pub limits: Limits,
     pub uploads: Arc<tokio::sync::Semaphore>,
+    /// Uploads waiting for a slot.
+    pub upload_waiters: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl AppState {
@@ -75,6 +78,7 @@ impl AppState {
             keyring: Arc::new(std::sync::RwLock::new(Arc::new(keyring))),
             limits,
             uploads,
+            upload_waiters: Arc::default(),
         }
     }
 

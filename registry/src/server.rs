@@ -3,7 +3,8 @@
 //! Connections are served by hyper directly rather than `axum::serve`, for two limits it does
 //! not set: a client must send a request's head within [`HEADER_READ`] (a half-sent one held
 //! its connection for good, and enough of them ran the process out of file descriptors), and at
-//! most [`MAX_CONNECTIONS`] are open at once (further ones wait in the listen backlog).
+//! most [`MAX_CONNECTIONS`] are open at once, fewer where the process may open fewer files
+//! (further ones wait in the listen backlog).
 
 use std::future::Future;
 use std::sync::Arc;
@@ -22,7 +23,8 @@ pub const HEADER_READ: Duration = Duration::from_secs(30);
 const MAX_CONNECTIONS: usize = 4096;
 
 /// Serves until `shutdown` completes, then stops accepting and lets requests in flight finish.
-/// A connection that has not sent a request's head within `header_read` is closed.
+/// A connection that has not sent a request's head within `header_read` (an idle one its next
+/// request's) is closed.
 pub async fn run(
     listener: TcpListener,
     router: Router,
@@ -33,7 +35,7 @@ pub async fn run(
     http.timer(TokioTimer::new())
         .header_read_timeout(header_read);
     let graceful = GracefulShutdown::new();
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let slots = Arc::new(tokio::sync::Semaphore::new(connection_cap()));
     tokio::pin!(shutdown);
     loop {
         let slot = tokio::select! {
@@ -70,6 +72,38 @@ pub async fn run(
     graceful.shutdown().await;
     Ok(())
 }
+
+/// How many connections may be open at once: [`MAX_CONNECTIONS`], within the files the process
+/// may open (raised to its hard limit: a soft one of 1024 is common), less a reserve for the
+/// store's files and the registry's own.
+fn connection_cap() -> usize {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    if limit.current < limit.maximum {
+        let raised = Rlimit {
+            current: limit.maximum,
+            maximum: limit.maximum,
+        };
+        if let Err(error) = setrlimit(Resource::Nofile, raised) {
+            tracing::debug!(%error, "raising the open-file limit failed");
+        }
+    }
+    let files = getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX);
+    let cap = usize::try_from(files.saturating_sub(FILE_RESERVE))
+        .unwrap_or(MAX_CONNECTIONS)
+        .clamp(16, MAX_CONNECTIONS);
+    if cap < MAX_CONNECTIONS {
+        tracing::info!(
+            connections = cap,
+            files,
+            "the open-file limit bounds the connections served at once"
+        );
+    }
+    cap
+}
+
+/// Files kept for other than connections.
+const FILE_RESERVE: u64 = 128;
 
 /// Completes on Ctrl-C or SIGTERM (what container runtimes send).
 pub async fn shutdown_signal() {

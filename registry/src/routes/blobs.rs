@@ -1,5 +1,7 @@
 use axum::Json;
 use axum::body::Body;
+use std::sync::atomic::Ordering;
+
 use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -116,8 +118,11 @@ pub async fn upload(
         ));
     }
     let limits = state.limits;
-    let _turn = tokio::time::timeout(limits.upload_wait, state.uploads.acquire())
-        .await
+    let waiters = &state.upload_waiters;
+    waiters.fetch_add(1, Ordering::Relaxed);
+    let turn = tokio::time::timeout(limits.upload_wait, state.uploads.acquire()).await;
+    waiters.fetch_sub(1, Ordering::Relaxed);
+    let _turn = turn
         .map_err(|_| {
             ApiError::new(
                 ErrorCode::Unavailable,
@@ -131,8 +136,8 @@ pub async fn upload(
         .map_err(|_| ApiError::new(ErrorCode::Unavailable, "shutting down"))?;
     let mut writer = BlobWriter::new(digest, limit);
     let mut stream = body.into_data_stream();
-    // An upload holds one of few slots: one that stops sending, or sends too slowly, gives it
-    // up (503: the client may retry, as after any broken link).
+    // An upload holds one of few slots: one that stops sending, or sends too slowly while
+    // others wait, gives it up (503: the client may retry, as after any broken link).
     let dropped = |why: String| {
         ApiError::new(
             ErrorCode::Unavailable,
@@ -156,10 +161,11 @@ pub async fn upload(
         writer.append(piece)?;
         let elapsed = started.elapsed();
         if elapsed > limits.upload_stall
+            && waiters.load(Ordering::Relaxed) > 0
             && (received as f64) < limits.min_upload_rate as f64 * elapsed.as_secs_f64()
         {
             return Err(dropped(format!(
-                "{received} bytes in {} s, under {} bytes/s",
+                "{received} bytes in {} s, under {} bytes/s while other uploads wait",
                 elapsed.as_secs(),
                 limits.min_upload_rate
             )));

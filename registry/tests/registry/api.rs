@@ -749,64 +749,79 @@ async fn bad_input_gets_4xx_never_500() {
     assert_eq!(shouted.status, StatusCode::OK);
 }
 
-/// A trickling upload cannot hold its slot, and one waiting for a slot is told to come back.
+/// A trickling upload keeps its slot only while nobody waits for it, and one waiting too long
+/// for a slot is told to come back.
 #[tokio::test]
 async fn uploads_give_up_busy_slots_and_slow_senders() {
-    let app = app_with(Limits {
+    let limits = |upload_wait, upload_stall| Limits {
         max_concurrent_uploads: 1,
-        upload_wait: Duration::from_millis(200),
-        upload_stall: Duration::from_millis(300),
+        upload_wait,
+        upload_stall,
         min_upload_rate: 1 << 20,
         ..Limits::default()
-    });
-    let token = app.token(&["legal/*:push"]);
+    };
+    let ms = Duration::from_millis;
     let path = |blob: &[u8]| {
         format!(
             "/v1/repos/legal/x/blobs/{}",
             cartridge_schemas::Digest::of(blob).hex()
         )
     };
-    // A byte every 50 ms, without end.
-    let trickle = futures::stream::unfold((), |()| async {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        Some((Ok::<_, std::io::Error>(bytes::Bytes::from_static(b"x")), ()))
-    });
-    let slow = tokio::spawn({
+    // An upload sending a byte every 50 ms, without end.
+    let trickle = |app: &App, token: &str| {
+        let trickle = futures::stream::unfold((), |()| async {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            Some((Ok::<_, std::io::Error>(bytes::Bytes::from_static(b"x")), ()))
+        });
         let router = app.router.clone();
         let request = Request::put(path(b"never"))
             .header(header::AUTHORIZATION, format!("Bearer {token}"))
             .body(Body::from_stream(trickle))
             .unwrap();
-        async move { router.oneshot(request).await.unwrap() }
-    });
-    tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::spawn(async move { router.oneshot(request).await.unwrap() })
+    };
+    let blob = path(b"blob");
+
+    // Alone, a slow upload keeps its slot.
+    let app = app_with(limits(ms(200), ms(100)));
+    let token = app.token(&["legal/*:push"]);
+    let slow = trickle(&app, &token);
+    tokio::time::sleep(ms(400)).await;
+    assert!(
+        !slow.is_finished(),
+        "an uncontested slow upload was dropped"
+    );
+    slow.abort();
+    // One waiting past its time for a slot is answered 503.
+    let app = app_with(limits(ms(200), Duration::from_secs(60)));
+    let token = app.token(&["legal/*:push"]);
+    let slow = trickle(&app, &token);
+    tokio::time::sleep(ms(50)).await;
     let message = app
-        .call(
-            Method::PUT,
-            &path(b"blob"),
-            Some(&token),
-            Body::from("blob"),
-            &[],
-        )
+        .call(Method::PUT, &blob, Some(&token), Body::from("blob"), &[])
         .await
         .error(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable);
     assert!(message.contains("upload slots stayed busy"), "{message}");
+    slow.abort();
+
+    // With another waiting, the slow one gives its slot up, and the other gets it.
+    let app = app_with(limits(Duration::from_secs(10), ms(300)));
+    let token = app.token(&["legal/*:push"]);
+    let slow = trickle(&app, &token);
+    tokio::time::sleep(ms(50)).await;
+    let put = app
+        .call(Method::PUT, &blob, Some(&token), Body::from("blob"), &[])
+        .await;
+    assert_eq!(put.status, StatusCode::CREATED);
     let slow = slow.await.unwrap();
     assert_eq!(slow.status(), StatusCode::SERVICE_UNAVAILABLE);
     let body = slow.into_body().collect().await.unwrap().to_bytes();
     let body: ErrorBody = serde_json::from_slice(&body).unwrap();
-    assert!(body.message.contains("bytes/s"), "{}", body.message);
-    // The slot is free again.
-    let retried = app
-        .call(
-            Method::PUT,
-            &path(b"blob"),
-            Some(&token),
-            Body::from("blob"),
-            &[],
-        )
-        .await;
-    assert_eq!(retried.status, StatusCode::CREATED);
+    assert!(
+        body.message.contains("while other uploads wait"),
+        "{}",
+        body.message
+    );
 }
 
 #[tokio::test]

@@ -1,5 +1,5 @@
-//! The server loop: connections that never finish a request's head are closed; requests are
-//! served and a shutdown lets the one in flight finish.
+//! The server loop: connections that never finish a request's head are closed, whole requests
+//! are served, and the loop ends when told.
 
 use std::io::{Read, Write};
 use std::time::{Duration, Instant};
