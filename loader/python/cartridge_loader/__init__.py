@@ -254,7 +254,11 @@ class Handle:
         return layers
 
     def dynamic_cache(self, device: str | None = None):
-        """A transformers ``DynamicCache`` holding the cartridge, ready for ``generate``."""
+        """A transformers ``DynamicCache`` holding the cartridge, ready for ``generate``.
+
+        The cache holds copies (``DynamicCache.update`` concatenates onto its own tensors), so
+        it stays usable after :meth:`release` and costs the cartridge's size again in GPU
+        memory; :meth:`tensors` gives the loader's memory itself."""
         from transformers import DynamicCache
 
         cache = DynamicCache()
