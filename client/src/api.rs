@@ -5,7 +5,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use cartridge_schemas::Digest;
 use cartridge_schemas::api::{
-    ErrorBody, MissingBlobsRequest, MissingBlobsResponse, NameList, NamespaceList,
+    ErrorBody, LISTING_PAGE, MissingBlobsRequest, MissingBlobsResponse, NameList, NamespaceList,
     NamespaceSettings, Published, RepositoryListing, Resolved, TagEntry, TagUpdate, UploadRequest,
     UploadResponse, UploadTarget,
 };
@@ -168,15 +168,16 @@ impl Client {
     /// Every version (page after page) and tag of a cartridge.
     pub async fn listing(&self, repo: &Repository) -> Result<RepositoryListing, ClientError> {
         let path = format!("/v1/repos/{repo}");
-        let mut listing: RepositoryListing = self.json(self.request(Method::GET, &path)?).await?;
+        let mut listing = self
+            .listing_page(&path, format!("limit={LISTING_PAGE}"))
+            .await?;
         while let Some(after) = listing.next.take() {
             // A version's `+` is a space in a query: encoded.
             let query = url::form_urlencoded::Serializer::new(String::new())
+                .append_pair("limit", &LISTING_PAGE.to_string())
                 .append_pair("after", after.as_str())
                 .finish();
-            let page: RepositoryListing = self
-                .json(self.request(Method::GET, &format!("{path}?{query}"))?)
-                .await?;
+            let page = self.listing_page(&path, query).await?;
             // Each page must move on, or a registry could keep the client asking.
             if page
                 .versions
@@ -194,11 +195,26 @@ impl Client {
                     retry_after: None,
                 });
             }
+            // Tags come with the first page alone.
             listing.versions.extend(page.versions);
-            listing.tags = page.tags;
             listing.next = page.next;
         }
         Ok(listing)
+    }
+
+    /// A cartridge's tags (with as few versions as a listing gives).
+    pub async fn tags(&self, repo: &Repository) -> Result<Vec<TagEntry>, ClientError> {
+        let path = format!("/v1/repos/{repo}");
+        Ok(self.listing_page(&path, "limit=1".into()).await?.tags)
+    }
+
+    async fn listing_page(
+        &self,
+        path: &str,
+        query: String,
+    ) -> Result<RepositoryListing, ClientError> {
+        self.json(self.request(Method::GET, &format!("{path}?{query}"))?)
+            .await
     }
 
     pub async fn resolve(
@@ -622,15 +638,15 @@ mod tests {
             |v: &str| serde_json::json!({"version": v, "manifest": Digest::of(v.as_bytes())});
         let server = serve(move |head, stream| {
             let body = match target(head) {
-                "/v1/repos/ns/x" => {
-                    serde_json::json!({"repository": "ns/x", "versions": [entry("v1")], "tags": [], "next": "v1+b"})
-                }
-                "/v1/repos/ns/x?after=v1%2Bb" => {
-                    serde_json::json!({"repository": "ns/x", "versions": [entry("v2")],
+                "/v1/repos/ns/x?limit=1000" => {
+                    serde_json::json!({"repository": "ns/x", "versions": [entry("v1")], "next": "v1+b",
                         "tags": [{"tag": "latest", "manifest": Digest::of(b"v2"), "generation": 2}]})
                 }
+                "/v1/repos/ns/x?limit=1000&after=v1%2Bb" => {
+                    serde_json::json!({"repository": "ns/x", "versions": [entry("v2")], "tags": []})
+                }
                 // A registry sending the client back where it was.
-                "/v1/repos/ns/loop" => {
+                "/v1/repos/ns/loop?limit=1000" => {
                     serde_json::json!({"repository": "ns/loop", "versions": [], "tags": [], "next": "v1"})
                 }
                 _ => {

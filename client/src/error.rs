@@ -24,7 +24,8 @@ pub enum ClientError {
         body: String,
         retry_after: Option<Duration>,
     },
-    #[error("cannot reach the registry at {url}: {source}")]
+    /// The registry, or the storage a download was sent on to, did not take the connection.
+    #[error("cannot reach {url}: {source}")]
     Connect { url: String, source: reqwest::Error },
     #[error("{0}")]
     Http(reqwest::Error),

@@ -267,7 +267,7 @@ async fn fetch_blob(
         let mut delays = retries();
         // How far the download has ever come: only new ground renews the retries (an answer
         // that empties the partial file would otherwise make the same bytes count again).
-        let mut furthest = hashed;
+        let mut furthest = partial_len(&partial);
         loop {
             // Bytes are hashed as they arrive; only what is already on disk (resumed, or
             // written before an attempt failed) is read back.

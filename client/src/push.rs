@@ -75,9 +75,9 @@ pub async fn move_tag_patiently(
                 deferred = true;
             }
             Err(error) if deferred && error.code() == Some(ErrorCode::TagMoved) => {
-                let listing = client.listing(repo).await?;
-                return listing
-                    .tags
+                return client
+                    .tags(repo)
+                    .await?
                     .into_iter()
                     .find(|entry| &entry.tag == tag && entry.manifest == update.manifest)
                     .ok_or(error);

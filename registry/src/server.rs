@@ -74,14 +74,16 @@ pub async fn run(
 }
 
 /// How many connections may be open at once: [`MAX_CONNECTIONS`], within the files the process
-/// may open (raised to its hard limit: a soft one of 1024 is common), less a reserve for the
-/// store's files and the registry's own.
+/// may open (raised as far as they need within its hard limit: a soft one of 1024 is common),
+/// less a reserve for the store's files and the registry's own.
 fn connection_cap() -> usize {
     use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
     let limit = getrlimit(Resource::Nofile);
-    if limit.current < limit.maximum {
+    // As many as the connections need, within the hard limit (`None` is unlimited).
+    let wanted = (MAX_CONNECTIONS as u64 + FILE_RESERVE).min(limit.maximum.unwrap_or(u64::MAX));
+    if limit.current.is_some_and(|current| current < wanted) {
         let raised = Rlimit {
-            current: limit.maximum,
+            current: Some(wanted),
             maximum: limit.maximum,
         };
         if let Err(error) = setrlimit(Resource::Nofile, raised) {

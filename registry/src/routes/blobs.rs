@@ -1,6 +1,6 @@
 use axum::Json;
 use axum::body::Body;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, Method, StatusCode, header};
@@ -119,9 +119,18 @@ pub async fn upload(
     }
     let limits = state.limits;
     let waiters = &state.upload_waiters;
-    waiters.fetch_add(1, Ordering::Relaxed);
-    let turn = tokio::time::timeout(limits.upload_wait, state.uploads.acquire()).await;
-    waiters.fetch_sub(1, Ordering::Relaxed);
+    let turn = {
+        // Counted while waiting, however the wait ends (a dropped request included).
+        struct Waiting<'a>(&'a AtomicUsize);
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+        waiters.fetch_add(1, Ordering::Relaxed);
+        let _waiting = Waiting(waiters);
+        tokio::time::timeout(limits.upload_wait, state.uploads.acquire()).await
+    };
     let _turn = turn
         .map_err(|_| {
             ApiError::new(

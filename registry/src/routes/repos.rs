@@ -11,8 +11,10 @@ use crate::error::ApiError;
 use crate::extract::{Caller, Params, query_param};
 use crate::storage::Key;
 
-/// `GET /v1/repos/{ns}/{name}[?after=VERSION&limit=N]`: a page of versions in reading order
-/// (those after `after`), and every tag. Only the page's versions are read.
+/// `GET /v1/repos/{ns}/{name}[?limit=N[&after=VERSION]]`: versions in reading order and, on the
+/// first page, the tags. Without `limit`, every version (as before pages); with it, up to N after
+/// `after`, and `next` when more follow. Only the page's versions are read, and a page holds
+/// one live version at least unless none is left: deleted ones' tombstones are read past.
 pub async fn listing(
     State(state): State<AppState>,
     caller: Caller,
@@ -25,7 +27,10 @@ pub async fn listing(
         .map(|v| v.parse())
         .transpose()?;
     let limit = match query_param(query.as_deref(), "limit") {
-        None => LISTING_PAGE,
+        None if after.is_some() => {
+            return Err(ApiError::bad_request("after needs a limit"));
+        }
+        None => usize::MAX,
         Some(text) => text
             .parse()
             .ok()
@@ -34,40 +39,55 @@ pub async fn listing(
                 ApiError::bad_request(format!("limit must be a number from 1 to {LISTING_PAGE}"))
             })?,
     };
-    let mut names = state.storage.version_names(&repo).await?;
+    let names = state.storage.version_names(&repo).await?;
+    let stored = !names.is_empty();
+    let mut rest: &[Version] = &names;
     if let Some(after) = &after {
-        names.retain(|v| v.precedence() > after.precedence());
+        let past = rest.partition_point(|v| v.precedence() <= after.precedence());
+        rest = &rest[past..];
     }
-    let next = (names.len() > limit).then(|| names[limit - 1].clone());
-    names.truncate(limit);
     let storage = &state.storage;
-    let read: Vec<Option<VersionEntry>> = futures::stream::iter(names)
-        .map(|version| {
-            let repo = &repo;
-            async move {
-                let manifest = storage.version(repo, &version).await?;
-                Ok::<_, ApiError>(manifest.map(|manifest| VersionEntry { version, manifest }))
-            }
-        })
-        .buffered(16)
-        .try_collect()
-        .await?;
-    let versions: Vec<VersionEntry> = read.into_iter().flatten().collect();
-    let tags: Vec<TagEntry> = state
-        .storage
-        .tags(&repo)
-        .await?
-        .into_iter()
-        .filter_map(|(tag, head)| {
-            Some(TagEntry {
-                tag,
-                manifest: head.manifest?,
-                generation: head.generation,
+    let mut versions = Vec::new();
+    while versions.is_empty() && !rest.is_empty() {
+        let (page, more) = rest.split_at(limit.min(rest.len()));
+        rest = more;
+        let read: Vec<Option<VersionEntry>> = futures::stream::iter(page.to_vec())
+            .map(|version| {
+                let repo = &repo;
+                async move {
+                    let manifest = storage.version(repo, &version).await?;
+                    Ok::<_, ApiError>(manifest.map(|manifest| VersionEntry { version, manifest }))
+                }
             })
-        })
-        .collect();
-    // A later page may be empty; the first is empty only for a cartridge with nothing in it.
-    if versions.is_empty() && tags.is_empty() && after.is_none() && next.is_none() {
+            .buffered(16)
+            .try_collect()
+            .await?;
+        versions.extend(read.into_iter().flatten());
+    }
+    // Where this page ended, if versions follow: the last name it read.
+    let next = (!rest.is_empty())
+        .then(|| names.get(names.len() - rest.len() - 1).cloned())
+        .flatten();
+    let tags: Vec<TagEntry> = if after.is_some() {
+        Vec::new()
+    } else {
+        state
+            .storage
+            .tags(&repo)
+            .await?
+            .into_iter()
+            .filter_map(|(tag, head)| {
+                Some(TagEntry {
+                    tag,
+                    manifest: head.manifest?,
+                    generation: head.generation,
+                })
+            })
+            .collect()
+    };
+    // Nothing to pull: never published, or every version deleted and no tag left.
+    let empty = versions.is_empty() && next.is_none();
+    if empty && tags.is_empty() && (after.is_none() || !stored) {
         return Err(ApiError::not_found(format!("{repo} has no versions")));
     }
     Ok(Json(RepositoryListing {

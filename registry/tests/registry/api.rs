@@ -336,22 +336,64 @@ async fn listings_come_in_pages() {
             .map(|v| v["version"].as_str().unwrap().to_owned())
             .collect()
     };
+    let tags = |listing: &Value| listing["tags"].as_array().unwrap().len();
+    let published: Published = app.push(&token, "legal/contracts", "v12", 9).await.json();
+    let update = json!({"manifest": published.digest});
+    let tag = app
+        .send_json(
+            Method::PUT,
+            "/v1/repos/legal/contracts/tags/stable",
+            Some(&token),
+            &update,
+        )
+        .await;
+    assert_eq!(tag.status, StatusCode::OK);
     let first: Value = page("?limit=2").await.json();
     assert_eq!(versions(&first), ["v1", "v2"]);
     assert_eq!(first["next"], "v2");
-    assert!(first["tags"].is_array(), "{first}");
+    assert_eq!(tags(&first), 1);
+    // Tags come with the first page alone.
     let second: Value = page("?after=v2&limit=2").await.json();
     assert_eq!(versions(&second), ["v3", "v10"]);
-    assert_eq!(second["next"], "v10");
+    assert_eq!((&second["next"], tags(&second)), (&json!("v10"), 0));
     let last: Value = page("?after=v10&limit=2").await.json();
-    assert_eq!(versions(&last), ["v11+build"]);
+    assert_eq!(versions(&last), ["v11+build", "v12"]);
     assert!(last.get("next").is_none(), "{last}");
     // `+` arrives encoded; a page past the end is empty, not missing.
-    let past: Value = page("?after=v11%2Bbuild").await.json();
+    let past: Value = page("?limit=5&after=v11%2Bbuild").await.json();
+    assert_eq!(versions(&past), ["v12"]);
+    let past: Value = page("?limit=5&after=v12").await.json();
     assert!(versions(&past).is_empty());
+    // Without a limit, everything (as before pages).
     let all: Value = page("").await.json();
-    assert_eq!(versions(&all), ["v1", "v2", "v3", "v10", "v11+build"]);
-    for bad in ["?limit=0", "?limit=1001", "?limit=x", "?after=V1"] {
+    assert_eq!(
+        versions(&all),
+        ["v1", "v2", "v3", "v10", "v11+build", "v12"]
+    );
+    assert_eq!((all.get("next"), tags(&all)), (None, 1));
+    // A page of deleted versions is read past: it holds a live one unless none is left.
+    let admin = app.token(&["legal/*:admin"]);
+    for version in ["v1", "v2", "v3"] {
+        let path = format!("/v1/repos/legal/contracts/versions/{version}");
+        let deleted = app
+            .call(Method::DELETE, &path, Some(&admin), Body::empty(), &[])
+            .await;
+        assert_eq!(deleted.status, StatusCode::NO_CONTENT);
+    }
+    let first: Value = page("?limit=2").await.json();
+    assert_eq!(versions(&first), ["v10"]);
+    assert_eq!(first["next"], "v10");
+    // A cartridge with nothing to list is missing, paged or not.
+    app.get("/v1/repos/legal/nothing?limit=2&after=v1", Some(&admin))
+        .await
+        .error(StatusCode::NOT_FOUND, ErrorCode::NotFound);
+    for bad in [
+        "?limit=0",
+        "?limit=1001",
+        "?limit=x",
+        "?limit=2&after=V1",
+        "?after=v1",
+    ] {
         page(bad)
             .await
             .error(StatusCode::BAD_REQUEST, ErrorCode::BadRequest);
