@@ -90,10 +90,15 @@ pub fn registry_url(host: &Registry) -> String {
 }
 
 /// One spelling per registry (`HTTP://Host:443/` → `http://host:443`, `https://h:443` →
-/// `https://h`), so a token saved for it is found however it is named. A URL with a path is
-/// left for the client to refuse.
+/// `https://h`), so a token saved for it is found however it is named. A bare `host[:port]`, as
+/// references name registries, is read as they read it (https, but http for this machine). A
+/// URL with a path is left for the client to refuse.
 pub fn normalize(url: &str) -> String {
-    match url::Url::parse(url) {
+    let bare = (!url.contains("://"))
+        .then(|| url.trim_end_matches('/').parse::<Registry>().ok())
+        .flatten();
+    let url = bare.as_ref().map_or_else(|| url.to_owned(), registry_url);
+    match url::Url::parse(&url) {
         Ok(parsed)
             if matches!(parsed.scheme(), "http" | "https")
                 && parsed.path() == "/"
@@ -241,6 +246,10 @@ mod tests {
         assert_eq!(normalize("HTTP://Reg.Example:80/"), "http://reg.example");
         assert_eq!(normalize("https://reg.example:443"), "https://reg.example");
         assert_eq!(normalize("http://127.0.0.1:7070/"), "http://127.0.0.1:7070");
+        // As a reference names its registry.
+        assert_eq!(normalize("127.0.0.1:7070"), "http://127.0.0.1:7070");
+        assert_eq!(normalize("localhost:7070/"), "http://localhost:7070");
+        assert_eq!(normalize("reg.example"), "https://reg.example");
         // A path is kept, for the client to refuse by name.
         assert_eq!(
             normalize("https://reg.example/v1/"),

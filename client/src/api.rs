@@ -188,12 +188,9 @@ impl Client {
                     .as_ref()
                     .is_some_and(|n| n.precedence() <= after.precedence())
             {
-                return Err(ClientError::Unexpected {
-                    status: 200,
-                    url: path,
-                    body: format!("a listing page after {after} went back"),
-                    retry_after: None,
-                });
+                return Err(ClientError::Answer(format!(
+                    "the listing of {repo} after {after} did not move on"
+                )));
             }
             // Tags come with the first page alone.
             listing.versions.extend(page.versions);
@@ -670,7 +667,7 @@ mod tests {
             .await
             .unwrap_err()
             .to_string();
-        assert!(error.contains("went back"), "{error}");
+        assert!(error.contains("did not move on"), "{error}");
     }
 
     #[tokio::test(flavor = "multi_thread")]

@@ -59,6 +59,9 @@ pub enum ClientError {
     },
     #[error("invalid manifest from the registry: {0}")]
     Manifest(String),
+    /// A well-formed answer that cannot be right (a listing page that does not move on).
+    #[error("unusable answer from the registry: {0}")]
+    Answer(String),
     #[error("{0}")]
     Usage(String),
 }

@@ -65,6 +65,7 @@ pub async fn pull(
     options: &PullOptions,
     progress: &dyn Progress,
 ) -> Result<PullReport, ClientError> {
+    sweep_assemblies(cache);
     let resolved = client.resolve(repo, selector).await?;
     let target = cache.cartridge(&resolved.digest);
     let manifest = Arc::new(resolved.manifest);
@@ -85,7 +86,6 @@ pub async fn pull(
         return Ok(report);
     }
 
-    sweep_assemblies(cache);
     let mut first = true;
     loop {
         let (ready, arrivals) = std::sync::mpsc::channel();
@@ -466,7 +466,7 @@ async fn download_into(
 const ASSEMBLING: &str = "partial-";
 
 /// Removes the files killed pulls left in `cartridges/` (full-size, so they add up): those no
-/// pull holds locked, untouched for a minute (one just made is locked a moment later).
+/// pull holds locked, untouched for some seconds (one just made is locked a moment later).
 fn sweep_assemblies(cache: &Cache) {
     let Ok(entries) = std::fs::read_dir(cache.cartridges()) else {
         return;
@@ -480,7 +480,7 @@ fn sweep_assemblies(cache: &Cache) {
         let idle = entry
             .metadata()
             .and_then(|m| m.modified())
-            .is_ok_and(|t| t.elapsed().is_ok_and(|age| age > Duration::from_secs(60)));
+            .is_ok_and(|t| t.elapsed().is_ok_and(|age| age > Duration::from_secs(10)));
         if !(assembling && idle) {
             continue;
         }

@@ -113,7 +113,7 @@ impl Resolver {
                     Ok(resolved)
                 }
                 None => Err(LoaderError::Unavailable(format!(
-                    "the registry cannot resolve {reference}: {error}"
+                    "resolving {reference} failed: {error}"
                 ))),
             },
             Err(error) => Err(client_error(error)),

@@ -51,9 +51,10 @@ pub fn run(args: LoginArgs) -> Result<()> {
             .insert(url.clone(), RegistryConfig { token: Some(token) });
         config.default_registry = Some(url.clone());
     })?;
+    let visible = namespaces.namespaces.len();
     println!(
-        "logged in to {url} ({} namespaces visible); it is now the default registry",
-        namespaces.namespaces.len()
+        "logged in to {url} ({visible} namespace{} visible); it is now the default registry",
+        if visible == 1 { "" } else { "s" }
     );
     Ok(())
 }

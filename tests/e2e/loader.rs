@@ -485,7 +485,7 @@ fn a_corrupted_disk_cache_blob_is_refetched_and_the_disk_cache_survives_restarts
     assert_eq!(status, 503, "never seen, and the registry is down: {body}");
     let message = body["message"].as_str().unwrap();
     assert!(
-        message.contains("the registry cannot resolve team/b@v1"),
+        message.contains("resolving team/b@v1 failed: cannot reach http://"),
         "the cause: {body}"
     );
     // Back, the registry serves what was missing, to the same loader.

@@ -471,6 +471,23 @@ fn a_killed_pull_resumes_where_it_stopped() {
     pull.kill().unwrap();
     pull.wait().unwrap();
     let kept = dir_bytes(&partial);
+    // The killed pull's half-built file, aged past the moment a new one stays unlocked.
+    let cartridges = dir.path().join("home/cache/cartridges");
+    let entries = || -> Vec<std::path::PathBuf> {
+        std::fs::read_dir(&cartridges)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect()
+    };
+    let left = entries();
+    assert_eq!(left.len(), 1, "{left:?}");
+    let aged = std::time::SystemTime::now() - Duration::from_secs(60);
+    std::fs::File::options()
+        .write(true)
+        .open(&left[0])
+        .unwrap()
+        .set_modified(aged)
+        .unwrap();
 
     let report: Value = registry
         .cartridge(
@@ -489,6 +506,12 @@ fn a_killed_pull_resumes_where_it_stopped() {
         std::fs::read(dir.path().join("big.safetensors")).unwrap()
     );
     assert_eq!(files_in(&partial), 0);
+    // What the killed pull left was swept; the cartridge is all that is there.
+    let now = entries();
+    assert!(
+        now.len() == 1 && now[0].extension().is_some_and(|e| e == "safetensors"),
+        "{now:?}"
+    );
 }
 
 #[test]
