@@ -75,9 +75,12 @@ pub async fn move_tag_patiently(
                 deferred = true;
             }
             Err(error) if deferred && error.code() == Some(ErrorCode::TagMoved) => {
-                return client
-                    .tags(repo)
-                    .await?
+                // A cartridge with nothing left to list has no tags: the move failed.
+                let tags = match client.tags(repo).await {
+                    Err(listing) if listing.code() == Some(ErrorCode::NotFound) => Vec::new(),
+                    listing => listing?,
+                };
+                return tags
                     .into_iter()
                     .find(|entry| &entry.tag == tag && entry.manifest == update.manifest)
                     .ok_or(error);

@@ -28,8 +28,8 @@ pub struct NameList {
     pub names: Vec<Name>,
 }
 
-/// `GET /v1/repos/{ns}/{name}[?after=VERSION&limit=N]`: one cartridge's versions in reading
-/// order, a page at a time, and all its tags.
+/// `GET /v1/repos/{ns}/{name}[?limit=N[&after=VERSION]]`: one cartridge's versions in reading
+/// order (all, or a page of N at a time), and its tags (on the first page).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RepositoryListing {
     pub repository: String,
@@ -40,7 +40,7 @@ pub struct RepositoryListing {
     pub next: Option<Version>,
 }
 
-/// Versions a listing answers at most at once (and by default).
+/// Versions a page of a listing holds at most.
 pub const LISTING_PAGE: usize = 1000;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

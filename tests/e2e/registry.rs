@@ -512,6 +512,19 @@ fn a_killed_pull_resumes_where_it_stopped() {
         now.len() == 1 && now[0].extension().is_some_and(|e| e == "safetensors"),
         "{now:?}"
     );
+    // A pull of what is cached sweeps too, once a leftover is some seconds old.
+    let leftover = cartridges.join("x.partial-1-0");
+    std::fs::write(&leftover, b"left").unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&leftover)
+        .unwrap()
+        .set_modified(std::time::SystemTime::now() - Duration::from_secs(15))
+        .unwrap();
+    registry
+        .cartridge(dir.path(), &token, &["pull", "legal/big@v1"])
+        .ok();
+    assert!(!leftover.exists());
 }
 
 #[test]

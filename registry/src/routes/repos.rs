@@ -47,10 +47,11 @@ pub async fn listing(
         rest = &rest[past..];
     }
     let storage = &state.storage;
-    let mut versions = Vec::new();
-    while versions.is_empty() && !rest.is_empty() {
-        let (page, more) = rest.split_at(limit.min(rest.len()));
-        rest = more;
+    // Up to `limit` live versions, read `limit` names at a time, then (past deleted ones) at
+    // least 16 at a time; `consumed` names of `rest` are behind the page.
+    let (mut versions, mut consumed, mut chunk) = (Vec::new(), 0, limit);
+    'reading: while versions.len() < limit && consumed < rest.len() {
+        let page = &rest[consumed..rest.len().min(consumed.saturating_add(chunk))];
         let read: Vec<Option<VersionEntry>> = futures::stream::iter(page.to_vec())
             .map(|version| {
                 let repo = &repo;
@@ -62,12 +63,17 @@ pub async fn listing(
             .buffered(16)
             .try_collect()
             .await?;
-        versions.extend(read.into_iter().flatten());
+        for entry in read {
+            consumed += 1;
+            versions.extend(entry);
+            if versions.len() == limit {
+                break 'reading;
+            }
+        }
+        chunk = chunk.max(16);
     }
-    // Where this page ended, if versions follow: the last name it read.
-    let next = (!rest.is_empty())
-        .then(|| names.get(names.len() - rest.len() - 1).cloned())
-        .flatten();
+    // Where this page ended, if versions follow: the last name it took.
+    let next = (consumed < rest.len()).then(|| rest[consumed - 1].clone());
     let tags: Vec<TagEntry> = if after.is_some() {
         Vec::new()
     } else {

@@ -381,12 +381,33 @@ async fn listings_come_in_pages() {
         assert_eq!(deleted.status, StatusCode::NO_CONTENT);
     }
     let first: Value = page("?limit=2").await.json();
-    assert_eq!(versions(&first), ["v10"]);
-    assert_eq!(first["next"], "v10");
-    // A cartridge with nothing to list is missing, paged or not.
+    assert_eq!(versions(&first), ["v10", "v11+build"]);
+    assert_eq!(first["next"], "v11+build");
+    // A cartridge with nothing to list is missing, paged or not: never published, or all
+    // deleted with no tag left.
     app.get("/v1/repos/legal/nothing?limit=2&after=v1", Some(&admin))
         .await
         .error(StatusCode::NOT_FOUND, ErrorCode::NotFound);
+    assert_eq!(
+        app.push(&admin, "legal/gone", "v1", 7).await.status,
+        StatusCode::CREATED
+    );
+    let gone = "/v1/repos/legal/gone";
+    let deleted = app
+        .call(
+            Method::DELETE,
+            &format!("{gone}/versions/v1"),
+            Some(&admin),
+            Body::empty(),
+            &[],
+        )
+        .await;
+    assert_eq!(deleted.status, StatusCode::NO_CONTENT);
+    for query in ["", "?limit=2"] {
+        app.get(&format!("{gone}{query}"), Some(&admin))
+            .await
+            .error(StatusCode::NOT_FOUND, ErrorCode::NotFound);
+    }
     for bad in [
         "?limit=0",
         "?limit=1001",
