@@ -100,7 +100,23 @@ impl Client {
         builder: RequestBuilder,
         limit: Duration,
     ) -> Result<Response, ClientError> {
-        check(self.exchange(builder, limit).await?).await
+        check(self.exchange(builder, limit).await?)
+            .await
+            .map_err(|error| match error {
+                // Tokens are saved per registry URL: one spelled otherwise finds none.
+                ClientError::Api {
+                    status: 401,
+                    code,
+                    message,
+                    retry_after,
+                } if self.token.is_none() => ClientError::Api {
+                    status: 401,
+                    code,
+                    message: format!("{message} (no token was sent to {})", self.base),
+                    retry_after,
+                },
+                other => other,
+            })
     }
 
     /// Sends a request and waits up to `limit` for the answer's head, whatever its status.

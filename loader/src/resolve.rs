@@ -145,9 +145,9 @@ impl Resolver {
 pub fn client_error(error: ClientError) -> LoaderError {
     match error.code() {
         Some(ErrorCode::NotFound) => LoaderError::UnknownReference(error.to_string()),
-        Some(ErrorCode::Unauthorized | ErrorCode::Forbidden) => {
-            LoaderError::Unavailable(format!("the registry refused the loader's token: {error}"))
-        }
+        Some(ErrorCode::Unauthorized | ErrorCode::Forbidden) => LoaderError::Unavailable(format!(
+            "the registry refused the loader (its --token): {error}"
+        )),
         // Answers that are not the API's (a redirect, a proxy's page): the registry URL the
         // loader was given does not reach a registry, which is what 503 says.
         _ if error.is_transient() || matches!(error, ClientError::Unexpected { .. }) => {

@@ -764,7 +764,15 @@ fn tokens_are_checked() {
     let err = registry
         .cartridge(dir.path(), "", &["pull", "legal/a@v1"])
         .fails();
-    assert!(err.contains("HTTP 401"), "{err}");
+    assert!(
+        err.contains("HTTP 401") && err.contains("no token was sent to http://127.0.0.1:"),
+        "{err}"
+    );
+    // One that was sent and refused is not said missing.
+    let err = registry
+        .cartridge(dir.path(), &expired, &["pull", "legal/a@v1"])
+        .fails();
+    assert!(!err.contains("no token was sent"), "{err}");
 
     // Anonymous pull, once an admin turns it on for the namespace.
     registry
