@@ -42,14 +42,29 @@ pub fn run(args: PullArgs) -> Result<()> {
         ..PullOptions::default()
     };
     let bar = Bar::new(&format!("pull {}", args.reference), args.json);
-    let report = super::runtime()?.block_on(pull(
-        &client,
-        &args.reference.repository,
-        &args.reference.selector,
-        &cache,
-        &options,
-        &bar,
-    ))?;
+    let runtime = super::runtime()?;
+    // Interrupted, the pull stops where it is: what it downloaded stays to resume from, and
+    // the half-built cartridge goes (its builder sees the downloads end) before the runtime
+    // does.
+    let pulled = runtime.block_on(async {
+        tokio::select! {
+            report = pull(
+                &client,
+                &args.reference.repository,
+                &args.reference.selector,
+                &cache,
+                &options,
+                &bar,
+            ) => Some(report),
+            _ = tokio::signal::ctrl_c() => None,
+        }
+    });
+    drop(runtime);
+    let Some(report) = pulled else {
+        eprintln!("interrupted; a later pull resumes what was downloaded");
+        std::process::exit(130);
+    };
+    let report = report?;
     if let Some(output) = &args.output {
         copy_atomically(&report.path, output)?;
     }

@@ -445,33 +445,26 @@ fn a_killed_pull_resumes_where_it_stopped() {
         )
         .ok();
 
-    let mut pull = registry
-        .command(
-            dir.path(),
-            &token,
-            &[
-                "pull",
-                "legal/big@v1",
-                "--limit-rate",
-                "2MiB",
-                "--jobs",
-                "1",
-            ],
-        )
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let slow_pull = || {
+        registry
+            .command(
+                dir.path(),
+                &token,
+                &[
+                    "pull",
+                    "legal/big@v1",
+                    "--limit-rate",
+                    "2MiB",
+                    "--jobs",
+                    "1",
+                ],
+            )
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
     let partial = dir.path().join("home/cache/partial");
-    wait_until(
-        "part of the blob to arrive",
-        Duration::from_secs(60),
-        || dir_bytes(&partial) > 1 << 20,
-    );
-    pull.kill().unwrap();
-    pull.wait().unwrap();
-    let kept = dir_bytes(&partial);
-    // The killed pull's half-built file, aged past the moment a new one stays unlocked.
     let cartridges = dir.path().join("home/cache/cartridges");
     let entries = || -> Vec<std::path::PathBuf> {
         std::fs::read_dir(&cartridges)
@@ -479,6 +472,33 @@ fn a_killed_pull_resumes_where_it_stopped() {
             .map(|e| e.unwrap().path())
             .collect()
     };
+    // Interrupted (Ctrl-C), a pull keeps what it downloaded and removes what it was building.
+    let mut pull = slow_pull();
+    wait_until("a first MiB to arrive", Duration::from_secs(60), || {
+        dir_bytes(&partial) > 1 << 20
+    });
+    let interrupted = std::process::Command::new("kill")
+        .args(["-INT", &pull.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(interrupted.success());
+    let status = crate::support::exit_within(&mut pull, Duration::from_secs(30))
+        .expect("an interrupted pull did not stop");
+    assert_eq!(status.code(), Some(130));
+    assert_eq!(entries(), Vec::<std::path::PathBuf>::new());
+    let downloaded = dir_bytes(&partial);
+    assert!(downloaded > 1 << 20);
+    // Killed outright, it leaves its half-built file to a later pull's sweep.
+    let mut pull = slow_pull();
+    wait_until(
+        "more of the blob to arrive",
+        Duration::from_secs(60),
+        || dir_bytes(&partial) > downloaded + (1 << 20),
+    );
+    pull.kill().unwrap();
+    pull.wait().unwrap();
+    let kept = dir_bytes(&partial);
+    // Aged past the moment a new one stays unlocked.
     let left = entries();
     assert_eq!(left.len(), 1, "{left:?}");
     let aged = std::time::SystemTime::now() - Duration::from_secs(60);
