@@ -30,6 +30,13 @@ impl Bar {
     }
 }
 
+impl Bar {
+    /// Leaves the bar where it stopped, for a message to follow on its own line.
+    pub fn abandon(&self) {
+        self.bar.abandon();
+    }
+}
+
 impl Progress for Bar {
     fn begin(&self, total: u64, already: u64) {
         self.bar.set_length(total);

@@ -248,7 +248,7 @@ async fn fetch_blob(
     // One downloader per blob at a time, across tasks and processes: an exclusive lock on the
     // partial file. Whoever waited finds the blob done (the file it locked was renamed into
     // place) and has nothing to fetch.
-    let _lock = lock_partial(&partial).await?;
+    let held = lock_partial(&partial).await?;
     if cache.blob(&blob.digest).exists() {
         // The partial file is the empty one this call made; it goes under the lock.
         let _ = tokio::fs::remove_file(&partial).await;
@@ -278,7 +278,7 @@ async fn fetch_blob(
                 client,
                 repo,
                 &blob,
-                &partial,
+                (&partial, &held),
                 (&mut hasher, &mut hashed),
                 options,
                 progress,
@@ -355,11 +355,13 @@ async fn truncate(partial: &Path) -> Result<(), ClientError> {
 }
 
 /// Appends the rest of a blob to its partial file, from where the file ends, hashing as it goes.
+/// Writes go through `held`, the partial file as locked (opened for appending): the lock lasts
+/// until the last write is done, even one still running when a download is dropped mid-way.
 async fn download_into(
     client: &Client,
     repo: &Repository,
     blob: &BlobInfo,
-    partial: &Path,
+    (partial, held): (&Path, &std::fs::File),
     (hasher, hashed): (&mut blake3::Hasher, &mut u64),
     options: &PullOptions,
     progress: &dyn Progress,
@@ -371,12 +373,7 @@ async fn download_into(
     let response = client
         .blob(repo, &blob.digest, resumed_from, options.stall_timeout)
         .await?;
-    let file = tokio::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(partial)
-        .await
-        .map_err(ClientError::io(partial))?;
+    let file = tokio::fs::File::from_std(held.try_clone().map_err(ClientError::io(partial))?);
     // Where the body starts in the blob: a whole blob (200) from 0, a range from where its
     // Content-Range says (a proxy may answer a range other than the one asked for).
     let starts_at = if response.status() == reqwest::StatusCode::PARTIAL_CONTENT {
@@ -742,11 +739,15 @@ mod tests {
             size: BLOB.len() as u64,
         };
         let (mut hasher, mut hashed) = hash_file(&partial).await.unwrap();
+        let held = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&partial)
+            .unwrap();
         let outcome = download_into(
             &client,
             &"team/blobs".parse().unwrap(),
             &blob,
-            &partial,
+            (&partial, &held),
             (&mut hasher, &mut hashed),
             &PullOptions::default(),
             &crate::NoProgress,

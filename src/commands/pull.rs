@@ -45,7 +45,7 @@ pub fn run(args: PullArgs) -> Result<()> {
     let runtime = super::runtime()?;
     // Interrupted, the pull stops where it is: what it downloaded stays to resume from, and
     // the half-built cartridge goes (its builder sees the downloads end) before the runtime
-    // does.
+    // does. Further Ctrl-Cs wait for that (a pull caught in its last decode finishes it first).
     let pulled = runtime.block_on(async {
         tokio::select! {
             report = pull(
@@ -61,6 +61,7 @@ pub fn run(args: PullArgs) -> Result<()> {
     });
     drop(runtime);
     let Some(report) = pulled else {
+        bar.abandon();
         eprintln!("interrupted; a later pull resumes what was downloaded");
         std::process::exit(130);
     };
