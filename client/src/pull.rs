@@ -698,28 +698,19 @@ fn split_ranges<'a>(
 mod tests {
     use super::*;
 
-    /// A registry that answers one request with `status`, `headers` and `body`.
+    /// A registry that answers with `status`, `headers` and `body`.
     fn answering(status: &str, headers: &str, body: &'static [u8]) -> String {
-        use std::io::{BufRead, Write};
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
+        use std::io::Write;
         let (status, headers) = (status.to_owned(), headers.to_owned());
-        std::thread::spawn(move || {
-            let (mut stream, _) = listener.accept().unwrap();
-            let mut request = std::io::BufReader::new(stream.try_clone().unwrap());
-            let mut line = String::new();
-            while request.read_line(&mut line).unwrap() > 2 {
-                line.clear();
-            }
-            write!(
+        crate::testing::serve(move |_, stream| {
+            let _ = write!(
                 stream,
                 "HTTP/1.1 {status}\r\n{headers}Content-Length: {}\r\nConnection: close\r\n\r\n",
                 body.len()
             )
-            .unwrap();
-            stream.write_all(body).unwrap();
-        });
-        url
+            .and_then(|()| stream.write_all(body));
+        })
+        .url
     }
 
     /// Resumes a download of `BLOB` whose first 4 bytes are on disk, from a registry answering
