@@ -1,6 +1,7 @@
 use std::path::PathBuf;
 
 use anyhow::{Result, bail};
+use cartridge_schemas::Reference;
 use cartridge_schemas::file::Cartridge;
 use clap::Args;
 use serde_json::json;
@@ -41,6 +42,15 @@ pub fn run(args: VerifyArgs) -> Result<()> {
                 println!(
                     "{}",
                     json!({"file": args.file, "ok": false, "error": error.to_string()})
+                );
+            }
+            // A reference given for a file: pulling is how a published cartridge is checked.
+            let named = args.file.to_str().is_some_and(|text| {
+                !args.file.exists() && text.contains('@') && text.parse::<Reference>().is_ok()
+            });
+            if named {
+                bail!(
+                    "{file}: no such file; `cartridge pull {file}` fetches a published cartridge and verifies it the same way"
                 );
             }
             bail!("{file}: {error}")

@@ -317,6 +317,8 @@ fn verify_names_each_defect() {
         err.contains("it is a folder, not a cartridge file"),
         "{err}"
     );
+    let err = cartridge(dir.path(), &["verify", "legal/contracts@v3"]).fails();
+    assert!(err.contains("`cartridge pull legal/contracts@v3`"), "{err}");
 
     let bytes = std::fs::read(&good).unwrap();
 
