@@ -53,8 +53,12 @@ pub const GC_LEASE_TTL: Duration = Duration::from_secs(10 * 60);
 pub enum StorageError {
     #[error("{what} not found")]
     NotFound { what: String },
-    #[error("{reference} already exists; published versions never change")]
-    VersionExists { reference: String },
+    #[error("{reference} {}", if *deleted {
+        "was deleted, and a version's name is never used again"
+    } else {
+        "already exists; published versions never change"
+    })]
+    VersionExists { reference: String, deleted: bool },
     #[error("{what} is in use by {by}: move or delete that first")]
     InUse { what: String, by: String },
     #[error("tag {reference} moved: it points at {current}, not {expected}")]
@@ -805,14 +809,8 @@ impl Storage {
         manifest: &Manifest,
     ) -> Result<Digest> {
         let exists = |deleted: bool| StorageError::VersionExists {
-            reference: format!(
-                "{repo}@{version}{}",
-                if deleted {
-                    " (deleted; a version name is never reused)"
-                } else {
-                    ""
-                }
-            ),
+            reference: format!("{repo}@{version}"),
+            deleted,
         };
         if let Some(pointer) = self.version_pointer(repo, version).await? {
             return Err(exists(pointer.is_none()));

@@ -222,7 +222,7 @@ async fn publish(storage: &Storage) {
         .unwrap_err();
     assert!(
         err.to_string()
-            .contains("deleted; a version name is never reused"),
+            .contains("was deleted, and a version's name is never used again"),
         "{err}"
     );
     assert!(matches!(
