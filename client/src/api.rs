@@ -100,23 +100,26 @@ impl Client {
         builder: RequestBuilder,
         limit: Duration,
     ) -> Result<Response, ClientError> {
-        check(self.exchange(builder, limit).await?)
-            .await
-            .map_err(|error| match error {
-                // Tokens are saved per registry URL: one spelled otherwise finds none.
-                ClientError::Api {
-                    status: 401,
-                    code,
-                    message,
-                    retry_after,
-                } if self.token.is_none() => ClientError::Api {
-                    status: 401,
-                    code,
-                    message: format!("{message} (no token was sent to {})", self.base),
-                    retry_after,
-                },
-                other => other,
-            })
+        self.checked(self.exchange(builder, limit).await?).await
+    }
+
+    /// [`check`], saying so where a 401 answers a client that sent no token: tokens are saved
+    /// per registry URL, and one spelled otherwise finds none.
+    async fn checked(&self, response: Response) -> Result<Response, ClientError> {
+        check(response).await.map_err(|error| match error {
+            ClientError::Api {
+                status: 401,
+                code,
+                message,
+                retry_after,
+            } if self.token.is_none() => ClientError::Api {
+                status: 401,
+                code,
+                message: format!("{message} (no token was sent to {})", self.base),
+                retry_after,
+            },
+            other => other,
+        })
     }
 
     /// Sends a request and waits up to `limit` for the answer's head, whatever its status.
@@ -398,7 +401,7 @@ impl Client {
             };
             response = self.exchange(range(self.http.get(next)), limit).await?;
         }
-        check(response).await
+        self.checked(response).await
     }
 }
 

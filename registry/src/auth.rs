@@ -295,12 +295,17 @@ impl Keyring {
             exp: now.saturating_add(ttl.as_secs()),
             nbf: None,
         };
+        self.sign(&claims)
+    }
+
+    /// A token of `claims`, signed with the signing key and naming it.
+    fn sign(&self, claims: &WireClaims) -> Result<String, AuthError> {
         let mut header = Header::new(Algorithm::HS256);
         header.kid = Some(self.signing.clone());
         let secret = &self.keys[&self.signing];
         jsonwebtoken::encode(
             &header,
-            &claims,
+            claims,
             &EncodingKey::from_secret(secret.as_bytes()),
         )
         .map_err(|e| AuthError::Invalid(e.to_string()))
@@ -435,26 +440,16 @@ mod tests {
     #[test]
     fn tokens_not_valid_yet_are_refused() {
         let keyring = Keyring::generate();
-        let sign = |claims: serde_json::Value| {
-            let mut header = Header::new(Algorithm::HS256);
-            header.kid = Some(keyring.signing.clone());
-            let secret = &keyring.keys[&keyring.signing];
-            jsonwebtoken::encode(
-                &header,
-                &claims,
-                &EncodingKey::from_secret(secret.as_bytes()),
-            )
-            .unwrap()
-        };
         let now = unix_now();
         let token = |iat: u64, nbf: Option<u64>| {
-            let mut claims = serde_json::json!({
-                "sub": "dave", "scopes": ["*:admin"], "iat": iat, "exp": now + 3600,
-            });
-            if let Some(nbf) = nbf {
-                claims["nbf"] = nbf.into();
-            }
-            sign(claims)
+            let claims = WireClaims {
+                sub: "dave".into(),
+                scopes: vec!["*:admin".into()],
+                iat,
+                exp: now + 3600,
+                nbf,
+            };
+            keyring.sign(&claims).unwrap()
         };
         assert_eq!(keyring.verify(&token(now, None)).unwrap().subject, "dave");
         // A clock a little ahead is no reason to refuse.
