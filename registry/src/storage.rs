@@ -165,6 +165,18 @@ impl Key<'_> {
     }
 }
 
+/// What in a repository holds a manifest.
+struct Holders {
+    versions: Vec<Version>,
+    tags: Vec<String>,
+}
+
+impl Holders {
+    fn is_empty(&self) -> bool {
+        self.versions.is_empty() && self.tags.is_empty()
+    }
+}
+
 /// Whether content made publishable must already be part of the repository (a tag move) or
 /// becomes part of it (a publish).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -820,6 +832,11 @@ impl Storage {
             manifest: Some(digest),
         });
         if !self.create(Key::Version(repo, version), pointer).await? {
+            // The loser linked its manifest too: unless something else here holds it, the
+            // content it was told did not publish must not be readable or taggable by digest.
+            if self.holders(repo, &digest).await?.is_empty() {
+                self.unlink_manifest(repo, &digest).await?;
+            }
             return Err(exists(false));
         }
         // Again: a deletion of another version of this content, deciding meanwhile that nothing
@@ -839,19 +856,13 @@ impl Storage {
                 what: format!("{repo}@{version}"),
             });
         };
-        let held_elsewhere = (self.versions(repo).await?)
-            .iter()
-            .any(|(other, d)| other != version && *d == digest);
-        let tags: Vec<String> = (self.tags(repo).await?)
-            .into_iter()
-            .filter(|(_, head)| head.manifest == Some(digest))
-            .map(|(tag, _)| tag.to_string())
-            .collect();
-        if !held_elsewhere && !tags.is_empty() {
-            return Err(StorageError::InUse {
-                what: format!("{repo}@{version}"),
-                by: format!("tag {}", tags.join(", ")),
-            });
+        let in_use = |tags: Vec<String>| StorageError::InUse {
+            what: format!("{repo}@{version}"),
+            by: format!("tag {}", tags.join(", ")),
+        };
+        let before = self.holders(repo, &digest).await?;
+        if !before.versions.iter().any(|v| v != version) && !before.tags.is_empty() {
+            return Err(in_use(before.tags));
         }
         let tombstone = json_bytes(&Pointer { manifest: None });
         self.store
@@ -860,17 +871,55 @@ impl Storage {
                 PutPayload::from(tombstone),
             )
             .await?;
+        // Decided again once the tombstone is written: deletions of two versions of one content
+        // at once each saw the other still there. Whichever finds no version left after its own
+        // write undoes it if a tag points there, so a tag never outlives the last version of its
+        // content (both may be refused, never both done).
+        let after = self.holders(repo, &digest).await?;
+        if !after.versions.is_empty() {
+            return Ok(());
+        }
+        if !after.tags.is_empty() {
+            let pointer = json_bytes(&Pointer {
+                manifest: Some(digest),
+            });
+            self.store
+                .put(
+                    &Key::Version(repo, version).path(),
+                    PutPayload::from(pointer),
+                )
+                .await?;
+            return Err(in_use(after.tags));
+        }
         // Nothing else holds it: its content is no longer the repository's to tag or read by
         // digest (collection would have taken the link; a tag moved by digest meanwhile would
-        // have served deleted content). A publish of the same content meanwhile writes the link
-        // again once its version exists; a tag moved onto it between the check above and the
-        // tombstone is the window left.
-        if !held_elsewhere {
-            self.delete(Key::ManifestLink(repo, &digest)).await?;
-            let holders = self.versions(repo).await?;
-            if holders.iter().any(|(_, d)| *d == digest) {
-                self.link_manifest(repo, &digest).await?;
-            }
+        // have served deleted content). A tag moved onto it between the check above and the
+        // link's removal is the window left.
+        self.unlink_manifest(repo, &digest).await
+    }
+
+    /// The live versions and the tags of `repo` that point at `digest`.
+    async fn holders(&self, repo: &Repository, digest: &Digest) -> Result<Holders> {
+        let versions = (self.versions(repo).await?)
+            .into_iter()
+            .filter(|(_, d)| d == digest)
+            .map(|(version, _)| version)
+            .collect();
+        let tags = (self.tags(repo).await?)
+            .into_iter()
+            .filter(|(_, head)| head.manifest == Some(*digest))
+            .map(|(tag, _)| tag.to_string())
+            .collect();
+        Ok(Holders { versions, tags })
+    }
+
+    /// Takes a manifest out of `repo`, found unheld. A publish of the same content meanwhile
+    /// links it again once its version exists; one whose version came before the removal is
+    /// seen here, and the link put back.
+    async fn unlink_manifest(&self, repo: &Repository, digest: &Digest) -> Result<()> {
+        self.delete(Key::ManifestLink(repo, digest)).await?;
+        if !self.holders(repo, digest).await?.versions.is_empty() {
+            self.link_manifest(repo, digest).await?;
         }
         Ok(())
     }

@@ -239,6 +239,7 @@ async fn concurrent_publishes(storage: &Storage) {
         upload_all(storage, &repo, &chunks).await;
         contenders.push(manifest);
     }
+    let digests: Vec<Digest> = contenders.iter().map(|m| m.digest()).collect();
     let tasks: Vec<_> = contenders
         .into_iter()
         .map(|manifest| {
@@ -263,6 +264,84 @@ async fn concurrent_publishes(storage: &Storage) {
     assert_eq!(
         storage.version(&repo, &version("v1")).await.unwrap(),
         Some(winners[0])
+    );
+    // A loser's content did not publish: it cannot be read or tagged by digest.
+    for digest in digests.iter().filter(|d| **d != winners[0]) {
+        assert!(
+            !storage
+                .exists(Key::ManifestLink(&repo, digest))
+                .await
+                .unwrap(),
+            "a losing publish left {digest} in the repository"
+        );
+    }
+    assert!(
+        storage
+            .exists(Key::ManifestLink(&repo, &winners[0]))
+            .await
+            .unwrap()
+    );
+}
+
+/// Deleting every version of one content at once: while a tag points at it, one version always
+/// survives (each deletion saw the others still there); with no tag, the content leaves the
+/// repository.
+async fn concurrent_deletes(storage: &Storage) {
+    let repo = repo("race/delete");
+    let (manifest, chunks) = encoded(40);
+    upload_all(storage, &repo, &chunks).await;
+    let names: Vec<Version> = (0..8).map(|i| version(&format!("3.0.{i}"))).collect();
+    let delete_all = |names: Vec<Version>| {
+        let tasks: Vec<_> = names
+            .into_iter()
+            .map(|name| {
+                let (storage, repo) = (storage.clone(), repo.clone());
+                tokio::spawn(async move { storage.delete_version(&repo, &name).await })
+            })
+            .collect();
+        futures::future::join_all(tasks)
+    };
+    for name in &names {
+        storage.publish(&repo, name, &manifest).await.unwrap();
+    }
+    let digest = manifest.digest();
+    storage
+        .move_tag(&repo, &tag("keep"), Some(digest), TagCondition::Always)
+        .await
+        .unwrap();
+    for outcome in delete_all(names.clone()).await {
+        match outcome.unwrap() {
+            Ok(()) | Err(StorageError::InUse { .. }) => {}
+            Err(other) => panic!("unexpected {other}"),
+        }
+    }
+    let left = storage.versions(&repo).await.unwrap();
+    assert!(
+        left.iter().any(|(_, d)| *d == digest),
+        "the tag outlived every version of its content"
+    );
+    assert!(
+        storage
+            .exists(Key::ManifestLink(&repo, &digest))
+            .await
+            .unwrap()
+    );
+
+    storage
+        .move_tag(&repo, &tag("keep"), None, TagCondition::Always)
+        .await
+        .unwrap();
+    let survivors = left.into_iter().map(|(name, _)| name).collect();
+    for outcome in delete_all(survivors).await {
+        outcome.unwrap().unwrap();
+    }
+    assert!(storage.versions(&repo).await.unwrap().is_empty());
+    assert!(
+        !storage
+            .exists(Key::ManifestLink(&repo, &digest))
+            .await
+            .unwrap(),
+        "deleting every version at once left the content in the repository"
     );
 }
 
@@ -917,6 +996,7 @@ async fn conformance(storage: Storage) {
     manifests(&storage).await;
     publish(&storage).await;
     concurrent_publishes(&storage).await;
+    concurrent_deletes(&storage).await;
     tags(&storage).await;
     listings_and_settings(&storage).await;
     garbage_collection(&storage).await;
