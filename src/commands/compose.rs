@@ -5,6 +5,7 @@ use cartridge_schemas::file::{self, Cartridge, LayerData, NewCartridge, Part};
 use clap::Args;
 use serde_json::json;
 
+use super::{Input, check_outputs};
 use crate::output::human_bytes;
 
 /// Concatenate cartridges along the token axis, in the order given, into one that answers about
@@ -23,6 +24,12 @@ pub struct ComposeArgs {
 }
 
 pub fn run(args: ComposeArgs) -> Result<()> {
+    let inputs: Vec<(Input, &Path)> = args
+        .parts
+        .iter()
+        .map(|p| (Input::File, p.as_path()))
+        .collect();
+    check_outputs(&[("output", &args.output)], &inputs)?;
     let parts = args
         .parts
         .iter()

@@ -21,6 +21,7 @@ use cartridge_trainer::model::ModelSource;
 use clap::Args;
 use serde_json::json;
 
+use super::{Input, check_outputs};
 use crate::output::human_bytes;
 use cartridge_schemas::paths::Paths;
 
@@ -43,7 +44,16 @@ pub struct ImportArgs {
 }
 
 pub fn run(args: ImportArgs) -> Result<()> {
-    let model = ModelSource::resolve(&args.model, &Paths::from_env()?.models())?.fingerprint()?;
+    let source = ModelSource::resolve(&args.model, &Paths::from_env()?.models())?;
+    let inputs: Vec<(Input, &Path)> = std::iter::once((Input::File, args.file.as_path()))
+        // A fingerprint names no model file, but is read from one.
+        .chain(Some((
+            Input::Model,
+            source.path().unwrap_or(Path::new(&args.model)),
+        )))
+        .collect();
+    check_outputs(&[("output", &args.output)], &inputs)?;
+    let model = source.fingerprint()?;
     let cache = ReferenceCache::read(&args.file)
         .with_context(|| format!("importing {}", args.file.display()))?;
     let header = cache.write(&args.file, model, &args.output)?;

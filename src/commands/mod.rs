@@ -13,9 +13,10 @@ pub mod tag;
 pub mod train;
 pub mod verify;
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use bytesize::ByteSize;
 use cartridge_client::{Client, RateLimit};
 use cartridge_schemas::reference::Registry;
@@ -57,6 +58,50 @@ impl TransferArgs {
         self.limit_rate
             .map(|rate| Arc::new(RateLimit::new(rate.as_u64())))
     }
+}
+
+/// What a command reads, which what it writes must not land on.
+pub enum Input {
+    Corpus,
+    Model,
+    /// A file it converts or combines.
+    File,
+}
+
+/// Refuses an output that would write over an input, or land inside an input folder: inside a
+/// corpus folder the next run would read it as corpus, inside a model folder as part of the
+/// model.
+pub fn check_outputs(outputs: &[(&str, &Path)], inputs: &[(Input, &Path)]) -> Result<()> {
+    let inputs: Vec<(&Input, PathBuf)> = inputs
+        .iter()
+        .filter_map(|(kind, path)| Some((kind, path.canonicalize().ok()?)))
+        .collect();
+    for (what, path) in outputs {
+        let resolved = cartridge_trainer::pipeline::resolve(path);
+        // A file's path starts with nothing but itself.
+        if let Some((kind, inside)) = inputs.iter().find(|(_, c)| resolved.starts_with(c)) {
+            let (place, harm) = match (inside.is_dir(), kind) {
+                (true, Input::Corpus) => (
+                    "lies inside the corpus folder",
+                    "the next run would read it as corpus",
+                ),
+                (true, Input::Model) => (
+                    "lies inside the model folder",
+                    "it would be read as part of the model",
+                ),
+                (true, Input::File) => ("lies inside the input folder", "it would be read as one"),
+                (false, Input::Corpus) => ("is the corpus file", "it would be written over"),
+                (false, Input::Model) => ("is the model file", "it would be written over"),
+                (false, Input::File) => ("is the input file", "it would be written over"),
+            };
+            bail!(
+                "the {what} {} {place} {}: {harm}",
+                path.display(),
+                inside.display()
+            );
+        }
+    }
+    Ok(())
 }
 
 /// A multi-threaded runtime for the network commands.

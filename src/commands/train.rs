@@ -1,5 +1,5 @@
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -10,11 +10,12 @@ use cartridge_schemas::paths::Paths;
 use cartridge_trainer::corpus::Corpus;
 use cartridge_trainer::distill::DistillOptions;
 use cartridge_trainer::model::ModelSource;
-use cartridge_trainer::pipeline::{Objective, TrainProgress, TrainRequest, resolve, train};
+use cartridge_trainer::pipeline::{Objective, TrainProgress, TrainRequest, train};
 use cartridge_trainer::synthesis::SynthesisOptions;
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
+use super::{Input, check_outputs};
 use crate::output::human_bytes;
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -196,41 +197,20 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let paths = Paths::from_env()?;
     let source = ModelSource::resolve(&args.model, &paths.models())?;
     // Written inside a corpus folder, the cartridge and the work would be read as corpus by
-    // the next run (a resume would find another corpus); inside a model folder, as part of the
-    // model; over either's file, they would replace it.
-    let inputs: Vec<(Input, PathBuf)> = args
+    // the next run (a resume would find another corpus).
+    let inputs: Vec<(Input, &Path)> = args
         .corpus
         .iter()
         .map(|c| (Input::Corpus, c.as_path()))
         .chain(source.path().map(|m| (Input::Model, m)))
-        .filter_map(|(kind, path)| Some((kind, path.canonicalize().ok()?)))
         .collect();
     // Found out now, not when the cartridge is written at the end of the run.
     cartridge_schemas::file::check_destination(&args.output)
         .with_context(|| format!("cannot write {}", args.output.display()))?;
-    for (what, path) in [("output", &args.output), ("work directory", &work_dir)] {
-        let resolved = resolve(path);
-        // A file's path starts with nothing but itself.
-        if let Some((kind, inside)) = inputs.iter().find(|(_, c)| resolved.starts_with(c)) {
-            let (place, harm) = match (inside.is_dir(), kind) {
-                (true, Input::Corpus) => (
-                    "lies inside the corpus folder",
-                    "the next run would read it as corpus",
-                ),
-                (true, Input::Model) => (
-                    "lies inside the model folder",
-                    "it would be read as part of the model",
-                ),
-                (false, Input::Corpus) => ("is the corpus file", "it would be written over"),
-                (false, Input::Model) => ("is the model file", "it would be written over"),
-            };
-            bail!(
-                "the {what} {} {place} {}: {harm}",
-                path.display(),
-                inside.display()
-            );
-        }
-    }
+    check_outputs(
+        &[("output", &args.output), ("work directory", &work_dir)],
+        &inputs,
+    )?;
     // Read before the model, which takes a while to load: a wrong path fails at once.
     let corpus = Corpus::read(&args.corpus)?;
     let (device, dtype) = args.device.open()?;
@@ -309,10 +289,4 @@ pub fn run(args: TrainArgs) -> Result<()> {
         );
     }
     Ok(())
-}
-
-/// What a run reads, which its outputs must not land on.
-enum Input {
-    Corpus,
-    Model,
 }

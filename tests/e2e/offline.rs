@@ -289,6 +289,41 @@ fn compose_refuses_other_models_and_dtypes() {
     )
     .fails();
     assert!(err.contains("2 values required"), "{err}");
+
+    // Neither compose nor import writes over what it reads.
+    let before = std::fs::read(dir.path().join("a.safetensors")).unwrap();
+    let err = cartridge(
+        dir.path(),
+        &[
+            "compose",
+            "a.safetensors",
+            "other.safetensors",
+            "-o",
+            "./a.safetensors",
+        ],
+    )
+    .fails();
+    assert!(err.contains("is the input file"), "{err}");
+    assert_eq!(
+        std::fs::read(dir.path().join("a.safetensors")).unwrap(),
+        before
+    );
+    std::fs::copy(&source, dir.path().join("cache.pt")).unwrap();
+    for (output, expected) in [
+        ("cache.pt", "is the input file"),
+        ("other.json", "is the model file"),
+    ] {
+        let err = cartridge(
+            dir.path(),
+            &["import", "cache.pt", "--model", "other.json", "-o", output],
+        )
+        .fails();
+        assert!(err.contains(expected), "{output}: {err}");
+    }
+    assert_eq!(
+        std::fs::read(dir.path().join("cache.pt")).unwrap(),
+        std::fs::read(&source).unwrap()
+    );
 }
 
 /// Writes `bytes` to a file in `dir` and returns what `verify` printed on stderr.

@@ -99,6 +99,24 @@ fn train_then_eval_on_the_real_model() {
     // Nothing was synthesized again.
     assert!(!log.contains("synthesis: 0/3"), "{log}");
     assert_eq!(std::fs::read(&stored).unwrap(), conversations);
+    // Conversations made again with other settings do not continue the checkpoint.
+    let work = dir.path().join("varn.work");
+    let aside = dir.path().join("aside");
+    std::fs::create_dir(&aside).unwrap();
+    for name in ["conversations.jsonl", "conversations.meta.json"] {
+        std::fs::rename(work.join(name), aside.join(name)).unwrap();
+    }
+    let mut other = train_args(model, "5");
+    let at = other.iter().position(|a| *a == "--answer-tokens").unwrap();
+    other[at + 1] = "20";
+    let err = cartridge(dir.path(), &other).fails();
+    assert!(
+        err.contains("synthesis.answer_max_tokens 24 (the run asks for 20)"),
+        "{err}"
+    );
+    for name in ["conversations.jsonl", "conversations.meta.json"] {
+        std::fs::rename(aside.join(name), work.join(name)).unwrap();
+    }
 
     let verified = cartridge(dir.path(), &["verify", "varn.safetensors"]).ok();
     assert!(
@@ -306,8 +324,11 @@ fn bad_arguments_are_refused_before_any_synthesis() {
     let err = cartridge(dir.path(), &["verify", "out.pipe"]).fails();
     assert!(err.contains("not a regular file"), "{err}");
     let err = train("32", &["--work-dir", "./varn.safetensors"]);
-    assert!(err.contains("is the work directory"), "{err}");
+    assert!(err.contains("is in the work directory"), "{err}");
     assert!(!dir.path().join("varn.work/conversations.jsonl").exists());
+    // Nor may it land among the work directory's conversations and checkpoints.
+    let err = train("32", &["-o", "varn.work/conversations.jsonl"]);
+    assert!(err.contains("is in the work directory"), "{err}");
     // One run at a time in a work directory.
     let lock = std::fs::File::create(dir.path().join("varn.work/lock")).unwrap();
     lock.try_lock().unwrap();

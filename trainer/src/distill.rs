@@ -596,21 +596,8 @@ impl<'a> Distiller<'a> {
             .and_then(|json| serde_json::from_str(json).map_err(|e| bad(e.to_string())))?;
         // Other settings would change the batches (their order is seeded by the epoch, over the
         // conversations that fit a row) or the updates under the restored position and moments.
-        let differing = |stored: &serde_json::Value, asked: serde_json::Value, skip: &[&str]| {
-            asked
-                .as_object()
-                .into_iter()
-                .flatten()
-                .filter(|(key, value)| {
-                    !skip.contains(&key.as_str()) && stored[key.as_str()] != **value
-                })
-                .map(|(key, value)| {
-                    format!("{key} {} (the run asks for {value})", stored[key.as_str()])
-                })
-                .collect::<Vec<_>>()
-        };
-        let mut differ = differing(&state["options"], serde_json::json!(options), &["steps"]);
-        differ.extend(differing(&state["run"], run.clone(), &[]));
+        let mut differ = differing(&state["options"], &serde_json::json!(options), &["steps"]);
+        differ.extend(differing(&state["run"], &run, &[]));
         if !differ.is_empty() {
             return Err(bad(format!(
                 "made with {}; resume with the same, or start afresh without --resume",
@@ -664,6 +651,28 @@ impl<'a> Distiller<'a> {
         distiller.run = run;
         Ok(distiller)
     }
+}
+
+/// The settings of `asked` that `stored` holds otherwise, as `name stored (the run asks for
+/// asked)`, nested settings named by their path (`synthesis.answer_max_tokens`).
+fn differing(stored: &serde_json::Value, asked: &serde_json::Value, skip: &[&str]) -> Vec<String> {
+    let mut found = Vec::new();
+    for (key, value) in asked.as_object().into_iter().flatten() {
+        let held = &stored[key.as_str()];
+        if skip.contains(&key.as_str()) || held == value {
+            continue;
+        }
+        if value.is_object() && held.is_object() {
+            found.extend(
+                differing(held, value, &[])
+                    .into_iter()
+                    .map(|inner| format!("{key}.{inner}")),
+            );
+        } else {
+            found.push(format!("{key} {held} (the run asks for {value})"));
+        }
+    }
+    found
 }
 
 #[cfg(test)]

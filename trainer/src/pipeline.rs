@@ -71,7 +71,10 @@ pub struct TrainReport {
 /// How many steps the reported first and final losses average (at most half the run each).
 pub const LOSS_STEPS: usize = 10;
 
-/// The output can be written where it is asked for, and is not the work directory.
+/// What only a work directory holds.
+const WORK_FILES: [&str; 2] = ["conversations.meta.json", "checkpoint.safetensors"];
+
+/// The output can be written where it is asked for, and is not in a work directory.
 fn check_paths(request: &TrainRequest) -> Result<()> {
     let output = &request.output;
     cartridge_schemas::file::check_destination(output)
@@ -84,11 +87,22 @@ fn check_paths(request: &TrainRequest) -> Result<()> {
             parent.display()
         )));
     }
-    if resolve(output) == resolve(&request.work_dir) {
+    // Its own work directory, or another run's (what one holds: a cartridge written there
+    // could replace its conversations or checkpoint).
+    let resolved = resolve(output);
+    let work_dir = if resolved.starts_with(resolve(&request.work_dir)) {
+        Some(request.work_dir.clone())
+    } else {
+        resolved
+            .parent()
+            .filter(|dir| WORK_FILES.iter().any(|name| dir.join(name).exists()))
+            .map(Path::to_owned)
+    };
+    if let Some(work_dir) = work_dir {
         return Err(Error::Data(format!(
-            "the output {} is the work directory {}; name another",
+            "the output {} is in the work directory {} (whose conversations and checkpoints it could overwrite); name another",
             output.display(),
-            request.work_dir.display()
+            work_dir.display()
         )));
     }
     Ok(())
@@ -225,6 +239,9 @@ pub fn train(
         "conversations": conversations.len(),
         // How text became tokens: a next-token run's pieces are the corpus's.
         "prompt_format": crate::synthesis::PROMPT_FORMAT,
+        // What the conversations were made with: a work folder's conversations may have been
+        // made again with other settings since the checkpoint was.
+        "synthesis": (request.objective == Objective::SelfStudy).then_some(&request.synthesis),
     });
     // A fresh run's checkpoints are its own: an older one is set aside, never resumed (and
     // only now, once synthesis accepted the work folder: a refused run moves nothing).

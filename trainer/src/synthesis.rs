@@ -293,6 +293,15 @@ pub fn synthesize(
             stored
         }
         Err(_) => {
+            // Conversations without the record of what made them are no run's to resume, nor
+            // this run's to remove.
+            if path.exists() {
+                return Err(Error::Data(format!(
+                    "{} holds conversations without {} (what made them): move it away or choose another work directory",
+                    path.display(),
+                    meta_path.display()
+                )));
+            }
             if let Some(dir) = path.parent() {
                 std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
             }
@@ -304,7 +313,6 @@ pub fn synthesize(
             )
             .and_then(|()| std::fs::rename(&partial, &meta_path))
             .map_err(|e| Error::io(&meta_path, e))?;
-            let _ = std::fs::remove_file(path);
             Vec::new()
         }
     };

@@ -13,8 +13,22 @@ use crate::error::{Error, Result};
 /// the file (a truncated download fails here, not halfway through loading).
 pub(crate) fn read_gguf(path: &Path) -> Result<(File, gguf_file::Content, Config)> {
     let mut file = File::open(path).map_err(|e| Error::io(path, e))?;
-    let content = gguf_file::Content::read(&mut file)
-        .map_err(|e| Error::Model(format!("{}: {e}", path.display())))?;
+    // candle's reader divides by the file's `general.alignment` unchecked: a 0 there panics.
+    let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        gguf_file::Content::read(&mut file)
+    }))
+    .map_err(|panic| {
+        let reason = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        Error::Model(format!(
+            "{}: not a readable GGUF file (its reader failed: {reason})",
+            path.display()
+        ))
+    })?;
+    let content = read.map_err(|e| Error::Model(format!("{}: {e}", path.display())))?;
     let config = Config::from_gguf(&content)?;
     config.check()?;
     let length = file.metadata().map_err(|e| Error::io(path, e))?.len();
@@ -152,9 +166,41 @@ impl Config {
             max_position_embeddings: Option<usize>,
             tie_word_embeddings: Option<bool>,
             rope_scaling: Option<serde_json::Value>,
+            model_type: Option<String>,
+            hidden_act: Option<String>,
+            #[serde(default)]
+            attention_bias: bool,
+            #[serde(default)]
+            mlp_bias: bool,
         }
         let wire: Wire =
             serde_json::from_str(json).map_err(|e| Error::Model(format!("config.json: {e}")))?;
+        // Other families share most of these fields (Qwen2 adds biases, Gemma scales its
+        // embeddings): read as Llama they would load and compute wrong logits without a word.
+        match wire.model_type.as_deref() {
+            Some("llama") => {}
+            Some(other) => {
+                return Err(Error::Model(format!(
+                    "config.json: model_type {other:?} is not supported (llama family only)"
+                )));
+            }
+            None => {
+                return Err(Error::Model(
+                    "config.json names no model_type (expected \"llama\")".into(),
+                ));
+            }
+        }
+        if let Some(act) = wire.hidden_act.as_deref().filter(|act| *act != "silu") {
+            return Err(Error::Model(format!(
+                "config.json: hidden_act {act:?} is not supported (Llama's is silu)"
+            )));
+        }
+        if wire.attention_bias || wire.mlp_bias {
+            return Err(Error::Model(
+                "config.json: attention_bias and mlp_bias are not supported (Llama has none)"
+                    .into(),
+            ));
+        }
         if wire.rope_scaling.as_ref().is_some_and(|s| !s.is_null()) {
             return Err(Error::Model(
                 "config.json uses rope_scaling, which this trainer does not implement".into(),
@@ -220,6 +266,14 @@ impl Config {
                 self.heads, self.kv_heads
             ));
         }
+        // The rotary tables hold every position: each field alone may be fine, their product
+        // an allocation of tens of gigabytes (a million positions of 128 channels is allowed).
+        if self.max_positions * self.head_dim > 1 << 27 {
+            return bad(format!(
+                "max_positions {} times head_dim {} is over 2^27 (rotary tables of that size)",
+                self.max_positions, self.head_dim
+            ));
+        }
         if !self.head_dim.is_multiple_of(2) {
             return bad(format!(
                 "head_dim {} is odd (rotary embeddings turn pairs)",
@@ -239,12 +293,70 @@ impl Config {
 mod tests {
     use super::*;
 
+    /// A GGUF whose alignment is 0 (candle's reader divides by it) is an error, not a panic.
+    #[test]
+    fn a_gguf_aligned_to_zero_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("zero.gguf");
+        let tensor = candle_core::quantized::QTensor::quantize(
+            &candle_core::Tensor::zeros(32, candle_core::DType::F32, &candle_core::Device::Cpu)
+                .unwrap(),
+            candle_core::quantized::GgmlDType::F32,
+        )
+        .unwrap();
+        let mut file = File::create(&path).unwrap();
+        gguf_file::write(
+            &mut file,
+            &[("general.alignment", &gguf_file::Value::U32(0))],
+            &[("token_embd.weight", &tensor)],
+        )
+        .unwrap();
+        let error = read_gguf(&path).err().unwrap().to_string();
+        assert!(error.contains("not a readable GGUF file"), "{error}");
+    }
+
+    /// A checkpoint of another family is refused by name, never read as Llama.
+    #[test]
+    fn hugging_face_configs_of_other_families_are_refused() {
+        let llama = serde_json::json!({
+            "model_type": "llama", "hidden_act": "silu", "vocab_size": 64, "hidden_size": 16,
+            "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+        });
+        Config::from_hf_json(&llama.to_string()).unwrap();
+        let cases = [
+            (
+                "model_type",
+                serde_json::json!("qwen2"),
+                "model_type \"qwen2\"",
+            ),
+            ("model_type", serde_json::Value::Null, "names no model_type"),
+            (
+                "hidden_act",
+                serde_json::json!("gelu"),
+                "hidden_act \"gelu\"",
+            ),
+            ("attention_bias", serde_json::json!(true), "attention_bias"),
+            ("mlp_bias", serde_json::json!(true), "mlp_bias"),
+        ];
+        for (field, value, expected) in cases {
+            let mut config = llama.clone();
+            config[field] = value;
+            let error = Config::from_hf_json(&config.to_string())
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains(expected), "{field}: {error}");
+        }
+    }
+
     /// Each odd value is refused by name: none may reach an allocation or a NaN model.
     #[test]
     fn odd_configurations_are_refused_naming_the_field() {
         Config::smollm2_135m().check().unwrap();
         type Change = fn(&mut Config);
-        let cases: [(&str, Change); 9] = [
+        let cases: [(&str, Change); 10] = [
+            ("max_positions 2097152 times head_dim 4096", |c| {
+                (c.max_positions, c.head_dim) = (1 << 21, 4096)
+            }),
             ("layers is 1099511627776", |c| c.layers = 1 << 40),
             ("head_dim is 0", |c| c.head_dim = 0),
             ("max_positions is 1000000000", |c| {

