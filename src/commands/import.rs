@@ -73,6 +73,59 @@ pub fn run(args: ImportArgs) -> Result<()> {
     Ok(())
 }
 
+/// A reference cache's pickle is a few kilobytes per layer; its tensors are stored beside it.
+const MAX_PICKLE_BYTES: u64 = 16 << 20;
+
+/// How many objects the pickle's reuses of earlier objects may copy in all. candle's reader
+/// copies a memoized object at each use, so forty nested pairs of one object, a few hundred
+/// bytes of pickle, would expand to 2^40 objects; a reference cache reuses only small ones.
+const MAX_COPIED_OBJECTS: usize = 1 << 20;
+
+/// Reads a pickle, counting what each reuse of an earlier object copies (`GET`, `BINGET`,
+/// `LONG_BINGET`, `DUP`): every object is then built from the file's own bytes or from copies
+/// within the budget, so memory stays bounded.
+fn read_pickle<R: std::io::BufRead>(reader: &mut R) -> Result<Object> {
+    let malformed = "malformed pickle in data.pkl";
+    let mut stack = Stack::empty();
+    let mut copied = 0;
+    loop {
+        let opcode = reader.fill_buf().context(malformed)?.first().copied();
+        if stack.read(reader).context(malformed)? {
+            break;
+        }
+        if let (Some(b'g' | b'h' | b'j' | b'2'), Some(top)) = (opcode, stack.stack().last()) {
+            copied += objects(top, MAX_COPIED_OBJECTS + 1 - copied);
+            ensure!(
+                copied <= MAX_COPIED_OBJECTS,
+                "data.pkl reuses its objects more than {MAX_COPIED_OBJECTS} times over: not a reference cache"
+            );
+        }
+    }
+    stack.finalize().context(malformed)
+}
+
+/// The objects in `object`, counted up to `limit`.
+fn objects(object: &Object, limit: usize) -> usize {
+    let mut pending = vec![object];
+    let mut count = 0;
+    while let Some(object) = pending.pop() {
+        count += 1;
+        if count >= limit {
+            break;
+        }
+        match object {
+            Object::Tuple(items) | Object::List(items) => pending.extend(items),
+            Object::Dict(entries) => pending.extend(entries.iter().flat_map(|(k, v)| [k, v])),
+            Object::Reduce { callable, args } | Object::Build { callable, args } => {
+                pending.extend([&**callable, &**args]);
+            }
+            Object::PersistentLoad(inner) => pending.push(inner),
+            _ => {}
+        }
+    }
+    count
+}
+
 /// One ParameterList: per layer, the tensor's bytes and its `[1, kv_heads, tokens, head_dim]` shape.
 struct TensorList {
     tensors: Vec<(Vec<u8>, [usize; 4])>,
@@ -103,11 +156,14 @@ impl ReferenceCache {
             .find(|name| name.ends_with("/data.pkl") || name == "data.pkl")
             .context("the archive has no data.pkl: not a torch.save file")?;
         let data_dir = PathBuf::from(pickle_name.strip_suffix(".pkl").unwrap_or("data"));
-        let mut stack = Stack::empty();
-        stack
-            .read_loop(&mut BufReader::new(zip.by_name(&pickle_name)?))
-            .context("malformed pickle in data.pkl")?;
-        let Object::Dict(entries) = stack.finalize().context("malformed pickle in data.pkl")?
+        let pickle = zip.by_name(&pickle_name)?;
+        ensure!(
+            pickle.size() <= MAX_PICKLE_BYTES,
+            "data.pkl holds {} bytes, more than a reference cache's (at most {MAX_PICKLE_BYTES})",
+            pickle.size()
+        );
+        let Object::Dict(entries) =
+            read_pickle(&mut BufReader::new(pickle.take(MAX_PICKLE_BYTES)))?
         else {
             bail!("data.pkl does not hold a dict: not a reference cartridge");
         };
