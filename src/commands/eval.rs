@@ -76,28 +76,22 @@ pub fn run(args: EvalArgs) -> Result<()> {
             bail!("--tokens is needed for the truncated baseline when no cartridge is given")
         }
     };
-    let text = corpus.text();
-    let corpus_tokens = model.text.encode(&text)?;
-    // The same budget as a cartridge of that length, which holds the template around the corpus.
-    let (_, _, room) = model.text.system_turn_ids(truncated_tokens).context(
+    let corpus_tokens = model.text.encode(&corpus.text())?;
+    // The same budget as a cartridge of that length, which holds the template around the corpus:
+    // the truncated corpus is a cartridge's initialization, token for token.
+    let (before, after, room) = model.text.system_turn_ids(truncated_tokens).context(
         "the truncated-corpus baseline (its budget is --tokens, else the first cartridge's)",
     )?;
-    // A cut through a character's byte tokens decodes as U+FFFD.
-    let truncated = model
-        .text
-        .decode(&corpus_tokens[..room.min(corpus_tokens.len())])?
-        .trim_end_matches(char::REPLACEMENT_CHARACTER)
-        .to_owned();
-
+    let turn = |ids: &[u32]| Setting::Turn([&before[..], ids, &after[..]].concat());
     let mut settings = vec![
-        ("no context".to_owned(), Setting::Bare),
+        ("no context".to_owned(), turn(&[])),
         (
             format!("corpus in context ({} tokens)", corpus_tokens.len()),
-            Setting::Text(text),
+            turn(&corpus_tokens),
         ),
         (
             format!("truncated corpus ({truncated_tokens} tokens)"),
-            Setting::Text(truncated),
+            turn(&corpus_tokens[..room.min(corpus_tokens.len())]),
         ),
     ];
     if cartridges.len() > 1 {

@@ -225,14 +225,40 @@ fn train_then_eval_on_the_real_model() {
         32 * 30 * 2 * 3 * 64 * 2,
         "bf16 keys and values of 30 layers"
     );
-    // The truncated corpus gets the cartridge's budget, template included; its shared context
-    // also takes the user turn's header (3 tokens) every question starts with.
-    assert_eq!(modes[2]["context_tokens"], 32 + 3);
+    // The truncated corpus gets the cartridge's budget, template included; no context is an
+    // empty system turn, so that modes differ only in what that turn holds.
+    assert_eq!(modes[2]["context_tokens"], 32);
+    let empty_turn = modes[0]["context_tokens"].as_u64().unwrap();
+    assert!(0 < empty_turn && empty_turn < 32, "{}", modes[0]);
     assert!(
         modes
             .iter()
             .all(|m| m["samples"].as_array().unwrap().len() == 1)
     );
+    // The truncated corpus is a cartridge's initialization token for token: the two score alike
+    // but for the cartridge's bf16 rounding.
+    let report: Value = cartridge(
+        dir.path(),
+        &[
+            "eval",
+            "--model",
+            model,
+            "--corpus",
+            "corpus.txt",
+            "--qa",
+            "qa.jsonl",
+            "--cartridge",
+            "init.safetensors",
+            "--samples",
+            "0",
+            "--json",
+        ],
+    )
+    .json();
+    let modes = report["modes"].as_array().unwrap();
+    let score = |m: usize| modes[m]["log_likelihood"].as_f64().unwrap();
+    assert_eq!(modes[3]["mode"], "cartridge: init.safetensors");
+    assert!((score(3) - score(2)).abs() < 0.02, "{modes:?}");
 
     let err = cartridge(
         dir.path(),

@@ -58,14 +58,14 @@ pub fn read_qa(path: &Path) -> Result<Vec<QaPair>> {
     Ok(pairs)
 }
 
-/// What the model has besides the question.
+/// What the model has besides the question: a system turn, as text read into the KV cache or as
+/// a cartridge standing for it. Every mode's question follows it alike, as conversations
+/// followed the cartridge in training, so modes differ in what the turn holds and nothing else.
 pub enum Setting {
-    /// Nothing.
-    Bare,
-    /// Text in a system message (the corpus, or its first tokens).
-    Text(String),
-    /// A cartridge (or several composed) standing for a system turn, the conversation following
-    /// it, as it was trained.
+    /// The tokens of a system turn holding text (none, the corpus, or its first tokens): its
+    /// keys and values serve every question, like a cartridge's.
+    Turn(Vec<u32>),
+    /// A cartridge (or several composed).
     Cartridge(Prefix),
 }
 
@@ -95,6 +95,7 @@ pub struct ModeReport {
 }
 
 /// Scores every setting on the QA set; `samples` answers per setting are generated to read.
+/// Gains are over the first setting (no context).
 pub fn evaluate(
     model: &LoadedModel,
     settings: Vec<(String, Setting)>,
@@ -113,10 +114,7 @@ pub fn evaluate(
             max_answer_tokens,
         )?);
     }
-    let bare = reports
-        .iter()
-        .find(|r| r.context_tokens == 0)
-        .and_then(|r| r.log_likelihood);
+    let bare = reports.first().and_then(|r| r.log_likelihood);
     for report in &mut reports {
         report.gain = report.log_likelihood.zip(bare).map(|(l, b)| l - b);
     }
@@ -135,43 +133,18 @@ fn evaluate_one(
         .iter()
         .map(|pair| {
             let question = Message::new("user", &pair.question);
-            match setting {
-                Setting::Bare => model.text.render_ids(&[question], true),
-                Setting::Text(text) => model
-                    .text
-                    .render_ids(&[Message::new("system", text.clone()), question], true),
-                Setting::Cartridge(_) => model.text.render_after_system_ids(&[question], true),
-            }
+            model.text.render_after_system_ids(&[question], true)
         })
         .collect::<Result<_>>()?;
-    // Context text is read once: its keys and values serve every question, like a cartridge.
-    // That is what the prompts share up to the question (an empty one shows where it starts:
-    // words the questions happen to share are not context), and at least one token of each
-    // prompt stays out of it, to score from.
-    let shortest = prompts.iter().map(Vec::len).min().unwrap_or(1);
-    let shared = match setting {
-        Setting::Text(text) => {
-            let empty = Message::new("user", "");
-            let context = model
-                .text
-                .render_ids(&[Message::new("system", text.clone()), empty], true)?;
-            prompts
-                .iter()
-                .fold((shortest - 1).min(common(&prompts[0], &context)), |n, p| {
-                    n.min(common(&prompts[0], p))
-                })
-        }
-        _ => 0,
-    };
     let context_tokens = match setting {
+        Setting::Turn(ids) => ids.len(),
         Setting::Cartridge(prefix) => prefix.tokens(),
-        _ => shared,
     };
     let config = &model.llama.config;
     let kv_bytes =
         (context_tokens * config.layers * 2 * config.kv_heads * config.head_dim * 2) as u64;
 
-    // The longest reading: the context, a question and its answer (or a generated one).
+    // The longest reading: the context, a question and its answer.
     let answers: Vec<Vec<u32>> = qa
         .iter()
         .map(|pair| model.text.encode(&pair.answer))
@@ -179,11 +152,7 @@ fn evaluate_one(
     let longest = prompts
         .iter()
         .zip(&answers)
-        .enumerate()
-        .map(|(i, (prompt, answer))| {
-            let generated = if i < samples { max_answer_tokens } else { 0 };
-            (context_tokens + prompt.len() - shared).saturating_add(answer.len().max(generated))
-        })
+        .map(|(prompt, answer)| context_tokens + prompt.len() + answer.len())
         .max()
         .unwrap_or(0);
     if longest > config.max_positions {
@@ -200,14 +169,13 @@ fn evaluate_one(
             samples: Vec::new(),
         });
     }
-    let text_prefix = if shared > 0 {
-        Some(model.llama.prefix_of(&prompts[0][..shared])?)
-    } else {
-        None
+    let text_prefix = match setting {
+        Setting::Turn(ids) => Some(model.llama.prefix_of(ids)?),
+        Setting::Cartridge(_) => None,
     };
     let prefix = match setting {
         Setting::Cartridge(prefix) => Some(prefix),
-        _ => text_prefix.as_ref(),
+        Setting::Turn(_) => text_prefix.as_ref(),
     };
 
     let mut total = 0.0;
@@ -219,18 +187,19 @@ fn evaluate_one(
                 pair.question
             )));
         }
-        let question = &prompt[shared..];
-        total += score(model, prefix, question, answer)?;
+        total += score(model, prefix, prompt, answer)?;
         count += answer.len();
     }
 
     let mut generated = Vec::new();
     for (pair, prompt) in qa.iter().zip(&prompts).take(samples) {
+        // As much of an answer as the model's positions leave room for.
+        let room = config.max_positions - context_tokens - prompt.len();
         let request = GenerationRequest {
             prefix,
-            shared: &prompt[shared..],
+            shared: prompt,
             prompts: &[Vec::new()],
-            max_new_tokens: max_answer_tokens,
+            max_new_tokens: max_answer_tokens.min(room),
             sampling: Sampling::GREEDY,
             top_logprobs: None,
             stop_ids: &model.text.stop_ids,
@@ -259,10 +228,6 @@ fn evaluate_one(
         kv_bytes,
         samples: generated,
     })
-}
-
-fn common(a: &[u32], b: &[u32]) -> usize {
-    a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
 
 /// Sum of the log-probabilities of `answer` following `question` (after `prefix`).
