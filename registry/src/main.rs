@@ -20,8 +20,10 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
     about = "The cartridge registry: content-addressed, versioned cartridges in object storage"
 )]
 struct Cli {
+    /// Without one, the binary runs as Lambda runs a deployment's `bootstrap` (no arguments):
+    /// the `lambda` command where the Lambda Runtime API is named, else this help.
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -407,6 +409,20 @@ async fn lambda() -> Result<()> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let lambda_runtime = std::env::var_os("AWS_LAMBDA_RUNTIME_API").is_some();
+    let command = match cli.command {
+        Some(command) => command,
+        #[cfg(feature = "lambda")]
+        None if lambda_runtime => Command::Lambda,
+        None => {
+            use clap::CommandFactory;
+            let _ = Cli::command().print_help();
+            if lambda_runtime {
+                eprintln!("\nerror: started by Lambda, but built without the `lambda` feature");
+            }
+            return ExitCode::from(2);
+        }
+    };
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(error) => {
@@ -415,7 +431,7 @@ fn main() -> ExitCode {
         }
     };
     let result = runtime.block_on(async {
-        match cli.command {
+        match command {
             Command::Serve(args) => serve(args).await,
             Command::Gc(args) => collect_garbage(args).await,
             Command::Token {
