@@ -592,8 +592,10 @@ pub fn decode_arrivals(
     }
     let failure: Mutex<Option<ClientError>> = Mutex::new(None);
     let failure_slot = &failure;
-    // The receiving loop runs inside the scope so decodes start while later blobs download.
-    let never_arrived = rayon::scope(move |scope| {
+    // The receiving loop runs inside the scope so decodes start while later blobs download, on
+    // this thread: run on a pool thread, a loop waiting out a slow download would hold it, and
+    // as many slow downloads as cores would stop every other decode in the process.
+    let never_arrived = rayon::in_place_scope(move |scope| {
         while !chunks_of.is_empty() {
             // A closed channel before every blob arrived means a download failed.
             let Ok(digest) = arrivals.recv() else { break };
@@ -697,6 +699,114 @@ fn split_ranges<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A small real cartridge, encoded a chunk per layer: its bytes, manifest and blobs.
+    fn encoded() -> (Vec<u8>, Manifest, Vec<cartridge_codec::EncodedChunk>) {
+        use cartridge_schemas::file::{self, Cartridge, LayerData, NewCartridge};
+        use cartridge_schemas::fingerprint::{ModelFingerprint, Rope, RopeLayout};
+        let model = ModelFingerprint {
+            architecture: "llama".into(),
+            layers: 4,
+            kv_heads: 2,
+            head_dim: 8,
+            rope: Rope {
+                theta: 10000.0,
+                layout: RopeLayout::Half,
+                scaling: None,
+            },
+            weights: Digest::of(b"test model"),
+        };
+        let tensors: Vec<Vec<u8>> = (0..8u8)
+            .map(|t| (0..512).map(|i| (i as u8).wrapping_mul(31) ^ t).collect())
+            .collect();
+        let layers: Vec<LayerData<'_>> = tensors
+            .chunks(2)
+            .map(|p| LayerData {
+                keys: &p[0],
+                values: &p[1],
+            })
+            .collect();
+        let new = NewCartridge {
+            model,
+            dtype: cartridge_schemas::Dtype::Bf16,
+            tokens: 16,
+            frozen_tokens: 1,
+            provenance: serde_json::Value::Null,
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.safetensors");
+        file::write(&path, new, &layers).unwrap();
+        let cartridge = Cartridge::from_bytes(std::fs::read(path).unwrap()).unwrap();
+        let options = cartridge_codec::EncodeOptions {
+            target_chunk_bytes: 1,
+            ..Default::default()
+        };
+        let chunks = cartridge_codec::encode_cartridge(&cartridge, &options).unwrap();
+        let manifest = Manifest {
+            schema_version: cartridge_schemas::manifest::MANIFEST_SCHEMA_VERSION,
+            cartridge: cartridge.header().clone(),
+            file_header: cartridge.file_header().to_owned(),
+            chunks: chunks.iter().map(|c| c.descriptor.clone()).collect(),
+            created: "2026-11-23T00:00:00Z".into(),
+            annotations: Default::default(),
+        };
+        (tensors.concat(), manifest, chunks)
+    }
+
+    /// Decodes waiting on slow downloads hold no pool thread: with as many of them as the pool
+    /// has threads, a decode whose blobs have all arrived still runs.
+    #[test]
+    fn decodes_waiting_for_blobs_leave_the_pool_free() {
+        let (raw, manifest, chunks) = encoded();
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::new(dir.path()).unwrap();
+        for chunk in &chunks {
+            let path = cache.blob(&chunk.descriptor.stored.digest);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, &chunk.bytes).unwrap();
+        }
+        // Each chunk's raw bytes, one after another.
+        let mut offsets = HashMap::new();
+        let mut at = 0;
+        for chunk in &manifest.chunks {
+            offsets.insert(chunk.stored.digest, at);
+            at += chunk.raw.size as usize;
+        }
+        let ranges = |chunk: &ChunkDescriptor| {
+            let start = offsets[&chunk.stored.digest];
+            vec![start..start + chunk.raw.size as usize]
+        };
+        let decode = |arrivals: Receiver<Digest>| {
+            let mut buffer = vec![0u8; at];
+            decode_arrivals(&manifest, &cache, &mut buffer, &ranges, arrivals, &|_| {})
+                .map(|()| buffer)
+        };
+        std::thread::scope(|threads| {
+            let waiting: Vec<_> = (0..rayon::current_num_threads())
+                .map(|_| {
+                    let (sender, arrivals) = std::sync::mpsc::channel();
+                    threads.spawn(move || decode(arrivals));
+                    sender
+                })
+                .collect();
+            std::thread::sleep(Duration::from_millis(200));
+            let (sender, arrivals) = std::sync::mpsc::channel();
+            for chunk in &chunks {
+                sender.send(chunk.descriptor.stored.digest).unwrap();
+            }
+            let (done, outcome) = std::sync::mpsc::channel();
+            threads.spawn(move || done.send(decode(arrivals)));
+            let outcome = outcome.recv_timeout(Duration::from_secs(60));
+            // The waiting decodes end (their blobs never come) whatever happened.
+            drop(waiting);
+            assert_eq!(
+                outcome
+                    .expect("the decode waited on other decodes' downloads")
+                    .unwrap(),
+                raw
+            );
+        });
+    }
 
     /// A registry that answers with `status`, `headers` and `body`.
     fn answering(status: &str, headers: &str, body: &'static [u8]) -> String {
