@@ -471,9 +471,12 @@ impl Loader {
         model: &ModelFingerprint,
         references: &[Reference],
     ) -> Result<Vec<Resolved>, LoaderError> {
+        // Side by side: each may wait on the registry.
+        let resolutions =
+            futures::future::try_join_all(references.iter().map(|r| self.resolver.resolve(r)))
+                .await?;
         let mut parts: Vec<Resolved> = Vec::with_capacity(references.len());
-        for reference in references {
-            let resolved = self.resolver.resolve(reference).await?;
+        for (reference, resolved) in references.iter().zip(resolutions) {
             let header = &resolved.manifest.cartridge;
             model
                 .check_compatible(&header.model)

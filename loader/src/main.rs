@@ -172,7 +172,9 @@ async fn serve(args: ServeArgs) -> Result<()> {
             let bound = tokio::net::UnixListener::bind(path);
             rustix::process::umask(mask);
             let listener = bound.with_context(|| format!("binding {}", path.display()))?;
-            Listener::Unix(listener, path.clone())
+            let ours = socket_identity(path)
+                .with_context(|| format!("reading {} after binding it", path.display()))?;
+            Listener::Unix(listener, path.clone(), ours)
         }
         None => Listener::Tcp(
             tokio::net::TcpListener::bind(args.listen)
@@ -238,13 +240,20 @@ async fn serve(args: ServeArgs) -> Result<()> {
         );
     };
     let served = match &listener {
-        Listener::Unix(_, path) => format!("unix:{}", path.display()),
+        Listener::Unix(_, path, _) => format!("unix:{}", path.display()),
         Listener::Tcp(listener) => format!("http://{}", listener.local_addr()?),
     };
     println!("listening on {served}");
+    // The socket this process made, removed at the end only if it is still the one at its
+    // path: a successor started during the grace took the path over (the socket refused it
+    // connections once this one stopped listening), and its socket is not ours to remove.
+    let socket = match &listener {
+        Listener::Unix(_, path, ours) => Some((path.clone(), *ours)),
+        Listener::Tcp(_) => None,
+    };
     let serving = async {
         match listener {
-            Listener::Unix(listener, _) => {
+            Listener::Unix(listener, _, _) => {
                 axum::serve(listener, router)
                     .with_graceful_shutdown(shutdown)
                     .await
@@ -260,7 +269,9 @@ async fn serve(args: ServeArgs) -> Result<()> {
         served = serving => served,
         () = grace => Ok(()),
     };
-    if let Some(path) = &args.socket {
+    if let Some((path, ours)) = socket
+        && socket_identity(&path).is_ok_and(|found| found == ours)
+    {
         let _ = std::fs::remove_file(path);
     }
     drop(shm_dir);
@@ -272,8 +283,16 @@ async fn serve(args: ServeArgs) -> Result<()> {
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 enum Listener {
-    Unix(tokio::net::UnixListener, std::path::PathBuf),
+    /// The listener, its path, and the socket file's identity.
+    Unix(tokio::net::UnixListener, std::path::PathBuf, (u64, u64)),
     Tcp(tokio::net::TcpListener),
+}
+
+/// The device and inode of the file at `path`, which tell one socket made there from another.
+fn socket_identity(path: &std::path::Path) -> std::io::Result<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let metadata = std::fs::symlink_metadata(path)?;
+    Ok((metadata.dev(), metadata.ino()))
 }
 
 /// Removes a socket left by a loader that is gone; refuses anything else at `path` (a file,

@@ -2,7 +2,8 @@
 //! manifest digest, and the manifest by its digest), so when the registry is down a cartridge that
 //! was seen before still resolves and whatever is cached keeps serving. A resolution younger than
 //! the resolver's time-to-live is reused without asking the registry, so loads of resident
-//! cartridges take no round trip; a moved tag or deleted version is seen once it expires.
+//! cartridges take no round trip; a moved tag or deleted version is seen once it expires. Past
+//! it, a reference resolved before waits at most two seconds on the registry.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -15,6 +16,9 @@ use cartridge_schemas::manifest::Manifest;
 use cartridge_schemas::{Digest, Reference};
 
 use crate::error::LoaderError;
+
+/// How long a load waits on the registry to resolve a reference it has a resolution of.
+const REMEMBERED_WAIT: Duration = Duration::from_secs(2);
 
 #[derive(Debug)]
 pub struct Resolver {
@@ -78,11 +82,25 @@ impl Resolver {
         {
             return Ok(resolved.clone());
         }
-        match self
+        let asked = self
             .client
-            .resolve(&reference.repository, &reference.selector)
-            .await
-        {
+            .resolve(&reference.repository, &reference.selector);
+        // A reference resolved before waits on the registry only briefly: one that takes
+        // connections but never answers would hold loads of resident cartridges for the
+        // client's minutes.
+        let remembered = self.remembered(reference);
+        let answer = if remembered.is_some() {
+            match tokio::time::timeout(REMEMBERED_WAIT, asked).await {
+                Ok(answer) => answer,
+                // Transient: the remembered resolution serves, below.
+                Err(_) => Err(ClientError::NoAnswer {
+                    seconds: REMEMBERED_WAIT.as_secs(),
+                }),
+            }
+        } else {
+            asked.await
+        };
+        match answer {
             Ok(resolved) => {
                 // Remembering is best effort: a full disk must not fail a load.
                 let _ = std::fs::write(
@@ -107,7 +125,7 @@ impl Resolver {
             Err(error) if error.code() == Some(ErrorCode::NotFound) => {
                 Err(LoaderError::UnknownReference(reference.to_string()))
             }
-            Err(error) if error.is_transient() => match self.remembered(reference) {
+            Err(error) if error.is_transient() => match remembered {
                 Some(resolved) => {
                     tracing::warn!(%reference, %error, "registry unreachable; serving the last resolution");
                     Ok(resolved)

@@ -528,6 +528,21 @@ fn prefetched_cartridges_load_from_disk_with_the_registry_gone() {
     assert_eq!(status, 503, "{answer}");
 }
 
+/// A registry that takes connections and never answers holds no load of a cartridge resolved
+/// before: after a short wait, its remembered resolution serves.
+#[test]
+fn a_hung_registry_does_not_hold_loads_of_known_cartridges() {
+    let dir = tempfile::tempdir().unwrap();
+    let (registry, loader, model) = setup(dir.path(), 16, &["--resolve-ttl", "0s"]);
+    let file = dir.path().join("a.safetensors");
+    let body = loads_exactly(&loader, &model, "team/a@v1", &file);
+    assert_eq!(body["tier"], "registry");
+    registry.signal("STOP");
+    let body = loads_exactly(&loader, &model, "team/a@v1", &file);
+    registry.signal("CONT");
+    assert_eq!(body["tier"], "device");
+}
+
 /// A signal stops the loader once requests in flight finish, or after a grace however slow they
 /// are (an orchestrator would kill it, leaving its buffers behind); its buffers go with it.
 #[test]
@@ -832,8 +847,23 @@ fn the_api_serves_on_a_unix_socket() {
     assert!(socket.exists());
     let mut successor = serve(&socket);
     listening(&mut successor);
-    let _ = successor.kill();
-    let _ = successor.wait();
+    // A loader stopping leaves a socket made at its path since alone: here its own was removed
+    // and another loader took the path, as one started while it finishes its requests would.
+    std::fs::remove_file(&socket).unwrap();
+    let mut next = serve(&socket);
+    listening(&mut next);
+    let stopped = std::process::Command::new("kill")
+        .arg(successor.id().to_string())
+        .status()
+        .unwrap();
+    assert!(stopped.success());
+    assert!(crate::support::exit_within(&mut successor, Duration::from_secs(30)).is_some());
+    assert!(
+        std::os::unix::net::UnixStream::connect(&socket).is_ok(),
+        "a stopping loader removed its successor's socket"
+    );
+    let _ = next.kill();
+    let _ = next.wait();
 }
 
 /// A streamed load: its newline-delimited events, read to the end. HTTP/1.0, so the body ends

@@ -171,6 +171,17 @@ impl Registry {
         let _ = self.child.wait();
     }
 
+    /// Stops (`STOP`) or continues (`CONT`) the server: stopped, its port still takes
+    /// connections and nothing answers, as a hung registry.
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill -{signal}");
+    }
+
     /// Starts a new server on the same storage and keys (on a new port).
     pub fn restart(&mut self, dir: &Path) {
         self.kill();
