@@ -4,7 +4,8 @@
 use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
-use object_store::aws::AmazonS3Builder;
+use object_store::ClientConfigKey;
+use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
 use object_store::local::LocalFileSystem;
 use object_store::memory::InMemory;
 use object_store::path::Path;
@@ -50,6 +51,7 @@ pub fn open_with(url: &str, s3_options: &[(&str, &str)]) -> Result<Storage> {
                 *value,
             );
         }
+        check_s3_settings(&builder)?;
         let s3 = Arc::new(
             builder
                 .build()
@@ -64,4 +66,30 @@ pub fn open_with(url: &str, s3_options: &[(&str, &str)]) -> Result<Storage> {
         return Ok(Storage::new(store, url.to_owned()).with_signer(s3, prefix));
     }
     bail!("unsupported storage URL {url:?}: expected file://DIR, s3://bucket[/prefix] or memory://")
+}
+
+/// Settings the S3 client would take silently and fail on later, minutes in or with an error
+/// naming something else.
+fn check_s3_settings(builder: &AmazonS3Builder) -> Result<()> {
+    let get = |key: AmazonS3ConfigKey| builder.get_config_value(&key);
+    let set = |name: &str| std::env::var_os(name).is_some_and(|v| !v.is_empty());
+    // The client reads keys, web identity, ECS and instance metadata, not the AWS CLI's
+    // profiles: with a profile named and nothing else, it would wait on an instance metadata
+    // endpoint that is not there.
+    let other_source = get(AmazonS3ConfigKey::AccessKeyId).is_some()
+        || set("AWS_WEB_IDENTITY_TOKEN_FILE")
+        || set("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI")
+        || set("AWS_CONTAINER_CREDENTIALS_FULL_URI");
+    if set("AWS_PROFILE") && !other_source {
+        bail!(
+            "AWS_PROFILE is set, but profiles are not read: export the profile's keys (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN), e.g. with `eval \"$(aws configure export-credentials --format env)\"`"
+        );
+    }
+    if let Some(endpoint) = get(AmazonS3ConfigKey::Endpoint)
+        && endpoint.starts_with("http://")
+        && get(AmazonS3ConfigKey::Client(ClientConfigKey::AllowHttp)).as_deref() != Some("true")
+    {
+        bail!("the S3 endpoint {endpoint} is plain HTTP: set AWS_ALLOW_HTTP=true to allow it");
+    }
+    Ok(())
 }

@@ -307,7 +307,15 @@ async fn collect_garbage(args: GcArgs) -> Result<()> {
             humantime::format_duration(MIN_GRACE)
         );
     }
-    let storage = backend::open(&args.storage.url()?)?;
+    let url = args.storage.url()?;
+    // A mistyped folder would be created and found clean: said, not collected.
+    if let Some(dir) = url.strip_prefix("file://") {
+        anyhow::ensure!(
+            std::path::Path::new(dir).is_dir(),
+            "nothing is stored at {url}: is it the registry's --storage?"
+        );
+    }
+    let storage = backend::open(&url)?;
     // A dry run writes nothing (read-only credentials do).
     if !args.dry_run {
         storage.check_conditional_writes().await?;

@@ -717,6 +717,19 @@ fn garbage_collection_during_a_push_loses_nothing() {
         std::fs::read(dir.path().join("back.safetensors")).unwrap(),
         std::fs::read(dir.path().join("kept.safetensors")).unwrap()
     );
+    // A mistyped storage location is named, neither created nor reported collected.
+    let typo = dir.path().join("registyr");
+    let output = std::process::Command::new(crate::support::registry_binary())
+        .args(["gc", "--storage", &format!("file://{}", typo.display())])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("nothing is stored at"),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(!typo.exists());
 }
 
 #[test]
