@@ -774,7 +774,7 @@ mod tests {
         }
         let ranges = |chunk: &ChunkDescriptor| {
             let start = offsets[&chunk.stored.digest];
-            vec![start..start + chunk.raw.size as usize]
+            std::iter::once(start..start + chunk.raw.size as usize).collect()
         };
         let decode = |arrivals: Receiver<Digest>| {
             let mut buffer = vec![0u8; at];
