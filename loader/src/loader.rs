@@ -399,17 +399,35 @@ impl Loader {
         keys.iter().for_each(|key| store.release(key));
     }
 
-    /// Resolves and downloads cartridges to the disk tier, without decoding them.
+    /// Resolves and downloads cartridges to the disk tier, without decoding them. All of them
+    /// must fit the disk cap together, and each stays pinned until the last has arrived: a
+    /// prefetch that succeeds holds everything it names.
     pub async fn prefetch(&self, references: &[String]) -> Result<Vec<Part>, LoaderError> {
         check_count(references)?;
         self.expire();
+        let parsed = references
+            .iter()
+            .map(|r| self.parse(r))
+            .collect::<Result<Vec<_>, _>>()?;
+        let resolutions =
+            futures::future::try_join_all(parsed.iter().map(|r| self.resolver.resolve(r))).await?;
+        let blobs: HashMap<Digest, u64> = resolutions
+            .iter()
+            .flat_map(|r| r.manifest.blobs())
+            .map(|b| (b.digest, b.size))
+            .collect();
+        let (needed, cap) = (blobs.values().sum::<u64>(), self.disk.usage().cap);
+        if needed > cap {
+            return Err(LoaderError::OutOfMemory(format!(
+                "the prefetch needs {needed} bytes of disk, over the cache's cap of {cap}"
+            )));
+        }
+        let digests: Vec<Digest> = blobs.into_keys().collect();
+        let _pinned = self.disk.pinned(&digests);
         let mut parts = Vec::new();
-        for reference in references {
-            let resolved = self.resolver.resolve(&self.parse(reference)?).await?;
+        for (reference, resolved) in references.iter().zip(resolutions) {
             let (ready, arrivals) = std::sync::mpsc::channel();
             drop(arrivals);
-            let digests = resolved.blob_digests();
-            let _pinned = self.disk.pinned(&digests);
             let fetched = fetch_blobs(
                 self.resolver.client(),
                 &resolved.reference.repository,

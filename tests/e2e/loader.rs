@@ -528,6 +528,25 @@ fn prefetched_cartridges_load_from_disk_with_the_registry_gone() {
     assert_eq!(status, 503, "{answer}");
 }
 
+/// A prefetch that cannot fit the disk cache is refused rather than reported done with its
+/// early cartridges evicted by its later ones.
+#[test]
+fn a_prefetch_over_the_disk_cap_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_registry, loader, _model) = setup(dir.path(), 64, &["--disk-cap", "1KiB"]);
+    let body = json!({"cartridges": ["team/a@v1", "team/b@v1"]});
+    let (status, answer) = http_json(&loader.url, "POST", "/v1/prefetch", Some(&body));
+    assert_eq!(status, 507, "{answer}");
+    assert!(
+        answer["message"]
+            .as_str()
+            .unwrap()
+            .contains("over the cache's cap of 1024"),
+        "{answer}"
+    );
+    assert_eq!(metric(&loader, "loader_fetches_total"), 0.0);
+}
+
 /// A registry that takes connections and never answers holds no load of a cartridge resolved
 /// before: after a short wait, its remembered resolution serves.
 #[test]
