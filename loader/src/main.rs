@@ -284,15 +284,23 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 enum Listener {
     /// The listener, its path, and the socket file's identity.
-    Unix(tokio::net::UnixListener, std::path::PathBuf, (u64, u64)),
+    Unix(tokio::net::UnixListener, std::path::PathBuf, SocketIdentity),
     Tcp(tokio::net::TcpListener),
 }
 
-/// The device and inode of the file at `path`, which tell one socket made there from another.
-fn socket_identity(path: &std::path::Path) -> std::io::Result<(u64, u64)> {
+/// Device, inode and change time (to the nanosecond: a successor's socket may get the inode
+/// this one's had) of the file at a path, which tell one socket made there from another.
+type SocketIdentity = (u64, u64, i64, i64);
+
+fn socket_identity(path: &std::path::Path) -> std::io::Result<SocketIdentity> {
     use std::os::unix::fs::MetadataExt;
     let metadata = std::fs::symlink_metadata(path)?;
-    Ok((metadata.dev(), metadata.ino()))
+    Ok((
+        metadata.dev(),
+        metadata.ino(),
+        metadata.ctime(),
+        metadata.ctime_nsec(),
+    ))
 }
 
 /// Removes a socket left by a loader that is gone; refuses anything else at `path` (a file,

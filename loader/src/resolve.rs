@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use cartridge_client::{Client, ClientError};
@@ -23,6 +23,12 @@ const REMEMBERED_WAIT: Duration = Duration::from_secs(2);
 #[derive(Debug)]
 pub struct Resolver {
     client: Client,
+    memory: Arc<Memory>,
+}
+
+/// What the resolver remembers: recent resolutions in memory, every one on disk.
+#[derive(Debug)]
+struct Memory {
     dir: PathBuf,
     ttl: Duration,
     recent: Mutex<HashMap<String, (Instant, Resolved)>>,
@@ -54,9 +60,11 @@ impl Resolver {
         }
         Ok(Self {
             client,
-            dir: dir.to_owned(),
-            ttl,
-            recent: Mutex::new(HashMap::new()),
+            memory: Arc::new(Memory {
+                dir: dir.to_owned(),
+                ttl,
+                recent: Mutex::new(HashMap::new()),
+            }),
         })
     }
 
@@ -64,64 +72,43 @@ impl Resolver {
         &self.client
     }
 
-    fn ref_path(&self, reference: &Reference) -> PathBuf {
-        self.dir
-            .join("refs")
-            .join(Digest::of(reference.to_string().as_bytes()).hex())
-    }
-
-    fn manifest_path(&self, digest: &Digest) -> PathBuf {
-        self.dir.join("manifests").join(digest.hex())
-    }
-
     pub async fn resolve(&self, reference: &Reference) -> Result<Resolved, LoaderError> {
-        let key = reference.to_string();
-        if let Ok(recent) = self.recent.lock()
-            && let Some((at, resolved)) = recent.get(&key)
-            && at.elapsed() < self.ttl
-        {
-            return Ok(resolved.clone());
+        if let Some(resolved) = self.memory.recent(reference) {
+            return Ok(resolved);
         }
-        let asked = self
-            .client
-            .resolve(&reference.repository, &reference.selector);
+        // Asked on a task of its own, which remembers the answer: a load that stops waiting
+        // for it (below) leaves it to finish, so a registry slower than the wait still
+        // refreshes what later loads find.
+        let asked = {
+            let (client, memory, reference) =
+                (self.client.clone(), self.memory.clone(), reference.clone());
+            tokio::spawn(async move {
+                let resolved = client
+                    .resolve(&reference.repository, &reference.selector)
+                    .await?;
+                Ok::<_, ClientError>(memory.remember(&reference, resolved))
+            })
+        };
+        let joined = |joined: Result<_, tokio::task::JoinError>| {
+            joined.map_err(|e| LoaderError::Internal(format!("resolving {reference}: {e}")))
+        };
         // A reference resolved before waits on the registry only briefly: one that takes
         // connections but never answers would hold loads of resident cartridges for the
         // client's minutes.
-        let remembered = self.remembered(reference);
+        let remembered = self.memory.remembered(reference);
         let answer = if remembered.is_some() {
             match tokio::time::timeout(REMEMBERED_WAIT, asked).await {
-                Ok(answer) => answer,
+                Ok(answer) => joined(answer)?,
                 // Transient: the remembered resolution serves, below.
                 Err(_) => Err(ClientError::NoAnswer {
                     seconds: REMEMBERED_WAIT.as_secs(),
                 }),
             }
         } else {
-            asked.await
+            joined(asked.await)?
         };
         match answer {
-            Ok(resolved) => {
-                // Remembering is best effort: a full disk must not fail a load.
-                let _ = std::fs::write(
-                    self.manifest_path(&resolved.digest),
-                    resolved.manifest.to_canonical_json(),
-                );
-                let _ = std::fs::write(self.ref_path(reference), resolved.digest.to_string());
-                let resolved = Resolved {
-                    reference: reference.clone(),
-                    digest: resolved.digest,
-                    manifest: resolved.manifest,
-                    from_memory: false,
-                };
-                if let Ok(mut recent) = self.recent.lock() {
-                    // Expired entries go as new ones come, so the map holds what is in use.
-                    let ttl = self.ttl;
-                    recent.retain(|_, (at, _)| at.elapsed() < ttl);
-                    recent.insert(key, (Instant::now(), resolved.clone()));
-                }
-                Ok(resolved)
-            }
+            Ok(resolved) => Ok(resolved),
             Err(error) if error.code() == Some(ErrorCode::NotFound) => {
                 Err(LoaderError::UnknownReference(reference.to_string()))
             }
@@ -136,6 +123,52 @@ impl Resolver {
             },
             Err(error) => Err(client_error(error)),
         }
+    }
+}
+
+impl Memory {
+    fn ref_path(&self, reference: &Reference) -> PathBuf {
+        self.dir
+            .join("refs")
+            .join(Digest::of(reference.to_string().as_bytes()).hex())
+    }
+
+    fn manifest_path(&self, digest: &Digest) -> PathBuf {
+        self.dir.join("manifests").join(digest.hex())
+    }
+
+    /// A resolution younger than the time-to-live.
+    fn recent(&self, reference: &Reference) -> Option<Resolved> {
+        let recent = self.recent.lock().ok()?;
+        let (at, resolved) = recent.get(&reference.to_string())?;
+        (at.elapsed() < self.ttl).then(|| resolved.clone())
+    }
+
+    /// Keeps what the registry answered, in memory and on disk.
+    fn remember(
+        &self,
+        reference: &Reference,
+        resolved: cartridge_schemas::api::Resolved,
+    ) -> Resolved {
+        // Remembering is best effort: a full disk must not fail a load.
+        let _ = std::fs::write(
+            self.manifest_path(&resolved.digest),
+            resolved.manifest.to_canonical_json(),
+        );
+        let _ = std::fs::write(self.ref_path(reference), resolved.digest.to_string());
+        let resolved = Resolved {
+            reference: reference.clone(),
+            digest: resolved.digest,
+            manifest: resolved.manifest,
+            from_memory: false,
+        };
+        if let Ok(mut recent) = self.recent.lock() {
+            // Expired entries go as new ones come, so the map holds what is in use.
+            let ttl = self.ttl;
+            recent.retain(|_, (at, _)| at.elapsed() < ttl);
+            recent.insert(reference.to_string(), (Instant::now(), resolved.clone()));
+        }
+        resolved
     }
 
     /// The last resolution of `reference` saved on disk, if its manifest still verifies.

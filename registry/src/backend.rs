@@ -72,24 +72,54 @@ pub fn open_with(url: &str, s3_options: &[(&str, &str)]) -> Result<Storage> {
 /// naming something else.
 fn check_s3_settings(builder: &AmazonS3Builder) -> Result<()> {
     let get = |key: AmazonS3ConfigKey| builder.get_config_value(&key);
+    // As object_store reads a flag.
+    let truthy = |value: Option<String>| {
+        value.is_some_and(|v| ["true", "1", "on", "yes", "y"].contains(&v.to_lowercase().as_str()))
+    };
     let set = |name: &str| std::env::var_os(name).is_some_and(|v| !v.is_empty());
     // The client reads keys, web identity, ECS and instance metadata, not the AWS CLI's
-    // profiles: with a profile named and nothing else, it would wait on an instance metadata
-    // endpoint that is not there.
+    // profiles: with a profile named and nothing else, only an instance role can answer (and
+    // where there is none, it waits on the metadata endpoint for minutes).
     let other_source = get(AmazonS3ConfigKey::AccessKeyId).is_some()
+        || truthy(get(AmazonS3ConfigKey::SkipSignature))
         || set("AWS_WEB_IDENTITY_TOKEN_FILE")
         || set("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI")
         || set("AWS_CONTAINER_CREDENTIALS_FULL_URI");
     if set("AWS_PROFILE") && !other_source {
-        bail!(
-            "AWS_PROFILE is set, but profiles are not read: export the profile's keys (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN), e.g. with `eval \"$(aws configure export-credentials --format env)\"`"
+        tracing::warn!(
+            "AWS_PROFILE is set, but profiles are not read: credentials come from the instance role, if any; elsewhere export the profile's keys (`eval \"$(aws configure export-credentials --format env)\"`)"
         );
     }
     if let Some(endpoint) = get(AmazonS3ConfigKey::Endpoint)
         && endpoint.starts_with("http://")
-        && get(AmazonS3ConfigKey::Client(ClientConfigKey::AllowHttp)).as_deref() != Some("true")
+        && !truthy(get(AmazonS3ConfigKey::Client(ClientConfigKey::AllowHttp)))
     {
         bail!("the S3 endpoint {endpoint} is plain HTTP: set AWS_ALLOW_HTTP=true to allow it");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A plain-HTTP endpoint is taken only when allowed, in any spelling object_store takes.
+    #[test]
+    fn plain_http_endpoints_need_allowing() {
+        let builder = |allow: Option<&str>| {
+            let builder = AmazonS3Builder::new()
+                .with_bucket_name("b")
+                .with_endpoint("http://127.0.0.1:9");
+            match allow {
+                Some(value) => builder
+                    .with_config(AmazonS3ConfigKey::Client(ClientConfigKey::AllowHttp), value),
+                None => builder,
+            }
+        };
+        let error = check_s3_settings(&builder(None)).unwrap_err().to_string();
+        assert!(error.contains("set AWS_ALLOW_HTTP=true"), "{error}");
+        for allowed in ["true", "1", "YES"] {
+            check_s3_settings(&builder(Some(allowed))).unwrap();
+        }
+    }
 }

@@ -856,40 +856,49 @@ impl Storage {
                 what: format!("{repo}@{version}"),
             });
         };
-        let in_use = |tags: Vec<String>| StorageError::InUse {
+        let in_use = |by: String| StorageError::InUse {
             what: format!("{repo}@{version}"),
-            by: format!("tag {}", tags.join(", ")),
+            by,
         };
+        let tagged = |tags: Vec<String>| format!("tag {}", tags.join(", "));
         let before = self.holders(repo, &digest).await?;
         if !before.versions.iter().any(|v| v != version) && !before.tags.is_empty() {
-            return Err(in_use(before.tags));
+            return Err(in_use(tagged(before.tags)));
         }
-        let tombstone = json_bytes(&Pointer { manifest: None });
-        self.store
-            .put(
-                &Key::Version(repo, version).path(),
-                PutPayload::from(tombstone),
-            )
-            .await?;
+        let pointer = |manifest| PutPayload::from(json_bytes(&Pointer { manifest }));
+        let key = Key::Version(repo, version).path();
+        self.store.put(&key, pointer(None)).await?;
         // Decided again once the tombstone is written: deletions of two versions of one content
         // at once each saw the other still there. Whichever finds no version left after its own
         // write undoes it if a tag points there, so a tag never outlives the last version of its
         // content (both may be refused, never both done).
         let after = self.holders(repo, &digest).await?;
-        if !after.versions.is_empty() {
+        if after.versions.iter().any(|v| v != version) {
             return Ok(());
         }
+        if after.versions.contains(version) {
+            // A deletion of this same version undid its own, and so this one.
+            return Err(in_use(
+                "a tag, as a deletion of it at the same time found".into(),
+            ));
+        }
         if !after.tags.is_empty() {
-            let pointer = json_bytes(&Pointer {
-                manifest: Some(digest),
-            });
-            self.store
-                .put(
-                    &Key::Version(repo, version).path(),
-                    PutPayload::from(pointer),
-                )
-                .await?;
-            return Err(in_use(after.tags));
+            self.store.put(&key, pointer(Some(digest))).await?;
+            // Published again, as a publish does: a collection that ran while no version held
+            // the content may have deleted it (the tag having moved away meanwhile); then the
+            // deletion stands.
+            let restored = match self.get_manifest(&digest).await {
+                Ok(manifest) => self.ensure_publishable(repo, &manifest, Linked::New).await,
+                Err(error) => Err(error),
+            };
+            return match restored {
+                Ok(_) => Err(in_use(tagged(after.tags))),
+                Err(StorageError::NotFound { .. } | StorageError::MissingBlobs { .. }) => {
+                    self.store.put(&key, pointer(None)).await?;
+                    self.unlink_manifest(repo, &digest).await
+                }
+                Err(error) => Err(error),
+            };
         }
         // Nothing else holds it: its content is no longer the repository's to tag or read by
         // digest (collection would have taken the link; a tag moved by digest meanwhile would

@@ -76,14 +76,16 @@ pub fn run(args: ImportArgs) -> Result<()> {
 /// A reference cache's pickle is a few kilobytes per layer; its tensors are stored beside it.
 const MAX_PICKLE_BYTES: u64 = 16 << 20;
 
-/// How many objects the pickle's reuses of earlier objects may copy in all. candle's reader
-/// copies a memoized object at each use, so forty nested pairs of one object, a few hundred
-/// bytes of pickle, would expand to 2^40 objects; a reference cache reuses only small ones.
+/// How many objects the pickle's memo may copy in all. candle's reader copies an object each
+/// time it is memoized and each time it is reused, so forty nested pairs of one object, a few
+/// hundred bytes of pickle, would expand to 2^40 objects, and a list memoized after each of its
+/// appends grows quadratically; a reference cache memoizes and reuses only small objects (a few
+/// thousand in all for 30 layers).
 const MAX_COPIED_OBJECTS: usize = 1 << 20;
 
-/// Reads a pickle, counting what each reuse of an earlier object copies (`GET`, `BINGET`,
-/// `LONG_BINGET`, `DUP`): every object is then built from the file's own bytes or from copies
-/// within the budget, so memory stays bounded.
+/// Reads a pickle, counting what each memo operation candle reads copies (`BINPUT`,
+/// `LONG_BINPUT`, `BINGET`, `LONG_BINGET`): every object is then built from the file's own
+/// bytes or from copies within the budget, so memory and time stay bounded.
 fn read_pickle<R: std::io::BufRead>(reader: &mut R) -> Result<Object> {
     let malformed = "malformed pickle in data.pkl";
     let mut stack = Stack::empty();
@@ -93,11 +95,11 @@ fn read_pickle<R: std::io::BufRead>(reader: &mut R) -> Result<Object> {
         if stack.read(reader).context(malformed)? {
             break;
         }
-        if let (Some(b'g' | b'h' | b'j' | b'2'), Some(top)) = (opcode, stack.stack().last()) {
+        if let (Some(b'q' | b'r' | b'h' | b'j'), Some(top)) = (opcode, stack.stack().last()) {
             copied += objects(top, MAX_COPIED_OBJECTS + 1 - copied);
             ensure!(
                 copied <= MAX_COPIED_OBJECTS,
-                "data.pkl reuses its objects more than {MAX_COPIED_OBJECTS} times over: not a reference cache"
+                "data.pkl copies its objects more than {MAX_COPIED_OBJECTS} times over: not a reference cache"
             );
         }
     }

@@ -146,37 +146,51 @@ fn import_refuses_the_wrong_model_and_non_caches() {
     assert!(err.contains("neither a file nor a known alias"), "{err}");
 }
 
-/// A pickle of a few hundred bytes that nests forty pairs of one object (2^40 copies in
-/// candle's reader) is refused, not read until memory runs out.
+/// Pickles of a few hundred bytes that nest forty pairs of one object (2^40 copies in candle's
+/// reader), or of a megabyte that memoizes a list after each of its appends (quadratic), are
+/// refused, not read until memory runs out.
 #[test]
 fn import_refuses_a_pickle_that_expands_without_end() {
     use std::io::Write;
     let dir = tempfile::tempdir().unwrap();
     // PROTO 2, None memoized as 0; then each level i: BINGET i, BINGET i, TUPLE2, BINPUT i+1.
-    let mut pickle = vec![0x80, 2, b'N', b'q', 0];
+    let mut nested = vec![0x80, 2, b'N', b'q', 0];
     for level in 0..40u8 {
-        pickle.extend([b'h', level, b'h', level, 0x86, b'q', level + 1]);
+        nested.extend([b'h', level, b'h', level, 0x86, b'q', level + 1]);
     }
-    pickle.push(b'.');
-    let mut zip = zip::ZipWriter::new(std::fs::File::create(dir.path().join("bomb.pt")).unwrap());
-    let stored =
-        zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
-    zip.start_file("bomb/data.pkl", stored).unwrap();
-    zip.write_all(&pickle).unwrap();
-    zip.finish().unwrap();
-    let err = cartridge(
-        dir.path(),
-        &[
-            "import",
-            "bomb.pt",
-            "--model",
-            &tiny_model(),
-            "-o",
-            "x.safetensors",
-        ],
-    )
-    .fails();
-    assert!(err.contains("reuses its objects more than"), "{err}");
+    nested.push(b'.');
+    // EMPTY_LIST, then 200 000 times: NONE, APPEND, LONG_BINPUT i.
+    let mut appended = vec![0x80, 2, b']'];
+    for i in 0..200_000u32 {
+        appended.extend([b'N', b'a', b'r']);
+        appended.extend(i.to_le_bytes());
+    }
+    appended.push(b'.');
+    for (name, pickle) in [("nested", nested), ("appended", appended)] {
+        let file = format!("{name}.pt");
+        let mut zip = zip::ZipWriter::new(std::fs::File::create(dir.path().join(&file)).unwrap());
+        let stored = zip::write::SimpleFileOptions::default()
+            .compression_method(zip::CompressionMethod::Stored);
+        zip.start_file(format!("{name}/data.pkl"), stored).unwrap();
+        zip.write_all(&pickle).unwrap();
+        zip.finish().unwrap();
+        let err = cartridge(
+            dir.path(),
+            &[
+                "import",
+                &file,
+                "--model",
+                &tiny_model(),
+                "-o",
+                "x.safetensors",
+            ],
+        )
+        .fails();
+        assert!(
+            err.contains("copies its objects more than"),
+            "{name}: {err}"
+        );
+    }
 }
 
 #[test]

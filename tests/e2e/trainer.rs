@@ -352,9 +352,6 @@ fn bad_arguments_are_refused_before_any_synthesis() {
     let err = train("32", &["--work-dir", "./varn.safetensors"]);
     assert!(err.contains("is in the work directory"), "{err}");
     assert!(!dir.path().join("varn.work/conversations.jsonl").exists());
-    // Nor may it land among the work directory's conversations and checkpoints.
-    let err = train("32", &["-o", "varn.work/conversations.jsonl"]);
-    assert!(err.contains("is in the work directory"), "{err}");
     // One run at a time in a work directory.
     let lock = std::fs::File::create(dir.path().join("varn.work/lock")).unwrap();
     lock.try_lock().unwrap();
@@ -364,6 +361,9 @@ fn bad_arguments_are_refused_before_any_synthesis() {
         "{err}"
     );
     drop(lock);
+    // Nor may the output land among another run's conversations and checkpoints.
+    let err = train("32", &["-o", "varn.work/conversations.jsonl"]);
+    assert!(err.contains("is in the work directory"), "{err}");
     for (flag, value) in [("--lr", "0"), ("--lr", "NaN"), ("--rows", "0")] {
         let err = train("32", &[flag, value]);
         assert!(err.contains(flag), "{flag} {value}: {err}");

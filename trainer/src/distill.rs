@@ -668,6 +668,8 @@ fn differing(stored: &serde_json::Value, asked: &serde_json::Value, skip: &[&str
                     .into_iter()
                     .map(|inner| format!("{key}.{inner}")),
             );
+        } else if held.is_null() {
+            found.push(format!("no {key} recorded (made by an older version)"));
         } else {
             found.push(format!("{key} {held} (the run asks for {value})"));
         }

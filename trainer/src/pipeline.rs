@@ -71,7 +71,8 @@ pub struct TrainReport {
 /// How many steps the reported first and final losses average (at most half the run each).
 pub const LOSS_STEPS: usize = 10;
 
-/// What only a work directory holds.
+/// What only a work directory holds: the lock of its runs, and their conversations or
+/// checkpoint.
 const WORK_FILES: [&str; 2] = ["conversations.meta.json", "checkpoint.safetensors"];
 
 /// The output can be written where it is asked for, and is not in a work directory.
@@ -95,7 +96,9 @@ fn check_paths(request: &TrainRequest) -> Result<()> {
     } else {
         resolved
             .parent()
-            .filter(|dir| WORK_FILES.iter().any(|name| dir.join(name).exists()))
+            .filter(|dir| {
+                dir.join("lock").exists() && WORK_FILES.iter().any(|name| dir.join(name).exists())
+            })
             .map(Path::to_owned)
     };
     if let Some(work_dir) = work_dir {

@@ -55,30 +55,22 @@ async fn a_half_sent_request_loses_its_connection() {
     serving.await.unwrap().unwrap();
 }
 
-/// S3 settings the client would take and fail on later (minutes later, or naming something
-/// else) are refused at once, by name.
+/// An S3 setting the client would take and fail on later (with an error naming something
+/// else) is refused at once, by name.
 #[test]
 fn s3_settings_that_cannot_work_are_named() {
-    let gc = |environment: &[(&str, &str)]| {
-        let output = std::process::Command::new(env!("CARGO_BIN_EXE_cartridge-registry"))
-            .args(["gc", "--storage", "s3://cartridges", "--dry-run"])
-            .env_clear()
-            .envs(environment.iter().copied())
-            .output()
-            .unwrap();
-        assert!(!output.status.success());
-        String::from_utf8_lossy(&output.stderr).into_owned()
-    };
-    let error = gc(&[("AWS_PROFILE", "prod"), ("AWS_REGION", "us-east-1")]);
-    assert!(
-        error.contains("AWS_PROFILE is set, but profiles are not read"),
-        "{error}"
-    );
-    let error = gc(&[
-        ("AWS_ENDPOINT_URL", "http://127.0.0.1:9"),
-        ("AWS_ACCESS_KEY_ID", "key"),
-        ("AWS_SECRET_ACCESS_KEY", "secret"),
-        ("AWS_REGION", "us-east-1"),
-    ]);
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_cartridge-registry"))
+        .args(["gc", "--storage", "s3://cartridges", "--dry-run"])
+        .env_clear()
+        .envs([
+            ("AWS_ENDPOINT_URL", "http://127.0.0.1:9"),
+            ("AWS_ACCESS_KEY_ID", "key"),
+            ("AWS_SECRET_ACCESS_KEY", "secret"),
+            ("AWS_REGION", "us-east-1"),
+        ])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let error = String::from_utf8_lossy(&output.stderr);
     assert!(error.contains("set AWS_ALLOW_HTTP=true"), "{error}");
 }
