@@ -413,7 +413,8 @@ pub fn synthesize(
                 answer_ids: answer.tokens,
                 teacher: answer.top_logprobs,
             };
-            if conversation.is_empty() {
+            // An answer of nothing but its stop token would teach stopping at once.
+            if conversation.assistant.is_empty() {
                 continue;
             }
             let mut line =
