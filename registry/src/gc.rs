@@ -48,13 +48,20 @@ pub struct GcReport {
 
 pub async fn collect(storage: &Storage, options: GcOptions) -> Result<GcReport, StorageError> {
     if options.dry_run {
-        return sweep(storage, options, None).await;
+        // A dry run writes nothing, not even a clock probe: ages by this host's clock.
+        return sweep(storage, options, Utc::now(), None).await;
     }
     let owner = format!("gc-{}-{:08x}", std::process::id(), rand::random::<u32>());
     let Some(expires) = storage.acquire_gc_lease(&owner).await? else {
         return Err(StorageError::GcRunning);
     };
-    let result = sweep(storage, options, Some((&owner, expires))).await;
+    let result = async {
+        // Ages by the earlier of the two clocks: neither a host running ahead of the store nor
+        // one running behind it finds an object older than it is.
+        let now = storage.clock().await?.min(Utc::now());
+        sweep(storage, options, now, Some((&owner, expires))).await
+    }
+    .await;
     // Release even after a failure, so publishes do not wait for the lease to expire.
     let released = storage.release_gc_lease(&owner).await;
     let report = result?;
@@ -136,11 +143,12 @@ fn readable_name(location: &Path) -> bool {
 async fn sweep(
     storage: &Storage,
     options: GcOptions,
+    now: DateTime<Utc>,
     lease: Option<(&str, DateTime<Utc>)>,
 ) -> Result<GcReport, StorageError> {
     let mut heartbeat = Heartbeat { storage, lease };
     let grace = chrono::Duration::from_std(options.grace).unwrap_or(chrono::Duration::MAX);
-    let cutoff = Utc::now()
+    let cutoff = now
         .checked_sub_signed(grace)
         .unwrap_or(chrono::DateTime::<Utc>::MIN_UTC);
     let mut report = GcReport {

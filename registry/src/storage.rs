@@ -427,6 +427,19 @@ impl Storage {
         Ok(())
     }
 
+    /// The store's own time: when it says a probe written now was written. Object ages are
+    /// measured in it; a host whose clock runs ahead would otherwise find young objects old.
+    pub async fn clock(&self) -> Result<DateTime<Utc>> {
+        let id = format!("{:032x}", rand::random::<u128>());
+        let probe = Key::Probe(&id);
+        self.create(probe, b"clock".to_vec()).await?;
+        let written = self.store.head(&probe.path()).await;
+        if let Err(error) = self.delete(probe).await {
+            tracing::warn!(%error, key = %probe.path(), "removing the clock probe");
+        }
+        Ok(written?.last_modified)
+    }
+
     /// Writes `bytes` only if nothing is at `key`; `Ok(false)` if something was.
     async fn create(&self, key: Key<'_>, bytes: Vec<u8>) -> Result<bool> {
         let options = PutOptions {

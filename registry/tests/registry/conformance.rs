@@ -990,8 +990,17 @@ async fn direct_uploads(storage: &Storage) {
     assert!(storage.blob_meta(&claimed).await.unwrap().is_none());
 }
 
+/// The store tells its own time, which garbage collection measures ages in.
+async fn clock(storage: &Storage) {
+    let slack = chrono::Duration::seconds(60);
+    let before = chrono::Utc::now() - slack;
+    let now = storage.clock().await.unwrap();
+    assert!(before <= now && now <= chrono::Utc::now() + slack, "{now}");
+}
+
 async fn conformance(storage: Storage) {
     storage.check_conditional_writes().await.unwrap();
+    clock(&storage).await;
     blobs(&storage).await;
     manifests(&storage).await;
     publish(&storage).await;
