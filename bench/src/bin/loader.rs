@@ -157,6 +157,12 @@ fn main() -> Result<()> {
 
     let bytes = args.size.as_u64() as usize;
     let cuda = args.device != "host";
+    // Written as figures come in: a later step that fails or runs out of time (on a GPU
+    // machine lent by the minute) leaves the earlier ones.
+    let output = args
+        .output
+        .clone()
+        .unwrap_or_else(|| results_path(if cuda { "loader-cuda" } else { "loader-cpu" }));
     let ceilings = if cuda {
         let probe = Command::new(sibling("cartridge-loader")?)
             .args(["bandwidth", "--device", &args.device, "--size"])
@@ -171,6 +177,11 @@ fn main() -> Result<()> {
     } else {
         host_ceilings(bytes)?
     };
+
+    write_results(
+        &output,
+        json!({"benchmark": "loader", "ceilings": ceilings, "partial": "bandwidth ceilings only"}),
+    )?;
 
     let registry_bin = sibling("cartridge-registry")?;
     let (_registry, registry) = Server::start(
@@ -270,11 +281,6 @@ fn main() -> Result<()> {
         // host tier by one copy.
         http.timed_load(&url, &model, &refs[1..2])?;
         let (host, answer) = http.timed_load(&url, &model, &refs[..1])?;
-        ensure!(
-            answer["tier"] == "host",
-            "expected a host-tier load, got {}",
-            answer["tier"]
-        );
         let raw = ceilings["pinned_host_to_device_gb_per_s"]
             .as_f64()
             .context("bandwidth")?;
@@ -282,7 +288,9 @@ fn main() -> Result<()> {
             .as_f64()
             .context("bandwidth")?;
         report["path"] = json!(format!("GPU ({})", ceilings["device"]));
-        report["load_from_host_tier"] = json!({"seconds": host.as_secs_f64(), "gb_per_s": gb_per_s(payload, host), "share_of_pinned_host_to_device": gb_per_s(payload, host) / raw});
+        // The tier it came from stands beside the figure: one not from the host tier (the
+        // first cartridge not evicted, say) is reported, not lost with everything else.
+        report["load_from_host_tier"] = json!({"tier": answer["tier"], "seconds": host.as_secs_f64(), "gb_per_s": gb_per_s(payload, host), "share_of_pinned_host_to_device": gb_per_s(payload, host) / raw});
         report["compose_4"]["share_of_device_to_device"] = json!(compose_rate / within);
     } else {
         let memcpy = ceilings["memcpy_gb_per_s"].as_f64().context("memcpy")?;
@@ -296,7 +304,8 @@ fn main() -> Result<()> {
         report["compose_4"]["share_of_fresh_shm_copy"] = json!(compose_rate / fresh);
     }
     // The Python client's check runs last and its outcome goes in the report: the figures
-    // above stand whatever it finds.
+    // above are written first, and stand whatever it finds.
+    write_results(&output, report.clone())?;
     let client = Path::new("loader/python");
     let python_client = match &args.python {
         Some(_) if !client.is_dir() => {
@@ -327,9 +336,6 @@ fn main() -> Result<()> {
         None => None,
     };
     println!("{}", serde_json::to_string_pretty(&report)?);
-    let output = args
-        .output
-        .unwrap_or_else(|| results_path(if cuda { "loader-cuda" } else { "loader-cpu" }));
     write_results(&output, report)?;
     println!("wrote {}", output.display());
     if let Some(status) = python_client {
