@@ -5,7 +5,7 @@
 //! cartridges take no round trip; a moved tag or deleted version is seen once it expires. Past
 //! it, a reference resolved before waits at most two seconds on the registry.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -32,6 +32,8 @@ struct Memory {
     dir: PathBuf,
     ttl: Duration,
     recent: Mutex<HashMap<String, (Instant, Resolved)>>,
+    /// References whose resolution is being asked of the registry.
+    asking: Mutex<HashSet<String>>,
 }
 
 /// A reference resolved to its manifest.
@@ -64,6 +66,7 @@ impl Resolver {
                 dir: dir.to_owned(),
                 ttl,
                 recent: Mutex::new(HashMap::new()),
+                asking: Mutex::new(HashSet::new()),
             }),
         })
     }
@@ -79,14 +82,29 @@ impl Resolver {
         // Asked on a task of its own, which remembers the answer: a load that stops waiting
         // for it (below) leaves it to finish, so a registry slower than the wait still
         // refreshes what later loads find.
+        let remembered = self.memory.remembered(reference);
+        let key = reference.to_string();
+        let first = self
+            .memory
+            .asking
+            .lock()
+            .map_or(true, |mut asking| asking.insert(key.clone()));
+        // While one load asks a slow registry, the others serve what it last said rather than
+        // each asking again (against a registry that never answers, every load would leave a
+        // request waiting minutes).
+        if !first && let Some(remembered) = remembered {
+            return Ok(remembered);
+        }
         let asked = {
             let (client, memory, reference) =
                 (self.client.clone(), self.memory.clone(), reference.clone());
             tokio::spawn(async move {
-                let resolved = client
+                // Ends the asking however the task ends, a panic included.
+                let _asking = first.then(|| Asking(memory.clone(), key));
+                client
                     .resolve(&reference.repository, &reference.selector)
-                    .await?;
-                Ok::<_, ClientError>(memory.remember(&reference, resolved))
+                    .await
+                    .map(|resolved| memory.remember(&reference, resolved))
             })
         };
         let joined = |joined: Result<_, tokio::task::JoinError>| {
@@ -95,7 +113,6 @@ impl Resolver {
         // A reference resolved before waits on the registry only briefly: one that takes
         // connections but never answers would hold loads of resident cartridges for the
         // client's minutes.
-        let remembered = self.memory.remembered(reference);
         let answer = if remembered.is_some() {
             match tokio::time::timeout(REMEMBERED_WAIT, asked).await {
                 Ok(answer) => joined(answer)?,
@@ -122,6 +139,17 @@ impl Resolver {
                 ))),
             },
             Err(error) => Err(client_error(error)),
+        }
+    }
+}
+
+/// A reference being asked of the registry, until dropped.
+struct Asking(Arc<Memory>, String);
+
+impl Drop for Asking {
+    fn drop(&mut self) {
+        if let Ok(mut asking) = self.0.asking.lock() {
+            asking.remove(&self.1);
         }
     }
 }
