@@ -910,7 +910,15 @@ impl Storage {
                     self.store.put(&key, pointer(None)).await?;
                     self.unlink_manifest(repo, &digest).await
                 }
-                Err(error) => Err(error),
+                // Not checked (a collection held on past the wait, say): the restore stands
+                // only while a tag points there, which keeps the content from collection.
+                Err(error) => {
+                    if self.holders(repo, &digest).await?.tags.is_empty() {
+                        self.store.put(&key, pointer(None)).await?;
+                        self.unlink_manifest(repo, &digest).await?;
+                    }
+                    Err(error)
+                }
             };
         }
         // Nothing else holds it: its content is no longer the repository's to tag or read by

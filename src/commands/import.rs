@@ -76,14 +76,15 @@ pub fn run(args: ImportArgs) -> Result<()> {
 /// A reference cache's pickle is a few kilobytes per layer; its tensors are stored beside it.
 const MAX_PICKLE_BYTES: u64 = 16 << 20;
 
-/// How many objects the pickle's memo may copy in all. candle's reader copies an object each
-/// time it is memoized and each time it is reused, so forty nested pairs of one object, a few
-/// hundred bytes of pickle, would expand to 2^40 objects, and a list memoized after each of its
-/// appends grows quadratically; a reference cache memoizes and reuses only small objects (a few
-/// thousand in all for 30 layers).
-const MAX_COPIED_OBJECTS: usize = 1 << 20;
+/// How many bytes of objects the pickle's memo may copy in all. candle's reader copies an object
+/// each time it is memoized and each time it is reused, so forty nested pairs of one object, a
+/// few hundred bytes of pickle, would expand to 2^40 objects, a list memoized after each of its
+/// appends grows quadratically, and a long string reused a thousand times is a thousand copies;
+/// a reference cache memoizes and reuses only small objects (a few thousand in all for 30
+/// layers, well under a megabyte).
+const MAX_COPIED_BYTES: usize = 64 << 20;
 
-/// Reads a pickle, counting what each memo operation candle reads copies (`BINPUT`,
+/// Reads a pickle, weighing what each memo operation candle reads copies (`BINPUT`,
 /// `LONG_BINPUT`, `BINGET`, `LONG_BINGET`): every object is then built from the file's own
 /// bytes or from copies within the budget, so memory and time stay bounded.
 fn read_pickle<R: std::io::BufRead>(reader: &mut R) -> Result<Object> {
@@ -96,25 +97,24 @@ fn read_pickle<R: std::io::BufRead>(reader: &mut R) -> Result<Object> {
             break;
         }
         if let (Some(b'q' | b'r' | b'h' | b'j'), Some(top)) = (opcode, stack.stack().last()) {
-            copied += objects(top, MAX_COPIED_OBJECTS + 1 - copied);
+            copied += weight(top, MAX_COPIED_BYTES + 1 - copied);
             ensure!(
-                copied <= MAX_COPIED_OBJECTS,
-                "data.pkl copies its objects more than {MAX_COPIED_OBJECTS} times over: not a reference cache"
+                copied <= MAX_COPIED_BYTES,
+                "data.pkl copies more than {} of its objects over: not a reference cache",
+                human_bytes(MAX_COPIED_BYTES as u64)
             );
         }
     }
     stack.finalize().context(malformed)
 }
 
-/// The objects in `object`, counted up to `limit`.
-fn objects(object: &Object, limit: usize) -> usize {
+/// About the bytes `object` takes in memory (each object, and its text), counted up to `limit`.
+fn weight(object: &Object, limit: usize) -> usize {
+    const OBJECT: usize = std::mem::size_of::<Object>();
     let mut pending = vec![object];
-    let mut count = 0;
+    let mut total = 0;
     while let Some(object) = pending.pop() {
-        count += 1;
-        if count >= limit {
-            break;
-        }
+        total += OBJECT;
         match object {
             Object::Tuple(items) | Object::List(items) => pending.extend(items),
             Object::Dict(entries) => pending.extend(entries.iter().flat_map(|(k, v)| [k, v])),
@@ -122,10 +122,18 @@ fn objects(object: &Object, limit: usize) -> usize {
                 pending.extend([&**callable, &**args]);
             }
             Object::PersistentLoad(inner) => pending.push(inner),
+            Object::Unicode(text) => total += text.len(),
+            Object::Class {
+                module_name,
+                class_name,
+            } => total += module_name.len() + class_name.len(),
             _ => {}
         }
+        if total >= limit {
+            break;
+        }
     }
-    count
+    total
 }
 
 /// One ParameterList: per layer, the tensor's bytes and its `[1, kv_heads, tokens, head_dim]` shape.

@@ -658,7 +658,8 @@ impl<'a> Distiller<'a> {
 fn differing(stored: &serde_json::Value, asked: &serde_json::Value, skip: &[&str]) -> Vec<String> {
     let mut found = Vec::new();
     for (key, value) in asked.as_object().into_iter().flatten() {
-        let held = &stored[key.as_str()];
+        let recorded = stored.get(key.as_str());
+        let held = recorded.unwrap_or(&serde_json::Value::Null);
         if skip.contains(&key.as_str()) || held == value {
             continue;
         }
@@ -668,7 +669,7 @@ fn differing(stored: &serde_json::Value, asked: &serde_json::Value, skip: &[&str
                     .into_iter()
                     .map(|inner| format!("{key}.{inner}")),
             );
-        } else if held.is_null() {
+        } else if recorded.is_none() {
             found.push(format!("no {key} recorded (made by an older version)"));
         } else {
             found.push(format!("{key} {held} (the run asks for {value})"));
