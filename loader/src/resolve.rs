@@ -107,8 +107,17 @@ impl Resolver {
                     .map(|resolved| memory.remember(&reference, resolved))
             })
         };
-        let joined = |joined: Result<_, tokio::task::JoinError>| {
-            joined.map_err(|e| LoaderError::Internal(format!("resolving {reference}: {e}")))
+        // A task that failed to finish (a panic) is a failure to ask, like an unreachable
+        // registry: the remembered resolution serves, if there is one.
+        let joined = |joined: Result<_, tokio::task::JoinError>| match joined {
+            Ok(answer) => Ok(answer),
+            Err(error) if remembered.is_some() => {
+                tracing::warn!(%reference, %error, "resolving failed; serving the last resolution");
+                Ok(Err(ClientError::NoAnswer { seconds: 0 }))
+            }
+            Err(error) => Err(LoaderError::Internal(format!(
+                "resolving {reference}: {error}"
+            ))),
         };
         // A reference resolved before waits on the registry only briefly: one that takes
         // connections but never answers would hold loads of resident cartridges for the
@@ -127,6 +136,9 @@ impl Resolver {
         match answer {
             Ok(resolved) => Ok(resolved),
             Err(error) if error.code() == Some(ErrorCode::NotFound) => {
+                // Gone from the registry (a deleted tag or version): not to be served from
+                // memory the next time the registry is unreachable.
+                self.memory.forget(reference);
                 Err(LoaderError::UnknownReference(reference.to_string()))
             }
             Err(error) if error.is_transient() => match remembered {
@@ -197,6 +209,13 @@ impl Memory {
             recent.insert(reference.to_string(), (Instant::now(), resolved.clone()));
         }
         resolved
+    }
+
+    fn forget(&self, reference: &Reference) {
+        let _ = std::fs::remove_file(self.ref_path(reference));
+        if let Ok(mut recent) = self.recent.lock() {
+            recent.remove(&reference.to_string());
+        }
     }
 
     /// The last resolution of `reference` saved on disk, if its manifest still verifies.

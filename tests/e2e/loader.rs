@@ -528,6 +528,25 @@ fn prefetched_cartridges_load_from_disk_with_the_registry_gone() {
     assert_eq!(status, 503, "{answer}");
 }
 
+/// A reference the registry said is gone is not served from the loader's memory once the
+/// registry is unreachable.
+#[test]
+fn a_deleted_tag_is_not_served_from_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut registry, loader, model) = setup(dir.path(), 16, &["--resolve-ttl", "0s"]);
+    let token = registry.token(&["team/*:push"]);
+    let cli = |args: &[&str]| registry.cartridge(dir.path(), &token, args).ok();
+    cli(&["tag", "team/a@v1", "gone"]);
+    let (status, answer) = load(&loader, &model, &["team/a@gone"]);
+    assert_eq!(status, 200, "{answer}");
+    cli(&["rm", "team/a@gone"]);
+    let (status, answer) = load(&loader, &model, &["team/a@gone"]);
+    assert_eq!(status, 404, "{answer}");
+    registry.kill();
+    let (status, answer) = load(&loader, &model, &["team/a@gone"]);
+    assert_eq!(status, 503, "{answer}");
+}
+
 /// A prefetch that cannot fit the disk cache is refused rather than reported done with its
 /// early cartridges evicted by its later ones.
 #[test]
