@@ -438,7 +438,7 @@ impl Loader {
                 ready,
             )
             .await;
-            from_registry(&fetched.map_err(client_error)?);
+            from_registry(&fetched.map_err(|e| client_error(&e))?);
             parts.push(Part {
                 reference: reference.clone(),
                 digest: resolved.digest,
@@ -682,7 +682,7 @@ impl Loader {
             .await
             .map_err(|e| LoaderError::Internal(format!("decoding: {e}")))?;
         // A failed download explains an incomplete decode better than the decoder does.
-        let fetched = fetched.map_err(client_error)?;
+        let fetched = fetched.map_err(|e| client_error(&e))?;
         let buffer = decoded?;
         let tier = if from_registry(&fetched) {
             Tier::Registry

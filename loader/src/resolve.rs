@@ -3,9 +3,10 @@
 //! was seen before still resolves and whatever is cached keeps serving. A resolution younger than
 //! the resolver's time-to-live is reused without asking the registry, so loads of resident
 //! cartridges take no round trip; a moved tag or deleted version is seen once it expires. Past
-//! it, a reference resolved before waits at most two seconds on the registry.
+//! it, a reference resolved before waits at most two seconds on the registry, and loads of one
+//! reference share one ask.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -14,11 +15,16 @@ use cartridge_client::{Client, ClientError};
 use cartridge_schemas::api::ErrorCode;
 use cartridge_schemas::manifest::Manifest;
 use cartridge_schemas::{Digest, Reference};
+use futures::FutureExt;
+use futures::future::{BoxFuture, Shared};
 
 use crate::error::LoaderError;
 
 /// How long a load waits on the registry to resolve a reference it has a resolution of.
 const REMEMBERED_WAIT: Duration = Duration::from_secs(2);
+
+/// How long an ask of the registry may take in all: past it, the next load asks again.
+const ASK_WITHIN: Duration = Duration::from_secs(30);
 
 #[derive(Debug)]
 pub struct Resolver {
@@ -32,8 +38,8 @@ struct Memory {
     dir: PathBuf,
     ttl: Duration,
     recent: Mutex<HashMap<String, (Instant, Resolved)>>,
-    /// References whose resolution is being asked of the registry.
-    asking: Mutex<HashSet<String>>,
+    /// The asks of the registry under way, by reference.
+    asking: Mutex<HashMap<String, Ask>>,
 }
 
 /// A reference resolved to its manifest.
@@ -66,7 +72,7 @@ impl Resolver {
                 dir: dir.to_owned(),
                 ttl,
                 recent: Mutex::new(HashMap::new()),
-                asking: Mutex::new(HashSet::new()),
+                asking: Mutex::new(HashMap::new()),
             }),
         })
     }
@@ -79,66 +85,25 @@ impl Resolver {
         if let Some(resolved) = self.memory.recent(reference) {
             return Ok(resolved);
         }
-        // Asked on a task of its own, which remembers the answer: a load that stops waiting
-        // for it (below) leaves it to finish, so a registry slower than the wait still
-        // refreshes what later loads find.
         let remembered = self.memory.remembered(reference);
-        let key = reference.to_string();
-        let first = self
-            .memory
-            .asking
-            .lock()
-            .map_or(true, |mut asking| asking.insert(key.clone()));
-        // While one load asks a slow registry, the others serve what it last said rather than
-        // each asking again (against a registry that never answers, every load would leave a
-        // request waiting minutes).
-        if !first && let Some(remembered) = remembered {
-            return Ok(remembered);
-        }
-        let asked = {
-            let (client, memory, reference) =
-                (self.client.clone(), self.memory.clone(), reference.clone());
-            tokio::spawn(async move {
-                // Ends the asking however the task ends, a panic included.
-                let _asking = first.then(|| Asking(memory.clone(), key));
-                client
-                    .resolve(&reference.repository, &reference.selector)
-                    .await
-                    .map(|resolved| memory.remember(&reference, resolved))
-            })
-        };
-        // A task that failed to finish (a panic) is a failure to ask, like an unreachable
-        // registry: the remembered resolution serves, if there is one.
-        let joined = |joined: Result<_, tokio::task::JoinError>| match joined {
-            Ok(answer) => Ok(answer),
-            Err(error) if remembered.is_some() => {
-                tracing::warn!(%reference, %error, "resolving failed; serving the last resolution");
-                Ok(Err(ClientError::NoAnswer { seconds: 0 }))
-            }
-            Err(error) => Err(LoaderError::Internal(format!(
-                "resolving {reference}: {error}"
-            ))),
-        };
+        let ask = self.ask(reference, remembered.as_ref().map(|r| r.digest));
         // A reference resolved before waits on the registry only briefly: one that takes
         // connections but never answers would hold loads of resident cartridges for the
         // client's minutes.
         let answer = if remembered.is_some() {
-            match tokio::time::timeout(REMEMBERED_WAIT, asked).await {
-                Ok(answer) => joined(answer)?,
+            match tokio::time::timeout(REMEMBERED_WAIT, ask).await {
+                Ok(answer) => answer,
                 // Transient: the remembered resolution serves, below.
-                Err(_) => Err(ClientError::NoAnswer {
+                Err(_) => Err(Arc::new(ClientError::NoAnswer {
                     seconds: REMEMBERED_WAIT.as_secs(),
-                }),
+                })),
             }
         } else {
-            joined(asked.await)?
+            ask.await
         };
         match answer {
             Ok(resolved) => Ok(resolved),
             Err(error) if error.code() == Some(ErrorCode::NotFound) => {
-                // Gone from the registry (a deleted tag or version): not to be served from
-                // memory the next time the registry is unreachable.
-                self.memory.forget(reference);
                 Err(LoaderError::UnknownReference(reference.to_string()))
             }
             Err(error) if error.is_transient() => match remembered {
@@ -150,10 +115,64 @@ impl Resolver {
                     "resolving {reference} failed: {error}"
                 ))),
             },
-            Err(error) => Err(client_error(error)),
+            Err(error) => Err(client_error(&error)),
         }
     }
+
+    /// The registry's answer for `reference`: one ask at a time per reference, shared by the
+    /// loads waiting on it, on a task of its own that remembers what it learns. A load that
+    /// stops waiting leaves it to finish, so a registry slower than the wait still refreshes
+    /// what later loads find; against one that never answers, loads do not pile up requests.
+    fn ask(&self, reference: &Reference, known: Option<Digest>) -> Ask {
+        let key = reference.to_string();
+        let Ok(mut asking) = self.memory.asking.lock() else {
+            return futures::future::ready(Err(Arc::new(ClientError::Usage(
+                "the resolver's state is poisoned".into(),
+            ))))
+            .boxed()
+            .shared();
+        };
+        if let Some(ask) = asking.get(&key) {
+            return ask.clone();
+        }
+        let (client, memory, reference) =
+            (self.client.clone(), self.memory.clone(), reference.clone());
+        // Ends the asking however the task ends, never polled included.
+        let guard = Asking(memory.clone(), key.clone());
+        let task = tokio::spawn(async move {
+            let _asking = guard;
+            let asked = client.resolve(&reference.repository, &reference.selector);
+            match tokio::time::timeout(ASK_WITHIN, asked).await {
+                Ok(Ok(resolved)) => Ok(memory.remember(&reference, resolved)),
+                Ok(Err(error)) => {
+                    if error.code() == Some(ErrorCode::NotFound) {
+                        // Gone from the registry (a deleted tag or version): not to be served
+                        // from memory the next time the registry is unreachable.
+                        memory.forget(&reference, known);
+                    }
+                    Err(Arc::new(error))
+                }
+                Err(_) => Err(Arc::new(ClientError::NoAnswer {
+                    seconds: ASK_WITHIN.as_secs(),
+                })),
+            }
+        });
+        let ask = async move {
+            task.await.unwrap_or_else(|error| {
+                Err(Arc::new(ClientError::Usage(format!(
+                    "the resolve task failed: {error}"
+                ))))
+            })
+        }
+        .boxed()
+        .shared();
+        asking.insert(key, ask.clone());
+        ask
+    }
 }
+
+/// An ask of the registry that loads share.
+type Ask = Shared<BoxFuture<'static, Result<Resolved, Arc<ClientError>>>>;
 
 /// A reference being asked of the registry, until dropped.
 struct Asking(Arc<Memory>, String);
@@ -211,9 +230,21 @@ impl Memory {
         resolved
     }
 
-    fn forget(&self, reference: &Reference) {
-        let _ = std::fs::remove_file(self.ref_path(reference));
-        if let Ok(mut recent) = self.recent.lock() {
+    /// Forgets the resolution of `reference` the 404 was an answer to (`known` when the ask
+    /// began): one remembered since, from a newer answer, stays.
+    fn forget(&self, reference: &Reference, known: Option<Digest>) {
+        let path = self.ref_path(reference);
+        let stored = std::fs::read_to_string(&path)
+            .ok()
+            .and_then(|text| text.trim().parse::<Digest>().ok());
+        if stored.is_some() && stored == known {
+            let _ = std::fs::remove_file(path);
+        }
+        if let Ok(mut recent) = self.recent.lock()
+            && recent
+                .get(&reference.to_string())
+                .is_some_and(|(_, resolved)| Some(resolved.digest) == known)
+        {
             recent.remove(&reference.to_string());
         }
     }
@@ -240,7 +271,7 @@ impl Memory {
 }
 
 /// Registry errors as the loader reports them.
-pub fn client_error(error: ClientError) -> LoaderError {
+pub fn client_error(error: &ClientError) -> LoaderError {
     match error.code() {
         Some(ErrorCode::NotFound) => LoaderError::UnknownReference(error.to_string()),
         Some(ErrorCode::Unauthorized | ErrorCode::Forbidden) => LoaderError::Unavailable(format!(

@@ -914,8 +914,9 @@ impl Storage {
                 // only while a tag points there, which keeps the content from collection.
                 Err(error) => {
                     if self.holders(repo, &digest).await?.tags.is_empty() {
+                        // No tag holds it any more: the deletion stands after all.
                         self.store.put(&key, pointer(None)).await?;
-                        self.unlink_manifest(repo, &digest).await?;
+                        return self.unlink_manifest(repo, &digest).await;
                     }
                     Err(error)
                 }

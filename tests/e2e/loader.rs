@@ -528,6 +528,31 @@ fn prefetched_cartridges_load_from_disk_with_the_registry_gone() {
     assert_eq!(status, 503, "{answer}");
 }
 
+/// Loads of one reference at once share one ask of the registry and all see its answer: a tag
+/// moved since it was last resolved is served stale to none of them.
+#[test]
+fn concurrent_loads_of_a_moved_tag_all_see_it_moved() {
+    let dir = tempfile::tempdir().unwrap();
+    let (registry, loader, model) = setup(dir.path(), 16, &["--resolve-ttl", "0s"]);
+    let token = registry.token(&["team/*:push"]);
+    let cli = |args: &[&str]| registry.cartridge(dir.path(), &token, args).ok();
+    cli(&["push", "team/a@v2", "c.safetensors"]);
+    cli(&["tag", "team/a@v1", "stable"]);
+    let digest = |answer: &Value| answer["parts"][0]["digest"].as_str().unwrap().to_owned();
+    let (_, v1) = load(&loader, &model, &["team/a@v1"]);
+    let (_, v2) = load(&loader, &model, &["team/a@v2"]);
+    let (_, first) = load(&loader, &model, &["team/a@stable"]);
+    assert_eq!(digest(&first), digest(&v1));
+    cli(&["tag", "team/a@v2", "stable"]);
+    let seen: Vec<String> = std::thread::scope(|threads| {
+        let loads: Vec<_> = (0..8)
+            .map(|_| threads.spawn(|| digest(&load(&loader, &model, &["team/a@stable"]).1)))
+            .collect();
+        loads.into_iter().map(|l| l.join().unwrap()).collect()
+    });
+    assert!(seen.iter().all(|d| *d == digest(&v2)), "{seen:?}");
+}
+
 /// A reference the registry said is gone is not served from the loader's memory once the
 /// registry is unreachable.
 #[test]
