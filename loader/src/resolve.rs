@@ -38,8 +38,8 @@ struct Memory {
     dir: PathBuf,
     ttl: Duration,
     recent: Mutex<HashMap<String, (Instant, Resolved)>>,
-    /// The asks of the registry under way, by reference.
-    asking: Mutex<HashMap<String, Ask>>,
+    /// The asks of the registry under way, by reference, each with its id.
+    asking: Mutex<HashMap<String, (u64, Ask)>>,
 }
 
 /// A reference resolved to its manifest.
@@ -125,48 +125,50 @@ impl Resolver {
     /// what later loads find; against one that never answers, loads do not pile up requests.
     fn ask(&self, reference: &Reference, known: Option<Digest>) -> Ask {
         let key = reference.to_string();
-        let Ok(mut asking) = self.memory.asking.lock() else {
-            return futures::future::ready(Err(Arc::new(ClientError::Usage(
-                "the resolver's state is poisoned".into(),
-            ))))
-            .boxed()
-            .shared();
-        };
-        if let Some(ask) = asking.get(&key) {
+        let mut asking = self.memory.asking();
+        if let Some((_, ask)) = asking.get(&key) {
             return ask.clone();
         }
+        let id = rand::random::<u64>();
         let (client, memory, reference) =
             (self.client.clone(), self.memory.clone(), reference.clone());
-        // Ends the asking however the task ends, never polled included.
-        let guard = Asking(memory.clone(), key.clone());
-        let task = tokio::spawn(async move {
-            let _asking = guard;
-            let asked = client.resolve(&reference.repository, &reference.selector);
-            match tokio::time::timeout(ASK_WITHIN, asked).await {
-                Ok(Ok(resolved)) => Ok(memory.remember(&reference, resolved)),
-                Ok(Err(error)) => {
-                    if error.code() == Some(ErrorCode::NotFound) {
-                        // Gone from the registry (a deleted tag or version): not to be served
-                        // from memory the next time the registry is unreachable.
-                        memory.forget(&reference, known);
-                    }
-                    Err(Arc::new(error))
-                }
-                Err(_) => Err(Arc::new(ClientError::NoAnswer {
-                    seconds: ASK_WITHIN.as_secs(),
-                })),
-            }
-        });
+        let (guard, ended, ended_key) = (
+            Asking(memory.clone(), key.clone(), id),
+            memory.clone(),
+            key.clone(),
+        );
+        // The task starts when the ask is first waited on, after it is in the map and the map's
+        // lock is let go; its end takes this ask, never a newer one, out of the map.
         let ask = async move {
+            let task = tokio::spawn(async move {
+                let _guard = guard;
+                let asked = client.resolve(&reference.repository, &reference.selector);
+                match tokio::time::timeout(ASK_WITHIN, asked).await {
+                    Ok(Ok(resolved)) => Ok(memory.remember(&reference, resolved)),
+                    Ok(Err(error)) => {
+                        if error.code() == Some(ErrorCode::NotFound) {
+                            // Gone from the registry (a deleted tag or version): not to be
+                            // served from memory the next time the registry is unreachable.
+                            memory.forget(&reference, known);
+                        }
+                        Err(Arc::new(error))
+                    }
+                    Err(_) => Err(Arc::new(ClientError::NoAnswer {
+                        seconds: ASK_WITHIN.as_secs(),
+                    })),
+                }
+            });
             task.await.unwrap_or_else(|error| {
-                Err(Arc::new(ClientError::Usage(format!(
-                    "the resolve task failed: {error}"
-                ))))
+                // Cancelled before it ran (a runtime shutting down), or a panic: out of the map
+                // too, and a failure to ask, after which a remembered resolution serves.
+                tracing::warn!(%error, "a resolve task failed");
+                ended.end_ask(&ended_key, id);
+                Err(Arc::new(ClientError::NoAnswer { seconds: 0 }))
             })
         }
         .boxed()
         .shared();
-        asking.insert(key, ask.clone());
+        asking.insert(key, (id, ask.clone()));
         ask
     }
 }
@@ -174,18 +176,31 @@ impl Resolver {
 /// An ask of the registry that loads share.
 type Ask = Shared<BoxFuture<'static, Result<Resolved, Arc<ClientError>>>>;
 
-/// A reference being asked of the registry, until dropped.
-struct Asking(Arc<Memory>, String);
+/// An ask of a reference under way (its id tells it from a later one), until dropped.
+struct Asking(Arc<Memory>, String, u64);
 
 impl Drop for Asking {
     fn drop(&mut self) {
-        if let Ok(mut asking) = self.0.asking.lock() {
-            asking.remove(&self.1);
-        }
+        self.0.end_ask(&self.1, self.2);
     }
 }
 
 impl Memory {
+    /// The asks under way. Every change to them is whole, so a panic elsewhere while one was
+    /// held leaves them usable.
+    fn asking(&self) -> std::sync::MutexGuard<'_, HashMap<String, (u64, Ask)>> {
+        self.asking
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn end_ask(&self, key: &str, id: u64) {
+        let mut asking = self.asking();
+        if asking.get(key).is_some_and(|(current, _)| *current == id) {
+            asking.remove(key);
+        }
+    }
+
     fn ref_path(&self, reference: &Reference) -> PathBuf {
         self.dir
             .join("refs")
