@@ -132,13 +132,10 @@ impl Resolver {
         let id = rand::random::<u64>();
         let (client, memory, reference) =
             (self.client.clone(), self.memory.clone(), reference.clone());
-        let (guard, ended, ended_key) = (
-            Asking(memory.clone(), key.clone(), id),
-            memory.clone(),
-            key.clone(),
-        );
+        let guard = Asking(memory.clone(), key.clone(), id);
         // The task starts when the ask is first waited on, after it is in the map and the map's
-        // lock is let go; its end takes this ask, never a newer one, out of the map.
+        // lock is let go; its end takes this ask, never a newer one, out of the map (the guard
+        // goes with the task's future, also when a runtime shutting down drops it unpolled).
         let ask = async move {
             let task = tokio::spawn(async move {
                 let _guard = guard;
@@ -159,10 +156,9 @@ impl Resolver {
                 }
             });
             task.await.unwrap_or_else(|error| {
-                // Cancelled before it ran (a runtime shutting down), or a panic: out of the map
-                // too, and a failure to ask, after which a remembered resolution serves.
+                // Cancelled or a panic: a failure to ask, after which a remembered resolution
+                // serves.
                 tracing::warn!(%error, "a resolve task failed");
-                ended.end_ask(&ended_key, id);
                 Err(Arc::new(ClientError::NoAnswer { seconds: 0 }))
             })
         }

@@ -904,23 +904,18 @@ impl Storage {
                 Ok(manifest) => self.ensure_publishable(repo, &manifest, Linked::New).await,
                 Err(error) => Err(error),
             };
-            return match restored {
-                Ok(_) => Err(in_use(tagged(after.tags))),
-                Err(StorageError::NotFound { .. } | StorageError::MissingBlobs { .. }) => {
-                    self.store.put(&key, pointer(None)).await?;
-                    self.unlink_manifest(repo, &digest).await
-                }
+            match restored {
+                Ok(_) => return Err(in_use(tagged(after.tags))),
+                Err(StorageError::NotFound { .. } | StorageError::MissingBlobs { .. }) => {}
                 // Not checked (a collection held on past the wait, say): the restore stands
                 // only while a tag points there, which keeps the content from collection.
-                Err(error) => {
-                    if self.holders(repo, &digest).await?.tags.is_empty() {
-                        // No tag holds it any more: the deletion stands after all.
-                        self.store.put(&key, pointer(None)).await?;
-                        return self.unlink_manifest(repo, &digest).await;
-                    }
-                    Err(error)
+                Err(error) if !self.holders(repo, &digest).await?.tags.is_empty() => {
+                    return Err(error);
                 }
-            };
+                Err(_) => {}
+            }
+            // The content went, or no tag holds it any more: the deletion stands after all.
+            self.store.put(&key, pointer(None)).await?;
         }
         // Nothing else holds it: its content is no longer the repository's to tag or read by
         // digest (collection would have taken the link; a tag moved by digest meanwhile would
