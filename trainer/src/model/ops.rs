@@ -17,9 +17,11 @@ use std::sync::Mutex;
 
 use candle_core::backend::BackendStorage;
 use candle_core::{
-    CpuStorage, CustomOp1, CustomOp2, CustomOp3, D, DType, Device, Layout, Result, Shape, Storage,
-    Tensor,
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, D, DType, Layout, Result, Shape, Storage, Tensor,
+    WithDType,
 };
+use num_traits::Float;
+use rayon::prelude::*;
 
 /// RMSNorm of `x` `[..., hidden]` with a frozen `weight` `[hidden]`; gradients flow to `x`.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> Result<Tensor> {
@@ -105,12 +107,12 @@ pub fn attention(
         // rowsum(P·dP) = rowsum(dO·O) (dP = dO·Vᵀ and O = P·V), from `[.., head_dim]` tensors
         // rather than `[.., T]` ones. The score scale goes on dQ and dK, not on all of dS.
         let wide = accumulation_dtype(q.dtype());
-        let rows = grad
+        let sums = grad
             .to_dtype(wide)?
             .mul(&out.to_dtype(wide)?)?
             .sum_keepdim(D::Minus1)?;
-        let (p, dp) = (p.to_dtype(wide)?, grad.matmul(&v.t()?)?.to_dtype(wide)?);
-        let ds = p.mul(&dp.broadcast_sub(&rows)?)?.to_dtype(q.dtype())?;
+        let dp = grad.matmul(&v.t()?)?;
+        let ds = p.apply_op3_no_bwd(&dp, &sums, &SoftmaxGradient)?;
         let scale = scale(&q)?;
         let dq = wanted.0.then(|| ds.matmul(&k)? * scale).transpose()?;
         let dk = wanted.1.then(|| ds.t()?.matmul(&q)? * scale).transpose()?;
@@ -129,42 +131,375 @@ fn probabilities(q: &Tensor, k: &Tensor, mask: &Tensor, group: usize) -> Result<
     let total = k.dim(2)?;
     // The scale goes on the queries, `head_dim` wide, not on the `T`-wide scores (for a head
     // dimension that is a power of 4 it is a power of 2: exact in any precision).
-    let scores = (q * scale(q)?)?
-        .matmul(&k.t()?)?
-        .reshape((batch, kv_heads, group, rows / group, total))?
-        .broadcast_add(mask)?;
-    softmax_last_dim(&scores)?.reshape((batch, kv_heads, rows, total))
+    let scores = (q * scale(q)?)?.matmul(&k.t()?)?.reshape((
+        batch,
+        kv_heads * group,
+        rows / group,
+        total,
+    ))?;
+    scores
+        .apply_op2_no_bwd(&mask.contiguous()?, &MaskedSoftmax)?
+        .reshape((batch, kv_heads, rows, total))
 }
 
-/// candle's fused softmax over the last axis. Half precision goes through f32 on the CPU, whose
-/// kernel would accumulate in half precision; the CUDA kernel sums in f32 itself (its
-/// exponentials are stored in the input's precision).
-fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    let dtype = x.dtype();
-    if matches!(x.device(), Device::Cpu) && accumulation_dtype(dtype) != dtype {
-        return candle_nn::ops::softmax_last_dim(&x.to_dtype(DType::F32)?)?.to_dtype(dtype);
-    }
-    // The CUDA kernel indexes elements with 32-bit integers: past 2^31 of them (8 sequences of
-    // 4096 after a 4096-token cartridge, 24 heads) it would read out of bounds.
-    softmax_in_parts(x, i32::MAX as usize)
+/// Row `r` of scores `[B, heads, L, T]` (contiguous) is sequence `r / rows_per_batch`, position
+/// `r % length`; its mask row is `[sequence, position]` of a `[B, .., L, T]` mask.
+#[derive(Debug, Clone, Copy)]
+struct Rows {
+    columns: usize,
+    length: usize,
+    rows_per_batch: usize,
 }
 
-/// Softmax over the last axis, at most about `limit` elements per kernel call.
-fn softmax_in_parts(x: &Tensor, limit: usize) -> Result<Tensor> {
-    if x.elem_count() <= limit {
-        return candle_nn::ops::softmax_last_dim(x);
-    }
-    let columns = x.dim(D::Minus1)?;
-    let rows = x.elem_count() / columns;
-    let per_part = (limit / columns).max(1);
-    let flat = x.reshape((rows, columns))?;
-    let parts = (0..rows)
-        .step_by(per_part)
-        .map(|start| {
-            candle_nn::ops::softmax_last_dim(&flat.narrow(0, start, per_part.min(rows - start))?)
+impl Rows {
+    fn of(scores: &Layout, mask: &Layout) -> Result<Self> {
+        let (batch, heads, length, columns) = scores.shape().dims4()?;
+        let mask_dims = mask.shape().dims();
+        let fits = mask_dims.len() >= 3
+            && mask_dims[0] == batch
+            && mask_dims[mask_dims.len() - 2..] == [length, columns]
+            && mask.shape().elem_count() == batch * length * columns;
+        if !fits {
+            candle_core::bail!(
+                "masked softmax: a mask of shape {:?} does not fit scores of shape {:?}",
+                mask.shape(),
+                scores.shape()
+            );
+        }
+        Ok(Self {
+            columns,
+            length,
+            rows_per_batch: heads * length,
         })
-        .collect::<Result<Vec<_>>>()?;
-    Tensor::cat(&parts, 0)?.reshape(x.shape())
+    }
+
+    fn mask_row(&self, row: usize) -> usize {
+        row / self.rows_per_batch * self.length + row % self.length
+    }
+}
+
+/// The contiguous elements of a storage under `layout`.
+fn contiguous<'a, T: WithDType>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [T]> {
+    let (start, end) = layout
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg("expected a contiguous tensor".into()))?;
+    Ok(&storage.as_slice::<T>()?[start..end])
+}
+
+/// Calls `$f::<T>` for the float dtype `$dtype`.
+macro_rules! for_float_dtype {
+    ($dtype:expr, $f:ident($($arg:expr),*)) => {
+        match $dtype {
+            DType::F32 => $f::<f32>($($arg),*),
+            DType::F64 => $f::<f64>($($arg),*),
+            DType::BF16 => $f::<half::bf16>($($arg),*),
+            DType::F16 => $f::<half::f16>($($arg),*),
+            other => candle_core::bail!("{other:?} is not a float dtype"),
+        }
+    };
+}
+
+/// `softmax(scores + mask)` over the last axis in one pass (kernels/attention.cu on the GPU),
+/// for scores `[B, heads, L, T]` and an additive mask `[B, 1, 1, L, T]`: the broadcast add
+/// alone cost more than the rest of attention. A row with nothing visible is all zeros. Sums
+/// are taken in f32 (f64 for f64). No backward: attention's own recomputes it.
+struct MaskedSoftmax;
+
+impl CustomOp2 for MaskedSoftmax {
+    fn name(&self) -> &'static str {
+        "masked-softmax"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        fn run<T: WithDType>(
+            s1: &CpuStorage,
+            l1: &Layout,
+            s2: &CpuStorage,
+            l2: &Layout,
+        ) -> Result<CpuStorage> {
+            let rows = Rows::of(l1, l2)?;
+            let (scores, mask) = (contiguous::<T>(s1, l1)?, contiguous::<T>(s2, l2)?);
+            let out = if T::DTYPE == DType::F64 {
+                masked_softmax_rows::<T, f64>(scores, mask, rows)
+            } else {
+                masked_softmax_rows::<T, f32>(scores, mask, rows)
+            };
+            Ok(T::to_cpu_storage_owned(out))
+        }
+        Ok((
+            for_float_dtype!(s1.dtype(), run(s1, l1, s2, l2))?,
+            l1.shape().clone(),
+        ))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let rows = Rows::of(l1, l2)?;
+        let storage = cuda::launch(
+            "masked_softmax",
+            l1.shape().elem_count() / rows.columns.max(1),
+            &[(s1, l1), (s2, l2)],
+            None,
+            [rows.columns, rows.length, rows.rows_per_batch],
+        )?;
+        Ok((storage, l1.shape().clone()))
+    }
+}
+
+/// The softmax's input gradient `P·(dP - sums)` for probabilities `P` and their gradient `dP`
+/// `[.., T]` and each row's `sum(P·dP)` `[.., 1]` in the accumulation dtype, in one pass
+/// (kernels/attention.cu on the GPU).
+struct SoftmaxGradient;
+
+impl CustomOp3 for SoftmaxGradient {
+    fn name(&self) -> &'static str {
+        "softmax-gradient"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        fn run<T: WithDType>(
+            s1: &CpuStorage,
+            l1: &Layout,
+            s2: &CpuStorage,
+            l2: &Layout,
+            s3: &CpuStorage,
+            l3: &Layout,
+        ) -> Result<CpuStorage> {
+            let columns = SoftmaxGradient::columns(l1, l2, l3)?;
+            let (p, dp) = (contiguous::<T>(s1, l1)?, contiguous::<T>(s2, l2)?);
+            let out = match s3.dtype() {
+                DType::F64 => softmax_gradient_rows(p, dp, contiguous::<f64>(s3, l3)?, columns),
+                _ => softmax_gradient_rows(p, dp, contiguous::<f32>(s3, l3)?, columns),
+            };
+            Ok(T::to_cpu_storage_owned(out))
+        }
+        Ok((
+            for_float_dtype!(s1.dtype(), run(s1, l1, s2, l2, s3, l3))?,
+            l1.shape().clone(),
+        ))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let columns = Self::columns(l1, l2, l3)?;
+        let rows = l1.shape().elem_count() / columns.max(1);
+        let storage = cuda::launch(
+            "softmax_gradient",
+            rows,
+            &[(s1, l1), (s2, l2)],
+            Some((s3, l3)),
+            [columns],
+        )?;
+        Ok((storage, l1.shape().clone()))
+    }
+}
+
+impl SoftmaxGradient {
+    /// The row length, after checking that the three shapes agree and the sums are in the
+    /// accumulation dtype.
+    fn columns(p: &Layout, dp: &Layout, sums: &Layout) -> Result<usize> {
+        let columns = p.shape().dims().last().copied().unwrap_or(1);
+        if p.shape() != dp.shape() || sums.shape().elem_count() * columns != p.shape().elem_count()
+        {
+            candle_core::bail!(
+                "softmax gradient: shapes {:?}, {:?} and sums {:?} disagree",
+                p.shape(),
+                dp.shape(),
+                sums.shape()
+            );
+        }
+        Ok(columns)
+    }
+}
+
+/// [`MaskedSoftmax`] on the CPU, with sums in `A`.
+fn masked_softmax_rows<T: WithDType, A: Float + Send + Sync>(
+    scores: &[T],
+    mask: &[T],
+    rows: Rows,
+) -> Vec<T> {
+    let columns = rows.columns;
+    let widen = |t: &T| A::from(t.to_f64()).unwrap_or_else(A::nan);
+    let mut out = vec![T::zero(); scores.len()];
+    out.par_chunks_mut(columns)
+        .zip(scores.par_chunks(columns))
+        .enumerate()
+        .for_each_init(Vec::new, |shifted, (row, (y, x))| {
+            let m = &mask[rows.mask_row(row) * columns..][..columns];
+            shifted.clear();
+            shifted.extend(x.iter().zip(m).map(|(a, b)| widen(a) + widen(b)));
+            let max = shifted.iter().copied().fold(A::neg_infinity(), A::max);
+            // Nothing visible: the row stays zeros.
+            if max == A::neg_infinity() {
+                return;
+            }
+            let mut sum = A::zero();
+            for v in shifted.iter_mut() {
+                *v = (*v - max).exp();
+                sum = sum + *v;
+            }
+            let scale = sum.recip();
+            for (y, &e) in y.iter_mut().zip(shifted.iter()) {
+                *y = T::from_f64((e * scale).to_f64().unwrap_or(f64::NAN));
+            }
+        });
+    out
+}
+
+/// [`SoftmaxGradient`] on the CPU, with sums in `A`.
+fn softmax_gradient_rows<T: WithDType, A: Float + Send + Sync>(
+    p: &[T],
+    dp: &[T],
+    sums: &[A],
+    columns: usize,
+) -> Vec<T> {
+    let widen = |t: &T| A::from(t.to_f64()).unwrap_or_else(A::nan);
+    let mut out = vec![T::zero(); p.len()];
+    out.par_chunks_mut(columns)
+        .zip(p.par_chunks(columns).zip(dp.par_chunks(columns)))
+        .zip(sums.par_iter())
+        .for_each(|((y, (p, dp)), &sum)| {
+            for ((y, p), dp) in y.iter_mut().zip(p).zip(dp) {
+                let value = widen(p) * (widen(dp) - sum);
+                *y = T::from_f64(value.to_f64().unwrap_or(f64::NAN));
+            }
+        });
+    out
+}
+
+/// The launches of kernels/attention.cu (foreign calls: unsafe).
+#[cfg(feature = "cuda")]
+#[allow(unsafe_code)]
+mod cuda {
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::cudarc::driver::{
+        CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
+    };
+    use candle_core::cuda_backend::{CudaDType, CudaStorageSlice, WrapErr, kernel_name};
+    use candle_core::{CudaDevice, CudaStorage, DType, Layout, Result, WithDType};
+
+    include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
+
+    /// Threads per block (`THREADS` in the kernels): one block per row.
+    const THREADS: u32 = 256;
+
+    /// Runs `{name}_{dtype}` over `rows` rows with `inputs` (one dtype), then `sums` (the
+    /// accumulation dtype) if given, the output, then `sizes` as 32-bit integers.
+    pub fn launch<const N: usize>(
+        name: &str,
+        rows: usize,
+        inputs: &[(&CudaStorage, &Layout)],
+        sums: Option<(&CudaStorage, &Layout)>,
+        sizes: [usize; N],
+    ) -> Result<CudaStorage> {
+        let device = inputs[0].0.device.clone();
+        let slice = match inputs[0].0.dtype() {
+            DType::BF16 => CudaStorageSlice::BF16(run::<half::bf16, f32, N>(
+                name, &device, rows, inputs, sums, sizes,
+            )?),
+            DType::F16 => CudaStorageSlice::F16(run::<half::f16, f32, N>(
+                name, &device, rows, inputs, sums, sizes,
+            )?),
+            DType::F32 => CudaStorageSlice::F32(run::<f32, f32, N>(
+                name, &device, rows, inputs, sums, sizes,
+            )?),
+            DType::F64 => CudaStorageSlice::F64(run::<f64, f64, N>(
+                name, &device, rows, inputs, sums, sizes,
+            )?),
+            other => candle_core::bail!("{name}: {other:?} is not a float dtype"),
+        };
+        Ok(CudaStorage { slice, device })
+    }
+
+    fn view<'a, T: CudaDType>(
+        (storage, layout): (&'a CudaStorage, &Layout),
+    ) -> Result<CudaView<'a, T>> {
+        let (start, end) = layout
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("expected a contiguous tensor".into()))?;
+        Ok(storage.as_cuda_slice::<T>()?.slice(start..end))
+    }
+
+    fn run<T, A, const N: usize>(
+        name: &str,
+        device: &CudaDevice,
+        rows: usize,
+        inputs: &[(&CudaStorage, &Layout)],
+        sums: Option<(&CudaStorage, &Layout)>,
+        sizes: [usize; N],
+    ) -> Result<CudaSlice<T>>
+    where
+        T: DeviceRepr + WithDType + CudaDType,
+        A: DeviceRepr + CudaDType,
+    {
+        let grid = u32::try_from(rows)
+            .ok()
+            .filter(|&r| r <= i32::MAX as u32)
+            .ok_or_else(|| candle_core::Error::Msg(format!("{name}: {rows} rows are too many")))?;
+        let sizes = sizes
+            .iter()
+            .map(|&s| u32::try_from(s))
+            .collect::<std::result::Result<Vec<u32>, _>>()
+            .map_err(|_| candle_core::Error::Msg(format!("{name}: a row is too long")))?;
+        let func =
+            device.get_or_load_custom_func(&kernel_name::<T>(name), "attention", ATTENTION)?;
+        let views = inputs
+            .iter()
+            .map(|&i| view::<T>(i))
+            .collect::<Result<Vec<_>>>()?;
+        let sums = sums.map(view::<A>).transpose()?;
+        let elements = inputs[0].1.shape().elem_count();
+        // SAFETY: the kernel writes every element.
+        let out = unsafe { device.alloc::<T>(elements)? };
+        let mut builder = func.builder();
+        for view in &views {
+            builder.arg(view);
+        }
+        if let Some(sums) = &sums {
+            builder.arg(sums);
+        }
+        builder.arg(&out);
+        for size in &sizes {
+            builder.arg(size);
+        }
+        let config = LaunchConfig {
+            grid_dim: (grid, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: the arguments match the kernel's parameters in number, order and type, and
+        // every pointer covers the rows the grid reads.
+        unsafe { builder.launch(config) }.w()?;
+        Ok(out)
+    }
 }
 
 /// The dtype sums are taken in: f32 for half precision, the dtype itself otherwise.
@@ -403,21 +738,6 @@ mod tests {
     }
 
     #[test]
-    fn a_softmax_in_parts_is_the_softmax() -> Result<()> {
-        let device = device()?;
-        let x = Tensor::randn(0f32, 3.0, (2, 3, 7, 5), &device)?;
-        let whole = candle_nn::ops::softmax_last_dim(&x)?;
-        // Parts of 2 rows (the last one short), of 1 row, and a limit under one row.
-        for limit in [10, 5, 3] {
-            let parts = softmax_in_parts(&x, limit)?;
-            assert_eq!(parts.dims(), whole.dims());
-            let error = parts.sub(&whole)?.abs()?.max_all()?.to_scalar::<f32>()?;
-            assert!(error < 1e-6, "limit {limit}: {error}");
-        }
-        Ok(())
-    }
-
-    #[test]
     fn matches_matmul_and_its_input_gradient() -> Result<()> {
         let device = device()?;
         let x = Var::randn(0f32, 1.0, (2, 3, 5), &device)?;
@@ -547,6 +867,84 @@ mod tests {
         for var in [&q, &k, &v] {
             let difference = max_difference(a.get(var).unwrap(), b.get(var).unwrap())?;
             assert!(difference < 1e-4, "gradient: {difference}");
+        }
+        Ok(())
+    }
+
+    /// A mask `[B, 1, 1, L, T]` hiding about a third of the keys at random, every key of row
+    /// `(0, 1)`, and none of row `(1, 0)`.
+    fn random_mask(batch: usize, length: usize, total: usize, device: &Device) -> Result<Tensor> {
+        let hidden = Tensor::rand(0f32, 1.0, (batch, 1, 1, length, total), device)?.lt(0.35)?;
+        let mut values = hidden
+            .where_cond(
+                &Tensor::new(f32::NEG_INFINITY, device)?.broadcast_as(hidden.shape())?,
+                &Tensor::zeros(hidden.shape(), DType::F32, device)?,
+            )?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        values[total..2 * total].fill(f32::NEG_INFINITY);
+        values[length * total..(length + 1) * total].fill(0.0);
+        Tensor::from_vec(values, (batch, 1, 1, length, total), device)
+    }
+
+    #[test]
+    fn the_masked_softmax_is_softmax_after_the_mask() -> Result<()> {
+        let device = device()?;
+        // Rows shorter than a GPU block, and longer than one (its threads loop).
+        for total in [7, 300, 701] {
+            let (batch, heads, length) = (2, 3, 4);
+            let scores = Tensor::randn(0f32, 3.0, (batch, heads, length, total), &device)?;
+            let mask = random_mask(batch, length, total, &device)?;
+            for dtype in [DType::F32, DType::BF16] {
+                let (scores, mask) = (scores.to_dtype(dtype)?, mask.to_dtype(dtype)?);
+                let fused = scores
+                    .apply_op2_no_bwd(&mask, &MaskedSoftmax)?
+                    .to_dtype(DType::F32)?;
+                // The composed form, from the same (rounded) inputs in f32.
+                let composed = candle_nn::ops::softmax_last_dim(
+                    &scores.to_dtype(DType::F32)?.broadcast_add(
+                        &mask
+                            .to_dtype(DType::F32)?
+                            .reshape((batch, 1, length, total))?,
+                    )?,
+                )?;
+                // Where nothing is visible the composed form has NaN (NaN != NaN) and the fused
+                // one zeros.
+                let composed = composed
+                    .eq(&composed)?
+                    .where_cond(&composed, &composed.zeros_like()?)?;
+                let hidden_row = fused.narrow(0, 0, 1)?.narrow(2, 1, 1)?;
+                assert_eq!(hidden_row.abs()?.max_all()?.to_scalar::<f32>()?, 0.0);
+                let tolerance = if dtype == DType::F32 { 1e-6 } else { 4e-3 };
+                let error = max_difference(&fused, &composed)?;
+                assert!(error < tolerance, "{dtype:?}, {total} keys: {error}");
+            }
+        }
+        // A mask for other sequences or positions is refused, not read out of bounds.
+        let scores = Tensor::zeros((2, 3, 4, 5), DType::F32, &device)?;
+        let short = Tensor::zeros((2, 1, 1, 3, 5), DType::F32, &device)?;
+        let error = scores.apply_op2_no_bwd(&short, &MaskedSoftmax).unwrap_err();
+        assert!(error.to_string().contains("does not fit"), "{error}");
+        Ok(())
+    }
+
+    #[test]
+    fn the_softmax_gradient_is_the_composed_one() -> Result<()> {
+        let device = device()?;
+        for total in [7, 701] {
+            let p = Tensor::rand(0f32, 1.0, (2, 3, 4, total), &device)?;
+            let dp = Tensor::randn(0f32, 1.0, (2, 3, 4, total), &device)?;
+            let sums = Tensor::randn(0f32, 1.0, (2, 3, 4, 1), &device)?;
+            for dtype in [DType::F32, DType::BF16] {
+                let (p, dp) = (p.to_dtype(dtype)?, dp.to_dtype(dtype)?);
+                let fused = p.apply_op3_no_bwd(&dp, &sums, &SoftmaxGradient)?;
+                let composed = p
+                    .to_dtype(DType::F32)?
+                    .mul(&dp.to_dtype(DType::F32)?.broadcast_sub(&sums)?)?;
+                let tolerance = if dtype == DType::F32 { 1e-6 } else { 2e-2 };
+                let error = max_difference(&fused.to_dtype(DType::F32)?, &composed)?;
+                assert!(error < tolerance, "{dtype:?}, {total} keys: {error}");
+            }
         }
         Ok(())
     }
