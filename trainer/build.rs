@@ -8,7 +8,7 @@ fn main() {
     {
         let out = std::path::PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR"));
         cudaforge::KernelBuilder::new()
-            .source_files(["kernels/attention.cu"])
+            .source_files(["kernels/ops.cu"])
             .arg("-std=c++17")
             .arg("-O3")
             .build_ptx()

@@ -12,13 +12,13 @@
 use std::path::Path;
 
 use candle_core::backprop::GradStore;
-use candle_core::{D, DType, Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::model::{Context, Llama, LoadedModel, Prefix, TextCodec};
+use crate::model::{Context, Llama, LoadedModel, Prefix, TextCodec, top_k_cross_entropy};
 use crate::synthesis::Conversation;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -401,6 +401,13 @@ impl<'a> Distiller<'a> {
         conversations: &[Conversation],
         mut each_step: impl FnMut(&Self, usize, f32, usize) -> Result<()>,
     ) -> Result<()> {
+        // The kernels index by these ids: one out of range must not reach them.
+        let vocab = self.model.config.vocab;
+        if let Some(problem) = conversations.iter().find_map(|c| c.check(vocab).err()) {
+            return Err(Error::Data(format!(
+                "a conversation cannot be trained on: {problem}"
+            )));
+        }
         let usable = usable(
             &self.options,
             self.model.config.max_positions,
@@ -520,10 +527,10 @@ impl<'a> Distiller<'a> {
         )?;
         let hidden = hidden.flatten_to(1)?.index_select(&batch.rows, 0)?;
         // The vocabulary projection runs only where there is a target: a fraction of all tokens.
-        let logits = llama.logits(&hidden)?.to_dtype(DType::F32)?;
-        let log_probabilities = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-        let picked = log_probabilities.gather(&batch.teacher_ids.contiguous()?, 1)?;
-        let cross_entropy = (picked * &batch.teacher_probabilities)?.sum_all()?.neg()?;
+        let logits = llama.logits(&hidden)?;
+        let cross_entropy =
+            top_k_cross_entropy(&logits, &batch.teacher_ids, &batch.teacher_probabilities)?
+                .sum_all()?;
         Ok(((cross_entropy + batch.teacher_negentropy)? / batch.targets as f64)?)
     }
 

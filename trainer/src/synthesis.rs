@@ -483,7 +483,7 @@ impl Conversation {
     /// What training indexes by: token ids within the vocabulary, one teacher distribution per
     /// answer token, log-probabilities that are probabilities' (an id past the embeddings stops a
     /// CUDA kernel by a device assert, which ends the process).
-    fn check(&self, vocab: usize) -> std::result::Result<(), String> {
+    pub(crate) fn check(&self, vocab: usize) -> std::result::Result<(), String> {
         let ids = self.prompt_ids.iter().chain(&self.answer_ids);
         if let Some(id) = ids
             .chain(self.teacher.iter().flatten().map(|(id, _)| id))

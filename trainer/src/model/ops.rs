@@ -199,7 +199,7 @@ macro_rules! for_float_dtype {
     };
 }
 
-/// `softmax(scores + mask)` over the last axis in one pass (kernels/attention.cu on the GPU),
+/// `softmax(scores + mask)` over the last axis in one pass (kernels/ops.cu on the GPU),
 /// for scores `[B, heads, L, T]` and an additive mask `[B, 1, 1, L, T]`: the broadcast add
 /// alone cost more than the rest of attention. A row with nothing visible is all zeros. Sums
 /// are taken in f32 (f64 for f64). No backward: attention's own recomputes it.
@@ -251,8 +251,8 @@ impl CustomOp2 for MaskedSoftmax {
             "masked_softmax",
             l1.shape().elem_count() / rows.columns.max(1),
             &[(s1, l1), (s2, l2)],
-            None,
-            [rows.columns, rows.length, rows.rows_per_batch],
+            (s1.dtype(), l1.shape().elem_count()),
+            &[rows.columns, rows.length, rows.rows_per_batch],
         )?;
         Ok((storage, l1.shape().clone()))
     }
@@ -260,7 +260,7 @@ impl CustomOp2 for MaskedSoftmax {
 
 /// The softmax's input gradient `P·(dP - sums)` for probabilities `P` and their gradient `dP`
 /// `[.., T]` and each row's `sum(P·dP)` `[.., 1]` in the accumulation dtype, in one pass
-/// (kernels/attention.cu on the GPU).
+/// (kernels/ops.cu on the GPU).
 struct SoftmaxGradient;
 
 impl CustomOp3 for SoftmaxGradient {
@@ -314,9 +314,9 @@ impl CustomOp3 for SoftmaxGradient {
         let storage = cuda::launch(
             "softmax_gradient",
             rows,
-            &[(s1, l1), (s2, l2)],
-            Some((s3, l3)),
-            [columns],
+            &[(s1, l1), (s2, l2), (s3, l3)],
+            (s1.dtype(), l1.shape().elem_count()),
+            &[columns],
         )?;
         Ok((storage, l1.shape().clone()))
     }
@@ -338,6 +338,293 @@ impl SoftmaxGradient {
         }
         Ok(columns)
     }
+}
+
+/// The distillation loss of each row of `logits` `[N, V]` against a teacher's top k, `ids`
+/// (u32) and `probabilities` `[N, k]`: `-Σ p·log softmax(logits)[id]`, `[N]` in the
+/// accumulation dtype. One pass over the logits (two and a write for the gradient) where
+/// log_softmax's composed form crossed them, widened to f32, about ten times; gradients flow to
+/// `logits`. Every id must be below `V`.
+pub fn top_k_cross_entropy(
+    logits: &Tensor,
+    ids: &Tensor,
+    probabilities: &Tensor,
+) -> Result<Tensor> {
+    let wide = accumulation_dtype(logits.dtype());
+    let (ids, probabilities) = (
+        ids.contiguous()?,
+        probabilities.to_dtype(wide)?.contiguous()?,
+    );
+    let loss =
+        logits
+            .detach()
+            .contiguous()?
+            .apply_op3_no_bwd(&ids, &probabilities, &TopKCrossEntropy)?;
+    if !logits.track_op() {
+        return Ok(loss);
+    }
+    let gradient = TopKCrossEntropyGradient { ids, probabilities };
+    logits.apply_op1(Attached::new(
+        "top-k-cross-entropy",
+        loss,
+        move |logits: &Tensor, _: &Tensor, grad: &Tensor| {
+            logits
+                .detach()
+                .contiguous()?
+                .apply_op2_no_bwd(&grad.contiguous()?, &gradient)
+        },
+    ))
+}
+
+/// Rows, vocabulary and k of logits `[N, V]` and a teacher's `[N, k]` ids (u32) and
+/// probabilities (in the accumulation dtype).
+fn top_k_shape(
+    logits: &Layout,
+    ids: (DType, &Layout),
+    probabilities: (DType, &Layout),
+    dtype: DType,
+) -> Result<(usize, usize, usize)> {
+    let (rows, columns) = logits.shape().dims2()?;
+    let (id_rows, k) = ids.1.shape().dims2()?;
+    if id_rows != rows || probabilities.1.shape().dims2()? != (rows, k) {
+        candle_core::bail!(
+            "top-k cross-entropy: logits {:?}, ids {:?} and probabilities {:?} disagree",
+            logits.shape(),
+            ids.1.shape(),
+            probabilities.1.shape()
+        );
+    }
+    if ids.0 != DType::U32 || probabilities.0 != accumulation_dtype(dtype) {
+        candle_core::bail!(
+            "top-k cross-entropy: ids are {:?} (u32 expected), probabilities {:?} ({:?} expected)",
+            ids.0,
+            probabilities.0,
+            accumulation_dtype(dtype)
+        );
+    }
+    Ok((rows, columns, k))
+}
+
+/// [`top_k_cross_entropy`]'s value (kernels/ops.cu on the GPU).
+struct TopKCrossEntropy;
+
+impl CustomOp3 for TopKCrossEntropy {
+    fn name(&self) -> &'static str {
+        "top-k-cross-entropy"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        fn run<T: WithDType>(
+            s1: &CpuStorage,
+            l1: &Layout,
+            s2: &CpuStorage,
+            l2: &Layout,
+            s3: &CpuStorage,
+            l3: &Layout,
+        ) -> Result<CpuStorage> {
+            let (_, columns, k) = top_k_shape(l1, (s2.dtype(), l2), (s3.dtype(), l3), T::DTYPE)?;
+            let (logits, ids) = (contiguous::<T>(s1, l1)?, contiguous::<u32>(s2, l2)?);
+            check_ids(ids, columns)?;
+            Ok(if T::DTYPE == DType::F64 {
+                let p = contiguous::<f64>(s3, l3)?;
+                f64::to_cpu_storage_owned(cross_entropy_rows(logits, ids, p, columns, k))
+            } else {
+                let p = contiguous::<f32>(s3, l3)?;
+                f32::to_cpu_storage_owned(cross_entropy_rows(logits, ids, p, columns, k))
+            })
+        }
+        let rows = l1.shape().dims2()?.0;
+        Ok((
+            for_float_dtype!(s1.dtype(), run(s1, l1, s2, l2, s3, l3))?,
+            Shape::from(rows),
+        ))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let dtype = s1.dtype();
+        let (rows, columns, k) = top_k_shape(l1, (s2.dtype(), l2), (s3.dtype(), l3), dtype)?;
+        let storage = cuda::launch(
+            "top_k_cross_entropy",
+            rows,
+            &[(s1, l1), (s2, l2), (s3, l3)],
+            (accumulation_dtype(dtype), rows),
+            &[columns, k],
+        )?;
+        Ok((storage, Shape::from(rows)))
+    }
+}
+
+/// [`top_k_cross_entropy`]'s gradient for the logits, given each row's incoming gradient
+/// (kernels/ops.cu on the GPU).
+struct TopKCrossEntropyGradient {
+    ids: Tensor,
+    probabilities: Tensor,
+}
+
+impl CustomOp2 for TopKCrossEntropyGradient {
+    fn name(&self) -> &'static str {
+        "top-k-cross-entropy-gradient"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        fn run<T: WithDType>(
+            this: &TopKCrossEntropyGradient,
+            s1: &CpuStorage,
+            l1: &Layout,
+            s2: &CpuStorage,
+            l2: &Layout,
+        ) -> Result<CpuStorage> {
+            let (ids, id_layout) = this.ids.storage_and_layout();
+            let (p, p_layout) = this.probabilities.storage_and_layout();
+            let (Storage::Cpu(ids), Storage::Cpu(p)) = (&*ids, &*p) else {
+                candle_core::bail!("top-k cross-entropy: the teacher is not in host memory");
+            };
+            let (_, columns, k) = top_k_shape(
+                l1,
+                (ids.dtype(), id_layout),
+                (p.dtype(), p_layout),
+                T::DTYPE,
+            )?;
+            let (logits, ids) = (contiguous::<T>(s1, l1)?, contiguous::<u32>(ids, id_layout)?);
+            check_ids(ids, columns)?;
+            Ok(T::to_cpu_storage_owned(if T::DTYPE == DType::F64 {
+                let (p, grad) = (contiguous::<f64>(p, p_layout)?, contiguous::<f64>(s2, l2)?);
+                cross_entropy_gradient_rows(logits, ids, p, grad, columns, k)
+            } else {
+                let (p, grad) = (contiguous::<f32>(p, p_layout)?, contiguous::<f32>(s2, l2)?);
+                cross_entropy_gradient_rows(logits, ids, p, grad, columns, k)
+            }))
+        }
+        Ok((
+            for_float_dtype!(s1.dtype(), run(self, s1, l1, s2, l2))?,
+            l1.shape().clone(),
+        ))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (ids, id_layout) = self.ids.storage_and_layout();
+        let (p, p_layout) = self.probabilities.storage_and_layout();
+        let (Storage::Cuda(ids), Storage::Cuda(p)) = (&*ids, &*p) else {
+            candle_core::bail!("top-k cross-entropy: the teacher is not on the GPU");
+        };
+        let dtype = s1.dtype();
+        let (rows, columns, k) =
+            top_k_shape(l1, (ids.dtype(), id_layout), (p.dtype(), p_layout), dtype)?;
+        let storage = cuda::launch(
+            "top_k_cross_entropy_gradient",
+            rows,
+            &[(s1, l1), (ids, id_layout), (p, p_layout), (s2, l2)],
+            (dtype, rows * columns),
+            &[columns, k],
+        )?;
+        Ok((storage, l1.shape().clone()))
+    }
+}
+
+fn check_ids(ids: &[u32], columns: usize) -> Result<()> {
+    match ids.iter().find(|&&id| id as usize >= columns) {
+        Some(id) => {
+            candle_core::bail!("top-k cross-entropy: token {id} is outside the {columns} logits")
+        }
+        None => Ok(()),
+    }
+}
+
+/// `max + ln Σ exp(x - max)` of a row, in `A`.
+fn log_sum_exp<T: WithDType, A: Float>(row: &[T]) -> A {
+    let widen = |t: &T| A::from(t.to_f64()).unwrap_or_else(A::nan);
+    let max = row.iter().map(widen).fold(A::neg_infinity(), A::max);
+    let sum = row
+        .iter()
+        .fold(A::zero(), |sum, t| sum + (widen(t) - max).exp());
+    max + sum.ln()
+}
+
+/// [`TopKCrossEntropy`] on the CPU.
+fn cross_entropy_rows<T: WithDType, A: Float + Send + Sync>(
+    logits: &[T],
+    ids: &[u32],
+    p: &[A],
+    columns: usize,
+    k: usize,
+) -> Vec<A> {
+    logits
+        .par_chunks(columns)
+        .zip(ids.par_chunks(k).zip(p.par_chunks(k)))
+        .map(|(x, (ids, p))| {
+            let log_sum = log_sum_exp::<T, A>(x);
+            ids.iter().zip(p).fold(A::zero(), |loss, (&id, &p)| {
+                let picked = A::from(x[id as usize].to_f64()).unwrap_or_else(A::nan);
+                loss - p * (picked - log_sum)
+            })
+        })
+        .collect()
+}
+
+/// [`TopKCrossEntropyGradient`] on the CPU: `grad·(mass·softmax(x) - p at the ids)`, each
+/// teacher column rounded once with all the probability its id has.
+fn cross_entropy_gradient_rows<T: WithDType, A: Float + Send + Sync>(
+    logits: &[T],
+    ids: &[u32],
+    p: &[A],
+    grad: &[A],
+    columns: usize,
+    k: usize,
+) -> Vec<T> {
+    let widen = |t: &T| A::from(t.to_f64()).unwrap_or_else(A::nan);
+    let narrow = |a: A| T::from_f64(a.to_f64().unwrap_or(f64::NAN));
+    let mut out = vec![T::zero(); logits.len()];
+    out.par_chunks_mut(columns)
+        .zip(logits.par_chunks(columns))
+        .zip(ids.par_chunks(k).zip(p.par_chunks(k)))
+        .zip(grad.par_iter())
+        .for_each(|(((y, x), (ids, p)), &g)| {
+            let log_sum = log_sum_exp::<T, A>(x);
+            let mass = p.iter().fold(A::zero(), |sum, &p| sum + p);
+            for (y, x) in y.iter_mut().zip(x) {
+                *y = narrow(g * mass * (widen(x) - log_sum).exp());
+            }
+            for &id in ids {
+                let target = ids
+                    .iter()
+                    .zip(p)
+                    .filter(|(other, _)| **other == id)
+                    .fold(A::zero(), |sum, (_, &p)| sum + p);
+                let id = id as usize;
+                y[id] = narrow(g * (mass * (widen(&x[id]) - log_sum).exp() - target));
+            }
+        });
+    out
 }
 
 /// [`MaskedSoftmax`] on the CPU, with sums in `A`.
@@ -395,71 +682,68 @@ fn softmax_gradient_rows<T: WithDType, A: Float + Send + Sync>(
     out
 }
 
-/// The launches of kernels/attention.cu (foreign calls: unsafe).
+/// Launches of kernels/ops.cu (foreign calls: unsafe).
 #[cfg(feature = "cuda")]
 #[allow(unsafe_code)]
 mod cuda {
     use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::driver::{
-        CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
+        CudaView, LaunchArgs, LaunchConfig, PushKernelArg,
     };
-    use candle_core::cuda_backend::{CudaDType, CudaStorageSlice, WrapErr, kernel_name};
-    use candle_core::{CudaDevice, CudaStorage, DType, Layout, Result, WithDType};
+    use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
+    use candle_core::{CudaStorage, DType, Layout, Result};
+    use half::{bf16, f16};
 
     include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
 
     /// Threads per block (`THREADS` in the kernels): one block per row.
     const THREADS: u32 = 256;
 
-    /// Runs `{name}_{dtype}` over `rows` rows with `inputs` (one dtype), then `sums` (the
-    /// accumulation dtype) if given, the output, then `sizes` as 32-bit integers.
-    pub fn launch<const N: usize>(
+    /// An argument in device memory: the contiguous elements of a storage under a layout.
+    enum View<'a> {
+        BF16(CudaView<'a, bf16>),
+        F16(CudaView<'a, f16>),
+        F32(CudaView<'a, f32>),
+        F64(CudaView<'a, f64>),
+        U32(CudaView<'a, u32>),
+    }
+
+    impl<'a> View<'a> {
+        fn of(storage: &'a CudaStorage, layout: &Layout) -> Result<Self> {
+            let (start, end) = layout
+                .contiguous_offsets()
+                .ok_or_else(|| candle_core::Error::Msg("expected a contiguous tensor".into()))?;
+            Ok(match &storage.slice {
+                CudaStorageSlice::BF16(s) => Self::BF16(s.slice(start..end)),
+                CudaStorageSlice::F16(s) => Self::F16(s.slice(start..end)),
+                CudaStorageSlice::F32(s) => Self::F32(s.slice(start..end)),
+                CudaStorageSlice::F64(s) => Self::F64(s.slice(start..end)),
+                CudaStorageSlice::U32(s) => Self::U32(s.slice(start..end)),
+                _ => candle_core::bail!("a {:?} argument to a kernel", storage.dtype()),
+            })
+        }
+
+        fn push<'b>(&'b self, builder: &mut LaunchArgs<'b>) {
+            match self {
+                Self::BF16(v) => builder.arg(v),
+                Self::F16(v) => builder.arg(v),
+                Self::F32(v) => builder.arg(v),
+                Self::F64(v) => builder.arg(v),
+                Self::U32(v) => builder.arg(v),
+            };
+        }
+    }
+
+    /// Runs `{name}_{dtype of the first input}` with one block per row: the inputs, then an
+    /// output of `out` (dtype, elements), then `sizes` as 32-bit integers, as the kernel takes
+    /// them.
+    pub fn launch(
         name: &str,
         rows: usize,
         inputs: &[(&CudaStorage, &Layout)],
-        sums: Option<(&CudaStorage, &Layout)>,
-        sizes: [usize; N],
+        (dtype, elements): (DType, usize),
+        sizes: &[usize],
     ) -> Result<CudaStorage> {
-        let device = inputs[0].0.device.clone();
-        let slice = match inputs[0].0.dtype() {
-            DType::BF16 => CudaStorageSlice::BF16(run::<half::bf16, f32, N>(
-                name, &device, rows, inputs, sums, sizes,
-            )?),
-            DType::F16 => CudaStorageSlice::F16(run::<half::f16, f32, N>(
-                name, &device, rows, inputs, sums, sizes,
-            )?),
-            DType::F32 => CudaStorageSlice::F32(run::<f32, f32, N>(
-                name, &device, rows, inputs, sums, sizes,
-            )?),
-            DType::F64 => CudaStorageSlice::F64(run::<f64, f64, N>(
-                name, &device, rows, inputs, sums, sizes,
-            )?),
-            other => candle_core::bail!("{name}: {other:?} is not a float dtype"),
-        };
-        Ok(CudaStorage { slice, device })
-    }
-
-    fn view<'a, T: CudaDType>(
-        (storage, layout): (&'a CudaStorage, &Layout),
-    ) -> Result<CudaView<'a, T>> {
-        let (start, end) = layout
-            .contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg("expected a contiguous tensor".into()))?;
-        Ok(storage.as_cuda_slice::<T>()?.slice(start..end))
-    }
-
-    fn run<T, A, const N: usize>(
-        name: &str,
-        device: &CudaDevice,
-        rows: usize,
-        inputs: &[(&CudaStorage, &Layout)],
-        sums: Option<(&CudaStorage, &Layout)>,
-        sizes: [usize; N],
-    ) -> Result<CudaSlice<T>>
-    where
-        T: DeviceRepr + WithDType + CudaDType,
-        A: DeviceRepr + CudaDType,
-    {
         let grid = u32::try_from(rows)
             .ok()
             .filter(|&r| r <= i32::MAX as u32)
@@ -469,24 +753,32 @@ mod cuda {
             .map(|&s| u32::try_from(s))
             .collect::<std::result::Result<Vec<u32>, _>>()
             .map_err(|_| candle_core::Error::Msg(format!("{name}: a row is too long")))?;
-        let func =
-            device.get_or_load_custom_func(&kernel_name::<T>(name), "attention", ATTENTION)?;
+        let device = inputs[0].0.device.clone();
+        let kernel = format!("{name}_{}", inputs[0].0.dtype().as_str());
+        let func = device.get_or_load_custom_func(&kernel, "ops", OPS)?;
         let views = inputs
             .iter()
-            .map(|&i| view::<T>(i))
+            .map(|&(storage, layout)| View::of(storage, layout))
             .collect::<Result<Vec<_>>>()?;
-        let sums = sums.map(view::<A>).transpose()?;
-        let elements = inputs[0].1.shape().elem_count();
-        // SAFETY: the kernel writes every element.
-        let out = unsafe { device.alloc::<T>(elements)? };
+        // SAFETY (each allocation): the kernel writes every element.
+        let out = match dtype {
+            DType::BF16 => CudaStorageSlice::BF16(unsafe { device.alloc::<bf16>(elements)? }),
+            DType::F16 => CudaStorageSlice::F16(unsafe { device.alloc::<f16>(elements)? }),
+            DType::F32 => CudaStorageSlice::F32(unsafe { device.alloc::<f32>(elements)? }),
+            DType::F64 => CudaStorageSlice::F64(unsafe { device.alloc::<f64>(elements)? }),
+            other => candle_core::bail!("{name}: a {other:?} output"),
+        };
         let mut builder = func.builder();
         for view in &views {
-            builder.arg(view);
+            view.push(&mut builder);
         }
-        if let Some(sums) = &sums {
-            builder.arg(sums);
-        }
-        builder.arg(&out);
+        match &out {
+            CudaStorageSlice::BF16(s) => builder.arg(s),
+            CudaStorageSlice::F16(s) => builder.arg(s),
+            CudaStorageSlice::F32(s) => builder.arg(s),
+            CudaStorageSlice::F64(s) => builder.arg(s),
+            _ => unreachable!("allocated above"),
+        };
         for size in &sizes {
             builder.arg(size);
         }
@@ -495,10 +787,10 @@ mod cuda {
             block_dim: (THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: the arguments match the kernel's parameters in number, order and type, and
-        // every pointer covers the rows the grid reads.
+        // SAFETY: the callers pass the kernel's parameters in number, order and type, with
+        // every pointer covering the rows the grid reads.
         unsafe { builder.launch(config) }.w()?;
-        Ok(out)
+        Ok(CudaStorage { slice: out, device })
     }
 }
 
@@ -945,6 +1237,58 @@ mod tests {
                 let error = max_difference(&fused.to_dtype(DType::F32)?, &composed)?;
                 assert!(error < tolerance, "{dtype:?}, {total} keys: {error}");
             }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn the_top_k_cross_entropy_and_its_gradient_are_the_composed_ones() -> Result<()> {
+        let device = device()?;
+        let (rows, vocab) = (3, 701);
+        // Row 1's last two slots are padding: id 0, probability 0, one of them repeating its
+        // first id.
+        let ids = Tensor::new(
+            &[[5u32, 700, 17, 3], [0, 44, 0, 0], [640, 1, 2, 699]],
+            &device,
+        )?;
+        let probabilities = Tensor::new(
+            &[
+                [0.5f32, 0.25, 0.125, 0.125],
+                [0.75, 0.25, 0.0, 0.0],
+                [0.25, 0.25, 0.25, 0.25],
+            ],
+            &device,
+        )?;
+        let weights = Tensor::new(&[1.0f32, -2.0, 0.5], &device)?;
+        for dtype in [DType::F32, DType::BF16] {
+            let logits = Var::from_tensor(
+                &Tensor::randn(0f32, 4.0, (rows, vocab), &device)?.to_dtype(dtype)?,
+            )?;
+            let fused = top_k_cross_entropy(logits.as_tensor(), &ids, &probabilities)?;
+            let composed =
+                candle_nn::ops::log_softmax(&logits.as_tensor().to_dtype(DType::F32)?, D::Minus1)?
+                    .gather(&ids, 1)?
+                    .mul(&probabilities)?
+                    .sum(1)?
+                    .neg()?;
+            let error = max_difference(&fused, &composed)?;
+            assert!(error < 1e-4, "{dtype:?} values: {error}");
+            let a = fused.mul(&weights)?.sum_all()?.backward()?;
+            let b = composed.mul(&weights)?.sum_all()?.backward()?;
+            let (a, b) = (
+                a.get(&logits).expect("a gradient").to_dtype(DType::F32)?,
+                b.get(&logits).expect("a gradient").to_dtype(DType::F32)?,
+            );
+            let tolerance = if dtype == DType::F32 { 1e-6 } else { 8e-3 };
+            let error = max_difference(&a, &b)?;
+            assert!(error < tolerance, "{dtype:?} gradients: {error}");
+        }
+        if matches!(device, Device::Cpu) {
+            let logits = Tensor::zeros((1, 4), DType::F32, &device)?;
+            let outside = Tensor::new(&[[4u32]], &device)?;
+            let error = top_k_cross_entropy(&logits, &outside, &Tensor::new(&[[1f32]], &device)?)
+                .unwrap_err();
+            assert!(error.to_string().contains("token 4 is outside"), "{error}");
         }
         Ok(())
     }

@@ -1,8 +1,9 @@
-// Attention's softmax and its gradient, each one pass over the `[rows, T]` matrices: the
-// composed forms (a broadcast mask add, then softmax; casts, a broadcast subtract and a product
-// in the backward) took 33 ms a layer at the benchmark's size on an H200, against about 1 ms of
-// memory traffic. One block per row; sums in f32 (f64 for f64). ops.rs has the same arithmetic
-// for the CPU and the checks of both against the composed form.
+// The trainer's fused ops (model/ops.rs has the same arithmetic for the CPU, and the checks of
+// both against the composed forms). Each is one pass over matrices the composed forms crossed
+// several times: attention's masked softmax and its gradient (the broadcast mask add, softmax,
+// casts and broadcast subtract took 33 ms a layer at the benchmark's size on an H200, against
+// about 1 ms of memory traffic), and the distillation loss over the vocabulary with its
+// gradient. One block per row; sums in f32 (f64 for f64).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <math.h>
@@ -113,6 +114,81 @@ __device__ void softmax_gradient(const T *p, const T *dp, const typename Wide<T>
   }
 }
 
+// A row's maximum and sum of exponentials relative to it, in every thread.
+template <typename T>
+__device__ MaxSum<typename Wide<T>::type> row_max_sum(const T *x, uint32_t columns) {
+  typedef typename Wide<T>::type A;
+  MaxSum<A> part = {-INFINITY, 0};
+  for (uint32_t j = threadIdx.x; j < columns; j += THREADS) {
+    const A v = (A)widen(x[j]);
+    if (v > part.max) {
+      part.sum = part.sum * exp(part.max - v) + 1;
+      part.max = v;
+    } else if (v != -INFINITY) {
+      part.sum += exp(v - part.max);
+    }
+  }
+  return merge_block(part);
+}
+
+// The cross-entropy of each row of logits `[rows, columns]` against a teacher's top k
+// (`ids`, `probabilities` `[rows, k]`): -sum_s p_s * log softmax(x)[id_s]. An id outside the
+// row counts for nothing (the caller checks ids; this only keeps reads in bounds).
+template <typename T>
+__device__ void top_k_cross_entropy(const T *logits, const uint32_t *ids,
+                                    const typename Wide<T>::type *probabilities,
+                                    typename Wide<T>::type *out, uint32_t columns, uint32_t k) {
+  typedef typename Wide<T>::type A;
+  const size_t row = blockIdx.x;
+  const T *x = logits + row * columns;
+  const MaxSum<A> whole = row_max_sum(x, columns);
+  if (threadIdx.x == 0) {
+    const A log_sum = whole.max + log(whole.sum);
+    A loss = 0;
+    for (uint32_t s = 0; s < k; s++) {
+      const uint32_t id = ids[row * k + s];
+      if (id < columns) loss -= probabilities[row * k + s] * ((A)widen(x[id]) - log_sum);
+    }
+    out[row] = loss;
+  }
+}
+
+// Its gradient for the logits, times each row's incoming gradient `grad`:
+// grad * (mass * softmax(x) - p at the teacher's ids), mass being the row's sum of p.
+template <typename T>
+__device__ void top_k_cross_entropy_gradient(const T *logits, const uint32_t *ids,
+                                             const typename Wide<T>::type *probabilities,
+                                             const typename Wide<T>::type *grad, T *out,
+                                             uint32_t columns, uint32_t k) {
+  typedef typename Wide<T>::type A;
+  const size_t row = blockIdx.x;
+  const T *x = logits + row * columns;
+  T *y = out + row * columns;
+  const uint32_t *id = ids + row * k;
+  const A *p = probabilities + row * k;
+  const MaxSum<A> whole = row_max_sum(x, columns);
+  const A log_sum = whole.max + log(whole.sum);
+  A mass = 0;
+  for (uint32_t s = 0; s < k; s++) mass += p[s];
+  const A g = grad[row];
+  for (uint32_t j = threadIdx.x; j < columns; j += THREADS) {
+    store(&y[j], g * mass * exp((A)widen(x[j]) - log_sum));
+  }
+  // The teacher's columns again, by one thread, each with all the probability its id has
+  // (padding slots may repeat an id): rounded once, not a correction of a rounded value.
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    for (uint32_t s = 0; s < k; s++) {
+      if (id[s] >= columns) continue;
+      A target = 0;
+      for (uint32_t t = 0; t < k; t++) {
+        if (id[t] == id[s]) target += p[t];
+      }
+      store(&y[id[s]], g * (mass * exp((A)widen(x[id[s]]) - log_sum) - target));
+    }
+  }
+}
+
 #define KERNELS(T, NAME)                                                                          \
   extern "C" __global__ void __launch_bounds__(THREADS)                                           \
       masked_softmax_##NAME(const T *scores, const T *mask, T *out, uint32_t columns,             \
@@ -123,6 +199,17 @@ __device__ void softmax_gradient(const T *p, const T *dp, const typename Wide<T>
       softmax_gradient_##NAME(const T *p, const T *dp, const Wide<T>::type *sums, T *out,         \
                               uint32_t columns) {                                                 \
     softmax_gradient<T>(p, dp, sums, out, columns);                                               \
+  }                                                                                               \
+  extern "C" __global__ void __launch_bounds__(THREADS)                                           \
+      top_k_cross_entropy_##NAME(const T *logits, const uint32_t *ids,                            \
+                                 const Wide<T>::type *probabilities, Wide<T>::type *out,          \
+                                 uint32_t columns, uint32_t k) {                                  \
+    top_k_cross_entropy<T>(logits, ids, probabilities, out, columns, k);                          \
+  }                                                                                               \
+  extern "C" __global__ void __launch_bounds__(THREADS) top_k_cross_entropy_gradient_##NAME(      \
+      const T *logits, const uint32_t *ids, const Wide<T>::type *probabilities,                   \
+      const Wide<T>::type *grad, T *out, uint32_t columns, uint32_t k) {                          \
+    top_k_cross_entropy_gradient<T>(logits, ids, probabilities, grad, out, columns, k);           \
   }
 
 KERNELS(__nv_bfloat16, bf16)
