@@ -244,9 +244,9 @@ impl Gpu {
         Ok(target)
     }
 
-    /// This machine's copy bandwidths in bytes per second, each the median of five copies of
-    /// `len` bytes: page-locked host to device, and device to device.
-    pub fn bandwidth(&self, len: usize) -> Result<(f64, f64), LoaderError> {
+    /// This machine's copy bandwidths for `len` bytes, and what a load and an eviction spend
+    /// besides copying (each the median of five).
+    pub fn bandwidth(&self, len: usize) -> Result<Ceilings, LoaderError> {
         let mut source = self.pinned(len)?;
         source.as_mut_slice().fill(1);
         let first = self.alloc(len)?;
@@ -275,7 +275,25 @@ impl Gpu {
             .result()
             .map_err(failed("copying on the GPU"))
         })?;
-        Ok((host, device))
+        let (mut allocate, mut free) = (Vec::new(), Vec::new());
+        for _ in 0..5 {
+            let started = std::time::Instant::now();
+            let buffer = self.alloc(len)?;
+            allocate.push(started.elapsed().as_secs_f64());
+            let started = std::time::Instant::now();
+            drop(buffer);
+            free.push(started.elapsed().as_secs_f64());
+        }
+        let median = |mut times: Vec<f64>| {
+            times.sort_by(f64::total_cmp);
+            times[2]
+        };
+        Ok(Ceilings {
+            host_to_device: host,
+            device_to_device: device,
+            allocate: median(allocate),
+            free: median(free),
+        })
     }
 
     /// A new device buffer holding a copy of `source`.
@@ -287,6 +305,15 @@ impl Gpu {
         drained.finish()?;
         Ok(target)
     }
+}
+
+/// A GPU's copy bandwidths in bytes per second (page-locked host to device, device to device),
+/// and the seconds to allocate a buffer with its IPC handle (as a load does) and to free it.
+pub struct Ceilings {
+    pub host_to_device: f64,
+    pub device_to_device: f64,
+    pub allocate: f64,
+    pub free: f64,
 }
 
 /// Waits for the copies enqueued while it lives before the memory they touch can be freed, also

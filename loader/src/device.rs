@@ -139,14 +139,21 @@ impl Device {
         }
     }
 
-    /// The GPU's copy bandwidths in bytes per second (page-locked host to device, device to
-    /// device), each the median of five copies of `len` bytes.
-    pub fn gpu_bandwidth(ordinal: usize, len: usize) -> Result<(String, f64, f64), String> {
+    /// The GPU's name and its [`Ceilings`](crate::cuda::Ceilings) for buffers of `len` bytes,
+    /// as JSON.
+    pub fn gpu_ceilings(ordinal: usize, len: usize) -> Result<serde_json::Value, String> {
         #[cfg(feature = "cuda")]
         {
             let gpu = Gpu::open(ordinal)?;
-            let (host, device) = gpu.bandwidth(len).map_err(|e| e.to_string())?;
-            Ok((gpu.name().to_owned(), host, device))
+            let ceilings = gpu.bandwidth(len).map_err(|e| e.to_string())?;
+            Ok(serde_json::json!({
+                "device": gpu.name(),
+                "bytes": len,
+                "pinned_host_to_device_gb_per_s": ceilings.host_to_device / 1e9,
+                "device_to_device_gb_per_s": ceilings.device_to_device / 1e9,
+                "allocate_ms": ceilings.allocate * 1e3,
+                "free_ms": ceilings.free * 1e3,
+            }))
         }
         #[cfg(not(feature = "cuda"))]
         {

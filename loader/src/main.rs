@@ -32,8 +32,8 @@ struct Cli {
 enum Command {
     /// Serve the loader API until Ctrl-C or SIGTERM.
     Serve(Box<ServeArgs>),
-    /// Measure this machine's copy bandwidths into and within a GPU (JSON on stdout): the
-    /// ceilings of the loader's own copies.
+    /// Measure this machine's copy bandwidths into and within a GPU, and the time to allocate
+    /// and free a buffer (JSON on stdout): the ceilings of the loader's own loads.
     Bandwidth {
         /// The GPU: `cuda` or `cuda:N`.
         #[arg(long, default_value = "cuda")]
@@ -332,14 +332,8 @@ fn bandwidth(device: DeviceArg, size: ByteSize) -> Result<()> {
     let DeviceArg::Cuda(ordinal) = device else {
         anyhow::bail!("bandwidth measures a GPU: --device cuda or cuda:N");
     };
-    let (name, host, device) =
-        Device::gpu_bandwidth(ordinal, size.as_u64() as usize).map_err(anyhow::Error::msg)?;
-    let report = serde_json::json!({
-        "device": name,
-        "bytes": size.as_u64(),
-        "pinned_host_to_device_gb_per_s": host / 1e9,
-        "device_to_device_gb_per_s": device / 1e9,
-    });
+    let report =
+        Device::gpu_ceilings(ordinal, size.as_u64() as usize).map_err(anyhow::Error::msg)?;
     println!("{report}");
     Ok(())
 }
