@@ -2,8 +2,9 @@
 // both against the composed forms). Each is one pass over matrices the composed forms crossed
 // several times: attention's masked softmax and its gradient (the broadcast mask add, softmax,
 // casts and broadcast subtract took 33 ms a layer at the benchmark's size on an H200, against
-// about 1 ms of memory traffic), and the distillation loss over the vocabulary with its
-// gradient. One block per row; sums in f32 (f64 for f64).
+// about 1 ms of memory traffic), the distillation loss over the vocabulary with its gradient,
+// and RMSNorm's gradient (ten composed ops on f32 copies). One block per row; sums in f32
+// (f64 for f64).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <math.h>
@@ -189,6 +190,61 @@ __device__ void top_k_cross_entropy_gradient(const T *logits, const uint32_t *id
   }
 }
 
+// Two sums over the block, in every thread.
+template <typename A> __device__ void sum_block(A &a, A &b) {
+  __shared__ A as[THREADS / 32];
+  __shared__ A bs[THREADS / 32];
+  for (int offset = 16; offset > 0; offset /= 2) {
+    a += __shfl_xor_sync(0xffffffffu, a, offset);
+    b += __shfl_xor_sync(0xffffffffu, b, offset);
+  }
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) {
+    as[warp] = a;
+    bs[warp] = b;
+  }
+  __syncthreads();
+  if (warp == 0) {
+    a = lane < THREADS / 32 ? as[lane] : (A)0;
+    b = lane < THREADS / 32 ? bs[lane] : (A)0;
+    for (int offset = 16; offset > 0; offset /= 2) {
+      a += __shfl_xor_sync(0xffffffffu, a, offset);
+      b += __shfl_xor_sync(0xffffffffu, b, offset);
+    }
+    if (lane == 0) {
+      as[0] = a;
+      bs[0] = b;
+    }
+  }
+  __syncthreads();
+  a = as[0];
+  b = bs[0];
+}
+
+// RMSNorm's input gradient for y = w * x * r, r = (mean(x^2) + eps)^-1/2, per row of `columns`:
+// dx = r * g * w - x * r^3 * mean(g * w * x).
+template <typename T>
+__device__ void rms_norm_gradient(const T *x, const T *grad, const T *weight, T *out,
+                                  uint32_t columns, float eps) {
+  typedef typename Wide<T>::type A;
+  const size_t row = blockIdx.x;
+  const T *xr = x + row * columns;
+  const T *g = grad + row * columns;
+  T *y = out + row * columns;
+  A squares = 0, dot = 0;
+  for (uint32_t j = threadIdx.x; j < columns; j += THREADS) {
+    const A v = (A)widen(xr[j]);
+    squares += v * v;
+    dot += (A)widen(g[j]) * (A)widen(weight[j]) * v;
+  }
+  sum_block(squares, dot);
+  const A r = (A)1 / sqrt(squares / (A)columns + (A)eps);
+  const A c = dot / (A)columns * r * r * r;
+  for (uint32_t j = threadIdx.x; j < columns; j += THREADS) {
+    store(&y[j], r * (A)widen(g[j]) * (A)widen(weight[j]) - (A)widen(xr[j]) * c);
+  }
+}
+
 #define KERNELS(T, NAME)                                                                          \
   extern "C" __global__ void __launch_bounds__(THREADS)                                           \
       masked_softmax_##NAME(const T *scores, const T *mask, T *out, uint32_t columns,             \
@@ -210,6 +266,11 @@ __device__ void top_k_cross_entropy_gradient(const T *logits, const uint32_t *id
       const T *logits, const uint32_t *ids, const Wide<T>::type *probabilities,                   \
       const Wide<T>::type *grad, T *out, uint32_t columns, uint32_t k) {                          \
     top_k_cross_entropy_gradient<T>(logits, ids, probabilities, grad, out, columns, k);           \
+  }                                                                                               \
+  extern "C" __global__ void __launch_bounds__(THREADS)                                           \
+      rms_norm_gradient_##NAME(const T *x, const T *grad, const T *weight, T *out,                \
+                               uint32_t columns, float eps) {                                     \
+    rms_norm_gradient<T>(x, grad, weight, out, columns, eps);                                     \
   }
 
 KERNELS(__nv_bfloat16, bf16)
