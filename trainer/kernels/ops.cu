@@ -12,8 +12,12 @@
 
 #define THREADS 256
 
-template <typename T> struct Wide { typedef float type; };
-template <> struct Wide<double> { typedef double type; };
+template <typename T> struct Wide {
+  typedef float type;
+};
+template <> struct Wide<double> {
+  typedef double type;
+};
 
 __device__ __forceinline__ float widen(__nv_bfloat16 x) { return __bfloat162float(x); }
 __device__ __forceinline__ float widen(__half x) { return __half2float(x); }
@@ -34,8 +38,10 @@ template <typename A> struct MaxSum {
 
 template <typename A> __device__ __forceinline__ MaxSum<A> merge(MaxSum<A> a, MaxSum<A> b) {
   // exp(-inf - -inf) would be NaN: an empty side leaves the other as it is.
-  if (a.max == -INFINITY) return b;
-  if (b.max == -INFINITY) return a;
+  if (a.max == -INFINITY)
+    return b;
+  if (b.max == -INFINITY)
+    return a;
   const A max = a.max > b.max ? a.max : b.max;
   return MaxSum<A>{max, a.sum * exp(a.max - max) + b.sum * exp(b.max - max)};
 }
@@ -75,15 +81,17 @@ template <typename A> __device__ MaxSum<A> merge_block(MaxSum<A> part) {
 // columns]`, the mask `[B, length, columns]`: row r is sequence r / rows_per_batch (rows_per_batch
 // = heads * length), position r % length. A row with nothing visible is all zeros.
 template <typename T>
-__device__ void masked_softmax(const T *scores, const T *mask, T *out, uint32_t columns,
-                               uint32_t length, uint32_t rows_per_batch) {
+__device__ void masked_softmax(const T *__restrict__ scores, const T *__restrict__ mask,
+                               T *__restrict__ out, uint32_t columns, uint32_t length,
+                               uint32_t rows_per_batch) {
   typedef typename Wide<T>::type A;
   const size_t row = blockIdx.x;
   const size_t sequence = row / rows_per_batch, position = row % length;
-  const T *x = scores + row * columns;
-  const T *m = mask + (sequence * length + position) * columns;
-  T *y = out + row * columns;
+  const T *__restrict__ x = scores + row * columns;
+  const T *__restrict__ m = mask + (sequence * length + position) * columns;
+  T *__restrict__ y = out + row * columns;
   MaxSum<A> part = {-INFINITY, 0};
+#pragma unroll 4
   for (uint32_t j = threadIdx.x; j < columns; j += THREADS) {
     const A v = (A)widen(x[j]) + (A)widen(m[j]);
     if (v > part.max) {
@@ -95,6 +103,7 @@ __device__ void masked_softmax(const T *scores, const T *mask, T *out, uint32_t 
   }
   const MaxSum<A> whole = merge_block(part);
   const A scale = whole.max == -INFINITY ? (A)0 : (A)1 / whole.sum;
+#pragma unroll 4
   for (uint32_t j = threadIdx.x; j < columns; j += THREADS) {
     const A v = (A)widen(x[j]) + (A)widen(m[j]);
     store(&y[j], v == -INFINITY ? (A)0 : exp(v - whole.max) * scale);
@@ -104,11 +113,13 @@ __device__ void masked_softmax(const T *scores, const T *mask, T *out, uint32_t 
 // The softmax's input gradient, out = p * (dp - sums[row]), where sums[row] is the row's sum of
 // p * dp (the caller has it from narrower tensors: dO . O).
 template <typename T>
-__device__ void softmax_gradient(const T *p, const T *dp, const typename Wide<T>::type *sums,
-                                 T *out, uint32_t columns) {
+__device__ void softmax_gradient(const T *__restrict__ p, const T *__restrict__ dp,
+                                 const typename Wide<T>::type *__restrict__ sums,
+                                 T *__restrict__ out, uint32_t columns) {
   typedef typename Wide<T>::type A;
   const size_t row = blockIdx.x;
   const A sum = sums[row];
+#pragma unroll 4
   for (uint32_t j = threadIdx.x; j < columns; j += THREADS) {
     const size_t i = row * columns + j;
     store(&out[i], (A)widen(p[i]) * ((A)widen(dp[i]) - sum));
@@ -117,9 +128,10 @@ __device__ void softmax_gradient(const T *p, const T *dp, const typename Wide<T>
 
 // A row's maximum and sum of exponentials relative to it, in every thread.
 template <typename T>
-__device__ MaxSum<typename Wide<T>::type> row_max_sum(const T *x, uint32_t columns) {
+__device__ MaxSum<typename Wide<T>::type> row_max_sum(const T *__restrict__ x, uint32_t columns) {
   typedef typename Wide<T>::type A;
   MaxSum<A> part = {-INFINITY, 0};
+#pragma unroll 4
   for (uint32_t j = threadIdx.x; j < columns; j += THREADS) {
     const A v = (A)widen(x[j]);
     if (v > part.max) {
@@ -136,19 +148,21 @@ __device__ MaxSum<typename Wide<T>::type> row_max_sum(const T *x, uint32_t colum
 // (`ids`, `probabilities` `[rows, k]`): -sum_s p_s * log softmax(x)[id_s]. An id outside the
 // row counts for nothing (the caller checks ids; this only keeps reads in bounds).
 template <typename T>
-__device__ void top_k_cross_entropy(const T *logits, const uint32_t *ids,
-                                    const typename Wide<T>::type *probabilities,
-                                    typename Wide<T>::type *out, uint32_t columns, uint32_t k) {
+__device__ void top_k_cross_entropy(const T *__restrict__ logits, const uint32_t *__restrict__ ids,
+                                    const typename Wide<T>::type *__restrict__ probabilities,
+                                    typename Wide<T>::type *__restrict__ out, uint32_t columns,
+                                    uint32_t k) {
   typedef typename Wide<T>::type A;
   const size_t row = blockIdx.x;
-  const T *x = logits + row * columns;
+  const T *__restrict__ x = logits + row * columns;
   const MaxSum<A> whole = row_max_sum(x, columns);
   if (threadIdx.x == 0) {
     const A log_sum = whole.max + log(whole.sum);
     A loss = 0;
     for (uint32_t s = 0; s < k; s++) {
       const uint32_t id = ids[row * k + s];
-      if (id < columns) loss -= probabilities[row * k + s] * ((A)widen(x[id]) - log_sum);
+      if (id < columns)
+        loss -= probabilities[row * k + s] * ((A)widen(x[id]) - log_sum);
     }
     out[row] = loss;
   }
@@ -157,21 +171,24 @@ __device__ void top_k_cross_entropy(const T *logits, const uint32_t *ids,
 // Its gradient for the logits, times each row's incoming gradient `grad`:
 // grad * (mass * softmax(x) - p at the teacher's ids), mass being the row's sum of p.
 template <typename T>
-__device__ void top_k_cross_entropy_gradient(const T *logits, const uint32_t *ids,
-                                             const typename Wide<T>::type *probabilities,
-                                             const typename Wide<T>::type *grad, T *out,
-                                             uint32_t columns, uint32_t k) {
+__device__ void
+top_k_cross_entropy_gradient(const T *__restrict__ logits, const uint32_t *__restrict__ ids,
+                             const typename Wide<T>::type *__restrict__ probabilities,
+                             const typename Wide<T>::type *__restrict__ grad, T *__restrict__ out,
+                             uint32_t columns, uint32_t k) {
   typedef typename Wide<T>::type A;
   const size_t row = blockIdx.x;
-  const T *x = logits + row * columns;
-  T *y = out + row * columns;
-  const uint32_t *id = ids + row * k;
+  const T *__restrict__ x = logits + row * columns;
+  T *__restrict__ y = out + row * columns;
+  const uint32_t *__restrict__ id = ids + row * k;
   const A *p = probabilities + row * k;
   const MaxSum<A> whole = row_max_sum(x, columns);
   const A log_sum = whole.max + log(whole.sum);
   A mass = 0;
-  for (uint32_t s = 0; s < k; s++) mass += p[s];
+  for (uint32_t s = 0; s < k; s++)
+    mass += p[s];
   const A g = grad[row];
+#pragma unroll 4
   for (uint32_t j = threadIdx.x; j < columns; j += THREADS) {
     store(&y[j], g * mass * exp((A)widen(x[j]) - log_sum));
   }
@@ -180,10 +197,12 @@ __device__ void top_k_cross_entropy_gradient(const T *logits, const uint32_t *id
   __syncthreads();
   if (threadIdx.x == 0) {
     for (uint32_t s = 0; s < k; s++) {
-      if (id[s] >= columns) continue;
+      if (id[s] >= columns)
+        continue;
       A target = 0;
       for (uint32_t t = 0; t < k; t++) {
-        if (id[t] == id[s]) target += p[t];
+        if (id[t] == id[s])
+          target += p[t];
       }
       store(&y[id[s]], g * (mass * exp((A)widen(x[id[s]]) - log_sum) - target));
     }
@@ -224,14 +243,16 @@ template <typename A> __device__ void sum_block(A &a, A &b) {
 // RMSNorm's input gradient for y = w * x * r, r = (mean(x^2) + eps)^-1/2, per row of `columns`:
 // dx = r * g * w - x * r^3 * mean(g * w * x).
 template <typename T>
-__device__ void rms_norm_gradient(const T *x, const T *grad, const T *weight, T *out,
+__device__ void rms_norm_gradient(const T *__restrict__ x, const T *__restrict__ grad,
+                                  const T *__restrict__ weight, T *__restrict__ out,
                                   uint32_t columns, float eps) {
   typedef typename Wide<T>::type A;
   const size_t row = blockIdx.x;
-  const T *xr = x + row * columns;
-  const T *g = grad + row * columns;
-  T *y = out + row * columns;
+  const T *__restrict__ xr = x + row * columns;
+  const T *__restrict__ g = grad + row * columns;
+  T *__restrict__ y = out + row * columns;
   A squares = 0, dot = 0;
+#pragma unroll 4
   for (uint32_t j = threadIdx.x; j < columns; j += THREADS) {
     const A v = (A)widen(xr[j]);
     squares += v * v;
@@ -240,37 +261,39 @@ __device__ void rms_norm_gradient(const T *x, const T *grad, const T *weight, T 
   sum_block(squares, dot);
   const A r = (A)1 / sqrt(squares / (A)columns + (A)eps);
   const A c = dot / (A)columns * r * r * r;
+#pragma unroll 4
   for (uint32_t j = threadIdx.x; j < columns; j += THREADS) {
     store(&y[j], r * (A)widen(g[j]) * (A)widen(weight[j]) - (A)widen(xr[j]) * c);
   }
 }
 
-#define KERNELS(T, NAME)                                                                          \
-  extern "C" __global__ void __launch_bounds__(THREADS)                                           \
-      masked_softmax_##NAME(const T *scores, const T *mask, T *out, uint32_t columns,             \
-                            uint32_t length, uint32_t rows_per_batch) {                           \
-    masked_softmax<T>(scores, mask, out, columns, length, rows_per_batch);                        \
-  }                                                                                               \
-  extern "C" __global__ void __launch_bounds__(THREADS)                                           \
-      softmax_gradient_##NAME(const T *p, const T *dp, const Wide<T>::type *sums, T *out,         \
-                              uint32_t columns) {                                                 \
-    softmax_gradient<T>(p, dp, sums, out, columns);                                               \
-  }                                                                                               \
-  extern "C" __global__ void __launch_bounds__(THREADS)                                           \
-      top_k_cross_entropy_##NAME(const T *logits, const uint32_t *ids,                            \
-                                 const Wide<T>::type *probabilities, Wide<T>::type *out,          \
-                                 uint32_t columns, uint32_t k) {                                  \
-    top_k_cross_entropy<T>(logits, ids, probabilities, out, columns, k);                          \
-  }                                                                                               \
-  extern "C" __global__ void __launch_bounds__(THREADS) top_k_cross_entropy_gradient_##NAME(      \
-      const T *logits, const uint32_t *ids, const Wide<T>::type *probabilities,                   \
-      const Wide<T>::type *grad, T *out, uint32_t columns, uint32_t k) {                          \
-    top_k_cross_entropy_gradient<T>(logits, ids, probabilities, grad, out, columns, k);           \
-  }                                                                                               \
-  extern "C" __global__ void __launch_bounds__(THREADS)                                           \
-      rms_norm_gradient_##NAME(const T *x, const T *grad, const T *weight, T *out,                \
-                               uint32_t columns, float eps) {                                     \
-    rms_norm_gradient<T>(x, grad, weight, out, columns, eps);                                     \
+#define KERNELS(T, NAME)                                                                           \
+  extern "C" __global__ void __launch_bounds__(THREADS) masked_softmax_##NAME(                     \
+      const T *__restrict__ scores, const T *__restrict__ mask, T *__restrict__ out,               \
+      uint32_t columns, uint32_t length, uint32_t rows_per_batch) {                                \
+    masked_softmax<T>(scores, mask, out, columns, length, rows_per_batch);                         \
+  }                                                                                                \
+  extern "C" __global__ void __launch_bounds__(THREADS) softmax_gradient_##NAME(                   \
+      const T *__restrict__ p, const T *__restrict__ dp, const Wide<T>::type *__restrict__ sums,   \
+      T *__restrict__ out, uint32_t columns) {                                                     \
+    softmax_gradient<T>(p, dp, sums, out, columns);                                                \
+  }                                                                                                \
+  extern "C" __global__ void __launch_bounds__(THREADS)                                            \
+      top_k_cross_entropy_##NAME(const T *__restrict__ logits, const uint32_t *__restrict__ ids,   \
+                                 const Wide<T>::type *__restrict__ probabilities,                  \
+                                 Wide<T>::type *__restrict__ out, uint32_t columns, uint32_t k) {  \
+    top_k_cross_entropy<T>(logits, ids, probabilities, out, columns, k);                           \
+  }                                                                                                \
+  extern "C" __global__ void __launch_bounds__(THREADS) top_k_cross_entropy_gradient_##NAME(       \
+      const T *__restrict__ logits, const uint32_t *__restrict__ ids,                              \
+      const Wide<T>::type *__restrict__ probabilities, const Wide<T>::type *__restrict__ grad,     \
+      T *__restrict__ out, uint32_t columns, uint32_t k) {                                         \
+    top_k_cross_entropy_gradient<T>(logits, ids, probabilities, grad, out, columns, k);            \
+  }                                                                                                \
+  extern "C" __global__ void __launch_bounds__(THREADS) rms_norm_gradient_##NAME(                  \
+      const T *__restrict__ x, const T *__restrict__ grad, const T *__restrict__ weight,           \
+      T *__restrict__ out, uint32_t columns, float eps) {                                          \
+    rms_norm_gradient<T>(x, grad, weight, out, columns, eps);                                      \
   }
 
 KERNELS(__nv_bfloat16, bf16)

@@ -143,7 +143,11 @@ impl CustomOp2 for RmsNormGradient {
         let storage = cuda::launch(
             "rms_norm_gradient",
             elements / columns.max(1),
-            &[(s1, l1), (s2, l2), (weight, weight_layout)],
+            &[
+                (s1, l1, s1.dtype()),
+                (s2, l2, s1.dtype()),
+                (weight, weight_layout, s1.dtype()),
+            ],
             (s1.dtype(), elements),
             &[columns],
             &[self.eps],
@@ -362,7 +366,7 @@ impl CustomOp2 for MaskedSoftmax {
         let storage = cuda::launch(
             "masked_softmax",
             l1.shape().elem_count() / rows.columns.max(1),
-            &[(s1, l1), (s2, l2)],
+            &[(s1, l1, s1.dtype()), (s2, l2, s1.dtype())],
             (s1.dtype(), l1.shape().elem_count()),
             &[rows.columns, rows.length, rows.rows_per_batch],
             &[],
@@ -427,7 +431,11 @@ impl CustomOp3 for SoftmaxGradient {
         let storage = cuda::launch(
             "softmax_gradient",
             rows,
-            &[(s1, l1), (s2, l2), (s3, l3)],
+            &[
+                (s1, l1, s1.dtype()),
+                (s2, l2, s1.dtype()),
+                (s3, l3, accumulation_dtype(s1.dtype())),
+            ],
             (s1.dtype(), l1.shape().elem_count()),
             &[columns],
             &[],
@@ -437,8 +445,8 @@ impl CustomOp3 for SoftmaxGradient {
 }
 
 impl SoftmaxGradient {
-    /// The row length, after checking that the three shapes agree and the sums are in the
-    /// accumulation dtype.
+    /// The row length, after checking that the three shapes agree (dtypes are checked where
+    /// the elements are read).
     fn columns(p: &Layout, dp: &Layout, sums: &Layout) -> Result<usize> {
         let columns = p.shape().dims().last().copied().unwrap_or(1);
         if p.shape() != dp.shape() || sums.shape().elem_count() * columns != p.shape().elem_count()
@@ -577,7 +585,11 @@ impl CustomOp3 for TopKCrossEntropy {
         let storage = cuda::launch(
             "top_k_cross_entropy",
             rows,
-            &[(s1, l1), (s2, l2), (s3, l3)],
+            &[
+                (s1, l1, dtype),
+                (s2, l2, DType::U32),
+                (s3, l3, accumulation_dtype(dtype)),
+            ],
             (accumulation_dtype(dtype), rows),
             &[columns, k],
             &[],
@@ -658,7 +670,12 @@ impl CustomOp2 for TopKCrossEntropyGradient {
         let storage = cuda::launch(
             "top_k_cross_entropy_gradient",
             rows,
-            &[(s1, l1), (ids, id_layout), (p, p_layout), (s2, l2)],
+            &[
+                (s1, l1, dtype),
+                (ids, id_layout, DType::U32),
+                (p, p_layout, accumulation_dtype(dtype)),
+                (s2, l2, accumulation_dtype(dtype)),
+            ],
             (dtype, rows * columns),
             &[columns, k],
             &[],
@@ -850,13 +867,13 @@ mod cuda {
         }
     }
 
-    /// Runs `{name}_{dtype of the first input}` with one block per row: the inputs, then an
-    /// output of `out` (dtype, elements), then `sizes` as 32-bit integers, then `floats`, as the
-    /// kernel takes them.
+    /// Runs `{name}_{dtype of the first input}` with one block per row: the inputs (each of the
+    /// dtype the kernel reads it as: a pointer carries none), then an output of `out` (dtype,
+    /// elements), then `sizes` as 32-bit integers, then `floats`, as the kernel takes them.
     pub fn launch(
         name: &str,
         rows: usize,
-        inputs: &[(&CudaStorage, &Layout)],
+        inputs: &[(&CudaStorage, &Layout, DType)],
         (dtype, elements): (DType, usize),
         sizes: &[usize],
         floats: &[f32],
@@ -871,11 +888,19 @@ mod cuda {
             .collect::<std::result::Result<Vec<u32>, _>>()
             .map_err(|_| candle_core::Error::Msg(format!("{name}: a row is too long")))?;
         let device = inputs[0].0.device.clone();
-        let kernel = format!("{name}_{}", inputs[0].0.dtype().as_str());
-        let func = device.get_or_load_custom_func(&kernel, "ops", OPS)?;
+        let kernel = format!("{name}_{}", inputs[0].2.as_str());
+        let func = device.get_or_load_custom_func(&kernel, "cartridge_trainer_ops", OPS)?;
         let views = inputs
             .iter()
-            .map(|&(storage, layout)| View::of(storage, layout))
+            .map(|&(storage, layout, expected)| {
+                if storage.dtype() != expected {
+                    candle_core::bail!(
+                        "{name}: an input is {:?}, the kernel reads {expected:?}",
+                        storage.dtype()
+                    );
+                }
+                View::of(storage, layout)
+            })
             .collect::<Result<Vec<_>>>()?;
         // SAFETY (each allocation): the kernel writes every element.
         let out = match dtype {
@@ -907,9 +932,12 @@ mod cuda {
             block_dim: (THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: the callers pass the kernel's parameters in number, order and type, with
-        // every pointer covering the rows the grid reads.
-        unsafe { builder.launch(config) }.w()?;
+        // A grid of no blocks is an invalid launch; no rows is nothing to do.
+        if rows > 0 {
+            // SAFETY: the callers pass the kernel's parameters in number, order and type, with
+            // every pointer covering the rows the grid reads.
+            unsafe { builder.launch(config) }.w()?;
+        }
         Ok(CudaStorage { slice: out, device })
     }
 }
@@ -1361,6 +1389,9 @@ mod tests {
         let short = Tensor::zeros((2, 1, 1, 3, 5), DType::F32, &device)?;
         let error = scores.apply_op2_no_bwd(&short, &MaskedSoftmax).unwrap_err();
         assert!(error.to_string().contains("does not fit"), "{error}");
+        // So is a mask of another dtype (a kernel would read its bytes as the scores' dtype).
+        let other = Tensor::zeros((2, 1, 1, 4, 5), DType::BF16, &device)?;
+        assert!(scores.apply_op2_no_bwd(&other, &MaskedSoftmax).is_err());
         Ok(())
     }
 
