@@ -1,5 +1,6 @@
-//! With the `cuda` feature, compiles the trainer's own kernels (kernels/*.cu) to PTX, which the
-//! driver builds for the GPU it finds when they are first used.
+//! With the `cuda` feature, compiles the trainer's own kernels (kernels/ops.cu) to PTX for the
+//! compute capability in `CUDA_COMPUTE_CAP` (as candle's own kernels: 90 gives sm_90a, which
+//! loads on an H100 or H200 only), which the driver builds when they are first used.
 
 fn main() {
     println!("cargo::rerun-if-changed=build.rs");

@@ -77,6 +77,24 @@ template <typename A> __device__ MaxSum<A> merge_block(MaxSum<A> part) {
   return MaxSum<A>{maxes[0], sums[0]};
 }
 
+// A row's maximum and sum of exponentials relative to it, of value(j) for j < columns, in every
+// thread of the block.
+template <typename A, typename Value>
+__device__ MaxSum<A> row_max_sum(uint32_t columns, Value value) {
+  MaxSum<A> part = {-INFINITY, 0};
+#pragma unroll 4
+  for (uint32_t j = threadIdx.x; j < columns; j += THREADS) {
+    const A v = value(j);
+    if (v > part.max) {
+      part.sum = part.sum * exp(part.max - v) + 1;
+      part.max = v;
+    } else if (v != -INFINITY) {
+      part.sum += exp(v - part.max);
+    }
+  }
+  return merge_block(part);
+}
+
 // out = softmax(scores + mask) over each row of `columns`. Scores are `[B, heads, length,
 // columns]`, the mask `[B, length, columns]`: row r is sequence r / rows_per_batch (rows_per_batch
 // = heads * length), position r % length. A row with nothing visible is all zeros.
@@ -90,18 +108,8 @@ __device__ void masked_softmax(const T *__restrict__ scores, const T *__restrict
   const T *__restrict__ x = scores + row * columns;
   const T *__restrict__ m = mask + (sequence * length + position) * columns;
   T *__restrict__ y = out + row * columns;
-  MaxSum<A> part = {-INFINITY, 0};
-#pragma unroll 4
-  for (uint32_t j = threadIdx.x; j < columns; j += THREADS) {
-    const A v = (A)widen(x[j]) + (A)widen(m[j]);
-    if (v > part.max) {
-      part.sum = part.sum * exp(part.max - v) + 1;
-      part.max = v;
-    } else if (v != -INFINITY) {
-      part.sum += exp(v - part.max);
-    }
-  }
-  const MaxSum<A> whole = merge_block(part);
+  const MaxSum<A> whole =
+      row_max_sum<A>(columns, [&](uint32_t j) { return (A)widen(x[j]) + (A)widen(m[j]); });
   const A scale = whole.max == -INFINITY ? (A)0 : (A)1 / whole.sum;
 #pragma unroll 4
   for (uint32_t j = threadIdx.x; j < columns; j += THREADS) {
@@ -126,24 +134,6 @@ __device__ void softmax_gradient(const T *__restrict__ p, const T *__restrict__ 
   }
 }
 
-// A row's maximum and sum of exponentials relative to it, in every thread.
-template <typename T>
-__device__ MaxSum<typename Wide<T>::type> row_max_sum(const T *__restrict__ x, uint32_t columns) {
-  typedef typename Wide<T>::type A;
-  MaxSum<A> part = {-INFINITY, 0};
-#pragma unroll 4
-  for (uint32_t j = threadIdx.x; j < columns; j += THREADS) {
-    const A v = (A)widen(x[j]);
-    if (v > part.max) {
-      part.sum = part.sum * exp(part.max - v) + 1;
-      part.max = v;
-    } else if (v != -INFINITY) {
-      part.sum += exp(v - part.max);
-    }
-  }
-  return merge_block(part);
-}
-
 // The cross-entropy of each row of logits `[rows, columns]` against a teacher's top k
 // (`ids`, `probabilities` `[rows, k]`): -sum_s p_s * log softmax(x)[id_s]. An id outside the
 // row counts for nothing (the caller checks ids; this only keeps reads in bounds).
@@ -155,7 +145,7 @@ __device__ void top_k_cross_entropy(const T *__restrict__ logits, const uint32_t
   typedef typename Wide<T>::type A;
   const size_t row = blockIdx.x;
   const T *__restrict__ x = logits + row * columns;
-  const MaxSum<A> whole = row_max_sum(x, columns);
+  const MaxSum<A> whole = row_max_sum<A>(columns, [&](uint32_t j) { return (A)widen(x[j]); });
   if (threadIdx.x == 0) {
     const A log_sum = whole.max + log(whole.sum);
     A loss = 0;
@@ -182,7 +172,7 @@ top_k_cross_entropy_gradient(const T *__restrict__ logits, const uint32_t *__res
   T *__restrict__ y = out + row * columns;
   const uint32_t *__restrict__ id = ids + row * k;
   const A *p = probabilities + row * k;
-  const MaxSum<A> whole = row_max_sum(x, columns);
+  const MaxSum<A> whole = row_max_sum<A>(columns, [&](uint32_t j) { return (A)widen(x[j]); });
   const A log_sum = whole.max + log(whole.sum);
   A mass = 0;
   for (uint32_t s = 0; s < k; s++)

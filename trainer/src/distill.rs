@@ -403,9 +403,13 @@ impl<'a> Distiller<'a> {
     ) -> Result<()> {
         // The kernels index by these ids: one out of range must not reach them.
         let vocab = self.model.config.vocab;
-        if let Some(problem) = conversations.iter().find_map(|c| c.check(vocab).err()) {
+        if let Some((index, problem)) = conversations
+            .iter()
+            .enumerate()
+            .find_map(|(index, c)| c.check(vocab).err().map(|problem| (index, problem)))
+        {
             return Err(Error::Data(format!(
-                "a conversation cannot be trained on: {problem}"
+                "conversation {index} cannot be trained on: {problem}"
             )));
         }
         let usable = usable(

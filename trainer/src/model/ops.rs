@@ -1,12 +1,14 @@
 //! Operations the forward needs beyond candle's own, so that one forward serves training and
 //! inference.
 //!
-//! candle's fused kernels (softmax, RMSNorm, RoPE) are fast and have no backward: a graph through
-//! them is silently cut. The ops here run those kernels forward and, when an input carries a
-//! gradient, join the result to the graph with a backward written out by hand ([`Attached`]).
-//! Attention keeps only its inputs and output between the passes and recomputes the
-//! probabilities in its backward, as FlashAttention does: the `[L, T]` matrices of every layer
-//! are never held at once.
+//! candle's fused kernels (RMSNorm, RoPE) are fast and have no backward: a graph through them is
+//! silently cut. The ops here run those kernels forward and, when an input carries a gradient,
+//! join the result to the graph with a backward written out by hand ([`Attached`]). Where the
+//! composed forms crossed large matrices several times (attention's masked softmax, its
+//! gradient, the loss over the vocabulary, RMSNorm's gradient) they are ops of our own: one pass
+//! in Rust on the CPU and in a kernel of kernels/ops.cu on the GPU. Attention keeps only its
+//! inputs and output between the passes and recomputes the probabilities in its backward, as
+//! FlashAttention does: the `[L, T]` matrices of every layer are never held at once.
 //!
 //! candle's backward pass also computes a gradient for both operands of every matmul, frozen
 //! weights included, and keeps them all: for SmolLM2 that is half a GiB of weight gradients per
@@ -164,7 +166,6 @@ fn rms_norm_gradient_rows<T: WithDType, A: Float + Send + Sync>(
     columns: usize,
     eps: f32,
 ) -> Vec<T> {
-    let widen = |t: &T| A::from(t.to_f64()).unwrap_or_else(A::nan);
     let n = A::from(columns).unwrap_or_else(A::nan);
     let eps = A::from(eps).unwrap_or_else(A::nan);
     let mut out = vec![T::zero(); x.len()];
@@ -173,14 +174,14 @@ fn rms_norm_gradient_rows<T: WithDType, A: Float + Send + Sync>(
         .for_each(|(y, (x, g))| {
             let (mut squares, mut dot) = (A::zero(), A::zero());
             for ((x, g), w) in x.iter().zip(g).zip(weight) {
-                let v = widen(x);
+                let v = widen::<T, A>(x);
                 squares = squares + v * v;
-                dot = dot + widen(g) * widen(w) * v;
+                dot = dot + widen::<T, A>(g) * widen::<T, A>(w) * v;
             }
             let r = (squares / n + eps).sqrt().recip();
             let c = dot / n * r * r * r;
             for (((y, x), g), w) in y.iter_mut().zip(x).zip(g).zip(weight) {
-                let value = r * widen(g) * widen(w) - widen(x) * c;
+                let value = r * widen::<T, A>(g) * widen::<T, A>(w) - widen::<T, A>(x) * c;
                 *y = T::from_f64(value.to_f64().unwrap_or(f64::NAN));
             }
         });
@@ -466,7 +467,8 @@ impl SoftmaxGradient {
 /// (u32) and `probabilities` `[N, k]`: `-Σ p·log softmax(logits)[id]`, `[N]` in the
 /// accumulation dtype. One pass over the logits (two and a write for the gradient) where
 /// log_softmax's composed form crossed them, widened to f32, about ten times; gradients flow to
-/// `logits`. Every id must be below `V`.
+/// `logits`. Every id must be below `V`: the CPU refuses one that is not, a GPU kernel counts it
+/// for nothing (it cannot fail a launch; training checks the ids before).
 pub fn top_k_cross_entropy(
     logits: &Tensor,
     ids: &Tensor,
@@ -508,7 +510,7 @@ fn top_k_shape(
 ) -> Result<(usize, usize, usize)> {
     let (rows, columns) = logits.shape().dims2()?;
     let (id_rows, k) = ids.1.shape().dims2()?;
-    if id_rows != rows || probabilities.1.shape().dims2()? != (rows, k) {
+    if id_rows != rows || k == 0 || probabilities.1.shape().dims2()? != (rows, k) {
         candle_core::bail!(
             "top-k cross-entropy: logits {:?}, ids {:?} and probabilities {:?} disagree",
             logits.shape(),
@@ -605,6 +607,17 @@ struct TopKCrossEntropyGradient {
     probabilities: Tensor,
 }
 
+/// The incoming gradient of [`top_k_cross_entropy`]'s `[rows]` losses must be `[rows]`.
+fn check_loss_gradient(grad: &Layout, rows: usize) -> Result<()> {
+    if grad.shape().dims() != [rows] {
+        candle_core::bail!(
+            "top-k cross-entropy: a gradient of shape {:?} for {rows} losses",
+            grad.shape()
+        );
+    }
+    Ok(())
+}
+
 impl CustomOp2 for TopKCrossEntropyGradient {
     fn name(&self) -> &'static str {
         "top-k-cross-entropy-gradient"
@@ -629,12 +642,13 @@ impl CustomOp2 for TopKCrossEntropyGradient {
             let (Storage::Cpu(ids), Storage::Cpu(p)) = (&*ids, &*p) else {
                 candle_core::bail!("top-k cross-entropy: the teacher is not in host memory");
             };
-            let (_, columns, k) = top_k_shape(
+            let (rows, columns, k) = top_k_shape(
                 l1,
                 (ids.dtype(), id_layout),
                 (p.dtype(), p_layout),
                 T::DTYPE,
             )?;
+            check_loss_gradient(l2, rows)?;
             let (logits, ids) = (contiguous::<T>(s1, l1)?, contiguous::<u32>(ids, id_layout)?);
             check_ids(ids, columns)?;
             Ok(T::to_cpu_storage_owned(if T::DTYPE == DType::F64 {
@@ -667,6 +681,7 @@ impl CustomOp2 for TopKCrossEntropyGradient {
         let dtype = s1.dtype();
         let (rows, columns, k) =
             top_k_shape(l1, (ids.dtype(), id_layout), (p.dtype(), p_layout), dtype)?;
+        check_loss_gradient(l2, rows)?;
         let storage = cuda::launch(
             "top_k_cross_entropy_gradient",
             rows,
@@ -695,11 +710,10 @@ fn check_ids(ids: &[u32], columns: usize) -> Result<()> {
 
 /// `max + ln Σ exp(x - max)` of a row, in `A`.
 fn log_sum_exp<T: WithDType, A: Float>(row: &[T]) -> A {
-    let widen = |t: &T| A::from(t.to_f64()).unwrap_or_else(A::nan);
     let max = row.iter().map(widen).fold(A::neg_infinity(), A::max);
     let sum = row
         .iter()
-        .fold(A::zero(), |sum, t| sum + (widen(t) - max).exp());
+        .fold(A::zero(), |sum, t| sum + (widen::<T, A>(t) - max).exp());
     max + sum.ln()
 }
 
@@ -734,8 +748,6 @@ fn cross_entropy_gradient_rows<T: WithDType, A: Float + Send + Sync>(
     columns: usize,
     k: usize,
 ) -> Vec<T> {
-    let widen = |t: &T| A::from(t.to_f64()).unwrap_or_else(A::nan);
-    let narrow = |a: A| T::from_f64(a.to_f64().unwrap_or(f64::NAN));
     let mut out = vec![T::zero(); logits.len()];
     out.par_chunks_mut(columns)
         .zip(logits.par_chunks(columns))
@@ -745,7 +757,7 @@ fn cross_entropy_gradient_rows<T: WithDType, A: Float + Send + Sync>(
             let log_sum = log_sum_exp::<T, A>(x);
             let mass = p.iter().fold(A::zero(), |sum, &p| sum + p);
             for (y, x) in y.iter_mut().zip(x) {
-                *y = narrow(g * mass * (widen(x) - log_sum).exp());
+                *y = narrow::<T, A>(g * mass * (widen::<T, A>(x) - log_sum).exp());
             }
             for &id in ids {
                 let target = ids
@@ -754,10 +766,21 @@ fn cross_entropy_gradient_rows<T: WithDType, A: Float + Send + Sync>(
                     .filter(|(other, _)| **other == id)
                     .fold(A::zero(), |sum, (_, &p)| sum + p);
                 let id = id as usize;
-                y[id] = narrow(g * (mass * (widen(&x[id]) - log_sum).exp() - target));
+                y[id] =
+                    narrow::<T, A>(g * (mass * (widen::<T, A>(&x[id]) - log_sum).exp() - target));
             }
         });
     out
+}
+
+/// A value of a CPU op's element dtype in its accumulation type.
+fn widen<T: WithDType, A: Float>(t: &T) -> A {
+    A::from(t.to_f64()).unwrap_or_else(A::nan)
+}
+
+/// An accumulated value back in the element dtype.
+fn narrow<T: WithDType, A: Float>(a: A) -> T {
+    T::from_f64(a.to_f64().unwrap_or(f64::NAN))
 }
 
 /// [`MaskedSoftmax`] on the CPU, with sums in `A`.
@@ -767,7 +790,6 @@ fn masked_softmax_rows<T: WithDType, A: Float + Send + Sync>(
     rows: Rows,
 ) -> Vec<T> {
     let columns = rows.columns;
-    let widen = |t: &T| A::from(t.to_f64()).unwrap_or_else(A::nan);
     let mut out = vec![T::zero(); scores.len()];
     out.par_chunks_mut(columns)
         .zip(scores.par_chunks(columns))
@@ -775,7 +797,11 @@ fn masked_softmax_rows<T: WithDType, A: Float + Send + Sync>(
         .for_each_init(Vec::new, |shifted, (row, (y, x))| {
             let m = &mask[rows.mask_row(row) * columns..][..columns];
             shifted.clear();
-            shifted.extend(x.iter().zip(m).map(|(a, b)| widen(a) + widen(b)));
+            shifted.extend(
+                x.iter()
+                    .zip(m)
+                    .map(|(a, b)| widen::<T, A>(a) + widen::<T, A>(b)),
+            );
             let max = shifted.iter().copied().fold(A::neg_infinity(), A::max);
             // Nothing visible: the row stays zeros.
             if max == A::neg_infinity() {
@@ -801,14 +827,13 @@ fn softmax_gradient_rows<T: WithDType, A: Float + Send + Sync>(
     sums: &[A],
     columns: usize,
 ) -> Vec<T> {
-    let widen = |t: &T| A::from(t.to_f64()).unwrap_or_else(A::nan);
     let mut out = vec![T::zero(); p.len()];
     out.par_chunks_mut(columns)
         .zip(p.par_chunks(columns).zip(dp.par_chunks(columns)))
         .zip(sums.par_iter())
         .for_each(|((y, (p, dp)), &sum)| {
             for ((y, p), dp) in y.iter_mut().zip(p).zip(dp) {
-                let value = widen(p) * (widen(dp) - sum);
+                let value = widen::<T, A>(p) * (widen::<T, A>(dp) - sum);
                 *y = T::from_f64(value.to_f64().unwrap_or(f64::NAN));
             }
         });
@@ -902,7 +927,9 @@ mod cuda {
                 View::of(storage, layout)
             })
             .collect::<Result<Vec<_>>>()?;
-        // SAFETY (each allocation): the kernel writes every element.
+        // SAFETY (each allocation): the kernel writes every element. Never none: the driver
+        // refuses an allocation of no bytes, and a storage may be larger than its shape.
+        let elements = elements.max(1);
         let out = match dtype {
             DType::BF16 => CudaStorageSlice::BF16(unsafe { device.alloc::<bf16>(elements)? }),
             DType::F16 => CudaStorageSlice::F16(unsafe { device.alloc::<f16>(elements)? }),
