@@ -96,17 +96,19 @@ __device__ MaxSum<A> row_max_sum(uint32_t columns, Value value) {
 }
 
 // out = softmax(scores + mask) over each row of `columns`. Scores are `[B, heads, length,
-// columns]`, the mask `[B, length, columns]`: row r is sequence r / rows_per_batch (rows_per_batch
-// = heads * length), position r % length. A row with nothing visible is all zeros.
+// columns]`, the mask `[B, length, columns]`. Block i takes head i % heads of mask row i / heads
+// (sequence, position): the heads that add one mask row run side by side, so it is read from
+// memory once and from the cache by the others. A row with nothing visible is all zeros.
 template <typename T>
 __device__ void masked_softmax(const T *__restrict__ scores, const T *__restrict__ mask,
                                T *__restrict__ out, uint32_t columns, uint32_t length,
-                               uint32_t rows_per_batch) {
+                               uint32_t heads) {
   typedef typename Wide<T>::type A;
-  const size_t row = blockIdx.x;
-  const size_t sequence = row / rows_per_batch, position = row % length;
+  const size_t mask_row = blockIdx.x / heads, head = blockIdx.x % heads;
+  const size_t sequence = mask_row / length, position = mask_row % length;
+  const size_t row = (sequence * heads + head) * length + position;
   const T *__restrict__ x = scores + row * columns;
-  const T *__restrict__ m = mask + (sequence * length + position) * columns;
+  const T *__restrict__ m = mask + mask_row * columns;
   T *__restrict__ y = out + row * columns;
   const MaxSum<A> whole =
       row_max_sum<A>(columns, [&](uint32_t j) { return (A)widen(x[j]) + (A)widen(m[j]); });
@@ -260,8 +262,8 @@ __device__ void rms_norm_gradient(const T *__restrict__ x, const T *__restrict__
 #define KERNELS(T, NAME)                                                                           \
   extern "C" __global__ void __launch_bounds__(THREADS) masked_softmax_##NAME(                     \
       const T *__restrict__ scores, const T *__restrict__ mask, T *__restrict__ out,               \
-      uint32_t columns, uint32_t length, uint32_t rows_per_batch) {                                \
-    masked_softmax<T>(scores, mask, out, columns, length, rows_per_batch);                         \
+      uint32_t columns, uint32_t length, uint32_t heads) {                                         \
+    masked_softmax<T>(scores, mask, out, columns, length, heads);                                  \
   }                                                                                                \
   extern "C" __global__ void __launch_bounds__(THREADS) softmax_gradient_##NAME(                   \
       const T *__restrict__ p, const T *__restrict__ dp, const Wide<T>::type *__restrict__ sums,   \

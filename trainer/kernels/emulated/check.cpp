@@ -44,7 +44,7 @@ void masked_softmax_case(int T_,
     m[1 * T_ + j] = cast<T>(-INFINITY);
     m[(1 * L + 0) * T_ + j] = cast<T>(0.0);
   }
-  launch(rows, [&] { kernel(s.data(), m.data(), out.data(), T_, L, H * L); });
+  launch(rows, [&] { kernel(s.data(), m.data(), out.data(), T_, L, H); });
   double error = 0;
   bool hidden_zero = true;
   for (int r = 0; r < rows; r++) {

@@ -272,13 +272,13 @@ fn probabilities(q: &Tensor, k: &Tensor, mask: &Tensor, group: usize) -> Result<
         .reshape((batch, kv_heads, rows, total))
 }
 
-/// Row `r` of scores `[B, heads, L, T]` (contiguous) is sequence `r / rows_per_batch`, position
-/// `r % length`; its mask row is `[sequence, position]` of a `[B, .., L, T]` mask.
+/// Row `r` of scores `[B, heads, L, T]` (contiguous) is sequence `r / (heads·L)`, position
+/// `r % L`; its mask row is `[sequence, position]` of a `[B, .., L, T]` mask.
 #[derive(Debug, Clone, Copy)]
 struct Rows {
     columns: usize,
     length: usize,
-    rows_per_batch: usize,
+    heads: usize,
 }
 
 impl Rows {
@@ -299,12 +299,12 @@ impl Rows {
         Ok(Self {
             columns,
             length,
-            rows_per_batch: heads * length,
+            heads,
         })
     }
 
     fn mask_row(&self, row: usize) -> usize {
-        row / self.rows_per_batch * self.length + row % self.length
+        row / (self.heads * self.length) * self.length + row % self.length
     }
 }
 
@@ -369,7 +369,7 @@ impl CustomOp2 for MaskedSoftmax {
             l1.shape().elem_count() / rows.columns.max(1),
             &[(s1, l1, s1.dtype()), (s2, l2, s1.dtype())],
             (s1.dtype(), l1.shape().elem_count()),
-            &[rows.columns, rows.length, rows.rows_per_batch],
+            &[rows.columns, rows.length, rows.heads],
             &[],
         )?;
         Ok((storage, l1.shape().clone()))
