@@ -1,4 +1,4 @@
-// The trainer's fused ops (model/ops.rs has the same arithmetic for the CPU, and the checks of
+// The trainer's fused ops (model/fused.rs has the same arithmetic for the CPU, and the checks of
 // both against the composed forms). Each is one pass over matrices the composed forms crossed
 // several times: attention's masked softmax and its gradient (the broadcast mask add, softmax,
 // casts and broadcast subtract took 33 ms a layer at the benchmark's size on an H200, against

@@ -1,7 +1,7 @@
 //! The CUDA kernels' logic without a GPU: kernels/emulated/check.cpp runs every kernel of
 //! kernels/ops.cu on the host (emulate.h stands in for the GPU's threads, barriers and warp
-//! shuffles) against double-precision arithmetic. model/ops.rs's tests check the CPU
-//! implementations of the same ops, and the kernels themselves where a GPU is present.
+//! shuffles) against double-precision arithmetic. The tests of model/fused.rs and ops.rs check
+//! the CPU implementations of the same ops, and the kernels themselves where a GPU is present.
 
 use std::path::Path;
 use std::process::Command;

@@ -1,8 +1,9 @@
 // Checks every kernel of ../ops.cu, run on the host through emulate.h, against the same
-// arithmetic in double precision: the cases of model/ops.rs's tests (rows narrower and wider than
-// a block, a row with nothing visible, teacher ids repeated by padding). Prints one line per
-// check; exits non-zero if any fails. Built and run by tests/kernels.rs, with empty stand-ins
-// for cuda_bf16.h and cuda_fp16.h on the include path (emulate.h has what they would give).
+// arithmetic in double precision: the cases of model/fused.rs's and ops.rs's tests (rows narrower
+// and wider than a block, a row with nothing visible, teacher ids repeated by padding). Prints one
+// line per check; exits non-zero if any fails. Built and run by tests/kernels.rs, with empty
+// stand-ins for cuda_bf16.h and cuda_fp16.h on the include path (emulate.h has what they would
+// give).
 #include "../ops.cu"
 #include <algorithm>
 #include <cstdio>

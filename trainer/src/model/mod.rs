@@ -1,6 +1,7 @@
 //! The model: Llama-family weights, tokenizer and chat template, and the forward with a KV prefix.
 
 mod config;
+mod fused;
 mod generate;
 mod llama;
 mod ops;

@@ -1,0 +1,898 @@
+//! The fused ops behind [`super::ops`]: each one pass over large matrices that the composed
+//! forms crossed several times (attention's masked softmax and its gradient, the loss over the
+//! vocabulary and its gradient, RMSNorm's gradient). Each is a candle custom op with a CPU
+//! implementation here (rayon; sums in f32, f64 for f64) and a kernel of kernels/ops.cu on the
+//! GPU (kernels/emulated runs those on the host for the tests). None has a backward of its own:
+//! ops.rs joins them to the graph.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{
+    CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, WithDType,
+};
+use num_traits::Float;
+use rayon::prelude::*;
+
+use super::ops::accumulation_dtype;
+
+/// Calls `$f::<T>` for the float dtype `$dtype`.
+macro_rules! for_float_dtype {
+    ($dtype:expr, $f:ident($($arg:expr),*)) => {
+        match $dtype {
+            DType::F32 => $f::<f32>($($arg),*),
+            DType::F64 => $f::<f64>($($arg),*),
+            DType::BF16 => $f::<half::bf16>($($arg),*),
+            DType::F16 => $f::<half::f16>($($arg),*),
+            other => candle_core::bail!("{other:?} is not a float dtype"),
+        }
+    };
+}
+
+/// RMSNorm's input gradient for `y = w·x·r`, `r = (mean(x²) + eps)^-½`, given the output's
+/// gradient `g`: `dx = r·g·w - x·r³·mean(g·w·x)`, each row in one pass (kernels/ops.cu on the
+/// GPU), sums in f32.
+pub(super) struct RmsNormGradient {
+    pub(super) weight: Tensor,
+    pub(super) eps: f32,
+}
+
+impl RmsNormGradient {
+    fn columns(&self, x: &Layout, grad: &Layout) -> Result<usize> {
+        let columns = x.shape().dims().last().copied().unwrap_or(1);
+        if x.shape() != grad.shape() || self.weight.dims() != [columns] {
+            candle_core::bail!(
+                "rms-norm gradient: x {:?}, its gradient {:?} and the weight {:?} disagree",
+                x.shape(),
+                grad.shape(),
+                self.weight.shape()
+            );
+        }
+        Ok(columns)
+    }
+}
+
+impl CustomOp2 for RmsNormGradient {
+    fn name(&self) -> &'static str {
+        "rms-norm-gradient"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        fn run<T: WithDType>(
+            this: &RmsNormGradient,
+            s1: &CpuStorage,
+            l1: &Layout,
+            s2: &CpuStorage,
+            l2: &Layout,
+        ) -> Result<CpuStorage> {
+            let columns = this.columns(l1, l2)?;
+            let (weight, weight_layout) = this.weight.storage_and_layout();
+            let Storage::Cpu(weight) = &*weight else {
+                candle_core::bail!("rms-norm gradient: the weight is not in host memory");
+            };
+            let weight = contiguous::<T>(weight, weight_layout)?;
+            let (x, grad) = (contiguous::<T>(s1, l1)?, contiguous::<T>(s2, l2)?);
+            Ok(T::to_cpu_storage_owned(if T::DTYPE == DType::F64 {
+                rms_norm_gradient_rows::<T, f64>(x, grad, weight, columns, this.eps)
+            } else {
+                rms_norm_gradient_rows::<T, f32>(x, grad, weight, columns, this.eps)
+            }))
+        }
+        Ok((
+            for_float_dtype!(s1.dtype(), run(self, s1, l1, s2, l2))?,
+            l1.shape().clone(),
+        ))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let columns = self.columns(l1, l2)?;
+        let (weight, weight_layout) = self.weight.storage_and_layout();
+        let Storage::Cuda(weight) = &*weight else {
+            candle_core::bail!("rms-norm gradient: the weight is not on the GPU");
+        };
+        let elements = l1.shape().elem_count();
+        let storage = cuda::launch(
+            "rms_norm_gradient",
+            elements / columns.max(1),
+            &[
+                (s1, l1, s1.dtype()),
+                (s2, l2, s1.dtype()),
+                (weight, weight_layout, s1.dtype()),
+            ],
+            (s1.dtype(), elements),
+            &[columns],
+            &[self.eps],
+        )?;
+        Ok((storage, l1.shape().clone()))
+    }
+}
+
+/// [`RmsNormGradient`] on the CPU, with sums in `A`.
+fn rms_norm_gradient_rows<T: WithDType, A: Float + Send + Sync>(
+    x: &[T],
+    grad: &[T],
+    weight: &[T],
+    columns: usize,
+    eps: f32,
+) -> Vec<T> {
+    let n = A::from(columns).unwrap_or_else(A::nan);
+    let eps = A::from(eps).unwrap_or_else(A::nan);
+    let mut out = vec![T::zero(); x.len()];
+    out.par_chunks_mut(columns)
+        .zip(x.par_chunks(columns).zip(grad.par_chunks(columns)))
+        .for_each(|(y, (x, g))| {
+            let (mut squares, mut dot) = (A::zero(), A::zero());
+            for ((x, g), w) in x.iter().zip(g).zip(weight) {
+                let v = widen::<T, A>(x);
+                squares = squares + v * v;
+                dot = dot + widen::<T, A>(g) * widen::<T, A>(w) * v;
+            }
+            let r = (squares / n + eps).sqrt().recip();
+            let c = dot / n * r * r * r;
+            for (((y, x), g), w) in y.iter_mut().zip(x).zip(g).zip(weight) {
+                let value = r * widen::<T, A>(g) * widen::<T, A>(w) - widen::<T, A>(x) * c;
+                *y = T::from_f64(value.to_f64().unwrap_or(f64::NAN));
+            }
+        });
+    out
+}
+
+/// Row `r` of scores `[B, heads, L, T]` (contiguous) is sequence `r / (heads·L)`, position
+/// `r % L`; its mask row is `[sequence, position]` of a `[B, .., L, T]` mask.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Rows {
+    columns: usize,
+    length: usize,
+    heads: usize,
+}
+
+impl Rows {
+    fn of(scores: &Layout, mask: &Layout) -> Result<Self> {
+        let (batch, heads, length, columns) = scores.shape().dims4()?;
+        let mask_dims = mask.shape().dims();
+        let fits = mask_dims.len() >= 3
+            && mask_dims[0] == batch
+            && mask_dims[mask_dims.len() - 2..] == [length, columns]
+            && mask.shape().elem_count() == batch * length * columns;
+        if !fits {
+            candle_core::bail!(
+                "masked softmax: a mask of shape {:?} does not fit scores of shape {:?}",
+                mask.shape(),
+                scores.shape()
+            );
+        }
+        Ok(Self {
+            columns,
+            length,
+            heads,
+        })
+    }
+
+    fn mask_row(&self, row: usize) -> usize {
+        row / (self.heads * self.length) * self.length + row % self.length
+    }
+}
+
+/// The contiguous elements of a storage under `layout`.
+fn contiguous<'a, T: WithDType>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [T]> {
+    let (start, end) = layout
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg("expected a contiguous tensor".into()))?;
+    Ok(&storage.as_slice::<T>()?[start..end])
+}
+
+/// `softmax(scores + mask)` over the last axis in one pass (kernels/ops.cu on the GPU),
+/// for scores `[B, heads, L, T]` and an additive mask `[B, 1, 1, L, T]`: the broadcast add
+/// alone cost more than the rest of attention. A row with nothing visible is all zeros. Sums
+/// are taken in f32 (f64 for f64). No backward: attention's own recomputes it.
+pub(super) struct MaskedSoftmax;
+
+impl CustomOp2 for MaskedSoftmax {
+    fn name(&self) -> &'static str {
+        "masked-softmax"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        fn run<T: WithDType>(
+            s1: &CpuStorage,
+            l1: &Layout,
+            s2: &CpuStorage,
+            l2: &Layout,
+        ) -> Result<CpuStorage> {
+            let rows = Rows::of(l1, l2)?;
+            let (scores, mask) = (contiguous::<T>(s1, l1)?, contiguous::<T>(s2, l2)?);
+            let out = if T::DTYPE == DType::F64 {
+                masked_softmax_rows::<T, f64>(scores, mask, rows)
+            } else {
+                masked_softmax_rows::<T, f32>(scores, mask, rows)
+            };
+            Ok(T::to_cpu_storage_owned(out))
+        }
+        Ok((
+            for_float_dtype!(s1.dtype(), run(s1, l1, s2, l2))?,
+            l1.shape().clone(),
+        ))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let rows = Rows::of(l1, l2)?;
+        let storage = cuda::launch(
+            "masked_softmax",
+            l1.shape().elem_count() / rows.columns.max(1),
+            &[(s1, l1, s1.dtype()), (s2, l2, s1.dtype())],
+            (s1.dtype(), l1.shape().elem_count()),
+            &[rows.columns, rows.length, rows.heads],
+            &[],
+        )?;
+        Ok((storage, l1.shape().clone()))
+    }
+}
+
+/// The softmax's input gradient `P·(dP - sums)` for probabilities `P` and their gradient `dP`
+/// `[.., T]` and each row's `sum(P·dP)` `[.., 1]` in the accumulation dtype, in one pass
+/// (kernels/ops.cu on the GPU).
+pub(super) struct SoftmaxGradient;
+
+impl CustomOp3 for SoftmaxGradient {
+    fn name(&self) -> &'static str {
+        "softmax-gradient"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        fn run<T: WithDType>(
+            s1: &CpuStorage,
+            l1: &Layout,
+            s2: &CpuStorage,
+            l2: &Layout,
+            s3: &CpuStorage,
+            l3: &Layout,
+        ) -> Result<CpuStorage> {
+            let columns = SoftmaxGradient::columns(l1, l2, l3)?;
+            let (p, dp) = (contiguous::<T>(s1, l1)?, contiguous::<T>(s2, l2)?);
+            let out = match s3.dtype() {
+                DType::F64 => softmax_gradient_rows(p, dp, contiguous::<f64>(s3, l3)?, columns),
+                _ => softmax_gradient_rows(p, dp, contiguous::<f32>(s3, l3)?, columns),
+            };
+            Ok(T::to_cpu_storage_owned(out))
+        }
+        Ok((
+            for_float_dtype!(s1.dtype(), run(s1, l1, s2, l2, s3, l3))?,
+            l1.shape().clone(),
+        ))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let columns = Self::columns(l1, l2, l3)?;
+        let rows = l1.shape().elem_count() / columns.max(1);
+        let storage = cuda::launch(
+            "softmax_gradient",
+            rows,
+            &[
+                (s1, l1, s1.dtype()),
+                (s2, l2, s1.dtype()),
+                (s3, l3, accumulation_dtype(s1.dtype())),
+            ],
+            (s1.dtype(), l1.shape().elem_count()),
+            &[columns],
+            &[],
+        )?;
+        Ok((storage, l1.shape().clone()))
+    }
+}
+
+impl SoftmaxGradient {
+    /// The row length, after checking that the three shapes agree (dtypes are checked where
+    /// the elements are read).
+    fn columns(p: &Layout, dp: &Layout, sums: &Layout) -> Result<usize> {
+        let columns = p.shape().dims().last().copied().unwrap_or(1);
+        if p.shape() != dp.shape() || sums.shape().elem_count() * columns != p.shape().elem_count()
+        {
+            candle_core::bail!(
+                "softmax gradient: shapes {:?}, {:?} and sums {:?} disagree",
+                p.shape(),
+                dp.shape(),
+                sums.shape()
+            );
+        }
+        Ok(columns)
+    }
+}
+
+/// Rows, vocabulary and k of logits `[N, V]` and a teacher's `[N, k]` ids (u32) and
+/// probabilities (in the accumulation dtype).
+fn top_k_shape(
+    logits: &Layout,
+    ids: (DType, &Layout),
+    probabilities: (DType, &Layout),
+    dtype: DType,
+) -> Result<(usize, usize, usize)> {
+    let (rows, columns) = logits.shape().dims2()?;
+    let (id_rows, k) = ids.1.shape().dims2()?;
+    if id_rows != rows || k == 0 || probabilities.1.shape().dims2()? != (rows, k) {
+        candle_core::bail!(
+            "top-k cross-entropy: logits {:?}, ids {:?} and probabilities {:?} disagree",
+            logits.shape(),
+            ids.1.shape(),
+            probabilities.1.shape()
+        );
+    }
+    if ids.0 != DType::U32 || probabilities.0 != accumulation_dtype(dtype) {
+        candle_core::bail!(
+            "top-k cross-entropy: ids are {:?} (u32 expected), probabilities {:?} ({:?} expected)",
+            ids.0,
+            probabilities.0,
+            accumulation_dtype(dtype)
+        );
+    }
+    Ok((rows, columns, k))
+}
+
+/// [`top_k_cross_entropy`]'s value (kernels/ops.cu on the GPU).
+pub(super) struct TopKCrossEntropy;
+
+impl CustomOp3 for TopKCrossEntropy {
+    fn name(&self) -> &'static str {
+        "top-k-cross-entropy"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        fn run<T: WithDType>(
+            s1: &CpuStorage,
+            l1: &Layout,
+            s2: &CpuStorage,
+            l2: &Layout,
+            s3: &CpuStorage,
+            l3: &Layout,
+        ) -> Result<CpuStorage> {
+            let (_, columns, k) = top_k_shape(l1, (s2.dtype(), l2), (s3.dtype(), l3), T::DTYPE)?;
+            let (logits, ids) = (contiguous::<T>(s1, l1)?, contiguous::<u32>(s2, l2)?);
+            check_ids(ids, columns)?;
+            Ok(if T::DTYPE == DType::F64 {
+                let p = contiguous::<f64>(s3, l3)?;
+                f64::to_cpu_storage_owned(cross_entropy_rows(logits, ids, p, columns, k))
+            } else {
+                let p = contiguous::<f32>(s3, l3)?;
+                f32::to_cpu_storage_owned(cross_entropy_rows(logits, ids, p, columns, k))
+            })
+        }
+        let rows = l1.shape().dims2()?.0;
+        Ok((
+            for_float_dtype!(s1.dtype(), run(s1, l1, s2, l2, s3, l3))?,
+            Shape::from(rows),
+        ))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let dtype = s1.dtype();
+        let (rows, columns, k) = top_k_shape(l1, (s2.dtype(), l2), (s3.dtype(), l3), dtype)?;
+        let storage = cuda::launch(
+            "top_k_cross_entropy",
+            rows,
+            &[
+                (s1, l1, dtype),
+                (s2, l2, DType::U32),
+                (s3, l3, accumulation_dtype(dtype)),
+            ],
+            (accumulation_dtype(dtype), rows),
+            &[columns, k],
+            &[],
+        )?;
+        Ok((storage, Shape::from(rows)))
+    }
+}
+
+/// [`top_k_cross_entropy`]'s gradient for the logits, given each row's incoming gradient
+/// (kernels/ops.cu on the GPU).
+pub(super) struct TopKCrossEntropyGradient {
+    pub(super) ids: Tensor,
+    pub(super) probabilities: Tensor,
+}
+
+/// The incoming gradient of [`top_k_cross_entropy`]'s `[rows]` losses must be `[rows]`.
+fn check_loss_gradient(grad: &Layout, rows: usize) -> Result<()> {
+    if grad.shape().dims() != [rows] {
+        candle_core::bail!(
+            "top-k cross-entropy: a gradient of shape {:?} for {rows} losses",
+            grad.shape()
+        );
+    }
+    Ok(())
+}
+
+impl CustomOp2 for TopKCrossEntropyGradient {
+    fn name(&self) -> &'static str {
+        "top-k-cross-entropy-gradient"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        fn run<T: WithDType>(
+            this: &TopKCrossEntropyGradient,
+            s1: &CpuStorage,
+            l1: &Layout,
+            s2: &CpuStorage,
+            l2: &Layout,
+        ) -> Result<CpuStorage> {
+            let (ids, id_layout) = this.ids.storage_and_layout();
+            let (p, p_layout) = this.probabilities.storage_and_layout();
+            let (Storage::Cpu(ids), Storage::Cpu(p)) = (&*ids, &*p) else {
+                candle_core::bail!("top-k cross-entropy: the teacher is not in host memory");
+            };
+            let (rows, columns, k) = top_k_shape(
+                l1,
+                (ids.dtype(), id_layout),
+                (p.dtype(), p_layout),
+                T::DTYPE,
+            )?;
+            check_loss_gradient(l2, rows)?;
+            let (logits, ids) = (contiguous::<T>(s1, l1)?, contiguous::<u32>(ids, id_layout)?);
+            check_ids(ids, columns)?;
+            Ok(T::to_cpu_storage_owned(if T::DTYPE == DType::F64 {
+                let (p, grad) = (contiguous::<f64>(p, p_layout)?, contiguous::<f64>(s2, l2)?);
+                cross_entropy_gradient_rows(logits, ids, p, grad, columns, k)
+            } else {
+                let (p, grad) = (contiguous::<f32>(p, p_layout)?, contiguous::<f32>(s2, l2)?);
+                cross_entropy_gradient_rows(logits, ids, p, grad, columns, k)
+            }))
+        }
+        Ok((
+            for_float_dtype!(s1.dtype(), run(self, s1, l1, s2, l2))?,
+            l1.shape().clone(),
+        ))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (ids, id_layout) = self.ids.storage_and_layout();
+        let (p, p_layout) = self.probabilities.storage_and_layout();
+        let (Storage::Cuda(ids), Storage::Cuda(p)) = (&*ids, &*p) else {
+            candle_core::bail!("top-k cross-entropy: the teacher is not on the GPU");
+        };
+        let dtype = s1.dtype();
+        let (rows, columns, k) =
+            top_k_shape(l1, (ids.dtype(), id_layout), (p.dtype(), p_layout), dtype)?;
+        check_loss_gradient(l2, rows)?;
+        let storage = cuda::launch(
+            "top_k_cross_entropy_gradient",
+            rows,
+            &[
+                (s1, l1, dtype),
+                (ids, id_layout, DType::U32),
+                (p, p_layout, accumulation_dtype(dtype)),
+                (s2, l2, accumulation_dtype(dtype)),
+            ],
+            (dtype, rows * columns),
+            &[columns, k],
+            &[],
+        )?;
+        Ok((storage, l1.shape().clone()))
+    }
+}
+
+fn check_ids(ids: &[u32], columns: usize) -> Result<()> {
+    match ids.iter().find(|&&id| id as usize >= columns) {
+        Some(id) => {
+            candle_core::bail!("top-k cross-entropy: token {id} is outside the {columns} logits")
+        }
+        None => Ok(()),
+    }
+}
+
+/// `max + ln Σ exp(x - max)` of a row, in `A`.
+fn log_sum_exp<T: WithDType, A: Float>(row: &[T]) -> A {
+    let max = row.iter().map(widen).fold(A::neg_infinity(), A::max);
+    let sum = row
+        .iter()
+        .fold(A::zero(), |sum, t| sum + (widen::<T, A>(t) - max).exp());
+    max + sum.ln()
+}
+
+/// [`TopKCrossEntropy`] on the CPU.
+fn cross_entropy_rows<T: WithDType, A: Float + Send + Sync>(
+    logits: &[T],
+    ids: &[u32],
+    p: &[A],
+    columns: usize,
+    k: usize,
+) -> Vec<A> {
+    logits
+        .par_chunks(columns)
+        .zip(ids.par_chunks(k).zip(p.par_chunks(k)))
+        .map(|(x, (ids, p))| {
+            let log_sum = log_sum_exp::<T, A>(x);
+            ids.iter().zip(p).fold(A::zero(), |loss, (&id, &p)| {
+                let picked = A::from(x[id as usize].to_f64()).unwrap_or_else(A::nan);
+                loss - p * (picked - log_sum)
+            })
+        })
+        .collect()
+}
+
+/// [`TopKCrossEntropyGradient`] on the CPU: `grad·(mass·softmax(x) - p at the ids)`, each
+/// teacher column rounded once with all the probability its id has.
+fn cross_entropy_gradient_rows<T: WithDType, A: Float + Send + Sync>(
+    logits: &[T],
+    ids: &[u32],
+    p: &[A],
+    grad: &[A],
+    columns: usize,
+    k: usize,
+) -> Vec<T> {
+    let mut out = vec![T::zero(); logits.len()];
+    out.par_chunks_mut(columns)
+        .zip(logits.par_chunks(columns))
+        .zip(ids.par_chunks(k).zip(p.par_chunks(k)))
+        .zip(grad.par_iter())
+        .for_each(|(((y, x), (ids, p)), &g)| {
+            let log_sum = log_sum_exp::<T, A>(x);
+            let mass = p.iter().fold(A::zero(), |sum, &p| sum + p);
+            for (y, x) in y.iter_mut().zip(x) {
+                *y = narrow::<T, A>(g * mass * (widen::<T, A>(x) - log_sum).exp());
+            }
+            for &id in ids {
+                let target = ids
+                    .iter()
+                    .zip(p)
+                    .filter(|(other, _)| **other == id)
+                    .fold(A::zero(), |sum, (_, &p)| sum + p);
+                let id = id as usize;
+                y[id] =
+                    narrow::<T, A>(g * (mass * (widen::<T, A>(&x[id]) - log_sum).exp() - target));
+            }
+        });
+    out
+}
+
+/// A value of a CPU op's element dtype in its accumulation type.
+fn widen<T: WithDType, A: Float>(t: &T) -> A {
+    A::from(t.to_f64()).unwrap_or_else(A::nan)
+}
+
+/// An accumulated value back in the element dtype.
+fn narrow<T: WithDType, A: Float>(a: A) -> T {
+    T::from_f64(a.to_f64().unwrap_or(f64::NAN))
+}
+
+/// [`MaskedSoftmax`] on the CPU, with sums in `A`.
+fn masked_softmax_rows<T: WithDType, A: Float + Send + Sync>(
+    scores: &[T],
+    mask: &[T],
+    rows: Rows,
+) -> Vec<T> {
+    let columns = rows.columns;
+    let mut out = vec![T::zero(); scores.len()];
+    out.par_chunks_mut(columns)
+        .zip(scores.par_chunks(columns))
+        .enumerate()
+        .for_each_init(Vec::new, |shifted, (row, (y, x))| {
+            let m = &mask[rows.mask_row(row) * columns..][..columns];
+            shifted.clear();
+            shifted.extend(
+                x.iter()
+                    .zip(m)
+                    .map(|(a, b)| widen::<T, A>(a) + widen::<T, A>(b)),
+            );
+            let max = shifted.iter().copied().fold(A::neg_infinity(), A::max);
+            // Nothing visible: the row stays zeros.
+            if max == A::neg_infinity() {
+                return;
+            }
+            let mut sum = A::zero();
+            for v in shifted.iter_mut() {
+                *v = (*v - max).exp();
+                sum = sum + *v;
+            }
+            let scale = sum.recip();
+            for (y, &e) in y.iter_mut().zip(shifted.iter()) {
+                *y = T::from_f64((e * scale).to_f64().unwrap_or(f64::NAN));
+            }
+        });
+    out
+}
+
+/// [`SoftmaxGradient`] on the CPU, with sums in `A`.
+fn softmax_gradient_rows<T: WithDType, A: Float + Send + Sync>(
+    p: &[T],
+    dp: &[T],
+    sums: &[A],
+    columns: usize,
+) -> Vec<T> {
+    let mut out = vec![T::zero(); p.len()];
+    out.par_chunks_mut(columns)
+        .zip(p.par_chunks(columns).zip(dp.par_chunks(columns)))
+        .zip(sums.par_iter())
+        .for_each(|((y, (p, dp)), &sum)| {
+            for ((y, p), dp) in y.iter_mut().zip(p).zip(dp) {
+                let value = widen::<T, A>(p) * (widen::<T, A>(dp) - sum);
+                *y = T::from_f64(value.to_f64().unwrap_or(f64::NAN));
+            }
+        });
+    out
+}
+
+/// Launches of kernels/ops.cu (foreign calls: unsafe).
+#[cfg(feature = "cuda")]
+#[allow(unsafe_code)]
+mod cuda {
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::cudarc::driver::{
+        CudaView, LaunchArgs, LaunchConfig, PushKernelArg,
+    };
+    use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
+    use candle_core::{CudaStorage, DType, Layout, Result};
+    use half::{bf16, f16};
+
+    include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
+
+    /// Threads per block (`THREADS` in the kernels): one block per row.
+    const THREADS: u32 = 256;
+
+    /// An argument in device memory: the contiguous elements of a storage under a layout.
+    enum View<'a> {
+        BF16(CudaView<'a, bf16>),
+        F16(CudaView<'a, f16>),
+        F32(CudaView<'a, f32>),
+        F64(CudaView<'a, f64>),
+        U32(CudaView<'a, u32>),
+    }
+
+    impl<'a> View<'a> {
+        fn of(storage: &'a CudaStorage, layout: &Layout) -> Result<Self> {
+            let (start, end) = layout
+                .contiguous_offsets()
+                .ok_or_else(|| candle_core::Error::Msg("expected a contiguous tensor".into()))?;
+            Ok(match &storage.slice {
+                CudaStorageSlice::BF16(s) => Self::BF16(s.slice(start..end)),
+                CudaStorageSlice::F16(s) => Self::F16(s.slice(start..end)),
+                CudaStorageSlice::F32(s) => Self::F32(s.slice(start..end)),
+                CudaStorageSlice::F64(s) => Self::F64(s.slice(start..end)),
+                CudaStorageSlice::U32(s) => Self::U32(s.slice(start..end)),
+                _ => candle_core::bail!("a {:?} argument to a kernel", storage.dtype()),
+            })
+        }
+
+        fn push<'b>(&'b self, builder: &mut LaunchArgs<'b>) {
+            match self {
+                Self::BF16(v) => builder.arg(v),
+                Self::F16(v) => builder.arg(v),
+                Self::F32(v) => builder.arg(v),
+                Self::F64(v) => builder.arg(v),
+                Self::U32(v) => builder.arg(v),
+            };
+        }
+    }
+
+    /// Runs `{name}_{dtype of the first input}` with one block per row: the inputs (each of the
+    /// dtype the kernel reads it as: a pointer carries none), then an output of `out` (dtype,
+    /// elements), then `sizes` as 32-bit integers, then `floats`, as the kernel takes them.
+    pub fn launch(
+        name: &str,
+        rows: usize,
+        inputs: &[(&CudaStorage, &Layout, DType)],
+        (dtype, elements): (DType, usize),
+        sizes: &[usize],
+        floats: &[f32],
+    ) -> Result<CudaStorage> {
+        let grid = u32::try_from(rows)
+            .ok()
+            .filter(|&r| r <= i32::MAX as u32)
+            .ok_or_else(|| candle_core::Error::Msg(format!("{name}: {rows} rows are too many")))?;
+        let sizes = sizes
+            .iter()
+            .map(|&s| u32::try_from(s))
+            .collect::<std::result::Result<Vec<u32>, _>>()
+            .map_err(|_| candle_core::Error::Msg(format!("{name}: a row is too long")))?;
+        let device = inputs[0].0.device.clone();
+        let kernel = format!("{name}_{}", inputs[0].2.as_str());
+        let func = device.get_or_load_custom_func(&kernel, "cartridge_trainer_ops", OPS)?;
+        let views = inputs
+            .iter()
+            .map(|&(storage, layout, expected)| {
+                if storage.dtype() != expected {
+                    candle_core::bail!(
+                        "{name}: an input is {:?}, the kernel reads {expected:?}",
+                        storage.dtype()
+                    );
+                }
+                View::of(storage, layout)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        // SAFETY (each allocation): the kernel writes every element. Never none: the driver
+        // refuses an allocation of no bytes, and a storage may be larger than its shape.
+        let elements = elements.max(1);
+        let out = match dtype {
+            DType::BF16 => CudaStorageSlice::BF16(unsafe { device.alloc::<bf16>(elements)? }),
+            DType::F16 => CudaStorageSlice::F16(unsafe { device.alloc::<f16>(elements)? }),
+            DType::F32 => CudaStorageSlice::F32(unsafe { device.alloc::<f32>(elements)? }),
+            DType::F64 => CudaStorageSlice::F64(unsafe { device.alloc::<f64>(elements)? }),
+            other => candle_core::bail!("{name}: a {other:?} output"),
+        };
+        let mut builder = func.builder();
+        for view in &views {
+            view.push(&mut builder);
+        }
+        match &out {
+            CudaStorageSlice::BF16(s) => builder.arg(s),
+            CudaStorageSlice::F16(s) => builder.arg(s),
+            CudaStorageSlice::F32(s) => builder.arg(s),
+            CudaStorageSlice::F64(s) => builder.arg(s),
+            _ => unreachable!("allocated above"),
+        };
+        for size in &sizes {
+            builder.arg(size);
+        }
+        for float in floats {
+            builder.arg(float);
+        }
+        let config = LaunchConfig {
+            grid_dim: (grid, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // A grid of no blocks is an invalid launch; no rows is nothing to do.
+        if rows > 0 {
+            // SAFETY: the callers pass the kernel's parameters in number, order and type, with
+            // every pointer covering the rows the grid reads.
+            unsafe { builder.launch(config) }.w()?;
+        }
+        Ok(CudaStorage { slice: out, device })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{DType, Device, Tensor};
+
+    use super::*;
+    use crate::model::ops::tests::{device, max_difference};
+
+    /// A mask `[B, 1, 1, L, T]` hiding about a third of the keys at random, every key of row
+    /// `(0, 1)`, and none of row `(1, 0)`.
+    fn random_mask(batch: usize, length: usize, total: usize, device: &Device) -> Result<Tensor> {
+        let hidden = Tensor::rand(0f32, 1.0, (batch, 1, 1, length, total), device)?.lt(0.35)?;
+        let mut values = hidden
+            .where_cond(
+                &Tensor::new(f32::NEG_INFINITY, device)?.broadcast_as(hidden.shape())?,
+                &Tensor::zeros(hidden.shape(), DType::F32, device)?,
+            )?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        values[total..2 * total].fill(f32::NEG_INFINITY);
+        values[length * total..(length + 1) * total].fill(0.0);
+        Tensor::from_vec(values, (batch, 1, 1, length, total), device)
+    }
+
+    #[test]
+    fn the_masked_softmax_is_softmax_after_the_mask() -> Result<()> {
+        let device = device()?;
+        // Rows shorter than a GPU block, and longer than one (its threads loop).
+        for total in [7, 300, 701] {
+            let (batch, heads, length) = (2, 3, 4);
+            let scores = Tensor::randn(0f32, 3.0, (batch, heads, length, total), &device)?;
+            let mask = random_mask(batch, length, total, &device)?;
+            for dtype in [DType::F32, DType::BF16] {
+                let (scores, mask) = (scores.to_dtype(dtype)?, mask.to_dtype(dtype)?);
+                let fused = scores
+                    .apply_op2_no_bwd(&mask, &MaskedSoftmax)?
+                    .to_dtype(DType::F32)?;
+                // The composed form, from the same (rounded) inputs in f32.
+                let composed = candle_nn::ops::softmax_last_dim(
+                    &scores.to_dtype(DType::F32)?.broadcast_add(
+                        &mask
+                            .to_dtype(DType::F32)?
+                            .reshape((batch, 1, length, total))?,
+                    )?,
+                )?;
+                // Where nothing is visible the composed form has NaN (NaN != NaN) and the fused
+                // one zeros.
+                let composed = composed
+                    .eq(&composed)?
+                    .where_cond(&composed, &composed.zeros_like()?)?;
+                let hidden_row = fused.narrow(0, 0, 1)?.narrow(2, 1, 1)?;
+                assert_eq!(hidden_row.abs()?.max_all()?.to_scalar::<f32>()?, 0.0);
+                let tolerance = if dtype == DType::F32 { 1e-5 } else { 4e-3 };
+                let error = max_difference(&fused, &composed)?;
+                assert!(error < tolerance, "{dtype:?}, {total} keys: {error}");
+            }
+        }
+        // A mask for other sequences or positions is refused, not read out of bounds.
+        let scores = Tensor::zeros((2, 3, 4, 5), DType::F32, &device)?;
+        let short = Tensor::zeros((2, 1, 1, 3, 5), DType::F32, &device)?;
+        let error = scores.apply_op2_no_bwd(&short, &MaskedSoftmax).unwrap_err();
+        assert!(error.to_string().contains("does not fit"), "{error}");
+        // So is a mask of another dtype (a kernel would read its bytes as the scores' dtype).
+        let other = Tensor::zeros((2, 1, 1, 4, 5), DType::BF16, &device)?;
+        assert!(scores.apply_op2_no_bwd(&other, &MaskedSoftmax).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn the_softmax_gradient_is_the_composed_one() -> Result<()> {
+        let device = device()?;
+        for total in [7, 701] {
+            let p = Tensor::rand(0f32, 1.0, (2, 3, 4, total), &device)?;
+            let dp = Tensor::randn(0f32, 1.0, (2, 3, 4, total), &device)?;
+            let sums = Tensor::randn(0f32, 1.0, (2, 3, 4, 1), &device)?;
+            for dtype in [DType::F32, DType::BF16] {
+                let (p, dp) = (p.to_dtype(dtype)?, dp.to_dtype(dtype)?);
+                let fused = p.apply_op3_no_bwd(&dp, &sums, &SoftmaxGradient)?;
+                let composed = p
+                    .to_dtype(DType::F32)?
+                    .mul(&dp.to_dtype(DType::F32)?.broadcast_sub(&sums)?)?;
+                let tolerance = if dtype == DType::F32 { 1e-6 } else { 2e-2 };
+                let error = max_difference(&fused.to_dtype(DType::F32)?, &composed)?;
+                assert!(error < tolerance, "{dtype:?}, {total} keys: {error}");
+            }
+        }
+        Ok(())
+    }
+}
