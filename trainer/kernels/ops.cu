@@ -3,8 +3,8 @@
 // several times: attention's masked softmax and its gradient (the broadcast mask add, softmax,
 // casts and broadcast subtract took 33 ms a layer at the benchmark's size on an H200, against
 // about 1 ms of memory traffic), the distillation loss over the vocabulary with its gradient,
-// and RMSNorm's gradient (ten composed ops on f32 copies). One block per row; sums in f32
-// (f64 for f64).
+// RMSNorm's gradient (ten composed ops on f32 copies), and the gradient of selecting rows. One
+// block per row; sums in f32 (f64 for f64).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <math.h>
@@ -259,6 +259,26 @@ __device__ void rms_norm_gradient(const T *__restrict__ x, const T *__restrict__
   }
 }
 
+// The gradient of selecting rows of x `[rows, columns]`, each at most once: row r of out is row
+// source[r] of the selected rows' gradient, or zeros where source[r] is UINT32_MAX (not
+// selected). Every element is written: no zeroing pass, no atomics.
+template <typename T>
+__device__ void place_rows(const T *__restrict__ selected, const uint32_t *__restrict__ source,
+                           T *__restrict__ out, uint32_t columns) {
+  typedef typename Wide<T>::type A;
+  const size_t row = blockIdx.x;
+  const uint32_t from = source[row];
+  T *__restrict__ y = out + row * columns;
+#pragma unroll 4
+  for (uint32_t j = threadIdx.x; j < columns; j += THREADS) {
+    if (from == UINT32_MAX) {
+      store(&y[j], (A)0);
+    } else {
+      y[j] = selected[(size_t)from * columns + j];
+    }
+  }
+}
+
 #define KERNELS(T, NAME)                                                                           \
   extern "C" __global__ void __launch_bounds__(THREADS) masked_softmax_##NAME(                     \
       const T *__restrict__ scores, const T *__restrict__ mask, T *__restrict__ out,               \
@@ -286,6 +306,11 @@ __device__ void rms_norm_gradient(const T *__restrict__ x, const T *__restrict__
       const T *__restrict__ x, const T *__restrict__ grad, const T *__restrict__ weight,           \
       T *__restrict__ out, uint32_t columns, float eps) {                                          \
     rms_norm_gradient<T>(x, grad, weight, out, columns, eps);                                      \
+  }                                                                                                \
+  extern "C" __global__ void __launch_bounds__(THREADS)                                            \
+      place_rows_##NAME(const T *__restrict__ selected, const uint32_t *__restrict__ source,       \
+                        T *__restrict__ out, uint32_t columns) {                                   \
+    place_rows<T>(selected, source, out, columns);                                                 \
   }
 
 KERNELS(__nv_bfloat16, bf16)

@@ -18,7 +18,9 @@ use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::model::{Context, Llama, LoadedModel, Prefix, TextCodec, top_k_cross_entropy};
+use crate::model::{
+    Context, Llama, LoadedModel, Prefix, TextCodec, select_rows, top_k_cross_entropy,
+};
 use crate::synthesis::Conversation;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -161,7 +163,7 @@ struct Batch {
     positions: Tensor,
     mask: Tensor,
     /// Flat `row * row_tokens + column` indices whose output predicts an answer token.
-    rows: Tensor,
+    rows: Vec<u32>,
     teacher_ids: Tensor,
     teacher_probabilities: Tensor,
     /// `Σ p log p` over the kept teacher distributions: minus their summed entropy.
@@ -508,7 +510,7 @@ impl<'a> Distiller<'a> {
             ids: Tensor::from_vec(ids, (batch, length), device)?,
             positions: Tensor::from_vec(positions, (batch, length), device)?,
             mask: packed_mask(&spans, (batch, length), p, dtype, device)?,
-            rows: Tensor::from_vec(flat_rows, targets, device)?,
+            rows: flat_rows,
             teacher_ids: Tensor::from_vec(teacher_ids, (targets, k), device)?,
             teacher_probabilities: Tensor::from_vec(teacher_probabilities, (targets, k), device)?,
             teacher_negentropy,
@@ -529,7 +531,7 @@ impl<'a> Distiller<'a> {
             &batch.mask,
             Context::Prefix(&prefix),
         )?;
-        let hidden = hidden.flatten_to(1)?.index_select(&batch.rows, 0)?;
+        let hidden = select_rows(&hidden.flatten_to(1)?, &batch.rows)?;
         // The vocabulary projection runs only where there is a target: a fraction of all tokens.
         let logits = llama.logits(&hidden)?;
         let cross_entropy =

@@ -177,6 +177,23 @@ void rms_case(int C, void (*kernel)(const T *, const T *, const T *, T *, uint32
   check(what, error / largest, tol);
 }
 
+template <typename T>
+void place_rows_case(void (*kernel)(const T *, const uint32_t *, T *, uint32_t), const char *name) {
+  const int rows = 7, columns = 300;
+  const uint32_t source[rows] = {1, UINT32_MAX, UINT32_MAX, 2, UINT32_MAX, 0, UINT32_MAX};
+  std::vector<T> selected(3 * columns), out(rows * columns);
+  for (auto &v : selected)
+    v = cast<T>(randn());
+  launch(rows, [&] { kernel(selected.data(), source, out.data(), columns); });
+  double error = 0;
+  for (int r = 0; r < rows; r++)
+    for (int j = 0; j < columns; j++) {
+      double want = source[r] == UINT32_MAX ? 0 : back(selected[source[r] * columns + j]);
+      error = std::max(error, std::fabs(back(out[r * columns + j]) - want));
+    }
+  check(name, error, 0);
+}
+
 int main() {
   for (int T_ : {7, 300, 701}) {
     masked_softmax_case<float>(T_, masked_softmax_f32, 1e-6, "masked_softmax_f32");
@@ -192,6 +209,8 @@ int main() {
     rms_case<float>(C, rms_norm_gradient_f32, 1e-6, "rms_norm_gradient_f32");
     rms_case<__nv_bfloat16>(C, rms_norm_gradient_bf16, 1e-2, "rms_norm_gradient_bf16");
   }
+  place_rows_case<float>(place_rows_f32, "place_rows_f32");
+  place_rows_case<__nv_bfloat16>(place_rows_bf16, "place_rows_bf16");
   printf("%s\n", failures ? "FAILURES" : "all ok");
   return failures != 0;
 }

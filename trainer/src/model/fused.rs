@@ -118,6 +118,93 @@ impl CustomOp2 for RmsNormGradient {
     }
 }
 
+/// The gradient of selecting rows of an `[N, H]` tensor, each at most once, from the selected
+/// rows' gradient `[M, H]`: row `n` is row `source[n]` of it, or zeros where `source[n]` is
+/// `u32::MAX` (kernels/ops.cu on the GPU). candle's own (`index_add`) adds the rows one id at a
+/// time in each of only H threads: 4.2 ms for 8,188 rows of 576 on an H200.
+pub(super) struct PlaceRows {
+    /// `[N]` u32.
+    pub(super) source: Tensor,
+    /// M, the rows selected.
+    pub(super) selected: usize,
+}
+
+impl PlaceRows {
+    fn shape(&self, selected: &Layout) -> Result<(usize, usize)> {
+        let (rows, columns) = selected.shape().dims2()?;
+        if rows != self.selected {
+            candle_core::bail!(
+                "place rows: a gradient of {rows} rows for {} selected",
+                self.selected
+            );
+        }
+        Ok((self.source.dim(0)?, columns))
+    }
+}
+
+impl candle_core::CustomOp1 for PlaceRows {
+    fn name(&self) -> &'static str {
+        "place-rows"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        fn run<T: WithDType>(
+            this: &PlaceRows,
+            storage: &CpuStorage,
+            layout: &Layout,
+        ) -> Result<CpuStorage> {
+            let (rows, columns) = this.shape(layout)?;
+            let (source, source_layout) = this.source.storage_and_layout();
+            let Storage::Cpu(source) = &*source else {
+                candle_core::bail!("place rows: the sources are not in host memory");
+            };
+            let (selected, source) = (
+                contiguous::<T>(storage, layout)?,
+                contiguous::<u32>(source, source_layout)?,
+            );
+            let mut out = vec![T::zero(); rows * columns];
+            for (y, &from) in out.chunks_mut(columns.max(1)).zip(source) {
+                if from != u32::MAX {
+                    let from = from as usize * columns;
+                    y.copy_from_slice(&selected[from..from + columns]);
+                }
+            }
+            Ok(T::to_cpu_storage_owned(out))
+        }
+        let (rows, columns) = self.shape(layout)?;
+        Ok((
+            for_float_dtype!(storage.dtype(), run(self, storage, layout))?,
+            Shape::from((rows, columns)),
+        ))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        storage: &candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (rows, columns) = self.shape(layout)?;
+        let (source, source_layout) = self.source.storage_and_layout();
+        let Storage::Cuda(source) = &*source else {
+            candle_core::bail!("place rows: the sources are not on the GPU");
+        };
+        let dtype = storage.dtype();
+        let out = cuda::launch(
+            "place_rows",
+            rows,
+            &[
+                (storage, layout, dtype),
+                (source, source_layout, DType::U32),
+            ],
+            (dtype, rows * columns),
+            &[columns],
+            &[],
+        )?;
+        Ok((out, Shape::from((rows, columns))))
+    }
+}
+
 /// [`RmsNormGradient`] on the CPU, with sums in `A`.
 fn rms_norm_gradient_rows<T: WithDType, A: Float + Send + Sync>(
     x: &[T],

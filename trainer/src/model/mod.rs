@@ -11,6 +11,6 @@ mod text;
 pub use config::Config;
 pub use generate::{Generated, GenerationRequest, Sampling, generate};
 pub use llama::{Cache, Context, Llama, Prefix, causal_mask};
-pub use ops::{frozen_linear, top_k_cross_entropy};
+pub use ops::{frozen_linear, select_rows, top_k_cross_entropy};
 pub use source::{ALIASES, Alias, LoadedModel, ModelSource};
 pub use text::{Message, TextCodec};

@@ -23,7 +23,8 @@ use candle_core::{
 };
 
 use super::fused::{
-    MaskedSoftmax, RmsNormGradient, SoftmaxGradient, TopKCrossEntropy, TopKCrossEntropyGradient,
+    MaskedSoftmax, PlaceRows, RmsNormGradient, SoftmaxGradient, TopKCrossEntropy,
+    TopKCrossEntropyGradient,
 };
 
 /// RMSNorm of `x` `[..., hidden]` with a frozen `weight` `[hidden]`; gradients flow to `x`.
@@ -137,6 +138,36 @@ fn probabilities(q: &Tensor, k: &Tensor, mask: &Tensor, group: usize) -> Result<
     scores
         .apply_op2_no_bwd(&mask.contiguous()?, &MaskedSoftmax)?
         .reshape((batch, kv_heads, rows, total))
+}
+
+/// Rows `rows` of `x` `[N, H]`, each at most once: `[rows.len(), H]`; gradients flow to `x`
+/// (placed back by [`PlaceRows`], not added one id at a time as candle's `index_select` does).
+pub fn select_rows(x: &Tensor, rows: &[u32]) -> Result<Tensor> {
+    let (n, _) = x.dims2()?;
+    // For each row of x, which selected row it is (u32::MAX: none).
+    let mut source = vec![u32::MAX; n];
+    for (index, &row) in rows.iter().enumerate() {
+        match source.get_mut(row as usize) {
+            Some(slot) if *slot == u32::MAX => *slot = index as u32,
+            Some(_) => candle_core::bail!("select_rows: row {row} is selected twice"),
+            None => candle_core::bail!("select_rows: row {row} of {n}"),
+        }
+    }
+    let device = x.device();
+    let ids = Tensor::from_vec(rows.to_vec(), rows.len(), device)?;
+    let selected = x.detach().index_select(&ids, 0)?;
+    if !x.track_op() {
+        return Ok(selected);
+    }
+    let place = PlaceRows {
+        source: Tensor::from_vec(source, n, device)?,
+        selected: rows.len(),
+    };
+    x.apply_op1(Attached::new(
+        "select-rows",
+        selected,
+        move |_: &Tensor, _: &Tensor, grad: &Tensor| grad.contiguous()?.apply_op1_no_bwd(&place),
+    ))
 }
 
 /// The distillation loss of each row of `logits` `[N, V]` against a teacher's top k, `ids`
@@ -617,6 +648,35 @@ pub(super) mod tests {
             let error = top_k_cross_entropy(&logits, &outside, &Tensor::new(&[[1f32]], &device)?)
                 .unwrap_err();
             assert!(error.to_string().contains("token 4 is outside"), "{error}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn selected_rows_and_their_gradient_are_index_selects() -> Result<()> {
+        let device = device()?;
+        // Rows wider than a GPU block; three of seven selected, out of order.
+        let rows = [5u32, 0, 3];
+        for dtype in [DType::F32, DType::BF16] {
+            let x =
+                Var::from_tensor(&Tensor::randn(0f32, 1.0, (7, 300), &device)?.to_dtype(dtype)?)?;
+            let ids = Tensor::new(&rows, &device)?;
+            let fused = select_rows(x.as_tensor(), &rows)?;
+            let composed = x.as_tensor().index_select(&ids, 0)?;
+            assert_eq!(max_difference(&fused, &composed)?, 0.0);
+            let w = Tensor::randn(0f32, 1.0, (3, 300), &device)?.to_dtype(dtype)?;
+            let a = fused.mul(&w)?.sum_all()?.backward()?;
+            let b = composed.mul(&w)?.sum_all()?.backward()?;
+            let (a, b) = (
+                a.get(&x).expect("a gradient"),
+                b.get(&x).expect("a gradient"),
+            );
+            assert_eq!(max_difference(a, b)?, 0.0, "{dtype:?}");
+        }
+        let x = Tensor::zeros((4, 2), DType::F32, &device)?;
+        for (rows, problem) in [(&[1u32, 1][..], "selected twice"), (&[4][..], "row 4 of 4")] {
+            let error = select_rows(&x, rows).unwrap_err().to_string();
+            assert!(error.contains(problem), "{error}");
         }
         Ok(())
     }
