@@ -9,7 +9,8 @@ use std::process::Command;
 #[test]
 fn the_cuda_kernels_compute_what_their_ops_do() {
     let kernels = Path::new(env!("CARGO_MANIFEST_DIR")).join("kernels/emulated");
-    let scratch = tempfile::tempdir().expect("a scratch folder");
+    // Under the target folder: a system temporary folder may not let programs run.
+    let scratch = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("a scratch folder");
     // ops.cu includes the CUDA half-precision headers; emulate.h defines what it uses of them.
     for header in ["cuda_bf16.h", "cuda_fp16.h"] {
         std::fs::write(scratch.path().join(header), "").expect("a stand-in header");

@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cstdio>
 #include <random>
+#include <unistd.h>
 
 std::mt19937 rng(7);
 double randn() {
@@ -22,6 +23,13 @@ template <typename T> T cast(double x);
 template <> float cast<float>(double x) { return float(x); }
 template <> __nv_bfloat16 cast<__nv_bfloat16>(double x) { return __float2bfloat16(float(x)); }
 double back(float x) { return x; }
+// An output buffer as a GPU allocation starts: not zeros (NaN here), so an element a kernel never
+// writes fails its check.
+// The larger error, NaN (an element left unset, or worse) counting as infinite.
+double worst(double error, double next) {
+  return std::isnan(next) ? INFINITY : std::max(error, next);
+}
+template <typename T> std::vector<T> unset(size_t n) { return std::vector<T>(n, cast<T>(NAN)); }
 double back(__nv_bfloat16 x) { return __bfloat162float(x); }
 int failures = 0;
 void check(const char *what, double error, double tolerance) {
@@ -36,7 +44,7 @@ void masked_softmax_case(int T_,
                          void (*kernel)(const T *, const T *, T *, uint32_t, uint32_t, uint32_t),
                          double tol, const char *name) {
   int B = 2, H = 3, L = 4, rows = B * H * L;
-  std::vector<T> s(rows * T_), m(B * L * T_), out(rows * T_);
+  std::vector<T> s(rows * T_), m(B * L * T_), out = unset<T>(rows * T_);
   for (auto &x : s)
     x = cast<T>(3 * randn());
   for (int i = 0; i < B * L * T_; i++)
@@ -63,7 +71,7 @@ void masked_softmax_case(int T_,
     for (int j = 0; j < T_; j++) {
       double v = back(s[r * T_ + j]) + back(mr[j]);
       double want = (mx == -INFINITY || v == -INFINITY) ? 0 : std::exp(v - mx) / sum;
-      error = std::max(error, std::fabs(back(out[r * T_ + j]) - want));
+      error = worst(error, std::fabs(back(out[r * T_ + j]) - want));
       if (b == 0 && l == 1 && back(out[r * T_ + j]) != 0)
         hidden_zero = false;
     }
@@ -79,7 +87,7 @@ template <typename T>
 void gradient_case(int T_, void (*kernel)(const T *, const T *, const float *, T *, uint32_t),
                    double tol, const char *name) {
   int rows = 24;
-  std::vector<T> p(rows * T_), dp(rows * T_), out(rows * T_);
+  std::vector<T> p(rows * T_), dp(rows * T_), out = unset<T>(rows * T_);
   std::vector<float> sums(rows);
   for (auto &x : p)
     x = cast<T>(uniform());
@@ -92,7 +100,7 @@ void gradient_case(int T_, void (*kernel)(const T *, const T *, const float *, T
   for (int r = 0; r < rows; r++)
     for (int j = 0; j < T_; j++) {
       int i = r * T_ + j;
-      error = std::max(error, std::fabs(back(out[i]) - back(p[i]) * (back(dp[i]) - sums[r])));
+      error = worst(error, std::fabs(back(out[i]) - back(p[i]) * (back(dp[i]) - sums[r])));
     }
   char what[100];
   snprintf(what, 100, "%s, %d keys", name, T_);
@@ -106,13 +114,13 @@ void cross_entropy_case(void (*forward)(const T *, const uint32_t *, const float
                                          T *, uint32_t, uint32_t),
                         double tol, const char *name) {
   const int rows = 3, V = 701, k = 4;
-  std::vector<T> x(rows * V), dx(rows * V);
+  std::vector<T> x(rows * V), dx = unset<T>(rows * V);
   for (auto &v : x)
     v = cast<T>(4 * randn());
   uint32_t ids[rows * k] = {5, 700, 17, 3, 0, 44, 0, 0, 640, 1, 2, 699};
   float p[rows * k] = {0.5, 0.25, 0.125, 0.125, 0.75, 0.25, 0, 0, 0.25, 0.25, 0.25, 0.25};
   float grad[rows] = {1.0, -2.0, 0.5};
-  std::vector<float> loss(rows);
+  std::vector<float> loss = unset<float>(rows);
   launch(rows, [&] { forward(x.data(), ids, p, loss.data(), V, k); });
   launch(rows, [&] { backward(x.data(), ids, p, grad, dx.data(), V, k); });
   double loss_error = 0, grad_error = 0;
@@ -127,14 +135,14 @@ void cross_entropy_case(void (*forward)(const T *, const uint32_t *, const float
       want -= p[r * k + s] * (back(x[r * V + ids[r * k + s]]) - lse);
       mass += p[r * k + s];
     }
-    loss_error = std::max(loss_error, std::fabs(loss[r] - want));
+    loss_error = worst(loss_error, std::fabs(loss[r] - want));
     for (int j = 0; j < V; j++) {
       double target = 0;
       for (int s = 0; s < k; s++)
         if (ids[r * k + s] == (uint32_t)j)
           target += p[r * k + s];
       double g = grad[r] * (mass * std::exp(back(x[r * V + j]) - lse) - target);
-      grad_error = std::max(grad_error, std::fabs(back(dx[r * V + j]) - g));
+      grad_error = worst(grad_error, std::fabs(back(dx[r * V + j]) - g));
     }
   }
   char what[100];
@@ -149,7 +157,7 @@ void rms_case(int C, void (*kernel)(const T *, const T *, const T *, T *, uint32
               double tol, const char *name) {
   int rows = 10;
   float eps = 1e-5f;
-  std::vector<T> x(rows * C), g(rows * C), w(C), out(rows * C);
+  std::vector<T> x(rows * C), g(rows * C), w(C), out = unset<T>(rows * C);
   for (auto &v : x)
     v = cast<T>(randn());
   for (auto &v : g)
@@ -169,7 +177,7 @@ void rms_case(int C, void (*kernel)(const T *, const T *, const T *, T *, uint32
     for (int j = 0; j < C; j++) {
       double want = rr * back(g[r * C + j]) * back(w[j]) - back(x[r * C + j]) * c;
       largest = std::max(largest, std::fabs(want));
-      error = std::max(error, std::fabs(back(out[r * C + j]) - want));
+      error = worst(error, std::fabs(back(out[r * C + j]) - want));
     }
   }
   char what[100];
@@ -181,7 +189,7 @@ template <typename T>
 void place_rows_case(void (*kernel)(const T *, const uint32_t *, T *, uint32_t), const char *name) {
   const int rows = 7, columns = 300;
   const uint32_t source[rows] = {1, UINT32_MAX, UINT32_MAX, 2, UINT32_MAX, 0, UINT32_MAX};
-  std::vector<T> selected(3 * columns), out(rows * columns);
+  std::vector<T> selected(3 * columns), out = unset<T>(rows * columns);
   for (auto &v : selected)
     v = cast<T>(randn());
   launch(rows, [&] { kernel(selected.data(), source, out.data(), columns); });
@@ -189,12 +197,14 @@ void place_rows_case(void (*kernel)(const T *, const uint32_t *, T *, uint32_t),
   for (int r = 0; r < rows; r++)
     for (int j = 0; j < columns; j++) {
       double want = source[r] == UINT32_MAX ? 0 : back(selected[source[r] * columns + j]);
-      error = std::max(error, std::fabs(back(out[r * columns + j]) - want));
+      error = worst(error, std::fabs(back(out[r * columns + j]) - want));
     }
   check(name, error, 0);
 }
 
 int main() {
+  // A kernel whose threads miss a barrier the others wait at would hang here: end it instead.
+  alarm(120);
   for (int T_ : {7, 300, 701}) {
     masked_softmax_case<float>(T_, masked_softmax_f32, 1e-6, "masked_softmax_f32");
     masked_softmax_case<__nv_bfloat16>(T_, masked_softmax_bf16, 4e-3, "masked_softmax_bf16");

@@ -144,6 +144,9 @@ fn probabilities(q: &Tensor, k: &Tensor, mask: &Tensor, group: usize) -> Result<
 /// (placed back by [`PlaceRows`], not added one id at a time as candle's `index_select` does).
 pub fn select_rows(x: &Tensor, rows: &[u32]) -> Result<Tensor> {
     let (n, _) = x.dims2()?;
+    if rows.is_empty() || n >= u32::MAX as usize {
+        candle_core::bail!("select_rows: {} rows of {n}", rows.len());
+    }
     // For each row of x, which selected row it is (u32::MAX: none).
     let mut source = vec![u32::MAX; n];
     for (index, &row) in rows.iter().enumerate() {
