@@ -396,7 +396,7 @@ impl<'a> Distiller<'a> {
     }
 
     /// Runs steps until `options.steps`, each packing conversations drawn in a seeded shuffled
-    /// order (epoch after epoch, see [`Draw`]). Calls `each_step(step, loss, tokens)` after
+    /// order (epoch after epoch, see `Draw`). Calls `each_step(step, loss, tokens)` after
     /// every step.
     pub fn train(
         &mut self,

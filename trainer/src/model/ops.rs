@@ -141,7 +141,7 @@ fn probabilities(q: &Tensor, k: &Tensor, mask: &Tensor, group: usize) -> Result<
 }
 
 /// Rows `rows` of `x` `[N, H]`, each at most once: `[rows.len(), H]`; gradients flow to `x`
-/// (placed back by [`PlaceRows`], not added one id at a time as candle's `index_select` does).
+/// (placed back in one pass, not added one id at a time as candle's `index_select` does).
 pub fn select_rows(x: &Tensor, rows: &[u32]) -> Result<Tensor> {
     let (n, _) = x.dims2()?;
     if rows.is_empty() || n >= u32::MAX as usize {
