@@ -23,14 +23,14 @@ template <typename T> T cast(double x);
 template <> float cast<float>(double x) { return float(x); }
 template <> __nv_bfloat16 cast<__nv_bfloat16>(double x) { return __float2bfloat16(float(x)); }
 double back(float x) { return x; }
+double back(__nv_bfloat16 x) { return __bfloat162float(x); }
 // An output buffer as a GPU allocation starts: not zeros (NaN here), so an element a kernel never
 // writes fails its check.
+template <typename T> std::vector<T> unset(size_t n) { return std::vector<T>(n, cast<T>(NAN)); }
 // The larger error, NaN (an element left unset, or worse) counting as infinite.
 double worst(double error, double next) {
   return std::isnan(next) ? INFINITY : std::max(error, next);
 }
-template <typename T> std::vector<T> unset(size_t n) { return std::vector<T>(n, cast<T>(NAN)); }
-double back(__nv_bfloat16 x) { return __bfloat162float(x); }
 int failures = 0;
 void check(const char *what, double error, double tolerance) {
   bool ok = error <= tolerance;
