@@ -4,7 +4,7 @@
 
 fn main() {
     println!("cargo::rerun-if-changed=build.rs");
-    println!("cargo::rerun-if-changed=kernels");
+    println!("cargo::rerun-if-changed=kernels/ops.cu");
     #[cfg(feature = "cuda")]
     {
         let out = std::path::PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR"));
