@@ -1,9 +1,9 @@
 // Checks every kernel of ../ops.cu, run on the host through emulate.h, against the same
-// arithmetic in double precision: the cases of model/fused.rs's and ops.rs's tests (rows narrower
-// and wider than a block, a row with nothing visible, teacher ids repeated by padding). Prints one
-// line per check; exits non-zero if any fails. Built and run by tests/kernels.rs, with empty
-// stand-ins for cuda_bf16.h and cuda_fp16.h on the include path (emulate.h has what they would
-// give).
+// arithmetic in double precision, in f32, bf16 and f16: the cases of model/fused.rs's and ops.rs's
+// tests (rows narrower and wider than a block, a row with nothing visible, teacher ids repeated by
+// padding). Prints one line per check; exits non-zero if any fails. Built and run by
+// tests/kernels.rs, with empty stand-ins for cuda_bf16.h and cuda_fp16.h on the include path
+// (emulate.h has what they would give).
 #include "../ops.cu"
 #include <algorithm>
 #include <cstdio>
@@ -22,8 +22,10 @@ double uniform() {
 template <typename T> T cast(double x);
 template <> float cast<float>(double x) { return float(x); }
 template <> __nv_bfloat16 cast<__nv_bfloat16>(double x) { return __float2bfloat16(float(x)); }
+template <> __half cast<__half>(double x) { return __float2half(float(x)); }
 double back(float x) { return x; }
 double back(__nv_bfloat16 x) { return __bfloat162float(x); }
+double back(__half x) { return __half2float(x); }
 // An output buffer as a GPU allocation starts: not zeros (NaN here), so an element a kernel never
 // writes fails its check.
 template <typename T> std::vector<T> unset(size_t n) { return std::vector<T>(n, cast<T>(NAN)); }
@@ -210,17 +212,23 @@ int main() {
     masked_softmax_case<__nv_bfloat16>(T_, masked_softmax_bf16, 4e-3, "masked_softmax_bf16");
     gradient_case<float>(T_, softmax_gradient_f32, 1e-6, "softmax_gradient_f32");
     gradient_case<__nv_bfloat16>(T_, softmax_gradient_bf16, 2e-2, "softmax_gradient_bf16");
+    masked_softmax_case<__half>(T_, masked_softmax_f16, 1e-3, "masked_softmax_f16");
+    gradient_case<__half>(T_, softmax_gradient_f16, 4e-3, "softmax_gradient_f16");
   }
   cross_entropy_case<float>(top_k_cross_entropy_f32, top_k_cross_entropy_gradient_f32, 1e-6,
                             "top_k_cross_entropy_f32");
   cross_entropy_case<__nv_bfloat16>(top_k_cross_entropy_bf16, top_k_cross_entropy_gradient_bf16,
                                     8e-3, "top_k_cross_entropy_bf16");
+  cross_entropy_case<__half>(top_k_cross_entropy_f16, top_k_cross_entropy_gradient_f16, 2e-3,
+                             "top_k_cross_entropy_f16");
   for (int C : {16, 600}) {
     rms_case<float>(C, rms_norm_gradient_f32, 1e-6, "rms_norm_gradient_f32");
     rms_case<__nv_bfloat16>(C, rms_norm_gradient_bf16, 1e-2, "rms_norm_gradient_bf16");
+    rms_case<__half>(C, rms_norm_gradient_f16, 2e-3, "rms_norm_gradient_f16");
   }
   place_rows_case<float>(place_rows_f32, "place_rows_f32");
   place_rows_case<__nv_bfloat16>(place_rows_bf16, "place_rows_bf16");
+  place_rows_case<__half>(place_rows_f16, "place_rows_f16");
   printf("%s\n", failures ? "FAILURES" : "all ok");
   return failures != 0;
 }
