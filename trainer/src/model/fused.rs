@@ -9,7 +9,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{
     CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, WithDType,
 };
-use num_traits::Float;
+use num_traits::{Float, Zero};
 use rayon::prelude::*;
 
 use super::ops::accumulation_dtype;
@@ -62,7 +62,7 @@ impl CustomOp2 for RmsNormGradient {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        fn run<T: WithDType>(
+        fn run<T: Element>(
             this: &RmsNormGradient,
             s1: &CpuStorage,
             l1: &Layout,
@@ -76,11 +76,9 @@ impl CustomOp2 for RmsNormGradient {
             };
             let weight = contiguous::<T>(weight, weight_layout)?;
             let (x, grad) = (contiguous::<T>(s1, l1)?, contiguous::<T>(s2, l2)?);
-            Ok(T::to_cpu_storage_owned(if T::DTYPE == DType::F64 {
-                rms_norm_gradient_rows::<T, f64>(x, grad, weight, columns, this.eps)
-            } else {
-                rms_norm_gradient_rows::<T, f32>(x, grad, weight, columns, this.eps)
-            }))
+            Ok(T::to_cpu_storage_owned(rms_norm_gradient_rows(
+                x, grad, weight, columns, this.eps,
+            )))
         }
         Ok((
             for_float_dtype!(s1.dtype(), run(self, s1, l1, s2, l2))?,
@@ -148,7 +146,7 @@ impl candle_core::CustomOp1 for PlaceRows {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        fn run<T: WithDType>(
+        fn run<T: Element>(
             this: &PlaceRows,
             storage: &CpuStorage,
             layout: &Layout,
@@ -205,31 +203,31 @@ impl candle_core::CustomOp1 for PlaceRows {
     }
 }
 
-/// [`RmsNormGradient`] on the CPU, with sums in `A`.
-fn rms_norm_gradient_rows<T: WithDType, A: Float + Send + Sync>(
+/// [`RmsNormGradient`] on the CPU, with sums in `T::Wide`.
+fn rms_norm_gradient_rows<T: Element>(
     x: &[T],
     grad: &[T],
     weight: &[T],
     columns: usize,
     eps: f32,
 ) -> Vec<T> {
-    let n = A::from(columns).unwrap_or_else(A::nan);
-    let eps = A::from(eps).unwrap_or_else(A::nan);
+    let n = <T::Wide as WithDType>::from_f64(columns as f64);
+    let eps = <T::Wide as WithDType>::from_f64(f64::from(eps));
     let mut out = vec![T::zero(); x.len()];
     out.par_chunks_mut(columns)
         .zip(x.par_chunks(columns).zip(grad.par_chunks(columns)))
         .for_each(|(y, (x, g))| {
-            let (mut squares, mut dot) = (A::zero(), A::zero());
+            let (mut squares, mut dot) = (T::Wide::zero(), T::Wide::zero());
             for ((x, g), w) in x.iter().zip(g).zip(weight) {
-                let v = widen::<T, A>(x);
-                squares = squares + v * v;
-                dot = dot + widen::<T, A>(g) * widen::<T, A>(w) * v;
+                let v = T::widen(*x);
+                squares += v * v;
+                dot += T::widen(*g) * T::widen(*w) * v;
             }
             let r = (squares / n + eps).sqrt().recip();
             let c = dot / n * r * r * r;
             for (((y, x), g), w) in y.iter_mut().zip(x).zip(g).zip(weight) {
-                let value = r * widen::<T, A>(g) * widen::<T, A>(w) - widen::<T, A>(x) * c;
-                *y = T::from_f64(value.to_f64().unwrap_or(f64::NAN));
+                let value = r * T::widen(*g) * T::widen(*w) - T::widen(*x) * c;
+                *y = T::narrow(value);
             }
         });
     out
@@ -297,7 +295,7 @@ impl CustomOp2 for MaskedSoftmax {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        fn run<T: WithDType>(
+        fn run<T: Element>(
             s1: &CpuStorage,
             l1: &Layout,
             s2: &CpuStorage,
@@ -305,12 +303,9 @@ impl CustomOp2 for MaskedSoftmax {
         ) -> Result<CpuStorage> {
             let rows = Rows::of(l1, l2)?;
             let (scores, mask) = (contiguous::<T>(s1, l1)?, contiguous::<T>(s2, l2)?);
-            let out = if T::DTYPE == DType::F64 {
-                masked_softmax_rows::<T, f64>(scores, mask, rows)
-            } else {
-                masked_softmax_rows::<T, f32>(scores, mask, rows)
-            };
-            Ok(T::to_cpu_storage_owned(out))
+            Ok(T::to_cpu_storage_owned(masked_softmax_rows(
+                scores, mask, rows,
+            )))
         }
         Ok((
             for_float_dtype!(s1.dtype(), run(s1, l1, s2, l2))?,
@@ -358,7 +353,7 @@ impl CustomOp3 for SoftmaxGradient {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        fn run<T: WithDType>(
+        fn run<T: Element>(
             s1: &CpuStorage,
             l1: &Layout,
             s2: &CpuStorage,
@@ -368,10 +363,7 @@ impl CustomOp3 for SoftmaxGradient {
         ) -> Result<CpuStorage> {
             let columns = SoftmaxGradient::columns(l1, l2, l3)?;
             let (p, dp) = (contiguous::<T>(s1, l1)?, contiguous::<T>(s2, l2)?);
-            let out = match s3.dtype() {
-                DType::F64 => softmax_gradient_rows(p, dp, contiguous::<f64>(s3, l3)?, columns),
-                _ => softmax_gradient_rows(p, dp, contiguous::<f32>(s3, l3)?, columns),
-            };
+            let out = softmax_gradient_rows(p, dp, contiguous::<T::Wide>(s3, l3)?, columns);
             Ok(T::to_cpu_storage_owned(out))
         }
         Ok((
@@ -472,7 +464,7 @@ impl CustomOp3 for TopKCrossEntropy {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        fn run<T: WithDType>(
+        fn run<T: Element>(
             s1: &CpuStorage,
             l1: &Layout,
             s2: &CpuStorage,
@@ -483,13 +475,10 @@ impl CustomOp3 for TopKCrossEntropy {
             let (_, columns, k) = top_k_shape(l1, (s2.dtype(), l2), (s3.dtype(), l3), T::DTYPE)?;
             let (logits, ids) = (contiguous::<T>(s1, l1)?, contiguous::<u32>(s2, l2)?);
             check_ids(ids, columns)?;
-            Ok(if T::DTYPE == DType::F64 {
-                let p = contiguous::<f64>(s3, l3)?;
-                f64::to_cpu_storage_owned(cross_entropy_rows(logits, ids, p, columns, k))
-            } else {
-                let p = contiguous::<f32>(s3, l3)?;
-                f32::to_cpu_storage_owned(cross_entropy_rows(logits, ids, p, columns, k))
-            })
+            let p = contiguous::<T::Wide>(s3, l3)?;
+            Ok(T::Wide::to_cpu_storage_owned(cross_entropy_rows(
+                logits, ids, p, columns, k,
+            )))
         }
         let rows = l1.shape().dims2()?.0;
         Ok((
@@ -556,7 +545,7 @@ impl CustomOp2 for TopKCrossEntropyGradient {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        fn run<T: WithDType>(
+        fn run<T: Element>(
             this: &TopKCrossEntropyGradient,
             s1: &CpuStorage,
             l1: &Layout,
@@ -577,13 +566,13 @@ impl CustomOp2 for TopKCrossEntropyGradient {
             check_loss_gradient(l2, rows)?;
             let (logits, ids) = (contiguous::<T>(s1, l1)?, contiguous::<u32>(ids, id_layout)?);
             check_ids(ids, columns)?;
-            Ok(T::to_cpu_storage_owned(if T::DTYPE == DType::F64 {
-                let (p, grad) = (contiguous::<f64>(p, p_layout)?, contiguous::<f64>(s2, l2)?);
-                cross_entropy_gradient_rows(logits, ids, p, grad, columns, k)
-            } else {
-                let (p, grad) = (contiguous::<f32>(p, p_layout)?, contiguous::<f32>(s2, l2)?);
-                cross_entropy_gradient_rows(logits, ids, p, grad, columns, k)
-            }))
+            let (p, grad) = (
+                contiguous::<T::Wide>(p, p_layout)?,
+                contiguous::<T::Wide>(s2, l2)?,
+            );
+            Ok(T::to_cpu_storage_owned(cross_entropy_gradient_rows(
+                logits, ids, p, grad, columns, k,
+            )))
         }
         Ok((
             for_float_dtype!(s1.dtype(), run(self, s1, l1, s2, l2))?,
@@ -634,30 +623,33 @@ fn check_ids(ids: &[u32], columns: usize) -> Result<()> {
     }
 }
 
-/// `max + ln Σ exp(x - max)` of a row, in `A`.
-fn log_sum_exp<T: WithDType, A: Float>(row: &[T]) -> A {
-    let max = row.iter().map(widen).fold(A::neg_infinity(), A::max);
+/// `max + ln Σ exp(x - max)` of a row, in `T::Wide`.
+fn log_sum_exp<T: Element>(row: &[T]) -> T::Wide {
+    let max = row
+        .iter()
+        .map(|&t| T::widen(t))
+        .fold(T::Wide::neg_infinity(), Float::max);
     let sum = row
         .iter()
-        .fold(A::zero(), |sum, t| sum + (widen::<T, A>(t) - max).exp());
+        .fold(T::Wide::zero(), |sum, t| sum + (T::widen(*t) - max).exp());
     max + sum.ln()
 }
 
 /// [`TopKCrossEntropy`] on the CPU.
-fn cross_entropy_rows<T: WithDType, A: Float + Send + Sync>(
+fn cross_entropy_rows<T: Element>(
     logits: &[T],
     ids: &[u32],
-    p: &[A],
+    p: &[T::Wide],
     columns: usize,
     k: usize,
-) -> Vec<A> {
+) -> Vec<T::Wide> {
     logits
         .par_chunks(columns)
         .zip(ids.par_chunks(k).zip(p.par_chunks(k)))
         .map(|(x, (ids, p))| {
-            let log_sum = log_sum_exp::<T, A>(x);
-            ids.iter().zip(p).fold(A::zero(), |loss, (&id, &p)| {
-                let picked = A::from(x[id as usize].to_f64()).unwrap_or_else(A::nan);
+            let log_sum = log_sum_exp(x);
+            ids.iter().zip(p).fold(T::Wide::zero(), |loss, (&id, &p)| {
+                let picked = T::widen(x[id as usize]);
                 loss - p * (picked - log_sum)
             })
         })
@@ -666,11 +658,11 @@ fn cross_entropy_rows<T: WithDType, A: Float + Send + Sync>(
 
 /// [`TopKCrossEntropyGradient`] on the CPU: `grad·(mass·softmax(x) - p at the ids)`, each
 /// teacher column rounded once with all the probability its id has.
-fn cross_entropy_gradient_rows<T: WithDType, A: Float + Send + Sync>(
+fn cross_entropy_gradient_rows<T: Element>(
     logits: &[T],
     ids: &[u32],
-    p: &[A],
-    grad: &[A],
+    p: &[T::Wide],
+    grad: &[T::Wide],
     columns: usize,
     k: usize,
 ) -> Vec<T> {
@@ -680,41 +672,56 @@ fn cross_entropy_gradient_rows<T: WithDType, A: Float + Send + Sync>(
         .zip(ids.par_chunks(k).zip(p.par_chunks(k)))
         .zip(grad.par_iter())
         .for_each(|(((y, x), (ids, p)), &g)| {
-            let log_sum = log_sum_exp::<T, A>(x);
-            let mass = p.iter().fold(A::zero(), |sum, &p| sum + p);
+            let log_sum = log_sum_exp(x);
+            let mass = p.iter().fold(T::Wide::zero(), |sum, &p| sum + p);
             for (y, x) in y.iter_mut().zip(x) {
-                *y = narrow::<T, A>(g * mass * (widen::<T, A>(x) - log_sum).exp());
+                *y = T::narrow(g * mass * (T::widen(*x) - log_sum).exp());
             }
             for &id in ids {
                 let target = ids
                     .iter()
                     .zip(p)
                     .filter(|(other, _)| **other == id)
-                    .fold(A::zero(), |sum, (_, &p)| sum + p);
+                    .fold(T::Wide::zero(), |sum, (_, &p)| sum + p);
                 let id = id as usize;
-                y[id] =
-                    narrow::<T, A>(g * (mass * (widen::<T, A>(&x[id]) - log_sum).exp() - target));
+                y[id] = T::narrow(g * (mass * (T::widen(x[id]) - log_sum).exp() - target));
             }
         });
     out
 }
 
-/// A value of a CPU op's element dtype in its accumulation type.
-fn widen<T: WithDType, A: Float>(t: &T) -> A {
-    A::from(t.to_f64()).unwrap_or_else(A::nan)
+/// An element dtype of the CPU ops, with the type its sums are taken in: f32 for f32 and half
+/// precision, f64 for f64 (as on the GPU).
+trait Element: WithDType {
+    type Wide: Float + WithDType;
+
+    fn widen(self) -> Self::Wide {
+        <Self::Wide as WithDType>::from_f64(WithDType::to_f64(self))
+    }
+
+    fn narrow(wide: Self::Wide) -> Self {
+        Self::from_f64(WithDType::to_f64(wide))
+    }
 }
 
-/// An accumulated value back in the element dtype.
-fn narrow<T: WithDType, A: Float>(a: A) -> T {
-    T::from_f64(a.to_f64().unwrap_or(f64::NAN))
+impl Element for f32 {
+    type Wide = f32;
 }
 
-/// [`MaskedSoftmax`] on the CPU, with sums in `A`.
-fn masked_softmax_rows<T: WithDType, A: Float + Send + Sync>(
-    scores: &[T],
-    mask: &[T],
-    rows: Rows,
-) -> Vec<T> {
+impl Element for f64 {
+    type Wide = f64;
+}
+
+impl Element for half::bf16 {
+    type Wide = f32;
+}
+
+impl Element for half::f16 {
+    type Wide = f32;
+}
+
+/// [`MaskedSoftmax`] on the CPU, with sums in `T::Wide`.
+fn masked_softmax_rows<T: Element>(scores: &[T], mask: &[T], rows: Rows) -> Vec<T> {
     let columns = rows.columns;
     let mut out = vec![T::zero(); scores.len()];
     out.par_chunks_mut(columns)
@@ -723,34 +730,33 @@ fn masked_softmax_rows<T: WithDType, A: Float + Send + Sync>(
         .for_each_init(Vec::new, |shifted, (row, (y, x))| {
             let m = &mask[rows.mask_row(row) * columns..][..columns];
             shifted.clear();
-            shifted.extend(
-                x.iter()
-                    .zip(m)
-                    .map(|(a, b)| widen::<T, A>(a) + widen::<T, A>(b)),
-            );
-            let max = shifted.iter().copied().fold(A::neg_infinity(), A::max);
+            shifted.extend(x.iter().zip(m).map(|(a, b)| T::widen(*a) + T::widen(*b)));
+            let max = shifted
+                .iter()
+                .copied()
+                .fold(T::Wide::neg_infinity(), Float::max);
             // Nothing visible: the row stays zeros.
-            if max == A::neg_infinity() {
+            if max == T::Wide::neg_infinity() {
                 return;
             }
-            let mut sum = A::zero();
+            let mut sum = T::Wide::zero();
             for v in shifted.iter_mut() {
                 *v = (*v - max).exp();
-                sum = sum + *v;
+                sum += *v;
             }
             let scale = sum.recip();
             for (y, &e) in y.iter_mut().zip(shifted.iter()) {
-                *y = T::from_f64((e * scale).to_f64().unwrap_or(f64::NAN));
+                *y = T::narrow(e * scale);
             }
         });
     out
 }
 
-/// [`SoftmaxGradient`] on the CPU, with sums in `A`.
-fn softmax_gradient_rows<T: WithDType, A: Float + Send + Sync>(
+/// [`SoftmaxGradient`] on the CPU, with sums in `T::Wide`.
+fn softmax_gradient_rows<T: Element>(
     p: &[T],
     dp: &[T],
-    sums: &[A],
+    sums: &[T::Wide],
     columns: usize,
 ) -> Vec<T> {
     let mut out = vec![T::zero(); p.len()];
@@ -759,8 +765,8 @@ fn softmax_gradient_rows<T: WithDType, A: Float + Send + Sync>(
         .zip(sums.par_iter())
         .for_each(|((y, (p, dp)), &sum)| {
             for ((y, p), dp) in y.iter_mut().zip(p).zip(dp) {
-                let value = widen::<T, A>(p) * (widen::<T, A>(dp) - sum);
-                *y = T::from_f64(value.to_f64().unwrap_or(f64::NAN));
+                let value = T::widen(*p) * (T::widen(*dp) - sum);
+                *y = T::narrow(value);
             }
         });
     out
