@@ -4,7 +4,8 @@
 // casts and broadcast subtract took 33 ms a layer at the benchmark's size on an H200, against
 // about 1 ms of memory traffic), the distillation loss over the vocabulary with its gradient,
 // RMSNorm's gradient (ten composed ops on f32 copies), and the gradient of selecting rows. One
-// block per row; sums in f32 (f64 for f64).
+// block per row; sums in f32 (f64 for f64). Attention in tiles, which replaces the softmax's two
+// where it applies, is in attention.cuh (included at the end: one module).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <math.h>
@@ -317,3 +318,5 @@ KERNELS(__nv_bfloat16, bf16)
 KERNELS(__half, f16)
 KERNELS(float, f32)
 KERNELS(double, f64)
+
+#include "attention.cuh"

@@ -204,6 +204,115 @@ void place_rows_case(void (*kernel)(const T *, const uint32_t *, T *, uint32_t),
   check(name, error, 0);
 }
 
+// Attention in tiles against the composed arithmetic in double precision: `sequences` x 2 key
+// heads, 3 query heads to each, `length` positions, `columns` keys of 64 dimensions, a mask
+// hiding about a third of the keys at random, every key of position 1 of the first sequence, and
+// none of position 0 of the second. The backward is given the reference's log-sum-exp and
+// rowsum(dO·O), so each kernel is checked on its own. Errors are relative to the largest element
+// of each reference.
+template <typename T>
+void flash_case(int length, int columns,
+                void (*forward)(const T *, const T *, const T *, const T *, T *, float *, uint32_t,
+                                uint32_t, uint32_t, uint32_t, float),
+                void (*backward)(const T *, const T *, const T *, const T *, const T *,
+                                 const float *, const float *, float *, T *, T *, uint32_t,
+                                 uint32_t, uint32_t, uint32_t, float),
+                double tol, const char *name) {
+  const int sequences = 2, kv_heads = 2, group = 3, D = 64, heads = sequences * kv_heads;
+  const int rows = group * length;
+  const float scale = 0.125f;
+  std::vector<T> q(heads * rows * D), dout(heads * rows * D), k(heads * columns * D),
+      v(heads * columns * D), mask(sequences * length * columns);
+  for (auto *m : {&q, &dout, &k, &v})
+    for (auto &x : *m)
+      x = cast<T>(randn());
+  for (auto &x : mask)
+    x = cast<T>(uniform() < 0.35 ? -INFINITY : 0.0);
+  for (int j = 0; j < columns; j++) {
+    mask[1 * columns + j] = cast<T>(-INFINITY);
+    mask[(1 * length + 0) * columns + j] = cast<T>(0.0);
+  }
+  // The reference, per head and row.
+  std::vector<double> o(heads * rows * D), lse(heads * rows), dsum(heads * rows),
+      dq(heads * rows * D, 0), dk(heads * columns * D, 0), dv(heads * columns * D, 0);
+  for (int h = 0; h < heads; h++)
+    for (int r = 0; r < rows; r++) {
+      const T *m = &mask[((h / kv_heads) * length + r % length) * columns];
+      const size_t row = size_t(h) * rows + r;
+      std::vector<double> s(columns), p(columns, 0.0), dp(columns);
+      double top = -INFINITY, sum = 0;
+      for (int j = 0; j < columns; j++) {
+        double dot = 0;
+        for (int d = 0; d < D; d++)
+          dot += back(q[row * D + d]) * back(k[(size_t(h) * columns + j) * D + d]);
+        s[j] = dot * scale + back(m[j]);
+        top = std::max(top, s[j]);
+      }
+      for (int j = 0; j < columns; j++)
+        if (top != -INFINITY)
+          sum += std::exp(s[j] - top);
+      lse[row] = top == -INFINITY ? INFINITY : top + std::log(sum);
+      for (int j = 0; j < columns; j++)
+        p[j] = std::exp(s[j] - lse[row]);
+      double ds_sum = 0;
+      for (int d = 0; d < D; d++) {
+        double x = 0;
+        for (int j = 0; j < columns; j++)
+          x += p[j] * back(v[(size_t(h) * columns + j) * D + d]);
+        o[row * D + d] = x;
+        ds_sum += x * back(dout[row * D + d]);
+      }
+      dsum[row] = ds_sum;
+      for (int j = 0; j < columns; j++) {
+        const size_t key = size_t(h) * columns + j;
+        double x = 0;
+        for (int d = 0; d < D; d++)
+          x += back(dout[row * D + d]) * back(v[key * D + d]);
+        const double ds = p[j] * (x - ds_sum);
+        for (int d = 0; d < D; d++) {
+          dq[row * D + d] += scale * ds * back(k[key * D + d]);
+          dk[key * D + d] += scale * ds * back(q[row * D + d]);
+          dv[key * D + d] += p[j] * back(dout[row * D + d]);
+        }
+      }
+    }
+  std::vector<T> out = unset<T>(q.size()), dk_out = unset<T>(k.size()), dv_out = unset<T>(v.size());
+  std::vector<float> lse_out = unset<float>(lse.size()), lse_in(lse.begin(), lse.end()),
+                     dsum_in(dsum.begin(), dsum.end()), dq_out(q.size(), 0.f);
+  const dim3 queries{unsigned(rows + 63) / 64, unsigned(heads), 1},
+      keys{unsigned(columns + 63) / 64, unsigned(heads), 1};
+  launch(queries, 128, [&] {
+    forward(q.data(), k.data(), v.data(), mask.data(), out.data(), lse_out.data(), rows, columns,
+            length, kv_heads, scale);
+  });
+  launch(keys, 128, [&] {
+    backward(q.data(), k.data(), v.data(), mask.data(), dout.data(), lse_in.data(), dsum_in.data(),
+             dq_out.data(), dk_out.data(), dv_out.data(), rows, columns, length, kv_heads, scale);
+  });
+  const auto relative = [](const std::vector<double> &want, auto got) {
+    double largest = 0, error = 0;
+    for (double x : want)
+      largest = std::max(largest, std::fabs(x));
+    for (size_t i = 0; i < want.size(); i++)
+      error = worst(error, std::fabs(got(i) - want[i]));
+    return error / largest;
+  };
+  char what[100];
+  const auto report = [&](const char *part, double error, double tolerance) {
+    snprintf(what, 100, "%s, %d positions, %d keys: %s", name, length, columns, part);
+    check(what, error, tolerance);
+  };
+  report("output", relative(o, [&](size_t i) { return back(out[i]); }), tol);
+  double lse_error = 0;
+  for (size_t i = 0; i < lse.size(); i++)
+    lse_error = lse[i] == INFINITY ? worst(lse_error, lse_out[i] == INFINITY ? 0 : INFINITY)
+                                   : worst(lse_error, std::fabs(lse_out[i] - lse[i]));
+  report("log-sum-exp", lse_error, 1e-4);
+  report("dq", relative(dq, [&](size_t i) { return double(dq_out[i]); }), tol);
+  report("dk", relative(dk, [&](size_t i) { return back(dk_out[i]); }), tol);
+  report("dv", relative(dv, [&](size_t i) { return back(dv_out[i]); }), tol);
+}
+
 int main() {
   // A kernel whose threads miss a barrier the others wait at would hang here: end it instead.
   alarm(120);
@@ -229,6 +338,11 @@ int main() {
   place_rows_case<float>(place_rows_f32, "place_rows_f32");
   place_rows_case<__nv_bfloat16>(place_rows_bf16, "place_rows_bf16");
   place_rows_case<__half>(place_rows_f16, "place_rows_f16");
+  for (auto [length, columns] : {std::pair{21, 40}, std::pair{70, 150}}) {
+    flash_case<__nv_bfloat16>(length, columns, flash_forward_bf16, flash_backward_bf16, 2e-2,
+                              "flash_bf16");
+    flash_case<__half>(length, columns, flash_forward_f16, flash_backward_f16, 2e-3, "flash_f16");
+  }
   printf("%s\n", failures ? "FAILURES" : "all ok");
   return failures != 0;
 }

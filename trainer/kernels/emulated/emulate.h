@@ -1,10 +1,13 @@
 // The CUDA features ../ops.cu uses, emulated on the host, so its kernels' logic (indexing, block
-// reductions, the order of writes) is checked where there is no GPU (check.cpp, run by
-// tests/kernels.rs). Blocks run one at a time, each of its 256 threads a std::thread;
-// __syncthreads is a barrier, a warp shuffle an exchange through memory between two barriers of
-// the warp, __shared__ a static (one block at a time shares it as a block would). Not emulated:
-// timing, memory ordering beyond the barriers, and every CUDA feature ops.cu does not use.
+// reductions, the order of writes, the tensor cores' fragment layouts) is checked where there is
+// no GPU (check.cpp, run by tests/kernels.rs). Blocks run one at a time, each of its threads a
+// std::thread; __syncthreads is a barrier, a warp shuffle an exchange through memory between two
+// barriers of the warp, an mma the warp's registers gathered the same way and multiplied as the
+// PTX ISA's fragment figures place them, __shared__ a static (one block at a time shares it as a
+// block would). Not emulated: timing, memory ordering beyond the barriers, and every CUDA feature
+// ops.cu does not use.
 #pragma once
+#include <atomic>
 #include <barrier>
 #include <cmath>
 #include <cstdint>
@@ -21,6 +24,7 @@ using std::sqrt;
 #define __forceinline__ inline
 #define __launch_bounds__(x)
 #define __shared__ static
+#define __align__(n) __attribute__((aligned(n)))
 struct dim3 {
   unsigned x = 0, y = 0, z = 0;
 };
@@ -47,6 +51,16 @@ inline __nv_bfloat16 __float2bfloat16(float f) {
 }
 inline float __half2float(__half h) { return float(h.v); }
 inline __half __float2half(float f) { return {_Float16(f)}; }
+inline uint16_t __bfloat16_as_ushort(__nv_bfloat16 b) { return b.bits; }
+inline uint16_t __half_as_ushort(__half h) {
+  uint16_t u;
+  std::memcpy(&u, &h, 2);
+  return u;
+}
+inline uint32_t load2(const uint16_t *p) { return uint32_t(p[0]) | uint32_t(p[1]) << 16; }
+inline void copy16(uint16_t *to, const uint16_t *from) { std::memcpy(to, from, 16); }
+inline void zero16(uint16_t *to) { std::memset(to, 0, 16); }
+inline void atomicAdd(float *to, float x) { std::atomic_ref<float>(*to).fetch_add(x); }
 inline std::barrier<> *block_barrier;
 inline std::barrier<> *warp_barriers[8];
 inline double exchange[256];
@@ -59,23 +73,69 @@ template <typename V> V __shfl_xor_sync(unsigned, V v, int offset) {
   warp_barriers[warp]->arrive_and_wait();
   return other;
 }
-template <typename F> void launch(unsigned grid, F kernel) {
-  for (unsigned b = 0; b < grid; b++) {
-    std::barrier<> block(256);
-    block_barrier = &block;
-    std::vector<std::unique_ptr<std::barrier<>>> warps;
-    for (int w = 0; w < 8; w++)
-      warps.push_back(std::make_unique<std::barrier<>>(32));
-    for (int w = 0; w < 8; w++)
-      warp_barriers[w] = warps[w].get();
-    std::vector<std::thread> threads;
-    for (unsigned t = 0; t < 256; t++)
-      threads.emplace_back([&, t] {
-        threadIdx.x = t;
-        blockIdx.x = b;
-        kernel();
-      });
-    for (auto &th : threads)
-      th.join();
+// The element a half of an mma operand register holds, as a float.
+inline float element(__nv_bfloat16, uint16_t bits) { return __bfloat162float({bits}); }
+inline float element(__half, uint16_t bits) {
+  __half h;
+  std::memcpy(&h, &bits, 2);
+  return __half2float(h);
+}
+struct MmaLane {
+  uint32_t a[4], b[2];
+};
+inline MmaLane mma_lanes[256];
+// mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}: d += A · B for the warp's 16 x 16 A and
+// 16 x 8 B, each lane holding the fragment registers the PTX ISA's figures give it.
+template <typename T> void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  const unsigned t = threadIdx.x, warp = t / 32, lane = t % 32;
+  MmaLane *lanes = &mma_lanes[warp * 32];
+  lanes[lane] = {{a[0], a[1], a[2], a[3]}, {b0, b1}};
+  warp_barriers[warp]->arrive_and_wait();
+  const auto half = [](uint32_t r, int k) { return uint16_t(k % 2 ? r >> 16 : r & 0xffff); };
+  // A[r][k]: lane 4 (r % 8) + (k % 8) / 2, register r / 8 + 2 (k / 8). B[k][n]: lane
+  // 4 n + (k % 8) / 2, register k / 8. In each register, k % 2 picks the half.
+  const auto A = [&](int r, int k) {
+    return element(T{}, half(lanes[4 * (r % 8) + (k % 8) / 2].a[r / 8 + 2 * (k / 8)], k));
+  };
+  const auto B = [&](int k, int n) {
+    return element(T{}, half(lanes[4 * n + (k % 8) / 2].b[k / 8], k));
+  };
+  float out[4];
+  for (int e = 0; e < 4; e++) {
+    const int r = lane / 4 + 8 * (e / 2), n = 2 * (lane % 4) + e % 2;
+    double sum = 0;
+    for (int k = 0; k < 16; k++)
+      sum += double(A(r, k)) * B(k, n);
+    out[e] = d[e] + float(sum);
   }
+  warp_barriers[warp]->arrive_and_wait();
+  for (int e = 0; e < 4; e++)
+    d[e] = out[e];
+}
+// Runs `kernel` for each block of the grid, `threads` (a multiple of 32, at most 256) to a block.
+template <typename F> void launch(dim3 grid, unsigned threads, F kernel) {
+  for (unsigned y = 0; y < grid.y; y++)
+    for (unsigned x = 0; x < grid.x; x++) {
+      std::barrier<> block(threads);
+      block_barrier = &block;
+      std::vector<std::unique_ptr<std::barrier<>>> warps;
+      for (unsigned w = 0; w < threads / 32; w++)
+        warps.push_back(std::make_unique<std::barrier<>>(32));
+      for (unsigned w = 0; w < threads / 32; w++)
+        warp_barriers[w] = warps[w].get();
+      std::vector<std::thread> running;
+      for (unsigned t = 0; t < threads; t++)
+        running.emplace_back([&, t] {
+          threadIdx.x = t;
+          blockIdx.x = x;
+          blockIdx.y = y;
+          kernel();
+        });
+      for (auto &thread : running)
+        thread.join();
+    }
+}
+// One block of 256 threads per row, as ops.cu's row kernels run.
+template <typename F> void launch(unsigned rows, F kernel) {
+  launch(dim3{rows, 1, 1}, 256, kernel);
 }

@@ -775,7 +775,7 @@ fn softmax_gradient_rows<T: Element>(
 /// Launches of kernels/ops.cu (foreign calls: unsafe).
 #[cfg(feature = "cuda")]
 #[allow(unsafe_code)]
-mod cuda {
+pub(super) mod cuda {
     use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::driver::{
         CudaView, LaunchArgs, LaunchConfig, PushKernelArg,
@@ -785,6 +785,9 @@ mod cuda {
     use half::{bf16, f16};
 
     include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
+
+    /// The name the kernels' module is loaded under.
+    pub const MODULE: &str = "cartridge_trainer_ops";
 
     /// Threads per block (`THREADS` in the kernels): one block per row.
     const THREADS: u32 = 256;
@@ -846,7 +849,7 @@ mod cuda {
             .map_err(|_| candle_core::Error::Msg(format!("{name}: a row is too long")))?;
         let device = inputs[0].0.device.clone();
         let kernel = format!("{name}_{}", inputs[0].2.as_str());
-        let func = device.get_or_load_custom_func(&kernel, "cartridge_trainer_ops", OPS)?;
+        let func = device.get_or_load_custom_func(&kernel, MODULE, OPS)?;
         let views = inputs
             .iter()
             .map(|&(storage, layout, expected)| {

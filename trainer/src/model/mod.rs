@@ -1,6 +1,9 @@
 //! The model: Llama-family weights, tokenizer and chat template, and the forward with a KV prefix.
 
 mod config;
+#[cfg(feature = "cuda")]
+#[allow(unsafe_code)]
+mod flash;
 mod fused;
 mod generate;
 mod llama;

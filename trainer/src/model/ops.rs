@@ -86,6 +86,21 @@ pub fn attention(
     mask: &Tensor,
     group: usize,
 ) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if super::flash::applies(q, k, v, mask, group)? {
+        return tiled_attention(q, k, v, mask, group);
+    }
+    composed_attention(q, k, v, mask, group)
+}
+
+/// [`attention`] by matmuls around the fused masked softmax, on any device and in any dtype.
+pub(super) fn composed_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Tensor,
+    group: usize,
+) -> Result<Tensor> {
     let out = probabilities(q, k, mask, group)?.matmul(v)?;
     if !(q.track_op() || k.track_op() || v.track_op()) {
         return Ok(out);
@@ -115,6 +130,41 @@ pub fn attention(
         let dq = wanted.0.then(|| ds.matmul(&k)? * scale).transpose()?;
         let dk = wanted.1.then(|| ds.t()?.matmul(&q)? * scale).transpose()?;
         Ok((dq, dk, dv))
+    };
+    q.apply_op3(k, v, Attached::new("attention", out, backward))
+}
+
+/// [`attention`] by the GPU kernels that never write the score matrices (model/flash.rs).
+#[cfg(feature = "cuda")]
+fn tiled_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Tensor,
+    group: usize,
+) -> Result<Tensor> {
+    use super::flash;
+    let (batch, _, rows, _) = q.dims4()?;
+    let mask = mask
+        .reshape((batch, rows / group, k.dim(2)?))?
+        .contiguous()?;
+    let (out, lse) = flash::forward(q, k, v, &mask, group)?;
+    if !(q.track_op() || k.track_op() || v.track_op()) {
+        return Ok(out);
+    }
+    let backward = move |q: &Tensor, k: &Tensor, v: &Tensor, out: &Tensor, grad: &Tensor| {
+        let wanted = (q.track_op(), k.track_op(), v.track_op());
+        let grad = grad.contiguous()?;
+        let sums = grad
+            .to_dtype(DType::F32)?
+            .mul(&out.to_dtype(DType::F32)?)?
+            .sum(D::Minus1)?;
+        let (dq, dk, dv) = flash::backward(q, k, v, &mask, &grad, &lse, &sums, group)?;
+        Ok((
+            wanted.0.then(|| dq.to_dtype(q.dtype())).transpose()?,
+            wanted.1.then_some(dk),
+            wanted.2.then_some(dv),
+        ))
     };
     q.apply_op3(k, v, Attached::new("attention", out, backward))
 }

@@ -1,0 +1,389 @@
+//! Attention in tiles on the GPU's tensor cores (kernels/attention.cuh): the forward and the
+//! backward never write a layer's `[rows, T]` score matrices to memory, which the composed form
+//! (ops.rs) moves several times a layer. It takes attention in bf16 or f16 with heads of 64 and
+//! contiguous inputs (training's, and a prompt's without a cache); everything else, and every
+//! CPU, takes the composed form. The kernels' arithmetic is checked without a GPU by
+//! kernels/emulated, and on a GPU against the composed form by this module's test.
+
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
+};
+use candle_core::cuda_backend::{CudaDType, CudaDevice, WrapErr};
+use candle_core::op::BackpropOp;
+use candle_core::{CudaStorage, DType, Device, Result, Storage, Tensor};
+use half::{bf16, f16};
+
+use super::fused::cuda::{MODULE, OPS};
+
+/// Threads per block, and the rows (keys in the backward) a block takes: the kernels' own.
+const THREADS: u32 = 128;
+const TILE: usize = 64;
+const HEAD_DIM: usize = 64;
+
+/// Whether the tiled kernels take attention (unless `CARTRIDGE_ATTENTION=composed` sends all of it
+/// to the composed form: to compare the two, or to go on should a kernel fail on some GPU) over these `[B, kv_heads, rows, head_dim]` queries,
+/// `[B, kv_heads, T, head_dim]` keys and values and `[B, 1, 1, rows / group, T]` mask.
+pub fn applies(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, group: usize) -> Result<bool> {
+    static COMPOSED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if *COMPOSED
+        .get_or_init(|| std::env::var_os("CARTRIDGE_ATTENTION").is_some_and(|v| v == "composed"))
+    {
+        return Ok(false);
+    }
+    let (batch, _, rows, head_dim) = q.dims4()?;
+    let columns = k.dim(2)?;
+    Ok(q.device().is_cuda()
+        && matches!(q.dtype(), DType::BF16 | DType::F16)
+        && mask.dtype() == q.dtype()
+        && head_dim == HEAD_DIM
+        && group > 0
+        && rows.is_multiple_of(group)
+        && rows > 0
+        && columns > 0
+        && mask.elem_count() == batch * (rows / group) * columns
+        && [q, k, v].iter().all(|x| x.is_contiguous()))
+}
+
+/// The shape of one attention, from its queries and keys.
+#[derive(Clone, Copy)]
+struct Sizes {
+    batch: usize,
+    kv_heads: usize,
+    rows: usize,
+    columns: usize,
+    length: usize,
+}
+
+impl Sizes {
+    fn of(q: &Tensor, k: &Tensor, group: usize) -> Result<Self> {
+        let (batch, kv_heads, rows, _) = q.dims4()?;
+        Ok(Self {
+            batch,
+            kv_heads,
+            rows,
+            columns: k.dim(2)?,
+            length: rows / group,
+        })
+    }
+
+    fn heads(&self) -> usize {
+        self.batch * self.kv_heads
+    }
+
+    /// The kernels' trailing arguments: rows, columns, length, kv_heads.
+    fn arguments(&self) -> Result<[u32; 4]> {
+        let narrow = |x: usize| {
+            u32::try_from(x)
+                .map_err(|_| candle_core::Error::Msg(format!("attention: {x} is too large")))
+        };
+        Ok([
+            narrow(self.rows)?,
+            narrow(self.columns)?,
+            narrow(self.length)?,
+            narrow(self.kv_heads)?,
+        ])
+    }
+
+    /// One block per 64 of `along` (query rows, or keys), for each head.
+    fn grid(&self, along: usize) -> Result<LaunchConfig> {
+        let x = u32::try_from(along.div_ceil(TILE));
+        let y = u32::try_from(self.heads()).ok().filter(|&y| y < 65536);
+        match (x, y) {
+            (Ok(x), Some(y)) => Ok(LaunchConfig {
+                grid_dim: (x, y, 1),
+                block_dim: (THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            }),
+            _ => candle_core::bail!("attention: {along} rows of {} heads", self.heads()),
+        }
+    }
+}
+
+/// A contiguous tensor's elements in device memory, as the kernels read them (16-byte aligned).
+fn view<'a, T: CudaDType + DeviceRepr>(
+    storage: &'a CudaStorage,
+    tensor: &Tensor,
+) -> Result<CudaView<'a, T>> {
+    let layout = tensor.layout();
+    let (start, end) = layout
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg("attention: an input is not contiguous".into()))?;
+    if !(start * std::mem::size_of::<T>()).is_multiple_of(16) {
+        candle_core::bail!("attention: an input starts at element {start}, not 16-byte aligned");
+    }
+    Ok(storage.as_cuda_slice::<T>()?.slice(start..end))
+}
+
+fn cuda(tensor: &Tensor) -> Result<CudaDevice> {
+    match tensor.device() {
+        Device::Cuda(device) => Ok(device.clone()),
+        other => candle_core::bail!("attention in tiles on {other:?}"),
+    }
+}
+
+fn wrap<T: CudaDType>(slice: CudaSlice<T>, device: &CudaDevice, shape: &[usize]) -> Tensor {
+    Tensor::from_storage(
+        Storage::Cuda(CudaStorage::wrap_cuda_slice(slice, device.clone())),
+        shape,
+        BackpropOp::none(),
+        false,
+    )
+}
+
+fn on_gpu(storage: &Storage) -> Result<&CudaStorage> {
+    match storage {
+        Storage::Cuda(storage) => Ok(storage),
+        _ => candle_core::bail!("attention: an input is not on the GPU"),
+    }
+}
+
+/// `softmax(scale·q·kᵀ + mask)·v` `[B, kv_heads, rows, 64]` and each row's log-sum-exp
+/// `[B, kv_heads, rows]` (f32), for `mask` `[B, rows / group, T]` (contiguous).
+pub fn forward(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Tensor,
+    group: usize,
+) -> Result<(Tensor, Tensor)> {
+    match q.dtype() {
+        DType::BF16 => forward_as::<bf16>(q, k, v, mask, group),
+        DType::F16 => forward_as::<f16>(q, k, v, mask, group),
+        other => candle_core::bail!("attention in tiles in {other:?}"),
+    }
+}
+
+fn forward_as<T: CudaDType + DeviceRepr + candle_core::WithDType>(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Tensor,
+    group: usize,
+) -> Result<(Tensor, Tensor)> {
+    let sizes = Sizes::of(q, k, group)?;
+    let device = cuda(q)?;
+    let rows = sizes.heads() * sizes.rows;
+    // SAFETY (both): the kernel writes every element, each row's output and log-sum-exp.
+    let out = unsafe { device.alloc::<T>(rows * HEAD_DIM) }?;
+    let lse = unsafe { device.alloc::<f32>(rows) }?;
+    // The storages are held (read-locked) until the kernel is enqueued.
+    let (qs, ks, vs, ms) = (
+        q.storage_and_layout().0,
+        k.storage_and_layout().0,
+        v.storage_and_layout().0,
+        mask.storage_and_layout().0,
+    );
+    let (qv, kv, vv, mv) = (
+        view::<T>(on_gpu(&qs)?, q)?,
+        view::<T>(on_gpu(&ks)?, k)?,
+        view::<T>(on_gpu(&vs)?, v)?,
+        view::<T>(on_gpu(&ms)?, mask)?,
+    );
+    let func = device.get_or_load_custom_func(
+        &format!("flash_forward_{}", T::DTYPE.as_str()),
+        MODULE,
+        OPS,
+    )?;
+    let arguments = sizes.arguments()?;
+    let scale = (HEAD_DIM as f32).sqrt().recip();
+    let mut builder = func.builder();
+    builder
+        .arg(&qv)
+        .arg(&kv)
+        .arg(&vv)
+        .arg(&mv)
+        .arg(&out)
+        .arg(&lse);
+    for argument in &arguments {
+        builder.arg(argument);
+    }
+    builder.arg(&scale);
+    // SAFETY: the parameters are the kernel's in number, order and type; the grid covers the
+    // rows the outputs hold and reads within the inputs' shapes (checked by `applies`).
+    unsafe { builder.launch(sizes.grid(sizes.rows)?) }.w()?;
+    let shape = [sizes.batch, sizes.kv_heads, sizes.rows];
+    Ok((
+        wrap(out, &device, &[shape[0], shape[1], shape[2], HEAD_DIM]),
+        wrap(lse, &device, &shape),
+    ))
+}
+
+/// The gradients `(dq, dk, dv)` of [`forward`]'s output given `grad` of it, its log-sum-exp and
+/// `sums` = rowsum(grad·out) `[B, kv_heads, rows]` (f32); dq in f32.
+#[allow(clippy::too_many_arguments)]
+pub fn backward(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Tensor,
+    grad: &Tensor,
+    lse: &Tensor,
+    sums: &Tensor,
+    group: usize,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    match q.dtype() {
+        DType::BF16 => backward_as::<bf16>(q, k, v, mask, grad, lse, sums, group),
+        DType::F16 => backward_as::<f16>(q, k, v, mask, grad, lse, sums, group),
+        other => candle_core::bail!("attention in tiles in {other:?}"),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn backward_as<T: CudaDType + DeviceRepr + candle_core::WithDType>(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Tensor,
+    grad: &Tensor,
+    lse: &Tensor,
+    sums: &Tensor,
+    group: usize,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let sizes = Sizes::of(q, k, group)?;
+    if grad.dims() != q.dims() || grad.dtype() != q.dtype() {
+        candle_core::bail!(
+            "attention: a gradient {:?} for an output {:?}",
+            grad.shape(),
+            q.shape()
+        );
+    }
+    for (name, x) in [("log-sum-exp", lse), ("sums", sums)] {
+        if x.dims() != [sizes.batch, sizes.kv_heads, sizes.rows] || x.dtype() != DType::F32 {
+            candle_core::bail!("attention: {name} is {:?} {:?}", x.dtype(), x.shape());
+        }
+    }
+    let device = cuda(q)?;
+    let keys = sizes.heads() * sizes.columns;
+    // The blocks add to every query row's dQ: it starts at zero.
+    let dq = device.alloc_zeros::<f32>(sizes.heads() * sizes.rows * HEAD_DIM)?;
+    // SAFETY (both): the kernel writes every key's row.
+    let dk = unsafe { device.alloc::<T>(keys * HEAD_DIM) }?;
+    let dv = unsafe { device.alloc::<T>(keys * HEAD_DIM) }?;
+    let (qs, ks, vs, ms, gs) = (
+        q.storage_and_layout().0,
+        k.storage_and_layout().0,
+        v.storage_and_layout().0,
+        mask.storage_and_layout().0,
+        grad.storage_and_layout().0,
+    );
+    let (ls, ss) = (lse.storage_and_layout().0, sums.storage_and_layout().0);
+    let func = device.get_or_load_custom_func(
+        &format!("flash_backward_{}", T::DTYPE.as_str()),
+        MODULE,
+        OPS,
+    )?;
+    let (qv, kv, vv, mv, gv) = (
+        view::<T>(on_gpu(&qs)?, q)?,
+        view::<T>(on_gpu(&ks)?, k)?,
+        view::<T>(on_gpu(&vs)?, v)?,
+        view::<T>(on_gpu(&ms)?, mask)?,
+        view::<T>(on_gpu(&gs)?, grad)?,
+    );
+    let (lv, sv) = (
+        view::<f32>(on_gpu(&ls)?, lse)?,
+        view::<f32>(on_gpu(&ss)?, sums)?,
+    );
+    let arguments = sizes.arguments()?;
+    let scale = (HEAD_DIM as f32).sqrt().recip();
+    let mut builder = func.builder();
+    builder
+        .arg(&qv)
+        .arg(&kv)
+        .arg(&vv)
+        .arg(&mv)
+        .arg(&gv)
+        .arg(&lv)
+        .arg(&sv)
+        .arg(&dq)
+        .arg(&dk)
+        .arg(&dv);
+    for argument in &arguments {
+        builder.arg(argument);
+    }
+    builder.arg(&scale);
+    // SAFETY: as in the forward; `dq` is zeroed and covers every query row.
+    unsafe { builder.launch(sizes.grid(sizes.columns)?) }.w()?;
+    let rows = [sizes.batch, sizes.kv_heads, sizes.rows, HEAD_DIM];
+    let columns = [sizes.batch, sizes.kv_heads, sizes.columns, HEAD_DIM];
+    Ok((
+        wrap(dq, &device, &rows),
+        wrap(dk, &device, &columns),
+        wrap(dv, &device, &columns),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{D, Var};
+
+    use super::*;
+    use crate::model::ops::{attention, composed_attention};
+
+    /// The largest difference from `reference`, relative to its largest element.
+    fn relative(x: &Tensor, reference: &Tensor) -> Result<f32> {
+        let x = x.to_dtype(DType::F32)?;
+        let largest = reference.abs()?.max_all()?.to_scalar::<f32>()?;
+        Ok((x - reference)?.abs()?.max_all()?.to_scalar::<f32>()? / largest)
+    }
+
+    #[test]
+    fn tiles_compute_the_composed_attention_and_its_gradients() -> Result<()> {
+        // Two sequences (one padded) of 100 positions after a 37-token prefix: partial tiles of
+        // rows and keys; 3 key heads each shared by 3 query heads.
+        let device = Device::new_cuda(0)?;
+        let (batch, kv_heads, group, length, prefix) = (2, 3, 3, 100, 37);
+        let total = prefix + length;
+        for dtype in [DType::BF16, DType::F16] {
+            let mask = crate::model::causal_mask(&[100, 77], prefix, length, dtype, &device)
+                .expect("a mask");
+            let random = |rows| Tensor::randn(0f32, 1.0, (batch, kv_heads, rows, 64), &device);
+            let (q, k, v) = (random(group * length)?, random(total)?, random(total)?);
+            let w = random(group * length)?;
+            // Gradients of sum(out·w) by q, k and v, and the output.
+            let run = |dtype: DType, f: &dyn Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor>| {
+                let vars = [&q, &k, &v]
+                    .map(|x| Var::from_tensor(&x.to_dtype(dtype)?))
+                    .into_iter()
+                    .collect::<Result<Vec<_>>>()?;
+                let out = f(&vars[0], &vars[1], &vars[2])?;
+                let grads = out.to_dtype(DType::F32)?.mul(&w)?.sum_all()?.backward()?;
+                let mut results = vec![out.to_dtype(DType::F32)?];
+                for var in &vars {
+                    results.push(grads.get(var).expect("a gradient").to_dtype(DType::F32)?);
+                }
+                Ok::<_, candle_core::Error>(results)
+            };
+            let mask32 = mask.to_dtype(DType::F32)?;
+            let reference = run(DType::F32, &|q, k, v| {
+                composed_attention(q, k, v, &mask32, group)
+            })?;
+            assert!(applies(
+                &q.to_dtype(dtype)?,
+                &k.to_dtype(dtype)?,
+                &v.to_dtype(dtype)?,
+                &mask,
+                group
+            )?);
+            let tiled = run(dtype, &|q, k, v| attention(q, k, v, &mask, group))?;
+            for (name, (x, want)) in ["output", "dq", "dk", "dv"]
+                .iter()
+                .zip(tiled.iter().zip(&reference))
+            {
+                let error = relative(x, want)?;
+                println!("{dtype:?} {name}: {error:.2e}");
+                assert!(error < 2e-2, "{dtype:?} {name}: {error}");
+            }
+            // The padded sequence's hidden rows (position 77 on) see the prefix: not zeros.
+            assert!(
+                tiled[0]
+                    .narrow(2, 90, 1)?
+                    .abs()?
+                    .sum(D::Minus1)?
+                    .min_all()?
+                    .to_scalar::<f32>()?
+                    > 0.0
+            );
+        }
+        Ok(())
+    }
+}
