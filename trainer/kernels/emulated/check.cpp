@@ -207,7 +207,7 @@ void place_rows_case(void (*kernel)(const T *, const uint32_t *, T *, uint32_t),
 // Attention in tiles against the composed arithmetic in double precision: `sequences` x 2 key
 // heads, 3 query heads to each, `length` positions, `columns` keys of 64 dimensions, a mask
 // hiding about a third of the keys at random, every key of position 1 of the first sequence, and
-// none of position 0 of the second. The backward is given the reference's log-sum-exp and
+// none of position 0 of the second, and keys 64 to 127 from all of the first. The backward is given the reference's log-sum-exp and
 // rowsum(dO·O), so each kernel is checked on its own. Errors are relative to the largest element
 // of each reference.
 template <typename T>
@@ -232,6 +232,10 @@ void flash_case(int length, int columns,
     mask[1 * columns + j] = cast<T>(-INFINITY);
     mask[(1 * length + 0) * columns + j] = cast<T>(0.0);
   }
+  // Keys 64 to 127 hidden from the whole first sequence: a tile the kernels skip.
+  for (int i = 0; i < length; i++)
+    for (int j = 64; j < std::min(columns, 128); j++)
+      mask[i * columns + j] = cast<T>(-INFINITY);
   // The reference, per head and row.
   std::vector<double> o(heads * rows * D), lse(heads * rows), dsum(heads * rows),
       dq(heads * rows * D, 0), dk(heads * columns * D, 0), dv(heads * columns * D, 0);

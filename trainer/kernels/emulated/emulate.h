@@ -57,6 +57,12 @@ inline uint16_t __half_as_ushort(__half h) {
   std::memcpy(&u, &h, 2);
   return u;
 }
+inline __nv_bfloat16 __ushort_as_bfloat16(uint16_t u) { return {u}; }
+inline __half __ushort_as_half(uint16_t u) {
+  __half h;
+  std::memcpy(&h, &u, 2);
+  return h;
+}
 inline uint32_t load2(const uint16_t *p) { return uint32_t(p[0]) | uint32_t(p[1]) << 16; }
 inline void copy16(uint16_t *to, const uint16_t *from) { std::memcpy(to, from, 16); }
 inline void zero16(uint16_t *to) { std::memset(to, 0, 16); }
@@ -65,6 +71,19 @@ inline std::barrier<> *block_barrier;
 inline std::barrier<> *warp_barriers[8];
 inline double exchange[256];
 inline void __syncthreads() { block_barrier->arrive_and_wait(); }
+inline std::atomic<int> votes;
+// A barrier that also tells every thread whether any thread's `vote` was true.
+inline int __syncthreads_or(int vote) {
+  if (vote)
+    votes++;
+  block_barrier->arrive_and_wait();
+  const int any = votes > 0;
+  block_barrier->arrive_and_wait();
+  if (threadIdx.x == 0)
+    votes = 0;
+  block_barrier->arrive_and_wait();
+  return any;
+}
 template <typename V> V __shfl_xor_sync(unsigned, V v, int offset) {
   unsigned t = threadIdx.x, warp = t / 32, lane = t % 32;
   exchange[t] = double(v);
