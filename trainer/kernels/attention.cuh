@@ -58,18 +58,26 @@ __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint3
 template <>
 __device__ __forceinline__ void mma<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4],
                                                    uint32_t b0, uint32_t b1) {
+#if __CUDA_ARCH__ >= 800
   asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
                "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
                : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#else
+  __trap(); // No such tensor cores: flash.rs's `applies` keeps attention off these kernels.
+#endif
 }
 template <>
 __device__ __forceinline__ void mma<__half>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
                                             uint32_t b1) {
+#if __CUDA_ARCH__ >= 800
   asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
                "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
                : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#else
+  __trap(); // No such tensor cores: flash.rs's `applies` keeps attention off these kernels.
+#endif
 }
 #endif
 
@@ -233,7 +241,7 @@ __device__ void flash_forward(const T *__restrict__ q, const T *__restrict__ k,
       const float next = fmaxf(top[h], quad_max(tile_top[h]));
       // Exponentials relative to 0 while nothing is visible: exp(-inf - -inf) would be NaN.
       reference[h] = next == -INFINITY ? 0.f : next;
-      rescale[h] = expf(top[h] - reference[h]);
+      rescale[h] = __expf(top[h] - reference[h]);
       top[h] = next;
       sum[h] *= rescale[h];
     }
@@ -241,7 +249,7 @@ __device__ void flash_forward(const T *__restrict__ q, const T *__restrict__ k,
     for (int n = 0; n < 8; n++)
 #pragma unroll
       for (int e = 0; e < 4; e++) {
-        const float p = expf(s[n][e] - reference[e / 2]);
+        const float p = __expf(s[n][e] - reference[e / 2]);
         s[n][e] = p;
         sum[e / 2] += p;
         o[n][e] *= rescale[e / 2];
@@ -346,8 +354,8 @@ __device__ void flash_backward(const T *__restrict__ q, const T *__restrict__ k,
         const uint32_t local = n * 8 + 2 * t + e % 2;
         // Hidden (the mask's -inf, also past the rows and keys): exp(-inf) = 0.
         const float p =
-            expf(st[n][e] * scale +
-                 widen_bits(T{}, ms[local * STRIDE + warp * 16 + g + 8 * (e / 2)]) - lses[local]);
+            __expf(st[n][e] * scale +
+                   widen_bits(T{}, ms[local * STRIDE + warp * 16 + g + 8 * (e / 2)]) - lses[local]);
         st[n][e] = p;
         dpt[n][e] = p * (dpt[n][e] - dsums[local]);
       }

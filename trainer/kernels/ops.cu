@@ -280,6 +280,35 @@ __device__ void place_rows(const T *__restrict__ selected, const uint32_t *__res
   }
 }
 
+// out = silu(gate)·up over rows of `columns`.
+template <typename T>
+__device__ void swiglu(const T *__restrict__ gate, const T *__restrict__ up, T *__restrict__ out,
+                       uint32_t columns) {
+  typedef typename Wide<T>::type A;
+  const size_t base = (size_t)blockIdx.x * columns;
+#pragma unroll 4
+  for (uint32_t j = threadIdx.x; j < columns; j += THREADS) {
+    const A g = widen(gate[base + j]);
+    store(&out[base + j], g / ((A)1 + exp(-g)) * (A)widen(up[base + j]));
+  }
+}
+
+// The gradients of silu(gate)·up given the output's, `[2, rows, columns]`: d gate, then d up.
+template <typename T>
+__device__ void swiglu_gradient(const T *__restrict__ gate, const T *__restrict__ up,
+                                const T *__restrict__ grad, T *__restrict__ out, uint32_t columns,
+                                uint32_t rows) {
+  typedef typename Wide<T>::type A;
+  const size_t base = (size_t)blockIdx.x * columns, half = (size_t)rows * columns;
+#pragma unroll 4
+  for (uint32_t j = threadIdx.x; j < columns; j += THREADS) {
+    const A g = widen(gate[base + j]), u = widen(up[base + j]), d = widen(grad[base + j]);
+    const A sigmoid = (A)1 / ((A)1 + exp(-g));
+    store(&out[base + j], d * u * sigmoid * ((A)1 + g * ((A)1 - sigmoid)));
+    store(&out[half + base + j], d * g * sigmoid);
+  }
+}
+
 #define KERNELS(T, NAME)                                                                           \
   extern "C" __global__ void __launch_bounds__(THREADS) masked_softmax_##NAME(                     \
       const T *__restrict__ scores, const T *__restrict__ mask, T *__restrict__ out,               \
@@ -312,6 +341,16 @@ __device__ void place_rows(const T *__restrict__ selected, const uint32_t *__res
       place_rows_##NAME(const T *__restrict__ selected, const uint32_t *__restrict__ source,       \
                         T *__restrict__ out, uint32_t columns) {                                   \
     place_rows<T>(selected, source, out, columns);                                                 \
+  }                                                                                                \
+  extern "C" __global__ void __launch_bounds__(THREADS)                                            \
+      swiglu_##NAME(const T *__restrict__ gate, const T *__restrict__ up, T *__restrict__ out,     \
+                    uint32_t columns) {                                                            \
+    swiglu<T>(gate, up, out, columns);                                                             \
+  }                                                                                                \
+  extern "C" __global__ void __launch_bounds__(THREADS) swiglu_gradient_##NAME(                    \
+      const T *__restrict__ gate, const T *__restrict__ up, const T *__restrict__ grad,            \
+      T *__restrict__ out, uint32_t columns, uint32_t rows) {                                      \
+    swiglu_gradient<T>(gate, up, grad, out, columns, rows);                                        \
   }
 
 KERNELS(__nv_bfloat16, bf16)

@@ -204,12 +204,45 @@ void place_rows_case(void (*kernel)(const T *, const uint32_t *, T *, uint32_t),
   check(name, error, 0);
 }
 
+// The MLP's gate and its gradients, errors relative to 1 + |the reference|.
+template <typename T>
+void swiglu_case(void (*forward)(const T *, const T *, T *, uint32_t),
+                 void (*backward)(const T *, const T *, const T *, T *, uint32_t, uint32_t),
+                 double tol, const char *name) {
+  const int rows = 3, C = 300;
+  std::vector<T> g(rows * C), u(rows * C), d(rows * C), out = unset<T>(rows * C),
+                                                        grads = unset<T>(2 * rows * C);
+  for (int i = 0; i < rows * C; i++) {
+    // Gates from about -45 to 45: silu's tails, where exp(-g) overflows or vanishes.
+    g[i] = cast<T>(i % 2 ? 3 * randn() : 0.1 * (i - rows * C / 2));
+    u[i] = cast<T>(randn());
+    d[i] = cast<T>(randn());
+  }
+  launch(rows, [&] { forward(g.data(), u.data(), out.data(), C); });
+  launch(rows, [&] { backward(g.data(), u.data(), d.data(), grads.data(), C, rows); });
+  double error = 0, gradient_error = 0;
+  for (int i = 0; i < rows * C; i++) {
+    const double x = back(g[i]), s = 1 / (1 + std::exp(-x));
+    const double y = x * s * back(u[i]);
+    error = worst(error, std::fabs(back(out[i]) - y) / (1 + std::fabs(y)));
+    const double dg = back(d[i]) * back(u[i]) * s * (1 + x * (1 - s)), du = back(d[i]) * x * s;
+    gradient_error = worst(gradient_error, std::fabs(back(grads[i]) - dg) / (1 + std::fabs(dg)));
+    gradient_error =
+        worst(gradient_error, std::fabs(back(grads[rows * C + i]) - du) / (1 + std::fabs(du)));
+  }
+  char what[100];
+  snprintf(what, 100, "%s", name);
+  check(what, error, tol);
+  snprintf(what, 100, "%s: gradients", name);
+  check(what, gradient_error, tol);
+}
+
 // Attention in tiles against the composed arithmetic in double precision: `sequences` x 2 key
 // heads, 3 query heads to each, `length` positions, `columns` keys of 64 dimensions, a mask
 // hiding about a third of the keys at random, every key of position 1 of the first sequence, and
-// none of position 0 of the second, and keys 64 to 127 from all of the first. The backward is given the reference's log-sum-exp and
-// rowsum(dO·O), so each kernel is checked on its own. Errors are relative to the largest element
-// of each reference.
+// none of position 0 of the second, and keys 64 to 127 from all of the first. The backward is given
+// the reference's log-sum-exp and rowsum(dO·O), so each kernel is checked on its own. Errors are
+// relative to the largest element of each reference.
 template <typename T>
 void flash_case(int length, int columns,
                 void (*forward)(const T *, const T *, const T *, const T *, T *, float *, uint32_t,
@@ -339,6 +372,9 @@ int main() {
     rms_case<__nv_bfloat16>(C, rms_norm_gradient_bf16, 1e-2, "rms_norm_gradient_bf16");
     rms_case<__half>(C, rms_norm_gradient_f16, 2e-3, "rms_norm_gradient_f16");
   }
+  swiglu_case<float>(swiglu_f32, swiglu_gradient_f32, 1e-6, "swiglu_f32");
+  swiglu_case<__nv_bfloat16>(swiglu_bf16, swiglu_gradient_bf16, 8e-3, "swiglu_bf16");
+  swiglu_case<__half>(swiglu_f16, swiglu_gradient_f16, 1e-3, "swiglu_f16");
   place_rows_case<float>(place_rows_f32, "place_rows_f32");
   place_rows_case<__nv_bfloat16>(place_rows_bf16, "place_rows_bf16");
   place_rows_case<__half>(place_rows_f16, "place_rows_f16");

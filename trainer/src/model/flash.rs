@@ -10,6 +10,8 @@ use candle_core::cuda_backend::cudarc::driver::{
 };
 use candle_core::cuda_backend::{CudaDType, CudaDevice, WrapErr};
 use candle_core::op::BackpropOp;
+use std::sync::OnceLock;
+
 use candle_core::{CudaStorage, DType, Device, Result, Storage, Tensor};
 use half::{bf16, f16};
 
@@ -20,28 +22,37 @@ const THREADS: u32 = 128;
 const TILE: usize = 64;
 const HEAD_DIM: usize = 64;
 
-/// Whether the tiled kernels take attention (unless `CARTRIDGE_ATTENTION=composed` sends all of it
-/// to the composed form: to compare the two, or to go on should a kernel fail on some GPU) over these `[B, kv_heads, rows, head_dim]` queries,
-/// `[B, kv_heads, T, head_dim]` keys and values and `[B, 1, 1, rows / group, T]` mask.
+/// Whether the tiled kernels take attention over these `[B, kv_heads, rows, head_dim]` queries,
+/// `[B, kv_heads, T, head_dim]` keys and values and `[B, 1, 1, rows / group, T]` mask: on a GPU
+/// with bf16 or f16 tensor cores (compute capability 8 or later), heads of 64, inputs laid out as
+/// the kernels read them. `CARTRIDGE_ATTENTION=composed` sends all attention to the composed
+/// form: to compare the two, or to go on should a kernel fail on some GPU.
 pub fn applies(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, group: usize) -> Result<bool> {
-    static COMPOSED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    static COMPOSED: OnceLock<bool> = OnceLock::new();
     if *COMPOSED
         .get_or_init(|| std::env::var_os("CARTRIDGE_ATTENTION").is_some_and(|v| v == "composed"))
     {
         return Ok(false);
     }
-    let (batch, _, rows, head_dim) = q.dims4()?;
-    let columns = k.dim(2)?;
-    Ok(q.device().is_cuda()
+    let Device::Cuda(device) = q.device() else {
+        return Ok(false);
+    };
+    let capable = device
+        .cuda_stream()
+        .context()
+        .compute_capability()
+        .is_ok_and(|(major, _)| major >= 8);
+    Ok(capable
         && matches!(q.dtype(), DType::BF16 | DType::F16)
-        && mask.dtype() == q.dtype()
-        && head_dim == HEAD_DIM
-        && group > 0
-        && rows.is_multiple_of(group)
-        && rows > 0
-        && columns > 0
-        && mask.elem_count() == batch * (rows / group) * columns
-        && [q, k, v].iter().all(|x| x.is_contiguous()))
+        && [k, v, mask].iter().all(|x| x.dtype() == q.dtype())
+        && [q, k, v].iter().all(|x| is_aligned(x))
+        && Sizes::of(q, k, v, mask, group).is_ok())
+}
+
+/// Contiguous from a 16-byte boundary: the kernels read q, k, v and the output's gradient 16 bytes
+/// at a time.
+pub fn is_aligned(x: &Tensor) -> bool {
+    x.is_contiguous() && (x.layout().start_offset() * x.dtype().size_in_bytes()).is_multiple_of(16)
 }
 
 /// The shape of one attention, from its queries and keys.
@@ -55,13 +66,34 @@ struct Sizes {
 }
 
 impl Sizes {
-    fn of(q: &Tensor, k: &Tensor, group: usize) -> Result<Self> {
-        let (batch, kv_heads, rows, _) = q.dims4()?;
+    /// The sizes of an attention the kernels can take, or why not.
+    fn of(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, group: usize) -> Result<Self> {
+        let (batch, kv_heads, rows, head_dim) = q.dims4()?;
+        let columns = k.dim(2).unwrap_or(0);
+        let keys = [batch, kv_heads, columns, HEAD_DIM];
+        if head_dim != HEAD_DIM
+            || k.dims() != keys
+            || v.dims() != keys
+            || group == 0
+            || !rows.is_multiple_of(group)
+            || q.elem_count() == 0
+            || columns == 0
+            || mask.elem_count() != batch * (rows / group) * columns
+        {
+            candle_core::bail!(
+                "attention in tiles: queries {:?}, keys {:?}, values {:?}, a mask {:?}, {group} \
+                 query heads to a key head",
+                q.shape(),
+                k.shape(),
+                v.shape(),
+                mask.shape()
+            );
+        }
         Ok(Self {
             batch,
             kv_heads,
             rows,
-            columns: k.dim(2)?,
+            columns,
             length: rows / group,
         })
     }
@@ -99,19 +131,27 @@ impl Sizes {
     }
 }
 
-/// A contiguous tensor's elements in device memory, as the kernels read them (16-byte aligned).
+/// A contiguous tensor's elements in device memory.
 fn view<'a, T: CudaDType + DeviceRepr>(
     storage: &'a CudaStorage,
     tensor: &Tensor,
 ) -> Result<CudaView<'a, T>> {
-    let layout = tensor.layout();
-    let (start, end) = layout
+    let (start, end) = tensor
+        .layout()
         .contiguous_offsets()
         .ok_or_else(|| candle_core::Error::Msg("attention: an input is not contiguous".into()))?;
-    if !(start * std::mem::size_of::<T>()).is_multiple_of(16) {
-        candle_core::bail!("attention: an input starts at element {start}, not 16-byte aligned");
-    }
     Ok(storage.as_cuda_slice::<T>()?.slice(start..end))
+}
+
+/// [`view`] of an input the kernels read 16 bytes at a time.
+fn aligned_view<'a, T: CudaDType + DeviceRepr>(
+    storage: &'a CudaStorage,
+    tensor: &Tensor,
+) -> Result<CudaView<'a, T>> {
+    if !is_aligned(tensor) {
+        candle_core::bail!("attention: an input is not contiguous from a 16-byte boundary");
+    }
+    view(storage, tensor)
 }
 
 fn cuda(tensor: &Tensor) -> Result<CudaDevice> {
@@ -160,7 +200,7 @@ fn forward_as<T: CudaDType + DeviceRepr + candle_core::WithDType>(
     mask: &Tensor,
     group: usize,
 ) -> Result<(Tensor, Tensor)> {
-    let sizes = Sizes::of(q, k, group)?;
+    let sizes = Sizes::of(q, k, v, mask, group)?;
     let device = cuda(q)?;
     let rows = sizes.heads() * sizes.rows;
     // SAFETY (both): the kernel writes every element, each row's output and log-sum-exp.
@@ -174,9 +214,9 @@ fn forward_as<T: CudaDType + DeviceRepr + candle_core::WithDType>(
         mask.storage_and_layout().0,
     );
     let (qv, kv, vv, mv) = (
-        view::<T>(on_gpu(&qs)?, q)?,
-        view::<T>(on_gpu(&ks)?, k)?,
-        view::<T>(on_gpu(&vs)?, v)?,
+        aligned_view::<T>(on_gpu(&qs)?, q)?,
+        aligned_view::<T>(on_gpu(&ks)?, k)?,
+        aligned_view::<T>(on_gpu(&vs)?, v)?,
         view::<T>(on_gpu(&ms)?, mask)?,
     );
     let func = device.get_or_load_custom_func(
@@ -199,7 +239,7 @@ fn forward_as<T: CudaDType + DeviceRepr + candle_core::WithDType>(
     }
     builder.arg(&scale);
     // SAFETY: the parameters are the kernel's in number, order and type; the grid covers the
-    // rows the outputs hold and reads within the inputs' shapes (checked by `applies`).
+    // rows the outputs hold and reads within the inputs' shapes (checked by `Sizes::of`).
     unsafe { builder.launch(sizes.grid(sizes.rows)?) }.w()?;
     let shape = [sizes.batch, sizes.kv_heads, sizes.rows];
     Ok((
@@ -208,7 +248,8 @@ fn forward_as<T: CudaDType + DeviceRepr + candle_core::WithDType>(
     ))
 }
 
-/// The gradients `(dq, dk, dv)` of [`forward`]'s output given `grad` of it, its log-sum-exp and
+/// The gradients `(dq, dk, dv)` of [`forward`]'s output given `grad` of it (contiguous from a
+/// 16-byte boundary), its log-sum-exp and
 /// `sums` = rowsum(grad·out) `[B, kv_heads, rows]` (f32); dq in f32.
 #[allow(clippy::too_many_arguments)]
 pub fn backward(
@@ -239,7 +280,7 @@ fn backward_as<T: CudaDType + DeviceRepr + candle_core::WithDType>(
     sums: &Tensor,
     group: usize,
 ) -> Result<(Tensor, Tensor, Tensor)> {
-    let sizes = Sizes::of(q, k, group)?;
+    let sizes = Sizes::of(q, k, v, mask, group)?;
     if grad.dims() != q.dims() || grad.dtype() != q.dtype() {
         candle_core::bail!(
             "attention: a gradient {:?} for an output {:?}",
@@ -273,11 +314,11 @@ fn backward_as<T: CudaDType + DeviceRepr + candle_core::WithDType>(
         OPS,
     )?;
     let (qv, kv, vv, mv, gv) = (
-        view::<T>(on_gpu(&qs)?, q)?,
-        view::<T>(on_gpu(&ks)?, k)?,
-        view::<T>(on_gpu(&vs)?, v)?,
+        aligned_view::<T>(on_gpu(&qs)?, q)?,
+        aligned_view::<T>(on_gpu(&ks)?, k)?,
+        aligned_view::<T>(on_gpu(&vs)?, v)?,
         view::<T>(on_gpu(&ms)?, mask)?,
-        view::<T>(on_gpu(&gs)?, grad)?,
+        aligned_view::<T>(on_gpu(&gs)?, grad)?,
     );
     let (lv, sv) = (
         view::<f32>(on_gpu(&ls)?, lse)?,

@@ -18,7 +18,7 @@ use candle_core::{DType, Device, IndexOp, Tensor};
 use candle_nn::kv_cache::KvCache;
 
 use super::config::{Config, read_gguf};
-use super::ops::{attention, frozen_linear, rms_norm, rope};
+use super::ops::{attention, frozen_linear, rms_norm, rope, swiglu};
 use crate::error::{Error, Result};
 
 struct Layer {
@@ -365,8 +365,10 @@ impl Llama {
             let attended = self.attention(index, layer, &h, &cos, &sin, mask, &mut context)?;
             x = (x + attended)?;
             let h = self.rms_norm(&x, &layer.ffn_norm)?;
-            let gated = (candle_nn::ops::silu(&frozen_linear(&h, &layer.gate)?)?
-                * frozen_linear(&h, &layer.up)?)?;
+            let gated = swiglu(
+                &frozen_linear(&h, &layer.gate)?,
+                &frozen_linear(&h, &layer.up)?,
+            )?;
             x = (x + frozen_linear(&gated, &layer.down)?)?;
         }
         self.rms_norm(&x, &self.norm)

@@ -23,8 +23,8 @@ use candle_core::{
 };
 
 use super::fused::{
-    MaskedSoftmax, PlaceRows, RmsNormGradient, SoftmaxGradient, TopKCrossEntropy,
-    TopKCrossEntropyGradient,
+    MaskedSoftmax, PlaceRows, RmsNormGradient, SoftmaxGradient, SwiGlu, SwiGluGradient,
+    TopKCrossEntropy, TopKCrossEntropyGradient,
 };
 
 /// RMSNorm of `x` `[..., hidden]` with a frozen `weight` `[hidden]`; gradients flow to `x`.
@@ -54,6 +54,26 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> Result<Tensor> {
                 .apply_op2_no_bwd(&grad.contiguous()?, &gradient)
         },
     ))
+}
+
+/// The MLP's gate `silu(gate)·up` of two tensors of one shape; gradients flow to both.
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    let (gate, up) = (gate.contiguous()?, up.contiguous()?);
+    let y = gate.apply_op2_no_bwd(&up, &SwiGlu)?;
+    if !(gate.track_op() || up.track_op()) {
+        return Ok(y);
+    }
+    let backward = |gate: &Tensor, up: &Tensor, _: &Tensor, grad: &Tensor| {
+        let wanted = (gate.track_op(), up.track_op());
+        let both =
+            gate.detach()
+                .apply_op3_no_bwd(&up.detach(), &grad.contiguous()?, &SwiGluGradient)?;
+        Ok((
+            wanted.0.then(|| both.get(0)).transpose()?,
+            wanted.1.then(|| both.get(1)).transpose()?,
+        ))
+    };
+    gate.apply_op2(&up, Attached::new("swiglu", y, backward))
 }
 
 /// Rotates `x` `[B, heads, L, head_dim]` (half-split pairs) by per-token angles given as `cos`
@@ -154,7 +174,11 @@ fn tiled_attention(
     }
     let backward = move |q: &Tensor, k: &Tensor, v: &Tensor, out: &Tensor, grad: &Tensor| {
         let wanted = (q.track_op(), k.track_op(), v.track_op());
-        let grad = grad.contiguous()?;
+        let grad = if super::flash::is_aligned(grad) {
+            grad.clone()
+        } else {
+            grad.force_contiguous()?
+        };
         let sums = grad
             .to_dtype(DType::F32)?
             .mul(&out.to_dtype(DType::F32)?)?
@@ -348,6 +372,48 @@ where
 
     fn bwd(&self, arg: &Tensor, result: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         Ok(Some((self.backward)(arg, result, grad)?))
+    }
+}
+
+impl<B> CustomOp2 for Attached<B>
+where
+    B: Fn(&Tensor, &Tensor, &Tensor, &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)>
+        + Send
+        + Sync,
+{
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.cpu_output()
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.cuda_output()
+    }
+
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        result: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        (self.backward)(a, b, result, grad)
     }
 }
 
@@ -561,6 +627,26 @@ pub(super) mod tests {
             max_difference(&ga, &gb)?
         );
         Ok(())
+    }
+
+    #[test]
+    fn swiglu_matches_the_composed_form() -> Result<()> {
+        let device = device()?;
+        // Gates from -40 to 40: silu's tails, where exp(-g) overflows or vanishes.
+        let gate =
+            Var::from_tensor(&(Tensor::arange(-40f32, 40.0, &device)?.reshape((4, 20))? * 1.0)?)?;
+        let up = Var::randn(0f32, 1.0, (4, 20), &device)?;
+        let composed = |g: &Tensor, u: &Tensor| candle_nn::ops::silu(g)?.mul(u);
+        check(
+            |g| swiglu(g, up.as_tensor()),
+            |g| composed(g, up.as_tensor()),
+            &gate,
+        )?;
+        check(
+            |u| swiglu(gate.as_tensor(), u),
+            |u| composed(gate.as_tensor(), u),
+            &up,
+        )
     }
 
     #[test]
