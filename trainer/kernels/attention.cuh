@@ -40,6 +40,16 @@ template <typename T> __device__ __forceinline__ uint32_t pack(float low, float 
   return pair(bits(narrow<T>(low)), bits(narrow<T>(high)));
 }
 
+// Two adjacent elements (4-byte aligned), rounded to T, in one store.
+template <typename T> __device__ __forceinline__ void store2(T *to, float low, float high) {
+  const uint32_t both = pack<T>(low, high);
+#ifdef __CUDACC__
+  *reinterpret_cast<uint32_t *>(to) = both;
+#else
+  memcpy(to, &both, 4);
+#endif
+}
+
 #ifdef __CUDACC__
 // Two adjacent 16-bit elements, 4-byte aligned, in one load.
 __device__ __forceinline__ uint32_t load2(const uint16_t *p) {
@@ -77,6 +87,17 @@ __device__ __forceinline__ void mma<__half>(float (&d)[4], const uint32_t (&a)[4
                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 #else
   __trap(); // No such tensor cores: flash.rs's `applies` keeps attention off these kernels.
+#endif
+}
+
+// Adds two adjacent floats (8-byte aligned): one vector atomic where the GPU has them (sm_90),
+// half as many as scalar ones.
+__device__ __forceinline__ void add2(float *to, float low, float high) {
+#if __CUDA_ARCH__ >= 900
+  atomicAdd(reinterpret_cast<float2 *>(to), make_float2(low, high));
+#else
+  atomicAdd(to, low);
+  atomicAdd(to + 1, high);
 #endif
 }
 #endif
@@ -274,10 +295,8 @@ __device__ void flash_forward(const T *__restrict__ q, const T *__restrict__ k,
     const float inverse = total > 0 ? 1 / total : 0;
     T *y = out + (head * rows + row[h]) * HEAD_DIM + 2 * t;
 #pragma unroll
-    for (int n = 0; n < 8; n++) {
-      store(&y[n * 8], o[n][2 * h] * inverse);
-      store(&y[n * 8 + 1], o[n][2 * h + 1] * inverse);
-    }
+    for (int n = 0; n < 8; n++)
+      store2(&y[n * 8], o[n][2 * h] * inverse, o[n][2 * h + 1] * inverse);
     if (t == 0)
       lse[head * rows + row[h]] = top[h] == -INFINITY ? INFINITY : top[h] + logf(total);
   }
@@ -397,13 +416,13 @@ __device__ void flash_backward(const T *__restrict__ q, const T *__restrict__ k,
         mma<T>(acc[n], sa[kk], b0, b1);
       }
 #pragma unroll
-    for (int e = 0; e < 4; e++) {
-      const uint32_t query = first + warp * 16 + g + 8 * (e / 2);
+    for (int h = 0; h < 2; h++) {
+      const uint32_t query = first + warp * 16 + g + 8 * h;
       if (query < rows)
 #pragma unroll
         for (int n = 0; n < 8; n++)
-          atomicAdd(&dq[(head * rows + query) * HEAD_DIM + n * 8 + 2 * t + e % 2],
-                    acc[n][e] * scale);
+          add2(&dq[(head * rows + query) * HEAD_DIM + n * 8 + 2 * t], acc[n][2 * h] * scale,
+               acc[n][2 * h + 1] * scale);
     }
   }
 #pragma unroll
@@ -413,12 +432,10 @@ __device__ void flash_backward(const T *__restrict__ q, const T *__restrict__ k,
     T *dkr = dk + (head * columns + key[h]) * HEAD_DIM + 2 * t;
     T *dvr = dv + (head * columns + key[h]) * HEAD_DIM + 2 * t;
 #pragma unroll
-    for (int n = 0; n < 8; n++)
-#pragma unroll
-      for (int e = 0; e < 2; e++) {
-        store(&dkr[n * 8 + e], dka[n][2 * h + e] * scale);
-        store(&dvr[n * 8 + e], dva[n][2 * h + e]);
-      }
+    for (int n = 0; n < 8; n++) {
+      store2(&dkr[n * 8], dka[n][2 * h] * scale, dka[n][2 * h + 1] * scale);
+      store2(&dvr[n * 8], dva[n][2 * h], dva[n][2 * h + 1]);
+    }
   }
 }
 
