@@ -181,6 +181,15 @@ impl Device {
         }
     }
 
+    /// The GPU memory kept for reuse (see [`crate::cuda`]), when there is a GPU.
+    pub fn kept_bytes(&self) -> Option<u64> {
+        match self {
+            Self::Host { .. } => None,
+            #[cfg(feature = "cuda")]
+            Self::Cuda { gpu, .. } => Some(gpu.kept_bytes()),
+        }
+    }
+
     /// Decodes a cartridge into a new buffer as its blobs arrive (blocks until done).
     #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
     pub fn decode(

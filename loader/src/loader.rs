@@ -129,6 +129,9 @@ pub struct Status {
     /// Decoded cartridges kept in page-locked host memory (on a GPU).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub host: Option<StoreStatus>,
+    /// GPU memory of dropped buffers kept for the next allocation of their size (on a GPU).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kept_bytes: Option<u64>,
     pub disk: DiskUsage,
     pub handles: usize,
 }
@@ -455,6 +458,7 @@ impl Loader {
             memory: self.options.device.describe(),
             device: self.store().status(),
             host: self.options.device.host_tier(),
+            kept_bytes: self.options.device.kept_bytes(),
             disk: self.disk.usage(),
             handles,
         }
