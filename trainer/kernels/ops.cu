@@ -309,6 +309,27 @@ __device__ void swiglu_gradient(const T *__restrict__ gate, const T *__restrict_
   }
 }
 
+// One Adam step: param, its gradient and its moments `[2, rows, columns]` (first, second) give
+// `[3, rows, columns]`, the new param then the new moments.
+template <typename T>
+__device__ void adam_step(const T *__restrict__ param, const T *__restrict__ grad,
+                          const T *__restrict__ moments, T *__restrict__ out, uint32_t columns,
+                          uint32_t rows, float lr, float beta1, float keep1, float beta2,
+                          float keep2, float epsilon, float correction1, float correction2) {
+  typedef typename Wide<T>::type A;
+  const size_t base = (size_t)blockIdx.x * columns, n = (size_t)rows * columns;
+  for (uint32_t j = threadIdx.x; j < columns; j += THREADS) {
+    const size_t i = base + j;
+    const A g = widen(grad[i]);
+    const A first = widen(moments[i]) * (A)beta1 + g * (A)keep1;
+    const A second = widen(moments[n + i]) * (A)beta2 + g * g * (A)keep2;
+    const A step = (first / (A)correction1) / (sqrt(second / (A)correction2) + (A)epsilon);
+    store(&out[i], widen(param[i]) - step * (A)lr);
+    store(&out[n + i], first);
+    store(&out[2 * n + i], second);
+  }
+}
+
 #define KERNELS(T, NAME)                                                                           \
   extern "C" __global__ void __launch_bounds__(THREADS) masked_softmax_##NAME(                     \
       const T *__restrict__ scores, const T *__restrict__ mask, T *__restrict__ out,               \
@@ -351,6 +372,13 @@ __device__ void swiglu_gradient(const T *__restrict__ gate, const T *__restrict_
       const T *__restrict__ gate, const T *__restrict__ up, const T *__restrict__ grad,            \
       T *__restrict__ out, uint32_t columns, uint32_t rows) {                                      \
     swiglu_gradient<T>(gate, up, grad, out, columns, rows);                                        \
+  }                                                                                                \
+  extern "C" __global__ void __launch_bounds__(THREADS) adam_step_##NAME(                          \
+      const T *__restrict__ param, const T *__restrict__ grad, const T *__restrict__ moments,      \
+      T *__restrict__ out, uint32_t columns, uint32_t rows, float lr, float beta1, float keep1,    \
+      float beta2, float keep2, float epsilon, float correction1, float correction2) {             \
+    adam_step<T>(param, grad, moments, out, columns, rows, lr, beta1, keep1, beta2, keep2,         \
+                 epsilon, correction1, correction2);                                               \
   }
 
 KERNELS(__nv_bfloat16, bf16)

@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::model::{
-    Context, Llama, LoadedModel, Prefix, TextCodec, select_rows, top_k_cross_entropy,
+    AdamStep, Context, Llama, LoadedModel, Prefix, TextCodec, select_rows, top_k_cross_entropy,
 };
 use crate::synthesis::Conversation;
 
@@ -94,12 +94,12 @@ impl DistillOptions {
 pub const MAX_ROWS: usize = 1024;
 
 /// Adam with its moments in tensors, so a checkpoint can hold them (candle-nn's optimizer keeps
-/// its state private, and restarting the moments at every resume would jolt training).
+/// its state private, and restarting the moments at every resume would jolt training). Each
+/// parameter's moments are stacked, `[2, ..]` (first, second), as the fused step reads them.
 struct Adam {
     learning_rate: f64,
     step: usize,
-    first: Vec<Tensor>,
-    second: Vec<Tensor>,
+    moments: Vec<Tensor>,
 }
 
 const BETA1: f64 = 0.9;
@@ -108,33 +108,43 @@ const EPSILON: f64 = 1e-8;
 
 impl Adam {
     fn new(vars: &[Var], learning_rate: f64) -> Result<Self> {
-        let zeros = || {
-            vars.iter()
-                .map(|v| v.zeros_like())
-                .collect::<candle_core::Result<Vec<_>>>()
-        };
+        let moments = vars
+            .iter()
+            .map(|v| Tensor::zeros_like(&Tensor::stack(&[v.as_tensor(), v.as_tensor()], 0)?))
+            .collect::<candle_core::Result<Vec<_>>>()?;
         Ok(Self {
             learning_rate,
             step: 0,
-            first: zeros()?,
-            second: zeros()?,
+            moments,
         })
     }
 
     fn update(&mut self, vars: &[Var], gradients: &GradStore) -> Result<()> {
         self.step += 1;
-        let correction1 = 1.0 - BETA1.powi(self.step as i32);
-        let correction2 = 1.0 - BETA2.powi(self.step as i32);
-        for ((var, first), second) in vars.iter().zip(&mut self.first).zip(&mut self.second) {
+        let step = AdamStep {
+            learning_rate: self.learning_rate,
+            beta1: BETA1,
+            beta2: BETA2,
+            epsilon: EPSILON,
+            correction1: 1.0 - BETA1.powi(self.step as i32),
+            correction2: 1.0 - BETA2.powi(self.step as i32),
+        };
+        for (var, moments) in vars.iter().zip(&mut self.moments) {
             let Some(gradient) = gradients.get(var) else {
                 continue;
             };
-            *first = ((&*first * BETA1)? + (gradient * (1.0 - BETA1))?)?;
-            *second = ((&*second * BETA2)? + (gradient.sqr()? * (1.0 - BETA2))?)?;
-            let step = ((&*first / correction1)? / ((&*second / correction2)?.sqrt()? + EPSILON)?)?;
-            var.set(&(var.as_tensor() - (step * self.learning_rate)?)?)?;
+            let updated =
+                var.as_tensor()
+                    .apply_op3_no_bwd(&gradient.contiguous()?, moments, &step)?;
+            var.set(&updated.get(0)?)?;
+            *moments = updated.narrow(0, 1, 2)?;
         }
         Ok(())
+    }
+
+    /// Parameter `i`'s first and second moments.
+    fn moments(&self, i: usize) -> Result<(Tensor, Tensor)> {
+        Ok((self.moments[i].get(0)?, self.moments[i].get(1)?))
     }
 }
 
@@ -559,9 +569,10 @@ impl<'a> Distiller<'a> {
             tensors.push((format!("trainable.{i}.keys"), f32(keys.as_tensor())?));
             tensors.push((format!("trainable.{i}.values"), f32(values.as_tensor())?));
         }
-        for (i, (m, v)) in self.adam.first.iter().zip(&self.adam.second).enumerate() {
-            tensors.push((format!("adam.{i}.first"), f32(m)?));
-            tensors.push((format!("adam.{i}.second"), f32(v)?));
+        for i in 0..self.adam.moments.len() {
+            let (m, v) = self.adam.moments(i)?;
+            tensors.push((format!("adam.{i}.first"), f32(&m)?));
+            tensors.push((format!("adam.{i}.second"), f32(&v)?));
         }
         let state = serde_json::json!({
             "step": self.adam.step,
@@ -643,12 +654,15 @@ impl<'a> Distiller<'a> {
             values: join("values")?,
         };
         let mut distiller = Self::from_prefix(model, &prefix, options)?;
-        let count = distiller.adam.first.len();
-        distiller.adam.first = (0..count)
-            .map(|i| get(format!("adam.{i}.first")))
-            .collect::<Result<_>>()?;
-        distiller.adam.second = (0..count)
-            .map(|i| get(format!("adam.{i}.second")))
+        let count = distiller.adam.moments.len();
+        distiller.adam.moments = (0..count)
+            .map(|i| {
+                let (m, v) = (
+                    get(format!("adam.{i}.first"))?,
+                    get(format!("adam.{i}.second"))?,
+                );
+                Ok(Tensor::stack(&[m, v], 0)?)
+            })
             .collect::<Result<_>>()?;
         distiller.adam.step = state["step"].as_u64().unwrap_or(0) as usize;
         // Its cartridge would be written as this run's, trained further than asked.

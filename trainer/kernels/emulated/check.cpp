@@ -237,6 +237,35 @@ void swiglu_case(void (*forward)(const T *, const T *, T *, uint32_t),
   check(what, gradient_error, tol);
 }
 
+// One Adam step against the same arithmetic in double precision (f32 only: the trainer keeps the
+// cartridge and its moments in f32).
+void adam_case() {
+  const int rows = 3, C = 300, n = rows * C;
+  std::vector<float> p(n), g(n), moments(2 * n), out = unset<float>(3 * n);
+  for (int i = 0; i < n; i++) {
+    p[i] = float(randn());
+    g[i] = float(randn());
+    moments[i] = float(0.1 * randn());
+    moments[n + i] = float(0.01 * uniform());
+  }
+  const double lr = 0.02, b1 = 0.9, b2 = 0.999, eps = 1e-8, c1 = 1 - b1 * b1 * b1,
+               c2 = 1 - b2 * b2 * b2;
+  launch(rows, [&] {
+    adam_step_f32(p.data(), g.data(), moments.data(), out.data(), C, rows, lr, b1, 1 - b1, b2,
+                  1 - b2, eps, c1, c2);
+  });
+  double error = 0;
+  for (int i = 0; i < n; i++) {
+    const double m = moments[i] * b1 + g[i] * (1 - b1),
+                 v = moments[n + i] * b2 + double(g[i]) * g[i] * (1 - b2);
+    const double step = (m / c1) / (std::sqrt(v / c2) + eps);
+    error = worst(error, std::fabs(out[i] - (p[i] - lr * step)));
+    error = worst(error, std::fabs(out[n + i] - m));
+    error = worst(error, std::fabs(out[2 * n + i] - v));
+  }
+  check("adam_step_f32", error, 1e-6);
+}
+
 // Attention in tiles against the composed arithmetic in double precision: `sequences` x 2 key
 // heads, 3 query heads to each, `length` positions, `columns` keys of 64 dimensions, a mask
 // hiding about a third of the keys at random, every key of position 1 of the first sequence, and
@@ -375,6 +404,7 @@ int main() {
   swiglu_case<float>(swiglu_f32, swiglu_gradient_f32, 1e-6, "swiglu_f32");
   swiglu_case<__nv_bfloat16>(swiglu_bf16, swiglu_gradient_bf16, 8e-3, "swiglu_bf16");
   swiglu_case<__half>(swiglu_f16, swiglu_gradient_f16, 1e-3, "swiglu_f16");
+  adam_case();
   place_rows_case<float>(place_rows_f32, "place_rows_f32");
   place_rows_case<__nv_bfloat16>(place_rows_bf16, "place_rows_bf16");
   place_rows_case<__half>(place_rows_f16, "place_rows_f16");

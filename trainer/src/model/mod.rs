@@ -12,6 +12,7 @@ mod source;
 mod text;
 
 pub use config::Config;
+pub use fused::AdamStep;
 pub use generate::{Generated, GenerationRequest, Sampling, generate};
 pub use llama::{Cache, Context, Llama, Prefix, causal_mask};
 pub use ops::{frozen_linear, select_rows, top_k_cross_entropy};
