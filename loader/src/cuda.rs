@@ -6,12 +6,15 @@
 //! by CUDA IPC handle to another process on the node. Copies run on one stream of their own, in
 //! the order they are enqueued, from page-locked host buffers.
 //!
-//! A dropped buffer's allocation is kept for the next allocation of the same size (cartridges of
-//! one shape are one size), which takes it instead of a `cuMemFree` and a `cuMemAlloc` (about a
-//! millisecond for 256 MiB, beside 5 ms of copying); an allocation of any other size frees
-//! every kept one first. The GPU never holds more than the budget: an allocation kept was
-//! evicted (or given up) by the device store, and stays only until the next allocation, which
-//! either takes it in place of new memory or frees it before asking for any.
+//! A finished buffer's allocation is kept when the buffer is dropped (evicted), for the next
+//! allocation of the same size (cartridges of one shape are one size), which takes it instead of
+//! a `cuMemFree` and a `cuMemAlloc` (about a millisecond for 256 MiB, beside 5 ms of copying).
+//! An allocation of any other size frees every kept one first, under the lock any allocation
+//! takes first: the GPU never holds more than the budget, since a kept allocation was evicted by
+//! the device store and stays only until the next allocation takes it in place of new memory or
+//! frees it before asking for any. A buffer given up before it was finished (a failed or retried
+//! load) is freed at once: whoever saw its IPC handle while it loaded may still hold it, and the
+//! next load must get a new one.
 
 #![allow(unsafe_code)]
 
@@ -58,15 +61,14 @@ impl Kept {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// The kept allocation of `len` bytes, if any; otherwise frees every kept one.
+    /// The kept allocation of `len` bytes, if any; otherwise frees every kept one, holding the
+    /// lock until they are freed so that no allocation runs meanwhile.
     fn take(&self, len: usize) -> Option<Allocation> {
         let mut kept = self.lock();
         if let Some(index) = kept.iter().position(|a| a.len == len) {
             return Some(kept.swap_remove(index));
         }
-        let freed = std::mem::take(&mut *kept);
-        drop(kept);
-        for allocation in freed {
+        for allocation in std::mem::take(&mut *kept) {
             self.free(allocation);
         }
         None
@@ -164,6 +166,7 @@ impl Gpu {
         Ok(DeviceBuffer {
             allocation: Some(allocation),
             kept: self.kept.clone(),
+            finished: false,
         })
     }
 
@@ -304,7 +307,7 @@ impl Gpu {
         parts: &[(&DeviceBuffer, usize)],
     ) -> Result<DeviceBuffer, LoaderError> {
         let width: usize = parts.iter().map(|(_, row)| row).sum();
-        let target = self.alloc(rows * width)?;
+        let mut target = self.alloc(rows * width)?;
         // Declared after `target`, so on an early return the copies end before it is freed.
         let drained = Drained(self);
         self.bind()?;
@@ -337,6 +340,7 @@ impl Gpu {
             x += row;
         }
         drained.finish()?;
+        target.finish();
         Ok(target)
     }
 
@@ -395,11 +399,12 @@ impl Gpu {
 
     /// A new device buffer holding a copy of `source`.
     pub fn upload(&self, source: &PinnedBuffer) -> Result<DeviceBuffer, LoaderError> {
-        let target = self.alloc(source.len)?;
+        let mut target = self.alloc(source.len)?;
         let drained = Drained(self);
         // SAFETY: `source` is page-locked and borrowed until the copy is drained.
         unsafe { self.copy_in(&target, 0, source.ptr, source.len) }?;
         drained.finish()?;
+        target.finish();
         Ok(target)
     }
 }
@@ -447,13 +452,15 @@ fn format_uuid(bytes: &[u8; 16]) -> String {
     )
 }
 
-/// Device memory, kept for reuse on drop (see the module's notes). Another process may have
-/// opened it by its IPC handle: it is only dropped once no handle of the loader refers to it.
+/// Device memory, freed on drop, or kept for reuse once finished (see the module's notes).
+/// Another process may have opened it by its IPC handle: it is only dropped once no handle of the
+/// loader refers to it.
 #[derive(Debug)]
 pub struct DeviceBuffer {
     /// Always `Some` until dropped.
     allocation: Option<Allocation>,
     kept: Arc<Kept>,
+    finished: bool,
 }
 
 impl std::fmt::Debug for Kept {
@@ -478,13 +485,23 @@ impl DeviceBuffer {
     pub fn location(&self) -> &CudaLocation {
         &self.allocation().location
     }
+
+    /// Every byte is written and the buffer is handed out whole: once dropped, its allocation
+    /// may serve another buffer of its size.
+    pub fn finish(&mut self) {
+        self.finished = true;
+    }
 }
 
 impl Drop for DeviceBuffer {
     fn drop(&mut self) {
         // Copies into or out of it were waited for by whoever enqueued them.
         if let Some(allocation) = self.allocation.take() {
-            self.kept.lock().push(allocation);
+            if self.finished {
+                self.kept.lock().push(allocation);
+            } else {
+                self.kept.free(allocation);
+            }
         }
     }
 }

@@ -234,7 +234,7 @@ impl Device {
                 drop(reserved);
                 let staged_decode = || -> Result<(DeviceBuffer, PinnedBuffer), LoaderError> {
                     let mut staging = gpu.pinned(bytes)?;
-                    let target = gpu.alloc(bytes)?;
+                    let mut target = gpu.alloc(bytes)?;
                     // Layers are told ready once their copies are done, not when enqueued.
                     let settle = || gpu.wait().is_ok();
                     let frontier = Frontier::new(
@@ -246,6 +246,7 @@ impl Device {
                     gpu.fill(&mut staging, &target, |out, copy| {
                         decode_into(manifest, cache, out, arrivals, &frontier, copy)
                     })??;
+                    target.finish();
                     Ok((target, staging))
                 };
                 let outcome = staged_decode();
