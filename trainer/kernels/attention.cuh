@@ -117,14 +117,33 @@ __device__ __forceinline__ void load_tile(uint16_t *tile, const uint16_t *__rest
 
 // The mask's tile of rows [first_row, first_row + TILE) and columns [first, first + TILE) (-inf
 // outside `rows` and `columns`), as a tile of T, and whether any of it is visible in any thread
-// of the block (which is also a barrier). A warp reads one row at a time, 128 contiguous bytes.
+// of the block (which is also a barrier). Whole aligned rows go 16 bytes a load; otherwise a
+// warp reads one row at a time, an element a lane.
 template <typename T>
 __device__ __forceinline__ bool load_mask(uint16_t *tile, const T *__restrict__ mask,
                                           uint32_t first_row, uint32_t rows, uint32_t first,
                                           uint32_t columns, uint32_t length) {
-  const uint32_t warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const uint16_t hidden = bits(narrow<T>(-INFINITY));
   bool visible = false;
+  if (first + TILE <= columns && columns % 8 == 0 && reinterpret_cast<uintptr_t>(mask) % 16 == 0) {
+    for (uint32_t i = threadIdx.x; i < TILE * TILE / 8; i += FLASH_THREADS) {
+      const uint32_t r = i / (TILE / 8), c = i % (TILE / 8) * 8, row = first_row + r;
+      uint16_t *to = tile + r * STRIDE + c;
+      if (row < rows) {
+        copy16(to, reinterpret_cast<const uint16_t *>(mask + (size_t)(row % length) * columns +
+                                                      first + c));
+#pragma unroll
+        for (int e = 0; e < 8; e++)
+          visible |= widen_bits(T{}, to[e]) != -INFINITY;
+      } else {
+#pragma unroll
+        for (int e = 0; e < 8; e++)
+          to[e] = hidden;
+      }
+    }
+    return __syncthreads_or(visible);
+  }
+  const uint32_t warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   for (uint32_t r = warp; r < TILE; r += FLASH_THREADS / 32) {
     const uint32_t row = first_row + r;
     const T *m = mask + (size_t)(row % length) * columns;
@@ -155,24 +174,59 @@ __device__ __forceinline__ void load_a(uint32_t (&a)[4][4], const uint16_t *__re
     }
 }
 
-// The B fragment (rows kk·16.., column n) of a tile read as rows x columns, for a product
-// over its rows: the two elements of a register are in adjacent rows.
-__device__ __forceinline__ void column_b(const uint16_t *tile, int kk, int n, uint32_t &b0,
-                                         uint32_t &b1) {
-  const uint32_t t = threadIdx.x % 4;
-  const uint16_t *c = tile + (kk * 16 + 2 * t) * STRIDE + n;
-  b0 = pair(c[0], c[STRIDE]);
-  b1 = pair(c[8 * STRIDE], c[9 * STRIDE]);
+// Fragments from tiles in shared memory by ldmatrix (x4): four 8 x 8 blocks of 16-bit elements,
+// lane 8j + r giving the address of row r of block j (16 bytes, 16-byte aligned). Register j of
+// lane i gets block j's row i / 4, columns 2 (i % 4) and one more; transposed, its rows 2 (i % 4)
+// and one more of column i / 4.
+#ifdef __CUDACC__
+__device__ __forceinline__ void ldmatrix(uint32_t (&d)[4], const uint16_t *row) {
+#if __CUDA_ARCH__ >= 800
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+               : "=r"(d[0]), "=r"(d[1]), "=r"(d[2]), "=r"(d[3])
+               : "r"((uint32_t)__cvta_generic_to_shared(row)));
+#else
+  __trap();
+#endif
+}
+__device__ __forceinline__ void ldmatrix_trans(uint32_t (&d)[4], const uint16_t *row) {
+#if __CUDA_ARCH__ >= 800
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
+               : "=r"(d[0]), "=r"(d[1]), "=r"(d[2]), "=r"(d[3])
+               : "r"((uint32_t)__cvta_generic_to_shared(row)));
+#else
+  __trap();
+#endif
+}
+#endif
+
+// The B fragments of the 8-column steps n0 and n0 + 8, over rows kk·16.. of a tile stored
+// `[k][n]` (the two elements of a register are in adjacent rows: loaded transposed).
+__device__ __forceinline__ void b_columns(const uint16_t *tile, int kk, int n0,
+                                          uint32_t (&b)[2][2]) {
+  const uint32_t lane = threadIdx.x % 32, j = lane / 8, r = lane % 8;
+  uint32_t d[4];
+  ldmatrix_trans(d, tile + (kk * 16 + r + 8 * (j % 2)) * STRIDE + n0 + 8 * (j / 2));
+  b[0][0] = d[0];
+  b[0][1] = d[1];
+  b[1][0] = d[2];
+  b[1][1] = d[3];
 }
 
-// The B fragment of a tile read transposed (its row n, columns kk·16..), for a product over its
-// columns: the two elements of a register are adjacent in memory.
-__device__ __forceinline__ void row_b(const uint16_t *tile, int kk, int n, uint32_t &b0,
-                                      uint32_t &b1) {
-  const uint32_t t = threadIdx.x % 4;
-  const uint16_t *r = tile + n * STRIDE + kk * 16 + 2 * t;
-  b0 = load2(r);
-  b1 = load2(r + 8);
+// The same of a tile stored `[n][k]` (the two elements of a register adjacent in memory).
+__device__ __forceinline__ void b_rows(const uint16_t *tile, int kk, int n0, uint32_t (&b)[2][2]) {
+  const uint32_t lane = threadIdx.x % 32, j = lane / 8, r = lane % 8;
+  uint32_t d[4];
+  ldmatrix(d, tile + (n0 + r + 8 * (j / 2)) * STRIDE + kk * 16 + 8 * (j % 2));
+  b[0][0] = d[0];
+  b[0][1] = d[1];
+  b[1][0] = d[2];
+  b[1][1] = d[3];
+}
+
+// The A fragment of rows m0.. and columns kk·16.. of a tile stored `[m][k]`.
+__device__ __forceinline__ void a_rows(const uint16_t *tile, int m0, int kk, uint32_t (&a)[4]) {
+  const uint32_t lane = threadIdx.x % 32, j = lane / 8, r = lane % 8;
+  ldmatrix(a, tile + (m0 + r + 8 * (j % 2)) * STRIDE + kk * 16 + 8 * (j / 2));
 }
 
 // C fragments of a 16 x 64 tile as the A fragments of four 16-column steps, rounded to T.
@@ -237,12 +291,13 @@ __device__ void flash_forward(const T *__restrict__ q, const T *__restrict__ k,
     __syncthreads();
     float s[8][4] = {};
 #pragma unroll
-    for (int n = 0; n < 8; n++)
+    for (int n = 0; n < 8; n += 2)
 #pragma unroll
       for (int kk = 0; kk < 4; kk++) {
-        uint32_t b0, b1;
-        row_b(ks, kk, n * 8 + g, b0, b1);
-        mma<T>(s[n], qa[kk], b0, b1);
+        uint32_t b[2][2];
+        b_rows(ks, kk, n * 8, b);
+        mma<T>(s[n], qa[kk], b[0][0], b[0][1]);
+        mma<T>(s[n + 1], qa[kk], b[1][0], b[1][1]);
       }
     float tile_top[2] = {-INFINITY, -INFINITY};
 #pragma unroll
@@ -280,10 +335,11 @@ __device__ void flash_forward(const T *__restrict__ q, const T *__restrict__ k,
 #pragma unroll
     for (int kk = 0; kk < 4; kk++)
 #pragma unroll
-      for (int n = 0; n < 8; n++) {
-        uint32_t b0, b1;
-        column_b(vs, kk, n * 8 + g, b0, b1);
-        mma<T>(o[n], pa[kk], b0, b1);
+      for (int n = 0; n < 8; n += 2) {
+        uint32_t b[2][2];
+        b_columns(vs, kk, n * 8, b);
+        mma<T>(o[n], pa[kk], b[0][0], b[0][1]);
+        mma<T>(o[n + 1], pa[kk], b[1][0], b[1][1]);
       }
   }
 #pragma unroll
@@ -357,14 +413,16 @@ __device__ void flash_backward(const T *__restrict__ q, const T *__restrict__ k,
     // Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ for the warp's 16 keys and the tile's 64 queries.
     float st[8][4] = {}, dpt[8][4] = {};
 #pragma unroll
-    for (int n = 0; n < 8; n++)
+    for (int n = 0; n < 8; n += 2)
 #pragma unroll
       for (int kk = 0; kk < 4; kk++) {
-        uint32_t b0, b1;
-        row_b(qs, kk, n * 8 + g, b0, b1);
-        mma<T>(st[n], ka[kk], b0, b1);
-        row_b(dos, kk, n * 8 + g, b0, b1);
-        mma<T>(dpt[n], va[kk], b0, b1);
+        uint32_t b[2][2];
+        b_rows(qs, kk, n * 8, b);
+        mma<T>(st[n], ka[kk], b[0][0], b[0][1]);
+        mma<T>(st[n + 1], ka[kk], b[1][0], b[1][1]);
+        b_rows(dos, kk, n * 8, b);
+        mma<T>(dpt[n], va[kk], b[0][0], b[0][1]);
+        mma<T>(dpt[n + 1], va[kk], b[1][0], b[1][1]);
       }
 #pragma unroll
     for (int n = 0; n < 8; n++)
@@ -384,12 +442,14 @@ __device__ void flash_backward(const T *__restrict__ q, const T *__restrict__ k,
 #pragma unroll
     for (int kk = 0; kk < 4; kk++)
 #pragma unroll
-      for (int n = 0; n < 8; n++) {
-        uint32_t b0, b1;
-        column_b(dos, kk, n * 8 + g, b0, b1);
-        mma<T>(dva[n], pa[kk], b0, b1);
-        column_b(qs, kk, n * 8 + g, b0, b1);
-        mma<T>(dka[n], da[kk], b0, b1);
+      for (int n = 0; n < 8; n += 2) {
+        uint32_t b[2][2];
+        b_columns(dos, kk, n * 8, b);
+        mma<T>(dva[n], pa[kk], b[0][0], b[0][1]);
+        mma<T>(dva[n + 1], pa[kk], b[1][0], b[1][1]);
+        b_columns(qs, kk, n * 8, b);
+        mma<T>(dka[n], da[kk], b[0][0], b[0][1]);
+        mma<T>(dka[n + 1], da[kk], b[1][0], b[1][1]);
       }
 #pragma unroll
     for (int n = 0; n < 8; n++)
@@ -399,22 +459,19 @@ __device__ void flash_backward(const T *__restrict__ q, const T *__restrict__ k,
             bits(narrow<T>(dpt[n][e]));
     __syncthreads();
     // dQ for the warp's 16 queries of the tile, over the block's 64 keys.
-    uint32_t sa[4][4];
-#pragma unroll
-    for (int kk = 0; kk < 4; kk++)
-#pragma unroll
-      for (int i = 0; i < 4; i++)
-        sa[kk][i] =
-            load2(dss + (warp * 16 + g + 8 * (i % 2)) * STRIDE + kk * 16 + 8 * (i / 2) + 2 * t);
     float acc[8][4] = {};
 #pragma unroll
-    for (int kk = 0; kk < 4; kk++)
+    for (int kk = 0; kk < 4; kk++) {
+      uint32_t sa[4];
+      a_rows(dss, warp * 16, kk, sa);
 #pragma unroll
-      for (int n = 0; n < 8; n++) {
-        uint32_t b0, b1;
-        column_b(ks, kk, n * 8 + g, b0, b1);
-        mma<T>(acc[n], sa[kk], b0, b1);
+      for (int n = 0; n < 8; n += 2) {
+        uint32_t b[2][2];
+        b_columns(ks, kk, n * 8, b);
+        mma<T>(acc[n], sa, b[0][0], b[0][1]);
+        mma<T>(acc[n + 1], sa, b[1][0], b[1][1]);
       }
+    }
 #pragma unroll
     for (int h = 0; h < 2; h++) {
       const uint32_t query = first + warp * 16 + g + 8 * h;

@@ -11,6 +11,7 @@
 #include <barrier>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <math.h>
 #include <memory>
@@ -135,6 +136,35 @@ template <typename T> void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b
   for (int e = 0; e < 4; e++)
     d[e] = out[e];
 }
+inline const uint16_t *ldmatrix_rows[256];
+// ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16: lane 8j + r gives the address of row r of
+// 8 x 8 block j; register j of lane i gets block j's row i / 4, columns 2 (i % 4) and one more
+// (low half first), or, transposed, rows 2 (i % 4) and one more of column i / 4.
+template <bool Transposed> void ldmatrix_x4(uint32_t (&d)[4], const uint16_t *row) {
+  const unsigned t = threadIdx.x, warp = t / 32, lane = t % 32;
+  if (reinterpret_cast<uintptr_t>(row) % 16 != 0)
+    std::abort(); // ldmatrix needs 16-byte aligned rows
+  const uint16_t **rows = &ldmatrix_rows[warp * 32];
+  rows[lane] = row;
+  warp_barriers[warp]->arrive_and_wait();
+  uint32_t out[4];
+  for (int j = 0; j < 4; j++) {
+    uint16_t low, high;
+    if (Transposed) {
+      low = rows[8 * j + 2 * (lane % 4)][lane / 4];
+      high = rows[8 * j + 2 * (lane % 4) + 1][lane / 4];
+    } else {
+      low = rows[8 * j + lane / 4][2 * (lane % 4)];
+      high = rows[8 * j + lane / 4][2 * (lane % 4) + 1];
+    }
+    out[j] = uint32_t(low) | uint32_t(high) << 16;
+  }
+  warp_barriers[warp]->arrive_and_wait();
+  for (int j = 0; j < 4; j++)
+    d[j] = out[j];
+}
+inline void ldmatrix(uint32_t (&d)[4], const uint16_t *row) { ldmatrix_x4<false>(d, row); }
+inline void ldmatrix_trans(uint32_t (&d)[4], const uint16_t *row) { ldmatrix_x4<true>(d, row); }
 // Runs `kernel` for each block of the grid, `threads` (a multiple of 32, at most 256) to a block.
 template <typename F> void launch(dim3 grid, unsigned threads, F kernel) {
   for (unsigned y = 0; y < grid.y; y++)
