@@ -11,6 +11,8 @@ fn main() {
         let out = std::path::PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR"));
         cudaforge::KernelBuilder::new()
             .source_files(["kernels/ops.cu"])
+            // Included by ops.cu: without it here, a change to it alone reuses the stale PTX.
+            .watch(["kernels/attention.cuh"])
             .arg("-std=c++17")
             .arg("-O3")
             .build_ptx()
