@@ -41,10 +41,12 @@ enum Command {
 fn main() -> ExitCode {
     // Output piped into `head` ends quietly, as other command-line tools do, rather than as a
     // panic on the broken pipe.
-    // SAFETY: restores the default action before any thread starts.
+    // SAFETY: restores the default action and tunes candle's CPU workers before any thread
+    // starts.
     #[allow(unsafe_code)]
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        cartridge_trainer::tune_cpu_workers();
     }
     let cli = Cli::parse();
     // Warnings (retries, resumed downloads) go to stderr; RUST_LOG turns up the detail.

@@ -83,6 +83,11 @@ fn rows(count: usize, length: usize, vocab: u32) -> Vec<Conversation> {
 }
 
 fn main() -> Result<()> {
+    // SAFETY: no thread has started yet.
+    #[allow(unsafe_code)]
+    unsafe {
+        cartridge_trainer::tune_cpu_workers()
+    };
     let args = Args::parse();
     let (device, dtype) = match args.device {
         DeviceKind::Cpu => (Device::Cpu, DType::F32),
