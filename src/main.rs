@@ -41,12 +41,12 @@ enum Command {
 fn main() -> ExitCode {
     // Output piped into `head` ends quietly, as other command-line tools do, rather than as a
     // panic on the broken pipe.
-    // SAFETY: restores the default action and tunes candle's CPU workers before any thread
+    // SAFETY: restores the default action and tunes the CPU paths before any thread
     // starts.
     #[allow(unsafe_code)]
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-        cartridge_trainer::tune_cpu_workers();
+        cartridge_trainer::tune_cpu();
     }
     let cli = Cli::parse();
     // Warnings (retries, resumed downloads) go to stderr; RUST_LOG turns up the detail.

@@ -86,7 +86,7 @@ fn main() -> Result<()> {
     // SAFETY: no thread has started yet.
     #[allow(unsafe_code)]
     unsafe {
-        cartridge_trainer::tune_cpu_workers()
+        cartridge_trainer::tune_cpu()
     };
     let args = Args::parse();
     let (device, dtype) = match args.device {
