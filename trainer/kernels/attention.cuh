@@ -229,6 +229,26 @@ __device__ __forceinline__ void a_rows(const uint16_t *tile, int m0, int kk, uin
   ldmatrix(a, tile + (m0 + r + 8 * (j % 2)) * STRIDE + kk * 16 + 8 * (j / 2));
 }
 
+// acc (16 x 64) += A (16 x 64, as the A fragments of four 16-column steps) times a 64 x 64 tile
+// in shared memory, stored `[k][n]` (by b_columns) or `[n][k]` (b_rows: the product with its
+// transpose).
+template <typename T, bool Transposed>
+__device__ __forceinline__ void product(float (&acc)[8][4], const uint32_t (&a)[4][4],
+                                        const uint16_t *tile) {
+#pragma unroll
+  for (int kk = 0; kk < 4; kk++)
+#pragma unroll
+    for (int n = 0; n < 8; n += 2) {
+      uint32_t b[2][2];
+      if (Transposed)
+        b_rows(tile, kk, n * 8, b);
+      else
+        b_columns(tile, kk, n * 8, b);
+      mma<T>(acc[n], a[kk], b[0][0], b[0][1]);
+      mma<T>(acc[n + 1], a[kk], b[1][0], b[1][1]);
+    }
+}
+
 // C fragments of a 16 x 64 tile as the A fragments of four 16-column steps, rounded to T.
 template <typename T>
 __device__ __forceinline__ void as_a(const float (&c)[8][4], uint32_t (&a)[4][4]) {
@@ -290,15 +310,7 @@ __device__ void flash_forward(const T *__restrict__ q, const T *__restrict__ k,
     load_tile(vs, vh, first, columns);
     __syncthreads();
     float s[8][4] = {};
-#pragma unroll
-    for (int n = 0; n < 8; n += 2)
-#pragma unroll
-      for (int kk = 0; kk < 4; kk++) {
-        uint32_t b[2][2];
-        b_rows(ks, kk, n * 8, b);
-        mma<T>(s[n], qa[kk], b[0][0], b[0][1]);
-        mma<T>(s[n + 1], qa[kk], b[1][0], b[1][1]);
-      }
+    product<T, true>(s, qa, ks);
     float tile_top[2] = {-INFINITY, -INFINITY};
 #pragma unroll
     for (int n = 0; n < 8; n++)
@@ -332,15 +344,7 @@ __device__ void flash_forward(const T *__restrict__ q, const T *__restrict__ k,
       }
     uint32_t pa[4][4];
     as_a<T>(s, pa);
-#pragma unroll
-    for (int kk = 0; kk < 4; kk++)
-#pragma unroll
-      for (int n = 0; n < 8; n += 2) {
-        uint32_t b[2][2];
-        b_columns(vs, kk, n * 8, b);
-        mma<T>(o[n], pa[kk], b[0][0], b[0][1]);
-        mma<T>(o[n + 1], pa[kk], b[1][0], b[1][1]);
-      }
+    product<T, false>(o, pa, vs);
   }
 #pragma unroll
   for (int h = 0; h < 2; h++) {
@@ -412,18 +416,8 @@ __device__ void flash_backward(const T *__restrict__ q, const T *__restrict__ k,
     __syncthreads();
     // Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ for the warp's 16 keys and the tile's 64 queries.
     float st[8][4] = {}, dpt[8][4] = {};
-#pragma unroll
-    for (int n = 0; n < 8; n += 2)
-#pragma unroll
-      for (int kk = 0; kk < 4; kk++) {
-        uint32_t b[2][2];
-        b_rows(qs, kk, n * 8, b);
-        mma<T>(st[n], ka[kk], b[0][0], b[0][1]);
-        mma<T>(st[n + 1], ka[kk], b[1][0], b[1][1]);
-        b_rows(dos, kk, n * 8, b);
-        mma<T>(dpt[n], va[kk], b[0][0], b[0][1]);
-        mma<T>(dpt[n + 1], va[kk], b[1][0], b[1][1]);
-      }
+    product<T, true>(st, ka, qs);
+    product<T, true>(dpt, va, dos);
 #pragma unroll
     for (int n = 0; n < 8; n++)
 #pragma unroll
@@ -439,18 +433,8 @@ __device__ void flash_backward(const T *__restrict__ q, const T *__restrict__ k,
     uint32_t pa[4][4], da[4][4];
     as_a<T>(st, pa);
     as_a<T>(dpt, da);
-#pragma unroll
-    for (int kk = 0; kk < 4; kk++)
-#pragma unroll
-      for (int n = 0; n < 8; n += 2) {
-        uint32_t b[2][2];
-        b_columns(dos, kk, n * 8, b);
-        mma<T>(dva[n], pa[kk], b[0][0], b[0][1]);
-        mma<T>(dva[n + 1], pa[kk], b[1][0], b[1][1]);
-        b_columns(qs, kk, n * 8, b);
-        mma<T>(dka[n], da[kk], b[0][0], b[0][1]);
-        mma<T>(dka[n + 1], da[kk], b[1][0], b[1][1]);
-      }
+    product<T, false>(dva, pa, dos);
+    product<T, false>(dka, da, qs);
 #pragma unroll
     for (int n = 0; n < 8; n++)
 #pragma unroll
@@ -459,19 +443,12 @@ __device__ void flash_backward(const T *__restrict__ q, const T *__restrict__ k,
             bits(narrow<T>(dpt[n][e]));
     __syncthreads();
     // dQ for the warp's 16 queries of the tile, over the block's 64 keys.
+    uint32_t sa[4][4];
+#pragma unroll
+    for (int kk = 0; kk < 4; kk++)
+      a_rows(dss, warp * 16, kk, sa[kk]);
     float acc[8][4] = {};
-#pragma unroll
-    for (int kk = 0; kk < 4; kk++) {
-      uint32_t sa[4];
-      a_rows(dss, warp * 16, kk, sa);
-#pragma unroll
-      for (int n = 0; n < 8; n += 2) {
-        uint32_t b[2][2];
-        b_columns(ks, kk, n * 8, b);
-        mma<T>(acc[n], sa, b[0][0], b[0][1]);
-        mma<T>(acc[n + 1], sa, b[1][0], b[1][1]);
-      }
-    }
+    product<T, false>(acc, sa, ks);
 #pragma unroll
     for (int h = 0; h < 2; h++) {
       const uint32_t query = first + warp * 16 + g + 8 * h;
