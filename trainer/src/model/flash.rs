@@ -27,26 +27,26 @@ const HEAD_DIM: usize = 64;
 /// with bf16 or f16 tensor cores (compute capability 8 or later), heads of 64, inputs laid out as
 /// the kernels read them. `CARTRIDGE_ATTENTION=composed` sends all attention to the composed
 /// form: to compare the two, or to go on should a kernel fail on some GPU.
-pub fn applies(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, group: usize) -> Result<bool> {
+pub fn applies(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, group: usize) -> bool {
     static COMPOSED: OnceLock<bool> = OnceLock::new();
     if *COMPOSED
         .get_or_init(|| std::env::var_os("CARTRIDGE_ATTENTION").is_some_and(|v| v == "composed"))
     {
-        return Ok(false);
+        return false;
     }
     let Device::Cuda(device) = q.device() else {
-        return Ok(false);
+        return false;
     };
     let capable = device
         .cuda_stream()
         .context()
         .compute_capability()
         .is_ok_and(|(major, _)| major >= 8);
-    Ok(capable
+    capable
         && matches!(q.dtype(), DType::BF16 | DType::F16)
         && [k, v, mask].iter().all(|x| x.dtype() == q.dtype())
         && [q, k, v].iter().all(|x| is_aligned(x))
-        && Sizes::of(q, k, v, mask, group).is_ok())
+        && Sizes::of(q, k, v, mask, group).is_ok()
 }
 
 /// Contiguous from a 16-byte boundary: the kernels read q, k, v and the output's gradient 16 bytes
@@ -404,7 +404,7 @@ mod tests {
                 &v.to_dtype(dtype)?,
                 &mask,
                 group
-            )?);
+            ));
             let tiled = run(dtype, &|q, k, v| attention(q, k, v, &mask, group))?;
             for (name, (x, want)) in ["output", "dq", "dk", "dv"]
                 .iter()

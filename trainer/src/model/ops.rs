@@ -107,7 +107,7 @@ pub fn attention(
     group: usize,
 ) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
-    if super::flash::applies(q, k, v, mask, group)? {
+    if super::flash::applies(q, k, v, mask, group) {
         return tiled_attention(q, k, v, mask, group);
     }
     composed_attention(q, k, v, mask, group)
