@@ -152,7 +152,7 @@ __device__ __forceinline__ bool load_mask(uint16_t *tile, const T *__restrict__ 
       uint16_t x = hidden;
       if (row < rows && first + c < columns) {
         x = bits(m[first + c]);
-        visible |= widen(m[first + c]) != -INFINITY;
+        visible |= widen_bits(T{}, x) != -INFINITY;
       }
       tile[r * STRIDE + c] = x;
     }
