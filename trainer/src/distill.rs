@@ -110,7 +110,10 @@ impl Adam {
     fn new(vars: &[Var], learning_rate: f64) -> Result<Self> {
         let moments = vars
             .iter()
-            .map(|v| Tensor::zeros_like(&Tensor::stack(&[v.as_tensor(), v.as_tensor()], 0)?))
+            .map(|v| {
+                let dims: Vec<usize> = std::iter::once(2).chain(v.dims().iter().copied()).collect();
+                Tensor::zeros(dims, v.dtype(), v.device())
+            })
             .collect::<candle_core::Result<Vec<_>>>()?;
         Ok(Self {
             learning_rate,

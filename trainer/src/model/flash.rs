@@ -21,6 +21,8 @@ use super::fused::cuda::{MODULE, OPS};
 const THREADS: u32 = 128;
 const TILE: usize = 64;
 const HEAD_DIM: usize = 64;
+/// The scores' scale, 1/√HEAD_DIM.
+const SCALE: f32 = 0.125;
 
 /// Whether the tiled kernels take attention over these `[B, kv_heads, rows, head_dim]` queries,
 /// `[B, kv_heads, T, head_dim]` keys and values and `[B, 1, 1, rows / group, T]` mask: on a GPU
@@ -37,16 +39,15 @@ pub fn applies(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, group: usize) 
     let Device::Cuda(device) = q.device() else {
         return false;
     };
-    let capable = device
-        .cuda_stream()
-        .context()
-        .compute_capability()
-        .is_ok_and(|(major, _)| major >= 8);
-    capable
-        && matches!(q.dtype(), DType::BF16 | DType::F16)
+    matches!(q.dtype(), DType::BF16 | DType::F16)
         && [k, v, mask].iter().all(|x| x.dtype() == q.dtype())
         && [q, k, v].iter().all(|x| is_aligned(x))
         && Sizes::of(q, k, v, mask, group).is_ok()
+        && device
+            .cuda_stream()
+            .context()
+            .compute_capability()
+            .is_ok_and(|(major, _)| major >= 8)
 }
 
 /// Contiguous from a 16-byte boundary: the kernels read q, k, v and the output's gradient 16 bytes
@@ -225,7 +226,6 @@ fn forward_as<T: CudaDType + DeviceRepr + candle_core::WithDType>(
         OPS,
     )?;
     let arguments = sizes.arguments()?;
-    let scale = (HEAD_DIM as f32).sqrt().recip();
     let mut builder = func.builder();
     builder
         .arg(&qv)
@@ -237,7 +237,7 @@ fn forward_as<T: CudaDType + DeviceRepr + candle_core::WithDType>(
     for argument in &arguments {
         builder.arg(argument);
     }
-    builder.arg(&scale);
+    builder.arg(&SCALE);
     // SAFETY: the parameters are the kernel's in number, order and type; the grid covers the
     // rows the outputs hold and reads within the inputs' shapes (checked by `Sizes::of`).
     unsafe { builder.launch(sizes.grid(sizes.rows)?) }.w()?;
@@ -325,7 +325,6 @@ fn backward_as<T: CudaDType + DeviceRepr + candle_core::WithDType>(
         view::<f32>(on_gpu(&ss)?, sums)?,
     );
     let arguments = sizes.arguments()?;
-    let scale = (HEAD_DIM as f32).sqrt().recip();
     let mut builder = func.builder();
     builder
         .arg(&qv)
@@ -341,7 +340,7 @@ fn backward_as<T: CudaDType + DeviceRepr + candle_core::WithDType>(
     for argument in &arguments {
         builder.arg(argument);
     }
-    builder.arg(&scale);
+    builder.arg(&SCALE);
     // SAFETY: as in the forward; `dq` is zeroed and covers every query row.
     unsafe { builder.launch(sizes.grid(sizes.columns)?) }.w()?;
     let rows = [sizes.batch, sizes.kv_heads, sizes.rows, HEAD_DIM];

@@ -136,14 +136,9 @@ pub(super) fn composed_attention(
         if !(wanted.0 || wanted.1) {
             return Ok((None, None, dv));
         }
-        // Softmax backward, dS = P·(dP - rowsum(P·dP)), with the sums in f32 for half precision.
-        // rowsum(P·dP) = rowsum(dO·O) (dP = dO·Vᵀ and O = P·V), from `[.., head_dim]` tensors
-        // rather than `[.., T]` ones. The score scale goes on dQ and dK, not on all of dS.
-        let wide = accumulation_dtype(q.dtype());
-        let sums = grad
-            .to_dtype(wide)?
-            .mul(&out.to_dtype(wide)?)?
-            .sum_keepdim(D::Minus1)?;
+        // Softmax backward, dS = P·(dP - rowsum(P·dP)). The score scale goes on dQ and dK, not on
+        // all of dS.
+        let sums = output_sums(&grad, out)?;
         let dp = grad.matmul(&v.t()?)?;
         let ds = p.apply_op3_no_bwd(&dp, &sums, &SoftmaxGradient)?;
         let scale = scale(&q)?;
@@ -179,10 +174,7 @@ fn tiled_attention(
         } else {
             grad.force_contiguous()?
         };
-        let sums = grad
-            .to_dtype(DType::F32)?
-            .mul(&out.to_dtype(DType::F32)?)?
-            .sum(D::Minus1)?;
+        let sums = output_sums(&grad, out)?.squeeze(D::Minus1)?;
         let (dq, dk, dv) = flash::backward(q, k, v, &mask, &grad, &lse, &sums, group)?;
         Ok((
             wanted.0.then(|| dq.to_dtype(q.dtype())).transpose()?,
@@ -191,6 +183,16 @@ fn tiled_attention(
         ))
     };
     q.apply_op3(k, v, Attached::new("attention", out, backward))
+}
+
+/// rowsum(dO·O) `[.., 1]` of attention's output and its gradient, in the accumulation dtype (f32
+/// for half precision): the softmax backward's rowsum(P·dP) (dP = dO·Vᵀ and O = P·V), from
+/// `[.., head_dim]` tensors rather than `[.., T]` ones.
+fn output_sums(grad: &Tensor, out: &Tensor) -> Result<Tensor> {
+    let wide = accumulation_dtype(out.dtype());
+    grad.to_dtype(wide)?
+        .mul(&out.to_dtype(wide)?)?
+        .sum_keepdim(D::Minus1)
 }
 
 fn scale(q: &Tensor) -> Result<f64> {
