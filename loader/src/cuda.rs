@@ -308,7 +308,21 @@ impl Gpu {
     ) -> Result<DeviceBuffer, LoaderError> {
         let width: usize = parts.iter().map(|(_, row)| row).sum();
         let mut target = self.alloc(rows * width)?;
-        // Declared after `target`, so on an early return the copies end before it is freed.
+        self.compose_into(&target, rows, parts)?;
+        target.finish();
+        Ok(target)
+    }
+
+    /// Fills `target` as [`Gpu::compose`] fills its new buffer, and waits for the copies (also
+    /// on an early return, before `target` can be freed).
+    fn compose_into(
+        &self,
+        target: &DeviceBuffer,
+        rows: usize,
+        parts: &[(&DeviceBuffer, usize)],
+    ) -> Result<(), LoaderError> {
+        let width: usize = parts.iter().map(|(_, row)| row).sum();
+        assert_eq!(target.bytes(), rows * width, "a target of the wrong size");
         let drained = Drained(self);
         self.bind()?;
         let mut x = 0;
@@ -339,9 +353,7 @@ impl Gpu {
                 .map_err(failed("composing"))?;
             x += row;
         }
-        drained.finish()?;
-        target.finish();
-        Ok(target)
+        drained.finish()
     }
 
     /// This machine's copy bandwidths for `len` bytes, and what a load and an eviction spend
@@ -375,25 +387,41 @@ impl Gpu {
             .result()
             .map_err(failed("copying on the GPU"))
         })?;
-        // What an allocation costs that finds no kept one of its size.
-        let (mut allocate, mut free) = (Vec::new(), Vec::new());
-        for _ in 0..5 {
-            let started = std::time::Instant::now();
-            let allocation = self.allocate(len)?;
-            allocate.push(started.elapsed().as_secs_f64());
-            let started = std::time::Instant::now();
-            self.kept.free(allocation);
-            free.push(started.elapsed().as_secs_f64());
-        }
-        let median = |mut times: Vec<f64>| {
-            times.sort_by(f64::total_cmp);
-            times[2]
+        // A composition's copies alone: four parts of `len` bytes into a buffer allocated
+        // beforehand, in rows of about a megabyte (as a cartridge's rows of one head's tokens).
+        let rows = 1 << len.trailing_zeros().min(8);
+        let composed = self.alloc(4 * len)?;
+        let parts = [(&first, len / rows); 4];
+        let compose = 4.0 * median(&|| self.compose_into(&composed, rows, &parts))?;
+        drop(composed);
+        // What an allocation costs that finds no kept one of its size: a cartridge's, and a
+        // composition's of four.
+        let allocation_times = |len: usize| {
+            let (mut allocate, mut free) = (Vec::new(), Vec::new());
+            for _ in 0..5 {
+                let started = std::time::Instant::now();
+                let allocation = self.allocate(len)?;
+                allocate.push(started.elapsed().as_secs_f64());
+                let started = std::time::Instant::now();
+                self.kept.free(allocation);
+                free.push(started.elapsed().as_secs_f64());
+            }
+            let median = |mut times: Vec<f64>| {
+                times.sort_by(f64::total_cmp);
+                times[2]
+            };
+            Ok::<_, LoaderError>((median(allocate), median(free)))
         };
+        let (allocate, free) = allocation_times(len)?;
+        let (allocate_composed, free_composed) = allocation_times(4 * len)?;
         Ok(Ceilings {
             host_to_device: host,
             device_to_device: device,
-            allocate: median(allocate),
-            free: median(free),
+            compose,
+            allocate,
+            free,
+            allocate_composed,
+            free_composed,
         })
     }
 
@@ -409,14 +437,18 @@ impl Gpu {
     }
 }
 
-/// A GPU's copy bandwidths in bytes per second (page-locked host to device, device to device),
-/// and the seconds to allocate a buffer with its IPC handle (as a load does that finds no kept
-/// allocation of its size) and to free it.
+/// A GPU's copy bandwidths in bytes per second (page-locked host to device, device to device,
+/// and a composition's strided copies into a buffer allocated beforehand), and the seconds to
+/// allocate a buffer with its IPC handle (as a load does that finds no kept allocation of its
+/// size) and to free it, for a cartridge and for a composition of four.
 pub struct Ceilings {
     pub host_to_device: f64,
     pub device_to_device: f64,
+    pub compose: f64,
     pub allocate: f64,
     pub free: f64,
+    pub allocate_composed: f64,
+    pub free_composed: f64,
 }
 
 /// Waits for the copies enqueued while it lives before the memory they touch can be freed, also
