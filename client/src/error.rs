@@ -41,6 +41,12 @@ pub enum ClientError {
         digest: cartridge_schemas::Digest,
         seconds: u64,
     },
+    #[error("the download of blob {digest} ended after {received} of its {size} bytes")]
+    EndedEarly {
+        digest: cartridge_schemas::Digest,
+        received: u64,
+        size: u64,
+    },
     #[error(transparent)]
     Codec(#[from] CodecError),
     #[error(transparent)]
@@ -112,6 +118,7 @@ impl ClientError {
             | Self::Download { .. }
             | Self::NoAnswer { .. }
             | Self::Stalled { .. }
+            | Self::EndedEarly { .. }
             | Self::WrongRange { .. } => true,
             _ => false,
         }

@@ -107,13 +107,25 @@ pub async fn pull(
         match assembled {
             // A cached blob can vanish before it is read (a loader evicting from a shared
             // folder) or be torn by a crash (a blob whose own bytes are wrong is removed): one
-            // more round fetches it again.
-            Err(error @ (ClientError::Codec(_) | ClientError::Io { .. })) if first => {
+            // more round fetches it again. Other failures (a full disk, a manifest whose
+            // chunks disagree with its layout) would only repeat.
+            Err(error) if first && refetch_mends(&error) => {
                 tracing::warn!(%error, "a cached blob could not be used; fetching it again");
                 first = false;
             }
             assembled => return assembled.map(|()| report),
         }
+    }
+}
+
+/// Whether an assembly failed on a cached blob that another round of fetching replaces.
+fn refetch_mends(error: &ClientError) -> bool {
+    match error {
+        ClientError::Codec(
+            CodecError::StoredDigestMismatch { .. } | CodecError::StoredSizeMismatch { .. },
+        ) => true,
+        ClientError::Io { source, .. } => source.kind() == std::io::ErrorKind::NotFound,
+        _ => false,
     }
 }
 
@@ -189,7 +201,7 @@ async fn lock_partial(path: &Path) -> Result<std::fs::File, ClientError> {
             Ok(()) => {}
             Err(std::fs::TryLockError::WouldBlock) => {
                 if !told {
-                    tracing::info!(path = %path.display(), "waiting for another download of this blob");
+                    tracing::warn!(path = %path.display(), "waiting for another process's download of this blob (it holds the partial file's lock)");
                     told = true;
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -287,6 +299,9 @@ async fn fetch_blob(
             {
                 Ok(()) => break,
                 Err(error) if error.is_transient() => {
+                    // An attempt that emptied the partial file (a range that did not continue
+                    // it) leaves nothing resumed: what follows is downloaded.
+                    resumed = resumed.min(hashed);
                     // An attempt that moved the download on earns a fresh set of retries: a
                     // link that drops every few hundred kilobytes still gets there.
                     if hashed >= furthest + PROGRESS_FOR_RETRIES {
@@ -404,14 +419,13 @@ async fn download_into(
     // Network reads arrive in small pieces; batching them saves a blocking file write per piece.
     let mut file = tokio::io::BufWriter::with_capacity(1 << 20, file);
     let mut stream = response.bytes_stream();
-    let stalled = || ClientError::Stalled {
-        digest: blob.digest,
-        seconds: options.stall_timeout.as_secs(),
-    };
     let received = async {
         while let Some(piece) = tokio::time::timeout(options.stall_timeout, stream.next())
             .await
-            .map_err(|_| stalled())?
+            .map_err(|_| ClientError::Stalled {
+                digest: blob.digest,
+                seconds: options.stall_timeout.as_secs(),
+            })?
         {
             let mut piece = piece.map_err(|source| ClientError::Download {
                 digest: blob.digest,
@@ -453,8 +467,13 @@ async fn download_into(
     received?;
     flushed?;
     if *hashed < blob.size {
-        // The connection ended early; the next attempt resumes from here.
-        return Err(stalled());
+        // The body ended early (a dropped connection, a proxy cutting it); the next attempt
+        // resumes from here.
+        return Err(ClientError::EndedEarly {
+            digest: blob.digest,
+            received: *hashed,
+            size: blob.size,
+        });
     }
     Ok(())
 }

@@ -51,6 +51,9 @@ pub struct PushReport {
     pub payload_bytes: u64,
     pub stored_bytes: u64,
     pub tags: Vec<String>,
+    /// The version already held this cartridge (an earlier push of it): nothing was
+    /// published, and the tags were moved to it.
+    pub already_published: bool,
 }
 
 /// How long a publish or tag move the registry defers is tried again: a garbage collection
@@ -154,7 +157,8 @@ pub async fn push(
     // A publish can find blobs missing that were present when we asked (garbage collection
     // removed old unreferenced ones in between): upload those and publish again.
     let mut deferral = Deferral::default();
-    let (mut sent, mut rounds) = (false, 0);
+    let mut rounds = 0;
+    let mut already_published = false;
     let published = loop {
         let (blobs, bytes) = upload_missing(client, repo, &chunks, options, progress).await?;
         uploaded = (uploaded.0 + blobs, uploaded.1 + bytes);
@@ -168,20 +172,22 @@ pub async fn push(
                     ));
                 }
             }
-            // The answer to an earlier try that went through was lost: the version holding
-            // exactly this manifest is ours.
-            Err(error) if sent && error.code() == Some(ErrorCode::VersionExists) => {
+            // The version may hold this very cartridge already: an earlier try of this push
+            // whose answer was lost, or an earlier push stopped before it moved its tags. Then
+            // the push goes on to the tags; any other content is a conflict.
+            Err(error) if error.code() == Some(ErrorCode::VersionExists) => {
                 match client
                     .resolve(repo, &Selector::Version(version.clone()))
                     .await
                 {
-                    Ok(existing) if existing.digest == manifest.digest() => {
+                    Ok(existing) if same_cartridge(&existing.manifest, &manifest) => {
+                        already_published = true;
                         break Published {
                             reference: existing.reference,
                             digest: existing.digest,
                         };
                     }
-                    // Another manifest, or a deleted version: the conflict stands.
+                    // Another cartridge, or a deleted version: the conflict stands.
                     _ => return Err(error),
                 }
             }
@@ -189,7 +195,6 @@ pub async fn push(
             // timeout): try again.
             Err(error) if deferral.wait(&error).await => {
                 tracing::warn!(%error, "publish deferred; retrying");
-                sent = true;
             }
             Err(error) => return Err(error),
         }
@@ -221,7 +226,18 @@ pub async fn push(
         payload_bytes: manifest.cartridge.payload_bytes(),
         stored_bytes: chunks.iter().map(|c| c.bytes.len() as u64).sum(),
         tags: options.tags.iter().map(|t| format!("{repo}@{t}")).collect(),
+        already_published,
     })
+}
+
+/// Whether two manifests describe the same cartridge stored the same way: all but when each
+/// was made.
+fn same_cartridge(existing: &Manifest, new: &Manifest) -> bool {
+    let existing = Manifest {
+        created: new.created.clone(),
+        ..existing.clone()
+    };
+    existing == *new
 }
 
 /// Uploads the chunks the registry lacks; returns how many blobs and bytes went up.

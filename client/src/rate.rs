@@ -1,35 +1,69 @@
 //! A shared byte-rate cap for transfers running in parallel.
 
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-/// Caps the combined rate of every transfer that consumes from it.
+use tokio::time::Instant;
+
+/// Caps the combined rate of every transfer that consumes from it: a token bucket holding at
+/// most one second of bytes, so time spent not transferring (encoding, waiting on a lock or a
+/// retry, a link slower than the cap) never builds up credit for a later burst.
 #[derive(Debug)]
 pub struct RateLimit {
     bytes_per_second: u64,
-    state: Mutex<(Instant, u64)>,
+    /// When the bytes consumed so far are paid for at the cap (the bucket's debt).
+    paid_until: Mutex<Option<Instant>>,
 }
 
+/// The most a transfer may run ahead of the cap.
+const BURST: Duration = Duration::from_secs(1);
+
 impl RateLimit {
+    /// A cap of `bytes_per_second` (more than zero).
     pub fn new(bytes_per_second: u64) -> Self {
+        assert!(bytes_per_second > 0, "a rate limit of zero bytes a second");
         Self {
-            bytes_per_second: bytes_per_second.max(1),
-            state: Mutex::new((Instant::now(), 0)),
+            bytes_per_second,
+            paid_until: Mutex::new(None),
         }
     }
 
     /// Accounts for `bytes` just moved, sleeping as long as needed to stay under the cap.
     pub async fn consume(&self, bytes: u64) {
         let wait = {
-            let Ok(mut state) = self.state.lock() else {
+            let Ok(mut paid_until) = self.paid_until.lock() else {
                 return;
             };
-            state.1 += bytes;
-            let due = Duration::from_secs_f64(state.1 as f64 / self.bytes_per_second as f64);
-            due.saturating_sub(state.0.elapsed())
+            let now = Instant::now();
+            let from = paid_until.map_or(now, |paid| paid.max(now));
+            let until = from + Duration::from_secs_f64(bytes as f64 / self.bytes_per_second as f64);
+            *paid_until = Some(until);
+            until.saturating_duration_since(now + BURST)
         };
         if !wait.is_zero() {
             tokio::time::sleep(wait).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_time_earns_no_burst() {
+        let rate = RateLimit::new(1000);
+        // A second's worth goes at once (the burst), the next second's waits.
+        let started = Instant::now();
+        rate.consume(1000).await;
+        assert_eq!(started.elapsed(), Duration::ZERO);
+        // A long idle spell earns nothing beyond the burst.
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        let started = Instant::now();
+        for _ in 0..3 {
+            rate.consume(1000).await;
+        }
+        let elapsed = started.elapsed();
+        assert!(elapsed >= Duration::from_millis(1990), "{elapsed:?}");
     }
 }

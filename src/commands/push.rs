@@ -77,6 +77,14 @@ pub fn run(args: PushArgs) -> Result<()> {
         .with_context(|| format!("pushing {}", args.file.display()))?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
+    } else if report.already_published {
+        println!(
+            "{} already holds this cartridge ({}): nothing to publish",
+            report.reference, report.digest
+        );
+        for tag in &report.tags {
+            println!("tagged {tag}");
+        }
     } else {
         println!(
             "pushed {} ({}): {} chunks, {} uploaded in {} blobs, {} reused; {} stored for {} payload",

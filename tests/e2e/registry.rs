@@ -201,7 +201,7 @@ fn a_published_version_never_changes() {
         .cartridge(
             dir.path(),
             &token,
-            &["push", "legal/x@v1", "first.safetensors"],
+            &["push", "legal/x@v1", "first.safetensors", "--no-latest"],
         )
         .ok();
     let err = registry
@@ -214,6 +214,26 @@ fn a_published_version_never_changes() {
     assert!(
         err.contains("legal/x@v1 already exists") && err.contains("HTTP 409"),
         "{err}"
+    );
+    // The same cartridge again (a push stopped before its tags moved, run once more) finds it
+    // published and moves the tags.
+    let again = registry
+        .cartridge(
+            dir.path(),
+            &token,
+            &["push", "legal/x@v1", "first.safetensors", "--tag", "stable"],
+        )
+        .ok();
+    assert!(
+        again.contains("legal/x@v1 already holds this cartridge"),
+        "{again}"
+    );
+    let listing = registry
+        .cartridge(dir.path(), &token, &["ls", "legal/x"])
+        .ok();
+    assert!(
+        listing.contains("legal/x@stable") && listing.contains("legal/x@latest"),
+        "{listing}"
     );
     registry
         .cartridge(
