@@ -81,6 +81,19 @@ impl From<StorageError> for ApiError {
                     "stored data this request needs is corrupt; the registry's log names it",
                 );
             }
+            // Refused for want of rights or support: a deployment's fault, which waiting does
+            // not mend.
+            StorageError::Backend(
+                object_store::Error::PermissionDenied { .. }
+                | object_store::Error::Unauthenticated { .. }
+                | object_store::Error::NotImplemented { .. },
+            ) => {
+                tracing::error!(%error, "storage refused the registry");
+                return Self::new(
+                    ErrorCode::Internal,
+                    "storage refused the registry (its permissions or configuration); the registry's log says more",
+                );
+            }
             StorageError::Backend(_) => {
                 tracing::error!(%error, "storage backend failed");
                 return Self::new(

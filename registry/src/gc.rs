@@ -221,8 +221,20 @@ async fn sweep(
         }
     }
     let marked: HashSet<Digest> = blobs_of.values().flatten().copied().collect();
+    // A blob sent again lately is young whatever its own age: an upload that finds the bytes
+    // stored (content whose last version was deleted) only writes the repository's link, and
+    // the push that sent it has yet to publish.
+    let mut relinked = HashSet::new();
+    for (repo, _) in &roots {
+        heartbeat.beat().await?;
+        for (digest, meta) in by_digest(heartbeat.list(Key::BlobLinks(repo)).await?) {
+            if meta.last_modified > cutoff {
+                relinked.insert(digest);
+            }
+        }
+    }
     for (digest, meta) in by_digest(heartbeat.list(Key::Blobs).await?) {
-        if marked.contains(&digest) || meta.last_modified > cutoff {
+        if marked.contains(&digest) || relinked.contains(&digest) || meta.last_modified > cutoff {
             report.blobs_kept += 1;
             continue;
         }
