@@ -72,6 +72,7 @@ def main():
     for index, (keys, values) in enumerate(layers):
         assert keys == expected[f"layers.{index}.keys"], index
         assert values == expected[f"layers.{index}.values"], index
+    cache = None
     if through_tensors:
         try:
             cache = handle.dynamic_cache()
@@ -80,6 +81,10 @@ def main():
         except ImportError:
             print("transformers not installed: DynamicCache not checked")
     handle.release()
+    if cache is not None:
+        # The cache holds copies: still whole once the loader's memory is let go.
+        keys = cache.layers[0].keys if hasattr(cache, "layers") else cache.key_cache[0]
+        assert raw(keys) == expected["layers.0.keys"], "the DynamicCache changed after release"
     try:
         loader.release(handle.handle)
         raise AssertionError("a released handle was released again")

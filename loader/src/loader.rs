@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use cartridge_client::{FetchReport, NoProgress, PullOptions, fetch_blobs};
+use cartridge_schemas::api::ErrorCode;
 use cartridge_schemas::file::Header;
 use cartridge_schemas::{Digest, Dtype, ModelFingerprint, Reference};
 use serde::{Deserialize, Serialize};
@@ -672,7 +673,7 @@ impl Loader {
                 device.decode(&manifest, digest, &cache, arrivals, progress)
             })
         };
-        let fetched = fetch_blobs(
+        let fetch = fetch_blobs(
             self.resolver.client(),
             &part.reference.repository,
             &manifest,
@@ -680,13 +681,32 @@ impl Loader {
             &self.options.transfers,
             &NoProgress,
             ready,
-        )
-        .await;
-        let decoded = decoder
-            .await
-            .map_err(|e| LoaderError::Internal(format!("decoding: {e}")))?;
-        // A failed download explains an incomplete decode better than the decoder does.
-        let fetched = fetched.map_err(|e| client_error(&e))?;
+        );
+        let joined = |decoded: Result<_, tokio::task::JoinError>| {
+            decoded.map_err(|e| LoaderError::Internal(format!("decoding: {e}")))
+        };
+        let (mut fetch, mut decoder) = (std::pin::pin!(fetch), std::pin::pin!(decoder));
+        let (fetched, decoded) = tokio::select! {
+            // The fetch first: its end is what ends a decode waiting for blobs, and a failed
+            // download explains an incomplete decode better than the decoder does.
+            biased;
+            fetched = &mut fetch => (fetched, joined(decoder.await)?),
+            // A decode that fails before the blobs are all here (no memory for the buffer, a
+            // corrupt blob) stops the downloads: partial files stay for the next try.
+            decoded = &mut decoder => match joined(decoded)? {
+                Err(error) => return Err(error),
+                decoded => (fetch.await, decoded),
+            },
+        };
+        let fetched = fetched.map_err(|e| match e.code() {
+            // The reference resolved: a blob it names missing is the registry's fault (a
+            // collection racing this load, lost storage), not an unknown cartridge.
+            Some(ErrorCode::NotFound) => LoaderError::Unavailable(format!(
+                "{}: the registry lacks a blob its manifest names: {e}",
+                part.reference
+            )),
+            _ => client_error(&e),
+        })?;
         let buffer = decoded?;
         let tier = if from_registry(&fetched) {
             Tier::Registry

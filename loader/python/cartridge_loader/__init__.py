@@ -249,7 +249,8 @@ class Handle:
             pair = []
             for offset in (span["keys"], span["values"]):
                 tensor = flat[offset : offset + nbytes].view(dtype).view(shape)
-                pair.append(tensor if device is None else tensor.to(device))
+                # A copy even onto the device the view is on.
+                pair.append(tensor if device is None else tensor.to(device, copy=True))
             layers.append((pair[0], pair[1]))
         return layers
 
@@ -262,7 +263,13 @@ class Handle:
         from transformers import DynamicCache
 
         cache = DynamicCache()
-        for index, (keys, values) in enumerate(self.tensors(device)):
+        # Always copies: some transformers releases keep a layer's first tensors as given, and
+        # release() unmaps the loader's memory under every view of it.
+        if device is None:
+            layers = [(keys.clone(), values.clone()) for keys, values in self.tensors()]
+        else:
+            layers = self.tensors(device)
+        for index, (keys, values) in enumerate(layers):
             cache.update(keys, values, index)
         return cache
 
