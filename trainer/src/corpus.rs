@@ -33,7 +33,7 @@ impl Corpus {
             let name = last(path)
                 .or_else(|| last(&std::fs::canonicalize(path).ok()?))
                 .unwrap_or_else(|| "corpus".to_owned());
-            collect(path, name, &mut files)?;
+            collect(path, name, &mut Vec::new(), &mut files)?;
         }
         if files.is_empty() {
             return Err(Error::Data("the corpus is empty: no files given".into()));
@@ -79,12 +79,25 @@ impl Corpus {
 }
 
 /// The files under `path`, each with its name in the corpus (`name` for `path` itself).
-fn collect(path: &Path, name: String, files: &mut Vec<(PathBuf, String)>) -> Result<()> {
+/// `within` holds the directories `path` lies in, as their real paths: a link back to one of
+/// them is a loop, skipped.
+fn collect(
+    path: &Path,
+    name: String,
+    within: &mut Vec<PathBuf>,
+    files: &mut Vec<(PathBuf, String)>,
+) -> Result<()> {
     let metadata = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
     if metadata.is_file() {
         files.push((path.to_owned(), name));
         return Ok(());
     }
+    let real = std::fs::canonicalize(path).map_err(|e| Error::io(path, e))?;
+    if within.contains(&real) {
+        tracing::warn!(path = %path.display(), "skipped: a link back to a folder it is in");
+        return Ok(());
+    }
+    within.push(real);
     let mut entries: Vec<PathBuf> = std::fs::read_dir(path)
         .map_err(|e| Error::io(path, e))?
         .flatten()
@@ -99,7 +112,30 @@ fn collect(path: &Path, name: String, files: &mut Vec<(PathBuf, String)>) -> Res
         if file_name.starts_with('.') {
             continue;
         }
-        collect(&entry, format!("{name}/{file_name}"), files)?;
+        collect(&entry, format!("{name}/{file_name}"), within, files)?;
     }
+    within.pop();
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn folders_are_read_in_name_order_without_hidden_files_or_loops() {
+        let dir = tempfile::tempdir().unwrap();
+        let docs = dir.path().join("docs");
+        std::fs::create_dir_all(docs.join("sub")).unwrap();
+        std::fs::write(docs.join("b.txt"), "second").unwrap();
+        std::fs::write(docs.join("a.txt"), "\u{feff}first").unwrap();
+        std::fs::write(docs.join("sub/c.txt"), "third").unwrap();
+        std::fs::write(docs.join(".notes"), "hidden").unwrap();
+        // A link back up (as some checkouts hold) would recurse without end.
+        std::os::unix::fs::symlink("..", docs.join("sub/up")).unwrap();
+        let corpus = Corpus::read(&[docs]).unwrap();
+        let names: Vec<&str> = corpus.documents.iter().map(|d| d.name.as_str()).collect();
+        assert_eq!(names, ["docs/a.txt", "docs/b.txt", "docs/sub/c.txt"]);
+        assert_eq!(corpus.documents[0].text, "first");
+    }
 }

@@ -164,6 +164,18 @@ struct Provenance {
 /// are read as plain text, never as the template's control tokens (2).
 pub(crate) const PROMPT_FORMAT: u32 = 2;
 
+/// Records what makes a conversations file, whole or not at all: a torn record would block
+/// every later run in its directory.
+fn write_provenance(meta_path: &Path, provenance: &Provenance) -> Result<()> {
+    let partial = meta_path.with_extension("json.partial");
+    std::fs::write(
+        &partial,
+        serde_json::to_vec_pretty(provenance).unwrap_or_default(),
+    )
+    .and_then(|()| std::fs::rename(&partial, meta_path))
+    .map_err(|e| Error::io(meta_path, e))
+}
+
 /// The longest token prefix every list shares.
 fn common_prefix(lists: &[Vec<u32>]) -> usize {
     let first = &lists[0];
@@ -274,23 +286,28 @@ pub fn synthesize(
         Ok(text) => {
             let stored: Provenance = serde_json::from_str(&text)
                 .map_err(|e| Error::Data(format!("{}: {e}", meta_path.display())))?;
-            if stored != provenance {
+            let mut conversations = read_conversations(path, model.llama.config.vocab)?;
+            // How many is no part of how they are made: a run asking for more extends the set
+            // (each batch has its own seed), one asking for fewer takes the first ones. A set
+            // still empty (a run stopped before its first batch) is anyone's to start over.
+            let same_making = Provenance {
+                options: SynthesisOptions {
+                    conversations: options.conversations,
+                    ..stored.options.clone()
+                },
+                ..stored.clone()
+            } == provenance;
+            if !same_making && !conversations.is_empty() {
                 return Err(Error::Data(format!(
                     "{} holds conversations for another corpus, model or settings (or made by an older version); choose another work directory",
                     path.display()
                 )));
             }
-            let stored = read_conversations(path, model.llama.config.vocab)?;
-            // A run appends up to what it was asked for: more is another writer's.
-            if stored.len() > options.conversations {
-                return Err(Error::Data(format!(
-                    "{} holds {} conversations, more than the {} these settings make: was it written by two runs at once? choose another work directory",
-                    path.display(),
-                    stored.len(),
-                    options.conversations
-                )));
+            if stored != provenance {
+                write_provenance(&meta_path, &provenance)?;
             }
-            stored
+            conversations.truncate(options.conversations);
+            conversations
         }
         Err(_) => {
             // Conversations without the record of what made them are no run's to resume, nor
@@ -305,14 +322,7 @@ pub fn synthesize(
             if let Some(dir) = path.parent() {
                 std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
             }
-            // Written whole or not at all: a torn one would block every later run here.
-            let partial = meta_path.with_extension("json.partial");
-            std::fs::write(
-                &partial,
-                serde_json::to_vec_pretty(&provenance).unwrap_or_default(),
-            )
-            .and_then(|()| std::fs::rename(&partial, &meta_path))
-            .map_err(|e| Error::io(&meta_path, e))?;
+            write_provenance(&meta_path, &provenance)?;
             Vec::new()
         }
     };

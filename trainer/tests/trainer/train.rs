@@ -333,13 +333,18 @@ fn synthesis_writes_readable_conversations_and_resumes() {
     std::fs::write(&meta, record).unwrap();
 
     // A run with other settings is refused: the file holds another run's conversations.
-    options.conversations = 3;
+    options.answer_max_tokens = 17;
     let err = synthesize(model, &corpus, &options, &path, |_, _| {}).unwrap_err();
     assert!(
         err.to_string()
             .contains("another corpus, model or settings"),
         "{err}"
     );
+    options.answer_max_tokens = 16;
+    // A run asking for fewer takes the first ones.
+    options.conversations = 1;
+    let fewer = synthesize(model, &corpus, &options, &path, |_, _| {}).unwrap();
+    assert_eq!(fewer, first[..1]);
     options.conversations = 2;
     // What a run reports done, from its start on: work redone would start from 0.
     let run = |progress: &mut Vec<usize>| {
@@ -360,6 +365,39 @@ fn synthesis_writes_readable_conversations_and_resumes() {
     assert_eq!(progress, [1, 2]);
     assert_eq!(repaired.len(), 2);
     assert_eq!(repaired[0], first[0]);
+
+    // A run asking for more extends the set, as a run asking for that many from the start
+    // would have made it.
+    let extended = dir.path().join("extended.jsonl");
+    assert_eq!(
+        synthesize(model, &corpus, &options, &extended, |_, _| {}).unwrap(),
+        first
+    );
+    options.conversations = 4;
+    let extended = synthesize(model, &corpus, &options, &extended, |_, _| {}).unwrap();
+    assert_eq!(extended[..2], first);
+    let whole = dir.path().join("whole.jsonl");
+    assert_eq!(
+        synthesize(model, &corpus, &options, &whole, |_, _| {}).unwrap(),
+        extended
+    );
+
+    // A set still empty (a run stopped before its first batch) starts over with new settings.
+    let stopped = dir.path().join("stopped.jsonl");
+    std::fs::write(
+        stopped.with_extension("meta.json"),
+        std::fs::read(&meta).unwrap(),
+    )
+    .unwrap();
+    std::fs::write(&stopped, "").unwrap();
+    options.answer_max_tokens = 12;
+    options.conversations = 2;
+    assert_eq!(
+        synthesize(model, &corpus, &options, &stopped, |_, _| {})
+            .unwrap()
+            .len(),
+        2
+    );
 }
 
 #[test]
