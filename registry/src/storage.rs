@@ -826,9 +826,7 @@ impl Storage {
 
     /// Publishes `repo@version` → `manifest`, create-only. The manifest and every blob it references
     /// must be present; the first of two concurrent publishes wins, the other gets `VersionExists`.
-    /// A deleted version's name is never reused. Publishing the very manifest a version holds
-    /// succeeds again: a retry whose first answer was lost (in the storage client's own
-    /// retries too) is told it published.
+    /// A deleted version's name is never reused.
     pub async fn publish(
         &self,
         repo: &Repository,
@@ -839,11 +837,7 @@ impl Storage {
             reference: format!("{repo}@{version}"),
             deleted,
         };
-        let ours = manifest.digest();
         if let Some(pointer) = self.version_pointer(repo, version).await? {
-            if pointer == Some(ours) {
-                return Ok(ours);
-            }
             return Err(exists(pointer.is_none()));
         }
         let digest = self.ensure_publishable(repo, manifest, Linked::New).await?;
@@ -851,10 +845,6 @@ impl Storage {
             manifest: Some(digest),
         });
         if !self.create(Key::Version(repo, version), pointer).await? {
-            // Our own write, its answer lost and retried by the storage client.
-            if self.version(repo, version).await? == Some(digest) {
-                return Ok(digest);
-            }
             // The loser linked its manifest too: unless something else here holds it, the
             // content it was told did not publish must not be readable or taggable by digest.
             if self.holders(repo, &digest).await?.is_empty() {
