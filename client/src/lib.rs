@@ -15,7 +15,7 @@ pub use cache::{Cache, allocate};
 pub use error::ClientError;
 pub use pull::{FetchReport, PullOptions, PullReport, decode_arrivals, fetch_blobs, pull};
 pub use push::{PushOptions, PushReport, move_tag_patiently, push};
-pub use rate::RateLimit;
+pub use rate::{RateLimit, parse_rate};
 
 /// Receives transfer progress (the CLI draws a progress bar with it).
 pub trait Progress: Send + Sync {

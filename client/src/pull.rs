@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{Receiver, Sender};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -201,7 +201,7 @@ async fn lock_partial(path: &Path) -> Result<std::fs::File, ClientError> {
             Ok(()) => {}
             Err(std::fs::TryLockError::WouldBlock) => {
                 if !told {
-                    tracing::warn!(path = %path.display(), "waiting for another process's download of this blob (it holds the partial file's lock)");
+                    tracing::warn!(path = %path.display(), "waiting for another download of this blob (it holds the partial file's lock)");
                     told = true;
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -616,8 +616,17 @@ pub fn decode_arrivals(
     // as many slow downloads as cores would stop every other decode in the process.
     let never_arrived = rayon::in_place_scope(move |scope| {
         while !chunks_of.is_empty() {
-            // A closed channel before every blob arrived means a download failed.
-            let Ok(digest) = arrivals.recv() else { break };
+            // A chunk that failed to decode fails the whole: waiting on later blobs would only
+            // delay saying so (a caller may stop their downloads then).
+            if failure_slot.lock().map_or(true, |slot| slot.is_some()) {
+                break;
+            }
+            let digest = match arrivals.recv_timeout(Duration::from_millis(50)) {
+                Ok(digest) => digest,
+                Err(RecvTimeoutError::Timeout) => continue,
+                // A closed channel before every blob arrived means a download failed.
+                Err(RecvTimeoutError::Disconnected) => break,
+            };
             for index in chunks_of.remove(&digest).unwrap_or_default() {
                 let mut outs = std::mem::take(&mut destinations[index]);
                 let chunk = &manifest.chunks[index];

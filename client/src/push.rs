@@ -52,8 +52,10 @@ pub struct PushReport {
     pub stored_bytes: u64,
     pub tags: Vec<String>,
     /// The version already held this cartridge (an earlier push of it): nothing was
-    /// published, and the tags were moved to it.
+    /// published, and the tags were moved to it, but for `latest` on another version.
     pub already_published: bool,
+    /// Tags not moved: `latest`, on another version, when this one was published before.
+    pub tags_left: Vec<String>,
 }
 
 /// How long a publish or tag move the registry defers is tried again: a garbage collection
@@ -200,20 +202,36 @@ pub async fn push(
         }
     };
 
+    let mut left = Vec::new();
     for tag in &options.tags {
+        // A version published before may have been followed by others: `latest` moves back to
+        // it only from nowhere, or stays where it is.
+        let only_if_unset = already_published && *tag == Tag::latest();
         let update = TagUpdate {
             manifest: published.digest,
             if_matches: None,
-            if_absent: false,
+            if_absent: only_if_unset,
         };
-        move_tag_patiently(client, repo, tag, &update)
-            .await
-            .map_err(|error| {
-                ClientError::Usage(format!(
+        match move_tag_patiently(client, repo, tag, &update).await {
+            Ok(_) => {}
+            Err(error) if only_if_unset && error.code() == Some(ErrorCode::TagMoved) => {
+                // Already here (the earlier push moved it), or on another version.
+                let here = client
+                    .tags(repo)
+                    .await?
+                    .into_iter()
+                    .any(|entry| entry.tag == *tag && entry.manifest == published.digest);
+                if !here {
+                    left.push(format!("{repo}@{tag}"));
+                }
+            }
+            Err(error) => {
+                return Err(ClientError::Usage(format!(
                     "published {} ({}), but moving its tag {tag} failed: {error}; run `cartridge tag {} {tag}`",
                     published.reference, published.digest, published.reference
-                ))
-            })?;
+                )));
+            }
+        }
     }
     let unique = manifest.blobs().len();
     Ok(PushReport {
@@ -225,8 +243,14 @@ pub async fn push(
         reused_blobs: unique.saturating_sub(uploaded.0),
         payload_bytes: manifest.cartridge.payload_bytes(),
         stored_bytes: chunks.iter().map(|c| c.bytes.len() as u64).sum(),
-        tags: options.tags.iter().map(|t| format!("{repo}@{t}")).collect(),
+        tags: options
+            .tags
+            .iter()
+            .map(|t| format!("{repo}@{t}"))
+            .filter(|t| !left.contains(t))
+            .collect(),
         already_published,
+        tags_left: left,
     })
 }
 

@@ -15,6 +15,16 @@ pub struct RateLimit {
     paid_until: Mutex<Option<Instant>>,
 }
 
+/// A command line's rate (e.g. `20MiB`): more than zero, which would never finish.
+pub fn parse_rate(text: &str) -> Result<bytesize::ByteSize, String> {
+    match text.parse::<bytesize::ByteSize>()? {
+        rate if rate.as_u64() == 0 => {
+            Err("a rate of 0 would never finish; leave the option out for no cap".into())
+        }
+        rate => Ok(rate),
+    }
+}
+
 /// The most a transfer may run ahead of the cap.
 const BURST: Duration = Duration::from_secs(1);
 

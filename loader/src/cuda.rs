@@ -388,7 +388,9 @@ impl Gpu {
             .map_err(failed("copying on the GPU"))
         })?;
         // A composition's copies alone: four parts of `len` bytes into a buffer allocated
-        // beforehand, in rows of about a megabyte (as a cartridge's rows of one head's tokens).
+        // beforehand, in 256 rows (1 MiB a part's row at 256 MiB, as a cartridge's rows of one
+        // head's tokens). The four parts are one buffer read four times: at sizes well past
+        // the GPU's L2 cache, as the benchmark's, that reads memory each time.
         let rows = 1 << len.trailing_zeros().min(8);
         let composed = self.alloc(4 * len)?;
         let parts = [(&first, len / rows); 4];

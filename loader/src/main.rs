@@ -119,7 +119,7 @@ struct ServeArgs {
     jobs: usize,
     /// Cap on the loader's download rate, per second (e.g. 200MiB), to leave the node's network
     /// to inference traffic.
-    #[arg(long)]
+    #[arg(long, value_parser = cartridge_client::parse_rate)]
     limit_rate: Option<ByteSize>,
     /// How long a resolved reference is reused without asking the registry again: a moved tag
     /// or a deleted version is seen within this time (0s: every load asks).

@@ -14,7 +14,6 @@ use std::time::{Duration, Instant};
 use cartridge_client::{Client, ClientError};
 use cartridge_schemas::api::ErrorCode;
 use cartridge_schemas::manifest::Manifest;
-use cartridge_schemas::reference::Selector;
 use cartridge_schemas::{Digest, Reference};
 use futures::FutureExt;
 use futures::future::{BoxFuture, Shared};
@@ -107,15 +106,17 @@ impl Resolver {
             Err(error) if error.code() == Some(ErrorCode::NotFound) => {
                 Err(LoaderError::UnknownReference(reference.to_string()))
             }
-            // Whatever keeps the registry from answering (down, a proxy's page in its place, the
-            // loader's token refused): what was resolved before keeps serving.
+            // Access taken away from the loader (a narrowed scope) is meant: nothing serves.
+            Err(error) if error.code() == Some(ErrorCode::Forbidden) => Err(client_error(&error)),
+            // Whatever else keeps the registry from answering (down, a proxy's page in its
+            // place, the loader's token expired): what was resolved before keeps serving.
             Err(error) => match (client_error(&error), remembered) {
                 (LoaderError::Unavailable(_), Some(resolved)) => {
                     tracing::warn!(%reference, %error, "registry unavailable; serving the last resolution");
                     Ok(resolved)
                 }
-                (LoaderError::Unavailable(_), None) => Err(LoaderError::Unavailable(format!(
-                    "resolving {reference} failed: {error}"
+                (LoaderError::Unavailable(cause), None) => Err(LoaderError::Unavailable(format!(
+                    "resolving {reference} failed: {cause}"
                 ))),
                 (other, _) => Err(other),
             },
@@ -265,15 +266,11 @@ impl Memory {
 
     /// The last resolution of `reference` saved on disk, if its manifest still verifies.
     fn remembered(&self, reference: &Reference) -> Option<Resolved> {
-        // A reference by digest names its manifest, which any spelling may have saved.
-        let digest: Digest = match &reference.selector {
-            Selector::Digest(digest) => *digest,
-            _ => std::fs::read_to_string(self.ref_path(reference))
-                .ok()?
-                .trim()
-                .parse()
-                .ok()?,
-        };
+        let digest: Digest = std::fs::read_to_string(self.ref_path(reference))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()?;
         let bytes = std::fs::read(self.manifest_path(&digest)).ok()?;
         if Digest::of(&bytes) != digest {
             return None;

@@ -49,17 +49,8 @@ pub struct TransferArgs {
     #[arg(long, default_value_t = 8)]
     pub jobs: usize,
     /// Cap on the combined transfer rate, per second (e.g. 20MiB).
-    #[arg(long, value_parser = positive_rate)]
+    #[arg(long, value_parser = cartridge_client::parse_rate)]
     pub limit_rate: Option<ByteSize>,
-}
-
-fn positive_rate(text: &str) -> Result<ByteSize, String> {
-    match text.parse::<ByteSize>()? {
-        rate if rate.as_u64() == 0 => {
-            Err("a rate of 0 would never finish; leave --limit-rate out for no cap".into())
-        }
-        rate => Ok(rate),
-    }
 }
 
 impl TransferArgs {

@@ -85,6 +85,13 @@ pub fn run(args: PushArgs) -> Result<()> {
         for tag in &report.tags {
             println!("tagged {tag}");
         }
+        for tag in &report.tags_left {
+            println!(
+                "left {tag} on the version it names (`cartridge tag {} {}` moves it here)",
+                report.reference,
+                tag.rsplit('@').next().unwrap_or("latest")
+            );
+        }
     } else {
         println!(
             "pushed {} ({}): {} chunks, {} uploaded in {} blobs, {} reused; {} stored for {} payload",

@@ -523,9 +523,6 @@ fn prefetched_cartridges_load_from_disk_with_the_registry_gone() {
         let body = loads_exactly(&loader, &model, &format!("team/{name}@v1"), &file);
         assert_eq!(body["tier"], "disk");
     }
-    // Named by its digest, a spelling never resolved before, it is served from what is saved.
-    let pinned = format!("team/a@{}", parts[0]["digest"].as_str().unwrap());
-    loads_exactly(&loader, &model, &pinned, &dir.path().join("a.safetensors"));
     let body = json!({"cartridges": ["team/c@v1"]});
     let (status, answer) = http_json(&loader.url, "POST", "/v1/prefetch", Some(&body));
     assert_eq!(status, 503, "{answer}");

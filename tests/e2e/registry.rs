@@ -235,6 +235,33 @@ fn a_published_version_never_changes() {
         listing.contains("legal/x@stable") && listing.contains("legal/x@latest"),
         "{listing}"
     );
+    // Once a later version holds `latest`, pushing the earlier one again leaves it there.
+    registry
+        .cartridge(
+            dir.path(),
+            &token,
+            &["push", "legal/x@v2", "second.safetensors"],
+        )
+        .ok();
+    let again = registry
+        .cartridge(
+            dir.path(),
+            &token,
+            &["push", "legal/x@v1", "first.safetensors"],
+        )
+        .ok();
+    assert!(again.contains("left legal/x@latest"), "{again}");
+    registry
+        .cartridge(
+            dir.path(),
+            &token,
+            &["pull", "legal/x@latest", "-o", "latest.safetensors"],
+        )
+        .ok();
+    assert_eq!(
+        std::fs::read(dir.path().join("latest.safetensors")).unwrap(),
+        std::fs::read(dir.path().join("second.safetensors")).unwrap()
+    );
     registry
         .cartridge(
             dir.path(),

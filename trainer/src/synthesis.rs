@@ -286,10 +286,10 @@ pub fn synthesize(
         Ok(text) => {
             let stored: Provenance = serde_json::from_str(&text)
                 .map_err(|e| Error::Data(format!("{}: {e}", meta_path.display())))?;
-            let mut conversations = read_conversations(path, model.llama.config.vocab)?;
             // How many is no part of how they are made: a run asking for more extends the set
-            // (each batch has its own seed), one asking for fewer takes the first ones. A set
-            // still empty (a run stopped before its first batch) is anyone's to start over.
+            // batch by batch (each batch has its own seed), one asking for fewer takes the
+            // first ones. A set still empty (a run stopped before its first batch) is anyone's
+            // to start over.
             let same_making = Provenance {
                 options: SynthesisOptions {
                     conversations: options.conversations,
@@ -297,7 +297,8 @@ pub fn synthesize(
                 },
                 ..stored.clone()
             } == provenance;
-            if !same_making && !conversations.is_empty() {
+            let empty = std::fs::metadata(path).map_or(true, |m| m.len() == 0);
+            if !same_making && !empty {
                 return Err(Error::Data(format!(
                     "{} holds conversations for another corpus, model or settings (or made by an older version); choose another work directory",
                     path.display()
@@ -306,6 +307,7 @@ pub fn synthesize(
             if stored != provenance {
                 write_provenance(&meta_path, &provenance)?;
             }
+            let mut conversations = read_conversations(path, model.llama.config.vocab)?;
             conversations.truncate(options.conversations);
             conversations
         }

@@ -366,8 +366,8 @@ fn synthesis_writes_readable_conversations_and_resumes() {
     assert_eq!(repaired.len(), 2);
     assert_eq!(repaired[0], first[0]);
 
-    // A run asking for more extends the set, as a run asking for that many from the start
-    // would have made it.
+    // A run asking for more extends the set batch by batch: in whole batches, as a run asking
+    // for that many from the start would have made it.
     let extended = dir.path().join("extended.jsonl");
     assert_eq!(
         synthesize(model, &corpus, &options, &extended, |_, _| {}).unwrap(),
