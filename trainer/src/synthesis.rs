@@ -279,7 +279,7 @@ pub fn synthesize(
         prompt_format: PROMPT_FORMAT,
     };
     let meta_path = path.with_extension("meta.json");
-    let mut conversations = match std::fs::read_to_string(&meta_path) {
+    let (mut conversations, torn) = match std::fs::read_to_string(&meta_path) {
         Err(error) if error.kind() != std::io::ErrorKind::NotFound => {
             return Err(Error::io(&meta_path, error));
         }
@@ -307,9 +307,9 @@ pub fn synthesize(
             if stored != provenance {
                 write_provenance(&meta_path, &provenance)?;
             }
-            let mut conversations = read_conversations(path, model.llama.config.vocab)?;
+            let (mut conversations, torn) = read_stored(path, model.llama.config.vocab)?;
             conversations.truncate(options.conversations);
-            conversations
+            (conversations, torn)
         }
         Err(_) => {
             // Conversations without the record of what made them are no run's to resume, nor
@@ -325,7 +325,7 @@ pub fn synthesize(
                 std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
             }
             write_provenance(&meta_path, &provenance)?;
-            Vec::new()
+            (Vec::new(), false)
         }
     };
     let mut file = std::fs::OpenOptions::new()
@@ -333,12 +333,25 @@ pub fn synthesize(
         .append(true)
         .open(path)
         .map_err(|e| Error::io(path, e))?;
-    // Each batch draws from its own seed, so a resumed run continues the same sequence.
-    let mut batch_index = conversations.iter().map(|c| c.batch + 1).max().unwrap_or(0);
+    // Each batch draws from its own seed, so a resumed run continues the same sequence. A batch
+    // is written at once; a torn last line means the last batch may lack its end, so it is made
+    // again and what is stored of it skipped.
+    let last = conversations.iter().map(|c| c.batch).max();
+    let (mut batch_index, mut skip) = match last {
+        Some(last) if torn => (
+            last,
+            conversations.iter().filter(|c| c.batch == last).count(),
+        ),
+        Some(last) => (last + 1, 0),
+        None => (0, 0),
+    };
     progress(conversations.len(), options.conversations);
     let mut barren = 0;
     while conversations.len() < options.conversations {
         let before = conversations.len();
+        // What this batch makes is what it made the first time: the count is the one asked
+        // for then.
+        let remade = skip;
         let mut rng = rand::rngs::StdRng::seed_from_u64(
             options.seed ^ batch_index.wrapping_mul(0x9e37_79b9_7f4a_7c15),
         );
@@ -357,7 +370,7 @@ pub fn synthesize(
         );
         let count = options
             .per_chunk
-            .min(options.conversations - conversations.len())
+            .min(options.conversations - (conversations.len() - remade))
             .max(1);
         let seeds: Vec<SeedKind> = (0..count)
             .map(|_| {
@@ -411,6 +424,7 @@ pub fn synthesize(
             options.stop_on_repeat,
             0,
         )?;
+        let mut lines = Vec::new();
         for (&i, answer) in kept.iter().zip(answers) {
             let conversation = Conversation {
                 batch: batch_index - 1,
@@ -429,17 +443,24 @@ pub fn synthesize(
             if conversation.assistant.is_empty() {
                 continue;
             }
-            let mut line =
-                serde_json::to_vec(&conversation).map_err(|e| Error::Data(e.to_string()))?;
-            line.push(b'\n');
-            file.write_all(&line).map_err(|e| Error::io(path, e))?;
+            if skip > 0 {
+                skip -= 1;
+                continue;
+            }
+            serde_json::to_writer(&mut lines, &conversation)
+                .map_err(|e| Error::Data(e.to_string()))?;
+            lines.push(b'\n');
             conversations.push(conversation);
             if conversations.len() == options.conversations {
                 break;
             }
         }
-        file.flush().map_err(|e| Error::io(path, e))?;
-        barren = if conversations.len() > before {
+        // Only the batch made again skips (should it make fewer than before).
+        skip = 0;
+        file.write_all(&lines)
+            .and_then(|()| file.flush())
+            .map_err(|e| Error::io(path, e))?;
+        barren = if conversations.len() > before || remade > 0 {
             0
         } else {
             barren + 1
@@ -526,9 +547,16 @@ impl Conversation {
 /// run cut off (no newline) is dropped from the file, so appends start on a line boundary; any
 /// other unreadable line is an error.
 pub fn read_conversations(path: &Path, vocab: usize) -> Result<Vec<Conversation>> {
+    read_stored(path, vocab).map(|(conversations, _)| conversations)
+}
+
+/// [`read_conversations`], and whether a torn last line was cut off.
+fn read_stored(path: &Path, vocab: usize) -> Result<(Vec<Conversation>, bool)> {
     let bytes = match std::fs::read(path) {
         Ok(bytes) => bytes,
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+            return Ok((Vec::new(), false));
+        }
         Err(error) => return Err(Error::io(path, error)),
     };
     let complete = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
@@ -551,7 +579,7 @@ pub fn read_conversations(path: &Path, vocab: usize) -> Result<Vec<Conversation>
         file.set_len(complete as u64)
             .map_err(|e| Error::io(path, e))?;
     }
-    Ok(conversations)
+    Ok((conversations, complete < bytes.len()))
 }
 
 pub fn conversations_path(work_dir: &Path) -> PathBuf {
