@@ -81,12 +81,24 @@ pub fn registry_url(host: &Registry) -> String {
         Some(bracketed) => bracketed.split(']').next().unwrap_or(bracketed),
         None => text.rsplit_once(':').map_or(text, |(name, _)| name),
     };
-    // Only an address of this machine: a name such as `127.example.com` is anyone's.
-    let local = name == "localhost"
+    format!(
+        "{}://{host}",
+        if is_this_machine(name) {
+            "http"
+        } else {
+            "https"
+        }
+    )
+}
+
+/// Whether a host name (without port; an IPv6 address bracketed or not) is this machine's.
+/// Only an address of this machine: a name such as `127.example.com` is anyone's.
+pub fn is_this_machine(name: &str) -> bool {
+    let name = name.trim_start_matches('[').trim_end_matches(']');
+    name == "localhost"
         || name
             .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback());
-    format!("{}://{host}", if local { "http" } else { "https" })
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// One spelling per registry (`HTTP://Host:443/` → `http://host:443`, `https://h:443` →

@@ -3,7 +3,7 @@
 //! Tensors are `layers.{i}.keys` and `layers.{i}.values`, each `[kv_heads, tokens, head_dim]` in
 //! the header's dtype, little-endian. The safetensors metadata holds one entry, `cartridge`, whose
 //! value is the JSON [`Header`]: format version, model fingerprint, dtype, token counts, the
-//! blake3 digest of the payload and free-form provenance.
+//! blake3 digest of the payload and free-form provenance, sealed by the digest of those fields.
 //!
 //! The payload is the concatenation, in layer order, of each layer's keys then values. It is
 //! defined independently of where safetensors places the tensors in the file, and it is exactly
@@ -152,6 +152,10 @@ pub enum FormatError {
     },
     #[error("payload digest mismatch: the header says {expected}, the tensors hash to {actual}")]
     DigestMismatch { expected: Digest, actual: Digest },
+    #[error(
+        "the cartridge header is corrupt: it says it hashes to {expected}, it hashes to {actual}"
+    )]
+    HeaderDigestMismatch { expected: Digest, actual: Digest },
 }
 
 /// The bytes of a cartridge file: a read-only memory map, or a buffer already in memory.
@@ -441,9 +445,48 @@ fn parse_header(metadata: &safetensors::tensor::Metadata) -> Result<Header, Form
             found: versioned.format_version,
         });
     }
-    let header: Header = serde_json::from_str(json).map_err(bad)?;
+    let mut value: serde_json::Value = serde_json::from_str(json).map_err(bad)?;
+    // Files written before the header carried its digest have none: their header is read as
+    // it is.
+    if let Some(sealed) = value
+        .as_object_mut()
+        .and_then(|fields| fields.remove(HEADER_DIGEST))
+    {
+        let expected: Digest = serde_json::from_value(sealed).map_err(bad)?;
+        let actual = header_digest(&value);
+        if actual != expected {
+            return Err(FormatError::HeaderDigestMismatch { expected, actual });
+        }
+    }
+    let header: Header = serde_json::from_value(value).map_err(bad)?;
     header.check()?;
     Ok(header)
+}
+
+/// The field of the stored header JSON that holds the blake3 digest of the rest of it (the
+/// payload digest covers only the tensors): a flipped byte in the header is found too.
+const HEADER_DIGEST: &str = "header_digest";
+
+/// The digest of a header's fields as JSON, in the order serde_json gives a parsed object (so
+/// the text written and the text read back hash alike).
+fn header_digest(fields: &serde_json::Value) -> Digest {
+    Digest::of(fields.to_string().as_bytes())
+}
+
+/// The header's JSON as stored: its fields and their digest.
+fn sealed_json(header: &Header) -> Result<String, FormatError> {
+    let bad = |e: serde_json::Error| FormatError::BadHeader {
+        detail: e.to_string(),
+    };
+    let mut value = serde_json::to_value(header).map_err(bad)?;
+    let digest = header_digest(&value);
+    if let Some(fields) = value.as_object_mut() {
+        fields.insert(
+            HEADER_DIGEST.to_owned(),
+            serde_json::to_value(digest).map_err(bad)?,
+        );
+    }
+    Ok(value.to_string())
 }
 
 /// Refuses JSON naming a key twice in one object, at any depth: serde_json keeps the last, other
@@ -635,9 +678,7 @@ pub fn write(
             )
         })
     });
-    let json = serde_json::to_string(&header).map_err(|e| FormatError::BadHeader {
-        detail: e.to_string(),
-    })?;
+    let json = sealed_json(&header)?;
     let metadata = std::collections::HashMap::from([(METADATA_KEY.to_owned(), json)]);
     let written = |source| FormatError::Write {
         path: path.to_owned(),

@@ -74,7 +74,12 @@ pub fn run(args: ImportArgs) -> Result<()> {
 }
 
 /// A reference cache's pickle is a few kilobytes per layer; its tensors are stored beside it.
-const MAX_PICKLE_BYTES: u64 = 16 << 20;
+const MAX_PICKLE_BYTES: u64 = 1 << 20;
+
+/// Most objects a pickle may build (tuples, lists, dicts, reductions): a reference cache builds
+/// about eight a tensor, four tensors a layer. The cap also bounds how deeply objects nest, which
+/// dropping or printing them walks on the stack.
+const MAX_BUILT: usize = 20_000;
 
 /// How many bytes of objects the pickle's memo may copy in all. candle's reader copies an object
 /// each time it is memoized and each time it is reused, so forty nested pairs of one object, a
@@ -90,9 +95,21 @@ const MAX_COPIED_BYTES: usize = 64 << 20;
 fn read_pickle<R: std::io::BufRead>(reader: &mut R) -> Result<Object> {
     let malformed = "malformed pickle in data.pkl";
     let mut stack = Stack::empty();
-    let mut copied = 0;
+    let (mut copied, mut built) = (0, 0);
     loop {
         let opcode = reader.fill_buf().context(malformed)?.first().copied();
+        // TUPLE, TUPLE1-3, EMPTY_TUPLE, LIST, EMPTY_LIST, DICT, EMPTY_DICT, REDUCE, BUILD,
+        // NEWOBJ, BINPERSID.
+        if let Some(
+            b't' | 0x85..=0x87 | b')' | b'l' | b']' | b'd' | b'}' | b'R' | b'b' | 0x81 | b'Q',
+        ) = opcode
+        {
+            built += 1;
+            ensure!(
+                built <= MAX_BUILT,
+                "data.pkl builds more than {MAX_BUILT} objects: not a reference cache"
+            );
+        }
         if stack.read(reader).context(malformed)? {
             break;
         }
@@ -106,6 +123,33 @@ fn read_pickle<R: std::io::BufRead>(reader: &mut R) -> Result<Object> {
         }
     }
     stack.finalize().context(malformed)
+}
+
+/// `object` as Debug prints it, cut after 200 characters: a file's object may be huge, and
+/// printing it whole would flood the error (and walk all of it).
+fn shown(object: &Object) -> String {
+    use std::fmt::Write;
+    struct Capped(String);
+    impl Write for Capped {
+        fn write_str(&mut self, text: &str) -> std::fmt::Result {
+            let room = 200usize.saturating_sub(self.0.len());
+            if text.len() <= room {
+                self.0.push_str(text);
+                return Ok(());
+            }
+            let cut = (0..=room)
+                .rev()
+                .find(|&i| text.is_char_boundary(i))
+                .unwrap_or(0);
+            self.0.push_str(&text[..cut]);
+            Err(std::fmt::Error)
+        }
+    }
+    let mut capped = Capped(String::new());
+    if write!(capped, "{object:?}").is_err() {
+        capped.0.push('…');
+    }
+    capped.0
 }
 
 /// About the bytes `object` takes in memory (each object, and its text), counted up to `limit`.
@@ -400,7 +444,8 @@ fn parameter_list(object: Object, data_dir: &Path) -> Result<Vec<TensorInfo>> {
             };
             ensure!(
                 matches!(&*class, Object::Class { class_name, .. } if class_name == "ParameterList"),
-                "expected a ParameterList, found {class:?}"
+                "expected a ParameterList, found {}",
+                shown(&class)
             );
             let Object::Dict(state) = *args else {
                 bail!("ParameterList state is not a dict")
@@ -428,7 +473,7 @@ fn parameter_list(object: Object, data_dir: &Path) -> Result<Vec<TensorInfo>> {
         Object::List(items) => items.into_iter().enumerate().collect(),
         // An empty ParameterList (nothing frozen) can also pickle as an empty dict.
         Object::Dict(entries) if entries.is_empty() => Vec::new(),
-        other => bail!("expected a ParameterList, found {other:?}"),
+        other => bail!("expected a ParameterList, found {}", shown(&other)),
     };
     let mut items = items;
     // SETITEMS pushes pairs in reverse; order by the index the names carry.

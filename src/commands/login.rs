@@ -4,7 +4,7 @@ use anyhow::{Context, Result, bail};
 use cartridge_client::Client;
 use clap::Args;
 
-use crate::config::{Config, RegistryConfig, normalize};
+use crate::config::{Config, RegistryConfig, is_this_machine, normalize};
 use cartridge_schemas::paths::Paths;
 
 /// Save a token for a registry and make it the default. The token is read from
@@ -33,6 +33,15 @@ pub fn run(args: LoginArgs) -> Result<()> {
     };
     if token.is_empty() {
         bail!("no token: pipe one to standard input or set CARTRIDGE_TOKEN");
+    }
+    // A laptop's or a private network's registry may speak plain HTTP; say what that costs.
+    if let Ok(parsed) = url::Url::parse(&url)
+        && parsed.scheme() == "http"
+        && !parsed.host_str().is_some_and(is_this_machine)
+    {
+        eprintln!(
+            "warning: {url} is plain HTTP: the token crosses the network unencrypted with every request"
+        );
     }
     let client = Client::new(&url, Some(token.clone()))?;
     // Any authenticated call proves the token; listing namespaces needs no particular scope.

@@ -147,8 +147,9 @@ fn import_refuses_the_wrong_model_and_non_caches() {
 }
 
 /// Pickles of a few hundred bytes that nest forty pairs of one object (2^40 copies in candle's
-/// reader), of a megabyte that memoizes a list after each of its appends (quadratic), or that
-/// reuse a long string hundreds of times, are refused, not read until memory runs out.
+/// reader), that memoizes a list after each of its appends (quadratic), that reuse a long
+/// string hundreds of times, or that nest objects without end, are refused, not read until
+/// memory or the stack runs out.
 #[test]
 fn import_refuses_a_pickle_that_expands_without_end() {
     use std::io::Write;
@@ -159,26 +160,31 @@ fn import_refuses_a_pickle_that_expands_without_end() {
         nested.extend([b'h', level, b'h', level, 0x86, b'q', level + 1]);
     }
     nested.push(b'.');
-    // EMPTY_LIST, then 200 000 times: NONE, APPEND, LONG_BINPUT i.
+    // EMPTY_LIST, then 100 000 times: NONE, APPEND, LONG_BINPUT i.
     let mut appended = vec![0x80, 2, b']'];
-    for i in 0..200_000u32 {
+    for i in 0..100_000u32 {
         appended.extend([b'N', b'a', b'r']);
         appended.extend(i.to_le_bytes());
     }
     appended.push(b'.');
-    // A 4 MiB string memoized, then reused 300 times (1.2 GB of copies).
+    // A 512 KiB string memoized, then reused 300 times (150 MB of copies).
     let mut reused = vec![0x80, 2, b'X'];
-    reused.extend((4u32 << 20).to_le_bytes());
-    reused.extend(std::iter::repeat_n(b'a', 4 << 20));
+    reused.extend((512u32 << 10).to_le_bytes());
+    reused.extend(std::iter::repeat_n(b'a', 512 << 10));
     reused.extend([b'q', 0]);
     for _ in 0..300 {
         reused.extend([b'h', 0]);
     }
     reused.push(b'.');
-    for (name, pickle) in [
-        ("nested", nested),
-        ("appended", appended),
-        ("reused", reused),
+    // None wrapped in 300 000 one-tuples (TUPLE1): dropping it alone would overflow the stack.
+    let mut deep = vec![0x80, 2, b'N'];
+    deep.extend(std::iter::repeat_n(0x85, 300_000));
+    deep.push(b'.');
+    for (name, pickle, refusal) in [
+        ("nested", nested, "of its objects over"),
+        ("appended", appended, "of its objects over"),
+        ("reused", reused, "of its objects over"),
+        ("deep", deep, "builds more than 20000 objects"),
     ] {
         let file = format!("{name}.pt");
         let mut zip = zip::ZipWriter::new(std::fs::File::create(dir.path().join(&file)).unwrap());
@@ -199,7 +205,7 @@ fn import_refuses_a_pickle_that_expands_without_end() {
             ],
         )
         .fails();
-        assert!(err.contains("of its objects over"), "{name}: {err}");
+        assert!(err.contains(refusal), "{name}: {err}");
     }
 }
 
@@ -420,6 +426,20 @@ fn verify_names_each_defect() {
     let err = verify_fails(dir.path(), "flipped.safetensors", &flipped);
     assert!(
         err.contains("flipped.safetensors: payload digest mismatch"),
+        "{err}"
+    );
+
+    // A byte of the header flipped (the frozen tokens, 1 to 3) is found by the header's digest.
+    let field = br#"\"frozen_tokens\":1"#;
+    let at = bytes
+        .windows(field.len())
+        .position(|w| w == field)
+        .expect("the header names its frozen tokens");
+    let mut refrozen = bytes.clone();
+    refrozen[at + field.len() - 1] = b'3';
+    let err = verify_fails(dir.path(), "refrozen.safetensors", &refrozen);
+    assert!(
+        err.contains("refrozen.safetensors: the cartridge header is corrupt"),
         "{err}"
     );
 
