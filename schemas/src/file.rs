@@ -23,7 +23,10 @@ use crate::digest::Digest;
 use crate::dtype::Dtype;
 use crate::fingerprint::ModelFingerprint;
 
-pub const FORMAT_VERSION: u32 = 1;
+/// The version this build writes. It reads every version from [`OLDEST_VERSION`]: version 1
+/// headers are the same but for `header_digest`, which they lack.
+pub const FORMAT_VERSION: u32 = 2;
+pub const OLDEST_VERSION: u32 = 1;
 /// The safetensors metadata key that holds the [`Header`].
 pub const METADATA_KEY: &str = "cartridge";
 
@@ -70,7 +73,7 @@ impl Header {
 
     /// Checks the header on its own: version, dimensions and token counts.
     pub fn check(&self) -> Result<(), FormatError> {
-        if self.format_version != FORMAT_VERSION {
+        if !(OLDEST_VERSION..=FORMAT_VERSION).contains(&self.format_version) {
             return Err(FormatError::UnsupportedVersion {
                 found: u64::from(self.format_version),
             });
@@ -119,7 +122,7 @@ pub enum FormatError {
     #[error("not a cartridge: the safetensors metadata has no '{METADATA_KEY}' entry")]
     NotACartridge,
     #[error(
-        "unsupported cartridge format version {found} (this build reads version {FORMAT_VERSION})"
+        "unsupported cartridge format version {found} (this build reads versions {OLDEST_VERSION} to {FORMAT_VERSION})"
     )]
     UnsupportedVersion { found: u64 },
     #[error("invalid cartridge header: {detail}")]
@@ -440,22 +443,33 @@ fn parse_header(metadata: &safetensors::tensor::Metadata) -> Result<Header, Form
     };
     unique_keys(json).map_err(bad)?;
     let versioned: Versioned = serde_json::from_str(json).map_err(bad)?;
-    if versioned.format_version != u64::from(FORMAT_VERSION) {
+    if !(u64::from(OLDEST_VERSION)..=u64::from(FORMAT_VERSION)).contains(&versioned.format_version)
+    {
         return Err(FormatError::UnsupportedVersion {
             found: versioned.format_version,
         });
     }
     let mut value: serde_json::Value = serde_json::from_str(json).map_err(bad)?;
-    // Files written before the header carried its digest have none: their header is read as
-    // it is.
-    if let Some(sealed) = value
+    let sealed = value
         .as_object_mut()
-        .and_then(|fields| fields.remove(HEADER_DIGEST))
-    {
-        let expected: Digest = serde_json::from_value(sealed).map_err(bad)?;
-        let actual = header_digest(&value);
-        if actual != expected {
-            return Err(FormatError::HeaderDigestMismatch { expected, actual });
+        .and_then(|fields| fields.remove(HEADER_DIGEST));
+    match (versioned.format_version, sealed) {
+        // Version 1, made before headers carried their digest.
+        (1, None) => {}
+        (_, Some(sealed)) if versioned.format_version > 1 => {
+            let expected: Digest = serde_json::from_value(sealed).map_err(bad)?;
+            let actual = header_digest(&value).map_err(bad)?;
+            if actual != expected {
+                return Err(FormatError::HeaderDigestMismatch { expected, actual });
+            }
+        }
+        (version, _) => {
+            return Err(FormatError::BadHeader {
+                detail: format!(
+                    "a version {version} header {} {HEADER_DIGEST}",
+                    if version == 1 { "has no" } else { "lacks its" }
+                ),
+            });
         }
     }
     let header: Header = serde_json::from_value(value).map_err(bad)?;
@@ -463,28 +477,29 @@ fn parse_header(metadata: &safetensors::tensor::Metadata) -> Result<Header, Form
     Ok(header)
 }
 
-/// The field of the stored header JSON that holds the blake3 digest of the rest of it (the
-/// payload digest covers only the tensors): a flipped byte in the header is found too.
+/// The field of the stored header JSON (from version 2) that holds the blake3 of the rest of
+/// it, as canonical JSON: the payload digest covers only the tensors, this the header.
 const HEADER_DIGEST: &str = "header_digest";
 
-/// The digest of a header's fields as JSON, in the order serde_json gives a parsed object (so
-/// the text written and the text read back hash alike).
-fn header_digest(fields: &serde_json::Value) -> Digest {
-    Digest::of(fields.to_string().as_bytes())
+fn header_digest(fields: &serde_json::Value) -> serde_json::Result<Digest> {
+    crate::canonical::canonical_digest(fields)
 }
 
-/// The header's JSON as stored: its fields and their digest.
-fn sealed_json(header: &Header) -> Result<String, FormatError> {
+/// The JSON a file's `cartridge` metadata entry holds for `header`: its fields and, from
+/// version 2, their digest.
+pub fn header_json(header: &Header) -> Result<String, FormatError> {
     let bad = |e: serde_json::Error| FormatError::BadHeader {
         detail: e.to_string(),
     };
     let mut value = serde_json::to_value(header).map_err(bad)?;
-    let digest = header_digest(&value);
-    if let Some(fields) = value.as_object_mut() {
-        fields.insert(
-            HEADER_DIGEST.to_owned(),
-            serde_json::to_value(digest).map_err(bad)?,
-        );
+    if header.format_version > 1 {
+        let digest = header_digest(&value).map_err(bad)?;
+        if let Some(fields) = value.as_object_mut() {
+            fields.insert(
+                HEADER_DIGEST.to_owned(),
+                serde_json::to_value(digest).map_err(bad)?,
+            );
+        }
     }
     Ok(value.to_string())
 }
@@ -678,7 +693,7 @@ pub fn write(
             )
         })
     });
-    let json = sealed_json(&header)?;
+    let json = header_json(&header)?;
     let metadata = std::collections::HashMap::from([(METADATA_KEY.to_owned(), json)]);
     let written = |source| FormatError::Write {
         path: path.to_owned(),
@@ -1001,7 +1016,7 @@ pub(crate) mod tests {
             .collect();
         let metadata = std::collections::HashMap::from([(
             METADATA_KEY.to_owned(),
-            serde_json::to_string(header).unwrap(),
+            header_json(header).unwrap(),
         )]);
         safetensors::serialize(views, Some(metadata)).unwrap()
     }
@@ -1065,10 +1080,34 @@ pub(crate) mod tests {
         );
 
         let mut newer = header.clone();
-        newer.format_version = 2;
+        newer.format_version = FORMAT_VERSION + 1;
         assert!(
-            open_err(raw_file(&newer, good.clone()))
-                .starts_with("unsupported cartridge format version 2")
+            open_err(raw_file(&newer, good.clone())).starts_with(&format!(
+                "unsupported cartridge format version {}",
+                FORMAT_VERSION + 1
+            ))
+        );
+        // Version 1, without the header's digest, is read; version 2 is not without it.
+        let mut older = header.clone();
+        older.format_version = 1;
+        Cartridge::from_bytes(raw_file(&older, good.clone())).unwrap();
+        let views = good.iter().map(|(name, dtype, shape, data)| {
+            let tensor = TensorRef {
+                dtype: *dtype,
+                shape,
+                data,
+            };
+            (name.clone(), tensor)
+        });
+        let unsealed = std::collections::HashMap::from([(
+            METADATA_KEY.to_owned(),
+            serde_json::to_string(&header).unwrap(),
+        )]);
+        let unsealed = safetensors::serialize(views, Some(unsealed)).unwrap();
+        assert!(
+            open_err(unsealed).contains("a version 2 header lacks its header_digest"),
+            "{}",
+            FORMAT_VERSION
         );
 
         let mut frozen = header.clone();

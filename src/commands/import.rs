@@ -76,8 +76,9 @@ pub fn run(args: ImportArgs) -> Result<()> {
 /// A reference cache's pickle is a few kilobytes per layer; its tensors are stored beside it.
 const MAX_PICKLE_BYTES: u64 = 1 << 20;
 
-/// Most objects a pickle may build (tuples, lists, dicts, reductions): a reference cache builds
-/// about eight a tensor, four tensors a layer. The cap also bounds how deeply objects nest, which
+/// Most objects a pickle may build or put in one another (tuples, lists, dicts, reductions, and
+/// each append or item set): a reference cache takes about a dozen a tensor, four tensors a
+/// layer, so this is some 400 layers. The cap also bounds how deeply objects nest, which
 /// dropping or printing them walks on the stack.
 const MAX_BUILT: usize = 20_000;
 
@@ -99,9 +100,24 @@ fn read_pickle<R: std::io::BufRead>(reader: &mut R) -> Result<Object> {
     loop {
         let opcode = reader.fill_buf().context(malformed)?.first().copied();
         // TUPLE, TUPLE1-3, EMPTY_TUPLE, LIST, EMPTY_LIST, DICT, EMPTY_DICT, REDUCE, BUILD,
-        // NEWOBJ, BINPERSID.
+        // NEWOBJ, BINPERSID, APPEND, APPENDS, SETITEM, SETITEMS: every step that makes an
+        // object or puts one inside another.
         if let Some(
-            b't' | 0x85..=0x87 | b')' | b'l' | b']' | b'd' | b'}' | b'R' | b'b' | 0x81 | b'Q',
+            b't'
+            | 0x85..=0x87
+            | b')'
+            | b'l'
+            | b']'
+            | b'd'
+            | b'}'
+            | b'R'
+            | b'b'
+            | 0x81
+            | b'Q'
+            | b'a'
+            | b'e'
+            | b's'
+            | b'u',
         ) = opcode
         {
             built += 1;

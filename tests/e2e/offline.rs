@@ -180,11 +180,21 @@ fn import_refuses_a_pickle_that_expands_without_end() {
     let mut deep = vec![0x80, 2, b'N'];
     deep.extend(std::iter::repeat_n(0x85, 300_000));
     deep.push(b'.');
+    // An empty list memoized, 300 000 copies of it, each appended into the one below it.
+    let mut appended_deep = vec![0x80, 2, b']', b'q', 0];
+    appended_deep.extend(std::iter::repeat_n([b'h', 0], 300_000).flatten());
+    appended_deep.extend(std::iter::repeat_n(b'a', 300_000));
+    appended_deep.push(b'.');
     for (name, pickle, refusal) in [
         ("nested", nested, "of its objects over"),
         ("appended", appended, "of its objects over"),
         ("reused", reused, "of its objects over"),
         ("deep", deep, "builds more than 20000 objects"),
+        (
+            "appended_deep",
+            appended_deep,
+            "builds more than 20000 objects",
+        ),
     ] {
         let file = format!("{name}.pt");
         let mut zip = zip::ZipWriter::new(std::fs::File::create(dir.path().join(&file)).unwrap());
@@ -480,7 +490,7 @@ fn verify_names_each_defect() {
         .collect();
     let metadata = std::collections::HashMap::from([(
         "cartridge".to_owned(),
-        serde_json::to_string(header).unwrap(),
+        cartridge_schemas::file::header_json(header).unwrap(),
     )]);
     let reshaped = safetensors::serialize(views, Some(metadata)).unwrap();
     let err = verify_fails(dir.path(), "shape.safetensors", &reshaped);

@@ -164,6 +164,19 @@ struct Provenance {
 /// are read as plain text, never as the template's control tokens (2).
 pub(crate) const PROMPT_FORMAT: u32 = 2;
 
+/// Replaces a conversations file with `conversations`, whole or not at all.
+fn rewrite_conversations(path: &Path, conversations: &[Conversation]) -> Result<()> {
+    let mut lines = Vec::new();
+    for conversation in conversations {
+        serde_json::to_writer(&mut lines, conversation).map_err(|e| Error::Data(e.to_string()))?;
+        lines.push(b'\n');
+    }
+    let partial = path.with_extension("jsonl.partial");
+    std::fs::write(&partial, lines)
+        .and_then(|()| std::fs::rename(&partial, path))
+        .map_err(|e| Error::io(path, e))
+}
+
 /// Records what makes a conversations file, whole or not at all: a torn record would block
 /// every later run in its directory.
 fn write_provenance(meta_path: &Path, provenance: &Provenance) -> Result<()> {
@@ -279,7 +292,7 @@ pub fn synthesize(
         prompt_format: PROMPT_FORMAT,
     };
     let meta_path = path.with_extension("meta.json");
-    let (mut conversations, torn) = match std::fs::read_to_string(&meta_path) {
+    let mut conversations = match std::fs::read_to_string(&meta_path) {
         Err(error) if error.kind() != std::io::ErrorKind::NotFound => {
             return Err(Error::io(&meta_path, error));
         }
@@ -308,8 +321,16 @@ pub fn synthesize(
                 write_provenance(&meta_path, &provenance)?;
             }
             let (mut conversations, torn) = read_stored(path, model.llama.config.vocab)?;
+            if torn {
+                // A batch is written at once: a torn last line means the last batch may lack
+                // its end. It goes whole, to be made again as it was (should this run stop too,
+                // the next finds only whole batches).
+                let last = conversations.iter().map(|c| c.batch).max();
+                conversations.retain(|c| Some(c.batch) != last);
+                rewrite_conversations(path, &conversations)?;
+            }
             conversations.truncate(options.conversations);
-            (conversations, torn)
+            conversations
         }
         Err(_) => {
             // Conversations without the record of what made them are no run's to resume, nor
@@ -325,7 +346,7 @@ pub fn synthesize(
                 std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
             }
             write_provenance(&meta_path, &provenance)?;
-            (Vec::new(), false)
+            Vec::new()
         }
     };
     let mut file = std::fs::OpenOptions::new()
@@ -333,25 +354,12 @@ pub fn synthesize(
         .append(true)
         .open(path)
         .map_err(|e| Error::io(path, e))?;
-    // Each batch draws from its own seed, so a resumed run continues the same sequence. A batch
-    // is written at once; a torn last line means the last batch may lack its end, so it is made
-    // again and what is stored of it skipped.
-    let last = conversations.iter().map(|c| c.batch).max();
-    let (mut batch_index, mut skip) = match last {
-        Some(last) if torn => (
-            last,
-            conversations.iter().filter(|c| c.batch == last).count(),
-        ),
-        Some(last) => (last + 1, 0),
-        None => (0, 0),
-    };
+    // Each batch draws from its own seed, so a resumed run continues the same sequence.
+    let mut batch_index = conversations.iter().map(|c| c.batch + 1).max().unwrap_or(0);
     progress(conversations.len(), options.conversations);
     let mut barren = 0;
     while conversations.len() < options.conversations {
         let before = conversations.len();
-        // What this batch makes is what it made the first time: the count is the one asked
-        // for then.
-        let remade = skip;
         let mut rng = rand::rngs::StdRng::seed_from_u64(
             options.seed ^ batch_index.wrapping_mul(0x9e37_79b9_7f4a_7c15),
         );
@@ -370,7 +378,7 @@ pub fn synthesize(
         );
         let count = options
             .per_chunk
-            .min(options.conversations - (conversations.len() - remade))
+            .min(options.conversations - conversations.len())
             .max(1);
         let seeds: Vec<SeedKind> = (0..count)
             .map(|_| {
@@ -443,10 +451,6 @@ pub fn synthesize(
             if conversation.assistant.is_empty() {
                 continue;
             }
-            if skip > 0 {
-                skip -= 1;
-                continue;
-            }
             serde_json::to_writer(&mut lines, &conversation)
                 .map_err(|e| Error::Data(e.to_string()))?;
             lines.push(b'\n');
@@ -455,12 +459,10 @@ pub fn synthesize(
                 break;
             }
         }
-        // Only the batch made again skips (should it make fewer than before).
-        skip = 0;
         file.write_all(&lines)
             .and_then(|()| file.flush())
             .map_err(|e| Error::io(path, e))?;
-        barren = if conversations.len() > before || remade > 0 {
+        barren = if conversations.len() > before {
             0
         } else {
             barren + 1
@@ -547,10 +549,15 @@ impl Conversation {
 /// run cut off (no newline) is dropped from the file, so appends start on a line boundary; any
 /// other unreadable line is an error.
 pub fn read_conversations(path: &Path, vocab: usize) -> Result<Vec<Conversation>> {
-    read_stored(path, vocab).map(|(conversations, _)| conversations)
+    let (conversations, torn) = read_stored(path, vocab)?;
+    if torn {
+        rewrite_conversations(path, &conversations)?;
+    }
+    Ok(conversations)
 }
 
-/// [`read_conversations`], and whether a torn last line was cut off.
+/// The whole lines of a conversations file, and whether a torn last line follows them (the file
+/// is left as it is).
 fn read_stored(path: &Path, vocab: usize) -> Result<(Vec<Conversation>, bool)> {
     let bytes = match std::fs::read(path) {
         Ok(bytes) => bytes,
@@ -570,14 +577,6 @@ fn read_stored(path: &Path, vocab: usize) -> Result<(Vec<Conversation>, bool)> {
             .and_then(|c: Conversation| c.check(vocab).map(|()| c))
             .map_err(|e| Error::Data(format!("{}:{}: {e}", path.display(), number + 1)))?;
         conversations.push(conversation);
-    }
-    if complete < bytes.len() {
-        let file = std::fs::OpenOptions::new()
-            .write(true)
-            .open(path)
-            .map_err(|e| Error::io(path, e))?;
-        file.set_len(complete as u64)
-            .map_err(|e| Error::io(path, e))?;
     }
     Ok((conversations, complete < bytes.len()))
 }
