@@ -505,8 +505,10 @@ fn parameter_list(object: Object, data_dir: &Path) -> Result<Vec<TensorInfo>> {
         .into_iter()
         .map(|(index, value)| {
             check_rebuild_args(&value).with_context(|| format!("parameter {index}"))?;
+            // candle's own errors print the object whole, which a file may make huge.
             value
-                .into_tensor_info(Object::Unicode(index.to_string()), data_dir)?
+                .into_tensor_info(Object::Unicode(index.to_string()), data_dir)
+                .map_err(|_| anyhow::anyhow!("parameter {index}: malformed tensor arguments"))?
                 .with_context(|| format!("parameter {index} is not a tensor"))
         })
         .collect()
