@@ -416,6 +416,15 @@ impl Gpu {
         };
         let (allocate, free) = allocation_times(len)?;
         let (allocate_composed, free_composed) = allocation_times(4 * len)?;
+        // What a decode spends on its page-locked staging buffer before its first chunk.
+        let mut pinned = Vec::new();
+        for _ in 0..3 {
+            let started = std::time::Instant::now();
+            let buffer = self.pinned(len)?;
+            pinned.push(started.elapsed().as_secs_f64());
+            drop(buffer);
+        }
+        pinned.sort_by(f64::total_cmp);
         Ok(Ceilings {
             host_to_device: host,
             device_to_device: device,
@@ -424,6 +433,7 @@ impl Gpu {
             free,
             allocate_composed,
             free_composed,
+            allocate_pinned: pinned[1],
         })
     }
 
@@ -442,7 +452,8 @@ impl Gpu {
 /// A GPU's copy bandwidths in bytes per second (page-locked host to device, device to device,
 /// and a composition's strided copies into a buffer allocated beforehand), and the seconds to
 /// allocate a buffer with its IPC handle (as a load does that finds no kept allocation of its
-/// size) and to free it, for a cartridge and for a composition of four.
+/// size) and to free it, for a cartridge and for a composition of four, and to allocate a
+/// cartridge's page-locked staging buffer.
 pub struct Ceilings {
     pub host_to_device: f64,
     pub device_to_device: f64,
@@ -451,6 +462,7 @@ pub struct Ceilings {
     pub free: f64,
     pub allocate_composed: f64,
     pub free_composed: f64,
+    pub allocate_pinned: f64,
 }
 
 /// Waits for the copies enqueued while it lives before the memory they touch can be freed, also

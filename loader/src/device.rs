@@ -156,6 +156,7 @@ impl Device {
                 "free_ms": ceilings.free * 1e3,
                 "allocate_composed_ms": ceilings.allocate_composed * 1e3,
                 "free_composed_ms": ceilings.free_composed * 1e3,
+                "allocate_pinned_ms": ceilings.allocate_pinned * 1e3,
             }))
         }
         #[cfg(not(feature = "cuda"))]

@@ -33,8 +33,9 @@ enum Command {
     /// Serve the loader API until Ctrl-C or SIGTERM.
     Serve(Box<ServeArgs>),
     /// Measure this machine's copy bandwidths into and within a GPU (plain, and a composition's
-    /// strided copies), and the time to allocate and free a buffer of SIZE and one of four times
-    /// SIZE (JSON on stdout): the ceilings of the loader's own loads and compositions.
+    /// strided copies), the time to allocate and free a buffer of SIZE and one of four times
+    /// SIZE, and to allocate SIZE of page-locked host memory (JSON on stdout): the ceilings of
+    /// the loader's own loads and compositions.
     Bandwidth {
         /// The GPU: `cuda` or `cuda:N`.
         #[arg(long, default_value = "cuda")]
