@@ -151,12 +151,12 @@ impl Device {
                 "bytes": len,
                 "pinned_host_to_device_gb_per_s": ceilings.host_to_device / 1e9,
                 "device_to_device_gb_per_s": ceilings.device_to_device / 1e9,
-                "compose_copies_gb_per_s": ceilings.compose / 1e9,
+                "compose_copies_gb_per_s": ceilings.compose.map(|rate| rate / 1e9),
                 "allocate_ms": ceilings.allocate * 1e3,
                 "free_ms": ceilings.free * 1e3,
-                "allocate_composed_ms": ceilings.allocate_composed * 1e3,
-                "free_composed_ms": ceilings.free_composed * 1e3,
-                "allocate_pinned_ms": ceilings.allocate_pinned * 1e3,
+                "allocate_composed_ms": ceilings.allocate_composed.map(|s| s * 1e3),
+                "free_composed_ms": ceilings.free_composed.map(|s| s * 1e3),
+                "allocate_pinned_ms": ceilings.allocate_pinned.map(|s| s * 1e3),
             }))
         }
         #[cfg(not(feature = "cuda"))]

@@ -456,19 +456,24 @@ fn parse_header(metadata: &safetensors::tensor::Metadata) -> Result<Header, Form
     match (versioned.format_version, sealed) {
         // Version 1, made before headers carried their digest.
         (1, None) => {}
-        (_, Some(sealed)) if versioned.format_version > 1 => {
+        (1, Some(_)) => {
+            return Err(FormatError::BadHeader {
+                detail: format!(
+                    "a version 1 header carries a {HEADER_DIGEST}, which only later versions have"
+                ),
+            });
+        }
+        // The range was checked above: any other version is a later one.
+        (_, Some(sealed)) => {
             let expected: Digest = serde_json::from_value(sealed).map_err(bad)?;
             let actual = header_digest(&value).map_err(bad)?;
             if actual != expected {
                 return Err(FormatError::HeaderDigestMismatch { expected, actual });
             }
         }
-        (version, _) => {
+        (version, None) => {
             return Err(FormatError::BadHeader {
-                detail: format!(
-                    "a version {version} header {} {HEADER_DIGEST}",
-                    if version == 1 { "has no" } else { "lacks its" }
-                ),
+                detail: format!("a version {version} header lacks its {HEADER_DIGEST}"),
             });
         }
     }
@@ -1104,10 +1109,10 @@ pub(crate) mod tests {
             serde_json::to_string(&header).unwrap(),
         )]);
         let unsealed = safetensors::serialize(views, Some(unsealed)).unwrap();
+        let err = open_err(unsealed);
         assert!(
-            open_err(unsealed).contains("a version 2 header lacks its header_digest"),
-            "{}",
-            FORMAT_VERSION
+            err.contains("a version 2 header lacks its header_digest"),
+            "{err}"
         );
 
         let mut frozen = header.clone();

@@ -505,17 +505,16 @@ fn parameter_list(object: Object, data_dir: &Path) -> Result<Vec<TensorInfo>> {
         .into_iter()
         .map(|(index, value)| {
             check_rebuild_args(&value).with_context(|| format!("parameter {index}"))?;
-            // candle's own errors print the object whole, which a file may make huge.
             value
-                .into_tensor_info(Object::Unicode(index.to_string()), data_dir)
-                .map_err(|_| anyhow::anyhow!("parameter {index}: malformed tensor arguments"))?
+                .into_tensor_info(Object::Unicode(index.to_string()), data_dir)?
                 .with_context(|| format!("parameter {index} is not a tensor"))
         })
         .collect()
 }
 
 /// candle indexes the rebuild arguments without checking their count (a malformed file would
-/// panic there), so their shape is checked first.
+/// panic there), and a conversion it fails prints the object whole (which a file may make huge
+/// or deep), so their count and kinds are checked first.
 fn check_rebuild_args(object: &Object) -> Result<()> {
     let mut object = object;
     loop {
@@ -543,9 +542,18 @@ fn check_rebuild_args(object: &Object) -> Result<()> {
                 let Object::PersistentLoad(storage) = &args[0] else {
                     bail!("tensor storage is not a persistent id")
                 };
+                let integer = |o: &Object| matches!(o, Object::Int(_) | Object::Long(_));
+                let dimensions = |o: &Object| matches!(o, Object::Tuple(items) if items.iter().all(|i| matches!(i, Object::Int(n) if *n >= 0)));
                 ensure!(
-                    matches!(&**storage, Object::Tuple(fields) if fields.len() == 5),
+                    matches!(&**storage, Object::Tuple(fields) if fields.len() == 5
+                        && matches!(fields[1], Object::Class { .. })
+                        && matches!(fields[2], Object::Unicode(_))
+                        && integer(&fields[4])),
                     "tensor storage id is not ('storage', class, key, location, size)"
+                );
+                ensure!(
+                    integer(&args[1]) && dimensions(&args[2]) && dimensions(&args[3]),
+                    "tensor arguments are not (storage, offset, size, stride, …)"
                 );
                 return Ok(());
             }

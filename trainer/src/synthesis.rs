@@ -164,7 +164,9 @@ struct Provenance {
 /// are read as plain text, never as the template's control tokens (2).
 pub(crate) const PROMPT_FORMAT: u32 = 2;
 
-/// Replaces a conversations file with `conversations`, whole or not at all.
+/// Replaces a conversations file with `conversations`, whole or not at all: the new text is on
+/// disk, with the old file's permissions, before it takes the old one's place (a crash then
+/// leaves one or the other, never an empty file).
 fn rewrite_conversations(path: &Path, conversations: &[Conversation]) -> Result<()> {
     let mut lines = Vec::new();
     for conversation in conversations {
@@ -172,9 +174,14 @@ fn rewrite_conversations(path: &Path, conversations: &[Conversation]) -> Result<
         lines.push(b'\n');
     }
     let partial = path.with_extension("jsonl.partial");
-    std::fs::write(&partial, lines)
-        .and_then(|()| std::fs::rename(&partial, path))
-        .map_err(|e| Error::io(path, e))
+    let written = || -> std::io::Result<()> {
+        let mut file = std::fs::File::create(&partial)?;
+        file.write_all(&lines)?;
+        file.set_permissions(std::fs::metadata(path)?.permissions())?;
+        file.sync_all()?;
+        std::fs::rename(&partial, path)
+    };
+    written().map_err(|e| Error::io(path, e))
 }
 
 /// Records what makes a conversations file, whole or not at all: a torn record would block
@@ -545,15 +552,11 @@ impl Conversation {
     }
 }
 
-/// Reads a conversations file written for a model of `vocab` tokens. A last line an interrupted
-/// run cut off (no newline) is dropped from the file, so appends start on a line boundary; any
-/// other unreadable line is an error.
+/// Reads a conversations file written for a model of `vocab` tokens, leaving it as it is. A last
+/// line an interrupted run cut off (no newline) is not read (a resumed synthesis drops it, with
+/// its batch); any other unreadable line is an error.
 pub fn read_conversations(path: &Path, vocab: usize) -> Result<Vec<Conversation>> {
-    let (conversations, torn) = read_stored(path, vocab)?;
-    if torn {
-        rewrite_conversations(path, &conversations)?;
-    }
-    Ok(conversations)
+    read_stored(path, vocab).map(|(conversations, _)| conversations)
 }
 
 /// The whole lines of a conversations file, and whether a torn last line follows them (the file

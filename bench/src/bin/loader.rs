@@ -298,11 +298,13 @@ fn main() -> Result<()> {
         report["load_from_host_tier"] = json!({"tier": answer["tier"], "seconds": host.as_secs_f64(), "gb_per_s": gb_per_s(payload, host), "share_of_pinned_host_to_device": gb_per_s(payload, host) / raw});
         report["compose_4"]["share_of_device_to_device"] = json!(compose_rate / within);
         // What share of the composed load its copies take; the rest is the request, the
-        // allocation (`allocate_composed_ms` above) and the handoff.
-        let copies = ceilings["compose_copies_gb_per_s"]
-            .as_f64()
-            .context("bandwidth")?;
-        report["compose_4"]["share_of_compose_copies"] = json!(compose_rate / copies);
+        // allocation (`allocate_composed_ms` above) and the handoff. (Null where the probe
+        // lacked the memory to measure the copies.)
+        report["compose_4"]["share_of_compose_copies"] = json!(
+            ceilings["compose_copies_gb_per_s"]
+                .as_f64()
+                .map(|copies| compose_rate / copies)
+        );
     } else {
         let memcpy = ceilings["memcpy_gb_per_s"].as_f64().context("memcpy")?;
         let fresh = ceilings["copy_into_fresh_shm_gb_per_s"]
