@@ -387,10 +387,6 @@ impl Gpu {
             .result()
             .map_err(failed("copying on the GPU"))
         })?;
-        // A composition's copies alone: four parts of `len` bytes into a buffer allocated
-        // beforehand, in 256 rows (1 MiB a part's row at 256 MiB, as a cartridge's rows of one
-        // head's tokens). The four parts are one buffer read four times: at sizes well past
-        // the GPU's L2 cache, as the benchmark's, that reads memory each time.
         // The figures past the two rates are each left out (None) where this GPU lacks the
         // memory for them, rather than losing the rates.
         let fits = |measured: Result<f64, LoaderError>| match measured {
@@ -399,6 +395,10 @@ impl Gpu {
             Err(error) => Err(error),
         };
         drop((second, source));
+        // A composition's copies alone: four parts of `len` bytes into a buffer allocated
+        // beforehand, in 256 rows (1 MiB a part's row at 256 MiB, as a cartridge's rows of one
+        // head's tokens). The four parts are one buffer read four times: at sizes well past
+        // the GPU's L2 cache, as the benchmark's, that reads memory each time.
         let rows = 1 << len.trailing_zeros().min(8);
         let compose = fits(self.alloc(4 * len).and_then(|composed| {
             let parts = [(&first, len / rows); 4];
