@@ -221,18 +221,22 @@ async fn sweep(
         }
     }
     let marked: HashSet<Digest> = blobs_of.values().flatten().copied().collect();
+    // Each repository's blob links, listed once: for the blobs sent again lately and for the
+    // link sweep below.
+    let mut blob_links = Vec::with_capacity(roots.len());
+    for (repo, _) in &roots {
+        heartbeat.beat().await?;
+        blob_links.push(by_digest(heartbeat.list(Key::BlobLinks(repo)).await?));
+    }
     // A blob sent again lately is young whatever its own age: an upload that finds the bytes
     // stored (content whose last version was deleted) only writes the repository's link, and
     // the push that sent it has yet to publish.
-    let mut relinked = HashSet::new();
-    for (repo, _) in &roots {
-        heartbeat.beat().await?;
-        for (digest, meta) in by_digest(heartbeat.list(Key::BlobLinks(repo)).await?) {
-            if meta.last_modified > cutoff {
-                relinked.insert(digest);
-            }
-        }
-    }
+    let relinked: HashSet<Digest> = blob_links
+        .iter()
+        .flatten()
+        .filter(|(_, meta)| meta.last_modified > cutoff)
+        .map(|(digest, _)| *digest)
+        .collect();
     for (digest, meta) in by_digest(heartbeat.list(Key::Blobs).await?) {
         if marked.contains(&digest) || relinked.contains(&digest) || meta.last_modified > cutoff {
             report.blobs_kept += 1;
@@ -250,7 +254,7 @@ async fn sweep(
         }
     }
 
-    for (repo, referenced) in &roots {
+    for ((repo, referenced), blob_links) in roots.iter().zip(blob_links) {
         let referenced_blobs: HashSet<Digest> = referenced
             .iter()
             .filter_map(|manifest| blobs_of.get(manifest))
@@ -259,11 +263,12 @@ async fn sweep(
             .collect();
         // Manifest links first: a sweep cut short never leaves a manifest readable through the
         // repository whose blobs are not.
-        for (key, kept, young) in [
-            (Key::ManifestLinks(repo), referenced, &young_manifests),
-            (Key::BlobLinks(repo), &referenced_blobs, &young_blobs),
+        let manifest_links = by_digest(heartbeat.list(Key::ManifestLinks(repo)).await?);
+        for (links, kept, young) in [
+            (manifest_links, referenced, &young_manifests),
+            (blob_links, &referenced_blobs, &young_blobs),
         ] {
-            for (digest, meta) in by_digest(heartbeat.list(key).await?) {
+            for (digest, meta) in links {
                 if kept.contains(&digest) || young.contains(&digest) || meta.last_modified > cutoff
                 {
                     continue;
