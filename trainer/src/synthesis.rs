@@ -164,36 +164,48 @@ struct Provenance {
 /// are read as plain text, never as the template's control tokens (2).
 pub(crate) const PROMPT_FORMAT: u32 = 2;
 
-/// Replaces a conversations file with `conversations`, whole or not at all: the new text is on
-/// disk, with the old file's permissions, before it takes the old one's place (a crash then
-/// leaves one or the other, never an empty file).
+/// Appends `conversation` to `lines` as one line of the conversations file.
+fn push_line(lines: &mut Vec<u8>, conversation: &Conversation) -> Result<()> {
+    serde_json::to_writer(&mut *lines, conversation).map_err(|e| Error::Data(e.to_string()))?;
+    lines.push(b'\n');
+    Ok(())
+}
+
+/// Replaces a conversations file with `conversations`, whole or not at all.
 fn rewrite_conversations(path: &Path, conversations: &[Conversation]) -> Result<()> {
     let mut lines = Vec::new();
     for conversation in conversations {
-        serde_json::to_writer(&mut lines, conversation).map_err(|e| Error::Data(e.to_string()))?;
-        lines.push(b'\n');
+        push_line(&mut lines, conversation)?;
     }
-    let partial = path.with_extension("jsonl.partial");
-    let written = || -> std::io::Result<()> {
-        let mut file = std::fs::File::create(&partial)?;
-        file.write_all(&lines)?;
-        file.set_permissions(std::fs::metadata(path)?.permissions())?;
-        file.sync_all()?;
-        std::fs::rename(&partial, path)
-    };
-    written().map_err(|e| Error::io(path, e))
+    replace_file(path, &lines)
 }
 
 /// Records what makes a conversations file, whole or not at all: a torn record would block
 /// every later run in its directory.
 fn write_provenance(meta_path: &Path, provenance: &Provenance) -> Result<()> {
-    let partial = meta_path.with_extension("json.partial");
-    std::fs::write(
-        &partial,
-        serde_json::to_vec_pretty(provenance).unwrap_or_default(),
+    replace_file(
+        meta_path,
+        &serde_json::to_vec_pretty(provenance).unwrap_or_default(),
     )
-    .and_then(|()| std::fs::rename(&partial, meta_path))
-    .map_err(|e| Error::io(meta_path, e))
+}
+
+/// Writes `bytes` to `path` whole or not at all: they are on disk, with the permissions of the
+/// file they replace (if any), before they take its place, so a crash leaves one or the other,
+/// never a torn or empty file.
+fn replace_file(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut partial = path.as_os_str().to_owned();
+    partial.push(".partial");
+    let partial = PathBuf::from(partial);
+    let written = || -> std::io::Result<()> {
+        let mut file = std::fs::File::create(&partial)?;
+        file.write_all(bytes)?;
+        if let Ok(existing) = std::fs::metadata(path) {
+            file.set_permissions(existing.permissions())?;
+        }
+        file.sync_all()?;
+        std::fs::rename(&partial, path)
+    };
+    written().map_err(|e| Error::io(path, e))
 }
 
 /// The longest token prefix every list shares.
@@ -458,9 +470,7 @@ pub fn synthesize(
             if conversation.assistant.is_empty() {
                 continue;
             }
-            serde_json::to_writer(&mut lines, &conversation)
-                .map_err(|e| Error::Data(e.to_string()))?;
-            lines.push(b'\n');
+            push_line(&mut lines, &conversation)?;
             conversations.push(conversation);
             if conversations.len() == options.conversations {
                 break;
