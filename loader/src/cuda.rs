@@ -363,7 +363,7 @@ impl Gpu {
         source.as_mut_slice().fill(1);
         let first = self.alloc(len)?;
         let second = self.alloc(len)?;
-        let median = |copy: &dyn Fn() -> Result<(), LoaderError>| {
+        let rate = |copy: &dyn Fn() -> Result<(), LoaderError>| {
             copy()?;
             self.wait()?;
             let mut times = Vec::new();
@@ -373,12 +373,11 @@ impl Gpu {
                 self.wait()?;
                 times.push(started.elapsed().as_secs_f64());
             }
-            times.sort_by(f64::total_cmp);
-            Ok::<_, LoaderError>(len as f64 / times[2])
+            Ok::<_, LoaderError>(len as f64 / median(times))
         };
         // SAFETY: `source` is page-locked and outlives every wait.
-        let host = median(&|| unsafe { self.copy_in(&first, 0, source.ptr, len) })?;
-        let device = median(&|| {
+        let host = rate(&|| unsafe { self.copy_in(&first, 0, source.ptr, len) })?;
+        let device = rate(&|| {
             self.bind()?;
             // SAFETY: both buffers hold `len` bytes and outlive the wait.
             unsafe {
@@ -402,7 +401,7 @@ impl Gpu {
         let rows = 1 << len.trailing_zeros().min(8);
         let compose = fits(self.alloc(4 * len).and_then(|composed| {
             let parts = [(&first, len / rows); 4];
-            Ok(4.0 * median(&|| self.compose_into(&composed, rows, &parts))?)
+            Ok(4.0 * rate(&|| self.compose_into(&composed, rows, &parts))?)
         }))?;
         drop(first);
         // What an allocation costs that finds no kept one of its size: a cartridge's, and a
@@ -417,27 +416,24 @@ impl Gpu {
                 self.kept.free(allocation);
                 free.push(started.elapsed().as_secs_f64());
             }
-            let median = |mut times: Vec<f64>| {
-                times.sort_by(f64::total_cmp);
-                times[2]
-            };
             Ok::<_, LoaderError>((median(allocate), median(free)))
         };
         let (allocate, free) = allocation_times(len)?;
-        let composed = allocation_times(4 * len);
-        let allocate_composed = fits(composed.as_ref().map(|t| t.0).map_err(Clone::clone))?;
-        let free_composed = composed.ok().map(|t| t.1);
+        let (allocate_composed, free_composed) = match allocation_times(4 * len) {
+            Ok((allocate, free)) => (Some(allocate), Some(free)),
+            Err(LoaderError::OutOfMemory(_)) => (None, None),
+            Err(error) => return Err(error),
+        };
         // What a decode spends on its page-locked staging buffer before its first chunk.
         let allocate_pinned = fits((|| {
-            let mut pinned = Vec::new();
+            let mut times = Vec::new();
             for _ in 0..3 {
                 let started = std::time::Instant::now();
                 let buffer = self.pinned(len)?;
-                pinned.push(started.elapsed().as_secs_f64());
+                times.push(started.elapsed().as_secs_f64());
                 drop(buffer);
             }
-            pinned.sort_by(f64::total_cmp);
-            Ok(pinned[1])
+            Ok(median(times))
         })())?;
         Ok(Ceilings {
             host_to_device: host,
@@ -461,6 +457,12 @@ impl Gpu {
         target.finish();
         Ok(target)
     }
+}
+
+/// The middle of `times` (an odd count).
+fn median(mut times: Vec<f64>) -> f64 {
+    times.sort_by(f64::total_cmp);
+    times[times.len() / 2]
 }
 
 /// A GPU's copy bandwidths in bytes per second (page-locked host to device, device to device,
