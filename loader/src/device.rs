@@ -235,9 +235,19 @@ impl Device {
                 // through page-locked memory freed afterwards.
                 let reserved = lock(staged).reserve(bytes as u64);
                 let kept = reserved.is_ok();
-                drop(reserved);
+                // A buffer evicted to make room, of this size, stages the decode: page-locking
+                // new memory takes a while (the probe's `allocate_pinned_ms`), reusing it does
+                // not. The others are freed here, outside the lock.
+                let recycled = reserved.into_iter().flatten().find_map(|evicted| {
+                    Arc::try_unwrap(evicted)
+                        .ok()
+                        .filter(|buffer| buffer.bytes() == bytes)
+                });
                 let staged_decode = || -> Result<(DeviceBuffer, PinnedBuffer), LoaderError> {
-                    let mut staging = gpu.pinned(bytes)?;
+                    let mut staging = match recycled {
+                        Some(buffer) => buffer,
+                        None => gpu.pinned(bytes)?,
+                    };
                     let mut target = gpu.alloc(bytes)?;
                     // Layers are told ready once their copies are done, not when enqueued.
                     let settle = || gpu.wait().is_ok();
