@@ -55,6 +55,20 @@ impl Client {
             .connect_timeout(Duration::from_secs(10))
             .user_agent(concat!("cartridge/", env!("CARGO_PKG_VERSION")))
             .build()?;
+        // A token read from a file (a Kubernetes secret made `--from-file`) often ends in a
+        // newline, which no header carries.
+        let token = token
+            .map(|token| token.trim().to_owned())
+            .filter(|token| !token.is_empty());
+        if let Some(bad) = token
+            .iter()
+            .flat_map(|token| token.chars())
+            .find(|c| !c.is_ascii_graphic())
+        {
+            return Err(ClientError::Usage(format!(
+                "the token holds {bad:?}, which an HTTP header cannot carry (a token is printable ASCII)"
+            )));
+        }
         Ok(Self { http, base, token })
     }
 
@@ -142,6 +156,9 @@ impl Client {
                     |u| u.origin().ascii_serialization(),
                 );
                 ClientError::Connect { url, source }
+            } else if source.is_builder() {
+                // Nothing was sent, and sending again makes the same request.
+                ClientError::Usage(format!("the request could not be made: {source}"))
             } else {
                 ClientError::Http(source)
             }
@@ -528,6 +545,20 @@ mod tests {
             let error = Client::new(url, None).unwrap_err().to_string();
             assert!(error.contains("without a path"), "{url}: {error}");
         }
+    }
+
+    #[test]
+    fn a_token_from_a_file_loses_its_newline_and_one_no_header_carries_is_refused() {
+        let client = Client::new("http://127.0.0.1:7070", Some("secret\n".into())).unwrap();
+        assert_eq!(client.token.as_deref(), Some("secret"));
+        let error = Client::new("http://127.0.0.1:7070", Some("sec\nret".into()))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("the token holds '\\n'"), "{error}");
+        assert!(
+            !error.contains("sec"),
+            "the token stays out of errors: {error}"
+        );
     }
 
     #[tokio::test]

@@ -263,7 +263,14 @@ impl Device {
                     target.finish();
                     Ok((target, staging))
                 };
-                let outcome = staged_decode();
+                let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(staged_decode))
+                    .unwrap_or_else(|panic| {
+                        // A bug, and the load fails; the host tier gets its room back all the same.
+                        if kept {
+                            lock(staged).unreserve(bytes as u64);
+                        }
+                        std::panic::resume_unwind(panic)
+                    });
                 let mut staged = lock(staged);
                 match outcome {
                     Ok((target, staging)) => {

@@ -707,12 +707,13 @@ impl Loader {
             )),
             _ => client_error(&e),
         })?;
-        let buffer = decoded?;
+        // Counted before the decode's outcome: a decode that fails still fetched its bytes.
         let tier = if from_registry(&fetched) {
             Tier::Registry
         } else {
             Tier::Disk
         };
+        let buffer = decoded?;
         metrics::counter!("loader_decoded_bytes_total").increment(bytes);
         Ok((buffer, tier))
     }

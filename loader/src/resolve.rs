@@ -225,11 +225,14 @@ impl Memory {
         resolved: cartridge_schemas::api::Resolved,
     ) -> Resolved {
         // Remembering is best effort: a full disk must not fail a load.
-        let _ = std::fs::write(
-            self.manifest_path(&resolved.digest),
-            resolved.manifest.to_canonical_json(),
+        let _ = write_whole(
+            &self.manifest_path(&resolved.digest),
+            &resolved.manifest.to_canonical_json(),
         );
-        let _ = std::fs::write(self.ref_path(reference), resolved.digest.to_string());
+        let _ = write_whole(
+            &self.ref_path(reference),
+            resolved.digest.to_string().as_bytes(),
+        );
         let resolved = Resolved {
             reference: reference.clone(),
             digest: resolved.digest,
@@ -283,6 +286,17 @@ impl Memory {
             from_memory: true,
         })
     }
+}
+
+/// Puts `bytes` at `path` by renaming a new file over it: a loader reading it meanwhile (another
+/// sharing the folder), or after a crash, finds the old contents or the new, never a torn file.
+fn write_whole(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let folder = path.parent().unwrap_or(Path::new("."));
+    let mut file = tempfile::NamedTempFile::new_in(folder)?;
+    file.write_all(bytes)?;
+    file.persist(path).map_err(|e| e.error)?;
+    Ok(())
 }
 
 /// Registry errors as the loader reports them.

@@ -614,7 +614,7 @@ impl Storage {
         };
         let meta = self.store.head(&staged).await.map_err(gone)?;
         if meta.size > max_bytes {
-            self.delete_object(&staged).await?;
+            self.discard(&staged).await;
             return Err(StorageError::TooLarge {
                 digest: *digest,
                 limit: max_bytes,
@@ -622,11 +622,19 @@ impl Storage {
         }
         // Gone since the head: another commit of the same upload took it.
         self.store.copy(&staged, &verifying).await.map_err(gone)?;
-        self.delete_object(&staged).await?;
+        self.discard(&staged).await;
         let outcome = self.verify_and_promote(digest, &verifying, max_bytes).await;
-        self.delete_object(&verifying).await?;
+        self.discard(&verifying).await;
         outcome?;
         self.link_blob(repo, digest).await
+    }
+
+    /// Deletes an upload's leftover. A failure is logged, not returned: the commit's own outcome
+    /// (stored, too large, the wrong bytes) is the answer, and collection removes leftovers.
+    async fn discard(&self, location: &Path) {
+        if let Err(error) = self.delete_object(location).await {
+            tracing::warn!(%error, key = %location, "removing an upload's leftover failed");
+        }
     }
 
     async fn verify_and_promote(
@@ -1346,12 +1354,10 @@ fn parse_json<T: for<'de> Deserialize<'de>>(key: Key<'_>, bytes: &[u8]) -> Resul
     })
 }
 
+/// `path` under `prefix`, part by part: both are already encoded, and parsing their text
+/// again would encode a prefix's `%7E` a second time, signing URLs for keys nothing stores.
 fn join(prefix: &Path, path: &Path) -> Path {
-    if prefix.as_ref().is_empty() {
-        path.clone()
-    } else {
-        Path::from(format!("{prefix}/{path}"))
-    }
+    prefix.parts().chain(path.parts()).collect()
 }
 
 /// A `bytes=` range header value of one range, in object_store's terms. `None` for anything we
@@ -1404,6 +1410,20 @@ mod tests {
         assert_eq!(blob.len(), bytes.len() as u64);
         assert_eq!(blob.pieces.len(), 3, "two gathered pieces and the rest");
         assert_eq!(blob.pieces.concat(), bytes);
+    }
+
+    /// The key a presigned URL names is the key the prefixed store writes, also for a prefix
+    /// with characters object_store encodes.
+    #[tokio::test]
+    async fn signed_keys_are_the_stored_keys() {
+        use object_store::ObjectStoreExt;
+        let inner = Arc::new(object_store::memory::InMemory::new());
+        let prefix = Path::from("~team/reg");
+        let prefixed = object_store::prefix::PrefixStore::new(inner.clone(), prefix.clone());
+        let key = Key::Blob(&Digest::of(b"x")).path();
+        prefixed.put(&key, "x".into()).await.unwrap();
+        let stored = inner.head(&join(&prefix, &key)).await.unwrap();
+        assert_eq!(stored.size, 1);
     }
 
     #[test]

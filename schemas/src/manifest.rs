@@ -202,6 +202,15 @@ impl Manifest {
                     chunk.raw.size, range.start, range.end
                 )));
             }
+            // A valid frame is never larger than this; a size past it would let a registry
+            // send (and a reader store) bytes without end before the digest could refuse them.
+            let bound = zstd::zstd_safe::compress_bound(expected as usize) as u64;
+            if stored.size > bound {
+                return Err(ManifestError::new(format!(
+                    "chunk {index} claims {} stored bytes, more than zstd makes of {expected} raw bytes (at most {bound})",
+                    stored.size
+                )));
+            }
             if let Some(width) = chunk.codec.shuffle_width()
                 && width != self.cartridge.dtype.size()
             {
@@ -299,6 +308,18 @@ pub(crate) mod tests {
                 .to_string()
                 .contains("chunk 1 has")
         );
+
+        // Two chunks of 2^62 stored bytes each once summed to 2^63 without end in sight.
+        let mut huge = sample();
+        huge.chunks[1].stored.size = 1 << 62;
+        let err = huge.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("chunk 1 claims 4611686018427387904 stored bytes, more than zstd makes"),
+            "{err}"
+        );
+        huge.chunks[1].stored.size =
+            zstd::zstd_safe::compress_bound(huge.chunks[1].raw.size as usize) as u64;
+        huge.validate().unwrap();
 
         let mut codec = sample();
         codec.chunks[0].codec = Codec::Shuffle4Zstd;
