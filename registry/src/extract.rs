@@ -123,25 +123,43 @@ fn rejection_error(status: StatusCode, text: String) -> ApiError {
     }
 }
 
-/// A JSON body, with size and syntax errors answered as `{code, message}`.
-pub struct ApiJson<T>(pub T);
+/// A request's body, not read yet: its handler reads it once the caller is authorized, so a
+/// caller who may not write is refused (403) before the body is buffered or parsed, and the
+/// body's size and syntax errors go only to one who may.
+pub struct Unread(Request);
 
-impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
+impl<S: Send + Sync> FromRequest<S> for Unread {
     type Rejection = ApiError;
 
-    async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
+    async fn from_request(request: Request, _: &S) -> Result<Self, Self::Rejection> {
         require_token(&request)?;
-        axum::Json::<T>::from_request(request, state)
+        Ok(Self(request))
+    }
+}
+
+impl Unread {
+    /// The whole body, within the route's size limit.
+    pub async fn bytes(self) -> Result<Bytes, ApiError> {
+        Bytes::from_request(self.0, &())
             .await
-            .map(|axum::Json(value)| Self(value))
+            .map_err(|rejection: BytesRejection| {
+                rejection_error(rejection.status(), rejection.body_text())
+            })
+    }
+
+    /// The body as JSON, within the route's size limit.
+    pub async fn json<T: DeserializeOwned>(self) -> Result<T, ApiError> {
+        axum::Json::<T>::from_request(self.0, &())
+            .await
+            .map(|axum::Json(value)| value)
             .map_err(|rejection: JsonRejection| {
                 rejection_error(rejection.status(), rejection.body_text())
             })
     }
 }
 
-/// Every route that takes a body writes, which no anonymous caller may: a body is read (and its
-/// errors answered) only for a caller with a token, which [`Caller`] has verified by then.
+/// Every route that takes a body writes, which no anonymous caller may: an anonymous request is
+/// refused before anything else about it is looked at.
 fn require_token(request: &Request) -> Result<(), ApiError> {
     if request
         .headers()
@@ -153,21 +171,4 @@ fn require_token(request: &Request) -> Result<(), ApiError> {
         ErrorCode::Unauthorized,
         "this needs a token (cartridge login, or CARTRIDGE_TOKEN)",
     ))
-}
-
-/// A whole body within the route's size limit.
-pub struct LimitedBytes(pub Bytes);
-
-impl<S: Send + Sync> FromRequest<S> for LimitedBytes {
-    type Rejection = ApiError;
-
-    async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
-        require_token(&request)?;
-        Bytes::from_request(request, state)
-            .await
-            .map(Self)
-            .map_err(|rejection: BytesRejection| {
-                rejection_error(rejection.status(), rejection.body_text())
-            })
-    }
 }

@@ -17,7 +17,7 @@ use tokio_util::io::ReaderStream;
 use crate::AppState;
 use crate::auth::Action;
 use crate::error::ApiError;
-use crate::extract::{ApiJson, Caller, Params, query_param};
+use crate::extract::{Caller, Params, Unread, query_param};
 use crate::storage::{BlobWriter, Key, UploadDestination, parse_range, resolve_range};
 use object_store::GetRange;
 
@@ -29,10 +29,11 @@ pub async fn missing(
     State(state): State<AppState>,
     caller: Caller,
     params: Params,
-    ApiJson(request): ApiJson<MissingBlobsRequest>,
+    body: Unread,
 ) -> Result<Json<MissingBlobsResponse>, ApiError> {
     let repo = params.repository()?;
     state.authorize(&caller, &repo, Action::Push).await?;
+    let request: MissingBlobsRequest = body.json().await?;
     if request.digests.len() > MAX_DIGESTS {
         return Err(ApiError::new(
             ErrorCode::TooLarge,
@@ -51,10 +52,11 @@ pub async fn uploads(
     State(state): State<AppState>,
     caller: Caller,
     params: Params,
-    ApiJson(request): ApiJson<UploadRequest>,
+    body: Unread,
 ) -> Result<Json<UploadResponse>, ApiError> {
     let repo = params.repository()?;
     state.authorize(&caller, &repo, Action::Push).await?;
+    let request: UploadRequest = body.json().await?;
     if request.blobs.len() > MAX_DIGESTS {
         return Err(ApiError::new(
             ErrorCode::TooLarge,

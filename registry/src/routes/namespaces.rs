@@ -7,7 +7,7 @@ use futures::{StreamExt, TryStreamExt};
 use crate::AppState;
 use crate::auth::Action;
 use crate::error::ApiError;
-use crate::extract::{ApiJson, Caller, Params};
+use crate::extract::{Caller, Params, Unread};
 
 /// `GET /v1/namespaces`: the namespaces the caller can see that hold a cartridge to pull (blobs
 /// sent for a push that never published do not make one).
@@ -112,12 +112,13 @@ pub async fn set_settings(
     State(state): State<AppState>,
     caller: Caller,
     params: Params,
-    ApiJson(settings): ApiJson<NamespaceSettings>,
+    body: Unread,
 ) -> Result<Json<NamespaceSettings>, ApiError> {
     let namespace = params.namespace()?;
     state
         .authorize_namespace(&caller, &namespace, Action::Admin)
         .await?;
+    let settings: NamespaceSettings = body.json().await?;
     state
         .storage
         .set_namespace_settings(&namespace, &settings)

@@ -6,7 +6,7 @@ use cartridge_schemas::api::{ErrorCode, TagEntry, TagUpdate};
 use crate::AppState;
 use crate::auth::Action;
 use crate::error::ApiError;
-use crate::extract::{ApiJson, Caller, Params};
+use crate::extract::{Caller, Params, Unread};
 use crate::storage::TagCondition;
 
 /// `PUT /v1/repos/{ns}/{name}/tags/{tag}`: point a tag at a manifest, optionally only if it still
@@ -15,11 +15,12 @@ pub async fn update(
     State(state): State<AppState>,
     caller: Caller,
     params: Params,
-    ApiJson(update): ApiJson<TagUpdate>,
+    body: Unread,
 ) -> Result<Json<TagEntry>, ApiError> {
     let repo = params.repository()?;
     let tag = params.tag()?;
     state.authorize(&caller, &repo, Action::Push).await?;
+    let update: TagUpdate = body.json().await?;
     let condition = match (update.if_matches, update.if_absent) {
         (Some(_), true) => {
             return Err(ApiError::new(

@@ -7,7 +7,7 @@ use cartridge_schemas::manifest::Manifest;
 use crate::AppState;
 use crate::auth::Action;
 use crate::error::ApiError;
-use crate::extract::{Caller, LimitedBytes, Params};
+use crate::extract::{Caller, Params, Unread};
 
 /// `PUT /v1/repos/{ns}/{name}/versions/{version}` with the manifest as the body: publishes a
 /// version, create-only. 409 if it exists, 422 if the manifest is invalid or blobs are missing.
@@ -15,12 +15,12 @@ pub async fn publish(
     State(state): State<AppState>,
     caller: Caller,
     params: Params,
-    LimitedBytes(body): LimitedBytes,
+    body: Unread,
 ) -> Result<(StatusCode, Json<Published>), ApiError> {
     let repo = params.repository()?;
     let version = params.version()?;
     state.authorize(&caller, &repo, Action::Push).await?;
-    let manifest = Manifest::from_json(&body)
+    let manifest = Manifest::from_json(&body.bytes().await?)
         .map_err(|e| ApiError::new(ErrorCode::InvalidManifest, e.to_string()))?;
     let digest = state.storage.publish(&repo, &version, &manifest).await?;
     let reference = format!("{repo}@{version}");

@@ -590,6 +590,18 @@ async fn tokens_and_scopes() {
             .contains("does not grant push"),
         "a pull token cannot upload"
     );
+    // Nor is a body read for a caller who may not write it: a malformed one gets 403, not 400.
+    for (method, path) in [
+        (Method::PUT, "/v1/repos/legal/contracts/versions/v9"),
+        (Method::PUT, "/v1/repos/legal/contracts/tags/stable"),
+        (Method::POST, "/v1/repos/legal/contracts/blobs/missing"),
+        (Method::POST, "/v1/repos/legal/contracts/blobs/uploads"),
+        (Method::PUT, "/v1/namespaces/legal/settings"),
+    ] {
+        app.call(method, path, Some(&reader), Body::from("{not json"), &[])
+            .await
+            .error(StatusCode::FORBIDDEN, ErrorCode::Forbidden);
+    }
     let elsewhere = app.token(&["hr/*:admin"]);
     assert!(
         app.get(path, Some(&elsewhere))
