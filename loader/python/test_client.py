@@ -64,6 +64,26 @@ def main():
         assert ready and ready[-1][0] == header["model"]["layers"] and ready[-1][2] == handle.location, ready
     print("streamed load:", len(ready), "layer events")
     handle.release()
+    held = loader.status()["handles"]
+    other = os.environ.get("CARTRIDGE_OTHER")
+    if other:
+        # A callback that fails leaves no handle behind: the one the loader made is released.
+        class Stop(Exception):
+            pass
+
+        def stop(*_):
+            raise Stop
+
+        try:
+            loader.load(header["model"], [other], on_layers=stop).release()
+            print("the other cartridge came whole: the failing callback was not called")
+        except Stop:
+            pass
+        assert loader.status()["handles"] == held, "a streamed load's handle outlived its failed callback"
+    with loader.load(header["model"], [os.environ["CARTRIDGE"]]) as scoped:
+        assert loader.status()["handles"] == held + 1
+    assert loader.status()["handles"] == held, "leaving the block released the handle"
+    assert scoped.tokens == header["tokens"]
     handle = loader.load(header["model"], [os.environ["CARTRIDGE"]])
     assert handle.tokens == header["tokens"], (handle.tokens, header["tokens"])
     layers, through_tensors = layer_bytes(handle, header)

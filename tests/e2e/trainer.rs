@@ -326,6 +326,8 @@ fn bad_arguments_are_refused_before_any_synthesis() {
     );
     let err = train("32", &["--rows", "1000000000000"]);
     assert!(err.contains("expected 1 to 1024"), "{err}");
+    let err = train("32", &["--steps", "0"]);
+    assert!(err.contains("0 steps leaves nothing to continue"), "{err}");
     // Outputs that could not be written, found before the work rather than after it.
     std::fs::create_dir(dir.path().join("folder")).unwrap();
     let err = train("32", &["-o", "folder"]);

@@ -151,6 +151,20 @@ impl Adam {
     }
 }
 
+/// The sum of every gradient's elements: not finite when any of them is not. (Summed where
+/// they are, and read once: a GPU waits once a step, not once a tensor.)
+fn gradient_sum(vars: &[Var], gradients: &GradStore) -> Result<f32> {
+    let sums = vars
+        .iter()
+        .filter_map(|var| gradients.get(var))
+        .map(|gradient| gradient.to_dtype(DType::F32)?.sum_all())
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    if sums.is_empty() {
+        return Ok(0.0);
+    }
+    Ok(Tensor::stack(&sums, 0)?.sum_all()?.to_scalar::<f32>()?)
+}
+
 /// A cartridge being trained: per layer, frozen leading tokens and trainable ones.
 pub struct Distiller<'a> {
     model: &'a Llama,
@@ -441,14 +455,17 @@ impl<'a> Distiller<'a> {
             let batch = self.pack(&rows)?;
             let loss = self.loss(&batch)?;
             let gradients = loss.backward()?;
-            self.adam.update(&self.vars(), &gradients)?;
+            // Checked before the update: a step that is not finite would make the cartridge,
+            // and every checkpoint from then on, not finite either.
             let value = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
-            if !value.is_finite() {
+            let gradient = gradient_sum(&self.vars(), &gradients)?;
+            if !value.is_finite() || !gradient.is_finite() {
                 return Err(Error::Data(format!(
-                    "the loss became {value} at step {}",
-                    self.adam.step
+                    "step {} went wrong: its loss is {value} and its gradients sum to {gradient}",
+                    self.adam.step + 1
                 )));
             }
+            self.adam.update(&self.vars(), &gradients)?;
             self.losses.push(value);
             each_step(self, self.adam.step, value, batch.tokens)?;
         }

@@ -210,6 +210,19 @@ pub fn train(
     let _lock = (!zero_steps || request.resume)
         .then(|| lock_work_dir(&request.work_dir))
         .transpose()?;
+    if request.resume && zero_steps {
+        return Err(Error::Data(
+            "--resume continues a checkpoint to --steps, and 0 steps leaves nothing to continue"
+                .into(),
+        ));
+    }
+    if request.resume && !checkpoint.exists() {
+        // Resuming synthesis that never reached a checkpoint is a resume too: said, not refused.
+        tracing::warn!(
+            work = %request.work_dir.display(),
+            "no checkpoint to resume: training starts at step 0 (a fresh run sets an older checkpoint aside as checkpoint.previous*.safetensors)"
+        );
+    }
     let init = (!(request.resume && checkpoint.exists())).then_some(init);
     // Zero steps of a fresh run writes the initialization (a baseline): nothing to synthesize,
     // no work folder.
@@ -250,7 +263,14 @@ pub fn train(
     // only now, once synthesis accepted the work folder: a refused run moves nothing).
     // (Writing the initialization alone leaves them be: it makes no checkpoint.)
     if init.is_some() && !initialization_only && checkpoint.exists() {
-        let aside = checkpoint.with_extension("previous.safetensors");
+        // Under a name of its own: one set aside before stays too.
+        let aside = (1..)
+            .map(|n| match n {
+                1 => checkpoint.with_extension("previous.safetensors"),
+                n => checkpoint.with_extension(format!("previous-{n}.safetensors")),
+            })
+            .find(|aside| !aside.exists())
+            .expect("a free name");
         std::fs::rename(&checkpoint, &aside).map_err(|e| Error::io(&aside, e))?;
     }
     let mut distiller = match &init {

@@ -16,7 +16,9 @@ fn the_cuda_kernels_compute_what_their_ops_do() {
         std::fs::write(scratch.path().join(header), "").expect("a stand-in header");
     }
     let binary = scratch.path().join("check");
-    let compiled = Command::new("c++")
+    // The compiler scripts/bootstrap checked: CXX, or the system's.
+    let compiler = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
+    let compiled = Command::new(&compiler)
         .args([
             "-std=c++20",
             "-O1",

@@ -8,12 +8,12 @@ of the loader's GPU memory); a loader serving host memory answers with a shared-
 which this client maps.
 
     loader = Loader("http://127.0.0.1:7071")           # or Loader(socket="/run/cartridge.sock")
-    handle = loader.load(model_fingerprint, ["legal/contracts@v3", "hr/handbook@v1"])
-    cache = handle.dynamic_cache()                     # prompt positions start at handle.tokens
-    # A cartridge stands for a system turn: the prompt is the conversation as it follows one
-    # (rendered after a system message, that message's text removed; no BOS).
-    ...
-    handle.release()                                   # the tensors are invalid from here on
+    with loader.load(model_fingerprint, ["legal/contracts@v3", "hr/handbook@v1"]) as handle:
+        cache = handle.dynamic_cache()                 # prompt positions start at handle.tokens
+        # A cartridge stands for a system turn: the prompt is the conversation as it follows
+        # one (rendered after a system message, that message's text removed; no BOS).
+        ...
+    # released on leaving the block: tensors() views are invalid from here on
 """
 
 from __future__ import annotations
@@ -152,7 +152,13 @@ class Loader:
                 event = json.loads(line)
                 kind = event.pop("event")
                 if kind == "layers":
-                    on_layers(event["ready"], event["layers"], _location(event))
+                    try:
+                        on_layers(event["ready"], event["layers"], _location(event))
+                    except BaseException:
+                        # The load goes on in the loader: its handle, which nobody would
+                        # receive, is released before the callback's error goes on.
+                        self._release_unreceived(response)
+                        raise
                 elif kind == "loaded":
                     return Handle(self, event, leased=lease is not None)
                 else:
@@ -160,6 +166,16 @@ class Loader:
         finally:
             connection.close()
         raise LoaderError(500, "internal", "the stream ended without an answer")
+
+    def _release_unreceived(self, response: http.client.HTTPResponse) -> None:
+        """Reads a stream to its end and releases the handle it ends with, if any."""
+        try:
+            for line in response:
+                event = json.loads(line)
+                if event.get("event") == "loaded":
+                    self.release(event["handle"])
+        except (OSError, ValueError, LoaderError):
+            pass  # best effort: the callback's error is the one to report
 
     def release(self, handle: int) -> None:
         self._request("POST", "/v1/release", {"handle": handle})
@@ -181,7 +197,8 @@ def _location(answer: dict):
 
 @dataclass
 class Handle:
-    """A loaded (composed) cartridge. Release it when done; the loader may then evict it."""
+    """A loaded (composed) cartridge. Release it when done (or use it as a context manager:
+    ``with loader.load(...) as handle:``); the loader may then evict it."""
 
     loader: Loader
     answer: dict
@@ -255,7 +272,9 @@ class Handle:
         return layers
 
     def dynamic_cache(self, device: str | None = None):
-        """A transformers ``DynamicCache`` holding the cartridge, ready for ``generate``.
+        """A transformers ``DynamicCache`` holding the cartridge. ``generate`` reads the
+        prompt's ids at the cache's positions: give it ``handle.tokens`` placeholder ids (any)
+        before the prompt, and the cache.
 
         The cache holds copies (``DynamicCache.update`` concatenates onto its own tensors), so
         it stays usable after :meth:`release` and costs the cartridge's size again in GPU
@@ -272,6 +291,12 @@ class Handle:
         for index, (keys, values) in enumerate(layers):
             cache.update(keys, values, index)
         return cache
+
+    def __enter__(self) -> "Handle":
+        return self
+
+    def __exit__(self, *_) -> None:
+        self.release()
 
     def renew(self) -> dict:
         """Extends this handle's lease (see :meth:`Loader.load`); 404 once it lapsed."""
