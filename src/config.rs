@@ -164,17 +164,19 @@ fn token_for(
     let origin = |url: &str| url::Url::parse(url).ok().map(|u| u.origin());
     let for_url =
         chosen.is_none_or(|chosen| origin(chosen).is_some_and(|o| Some(o) == origin(url)));
-    from_env.filter(|t| !t.is_empty() && for_url).or_else(|| {
-        // Saved under the spelling normalize gives, else an older one (compared as origins).
-        let older = || {
-            (config.registries.iter())
-                .find(|(saved, _)| origin(saved).is_some_and(|o| Some(o) == origin(url)))
-                .map(|(_, r)| r)
-        };
-        (config.registries.get(url))
-            .or_else(older)
-            .and_then(|r| r.token.clone())
-    })
+    from_env
+        .filter(|t| !t.trim().is_empty() && for_url)
+        .or_else(|| {
+            // Saved under the spelling normalize gives, else an older one (compared as origins).
+            let older = || {
+                (config.registries.iter())
+                    .find(|(saved, _)| origin(saved).is_some_and(|o| Some(o) == origin(url)))
+                    .map(|(_, r)| r)
+            };
+            (config.registries.get(url))
+                .or_else(older)
+                .and_then(|r| r.token.clone())
+        })
 }
 
 #[cfg(test)]

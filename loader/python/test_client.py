@@ -105,6 +105,7 @@ def main():
         # The cache holds copies: still whole once the loader's memory is let go.
         keys = cache.layers[0].keys if hasattr(cache, "layers") else cache.key_cache[0]
         assert raw(keys) == expected["layers.0.keys"], "the DynamicCache changed after release"
+    handle.release()  # again: nothing happens
     try:
         loader.release(handle.handle)
         raise AssertionError("a released handle was released again")

@@ -707,7 +707,8 @@ impl Loader {
             )),
             _ => client_error(&e),
         })?;
-        // Counted before the decode's outcome: a decode that fails still fetched its bytes.
+        // Counted before the decode's outcome: a decode that fails once the downloads are done
+        // still fetched their bytes.
         let tier = if from_registry(&fetched) {
             Tier::Registry
         } else {

@@ -151,18 +151,16 @@ impl Adam {
     }
 }
 
-/// The sum of every gradient's elements: not finite when any of them is not. (Summed where
-/// they are, and read once: a GPU waits once a step, not once a tensor.)
-fn gradient_sum(vars: &[Var], gradients: &GradStore) -> Result<f32> {
-    let sums = vars
-        .iter()
-        .filter_map(|var| gradients.get(var))
-        .map(|gradient| gradient.to_dtype(DType::F32)?.sum_all())
-        .collect::<candle_core::Result<Vec<_>>>()?;
-    if sums.is_empty() {
-        return Ok(0.0);
+/// A step's loss, and whether every element of its gradients is finite: each element becomes
+/// 0 if finite and NaN if not (`x * 0`), so their sum is finite exactly when they all are and
+/// never overflows. Read together, in one transfer: a GPU waits once a step.
+fn loss_and_finiteness(loss: &Tensor, vars: &[Var], gradients: &GradStore) -> Result<(f32, bool)> {
+    let mut read = vec![loss.to_dtype(DType::F32)?.reshape(())?];
+    for gradient in vars.iter().filter_map(|var| gradients.get(var)) {
+        read.push(gradient.to_dtype(DType::F32)?.affine(0.0, 0.0)?.sum_all()?);
     }
-    Ok(Tensor::stack(&sums, 0)?.sum_all()?.to_scalar::<f32>()?)
+    let values = Tensor::stack(&read, 0)?.to_vec1::<f32>()?;
+    Ok((values[0], values[1..].iter().sum::<f32>().is_finite()))
 }
 
 /// A cartridge being trained: per layer, frozen leading tokens and trainable ones.
@@ -457,12 +455,16 @@ impl<'a> Distiller<'a> {
             let gradients = loss.backward()?;
             // Checked before the update: a step that is not finite would make the cartridge,
             // and every checkpoint from then on, not finite either.
-            let value = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
-            let gradient = gradient_sum(&self.vars(), &gradients)?;
-            if !value.is_finite() || !gradient.is_finite() {
+            let (value, gradients_finite) = loss_and_finiteness(&loss, &self.vars(), &gradients)?;
+            if !value.is_finite() || !gradients_finite {
                 return Err(Error::Data(format!(
-                    "step {} went wrong: its loss is {value} and its gradients sum to {gradient}",
-                    self.adam.step + 1
+                    "step {} went wrong: its loss is {value}{}",
+                    self.adam.step + 1,
+                    if gradients_finite {
+                        ""
+                    } else {
+                        ", and its gradients are not finite"
+                    }
                 )));
             }
             self.adam.update(&self.vars(), &gradients)?;
@@ -729,6 +731,27 @@ fn differing(stored: &serde_json::Value, asked: &serde_json::Value, skip: &[&str
 mod tests {
     use super::*;
     use crate::synthesis::SeedKind;
+
+    #[test]
+    fn a_step_is_finite_only_when_its_loss_and_every_gradient_are() {
+        let x = Var::new(&[1f32, 2.0], &Device::Cpu).unwrap();
+        let finite = x.as_tensor().sqr().unwrap().sum_all().unwrap();
+        let gradients = finite.backward().unwrap();
+        assert_eq!(
+            loss_and_finiteness(&finite, &[x.clone()], &gradients).unwrap(),
+            (5.0, true)
+        );
+        // Gradients far too large to add up in f32 are still finite.
+        let huge = (x.as_tensor() * 3e38).unwrap().sum_all().unwrap();
+        let gradients = huge.backward().unwrap();
+        assert!(loss_and_finiteness(&huge, &[x.clone()], &gradients).unwrap().1);
+        // A finite loss whose gradient is not: (sqrt at 0 has an infinite slope).
+        let zero = Var::new(&[0f32, 1.0], &Device::Cpu).unwrap();
+        let steep = zero.as_tensor().sqrt().unwrap().sum_all().unwrap();
+        let gradients = steep.backward().unwrap();
+        let (loss, finite) = loss_and_finiteness(&steep, &[zero], &gradients).unwrap();
+        assert_eq!((loss, finite), (1.0, false));
+    }
 
     fn conversation(id: usize, prompt: usize, answer: usize) -> Conversation {
         Conversation {

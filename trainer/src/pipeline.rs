@@ -207,15 +207,15 @@ pub fn train(
     // Held to the end, and before a checkpoint is looked for: a second run in this work
     // directory would interleave the stored conversations, and set aside or write over the
     // checkpoints.
-    let _lock = (!zero_steps || request.resume)
-        .then(|| lock_work_dir(&request.work_dir))
-        .transpose()?;
     if request.resume && zero_steps {
         return Err(Error::Data(
             "--resume continues a checkpoint to --steps, and 0 steps leaves nothing to continue"
                 .into(),
         ));
     }
+    let _lock = (!zero_steps || request.resume)
+        .then(|| lock_work_dir(&request.work_dir))
+        .transpose()?;
     if request.resume && !checkpoint.exists() {
         // Resuming synthesis that never reached a checkpoint is a resume too: said, not refused.
         tracing::warn!(
@@ -272,6 +272,7 @@ pub fn train(
             .find(|aside| !aside.exists())
             .expect("a free name");
         std::fs::rename(&checkpoint, &aside).map_err(|e| Error::io(&aside, e))?;
+        tracing::warn!(aside = %aside.display(), "an older run's checkpoint set aside (this run starts at step 0)");
     }
     let mut distiller = match &init {
         None => Distiller::resume(&model.llama, &checkpoint, options.clone(), run)?,

@@ -16,9 +16,11 @@ fn the_cuda_kernels_compute_what_their_ops_do() {
         std::fs::write(scratch.path().join(header), "").expect("a stand-in header");
     }
     let binary = scratch.path().join("check");
-    // The compiler scripts/bootstrap checked: CXX, or the system's.
-    let compiler = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
-    let compiled = Command::new(&compiler)
+    // The compiler scripts/bootstrap checked: CXX (a command and its words), or the system's.
+    let cxx = std::env::var("CXX").unwrap_or_default();
+    let mut words = cxx.split_whitespace();
+    let compiled = Command::new(words.next().unwrap_or("c++"))
+        .args(words)
         .args([
             "-std=c++20",
             "-O1",
@@ -33,7 +35,7 @@ fn the_cuda_kernels_compute_what_their_ops_do() {
         .arg("-o")
         .arg(&binary)
         .output()
-        .expect("a C++ compiler (`c++`, e.g. Debian's g++) to build the kernel checks");
+        .expect("a C++ compiler (CXX, else `c++`: e.g. Debian's g++) to build the kernel checks");
     assert!(
         compiled.status.success(),
         "building the kernel checks:\n{}",

@@ -154,9 +154,11 @@ class Loader:
                 if kind == "layers":
                     try:
                         on_layers(event["ready"], event["layers"], _location(event))
-                    except BaseException:
+                    except Exception:
                         # The load goes on in the loader: its handle, which nobody would
-                        # receive, is released before the callback's error goes on.
+                        # receive, is released before the callback's error goes on. (On
+                        # Ctrl-C the connection just closes: the loader releases a handle
+                        # it could not send.)
                         self._release_unreceived(response)
                         raise
                 elif kind == "loaded":
@@ -168,12 +170,14 @@ class Loader:
         raise LoaderError(500, "internal", "the stream ended without an answer")
 
     def _release_unreceived(self, response: http.client.HTTPResponse) -> None:
-        """Reads a stream to its end and releases the handle it ends with, if any."""
+        """Reads a stream up to its last event and releases the handle it answers, if any."""
         try:
             for line in response:
                 event = json.loads(line)
                 if event.get("event") == "loaded":
                     self.release(event["handle"])
+                if event.get("event") != "layers":
+                    return
         except (OSError, ValueError, LoaderError):
             pass  # best effort: the callback's error is the one to report
 
@@ -205,6 +209,7 @@ class Handle:
     leased: bool = False
     _map: mmap.mmap | None = field(default=None, repr=False)
     _opened: int | None = field(default=None, repr=False)
+    _released: bool = field(default=False, repr=False)
 
     @property
     def handle(self) -> int:
@@ -295,15 +300,23 @@ class Handle:
     def __enter__(self) -> "Handle":
         return self
 
-    def __exit__(self, *_) -> None:
-        self.release()
+    def __exit__(self, kind, *_) -> None:
+        try:
+            self.release()
+        except Exception:
+            # An error from the block is the one to see, not the release's after it.
+            if kind is None:
+                raise
 
     def renew(self) -> dict:
         """Extends this handle's lease (see :meth:`Loader.load`); 404 once it lapsed."""
         return self.loader.renew(self.handle)
 
     def release(self) -> None:
-        """Lets the loader evict the buffer. Views from :meth:`tensors` must not be used after."""
+        """Lets the loader evict the buffer. Views from :meth:`tensors` must not be used after.
+        Releasing again does nothing."""
+        if self._released:
+            return
         try:
             if self._opened is not None:
                 import torch
@@ -317,6 +330,7 @@ class Handle:
         finally:
             # The mapping goes with the last view of it.
             self._map = None
+            self._released = True
             try:
                 self.loader.release(self.handle)
             except LoaderError as error:
