@@ -35,6 +35,14 @@ pub fn metrics_handle() -> &'static PrometheusHandle {
             .expect("the bounds are not empty")
             .build_recorder();
         let handle = recorder.handle();
+        // Histogram samples are kept until drained: drained every few seconds, scraped or not.
+        let upkeep = handle.clone();
+        std::thread::spawn(move || {
+            loop {
+                std::thread::sleep(std::time::Duration::from_secs(5));
+                upkeep.run_upkeep();
+            }
+        });
         let _ = metrics::set_global_recorder(recorder);
         handle
     })

@@ -234,7 +234,16 @@ impl Keyring {
             path: origin.to_owned(),
             detail,
         };
-        let keyring: Self = serde_json::from_str(json).map_err(|e| bad(e.to_string()))?;
+        // Where and what kind, never the text: serde's message quotes values, and a keyring
+        // encoded twice would print its secrets.
+        let keyring: Self = serde_json::from_str(json).map_err(|e| {
+            bad(format!(
+                "not a keyring ({:?} error at line {}, column {})",
+                e.classify(),
+                e.line(),
+                e.column()
+            ))
+        })?;
         if !keyring.keys.contains_key(&keyring.signing) {
             return Err(bad(format!(
                 "the signing key {:?} is not in keys",
@@ -487,5 +496,14 @@ mod tests {
                 .to_string()
                 .contains("not in keys")
         );
+        // A keyring encoded twice (as a secret manager may) is refused without its secrets.
+        let twice = serde_json::to_string(&serde_json::to_string(&keyring).unwrap()).unwrap();
+        let error = Keyring::from_json(&twice, "test").unwrap_err().to_string();
+        assert!(
+            error.contains("not a keyring (Data error at line 1"),
+            "{error}"
+        );
+        let secret = keyring.keys.values().next().unwrap();
+        assert!(!error.contains(secret.as_str()), "{error}");
     }
 }

@@ -63,7 +63,9 @@ impl From<StorageError> for ApiError {
             StorageError::DigestMismatch { .. } => ErrorCode::DigestMismatch,
             StorageError::TooLarge { .. } => ErrorCode::TooLarge,
             StorageError::MissingBlobs { .. } => ErrorCode::MissingBlobs,
-            StorageError::GcRunning | StorageError::GcLeaseLost => ErrorCode::Unavailable,
+            StorageError::GcRunning | StorageError::GcLeaseLost | StorageError::GcInterrupted => {
+                ErrorCode::Unavailable
+            }
             StorageError::InvalidManifest(_) => ErrorCode::InvalidManifest,
             // Both name object keys: the log gets them, the caller what it can act on.
             StorageError::Contended { .. } => {

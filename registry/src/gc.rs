@@ -47,6 +47,17 @@ pub struct GcReport {
 }
 
 pub async fn collect(storage: &Storage, options: GcOptions) -> Result<GcReport, StorageError> {
+    collect_until(storage, options, std::future::pending()).await
+}
+
+/// [`collect`], stopped early when `stop` completes (a signal): the lease is released all the
+/// same, so publishes do not wait for it to expire. Stopping between deletes loses nothing: each
+/// object deleted was unreferenced.
+pub async fn collect_until(
+    storage: &Storage,
+    options: GcOptions,
+    stop: impl std::future::Future<Output = ()>,
+) -> Result<GcReport, StorageError> {
     if options.dry_run {
         // A dry run writes nothing, not even a clock probe: ages by this host's clock.
         return sweep(storage, options, Utc::now(), None).await;
@@ -55,13 +66,17 @@ pub async fn collect(storage: &Storage, options: GcOptions) -> Result<GcReport, 
     let Some(expires) = storage.acquire_gc_lease(&owner).await? else {
         return Err(StorageError::GcRunning);
     };
-    let result = async {
+    let collected = async {
         // Ages by the earlier of the two clocks: neither a host running ahead of the store nor
         // one running behind it finds an object older than it is.
         let now = storage.clock().await?.min(Utc::now());
         sweep(storage, options, now, Some((&owner, expires))).await
-    }
-    .await;
+    };
+    let result = tokio::select! {
+        biased;
+        () = stop => Err(StorageError::GcInterrupted),
+        result = collected => result,
+    };
     // Release even after a failure, so publishes do not wait for the lease to expire.
     let released = storage.release_gc_lease(&owner).await;
     let report = result?;
@@ -287,4 +302,26 @@ async fn sweep(
         "garbage collection done"
     );
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn an_interrupted_collection_releases_its_lease() {
+        let storage = Storage::new(Arc::new(object_store::memory::InMemory::new()), "memory");
+        let options = GcOptions {
+            grace: Duration::from_secs(600),
+            dry_run: false,
+        };
+        let error = collect_until(&storage, options, std::future::ready(()))
+            .await
+            .unwrap_err();
+        assert!(matches!(error, StorageError::GcInterrupted), "{error}");
+        // The next collection finds no live lease: publishes were not held back either.
+        collect(&storage, options).await.unwrap();
+    }
 }

@@ -320,12 +320,14 @@ async fn collect_garbage(args: GcArgs) -> Result<()> {
     if !args.dry_run {
         storage.check_conditional_writes().await?;
     }
-    let report = gc::collect(
+    // Ctrl-C or a job's deadline (SIGTERM) stops it with its lease released.
+    let report = gc::collect_until(
         &storage,
         GcOptions {
             grace: args.grace,
             dry_run: args.dry_run,
         },
+        server::shutdown_signal(),
     )
     .await?;
     if args.json {

@@ -22,7 +22,12 @@ pub const HEADER_READ: Duration = Duration::from_secs(30);
 /// Connections served at once.
 const MAX_CONNECTIONS: usize = 4096;
 
-/// Serves until `shutdown` completes, then stops accepting and lets requests in flight finish.
+/// How long requests in flight may take to finish once shutting down: a client that stopped
+/// reading, or an upload sent a byte at a time, would otherwise hold the process for good.
+const DRAIN: Duration = Duration::from_secs(30);
+
+/// Serves until `shutdown` completes, then stops accepting and lets requests in flight finish
+/// (for [`DRAIN`] at most).
 /// A connection that has not sent a request's head within `header_read` (an idle one its next
 /// request's) is closed.
 pub async fn run(
@@ -69,7 +74,15 @@ pub async fn run(
         });
     }
     drop(listener);
-    graceful.shutdown().await;
+    if tokio::time::timeout(DRAIN, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            seconds = DRAIN.as_secs(),
+            "requests still in flight after the drain: closing them"
+        );
+    }
     Ok(())
 }
 

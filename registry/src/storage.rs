@@ -81,6 +81,8 @@ pub enum StorageError {
     Contended { what: String },
     #[error("the garbage collection lease lapsed or was taken over; stopped")]
     GcLeaseLost,
+    #[error("the garbage collection was interrupted; what it had not deleted yet stays")]
+    GcInterrupted,
     #[error("invalid manifest: {0}")]
     InvalidManifest(String),
     #[error(

@@ -738,13 +738,17 @@ mod tests {
         let finite = x.as_tensor().sqr().unwrap().sum_all().unwrap();
         let gradients = finite.backward().unwrap();
         assert_eq!(
-            loss_and_finiteness(&finite, &[x.clone()], &gradients).unwrap(),
+            loss_and_finiteness(&finite, std::slice::from_ref(&x), &gradients).unwrap(),
             (5.0, true)
         );
         // Gradients far too large to add up in f32 are still finite.
         let huge = (x.as_tensor() * 3e38).unwrap().sum_all().unwrap();
         let gradients = huge.backward().unwrap();
-        assert!(loss_and_finiteness(&huge, &[x.clone()], &gradients).unwrap().1);
+        assert!(
+            loss_and_finiteness(&huge, std::slice::from_ref(&x), &gradients)
+                .unwrap()
+                .1
+        );
         // A finite loss whose gradient is not: (sqrt at 0 has an infinite slope).
         let zero = Var::new(&[0f32, 1.0], &Device::Cpu).unwrap();
         let steep = zero.as_tensor().sqrt().unwrap().sum_all().unwrap();

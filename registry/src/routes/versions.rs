@@ -8,6 +8,7 @@ use crate::AppState;
 use crate::auth::Action;
 use crate::error::ApiError;
 use crate::extract::{Caller, Params, Unread};
+use crate::storage::StorageError;
 
 /// `PUT /v1/repos/{ns}/{name}/versions/{version}` with the manifest as the body: publishes a
 /// version, create-only. 409 if it exists, 422 if the manifest is invalid or blobs are missing.
@@ -22,7 +23,11 @@ pub async fn publish(
     state.authorize(&caller, &repo, Action::Push).await?;
     let manifest = Manifest::from_json(&body.bytes().await?)
         .map_err(|e| ApiError::new(ErrorCode::InvalidManifest, e.to_string()))?;
-    let digest = state.storage.publish(&repo, &version, &manifest).await?;
+    let digest = to_the_end({
+        let (storage, repo, version) = (state.storage.clone(), repo.clone(), version.clone());
+        async move { storage.publish(&repo, &version, &manifest).await }
+    })
+    .await?;
     let reference = format!("{repo}@{version}");
     tracing::info!(%reference, %digest, "published");
     Ok((StatusCode::CREATED, Json(Published { reference, digest })))
@@ -39,7 +44,26 @@ pub async fn delete(
     let repo = params.repository()?;
     let version = params.version()?;
     state.authorize(&caller, &repo, Action::Admin).await?;
-    state.storage.delete_version(&repo, &version).await?;
+    to_the_end({
+        let (storage, repo, version) = (state.storage.clone(), repo.clone(), version.clone());
+        async move { storage.delete_version(&repo, &version).await }
+    })
+    .await?;
     tracing::info!(reference = %format!("{repo}@{version}"), "version deleted");
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// Runs a change of several writes on its own task: a caller that disconnects drops its
+/// request's future, and a change left halfway (a manifest linked but never published, a
+/// version deleted with its tombstone's check undone) would stay so.
+async fn to_the_end<T: Send + 'static>(
+    change: impl Future<Output = Result<T, StorageError>> + Send + 'static,
+) -> Result<T, ApiError> {
+    match tokio::spawn(change).await {
+        Ok(outcome) => outcome.map_err(ApiError::from),
+        Err(error) => Err(ApiError::new(
+            ErrorCode::Internal,
+            format!("the change's task failed: {error}"),
+        )),
+    }
 }
