@@ -161,6 +161,8 @@ pub async fn push(
     let mut deferral = Deferral::default();
     let mut rounds = 0;
     let mut already_published = false;
+    // A try made again after one whose answer never came: that one may have published.
+    let mut tried_before = false;
     let published = loop {
         let (blobs, bytes) = upload_missing(client, repo, &chunks, options, progress).await?;
         uploaded = (uploaded.0 + blobs, uploaded.1 + bytes);
@@ -183,7 +185,10 @@ pub async fn push(
                     .await
                 {
                     Ok(existing) if same_cartridge(&existing.manifest, &manifest) => {
-                        already_published = true;
+                        // This push's own manifest (its `created` too) after a try whose answer
+                        // was lost: that try published it, and its tags move as a new
+                        // version's do.
+                        already_published = !(tried_before && existing.digest == manifest.digest());
                         break Published {
                             reference: existing.reference,
                             digest: existing.digest,
@@ -197,6 +202,7 @@ pub async fn push(
             // timeout): try again.
             Err(error) if deferral.wait(&error).await => {
                 tracing::warn!(%error, "publish deferred; retrying");
+                tried_before = true;
             }
             Err(error) => return Err(error),
         }

@@ -41,6 +41,21 @@ pub fn run(args: PullArgs) -> Result<()> {
         rate: args.transfer.rate(),
         ..PullOptions::default()
     };
+    // A destination that cannot take the file is refused before the transfer, not after it.
+    if let Some(output) = &args.output {
+        cartridge_schemas::file::check_destination(output)
+            .with_context(|| format!("cannot write {}", output.display()))?;
+        let folder = output
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        anyhow::ensure!(
+            folder.is_dir(),
+            "cannot write {}: {} is not a folder",
+            output.display(),
+            folder.display()
+        );
+    }
     let bar = Bar::new(&format!("pull {}", args.reference), args.json);
     let runtime = super::runtime()?;
     // Interrupted, the pull stops where it is: what it downloaded stays to resume from, and
@@ -70,7 +85,11 @@ pub fn run(args: PullArgs) -> Result<()> {
         copy_atomically(&report.path, output)?;
     }
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        let mut json = serde_json::to_value(&report)?;
+        if let Some(output) = &args.output {
+            json["output"] = output.display().to_string().into();
+        }
+        println!("{}", serde_json::to_string_pretty(&json)?);
     } else {
         if report.downloaded_bytes > 0 || report.resumed_bytes > 0 {
             eprintln!(
@@ -109,7 +128,14 @@ fn copy_atomically(from: &Path, to: &Path) -> Result<()> {
     let mut builder = tempfile::Builder::new();
     builder.prefix(".cartridge-pull-");
     let temporary = match builder.make_in(dir, |path| std::fs::hard_link(from, path)) {
-        Ok(linked) => linked.into_temp_path(),
+        // The cache's file is written back lazily: on disk before a name the user reads
+        // points at it.
+        Ok(linked) => {
+            std::fs::File::open(from)
+                .and_then(|file| file.sync_all())
+                .with_context(|| format!("syncing {}", from.display()))?;
+            linked.into_temp_path()
+        }
         Err(_) => {
             let writing = || format!("writing beside {}", to.display());
             let mut copy = builder.tempfile_in(dir).with_context(writing)?;

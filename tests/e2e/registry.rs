@@ -102,6 +102,14 @@ fn push_then_pull_is_byte_identical_and_cached() {
         )
         .fails();
     assert!(err.contains("is a folder"), "{err}");
+    let err = registry
+        .cartridge(
+            dir.path(),
+            &token,
+            &["pull", "legal/contracts@v3", "-o", "missing/b.safetensors"],
+        )
+        .fails();
+    assert!(err.contains("missing is not a folder"), "{err}");
     // Nothing of the pull is left beside its outputs.
     let mut names: Vec<String> = std::fs::read_dir(dir.path())
         .unwrap()
@@ -571,6 +579,7 @@ fn a_killed_pull_resumes_where_it_stopped() {
             &["pull", "legal/big@v1", "--json", "-o", "back.safetensors"],
         )
         .json();
+    assert_eq!(report["output"], "back.safetensors");
     let resumed = report["resumed_bytes"].as_u64().unwrap();
     assert!(
         resumed >= 1 << 20 && resumed <= kept,
