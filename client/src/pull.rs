@@ -431,6 +431,11 @@ async fn download_into(
                 digest: blob.digest,
                 source: crate::error::redacted(source),
             })?;
+            // Received is received: bytes skipped (a server that ignored the range) count
+            // against the cap too.
+            if let Some(rate) = &options.rate {
+                rate.consume(piece.len() as u64).await;
+            }
             if skip > 0 {
                 let skipped = skip.min(piece.len() as u64);
                 piece = piece.slice(skipped as usize..);
@@ -448,9 +453,6 @@ async fn download_into(
             hasher.update(&piece);
             *hashed += piece.len() as u64;
             progress.advance(piece.len() as u64);
-            if let Some(rate) = &options.rate {
-                rate.consume(piece.len() as u64).await;
-            }
         }
         Ok(())
     }
