@@ -216,6 +216,7 @@ pub async fn push(
         let update = TagUpdate {
             manifest: published.digest,
             if_matches: None,
+            if_generation: None,
             if_absent: only_if_unset,
         };
         match move_tag_patiently(client, repo, tag, &update).await {
@@ -357,6 +358,7 @@ mod tests {
         let update = TagUpdate {
             manifest,
             if_matches: Some(Digest::of(b"before")),
+            if_generation: Some(6),
             if_absent: false,
         };
         let moved = r#"{"code": "tag_moved", "message": "ns/x@latest moved"}"#.to_owned();

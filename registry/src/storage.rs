@@ -210,6 +210,21 @@ pub enum TagCondition {
     Absent,
     /// Only if it points at this manifest.
     Matches(Digest),
+    /// Only if it points at this manifest, moved to it by this generation's move.
+    MatchesAt(Digest, u64),
+}
+
+impl TagCondition {
+    /// What the tag was expected to point at, as a refusal names it.
+    fn expected(&self) -> String {
+        match self {
+            Self::Always | Self::Absent => "nothing".into(),
+            Self::Matches(expected) => expected.to_string(),
+            Self::MatchesAt(expected, generation) => {
+                format!("{expected} (generation {generation})")
+            }
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -1024,13 +1039,16 @@ impl Storage {
                 expected,
                 current: current.map_or("nothing".into(), |d| d.to_string()),
             };
-            match condition {
-                TagCondition::Always => {}
-                TagCondition::Absent if current.is_some() => return Err(moved("nothing".into())),
-                TagCondition::Matches(expected) if current != Some(expected) => {
-                    return Err(moved(expected.to_string()));
+            let holds = match condition {
+                TagCondition::Always => true,
+                TagCondition::Absent => current.is_none(),
+                TagCondition::Matches(expected) => current == Some(expected),
+                TagCondition::MatchesAt(expected, at) => {
+                    current == Some(expected) && head.map(|h| h.generation) == Some(at)
                 }
-                _ => {}
+            };
+            if !holds {
+                return Err(moved(condition.expected()));
             }
             if manifest.is_none() && current.is_none() {
                 return Err(StorageError::NotFound {
@@ -1064,10 +1082,7 @@ impl Storage {
                 let now = self.tag(repo, tag).await?.and_then(|h| h.manifest);
                 return Err(StorageError::TagMoved {
                     reference,
-                    expected: match condition {
-                        TagCondition::Matches(expected) => expected.to_string(),
-                        _ => "nothing".into(),
-                    },
+                    expected: condition.expected(),
                     current: now.map_or("nothing".into(), |d| d.to_string()),
                 });
             }

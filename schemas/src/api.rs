@@ -106,6 +106,11 @@ pub struct TagUpdate {
     /// Move only if the tag currently points at this manifest.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub if_matches: Option<Digest>,
+    /// With `if_matches`: only if the tag is still at this generation too. A move made again
+    /// after its answer was lost then cannot undo a move back made meanwhile (the tag pointing
+    /// at the expected manifest once more, at a later generation).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub if_generation: Option<u64>,
     /// Create only if the tag does not exist.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub if_absent: bool,

@@ -28,13 +28,36 @@ pub fn run(args: TagArgs) -> Result<()> {
     let repo = &args.reference.repository;
     let entry = super::runtime()?.block_on(async {
         let resolved = client.resolve(repo, &args.reference.selector).await?;
+        // The compare-and-swap also holds the generation it saw: a move tried again after its
+        // answer was lost cannot then undo a move back to the expected manifest meanwhile.
+        let if_generation = match args.if_matches {
+            Some(expected) => {
+                let seen = client
+                    .tags(repo)
+                    .await?
+                    .into_iter()
+                    .find(|entry| entry.tag == args.tag);
+                match seen {
+                    Some(entry) if entry.manifest == expected => Some(entry.generation),
+                    seen => {
+                        return Err(anyhow::anyhow!(
+                            "{repo}@{} points at {}, not {expected}: not moved",
+                            args.tag,
+                            seen.map_or("nothing".into(), |e| e.manifest.to_string())
+                        ));
+                    }
+                }
+            }
+            None => None,
+        };
         let update = TagUpdate {
             manifest: resolved.digest,
             if_matches: args.if_matches,
+            if_generation,
             if_absent: false,
         };
         // Deferred while a garbage collection runs: tried again, as a push does.
-        cartridge_client::move_tag_patiently(&client, repo, &args.tag, &update).await
+        Ok(cartridge_client::move_tag_patiently(&client, repo, &args.tag, &update).await?)
     })?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&entry)?);

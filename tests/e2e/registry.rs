@@ -281,6 +281,24 @@ fn a_published_version_never_changes() {
         std::fs::read(dir.path().join("check.safetensors")).unwrap(),
         std::fs::read(dir.path().join("first.safetensors")).unwrap()
     );
+    // A compare-and-swap moves a tag only from the manifest it names.
+    let tag = |args: &[&str]| registry.cartridge(dir.path(), &token, args);
+    let first: Value = tag(&["tag", "legal/x@v1", "cas", "--json"]).json();
+    let second: Value = tag(&["tag", "legal/x@v2", "other", "--json"]).json();
+    let (v1, v2) = (
+        first["manifest"].as_str().unwrap(),
+        second["manifest"].as_str().unwrap(),
+    );
+    let err = tag(&["tag", "legal/x@v2", "cas", "--if-matches", v2]).fails();
+    assert!(
+        err.contains(&format!("legal/x@cas points at {v1}, not {v2}: not moved")),
+        "{err}"
+    );
+    let moved: Value = tag(&["tag", "legal/x@v2", "cas", "--if-matches", v1, "--json"]).json();
+    assert_eq!(
+        (moved["manifest"].as_str(), moved["generation"].as_u64()),
+        (Some(v2), Some(2))
+    );
 }
 
 #[test]

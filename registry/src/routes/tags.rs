@@ -21,16 +21,23 @@ pub async fn update(
     let tag = params.tag()?;
     state.authorize(&caller, &repo, Action::Push).await?;
     let update: TagUpdate = body.json().await?;
-    let condition = match (update.if_matches, update.if_absent) {
-        (Some(_), true) => {
+    let condition = match (update.if_matches, update.if_absent, update.if_generation) {
+        (Some(_), true, _) => {
             return Err(ApiError::new(
                 ErrorCode::BadRequest,
                 "if_matches and if_absent exclude each other",
             ));
         }
-        (Some(digest), false) => TagCondition::Matches(digest),
-        (None, true) => TagCondition::Absent,
-        (None, false) => TagCondition::Always,
+        (None, _, Some(_)) => {
+            return Err(ApiError::new(
+                ErrorCode::BadRequest,
+                "if_generation goes with if_matches",
+            ));
+        }
+        (Some(digest), false, None) => TagCondition::Matches(digest),
+        (Some(digest), false, Some(generation)) => TagCondition::MatchesAt(digest, generation),
+        (None, true, None) => TagCondition::Absent,
+        (None, false, None) => TagCondition::Always,
     };
     let head = state
         .storage

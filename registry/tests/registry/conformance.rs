@@ -382,6 +382,35 @@ async fn tags(storage: &Storage) {
         .await
         .unwrap();
     assert_eq!(moved.generation, head.generation + 1);
+    // Back at `a`, a later generation: a compare-and-swap that saw the first `a` fails.
+    let back = storage
+        .move_tag(&repo, &latest, Some(a), TagCondition::Always)
+        .await
+        .unwrap();
+    let err = storage
+        .move_tag(
+            &repo,
+            &latest,
+            Some(b),
+            TagCondition::MatchesAt(a, head.generation),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains(&format!("(generation {})", head.generation)),
+        "{err}"
+    );
+    let moved = storage
+        .move_tag(
+            &repo,
+            &latest,
+            Some(b),
+            TagCondition::MatchesAt(a, back.generation),
+        )
+        .await
+        .unwrap();
+    assert_eq!(moved.generation, back.generation + 1);
     // A tag points only at manifests published in its own repository.
     let elsewhere: Repository = "other/place".parse().unwrap();
     let err = storage
