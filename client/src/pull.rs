@@ -93,11 +93,23 @@ pub async fn pull(
             let (manifest, cache, target) = (manifest.clone(), cache.clone(), target.clone());
             tokio::task::spawn_blocking(move || assemble(&manifest, &cache, &target, arrivals))
         };
-        let fetched = fetch_blobs(client, repo, &manifest, cache, options, progress, ready).await;
-        let assembled = assembler
-            .await
-            .map_err(|e| ClientError::Usage(format!("assembling failed: {e}")))?;
-        // A download error explains an incomplete assembly better than the assembly error does.
+        let fetch = fetch_blobs(client, repo, &manifest, cache, options, progress, ready);
+        let joined = |assembled: Result<_, tokio::task::JoinError>| {
+            assembled.map_err(|e| ClientError::Usage(format!("assembling failed: {e}")))
+        };
+        let (mut fetch, mut assembler) = (std::pin::pin!(fetch), assembler);
+        let (fetched, assembled) = tokio::select! {
+            // The fetch first: a download error explains an incomplete assembly better than
+            // the assembly error does.
+            biased;
+            fetched = &mut fetch => (fetched, joined(assembler.await)?),
+            // An assembly that fails before the blobs are all here (no room for the file) stops
+            // the downloads, unless fetching again is its remedy: what was downloaded stays.
+            assembled = &mut assembler => match joined(assembled)? {
+                Err(error) if !(first && refetch_mends(&error)) => return Err(error),
+                assembled => (fetch.await, assembled),
+            },
+        };
         let fetched = fetched?;
         if first {
             report.cached_blobs = fetched.cached_blobs;
