@@ -227,6 +227,7 @@ impl Device {
                     &frontier,
                     &|_| Ok(()),
                 )?;
+                check_payload(manifest, digest, buffer.as_slice())?;
                 Ok(Buffer::Host(buffer))
             }
             #[cfg(feature = "cuda")]
@@ -260,6 +261,7 @@ impl Device {
                     gpu.fill(&mut staging, &target, |out, copy| {
                         decode_into(manifest, cache, out, arrivals, &frontier, copy)
                     })??;
+                    check_payload(manifest, digest, staging.as_mut_slice())?;
                     target.finish();
                     Ok((target, staging))
                 };
@@ -366,6 +368,20 @@ impl Device {
             }
         }
     }
+}
+
+/// Checks a decoded payload against its header's digest. Every chunk was checked against the
+/// manifest as it decoded, but only the whole can show chunks in the wrong places (a manifest
+/// made by hand), which a pull refuses too: the loader serves what a pull would.
+fn check_payload(manifest: &Manifest, digest: Digest, payload: &[u8]) -> Result<(), LoaderError> {
+    let actual = cartridge_schemas::file::payload_digest([payload]);
+    let expected = manifest.cartridge.payload_digest;
+    if actual == expected {
+        return Ok(());
+    }
+    Err(LoaderError::Internal(format!(
+        "cartridge {digest} is inconsistent: its chunks decode to a payload whose digest is {actual}, not its header's {expected}"
+    )))
 }
 
 /// Decodes a cartridge's chunks into `out` (payload layout: every layer's keys then values) as

@@ -8,8 +8,8 @@
 //! The payload is the concatenation, in layer order, of each layer's keys then values. It is
 //! defined independently of where safetensors places the tensors in the file, and it is exactly
 //! the concatenation of the raw bytes of the codec's chunks. Reading a file (and so every pull)
-//! checks its digest; the registry and the loader, which never hold a whole file, check each
-//! chunk's stored and raw digests as the content-addressed manifest names them.
+//! and every decode by the loader check its digest; the registry, which never holds a payload
+//! whole, checks each chunk's stored digest as the content-addressed manifest names it.
 //!
 //! Reading maps the file and validates everything before handing out byte slices into the map.
 

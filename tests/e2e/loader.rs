@@ -8,6 +8,7 @@ use serde_json::{Value, json};
 
 use crate::support::{
     LoaderProcess, Registry, composed_payload, exchange, http_json, payload, random_cartridge,
+    raw_http,
 };
 
 /// The model fingerprint the test cartridges are made for.
@@ -526,6 +527,62 @@ fn prefetched_cartridges_load_from_disk_with_the_registry_gone() {
     let body = json!({"cartridges": ["team/c@v1"]});
     let (status, answer) = http_json(&loader.url, "POST", "/v1/prefetch", Some(&body));
     assert_eq!(status, 503, "{answer}");
+}
+
+/// A manifest whose chunks are all real but in the wrong places (made by hand: every chunk
+/// checks out) decodes to a payload its header's digest refuses, as a pull refuses it.
+#[test]
+fn a_manifest_with_chunks_in_the_wrong_places_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (registry, loader, model) = setup(dir.path(), 64, &[]);
+    let token = registry.token(&["team/*:push"]);
+    let bearer = format!("Bearer {token}");
+    let answer = exchange(
+        &registry.url,
+        "HTTP/1.0",
+        "GET",
+        "/v1/repos/team/a/resolve/v1",
+        &[("Authorization", &bearer)],
+        b"",
+    );
+    let resolved: Value = serde_json::from_str(answer.split_once("\r\n\r\n").unwrap().1).unwrap();
+    let mut manifest = resolved["manifest"].clone();
+    let chunks = manifest["chunks"].as_array_mut().unwrap();
+    assert!(chunks.len() >= 2, "{chunks:?}");
+    assert_eq!(chunks[0]["raw"]["size"], chunks[1]["raw"]["size"]);
+    // Layers stay where they are; the bytes that fill them trade places.
+    for part in ["stored", "raw", "codec"] {
+        let first = chunks[0][part].take();
+        chunks[0][part] = chunks[1][part].take();
+        chunks[1][part] = first;
+    }
+    let status = raw_http(
+        &registry.url,
+        "PUT",
+        "/v1/repos/team/a/versions/v9",
+        &[
+            ("Authorization", &bearer),
+            ("Content-Type", "application/json"),
+        ],
+        manifest.to_string().as_bytes(),
+    );
+    assert_eq!(status, 201);
+    let (status, answer) = load(&loader, &model, &["team/a@v9"]);
+    assert_eq!(status, 500, "{answer}");
+    assert!(
+        answer["message"]
+            .as_str()
+            .unwrap()
+            .contains("is inconsistent: its chunks decode to a payload whose digest is"),
+        "{answer}"
+    );
+    // The consistent version still loads, byte for byte.
+    loads_exactly(
+        &loader,
+        &model,
+        "team/a@v1",
+        &dir.path().join("a.safetensors"),
+    );
 }
 
 /// Loads of one reference at once share one ask of the registry and all see its answer: a tag
