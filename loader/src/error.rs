@@ -23,6 +23,11 @@ pub enum LoaderError {
     UnknownHandle(u64),
     #[error("registry unavailable: {0}")]
     Unavailable(String),
+    /// The registry lacks a blob a repository's manifest names: that repository's failure (a
+    /// collection racing the load), not the registry's as a whole. Another repository may hold
+    /// the same cartridge whole.
+    #[error("registry unavailable: {0}")]
+    MissingBlob(String),
     /// A blob failed verification (it is dropped from the disk cache).
     #[error("{0}")]
     Corrupt(String),
@@ -41,7 +46,7 @@ impl LoaderError {
             Self::WrongMethod(_) => ErrorCode::MethodNotAllowed,
             Self::ModelMismatch { .. } => ErrorCode::ModelMismatch,
             Self::OutOfMemory(_) => ErrorCode::OutOfMemory,
-            Self::Unavailable(_) => ErrorCode::Unavailable,
+            Self::Unavailable(_) | Self::MissingBlob(_) => ErrorCode::Unavailable,
             Self::Corrupt(_) | Self::Internal(_) => ErrorCode::Internal,
         }
     }

@@ -701,7 +701,7 @@ impl Loader {
         let fetched = fetched.map_err(|e| match e.code() {
             // The reference resolved: a blob it names missing is the registry's fault (a
             // collection racing this load, lost storage), not an unknown cartridge.
-            Some(ErrorCode::NotFound) => LoaderError::Unavailable(format!(
+            Some(ErrorCode::NotFound) => LoaderError::MissingBlob(format!(
                 "{}: the registry lacks a blob its manifest names: {e}",
                 part.reference
             )),
