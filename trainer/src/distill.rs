@@ -216,6 +216,15 @@ fn usable<'c>(
             options.row_tokens, options.tokens
         )));
     }
+    let left_out = conversations.len() - usable.len();
+    if left_out > 0 {
+        tracing::warn!(
+            left_out,
+            of = conversations.len(),
+            row_tokens = options.row_tokens,
+            "conversations empty or too long for a row are left out of training"
+        );
+    }
     Ok(usable)
 }
 

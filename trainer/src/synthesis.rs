@@ -276,8 +276,9 @@ pub fn synthesize(
         return Err(Error::Data("the corpus tokenizes to nothing".into()));
     }
     // The longest chunk's prompts, with the longest message and answer, must fit the model's
-    // positions: found out here, not when a batch draws such a chunk hours in. (Close, not
-    // exact: a chunk cut mid-corpus may re-encode a token or two longer.)
+    // positions: found out here, not when a batch draws such a chunk hours in. (Estimated from
+    // the corpus's first chunk: one cut elsewhere may re-encode a few tokens longer, which
+    // RE_ENCODING_SLACK allows for.)
     let (_, high) = options.chunk_tokens;
     let longest = Message::new(
         "system",
@@ -297,7 +298,8 @@ pub fn synthesize(
         .max()
         .unwrap_or(0)
         .saturating_add(options.user_max_tokens)
-        .saturating_add(options.answer_max_tokens);
+        .saturating_add(options.answer_max_tokens)
+        .saturating_add(RE_ENCODING_SLACK);
     if needed > model.llama.config.max_positions {
         return Err(Error::Data(format!(
             "chunks of up to {high} tokens with messages of {} and answers of {} need {needed} positions; the model has {} (lower --chunk-tokens, --user-tokens or --answer-tokens)",
@@ -495,6 +497,10 @@ pub fn synthesize(
 /// Batches in a row that may give no conversation before synthesis stops: a model that
 /// writes only empty messages or answers would otherwise loop for good.
 const BARREN_BATCHES: usize = 64;
+
+/// Positions allowed beyond the estimate of the longest prompt: text cut at a token boundary
+/// elsewhere in the corpus, or a message cut mid-character, re-encodes a few tokens longer.
+const RE_ENCODING_SLACK: usize = 16;
 
 fn barren_error() -> Error {
     Error::Data(format!(
