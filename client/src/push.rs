@@ -303,13 +303,13 @@ async fn upload_missing(
         .map(|chunk| async move {
             let bytes = Bytes::from(chunk.bytes.clone());
             // Each attempt asks where to send the blob right before sending it: presigned URLs
-            // expire, and a long push must not reach its last blobs with stale ones. Each is
-            // charged against the cap: a retry sends the bytes again.
+            // expire, and a long push must not reach its last blobs with stale ones. Each one
+            // that sends is charged against the cap: a retry sends the bytes again.
             let send = || async {
+                let target = client.upload_target(repo, chunk.descriptor.stored).await?;
                 if let Some(rate) = &options.rate {
                     rate.consume(bytes.len() as u64).await;
                 }
-                let target = client.upload_target(repo, chunk.descriptor.stored).await?;
                 client.upload(&target, bytes.clone()).await
             };
             send.retry(backoff())

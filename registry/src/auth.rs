@@ -234,15 +234,24 @@ impl Keyring {
             path: origin.to_owned(),
             detail,
         };
-        // Where and what kind, never the text: serde's message quotes values, and a keyring
-        // encoded twice would print its secrets.
+        // A missing, unknown or repeated field is named; otherwise only where and what kind of
+        // error: serde's message quotes values, and a keyring encoded twice would print its
+        // secrets.
         let keyring: Self = serde_json::from_str(json).map_err(|e| {
-            bad(format!(
-                "not a keyring ({:?} error at line {}, column {})",
-                e.classify(),
-                e.line(),
-                e.column()
-            ))
+            let text = e.to_string();
+            let names_a_field = ["missing field", "unknown field", "duplicate field"]
+                .iter()
+                .any(|kind| text.starts_with(kind));
+            bad(if names_a_field {
+                text
+            } else {
+                format!(
+                    "not a keyring ({:?} error at line {}, column {})",
+                    e.classify(),
+                    e.line(),
+                    e.column()
+                )
+            })
         })?;
         if !keyring.keys.contains_key(&keyring.signing) {
             return Err(bad(format!(
@@ -505,5 +514,10 @@ mod tests {
         );
         let secret = keyring.keys.values().next().unwrap();
         assert!(!error.contains(secret.as_str()), "{error}");
+        // A misspelt field is named (as missing).
+        let error = Keyring::from_json(r#"{"sigining":"a","keys":{}}"#, "test")
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("missing field `signing`"), "{error}");
     }
 }

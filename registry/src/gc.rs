@@ -13,6 +13,7 @@
 //! even while another repository keeps the bytes stored.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use cartridge_schemas::Digest;
@@ -50,9 +51,9 @@ pub async fn collect(storage: &Storage, options: GcOptions) -> Result<GcReport, 
     collect_until(storage, options, std::future::pending()).await
 }
 
-/// [`collect`], stopped early when `stop` completes (a signal): the lease is released all the
-/// same, so publishes do not wait for it to expire. Stopping between deletes loses nothing: each
-/// object deleted was unreferenced.
+/// [`collect`], stopped early when `stop` completes (a signal): at the next step (a delete, a
+/// listed object, a lease renewal), never inside one, and the lease is released all the same,
+/// so publishes do not wait for it to expire. Each object deleted so far was unreferenced.
 pub async fn collect_until(
     storage: &Storage,
     options: GcOptions,
@@ -60,21 +61,29 @@ pub async fn collect_until(
 ) -> Result<GcReport, StorageError> {
     if options.dry_run {
         // A dry run writes nothing, not even a clock probe: ages by this host's clock.
-        return sweep(storage, options, Utc::now(), None).await;
+        return sweep(storage, options, Utc::now(), None, &AtomicBool::new(false)).await;
     }
     let owner = format!("gc-{}-{:08x}", std::process::id(), rand::random::<u32>());
     let Some(expires) = storage.acquire_gc_lease(&owner).await? else {
         return Err(StorageError::GcRunning);
     };
+    let stopped = AtomicBool::new(false);
     let collected = async {
         // Ages by the earlier of the two clocks: neither a host running ahead of the store nor
         // one running behind it finds an object older than it is.
         let now = storage.clock().await?.min(Utc::now());
-        sweep(storage, options, now, Some((&owner, expires))).await
+        sweep(storage, options, now, Some((&owner, expires)), &stopped).await
+    };
+    // The signal only raises a flag: the sweep stops at its next step, so no delete or lease
+    // write is left in flight to land after the release below.
+    let watch = async {
+        stop.await;
+        stopped.store(true, Ordering::Relaxed);
+        std::future::pending::<()>().await;
     };
     let result = tokio::select! {
         biased;
-        () = stop => Err(StorageError::GcInterrupted),
+        () = watch => unreachable!("the watch never ends"),
         result = collected => result,
     };
     // Release even after a failure, so publishes do not wait for the lease to expire.
@@ -91,10 +100,15 @@ struct Heartbeat<'a> {
     /// The owner and when the lease expires (wall-clock time, as the lease reads it: a suspended
     /// machine's monotonic clock stands still).
     lease: Option<(&'a str, DateTime<Utc>)>,
+    /// Raised to stop the sweep at its next step.
+    stopped: &'a AtomicBool,
 }
 
 impl Heartbeat<'_> {
     async fn beat(&mut self) -> Result<(), StorageError> {
+        if self.stopped.load(Ordering::Relaxed) {
+            return Err(StorageError::GcInterrupted);
+        }
         if let Some((owner, expires)) = &mut self.lease
             && Utc::now() > *expires - GC_LEASE_TTL * 3 / 4
         {
@@ -160,8 +174,14 @@ async fn sweep(
     options: GcOptions,
     now: DateTime<Utc>,
     lease: Option<(&str, DateTime<Utc>)>,
+    stopped: &AtomicBool,
 ) -> Result<GcReport, StorageError> {
-    let mut heartbeat = Heartbeat { storage, lease };
+    let mut heartbeat = Heartbeat {
+        storage,
+        lease,
+        stopped,
+    };
+    heartbeat.beat().await?;
     let grace = chrono::Duration::from_std(options.grace).unwrap_or(chrono::Duration::MAX);
     let cutoff = now
         .checked_sub_signed(grace)

@@ -66,6 +66,9 @@ pub struct AppState {
     pub uploads: Arc<tokio::sync::Semaphore>,
     /// Uploads waiting for a slot.
     pub upload_waiters: Arc<std::sync::atomic::AtomicUsize>,
+    /// Changes of several writes, run on tasks of their own (see `routes::versions`): shutdown
+    /// waits for them after the last request.
+    pub changes: tokio_util::task::TaskTracker,
 }
 
 impl AppState {
@@ -79,6 +82,7 @@ impl AppState {
             limits,
             uploads,
             upload_waiters: Arc::default(),
+            changes: tokio_util::task::TaskTracker::new(),
         }
     }
 

@@ -277,6 +277,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
     if std::env::var_os("CARTRIDGE_REGISTRY_KEYS").is_none() {
         tokio::spawn(watch_keyring(args.keys.path()?, state.clone()));
     }
+    let changes = state.changes.clone();
     let router = routes::router(state);
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -292,6 +293,17 @@ async fn serve(args: ServeArgs) -> Result<()> {
         server::shutdown_signal(),
     )
     .await?;
+    // Changes whose callers went away finish before the process does.
+    changes.close();
+    if tokio::time::timeout(server::DRAIN, changes.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            left = changes.len(),
+            "changes still running after the drain: stopping them"
+        );
+    }
     Ok(())
 }
 

@@ -24,7 +24,7 @@ const MAX_CONNECTIONS: usize = 4096;
 
 /// How long requests in flight may take to finish once shutting down: a client that stopped
 /// reading, or an upload sent a byte at a time, would otherwise hold the process for good.
-const DRAIN: Duration = Duration::from_secs(30);
+pub const DRAIN: Duration = Duration::from_secs(30);
 
 /// Serves until `shutdown` completes, then stops accepting and lets requests in flight finish
 /// (for [`DRAIN`] at most).

@@ -18,7 +18,7 @@ pub struct LoginArgs {
 pub fn run(args: LoginArgs) -> Result<()> {
     let url = normalize(&args.url);
     let token = match std::env::var("CARTRIDGE_TOKEN") {
-        Ok(token) if !token.trim().is_empty() => token,
+        Ok(token) if !token.trim().is_empty() => token.trim().to_owned(),
         _ => {
             if std::io::stdin().is_terminal() {
                 eprintln!("paste the token and press enter:");

@@ -1,6 +1,6 @@
 use anyhow::Result;
 use cartridge_schemas::Reference;
-use cartridge_schemas::api::TagUpdate;
+use cartridge_schemas::api::{ErrorCode, TagUpdate};
 use cartridge_schemas::reference::Tag;
 use clap::Args;
 
@@ -57,7 +57,25 @@ pub fn run(args: TagArgs) -> Result<()> {
             if_absent: false,
         };
         // Deferred while a garbage collection runs: tried again, as a push does.
-        Ok(cartridge_client::move_tag_patiently(&client, repo, &args.tag, &update).await?)
+        match cartridge_client::move_tag_patiently(&client, repo, &args.tag, &update).await {
+            // A registry from before if_generation refuses the field: the plain compare-and-swap
+            // it knows is the most it offers.
+            Err(error)
+                if update.if_generation.is_some()
+                    && error.code() == Some(ErrorCode::BadRequest)
+                    && error.to_string().contains("if_generation") =>
+            {
+                eprintln!(
+                    "warning: this registry compares the manifest only, not the tag's generation"
+                );
+                let plain = TagUpdate {
+                    if_generation: None,
+                    ..update
+                };
+                Ok(cartridge_client::move_tag_patiently(&client, repo, &args.tag, &plain).await?)
+            }
+            moved => Ok(moved?),
+        }
     })?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&entry)?);

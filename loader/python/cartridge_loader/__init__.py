@@ -330,10 +330,12 @@ class Handle:
         finally:
             # The mapping goes with the last view of it.
             self._map = None
-            self._released = True
             try:
                 self.loader.release(self.handle)
             except LoaderError as error:
                 # A lapsed lease released it already.
                 if not (error.status == 404 and self.leased):
                     raise
+            # Only once the loader has it back: a failed call (a loader restarting) may be
+            # made again.
+            self._released = True

@@ -23,7 +23,7 @@ pub async fn publish(
     state.authorize(&caller, &repo, Action::Push).await?;
     let manifest = Manifest::from_json(&body.bytes().await?)
         .map_err(|e| ApiError::new(ErrorCode::InvalidManifest, e.to_string()))?;
-    let digest = to_the_end({
+    let digest = to_the_end(&state, {
         let (storage, repo, version) = (state.storage.clone(), repo.clone(), version.clone());
         async move { storage.publish(&repo, &version, &manifest).await }
     })
@@ -44,7 +44,7 @@ pub async fn delete(
     let repo = params.repository()?;
     let version = params.version()?;
     state.authorize(&caller, &repo, Action::Admin).await?;
-    to_the_end({
+    to_the_end(&state, {
         let (storage, repo, version) = (state.storage.clone(), repo.clone(), version.clone());
         async move { storage.delete_version(&repo, &version).await }
     })
@@ -55,11 +55,13 @@ pub async fn delete(
 
 /// Runs a change of several writes on its own task: a caller that disconnects drops its
 /// request's future, and a change left halfway (a manifest linked but never published, a
-/// version deleted with its tombstone's check undone) would stay so.
+/// version deleted with its tombstone's check undone) would stay so. Shutdown waits for it
+/// (`AppState::changes`).
 async fn to_the_end<T: Send + 'static>(
+    state: &AppState,
     change: impl Future<Output = Result<T, StorageError>> + Send + 'static,
 ) -> Result<T, ApiError> {
-    match tokio::spawn(change).await {
+    match state.changes.spawn(change).await {
         Ok(outcome) => outcome.map_err(ApiError::from),
         Err(error) => Err(ApiError::new(
             ErrorCode::Internal,
