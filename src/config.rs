@@ -164,10 +164,9 @@ fn token_for(
     let origin = |url: &str| url::Url::parse(url).ok().map(|u| u.origin());
     let for_url =
         chosen.is_none_or(|chosen| origin(chosen).is_some_and(|o| Some(o) == origin(url)));
-    // Trimmed here, as login saves it: a token from a file often ends in a newline.
+    // Whitespace alone is no token (the client trims what it sends).
     from_env
-        .map(|t| t.trim().to_owned())
-        .filter(|t| !t.is_empty() && for_url)
+        .filter(|t| !t.trim().is_empty() && for_url)
         .or_else(|| {
             // Saved under the spelling normalize gives, else an older one (compared as origins).
             let older = || {

@@ -387,12 +387,7 @@ impl Gpu {
             .map_err(failed("copying on the GPU"))
         })?;
         // The figures past the two rates are each left out (None) where this GPU lacks the
-        // memory for them, rather than losing the rates.
-        let fits = |measured: Result<f64, LoaderError>| match measured {
-            Ok(value) => Ok(Some(value)),
-            Err(LoaderError::OutOfMemory(_)) => Ok(None),
-            Err(error) => Err(error),
-        };
+        // memory for them (`fits`), rather than losing the rates.
         drop((second, source));
         // A composition's copies alone: four parts of `len` bytes into a buffer allocated
         // beforehand, in 256 rows (1 MiB a part's row at 256 MiB, as a cartridge's rows of one
@@ -419,11 +414,7 @@ impl Gpu {
             Ok::<_, LoaderError>((median(allocate), median(free)))
         };
         let (allocate, free) = allocation_times(len)?;
-        let (allocate_composed, free_composed) = match allocation_times(4 * len) {
-            Ok((allocate, free)) => (Some(allocate), Some(free)),
-            Err(LoaderError::OutOfMemory(_)) => (None, None),
-            Err(error) => return Err(error),
-        };
+        let (allocate_composed, free_composed) = fits(allocation_times(4 * len))?.unzip();
         // What a decode spends on its page-locked staging buffer before its first chunk.
         let allocate_pinned = fits((|| {
             let mut times = Vec::new();
@@ -456,6 +447,15 @@ impl Gpu {
         drained.finish()?;
         target.finish();
         Ok(target)
+    }
+}
+
+/// A measurement, or None where the GPU lacked the memory for it.
+fn fits<T>(measured: Result<T, LoaderError>) -> Result<Option<T>, LoaderError> {
+    match measured {
+        Ok(value) => Ok(Some(value)),
+        Err(LoaderError::OutOfMemory(_)) => Ok(None),
+        Err(error) => Err(error),
     }
 }
 
@@ -583,6 +583,11 @@ unsafe impl Sync for PinnedBuffer {}
 impl PinnedBuffer {
     pub fn bytes(&self) -> usize {
         self.len
+    }
+
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: `len` bytes allocated by cuMemHostAlloc, owned by `self`, borrowed shared.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
     }
 
     pub fn as_mut_slice(&mut self) -> &mut [u8] {

@@ -261,7 +261,7 @@ impl Device {
                     gpu.fill(&mut staging, &target, |out, copy| {
                         decode_into(manifest, cache, out, arrivals, &frontier, copy)
                     })??;
-                    check_payload(manifest, digest, staging.as_mut_slice())?;
+                    check_payload(manifest, digest, staging.as_slice())?;
                     target.finish();
                     Ok((target, staging))
                 };

@@ -85,30 +85,19 @@ fn push_then_pull_is_byte_identical_and_cached() {
         std::fs::read_to_string(dir.path().join("b.partial")).unwrap(),
         "mine"
     );
+    let pull_to = |output: &str| {
+        registry.cartridge(
+            dir.path(),
+            &token,
+            &["pull", "legal/contracts@v3", "-o", output],
+        )
+    };
     // Again to the same file: it is already the pulled file (a link to the cached one).
-    registry
-        .cartridge(
-            dir.path(),
-            &token,
-            &["pull", "legal/contracts@v3", "-o", "b.safetensors"],
-        )
-        .ok();
+    pull_to("b.safetensors").ok();
     std::fs::create_dir(dir.path().join("folder")).unwrap();
-    let err = registry
-        .cartridge(
-            dir.path(),
-            &token,
-            &["pull", "legal/contracts@v3", "-o", "folder/"],
-        )
-        .fails();
+    let err = pull_to("folder/").fails();
     assert!(err.contains("is a folder"), "{err}");
-    let err = registry
-        .cartridge(
-            dir.path(),
-            &token,
-            &["pull", "legal/contracts@v3", "-o", "missing/b.safetensors"],
-        )
-        .fails();
+    let err = pull_to("missing/b.safetensors").fails();
     assert!(err.contains("missing is not a folder"), "{err}");
     // Nothing of the pull is left beside its outputs.
     let mut names: Vec<String> = std::fs::read_dir(dir.path())

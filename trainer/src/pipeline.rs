@@ -204,26 +204,27 @@ pub fn train(
     if request.objective == Objective::SelfStudy && !zero_steps {
         check_rows_hold_a_conversation(model, request)?;
     }
-    // Held to the end, and before a checkpoint is looked for: a second run in this work
-    // directory would interleave the stored conversations, and set aside or write over the
-    // checkpoints.
     if request.resume && zero_steps {
         return Err(Error::Data(
             "--resume continues a checkpoint to --steps, and 0 steps leaves nothing to continue"
                 .into(),
         ));
     }
+    // Held to the end, and before a checkpoint is looked for: a second run in this work
+    // directory would interleave the stored conversations, and set aside or write over the
+    // checkpoints.
     let _lock = (!zero_steps || request.resume)
         .then(|| lock_work_dir(&request.work_dir))
         .transpose()?;
-    if request.resume && !checkpoint.exists() {
+    let resuming = request.resume && checkpoint.exists();
+    if request.resume && !resuming {
         // Resuming synthesis that never reached a checkpoint is a resume too: said, not refused.
         tracing::warn!(
             work = %request.work_dir.display(),
             "no checkpoint to resume: training starts at step 0 (a fresh run sets an older checkpoint aside as checkpoint.previous*.safetensors)"
         );
     }
-    let init = (!(request.resume && checkpoint.exists())).then_some(init);
+    let init = (!resuming).then_some(init);
     // Zero steps of a fresh run writes the initialization (a baseline): nothing to synthesize,
     // no work folder.
     let initialization_only = init.is_some() && zero_steps;
