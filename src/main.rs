@@ -72,14 +72,5 @@ fn main() -> ExitCode {
         Command::Train(args) => commands::train::run(args),
         Command::Eval(args) => commands::eval::run(args),
     };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!(
-                "error: {}",
-                cartridge_schemas::report::error_line(error.as_ref())
-            );
-            ExitCode::FAILURE
-        }
-    }
+    cartridge_schemas::report::exit(result)
 }

@@ -6,7 +6,7 @@
 //! `error` (`{code, message, status}`: the HTTP status it would have had). What is refused
 //! before memory is touched answers with its own status instead, streamed or not.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{FromRequest, Request, State};
@@ -15,7 +15,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use cartridge_schemas::api::ErrorBody;
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -24,29 +23,6 @@ use crate::loader::{
     LayersReady, LoadRequest, LoadResponse, Loader, Part, PrefetchRequest, Progress,
     ReleaseRequest, Renewed, Status,
 };
-
-/// The metrics recorder, installed on first use (`serve` does so first of all, so what happens
-/// at start counts too).
-pub fn metrics_handle() -> &'static PrometheusHandle {
-    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
-    HANDLE.get_or_init(|| {
-        let recorder = PrometheusBuilder::new()
-            .set_buckets(cartridge_schemas::api::LATENCY_BUCKETS)
-            .expect("the bounds are not empty")
-            .build_recorder();
-        let handle = recorder.handle();
-        // Histogram samples are kept until drained: drained every few seconds, scraped or not.
-        let upkeep = handle.clone();
-        std::thread::spawn(move || {
-            loop {
-                std::thread::sleep(std::time::Duration::from_secs(5));
-                upkeep.run_upkeep();
-            }
-        });
-        let _ = metrics::set_global_recorder(recorder);
-        handle
-    })
-}
 
 /// A JSON body whose errors answer as `{code, message}`.
 struct Body<T>(T);
@@ -183,13 +159,13 @@ async fn status(State(loader): State<Arc<Loader>>) -> Json<Status> {
 async fn metrics(State(loader): State<Arc<Loader>>) -> String {
     // Lapsed leases count as they are found: a node only scraped still finds them.
     loader.expire();
-    let handle = metrics_handle();
+    let handle = cartridge_schemas::metrics::handle();
     handle.run_upkeep();
     handle.render()
 }
 
 pub fn router(loader: Arc<Loader>) -> Router {
-    metrics_handle();
+    cartridge_schemas::metrics::handle();
     Router::new()
         .route("/v1/load", post(load))
         .route("/v1/release", post(release))

@@ -153,7 +153,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
             args.listen
         );
     }
-    api::metrics_handle();
+    cartridge_schemas::metrics::handle();
     // Listening first: a loader refused its socket or port touches nothing of a live one's (its
     // disk cache, which opening would trim to this one's cap).
     let listener = match &args.socket {
@@ -354,14 +354,5 @@ fn main() -> ExitCode {
                 }
             })
         });
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!(
-                "error: {}",
-                cartridge_schemas::report::error_line(error.as_ref())
-            );
-            ExitCode::FAILURE
-        }
-    }
+    cartridge_schemas::report::exit(result)
 }

@@ -474,14 +474,5 @@ fn main() -> ExitCode {
             Command::Lambda => lambda().await,
         }
     });
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!(
-                "error: {}",
-                cartridge_schemas::report::error_line(error.as_ref())
-            );
-            ExitCode::FAILURE
-        }
-    }
+    cartridge_schemas::report::exit(result)
 }

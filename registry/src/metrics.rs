@@ -1,36 +1,11 @@
 //! Prometheus metrics: request counts and latencies by route and status, blob bytes moved.
 
-use std::sync::OnceLock;
 use std::time::Instant;
 
 use axum::extract::{MatchedPath, Request};
 use axum::http::Method;
 use axum::middleware::Next;
 use axum::response::Response;
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
-
-/// The process-wide recorder, installed on first use (a process has one metrics recorder).
-pub fn handle() -> &'static PrometheusHandle {
-    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
-    HANDLE.get_or_init(|| {
-        let recorder = PrometheusBuilder::new()
-            .set_buckets(cartridge_schemas::api::LATENCY_BUCKETS)
-            .expect("the bounds are not empty")
-            .build_recorder();
-        let handle = recorder.handle();
-        // Histogram samples are kept until drained: drained every few seconds, scraped or not.
-        let upkeep = handle.clone();
-        std::thread::spawn(move || {
-            loop {
-                std::thread::sleep(std::time::Duration::from_secs(5));
-                upkeep.run_upkeep();
-            }
-        });
-        // Fails only if another recorder was installed first; then our metrics go there.
-        let _ = metrics::set_global_recorder(recorder);
-        handle
-    })
-}
 
 pub async fn track(request: Request, next: Next) -> Response {
     let started = Instant::now();

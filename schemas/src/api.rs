@@ -132,12 +132,6 @@ pub struct ErrorBody {
     pub message: String,
 }
 
-/// Bucket bounds (seconds) of the latency histograms the registry and the loader export on
-/// `/metrics`: histograms, unlike summaries, add up across a fleet of servers.
-pub const LATENCY_BUCKETS: &[f64] = &[
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
-];
-
 /// Machine-readable error kinds; each has one HTTP status.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -8,6 +8,8 @@ pub mod dtype;
 pub mod file;
 pub mod fingerprint;
 pub mod manifest;
+#[cfg(feature = "prometheus")]
+pub mod metrics;
 pub mod paths;
 pub mod reference;
 pub mod report;

@@ -1,6 +1,7 @@
 //! How the binaries print an error for a person.
 
 use std::error::Error;
+use std::process::ExitCode;
 
 /// An error and its causes on one line, `outer: cause: …`, leaving out a cause the line already
 /// ends with (most of our errors write their cause at the end of their own message and also
@@ -17,6 +18,17 @@ pub fn error_line(error: &(dyn Error + 'static)) -> String {
         cause = error.source();
     }
     line
+}
+
+/// A binary's exit: success, or the error on one line of stderr and failure.
+pub fn exit<E: AsRef<dyn Error + 'static>>(result: Result<(), E>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {}", error_line(error.as_ref()));
+            ExitCode::FAILURE
+        }
+    }
 }
 
 #[cfg(test)]

@@ -19,7 +19,7 @@ use crate::error::ApiError;
 pub fn router(state: AppState) -> Router {
     let json_limit = state.limits.max_json_bytes;
     // Install the recorder before the first request is counted.
-    crate::metrics::handle();
+    cartridge_schemas::metrics::handle();
     Router::new()
         .route("/v1/health", get(system::health))
         .route("/metrics", get(system::metrics))

@@ -19,7 +19,7 @@ pub async fn health(State(state): State<AppState>) -> Result<Json<Value>, ApiErr
 
 /// `GET /metrics`: Prometheus text format.
 pub async fn metrics() -> impl IntoResponse {
-    let handle = crate::metrics::handle();
+    let handle = cartridge_schemas::metrics::handle();
     // Without the exporter's own background task, histograms are drained here.
     handle.run_upkeep();
     (
