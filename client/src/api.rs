@@ -378,6 +378,14 @@ impl Client {
             .map(drop)
     }
 
+    pub async fn namespace_settings(
+        &self,
+        namespace: &Namespace,
+    ) -> Result<NamespaceSettings, ClientError> {
+        self.json(self.request(Method::GET, &format!("/v1/namespaces/{namespace}/settings"))?)
+            .await
+    }
+
     pub async fn set_namespace_settings(
         &self,
         namespace: &Namespace,
@@ -531,7 +539,15 @@ mod tests {
     #[test]
     fn the_token_goes_to_the_registry_only() {
         let client = Client::new("http://127.0.0.1:7070", Some("secret".into())).unwrap();
-        assert!(client.request(Method::PUT, "/v1/uploads/x").is_ok());
+        let sent = client
+            .request(Method::PUT, "/v1/uploads/x")
+            .unwrap()
+            .build()
+            .unwrap();
+        assert_eq!(
+            sent.headers()[reqwest::header::AUTHORIZATION],
+            "Bearer secret"
+        );
         let error = client
             .request(Method::PUT, "//elsewhere.example/upload")
             .unwrap_err();

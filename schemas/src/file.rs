@@ -270,19 +270,23 @@ impl Cartridge {
         if held != layout.file_len {
             let data_start = 8 + layout.header_text_len;
             let declared = layout.file_len - data_start;
-            let detail = match held.checked_sub(data_start) {
-                Some(data) if data < declared => {
-                    format!(
+            return Err(match held.checked_sub(data_start) {
+                Some(data) if data < declared => FormatError::Truncated {
+                    detail: format!(
                         "the header declares {declared} bytes of tensor data but the file holds {data}"
-                    )
-                }
-                Some(data) => format!(
-                    "{} bytes follow the {declared} bytes of tensor data",
-                    data - declared
-                ),
-                None => format!("the file ends inside its header ({held} bytes)"),
-            };
-            return Err(FormatError::Truncated { detail });
+                    ),
+                },
+                // Longer than declared: something was appended, nothing cut off.
+                Some(data) => FormatError::Safetensors {
+                    detail: format!(
+                        "{} bytes follow the {declared} bytes of tensor data",
+                        data - declared
+                    ),
+                },
+                None => FormatError::Truncated {
+                    detail: format!("the file ends inside its header ({held} bytes)"),
+                },
+            });
         }
         let cartridge = Self {
             bytes,
@@ -662,9 +666,20 @@ impl safetensors::View for TensorRef<'_> {
     }
 }
 
-/// Refuses a destination that exists and is not a regular file: a write renames a new file
-/// over it, which would replace a device (`/dev/null`), a pipe or a socket with a plain file.
+/// Refuses a destination whose folder does not exist, or that exists and is not a regular file:
+/// a write renames a new file over it, which would replace a device (`/dev/null`), a pipe or a
+/// socket with a plain file.
 pub fn check_destination(path: &Path) -> std::io::Result<()> {
+    let folder = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    if !folder.is_dir() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!("{} is not a folder", folder.display()),
+        ));
+    }
     match std::fs::metadata(path) {
         Ok(existing) if existing.is_dir() => Err(std::io::Error::new(
             std::io::ErrorKind::IsADirectory,
@@ -999,7 +1014,11 @@ pub(crate) mod tests {
         assert!(open_err(bytes[..3].to_vec()).starts_with("truncated"));
         let mut longer = bytes.clone();
         longer.extend_from_slice(b"trailing");
-        assert!(open_err(longer).contains("8 bytes follow"));
+        let err = open_err(longer);
+        assert!(
+            err.starts_with("not a valid safetensors file: 8 bytes follow"),
+            "{err}"
+        );
     }
 
     /// Writes a safetensors file with the given tensors and the sample's header, bypassing our writer.

@@ -29,6 +29,8 @@ pub fn run(args: ComposeArgs) -> Result<()> {
         .iter()
         .map(|p| (Input::File, p.as_path()))
         .collect();
+    cartridge_schemas::file::check_destination(&args.output)
+        .with_context(|| format!("cannot write {}", args.output.display()))?;
     check_outputs(&[("output", &args.output)], &inputs)?;
     let parts = args
         .parts
@@ -37,7 +39,8 @@ pub fn run(args: ComposeArgs) -> Result<()> {
         .collect::<Result<Vec<_>>>()?;
     let header = compose(&args.parts, &parts, &args.output)?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&header)?);
+        let report = json!({"output": args.output.display().to_string(), "header": header});
+        println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         println!(
             "wrote {}: {} tokens from {} parts, {}",
@@ -66,7 +69,7 @@ fn compose(paths: &[PathBuf], parts: &[Cartridge], output: &Path) -> Result<file
             })?;
         if header.dtype != first.dtype {
             bail!(
-                "{} holds {} but {} holds {}: convert one before composing",
+                "{} holds {} but {} holds {}: only cartridges of one dtype compose",
                 path.display(),
                 header.dtype,
                 paths[0].display(),

@@ -52,13 +52,16 @@ pub fn run(args: ImportArgs) -> Result<()> {
             source.path().unwrap_or(Path::new(&args.model)),
         )))
         .collect();
+    cartridge_schemas::file::check_destination(&args.output)
+        .with_context(|| format!("cannot write {}", args.output.display()))?;
     check_outputs(&[("output", &args.output)], &inputs)?;
     let model = source.fingerprint()?;
     let cache = ReferenceCache::read(&args.file)
         .with_context(|| format!("importing {}", args.file.display()))?;
     let header = cache.write(&args.file, model, &args.output)?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&header)?);
+        let report = json!({"output": args.output.display().to_string(), "header": header});
+        println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         println!(
             "wrote {}: {} layers, {} tokens ({} frozen), {}, {}",
@@ -196,6 +199,16 @@ fn weight(object: &Object, limit: usize) -> usize {
     total
 }
 
+/// The first `keep` bytes of an archive entry, read on to the entry's end: the zip reader checks
+/// an entry's CRC only there. What is past `keep` is not held, so an entry that expands without
+/// end costs time, not memory.
+fn read_whole(mut entry: impl Read, keep: u64) -> std::io::Result<Vec<u8>> {
+    let mut kept = Vec::new();
+    (&mut entry).take(keep).read_to_end(&mut kept)?;
+    std::io::copy(&mut entry, &mut std::io::sink())?;
+    Ok(kept)
+}
+
 /// One ParameterList: per layer, the tensor's bytes and its `[1, kv_heads, tokens, head_dim]` shape.
 struct TensorList {
     tensors: Vec<(Vec<u8>, [usize; 4])>,
@@ -232,9 +245,8 @@ impl ReferenceCache {
             "data.pkl holds {} bytes, more than a reference cache's (at most {MAX_PICKLE_BYTES})",
             pickle.size()
         );
-        let Object::Dict(entries) =
-            read_pickle(&mut BufReader::new(pickle.take(MAX_PICKLE_BYTES)))?
-        else {
+        let pickle = read_whole(pickle, MAX_PICKLE_BYTES).context("data.pkl is corrupted")?;
+        let Object::Dict(entries) = read_pickle(&mut pickle.as_slice())? else {
             bail!("data.pkl does not hold a dict: not a reference cartridge");
         };
         let mut lists: Vec<(String, Object)> = entries
@@ -306,11 +318,11 @@ impl ReferenceCache {
                     .try_fold(this.size(), |bytes, &dim| bytes.checked_mul(dim))
                     .and_then(|len| start.checked_add(len))
                     .with_context(|| format!("{} has shape {dims:?}: too large", what()))?;
-                let mut storage = Vec::new();
-                zip.by_name(&info.path)
-                    .with_context(|| format!("{}: storage {} is missing", what(), info.path))?
-                    .take(end as u64)
-                    .read_to_end(&mut storage)?;
+                let entry = zip
+                    .by_name(&info.path)
+                    .with_context(|| format!("{}: storage {} is missing", what(), info.path))?;
+                let storage = read_whole(entry, end as u64)
+                    .with_context(|| format!("{}: storage {} is corrupted", what(), info.path))?;
                 let bytes = storage.get(start..end).with_context(|| {
                     format!(
                         "{}: storage {} is truncated ({} bytes)",

@@ -36,9 +36,25 @@ pub fn run(args: InspectArgs) -> Result<()> {
             args.target
         ),
     };
-    let client = args.registry.connect(reference.registry.as_ref())?;
-    let resolved =
-        super::runtime()?.block_on(client.resolve(&reference.repository, &reference.selector))?;
+    // `out/missing.safetensors` also reads as a reference: one named like a file, or in a folder
+    // that is here, is far more likely a mistyped path than a cartridge in a registry.
+    let file_like = path.extension().is_some_and(|e| e == "safetensors")
+        || path
+            .parent()
+            .is_some_and(|p| !p.as_os_str().is_empty() && p.is_dir());
+    let looked_up = args
+        .registry
+        .connect(reference.registry.as_ref())
+        .and_then(|client| {
+            Ok(super::runtime()?
+                .block_on(client.resolve(&reference.repository, &reference.selector))?)
+        });
+    let resolved = match looked_up {
+        Err(error) if file_like => {
+            return Err(error.context(format!("there is no file {}; as a reference", args.target)));
+        }
+        looked_up => looked_up?,
+    };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&resolved)?);
         return Ok(());

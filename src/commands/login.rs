@@ -18,7 +18,11 @@ pub struct LoginArgs {
 pub fn run(args: LoginArgs) -> Result<()> {
     let url = normalize(&args.url);
     let token = match std::env::var("CARTRIDGE_TOKEN") {
-        Ok(token) if !token.trim().is_empty() => token.trim().to_owned(),
+        Ok(token) if !token.trim().is_empty() => {
+            // Said, so a token meant for another registry, or one piped in too, is noticed.
+            eprintln!("using the token in CARTRIDGE_TOKEN (standard input is not read)");
+            token.trim().to_owned()
+        }
         _ => {
             if std::io::stdin().is_terminal() {
                 eprintln!("paste the token and press enter:");

@@ -16,6 +16,11 @@ pub struct NamespaceArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum NamespaceCommand {
+    /// Show a namespace's settings.
+    Get {
+        /// The namespace (the first part of `ns/name`).
+        namespace: Namespace,
+    },
     /// Change a namespace's settings.
     Set {
         /// The namespace (the first part of `ns/name`).
@@ -28,18 +33,35 @@ pub enum NamespaceCommand {
 
 pub fn run(args: NamespaceArgs) -> Result<()> {
     let client = args.registry.connect(None)?;
+    let runtime = super::runtime()?;
+    let show = |namespace: &Namespace, settings: &NamespaceSettings| {
+        let state = if settings.anonymous_pull { "on" } else { "off" };
+        println!("{namespace}: anonymous pull {state}");
+    };
     match args.command {
+        NamespaceCommand::Get { namespace } => {
+            show(
+                &namespace,
+                &runtime.block_on(client.namespace_settings(&namespace))?,
+            );
+        }
         NamespaceCommand::Set {
             namespace,
             anonymous_pull,
         } => {
-            let settings = super::runtime()?.block_on(
+            let settings = runtime.block_on(
                 client.set_namespace_settings(&namespace, &NamespaceSettings { anonymous_pull }),
             )?;
-            println!(
-                "{namespace}: anonymous pull {}",
-                if settings.anonymous_pull { "on" } else { "off" }
-            );
+            show(&namespace, &settings);
+            // A mistyped namespace takes settings as readily as the intended one.
+            if runtime
+                .block_on(client.names(&namespace))
+                .is_ok_and(|list| list.names.is_empty())
+            {
+                eprintln!(
+                    "warning: {namespace} holds no cartridges yet; its settings apply to what is pushed there"
+                );
+            }
         }
     }
     Ok(())

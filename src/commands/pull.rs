@@ -45,16 +45,6 @@ pub fn run(args: PullArgs) -> Result<()> {
     if let Some(output) = &args.output {
         cartridge_schemas::file::check_destination(output)
             .with_context(|| format!("cannot write {}", output.display()))?;
-        let folder = output
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        anyhow::ensure!(
-            folder.is_dir(),
-            "cannot write {}: {} is not a folder",
-            output.display(),
-            folder.display()
-        );
     }
     let bar = Bar::new(&format!("pull {}", args.reference), args.json);
     let runtime = super::runtime()?;

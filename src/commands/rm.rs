@@ -1,4 +1,4 @@
-use anyhow::{Result, bail};
+use anyhow::Result;
 use cartridge_schemas::Reference;
 use cartridge_schemas::reference::{ReferenceError, Selector};
 use clap::Args;
@@ -23,7 +23,7 @@ pub fn run(args: RmArgs) -> Result<()> {
     match &reference.selector {
         Selector::Version(version) => runtime.block_on(client.delete_version(repo, version))?,
         Selector::Tag(tag) => runtime.block_on(client.delete_tag(repo, tag))?,
-        Selector::Digest(_) => bail!("{reference}: remove a version or a tag, not a digest"),
+        Selector::Digest(_) => unreachable!("refused when parsed"),
     }
     println!("removed {reference}");
     Ok(())
@@ -43,6 +43,9 @@ impl std::str::FromStr for Named {
             return Err(format!(
                 "name the version or tag to remove (e.g. {text}@latest)"
             ));
+        }
+        if let Selector::Digest(_) = reference.selector {
+            return Err("remove a version or a tag, not a digest".into());
         }
         Ok(Self(reference))
     }

@@ -23,8 +23,14 @@ pub fn run(args: VerifyArgs) -> Result<()> {
         Ok(cartridge) => {
             let header = cartridge.header();
             if args.json {
-                let report =
-                    json!({"file": args.file, "ok": true, "payload_digest": header.payload_digest});
+                let report = json!({
+                    "file": file.to_string(),
+                    "ok": true,
+                    "layers": cartridge.layer_count(),
+                    "tokens": header.tokens,
+                    "dtype": header.dtype,
+                    "payload_digest": header.payload_digest,
+                });
                 println!("{report}");
             } else {
                 println!(
@@ -41,7 +47,7 @@ pub fn run(args: VerifyArgs) -> Result<()> {
             if args.json {
                 println!(
                     "{}",
-                    json!({"file": args.file, "ok": false, "error": error.to_string()})
+                    json!({"file": file.to_string(), "ok": false, "error": error.to_string()})
                 );
             }
             // A reference given for a file: pulling is how a published cartridge is checked.

@@ -116,6 +116,34 @@ fn import_refuses_the_wrong_model_and_non_caches() {
     );
     assert!(!dir.path().join("x.safetensors").exists());
 
+    // A byte flipped in a tensor's storage: the archive's checksum no longer matches.
+    let mut bytes = std::fs::read(&source).unwrap();
+    let start = {
+        let mut archive = zip::ZipArchive::new(std::io::Cursor::new(&bytes)).unwrap();
+        let name = archive
+            .file_names()
+            .map(|name| name.unwrap().into_owned())
+            .find(|name| name.ends_with("/data/0"))
+            .unwrap();
+        archive.by_name(&name).unwrap().data_start().unwrap() as usize
+    };
+    bytes[start] ^= 1;
+    std::fs::write(dir.path().join("flipped.pt"), bytes).unwrap();
+    let err = cartridge(
+        dir.path(),
+        &[
+            "import",
+            "flipped.pt",
+            "--model",
+            &tiny_model(),
+            "-o",
+            "x.safetensors",
+        ],
+    )
+    .fails();
+    assert!(err.contains("is corrupted: Invalid checksum"), "{err}");
+    assert!(!dir.path().join("x.safetensors").exists());
+
     let not_zip = fixture("reference/make_fixtures.py");
     let err = cartridge(
         dir.path(),
@@ -224,7 +252,7 @@ fn compose_concatenates_in_order_and_inspect_shows_the_parts() {
     let dir = tempfile::tempdir().unwrap();
     let a = import(dir.path(), "cache-step1.pt", "a.safetensors");
     let b = import(dir.path(), "fixed-names.pt", "b.safetensors");
-    cartridge(
+    let written = cartridge(
         dir.path(),
         &[
             "compose",
@@ -232,11 +260,14 @@ fn compose_concatenates_in_order_and_inspect_shows_the_parts() {
             "b.safetensors",
             "-o",
             "ab.safetensors",
+            "--json",
         ],
     )
-    .ok();
+    .json();
+    assert_eq!(written["output"], "ab.safetensors");
 
     let report = cartridge(dir.path(), &["inspect", "--json", "ab.safetensors"]).json();
+    assert_eq!(report["header"], written["header"]);
     assert_eq!(report["header"]["tokens"], 7);
     assert_eq!(report["header"]["frozen_tokens"], 1);
     assert_eq!(report["tensor_shape"], serde_json::json!([2, 7, 8]));
@@ -257,6 +288,12 @@ fn compose_concatenates_in_order_and_inspect_shows_the_parts() {
         table.contains("1. a.safetensors: 4 tokens")
             && table.contains("2. b.safetensors: 3 tokens"),
         "{table}"
+    );
+    // A mistyped path reads as a reference too: the error says the file is missing first.
+    let err = cartridge(dir.path(), &["inspect", "out/ab.safetensors"]).fails();
+    assert!(
+        err.contains("there is no file out/ab.safetensors; as a reference: "),
+        "{err}"
     );
 
     // Keys and values alike: per head, a's rows, then b's rows.
@@ -379,6 +416,31 @@ fn compose_refuses_other_models_and_dtypes() {
     assert!(err.contains("is the input file"), "{err}");
     assert_eq!(
         std::fs::read(dir.path().join("a.safetensors")).unwrap(),
+        before
+    );
+    // `..` after a symbolic link leads out of the link's target: `link/../a.safetensors` is
+    // `kept/a.safetensors` here.
+    std::fs::create_dir_all(dir.path().join("kept/inner")).unwrap();
+    std::fs::copy(
+        dir.path().join("a.safetensors"),
+        dir.path().join("kept/a.safetensors"),
+    )
+    .unwrap();
+    std::os::unix::fs::symlink("kept/inner", dir.path().join("link")).unwrap();
+    let err = cartridge(
+        dir.path(),
+        &[
+            "compose",
+            "kept/a.safetensors",
+            "other.safetensors",
+            "-o",
+            "link/../a.safetensors",
+        ],
+    )
+    .fails();
+    assert!(err.contains("is the input file"), "{err}");
+    assert_eq!(
+        std::fs::read(dir.path().join("kept/a.safetensors")).unwrap(),
         before
     );
     std::fs::copy(&source, dir.path().join("cache.pt")).unwrap();

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use crate::moto::Moto;
-use crate::support::{Registry, exchange, random_cartridge, raw_http};
+use crate::support::{Registry, exchange, metric, random_cartridge, raw_http};
 
 fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
     let started = Instant::now();
@@ -70,6 +70,14 @@ fn push_then_pull_is_byte_identical_and_cached() {
     assert_eq!(report["reference"], "legal/contracts@v3");
     assert_eq!(report["chunks"], 4);
     assert_eq!(report["uploaded_blobs"], 4);
+    let blob_bytes = |direction: &str| {
+        metric(
+            &registry.url,
+            &format!("registry_blob_bytes_total{{direction=\"{direction}\"}}"),
+        )
+    };
+    assert_eq!(blob_bytes("in"), report["uploaded_bytes"].as_f64().unwrap());
+    assert_eq!(blob_bytes("out"), 0.0);
 
     // A file that happens to share the output's stem is not the pull's to touch.
     std::fs::write(dir.path().join("b.partial"), "mine").unwrap();
@@ -81,6 +89,7 @@ fn push_then_pull_is_byte_identical_and_cached() {
         )
         .ok();
     assert_eq!(path.trim(), "b.safetensors");
+    assert_eq!(blob_bytes("out"), report["stored_bytes"].as_f64().unwrap());
     assert_eq!(
         std::fs::read_to_string(dir.path().join("b.partial")).unwrap(),
         "mine"
@@ -879,13 +888,29 @@ fn tokens_are_checked() {
     assert!(!err.contains("no token was sent"), "{err}");
 
     // Anonymous pull, once an admin turns it on for the namespace.
-    registry
-        .cartridge(
-            dir.path(),
-            &admin,
-            &["namespace", "set", "legal", "--anonymous-pull", "true"],
-        )
+    let set = registry.cartridge(
+        dir.path(),
+        &admin,
+        &["namespace", "set", "legal", "--anonymous-pull", "true"],
+    );
+    assert!(!set.stderr.contains("warning"), "{}", set.stderr);
+    assert_eq!(set.ok(), "legal: anonymous pull on\n");
+    let shown = registry
+        .cartridge(dir.path(), "", &["namespace", "get", "legal"])
         .ok();
+    assert_eq!(shown, "legal: anonymous pull on\n");
+    // A namespace without cartridges (a typo?) takes the setting, with a warning.
+    let typo = registry.cartridge(
+        dir.path(),
+        &admin,
+        &["namespace", "set", "legl", "--anonymous-pull", "false"],
+    );
+    assert!(
+        typo.stderr.contains("legl holds no cartridges yet"),
+        "{}",
+        typo.stderr
+    );
+    typo.ok();
     registry
         .cartridge(dir.path(), "", &["pull", "legal/a@v1"])
         .ok();

@@ -333,6 +333,15 @@ pub fn random_cartridge(
 /// One raw request (no client library, so nothing normalizes the path or the body); the whole
 /// response as text. `version` `HTTP/1.0` asks for a body that ends with the connection, never
 /// chunked.
+/// The sum of a server's Prometheus samples whose line starts with `name` (labels included).
+pub fn metric(url: &str, name: &str) -> f64 {
+    let text = exchange(url, "HTTP/1.1", "GET", "/metrics", &[], b"");
+    text.lines()
+        .filter(|line| line.starts_with(name))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 pub fn exchange(
     url: &str,
     version: &str,

@@ -53,6 +53,7 @@ pub trait TrainProgress {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct TrainReport {
+    #[serde(serialize_with = "lossy")]
     pub output: PathBuf,
     pub header: Header,
     pub conversations: usize,
@@ -68,6 +69,11 @@ pub struct TrainReport {
     pub training_tokens_per_second: f64,
 }
 
+/// A path as text, whatever bytes its name holds (JSON has no other spelling of it).
+fn lossy<S: serde::Serializer>(path: &Path, serializer: S) -> std::result::Result<S::Ok, S::Error> {
+    serializer.collect_str(&path.display())
+}
+
 /// How many steps the reported first and final losses average (at most half the run each).
 pub const LOSS_STEPS: usize = 10;
 
@@ -80,14 +86,6 @@ fn check_paths(request: &TrainRequest) -> Result<()> {
     let output = &request.output;
     cartridge_schemas::file::check_destination(output)
         .map_err(|e| Error::Data(format!("cannot write {}: {e}", output.display())))?;
-    if let Some(parent) = output.parent().filter(|p| !p.as_os_str().is_empty())
-        && !parent.is_dir()
-    {
-        return Err(Error::Data(format!(
-            "the output's folder {} does not exist",
-            parent.display()
-        )));
-    }
     // Its own work directory, or another run's (what one holds: a cartridge written there
     // could replace its conversations or checkpoint).
     let resolved = resolve(output);
@@ -115,31 +113,25 @@ fn check_paths(request: &TrainRequest) -> Result<()> {
 /// so two spellings of one place compare equal.
 pub fn resolve(path: &Path) -> PathBuf {
     let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_owned());
-    // `..` after a folder that does not exist yet is undone by its name alone.
-    let mut lexical = PathBuf::new();
+    let mut resolved = PathBuf::new();
+    let mut exists = true;
     for component in absolute.components() {
         match component {
-            std::path::Component::ParentDir => {
-                lexical.pop();
+            std::path::Component::CurDir => continue,
+            // Where the path exists, `..` is the system's to resolve (after a symbolic link it
+            // leads out of the link's target, not back to the link's folder); past a folder
+            // that does not exist yet, it is undone by name.
+            std::path::Component::ParentDir if !exists => {
+                resolved.pop();
             }
-            std::path::Component::CurDir => {}
-            other => lexical.push(other),
+            other => resolved.push(other),
+        }
+        match resolved.canonicalize() {
+            Ok(found) => (resolved, exists) = (found, true),
+            Err(_) => exists = false,
         }
     }
-    let mut missing = Vec::new();
-    let mut existing = lexical.as_path();
-    loop {
-        if let Ok(found) = existing.canonicalize() {
-            return missing.iter().rev().fold(found, |at, part| at.join(part));
-        }
-        match (existing.parent(), existing.file_name()) {
-            (Some(parent), Some(name)) => {
-                missing.push(name.to_owned());
-                existing = parent;
-            }
-            _ => return lexical,
-        }
-    }
+    resolved
 }
 
 /// Creates the work directory and locks it for this run.
