@@ -426,6 +426,15 @@ fn a_resident_composition_is_served_without_its_parts() {
     // The budget is full (a, b and their composition); c takes the place of a.
     let (status, body) = load(&loader, &model, &["team/c@v1"]);
     assert_eq!(status, 200, "{body}");
+    let a = composed["parts"][0]["digest"].as_str().unwrap();
+    let resident: Vec<String> = device_usage(&loader).2["device"]["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|entry| entry["key"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(resident.len(), 3, "{resident:?}");
+    assert!(!resident.iter().any(|key| key == a), "{resident:?}");
     // Loading the parts again would need room held by c and the composition.
     let (status, again) = load(&loader, &model, &["team/a@v1", "team/b@v1"]);
     assert_eq!(status, 200, "{again}");

@@ -154,6 +154,39 @@ fn distillation_lowers_the_loss_and_keeps_the_frozen_token() {
     }
 }
 
+/// The student's log-probabilities of the next token at each of `ids`, read after `prefix`.
+fn log_probabilities_after(
+    model: &LoadedModel,
+    prefix: &cartridge_trainer::model::Prefix,
+    ids: &[u32],
+) -> Vec<Vec<f32>> {
+    let device = Device::Cpu;
+    let p = prefix.tokens();
+    let positions: Vec<u32> = (p..p + ids.len()).map(|i| i as u32).collect();
+    let hidden = model
+        .llama
+        .forward(
+            &candle_core::Tensor::new(ids, &device)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap(),
+            &candle_core::Tensor::new(positions.as_slice(), &device)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap(),
+            &causal_mask(&[ids.len()], p, ids.len(), DType::F32, &device).unwrap(),
+            Context::Prefix(prefix),
+        )
+        .unwrap();
+    candle_nn::ops::log_softmax(
+        &model.llama.logits(&hidden.i(0).unwrap()).unwrap(),
+        candle_core::D::Minus1,
+    )
+    .unwrap()
+    .to_vec2::<f32>()
+    .unwrap()
+}
+
 #[test]
 fn the_loss_is_zero_where_the_student_already_predicts_as_its_teacher() {
     let model = tiny_model();
@@ -163,30 +196,7 @@ fn the_loss_is_zero_where_the_student_already_predicts_as_its_teacher() {
     // after the initial cartridge.
     let (prompt, answer) = (vec![1u32, 210, 300, 2], vec![120u32, 133, 101, 145]);
     let ids: Vec<u32> = prompt.iter().chain(&answer).copied().collect();
-    let device = Device::Cpu;
-    let positions: Vec<u32> = (p..p + ids.len()).map(|i| i as u32).collect();
-    let hidden = model
-        .llama
-        .forward(
-            &candle_core::Tensor::new(ids.as_slice(), &device)
-                .unwrap()
-                .unsqueeze(0)
-                .unwrap(),
-            &candle_core::Tensor::new(positions.as_slice(), &device)
-                .unwrap()
-                .unsqueeze(0)
-                .unwrap(),
-            &causal_mask(&[ids.len()], p, ids.len(), DType::F32, &device).unwrap(),
-            Context::Prefix(&start),
-        )
-        .unwrap();
-    let log_probabilities = candle_nn::ops::log_softmax(
-        &model.llama.logits(&hidden.i(0).unwrap()).unwrap(),
-        candle_core::D::Minus1,
-    )
-    .unwrap()
-    .to_vec2::<f32>()
-    .unwrap();
+    let log_probabilities = log_probabilities_after(&model, &start, &ids);
     let teacher = (prompt.len() - 1..ids.len() - 1)
         .map(|i| (0u32..).zip(log_probabilities[i].iter().copied()).collect())
         .collect();
@@ -465,6 +475,40 @@ fn next_token_prediction_is_distillation_onto_the_text() {
     .unwrap();
     distiller.train(&pieces, |_, _, _, _| Ok(())).unwrap();
     assert_eq!(distiller.losses.len(), 3);
+    // A step holding every piece: its loss is the text's mean negative log-likelihood, token by
+    // token after each piece's first, as the student reads it after the cartridge.
+    let start = initial_prefix(&model);
+    let (mut total, mut targets) = (0f64, 0usize);
+    for piece in &pieces {
+        let ids: Vec<u32> = piece
+            .prompt_ids
+            .iter()
+            .chain(&piece.answer_ids)
+            .copied()
+            .collect();
+        let log_probabilities = log_probabilities_after(&model, &start, &ids);
+        for (row, &next) in log_probabilities.iter().zip(&ids[1..]) {
+            total -= f64::from(row[next as usize]);
+            targets += 1;
+        }
+    }
+    let mut whole = Distiller::from_prefix(
+        &model.llama,
+        &start,
+        DistillOptions {
+            row_tokens: rebuilt.len(),
+            rows: 1,
+            ..options(1)
+        },
+    )
+    .unwrap();
+    whole.train(&pieces, |_, _, _, _| Ok(())).unwrap();
+    let expected = total / targets as f64;
+    assert!(
+        (f64::from(whole.losses[0]) - expected).abs() < 1e-4,
+        "loss {} against {expected}",
+        whole.losses[0]
+    );
 }
 
 /// A cartridge starts as a system turn holding the corpus's first tokens, the chat template
