@@ -191,7 +191,6 @@ fn log_probabilities_after(
 fn the_loss_is_zero_where_the_student_already_predicts_as_its_teacher() {
     let model = tiny_model();
     let start = initial_prefix(&model);
-    let p = start.tokens();
     // The teacher of this conversation is the student itself: its whole next-token distribution
     // after the initial cartridge.
     let (prompt, answer) = (vec![1u32, 210, 300, 2], vec![120u32, 133, 101, 145]);
