@@ -1099,8 +1099,23 @@ mod tests {
             let partial = partial.clone();
             async move { lock_partial(&partial).await }
         });
-        // Long enough for the waiter to open the file and block on its lock.
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        // Until the waiter holds the file open too (it then polls for the lock): renamed before
+        // that, it would simply open a new file at the path.
+        let opened = || {
+            std::fs::read_dir("/proc/self/fd")
+                .unwrap()
+                .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+                .filter(|target| *target == partial)
+                .count()
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while opened() < 2 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the waiter never opened the file"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         std::fs::rename(&partial, &done).unwrap();
         drop(held);
         let locked = waiter.await.unwrap().unwrap();
