@@ -1090,6 +1090,8 @@ mod tests {
         assert_eq!(range_start("items 1-2/3"), None);
     }
 
+    // Reads the open files from /proc.
+    #[cfg(target_os = "linux")]
     #[tokio::test(flavor = "multi_thread")]
     async fn a_waiting_downloader_locks_the_file_at_the_path_not_one_renamed_away() {
         let dir = tempfile::tempdir().unwrap();
@@ -1101,11 +1103,16 @@ mod tests {
         });
         // Until the waiter holds the file open too (it then polls for the lock): renamed before
         // that, it would simply open a new file at the path.
+        let identity = |meta: std::fs::Metadata| {
+            use std::os::unix::fs::MetadataExt;
+            (meta.dev(), meta.ino())
+        };
+        let file = identity(partial.metadata().unwrap());
         let opened = || {
             std::fs::read_dir("/proc/self/fd")
                 .unwrap()
-                .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
-                .filter(|target| *target == partial)
+                .filter_map(|fd| std::fs::metadata(fd.ok()?.path()).ok())
+                .filter(|meta| identity(meta.clone()) == file)
                 .count()
         };
         let deadline = std::time::Instant::now() + Duration::from_secs(10);

@@ -674,11 +674,20 @@ pub fn check_destination(path: &Path) -> std::io::Result<()> {
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    if !folder.is_dir() {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::NotFound,
-            format!("{} is not a folder", folder.display()),
-        ));
+    match std::fs::metadata(folder) {
+        Ok(meta) if meta.is_dir() => {}
+        Err(error) if error.kind() != std::io::ErrorKind::NotFound => {
+            return Err(std::io::Error::new(
+                error.kind(),
+                format!("{}: {error}", folder.display()),
+            ));
+        }
+        _ => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("{} is not a folder", folder.display()),
+            ));
+        }
     }
     match std::fs::metadata(path) {
         Ok(existing) if existing.is_dir() => Err(std::io::Error::new(

@@ -310,8 +310,8 @@ impl ReferenceCache {
                         )
                     })?;
                 ensure!(info.layout.is_contiguous(), "{} is not contiguous", what());
-                // Sizes come from the file: checked, and no more is read than they span (a
-                // compressed entry could expand without end).
+                // Sizes come from the file: checked, and no more is held than they span (a
+                // compressed entry could expand without end; the rest is read only for its CRC).
                 let start = info.layout.start_offset();
                 let end = shape
                     .iter()

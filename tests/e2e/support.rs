@@ -330,9 +330,6 @@ pub fn random_cartridge(
     cartridge_schemas::file::write(path, new, &layer_data).expect("writing a test cartridge");
 }
 
-/// One raw request (no client library, so nothing normalizes the path or the body); the whole
-/// response as text. `version` `HTTP/1.0` asks for a body that ends with the connection, never
-/// chunked.
 /// The sum of a server's Prometheus samples whose line starts with `name` (labels included).
 pub fn metric(url: &str, name: &str) -> f64 {
     let text = exchange(url, "HTTP/1.1", "GET", "/metrics", &[], b"");
@@ -342,6 +339,9 @@ pub fn metric(url: &str, name: &str) -> f64 {
         .sum()
 }
 
+/// One raw request (no client library, so nothing normalizes the path or the body); the whole
+/// response as text. `version` `HTTP/1.0` asks for a body that ends with the connection, never
+/// chunked.
 pub fn exchange(
     url: &str,
     version: &str,
