@@ -682,9 +682,15 @@ pub fn check_destination(path: &Path) -> std::io::Result<()> {
                 format!("{}: {error}", folder.display()),
             ));
         }
-        _ => {
+        Err(_) => {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::NotFound,
+                format!("{} does not exist", folder.display()),
+            ));
+        }
+        Ok(_) => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::NotADirectory,
                 format!("{} is not a folder", folder.display()),
             ));
         }

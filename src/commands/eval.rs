@@ -1,4 +1,4 @@
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use cartridge_schemas::file::Cartridge;
@@ -51,23 +51,48 @@ pub fn run(args: EvalArgs) -> Result<()> {
     // Read before the model, which takes a while to load: a wrong path fails at once.
     let corpus = Corpus::read(&args.corpus)?;
     let qa = read_qa(&args.qa)?;
+    let mut seen = std::collections::HashSet::new();
+    if let Some(twice) = args
+        .cartridges
+        .iter()
+        .find(|path| !seen.insert(path.canonicalize().unwrap_or_else(|_| path.to_path_buf())))
+    {
+        bail!(
+            "{} is given twice (to evaluate it composed with itself, compose it first)",
+            twice.display()
+        );
+    }
     let (device, dtype) = args.device.open()?;
     let model = ModelSource::resolve(&args.model, &paths.models())?
         .load(&device, dtype)
         .with_context(|| format!("loading {}", args.model))?;
 
+    // Labelled by file name, or by the path given where two share one.
+    let file_name = |path: &Path| path.file_name().map(|n| n.to_string_lossy().into_owned());
+    let shared_names = args
+        .cartridges
+        .iter()
+        .filter_map(|p| file_name(p))
+        .collect::<Vec<_>>();
     let mut cartridges = Vec::new();
+    let mut trained_on_corpus = Vec::new();
     for path in &args.cartridges {
         let cartridge = Cartridge::open(path).with_context(|| format!("{}", path.display()))?;
         let prefix = prefix_of_cartridge(&cartridge, &model.llama, &model.fingerprint)
             .with_context(|| format!("{}", path.display()))?;
-        cartridges.push((
-            path.file_name().map_or_else(
-                || path.display().to_string(),
-                |n| n.to_string_lossy().into_owned(),
-            ),
-            prefix,
-        ));
+        let trained_on = &cartridge.header().provenance["trainer"]["corpus"]["digest"];
+        trained_on_corpus.push(trained_on.as_str().map(|d| d == corpus.digest.to_string()));
+        let name = file_name(path)
+            .filter(|name| shared_names.iter().filter(|n| *n == name).count() == 1)
+            .unwrap_or_else(|| path.display().to_string());
+        cartridges.push((name, prefix));
+    }
+    // Composed with others of other corpora is what composition is for; none of this corpus is
+    // more likely the wrong --corpus.
+    if trained_on_corpus.contains(&Some(false)) && !trained_on_corpus.contains(&Some(true)) {
+        eprintln!(
+            "warning: no cartridge given was trained on this --corpus (their provenance names another)"
+        );
     }
     let truncated_tokens = match (args.tokens, cartridges.first()) {
         (Some(tokens), _) => tokens,

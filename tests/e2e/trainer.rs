@@ -116,9 +116,30 @@ fn train_then_eval_on_the_real_model() {
         err.contains("synthesis.answer_max_tokens 24 (the run asks for 20)"),
         "{err}"
     );
+    // Refused before synthesis: nothing was made for it.
+    assert!(!work.join("conversations.jsonl").exists());
     for name in ["conversations.jsonl", "conversations.meta.json"] {
         std::fs::rename(aside.join(name), work.join(name)).unwrap();
     }
+    // More conversations than the checkpoint was trained on: refused before they are made.
+    let mut more = train_args(model, "5");
+    let at = more.iter().position(|a| *a == "--conversations").unwrap();
+    more[at + 1] = "4";
+    let err = cartridge(dir.path(), &more).fails();
+    assert!(
+        err.contains("conversations 3 (the run asks for 4)"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(&stored).unwrap(), conversations);
+    // A fresh run on these conversations with other settings is told which.
+    let fresh: Vec<&str> = other.iter().copied().filter(|a| *a != "--resume").collect();
+    let err = cartridge(dir.path(), &fresh).fails();
+    assert!(
+        err.contains(
+            "holds conversations made with options.answer_max_tokens 24 (the run asks for 20)"
+        ),
+        "{err}"
+    );
 
     let verified = cartridge(dir.path(), &["verify", "varn.safetensors"]).ok();
     assert!(
@@ -280,6 +301,70 @@ fn train_then_eval_on_the_real_model() {
     )
     .fails();
     assert!(err.contains("missing.jsonl"), "{err}");
+
+    // One pair too long to read even without context is named, not left to unscore every mode.
+    let long = format!(
+        "{{\"question\": \"Recite it.\", \"answer\": \"{}\"}}\n",
+        "lamp ".repeat(9000)
+    );
+    std::fs::write(dir.path().join("long.jsonl"), format!("{QA}{long}")).unwrap();
+    let eval = |qa: &str, cartridges: &[&str]| {
+        let mut args = vec![
+            "eval",
+            "--model",
+            model,
+            "--corpus",
+            "corpus.txt",
+            "--qa",
+            qa,
+            "--tokens",
+            "8",
+        ];
+        for path in cartridges {
+            args.extend(["--cartridge", path]);
+        }
+        cartridge(dir.path(), &args)
+    };
+    let err = eval("long.jsonl", &[]).fails();
+    assert!(
+        err.contains("question 4 (\"Recite it.\") and its answer need")
+            && err.contains("without any context; the model has 8192"),
+        "{err}"
+    );
+    let err = eval("qa.jsonl", &["init.safetensors", "./init.safetensors"]).fails();
+    assert!(err.contains("./init.safetensors is given twice"), "{err}");
+
+    // A learning rate that overflows the cartridge's numbers fails the run; nothing is written.
+    let err = cartridge(
+        dir.path(),
+        &[
+            "train",
+            "--model",
+            model,
+            "--corpus",
+            "corpus.txt",
+            "--tokens",
+            "32",
+            "-o",
+            "overflow.safetensors",
+            "--objective",
+            "next-token",
+            "--row-tokens",
+            "64",
+            "--rows",
+            "1",
+            "--steps",
+            "1",
+            "--lr",
+            "1e39",
+        ],
+    )
+    .fails();
+    assert!(
+        err.contains("after step 1 the cartridge is no longer finite"),
+        "{err}"
+    );
+    assert!(!dir.path().join("overflow.safetensors").exists());
 }
 
 #[test]
@@ -337,7 +422,7 @@ fn bad_arguments_are_refused_before_any_synthesis() {
     let err = train("32", &["-o", "folder"]);
     assert!(err.contains("cannot write folder: it is a folder"), "{err}");
     let err = train("32", &["-o", "missing/varn.safetensors"]);
-    assert!(err.contains("missing is not a folder"), "{err}");
+    assert!(err.contains("missing does not exist"), "{err}");
     std::fs::write(dir.path().join("folder/corpus.txt"), CORPUS).unwrap();
     let err = train(
         "32",

@@ -23,7 +23,9 @@ pub struct Corpus {
 }
 
 impl Corpus {
-    /// Reads files and, recursively, directories (in name order). Every file must be UTF-8 text.
+    /// Reads files and, recursively, directories (in name order). A file named must be UTF-8
+    /// text; one found in a folder that is not (an image in a codebase), a broken link or a
+    /// special file is skipped with a warning. A file reached twice is read once.
     pub fn read(paths: &[PathBuf]) -> Result<Self> {
         let mut files = Vec::new();
         for path in paths {
@@ -33,17 +35,33 @@ impl Corpus {
             let name = last(path)
                 .or_else(|| last(&std::fs::canonicalize(path).ok()?))
                 .unwrap_or_else(|| "corpus".to_owned());
-            collect(path, name, &mut Vec::new(), &mut files)?;
+            collect(path, name, true, &mut Vec::new(), &mut files)?;
         }
-        if files.is_empty() {
-            return Err(Error::Data("the corpus is empty: no files given".into()));
-        }
+        let mut seen = std::collections::HashSet::new();
+        files.retain(|(file, _, _)| {
+            let first = seen.insert(std::fs::canonicalize(file).unwrap_or_else(|_| file.clone()));
+            if !first {
+                tracing::warn!(file = %file.display(), "skipped: already in the corpus");
+            }
+            first
+        });
         let mut documents = Vec::with_capacity(files.len());
         let mut hasher = blake3::Hasher::new();
-        for (file, name) in files {
+        for (file, name, named) in files {
             let bytes = std::fs::read(&file).map_err(|e| Error::io(&file, e))?;
-            let mut text = String::from_utf8(bytes)
-                .map_err(|e| Error::Data(format!("{}: not UTF-8 text ({e})", file.display())))?;
+            let mut text = match String::from_utf8(bytes) {
+                Ok(text) => text,
+                Err(error) if named => {
+                    return Err(Error::Data(format!(
+                        "{}: not UTF-8 text ({error})",
+                        file.display()
+                    )));
+                }
+                Err(_) => {
+                    tracing::warn!(file = %file.display(), "skipped: not UTF-8 text");
+                    continue;
+                }
+            };
             // A byte-order mark is no text.
             if text.starts_with('\u{feff}') {
                 text.drain(..'\u{feff}'.len_utf8());
@@ -55,6 +73,11 @@ impl Corpus {
                 .update(&(text.len() as u64).to_le_bytes())
                 .update(text.as_bytes());
             documents.push(Document { name, text });
+        }
+        if documents.is_empty() {
+            return Err(Error::Data(
+                "the corpus is empty: no text files in what was given".into(),
+            ));
         }
         if documents.iter().all(|d| d.text.trim().is_empty()) {
             return Err(Error::Data("the corpus holds no text".into()));
@@ -78,18 +101,36 @@ impl Corpus {
     }
 }
 
-/// The files under `path`, each with its name in the corpus (`name` for `path` itself).
-/// `within` holds the directories `path` lies in, as their real paths: a link back to one of
-/// them is a loop, skipped.
+/// The files under `path`, each with its name in the corpus (`name` for `path` itself) and
+/// whether it was `named` on the command line. `within` holds the directories `path` lies in,
+/// as their real paths: a link back to one of them is a loop, skipped.
 fn collect(
     path: &Path,
     name: String,
+    named: bool,
     within: &mut Vec<PathBuf>,
-    files: &mut Vec<(PathBuf, String)>,
+    files: &mut Vec<(PathBuf, String, bool)>,
 ) -> Result<()> {
-    let metadata = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    let metadata = match std::fs::metadata(path) {
+        Ok(metadata) => metadata,
+        Err(error) if named => return Err(Error::io(path, error)),
+        Err(error) => {
+            tracing::warn!(path = %path.display(), %error, "skipped: unreadable (a broken link?)");
+            return Ok(());
+        }
+    };
     if metadata.is_file() {
-        files.push((path.to_owned(), name));
+        files.push((path.to_owned(), name, named));
+        return Ok(());
+    }
+    if !metadata.is_dir() {
+        if named {
+            return Err(Error::Data(format!(
+                "{}: not a regular file or folder",
+                path.display()
+            )));
+        }
+        tracing::warn!(path = %path.display(), "skipped: not a regular file or folder");
         return Ok(());
     }
     let real = std::fs::canonicalize(path).map_err(|e| Error::io(path, e))?;
@@ -112,7 +153,7 @@ fn collect(
         if file_name.starts_with('.') {
             continue;
         }
-        collect(&entry, format!("{name}/{file_name}"), within, files)?;
+        collect(&entry, format!("{name}/{file_name}"), false, within, files)?;
     }
     within.pop();
     Ok(())
@@ -133,9 +174,21 @@ mod tests {
         std::fs::write(docs.join(".notes"), "hidden").unwrap();
         // A link back up (as some checkouts hold) would recurse without end.
         std::os::unix::fs::symlink("..", docs.join("sub/up")).unwrap();
-        let corpus = Corpus::read(&[docs]).unwrap();
+        // What a codebase also holds: binary files and broken links, skipped.
+        std::fs::write(
+            docs.join("sub/logo.png"),
+            [0x89, b'P', b'N', b'G', 0xff, 0xfe],
+        )
+        .unwrap();
+        std::os::unix::fs::symlink("gone.txt", docs.join("sub/dangling")).unwrap();
+        // Named again (as a file of the folder given): read once.
+        let corpus = Corpus::read(&[docs.clone(), docs.join("b.txt")]).unwrap();
         let names: Vec<&str> = corpus.documents.iter().map(|d| d.name.as_str()).collect();
         assert_eq!(names, ["docs/a.txt", "docs/b.txt", "docs/sub/c.txt"]);
         assert_eq!(corpus.documents[0].text, "first");
+        // Named on their own, they are refused.
+        let err = Corpus::read(&[docs.join("sub/logo.png")]).unwrap_err();
+        assert!(err.to_string().contains("not UTF-8 text"), "{err}");
+        assert!(Corpus::read(&[docs.join("sub/dangling")]).is_err());
     }
 }

@@ -410,8 +410,10 @@ impl<'a> Distiller<'a> {
         self.adam.step
     }
 
-    /// The cartridge as it stands.
+    /// The cartridge as it stands; refused if an update left it not finite (the last step's
+    /// update is not checked by a step after it).
     pub fn prefix(&self) -> Result<Prefix> {
+        self.check_finite()?;
         let join = |frozen: &[Tensor], vars: &[Var]| -> Result<Vec<Tensor>> {
             frozen
                 .iter()
@@ -423,6 +425,31 @@ impl<'a> Distiller<'a> {
             keys: join(&self.frozen_keys, &self.keys)?,
             values: join(&self.frozen_values, &self.values)?,
         })
+    }
+
+    fn check_finite(&self) -> Result<()> {
+        let sums = self
+            .vars()
+            .iter()
+            .map(|var| {
+                Ok(var
+                    .as_tensor()
+                    .to_dtype(DType::F32)?
+                    .affine(0.0, 0.0)?
+                    .sum_all()?)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        match Tensor::stack(&sums, 0)?
+            .sum_all()?
+            .to_scalar::<f32>()?
+            .is_finite()
+        {
+            true => Ok(()),
+            false => Err(Error::Data(format!(
+                "after step {} the cartridge is no longer finite: train with a lower --lr",
+                self.adam.step
+            ))),
+        }
     }
 
     fn vars(&self) -> Vec<Var> {
@@ -583,6 +610,7 @@ impl<'a> Distiller<'a> {
 
     /// Saves the cartridge and the optimizer's moments, to resume from.
     pub fn save_checkpoint(&self, path: &Path) -> Result<()> {
+        self.check_finite()?;
         // One safetensors file, written to a temporary name and renamed: tensors (in f32) and
         // the loop's position (in the metadata) always match.
         let f32 =
@@ -641,24 +669,8 @@ impl<'a> Distiller<'a> {
     ) -> Result<Self> {
         let bad = |detail: String| Error::Data(format!("checkpoint {}: {detail}", path.display()));
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-        let (_, metadata) =
-            safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| bad(e.to_string()))?;
-        let state: serde_json::Value = metadata
-            .metadata()
-            .as_ref()
-            .and_then(|m| m.get("checkpoint"))
-            .ok_or_else(|| bad("no checkpoint state".into()))
-            .and_then(|json| serde_json::from_str(json).map_err(|e| bad(e.to_string())))?;
-        // Other settings would change the batches (their order is seeded by the epoch, over the
-        // conversations that fit a row) or the updates under the restored position and moments.
-        let mut differ = differing(&state["options"], &serde_json::json!(options), &["steps"]);
-        differ.extend(differing(&state["run"], &run, &[]));
-        if !differ.is_empty() {
-            return Err(bad(format!(
-                "made with {}; resume with the same, or start afresh without --resume",
-                differ.join(", ")
-            )));
-        }
+        let state = checkpoint_state(path, &bytes)?;
+        check_same_making(path, &state, &options, &run)?;
         let tensors = candle_core::safetensors::load_buffer(&bytes, model.device())?;
         let get = |name: String| {
             tensors
@@ -713,7 +725,56 @@ impl<'a> Distiller<'a> {
 
 /// The settings of `asked` that `stored` holds otherwise, as `name stored (the run asks for
 /// asked)`, nested settings named by their path (`synthesis.answer_max_tokens`).
-fn differing(stored: &serde_json::Value, asked: &serde_json::Value, skip: &[&str]) -> Vec<String> {
+/// Whether the checkpoint at `path` could be resumed with `options` for a run described by
+/// (some of) `run`'s fields: known before synthesis, so a refusal comes before hours of it.
+pub fn check_resumable(
+    path: &Path,
+    options: &DistillOptions,
+    run: &serde_json::Value,
+) -> Result<()> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    check_same_making(path, &checkpoint_state(path, &bytes)?, options, run)
+}
+
+/// A checkpoint's recorded state: its step, position in the data, options, losses and run.
+fn checkpoint_state(path: &Path, bytes: &[u8]) -> Result<serde_json::Value> {
+    let bad = |detail: String| Error::Data(format!("checkpoint {}: {detail}", path.display()));
+    let (_, metadata) =
+        safetensors::SafeTensors::read_metadata(bytes).map_err(|e| bad(e.to_string()))?;
+    metadata
+        .metadata()
+        .as_ref()
+        .and_then(|m| m.get("checkpoint"))
+        .ok_or_else(|| bad("no checkpoint state".into()))
+        .and_then(|json| serde_json::from_str(json).map_err(|e| bad(e.to_string())))
+}
+
+/// Other settings would change the batches (their order is seeded by the epoch, over the
+/// conversations that fit a row) or the updates under the restored position and moments.
+fn check_same_making(
+    path: &Path,
+    state: &serde_json::Value,
+    options: &DistillOptions,
+    run: &serde_json::Value,
+) -> Result<()> {
+    let mut differ = differing(&state["options"], &serde_json::json!(options), &["steps"]);
+    differ.extend(differing(&state["run"], run, &[]));
+    if differ.is_empty() {
+        return Ok(());
+    }
+    Err(Error::Data(format!(
+        "checkpoint {}: made with {}; resume with the same, or start afresh without --resume",
+        path.display(),
+        differ.join(", ")
+    )))
+}
+
+/// The fields of `asked` whose values `stored` does not hold, each with both values.
+pub(crate) fn differing(
+    stored: &serde_json::Value,
+    asked: &serde_json::Value,
+    skip: &[&str],
+) -> Vec<String> {
     let mut found = Vec::new();
     for (key, value) in asked.as_object().into_iter().flatten() {
         let recorded = stored.get(key.as_str());

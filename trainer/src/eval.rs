@@ -69,6 +69,16 @@ pub enum Setting {
     Cartridge(Prefix),
 }
 
+impl Setting {
+    /// How many positions it takes before the question.
+    pub fn tokens(&self) -> usize {
+        match self {
+            Self::Turn(ids) => ids.len(),
+            Self::Cartridge(prefix) => prefix.tokens(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Sample {
     pub question: String,
@@ -103,6 +113,24 @@ pub fn evaluate(
     samples: usize,
     max_answer_tokens: usize,
 ) -> Result<Vec<ModeReport>> {
+    // A pair too long to read even after the first setting (no context) would leave every
+    // mode unscored: named instead.
+    if let Some((_, setting)) = settings.first() {
+        let limit = model.llama.config.max_positions;
+        for (index, pair) in qa.iter().enumerate() {
+            let question = Message::new("user", &pair.question);
+            let needed = setting.tokens()
+                + model.text.render_after_system_ids(&[question], true)?.len()
+                + model.text.encode(&pair.answer)?.len();
+            if needed > limit {
+                let shown: String = pair.question.chars().take(60).collect();
+                return Err(Error::Data(format!(
+                    "question {} ({shown:?}) and its answer need {needed} positions without any context; the model has {limit}",
+                    index + 1
+                )));
+            }
+        }
+    }
     let mut reports = Vec::new();
     for (name, setting) in settings {
         reports.push(evaluate_one(
@@ -136,10 +164,7 @@ fn evaluate_one(
             model.text.render_after_system_ids(&[question], true)
         })
         .collect::<Result<_>>()?;
-    let context_tokens = match setting {
-        Setting::Turn(ids) => ids.len(),
-        Setting::Cartridge(prefix) => prefix.tokens(),
-    };
+    let context_tokens = setting.tokens();
     let config = &model.llama.config;
     let kv_bytes =
         (context_tokens * config.layers * 2 * config.kv_heads * config.head_dim * 2) as u64;

@@ -216,6 +216,27 @@ pub fn train(
             "no checkpoint to resume: training starts at step 0 (a fresh run sets an older checkpoint aside as checkpoint.previous*.safetensors)"
         );
     }
+    // What the checkpoint must have been made from, as far as it is known before synthesis:
+    // refused now rather than after it.
+    let run = |conversations: usize| {
+        json!({
+            "corpus": corpus.digest,
+            "model": model.fingerprint.weights,
+            "objective": request.objective,
+            "conversations": conversations,
+            // How text became tokens: a next-token run's pieces are the corpus's.
+            "prompt_format": crate::synthesis::PROMPT_FORMAT,
+            // What the conversations were made with: a work folder's conversations may have
+            // been made again with other settings since the checkpoint was.
+            "synthesis": (request.objective == Objective::SelfStudy).then_some(&request.synthesis),
+        })
+    };
+    if resuming && request.objective == Objective::SelfStudy {
+        // Its own arguments first: they are named whatever the checkpoint holds.
+        crate::synthesis::checked_tokens(model, corpus, &request.synthesis)?;
+        let known = run(request.synthesis.conversations);
+        crate::distill::check_resumable(&checkpoint, &request.distill, &known)?;
+    }
     let init = (!resuming).then_some(init);
     // Zero steps of a fresh run writes the initialization (a baseline): nothing to synthesize,
     // no work folder.
@@ -240,18 +261,7 @@ pub fn train(
     if let Some(epochs) = request.epochs {
         options.steps = steps_for_epochs(&options, max_positions, &conversations, epochs)?;
     }
-    // What a checkpoint must have been made from to be resumed.
-    let run = json!({
-        "corpus": corpus.digest,
-        "model": model.fingerprint.weights,
-        "objective": request.objective,
-        "conversations": conversations.len(),
-        // How text became tokens: a next-token run's pieces are the corpus's.
-        "prompt_format": crate::synthesis::PROMPT_FORMAT,
-        // What the conversations were made with: a work folder's conversations may have been
-        // made again with other settings since the checkpoint was.
-        "synthesis": (request.objective == Objective::SelfStudy).then_some(&request.synthesis),
-    });
+    let run = run(conversations.len());
     // A fresh run's checkpoints are its own: an older one is set aside, never resumed (and
     // only now, once synthesis accepted the work folder: a refused run moves nothing).
     // (Writing the initialization alone leaves them be: it makes no checkpoint.)

@@ -257,15 +257,14 @@ fn clean(text: &TextCodec, tokens: &[u32]) -> Result<String> {
     Ok(text.decode(&content)?.trim().to_owned())
 }
 
-/// Synthesizes conversations into `path` (JSON lines), continuing a file an earlier run left.
-/// Returns every conversation in the file.
-pub fn synthesize(
+/// The corpus's tokens, once synthesis with `options` is known to fit: the template has a
+/// system turn, and the longest chunk's prompts with the longest message and answer fit the
+/// model's positions. Found out before synthesis, not when a batch draws such a chunk hours in.
+pub fn checked_tokens(
     model: &LoadedModel,
     corpus: &Corpus,
     options: &SynthesisOptions,
-    path: &Path,
-    mut progress: impl FnMut(usize, usize),
-) -> Result<Vec<Conversation>> {
+) -> Result<Vec<u32>> {
     // The student's prompts follow a system turn; a template without one fails here, not after
     // hours of synthesis.
     model
@@ -306,6 +305,19 @@ pub fn synthesize(
             options.user_max_tokens, options.answer_max_tokens, model.llama.config.max_positions
         )));
     }
+    Ok(tokens)
+}
+
+/// Synthesizes conversations into `path` (JSON lines), continuing a file an earlier run left.
+/// Returns every conversation in the file.
+pub fn synthesize(
+    model: &LoadedModel,
+    corpus: &Corpus,
+    options: &SynthesisOptions,
+    path: &Path,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<Vec<Conversation>> {
+    let tokens = checked_tokens(model, corpus, options)?;
     let provenance = Provenance {
         corpus: corpus.digest,
         model: model.fingerprint.weights,
@@ -333,9 +345,25 @@ pub fn synthesize(
             } == provenance;
             let empty = std::fs::metadata(path).map_or(true, |m| m.len() == 0);
             if !same_making && !empty {
+                let asked = Provenance {
+                    options: SynthesisOptions {
+                        conversations: stored.options.conversations,
+                        ..provenance.options.clone()
+                    },
+                    ..provenance.clone()
+                };
+                let differ = crate::distill::differing(
+                    &serde_json::json!(stored),
+                    &serde_json::json!(asked),
+                    &[],
+                );
+                let made_with = match differ.is_empty() {
+                    true => "other settings, by an older version".to_owned(),
+                    false => differ.join(", "),
+                };
                 return Err(Error::Data(format!(
-                    "{} holds conversations for another corpus, model or settings (or made by an older version); choose another work directory",
-                    path.display()
+                    "{} holds conversations made with {made_with}; choose another work directory, or the same settings",
+                    path.display(),
                 )));
             }
             if stored != provenance {

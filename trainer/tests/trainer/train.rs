@@ -346,7 +346,7 @@ fn synthesis_writes_readable_conversations_and_resumes() {
     let err = synthesize(model, &corpus, &options, &path, |_, _| {}).unwrap_err();
     assert!(
         err.to_string()
-            .contains("another corpus, model or settings"),
+            .contains("holds conversations made with options.answer_max_tokens"),
         "{err}"
     );
     options.answer_max_tokens = 16;
