@@ -37,14 +37,25 @@ impl Corpus {
                 .unwrap_or_else(|| "corpus".to_owned());
             collect(path, name, true, &mut Vec::new(), &mut files)?;
         }
-        let mut seen = std::collections::HashSet::new();
-        files.retain(|(file, _, _)| {
-            let first = seen.insert(std::fs::canonicalize(file).unwrap_or_else(|_| file.clone()));
-            if !first {
-                tracing::warn!(file = %file.display(), "skipped: already in the corpus");
+        // The first place a file is reached names it; named on the command line anywhere, it
+        // must be text.
+        let mut first_at = std::collections::HashMap::new();
+        let mut kept: Vec<(PathBuf, String, bool)> = Vec::with_capacity(files.len());
+        for (file, name, named) in files {
+            let real = std::fs::canonicalize(&file).unwrap_or_else(|_| file.clone());
+            match first_at.get(&real) {
+                Some(&at) => {
+                    tracing::warn!(file = %file.display(), "skipped: already in the corpus");
+                    let first: &mut (PathBuf, String, bool) = &mut kept[at];
+                    first.2 |= named;
+                }
+                None => {
+                    first_at.insert(real, kept.len());
+                    kept.push((file, name, named));
+                }
             }
-            first
-        });
+        }
+        let files = kept;
         let mut documents = Vec::with_capacity(files.len());
         let mut hasher = blake3::Hasher::new();
         for (file, name, named) in files {
@@ -186,8 +197,10 @@ mod tests {
         let names: Vec<&str> = corpus.documents.iter().map(|d| d.name.as_str()).collect();
         assert_eq!(names, ["docs/a.txt", "docs/b.txt", "docs/sub/c.txt"]);
         assert_eq!(corpus.documents[0].text, "first");
-        // Named on their own, they are refused.
+        // Named on their own, they are refused, also where a folder given reaches them first.
         let err = Corpus::read(&[docs.join("sub/logo.png")]).unwrap_err();
+        assert!(err.to_string().contains("not UTF-8 text"), "{err}");
+        let err = Corpus::read(&[docs.clone(), docs.join("sub/logo.png")]).unwrap_err();
         assert!(err.to_string().contains("not UTF-8 text"), "{err}");
         assert!(Corpus::read(&[docs.join("sub/dangling")]).is_err());
     }

@@ -414,6 +414,12 @@ impl<'a> Distiller<'a> {
     /// update is not checked by a step after it).
     pub fn prefix(&self) -> Result<Prefix> {
         self.check_finite()?;
+        self.joined()
+    }
+
+    /// The frozen and trainable tokens as one prefix (each step's, unchecked: the step checks
+    /// its loss and gradients).
+    fn joined(&self) -> Result<Prefix> {
         let join = |frozen: &[Tensor], vars: &[Var]| -> Result<Vec<Tensor>> {
             frozen
                 .iter()
@@ -432,22 +438,18 @@ impl<'a> Distiller<'a> {
             .vars()
             .iter()
             .map(|var| {
-                Ok(var
-                    .as_tensor()
-                    .to_dtype(DType::F32)?
-                    .affine(0.0, 0.0)?
-                    .sum_all()?)
+                let zeroed = var.as_tensor().detach().to_dtype(DType::F32)?;
+                Ok(zeroed.affine(0.0, 0.0)?.sum_all()?)
             })
             .collect::<Result<Vec<_>>>()?;
-        match Tensor::stack(&sums, 0)?
-            .sum_all()?
-            .to_scalar::<f32>()?
-            .is_finite()
-        {
-            true => Ok(()),
-            false => Err(Error::Data(format!(
-                "after step {} the cartridge is no longer finite: train with a lower --lr",
-                self.adam.step
+        let sum = Tensor::stack(&sums, 0)?.sum_all()?.to_scalar::<f32>()?;
+        match (sum.is_finite(), self.adam.step) {
+            (true, _) => Ok(()),
+            (false, 0) => Err(Error::Data(
+                "the cartridge's initialization is not finite (the model's keys or values overflow its dtype)".into(),
+            )),
+            (false, step) => Err(Error::Data(format!(
+                "after step {step} the cartridge is no longer finite: train with a lower --lr"
             ))),
         }
     }
@@ -591,7 +593,7 @@ impl<'a> Distiller<'a> {
         if batch.targets == 0 {
             return Err(Error::Data("a step packed no answer tokens".into()));
         }
-        let prefix = self.prefix()?;
+        let prefix = self.joined()?;
         let llama = self.model;
         let hidden = llama.forward(
             &batch.ids,
@@ -668,9 +670,9 @@ impl<'a> Distiller<'a> {
         run: serde_json::Value,
     ) -> Result<Self> {
         let bad = |detail: String| Error::Data(format!("checkpoint {}: {detail}", path.display()));
-        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-        let state = checkpoint_state(path, &bytes)?;
+        let state = checkpoint_state(path)?;
         check_same_making(path, &state, &options, &run)?;
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
         let tensors = candle_core::safetensors::load_buffer(&bytes, model.device())?;
         let get = |name: String| {
             tensors
@@ -723,28 +725,48 @@ impl<'a> Distiller<'a> {
     }
 }
 
-/// The settings of `asked` that `stored` holds otherwise, as `name stored (the run asks for
-/// asked)`, nested settings named by their path (`synthesis.answer_max_tokens`).
-/// Whether the checkpoint at `path` could be resumed with `options` for a run described by
-/// (some of) `run`'s fields: known before synthesis, so a refusal comes before hours of it.
+/// Whether the checkpoint at `path` could be resumed with `options` (to `steps`, where known)
+/// for a run described by (some of) `run`'s fields: checked before synthesis, so a refusal comes
+/// before hours of it. Reads the checkpoint's header alone.
 pub fn check_resumable(
     path: &Path,
     options: &DistillOptions,
+    steps: Option<usize>,
     run: &serde_json::Value,
 ) -> Result<()> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    check_same_making(path, &checkpoint_state(path, &bytes)?, options, run)
+    let state = checkpoint_state(path)?;
+    check_same_making(path, &state, options, run)?;
+    match (steps, state["step"].as_u64()) {
+        (Some(steps), Some(step)) if step as usize > steps => Err(Error::Data(format!(
+            "checkpoint {}: at step {step}, past the {steps} this run asks for",
+            path.display()
+        ))),
+        _ => Ok(()),
+    }
 }
 
-/// A checkpoint's recorded state: its step, position in the data, options, losses and run.
-fn checkpoint_state(path: &Path, bytes: &[u8]) -> Result<serde_json::Value> {
+/// A checkpoint's recorded state (its step, position in the data, options, losses and run),
+/// from the safetensors header alone: a checkpoint holds the cartridge and Adam's moments too.
+fn checkpoint_state(path: &Path) -> Result<serde_json::Value> {
+    use std::io::Read;
     let bad = |detail: String| Error::Data(format!("checkpoint {}: {detail}", path.display()));
-    let (_, metadata) =
-        safetensors::SafeTensors::read_metadata(bytes).map_err(|e| bad(e.to_string()))?;
-    metadata
-        .metadata()
-        .as_ref()
-        .and_then(|m| m.get("checkpoint"))
+    let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut length = [0u8; 8];
+    file.read_exact(&mut length)
+        .map_err(|_| bad("too short for a safetensors header".into()))?;
+    let length = u64::from_le_bytes(length);
+    // As safetensors bounds it.
+    if length > 100_000_000 {
+        return Err(bad(format!("header too large ({length} bytes)")));
+    }
+    let mut header = Vec::new();
+    file.take(length)
+        .read_to_end(&mut header)
+        .map_err(|e| Error::io(path, e))?;
+    let header: serde_json::Value =
+        serde_json::from_slice(&header).map_err(|e| bad(format!("its header: {e}")))?;
+    header["__metadata__"]["checkpoint"]
+        .as_str()
         .ok_or_else(|| bad("no checkpoint state".into()))
         .and_then(|json| serde_json::from_str(json).map_err(|e| bad(e.to_string())))
 }
@@ -769,7 +791,8 @@ fn check_same_making(
     )))
 }
 
-/// The fields of `asked` whose values `stored` does not hold, each with both values.
+/// The settings of `asked` that `stored` holds otherwise, as `name stored (the run asks for
+/// asked)`, nested settings named by their path (`synthesis.answer_max_tokens`).
 pub(crate) fn differing(
     stored: &serde_json::Value,
     asked: &serde_json::Value,

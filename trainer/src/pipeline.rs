@@ -235,7 +235,9 @@ pub fn train(
         // Its own arguments first: they are named whatever the checkpoint holds.
         crate::synthesis::checked_tokens(model, corpus, &request.synthesis)?;
         let known = run(request.synthesis.conversations);
-        crate::distill::check_resumable(&checkpoint, &request.distill, &known)?;
+        // Steps are known now unless they follow from the conversations (--epochs).
+        let steps = request.epochs.is_none().then_some(request.distill.steps);
+        crate::distill::check_resumable(&checkpoint, &request.distill, steps, &known)?;
     }
     let init = (!resuming).then_some(init);
     // Zero steps of a fresh run writes the initialization (a baseline): nothing to synthesize,

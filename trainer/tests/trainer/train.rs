@@ -3,7 +3,7 @@
 use candle_core::{DType, Device, IndexOp};
 use cartridge_schemas::fingerprint::{ModelFingerprint, Rope, RopeLayout};
 use cartridge_trainer::corpus::Corpus;
-use cartridge_trainer::distill::{DistillOptions, Distiller};
+use cartridge_trainer::distill::{DistillOptions, Distiller, check_resumable};
 use cartridge_trainer::model::{
     Config, Context, Llama, LoadedModel, ModelSource, TextCodec, causal_mask,
 };
@@ -276,6 +276,54 @@ fn a_resumed_run_continues_exactly() {
     // Fewer steps than it already made: its cartridge is not the one asked for.
     let error = refused(options(1), run());
     assert!(error.contains("at step 2, past the 1"), "{error}");
+    // The same refusals from the checkpoint's header alone, as a run makes them before synthesis.
+    let early = |options: DistillOptions, steps, run: serde_json::Value| {
+        check_resumable(&checkpoint, &options, steps, &run)
+            .err()
+            .map(|e| e.to_string())
+    };
+    assert_eq!(early(options(4), Some(4), run()), None);
+    assert_eq!(early(options(4), None, serde_json::json!({})), None);
+    let mut other = options(4);
+    other.tokens = 16;
+    let error = early(other, Some(4), run()).unwrap();
+    assert!(error.contains("tokens 8 (the run asks for 16)"), "{error}");
+    let error = early(options(4), Some(4), serde_json::json!({"corpus": "b"})).unwrap();
+    assert!(
+        error.contains(r#"corpus "a" (the run asks for "b")"#),
+        "{error}"
+    );
+    let error = early(options(1), Some(1), run()).unwrap();
+    assert!(error.contains("at step 2, past the 1"), "{error}");
+    std::fs::write(&checkpoint, b"not a checkpoint").unwrap();
+    let error = early(options(4), Some(4), run()).unwrap();
+    assert!(error.contains("header too large"), "{error}");
+}
+
+/// The last step's update has no step after it to find it not finite: a cartridge or checkpoint
+/// that is not finite is refused where it would be written.
+#[test]
+fn a_cartridge_that_is_not_finite_is_never_written() {
+    let model = tiny_model();
+    let options = DistillOptions {
+        learning_rate: 1e39,
+        ..options(1)
+    };
+    let mut distiller =
+        Distiller::from_prefix(&model.llama, &initial_prefix(&model), options).unwrap();
+    distiller.prefix().unwrap();
+    distiller
+        .train(&conversations(4), |_, _, _, _| Ok(()))
+        .unwrap();
+    let error = distiller.prefix().unwrap_err().to_string();
+    assert!(
+        error.contains("after step 1 the cartridge is no longer finite"),
+        "{error}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let checkpoint = dir.path().join("checkpoint.safetensors");
+    assert!(distiller.save_checkpoint(&checkpoint).is_err());
+    assert!(!checkpoint.exists());
 }
 
 #[test]
