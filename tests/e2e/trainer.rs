@@ -319,6 +319,8 @@ fn train_then_eval_on_the_real_model() {
             qa,
             "--tokens",
             "8",
+            "--samples",
+            "0",
         ];
         for path in cartridges {
             args.extend(["--cartridge", path]);
@@ -333,6 +335,40 @@ fn train_then_eval_on_the_real_model() {
     );
     let err = eval("qa.jsonl", &["init.safetensors", "./init.safetensors"]).fails();
     assert!(err.contains("./init.safetensors is given twice"), "{err}");
+    // Two of one file name are told apart by their paths; a corpus none was trained on is said.
+    std::fs::create_dir(dir.path().join("copy")).unwrap();
+    std::fs::copy(
+        dir.path().join("init.safetensors"),
+        dir.path().join("copy/init.safetensors"),
+    )
+    .unwrap();
+    let run = eval("qa.jsonl", &["init.safetensors", "copy/init.safetensors"]);
+    assert!(!run.stderr.contains("warning"), "{}", run.stderr);
+    let table = run.ok();
+    assert!(
+        table.contains("cartridge: init.safetensors")
+            && table.contains("cartridge: copy/init.safetensors"),
+        "{table}"
+    );
+    std::fs::write(dir.path().join("other.txt"), CORPUS.replace("Varn", "Rava")).unwrap();
+    let mut args = vec![
+        "eval",
+        "--model",
+        model,
+        "--corpus",
+        "other.txt",
+        "--qa",
+        "qa.jsonl",
+    ];
+    args.extend(["--cartridge", "init.safetensors", "--samples", "0"]);
+    let run = cartridge(dir.path(), &args);
+    assert!(
+        run.stderr
+            .contains("no cartridge given was trained on this --corpus"),
+        "{}",
+        run.stderr
+    );
+    run.ok();
 
     // A learning rate that overflows the cartridge's numbers fails the run; nothing is written.
     let err = cartridge(
