@@ -72,5 +72,8 @@ fn main() -> ExitCode {
         Command::Train(args) => commands::train::run(args),
         Command::Eval(args) => commands::eval::run(args),
     };
-    cartridge_schemas::report::exit(result)
+    cartridge_schemas::report::exit_with(result, |error| match commands::tag::not_moved(error) {
+        true => commands::tag::NOT_MOVED_STATUS,
+        false => 1,
+    })
 }

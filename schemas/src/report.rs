@@ -22,11 +22,20 @@ pub fn error_line(error: &(dyn Error + 'static)) -> String {
 
 /// A binary's exit: success, or the error on one line of stderr and failure.
 pub fn exit<E: AsRef<dyn Error + 'static>>(result: Result<(), E>) -> ExitCode {
+    exit_with(result, |_| 1)
+}
+
+/// As [`exit`], with the status of each error chosen by `status` (scripts tell some answers
+/// from failures by it).
+pub fn exit_with<E: AsRef<dyn Error + 'static>>(
+    result: Result<(), E>,
+    status: impl Fn(&E) -> u8,
+) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("error: {}", error_line(error.as_ref()));
-            ExitCode::FAILURE
+            ExitCode::from(status(&error))
         }
     }
 }

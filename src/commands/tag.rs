@@ -40,11 +40,11 @@ pub fn run(args: TagArgs) -> Result<()> {
                 match seen {
                     Some(entry) if entry.manifest == expected => Some(entry.generation),
                     seen => {
-                        return Err(anyhow::anyhow!(
+                        return Err(anyhow::Error::new(NotMoved(format!(
                             "{repo}@{} points at {}, not {expected}: not moved",
                             args.tag,
                             seen.map_or("nothing".into(), |e| e.manifest.to_string())
-                        ));
+                        ))));
                     }
                 }
             }
@@ -86,4 +86,28 @@ pub fn run(args: TagArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// `--if-matches` found the tag elsewhere: an answer, not a failure to run.
+#[derive(Debug)]
+struct NotMoved(String);
+
+impl std::fmt::Display for NotMoved {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for NotMoved {}
+
+/// The exit status of a compare-and-swap that found the tag moved, here or at the registry,
+/// which scripts tell from other failures.
+pub const NOT_MOVED_STATUS: u8 = 3;
+
+/// Whether `error` is a compare-and-swap that found the tag moved.
+pub fn not_moved(error: &anyhow::Error) -> bool {
+    error.is::<NotMoved>()
+        || error
+            .downcast_ref::<cartridge_client::ClientError>()
+            .is_some_and(|e| e.code() == Some(ErrorCode::TagMoved))
 }

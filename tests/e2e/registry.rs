@@ -287,7 +287,10 @@ fn a_published_version_never_changes() {
         first["manifest"].as_str().unwrap(),
         second["manifest"].as_str().unwrap(),
     );
-    let err = tag(&["tag", "legal/x@v2", "cas", "--if-matches", v2]).fails();
+    let lost = tag(&["tag", "legal/x@v2", "cas", "--if-matches", v2]);
+    // Its own exit status: a script tells a lost compare-and-swap from a failure.
+    assert_eq!(lost.code, Some(3));
+    let err = lost.fails();
     assert!(
         err.contains(&format!("legal/x@cas points at {v1}, not {v2}: not moved")),
         "{err}"

@@ -8,6 +8,8 @@ use cartridge_schemas::file::Cartridge;
 /// The outcome of one CLI run.
 pub struct Run {
     pub success: bool,
+    /// The exit status (none if a signal ended it).
+    pub code: Option<i32>,
     pub stdout: String,
     pub stderr: String,
 }
@@ -16,6 +18,7 @@ impl Run {
     fn from(output: Output) -> Self {
         Self {
             success: output.status.success(),
+            code: output.status.code(),
             stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
             stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
         }
