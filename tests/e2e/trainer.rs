@@ -401,6 +401,28 @@ fn train_then_eval_on_the_real_model() {
         "{err}"
     );
     assert!(!dir.path().join("overflow.safetensors").exists());
+
+    // A fresh run sets the last checkpoint aside, never over one set aside before, and says so.
+    let fresh: Vec<&str> = train_args(model, "1")
+        .into_iter()
+        .filter(|a| *a != "--resume")
+        .collect();
+    for _ in 0..2 {
+        let run = cartridge(dir.path(), &fresh);
+        assert!(
+            run.stderr
+                .contains("remove set-aside checkpoints no longer needed"),
+            "{}",
+            run.stderr
+        );
+        run.ok();
+    }
+    for aside in ["previous", "previous-2"] {
+        let path = dir
+            .path()
+            .join(format!("varn.work/checkpoint.{aside}.safetensors"));
+        assert!(path.exists(), "{}", path.display());
+    }
 }
 
 #[test]

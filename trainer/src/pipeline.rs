@@ -277,7 +277,24 @@ pub fn train(
             .find(|aside| !aside.exists())
             .expect("a free name");
         std::fs::rename(&checkpoint, &aside).map_err(|e| Error::io(&aside, e))?;
-        tracing::warn!(aside = %aside.display(), "an older run's checkpoint set aside (this run starts at step 0)");
+        // They are never removed: what they add up to is said, so a sweep of runs is noticed.
+        let (count, bytes) = std::fs::read_dir(&request.work_dir)
+            .map_err(|e| Error::io(&request.work_dir, e))?
+            .flatten()
+            .filter(|entry| {
+                let name = entry.file_name();
+                let name = name.to_string_lossy();
+                name.starts_with("checkpoint.previous") && name.ends_with(".safetensors")
+            })
+            .fold((0u64, 0u64), |(count, bytes), entry| {
+                (count + 1, bytes + entry.metadata().map_or(0, |m| m.len()))
+            });
+        tracing::warn!(
+            aside = %aside.display(),
+            set_aside = count,
+            megabytes = bytes / 1_000_000,
+            "an older run's checkpoint set aside (this run starts at step 0); remove set-aside checkpoints no longer needed"
+        );
     }
     let mut distiller = match &init {
         None => Distiller::resume(&model.llama, &checkpoint, options.clone(), run)?,
