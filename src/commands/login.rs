@@ -23,10 +23,14 @@ pub fn run(args: LoginArgs) -> Result<()> {
             eprintln!("using the token in CARTRIDGE_TOKEN (standard input is not read)");
             token.trim().to_owned()
         }
+        // Typed or pasted at a terminal, it is not shown.
+        _ if std::io::stdin().is_terminal() => {
+            rpassword::prompt_password("paste the token and press enter (it is not shown): ")
+                .context("reading the token from the terminal")?
+                .trim()
+                .to_owned()
+        }
         _ => {
-            if std::io::stdin().is_terminal() {
-                eprintln!("paste the token and press enter:");
-            }
             let mut line = String::new();
             std::io::stdin()
                 .lock()
