@@ -82,33 +82,35 @@ async fn load(State(loader): State<Arc<Loader>>, Body(request): Body<LoadRequest
         let progress: Progress = {
             let lines = lines.clone();
             Arc::new(move |ready: &LayersReady| {
-                let _ = lines.send(LoadEvent::Layers(ready.clone()).line());
+                let _ = lines.send((LoadEvent::Layers(ready.clone()).line(), None));
             })
         };
         tokio::spawn(async move {
-            let last = match loader.load(prepared, Some(progress)).await {
-                Ok(answer) => LoadEvent::Loaded(answer),
-                Err(error) => LoadEvent::Error {
-                    status: error.code().http_status(),
-                    body: ErrorBody {
-                        code: error.code(),
-                        message: error.to_string(),
+            let (last, unclaimed) = match loader.load(prepared, Some(progress)).await {
+                Ok(answer) => {
+                    let handle = answer.handle;
+                    let release = move || {
+                        let _ = loader.release(handle);
+                    };
+                    (LoadEvent::Loaded(answer), Some(Unclaimed::new(release)))
+                }
+                Err(error) => (
+                    LoadEvent::Error {
+                        status: error.code().http_status(),
+                        body: ErrorBody {
+                            code: error.code(),
+                            message: error.to_string(),
+                        },
                     },
-                },
+                    None,
+                ),
             };
-            if lines.send(last.line()).is_err()
-                && let LoadEvent::Loaded(unclaimed) = last
-            {
-                let _ = loader.release(unclaimed.handle);
-            }
-        });
-        let stream = futures::stream::unfold(receiver, |mut receiver| async move {
-            let line = receiver.recv().await?;
-            Some((Ok::<_, std::convert::Infallible>(line), receiver))
+            // Not sent (the caller left): the line's handle is released with it.
+            let _ = lines.send((last.line(), unclaimed));
         });
         return (
             [(header::CONTENT_TYPE, "application/x-ndjson")],
-            axum::body::Body::from_stream(stream),
+            axum::body::Body::from_stream(streamed(receiver)),
         )
             .into_response();
     }
@@ -128,6 +130,46 @@ async fn load(State(loader): State<Arc<Loader>>, Body(request): Body<LoadRequest
         Ok(answer) => Json(answer).into_response(),
         Err(error) => error.into_response(),
     }
+}
+
+/// A handle nobody has been handed yet: released when dropped, unless handed over.
+struct Unclaimed(Option<Box<dyn FnOnce() + Send>>);
+
+impl Unclaimed {
+    fn new(release: impl FnOnce() + Send + 'static) -> Self {
+        Self(Some(Box::new(release)))
+    }
+
+    fn handed_over(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for Unclaimed {
+    fn drop(&mut self) {
+        if let Some(release) = self.0.take() {
+            release();
+        }
+    }
+}
+
+/// A streamed load's body: its lines as they come. A line that hands over a handle counts as
+/// handed over once the server asks for what follows it (it then holds the line to write); a
+/// body dropped before that (its caller went away), or with the line still queued, releases
+/// the handle.
+fn streamed(
+    receiver: tokio::sync::mpsc::UnboundedReceiver<(String, Option<Unclaimed>)>,
+) -> impl futures::Stream<Item = Result<String, std::convert::Infallible>> {
+    futures::stream::unfold(
+        (receiver, None::<Unclaimed>),
+        |(mut receiver, last)| async move {
+            if let Some(last) = last {
+                last.handed_over();
+            }
+            let (line, unclaimed) = receiver.recv().await?;
+            Some((Ok(line), (receiver, unclaimed)))
+        },
+    )
 }
 
 async fn release(
@@ -184,4 +226,55 @@ pub fn router(loader: Arc<Loader>) -> Router {
                 .on_failure(tower_http::trace::DefaultOnFailure::new().level(tracing::Level::WARN)),
         )
         .with_state(loader)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use futures::StreamExt;
+
+    use super::*;
+
+    /// Releases counted by `released`.
+    fn unclaimed(released: &Arc<AtomicUsize>) -> Option<Unclaimed> {
+        let released = released.clone();
+        Some(Unclaimed::new(move || {
+            released.fetch_add(1, Ordering::SeqCst);
+        }))
+    }
+
+    #[tokio::test]
+    async fn a_handle_is_released_unless_its_line_was_taken_to_be_written() {
+        let released = Arc::new(AtomicUsize::new(0));
+        // Asked for what follows the line: handed over, never released.
+        let (lines, receiver) = tokio::sync::mpsc::unbounded_channel();
+        lines.send(("loaded".into(), unclaimed(&released))).unwrap();
+        drop(lines);
+        let mut body = std::pin::pin!(streamed(receiver));
+        assert_eq!(body.next().await.unwrap().unwrap(), "loaded");
+        assert!(body.next().await.is_none());
+        assert_eq!(released.load(Ordering::SeqCst), 0);
+        // Taken, but the body dropped before the server asked for more.
+        let (lines, receiver) = tokio::sync::mpsc::unbounded_channel();
+        lines.send(("loaded".into(), unclaimed(&released))).unwrap();
+        let mut body = Box::pin(streamed(receiver));
+        assert_eq!(body.next().await.unwrap().unwrap(), "loaded");
+        drop(body);
+        assert_eq!(released.load(Ordering::SeqCst), 1);
+        // Still queued behind another line when the body went.
+        let (lines, receiver) = tokio::sync::mpsc::unbounded_channel();
+        lines.send(("layers".into(), None)).unwrap();
+        lines.send(("loaded".into(), unclaimed(&released))).unwrap();
+        let mut body = Box::pin(streamed(receiver));
+        assert_eq!(body.next().await.unwrap().unwrap(), "layers");
+        drop(body);
+        assert_eq!(released.load(Ordering::SeqCst), 2);
+        // Sent after the body went: released as the send fails.
+        let (lines, receiver) =
+            tokio::sync::mpsc::unbounded_channel::<(String, Option<Unclaimed>)>();
+        drop(receiver);
+        let _ = lines.send(("loaded".into(), unclaimed(&released)));
+        assert_eq!(released.load(Ordering::SeqCst), 3);
+    }
 }
