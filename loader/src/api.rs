@@ -154,22 +154,19 @@ impl Drop for Unclaimed {
 }
 
 /// A streamed load's body: its lines as they come. A line that hands over a handle counts as
-/// handed over once the server asks for what follows it (it then holds the line to write); a
-/// body dropped before that (its caller went away), or with the line still queued, releases
-/// the handle.
+/// handed over once the server takes it to write (no later point proves the caller read it,
+/// and releasing a handle the caller holds would be far worse than keeping one it lost); a body
+/// dropped with the line still queued (its caller went away) releases the handle.
 fn streamed(
     receiver: tokio::sync::mpsc::UnboundedReceiver<(String, Option<Unclaimed>)>,
 ) -> impl futures::Stream<Item = Result<String, std::convert::Infallible>> {
-    futures::stream::unfold(
-        (receiver, None::<Unclaimed>),
-        |(mut receiver, last)| async move {
-            if let Some(last) = last {
-                last.handed_over();
-            }
-            let (line, unclaimed) = receiver.recv().await?;
-            Some((Ok(line), (receiver, unclaimed)))
-        },
-    )
+    futures::stream::unfold(receiver, |mut receiver| async move {
+        let (line, unclaimed) = receiver.recv().await?;
+        if let Some(unclaimed) = unclaimed {
+            unclaimed.handed_over();
+        }
+        Some((Ok(line), receiver))
+    })
 }
 
 async fn release(
@@ -247,21 +244,13 @@ mod tests {
     #[tokio::test]
     async fn a_handle_is_released_unless_its_line_was_taken_to_be_written() {
         let released = Arc::new(AtomicUsize::new(0));
-        // Asked for what follows the line: handed over, never released.
-        let (lines, receiver) = tokio::sync::mpsc::unbounded_channel();
-        lines.send(("loaded".into(), unclaimed(&released))).unwrap();
-        drop(lines);
-        let mut body = std::pin::pin!(streamed(receiver));
-        assert_eq!(body.next().await.unwrap().unwrap(), "loaded");
-        assert!(body.next().await.is_none());
-        assert_eq!(released.load(Ordering::SeqCst), 0);
-        // Taken, but the body dropped before the server asked for more.
+        // Taken to be written: handed over, never released, even if the body goes right after.
         let (lines, receiver) = tokio::sync::mpsc::unbounded_channel();
         lines.send(("loaded".into(), unclaimed(&released))).unwrap();
         let mut body = Box::pin(streamed(receiver));
         assert_eq!(body.next().await.unwrap().unwrap(), "loaded");
         drop(body);
-        assert_eq!(released.load(Ordering::SeqCst), 1);
+        assert_eq!(released.load(Ordering::SeqCst), 0);
         // Still queued behind another line when the body went.
         let (lines, receiver) = tokio::sync::mpsc::unbounded_channel();
         lines.send(("layers".into(), None)).unwrap();
@@ -269,12 +258,12 @@ mod tests {
         let mut body = Box::pin(streamed(receiver));
         assert_eq!(body.next().await.unwrap().unwrap(), "layers");
         drop(body);
-        assert_eq!(released.load(Ordering::SeqCst), 2);
+        assert_eq!(released.load(Ordering::SeqCst), 1);
         // Sent after the body went: released as the send fails.
         let (lines, receiver) =
             tokio::sync::mpsc::unbounded_channel::<(String, Option<Unclaimed>)>();
         drop(receiver);
         let _ = lines.send(("loaded".into(), unclaimed(&released)));
-        assert_eq!(released.load(Ordering::SeqCst), 3);
+        assert_eq!(released.load(Ordering::SeqCst), 2);
     }
 }

@@ -23,20 +23,28 @@ pub fn run(args: LoginArgs) -> Result<()> {
             eprintln!("using the token in CARTRIDGE_TOKEN (standard input is not read)");
             token.trim().to_owned()
         }
-        // Typed or pasted at a terminal, it is not shown.
-        _ if std::io::stdin().is_terminal() => {
-            rpassword::prompt_password("paste the token and press enter (it is not shown): ")
-                .context("reading the token from the terminal")?
-                .trim()
-                .to_owned()
-        }
+        // Typed or pasted at a terminal, it is not shown (where the process has a controlling
+        // terminal to turn echo off on; elsewhere the line is read as it comes).
         _ => {
-            let mut line = String::new();
-            std::io::stdin()
-                .lock()
-                .read_line(&mut line)
-                .context("reading the token from standard input")?;
-            line.trim().to_owned()
+            let hidden = std::io::stdin()
+                .is_terminal()
+                .then(|| {
+                    rpassword::prompt_password(
+                        "paste the token and press enter (it is not shown): ",
+                    )
+                })
+                .and_then(Result::ok);
+            match hidden {
+                Some(token) => token.trim().to_owned(),
+                None => {
+                    let mut line = String::new();
+                    std::io::stdin()
+                        .lock()
+                        .read_line(&mut line)
+                        .context("reading the token from standard input")?;
+                    line.trim().to_owned()
+                }
+            }
         }
     };
     if token.is_empty() {

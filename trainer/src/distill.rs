@@ -434,13 +434,11 @@ impl<'a> Distiller<'a> {
     }
 
     fn check_finite(&self) -> Result<()> {
-        let sums = self
-            .vars()
-            .iter()
-            .map(|var| {
-                let zeroed = var.as_tensor().detach().to_dtype(DType::F32)?;
-                Ok(zeroed.affine(0.0, 0.0)?.sum_all()?)
-            })
+        let trainable = self.vars().into_iter().map(|var| var.as_tensor().detach());
+        let frozen = self.frozen_keys.iter().chain(&self.frozen_values).cloned();
+        let sums = trainable
+            .chain(frozen)
+            .map(|tensor| Ok(tensor.to_dtype(DType::F32)?.affine(0.0, 0.0)?.sum_all()?))
             .collect::<Result<Vec<_>>>()?;
         let sum = Tensor::stack(&sums, 0)?.sum_all()?.to_scalar::<f32>()?;
         match (sum.is_finite(), self.adam.step) {
@@ -495,6 +493,8 @@ impl<'a> Distiller<'a> {
             // and every checkpoint from then on, not finite either.
             let (value, gradients_finite) = loss_and_finiteness(&loss, &self.vars(), &gradients)?;
             if !value.is_finite() || !gradients_finite {
+                // An update that overflowed the cartridge is the cause to name, with its remedy.
+                self.check_finite()?;
                 return Err(Error::Data(format!(
                     "step {} went wrong: its loss is {value}{}",
                     self.adam.step + 1,
@@ -757,12 +757,19 @@ fn checkpoint_state(path: &Path) -> Result<serde_json::Value> {
     let length = u64::from_le_bytes(length);
     // As safetensors bounds it.
     if length > 100_000_000 {
-        return Err(bad(format!("header too large ({length} bytes)")));
+        return Err(bad(format!(
+            "not a safetensors checkpoint (its header would be {length} bytes)"
+        )));
     }
     let mut header = Vec::new();
     file.take(length)
         .read_to_end(&mut header)
         .map_err(|e| Error::io(path, e))?;
+    if header.len() as u64 != length {
+        return Err(bad(format!(
+            "truncated: the file ends inside its {length}-byte header"
+        )));
+    }
     let header: serde_json::Value =
         serde_json::from_slice(&header).map_err(|e| bad(format!("its header: {e}")))?;
     header["__metadata__"]["checkpoint"]
