@@ -52,6 +52,11 @@ fn train_args<'a>(model: &'a str, steps: &'a str) -> Vec<&'a str> {
 
 /// A baseline cartridge of 32 tokens of the corpus at `output`: `train` with `extra`, its report.
 fn baseline(dir: &Path, model: &str, output: &str, extra: &[&str]) -> Value {
+    train_baseline(dir, model, output, extra).json()
+}
+
+/// `train` of a 32-token cartridge of the corpus at `output`, with `extra`.
+fn train_baseline(dir: &Path, model: &str, output: &str, extra: &[&str]) -> crate::support::Run {
     let mut args = vec![
         "train",
         "--model",
@@ -65,7 +70,7 @@ fn baseline(dir: &Path, model: &str, output: &str, extra: &[&str]) -> Value {
         "--json",
     ];
     args.extend(extra);
-    cartridge(dir, &args).json()
+    cartridge(dir, &args)
 }
 
 #[test]
@@ -371,31 +376,19 @@ fn train_then_eval_on_the_real_model() {
     run.ok();
 
     // A learning rate that overflows the cartridge's numbers fails the run; nothing is written.
-    let err = cartridge(
-        dir.path(),
-        &[
-            "train",
-            "--model",
-            model,
-            "--corpus",
-            "corpus.txt",
-            "--tokens",
-            "32",
-            "-o",
-            "overflow.safetensors",
-            "--objective",
-            "next-token",
-            "--row-tokens",
-            "64",
-            "--rows",
-            "1",
-            "--steps",
-            "1",
-            "--lr",
-            "1e39",
-        ],
-    )
-    .fails();
+    let overflow = [
+        "--objective",
+        "next-token",
+        "--row-tokens",
+        "64",
+        "--rows",
+        "1",
+        "--steps",
+        "1",
+        "--lr",
+        "1e39",
+    ];
+    let err = train_baseline(dir.path(), model, "overflow.safetensors", &overflow).fails();
     assert!(
         err.contains("after step 1 the cartridge is no longer finite"),
         "{err}"
