@@ -76,7 +76,7 @@ async fn load(State(loader): State<Arc<Loader>>, Body(request): Body<LoadRequest
     };
     // The load runs to completion on its own task even if the caller goes away (a cancelled
     // future would strand its reservations, pins and references); a handle nobody received is
-    // released at once.
+    // released at once (`Unclaimed`).
     if request.stream {
         let (lines, receiver) = tokio::sync::mpsc::unbounded_channel();
         let progress: Progress = {
@@ -88,11 +88,8 @@ async fn load(State(loader): State<Arc<Loader>>, Body(request): Body<LoadRequest
         tokio::spawn(async move {
             let (last, unclaimed) = match loader.load(prepared, Some(progress)).await {
                 Ok(answer) => {
-                    let handle = answer.handle;
-                    let release = move || {
-                        let _ = loader.release(handle);
-                    };
-                    (LoadEvent::Loaded(answer), Some(Unclaimed::new(release)))
+                    let unclaimed = Unclaimed::handle(&loader, answer.handle);
+                    (LoadEvent::Loaded(answer), Some(unclaimed))
                 }
                 Err(error) => (
                     LoadEvent::Error {
@@ -118,14 +115,24 @@ async fn load(State(loader): State<Arc<Loader>>, Body(request): Body<LoadRequest
     let worker = loader.clone();
     tokio::spawn(async move {
         let result = worker.load(prepared, None).await;
-        if let Err(Ok(unclaimed)) = answer.send(result) {
-            let _ = worker.release(unclaimed.handle);
-        }
+        let unclaimed = result
+            .as_ref()
+            .ok()
+            .map(|answer| Unclaimed::handle(&worker, answer.handle));
+        // Not received (the caller left): the handle is released with it.
+        let _ = answer.send((result, unclaimed));
     });
-    let result = answered
-        .await
-        .map_err(|_| LoaderError::Internal("the load task ended without an answer".into()))
-        .and_then(|result| result);
+    let result = match answered.await {
+        Ok((result, unclaimed)) => {
+            if let Some(unclaimed) = unclaimed {
+                unclaimed.handed_over();
+            }
+            result
+        }
+        Err(_) => Err(LoaderError::Internal(
+            "the load task ended without an answer".into(),
+        )),
+    };
     match result {
         Ok(answer) => Json(answer).into_response(),
         Err(error) => error.into_response(),
@@ -138,6 +145,14 @@ struct Unclaimed(Option<Box<dyn FnOnce() + Send>>);
 impl Unclaimed {
     fn new(release: impl FnOnce() + Send + 'static) -> Self {
         Self(Some(Box::new(release)))
+    }
+
+    /// A loaded handle, released through `loader`.
+    fn handle(loader: &Arc<Loader>, handle: u64) -> Self {
+        let loader = loader.clone();
+        Self::new(move || {
+            let _ = loader.release(handle);
+        })
     }
 
     fn handed_over(mut self) {

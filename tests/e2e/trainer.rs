@@ -50,6 +50,18 @@ fn train_args<'a>(model: &'a str, steps: &'a str) -> Vec<&'a str> {
     ]
 }
 
+/// `train_args` with each `--flag value` pair of `flags` set: in place where the usual arguments
+/// have the flag, else added.
+fn with_flags<'a>(mut args: Vec<&'a str>, flags: &[&'a str]) -> Vec<&'a str> {
+    for pair in flags.chunks(2) {
+        match args.iter().position(|a| *a == pair[0]) {
+            Some(at) => args[at + 1] = pair[1],
+            None => args.extend_from_slice(pair),
+        }
+    }
+    args
+}
+
 /// A baseline cartridge of 32 tokens of the corpus at `output`: `train` with `extra`, its report.
 fn baseline(dir: &Path, model: &str, output: &str, extra: &[&str]) -> Value {
     train_baseline(dir, model, output, extra).json()
@@ -113,9 +125,7 @@ fn train_then_eval_on_the_real_model() {
     for name in ["conversations.jsonl", "conversations.meta.json"] {
         std::fs::rename(work.join(name), aside.join(name)).unwrap();
     }
-    let mut other = train_args(model, "5");
-    let at = other.iter().position(|a| *a == "--answer-tokens").unwrap();
-    other[at + 1] = "20";
+    let other = with_flags(train_args(model, "5"), &["--answer-tokens", "20"]);
     let err = cartridge(dir.path(), &other).fails();
     assert!(
         err.contains("synthesis.answer_max_tokens 24 (the run asks for 20)"),
@@ -127,9 +137,7 @@ fn train_then_eval_on_the_real_model() {
         std::fs::rename(aside.join(name), work.join(name)).unwrap();
     }
     // More conversations than the checkpoint was trained on: refused before they are made.
-    let mut more = train_args(model, "5");
-    let at = more.iter().position(|a| *a == "--conversations").unwrap();
-    more[at + 1] = "4";
+    let more = with_flags(train_args(model, "5"), &["--conversations", "4"]);
     let err = cartridge(dir.path(), &more).fails();
     assert!(
         err.contains("conversations 3 (the run asks for 4)"),
@@ -426,13 +434,10 @@ fn bad_arguments_are_refused_before_any_synthesis() {
     let model = path_str(&gguf);
     // Trains with these flags set (in place where the usual arguments have them).
     let train = |tokens: &str, flags: &[&str]| {
-        let mut args = train_args(model, "2");
-        for pair in [&["--tokens", tokens][..], flags].concat().chunks(2) {
-            match args.iter().position(|a| *a == pair[0]) {
-                Some(at) => args[at + 1] = pair[1],
-                None => args.extend_from_slice(pair),
-            }
-        }
+        let args = with_flags(
+            train_args(model, "2"),
+            &[&["--tokens", tokens][..], flags].concat(),
+        );
         cartridge(dir.path(), &args).fails()
     };
 

@@ -39,15 +39,14 @@ impl Corpus {
         }
         // The first place a file is reached names it; named on the command line anywhere, it
         // must be text.
-        let mut first_at = std::collections::HashMap::new();
+        let mut first_at: std::collections::HashMap<PathBuf, usize> = Default::default();
         let mut kept: Vec<(PathBuf, String, bool)> = Vec::with_capacity(files.len());
         for (file, name, named) in files {
             let real = std::fs::canonicalize(&file).unwrap_or_else(|_| file.clone());
             match first_at.get(&real) {
                 Some(&at) => {
                     tracing::warn!(file = %file.display(), "skipped: already in the corpus");
-                    let first: &mut (PathBuf, String, bool) = &mut kept[at];
-                    first.2 |= named;
+                    kept[at].2 |= named;
                 }
                 None => {
                     first_at.insert(real, kept.len());

@@ -151,13 +151,18 @@ impl Adam {
     }
 }
 
-/// A step's loss, and whether every element of its gradients is finite: each element becomes
-/// 0 if finite and NaN if not (`x * 0`), so their sum is finite exactly when they all are and
-/// never overflows. Read together, in one transfer: a GPU waits once a step.
+/// A scalar that is finite exactly when every element of `tensor` is: each element becomes 0 if
+/// finite and NaN if not (`x * 0`), so their sum never overflows.
+fn finiteness(tensor: &Tensor) -> Result<Tensor> {
+    Ok(tensor.to_dtype(DType::F32)?.affine(0.0, 0.0)?.sum_all()?)
+}
+
+/// A step's loss, and whether every element of its gradients is finite, read together in one
+/// transfer: a GPU waits once a step.
 fn loss_and_finiteness(loss: &Tensor, vars: &[Var], gradients: &GradStore) -> Result<(f32, bool)> {
     let mut read = vec![loss.to_dtype(DType::F32)?.reshape(())?];
     for gradient in vars.iter().filter_map(|var| gradients.get(var)) {
-        read.push(gradient.to_dtype(DType::F32)?.affine(0.0, 0.0)?.sum_all()?);
+        read.push(finiteness(gradient)?);
     }
     let values = Tensor::stack(&read, 0)?.to_vec1::<f32>()?;
     Ok((values[0], values[1..].iter().sum::<f32>().is_finite()))
@@ -438,7 +443,7 @@ impl<'a> Distiller<'a> {
         let frozen = self.frozen_keys.iter().chain(&self.frozen_values).cloned();
         let sums = trainable
             .chain(frozen)
-            .map(|tensor| Ok(tensor.to_dtype(DType::F32)?.affine(0.0, 0.0)?.sum_all()?))
+            .map(|tensor| finiteness(&tensor))
             .collect::<Result<Vec<_>>>()?;
         let sum = Tensor::stack(&sums, 0)?.sum_all()?.to_scalar::<f32>()?;
         match (sum.is_finite(), self.adam.step) {

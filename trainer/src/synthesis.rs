@@ -336,22 +336,15 @@ pub fn synthesize(
             // batch by batch (each batch has its own seed), one asking for fewer takes the
             // first ones. A set still empty (a run stopped before its first batch) is anyone's
             // to start over.
-            let same_making = Provenance {
+            let asked = Provenance {
                 options: SynthesisOptions {
-                    conversations: options.conversations,
-                    ..stored.options.clone()
+                    conversations: stored.options.conversations,
+                    ..provenance.options.clone()
                 },
-                ..stored.clone()
-            } == provenance;
+                ..provenance.clone()
+            };
             let empty = std::fs::metadata(path).map_or(true, |m| m.len() == 0);
-            if !same_making && !empty {
-                let asked = Provenance {
-                    options: SynthesisOptions {
-                        conversations: stored.options.conversations,
-                        ..provenance.options.clone()
-                    },
-                    ..provenance.clone()
-                };
+            if asked != stored && !empty {
                 let differ = crate::distill::differing(
                     &serde_json::json!(stored),
                     &serde_json::json!(asked),
