@@ -6,6 +6,7 @@ fn main() {
     println!("cargo::rerun-if-changed=build.rs");
     println!("cargo::rerun-if-changed=kernels/ops.cu");
     println!("cargo::rerun-if-changed=kernels/attention.cuh");
+    println!("cargo::rerun-if-env-changed=CUDA_COMPUTE_CAP");
     #[cfg(feature = "cuda")]
     {
         let out = std::path::PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR"));

@@ -4,6 +4,9 @@ the cache check); without torch, a host-memory loader's buffer is checked byte f
 
     LOADER_URL=http://127.0.0.1:7071 CARTRIDGE=legal/contracts@v3 CARTRIDGE_FILE=contracts.safetensors \
         python test_client.py
+
+With CARTRIDGE_OTHER (another ref of the same model) it also checks that a streamed load whose
+callback fails leaves no handle, and with CARTRIDGE_OTHER_FILE (that ref's file) the two composed.
 """
 
 import json
@@ -52,6 +55,24 @@ def layer_bytes(handle, header):
     return [(raw(keys), raw(values)) for keys, values in layers], True
 
 
+def check_composition(loader, header, expected):
+    """The cartridge composed with CARTRIDGE_OTHER (its file CARTRIDGE_OTHER_FILE): each layer holds
+    the two parts' keys and values side by side along the token axis, byte for byte."""
+    other, other_header = file_tensors(os.environ["CARTRIDGE_OTHER_FILE"])
+    heads = header["model"]["kv_heads"]
+    tokens = header["tokens"] + other_header["tokens"]
+    with loader.load(header["model"], [os.environ["CARTRIDGE"], os.environ["CARTRIDGE_OTHER"]]) as composed:
+        assert composed.tokens == tokens, (composed.tokens, tokens)
+        layers, _ = layer_bytes(composed, dict(header, tokens=tokens))
+    for index, pair in enumerate(layers):
+        for part, got in zip(("keys", "values"), pair):
+            first, second = expected[f"layers.{index}.{part}"], other[f"layers.{index}.{part}"]
+            a, b = len(first) // heads, len(second) // heads
+            want = b"".join(first[h * a : (h + 1) * a] + second[h * b : (h + 1) * b] for h in range(heads))
+            assert got == want, (index, part)
+    print("composed with the other:", len(layers), "layers match the two files side by side")
+
+
 def main():
     loader = Loader(os.environ.get("LOADER_URL", "http://127.0.0.1:7071"), socket=os.environ.get("LOADER_SOCKET"))
     expected, header = file_tensors(os.environ["CARTRIDGE_FILE"])
@@ -80,6 +101,8 @@ def main():
         except Stop:
             pass
         assert loader.status()["handles"] == held, "a streamed load's handle outlived its failed callback"
+        if os.environ.get("CARTRIDGE_OTHER_FILE"):
+            check_composition(loader, header, expected)
     with loader.load(header["model"], [os.environ["CARTRIDGE"]]) as scoped:
         assert loader.status()["handles"] == held + 1
     assert loader.status()["handles"] == held, "leaving the block released the handle"

@@ -308,14 +308,17 @@ impl Gpu {
     ) -> Result<DeviceBuffer, LoaderError> {
         let width: usize = parts.iter().map(|(_, row)| row).sum();
         let mut target = self.alloc(rows * width)?;
-        self.compose_into(&target, rows, parts)?;
+        // Waits for the copies also on an early return, before `target` is freed.
+        let drained = Drained(self);
+        self.enqueue_composition(&target, rows, parts)?;
+        drained.finish()?;
         target.finish();
         Ok(target)
     }
 
-    /// Fills `target` as [`Gpu::compose`] fills its new buffer, and waits for the copies (also
-    /// on an early return, before `target` can be freed).
-    fn compose_into(
+    /// Enqueues the copies that fill `target` as [`Gpu::compose`] fills its new buffer. The
+    /// caller waits for them (a [`Drained`]) before `target` or a part can be freed.
+    fn enqueue_composition(
         &self,
         target: &DeviceBuffer,
         rows: usize,
@@ -323,7 +326,6 @@ impl Gpu {
     ) -> Result<(), LoaderError> {
         let width: usize = parts.iter().map(|(_, row)| row).sum();
         assert_eq!(target.bytes(), rows * width, "a target of the wrong size");
-        let drained = Drained(self);
         self.bind()?;
         let mut x = 0;
         for &(source, row) in parts {
@@ -353,7 +355,7 @@ impl Gpu {
                 .map_err(failed("composing"))?;
             x += row;
         }
-        drained.finish()
+        Ok(())
     }
 
     /// This machine's copy bandwidths for `len` bytes, and what a load and an eviction spend
@@ -363,16 +365,29 @@ impl Gpu {
         source.as_mut_slice().fill(1);
         let first = self.alloc(len)?;
         let second = self.alloc(len)?;
-        let rate = |copy: &dyn Fn() -> Result<(), LoaderError>| {
-            copy()?;
-            self.wait()?;
+        // Copies are timed on the GPU, between events around four enqueued back to back: a
+        // clock on the host would count each wake-up after a copy as copying, a third of a
+        // 256 MiB device-to-device copy's time.
+        const REPEATS: u32 = 4;
+        let rate = |enqueue: &dyn Fn() -> Result<(), LoaderError>| {
+            let drained = Drained(self);
+            enqueue()?;
+            let event = || {
+                self.stream
+                    .record_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))
+                    .map_err(failed("timing copies"))
+            };
             let mut times = Vec::new();
             for _ in 0..5 {
-                let started = std::time::Instant::now();
-                copy()?;
-                self.wait()?;
-                times.push(started.elapsed().as_secs_f64());
+                let start = event()?;
+                for _ in 0..REPEATS {
+                    enqueue()?;
+                }
+                let end = event()?;
+                let ms = start.elapsed_ms(&end).map_err(failed("copying"))?;
+                times.push(f64::from(ms) / 1e3 / f64::from(REPEATS));
             }
+            drained.finish()?;
             Ok::<_, LoaderError>(len as f64 / median(times))
         };
         // SAFETY: `source` is page-locked and outlives every wait.
@@ -396,7 +411,7 @@ impl Gpu {
         let rows = 1 << len.trailing_zeros().min(8);
         let compose = fits(self.alloc(4 * len).and_then(|composed| {
             let parts = [(&first, len / rows); 4];
-            Ok(4.0 * rate(&|| self.compose_into(&composed, rows, &parts))?)
+            Ok(4.0 * rate(&|| self.enqueue_composition(&composed, rows, &parts))?)
         }))?;
         drop(first);
         // What an allocation costs that finds no kept one of its size: a cartridge's, and a

@@ -857,7 +857,8 @@ fn a_handle_whose_lease_lapses_is_released() {
 }
 
 /// The Python client (loader/python) against the real loader serving host memory: streamed and
-/// plain loads, the buffer byte for byte against the file, release, and the errors it raises.
+/// plain loads, the buffer byte for byte against the file (and a composition against both
+/// files), release, and the errors it raises.
 /// CI has no torch and no GPU: the tensors and the CUDA IPC handoff are checked on the GPU
 /// machine (bench/gpu/loader).
 #[test]
@@ -872,6 +873,7 @@ fn the_python_client_reads_what_the_loader_serves() {
         .env("CARTRIDGE", "team/a@v1")
         .env("CARTRIDGE_OTHER", "team/b@v1")
         .env("CARTRIDGE_FILE", dir.path().join("a.safetensors"))
+        .env("CARTRIDGE_OTHER_FILE", dir.path().join("b.safetensors"))
         .output()
         .unwrap();
     let (stdout, stderr) = (
@@ -884,6 +886,10 @@ fn the_python_client_reads_what_the_loader_serves() {
         "{stdout}"
     );
     assert!(!stdout.contains("came whole"), "{stdout}");
+    assert!(
+        stdout.contains("composed with the other: 4 layers match the two files side by side"),
+        "{stdout}"
+    );
 }
 
 #[test]

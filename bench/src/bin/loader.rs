@@ -29,8 +29,9 @@ struct Args {
     device: String,
     #[arg(long)]
     output: Option<PathBuf>,
-    /// After measuring, run the Python client's check (loader/python/test_client.py) against
-    /// the loader, with the interpreter named here (it needs torch).
+    /// Once the compositions are measured, run the Python client's check
+    /// (loader/python/test_client.py) against that loader, with the interpreter named here (it
+    /// needs torch on a GPU).
     #[arg(long)]
     python: Option<PathBuf>,
 }
@@ -141,26 +142,30 @@ fn start_loader(
     token: &str,
     device: &str,
     budget: u64,
+    host_budget: Option<u64>,
 ) -> Result<(Server, String)> {
-    Server::start(
-        Command::new(sibling("cartridge-loader")?)
-            .args([
-                "serve",
-                "--registry",
-                registry,
-                "--listen",
-                "127.0.0.1:0",
-                "--device",
-                device,
-                "--gpu-budget",
-                &budget.to_string(),
-                "--cache-dir",
-            ])
-            .arg(dir.join("loader-cache"))
-            .arg("--shm-dir")
-            .arg(shm)
-            .env("CARTRIDGE_TOKEN", token),
-    )
+    let mut command = Command::new(sibling("cartridge-loader")?);
+    command
+        .args([
+            "serve",
+            "--registry",
+            registry,
+            "--listen",
+            "127.0.0.1:0",
+            "--device",
+            device,
+            "--gpu-budget",
+            &budget.to_string(),
+            "--cache-dir",
+        ])
+        .arg(dir.join("loader-cache"))
+        .arg("--shm-dir")
+        .arg(shm)
+        .env("CARTRIDGE_TOKEN", token);
+    if let Some(host_budget) = host_budget {
+        command.args(["--host-budget", &host_budget.to_string()]);
+    }
+    Server::start(&mut command)
 }
 
 fn main() -> Result<()> {
@@ -258,6 +263,7 @@ fn main() -> Result<()> {
         &token,
         &args.device,
         10 * args.size.as_u64(),
+        None,
     )?;
     // Each figure goes into the report as it comes, and (with --output) to disk: a later
     // step that fails or runs out of time leaves the earlier ones.
@@ -284,10 +290,11 @@ fn main() -> Result<()> {
     save_stage(&report, "the first composition")?;
     // The first composition pays for its buffer; a serving loader composes again and again.
     // Each order below is a composition not yet made, and evicts the one before it.
-    let mut orders: Vec<Vec<String>> = (1..4).map(|turn| rotated(&refs, turn)).collect();
     let reversed: Vec<String> = refs.iter().rev().cloned().collect();
-    orders.push(rotated(&reversed, 1));
-    orders.push(reversed);
+    let orders: Vec<Vec<String>> = (1..4)
+        .map(|turn| rotated(&refs, turn))
+        .chain((0..4).map(|turn| rotated(&reversed, turn)))
+        .collect();
     // The tiers stand beside the figure (each should be `device`: resident parts), reported
     // rather than lost with everything else.
     let mut again = Vec::new();
@@ -300,9 +307,23 @@ fn main() -> Result<()> {
     let compose_again = median(again);
     report["compose_4"]["again"] = json!({"compositions": orders.len(), "tiers": tiers, "median_seconds": compose_again.as_secs_f64(), "gb_per_s": gb_per_s(composed_bytes, compose_again)});
     save_stage(&report, "the later compositions")?;
+    // The Python client's check, against this loader: it has room to compose two cartridges.
+    // Its outcome goes in the report; the figures stand whatever it finds.
+    let python_client = args
+        .python
+        .as_ref()
+        .map(|python| python_check(python, &url, &refs, dir));
+    if let Some(outcome) = &python_client {
+        report["python_client"] = json!(match outcome {
+            Ok(status) if status.success() => "passed".to_owned(),
+            Ok(status) => format!("failed ({status})"),
+            Err(error) => format!("did not run: {error}"),
+        });
+        save_stage(&report, "the Python client's check")?;
+    }
     drop(loader);
-    // A fresh loader with room for one cartridge: nothing resident, every blob on disk. It
-    // removes the killed one's buffers when it starts.
+    // A fresh loader with room for one cartridge on the GPU and two in its host tier: nothing
+    // resident, every blob on disk. It removes the killed one's buffers when it starts.
     let (_loader, url) = start_loader(
         dir,
         shm.path(),
@@ -310,6 +331,7 @@ fn main() -> Result<()> {
         &token,
         &args.device,
         args.size.as_u64() * 3 / 2,
+        Some(2 * args.size.as_u64()),
     )?;
     // Should be `disk`: the tier stands beside the figure.
     let disk = http.streamed_load(&url, &model, &refs[0])?;
@@ -327,6 +349,10 @@ fn main() -> Result<()> {
             tiers.push(answer["tier"].clone());
         }
         let host = median(loads.clone());
+        // A third cartridge from disk: its decode evicts one of the two from the host tier and
+        // reuses that page-locked buffer, as a serving loader's do once its host tier is full.
+        let recycled = http.streamed_load(&url, &model, &refs[2])?;
+        report["load_from_disk_tier_recycled_staging"] = json!({"tier": recycled.answer["tier"], "seconds": recycled.total.as_secs_f64(), "gb_per_s": gb_per_s(payload, recycled.total), "first_layer_ms": recycled.first_layer.as_secs_f64() * 1e3});
         let raw = ceilings["pinned_host_to_device_gb_per_s"]
             .as_f64()
             .context("bandwidth")?;
@@ -343,11 +369,11 @@ fn main() -> Result<()> {
         // What share of the composed load its copies take; the rest is the request, the
         // allocation (`allocate_composed_ms` above) and the handoff. (Null where the probe
         // lacked the memory to measure the copies.)
-        report["compose_4"]["share_of_compose_copies"] = json!(
-            ceilings["compose_copies_gb_per_s"]
-                .as_f64()
-                .map(|copies| compose_rate / copies)
-        );
+        let copies = ceilings["compose_copies_gb_per_s"].as_f64();
+        report["compose_4"]["share_of_compose_copies"] =
+            json!(copies.map(|copies| compose_rate / copies));
+        report["compose_4"]["again"]["share_of_compose_copies"] =
+            json!(copies.map(|copies| gb_per_s(composed_bytes, compose_again) / copies));
     } else {
         let memcpy = ceilings["memcpy_gb_per_s"].as_f64().context("memcpy")?;
         let fresh = ceilings["copy_into_fresh_shm_gb_per_s"]
@@ -359,47 +385,44 @@ fn main() -> Result<()> {
         report["compose_4"]["share_of_memcpy"] = json!(compose_rate / memcpy);
         report["compose_4"]["share_of_fresh_shm_copy"] = json!(compose_rate / fresh);
     }
-    // The Python client's check runs last and its outcome goes in the report: the figures
-    // above are written first, and stand whatever it finds.
-    let mut so_far = report.clone();
-    so_far["python_client"] = json!("not finished");
-    save_partial(so_far)?;
-    let client = Path::new("loader/python");
-    let python_client = match &args.python {
-        Some(_) if !client.is_dir() => {
-            report["python_client"] =
-                json!("not run: loader/python/ is not here (run from the repository root)");
-            Some(Err(std::io::Error::other("loader/python/ is not here")))
-        }
-        Some(python) => {
-            let mut path = std::ffi::OsString::from(client);
-            if let Some(existing) = std::env::var_os("PYTHONPATH") {
-                path.push(":");
-                path.push(existing);
-            }
-            let status = Command::new(python)
-                .arg(client.join("test_client.py"))
-                .env("PYTHONPATH", path)
-                .env("LOADER_URL", &url)
-                .env("CARTRIDGE", &refs[0])
-                .env("CARTRIDGE_FILE", dir.join("c0.safetensors"))
-                .status();
-            report["python_client"] = json!(match &status {
-                Ok(status) if status.success() => "passed".to_owned(),
-                Ok(status) => format!("failed ({status})"),
-                Err(error) => format!("did not start: {error}"),
-            });
-            Some(status)
-        }
-        None => None,
-    };
     println!("{}", serde_json::to_string_pretty(&report)?);
     write_results(&output, report)?;
     println!("wrote {}", output.display());
-    if let Some(status) = python_client {
-        ensure!(status?.success(), "the Python client's check failed");
+    if let Some(outcome) = python_client {
+        ensure!(outcome?.success(), "the Python client's check failed");
     }
     Ok(())
+}
+
+/// Runs loader/python/test_client.py against the loader at `url` with `python`: the first
+/// cartridge alone, and composed with the second.
+fn python_check(
+    python: &Path,
+    url: &str,
+    refs: &[String],
+    dir: &Path,
+) -> std::io::Result<std::process::ExitStatus> {
+    let client = Path::new("loader/python");
+    if !client.is_dir() {
+        return Err(std::io::Error::other(
+            "loader/python/ is not here (run from the repository root)",
+        ));
+    }
+    let mut path = std::ffi::OsString::from(client);
+    if let Some(existing) = std::env::var_os("PYTHONPATH") {
+        path.push(":");
+        path.push(existing);
+    }
+    Command::new(python)
+        .arg(client.join("test_client.py"))
+        .env("PYTHONPATH", path)
+        .env("PYTHONUNBUFFERED", "1")
+        .env("LOADER_URL", url)
+        .env("CARTRIDGE", &refs[0])
+        .env("CARTRIDGE_FILE", dir.join("c0.safetensors"))
+        .env("CARTRIDGE_OTHER", &refs[1])
+        .env("CARTRIDGE_OTHER_FILE", dir.join("c1.safetensors"))
+        .status()
 }
 
 /// Resident buffers live where they would in service: in shared memory when the machine has it,

@@ -1311,7 +1311,10 @@ mod tests {
         let param = (param - (update * step.learning_rate)?)?;
         for (i, want) in [param, first, second].iter().enumerate() {
             let error = max_difference(&fused.get(i)?, want)?;
-            assert!(error < 1e-6, "part {i}: {error}");
+            // Relative to the largest element: a GPU build contracts products and sums into
+            // fused multiply-adds, which round once where the composed ops round twice.
+            let largest = want.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(error < 1e-6 * (1.0 + largest), "part {i}: {error}");
         }
         // Moments of another shape are refused, naming both.
         let short = Tensor::zeros((2, 3, 5, 63), DType::F32, &device)?;
