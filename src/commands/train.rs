@@ -97,6 +97,10 @@ pub struct TrainArgs {
     /// Tokens per packed training row.
     #[arg(long, default_value_t = 2048, value_parser = positive)]
     pub row_tokens: usize,
+    /// The share of conversations that are recitations (0 to 1): a passage of the chunk asked
+    /// for word for word, its first words given. The rest are written from the seed prompts.
+    #[arg(long, default_value_t = cartridge_trainer::synthesis::RECITATION, value_parser = share)]
+    pub recitation: f64,
     /// Stop a synthesized message or answer where its last N tokens repeat what it already
     /// wrote (a loop); 0 keeps loops.
     #[arg(long, default_value_t = 16, value_name = "N")]
@@ -132,6 +136,13 @@ fn learning_rate(text: &str) -> Result<f64, String> {
     match text.parse::<f64>() {
         Ok(rate) if rate.is_finite() && rate > 0.0 => Ok(rate),
         _ => Err("expected a number above 0".into()),
+    }
+}
+
+fn share(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(share) if (0.0..=1.0).contains(&share) => Ok(share),
+        _ => Err("expected a number from 0 to 1".into()),
     }
 }
 
@@ -228,6 +239,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
             chunk_tokens: args.chunk_tokens,
             user_max_tokens: args.user_tokens,
             answer_max_tokens: args.answer_tokens,
+            recitation: args.recitation,
             stop_on_repeat: args.stop_on_repeat,
             description: args.description.clone(),
             seed: args.seed,

@@ -869,6 +869,7 @@ mod tests {
             chunk_tokens: 0,
             seed: SeedKind::Question,
             user: String::new(),
+            opening: String::new(),
             assistant: String::new(),
             prompt_ids: vec![1; prompt],
             answer_ids: vec![2; answer],

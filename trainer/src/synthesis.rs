@@ -4,7 +4,10 @@
 //! one of five kinds (structuring, summarization, question, use case, creative) and writes a user
 //! message (sampled). Model B, seeing the same chunk, answers it greedily, and the top-k
 //! log-probabilities of every answer token (kept up to a probability mass) become the
-//! distillation targets. Conversations sharing a chunk are generated as one batch.
+//! distillation targets. A share of the conversations are recitations instead: the user asks for
+//! a passage word for word, and B's answer is given the opening words of a line or sentence of
+//! the chunk, which B continues from the chunk. Conversations sharing a chunk are generated as
+//! one batch.
 //!
 //! Conversations are appended to a JSON-lines file as they are made, so a run can stop and resume,
 //! and a person can read what the cartridge is trained on.
@@ -29,10 +32,20 @@ pub enum SeedKind {
     Question,
     UseCase,
     Creative,
+    /// A passage asked for word for word, its opening given (no seed prompt: the request is
+    /// [`RECITATION_REQUEST`]).
+    Recitation,
 }
 
+/// The user message of a recitation.
+pub const RECITATION_REQUEST: &str = "Quote a passage of the information, word for word.";
+
+/// Words a recitation's answer is given: enough to find one place in a chunk.
+const OPENING_WORDS: usize = 5;
+
 impl SeedKind {
-    pub const ALL: [Self; 5] = [
+    /// The kinds whose user message model A writes.
+    pub const WRITTEN: [Self; 5] = [
         Self::Structuring,
         Self::Summarization,
         Self::Question,
@@ -40,9 +53,9 @@ impl SeedKind {
         Self::Creative,
     ];
 
-    /// The instruction model A gets, to write the first user message.
-    pub fn prompt(self) -> &'static str {
-        match self {
+    /// The instruction model A gets, to write the first user message (none for a recitation).
+    pub fn prompt(self) -> Option<&'static str> {
+        Some(match self {
             Self::Structuring => {
                 "Write a single message asking an assistant to restructure part of the information above in a \
                  specific format (a JSON object, a YAML document, a table, or a list of key points). Name the part \
@@ -65,8 +78,33 @@ impl SeedKind {
                 "Write a message that starts a creative conversation inspired by the information above: a \
                  thought experiment, an analogy, or a scenario to explore. Reply with the message only."
             }
-        }
+            Self::Recitation => return None,
+        })
     }
+}
+
+/// A recitation's opening: the first [`OPENING_WORDS`] words, as written, of a line or sentence
+/// of `chunk` that has more words than that (so there is a passage to continue), or of the
+/// chunk itself where none has.
+fn opening<'a>(chunk: &'a str, rng: &mut impl Rng) -> &'a str {
+    let long = |piece: &&str| piece.split_whitespace().nth(OPENING_WORDS).is_some();
+    let pieces: Vec<&str> = chunk
+        .split('\n')
+        .flat_map(|line| line.split_inclusive(". "))
+        .map(str::trim_start)
+        .filter(long)
+        .collect();
+    let piece = pieces.choose(rng).copied().unwrap_or(chunk.trim_start());
+    // Up to the end of its last opening word, the spacing between them kept: what follows in
+    // the chunk continues exactly that text.
+    let end = piece
+        .split_whitespace()
+        .take(OPENING_WORDS)
+        .last()
+        .map_or(0, |word| {
+            word.as_ptr() as usize - piece.as_ptr() as usize + word.len()
+        });
+    &piece[..end]
 }
 
 /// The system prompt that puts a chunk in a model's context.
@@ -88,9 +126,13 @@ pub struct Conversation {
     pub chunk_tokens: usize,
     pub seed: SeedKind,
     pub user: String,
+    /// A recitation's given opening words, which `assistant` continues.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub opening: String,
     pub assistant: String,
     /// What the student reads before the answer, after the cartridge: the chat-templated user
-    /// turn as it follows a system turn (no chunk, no default system prompt).
+    /// turn as it follows a system turn (no chunk, no default system prompt), then a
+    /// recitation's opening.
     pub prompt_ids: Vec<u32>,
     /// The teacher's answer, its stop token included when it finished.
     pub answer_ids: Vec<u32>,
@@ -120,6 +162,10 @@ pub struct SynthesisOptions {
     pub user_temperature: f64,
     pub top_logprobs: usize,
     pub logprob_mass: f32,
+    /// The share of conversations that are recitations (0 to 1). The rest are written from the
+    /// five seed prompts, drawn evenly. (0 reads files made before this setting existed.)
+    #[serde(default)]
+    pub recitation: f64,
     /// A message or answer stops where its last this-many tokens repeat what it already wrote:
     /// a loop teaches nothing about the corpus. 0 keeps loops (and reads conversation files
     /// made before this setting existed).
@@ -141,12 +187,18 @@ impl Default for SynthesisOptions {
             user_temperature: 0.6,
             top_logprobs: 20,
             logprob_mass: 0.99,
+            recitation: RECITATION,
             stop_on_repeat: 16,
             description: None,
             seed: 0,
         }
     }
 }
+
+/// The default share of recitations. SmolLM2-135M's own messages rarely use their chunk, and
+/// distilling its answers to them lowered what the initialization holds (bench/quality); its
+/// copying from the chunk is sure, and recitations raised it.
+pub const RECITATION: f64 = 0.5;
 
 /// What a conversations file belongs to; a resumed run must match it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -216,22 +268,25 @@ fn common_prefix(lists: &[Vec<u32>]) -> usize {
         .count()
 }
 
-/// Generates one batch of continuations of `conversations` (each ending with an open assistant turn).
+/// `conversation` rendered with an open assistant turn, which `opening` begins.
+fn rendered(model: &LoadedModel, conversation: &[Message], opening: &[u32]) -> Result<Vec<u32>> {
+    let mut ids = model.text.render_ids(conversation, true)?;
+    ids.extend_from_slice(opening);
+    Ok(ids)
+}
+
+/// Generates one batch of continuations of `encoded` conversations (each [`rendered`]).
 fn continue_all(
     model: &LoadedModel,
-    conversations: &[Vec<Message>],
+    encoded: &[Vec<u32>],
     max_new_tokens: usize,
     sampling: Sampling,
     top_logprobs: Option<(usize, f32)>,
     stop_on_repeat: usize,
     seed: u64,
 ) -> Result<Vec<crate::model::Generated>> {
-    let encoded: Vec<Vec<u32>> = conversations
-        .iter()
-        .map(|c| model.text.render_ids(c, true))
-        .collect::<Result<_>>()?;
     // The chunk's system prompt is the same for all: process it once.
-    let shared = common_prefix(&encoded);
+    let shared = common_prefix(encoded);
     let prompts: Vec<Vec<u32>> = encoded.iter().map(|e| e[shared..].to_vec()).collect();
     let request = GenerationRequest {
         prefix: None,
@@ -265,6 +320,12 @@ pub fn checked_tokens(
     corpus: &Corpus,
     options: &SynthesisOptions,
 ) -> Result<Vec<u32>> {
+    if !(0.0..=1.0).contains(&options.recitation) {
+        return Err(Error::Data(format!(
+            "the share of recitations is {}: it must be from 0 to 1",
+            options.recitation
+        )));
+    }
     // The student's prompts follow a system turn; a template without one fails here, not after
     // hours of synthesis.
     model
@@ -286,10 +347,13 @@ pub fn checked_tokens(
             &model.text.decode(&tokens[..high.min(tokens.len())])?,
         ),
     );
-    let needed = SeedKind::ALL
+    // (A recitation's prompt, its request and opening, is shorter than a written one's
+    // instruction and message.)
+    let needed = SeedKind::WRITTEN
         .iter()
-        .map(|seed| {
-            let writer = [longest.clone(), Message::new("user", seed.prompt())];
+        .filter_map(|seed| seed.prompt())
+        .map(|prompt| {
+            let writer = [longest.clone(), Message::new("user", prompt)];
             Ok(model.text.render_ids(&writer, true)?.len())
         })
         .collect::<Result<Vec<_>>>()?
@@ -424,33 +488,51 @@ pub fn synthesize(
             .max(1);
         let seeds: Vec<SeedKind> = (0..count)
             .map(|_| {
-                *SeedKind::ALL
-                    .choose(&mut rng)
-                    .unwrap_or(&SeedKind::Question)
+                // Drawn only where recitations are asked for: a run without them draws as
+                // runs before this setting did.
+                if options.recitation > 0.0 && rng.random_bool(options.recitation) {
+                    SeedKind::Recitation
+                } else {
+                    *SeedKind::WRITTEN
+                        .choose(&mut rng)
+                        .unwrap_or(&SeedKind::Question)
+                }
             })
             .collect();
-
-        let writer: Vec<Vec<Message>> = seeds
-            .iter()
-            .map(|s| vec![system.clone(), Message::new("user", s.prompt())])
+        let mut users = vec![String::new(); count];
+        let written: Vec<usize> = (0..count)
+            .filter(|&i| seeds[i].prompt().is_some())
             .collect();
-        let sampling = Sampling {
-            temperature: options.user_temperature,
-            top_p: 0.95,
-        };
-        let questions = continue_all(
-            model,
-            &writer,
-            options.user_max_tokens,
-            sampling,
-            None,
-            options.stop_on_repeat,
-            rng.random(),
-        )?;
-        let users: Vec<String> = questions
-            .iter()
-            .map(|g| clean(&model.text, &g.tokens))
-            .collect::<Result<_>>()?;
+        if !written.is_empty() {
+            let writer = written
+                .iter()
+                .map(|&i| {
+                    let instruction = Message::new("user", seeds[i].prompt().unwrap_or_default());
+                    rendered(model, &[system.clone(), instruction], &[])
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let sampling = Sampling {
+                temperature: options.user_temperature,
+                top_p: 0.95,
+            };
+            let questions = continue_all(
+                model,
+                &writer,
+                options.user_max_tokens,
+                sampling,
+                None,
+                options.stop_on_repeat,
+                rng.random(),
+            )?;
+            for (&i, question) in written.iter().zip(&questions) {
+                users[i] = clean(&model.text, &question.tokens)?;
+            }
+        }
+        let mut openings = vec![""; count];
+        for i in (0..count).filter(|&i| seeds[i] == SeedKind::Recitation) {
+            users[i] = RECITATION_REQUEST.to_owned();
+            openings[i] = opening(chunk, &mut rng);
+        }
 
         let kept: Vec<usize> = (0..count).filter(|&i| !users[i].is_empty()).collect();
         if kept.is_empty() {
@@ -460,10 +542,18 @@ pub fn synthesize(
             }
             continue;
         }
-        let answerer: Vec<Vec<Message>> = kept
+        let opening_ids = kept
             .iter()
-            .map(|&i| vec![system.clone(), Message::new("user", users[i].clone())])
-            .collect();
+            .map(|&i| model.text.encode(openings[i]))
+            .collect::<Result<Vec<_>>>()?;
+        let answerer = kept
+            .iter()
+            .zip(&opening_ids)
+            .map(|(&i, opening)| {
+                let user = Message::new("user", users[i].clone());
+                rendered(model, &[system.clone(), user], opening)
+            })
+            .collect::<Result<Vec<_>>>()?;
         let top = Some((options.top_logprobs, options.logprob_mass));
         let answers = continue_all(
             model,
@@ -475,17 +565,20 @@ pub fn synthesize(
             0,
         )?;
         let mut lines = Vec::new();
-        for (&i, answer) in kept.iter().zip(answers) {
+        for ((&i, answer), opening) in kept.iter().zip(answers).zip(opening_ids) {
+            let mut prompt_ids = model
+                .text
+                .render_after_system_ids(&[Message::new("user", users[i].clone())], true)?;
+            prompt_ids.extend(opening);
             let conversation = Conversation {
                 batch: batch_index - 1,
                 chunk_start: start,
                 chunk_tokens: length,
                 seed: seeds[i],
                 user: users[i].clone(),
+                opening: openings[i].to_owned(),
                 assistant: clean(&model.text, &answer.tokens)?,
-                prompt_ids: model
-                    .text
-                    .render_after_system_ids(&[Message::new("user", users[i].clone())], true)?,
+                prompt_ids,
                 answer_ids: answer.tokens,
                 teacher: answer.top_logprobs,
             };
@@ -550,6 +643,7 @@ pub fn next_token_conversations(
             chunk_tokens: piece.len(),
             seed: SeedKind::Structuring,
             user: String::new(),
+            opening: String::new(),
             assistant: String::new(),
             prompt_ids: piece[..1].to_vec(),
             answer_ids: piece[1..].to_vec(),
@@ -623,4 +717,26 @@ fn read_stored(path: &Path, vocab: usize) -> Result<(Vec<Conversation>, bool)> {
 
 pub fn conversations_path(work_dir: &Path) -> PathBuf {
     work_dir.join("conversations.jsonl")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_opening_is_the_first_words_of_a_line_or_sentence_as_written() {
+        let chunk = "Short line.\n  The lamp   burns whale oil and can be seen. Its keeper logs\tevery ship that passes.\nEnd.";
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let mut seen: Vec<&str> = (0..64).map(|_| opening(chunk, &mut rng)).collect();
+        seen.sort_unstable();
+        seen.dedup();
+        // Pieces of more than five words only, their spacing kept, from where they start.
+        assert_eq!(
+            seen,
+            ["Its keeper logs\tevery ship", "The lamp   burns whale oil"]
+        );
+        // A chunk without such a piece opens with its own first words.
+        assert_eq!(opening("  a b c\nd e f g", &mut rng), "a b c\nd e");
+        assert_eq!(opening("", &mut rng), "");
+    }
 }

@@ -66,6 +66,7 @@ fn rows(count: usize, length: usize, vocab: u32) -> Vec<Conversation> {
                 chunk_tokens: 0,
                 seed: SeedKind::Question,
                 user: String::new(),
+                opening: String::new(),
                 assistant: String::new(),
                 prompt_ids: vec![token(0)],
                 teacher: answer

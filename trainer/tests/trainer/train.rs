@@ -8,7 +8,7 @@ use cartridge_trainer::model::{
     Config, Context, Llama, LoadedModel, ModelSource, TextCodec, causal_mask,
 };
 use cartridge_trainer::synthesis::{
-    Conversation, SeedKind, SynthesisOptions, read_conversations, synthesize,
+    Conversation, RECITATION_REQUEST, SeedKind, SynthesisOptions, read_conversations, synthesize,
 };
 
 use crate::support::{max_difference, smollm2, smollm2_path};
@@ -65,6 +65,7 @@ fn conversations(count: usize) -> Vec<Conversation> {
                 chunk_tokens: 0,
                 seed: SeedKind::Question,
                 user: String::new(),
+                opening: String::new(),
                 assistant: String::new(),
                 prompt_ids: vec![1, 200 + i as u32, 300, 2],
                 teacher: answer
@@ -355,9 +356,10 @@ fn synthesis_writes_readable_conversations_and_resumes() {
             assert!(mass <= 1.0 + 1e-3, "{mass} in {top:?}");
             assert!(top.windows(2).all(|w| w[0].1 >= w[1].1), "{top:?}");
         }
-        // The student's view has no chunk in it.
+        // The student's view has no chunk in it (but a recitation's given opening).
         let prompt = model.text.decode(&conversation.prompt_ids).unwrap();
-        assert!(!prompt.contains("lighthouse on Varn"), "{prompt}");
+        let prompt = prompt.trim_end_matches(conversation.opening.as_str());
+        assert!(!prompt.contains("Varn Island"), "{prompt}");
         // ...nor the template's default system prompt: the cartridge stands for the system turn.
         assert!(!prompt.contains("SmolLM"), "{prompt}");
     }
@@ -455,6 +457,60 @@ fn synthesis_writes_readable_conversations_and_resumes() {
             .unwrap()
             .len(),
         2
+    );
+}
+
+#[test]
+fn recitations_continue_the_chunk_from_the_opening_given() {
+    let model = smollm2();
+    let dir = tempfile::tempdir().unwrap();
+    let text = "The lighthouse on Varn Island was built in 1871 by Edda Morrow. Its lamp burns whale oil and can be seen for nineteen miles. The keeper must log every ship that passes.";
+    let corpus_path = dir.path().join("corpus.txt");
+    std::fs::write(&corpus_path, text).unwrap();
+    let corpus = Corpus::read(&[corpus_path]).unwrap();
+    let options = SynthesisOptions {
+        conversations: 4,
+        per_chunk: 4,
+        chunk_tokens: (64, 64),
+        answer_max_tokens: 8,
+        recitation: 1.0,
+        ..SynthesisOptions::default()
+    };
+    let path = dir.path().join("conversations.jsonl");
+    let recitations = synthesize(model, &corpus, &options, &path, |_, _| {}).unwrap();
+    assert_eq!(recitations.len(), 4);
+    let words: Vec<&str> = text.split_whitespace().collect();
+    for recitation in &recitations {
+        assert_eq!(recitation.seed, SeedKind::Recitation);
+        assert_eq!(recitation.user, RECITATION_REQUEST);
+        // The student reads the request, then the opening: five words where a sentence starts.
+        let opening = model.text.encode(&recitation.opening).unwrap();
+        assert!(recitation.prompt_ids.ends_with(&opening), "{recitation:?}");
+        let given: Vec<&str> = recitation.opening.split_whitespace().collect();
+        let at = words
+            .windows(5)
+            .position(|w| w == given)
+            .unwrap_or_else(|| panic!("{:?} is not in the corpus", recitation.opening));
+        assert!(at == 0 || words[at - 1].ends_with('.'), "{given:?}");
+        // The teacher, the chunk in view, goes on with the chunk's next words.
+        let answer: Vec<&str> = recitation.assistant.split_whitespace().take(2).collect();
+        assert_eq!(answer, words[at + 5..at + 7], "{recitation:?}");
+    }
+    // A share outside 0 to 1 is refused before any work.
+    let err = synthesize(
+        model,
+        &corpus,
+        &SynthesisOptions {
+            recitation: 1.5,
+            ..options
+        },
+        &dir.path().join("other.jsonl"),
+        |_, _| {},
+    )
+    .unwrap_err();
+    assert!(
+        err.to_string().contains("share of recitations is 1.5"),
+        "{err}"
     );
 }
 
