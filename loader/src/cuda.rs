@@ -349,7 +349,7 @@ impl Gpu {
                 Height: rows,
             };
             // SAFETY: both regions lie inside their allocations (rows x pitch, asserted above),
-            // which outlive the wait below.
+            // which the caller keeps until its wait for the copies.
             unsafe { sys::cuMemcpy2DAsync_v2(&copy, self.stream.cu_stream()) }
                 .result()
                 .map_err(failed("composing"))?;

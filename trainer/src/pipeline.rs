@@ -162,15 +162,16 @@ fn check_rows_hold_a_conversation(model: &LoadedModel, request: &TrainRequest) -
         .render_after_system_ids(&[Message::new("user", "")], true)?
         .len();
     let synthesis = &request.synthesis;
+    let message = crate::synthesis::longest_message(&model.text, synthesis)?;
     let longest = template
-        .saturating_add(synthesis.user_max_tokens)
+        .saturating_add(message)
         .saturating_add(synthesis.answer_max_tokens);
     let (p, positions) = (request.distill.tokens, model.llama.config.max_positions);
     let room = request.distill.room(positions);
     if longest > room {
         return Err(Error::Data(format!(
-            "a conversation takes up to {longest} tokens ({template} of chat template, messages of {} and answers of {}), more than a row of {} after a cartridge of {p} holds ({room}; the model has {positions} positions): raise --row-tokens or lower --user-tokens or --answer-tokens",
-            synthesis.user_max_tokens, synthesis.answer_max_tokens, request.distill.row_tokens
+            "a conversation takes up to {longest} tokens ({template} of chat template, messages of {message} and answers of {}), more than a row of {} after a cartridge of {p} holds ({room}; the model has {positions} positions): raise --row-tokens or lower --user-tokens or --answer-tokens",
+            synthesis.answer_max_tokens, request.distill.row_tokens
         )));
     }
     Ok(())

@@ -15,7 +15,7 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use rand::seq::IndexedRandom;
+use rand::seq::{IndexedRandom, SliceRandom};
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
@@ -42,6 +42,10 @@ pub const RECITATION_REQUEST: &str = "Quote a passage of the information, word f
 
 /// Words a recitation's answer is given: enough to find one place in a chunk.
 const OPENING_WORDS: usize = 5;
+
+/// The most bytes (so tokens) of an opening: text with few spaces (Chinese, minified code) has
+/// long "words".
+const OPENING_BYTES: usize = 64;
 
 impl SeedKind {
     /// The kinds whose user message model A writes.
@@ -83,28 +87,54 @@ impl SeedKind {
     }
 }
 
-/// A recitation's opening: the first [`OPENING_WORDS`] words, as written, of a line or sentence
-/// of `chunk` that has more words than that (so there is a passage to continue), or of the
-/// chunk itself where none has.
-fn opening<'a>(chunk: &'a str, rng: &mut impl Rng) -> &'a str {
+/// Openings for `count` recitations of `chunk`: the first [`OPENING_WORDS`] words (at most
+/// [`OPENING_BYTES`]), as written, of lines or sentences with more words than that, each taken
+/// once before any is taken again; where the chunk has no such line or sentence, of words drawn
+/// from it. `cut` says the chunk's first line was cut (it starts mid-line: not a line's start).
+/// None where the chunk has too few words to continue.
+fn openings<'a>(chunk: &'a str, cut: bool, count: usize, rng: &mut impl Rng) -> Vec<&'a str> {
+    let words: Vec<&str> = chunk.split_whitespace().collect();
+    if words.len() <= OPENING_WORDS {
+        return Vec::new();
+    }
     let long = |piece: &&str| piece.split_whitespace().nth(OPENING_WORDS).is_some();
-    let pieces: Vec<&str> = chunk
+    let mut starts: Vec<&str> = chunk
         .split('\n')
         .flat_map(|line| line.split_inclusive(". "))
+        .skip(usize::from(cut))
         .map(str::trim_start)
         .filter(long)
         .collect();
-    let piece = pieces.choose(rng).copied().unwrap_or(chunk.trim_start());
-    // Up to the end of its last opening word, the spacing between them kept: what follows in
-    // the chunk continues exactly that text.
-    let end = piece
-        .split_whitespace()
-        .take(OPENING_WORDS)
-        .last()
-        .map_or(0, |word| {
-            word.as_ptr() as usize - piece.as_ptr() as usize + word.len()
-        });
-    &piece[..end]
+    if starts.is_empty() {
+        // Each word with more after it (the words are slices of the chunk).
+        starts = words[..words.len() - OPENING_WORDS]
+            .iter()
+            .map(|word| &chunk[offset(chunk, word)..])
+            .collect();
+    }
+    starts.shuffle(rng);
+    (0..count)
+        .map(|i| {
+            let start = starts[i % starts.len()];
+            // To the end of its last opening word, the spacing between them kept: what follows
+            // in the chunk continues exactly that text.
+            let words_end = start
+                .split_whitespace()
+                .take(OPENING_WORDS)
+                .last()
+                .map_or(0, |word| offset(start, word) + word.len());
+            let mut end = words_end.min(OPENING_BYTES);
+            while !start.is_char_boundary(end) {
+                end -= 1;
+            }
+            start[..end].trim_end()
+        })
+        .collect()
+}
+
+/// Where `part`, a slice of `text`, starts in it.
+fn offset(text: &str, part: &str) -> usize {
+    part.as_ptr() as usize - text.as_ptr() as usize
 }
 
 /// The system prompt that puts a chunk in a model's context.
@@ -163,8 +193,9 @@ pub struct SynthesisOptions {
     pub top_logprobs: usize,
     pub logprob_mass: f32,
     /// The share of conversations that are recitations (0 to 1). The rest are written from the
-    /// five seed prompts, drawn evenly. (0 reads files made before this setting existed.)
-    #[serde(default)]
+    /// five seed prompts, drawn evenly. Left out when 0, as it was before this setting existed,
+    /// so that files and checkpoints made then are read and resumed as they were.
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub recitation: f64,
     /// A message or answer stops where its last this-many tokens repeat what it already wrote:
     /// a loop teaches nothing about the corpus. 0 keeps loops (and reads conversation files
@@ -193,6 +224,21 @@ impl Default for SynthesisOptions {
             seed: 0,
         }
     }
+}
+
+fn is_zero(share: &f64) -> bool {
+    *share == 0.0
+}
+
+/// The most tokens a user turn takes with what follows it before the answer: a written message,
+/// or a recitation's request and opening.
+pub(crate) fn longest_message(text: &TextCodec, options: &SynthesisOptions) -> Result<usize> {
+    let recitation = if options.recitation > 0.0 {
+        text.encode(RECITATION_REQUEST)?.len() + OPENING_BYTES
+    } else {
+        0
+    };
+    Ok(options.user_max_tokens.max(recitation))
 }
 
 /// The default share of recitations. SmolLM2-135M's own messages rarely use their chunk, and
@@ -347,20 +393,24 @@ pub fn checked_tokens(
             &model.text.decode(&tokens[..high.min(tokens.len())])?,
         ),
     );
-    // (A recitation's prompt, its request and opening, is shorter than a written one's
-    // instruction and message.)
-    let needed = SeedKind::WRITTEN
+    // A written conversation's writer reads its instruction and writes the message; a
+    // recitation's teacher reads the request and the opening (tokens no more than its bytes).
+    let prompt = |message: &str, after: usize| -> Result<usize> {
+        let turns = [longest.clone(), Message::new("user", message)];
+        Ok(model.text.render_ids(&turns, true)?.len() + after)
+    };
+    let mut prompts = SeedKind::WRITTEN
         .iter()
         .filter_map(|seed| seed.prompt())
-        .map(|prompt| {
-            let writer = [longest.clone(), Message::new("user", prompt)];
-            Ok(model.text.render_ids(&writer, true)?.len())
-        })
-        .collect::<Result<Vec<_>>>()?
+        .map(|instruction| prompt(instruction, options.user_max_tokens))
+        .collect::<Result<Vec<_>>>()?;
+    if options.recitation > 0.0 {
+        prompts.push(prompt(RECITATION_REQUEST, OPENING_BYTES)?);
+    }
+    let needed = prompts
         .into_iter()
         .max()
         .unwrap_or(0)
-        .saturating_add(options.user_max_tokens)
         .saturating_add(options.answer_max_tokens)
         .saturating_add(RE_ENCODING_SLACK);
     if needed > model.llama.config.max_positions {
@@ -486,19 +536,33 @@ pub fn synthesize(
             .per_chunk
             .min(options.conversations - conversations.len())
             .max(1);
-        let seeds: Vec<SeedKind> = (0..count)
+        let written_kind = |rng: &mut rand::rngs::StdRng| {
+            *SeedKind::WRITTEN.choose(rng).unwrap_or(&SeedKind::Question)
+        };
+        let mut seeds: Vec<SeedKind> = (0..count)
             .map(|_| {
                 // Drawn only where recitations are asked for: a run without them draws as
                 // runs before this setting did.
                 if options.recitation > 0.0 && rng.random_bool(options.recitation) {
                     SeedKind::Recitation
                 } else {
-                    *SeedKind::WRITTEN
-                        .choose(&mut rng)
-                        .unwrap_or(&SeedKind::Question)
+                    written_kind(&mut rng)
                 }
             })
             .collect();
+        let recitations: Vec<usize> = (0..count)
+            .filter(|&i| seeds[i] == SeedKind::Recitation)
+            .collect();
+        let mut openings = Vec::new();
+        if !recitations.is_empty() {
+            openings = self::openings(chunk, start > 0, recitations.len(), &mut rng);
+            // A chunk of a few words has nothing to recite: those conversations are written.
+            if openings.is_empty() {
+                for &i in &recitations {
+                    seeds[i] = written_kind(&mut rng);
+                }
+            }
+        }
         let mut users = vec![String::new(); count];
         let written: Vec<usize> = (0..count)
             .filter(|&i| seeds[i].prompt().is_some())
@@ -528,10 +592,10 @@ pub fn synthesize(
                 users[i] = clean(&model.text, &question.tokens)?;
             }
         }
-        let mut openings = vec![""; count];
-        for i in (0..count).filter(|&i| seeds[i] == SeedKind::Recitation) {
+        let mut given = vec![""; count];
+        for (&i, &opening) in recitations.iter().zip(&openings) {
             users[i] = RECITATION_REQUEST.to_owned();
-            openings[i] = opening(chunk, &mut rng);
+            given[i] = opening;
         }
 
         let kept: Vec<usize> = (0..count).filter(|&i| !users[i].is_empty()).collect();
@@ -544,7 +608,7 @@ pub fn synthesize(
         }
         let opening_ids = kept
             .iter()
-            .map(|&i| model.text.encode(openings[i]))
+            .map(|&i| model.text.encode(given[i]))
             .collect::<Result<Vec<_>>>()?;
         let answerer = kept
             .iter()
@@ -576,7 +640,7 @@ pub fn synthesize(
                 chunk_tokens: length,
                 seed: seeds[i],
                 user: users[i].clone(),
-                opening: openings[i].to_owned(),
+                opening: given[i].to_owned(),
                 assistant: clean(&model.text, &answer.tokens)?,
                 prompt_ids,
                 answer_ids: answer.tokens,
@@ -724,19 +788,30 @@ mod tests {
     use super::*;
 
     #[test]
-    fn an_opening_is_the_first_words_of_a_line_or_sentence_as_written() {
-        let chunk = "Short line.\n  The lamp   burns whale oil and can be seen. Its keeper logs\tevery ship that passes.\nEnd.";
+    fn openings_are_the_first_words_of_lines_or_sentences_as_written() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
-        let mut seen: Vec<&str> = (0..64).map(|_| opening(chunk, &mut rng)).collect();
-        seen.sort_unstable();
-        seen.dedup();
-        // Pieces of more than five words only, their spacing kept, from where they start.
+        let chunk = "ouse on the hill, cut short by the sea.\n  The lamp   burns whale oil and can be seen. Its keeper logs\tevery ship that passes.\nShort line.";
+        // Pieces of more than five words only, their spacing kept, each once before again; the
+        // cut first line's piece is no start.
+        let mut given = openings(chunk, true, 4, &mut rng);
+        given[..2].sort_unstable();
+        given[2..].sort_unstable();
+        let both = ["Its keeper logs\tevery ship", "The lamp   burns whale oil"];
+        assert_eq!(given, [both, both].concat());
+        // Where the first line is whole, it is a start like any other.
+        let whole = "One two three four five six.\nShort.";
         assert_eq!(
-            seen,
-            ["Its keeper logs\tevery ship", "The lamp   burns whale oil"]
+            openings(whole, false, 1, &mut rng),
+            ["One two three four five"]
         );
-        // A chunk without such a piece opens with its own first words.
-        assert_eq!(opening("  a b c\nd e f g", &mut rng), "a b c\nd e");
-        assert_eq!(opening("", &mut rng), "");
+        // Without a long line or sentence, openings start at words with more after them.
+        let mut given = openings("a b c\nd e f g", true, 2, &mut rng);
+        given.sort_unstable();
+        assert_eq!(given, ["a b c\nd e", "b c\nd e f"]);
+        // Long words are cut, on a character's boundary.
+        let wide = "é".repeat(40) + " b c d e f g";
+        assert_eq!(openings(&wide, false, 1, &mut rng), ["é".repeat(32)]);
+        // Too few words to continue: none.
+        assert!(openings("a b c d e", false, 3, &mut rng).is_empty());
     }
 }

@@ -5,7 +5,7 @@ use cartridge_schemas::fingerprint::{ModelFingerprint, Rope, RopeLayout};
 use cartridge_trainer::corpus::Corpus;
 use cartridge_trainer::distill::{DistillOptions, Distiller, check_resumable};
 use cartridge_trainer::model::{
-    Config, Context, Llama, LoadedModel, ModelSource, TextCodec, causal_mask,
+    Config, Context, Llama, LoadedModel, Message, ModelSource, TextCodec, causal_mask,
 };
 use cartridge_trainer::synthesis::{
     Conversation, RECITATION_REQUEST, SeedKind, SynthesisOptions, read_conversations, synthesize,
@@ -495,6 +495,34 @@ fn recitations_continue_the_chunk_from_the_opening_given() {
         // The teacher, the chunk in view, goes on with the chunk's next words.
         let answer: Vec<&str> = recitation.assistant.split_whitespace().take(2).collect();
         assert_eq!(answer, words[at + 5..at + 7], "{recitation:?}");
+    }
+    // Mixed with written conversations, each is what its kind says.
+    let mixed = synthesize(
+        model,
+        &corpus,
+        &SynthesisOptions {
+            conversations: 8,
+            per_chunk: 8,
+            recitation: 0.5,
+            user_max_tokens: 16,
+            ..options.clone()
+        },
+        &dir.path().join("mixed.jsonl"),
+        |_, _| {},
+    )
+    .unwrap();
+    let recited = mixed.iter().filter(|c| c.seed == SeedKind::Recitation);
+    assert!((1..mixed.len()).contains(&recited.count()), "{mixed:?}");
+    for conversation in &mixed {
+        let recitation = conversation.seed == SeedKind::Recitation;
+        assert_eq!(conversation.user == RECITATION_REQUEST, recitation);
+        assert_eq!(!conversation.opening.is_empty(), recitation);
+        let mut prompt = model
+            .text
+            .render_after_system_ids(&[Message::new("user", conversation.user.clone())], true)
+            .unwrap();
+        prompt.extend(model.text.encode(&conversation.opening).unwrap());
+        assert_eq!(conversation.prompt_ids, prompt, "{conversation:?}");
     }
     // A share outside 0 to 1 is refused before any work.
     let err = synthesize(
