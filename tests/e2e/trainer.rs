@@ -456,7 +456,17 @@ fn bad_arguments_are_refused_before_any_synthesis() {
         "{err}"
     );
     // SmolLM2 reads 8192 positions.
-    let err = train("32", &["--answer-tokens", "8100", "--row-tokens", "8192"]);
+    let err = train(
+        "32",
+        &[
+            "--user-tokens",
+            "8000",
+            "--answer-tokens",
+            "100",
+            "--row-tokens",
+            "8192",
+        ],
+    );
     assert!(
         err.contains("positions; the model has 8192 (lower"),
         "{err}"
