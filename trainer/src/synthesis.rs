@@ -553,17 +553,22 @@ pub fn synthesize(
         let recitations: Vec<usize> = (0..count)
             .filter(|&i| seeds[i] == SeedKind::Recitation)
             .collect();
-        let mut openings = Vec::new();
+        let mut users = vec![String::new(); count];
+        // A recitation's opening, given; empty for a written conversation.
+        let mut given = vec![""; count];
         if !recitations.is_empty() {
-            openings = self::openings(chunk, start > 0, recitations.len(), &mut rng);
+            let openings = openings(chunk, start > 0, recitations.len(), &mut rng);
             // A chunk of a few words has nothing to recite: those conversations are written.
             if openings.is_empty() {
                 for &i in &recitations {
                     seeds[i] = written_kind(&mut rng);
                 }
             }
+            for (&i, opening) in recitations.iter().zip(openings) {
+                users[i] = RECITATION_REQUEST.to_owned();
+                given[i] = opening;
+            }
         }
-        let mut users = vec![String::new(); count];
         let written: Vec<usize> = (0..count)
             .filter(|&i| seeds[i].prompt().is_some())
             .collect();
@@ -591,11 +596,6 @@ pub fn synthesize(
             for (&i, question) in written.iter().zip(&questions) {
                 users[i] = clean(&model.text, &question.tokens)?;
             }
-        }
-        let mut given = vec![""; count];
-        for (&i, &opening) in recitations.iter().zip(&openings) {
-            users[i] = RECITATION_REQUEST.to_owned();
-            given[i] = opening;
         }
 
         let kept: Vec<usize> = (0..count).filter(|&i| !users[i].is_empty()).collect();
