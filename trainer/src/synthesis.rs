@@ -6,12 +6,13 @@
 //! log-probabilities of every answer token (kept up to a probability mass) become the
 //! distillation targets. A share of the conversations are recitations instead: the user asks for
 //! a passage word for word, and B's answer is given the opening words of a line or sentence of
-//! the chunk, which B continues from the chunk. Conversations sharing a chunk are generated as
+//! the chunk (past those, of another word), which B continues from the chunk. Conversations sharing a chunk are generated as
 //! one batch.
 //!
 //! Conversations are appended to a JSON-lines file as they are made, so a run can stop and resume,
 //! and a person can read what the cartridge is trained on.
 
+use std::collections::HashSet;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -88,15 +89,12 @@ impl SeedKind {
 }
 
 /// Openings for `count` recitations of `chunk`: the first [`OPENING_WORDS`] words (at most
-/// [`OPENING_BYTES`]), as written, of lines or sentences with more words than that, each taken
-/// once before any is taken again; where the chunk has no such line or sentence, of words drawn
-/// from it. `cut` says the chunk's first line was cut (it starts mid-line: not a line's start).
-/// None where the chunk has too few words to continue.
+/// [`OPENING_BYTES`]), as written, of lines or sentences with more words than that; past those,
+/// of the other words with as many after them. Each start is taken once before any is taken
+/// again, so that no opening (and so no greedy answer) repeats while the chunk has another to
+/// give. `cut` says the chunk's first line was cut (it starts mid-line, maybe mid-word: neither
+/// that line nor that word is a start). None where the chunk has too few words to continue.
 fn openings<'a>(chunk: &'a str, cut: bool, count: usize, rng: &mut impl Rng) -> Vec<&'a str> {
-    let words: Vec<&str> = chunk.split_whitespace().collect();
-    if words.len() <= OPENING_WORDS {
-        return Vec::new();
-    }
     let long = |piece: &&str| piece.split_whitespace().nth(OPENING_WORDS).is_some();
     let mut starts: Vec<&str> = chunk
         .split('\n')
@@ -105,14 +103,22 @@ fn openings<'a>(chunk: &'a str, cut: bool, count: usize, rng: &mut impl Rng) -> 
         .map(str::trim_start)
         .filter(long)
         .collect();
-    if starts.is_empty() {
-        // Each word with more after it (the words are slices of the chunk).
-        starts = words[..words.len() - OPENING_WORDS]
+    starts.shuffle(rng);
+    if count > starts.len() {
+        let taken: HashSet<usize> = starts.iter().map(|start| offset(chunk, start)).collect();
+        // The words are slices of the chunk: each with more after it starts the rest of it.
+        let words: Vec<&str> = chunk.split_whitespace().skip(usize::from(cut)).collect();
+        let mut others: Vec<&str> = words
             .iter()
             .map(|word| &chunk[offset(chunk, word)..])
+            .filter(|rest| long(rest) && !taken.contains(&offset(chunk, rest)))
             .collect();
+        others.shuffle(rng);
+        starts.extend(others);
     }
-    starts.shuffle(rng);
+    if starts.is_empty() {
+        return Vec::new();
+    }
     (0..count)
         .map(|i| {
             let start = starts[i % starts.len()];
@@ -791,13 +797,32 @@ mod tests {
     fn openings_are_the_first_words_of_lines_or_sentences_as_written() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
         let chunk = "ouse on the hill, cut short by the sea.\n  The lamp   burns whale oil and can be seen. Its keeper logs\tevery ship that passes.\nShort line.";
-        // Pieces of more than five words only, their spacing kept, each once before again; the
-        // cut first line's piece is no start.
+        // Pieces of more than five words first, their spacing kept; the cut first line's piece is
+        // no start.
         let mut given = openings(chunk, true, 4, &mut rng);
         given[..2].sort_unstable();
-        given[2..].sort_unstable();
         let both = ["Its keeper logs\tevery ship", "The lamp   burns whale oil"];
-        assert_eq!(given, [both, both].concat());
+        assert_eq!(given[..2], both);
+        // Past them, the other words with five more after them, never the cut first word: 21 of
+        // the 27 words start an opening, each once before any again.
+        for opening in &given[2..] {
+            assert!(
+                chunk.contains(opening) && !both.contains(opening),
+                "{opening:?}"
+            );
+        }
+        let all = openings(chunk, true, 21, &mut rng);
+        let distinct: std::collections::BTreeSet<&str> = all.iter().copied().collect();
+        assert_eq!(distinct.len(), 21);
+        assert!(!all.iter().any(|opening| opening.starts_with("ouse")));
+        let again = openings(chunk, true, 22, &mut rng);
+        assert_eq!(
+            again
+                .iter()
+                .collect::<std::collections::BTreeSet<_>>()
+                .len(),
+            21
+        );
         // Where the first line is whole, it is a start like any other.
         let whole = "One two three four five six.\nShort.";
         assert_eq!(
@@ -805,13 +830,18 @@ mod tests {
             ["One two three four five"]
         );
         // Without a long line or sentence, openings start at words with more after them.
-        let mut given = openings("a b c\nd e f g", true, 2, &mut rng);
+        let mut given = openings("a b c\nd e f g", false, 2, &mut rng);
         given.sort_unstable();
         assert_eq!(given, ["a b c\nd e", "b c\nd e f"]);
+        assert_eq!(
+            openings("a b c\nd e f g", true, 2, &mut rng),
+            ["b c\nd e f"; 2]
+        );
         // Long words are cut, on a character's boundary.
         let wide = "é".repeat(40) + " b c d e f g";
         assert_eq!(openings(&wide, false, 1, &mut rng), ["é".repeat(32)]);
-        // Too few words to continue: none.
+        // Too few words to continue (the cut first one not counted): none.
         assert!(openings("a b c d e", false, 3, &mut rng).is_empty());
+        assert!(openings("a b c d e f", true, 3, &mut rng).is_empty());
     }
 }

@@ -480,10 +480,11 @@ fn recitations_continue_the_chunk_from_the_opening_given() {
     let recitations = synthesize(model, &corpus, &options, &path, |_, _| {}).unwrap();
     assert_eq!(recitations.len(), 4);
     let words: Vec<&str> = text.split_whitespace().collect();
+    let mut starts = Vec::new();
     for recitation in &recitations {
         assert_eq!(recitation.seed, SeedKind::Recitation);
         assert_eq!(recitation.user, RECITATION_REQUEST);
-        // The student reads the request, then the opening: five words where a sentence starts.
+        // The student reads the request, then the opening: five words of the chunk.
         let opening = model.text.encode(&recitation.opening).unwrap();
         assert!(recitation.prompt_ids.ends_with(&opening), "{recitation:?}");
         let given: Vec<&str> = recitation.opening.split_whitespace().collect();
@@ -491,11 +492,17 @@ fn recitations_continue_the_chunk_from_the_opening_given() {
             .windows(5)
             .position(|w| w == given)
             .unwrap_or_else(|| panic!("{:?} is not in the corpus", recitation.opening));
-        assert!(at == 0 || words[at - 1].ends_with('.'), "{given:?}");
+        starts.push(at);
         // The teacher, the chunk in view, goes on with the chunk's next words.
         let answer: Vec<&str> = recitation.assistant.split_whitespace().take(2).collect();
         assert_eq!(answer, words[at + 5..at + 7], "{recitation:?}");
     }
+    // The three sentences' starts first, then another word's: none twice.
+    let sentence = |&at: &usize| at == 0 || words[at - 1].ends_with('.');
+    assert!(starts[..3].iter().all(sentence), "{starts:?}");
+    assert!(!sentence(&starts[3]), "{starts:?}");
+    let distinct: std::collections::BTreeSet<usize> = starts.iter().copied().collect();
+    assert_eq!(distinct.len(), 4, "{starts:?}");
     // Mixed with written conversations, each is what its kind says.
     let mixed = synthesize(
         model,
