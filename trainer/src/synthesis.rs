@@ -6,8 +6,8 @@
 //! log-probabilities of every answer token (kept up to a probability mass) become the
 //! distillation targets. A share of the conversations are recitations instead: the user asks for
 //! a passage word for word, and B's answer is given the opening words of a line or sentence of
-//! the chunk (past those, of another word), which B continues from the chunk. Conversations sharing a chunk are generated as
-//! one batch.
+//! the chunk (past those, of another word), which B continues from the chunk. Conversations
+//! sharing a chunk are generated as one batch.
 //!
 //! Conversations are appended to a JSON-lines file as they are made, so a run can stop and resume,
 //! and a person can read what the cartridge is trained on.
