@@ -107,9 +107,9 @@ fn openings<'a>(chunk: &'a str, cut: bool, count: usize, rng: &mut impl Rng) -> 
     if count > starts.len() {
         let taken: HashSet<usize> = starts.iter().map(|start| offset(chunk, start)).collect();
         // The words are slices of the chunk: each with more after it starts the rest of it.
-        let words: Vec<&str> = chunk.split_whitespace().skip(usize::from(cut)).collect();
-        let mut others: Vec<&str> = words
-            .iter()
+        let mut others: Vec<&str> = chunk
+            .split_whitespace()
+            .skip(usize::from(cut))
             .map(|word| &chunk[offset(chunk, word)..])
             .filter(|rest| long(rest) && !taken.contains(&offset(chunk, rest)))
             .collect();
