@@ -120,6 +120,11 @@ pub struct TrainArgs {
     /// Seed of everything drawn: chunks, sampled messages, batches.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// A cartridge this one will be composed with (repeatable): every other training step reads
+    /// them before it, as a composition does, so it learns to answer beside them as well as
+    /// alone.
+    #[arg(long = "compose-with", value_name = "CARTRIDGE")]
+    pub compose_with: Vec<PathBuf>,
     /// Print a JSON report.
     #[arg(long)]
     pub json: bool,
@@ -214,6 +219,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         .iter()
         .map(|c| (Input::Corpus, c.as_path()))
         .chain(source.path().map(|m| (Input::Model, m)))
+        .chain(args.compose_with.iter().map(|c| (Input::File, c.as_path())))
         .collect();
     // Found out now, not when the cartridge is written at the end of the run.
     cartridge_schemas::file::check_destination(&args.output)
@@ -253,7 +259,10 @@ pub fn run(args: TrainArgs) -> Result<()> {
             row_tokens: args.row_tokens,
             rows: args.rows,
             seed: args.seed,
+            // Follows from the cartridges to compose with, as the run reads them.
+            partner_tokens: 0,
         },
+        compose_with: args.compose_with.clone(),
         work_dir,
         output: args.output.clone(),
         resume: args.resume,

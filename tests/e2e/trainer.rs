@@ -215,6 +215,65 @@ fn train_then_eval_on_the_real_model() {
         "next-token"
     );
 
+    // Trained to compose with another cartridge: its provenance and checkpoints name it, and
+    // the cartridge written is its own tokens alone.
+    let composing_flags = |partner: &'static str, steps: &'static str| {
+        [
+            "--objective",
+            "next-token",
+            "--row-tokens",
+            "64",
+            "--rows",
+            "1",
+            "--steps",
+            steps,
+            "--checkpoint-every",
+            "1",
+            "--resume",
+            "--compose-with",
+            partner,
+        ]
+    };
+    let composing = baseline(
+        dir.path(),
+        model,
+        "composing.safetensors",
+        &composing_flags("ntp.safetensors", "2"),
+    );
+    assert_eq!(composing["steps"], 2);
+    assert_eq!(composing["header"]["tokens"], 32);
+    let trainer = &composing["header"]["provenance"]["trainer"];
+    assert_eq!(trainer["distillation"]["partner_tokens"], 32);
+    let partner = &trainer["compose_with"][0];
+    assert_eq!(
+        partner["payload_digest"],
+        next_token["header"]["payload_digest"]
+    );
+    assert_eq!(partner["tokens"], 32);
+    assert_eq!(
+        partner["corpus"],
+        next_token["header"]["provenance"]["trainer"]["corpus"]["digest"]
+    );
+    // Its checkpoint continues only beside the same partners.
+    let err = train_baseline(
+        dir.path(),
+        model,
+        "composing.safetensors",
+        &composing_flags("init.safetensors", "3"),
+    )
+    .fails();
+    assert!(
+        err.contains("compose_with") && err.contains("the run asks for"),
+        "{err}"
+    );
+    let resumed = baseline(
+        dir.path(),
+        model,
+        "composing.safetensors",
+        &composing_flags("ntp.safetensors", "3"),
+    );
+    assert_eq!(resumed["steps"], 3);
+
     let report: Value = cartridge(
         dir.path(),
         &[
@@ -506,6 +565,31 @@ fn bad_arguments_are_refused_before_any_synthesis() {
     // Nor does reading one wait for a writer.
     let err = cartridge(dir.path(), &["verify", "out.pipe"]).fails();
     assert!(err.contains("not a regular file"), "{err}");
+    // Cartridges to compose with are read before the run: one missing, not a cartridge, or
+    // the output itself is refused, named.
+    let err = train("32", &["--compose-with", "missing.safetensors"]);
+    assert!(
+        err.contains("--compose-with missing.safetensors") && err.contains("No such file"),
+        "{err}"
+    );
+    let err = train("32", &["--compose-with", "corpus.txt"]);
+    assert!(
+        err.contains("--compose-with corpus.txt: not a valid safetensors file"),
+        "{err}"
+    );
+    let err = train("32", &["--steps", "0", "--compose-with", "corpus.txt"]);
+    assert!(err.contains("0 steps writes the initialization"), "{err}");
+    std::fs::write(dir.path().join("partner.safetensors"), b"a partner").unwrap();
+    let err = train(
+        "32",
+        &[
+            "--compose-with",
+            "partner.safetensors",
+            "-o",
+            "partner.safetensors",
+        ],
+    );
+    assert!(err.contains("is the input file"), "{err}");
     let err = train("32", &["--work-dir", "./varn.safetensors"]);
     assert!(err.contains("is in the work directory"), "{err}");
     assert!(!dir.path().join("varn.work/conversations.jsonl").exists());

@@ -8,6 +8,11 @@
 //! conversations are packed into each row (each attends to the cartridge and to itself, and
 //! starts at position P), several rows make a step. Only the cartridge trains, with Adam at a
 //! constant learning rate; its first `frozen` tokens (the attention sink) stay as initialized.
+//!
+//! A cartridge trained alone loses much of its gain when composed: the other cartridge's
+//! entries draw the attention its own held. Trained to compose with given cartridges
+//! ([`Distiller::compose_with`]), every other step reads them before it, frozen, as a
+//! composition would, and the steps between read it alone, so it learns to answer both ways.
 
 use std::path::Path;
 
@@ -36,6 +41,14 @@ pub struct DistillOptions {
     /// Rows per step.
     pub rows: usize,
     pub seed: u64,
+    /// Tokens of the cartridges it learns to compose with ([`Distiller::compose_with`]):
+    /// conversations read after them and the cartridge, so rows must fit after both.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub partner_tokens: usize,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 impl Default for DistillOptions {
@@ -48,15 +61,17 @@ impl Default for DistillOptions {
             row_tokens: 2048,
             rows: 4,
             seed: 0,
+            partner_tokens: 0,
         }
     }
 }
 
 impl DistillOptions {
-    /// The longest conversation a row holds: it reads at positions p.. after the cartridge.
+    /// The longest conversation a row holds: it reads at positions p.. after the cartridge
+    /// (and after its partners, on the steps that read them).
     pub fn room(&self, max_positions: usize) -> usize {
         self.row_tokens
-            .min(max_positions.saturating_sub(self.tokens))
+            .min(max_positions.saturating_sub(self.tokens + self.partner_tokens))
     }
 
     /// Whether these options can train a cartridge of `p` tokens: its first `frozen` stay as
@@ -68,9 +83,13 @@ impl DistillOptions {
                 self.frozen
             )));
         }
-        if p >= max_positions {
+        if p + self.partner_tokens >= max_positions {
+            let partners = match self.partner_tokens {
+                0 => String::new(),
+                n => format!(" after the {n} of the cartridges it composes with"),
+            };
             return Err(Error::Data(format!(
-                "a cartridge of {p} tokens leaves none of the model's {max_positions} positions to a conversation"
+                "a cartridge of {p} tokens{partners} leaves none of the model's {max_positions} positions to a conversation"
             )));
         }
         // A step's attention reads rows × row_tokens × (p + row_tokens) scores per head.
@@ -185,6 +204,8 @@ pub struct Distiller<'a> {
     /// What the run trains on (corpus, model, objective…), as its caller describes it: kept in
     /// checkpoints, and a resume must match it.
     pub run: serde_json::Value,
+    /// The cartridges it learns to compose with, one after another (frozen).
+    partners: Option<Prefix>,
 }
 
 /// One step's packed input.
@@ -408,7 +429,40 @@ impl<'a> Distiller<'a> {
             cursor: 0,
             losses: Vec::new(),
             run: serde_json::Value::Null,
+            partners: None,
         })
+    }
+
+    /// Trains the cartridge to compose with `partners` (their keys and values, one after
+    /// another, as many tokens as the options' `partner_tokens`): even steps read them before
+    /// the cartridge, with the conversations after both, as a composition does; odd steps read
+    /// the cartridge alone.
+    pub fn compose_with(&mut self, partners: Prefix) -> Result<()> {
+        if partners.tokens() != self.options.partner_tokens {
+            return Err(Error::Data(format!(
+                "the cartridges to compose with hold {} tokens, the options say {}",
+                partners.tokens(),
+                self.options.partner_tokens
+            )));
+        }
+        let frozen = |tensors: Vec<Tensor>| -> Result<Vec<Tensor>> {
+            tensors
+                .into_iter()
+                .map(|t| Ok(t.to_dtype(self.model.dtype())?.detach()))
+                .collect()
+        };
+        self.partners = Some(Prefix {
+            keys: frozen(partners.keys)?,
+            values: frozen(partners.values)?,
+        });
+        Ok(())
+    }
+
+    /// The partners this step reads, if it reads them.
+    fn partners_now(&self) -> Option<&Prefix> {
+        self.partners
+            .as_ref()
+            .filter(|_| self.adam.step.is_multiple_of(2))
     }
 
     pub fn step_count(&self) -> usize {
@@ -519,7 +573,10 @@ impl<'a> Distiller<'a> {
 
     fn pack(&self, rows: &[Vec<&Conversation>]) -> Result<Batch> {
         let device = self.model.device();
-        let (length, p) = (self.options.row_tokens, self.options.tokens);
+        // Everything before the conversations: the partners, if this step reads them, and the
+        // cartridge.
+        let p = self.options.tokens + self.partners_now().map_or(0, Prefix::tokens);
+        let length = self.options.row_tokens;
         let batch = rows.len();
         let mut ids = vec![0u32; batch * length];
         let mut positions = vec![p as u32; batch * length];
@@ -598,7 +655,10 @@ impl<'a> Distiller<'a> {
         if batch.targets == 0 {
             return Err(Error::Data("a step packed no answer tokens".into()));
         }
-        let prefix = self.joined()?;
+        let prefix = match self.partners_now() {
+            Some(partners) => crate::cartridge::concatenate(&[partners.clone(), self.joined()?])?,
+            None => self.joined()?,
+        };
         let llama = self.model;
         let hidden = llama.forward(
             &batch.ids,

@@ -5,14 +5,15 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use cartridge_schemas::Dtype;
-use cartridge_schemas::file::Header;
+use cartridge_schemas::file::{Cartridge, Header};
 use serde::Serialize;
 use serde_json::json;
 
+use crate::cartridge::{concatenate, prefix_of_cartridge};
 use crate::corpus::Corpus;
 use crate::distill::{DistillOptions, Distiller, initial_ids, steps_for_epochs};
 use crate::error::{Error, Result};
-use crate::model::{LoadedModel, Message};
+use crate::model::{LoadedModel, Message, Prefix};
 use crate::synthesis::{
     SynthesisOptions, conversations_path, next_token_conversations, synthesize,
 };
@@ -31,7 +32,10 @@ pub enum Objective {
 pub struct TrainRequest {
     pub objective: Objective,
     pub synthesis: SynthesisOptions,
+    /// How to distill (its `partner_tokens` follow from `compose_with`).
     pub distill: DistillOptions,
+    /// Cartridges the new one learns to compose with ([`Distiller::compose_with`]).
+    pub compose_with: Vec<PathBuf>,
     /// Conversations and checkpoints live here, so a run can resume.
     pub work_dir: PathBuf,
     pub output: PathBuf,
@@ -156,25 +160,55 @@ fn lock_work_dir(dir: &Path) -> Result<std::fs::File> {
 
 /// A row, after the cartridge, holds the longest conversation synthesis may write (a shorter
 /// one would leave the long answers out of training, or all of them after hours of synthesis).
-fn check_rows_hold_a_conversation(model: &LoadedModel, request: &TrainRequest) -> Result<()> {
+fn check_rows_hold_a_conversation(
+    model: &LoadedModel,
+    synthesis: &SynthesisOptions,
+    distill: &DistillOptions,
+) -> Result<()> {
     let template = model
         .text
         .render_after_system_ids(&[Message::new("user", "")], true)?
         .len();
-    let synthesis = &request.synthesis;
     let message = crate::synthesis::longest_message(&model.text, synthesis)?;
     let longest = template
         .saturating_add(message)
         .saturating_add(synthesis.answer_max_tokens);
-    let (p, positions) = (request.distill.tokens, model.llama.config.max_positions);
-    let room = request.distill.room(positions);
+    let (p, positions) = (distill.tokens, model.llama.config.max_positions);
+    let room = distill.room(positions);
     if longest > room {
         return Err(Error::Data(format!(
             "a conversation takes up to {longest} tokens ({template} of chat template, messages of {message} and answers of {}), more than a row of {} after a cartridge of {p} holds ({room}; the model has {positions} positions): raise --row-tokens or lower --user-tokens or --answer-tokens",
-            synthesis.answer_max_tokens, request.distill.row_tokens
+            synthesis.answer_max_tokens, distill.row_tokens
         )));
     }
     Ok(())
+}
+
+/// The cartridges to compose with, one after another, and what records each (its payload digest,
+/// length and corpus); none without any. One made for another model is refused.
+fn read_partners(
+    model: &LoadedModel,
+    paths: &[PathBuf],
+) -> Result<Option<(Prefix, Vec<serde_json::Value>)>> {
+    if paths.is_empty() {
+        return Ok(None);
+    }
+    let mut prefixes = Vec::new();
+    let mut described = Vec::new();
+    for path in paths {
+        let named = |e: Error| Error::Data(format!("--compose-with {}: {e}", path.display()));
+        let cartridge = Cartridge::open(path).map_err(|e| named(e.into()))?;
+        prefixes.push(
+            prefix_of_cartridge(&cartridge, &model.llama, &model.fingerprint).map_err(named)?,
+        );
+        let header = cartridge.header();
+        described.push(json!({
+            "payload_digest": header.payload_digest,
+            "tokens": header.tokens,
+            "corpus": header.provenance["trainer"]["corpus"]["digest"],
+        }));
+    }
+    Ok(Some((concatenate(&prefixes)?, described)))
 }
 
 pub fn train(
@@ -188,14 +222,22 @@ pub fn train(
     // What would fail later fails here, before hours of synthesis and before anything stored is
     // touched.
     check_paths(request)?;
-    let max_positions = model.llama.config.max_positions;
-    request
-        .distill
-        .check(request.distill.tokens, max_positions)?;
-    let init = initial_ids(&model.text, &corpus.text(), request.distill.tokens)?;
     let zero_steps = request.epochs.is_none() && request.distill.steps == 0;
+    if zero_steps && !request.compose_with.is_empty() {
+        return Err(Error::Data(
+            "--compose-with shapes training, and 0 steps writes the initialization, which no step trains".into(),
+        ));
+    }
+    let partners = read_partners(model, &request.compose_with)?;
+    let distill = DistillOptions {
+        partner_tokens: partners.as_ref().map_or(0, |(prefix, _)| prefix.tokens()),
+        ..request.distill.clone()
+    };
+    let max_positions = model.llama.config.max_positions;
+    distill.check(distill.tokens, max_positions)?;
+    let init = initial_ids(&model.text, &corpus.text(), distill.tokens)?;
     if request.objective == Objective::SelfStudy && !zero_steps {
-        check_rows_hold_a_conversation(model, request)?;
+        check_rows_hold_a_conversation(model, &request.synthesis, &distill)?;
     }
     if request.resume && zero_steps {
         return Err(Error::Data(
@@ -220,7 +262,7 @@ pub fn train(
     // What the checkpoint must have been made from, as far as it is known before synthesis:
     // refused now rather than after it.
     let run = |conversations: usize| {
-        json!({
+        let mut run = json!({
             "corpus": corpus.digest,
             "model": model.fingerprint.weights,
             "objective": request.objective,
@@ -230,15 +272,21 @@ pub fn train(
             // What the conversations were made with: a work folder's conversations may have
             // been made again with other settings since the checkpoint was.
             "synthesis": (request.objective == Objective::SelfStudy).then_some(&request.synthesis),
-        })
+        });
+        // Named only when there are some: a checkpoint from before they could be stays
+        // resumable.
+        if let Some((_, described)) = &partners {
+            run["compose_with"] = json!(described);
+        }
+        run
     };
     if resuming && request.objective == Objective::SelfStudy {
         // Its own arguments first: they are named whatever the checkpoint holds.
         crate::synthesis::checked_tokens(model, corpus, &request.synthesis)?;
         let known = run(request.synthesis.conversations);
         // Steps are known now unless they follow from the conversations (--epochs).
-        let steps = request.epochs.is_none().then_some(request.distill.steps);
-        crate::distill::check_resumable(&checkpoint, &request.distill, steps, &known)?;
+        let steps = request.epochs.is_none().then_some(distill.steps);
+        crate::distill::check_resumable(&checkpoint, &distill, steps, &known)?;
     }
     let init = (!resuming).then_some(init);
     // Zero steps of a fresh run writes the initialization (a baseline): nothing to synthesize,
@@ -255,12 +303,12 @@ pub fn train(
         )?,
         // Pieces short enough that two pack into what a row holds after the cartridge.
         Objective::NextToken => {
-            next_token_conversations(&model.text, corpus, request.distill.room(max_positions) / 2)?
+            next_token_conversations(&model.text, corpus, distill.room(max_positions) / 2)?
         }
     };
     let synthesis_seconds = started.elapsed().as_secs_f64();
 
-    let mut options = request.distill.clone();
+    let mut options = distill;
     if let Some(epochs) = request.epochs {
         options.steps = steps_for_epochs(&options, max_positions, &conversations, epochs)?;
     }
@@ -305,6 +353,9 @@ pub fn train(
             distiller
         }
     };
+    if let Some((prefix, _)) = &partners {
+        distiller.compose_with(prefix.clone())?;
+    }
     let training = Instant::now();
     let mut tokens = 0usize;
     let first_step = distiller.step_count();
@@ -334,7 +385,7 @@ pub fn train(
     } else {
         json!(request.objective)
     };
-    let provenance = json!({
+    let mut provenance = json!({
         "trainer": {
             "method": method,
             "model": request.model_name,
@@ -347,6 +398,9 @@ pub fn train(
             "final_loss": final_loss,
         }
     });
+    if let Some((_, described)) = &partners {
+        provenance["trainer"]["compose_with"] = json!(described);
+    }
     let header = crate::cartridge::write(
         &request.output,
         &distiller.prefix()?,

@@ -87,6 +87,7 @@ fn options(steps: usize) -> DistillOptions {
         row_tokens: 48,
         rows: 2,
         seed: 5,
+        partner_tokens: 0,
     }
 }
 
@@ -711,4 +712,69 @@ fn concatenated_prefixes_keep_each_part_in_order() {
             assert_eq!(max_difference(&joined.narrow(1, 3, 2).unwrap(), b), 0.0);
         }
     }
+}
+
+/// Learning to compose: even steps read the partners before the cartridge, as one prefix
+/// would be read (the conversations after both), odd steps the cartridge alone; the partners
+/// never train and are no part of the cartridge.
+#[test]
+fn a_cartridge_learning_to_compose_reads_its_partners_every_other_step() {
+    let model = tiny_model();
+    let start = initial_prefix(&model);
+    let partners = model.llama.prefix_of(&[1, 40, 41, 42, 43]).unwrap();
+    // One conversation: every row of every step holds it alone, so steps differ in what they
+    // read before it.
+    let data = conversations(1);
+    let composing = |steps: usize| {
+        let options = DistillOptions {
+            partner_tokens: 5,
+            ..options(steps)
+        };
+        let mut distiller = Distiller::from_prefix(&model.llama, &start, options).unwrap();
+        distiller.compose_with(partners.clone()).unwrap();
+        distiller.train(&data, |_, _, _, _| Ok(())).unwrap();
+        distiller
+    };
+    let first_loss = |prefix: &cartridge_trainer::model::Prefix, options: DistillOptions| {
+        let mut distiller = Distiller::from_prefix(&model.llama, prefix, options).unwrap();
+        distiller.train(&data, |_, _, _, _| Ok(())).unwrap();
+        distiller.losses[0]
+    };
+    let two = composing(2);
+    // Step 1 reads the partners and the cartridge as one prefix of 13 tokens.
+    let joined =
+        cartridge_trainer::cartridge::concatenate(&[partners.clone(), start.clone()]).unwrap();
+    let one_prefix = DistillOptions {
+        tokens: 13,
+        frozen: 6,
+        ..options(1)
+    };
+    let difference = (two.losses[0] - first_loss(&joined, one_prefix)).abs();
+    assert!(difference < 1e-5, "step 1 differs by {difference}");
+    // Step 2 reads the cartridge step 1 left, alone.
+    let after_one = composing(1).prefix().unwrap();
+    assert_eq!(after_one.tokens(), 8);
+    let difference = (two.losses[1] - first_loss(&after_one, options(1))).abs();
+    assert!(difference < 1e-5, "step 2 differs by {difference}");
+    // Which is not what it reads with the partners before it.
+    let with_partners = cartridge_trainer::cartridge::concatenate(&[partners.clone(), after_one]);
+    let one_prefix = DistillOptions {
+        tokens: 13,
+        frozen: 6,
+        ..options(1)
+    };
+    let other = first_loss(&with_partners.unwrap(), one_prefix);
+    assert!(
+        (two.losses[1] - other).abs() > 1e-3,
+        "{} {other}",
+        two.losses[1]
+    );
+
+    // Partners of another length than the options say are refused, named.
+    let mut distiller = Distiller::from_prefix(&model.llama, &start, options(1)).unwrap();
+    let error = distiller.compose_with(partners).unwrap_err().to_string();
+    assert!(
+        error.contains("hold 5 tokens, the options say 0"),
+        "{error}"
+    );
 }
