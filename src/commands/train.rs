@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use candle_core::{DType, Device};
 use cartridge_schemas::Dtype;
+use cartridge_schemas::file::Cartridge;
 use cartridge_schemas::paths::Paths;
 use cartridge_trainer::corpus::Corpus;
 use cartridge_trainer::distill::DistillOptions;
@@ -230,6 +231,10 @@ pub fn run(args: TrainArgs) -> Result<()> {
     )?;
     // Read before the model, which takes a while to load: a wrong path fails at once.
     let corpus = Corpus::read(&args.corpus)?;
+    for partner in &args.compose_with {
+        Cartridge::open(partner)
+            .with_context(|| format!("--compose-with {}", partner.display()))?;
+    }
     let (device, dtype) = args.device.open()?;
     let model = source
         .load(&device, dtype)

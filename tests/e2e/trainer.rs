@@ -273,6 +273,24 @@ fn train_then_eval_on_the_real_model() {
         &composing_flags("ntp.safetensors", "3"),
     );
     assert_eq!(resumed["steps"], 3);
+    // Nor alone, past a checkpoint made beside them.
+    let mut alone = composing_flags("ntp.safetensors", "4").to_vec();
+    alone.truncate(alone.len() - 2);
+    let err = train_baseline(dir.path(), model, "composing.safetensors", &alone).fails();
+    assert!(
+        err.contains("partner_tokens 32 (the run asks for 0)")
+            && err.contains("(the run asks for [])"),
+        "{err}"
+    );
+    // Zero steps writes the initialization, which nothing trains beside them.
+    let err = train_baseline(
+        dir.path(),
+        model,
+        "zero.safetensors",
+        &["--steps", "0", "--compose-with", "ntp.safetensors"],
+    )
+    .fails();
+    assert!(err.contains("0 steps writes the initialization"), "{err}");
 
     let report: Value = cartridge(
         dir.path(),
@@ -577,8 +595,6 @@ fn bad_arguments_are_refused_before_any_synthesis() {
         err.contains("--compose-with corpus.txt: not a valid safetensors file"),
         "{err}"
     );
-    let err = train("32", &["--steps", "0", "--compose-with", "corpus.txt"]);
-    assert!(err.contains("0 steps writes the initialization"), "{err}");
     std::fs::write(dir.path().join("partner.safetensors"), b"a partner").unwrap();
     let err = train(
         "32",

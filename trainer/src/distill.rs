@@ -74,6 +74,15 @@ impl DistillOptions {
             .min(max_positions.saturating_sub(self.tokens + self.partner_tokens))
     }
 
+    /// What conversations read after, in words: the cartridge, and the cartridges it composes
+    /// with on the steps that read them.
+    pub fn before_conversations(&self, p: usize) -> String {
+        match self.partner_tokens {
+            0 => format!("a cartridge of {p} tokens"),
+            n => format!("a cartridge of {p} tokens and the {n} of those it composes with"),
+        }
+    }
+
     /// Whether these options can train a cartridge of `p` tokens: its first `frozen` stay as
     /// initialized and the rest train, and conversations read at positions after it.
     pub fn check(&self, p: usize, max_positions: usize) -> Result<()> {
@@ -84,12 +93,9 @@ impl DistillOptions {
             )));
         }
         if p + self.partner_tokens >= max_positions {
-            let partners = match self.partner_tokens {
-                0 => String::new(),
-                n => format!(" after the {n} of the cartridges it composes with"),
-            };
             return Err(Error::Data(format!(
-                "a cartridge of {p} tokens{partners} leaves none of the model's {max_positions} positions to a conversation"
+                "{} leaves none of the model's {max_positions} positions to a conversation",
+                self.before_conversations(p)
             )));
         }
         // A step's attention reads rows × row_tokens × (p + row_tokens) scores per head.
@@ -238,8 +244,9 @@ fn usable<'c>(
         .collect();
     if usable.is_empty() {
         return Err(Error::Data(format!(
-            "no conversation fits in a row of {} tokens after a cartridge of {} (the model has {max_positions} positions)",
-            options.row_tokens, options.tokens
+            "no conversation fits in a row of {} tokens after {} (the model has {max_positions} positions)",
+            options.row_tokens,
+            options.before_conversations(options.tokens)
         )));
     }
     let left_out = conversations.len() - usable.len();
@@ -851,8 +858,23 @@ fn check_same_making(
     options: &DistillOptions,
     run: &serde_json::Value,
 ) -> Result<()> {
-    let mut differ = differing(&state["options"], &serde_json::json!(options), &["steps"]);
-    differ.extend(differing(&state["run"], run, &[]));
+    // Trained beside no other cartridges, neither side records them: absent is none.
+    let none_absent = |value: &serde_json::Value, key: &str, none: serde_json::Value| {
+        let mut value = value.clone();
+        if let Some(object) = value.as_object_mut() {
+            object.entry(key).or_insert(none);
+        }
+        value
+    };
+    let options = none_absent(&serde_json::json!(options), "partner_tokens", 0.into());
+    let stored = none_absent(&state["options"], "partner_tokens", 0.into());
+    let mut differ = differing(&stored, &options, &["steps"]);
+    let none = || serde_json::json!([]);
+    let (run, stored) = (
+        none_absent(run, "compose_with", none()),
+        none_absent(&state["run"], "compose_with", none()),
+    );
+    differ.extend(differing(&stored, &run, &[]));
     if differ.is_empty() {
         return Ok(());
     }

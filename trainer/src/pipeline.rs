@@ -177,8 +177,10 @@ fn check_rows_hold_a_conversation(
     let room = distill.room(positions);
     if longest > room {
         return Err(Error::Data(format!(
-            "a conversation takes up to {longest} tokens ({template} of chat template, messages of {message} and answers of {}), more than a row of {} after a cartridge of {p} holds ({room}; the model has {positions} positions): raise --row-tokens or lower --user-tokens or --answer-tokens",
-            synthesis.answer_max_tokens, distill.row_tokens
+            "a conversation takes up to {longest} tokens ({template} of chat template, messages of {message} and answers of {}), more than a row of {} after {} holds ({room}; the model has {positions} positions): raise --row-tokens or lower --user-tokens or --answer-tokens",
+            synthesis.answer_max_tokens,
+            distill.row_tokens,
+            distill.before_conversations(p)
         )));
     }
     Ok(())

@@ -770,6 +770,21 @@ fn a_cartridge_learning_to_compose_reads_its_partners_every_other_step() {
         two.losses[1]
     );
 
+    // Resumed after an odd number of steps, a run goes on as it would have: which steps read
+    // the partners follows the step count, which the checkpoint keeps.
+    let dir = tempfile::tempdir().unwrap();
+    let checkpoint = dir.path().join("checkpoint.safetensors");
+    composing(1).save_checkpoint(&checkpoint).unwrap();
+    let three = DistillOptions {
+        partner_tokens: 5,
+        ..options(3)
+    };
+    let mut resumed =
+        Distiller::resume(&model.llama, &checkpoint, three, serde_json::Value::Null).unwrap();
+    resumed.compose_with(partners.clone()).unwrap();
+    resumed.train(&data, |_, _, _, _| Ok(())).unwrap();
+    assert_eq!(resumed.losses, composing(3).losses);
+
     // Partners of another length than the options say are refused, named.
     let mut distiller = Distiller::from_prefix(&model.llama, &start, options(1)).unwrap();
     let error = distiller.compose_with(partners).unwrap_err().to_string();
