@@ -62,6 +62,20 @@ fn with_flags<'a>(mut args: Vec<&'a str>, flags: &[&'a str]) -> Vec<&'a str> {
     args
 }
 
+/// The flags of a next-token cartridge trained for `steps` steps on rows of 64 tokens.
+fn next_token_flags(steps: &str) -> Vec<&str> {
+    vec![
+        "--objective",
+        "next-token",
+        "--row-tokens",
+        "64",
+        "--rows",
+        "1",
+        "--steps",
+        steps,
+    ]
+}
+
 /// A baseline cartridge of 32 tokens of the corpus at `output`: `train` with `extra`, its report.
 fn baseline(dir: &Path, model: &str, output: &str, extra: &[&str]) -> Value {
     train_baseline(dir, model, output, extra).json()
@@ -196,18 +210,7 @@ fn train_then_eval_on_the_real_model() {
         dir.path(),
         model,
         "ntp.safetensors",
-        &[
-            "--objective",
-            "next-token",
-            "--row-tokens",
-            "64",
-            "--rows",
-            "1",
-            "--steps",
-            "2",
-            "--checkpoint-every",
-            "1",
-        ],
+        &[next_token_flags("2"), vec!["--checkpoint-every", "1"]].concat(),
     );
     assert_eq!(next_token["steps"], 2);
     assert_eq!(
@@ -218,21 +221,14 @@ fn train_then_eval_on_the_real_model() {
     // Trained to compose with another cartridge: its provenance and checkpoints name it, and
     // the cartridge written is its own tokens alone.
     let composing_flags = |partner: &'static str, steps: &'static str| {
-        [
-            "--objective",
-            "next-token",
-            "--row-tokens",
-            "64",
-            "--rows",
-            "1",
-            "--steps",
-            steps,
+        let tail = [
             "--checkpoint-every",
             "1",
             "--resume",
             "--compose-with",
             partner,
-        ]
+        ];
+        [next_token_flags(steps), tail.to_vec()].concat()
     };
     let composing = baseline(
         dir.path(),
@@ -274,7 +270,7 @@ fn train_then_eval_on_the_real_model() {
     );
     assert_eq!(resumed["steps"], 3);
     // Nor alone, past a checkpoint made beside them.
-    let mut alone = composing_flags("ntp.safetensors", "4").to_vec();
+    let mut alone = composing_flags("ntp.safetensors", "4");
     alone.truncate(alone.len() - 2);
     let err = train_baseline(dir.path(), model, "composing.safetensors", &alone).fails();
     assert!(
@@ -461,18 +457,7 @@ fn train_then_eval_on_the_real_model() {
     run.ok();
 
     // A learning rate that overflows the cartridge's numbers fails the run; nothing is written.
-    let overflow = [
-        "--objective",
-        "next-token",
-        "--row-tokens",
-        "64",
-        "--rows",
-        "1",
-        "--steps",
-        "1",
-        "--lr",
-        "1e39",
-    ];
+    let overflow = [next_token_flags("1"), vec!["--lr", "1e39"]].concat();
     let err = train_baseline(dir.path(), model, "overflow.safetensors", &overflow).fails();
     assert!(
         err.contains("after step 1 the cartridge is no longer finite"),

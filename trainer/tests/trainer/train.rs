@@ -744,12 +744,12 @@ fn a_cartridge_learning_to_compose_reads_its_partners_every_other_step() {
     // Step 1 reads the partners and the cartridge as one prefix of 13 tokens.
     let joined =
         cartridge_trainer::cartridge::concatenate(&[partners.clone(), start.clone()]).unwrap();
-    let one_prefix = DistillOptions {
+    let one_prefix = || DistillOptions {
         tokens: 13,
         frozen: 6,
         ..options(1)
     };
-    let difference = (two.losses[0] - first_loss(&joined, one_prefix)).abs();
+    let difference = (two.losses[0] - first_loss(&joined, one_prefix())).abs();
     assert!(difference < 1e-5, "step 1 differs by {difference}");
     // Step 2 reads the cartridge step 1 left, alone.
     let after_one = composing(1).prefix().unwrap();
@@ -758,12 +758,7 @@ fn a_cartridge_learning_to_compose_reads_its_partners_every_other_step() {
     assert!(difference < 1e-5, "step 2 differs by {difference}");
     // Which is not what it reads with the partners before it.
     let with_partners = cartridge_trainer::cartridge::concatenate(&[partners.clone(), after_one]);
-    let one_prefix = DistillOptions {
-        tokens: 13,
-        frozen: 6,
-        ..options(1)
-    };
-    let other = first_loss(&with_partners.unwrap(), one_prefix);
+    let other = first_loss(&with_partners.unwrap(), one_prefix());
     assert!(
         (two.losses[1] - other).abs() > 1e-3,
         "{} {other}",
