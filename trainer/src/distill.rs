@@ -16,15 +16,15 @@
 
 use std::path::Path;
 
-use candle_core::backprop::GradStore;
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::model::{
-    AdamStep, Context, Llama, LoadedModel, Prefix, TextCodec, select_rows, top_k_cross_entropy,
+    AdamStep, Llama, LoadedModel, Prefix, TextCodec, select_rows, select_rows_backward,
+    top_k_cross_entropy, top_k_cross_entropy_backward,
 };
 use crate::synthesis::Conversation;
 
@@ -132,8 +132,8 @@ const BETA2: f64 = 0.999;
 const EPSILON: f64 = 1e-8;
 
 impl Adam {
-    fn new(vars: &[Var], learning_rate: f64) -> Result<Self> {
-        let moments = vars
+    fn new(parameters: &[&Tensor], learning_rate: f64) -> Result<Self> {
+        let moments = parameters
             .iter()
             .map(|v| {
                 let dims: Vec<usize> = std::iter::once(2).chain(v.dims().iter().copied()).collect();
@@ -147,7 +147,12 @@ impl Adam {
         })
     }
 
-    fn update(&mut self, vars: &[Var], gradients: &GradStore) -> Result<()> {
+    /// Updates each parameter by its gradient (in the same order as the moments).
+    fn update<'p>(
+        &mut self,
+        parameters: impl Iterator<Item = &'p mut Tensor>,
+        gradients: &[Tensor],
+    ) -> Result<()> {
         self.step += 1;
         let step = AdamStep {
             learning_rate: self.learning_rate,
@@ -157,14 +162,9 @@ impl Adam {
             correction1: 1.0 - BETA1.powi(self.step as i32),
             correction2: 1.0 - BETA2.powi(self.step as i32),
         };
-        for (var, moments) in vars.iter().zip(&mut self.moments) {
-            let Some(gradient) = gradients.get(var) else {
-                continue;
-            };
-            let updated =
-                var.as_tensor()
-                    .apply_op3_no_bwd(&gradient.contiguous()?, moments, &step)?;
-            var.set(&updated.get(0)?)?;
+        for ((parameter, moments), gradient) in parameters.zip(&mut self.moments).zip(gradients) {
+            let updated = parameter.apply_op3_no_bwd(&gradient.contiguous()?, moments, &step)?;
+            *parameter = updated.get(0)?;
             *moments = updated.narrow(0, 1, 2)?;
         }
         Ok(())
@@ -184,9 +184,9 @@ fn finiteness(tensor: &Tensor) -> Result<Tensor> {
 
 /// A step's loss, and whether every element of its gradients is finite, read together in one
 /// transfer: a GPU waits once a step.
-fn loss_and_finiteness(loss: &Tensor, vars: &[Var], gradients: &GradStore) -> Result<(f32, bool)> {
+fn loss_and_finiteness(loss: &Tensor, gradients: &[Tensor]) -> Result<(f32, bool)> {
     let mut read = vec![loss.to_dtype(DType::F32)?.reshape(())?];
-    for gradient in vars.iter().filter_map(|var| gradients.get(var)) {
+    for gradient in gradients {
         read.push(finiteness(gradient)?);
     }
     let values = Tensor::stack(&read, 0)?.to_vec1::<f32>()?;
@@ -199,8 +199,8 @@ pub struct Distiller<'a> {
     options: DistillOptions,
     frozen_keys: Vec<Tensor>,
     frozen_values: Vec<Tensor>,
-    keys: Vec<Var>,
-    values: Vec<Var>,
+    keys: Vec<Tensor>,
+    values: Vec<Tensor>,
     adam: Adam,
     /// Where the next step draws conversations from: the epoch (which seeds its order) and the
     /// position in it. Checkpointed, so a resumed run sees the same batches.
@@ -406,7 +406,7 @@ impl<'a> Distiller<'a> {
         options.check(p, model.config.max_positions)?;
         // The trainable part and the optimizer's moments stay in f32 whatever the model computes
         // in: in bf16, Adam's 0.999 rounds to 1 and small steps round away.
-        let split = |tensors: &[Tensor]| -> Result<(Vec<Tensor>, Vec<Var>)> {
+        let split = |tensors: &[Tensor]| -> Result<(Vec<Tensor>, Vec<Tensor>)> {
             let mut frozen = Vec::new();
             let mut trainable = Vec::new();
             for t in tensors {
@@ -416,14 +416,16 @@ impl<'a> Distiller<'a> {
                         .detach(),
                 );
                 let rest = t.narrow(1, options.frozen, p - options.frozen)?;
-                trainable.push(Var::from_tensor(&rest.to_dtype(DType::F32)?.contiguous()?)?);
+                trainable.push(rest.to_dtype(DType::F32)?.contiguous()?);
             }
             Ok((frozen, trainable))
         };
         let (frozen_keys, keys) = split(&prefix.keys)?;
         let (frozen_values, values) = split(&prefix.values)?;
-        let all: Vec<Var> = keys.iter().chain(&values).cloned().collect();
-        let adam = Adam::new(&all, options.learning_rate)?;
+        let adam = Adam::new(
+            &keys.iter().chain(&values).collect::<Vec<_>>(),
+            options.learning_rate,
+        )?;
         Ok(Self {
             model,
             options,
@@ -486,11 +488,11 @@ impl<'a> Distiller<'a> {
     /// The frozen and trainable tokens as one prefix (each step's, unchecked: the step checks
     /// its loss and gradients).
     fn joined(&self) -> Result<Prefix> {
-        let join = |frozen: &[Tensor], vars: &[Var]| -> Result<Vec<Tensor>> {
+        let join = |frozen: &[Tensor], trainable: &[Tensor]| -> Result<Vec<Tensor>> {
             frozen
                 .iter()
-                .zip(vars)
-                .map(|(f, v)| Ok(Tensor::cat(&[f, &v.as_tensor().to_dtype(f.dtype())?], 1)?))
+                .zip(trainable)
+                .map(|(f, t)| Ok(Tensor::cat(&[f, &t.to_dtype(f.dtype())?], 1)?))
                 .collect()
         };
         Ok(Prefix {
@@ -500,7 +502,7 @@ impl<'a> Distiller<'a> {
     }
 
     fn check_finite(&self) -> Result<()> {
-        let trainable = self.vars().into_iter().map(|var| var.as_tensor().detach());
+        let trainable = self.keys.iter().chain(&self.values).cloned();
         let frozen = self.frozen_keys.iter().chain(&self.frozen_values).cloned();
         let sums = trainable
             .chain(frozen)
@@ -516,10 +518,6 @@ impl<'a> Distiller<'a> {
                 "after step {step} the cartridge is no longer finite: train with a lower --lr"
             ))),
         }
-    }
-
-    fn vars(&self) -> Vec<Var> {
-        self.keys.iter().chain(&self.values).cloned().collect()
     }
 
     /// Runs steps until `options.steps`, each packing conversations drawn in a seeded shuffled
@@ -553,11 +551,10 @@ impl<'a> Distiller<'a> {
                 .collect();
             (self.epoch, self.cursor) = (draw.epoch, draw.cursor);
             let batch = self.pack(&rows)?;
-            let loss = self.loss(&batch)?;
-            let gradients = loss.backward()?;
+            let (loss, gradients) = self.loss_and_gradients(&batch)?;
             // Checked before the update: a step that is not finite would make the cartridge,
             // and every checkpoint from then on, not finite either.
-            let (value, gradients_finite) = loss_and_finiteness(&loss, &self.vars(), &gradients)?;
+            let (value, gradients_finite) = loss_and_finiteness(&loss, &gradients)?;
             if !value.is_finite() || !gradients_finite {
                 // An update that overflowed the cartridge is the cause to name, with its remedy.
                 self.check_finite()?;
@@ -571,7 +568,10 @@ impl<'a> Distiller<'a> {
                     }
                 )));
             }
-            self.adam.update(&self.vars(), &gradients)?;
+            self.adam.update(
+                self.keys.iter_mut().chain(self.values.iter_mut()),
+                &gradients,
+            )?;
             self.losses.push(value);
             each_step(self, self.adam.step, value, batch.tokens)?;
         }
@@ -658,28 +658,59 @@ impl<'a> Distiller<'a> {
         })
     }
 
-    fn loss(&self, batch: &Batch) -> Result<Tensor> {
+    /// The step's loss and its gradients with respect to the trainable keys, then values, of
+    /// every layer.
+    fn loss_and_gradients(&self, batch: &Batch) -> Result<(Tensor, Vec<Tensor>)> {
         if batch.targets == 0 {
             return Err(Error::Data("a step packed no answer tokens".into()));
         }
-        let prefix = match self.partners_now() {
+        let partners = self.partners_now();
+        let prefix = match partners {
             Some(partners) => crate::cartridge::concatenate(&[partners.clone(), self.joined()?])?,
             None => self.joined()?,
         };
         let llama = self.model;
-        let hidden = llama.forward(
+        let (loss, gradients) = llama.prefix_gradients(
             &batch.ids,
             &batch.positions,
             &batch.mask,
-            Context::Prefix(&prefix),
+            &prefix,
+            |output| {
+                let all = output.flatten_to(1)?;
+                let hidden = select_rows(&all, &batch.rows)?;
+                // The vocabulary projection runs only where there is a target: a fraction of
+                // all tokens.
+                let logits = llama.logits(&hidden)?;
+                let cross_entropy =
+                    top_k_cross_entropy(&logits, &batch.teacher_ids, &batch.teacher_probabilities)?;
+                let scale = 1.0 / batch.targets as f64;
+                let loss = ((cross_entropy.sum_all()? + batch.teacher_negentropy)? * scale)?;
+                // d loss / d cross-entropy of each row is the same 1/targets.
+                let d_rows = (cross_entropy.ones_like()? * scale)?;
+                let d_logits = top_k_cross_entropy_backward(
+                    &logits,
+                    &batch.teacher_ids,
+                    &batch.teacher_probabilities,
+                    &d_rows,
+                )?;
+                let d_hidden = select_rows_backward(
+                    &llama.logits_backward(&d_logits)?,
+                    &batch.rows,
+                    all.dim(0)?,
+                )?;
+                Ok((loss, d_hidden.reshape(output.shape())?))
+            },
         )?;
-        let hidden = select_rows(&hidden.flatten_to(1)?, &batch.rows)?;
-        // The vocabulary projection runs only where there is a target: a fraction of all tokens.
-        let logits = llama.logits(&hidden)?;
-        let cross_entropy =
-            top_k_cross_entropy(&logits, &batch.teacher_ids, &batch.teacher_probabilities)?
-                .sum_all()?;
-        Ok(((cross_entropy + batch.teacher_negentropy)? / batch.targets as f64)?)
+        // The trainable tokens come after the partners' and the frozen ones.
+        let start = partners.map_or(0, Prefix::tokens) + self.options.frozen;
+        let trainable = self.options.tokens - self.options.frozen;
+        let gradients = gradients
+            .keys
+            .iter()
+            .chain(&gradients.values)
+            .map(|g| Ok(g.narrow(1, start, trainable)?.to_dtype(DType::F32)?))
+            .collect::<Result<Vec<_>>>()?;
+        Ok((loss, gradients))
     }
 
     /// Saves the cartridge and the optimizer's moments, to resume from.
@@ -699,8 +730,8 @@ impl<'a> Distiller<'a> {
         {
             tensors.push((format!("frozen.{i}.keys"), f32(frozen_keys)?));
             tensors.push((format!("frozen.{i}.values"), f32(frozen_values)?));
-            tensors.push((format!("trainable.{i}.keys"), f32(keys.as_tensor())?));
-            tensors.push((format!("trainable.{i}.values"), f32(values.as_tensor())?));
+            tensors.push((format!("trainable.{i}.keys"), f32(keys)?));
+            tensors.push((format!("trainable.{i}.values"), f32(values)?));
         }
         for i in 0..self.adam.moments.len() {
             let (m, v) = self.adam.moments(i)?;
@@ -921,27 +952,23 @@ mod tests {
 
     #[test]
     fn a_step_is_finite_only_when_its_loss_and_every_gradient_are() {
-        let x = Var::new(&[1f32, 2.0], &Device::Cpu).unwrap();
-        let finite = x.as_tensor().sqr().unwrap().sum_all().unwrap();
-        let gradients = finite.backward().unwrap();
-        assert_eq!(
-            loss_and_finiteness(&finite, std::slice::from_ref(&x), &gradients).unwrap(),
-            (5.0, true)
-        );
+        let tensor = |values: &[f32]| Tensor::new(values, &Device::Cpu).unwrap();
+        let (loss, gradients) = (tensor(&[5.0]), [tensor(&[1.0, 2.0]), tensor(&[-3.0])]);
+        assert_eq!(loss_and_finiteness(&loss, &gradients).unwrap(), (5.0, true));
         // Gradients far too large to add up in f32 are still finite.
-        let huge = (x.as_tensor() * 3e38).unwrap().sum_all().unwrap();
-        let gradients = huge.backward().unwrap();
-        assert!(
-            loss_and_finiteness(&huge, std::slice::from_ref(&x), &gradients)
-                .unwrap()
-                .1
-        );
-        // A finite loss whose gradient is not: (sqrt at 0 has an infinite slope).
-        let zero = Var::new(&[0f32, 1.0], &Device::Cpu).unwrap();
-        let steep = zero.as_tensor().sqrt().unwrap().sum_all().unwrap();
-        let gradients = steep.backward().unwrap();
-        let (loss, finite) = loss_and_finiteness(&steep, &[zero], &gradients).unwrap();
-        assert_eq!((loss, finite), (1.0, false));
+        let huge = [tensor(&[3e38, 3e38]), tensor(&[3e38])];
+        assert!(loss_and_finiteness(&loss, &huge).unwrap().1);
+        // A finite loss with a gradient that is not.
+        for bad in [f32::INFINITY, f32::NAN] {
+            let gradients = [tensor(&[1.0, 2.0]), tensor(&[0.0, bad])];
+            assert_eq!(
+                loss_and_finiteness(&loss, &gradients).unwrap(),
+                (5.0, false)
+            );
+        }
+        // And a loss that is not finite.
+        let (loss, finite) = loss_and_finiteness(&tensor(&[f32::NAN]), &gradients).unwrap();
+        assert!(loss.is_nan() && finite);
     }
 
     fn conversation(id: usize, prompt: usize, answer: usize) -> Conversation {

@@ -371,10 +371,10 @@ fn backward_as<T: CudaDType + DeviceRepr + candle_core::WithDType>(
 
 #[cfg(test)]
 mod tests {
-    use candle_core::{D, Var};
+    use candle_core::D;
 
     use super::*;
-    use crate::model::ops::{attention, composed_attention};
+    use crate::model::ops::tests::{attention_and_gradients, composed_attention_and_gradients};
 
     /// The largest difference from `reference`, relative to its largest element.
     fn relative(x: &Tensor, reference: &Tensor) -> Result<f32> {
@@ -401,32 +401,10 @@ mod tests {
             let random = |rows| Tensor::randn(0f32, 1.0, (batch, kv_heads, rows, 64), &device);
             let (q, k, v) = (random(group * length)?, random(total)?, random(total)?);
             let w = random(group * length)?;
-            // Gradients of sum(out·w) by q, k and v, and the output.
-            let run = |dtype: DType, f: &dyn Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor>| {
-                let vars = [&q, &k, &v]
-                    .map(|x| Var::from_tensor(&x.to_dtype(dtype)?))
-                    .into_iter()
-                    .collect::<Result<Vec<_>>>()?;
-                let out = f(&vars[0], &vars[1], &vars[2])?;
-                let grads = out.to_dtype(DType::F32)?.mul(&w)?.sum_all()?.backward()?;
-                let mut results = vec![out.to_dtype(DType::F32)?];
-                for var in &vars {
-                    results.push(grads.get(var).expect("a gradient").to_dtype(DType::F32)?);
-                }
-                Ok::<_, candle_core::Error>(results)
-            };
-            let mask32 = mask.to_dtype(DType::F32)?;
-            let reference = run(DType::F32, &|q, k, v| {
-                composed_attention(q, k, v, &mask32, group)
-            })?;
-            assert!(applies(
-                &q.to_dtype(dtype)?,
-                &k.to_dtype(dtype)?,
-                &v.to_dtype(dtype)?,
-                &mask,
-                group
-            ));
-            let tiled = run(dtype, &|q, k, v| attention(q, k, v, &mask, group))?;
+            let reference = composed_attention_and_gradients([&q, &k, &v], &mask, group, &w)?;
+            let [q, k, v] = [&q, &k, &v].map(|x| x.to_dtype(dtype).expect("a cast"));
+            assert!(applies(&q, &k, &v, &mask, group));
+            let tiled = attention_and_gradients([&q, &k, &v], &mask, group, &w)?;
             for (name, (x, want)) in ["output", "dq", "dk", "dv"]
                 .iter()
                 .zip(tiled.iter().zip(&reference))

@@ -2,8 +2,8 @@
 //! forms crossed several times (attention's masked softmax and its gradient, the loss over the
 //! vocabulary and its gradient, RMSNorm's gradient). Each is a candle custom op with a CPU
 //! implementation here (rayon; sums in f32, f64 for f64) and a kernel of kernels/ops.cu on the
-//! GPU (kernels/emulated runs those on the host for the tests). None has a backward of its own:
-//! ops.rs joins them to the graph.
+//! GPU (kernels/emulated runs those on the host for the tests). The gradients are ops of their
+//! own, which ops.rs's backward functions apply.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{

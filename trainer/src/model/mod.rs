@@ -15,6 +15,8 @@ pub use config::Config;
 pub use fused::AdamStep;
 pub use generate::{Generated, GenerationRequest, Sampling, generate};
 pub use llama::{Cache, Context, Llama, Prefix, causal_mask};
-pub use ops::{frozen_linear, select_rows, top_k_cross_entropy};
+pub use ops::{
+    select_rows, select_rows_backward, top_k_cross_entropy, top_k_cross_entropy_backward,
+};
 pub use source::{ALIASES, Alias, LoadedModel, ModelSource};
 pub use text::{Message, TextCodec};

@@ -1,7 +1,7 @@
 //! The model: against candle's reference implementation, prefix against full context, gradients
 //! against finite differences, and a real answer from the real model.
 
-use candle_core::{D, DType, Device, IndexOp, Tensor, Var};
+use candle_core::{D, DType, Device, IndexOp, Tensor};
 use cartridge_trainer::model::{
     Config, Context, GenerationRequest, Llama, Message, Prefix, Sampling, TextCodec, causal_mask,
     generate,
@@ -156,28 +156,23 @@ fn a_prefix_of_text_is_the_text_in_context() {
         device,
     )
     .unwrap();
-    // As a constant and as the trainable variables training holds: the ops that carry the
-    // gradient must not change the forward.
-    let trainable = |tensors: &[Tensor]| -> Vec<Tensor> {
-        tensors
-            .iter()
-            .map(|t| Var::from_tensor(t).unwrap().as_tensor().clone())
-            .collect()
-    };
-    let variables = Prefix {
-        keys: trainable(&prefix.keys),
-        values: trainable(&prefix.values),
-    };
-    for (kind, prefix) in [("constant", &prefix), ("trainable", &variables)] {
-        let hidden = model
-            .forward(&input, &positions, &mask, Context::Prefix(prefix))
-            .unwrap();
-        assert_eq!(hidden.track_op(), kind == "trainable");
+    // By the forward, and by the training pass (which hands its loss the same hidden states).
+    let hidden = model
+        .forward(&input, &positions, &mask, Context::Prefix(&prefix))
+        .unwrap();
+    let mut seen = None;
+    model
+        .prefix_gradients(&input, &positions, &mask, &prefix, |hidden| {
+            seen = Some(hidden.clone());
+            Ok((hidden.sum_all()?, hidden.ones_like()?))
+        })
+        .unwrap();
+    for (kind, hidden) in [("forward", hidden), ("training", seen.unwrap())] {
         let logits = model.logits(&hidden.i(0).unwrap()).unwrap();
         let difference = max_difference(&logits, &expected);
         assert!(
             difference < 1e-3,
-            "{kind} prefix: max logit difference {difference}"
+            "{kind}: max logit difference {difference}"
         );
     }
 }
@@ -198,8 +193,8 @@ fn tiny_config() -> Config {
     }
 }
 
-/// A scalar loss of the prefix: a fixed random projection of the logits of a short input.
-fn loss(model: &Llama, prefix: &Prefix, ids: &[u32], weights: &Tensor) -> Tensor {
+/// The input `ids` after `prefix`: ids, positions and mask.
+fn input(model: &Llama, prefix: &Prefix, ids: &[u32]) -> (Tensor, Tensor, Tensor) {
     let device = model.device();
     let p = prefix.tokens();
     let input = Tensor::new(ids, device).unwrap().unsqueeze(0).unwrap();
@@ -208,6 +203,12 @@ fn loss(model: &Llama, prefix: &Prefix, ids: &[u32], weights: &Tensor) -> Tensor
         .unsqueeze(0)
         .unwrap();
     let mask = causal_mask(&[ids.len()], p, ids.len(), model.dtype(), device).unwrap();
+    (input, positions, mask)
+}
+
+/// A scalar loss of the prefix: a fixed random projection of the logits of a short input.
+fn loss(model: &Llama, prefix: &Prefix, ids: &[u32], weights: &Tensor) -> Tensor {
+    let (input, positions, mask) = input(model, prefix, ids);
     let hidden = model
         .forward(&input, &positions, &mask, Context::Prefix(prefix))
         .unwrap();
@@ -220,50 +221,57 @@ fn loss(model: &Llama, prefix: &Prefix, ids: &[u32], weights: &Tensor) -> Tensor
         .unwrap()
 }
 
+/// [`loss`] and its gradients with respect to the prefix, by the training backward pass.
+fn gradients(model: &Llama, prefix: &Prefix, ids: &[u32], weights: &Tensor) -> (Tensor, Prefix) {
+    let (input, positions, mask) = input(model, prefix, ids);
+    model
+        .prefix_gradients(&input, &positions, &mask, prefix, |hidden| {
+            let loss = model.logits(hidden)?.mul(weights)?.sum_all()?;
+            Ok((loss, model.logits_backward(weights)?))
+        })
+        .unwrap()
+}
+
 #[test]
 fn prefix_gradients_match_finite_differences() {
     let device = Device::Cpu;
     let model = Llama::random(tiny_config(), 7, &device, DType::F64).unwrap();
     let (kv, p, hd) = (2, 3, 8);
-    let keys: Vec<Var> = (0..2)
-        .map(|_| Var::randn(0f64, 1.0, (kv, p, hd), &device).unwrap())
-        .collect();
-    let values: Vec<Var> = (0..2)
-        .map(|_| Var::randn(0f64, 1.0, (kv, p, hd), &device).unwrap())
-        .collect();
-    let prefix = |keys: &[Var], values: &[Var]| Prefix {
-        keys: keys.iter().map(|v| v.as_tensor().clone()).collect(),
-        values: values.iter().map(|v| v.as_tensor().clone()).collect(),
+    let random = || -> Vec<Tensor> {
+        (0..2)
+            .map(|_| Tensor::randn(0f64, 1.0, (kv, p, hd), &device).unwrap())
+            .collect()
+    };
+    let prefix = Prefix {
+        keys: random(),
+        values: random(),
     };
     let ids = [5u32, 9, 13, 2];
     let weights = Tensor::randn(0f64, 1.0, (1, ids.len(), 64), &device).unwrap();
-    let gradients = loss(&model, &prefix(&keys, &values), &ids, &weights)
-        .backward()
-        .unwrap();
-    // The model is frozen: no gradient buffer is kept for any of its weights.
-    for (name, weight) in model.named_weights() {
-        assert!(gradients.get(&weight).is_none(), "{name} got a gradient");
-    }
-
-    for (name, vars) in [("keys", &keys), ("values", &values)] {
-        for (layer, var) in vars.iter().enumerate() {
-            let gradient = gradients
-                .get(var)
-                .unwrap_or_else(|| panic!("{name} of layer {layer} got no gradient"));
+    let (value, analytic) = gradients(&model, &prefix, &ids, &weights);
+    // The training pass's loss is the forward's.
+    let forward = loss(&model, &prefix, &ids, &weights);
+    assert!(
+        (value.to_scalar::<f64>().unwrap() - forward.to_scalar::<f64>().unwrap()).abs() < 1e-12
+    );
+    for (name, pick) in [
+        (
+            "keys",
+            (|p: &mut Prefix| &mut p.keys) as fn(&mut Prefix) -> &mut Vec<Tensor>,
+        ),
+        ("values", |p: &mut Prefix| &mut p.values),
+    ] {
+        for layer in 0..2 {
+            let mut all = analytic.clone();
+            let gradient = &pick(&mut all)[layer];
+            assert_eq!(gradient.dims(), [kv, p, hd], "{name} {layer}");
+            let analytic = gradient.flatten_all().unwrap().to_vec1::<f64>().unwrap();
             assert!(
-                gradient
-                    .abs()
-                    .unwrap()
-                    .sum_all()
-                    .unwrap()
-                    .to_scalar::<f64>()
-                    .unwrap()
-                    > 0.0,
+                analytic.iter().any(|g| *g != 0.0),
                 "{name} {layer}: zero gradient"
             );
-            let analytic = gradient.flatten_all().unwrap().to_vec1::<f64>().unwrap();
-            let original = var
-                .as_tensor()
+            let mut start = prefix.clone();
+            let original = pick(&mut start)[layer]
                 .flatten_all()
                 .unwrap()
                 .to_vec1::<f64>()
@@ -273,14 +281,12 @@ fn prefix_gradients_match_finite_differences() {
                 let nudged = |delta: f64| {
                     let mut data = original.clone();
                     data[index] += delta;
-                    var.set(&Tensor::from_vec(data, (kv, p, hd), &device).unwrap())
-                        .unwrap();
-                    let value = loss(&model, &prefix(&keys, &values), &ids, &weights)
+                    let mut nudged = prefix.clone();
+                    pick(&mut nudged)[layer] =
+                        Tensor::from_vec(data, (kv, p, hd), &device).unwrap();
+                    loss(&model, &nudged, &ids, &weights)
                         .to_scalar::<f64>()
-                        .unwrap();
-                    var.set(&Tensor::from_vec(original.clone(), (kv, p, hd), &device).unwrap())
-                        .unwrap();
-                    value
+                        .unwrap()
                 };
                 let numeric = (nudged(epsilon) - nudged(-epsilon)) / (2.0 * epsilon);
                 let tolerance = 1e-5 * (1.0 + numeric.abs());
@@ -307,23 +313,20 @@ fn half_precision_prefix_gradients_follow_single_precision_ones() {
     let weights = Tensor::randn(0f32, 1.0, (1, ids.len(), 64), &device).unwrap();
     let gradient = |dtype: DType| -> Vec<f32> {
         let model = Llama::random(tiny_config(), 7, &device, dtype).unwrap();
-        let vars: Vec<Var> = start
-            .iter()
-            .map(|t| Var::from_tensor(&t.to_dtype(dtype).unwrap()).unwrap())
-            .collect();
-        let prefix = Prefix {
-            keys: vars[..2].iter().map(|v| v.as_tensor().clone()).collect(),
-            values: vars[2..].iter().map(|v| v.as_tensor().clone()).collect(),
+        let cast = |t: &[Tensor]| -> Vec<Tensor> {
+            t.iter().map(|t| t.to_dtype(dtype).unwrap()).collect()
         };
-        let grads = loss(&model, &prefix, &ids, &weights.to_dtype(dtype).unwrap())
-            .backward()
-            .unwrap();
-        vars.iter()
-            .flat_map(|v| {
-                grads
-                    .get(v)
-                    .expect("a gradient")
-                    .to_dtype(DType::F32)
+        let prefix = Prefix {
+            keys: cast(&start[..2]),
+            values: cast(&start[2..]),
+        };
+        let (_, grads) = gradients(&model, &prefix, &ids, &weights.to_dtype(dtype).unwrap());
+        grads
+            .keys
+            .iter()
+            .chain(&grads.values)
+            .flat_map(|g| {
+                g.to_dtype(DType::F32)
                     .unwrap()
                     .flatten_all()
                     .unwrap()
