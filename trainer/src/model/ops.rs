@@ -460,8 +460,8 @@ pub(super) mod tests {
     ) -> Result<[Tensor; 4]> {
         let (batch, kv_heads, rows, hd) = q.dims4()?;
         let total = k.dim(2)?;
-        let vars = [q, k, v].map(|x| x.to_dtype(DType::F32).and_then(|x| Var::from_tensor(&x)));
-        let [q, k, v] = vars;
+        let [q, k, v] =
+            [q, k, v].map(|x| x.to_dtype(DType::F32).and_then(|x| Var::from_tensor(&x)));
         let (q, k, v) = (q?, k?, v?);
         let scores = (q.matmul(&k.t()?)? / (hd as f64).sqrt())?
             .reshape((batch, kv_heads, group, rows / group, total))?
