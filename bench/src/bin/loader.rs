@@ -329,18 +329,18 @@ fn main() -> Result<()> {
     let mut tiers = Vec::new();
     // Beside the time a caller waits, the loader's own (its histogram's sum before and after
     // each): what composing takes without the request's round trip (a device-tier hit's).
-    let mut within = Vec::new();
+    let mut inside = Vec::new();
     for order in &orders {
         let before = http.device_load_seconds(&url)?;
         let (elapsed, answer) = http.timed_load(&url, &model, order)?;
         let after = http.device_load_seconds(&url)?;
         ensure!(after.1 == before.1 + 1.0, "another load ran meanwhile");
         again.push(elapsed);
-        within.push(Duration::from_secs_f64(after.0 - before.0));
+        inside.push(Duration::from_secs_f64(after.0 - before.0));
         tiers.push(answer["tier"].clone());
     }
     let compose_again = median(again);
-    let within_loader = median(within);
+    let within_loader = median(inside);
     report["compose_4"]["again"] = json!({"compositions": orders.len(), "tiers": tiers, "median_seconds": compose_again.as_secs_f64(), "gb_per_s": gb_per_s(composed_bytes, compose_again), "loader_median_seconds": within_loader.as_secs_f64(), "loader_gb_per_s": gb_per_s(composed_bytes, within_loader)});
     // The Python client's check, against this loader: it has room to compose two cartridges.
     // Its outcome goes in the report; the figures stand whatever it finds.

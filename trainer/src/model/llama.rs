@@ -320,10 +320,7 @@ impl Llama {
         let mut named = std::collections::HashMap::new();
         named.insert("model.embed_tokens.weight".to_owned(), self.embed.clone());
         named.insert("model.norm.weight".to_owned(), self.norm.clone());
-        named.insert(
-            "lm_head.weight".to_owned(),
-            self.lm_head.clone().unwrap_or_else(|| self.embed.clone()),
-        );
+        named.insert("lm_head.weight".to_owned(), self.output_weight().clone());
         for (i, layer) in self.layers.iter().enumerate() {
             for (name, tensor) in [
                 ("input_layernorm", &layer.attn_norm),
@@ -558,18 +555,17 @@ impl Llama {
 
     /// Next-token logits for hidden states `[..., hidden]`.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        Ok(linear(
-            hidden,
-            self.lm_head.as_ref().unwrap_or(&self.embed),
-        )?)
+        Ok(linear(hidden, self.output_weight())?)
     }
 
     /// [`Llama::logits`]' gradient with respect to the hidden states, given the logits'.
     pub fn logits_backward(&self, grad: &Tensor) -> Result<Tensor> {
-        Ok(linear_backward(
-            grad,
-            self.lm_head.as_ref().unwrap_or(&self.embed),
-        )?)
+        Ok(linear_backward(grad, self.output_weight())?)
+    }
+
+    /// The vocabulary projection: its own, or the embeddings where the two are tied.
+    fn output_weight(&self) -> &Tensor {
+        self.lm_head.as_ref().unwrap_or(&self.embed)
     }
 
     fn rms_norm(&self, x: &Tensor, weight: &Tensor) -> Result<Tensor> {

@@ -219,8 +219,9 @@ fn row_sources(n: usize, rows: &[u32]) -> Result<Vec<u32>> {
 /// The distillation loss of each row of `logits` `[N, V]` against a teacher's top k, `ids`
 /// (u32) and `probabilities` `[N, k]`: `-Σ p·log softmax(logits)[id]`, `[N]` in the
 /// accumulation dtype. One pass over the logits (two and a write for the gradient) where
-/// log_softmax's composed form crossed them, widened to f32, about ten times. Every id must be below `V`: the CPU refuses one that is not, a GPU kernel counts it
-/// for nothing (it cannot fail a launch; training checks the ids before).
+/// log_softmax's composed form crossed them, widened to f32, about ten times. Every id must be
+/// below `V`: the CPU refuses one that is not, a GPU kernel counts it for nothing (it cannot
+/// fail a launch; training checks the ids before).
 pub fn top_k_cross_entropy(
     logits: &Tensor,
     ids: &Tensor,
@@ -263,7 +264,18 @@ pub(super) fn accumulation_dtype(dtype: DType) -> DType {
 
 /// `x @ weight^T` for `weight` `[out, in]` and `x` `[..., in]`, as one matrix product.
 pub fn linear(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
-    let (outputs, inputs) = weight.dims2()?;
+    matmul_last(x, &weight.t()?)
+}
+
+/// [`linear`]'s input gradient `[..., in]` given its output's, `grad` `[..., out]`.
+pub fn linear_backward(grad: &Tensor, weight: &Tensor) -> Result<Tensor> {
+    matmul_last(grad, weight)
+}
+
+/// `x` `[..., a]` times `matrix` `[a, b]`: `[..., b]`, the leading axes flattened into one
+/// matrix product.
+fn matmul_last(x: &Tensor, matrix: &Tensor) -> Result<Tensor> {
+    let (inputs, outputs) = matrix.dims2()?;
     let dims = x.dims();
     if dims.last() != Some(&inputs) {
         candle_core::bail!("linear: input of shape {dims:?}, the weight expects {inputs} features");
@@ -271,18 +283,7 @@ pub fn linear(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
     let mut shape = dims[..dims.len() - 1].to_vec();
     shape.push(outputs);
     x.reshape((x.elem_count() / inputs, inputs))?
-        .matmul(&weight.t()?)?
-        .reshape(shape)
-}
-
-/// [`linear`]'s input gradient `[..., in]` given its output's, `grad` `[..., out]`.
-pub fn linear_backward(grad: &Tensor, weight: &Tensor) -> Result<Tensor> {
-    let (outputs, inputs) = weight.dims2()?;
-    let dims = grad.dims();
-    let mut shape = dims[..dims.len() - 1].to_vec();
-    shape.push(inputs);
-    grad.reshape((grad.elem_count() / outputs, outputs))?
-        .matmul(weight)?
+        .matmul(matrix)?
         .reshape(shape)
 }
 
