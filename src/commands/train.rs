@@ -126,6 +126,16 @@ pub struct TrainArgs {
     /// alone.
     #[arg(long = "compose-with", value_name = "CARTRIDGE")]
     pub compose_with: Vec<PathBuf>,
+    /// The stored conversations of a --compose-with cartridge (its work directory's
+    /// conversations.jsonl; repeatable): every third step reads them beside the cartridges to
+    /// compose with, so the new one learns to leave their answers as they were. The other steps
+    /// read its own, beside them and alone.
+    #[arg(
+        long = "partner-conversations",
+        value_name = "FILE",
+        requires = "compose_with"
+    )]
+    pub partner_conversations: Vec<PathBuf>,
     /// Print a JSON report.
     #[arg(long)]
     pub json: bool,
@@ -221,6 +231,11 @@ pub fn run(args: TrainArgs) -> Result<()> {
         .map(|c| (Input::Corpus, c.as_path()))
         .chain(source.path().map(|m| (Input::Model, m)))
         .chain(args.compose_with.iter().map(|c| (Input::File, c.as_path())))
+        .chain(
+            args.partner_conversations
+                .iter()
+                .map(|c| (Input::File, c.as_path())),
+        )
         .collect();
     // Found out now, not when the cartridge is written at the end of the run.
     cartridge_schemas::file::check_destination(&args.output)
@@ -264,10 +279,12 @@ pub fn run(args: TrainArgs) -> Result<()> {
             row_tokens: args.row_tokens,
             rows: args.rows,
             seed: args.seed,
-            // Follows from the cartridges to compose with, as the run reads them.
+            // Follow from the cartridges to compose with, as the run reads them.
             partner_tokens: 0,
+            partner_conversations: false,
         },
         compose_with: args.compose_with.clone(),
+        partner_conversations: args.partner_conversations.clone(),
         work_dir,
         output: args.output.clone(),
         resume: args.resume,

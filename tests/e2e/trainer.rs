@@ -287,6 +287,95 @@ fn train_then_eval_on_the_real_model() {
     )
     .fails();
     assert!(err.contains("0 steps writes the initialization"), "{err}");
+    // With the partner's own conversations (a self-study run's, about the corpus the partner
+    // was trained on): recorded in the provenance.
+    let with_theirs = |conversations: &'static str| {
+        vec![
+            "--objective",
+            "next-token",
+            "--row-tokens",
+            "128",
+            "--rows",
+            "1",
+            "--steps",
+            "3",
+            "--compose-with",
+            "ntp.safetensors",
+            "--partner-conversations",
+            conversations,
+        ]
+    };
+    let theirs = baseline(
+        dir.path(),
+        model,
+        "theirs.safetensors",
+        &with_theirs("varn.work/conversations.jsonl"),
+    );
+    assert_eq!(theirs["steps"], 3);
+    let trainer = &theirs["header"]["provenance"]["trainer"];
+    assert_eq!(trainer["distillation"]["partner_conversations"], true);
+    let described = &trainer["partner_conversations"][0];
+    assert_eq!(described["conversations"], 3);
+    assert_eq!(described["corpus"], partner["corpus"]);
+    // Conversations about another corpus, for another model, or without their record are
+    // refused, named.
+    let copied = dir.path().join("copied");
+    std::fs::create_dir(&copied).unwrap();
+    std::fs::copy(
+        dir.path().join("varn.work/conversations.jsonl"),
+        copied.join("conversations.jsonl"),
+    )
+    .unwrap();
+    let err = train_baseline(
+        dir.path(),
+        model,
+        "refused.safetensors",
+        &with_theirs("copied/conversations.jsonl"),
+    )
+    .fails();
+    assert!(
+        err.contains("--partner-conversations copied/conversations.jsonl")
+            && err.contains("copied/conversations.meta.json")
+            && err.contains("the record of what made"),
+        "{err}"
+    );
+    let meta =
+        std::fs::read_to_string(dir.path().join("varn.work/conversations.meta.json")).unwrap();
+    let mut record: Value = serde_json::from_str(&meta).unwrap();
+    record["corpus"] = format!("blake3:{}", "0".repeat(64)).into();
+    std::fs::write(copied.join("conversations.meta.json"), record.to_string()).unwrap();
+    let err = train_baseline(
+        dir.path(),
+        model,
+        "refused.safetensors",
+        &with_theirs("copied/conversations.jsonl"),
+    )
+    .fails();
+    assert!(
+        err.contains("none of the cartridges to compose with was trained on"),
+        "{err}"
+    );
+    let mut record: Value = serde_json::from_str(&meta).unwrap();
+    record["model"] = format!("blake3:{}", "1".repeat(64)).into();
+    std::fs::write(copied.join("conversations.meta.json"), record.to_string()).unwrap();
+    let err = train_baseline(
+        dir.path(),
+        model,
+        "refused.safetensors",
+        &with_theirs("copied/conversations.jsonl"),
+    )
+    .fails();
+    assert!(err.contains("made with the model blake3:111"), "{err}");
+    // Without cartridges to compose with, they have no place.
+    let err = train_baseline(
+        dir.path(),
+        model,
+        "refused.safetensors",
+        &["--partner-conversations", "varn.work/conversations.jsonl"],
+    )
+    .fails();
+    assert!(err.contains("--compose-with"), "{err}");
+    assert!(!dir.path().join("refused.safetensors").exists());
 
     let report: Value = cartridge(
         dir.path(),

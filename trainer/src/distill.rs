@@ -13,8 +13,12 @@
 //! entries draw the attention its own held. Trained to compose with given cartridges
 //! ([`Distiller::compose_with`]), every other step reads them before it, frozen, as a
 //! composition would, and the steps between read it alone, so it learns to answer both ways.
+//! Given the partners' own conversations too, every third step reads those beside the partners:
+//! the cartridge also learns to leave the partners' answers as they were, which it otherwise
+//! disturbs (nothing in its own conversations asks it not to).
 
 use std::path::Path;
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use rand::SeedableRng;
@@ -45,10 +49,25 @@ pub struct DistillOptions {
     /// conversations read after them and the cartridge, so rows must fit after both.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub partner_tokens: usize,
+    /// Whether steps beside the partners also train on the partners' own conversations
+    /// ([`Distiller::compose_with`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub partner_conversations: bool,
 }
 
 fn is_zero(n: &usize) -> bool {
     *n == 0
+}
+
+/// What a step reads before its conversations, and whose conversations they are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    /// The cartridge alone, before its own conversations.
+    Alone,
+    /// The partners then the cartridge, before its own conversations.
+    BesidePartners,
+    /// The partners then the cartridge, before the partners' conversations.
+    PartnersConversations,
 }
 
 impl Default for DistillOptions {
@@ -62,6 +81,7 @@ impl Default for DistillOptions {
             rows: 4,
             seed: 0,
             partner_tokens: 0,
+            partner_conversations: false,
         }
     }
 }
@@ -83,9 +103,31 @@ impl DistillOptions {
         }
     }
 
+    /// What step `step` (counted from 0) reads. Beside partners, every other step reads them;
+    /// with their conversations, steps go by threes: its own beside them, its own alone, theirs
+    /// beside them.
+    fn step(&self, step: usize) -> Step {
+        match (self.partner_tokens, self.partner_conversations) {
+            (0, _) => Step::Alone,
+            (_, false) if step.is_multiple_of(2) => Step::BesidePartners,
+            (_, false) => Step::Alone,
+            (_, true) => match step % 3 {
+                0 => Step::BesidePartners,
+                1 => Step::Alone,
+                _ => Step::PartnersConversations,
+            },
+        }
+    }
+
     /// Whether these options can train a cartridge of `p` tokens: its first `frozen` stay as
     /// initialized and the rest train, and conversations read at positions after it.
     pub fn check(&self, p: usize, max_positions: usize) -> Result<()> {
+        if self.partner_conversations && self.partner_tokens == 0 {
+            return Err(Error::Data(
+                "the partners' conversations are read beside the partners, and there are none"
+                    .into(),
+            ));
+        }
         if self.frozen >= p {
             return Err(Error::Data(format!(
                 "{} frozen tokens leave nothing of the cartridge's {p} to train",
@@ -212,6 +254,10 @@ pub struct Distiller<'a> {
     pub run: serde_json::Value,
     /// The cartridges it learns to compose with, one after another (frozen).
     partners: Option<Prefix>,
+    /// Their own conversations, if given, and where their draw stands (as for its own).
+    partner_conversations: Arc<[Conversation]>,
+    partner_epoch: u64,
+    partner_cursor: usize,
 }
 
 /// One step's packed input.
@@ -227,6 +273,8 @@ struct Batch {
     teacher_negentropy: f64,
     targets: usize,
     tokens: usize,
+    /// Whether the partners come before the cartridge.
+    beside_partners: bool,
 }
 
 /// The conversations a row can hold: each reads at positions p.. after the cartridge, within
@@ -262,7 +310,8 @@ fn usable<'c>(
 }
 
 /// How many steps make `epochs` passes over the conversations, as [`Distiller::train`] packs
-/// them (rows are seldom full, and conversations too long for a row are left out).
+/// them (rows are seldom full, and conversations too long for a row are left out); steps on the
+/// partners' conversations come on top.
 pub fn steps_for_epochs(
     options: &DistillOptions,
     max_positions: usize,
@@ -282,7 +331,13 @@ pub fn steps_for_epochs(
         drawn += draw.row(options.row_tokens).len();
         rows += 1;
     }
-    Ok(rows.div_ceil(options.rows).max(1))
+    let own = rows.div_ceil(options.rows).max(1);
+    let (mut steps, mut counted) = (0, 0);
+    while counted < own {
+        counted += usize::from(options.step(steps) != Step::PartnersConversations);
+        steps += 1;
+    }
+    Ok(steps)
 }
 
 /// The order conversations are packed in: a seeded shuffle per epoch, epoch after epoch. A row
@@ -439,19 +494,38 @@ impl<'a> Distiller<'a> {
             losses: Vec::new(),
             run: serde_json::Value::Null,
             partners: None,
+            partner_conversations: Arc::from([]),
+            partner_epoch: 0,
+            partner_cursor: 0,
         })
     }
 
     /// Trains the cartridge to compose with `partners` (their keys and values, one after
-    /// another, as many tokens as the options' `partner_tokens`): even steps read them before
-    /// the cartridge, with the conversations after both, as a composition does; odd steps read
-    /// the cartridge alone.
-    pub fn compose_with(&mut self, partners: Prefix) -> Result<()> {
+    /// another, as many tokens as the options' `partner_tokens`): some steps read them before
+    /// the cartridge, with the conversations after both, as a composition does, the others read
+    /// the cartridge alone (see `DistillOptions::step`). Given their own `conversations` (as
+    /// the options' `partner_conversations` say), some of those steps train on them.
+    pub fn compose_with(
+        &mut self,
+        partners: Prefix,
+        conversations: Vec<Conversation>,
+    ) -> Result<()> {
         if partners.tokens() != self.options.partner_tokens {
             return Err(Error::Data(format!(
                 "the cartridges to compose with hold {} tokens, the options say {}",
                 partners.tokens(),
                 self.options.partner_tokens
+            )));
+        }
+        if conversations.is_empty() == self.options.partner_conversations {
+            return Err(Error::Data(format!(
+                "{} of the partners' conversations given, the options say {}",
+                conversations.len(),
+                if self.options.partner_conversations {
+                    "some"
+                } else {
+                    "none"
+                }
             )));
         }
         let frozen = |tensors: Vec<Tensor>| -> Result<Vec<Tensor>> {
@@ -464,14 +538,8 @@ impl<'a> Distiller<'a> {
             keys: frozen(partners.keys)?,
             values: frozen(partners.values)?,
         });
+        self.partner_conversations = conversations.into();
         Ok(())
-    }
-
-    /// The partners this step reads, if it reads them.
-    fn partners_now(&self) -> Option<&Prefix> {
-        self.partners
-            .as_ref()
-            .filter(|_| self.adam.step.is_multiple_of(2))
     }
 
     pub fn step_count(&self) -> usize {
@@ -528,29 +596,56 @@ impl<'a> Distiller<'a> {
         conversations: &[Conversation],
         mut each_step: impl FnMut(&Self, usize, f32, usize) -> Result<()>,
     ) -> Result<()> {
-        // The kernels index by these ids: one out of range must not reach them.
-        let vocab = self.model.config.vocab;
-        if let Some((index, problem)) = conversations
-            .iter()
-            .enumerate()
-            .find_map(|(index, c)| c.check(vocab).err().map(|problem| (index, problem)))
-        {
+        if self.partners.is_none() && self.options.partner_tokens > 0 {
             return Err(Error::Data(format!(
-                "conversation {index} cannot be trained on: {problem}"
+                "the options say {} tokens of cartridges to compose with, and none were given",
+                self.options.partner_tokens
             )));
         }
-        let usable = usable(
-            &self.options,
-            self.model.config.max_positions,
-            conversations,
-        )?;
-        let mut draw = Draw::new(usable, self.options.seed, self.epoch, self.cursor);
+        // The kernels index by these ids: one out of range must not reach them.
+        let vocab = self.model.config.vocab;
+        let partner_conversations = Arc::clone(&self.partner_conversations);
+        for (whose, conversations) in [
+            ("conversation", conversations),
+            ("the partners' conversation", &partner_conversations[..]),
+        ] {
+            if let Some((index, problem)) = conversations
+                .iter()
+                .enumerate()
+                .find_map(|(index, c)| c.check(vocab).err().map(|problem| (index, problem)))
+            {
+                return Err(Error::Data(format!(
+                    "{whose} {index} cannot be trained on: {problem}"
+                )));
+            }
+        }
+        let positions = self.model.config.max_positions;
+        let usable_own = usable(&self.options, positions, conversations)?;
+        let mut draw = Draw::new(usable_own, self.options.seed, self.epoch, self.cursor);
+        let mut partner_draw = match partner_conversations.is_empty() {
+            true => None,
+            false => Some(Draw::new(
+                usable(&self.options, positions, &partner_conversations)
+                    .map_err(|e| Error::Data(format!("the partners' conversations: {e}")))?,
+                self.options.seed,
+                self.partner_epoch,
+                self.partner_cursor,
+            )),
+        };
         while self.adam.step < self.options.steps {
+            let step = self.options.step(self.adam.step);
+            let from = match (step, partner_draw.as_mut()) {
+                (Step::PartnersConversations, Some(partners)) => partners,
+                _ => &mut draw,
+            };
             let rows: Vec<Vec<&Conversation>> = (0..self.options.rows)
-                .map(|_| draw.row(self.options.row_tokens))
+                .map(|_| from.row(self.options.row_tokens))
                 .collect();
             (self.epoch, self.cursor) = (draw.epoch, draw.cursor);
-            let batch = self.pack(&rows)?;
+            if let Some(partners) = &partner_draw {
+                (self.partner_epoch, self.partner_cursor) = (partners.epoch, partners.cursor);
+            }
+            let batch = self.pack(&rows, step != Step::Alone)?;
             let (loss, gradients) = self.loss_and_gradients(&batch)?;
             // Checked before the update: a step that is not finite would make the cartridge,
             // and every checkpoint from then on, not finite either.
@@ -578,11 +673,11 @@ impl<'a> Distiller<'a> {
         Ok(())
     }
 
-    fn pack(&self, rows: &[Vec<&Conversation>]) -> Result<Batch> {
+    fn pack(&self, rows: &[Vec<&Conversation>], beside_partners: bool) -> Result<Batch> {
         let device = self.model.device();
         // Everything before the conversations: the partners, if this step reads them, and the
         // cartridge.
-        let p = self.options.tokens + self.partners_now().map_or(0, Prefix::tokens);
+        let p = self.options.tokens + beside_partners as usize * self.options.partner_tokens;
         let length = self.options.row_tokens;
         let batch = rows.len();
         let mut ids = vec![0u32; batch * length];
@@ -655,6 +750,7 @@ impl<'a> Distiller<'a> {
             teacher_negentropy,
             targets,
             tokens,
+            beside_partners,
         })
     }
 
@@ -664,7 +760,7 @@ impl<'a> Distiller<'a> {
         if batch.targets == 0 {
             return Err(Error::Data("a step packed no answer tokens".into()));
         }
-        let partners = self.partners_now();
+        let partners = self.partners.as_ref().filter(|_| batch.beside_partners);
         let prefix = match partners {
             Some(partners) => crate::cartridge::concatenate(&[partners.clone(), self.joined()?])?,
             None => self.joined()?,
@@ -742,6 +838,8 @@ impl<'a> Distiller<'a> {
             "step": self.adam.step,
             "epoch": self.epoch,
             "cursor": self.cursor,
+            "partner_epoch": self.partner_epoch,
+            "partner_cursor": self.partner_cursor,
             "options": self.options,
             "losses": self.losses,
             "run": self.run,
@@ -822,6 +920,8 @@ impl<'a> Distiller<'a> {
         }
         distiller.epoch = state["epoch"].as_u64().unwrap_or(0);
         distiller.cursor = state["cursor"].as_u64().unwrap_or(0) as usize;
+        distiller.partner_epoch = state["partner_epoch"].as_u64().unwrap_or(0);
+        distiller.partner_cursor = state["partner_cursor"].as_u64().unwrap_or(0) as usize;
         distiller.losses = serde_json::from_value(state["losses"].clone()).unwrap_or_default();
         distiller.run = run;
         Ok(distiller)
@@ -897,14 +997,20 @@ fn check_same_making(
         }
         value
     };
-    let options = none_absent(&serde_json::json!(options), "partner_tokens", 0.into());
-    let stored = none_absent(&state["options"], "partner_tokens", 0.into());
+    let (mut options, mut stored) = (serde_json::json!(options), state["options"].clone());
+    for (key, none) in [
+        ("partner_tokens", serde_json::json!(0)),
+        ("partner_conversations", false.into()),
+    ] {
+        options = none_absent(&options, key, none.clone());
+        stored = none_absent(&stored, key, none);
+    }
     let mut differ = differing(&stored, &options, &["steps"]);
-    let none = || serde_json::json!([]);
-    let (run, stored) = (
-        none_absent(run, "compose_with", none()),
-        none_absent(&state["run"], "compose_with", none()),
-    );
+    let (mut run, mut stored) = (run.clone(), state["run"].clone());
+    for key in ["compose_with", "partner_conversations"] {
+        run = none_absent(&run, key, serde_json::json!([]));
+        stored = none_absent(&stored, key, serde_json::json!([]));
+    }
     differ.extend(differing(&stored, &run, &[]));
     if differ.is_empty() {
         return Ok(());

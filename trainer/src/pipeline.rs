@@ -15,7 +15,8 @@ use crate::distill::{DistillOptions, Distiller, initial_ids, steps_for_epochs};
 use crate::error::{Error, Result};
 use crate::model::{LoadedModel, Message, Prefix};
 use crate::synthesis::{
-    SynthesisOptions, conversations_path, next_token_conversations, synthesize,
+    Conversation, SynthesisOptions, conversations_path, next_token_conversations, read_made_for,
+    synthesize,
 };
 
 /// What the cartridge learns from.
@@ -32,10 +33,14 @@ pub enum Objective {
 pub struct TrainRequest {
     pub objective: Objective,
     pub synthesis: SynthesisOptions,
-    /// How to distill (its `partner_tokens` follow from `compose_with`).
+    /// How to distill (its `partner_tokens` and `partner_conversations` follow from the two
+    /// below).
     pub distill: DistillOptions,
     /// Cartridges the new one learns to compose with ([`Distiller::compose_with`]).
     pub compose_with: Vec<PathBuf>,
+    /// Their own stored conversations (each about one of their corpora), which the new one
+    /// learns not to disturb.
+    pub partner_conversations: Vec<PathBuf>,
     /// Conversations and checkpoints live here, so a run can resume.
     pub work_dir: PathBuf,
     pub output: PathBuf,
@@ -186,14 +191,33 @@ fn check_rows_hold_a_conversation(
     Ok(())
 }
 
-/// The cartridges to compose with, one after another, and what records each (its payload digest,
-/// length and corpus); none without any. One made for another model is refused.
+/// The cartridges to compose with, and their conversations the run reads.
+struct Partners {
+    /// Their keys and values, one after another.
+    prefix: Prefix,
+    /// What records each (its payload digest, length and corpus).
+    described: Vec<serde_json::Value>,
+    conversations: Vec<Conversation>,
+    /// What records each conversations file (its digest, corpus and count).
+    conversations_described: Vec<serde_json::Value>,
+}
+
+/// The cartridges to compose with and their conversations; none without any. A cartridge made
+/// for another model is refused, and so are conversations made for another model or about a
+/// corpus none of the cartridges was trained on.
 fn read_partners(
     model: &LoadedModel,
     paths: &[PathBuf],
-) -> Result<Option<(Prefix, Vec<serde_json::Value>)>> {
+    conversation_paths: &[PathBuf],
+) -> Result<Option<Partners>> {
     if paths.is_empty() {
-        return Ok(None);
+        return match conversation_paths.first() {
+            None => Ok(None),
+            Some(path) => Err(Error::Data(format!(
+                "--partner-conversations {}: conversations of the cartridges to compose with, and there are none (--compose-with)",
+                path.display()
+            ))),
+        };
     }
     let mut prefixes = Vec::new();
     let mut described = Vec::new();
@@ -210,7 +234,31 @@ fn read_partners(
             "corpus": header.provenance["trainer"]["corpus"]["digest"],
         }));
     }
-    Ok(Some((concatenate(&prefixes)?, described)))
+    let mut conversations = Vec::new();
+    let mut conversations_described = Vec::new();
+    for path in conversation_paths {
+        let named =
+            |e: Error| Error::Data(format!("--partner-conversations {}: {e}", path.display()));
+        let (read, corpus) = read_made_for(path, model).map_err(named)?;
+        if !described.iter().any(|d| d["corpus"] == json!(corpus)) {
+            return Err(named(Error::Data(format!(
+                "they are about the corpus {corpus}, which none of the cartridges to compose with was trained on"
+            ))));
+        }
+        let bytes = std::fs::read(path).map_err(|e| named(Error::io(path, e)))?;
+        conversations_described.push(json!({
+            "digest": cartridge_schemas::Digest::from(blake3::hash(&bytes)),
+            "corpus": corpus,
+            "conversations": read.len(),
+        }));
+        conversations.extend(read);
+    }
+    Ok(Some(Partners {
+        prefix: concatenate(&prefixes)?,
+        described,
+        conversations,
+        conversations_described,
+    }))
 }
 
 pub fn train(
@@ -230,9 +278,12 @@ pub fn train(
             "--compose-with shapes training, and 0 steps writes the initialization, which no step trains".into(),
         ));
     }
-    let partners = read_partners(model, &request.compose_with)?;
+    let partners = read_partners(model, &request.compose_with, &request.partner_conversations)?;
     let distill = DistillOptions {
-        partner_tokens: partners.as_ref().map_or(0, |(prefix, _)| prefix.tokens()),
+        partner_tokens: partners.as_ref().map_or(0, |p| p.prefix.tokens()),
+        partner_conversations: partners
+            .as_ref()
+            .is_some_and(|p| !p.conversations.is_empty()),
         ..request.distill.clone()
     };
     let max_positions = model.llama.config.max_positions;
@@ -277,8 +328,11 @@ pub fn train(
         });
         // Named only when there are some: a checkpoint from before they could be stays
         // resumable.
-        if let Some((_, described)) = &partners {
-            run["compose_with"] = json!(described);
+        if let Some(partners) = &partners {
+            run["compose_with"] = json!(partners.described);
+            if !partners.conversations.is_empty() {
+                run["partner_conversations"] = json!(partners.conversations_described);
+            }
         }
         run
     };
@@ -355,8 +409,8 @@ pub fn train(
             distiller
         }
     };
-    if let Some((prefix, _)) = &partners {
-        distiller.compose_with(prefix.clone())?;
+    if let Some(partners) = partners.as_ref() {
+        distiller.compose_with(partners.prefix.clone(), partners.conversations.clone())?;
     }
     let training = Instant::now();
     let mut tokens = 0usize;
@@ -400,8 +454,12 @@ pub fn train(
             "final_loss": final_loss,
         }
     });
-    if let Some((_, described)) = &partners {
-        provenance["trainer"]["compose_with"] = json!(described);
+    if let Some(partners) = &partners {
+        provenance["trainer"]["compose_with"] = json!(partners.described);
+        if !partners.conversations.is_empty() {
+            provenance["trainer"]["partner_conversations"] =
+                json!(partners.conversations_described);
+        }
     }
     let header = crate::cartridge::write(
         &request.output,

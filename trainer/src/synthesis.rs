@@ -785,6 +785,48 @@ fn read_stored(path: &Path, vocab: usize) -> Result<(Vec<Conversation>, bool)> {
     Ok((conversations, complete < bytes.len()))
 }
 
+/// Another run's stored conversations (its work directory's `conversations.jsonl`), for a model
+/// with these weights, and the digest of the corpus they are about (their record beside them
+/// says; without it, or made for another model or prompt format, they are refused, named).
+pub fn read_made_for(
+    path: &Path,
+    model: &LoadedModel,
+) -> Result<(Vec<Conversation>, cartridge_schemas::Digest)> {
+    let meta_path = path.with_extension("meta.json");
+    let text = std::fs::read_to_string(&meta_path).map_err(|e| {
+        Error::Data(format!(
+            "{}: {e} (the record of what made {})",
+            meta_path.display(),
+            path.display()
+        ))
+    })?;
+    let made: Provenance = serde_json::from_str(&text)
+        .map_err(|e| Error::Data(format!("{}: {e}", meta_path.display())))?;
+    if made.model != model.fingerprint.weights {
+        return Err(Error::Data(format!(
+            "{} holds conversations made with the model {}, not this one ({})",
+            path.display(),
+            made.model,
+            model.fingerprint.weights
+        )));
+    }
+    if made.prompt_format != PROMPT_FORMAT {
+        return Err(Error::Data(format!(
+            "{} holds conversations in prompt format {} (this version reads {PROMPT_FORMAT}): synthesize them again",
+            path.display(),
+            made.prompt_format
+        )));
+    }
+    let conversations = read_conversations(path, model.llama.config.vocab)?;
+    if conversations.is_empty() {
+        return Err(Error::Data(format!(
+            "{} holds no conversations",
+            path.display()
+        )));
+    }
+    Ok((conversations, made.corpus))
+}
+
 pub fn conversations_path(work_dir: &Path) -> PathBuf {
     work_dir.join("conversations.jsonl")
 }

@@ -125,7 +125,7 @@ fn main() -> Result<()> {
         row_tokens: args.length,
         rows: args.batch,
         seed: 0,
-        partner_tokens: 0,
+        ..DistillOptions::default()
     };
     let data = rows(args.batch * 4, args.length, config.vocab as u32);
     let synchronize = || -> Result<()> { Ok(device.synchronize()?) };

@@ -3,7 +3,7 @@
 use candle_core::{DType, Device, IndexOp};
 use cartridge_schemas::fingerprint::{ModelFingerprint, Rope, RopeLayout};
 use cartridge_trainer::corpus::Corpus;
-use cartridge_trainer::distill::{DistillOptions, Distiller, check_resumable};
+use cartridge_trainer::distill::{DistillOptions, Distiller, check_resumable, steps_for_epochs};
 use cartridge_trainer::model::{
     Config, Context, Llama, LoadedModel, Message, ModelSource, TextCodec, causal_mask,
 };
@@ -87,7 +87,7 @@ fn options(steps: usize) -> DistillOptions {
         row_tokens: 48,
         rows: 2,
         seed: 5,
-        partner_tokens: 0,
+        ..DistillOptions::default()
     }
 }
 
@@ -731,7 +731,9 @@ fn a_cartridge_learning_to_compose_reads_its_partners_every_other_step() {
             ..options(steps)
         };
         let mut distiller = Distiller::from_prefix(&model.llama, &start, options).unwrap();
-        distiller.compose_with(partners.clone()).unwrap();
+        distiller
+            .compose_with(partners.clone(), Vec::new())
+            .unwrap();
         distiller.train(&data, |_, _, _, _| Ok(())).unwrap();
         distiller
     };
@@ -776,15 +778,159 @@ fn a_cartridge_learning_to_compose_reads_its_partners_every_other_step() {
     };
     let mut resumed =
         Distiller::resume(&model.llama, &checkpoint, three, serde_json::Value::Null).unwrap();
-    resumed.compose_with(partners.clone()).unwrap();
+    resumed.compose_with(partners.clone(), Vec::new()).unwrap();
     resumed.train(&data, |_, _, _, _| Ok(())).unwrap();
     assert_eq!(resumed.losses, composing(3).losses);
 
     // Partners of another length than the options say are refused, named.
     let mut distiller = Distiller::from_prefix(&model.llama, &start, options(1)).unwrap();
-    let error = distiller.compose_with(partners).unwrap_err().to_string();
+    let error = distiller
+        .compose_with(partners, Vec::new())
+        .unwrap_err()
+        .to_string();
     assert!(
         error.contains("hold 5 tokens, the options say 0"),
+        "{error}"
+    );
+    // And training without the partners the options say.
+    let only_partners = DistillOptions {
+        partner_tokens: 5,
+        ..options(1)
+    };
+    let mut distiller = Distiller::from_prefix(&model.llama, &start, only_partners).unwrap();
+    let error = distiller.train(&data, |_, _, _, _| Ok(())).unwrap_err();
+    assert!(
+        error
+            .to_string()
+            .contains("5 tokens of cartridges to compose with, and none were given"),
+        "{error}"
+    );
+}
+
+/// Given the partners' own conversations too, steps go by threes: its own conversations beside
+/// the partners, its own alone, the partners' beside them. Every step trains the cartridge (and
+/// never the partners), and a resumed run draws the partners' conversations where it stopped.
+#[test]
+fn a_cartridge_learning_to_compose_trains_on_its_partners_conversations_every_third_step() {
+    let model = tiny_model();
+    let start = initial_prefix(&model);
+    let partners = model.llama.prefix_of(&[1, 40, 41, 42, 43]).unwrap();
+    let own = conversations(1);
+    // Twelve of theirs, other prompts and answers: three rows of four, so the second epoch
+    // starts in the middle of a step.
+    let theirs: Vec<Conversation> = conversations(32).split_off(20);
+    let with_theirs = |steps: usize| DistillOptions {
+        partner_tokens: 5,
+        partner_conversations: true,
+        ..options(steps)
+    };
+    let composing = |steps: usize| {
+        let mut distiller =
+            Distiller::from_prefix(&model.llama, &start, with_theirs(steps)).unwrap();
+        distiller
+            .compose_with(partners.clone(), theirs.clone())
+            .unwrap();
+        distiller.train(&own, |_, _, _, _| Ok(())).unwrap();
+        distiller
+    };
+    // The loss of one step on `data` after `prefix`.
+    let first_loss = |prefix: &cartridge_trainer::model::Prefix,
+                      options: DistillOptions,
+                      data: &[Conversation]| {
+        let mut distiller = Distiller::from_prefix(&model.llama, prefix, options).unwrap();
+        distiller.train(data, |_, _, _, _| Ok(())).unwrap();
+        distiller.losses[0]
+    };
+    let beside = |prefix: cartridge_trainer::model::Prefix| {
+        cartridge_trainer::cartridge::concatenate(&[partners.clone(), prefix]).unwrap()
+    };
+    let one_prefix = || DistillOptions {
+        tokens: 13,
+        frozen: 6,
+        ..options(1)
+    };
+    let three = composing(3);
+    let after = |steps: usize| composing(steps).prefix().unwrap();
+    let expected = [
+        first_loss(&beside(start.clone()), one_prefix(), &own),
+        first_loss(&after(1), options(1), &own),
+        first_loss(&beside(after(2)), one_prefix(), &theirs),
+    ];
+    for (step, (ours, expected)) in three.losses.iter().zip(expected).enumerate() {
+        let difference = (ours - expected).abs();
+        assert!(
+            difference < 1e-5,
+            "step {} differs by {difference}",
+            step + 1
+        );
+    }
+    // The third step trained the cartridge, which holds its own tokens alone.
+    let (two, trained) = (after(2), three.prefix().unwrap());
+    assert_eq!(trained.tokens(), 8);
+    assert!(max_difference(&trained.keys[1], &two.keys[1]) > 1e-4);
+
+    // Resumed after step 4, the sixth step draws the rows of theirs that follow the third's.
+    let dir = tempfile::tempdir().unwrap();
+    let checkpoint = dir.path().join("checkpoint.safetensors");
+    composing(4).save_checkpoint(&checkpoint).unwrap();
+    let mut resumed = Distiller::resume(
+        &model.llama,
+        &checkpoint,
+        with_theirs(6),
+        serde_json::Value::Null,
+    )
+    .unwrap();
+    resumed
+        .compose_with(partners.clone(), theirs.clone())
+        .unwrap();
+    resumed.train(&own, |_, _, _, _| Ok(())).unwrap();
+    let straight = composing(6);
+    assert_eq!(resumed.losses, straight.losses);
+    // Which are not the rows a fresh draw of theirs starts with.
+    let fresh = first_loss(&beside(after(5)), one_prefix(), &theirs);
+    assert!((straight.losses[5] - fresh).abs() > 1e-4);
+
+    // Epochs count its own conversations: their steps come on top (four rows of its own, one
+    // a step, are steps 1, 2, 4 and 5).
+    let one_row = |options: DistillOptions| DistillOptions { rows: 1, ..options };
+    let steps = |options| steps_for_epochs(&options, 512, &own, 4.0).unwrap();
+    assert_eq!(steps(one_row(options(0))), 4);
+    assert_eq!(steps(one_row(with_theirs(0))), 5);
+
+    // Their conversations go with the options that say so, and with partners.
+    let mut distiller = Distiller::from_prefix(&model.llama, &start, with_theirs(1)).unwrap();
+    let error = distiller
+        .compose_with(partners.clone(), Vec::new())
+        .unwrap_err();
+    assert!(
+        error
+            .to_string()
+            .contains("0 of the partners' conversations given, the options say some"),
+        "{error}"
+    );
+    let only_partners = DistillOptions {
+        partner_tokens: 5,
+        ..options(1)
+    };
+    let mut distiller = Distiller::from_prefix(&model.llama, &start, only_partners).unwrap();
+    let error = distiller.compose_with(partners, theirs).unwrap_err();
+    assert!(
+        error
+            .to_string()
+            .contains("12 of the partners' conversations given, the options say none"),
+        "{error}"
+    );
+    let no_partners = DistillOptions {
+        partner_conversations: true,
+        ..options(1)
+    };
+    let error = Distiller::from_prefix(&model.llama, &start, no_partners)
+        .err()
+        .unwrap();
+    assert!(
+        error
+            .to_string()
+            .contains("beside the partners, and there are none"),
         "{error}"
     );
 }
