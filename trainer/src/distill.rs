@@ -546,6 +546,21 @@ impl<'a> Distiller<'a> {
         self.adam.step
     }
 
+    /// The losses of the steps that read the cartridge alone before its own conversations, as
+    /// a run trained alone reads it (all of them if none did): beside partners, or on their
+    /// conversations, a step's loss measures something else.
+    pub fn alone_losses(&self) -> Vec<f32> {
+        let alone: Vec<f32> = (self.losses.iter().enumerate())
+            .filter(|&(step, _)| self.options.step(step) == Step::Alone)
+            .map(|(_, &loss)| loss)
+            .collect();
+        if alone.is_empty() {
+            self.losses.clone()
+        } else {
+            alone
+        }
+    }
+
     /// The cartridge as it stands; refused if an update left it not finite (the last step's
     /// update is not checked by a step after it).
     pub fn prefix(&self) -> Result<Prefix> {

@@ -69,7 +69,8 @@ pub struct TrainReport {
     pub steps: usize,
     /// The mean loss of the first and of the last [`LOSS_STEPS`] steps, or halves of a shorter
     /// run (one step's loss swings with the conversations it drew): how far training moved the
-    /// cartridge toward the teacher.
+    /// cartridge toward the teacher. Of a cartridge learning to compose, its steps alone
+    /// ([`Distiller::alone_losses`]), comparable with a run's trained alone.
     pub first_loss: Option<f32>,
     pub final_loss: Option<f32>,
     pub synthesis_seconds: f64,
@@ -431,7 +432,7 @@ pub fn train(
         (!losses.is_empty()).then(|| losses.iter().sum::<f32>() / losses.len() as f32)
     };
     // Windows that do not overlap (but in a run of one step): in a shorter run, each half.
-    let losses = &distiller.losses;
+    let losses = &distiller.alone_losses();
     let window = LOSS_STEPS.min((losses.len() / 2).max(1)).min(losses.len());
     let first_loss = mean(&losses[..window]);
     let final_loss = mean(&losses[losses.len() - window..]);

@@ -743,6 +743,9 @@ fn a_cartridge_learning_to_compose_reads_its_partners_every_other_step() {
         distiller.losses[0]
     };
     let two = composing(2);
+    assert_eq!(two.alone_losses(), [two.losses[1]]);
+    // Of a run with no steps alone, all.
+    assert_eq!(composing(1).alone_losses(), composing(1).losses);
     // Step 1 reads the partners and the cartridge as one prefix of 13 tokens.
     let joined =
         cartridge_trainer::cartridge::concatenate(&[partners.clone(), start.clone()]).unwrap();
@@ -886,6 +889,11 @@ fn a_cartridge_learning_to_compose_trains_on_its_partners_conversations_every_th
     resumed.train(&own, |_, _, _, _| Ok(())).unwrap();
     let straight = composing(6);
     assert_eq!(resumed.losses, straight.losses);
+    // The losses a run alone would report are those of its steps alone.
+    assert_eq!(
+        straight.alone_losses(),
+        [straight.losses[1], straight.losses[4]]
+    );
     // Which are not the rows a fresh draw of theirs starts with.
     let fresh = first_loss(&beside(after(5)), one_prefix(), &theirs);
     assert!((straight.losses[5] - fresh).abs() > 1e-4);
