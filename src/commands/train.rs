@@ -63,8 +63,8 @@ pub struct TrainArgs {
     /// Conversations to synthesize.
     #[arg(long, default_value_t = 1024, value_parser = positive)]
     pub conversations: usize,
-    /// Optimizer steps (default: two epochs over the conversations; 0 writes the initialization,
-    /// a baseline).
+    /// Optimizer steps (default: two epochs over the conversations, and the steps on
+    /// --partner-conversations on top; 0 writes the initialization, a baseline).
     #[arg(long)]
     pub steps: Option<usize>,
     /// Adam learning rate (constant).
@@ -121,15 +121,15 @@ pub struct TrainArgs {
     /// Seed of everything drawn: chunks, sampled messages, batches.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// A cartridge this one will be composed with (repeatable): every other training step reads
-    /// them before it, as a composition does, so it learns to answer beside them as well as
-    /// alone.
+    /// A cartridge this one will be composed with (repeatable): every other training step (with
+    /// --partner-conversations, two in three) reads them before it, as a composition does, so it
+    /// learns to answer beside them as well as alone.
     #[arg(long = "compose-with", value_name = "CARTRIDGE")]
     pub compose_with: Vec<PathBuf>,
     /// The stored conversations of a --compose-with cartridge (its work directory's
-    /// conversations.jsonl; repeatable): every third step reads them beside the cartridges to
-    /// compose with, so the new one learns to leave their answers as they were. The other steps
-    /// read its own, beside them and alone.
+    /// conversations.jsonl, its record beside it; repeatable): every third step reads them
+    /// beside the cartridges to compose with, so the new one learns to leave their answers as
+    /// they were. The other steps read its own, beside them and alone.
     #[arg(
         long = "partner-conversations",
         value_name = "FILE",
@@ -249,6 +249,10 @@ pub fn run(args: TrainArgs) -> Result<()> {
     for partner in &args.compose_with {
         Cartridge::open(partner)
             .with_context(|| format!("--compose-with {}", partner.display()))?;
+    }
+    for conversations in &args.partner_conversations {
+        std::fs::File::open(conversations)
+            .with_context(|| format!("--partner-conversations {}", conversations.display()))?;
     }
     let (device, dtype) = args.device.open()?;
     let model = source

@@ -288,8 +288,8 @@ fn train_then_eval_on_the_real_model() {
     .fails();
     assert!(err.contains("0 steps writes the initialization"), "{err}");
     // With the partner's own conversations (a self-study run's, about the corpus the partner
-    // was trained on): recorded in the provenance.
-    let with_theirs = |conversations: &'static str| {
+    // was trained on): recorded in the provenance, and part of what a checkpoint continues.
+    let with_theirs = |conversations: &'static str, steps: &'static str| {
         vec![
             "--objective",
             "next-token",
@@ -298,18 +298,22 @@ fn train_then_eval_on_the_real_model() {
             "--rows",
             "1",
             "--steps",
-            "3",
+            steps,
+            "--checkpoint-every",
+            "1",
+            "--resume",
             "--compose-with",
             "ntp.safetensors",
             "--partner-conversations",
             conversations,
         ]
     };
+    let stored = "varn.work/conversations.jsonl";
     let theirs = baseline(
         dir.path(),
         model,
         "theirs.safetensors",
-        &with_theirs("varn.work/conversations.jsonl"),
+        &with_theirs(stored, "3"),
     );
     assert_eq!(theirs["steps"], 3);
     let trainer = &theirs["header"]["provenance"]["trainer"];
@@ -317,64 +321,101 @@ fn train_then_eval_on_the_real_model() {
     let described = &trainer["partner_conversations"][0];
     assert_eq!(described["conversations"], 3);
     assert_eq!(described["corpus"], partner["corpus"]);
-    // Conversations about another corpus, for another model, or without their record are
-    // refused, named.
+    let refused =
+        |extra: &[&str]| train_baseline(dir.path(), model, "refused.safetensors", extra).fails();
+    // Other conversations (here the first two, a complete set as their record says) do not
+    // continue its checkpoint; the same ones do.
     let copied = dir.path().join("copied");
     std::fs::create_dir(&copied).unwrap();
-    std::fs::copy(
-        dir.path().join("varn.work/conversations.jsonl"),
-        copied.join("conversations.jsonl"),
-    )
-    .unwrap();
-    let err = train_baseline(
-        dir.path(),
-        model,
-        "refused.safetensors",
-        &with_theirs("copied/conversations.jsonl"),
-    )
-    .fails();
-    assert!(
-        err.contains("--partner-conversations copied/conversations.jsonl")
-            && err.contains("copied/conversations.meta.json")
-            && err.contains("the record of what made"),
-        "{err}"
-    );
+    let lines = std::fs::read_to_string(dir.path().join(stored)).unwrap();
+    let first_two: String = lines.split_inclusive('\n').take(2).collect();
+    std::fs::write(copied.join("conversations.jsonl"), &first_two).unwrap();
     let meta =
         std::fs::read_to_string(dir.path().join("varn.work/conversations.meta.json")).unwrap();
     let mut record: Value = serde_json::from_str(&meta).unwrap();
-    record["corpus"] = format!("blake3:{}", "0".repeat(64)).into();
-    std::fs::write(copied.join("conversations.meta.json"), record.to_string()).unwrap();
+    record["options"]["conversations"] = 2.into();
+    let write_record = |change: &dyn Fn(&mut Value)| {
+        let mut changed = record.clone();
+        change(&mut changed);
+        std::fs::write(copied.join("conversations.meta.json"), changed.to_string()).unwrap();
+    };
+    write_record(&|_| {});
+    let copy = "copied/conversations.jsonl";
     let err = train_baseline(
         dir.path(),
         model,
-        "refused.safetensors",
-        &with_theirs("copied/conversations.jsonl"),
+        "theirs.safetensors",
+        &with_theirs(copy, "4"),
     )
     .fails();
     assert!(
-        err.contains("none of the cartridges to compose with was trained on"),
+        err.contains("partner_conversations") && err.contains("the run asks for"),
         "{err}"
     );
-    let mut record: Value = serde_json::from_str(&meta).unwrap();
-    record["model"] = format!("blake3:{}", "1".repeat(64)).into();
-    std::fs::write(copied.join("conversations.meta.json"), record.to_string()).unwrap();
-    let err = train_baseline(
+    let resumed = baseline(
         dir.path(),
         model,
-        "refused.safetensors",
-        &with_theirs("copied/conversations.jsonl"),
+        "theirs.safetensors",
+        &with_theirs(stored, "4"),
+    );
+    assert_eq!(resumed["steps"], 4);
+    // Fewer than their run asked for (a synthesis stopped or still running), a torn last line,
+    // another corpus or model, no record, the same file twice, a missing one: refused, named.
+    write_record(&|r| r["options"]["conversations"] = 3.into());
+    let err = refused(&with_theirs(copy, "3"));
+    assert!(
+        err.contains("holds 2 whole conversations of the 3 its run asked for"),
+        "{err}"
+    );
+    std::fs::write(
+        copied.join("conversations.jsonl"),
+        format!("{first_two}{{\"batch\""),
     )
-    .fails();
+    .unwrap();
+    write_record(&|_| {});
+    let err = refused(&with_theirs(copy, "3"));
+    assert!(err.contains("and a torn line"), "{err}");
+    std::fs::write(copied.join("conversations.jsonl"), &first_two).unwrap();
+    write_record(&|r| r["corpus"] = format!("blake3:{}", "0".repeat(64)).into());
+    let err = refused(&with_theirs(copy, "3"));
+    assert!(
+        err.contains("--partner-conversations copied/conversations.jsonl: they are about the corpus blake3:000")
+            && err.contains("were trained on"),
+        "{err}"
+    );
+    write_record(&|r| r["model"] = format!("blake3:{}", "1".repeat(64)).into());
+    let err = refused(&with_theirs(copy, "3"));
     assert!(err.contains("made with the model blake3:111"), "{err}");
+    std::fs::remove_file(copied.join("conversations.meta.json")).unwrap();
+    let err = refused(&with_theirs(copy, "3"));
+    assert!(
+        err.contains("copied/conversations.meta.json") && err.contains("the record of what made"),
+        "{err}"
+    );
+    let twice = [
+        with_theirs(stored, "3"),
+        vec!["--partner-conversations", stored],
+    ]
+    .concat();
+    let err = refused(&twice);
+    assert!(err.contains("given twice"), "{err}");
+    let err = refused(&with_theirs("missing.jsonl", "3"));
+    assert!(
+        err.contains("--partner-conversations missing.jsonl") && err.contains("No such file"),
+        "{err}"
+    );
+    // Nor are the conversations of this run's own work directory, which it may add to.
+    let err = refused(&[with_theirs(stored, "3"), vec!["--work-dir", "varn.work"]].concat());
+    assert!(
+        err.contains("varn.work/conversations.jsonl: it is in this run's work directory varn.work"),
+        "{err}"
+    );
     // Without cartridges to compose with, they have no place.
-    let err = train_baseline(
-        dir.path(),
-        model,
-        "refused.safetensors",
-        &["--partner-conversations", "varn.work/conversations.jsonl"],
-    )
-    .fails();
-    assert!(err.contains("--compose-with"), "{err}");
+    let err = refused(&["--partner-conversations", stored]);
+    assert!(
+        err.contains("required arguments were not provided") && err.contains("--compose-with"),
+        "{err}"
+    );
     assert!(!dir.path().join("refused.safetensors").exists());
 
     let report: Value = cartridge(

@@ -279,11 +279,12 @@ struct Batch {
 
 /// The conversations a row can hold: each reads at positions p.. after the cartridge, within
 /// the row and the model's positions. One with no prompt has no token to predict its answer's
-/// first from.
+/// first from. `whose` names them in what is said.
 fn usable<'c>(
     options: &DistillOptions,
     max_positions: usize,
     conversations: &'c [Conversation],
+    whose: &str,
 ) -> Result<Vec<&'c Conversation>> {
     let longest = options.room(max_positions);
     let usable: Vec<&Conversation> = conversations
@@ -292,7 +293,7 @@ fn usable<'c>(
         .collect();
     if usable.is_empty() {
         return Err(Error::Data(format!(
-            "no conversation fits in a row of {} tokens after {} (the model has {max_positions} positions)",
+            "no {whose} fits in a row of {} tokens after {} (the model has {max_positions} positions)",
             options.row_tokens,
             options.before_conversations(options.tokens)
         )));
@@ -303,10 +304,25 @@ fn usable<'c>(
             left_out,
             of = conversations.len(),
             row_tokens = options.row_tokens,
+            whose,
             "conversations empty or too long for a row are left out of training"
         );
     }
     Ok(usable)
+}
+
+/// What [`usable`] calls a run's own conversations, and its partners'.
+const OWN: &str = "conversation";
+const PARTNERS: &str = "conversation of the partners";
+
+/// Whether the partners' conversations can be trained on beside them (some fit a row after the
+/// partners and the cartridge): checked before synthesis, which takes a while.
+pub fn check_partner_conversations(
+    options: &DistillOptions,
+    max_positions: usize,
+    conversations: &[Conversation],
+) -> Result<()> {
+    usable(options, max_positions, conversations, PARTNERS).map(drop)
 }
 
 /// How many steps make `epochs` passes over the conversations, as [`Distiller::train`] packs
@@ -323,7 +339,7 @@ pub fn steps_for_epochs(
             "{epochs} epochs: expected a positive number, at most a million"
         )));
     }
-    let usable = usable(options, max_positions, conversations)?;
+    let usable = usable(options, max_positions, conversations, OWN)?;
     let wanted = (epochs * usable.len() as f64).ceil() as usize;
     let mut draw = Draw::new(usable, options.seed, 0, 0);
     let (mut drawn, mut rows) = (0, 0usize);
@@ -550,8 +566,10 @@ impl<'a> Distiller<'a> {
     /// a run trained alone reads it (all of them if none did): beside partners, or on their
     /// conversations, a step's loss measures something else.
     pub fn alone_losses(&self) -> Vec<f32> {
+        // The last steps' (a checkpoint from before losses were kept resumes without them).
+        let first = self.adam.step.saturating_sub(self.losses.len());
         let alone: Vec<f32> = (self.losses.iter().enumerate())
-            .filter(|&(step, _)| self.options.step(step) == Step::Alone)
+            .filter(|&(i, _)| self.options.step(first + i) == Step::Alone)
             .map(|(_, &loss)| loss)
             .collect();
         if alone.is_empty() {
@@ -635,13 +653,12 @@ impl<'a> Distiller<'a> {
             }
         }
         let positions = self.model.config.max_positions;
-        let usable_own = usable(&self.options, positions, conversations)?;
+        let usable_own = usable(&self.options, positions, conversations, OWN)?;
         let mut draw = Draw::new(usable_own, self.options.seed, self.epoch, self.cursor);
         let mut partner_draw = match partner_conversations.is_empty() {
             true => None,
             false => Some(Draw::new(
-                usable(&self.options, positions, &partner_conversations)
-                    .map_err(|e| Error::Data(format!("the partners' conversations: {e}")))?,
+                usable(&self.options, positions, &partner_conversations, PARTNERS)?,
                 self.options.seed,
                 self.partner_epoch,
                 self.partner_cursor,
@@ -649,9 +666,12 @@ impl<'a> Distiller<'a> {
         };
         while self.adam.step < self.options.steps {
             let step = self.options.step(self.adam.step);
-            let from = match (step, partner_draw.as_mut()) {
-                (Step::PartnersConversations, Some(partners)) => partners,
-                _ => &mut draw,
+            let from = match step {
+                // `compose_with` gave them, as the options say.
+                Step::PartnersConversations => {
+                    partner_draw.as_mut().expect("the partners' conversations")
+                }
+                Step::Alone | Step::BesidePartners => &mut draw,
             };
             let rows: Vec<Vec<&Conversation>> = (0..self.options.rows)
                 .map(|_| from.row(self.options.row_tokens))
@@ -1118,7 +1138,7 @@ mod tests {
             rows: 2,
             ..DistillOptions::default()
         };
-        let kept = usable(&options, 1024, &conversations).unwrap();
+        let kept = usable(&options, 1024, &conversations, OWN).unwrap();
         assert_eq!(kept.len(), 3);
         // Two of six tokens fit in a row of 13; the third closes its epoch alone (filling the
         // row with the next epoch's first could put one conversation in a row twice).
@@ -1157,7 +1177,7 @@ mod tests {
             1
         );
         // None fits after the cartridge in the model's positions.
-        assert!(usable(&options, 9, &conversations).is_err());
+        assert!(usable(&options, 9, &conversations, OWN).is_err());
     }
 
     #[test]

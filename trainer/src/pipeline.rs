@@ -210,6 +210,7 @@ fn read_partners(
     model: &LoadedModel,
     paths: &[PathBuf],
     conversation_paths: &[PathBuf],
+    work_dir: &Path,
 ) -> Result<Option<Partners>> {
     if paths.is_empty() {
         return match conversation_paths.first() {
@@ -236,23 +237,40 @@ fn read_partners(
         }));
     }
     let mut conversations = Vec::new();
-    let mut conversations_described = Vec::new();
+    let mut conversations_described: Vec<serde_json::Value> = Vec::new();
     for path in conversation_paths {
         let named =
             |e: Error| Error::Data(format!("--partner-conversations {}: {e}", path.display()));
-        let (read, corpus) = read_made_for(path, model).map_err(named)?;
-        if !described.iter().any(|d| d["corpus"] == json!(corpus)) {
+        // The run's own work directory: synthesis could change them after they are read.
+        if resolve(path).starts_with(resolve(work_dir)) {
             return Err(named(Error::Data(format!(
-                "they are about the corpus {corpus}, which none of the cartridges to compose with was trained on"
+                "it is in this run's work directory {}",
+                work_dir.display()
             ))));
         }
-        let bytes = std::fs::read(path).map_err(|e| named(Error::io(path, e)))?;
+        let made = read_made_for(path, model).map_err(named)?;
+        if !described.iter().any(|d| d["corpus"] == json!(made.corpus)) {
+            let corpora: Vec<String> = described.iter().map(|d| d["corpus"].to_string()).collect();
+            return Err(named(Error::Data(format!(
+                "they are about the corpus {}, and the cartridges to compose with were trained on {}",
+                made.corpus,
+                corpora.join(", ")
+            ))));
+        }
+        if conversations_described
+            .iter()
+            .any(|d| d["digest"] == json!(made.digest))
+        {
+            return Err(named(Error::Data(
+                "given twice (the same conversations would count double)".into(),
+            )));
+        }
         conversations_described.push(json!({
-            "digest": cartridge_schemas::Digest::from(blake3::hash(&bytes)),
-            "corpus": corpus,
-            "conversations": read.len(),
+            "digest": made.digest,
+            "corpus": made.corpus,
+            "conversations": made.conversations.len(),
         }));
-        conversations.extend(read);
+        conversations.extend(made.conversations);
     }
     Ok(Some(Partners {
         prefix: concatenate(&prefixes)?,
@@ -279,7 +297,12 @@ pub fn train(
             "--compose-with shapes training, and 0 steps writes the initialization, which no step trains".into(),
         ));
     }
-    let partners = read_partners(model, &request.compose_with, &request.partner_conversations)?;
+    let partners = read_partners(
+        model,
+        &request.compose_with,
+        &request.partner_conversations,
+        &request.work_dir,
+    )?;
     let distill = DistillOptions {
         partner_tokens: partners.as_ref().map_or(0, |p| p.prefix.tokens()),
         partner_conversations: partners
@@ -289,6 +312,13 @@ pub fn train(
     };
     let max_positions = model.llama.config.max_positions;
     distill.check(distill.tokens, max_positions)?;
+    if let Some(partners) = partners.as_ref().filter(|p| !p.conversations.is_empty()) {
+        crate::distill::check_partner_conversations(
+            &distill,
+            max_positions,
+            &partners.conversations,
+        )?;
+    }
     let init = initial_ids(&model.text, &corpus.text(), distill.tokens)?;
     if request.objective == Objective::SelfStudy && !zero_steps {
         check_rows_hold_a_conversation(model, &request.synthesis, &distill)?;

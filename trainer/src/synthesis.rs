@@ -763,13 +763,15 @@ pub fn read_conversations(path: &Path, vocab: usize) -> Result<Vec<Conversation>
 /// The whole lines of a conversations file, and whether a torn last line follows them (the file
 /// is left as it is).
 fn read_stored(path: &Path, vocab: usize) -> Result<(Vec<Conversation>, bool)> {
-    let bytes = match std::fs::read(path) {
-        Ok(bytes) => bytes,
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
-            return Ok((Vec::new(), false));
-        }
-        Err(error) => return Err(Error::io(path, error)),
-    };
+    match std::fs::read(path) {
+        Ok(bytes) => parse_stored(path, &bytes, vocab),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok((Vec::new(), false)),
+        Err(error) => Err(Error::io(path, error)),
+    }
+}
+
+/// The whole lines of a conversations file's `bytes`, and whether a torn last line follows them.
+fn parse_stored(path: &Path, bytes: &[u8], vocab: usize) -> Result<(Vec<Conversation>, bool)> {
     let complete = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
     let mut conversations = Vec::new();
     for (number, line) in bytes[..complete].split(|&b| b == b'\n').enumerate() {
@@ -785,13 +787,21 @@ fn read_stored(path: &Path, vocab: usize) -> Result<(Vec<Conversation>, bool)> {
     Ok((conversations, complete < bytes.len()))
 }
 
+/// Another run's stored conversations, as [`read_made_for`] reads them.
+pub struct MadeConversations {
+    /// As many as that run asked for (the first ones of the file).
+    pub conversations: Vec<Conversation>,
+    /// The corpus they are about.
+    pub corpus: cartridge_schemas::Digest,
+    /// The file's bytes as read.
+    pub digest: cartridge_schemas::Digest,
+}
+
 /// Another run's stored conversations (its work directory's `conversations.jsonl`), for a model
-/// with these weights, and the digest of the corpus they are about (their record beside them
-/// says; without it, or made for another model or prompt format, they are refused, named).
-pub fn read_made_for(
-    path: &Path,
-    model: &LoadedModel,
-) -> Result<(Vec<Conversation>, cartridge_schemas::Digest)> {
+/// with these weights. The record beside them says what made them: without it, made for another
+/// model or prompt format, or fewer than it asked for (a synthesis stopped or still running),
+/// they are refused, named.
+pub fn read_made_for(path: &Path, model: &LoadedModel) -> Result<MadeConversations> {
     let meta_path = path.with_extension("meta.json");
     let text = std::fs::read_to_string(&meta_path).map_err(|e| {
         Error::Data(format!(
@@ -817,14 +827,23 @@ pub fn read_made_for(
             made.prompt_format
         )));
     }
-    let conversations = read_conversations(path, model.llama.config.vocab)?;
-    if conversations.is_empty() {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let (mut conversations, torn) = parse_stored(path, &bytes, model.llama.config.vocab)?;
+    let asked = made.options.conversations;
+    if torn || conversations.len() < asked {
         return Err(Error::Data(format!(
-            "{} holds no conversations",
-            path.display()
+            "{} holds {} whole conversations{} of the {asked} its run asked for: finish that run first",
+            path.display(),
+            conversations.len(),
+            if torn { " and a torn line" } else { "" }
         )));
     }
-    Ok((conversations, made.corpus))
+    conversations.truncate(asked);
+    Ok(MadeConversations {
+        conversations,
+        corpus: made.corpus,
+        digest: blake3::hash(&bytes).into(),
+    })
 }
 
 pub fn conversations_path(work_dir: &Path) -> PathBuf {
