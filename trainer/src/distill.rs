@@ -219,9 +219,16 @@ impl Adam {
 }
 
 /// A scalar that is finite exactly when every element of `tensor` is: each element becomes 0 if
-/// finite and NaN if not (`x * 0`), so their sum never overflows.
+/// finite and NaN if not (`x * 0`), so their sum never overflows. Summed by rows first: a whole
+/// tensor summed at once is one block on a GPU (candle reduces each output in a block), 2.4 ms of
+/// an H200's step over the gradients.
 fn finiteness(tensor: &Tensor) -> Result<Tensor> {
-    Ok(tensor.to_dtype(DType::F32)?.affine(0.0, 0.0)?.sum_all()?)
+    let zeros = tensor.to_dtype(DType::F32)?.affine(0.0, 0.0)?;
+    let rows = match zeros.rank() {
+        0 | 1 => zeros,
+        rank => zeros.flatten_to(rank - 2)?.sum(1)?,
+    };
+    Ok(rows.sum_all()?)
 }
 
 /// A step's loss, and whether every element of its gradients is finite, read together in one
@@ -1099,6 +1106,19 @@ mod tests {
         // Gradients far too large to add up in f32 are still finite.
         let huge = [tensor(&[3e38, 3e38]), tensor(&[3e38])];
         assert!(loss_and_finiteness(&loss, &huge).unwrap().1);
+        // Of a cartridge's shape (summed by rows), one element not finite anywhere is found.
+        let shaped = Tensor::ones((3, 5, 4), DType::F32, &Device::Cpu).unwrap();
+        assert!(loss_and_finiteness(&loss, &[shaped.clone()]).unwrap().1);
+        for at in [0, 37, 59] {
+            let mut values = vec![1f32; 60];
+            values[at] = f32::NAN;
+            let bad = Tensor::from_vec(values, (3, 5, 4), &Device::Cpu).unwrap();
+            assert!(
+                !loss_and_finiteness(&loss, &[shaped.clone(), bad])
+                    .unwrap()
+                    .1
+            );
+        }
         // A finite loss with a gradient that is not.
         for bad in [f32::INFINITY, f32::NAN] {
             let gradients = [tensor(&[1.0, 2.0]), tensor(&[0.0, bad])];
