@@ -1108,7 +1108,11 @@ mod tests {
         assert!(loss_and_finiteness(&loss, &huge).unwrap().1);
         // Of a cartridge's shape (summed by rows), one element not finite anywhere is found.
         let shaped = Tensor::ones((3, 5, 4), DType::F32, &Device::Cpu).unwrap();
-        assert!(loss_and_finiteness(&loss, &[shaped.clone()]).unwrap().1);
+        assert!(
+            loss_and_finiteness(&loss, std::slice::from_ref(&shaped))
+                .unwrap()
+                .1
+        );
         for at in [0, 37, 59] {
             let mut values = vec![1f32; 60];
             values[at] = f32::NAN;
