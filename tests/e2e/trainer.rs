@@ -290,23 +290,13 @@ fn train_then_eval_on_the_real_model() {
     // With the partner's own conversations (a self-study run's, about the corpus the partner
     // was trained on): recorded in the provenance, and part of what a checkpoint continues.
     let with_theirs = |conversations: &'static str, steps: &'static str| {
-        vec![
-            "--objective",
-            "next-token",
+        let flags = [
             "--row-tokens",
             "128",
-            "--rows",
-            "1",
-            "--steps",
-            steps,
-            "--checkpoint-every",
-            "1",
-            "--resume",
-            "--compose-with",
-            "ntp.safetensors",
             "--partner-conversations",
             conversations,
-        ]
+        ];
+        with_flags(composing_flags("ntp.safetensors", steps), &flags)
     };
     let stored = "varn.work/conversations.jsonl";
     let theirs = baseline(

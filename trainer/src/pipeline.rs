@@ -297,7 +297,7 @@ pub fn train(
             "--compose-with shapes training, and 0 steps writes the initialization, which no step trains".into(),
         ));
     }
-    let partners = read_partners(
+    let mut partners = read_partners(
         model,
         &request.compose_with,
         &request.partner_conversations,
@@ -361,7 +361,7 @@ pub fn train(
         // resumable.
         if let Some(partners) = &partners {
             run["compose_with"] = json!(partners.described);
-            if !partners.conversations.is_empty() {
+            if !partners.conversations_described.is_empty() {
                 run["partner_conversations"] = json!(partners.conversations_described);
             }
         }
@@ -440,8 +440,10 @@ pub fn train(
             distiller
         }
     };
-    if let Some(partners) = partners.as_ref() {
-        distiller.compose_with(partners.prefix.clone(), partners.conversations.clone())?;
+    if let Some(partners) = partners.as_mut() {
+        // Theirs to train on from here: the rest of `partners` is what records them.
+        let conversations = std::mem::take(&mut partners.conversations);
+        distiller.compose_with(partners.prefix.clone(), conversations)?;
     }
     let training = Instant::now();
     let mut tokens = 0usize;
@@ -487,7 +489,7 @@ pub fn train(
     });
     if let Some(partners) = &partners {
         provenance["trainer"]["compose_with"] = json!(partners.described);
-        if !partners.conversations.is_empty() {
+        if !partners.conversations_described.is_empty() {
             provenance["trainer"]["partner_conversations"] =
                 json!(partners.conversations_described);
         }

@@ -714,6 +714,28 @@ fn concatenated_prefixes_keep_each_part_in_order() {
     }
 }
 
+/// The loss of one step on `data` after `prefix`.
+fn first_loss(
+    model: &LoadedModel,
+    prefix: &cartridge_trainer::model::Prefix,
+    options: DistillOptions,
+    data: &[Conversation],
+) -> f32 {
+    let mut distiller = Distiller::from_prefix(&model.llama, prefix, options).unwrap();
+    distiller.train(data, |_, _, _, _| Ok(())).unwrap();
+    distiller.losses[0]
+}
+
+/// One step's options for the five partner tokens and the cartridge read as one prefix (its
+/// trainable part the cartridge's).
+fn one_prefix() -> DistillOptions {
+    DistillOptions {
+        tokens: 13,
+        frozen: 6,
+        ..options(1)
+    }
+}
+
 /// Learning to compose: even steps read the partners before the cartridge, as one prefix
 /// would be read (the conversations after both), odd steps the cartridge alone; the partners
 /// never train and are no part of the cartridge.
@@ -737,10 +759,8 @@ fn a_cartridge_learning_to_compose_reads_its_partners_every_other_step() {
         distiller.train(&data, |_, _, _, _| Ok(())).unwrap();
         distiller
     };
-    let first_loss = |prefix: &cartridge_trainer::model::Prefix, options: DistillOptions| {
-        let mut distiller = Distiller::from_prefix(&model.llama, prefix, options).unwrap();
-        distiller.train(&data, |_, _, _, _| Ok(())).unwrap();
-        distiller.losses[0]
+    let first_loss = |prefix: &cartridge_trainer::model::Prefix, options| {
+        first_loss(&model, prefix, options, &data)
     };
     let two = composing(2);
     assert_eq!(two.alone_losses(), [two.losses[1]]);
@@ -749,11 +769,6 @@ fn a_cartridge_learning_to_compose_reads_its_partners_every_other_step() {
     // Step 1 reads the partners and the cartridge as one prefix of 13 tokens.
     let joined =
         cartridge_trainer::cartridge::concatenate(&[partners.clone(), start.clone()]).unwrap();
-    let one_prefix = || DistillOptions {
-        tokens: 13,
-        frozen: 6,
-        ..options(1)
-    };
     let difference = (two.losses[0] - first_loss(&joined, one_prefix())).abs();
     assert!(difference < 1e-5, "step 1 differs by {difference}");
     // Step 2 reads the cartridge step 1 left, alone.
@@ -836,21 +851,11 @@ fn a_cartridge_learning_to_compose_trains_on_its_partners_conversations_every_th
         distiller.train(&own, |_, _, _, _| Ok(())).unwrap();
         distiller
     };
-    // The loss of one step on `data` after `prefix`.
-    let first_loss = |prefix: &cartridge_trainer::model::Prefix,
-                      options: DistillOptions,
-                      data: &[Conversation]| {
-        let mut distiller = Distiller::from_prefix(&model.llama, prefix, options).unwrap();
-        distiller.train(data, |_, _, _, _| Ok(())).unwrap();
-        distiller.losses[0]
+    let first_loss = |prefix: &cartridge_trainer::model::Prefix, options, data: &[Conversation]| {
+        first_loss(&model, prefix, options, data)
     };
     let beside = |prefix: cartridge_trainer::model::Prefix| {
         cartridge_trainer::cartridge::concatenate(&[partners.clone(), prefix]).unwrap()
-    };
-    let one_prefix = || DistillOptions {
-        tokens: 13,
-        frozen: 6,
-        ..options(1)
     };
     let three = composing(3);
     let after = |steps: usize| composing(steps).prefix().unwrap();
