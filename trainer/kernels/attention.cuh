@@ -5,32 +5,36 @@
 //
 // Layouts (contiguous): per (sequence, key head) `head` = sequence · kv_heads + key head, the
 // queries `[rows, 64]` (rows = group · length, the query heads sharing the key head stacked:
-// row r is position r % length), the keys and values `[columns, 64]`, the additive mask
-// `[length, columns]` of the sequence, the output `[rows, 64]` and each row's log-sum-exp of its
-// scaled, masked scores (f32; +inf for a row with nothing visible, whose output is zeros).
+// row r is position r % length), the keys and values `[columns, 64]`, the output `[rows, 64]`
+// and each row's log-sum-exp of its scaled, visible scores (f32; +inf for a row with nothing
+// visible, whose output is zeros). What a row sees is spans, not a mask: every row the first
+// `prefix` keys (a cartridge, a context) and the keys [from, to] of its position's pair in
+// `spans` `[sequences, length, 2]` (empty when from > to; a causal row's or a packed
+// conversation's), two numbers a row where a mask's row is as many bytes as the keys, and it
+// tells without a load which tiles a block can skip. The forward also writes each tile of 64
+// rows' `reach` (the least `from` and the greatest `to` of its spans), from which the backward
+// knows which row tiles see its keys.
 //
 // A block is 4 warps. Fragments follow the PTX ISA's figures for mma.m16n8k16 (g = lane / 4,
 // t = lane % 4): A (16 x 16) register i holds row g + 8 (i % 2), columns 2t + 8 (i / 2) and
 // one more; B (16 x 8) register i holds rows 2t + 8 i and one more of column g; C (16 x 8)
 // element e is row g + 8 (e / 2), column 2t + e % 2. Tiles in shared memory are rows of 72
-// elements: the 8 rows one fragment load reads start in 8 different banks.
+// elements: the 8 rows one fragment load reads start in 8 different banks. Tiles are loaded by
+// cp.async, the next one while the tensor cores work on this one (two buffers).
 
 #define FLASH_THREADS 128
 #define TILE 64
 #define HEAD_DIM 64
 #define STRIDE 72
+// The backward's bits of which row tiles see its keys: at most 32 · SEEN_WORDS row tiles
+// (flash.rs sends larger attention to the composed form).
+#define SEEN_WORDS 128
 
 __device__ __forceinline__ uint16_t bits(__nv_bfloat16 x) { return __bfloat16_as_ushort(x); }
 __device__ __forceinline__ uint16_t bits(__half x) { return __half_as_ushort(x); }
 template <typename T> __device__ __forceinline__ T narrow(float x);
 template <> __device__ __forceinline__ __nv_bfloat16 narrow(float x) { return __float2bfloat16(x); }
 template <> __device__ __forceinline__ __half narrow(float x) { return __float2half(x); }
-__device__ __forceinline__ float widen_bits(__nv_bfloat16, uint16_t x) {
-  return __bfloat162float(__ushort_as_bfloat16(x));
-}
-__device__ __forceinline__ float widen_bits(__half, uint16_t x) {
-  return __half2float(__ushort_as_half(x));
-}
 
 __device__ __forceinline__ uint32_t pair(uint16_t low, uint16_t high) {
   return uint32_t(low) | uint32_t(high) << 16;
@@ -100,64 +104,59 @@ __device__ __forceinline__ void add2(float *to, float low, float high) {
   atomicAdd(to + 1, high);
 #endif
 }
+
+// cp.async: global to shared memory without passing through registers, in groups committed
+// one after another; wait_async<N> waits until at most the N latest groups are in flight.
+__device__ __forceinline__ void copy16_async(uint16_t *to, const uint16_t *from) {
+#if __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(
+                   (uint32_t)__cvta_generic_to_shared(to)),
+               "l"(from));
+#else
+  __trap();
+#endif
+}
+__device__ __forceinline__ void copy4_async(void *to, const void *from) {
+#if __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(
+                   (uint32_t)__cvta_generic_to_shared(to)),
+               "l"(from));
+#else
+  __trap();
+#endif
+}
+__device__ __forceinline__ void commit_async() {
+#if __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;");
+#endif
+}
+template <int N> __device__ __forceinline__ void wait_async() {
+#if __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;" ::"n"(N));
+#endif
+}
 #endif
 
-// Rows [first, first + TILE) of a `[count, 64]` matrix into a tile (zeros past count).
+// Rows [first, first + TILE) of a `[count, 64]` matrix into a tile (zeros past count), by
+// cp.async: the copies are this thread's until it waits for them.
 __device__ __forceinline__ void load_tile(uint16_t *tile, const uint16_t *__restrict__ matrix,
                                           uint32_t first, uint32_t count) {
   for (uint32_t i = threadIdx.x; i < TILE * HEAD_DIM / 8; i += FLASH_THREADS) {
     const uint32_t row = i / (HEAD_DIM / 8), column = i % (HEAD_DIM / 8) * 8;
     uint16_t *to = tile + row * STRIDE + column;
     if (first + row < count)
-      copy16(to, matrix + (size_t)(first + row) * HEAD_DIM + column);
+      copy16_async(to, matrix + (size_t)(first + row) * HEAD_DIM + column);
     else
       zero16(to);
   }
 }
 
-// The mask's tile of rows [first_row, first_row + TILE) and columns [first, first + TILE) (-inf
-// outside `rows` and `columns`), as a tile of T, and whether any of it is visible in any thread
-// of the block (which is also a barrier). Whole aligned rows go 16 bytes a load; otherwise a
-// warp reads one row at a time, an element a lane.
-template <typename T>
-__device__ __forceinline__ bool load_mask(uint16_t *tile, const T *__restrict__ mask,
-                                          uint32_t first_row, uint32_t rows, uint32_t first,
-                                          uint32_t columns, uint32_t length) {
-  const uint16_t hidden = bits(narrow<T>(-INFINITY));
-  bool visible = false;
-  if (first + TILE <= columns && columns % 8 == 0 && reinterpret_cast<uintptr_t>(mask) % 16 == 0) {
-    for (uint32_t i = threadIdx.x; i < TILE * TILE / 8; i += FLASH_THREADS) {
-      const uint32_t r = i / (TILE / 8), c = i % (TILE / 8) * 8, row = first_row + r;
-      uint16_t *to = tile + r * STRIDE + c;
-      if (row < rows) {
-        copy16(to, reinterpret_cast<const uint16_t *>(mask + (size_t)(row % length) * columns +
-                                                      first + c));
-#pragma unroll
-        for (int e = 0; e < 8; e++)
-          visible |= widen_bits(T{}, to[e]) != -INFINITY;
-      } else {
-#pragma unroll
-        for (int e = 0; e < 8; e++)
-          to[e] = hidden;
-      }
-    }
-    return __syncthreads_or(visible);
-  }
-  const uint32_t warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  for (uint32_t r = warp; r < TILE; r += FLASH_THREADS / 32) {
-    const uint32_t row = first_row + r;
-    const T *m = mask + (size_t)(row % length) * columns;
-#pragma unroll
-    for (uint32_t c = 2 * lane; c < 2 * lane + 2; c++) {
-      uint16_t x = hidden;
-      if (row < rows && first + c < columns) {
-        x = bits(m[first + c]);
-        visible |= widen_bits(T{}, x) != -INFINITY;
-      }
-      tile[r * STRIDE + c] = x;
-    }
-  }
-  return __syncthreads_or(visible);
+__device__ __forceinline__ uint32_t least(uint32_t a, uint32_t b) { return a < b ? a : b; }
+__device__ __forceinline__ uint32_t most(uint32_t a, uint32_t b) { return a > b ? a : b; }
+
+// Whether a row of span [from, to] sees key `key`.
+__device__ __forceinline__ bool sees(uint32_t key, uint32_t prefix, uint32_t from, uint32_t to) {
+  return key < prefix || (key >= from && key <= to);
 }
 
 // The A fragments of rows [first, first + 16) of a `[count, 64]` matrix in global memory, for
@@ -270,56 +269,108 @@ __device__ __forceinline__ float quad_sum(float x) {
   return x + __shfl_xor_sync(0xffffffffu, x, 2);
 }
 
+// The first tile of keys from `first` on that a tile of rows sees: the prefix's, then those
+// within [lo, hi] (its rows' reach; lo > hi when no row has a span). `columns` when none.
+__device__ __forceinline__ uint32_t next_keys(uint32_t first, uint32_t prefix, uint32_t lo,
+                                              uint32_t hi, uint32_t columns) {
+  if (first < prefix)
+    return first;
+  if (lo > hi || first > hi)
+    return columns;
+  return most(first, lo / TILE * TILE);
+}
+
 // Grid (ceil(rows / 64), sequences · kv_heads): a block takes 64 query rows (16 a warp) and
-// walks the keys 64 at a time, keeping each row's running maximum and sum (online softmax).
+// walks the keys they can see 64 at a time, keeping each row's running maximum and sum (online
+// softmax).
 template <typename T>
 __device__ void flash_forward(const T *__restrict__ q, const T *__restrict__ k,
-                              const T *__restrict__ v, const T *__restrict__ mask,
-                              T *__restrict__ out, float *__restrict__ lse, uint32_t rows,
-                              uint32_t columns, uint32_t length, uint32_t kv_heads, float scale) {
-  __shared__ __align__(16) uint16_t ks[TILE * STRIDE];
-  __shared__ __align__(16) uint16_t vs[TILE * STRIDE];
-  // The mask's tile, `[row, key]`.
-  __shared__ __align__(16) uint16_t ms[TILE * STRIDE];
-  const uint32_t warp = threadIdx.x / 32, g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
+                              const T *__restrict__ v, const uint32_t *__restrict__ spans,
+                              uint32_t prefix, T *__restrict__ out, float *__restrict__ lse,
+                              uint32_t *__restrict__ reach, uint32_t rows, uint32_t columns,
+                              uint32_t length, uint32_t kv_heads, float scale) {
+  __shared__ __align__(16) uint16_t ks[2][TILE * STRIDE];
+  __shared__ __align__(16) uint16_t vs[2][TILE * STRIDE];
+  __shared__ uint32_t warp_lo[FLASH_THREADS / 32], warp_hi[FLASH_THREADS / 32];
+  const uint32_t warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const size_t head = blockIdx.y, sequence = head / kv_heads;
-  const T *mask_head = mask + sequence * length * columns;
   const uint16_t *qh = reinterpret_cast<const uint16_t *>(q) + head * rows * HEAD_DIM;
   const uint16_t *kh = reinterpret_cast<const uint16_t *>(k) + head * columns * HEAD_DIM;
   const uint16_t *vh = reinterpret_cast<const uint16_t *>(v) + head * columns * HEAD_DIM;
   const uint32_t first_row = blockIdx.x * TILE + warp * 16;
-  // This thread's two rows, g and g + 8 of the warp's 16 (C fragment elements 0-1 and 2-3).
-  uint32_t row[2];
+  prefix = least(prefix, columns);
+  // This thread's two rows, g and g + 8 of the warp's 16 (C fragment elements 0-1 and 2-3),
+  // their spans (a key past the last is no key), and the block's reach.
+  uint32_t row[2], from[2], to[2], lo = UINT32_MAX, hi = 0;
   bool live[2];
 #pragma unroll
   for (int h = 0; h < 2; h++) {
     row[h] = first_row + g + 8 * h;
     live[h] = row[h] < rows;
+    from[h] = 1;
+    to[h] = 0;
+    if (live[h]) {
+      const uint32_t *span = spans + 2 * (sequence * length + row[h] % length);
+      from[h] = span[0];
+      to[h] = least(span[1], columns - 1);
+    }
+    if (from[h] <= to[h]) {
+      lo = least(lo, from[h]);
+      hi = most(hi, to[h]);
+    }
+  }
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) {
+    lo = least(lo, __shfl_xor_sync(0xffffffffu, lo, offset));
+    hi = most(hi, __shfl_xor_sync(0xffffffffu, hi, offset));
+  }
+  if (lane == 0) {
+    warp_lo[warp] = lo;
+    warp_hi[warp] = hi;
+  }
+  __syncthreads();
+#pragma unroll
+  for (int w = 0; w < FLASH_THREADS / 32; w++) {
+    lo = least(lo, warp_lo[w]);
+    hi = most(hi, warp_hi[w]);
+  }
+  if (threadIdx.x == 0) {
+    uint32_t *r = reach + 2 * (head * ((rows + TILE - 1) / TILE) + blockIdx.x);
+    r[0] = lo;
+    r[1] = hi;
   }
   uint32_t qa[4][4];
   load_a(qa, qh, first_row, rows);
   float o[8][4] = {};
   float top[2] = {-INFINITY, -INFINITY}, sum[2] = {0, 0};
-  for (uint32_t first = 0; first < columns; first += TILE) {
-    __syncthreads();
-    // A tile the mask hides from every row adds nothing: causal attention over packed
-    // conversations hides about a quarter of them at the benchmark's size.
-    if (!load_mask(ms, mask_head, blockIdx.x * TILE, rows, first, columns, length))
-      continue;
-    load_tile(ks, kh, first, columns);
-    load_tile(vs, vh, first, columns);
+  uint32_t first = next_keys(0, prefix, lo, hi, columns);
+  if (first < columns) {
+    load_tile(ks[0], kh, first, columns);
+    load_tile(vs[0], vh, first, columns);
+  }
+  commit_async();
+  for (int b = 0; first < columns; b ^= 1) {
+    const uint32_t after = next_keys(first + TILE, prefix, lo, hi, columns);
+    if (after < columns) {
+      load_tile(ks[b ^ 1], kh, after, columns);
+      load_tile(vs[b ^ 1], vh, after, columns);
+    }
+    commit_async();
+    wait_async<1>();
     __syncthreads();
     float s[8][4] = {};
-    product<T, true>(s, qa, ks);
+    product<T, true>(s, qa, ks[b]);
+    // A tile within the prefix is seen whole by every row.
+    const bool whole = first + TILE <= prefix;
     float tile_top[2] = {-INFINITY, -INFINITY};
 #pragma unroll
     for (int n = 0; n < 8; n++)
 #pragma unroll
       for (int e = 0; e < 4; e++) {
         const int h = e / 2;
+        const uint32_t key = first + n * 8 + 2 * t + e % 2;
         const float x =
-            s[n][e] * scale +
-            widen_bits(T{}, ms[(warp * 16 + g + 8 * h) * STRIDE + n * 8 + 2 * t + e % 2]);
+            whole || sees(key, prefix, from[h], to[h]) ? s[n][e] * scale : -INFINITY;
         s[n][e] = x;
         tile_top[h] = fmaxf(tile_top[h], x);
       }
@@ -344,8 +395,12 @@ __device__ void flash_forward(const T *__restrict__ q, const T *__restrict__ k,
       }
     uint32_t pa[4][4];
     as_a<T>(s, pa);
-    product<T, false>(o, pa, vs);
+    product<T, false>(o, pa, vs[b]);
+    // Every warp is done with this buffer before the next tile but one is loaded into it.
+    __syncthreads();
+    first = after;
   }
+  wait_async<0>();
 #pragma unroll
   for (int h = 0; h < 2; h++) {
     // Each thread summed its own columns; the row's sum is the quad's.
@@ -362,34 +417,47 @@ __device__ void flash_forward(const T *__restrict__ q, const T *__restrict__ k,
   }
 }
 
+// The first row tile from `x` on whose bit is set in `seen`, or `tiles`.
+__device__ __forceinline__ uint32_t next_rows(const uint32_t *seen, uint32_t x, uint32_t tiles) {
+  while (x < tiles) {
+    const uint32_t word = seen[x / 32] >> (x % 32);
+    if (word)
+      return x + __ffs(word) - 1;
+    x = (x / 32 + 1) * 32;
+  }
+  return tiles;
+}
+
 // Grid (ceil(columns / 64), sequences · kv_heads): a block takes 64 keys (16 a warp), keeps
-// their gradients in registers and walks the query rows 64 at a time, recomputing each tile's
-// probabilities from the forward's log-sum-exp: P = exp(scale·QKᵀ + mask - lse), dV += Pᵀ·dO,
-// dS = P·(dO·Vᵀ - dsum) with dsum = rowsum(dO·O), dK += scale·dSᵀ·Q, and dQ += scale·dS·K
-// added to `dq` (f32, zeroed by the caller) by atomics, since every block adds to every row.
+// their gradients in registers and walks the tiles of 64 query rows that see them, recomputing
+// each tile's probabilities from the forward's log-sum-exp: P = exp(scale·QKᵀ - lse) where
+// seen, dV += Pᵀ·dO, dS = P·(dO·Vᵀ - dsum) with dsum = rowsum(dO·O), dK += scale·dSᵀ·Q, and
+// dQ += scale·dS·K added to `dq` (f32, zeroed by the caller) by atomics, since every block adds
+// to every row.
 template <typename T>
 __device__ void flash_backward(const T *__restrict__ q, const T *__restrict__ k,
-                               const T *__restrict__ v, const T *__restrict__ mask,
+                               const T *__restrict__ v, const uint32_t *__restrict__ spans,
+                               uint32_t prefix, const uint32_t *__restrict__ reach,
                                const T *__restrict__ dout, const float *__restrict__ lse,
                                const float *__restrict__ dsum, float *__restrict__ dq,
                                T *__restrict__ dk, T *__restrict__ dv, uint32_t rows,
                                uint32_t columns, uint32_t length, uint32_t kv_heads, float scale) {
-  __shared__ __align__(16) uint16_t qs[TILE * STRIDE];
-  __shared__ __align__(16) uint16_t dos[TILE * STRIDE];
+  // The Q tile's buffer takes the tile's dS, `[query, key]` (the A operand of dQ's product),
+  // once every warp is done reading Q.
+  __shared__ __align__(16) uint16_t qs[2][TILE * STRIDE];
+  __shared__ __align__(16) uint16_t dos[2][TILE * STRIDE];
   __shared__ __align__(16) uint16_t ks[TILE * STRIDE];
-  // The tile's dS as T, `[query, key]`: the A operand of dQ's product.
-  __shared__ __align__(16) uint16_t dss[TILE * STRIDE];
-  // The mask's tile, `[query, key]`.
-  __shared__ __align__(16) uint16_t ms[TILE * STRIDE];
-  __shared__ float lses[TILE], dsums[TILE];
+  __shared__ __align__(16) float lses[2][TILE], dsums[2][TILE];
+  __shared__ __align__(16) uint32_t froms[2][TILE], tos[2][TILE];
+  __shared__ uint32_t seen[SEEN_WORDS];
   const uint32_t warp = threadIdx.x / 32, g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
   const size_t head = blockIdx.y, sequence = head / kv_heads;
   const uint16_t *qh = reinterpret_cast<const uint16_t *>(q) + head * rows * HEAD_DIM;
   const uint16_t *doh = reinterpret_cast<const uint16_t *>(dout) + head * rows * HEAD_DIM;
   const uint16_t *kh = reinterpret_cast<const uint16_t *>(k) + head * columns * HEAD_DIM;
   const uint16_t *vh = reinterpret_cast<const uint16_t *>(v) + head * columns * HEAD_DIM;
-  const T *mask_head = mask + sequence * length * columns;
   const uint32_t first_key = blockIdx.x * TILE, warp_key = first_key + warp * 16;
+  const uint32_t tiles = (rows + TILE - 1) / TILE;
   uint32_t key[2];
   bool live[2];
 #pragma unroll
@@ -397,44 +465,80 @@ __device__ void flash_backward(const T *__restrict__ q, const T *__restrict__ k,
     key[h] = warp_key + g + 8 * h;
     live[h] = key[h] < columns;
   }
+  // Which row tiles see any of the block's keys: all of them where the keys start within the
+  // prefix, else those whose reach meets the keys.
+  for (uint32_t w = threadIdx.x; w < SEEN_WORDS; w += FLASH_THREADS)
+    seen[w] = 0;
+  __syncthreads();
+  for (uint32_t x = threadIdx.x; x < tiles; x += FLASH_THREADS) {
+    const uint32_t lo = reach[2 * (head * tiles + x)], hi = reach[2 * (head * tiles + x) + 1];
+    if (first_key < prefix || (lo <= first_key + TILE - 1 && hi >= first_key))
+      atomicOr(&seen[x / 32], 1u << x % 32);
+  }
+  // The rows of tile x: Q and dO, and each row's log-sum-exp, dsum and span (past the rows:
+  // zeros, +inf, 0 and nothing).
+  const auto load_rows = [&](int b, uint32_t x) {
+    load_tile(qs[b], qh, x * TILE, rows);
+    load_tile(dos[b], doh, x * TILE, rows);
+    for (uint32_t i = threadIdx.x; i < TILE; i += FLASH_THREADS) {
+      const uint32_t row = x * TILE + i;
+      if (row < rows) {
+        const uint32_t *span = spans + 2 * (sequence * length + row % length);
+        copy4_async(&lses[b][i], &lse[head * rows + row]);
+        copy4_async(&dsums[b][i], &dsum[head * rows + row]);
+        copy4_async(&froms[b][i], &span[0]);
+        copy4_async(&tos[b][i], &span[1]);
+      } else {
+        lses[b][i] = INFINITY;
+        dsums[b][i] = 0.f;
+        froms[b][i] = 1;
+        tos[b][i] = 0;
+      }
+    }
+  };
   uint32_t ka[4][4], va[4][4];
   load_a(ka, kh, warp_key, columns);
   load_a(va, vh, warp_key, columns);
   load_tile(ks, kh, first_key, columns);
+  __syncthreads();
+  uint32_t x = next_rows(seen, 0, tiles);
+  if (x < tiles)
+    load_rows(0, x);
+  commit_async();
+  // Keys within the prefix are seen by every row.
+  const bool whole = first_key + TILE <= prefix;
   float dka[8][4] = {}, dva[8][4] = {};
-  for (uint32_t first = 0; first < rows; first += TILE) {
-    __syncthreads();
-    if (!load_mask(ms, mask_head, first, rows, first_key, columns, length))
-      continue;
-    load_tile(qs, qh, first, rows);
-    load_tile(dos, doh, first, rows);
-    for (uint32_t i = threadIdx.x; i < TILE; i += FLASH_THREADS) {
-      const bool in = first + i < rows;
-      lses[i] = in ? lse[head * rows + first + i] : INFINITY;
-      dsums[i] = in ? dsum[head * rows + first + i] : 0.f;
-    }
+  for (int b = 0; x < tiles; b ^= 1) {
+    const uint32_t after = next_rows(seen, x + 1, tiles);
+    if (after < tiles)
+      load_rows(b ^ 1, after);
+    commit_async();
+    wait_async<1>();
     __syncthreads();
     // Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ for the warp's 16 keys and the tile's 64 queries.
     float st[8][4] = {}, dpt[8][4] = {};
-    product<T, true>(st, ka, qs);
-    product<T, true>(dpt, va, dos);
+    product<T, true>(st, ka, qs[b]);
+    product<T, true>(dpt, va, dos[b]);
 #pragma unroll
     for (int n = 0; n < 8; n++)
 #pragma unroll
       for (int e = 0; e < 4; e++) {
         const uint32_t local = n * 8 + 2 * t + e % 2;
-        // Hidden (the mask's -inf, also past the rows and keys): exp(-inf) = 0.
+        // Past the rows, lse is +inf: exp(-inf) = 0.
         const float p =
-            __expf(st[n][e] * scale +
-                   widen_bits(T{}, ms[local * STRIDE + warp * 16 + g + 8 * (e / 2)]) - lses[local]);
+            whole || sees(key[e / 2], prefix, froms[b][local], tos[b][local])
+                ? __expf(st[n][e] * scale - lses[b][local])
+                : 0.f;
         st[n][e] = p;
-        dpt[n][e] = p * (dpt[n][e] - dsums[local]);
+        dpt[n][e] = p * (dpt[n][e] - dsums[b][local]);
       }
     uint32_t pa[4][4], da[4][4];
     as_a<T>(st, pa);
     as_a<T>(dpt, da);
-    product<T, false>(dva, pa, dos);
-    product<T, false>(dka, da, qs);
+    product<T, false>(dva, pa, dos[b]);
+    product<T, false>(dka, da, qs[b]);
+    __syncthreads();
+    uint16_t *dss = qs[b];
 #pragma unroll
     for (int n = 0; n < 8; n++)
 #pragma unroll
@@ -451,14 +555,18 @@ __device__ void flash_backward(const T *__restrict__ q, const T *__restrict__ k,
     product<T, false>(acc, sa, ks);
 #pragma unroll
     for (int h = 0; h < 2; h++) {
-      const uint32_t query = first + warp * 16 + g + 8 * h;
+      const uint32_t query = x * TILE + warp * 16 + g + 8 * h;
       if (query < rows)
 #pragma unroll
         for (int n = 0; n < 8; n++)
           add2(&dq[(head * rows + query) * HEAD_DIM + n * 8 + 2 * t], acc[n][2 * h] * scale,
                acc[n][2 * h + 1] * scale);
     }
+    // Every warp is done with this buffer before the next tile but one is loaded into it.
+    __syncthreads();
+    x = after;
   }
+  wait_async<0>();
 #pragma unroll
   for (int h = 0; h < 2; h++) {
     if (!live[h])
@@ -473,21 +581,24 @@ __device__ void flash_backward(const T *__restrict__ q, const T *__restrict__ k,
   }
 }
 
+// The forward at 4 blocks an SM (128 registers a thread at most), the backward at 2.
 #define FLASH_KERNELS(T, NAME)                                                                     \
-  extern "C" __global__ void __launch_bounds__(FLASH_THREADS) flash_forward_##NAME(                \
+  extern "C" __global__ void __launch_bounds__(FLASH_THREADS, 4) flash_forward_##NAME(             \
       const T *__restrict__ q, const T *__restrict__ k, const T *__restrict__ v,                   \
-      const T *__restrict__ mask, T *__restrict__ out, float *__restrict__ lse, uint32_t rows,     \
-      uint32_t columns, uint32_t length, uint32_t kv_heads, float scale) {                         \
-    flash_forward<T>(q, k, v, mask, out, lse, rows, columns, length, kv_heads, scale);             \
+      const uint32_t *__restrict__ spans, uint32_t prefix, T *__restrict__ out,                    \
+      float *__restrict__ lse, uint32_t *__restrict__ reach, uint32_t rows, uint32_t columns,      \
+      uint32_t length, uint32_t kv_heads, float scale) {                                           \
+    flash_forward<T>(q, k, v, spans, prefix, out, lse, reach, rows, columns, length, kv_heads,     \
+                     scale);                                                                       \
   }                                                                                                \
   extern "C" __global__ void __launch_bounds__(FLASH_THREADS) flash_backward_##NAME(               \
       const T *__restrict__ q, const T *__restrict__ k, const T *__restrict__ v,                   \
-      const T *__restrict__ mask, const T *__restrict__ dout, const float *__restrict__ lse,       \
-      const float *__restrict__ dsum, float *__restrict__ dq, T *__restrict__ dk,                  \
-      T *__restrict__ dv, uint32_t rows, uint32_t columns, uint32_t length, uint32_t kv_heads,     \
-      float scale) {                                                                               \
-    flash_backward<T>(q, k, v, mask, dout, lse, dsum, dq, dk, dv, rows, columns, length, kv_heads, \
-                      scale);                                                                      \
+      const uint32_t *__restrict__ spans, uint32_t prefix, const uint32_t *__restrict__ reach,     \
+      const T *__restrict__ dout, const float *__restrict__ lse, const float *__restrict__ dsum,    \
+      float *__restrict__ dq, T *__restrict__ dk, T *__restrict__ dv, uint32_t rows,               \
+      uint32_t columns, uint32_t length, uint32_t kv_heads, float scale) {                         \
+    flash_backward<T>(q, k, v, spans, prefix, reach, dout, lse, dsum, dq, dk, dv, rows, columns,   \
+                      length, kv_heads, scale);                                                    \
   }
 
 FLASH_KERNELS(__nv_bfloat16, bf16)

@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::model::{
-    AdamStep, Llama, LoadedModel, Prefix, TextCodec, select_rows, select_rows_backward,
+    AdamStep, Llama, LoadedModel, Mask, Prefix, TextCodec, select_rows, select_rows_backward,
     top_k_cross_entropy, top_k_cross_entropy_backward,
 };
 use crate::synthesis::Conversation;
@@ -271,7 +271,7 @@ pub struct Distiller<'a> {
 struct Batch {
     ids: Tensor,
     positions: Tensor,
-    mask: Tensor,
+    mask: Mask,
     /// Flat `row * row_tokens + column` indices whose output predicts an answer token.
     rows: Vec<u32>,
     teacher_ids: Tensor,
@@ -414,34 +414,6 @@ fn shuffled(count: usize, seed: u64, epoch: u64) -> Vec<usize> {
         seed ^ epoch.wrapping_mul(0x9e37_79b9_7f4a_7c15),
     ));
     order
-}
-
-/// The additive attention mask `[B, 1, 1, L, P + L]` of packed rows: every column sees the
-/// cartridge's `p` keys and the keys of its `spans` entry, `[from, to]` (empty when `from > to`).
-/// Made on the device from the spans: uploading it whole would move B·L·(P + L) floats a step,
-/// 134 MB at the benchmark's size.
-fn packed_mask(
-    spans: &[(u32, u32)],
-    (batch, length): (usize, usize),
-    p: usize,
-    dtype: DType,
-    device: &Device,
-) -> Result<Tensor> {
-    let keys =
-        Tensor::arange(0u32, (p + length) as u32, device)?.reshape((1, 1, 1, 1, p + length))?;
-    let (from, to): (Vec<u32>, Vec<u32>) = spans.iter().copied().unzip();
-    let from = Tensor::from_vec(from, (batch, 1, 1, length, 1), device)?;
-    let to = Tensor::from_vec(to, (batch, 1, 1, length, 1), device)?;
-    // 0 or 1 each: the cartridge's keys and a span's never overlap.
-    let visible = (keys.broadcast_ge(&from)? * keys.broadcast_le(&to)?)?
-        .broadcast_add(&keys.lt(p as u32)?)?;
-    let shape = visible.shape().clone();
-    let fill = |value: f32| -> Result<Tensor> {
-        Ok(Tensor::new(value, device)?
-            .to_dtype(dtype)?
-            .broadcast_as(&shape)?)
-    };
-    Ok(visible.where_cond(&fill(0.0)?, &fill(f32::NEG_INFINITY)?)?)
 }
 
 /// The tokens a cartridge of `tokens` starts from: a system turn holding the corpus's first
@@ -781,11 +753,10 @@ impl<'a> Distiller<'a> {
             tokens += start;
         }
         let targets = flat_rows.len();
-        let dtype = self.model.dtype();
         Ok(Batch {
             ids: Tensor::from_vec(ids, (batch, length), device)?,
             positions: Tensor::from_vec(positions, (batch, length), device)?,
-            mask: packed_mask(&spans, (batch, length), p, dtype, device)?,
+            mask: Mask::spans(&spans, (batch, length), p, p + length, device)?,
             rows: flat_rows,
             teacher_ids: Tensor::from_vec(teacher_ids, (targets, k), device)?,
             teacher_probabilities: Tensor::from_vec(teacher_probabilities, (targets, k), device)?,
@@ -1210,7 +1181,10 @@ mod tests {
         // padding.
         let p = 2;
         let spans = [(2, 2), (2, 3), (4, 4), (4, 5), (7, 0)];
-        let mask = packed_mask(&spans, (1, 5), p, DType::F32, &Device::Cpu).unwrap();
+        let mask = Mask::spans(&spans, (1, 5), p, 7, &Device::Cpu)
+            .unwrap()
+            .to_additive(DType::F32)
+            .unwrap();
         assert_eq!(mask.dims(), [1, 1, 1, 5, 7]);
         let seen: Vec<String> = mask
             .flatten_all()

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::model::{
-    Context, GenerationRequest, LoadedModel, Message, Prefix, Sampling, causal_mask, generate,
+    Context, GenerationRequest, LoadedModel, Mask, Message, Prefix, Sampling, generate,
 };
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -269,7 +269,7 @@ fn score(
     let n = ids.len();
     let input = Tensor::new(ids.as_slice(), device)?.unsqueeze(0)?;
     let positions = Tensor::arange(p as u32, (p + n) as u32, device)?.unsqueeze(0)?;
-    let mask = causal_mask(&[n], p, n, llama.dtype(), device)?;
+    let mask = Mask::causal(1, p, n, device)?;
     let context = prefix.map_or(Context::None, Context::Prefix);
     let hidden = llama.forward(&input, &positions, &mask, context)?;
     // Outputs at question.len()-1 .. n-1 predict the answer tokens.

@@ -267,43 +267,57 @@ void adam_case() {
 }
 
 // Attention in tiles against the composed arithmetic in double precision: `sequences` x 2 key
-// heads, 3 query heads to each, `length` positions, `columns` keys of 64 dimensions, a mask
-// hiding about a third of the keys at random, every key of position 1 of the first sequence, and
-// none of position 0 of the second, and keys 64 to 127 from all of the first. The backward is given
-// the reference's log-sum-exp and rowsum(dO·O), so each kernel is checked on its own. Errors are
-// relative to the largest element of each reference.
+// heads, 3 query heads to each, `length` positions after `prefix` keys every row sees, 64
+// dimensions. Sequence 0's rows are packed conversations (each position sees its conversation
+// up to itself), the last three padding (nothing of their own); sequence 1's spans are random,
+// some empty, its first row's too, and one row sees every key. The backward is given the
+// reference's log-sum-exp and rowsum(dO·O), and the forward's reach, so each kernel's
+// arithmetic is checked on its own and the backward's choice of row tiles by the forward's.
+// Errors are relative to the largest element of each reference.
 template <typename T>
-void flash_case(int length, int columns,
-                void (*forward)(const T *, const T *, const T *, const T *, T *, float *, uint32_t,
-                                uint32_t, uint32_t, uint32_t, float),
-                void (*backward)(const T *, const T *, const T *, const T *, const T *,
-                                 const float *, const float *, float *, T *, T *, uint32_t,
-                                 uint32_t, uint32_t, uint32_t, float),
+void flash_case(int length, int prefix,
+                void (*forward)(const T *, const T *, const T *, const uint32_t *, uint32_t, T *,
+                                float *, uint32_t *, uint32_t, uint32_t, uint32_t, uint32_t,
+                                float),
+                void (*backward)(const T *, const T *, const T *, const uint32_t *, uint32_t,
+                                 const uint32_t *, const T *, const float *, const float *,
+                                 float *, T *, T *, uint32_t, uint32_t, uint32_t, uint32_t,
+                                 float),
                 double tol, const char *name) {
   const int sequences = 2, kv_heads = 2, group = 3, D = 64, heads = sequences * kv_heads;
-  const int rows = group * length;
+  const int rows = group * length, columns = prefix + length;
   const float scale = 0.125f;
   std::vector<T> q(heads * rows * D), dout(heads * rows * D), k(heads * columns * D),
-      v(heads * columns * D), mask(sequences * length * columns);
+      v(heads * columns * D);
   for (auto *m : {&q, &dout, &k, &v})
     for (auto &x : *m)
       x = cast<T>(randn());
-  for (auto &x : mask)
-    x = cast<T>(uniform() < 0.35 ? -INFINITY : 0.0);
-  for (int j = 0; j < columns; j++) {
-    mask[1 * columns + j] = cast<T>(-INFINITY);
-    mask[(1 * length + 0) * columns + j] = cast<T>(0.0);
+  std::vector<uint32_t> spans(sequences * length * 2);
+  for (int i = 0, start = 0; i < length; i++) {
+    if (uniform() < 0.05)
+      start = i;
+    const bool padding = i >= length - 3;
+    spans[2 * i] = padding ? columns : prefix + start;
+    spans[2 * i + 1] = padding ? 0 : prefix + i;
   }
-  // Keys 64 to 127 hidden from the whole first sequence: a tile the kernels skip.
-  for (int i = 0; i < length; i++)
-    for (int j = 64; j < std::min(columns, 128); j++)
-      mask[i * columns + j] = cast<T>(-INFINITY);
+  for (int i = 0; i < length; i++) {
+    uint32_t *span = &spans[2 * (length + i)];
+    span[0] = uint32_t(uniform() * columns);
+    span[1] = span[0] + uint32_t(uniform() * (columns - span[0])) - 1;
+  }
+  spans[2 * length] = 1;
+  spans[2 * length + 1] = 0;
+  spans[2 * (length + 1)] = 0;
+  spans[2 * (length + 1) + 1] = columns - 1;
+  const auto sees = [&](int sequence, int position, int key) {
+    const uint32_t *span = &spans[2 * (sequence * length + position)];
+    return key < prefix || (uint32_t(key) >= span[0] && uint32_t(key) <= span[1]);
+  };
   // The reference, per head and row.
   std::vector<double> o(heads * rows * D), lse(heads * rows), dsum(heads * rows),
       dq(heads * rows * D, 0), dk(heads * columns * D, 0), dv(heads * columns * D, 0);
   for (int h = 0; h < heads; h++)
     for (int r = 0; r < rows; r++) {
-      const T *m = &mask[((h / kv_heads) * length + r % length) * columns];
       const size_t row = size_t(h) * rows + r;
       std::vector<double> s(columns), p(columns, 0.0), dp(columns);
       double top = -INFINITY, sum = 0;
@@ -311,7 +325,7 @@ void flash_case(int length, int columns,
         double dot = 0;
         for (int d = 0; d < D; d++)
           dot += back(q[row * D + d]) * back(k[(size_t(h) * columns + j) * D + d]);
-        s[j] = dot * scale + back(m[j]);
+        s[j] = sees(h / kv_heads, r % length, j) ? dot * scale : -INFINITY;
         top = std::max(top, s[j]);
       }
       for (int j = 0; j < columns; j++)
@@ -345,15 +359,18 @@ void flash_case(int length, int columns,
   std::vector<T> out = unset<T>(q.size()), dk_out = unset<T>(k.size()), dv_out = unset<T>(v.size());
   std::vector<float> lse_out = unset<float>(lse.size()), lse_in(lse.begin(), lse.end()),
                      dsum_in(dsum.begin(), dsum.end()), dq_out(q.size(), 0.f);
+  // Unset: a tile the forward leaves so sees no key beyond the prefix.
+  std::vector<uint32_t> reach(heads * ((rows + 63) / 64) * 2, 0xdeadbeefu);
   const dim3 queries{unsigned(rows + 63) / 64, unsigned(heads), 1},
       keys{unsigned(columns + 63) / 64, unsigned(heads), 1};
   launch(queries, 128, [&] {
-    forward(q.data(), k.data(), v.data(), mask.data(), out.data(), lse_out.data(), rows, columns,
-            length, kv_heads, scale);
+    forward(q.data(), k.data(), v.data(), spans.data(), prefix, out.data(), lse_out.data(),
+            reach.data(), rows, columns, length, kv_heads, scale);
   });
   launch(keys, 128, [&] {
-    backward(q.data(), k.data(), v.data(), mask.data(), dout.data(), lse_in.data(), dsum_in.data(),
-             dq_out.data(), dk_out.data(), dv_out.data(), rows, columns, length, kv_heads, scale);
+    backward(q.data(), k.data(), v.data(), spans.data(), prefix, reach.data(), dout.data(),
+             lse_in.data(), dsum_in.data(), dq_out.data(), dk_out.data(), dv_out.data(), rows,
+             columns, length, kv_heads, scale);
   });
   const auto relative = [](const std::vector<double> &want, auto got) {
     double largest = 0, error = 0;
@@ -365,7 +382,7 @@ void flash_case(int length, int columns,
   };
   char what[100];
   const auto report = [&](const char *part, double error, double tolerance) {
-    snprintf(what, 100, "%s, %d positions, %d keys: %s", name, length, columns, part);
+    snprintf(what, 100, "%s, %d positions after %d: %s", name, length, prefix, part);
     check(what, error, tolerance);
   };
   report("output", relative(o, [&](size_t i) { return back(out[i]); }), tol);
@@ -409,11 +426,14 @@ int main() {
   place_rows_case<float>(place_rows_f32, "place_rows_f32");
   place_rows_case<__nv_bfloat16>(place_rows_bf16, "place_rows_bf16");
   place_rows_case<__half>(place_rows_f16, "place_rows_f16");
-  // Partial tiles of rows and keys; whole tiles of keys, whose mask goes 16 bytes a load.
-  for (auto [length, columns] : {std::pair{21, 40}, std::pair{70, 150}, std::pair{50, 128}}) {
-    flash_case<__nv_bfloat16>(length, columns, flash_forward_bf16, flash_backward_bf16, 2e-2,
+  // Partial tiles of rows and keys; a prefix of whole tiles; none, so that rows see nothing and
+  // tiles of rows and keys that do not meet are skipped.
+  for (auto [length, prefix] :
+       {std::pair{21, 19}, std::pair{70, 80}, std::pair{50, 78}, std::pair{40, 128},
+        std::pair{150, 0}}) {
+    flash_case<__nv_bfloat16>(length, prefix, flash_forward_bf16, flash_backward_bf16, 2e-2,
                               "flash_bf16");
-    flash_case<__half>(length, columns, flash_forward_f16, flash_backward_f16, 2e-3, "flash_f16");
+    flash_case<__half>(length, prefix, flash_forward_f16, flash_backward_f16, 2e-3, "flash_f16");
   }
   printf("%s\n", failures ? "FAILURES" : "all ok");
   return failures != 0;

@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
 #include <math.h>
 #include <memory>
 #include <thread>
@@ -24,7 +25,7 @@ inline float __expf(float x) { return std::exp(x); }
 #define __global__
 #define __device__
 #define __forceinline__ inline
-#define __launch_bounds__(x)
+#define __launch_bounds__(...)
 #define __shared__ static
 #define __align__(n) __attribute__((aligned(n)))
 struct dim3 {
@@ -71,6 +72,36 @@ inline void zero16(uint16_t *to) { std::memset(to, 0, 16); }
 inline void add2(float *to, float low, float high) {
   std::atomic_ref<float>(to[0]).fetch_add(low);
   std::atomic_ref<float>(to[1]).fetch_add(high);
+}
+// cp.async: each thread's copies wait in its groups until wait_async lets them land, so a kernel
+// that reads a tile before waiting for it reads what was there before.
+struct AsyncCopy {
+  void *to;
+  const void *from;
+  size_t bytes;
+};
+inline thread_local std::vector<AsyncCopy> open_copies;
+inline thread_local std::deque<std::vector<AsyncCopy>> copy_groups;
+inline void copy16_async(uint16_t *to, const uint16_t *from) {
+  if (reinterpret_cast<uintptr_t>(to) % 16 != 0 || reinterpret_cast<uintptr_t>(from) % 16 != 0)
+    std::abort(); // cp.async of 16 bytes needs 16-byte aligned addresses
+  open_copies.push_back({to, from, 16});
+}
+inline void copy4_async(void *to, const void *from) { open_copies.push_back({to, from, 4}); }
+inline void commit_async() {
+  copy_groups.push_back(std::move(open_copies));
+  open_copies.clear();
+}
+template <int N> void wait_async() {
+  while (copy_groups.size() > N) {
+    for (const AsyncCopy &copy : copy_groups.front())
+      std::memcpy(copy.to, copy.from, copy.bytes);
+    copy_groups.pop_front();
+  }
+}
+inline int __ffs(unsigned x) { return __builtin_ffs(int(x)); }
+inline unsigned atomicOr(unsigned *to, unsigned x) {
+  return std::atomic_ref<unsigned>(*to).fetch_or(x);
 }
 inline std::barrier<> *block_barrier;
 inline std::barrier<> *warp_barriers[8];

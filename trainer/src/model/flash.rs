@@ -21,15 +21,26 @@ use super::fused::cuda::{MODULE, OPS};
 const THREADS: u32 = 128;
 const TILE: usize = 64;
 const HEAD_DIM: usize = 64;
+/// The most tiles of rows a head may have: the backward marks those that see its keys in
+/// `SEEN_WORDS` (128) words of bits.
+const MAX_ROW_TILES: usize = 128 * 32;
 /// The scores' scale, 1/√HEAD_DIM.
 const SCALE: f32 = 0.125;
 
 /// Whether the tiled kernels take attention over these `[B, kv_heads, rows, head_dim]` queries,
-/// `[B, kv_heads, T, head_dim]` keys and values and `[B, 1, 1, rows / group, T]` mask: on a GPU
-/// with bf16 or f16 tensor cores (compute capability 8 or later), heads of 64, inputs laid out as
-/// the kernels read them. `CARTRIDGE_ATTENTION=composed` sends all attention to the composed
-/// form: to compare the two, or to go on should a kernel fail on some GPU.
-pub fn applies(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, group: usize) -> bool {
+/// `[B, kv_heads, T, head_dim]` keys and values, every row seeing the first `prefix` keys and its
+/// position's span in `spans` `[B, rows / group, 2]`: on a GPU with bf16 or f16 tensor cores
+/// (compute capability 8 or later), heads of 64, inputs laid out as the kernels read them.
+/// `CARTRIDGE_ATTENTION=composed` sends all attention to the composed form: to compare the two,
+/// or to go on should a kernel fail on some GPU.
+pub fn applies(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    prefix: usize,
+    spans: &Tensor,
+    group: usize,
+) -> bool {
     static COMPOSED: OnceLock<bool> = OnceLock::new();
     if *COMPOSED
         .get_or_init(|| std::env::var_os("CARTRIDGE_ATTENTION").is_some_and(|v| v == "composed"))
@@ -40,9 +51,9 @@ pub fn applies(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, group: usize) 
         return false;
     };
     matches!(q.dtype(), DType::BF16 | DType::F16)
-        && [k, v, mask].iter().all(|x| x.dtype() == q.dtype())
+        && [k, v].iter().all(|x| x.dtype() == q.dtype())
         && [q, k, v].iter().all(|x| is_aligned(x))
-        && Sizes::of(q, k, v, mask, group).is_ok()
+        && Sizes::of(q, k, v, prefix, spans, group).is_ok()
         && built_for_tensor_cores()
         && device
             .cuda_stream()
@@ -85,7 +96,14 @@ struct Sizes {
 
 impl Sizes {
     /// The sizes of an attention the kernels can take, or why not.
-    fn of(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, group: usize) -> Result<Self> {
+    fn of(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        prefix: usize,
+        spans: &Tensor,
+        group: usize,
+    ) -> Result<Self> {
         let (batch, kv_heads, rows, head_dim) = q.dims4()?;
         let columns = k.dim(2).unwrap_or(0);
         let keys = [batch, kv_heads, columns, HEAD_DIM];
@@ -96,15 +114,19 @@ impl Sizes {
             || !rows.is_multiple_of(group)
             || q.elem_count() == 0
             || columns == 0
-            || mask.elem_count() != batch * (rows / group) * columns
+            || prefix > columns
+            || rows.div_ceil(TILE) > MAX_ROW_TILES
+            || spans.dims() != [batch, rows / group, 2]
+            || spans.dtype() != DType::U32
+            || !spans.is_contiguous()
         {
             candle_core::bail!(
-                "attention in tiles: queries {:?}, keys {:?}, values {:?}, a mask {:?}, {group} \
-                 query heads to a key head",
+                "attention in tiles: queries {:?}, keys {:?}, values {:?}, spans {:?} after a \
+                 prefix of {prefix}, {group} query heads to a key head",
                 q.shape(),
                 k.shape(),
                 v.shape(),
-                mask.shape()
+                spans.shape()
             );
         }
         Ok(Self {
@@ -195,18 +217,20 @@ fn on_gpu(storage: &Storage) -> Result<&CudaStorage> {
     }
 }
 
-/// `softmax(scale·q·kᵀ + mask)·v` `[B, kv_heads, rows, 64]` and each row's log-sum-exp
-/// `[B, kv_heads, rows]` (f32), for `mask` `[B, rows / group, T]` (contiguous).
+/// `softmax(scale·q·kᵀ over the keys each row sees)·v` `[B, kv_heads, rows, 64]`, each row's
+/// log-sum-exp `[B, kv_heads, rows]` (f32) and each tile of 64 rows' reach (u32 pairs), for rows
+/// seeing the first `prefix` keys and their position's span in `spans` `[B, rows / group, 2]`.
 pub fn forward(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
-    mask: &Tensor,
+    prefix: usize,
+    spans: &Tensor,
     group: usize,
-) -> Result<(Tensor, Tensor)> {
+) -> Result<(Tensor, Tensor, Tensor)> {
     match q.dtype() {
-        DType::BF16 => forward_as::<bf16>(q, k, v, mask, group),
-        DType::F16 => forward_as::<f16>(q, k, v, mask, group),
+        DType::BF16 => forward_as::<bf16>(q, k, v, prefix, spans, group),
+        DType::F16 => forward_as::<f16>(q, k, v, prefix, spans, group),
         other => candle_core::bail!("attention in tiles in {other:?}"),
     }
 }
@@ -215,42 +239,49 @@ fn forward_as<T: CudaDType + DeviceRepr + candle_core::WithDType>(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
-    mask: &Tensor,
+    prefix: usize,
+    spans: &Tensor,
     group: usize,
-) -> Result<(Tensor, Tensor)> {
-    let sizes = Sizes::of(q, k, v, mask, group)?;
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let sizes = Sizes::of(q, k, v, prefix, spans, group)?;
     let device = cuda(q)?;
     let rows = sizes.heads() * sizes.rows;
-    // SAFETY (both): the kernel writes every element, each row's output and log-sum-exp.
+    let tiles = sizes.heads() * sizes.rows.div_ceil(TILE);
+    // SAFETY (all three): the kernel writes every element, each row's output and log-sum-exp and
+    // each row tile's reach.
     let out = unsafe { device.alloc::<T>(rows * HEAD_DIM) }?;
     let lse = unsafe { device.alloc::<f32>(rows) }?;
+    let reach = unsafe { device.alloc::<u32>(tiles * 2) }?;
     // The storages are held (read-locked) until the kernel is enqueued.
-    let (qs, ks, vs, ms) = (
+    let (qs, ks, vs, ss) = (
         q.storage_and_layout().0,
         k.storage_and_layout().0,
         v.storage_and_layout().0,
-        mask.storage_and_layout().0,
+        spans.storage_and_layout().0,
     );
-    let (qv, kv, vv, mv) = (
+    let (qv, kv, vv, sv) = (
         aligned_view::<T>(on_gpu(&qs)?, q)?,
         aligned_view::<T>(on_gpu(&ks)?, k)?,
         aligned_view::<T>(on_gpu(&vs)?, v)?,
-        view::<T>(on_gpu(&ms)?, mask)?,
+        view::<u32>(on_gpu(&ss)?, spans)?,
     );
     let func = device.get_or_load_custom_func(
         &format!("flash_forward_{}", T::DTYPE.as_str()),
         MODULE,
         OPS,
     )?;
+    let prefix = prefix as u32;
     let arguments = sizes.arguments()?;
     let mut builder = func.builder();
     builder
         .arg(&qv)
         .arg(&kv)
         .arg(&vv)
-        .arg(&mv)
+        .arg(&sv)
+        .arg(&prefix)
         .arg(&out)
-        .arg(&lse);
+        .arg(&lse)
+        .arg(&reach);
     for argument in &arguments {
         builder.arg(argument);
     }
@@ -262,42 +293,38 @@ fn forward_as<T: CudaDType + DeviceRepr + candle_core::WithDType>(
     Ok((
         wrap(out, &device, &[shape[0], shape[1], shape[2], HEAD_DIM]),
         wrap(lse, &device, &shape),
+        wrap(reach, &device, &[tiles, 2]),
     ))
 }
 
 /// The gradients `(dq, dk, dv)` of [`forward`]'s output given `grad` of it (contiguous from a
-/// 16-byte boundary), its log-sum-exp and
-/// `sums` = rowsum(grad·out) `[B, kv_heads, rows]` (f32); dq in f32.
-#[allow(clippy::too_many_arguments)]
+/// 16-byte boundary), for the same `(prefix, spans)` and the forward's `reach` and log-sum-exp,
+/// and `sums` = rowsum(grad·out) `[B, kv_heads, rows]` (f32); dq in f32.
 pub fn backward(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    mask: &Tensor,
+    [q, k, v]: [&Tensor; 3],
+    (prefix, spans, reach): (usize, &Tensor, &Tensor),
     grad: &Tensor,
     lse: &Tensor,
     sums: &Tensor,
     group: usize,
 ) -> Result<(Tensor, Tensor, Tensor)> {
+    let seen = (prefix, spans, reach);
     match q.dtype() {
-        DType::BF16 => backward_as::<bf16>(q, k, v, mask, grad, lse, sums, group),
-        DType::F16 => backward_as::<f16>(q, k, v, mask, grad, lse, sums, group),
+        DType::BF16 => backward_as::<bf16>([q, k, v], seen, grad, lse, sums, group),
+        DType::F16 => backward_as::<f16>([q, k, v], seen, grad, lse, sums, group),
         other => candle_core::bail!("attention in tiles in {other:?}"),
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 fn backward_as<T: CudaDType + DeviceRepr + candle_core::WithDType>(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    mask: &Tensor,
+    [q, k, v]: [&Tensor; 3],
+    (prefix, spans, reach): (usize, &Tensor, &Tensor),
     grad: &Tensor,
     lse: &Tensor,
     sums: &Tensor,
     group: usize,
 ) -> Result<(Tensor, Tensor, Tensor)> {
-    let sizes = Sizes::of(q, k, v, mask, group)?;
+    let sizes = Sizes::of(q, k, v, prefix, spans, group)?;
     if grad.dims() != q.dims() || grad.dtype() != q.dtype() {
         candle_core::bail!(
             "attention: a gradient {:?} for an output {:?}",
@@ -310,6 +337,14 @@ fn backward_as<T: CudaDType + DeviceRepr + candle_core::WithDType>(
             candle_core::bail!("attention: {name} is {:?} {:?}", x.dtype(), x.shape());
         }
     }
+    let tiles = sizes.heads() * sizes.rows.div_ceil(TILE);
+    if reach.dims() != [tiles, 2] || reach.dtype() != DType::U32 {
+        candle_core::bail!(
+            "attention: reach is {:?} {:?}",
+            reach.dtype(),
+            reach.shape()
+        );
+    }
     let device = cuda(q)?;
     let keys = sizes.heads() * sizes.columns;
     // The blocks add to every query row's dQ: it starts at zero.
@@ -317,40 +352,47 @@ fn backward_as<T: CudaDType + DeviceRepr + candle_core::WithDType>(
     // SAFETY (both): the kernel writes every key's row.
     let dk = unsafe { device.alloc::<T>(keys * HEAD_DIM) }?;
     let dv = unsafe { device.alloc::<T>(keys * HEAD_DIM) }?;
-    let (qs, ks, vs, ms, gs) = (
+    let (qs, ks, vs, ss, rs, gs) = (
         q.storage_and_layout().0,
         k.storage_and_layout().0,
         v.storage_and_layout().0,
-        mask.storage_and_layout().0,
+        spans.storage_and_layout().0,
+        reach.storage_and_layout().0,
         grad.storage_and_layout().0,
     );
-    let (ls, ss) = (lse.storage_and_layout().0, sums.storage_and_layout().0);
+    let (ls, us) = (lse.storage_and_layout().0, sums.storage_and_layout().0);
     let func = device.get_or_load_custom_func(
         &format!("flash_backward_{}", T::DTYPE.as_str()),
         MODULE,
         OPS,
     )?;
-    let (qv, kv, vv, mv, gv) = (
+    let (qv, kv, vv, gv) = (
         aligned_view::<T>(on_gpu(&qs)?, q)?,
         aligned_view::<T>(on_gpu(&ks)?, k)?,
         aligned_view::<T>(on_gpu(&vs)?, v)?,
-        view::<T>(on_gpu(&ms)?, mask)?,
         aligned_view::<T>(on_gpu(&gs)?, grad)?,
     );
-    let (lv, sv) = (
-        view::<f32>(on_gpu(&ls)?, lse)?,
-        view::<f32>(on_gpu(&ss)?, sums)?,
+    let (sv, rv) = (
+        view::<u32>(on_gpu(&ss)?, spans)?,
+        view::<u32>(on_gpu(&rs)?, reach)?,
     );
+    let (lv, uv) = (
+        view::<f32>(on_gpu(&ls)?, lse)?,
+        view::<f32>(on_gpu(&us)?, sums)?,
+    );
+    let prefix = prefix as u32;
     let arguments = sizes.arguments()?;
     let mut builder = func.builder();
     builder
         .arg(&qv)
         .arg(&kv)
         .arg(&vv)
-        .arg(&mv)
+        .arg(&sv)
+        .arg(&prefix)
+        .arg(&rv)
         .arg(&gv)
         .arg(&lv)
-        .arg(&sv)
+        .arg(&uv)
         .arg(&dq)
         .arg(&dk)
         .arg(&dv);
@@ -358,7 +400,8 @@ fn backward_as<T: CudaDType + DeviceRepr + candle_core::WithDType>(
         builder.arg(argument);
     }
     builder.arg(&SCALE);
-    // SAFETY: as in the forward; `dq` is zeroed and covers every query row.
+    // SAFETY: as in the forward; `dq` is zeroed and covers every query row, `reach` is the
+    // forward's for these sizes (checked above).
     unsafe { builder.launch(sizes.grid(sizes.columns)?) }.w()?;
     let rows = [sizes.batch, sizes.kv_heads, sizes.rows, HEAD_DIM];
     let columns = [sizes.batch, sizes.kv_heads, sizes.columns, HEAD_DIM];
@@ -374,6 +417,7 @@ mod tests {
     use candle_core::D;
 
     use super::*;
+    use crate::model::Mask;
     use crate::model::ops::tests::{attention_and_gradients, composed_attention_and_gradients};
 
     /// The largest difference from `reference`, relative to its largest element.
@@ -385,10 +429,10 @@ mod tests {
 
     #[test]
     fn tiles_compute_the_composed_attention_and_its_gradients() -> Result<()> {
-        // Two sequences (one padded) of 100 positions after a prefix, 3 key heads each shared by
-        // 3 query heads: partial tiles of rows. A 37-token prefix gives partial tiles of keys too
-        // (137, the mask read element by element); 28 gives 128 keys, whole tiles whose mask is
-        // read 16 bytes at a time, as training's lengths (multiples of 8) are.
+        // Two sequences of 100 positions after a prefix, 3 key heads each shared by 3 query
+        // heads: partial tiles of rows. The first is causal; the second packs conversations of
+        // 30 positions, then 10 of padding that see the prefix only. A 37-token prefix gives
+        // partial tiles of keys too (137); 28 gives 128 keys, whole tiles.
         let device = Device::new_cuda(0)?;
         let (batch, kv_heads, group, length) = (2, 3, 3, 100);
         for (prefix, dtype) in [37, 28]
@@ -396,14 +440,22 @@ mod tests {
             .flat_map(|prefix| [(prefix, DType::BF16), (prefix, DType::F16)])
         {
             let total = prefix + length;
-            let mask = crate::model::causal_mask(&[100, 77], prefix, length, dtype, &device)
-                .expect("a mask");
+            let at = |i: usize| (prefix + i) as u32;
+            let spans: Vec<(u32, u32)> = (0..length)
+                .map(|i| (at(0), at(i)))
+                .chain((0..length).map(|i| match i {
+                    90.. => (total as u32, 0),
+                    _ => (at(i / 30 * 30), at(i)),
+                }))
+                .collect();
+            let mask = Mask::spans(&spans, (batch, length), prefix, total, &device)?;
             let random = |rows| Tensor::randn(0f32, 1.0, (batch, kv_heads, rows, 64), &device);
             let (q, k, v) = (random(group * length)?, random(total)?, random(total)?);
             let w = random(group * length)?;
             let reference = composed_attention_and_gradients([&q, &k, &v], &mask, group, &w)?;
             let [q, k, v] = [&q, &k, &v].map(|x| x.to_dtype(dtype).expect("a cast"));
-            assert!(applies(&q, &k, &v, &mask, group));
+            let (p, pairs) = mask.spans_form().expect("spans");
+            assert!(applies(&q, &k, &v, p, pairs, group));
             let tiled = attention_and_gradients([&q, &k, &v], &mask, group, &w)?;
             for (name, (x, want)) in ["output", "dq", "dk", "dv"]
                 .iter()
@@ -413,10 +465,10 @@ mod tests {
                 println!("{dtype:?} prefix {prefix} {name}: {error:.2e}");
                 assert!(error < 2e-2, "{dtype:?} prefix {prefix} {name}: {error}");
             }
-            // The padded sequence's hidden rows (position 77 on) see the prefix: not zeros.
+            // The padding (position 90 on) sees the prefix: not zeros.
             assert!(
                 tiled[0]
-                    .narrow(2, 90, 1)?
+                    .narrow(2, 95, 1)?
                     .abs()?
                     .sum(D::Minus1)?
                     .min_all()?

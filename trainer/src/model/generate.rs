@@ -6,7 +6,8 @@ use candle_core::{D, DType, Tensor};
 use rand::{Rng, SeedableRng};
 use rayon::prelude::*;
 
-use super::llama::{Context, Llama, Prefix, causal_mask};
+use super::Mask;
+use super::llama::{Context, Llama, Prefix};
 use crate::error::{Error, Result};
 
 /// How the next token is chosen.
@@ -90,7 +91,7 @@ pub fn generate(model: &Llama, request: &GenerationRequest<'_>) -> Result<Vec<Ge
         let ids = Tensor::new(request.shared, device)?.unsqueeze(0)?;
         let positions =
             Tensor::arange(prefix_len as u32, (prefix_len + n) as u32, device)?.unsqueeze(0)?;
-        let mask = causal_mask(&[n], prefix_len, n, dtype, device)?;
+        let mask = Mask::causal(1, prefix_len, n, device)?;
         let hidden = model.forward(&ids, &positions, &mask, Context::Cache(&mut cache))?;
         last_shared = Some(hidden.narrow(1, n - 1, 1)?);
     }
@@ -115,7 +116,7 @@ pub fn generate(model: &Llama, request: &GenerationRequest<'_>) -> Result<Vec<Ge
             }
             let ids = Tensor::from_vec(ids, (batch, longest), device)?;
             let positions = Tensor::from_vec(positions, (batch, longest), device)?;
-            let mask = causal_mask(&lengths, context, longest, dtype, device)?;
+            let mask = Mask::causal(batch, context, longest, device)?;
             let hidden = model.forward(&ids, &positions, &mask, Context::Cache(&mut cache))?;
             let rows = lengths
                 .iter()
@@ -197,7 +198,9 @@ pub fn generate(model: &Llama, request: &GenerationRequest<'_>) -> Result<Vec<Ge
                 mask[b * slots + j] = 0.0;
             }
         }
-        let mask = Tensor::from_vec(mask, (batch, 1, 1, 1, slots), device)?.to_dtype(dtype)?;
+        let mask = Mask::additive(
+            Tensor::from_vec(mask, (batch, 1, 1, 1, slots), device)?.to_dtype(dtype)?,
+        );
         let ids = Tensor::from_vec(next, (batch, 1), device)?;
         let positions = Tensor::from_vec(
             next_position.iter().map(|&p| p as u32).collect::<Vec<_>>(),

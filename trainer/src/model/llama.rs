@@ -18,6 +18,7 @@ use candle_core::{DType, Device, IndexOp, Tensor};
 use candle_nn::kv_cache::KvCache;
 
 use super::config::{Config, read_gguf};
+use super::mask::Mask;
 use super::ops::{
     AttentionSaved, accumulation_dtype, attention_backward, attention_forward, linear,
     linear_backward, rms_norm, rms_norm_backward, rope, rope_backward, swiglu, swiglu_backward,
@@ -357,13 +358,12 @@ impl Llama {
     }
 
     /// Hidden states after the final norm, `[B, L, hidden]`, for `ids` `[B, L]` at `positions`
-    /// `[B, L]`. `mask` is additive, `[B, 1, 1, L, T]` with `T` the attended length (context +
-    /// input): 0 where attention is allowed, -inf where not.
+    /// `[B, L]`. `mask` says which of the `T` attended keys (context + input) each row sees.
     pub fn forward(
         &self,
         ids: &Tensor,
         positions: &Tensor,
-        mask: &Tensor,
+        mask: &Mask,
         mut context: Context<'_>,
     ) -> Result<Tensor> {
         let (mut x, cos, sin) = self.embed(ids, positions)?;
@@ -386,7 +386,7 @@ impl Llama {
         &self,
         ids: &Tensor,
         positions: &Tensor,
-        mask: &Tensor,
+        mask: &Mask,
         prefix: &Prefix,
         loss: impl FnOnce(&Tensor) -> Result<(Tensor, Tensor)>,
     ) -> Result<(Tensor, Prefix)> {
@@ -492,7 +492,7 @@ impl Llama {
         x: Tensor,
         cos: &Tensor,
         sin: &Tensor,
-        mask: &Tensor,
+        mask: &Mask,
         context: &mut Context<'_>,
         saved: Option<&mut Vec<Saved>>,
     ) -> Result<Tensor> {
@@ -578,7 +578,7 @@ impl Llama {
         let mut cache = self.new_cache(ids.len());
         let input = Tensor::new(ids, &self.device)?.unsqueeze(0)?;
         let positions = Tensor::arange(0u32, ids.len() as u32, &self.device)?.unsqueeze(0)?;
-        let mask = causal_mask(&[ids.len()], 0, ids.len(), self.dtype, &self.device)?;
+        let mask = Mask::causal(1, 0, ids.len(), &self.device)?;
         self.forward(&input, &positions, &mask, Context::Cache(&mut cache))?;
         let mut prefix = Prefix {
             keys: Vec::new(),
@@ -595,36 +595,4 @@ impl Llama {
         }
         Ok(prefix)
     }
-}
-
-/// The additive mask for `lengths.len()` sequences of `length` tokens (right-padded to `length`;
-/// `lengths[b]` are real) after `context` always-visible tokens: `[B, 1, 1, length, context +
-/// length]`. Padding rows still see the context (or, without one, themselves) so softmax never
-/// meets a row of -inf.
-pub fn causal_mask(
-    lengths: &[usize],
-    context: usize,
-    length: usize,
-    dtype: DType,
-    device: &Device,
-) -> Result<Tensor> {
-    let total = context + length;
-    let mut values = vec![f32::NEG_INFINITY; lengths.len() * length * total];
-    for (b, &real) in lengths.iter().enumerate() {
-        for i in 0..length {
-            let row = &mut values[(b * length + i) * total..(b * length + i + 1) * total];
-            row[..context].fill(0.0);
-            let visible = if i < real {
-                i + 1
-            } else {
-                usize::from(context == 0) * (i + 1)
-            };
-            for (j, slot) in row[context..].iter_mut().enumerate().take(visible) {
-                if j < real || j == i {
-                    *slot = 0.0;
-                }
-            }
-        }
-    }
-    Ok(Tensor::from_vec(values, (lengths.len(), 1, 1, length, total), device)?.to_dtype(dtype)?)
 }

@@ -7,6 +7,7 @@ mod flash;
 mod fused;
 mod generate;
 mod llama;
+mod mask;
 mod ops;
 mod source;
 mod text;
@@ -14,7 +15,8 @@ mod text;
 pub use config::Config;
 pub use fused::AdamStep;
 pub use generate::{Generated, GenerationRequest, Sampling, generate};
-pub use llama::{Cache, Context, Llama, Prefix, causal_mask};
+pub use llama::{Cache, Context, Llama, Prefix};
+pub use mask::Mask;
 pub use ops::{
     select_rows, select_rows_backward, top_k_cross_entropy, top_k_cross_entropy_backward,
 };

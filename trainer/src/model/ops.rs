@@ -13,6 +13,7 @@
 
 use candle_core::{D, DType, Result, Tensor};
 
+use super::Mask;
 use super::fused::{
     MaskedSoftmax, PlaceRows, RmsNormGradient, SoftmaxGradient, SwiGlu, SwiGluGradient,
     TopKCrossEntropy, TopKCrossEntropyGradient,
@@ -67,20 +68,20 @@ pub fn rope_backward(grad: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor
 }
 
 /// What [`attention_backward`] needs besides the inputs and the output: nothing for the
-/// composed form (it recomputes the probabilities), the tiles' mask and log-sum-exps for
-/// the GPU kernels.
+/// composed form (it recomputes the probabilities), the log-sum-exps and the row tiles' reach
+/// for the GPU kernels.
 pub enum AttentionSaved {
     Composed,
     #[cfg(feature = "cuda")]
     Tiled {
-        mask: Tensor,
         lse: Tensor,
+        reach: Tensor,
     },
 }
 
 /// Attention of `q` `[B, kv_heads, group·L, head_dim]` — the `group` query heads that share a
 /// key head stacked along the sequence axis, so keys are never copied per query head — over
-/// `k`, `v` `[B, kv_heads, T, head_dim]` with an additive `mask` `[B, 1, 1, L, T]`: the output
+/// `k`, `v` `[B, kv_heads, T, head_dim]`, each row seeing the keys `mask` says: the output
 /// `[B, kv_heads, group·L, head_dim]` and what the backward needs. By the GPU kernels that never
 /// write the score matrices (model/flash.rs) where they apply, by matmuls around the fused
 /// masked softmax otherwise (any device, any dtype).
@@ -88,17 +89,15 @@ pub fn attention_forward(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
-    mask: &Tensor,
+    mask: &Mask,
     group: usize,
 ) -> Result<(Tensor, AttentionSaved)> {
     #[cfg(feature = "cuda")]
-    if super::flash::applies(q, k, v, mask, group) {
-        let (batch, _, rows, _) = q.dims4()?;
-        let mask = mask
-            .reshape((batch, rows / group, k.dim(2)?))?
-            .contiguous()?;
-        let (out, lse) = super::flash::forward(q, k, v, &mask, group)?;
-        return Ok((out, AttentionSaved::Tiled { mask, lse }));
+    if let Some((prefix, spans)) = mask.spans_form()
+        && super::flash::applies(q, k, v, prefix, spans, group)
+    {
+        let (out, lse, reach) = super::flash::forward(q, k, v, prefix, spans, group)?;
+        return Ok((out, AttentionSaved::Tiled { lse, reach }));
     }
     let out = probabilities(q, k, mask, group)?.matmul(v)?;
     Ok((out, AttentionSaved::Composed))
@@ -108,7 +107,7 @@ pub fn attention_forward(
 /// each one `wanted` (others are None, and cost nothing where that saves work).
 pub fn attention_backward(
     [q, k, v]: [&Tensor; 3],
-    mask: &Tensor,
+    mask: &Mask,
     group: usize,
     out: &Tensor,
     saved: &AttentionSaved,
@@ -117,14 +116,24 @@ pub fn attention_backward(
 ) -> Result<[Option<Tensor>; 3]> {
     match saved {
         #[cfg(feature = "cuda")]
-        AttentionSaved::Tiled { mask, lse } => {
+        AttentionSaved::Tiled { lse, reach } => {
+            let (prefix, spans) = mask.spans_form().ok_or_else(|| {
+                candle_core::Error::Msg("attention in tiles without spans".into())
+            })?;
             let grad = if super::flash::is_aligned(grad) {
                 grad.clone()
             } else {
                 grad.force_contiguous()?
             };
             let sums = output_sums(&grad, out)?.squeeze(D::Minus1)?;
-            let (dq, dk, dv) = super::flash::backward(q, k, v, mask, &grad, lse, &sums, group)?;
+            let (dq, dk, dv) = super::flash::backward(
+                [q, k, v],
+                (prefix, spans, reach),
+                &grad,
+                lse,
+                &sums,
+                group,
+            )?;
             Ok([
                 wanted[0].then(|| dq.to_dtype(q.dtype())).transpose()?,
                 wanted[1].then_some(dk),
@@ -166,7 +175,7 @@ fn scale(q: &Tensor) -> Result<f64> {
 }
 
 /// Softmax of the scaled, masked scores: `[B, kv_heads, group·L, T]`.
-fn probabilities(q: &Tensor, k: &Tensor, mask: &Tensor, group: usize) -> Result<Tensor> {
+fn probabilities(q: &Tensor, k: &Tensor, mask: &Mask, group: usize) -> Result<Tensor> {
     let (batch, kv_heads, rows, _) = q.dims4()?;
     let total = k.dim(2)?;
     // The scale goes on the queries, `head_dim` wide, not on the `T`-wide scores (for a head
@@ -178,7 +187,7 @@ fn probabilities(q: &Tensor, k: &Tensor, mask: &Tensor, group: usize) -> Result<
         total,
     ))?;
     scores
-        .apply_op2_no_bwd(&mask.contiguous()?, &MaskedSoftmax)?
+        .apply_op2_no_bwd(&mask.to_additive(q.dtype())?.contiguous()?, &MaskedSoftmax)?
         .reshape((batch, kv_heads, rows, total))
 }
 
@@ -439,7 +448,7 @@ pub(super) mod tests {
     /// [`attention_forward`] and [`attention_backward`].
     pub(crate) fn attention_and_gradients(
         [q, k, v]: [&Tensor; 3],
-        mask: &Tensor,
+        mask: &Mask,
         group: usize,
         w: &Tensor,
     ) -> Result<[Tensor; 4]> {
@@ -455,7 +464,7 @@ pub(super) mod tests {
     /// in f32.
     pub(crate) fn composed_attention_and_gradients(
         [q, k, v]: [&Tensor; 3],
-        mask: &Tensor,
+        mask: &Mask,
         group: usize,
         w: &Tensor,
     ) -> Result<[Tensor; 4]> {
@@ -466,7 +475,7 @@ pub(super) mod tests {
         let (q, k, v) = (q?, k?, v?);
         let scores = (q.matmul(&k.t()?)? / (hd as f64).sqrt())?
             .reshape((batch, kv_heads, group, rows / group, total))?
-            .broadcast_add(&mask.to_dtype(DType::F32)?)?;
+            .broadcast_add(&mask.to_additive(DType::F32)?)?;
         let out = candle_nn::ops::softmax(&scores, D::Minus1)?
             .reshape((batch, kv_heads, rows, total))?
             .matmul(&v)?;
@@ -477,13 +486,12 @@ pub(super) mod tests {
 
     #[test]
     fn attention_matches_the_composed_form() -> Result<()> {
-        // Two sequences of 4 tokens (one padded to 3) after a 3-token prefix, 2 key heads each
-        // shared by 3 query heads.
+        // Two sequences of 4 tokens after a 3-token prefix, 2 key heads each shared by 3 query
+        // heads.
         let device = device()?;
         let (batch, kv_heads, group, length, prefix, hd) = (2, 2, 3, 4, 3, 8);
         let total = prefix + length;
-        let mask = crate::model::causal_mask(&[4, 3], prefix, length, DType::F32, &device)
-            .expect("a mask");
+        let mask = Mask::causal(batch, prefix, length, &device)?;
         let q = Tensor::randn(0f32, 1.0, (batch, kv_heads, group * length, hd), &device)?;
         let k = Tensor::randn(0f32, 1.0, (batch, kv_heads, total, hd), &device)?;
         let v = Tensor::randn(0f32, 1.0, (batch, kv_heads, total, hd), &device)?;

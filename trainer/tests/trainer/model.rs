@@ -3,8 +3,7 @@
 
 use candle_core::{D, DType, Device, IndexOp, Tensor};
 use cartridge_trainer::model::{
-    Config, Context, GenerationRequest, Llama, Message, Prefix, Sampling, TextCodec, causal_mask,
-    generate,
+    Config, Context, GenerationRequest, Llama, Mask, Message, Prefix, Sampling, TextCodec, generate,
 };
 
 use crate::support::{max_difference, smollm2, smollm2_path};
@@ -22,7 +21,7 @@ fn logits_from(model: &Llama, ids: &[u32], from: usize) -> Tensor {
         .unwrap()
         .unsqueeze(0)
         .unwrap();
-    let mask = causal_mask(&[ids.len()], 0, ids.len(), model.dtype(), device).unwrap();
+    let mask = Mask::causal(1, 0, ids.len(), device).unwrap();
     let hidden = model
         .forward(&input, &positions, &mask, Context::None)
         .unwrap();
@@ -148,14 +147,7 @@ fn a_prefix_of_text_is_the_text_in_context() {
         .unwrap()
         .unsqueeze(0)
         .unwrap();
-    let mask = causal_mask(
-        &[question.len()],
-        text.len(),
-        question.len(),
-        model.dtype(),
-        device,
-    )
-    .unwrap();
+    let mask = Mask::causal(1, text.len(), question.len(), device).unwrap();
     // By the forward, and by the training pass (which hands its loss the same hidden states).
     let hidden = model
         .forward(&input, &positions, &mask, Context::Prefix(&prefix))
@@ -194,7 +186,7 @@ fn tiny_config() -> Config {
 }
 
 /// The input `ids` after `prefix`: ids, positions and mask.
-fn input(model: &Llama, prefix: &Prefix, ids: &[u32]) -> (Tensor, Tensor, Tensor) {
+fn input(model: &Llama, prefix: &Prefix, ids: &[u32]) -> (Tensor, Tensor, Mask) {
     let device = model.device();
     let p = prefix.tokens();
     let input = Tensor::new(ids, device).unwrap().unsqueeze(0).unwrap();
@@ -202,7 +194,7 @@ fn input(model: &Llama, prefix: &Prefix, ids: &[u32]) -> (Tensor, Tensor, Tensor
         .unwrap()
         .unsqueeze(0)
         .unwrap();
-    let mask = causal_mask(&[ids.len()], p, ids.len(), model.dtype(), device).unwrap();
+    let mask = Mask::causal(1, p, ids.len(), device).unwrap();
     (input, positions, mask)
 }
 

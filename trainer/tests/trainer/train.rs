@@ -5,7 +5,7 @@ use cartridge_schemas::fingerprint::{ModelFingerprint, Rope, RopeLayout};
 use cartridge_trainer::corpus::Corpus;
 use cartridge_trainer::distill::{DistillOptions, Distiller, check_resumable, steps_for_epochs};
 use cartridge_trainer::model::{
-    Config, Context, Llama, LoadedModel, Message, ModelSource, TextCodec, causal_mask,
+    Config, Context, Llama, LoadedModel, Mask, Message, ModelSource, TextCodec,
 };
 use cartridge_trainer::synthesis::{
     Conversation, RECITATION_REQUEST, SeedKind, SynthesisOptions, read_conversations, synthesize,
@@ -176,7 +176,7 @@ fn log_probabilities_after(
                 .unwrap()
                 .unsqueeze(0)
                 .unwrap(),
-            &causal_mask(&[ids.len()], p, ids.len(), DType::F32, &device).unwrap(),
+            &Mask::causal(1, p, ids.len(), &device).unwrap(),
             Context::Prefix(prefix),
         )
         .unwrap();
