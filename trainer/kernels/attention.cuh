@@ -36,6 +36,13 @@ template <typename T> __device__ __forceinline__ T narrow(float x);
 template <> __device__ __forceinline__ __nv_bfloat16 narrow(float x) { return __float2bfloat16(x); }
 template <> __device__ __forceinline__ __half narrow(float x) { return __float2half(x); }
 
+__device__ __forceinline__ float widen_bits(__nv_bfloat16, uint32_t x) {
+  return __bfloat162float(__ushort_as_bfloat16(uint16_t(x)));
+}
+__device__ __forceinline__ float widen_bits(__half, uint32_t x) {
+  return __half2float(__ushort_as_half(uint16_t(x)));
+}
+
 __device__ __forceinline__ uint32_t pair(uint16_t low, uint16_t high) {
   return uint32_t(low) | uint32_t(high) << 16;
 }
@@ -260,6 +267,13 @@ __device__ __forceinline__ void as_a(const float (&c)[8][4], uint32_t (&a)[4][4]
   }
 }
 
+// Element e of C fragment n of a 16 x 64 tile that as_a packed (rounded to T), as a float.
+template <typename T>
+__device__ __forceinline__ float a_element(const uint32_t (&a)[4][4], int n, int e) {
+  const uint32_t both = a[n / 2][n % 2 * 2 + e / 2];
+  return widen_bits(T{}, e % 2 ? both >> 16 : both & 0xffff);
+}
+
 __device__ __forceinline__ float quad_max(float x) {
   x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
   return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
@@ -428,7 +442,9 @@ __device__ __forceinline__ uint32_t next_rows(const uint32_t *seen, uint32_t x, 
   return tiles;
 }
 
-// Grid (ceil(columns / 64), sequences · kv_heads): a block takes 64 keys (16 a warp), keeps
+// Grid (sequences · kv_heads, ceil(columns / 64)), heads first so that the blocks of the
+// prefix's keys, which every row sees and so take the longest, start before the rest: a block
+// takes 64 keys (16 a warp), keeps
 // their gradients in registers and walks the tiles of 64 query rows that see them, recomputing
 // each tile's probabilities from the forward's log-sum-exp: P = exp(scale·QKᵀ - lse) where
 // seen, dV += Pᵀ·dO, dS = P·(dO·Vᵀ - dsum) with dsum = rowsum(dO·O), dK += scale·dSᵀ·Q, and
@@ -451,12 +467,12 @@ __device__ void flash_backward(const T *__restrict__ q, const T *__restrict__ k,
   __shared__ __align__(16) uint32_t froms[2][TILE], tos[2][TILE];
   __shared__ uint32_t seen[SEEN_WORDS];
   const uint32_t warp = threadIdx.x / 32, g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
-  const size_t head = blockIdx.y, sequence = head / kv_heads;
+  const size_t head = blockIdx.x, sequence = head / kv_heads;
   const uint16_t *qh = reinterpret_cast<const uint16_t *>(q) + head * rows * HEAD_DIM;
   const uint16_t *doh = reinterpret_cast<const uint16_t *>(dout) + head * rows * HEAD_DIM;
   const uint16_t *kh = reinterpret_cast<const uint16_t *>(k) + head * columns * HEAD_DIM;
   const uint16_t *vh = reinterpret_cast<const uint16_t *>(v) + head * columns * HEAD_DIM;
-  const uint32_t first_key = blockIdx.x * TILE, warp_key = first_key + warp * 16;
+  const uint32_t first_key = blockIdx.y * TILE, warp_key = first_key + warp * 16;
   const uint32_t tiles = (rows + TILE - 1) / TILE;
   uint32_t key[2];
   bool live[2];
@@ -496,8 +512,9 @@ __device__ void flash_backward(const T *__restrict__ q, const T *__restrict__ k,
       }
     }
   };
-  uint32_t ka[4][4], va[4][4];
-  load_a(ka, kh, warp_key, columns);
+  // The values' A fragments stay in registers; the keys' are read from their tile each time
+  // (held across the loop they took the kernel from 182 registers to 245).
+  uint32_t va[4][4];
   load_a(va, vh, warp_key, columns);
   load_tile(ks, kh, first_key, columns);
   __syncthreads();
@@ -515,27 +532,39 @@ __device__ void flash_backward(const T *__restrict__ q, const T *__restrict__ k,
     commit_async();
     wait_async<1>();
     __syncthreads();
-    // Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ for the warp's 16 keys and the tile's 64 queries.
-    float st[8][4] = {}, dpt[8][4] = {};
-    product<T, true>(st, ka, qs[b]);
+    // Pᵀ from Sᵀ = K·Qᵀ for the warp's 16 keys and the tile's 64 queries, rounded to T as the
+    // products take it, then dPᵀ = V·dOᵀ: one 16 x 64 tile of f32 live at a time, so that the
+    // kernel fits in 168 registers (3 blocks an SM).
+    uint32_t pa[4][4];
+    {
+      uint32_t ka[4][4];
+#pragma unroll
+      for (int kk = 0; kk < 4; kk++)
+        a_rows(ks, warp * 16, kk, ka[kk]);
+      float st[8][4] = {};
+      product<T, true>(st, ka, qs[b]);
+#pragma unroll
+      for (int n = 0; n < 8; n++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+          const uint32_t local = n * 8 + 2 * t + e % 2;
+          // Past the rows, lse is +inf: exp(-inf) = 0.
+          st[n][e] = whole || sees(key[e / 2], prefix, froms[b][local], tos[b][local])
+                         ? __expf(st[n][e] * scale - lses[b][local])
+                         : 0.f;
+        }
+      as_a<T>(st, pa);
+    }
+    product<T, false>(dva, pa, dos[b]);
+    float dpt[8][4] = {};
     product<T, true>(dpt, va, dos[b]);
 #pragma unroll
     for (int n = 0; n < 8; n++)
 #pragma unroll
-      for (int e = 0; e < 4; e++) {
-        const uint32_t local = n * 8 + 2 * t + e % 2;
-        // Past the rows, lse is +inf: exp(-inf) = 0.
-        const float p =
-            whole || sees(key[e / 2], prefix, froms[b][local], tos[b][local])
-                ? __expf(st[n][e] * scale - lses[b][local])
-                : 0.f;
-        st[n][e] = p;
-        dpt[n][e] = p * (dpt[n][e] - dsums[b][local]);
-      }
-    uint32_t pa[4][4], da[4][4];
-    as_a<T>(st, pa);
+      for (int e = 0; e < 4; e++)
+        dpt[n][e] = a_element<T>(pa, n, e) * (dpt[n][e] - dsums[b][n * 8 + 2 * t + e % 2]);
+    uint32_t da[4][4];
     as_a<T>(dpt, da);
-    product<T, false>(dva, pa, dos[b]);
     product<T, false>(dka, da, qs[b]);
     __syncthreads();
     uint16_t *dss = qs[b];
@@ -581,7 +610,27 @@ __device__ void flash_backward(const T *__restrict__ q, const T *__restrict__ k,
   }
 }
 
-// The forward at 4 blocks an SM (128 registers a thread at most), the backward at 2.
+// rowsum(dO·O) of `count` rows of 64 (the backward's dsum), in f32: a warp a row, two elements
+// a lane. Grid ceil(count / 4).
+template <typename T>
+__device__ void flash_row_sums(const T *__restrict__ dout, const T *__restrict__ out,
+                               float *__restrict__ sums, uint32_t count) {
+  const uint32_t row = blockIdx.x * (FLASH_THREADS / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
+  float x = 0.f;
+  if (row < count) {
+    const uint32_t a = load2(reinterpret_cast<const uint16_t *>(dout) + (size_t)row * HEAD_DIM + 2 * lane),
+                   b = load2(reinterpret_cast<const uint16_t *>(out) + (size_t)row * HEAD_DIM + 2 * lane);
+    x = widen_bits(T{}, a & 0xffff) * widen_bits(T{}, b & 0xffff) +
+        widen_bits(T{}, a >> 16) * widen_bits(T{}, b >> 16);
+  }
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2)
+    x += __shfl_xor_sync(0xffffffffu, x, offset);
+  if (row < count && lane == 0)
+    sums[row] = x;
+}
+
+// The forward at 4 blocks an SM (128 registers a thread at most), the backward at 3 (168).
 #define FLASH_KERNELS(T, NAME)                                                                     \
   extern "C" __global__ void __launch_bounds__(FLASH_THREADS, 4) flash_forward_##NAME(             \
       const T *__restrict__ q, const T *__restrict__ k, const T *__restrict__ v,                   \
@@ -591,7 +640,7 @@ __device__ void flash_backward(const T *__restrict__ q, const T *__restrict__ k,
     flash_forward<T>(q, k, v, spans, prefix, out, lse, reach, rows, columns, length, kv_heads,     \
                      scale);                                                                       \
   }                                                                                                \
-  extern "C" __global__ void __launch_bounds__(FLASH_THREADS) flash_backward_##NAME(               \
+  extern "C" __global__ void __launch_bounds__(FLASH_THREADS, 3) flash_backward_##NAME(            \
       const T *__restrict__ q, const T *__restrict__ k, const T *__restrict__ v,                   \
       const uint32_t *__restrict__ spans, uint32_t prefix, const uint32_t *__restrict__ reach,     \
       const T *__restrict__ dout, const float *__restrict__ lse, const float *__restrict__ dsum,    \
@@ -599,6 +648,11 @@ __device__ void flash_backward(const T *__restrict__ q, const T *__restrict__ k,
       uint32_t columns, uint32_t length, uint32_t kv_heads, float scale) {                         \
     flash_backward<T>(q, k, v, spans, prefix, reach, dout, lse, dsum, dq, dk, dv, rows, columns,   \
                       length, kv_heads, scale);                                                    \
+  }                                                                                                \
+  extern "C" __global__ void __launch_bounds__(FLASH_THREADS) flash_row_sums_##NAME(               \
+      const T *__restrict__ dout, const T *__restrict__ out, float *__restrict__ sums,              \
+      uint32_t count) {                                                                            \
+    flash_row_sums<T>(dout, out, sums, count);                                                     \
   }
 
 FLASH_KERNELS(__nv_bfloat16, bf16)

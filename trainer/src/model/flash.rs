@@ -156,17 +156,33 @@ impl Sizes {
         ])
     }
 
-    /// One block per 64 of `along` (query rows, or keys), for each head.
-    fn grid(&self, along: usize) -> Result<LaunchConfig> {
-        let x = u32::try_from(along.div_ceil(TILE));
-        let y = u32::try_from(self.heads()).ok().filter(|&y| y < 65536);
-        match (x, y) {
+    /// The forward's grid: a block per 64 query rows (x), for each head (y).
+    fn rows_grid(&self) -> Result<LaunchConfig> {
+        self.grid(self.rows.div_ceil(TILE), self.heads())
+    }
+
+    /// The backward's grid: for each head (x), a block per 64 keys (y); heads first, so that
+    /// the first keys' blocks (the prefix's, the longest) start first.
+    fn keys_grid(&self) -> Result<LaunchConfig> {
+        self.grid(self.heads(), self.columns.div_ceil(TILE))
+    }
+
+    fn grid(&self, x: usize, y: usize) -> Result<LaunchConfig> {
+        match (
+            u32::try_from(x),
+            u32::try_from(y).ok().filter(|&y| y < 65536),
+        ) {
             (Ok(x), Some(y)) => Ok(LaunchConfig {
                 grid_dim: (x, y, 1),
                 block_dim: (THREADS, 1, 1),
                 shared_mem_bytes: 0,
             }),
-            _ => candle_core::bail!("attention: {along} rows of {} heads", self.heads()),
+            _ => candle_core::bail!(
+                "attention: {} rows and {} keys of {} heads",
+                self.rows,
+                self.columns,
+                self.heads()
+            ),
         }
     }
 }
@@ -288,7 +304,7 @@ fn forward_as<T: CudaDType + DeviceRepr + candle_core::WithDType>(
     builder.arg(&SCALE);
     // SAFETY: the parameters are the kernel's in number, order and type; the grid covers the
     // rows the outputs hold and reads within the inputs' shapes (checked by `Sizes::of`).
-    unsafe { builder.launch(sizes.grid(sizes.rows)?) }.w()?;
+    unsafe { builder.launch(sizes.rows_grid()?) }.w()?;
     let shape = [sizes.batch, sizes.kv_heads, sizes.rows];
     Ok((
         wrap(out, &device, &[shape[0], shape[1], shape[2], HEAD_DIM]),
@@ -402,7 +418,7 @@ fn backward_as<T: CudaDType + DeviceRepr + candle_core::WithDType>(
     builder.arg(&SCALE);
     // SAFETY: as in the forward; `dq` is zeroed and covers every query row, `reach` is the
     // forward's for these sizes (checked above).
-    unsafe { builder.launch(sizes.grid(sizes.columns)?) }.w()?;
+    unsafe { builder.launch(sizes.keys_grid()?) }.w()?;
     let rows = [sizes.batch, sizes.kv_heads, sizes.rows, HEAD_DIM];
     let columns = [sizes.batch, sizes.kv_heads, sizes.columns, HEAD_DIM];
     Ok((
@@ -410,6 +426,65 @@ fn backward_as<T: CudaDType + DeviceRepr + candle_core::WithDType>(
         wrap(dk, &device, &columns),
         wrap(dv, &device, &columns),
     ))
+}
+
+/// rowsum(grad·out) `[B, kv_heads, rows]` (f32) of [`forward`]'s output and its gradient: the
+/// backward's `sums`, in one pass (the composed form casts both, multiplies and sums).
+pub fn row_sums(grad: &Tensor, out: &Tensor) -> Result<Tensor> {
+    match out.dtype() {
+        DType::BF16 => row_sums_as::<bf16>(grad, out),
+        DType::F16 => row_sums_as::<f16>(grad, out),
+        other => candle_core::bail!("attention's row sums in {other:?}"),
+    }
+}
+
+fn row_sums_as<T: CudaDType + DeviceRepr + candle_core::WithDType>(
+    grad: &Tensor,
+    out: &Tensor,
+) -> Result<Tensor> {
+    let (batch, kv_heads, rows, head_dim) = out.dims4()?;
+    if head_dim != HEAD_DIM || grad.dims() != out.dims() || grad.dtype() != out.dtype() {
+        candle_core::bail!(
+            "attention's row sums of {:?} {:?} and {:?} {:?}",
+            grad.dtype(),
+            grad.shape(),
+            out.dtype(),
+            out.shape()
+        );
+    }
+    let count = batch * kv_heads * rows;
+    let device = cuda(out)?;
+    // SAFETY: the kernel writes every row's sum.
+    let sums = unsafe { device.alloc::<f32>(count) }?;
+    let (gs, os) = (grad.storage_and_layout().0, out.storage_and_layout().0);
+    let (gv, ov) = (
+        aligned_view::<T>(on_gpu(&gs)?, grad)?,
+        aligned_view::<T>(on_gpu(&os)?, out)?,
+    );
+    let func = device.get_or_load_custom_func(
+        &format!("flash_row_sums_{}", T::DTYPE.as_str()),
+        MODULE,
+        OPS,
+    )?;
+    let rows_per_block = THREADS as usize / 32;
+    let config = LaunchConfig {
+        grid_dim: (
+            u32::try_from(count.div_ceil(rows_per_block))
+                .map_err(|_| candle_core::Error::Msg(format!("attention: {count} rows")))?,
+            1,
+            1,
+        ),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let count = u32::try_from(count)
+        .map_err(|_| candle_core::Error::Msg(format!("attention: {count} rows")))?;
+    let mut builder = func.builder();
+    builder.arg(&gv).arg(&ov).arg(&sums).arg(&count);
+    // SAFETY: the parameters are the kernel's; a block reads 4 whole rows of 64 within both
+    // inputs (same shape, checked) and writes their sums.
+    unsafe { builder.launch(config) }.w()?;
+    Ok(wrap(sums, &device, &[batch, kv_heads, rows]))
 }
 
 #[cfg(test)]

@@ -125,7 +125,7 @@ pub fn attention_backward(
             } else {
                 grad.force_contiguous()?
             };
-            let sums = output_sums(&grad, out)?.squeeze(D::Minus1)?;
+            let sums = super::flash::row_sums(&grad, out)?;
             let (dq, dk, dv) = super::flash::backward(
                 [q, k, v],
                 (prefix, spans, reach),
