@@ -512,8 +512,7 @@ __device__ void flash_backward(const T *__restrict__ q, const T *__restrict__ k,
       }
     }
   };
-  // The values' A fragments stay in registers; the keys' are read from their tile each time
-  // (held across the loop they took the kernel from 182 registers to 245).
+  // The values' A fragments stay in registers; the keys' are read from their tile each time.
   uint32_t va[4][4];
   load_a(va, vh, warp_key, columns);
   load_tile(ks, kh, first_key, columns);
@@ -533,8 +532,8 @@ __device__ void flash_backward(const T *__restrict__ q, const T *__restrict__ k,
     wait_async<1>();
     __syncthreads();
     // Pᵀ from Sᵀ = K·Qᵀ for the warp's 16 keys and the tile's 64 queries, rounded to T as the
-    // products take it, then dPᵀ = V·dOᵀ: one 16 x 64 tile of f32 live at a time, so that the
-    // kernel fits in 168 registers (3 blocks an SM).
+    // products take it, then dPᵀ = V·dOᵀ: one 16 x 64 tile of f32 live at a time (177 registers;
+    // the two tiles together took 182, and holding the keys' fragments across the loop 245).
     uint32_t pa[4][4];
     {
       uint32_t ka[4][4];
@@ -630,7 +629,9 @@ __device__ void flash_row_sums(const T *__restrict__ dout, const T *__restrict__
     sums[row] = x;
 }
 
-// The forward at 4 blocks an SM (128 registers a thread at most), the backward at 3 (168).
+// The forward at 4 blocks an SM (128 registers a thread at most). The backward takes 177 and
+// runs 2 blocks an SM: held to 168 for 3 (spilling 20 bytes) its step was 2.2 ms slower on an
+// H200.
 #define FLASH_KERNELS(T, NAME)                                                                     \
   extern "C" __global__ void __launch_bounds__(FLASH_THREADS, 4) flash_forward_##NAME(             \
       const T *__restrict__ q, const T *__restrict__ k, const T *__restrict__ v,                   \
@@ -640,7 +641,7 @@ __device__ void flash_row_sums(const T *__restrict__ dout, const T *__restrict__
     flash_forward<T>(q, k, v, spans, prefix, out, lse, reach, rows, columns, length, kv_heads,     \
                      scale);                                                                       \
   }                                                                                                \
-  extern "C" __global__ void __launch_bounds__(FLASH_THREADS, 3) flash_backward_##NAME(            \
+  extern "C" __global__ void __launch_bounds__(FLASH_THREADS) flash_backward_##NAME(            \
       const T *__restrict__ q, const T *__restrict__ k, const T *__restrict__ v,                   \
       const uint32_t *__restrict__ spans, uint32_t prefix, const uint32_t *__restrict__ reach,     \
       const T *__restrict__ dout, const float *__restrict__ lse, const float *__restrict__ dsum,    \
