@@ -3,11 +3,12 @@
 // (two matmuls around the fused masked softmax, and five with its gradient) moves them several
 // times a layer. Heads of 64 dimensions, bf16 or f16 (mma.sync m16n8k16, f32 sums).
 //
-// Layouts (contiguous): per (sequence, key head) `head` = sequence · kv_heads + key head, the
-// queries `[rows, 64]` (rows = group · length, the query heads sharing the key head stacked:
-// row r is position r % length), the keys and values `[columns, 64]`, the output `[rows, 64]`
-// and each row's log-sum-exp of its scaled, visible scores (f32; +inf for a row with nothing
-// visible, whose output is zeros). What a row sees is spans, not a mask: every row the first
+// Layouts (contiguous): per (sequence, key head) `head` = sequence · kv_heads + key head, its
+// rows = group · length (the query heads sharing the key head stacked: row r is query head
+// r / length of the group, position r % length), the keys and values `[columns, 64]`, and each
+// row's log-sum-exp of its scaled, visible scores (f32, `[head, rows]`; +inf for a row with
+// nothing visible, whose output is zeros). The queries, the output and their gradients are as
+// the projections make and take them, `[sequences, length, kv_heads · group, 64]` (QueryRows). What a row sees is spans, not a mask: every row the first
 // `prefix` keys (a cartridge, a context) and the keys [from, to] of its position's pair in
 // `spans` `[sequences, length, 2]` (empty when from > to; a causal row's or a packed
 // conversation's), two numbers a row where a mask's row is as many bytes as the keys, and it
@@ -144,15 +145,43 @@ template <int N> __device__ __forceinline__ void wait_async() {
 }
 #endif
 
-// Rows [first, first + TILE) of a `[count, 64]` matrix into a tile (zeros past count), by
-// cp.async: the copies are this thread's until it waits for them.
+// Where row r of a head's keys (or values, or their gradients) lies, in elements: `[heads,
+// columns, 64]`.
+struct KeyRows {
+  size_t first;
+  __device__ __forceinline__ KeyRows(size_t head, uint32_t columns)
+      : first(head * columns * HEAD_DIM) {}
+  __device__ __forceinline__ size_t operator()(uint32_t r) const {
+    return first + (size_t)r * HEAD_DIM;
+  }
+};
+
+// Where row r of a key head's queries (or output, or a gradient of either) lies, in elements:
+// `[sequences, length, kv_heads · group, 64]`, as the projections make and take them; row r is
+// query head r / length of the group, position r % length.
+struct QueryRows {
+  size_t first;
+  uint32_t length, stride;
+  __device__ __forceinline__ QueryRows(size_t head, uint32_t rows, uint32_t length,
+                                       uint32_t kv_heads)
+      : length(length), stride(kv_heads * (rows / length) * HEAD_DIM) {
+    first = head / kv_heads * length * stride + head % kv_heads * (rows / length) * HEAD_DIM;
+  }
+  __device__ __forceinline__ size_t operator()(uint32_t r) const {
+    return first + (size_t)(r % length) * stride + (size_t)(r / length) * HEAD_DIM;
+  }
+};
+
+// Rows [first, first + TILE) of `count` (row r at `matrix + at(r)`) into a tile (zeros past
+// count), by cp.async: the copies are this thread's until it waits for them.
+template <typename At>
 __device__ __forceinline__ void load_tile(uint16_t *tile, const uint16_t *__restrict__ matrix,
-                                          uint32_t first, uint32_t count) {
+                                          At at, uint32_t first, uint32_t count) {
   for (uint32_t i = threadIdx.x; i < TILE * HEAD_DIM / 8; i += FLASH_THREADS) {
-    const uint32_t row = i / (HEAD_DIM / 8), column = i % (HEAD_DIM / 8) * 8;
-    uint16_t *to = tile + row * STRIDE + column;
-    if (first + row < count)
-      copy16_async(to, matrix + (size_t)(first + row) * HEAD_DIM + column);
+    const uint32_t r = i / (HEAD_DIM / 8), column = i % (HEAD_DIM / 8) * 8;
+    uint16_t *to = tile + r * STRIDE + column;
+    if (first + r < count)
+      copy16_async(to, matrix + at(first + r) + column);
     else
       zero16(to);
   }
@@ -166,17 +195,18 @@ __device__ __forceinline__ bool sees(uint32_t key, uint32_t prefix, uint32_t fro
   return key < prefix || (key >= from && key <= to);
 }
 
-// The A fragments of rows [first, first + 16) of a `[count, 64]` matrix in global memory, for
-// the four 16-column steps of the head dimension (zeros past count).
+// The A fragments of rows [first, first + 16) of `count` in global memory (row r at
+// `matrix + at(r)`), for the four 16-column steps of the head dimension (zeros past count).
+template <typename At>
 __device__ __forceinline__ void load_a(uint32_t (&a)[4][4], const uint16_t *__restrict__ matrix,
-                                       uint32_t first, uint32_t count) {
+                                       At at, uint32_t first, uint32_t count) {
   const uint32_t g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
 #pragma unroll
   for (int kk = 0; kk < 4; kk++)
 #pragma unroll
     for (int i = 0; i < 4; i++) {
-      const uint32_t row = first + g + 8 * (i % 2), column = kk * 16 + 8 * (i / 2) + 2 * t;
-      a[kk][i] = row < count ? load2(matrix + (size_t)row * HEAD_DIM + column) : 0;
+      const uint32_t r = first + g + 8 * (i % 2), column = kk * 16 + 8 * (i / 2) + 2 * t;
+      a[kk][i] = r < count ? load2(matrix + at(r) + column) : 0;
     }
 }
 
@@ -308,9 +338,11 @@ __device__ void flash_forward(const T *__restrict__ q, const T *__restrict__ k,
   __shared__ uint32_t warp_lo[FLASH_THREADS / 32], warp_hi[FLASH_THREADS / 32];
   const uint32_t warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const size_t head = blockIdx.y, sequence = head / kv_heads;
-  const uint16_t *qh = reinterpret_cast<const uint16_t *>(q) + head * rows * HEAD_DIM;
-  const uint16_t *kh = reinterpret_cast<const uint16_t *>(k) + head * columns * HEAD_DIM;
-  const uint16_t *vh = reinterpret_cast<const uint16_t *>(v) + head * columns * HEAD_DIM;
+  const uint16_t *qs = reinterpret_cast<const uint16_t *>(q),
+                 *kh = reinterpret_cast<const uint16_t *>(k),
+                 *vh = reinterpret_cast<const uint16_t *>(v);
+  const QueryRows query_at(head, rows, length, kv_heads);
+  const KeyRows key_at(head, columns);
   const uint32_t first_row = blockIdx.x * TILE + warp * 16;
   prefix = least(prefix, columns);
   // This thread's two rows, g and g + 8 of the warp's 16 (C fragment elements 0-1 and 2-3),
@@ -354,20 +386,20 @@ __device__ void flash_forward(const T *__restrict__ q, const T *__restrict__ k,
     r[1] = hi;
   }
   uint32_t qa[4][4];
-  load_a(qa, qh, first_row, rows);
+  load_a(qa, qs, query_at, first_row, rows);
   float o[8][4] = {};
   float top[2] = {-INFINITY, -INFINITY}, sum[2] = {0, 0};
   uint32_t first = next_keys(0, prefix, lo, hi, columns);
   if (first < columns) {
-    load_tile(ks[0], kh, first, columns);
-    load_tile(vs[0], vh, first, columns);
+    load_tile(ks[0], kh, key_at, first, columns);
+    load_tile(vs[0], vh, key_at, first, columns);
   }
   commit_async();
   for (int b = 0; first < columns; b ^= 1) {
     const uint32_t after = next_keys(first + TILE, prefix, lo, hi, columns);
     if (after < columns) {
-      load_tile(ks[b ^ 1], kh, after, columns);
-      load_tile(vs[b ^ 1], vh, after, columns);
+      load_tile(ks[b ^ 1], kh, key_at, after, columns);
+      load_tile(vs[b ^ 1], vh, key_at, after, columns);
     }
     commit_async();
     wait_async<1>();
@@ -422,7 +454,7 @@ __device__ void flash_forward(const T *__restrict__ q, const T *__restrict__ k,
     if (!live[h])
       continue;
     const float inverse = total > 0 ? 1 / total : 0;
-    T *y = out + (head * rows + row[h]) * HEAD_DIM + 2 * t;
+    T *y = out + query_at(row[h]) + 2 * t;
 #pragma unroll
     for (int n = 0; n < 8; n++)
       store2(&y[n * 8], o[n][2 * h] * inverse, o[n][2 * h + 1] * inverse);
@@ -468,10 +500,12 @@ __device__ void flash_backward(const T *__restrict__ q, const T *__restrict__ k,
   __shared__ uint32_t seen[SEEN_WORDS];
   const uint32_t warp = threadIdx.x / 32, g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
   const size_t head = blockIdx.x, sequence = head / kv_heads;
-  const uint16_t *qh = reinterpret_cast<const uint16_t *>(q) + head * rows * HEAD_DIM;
-  const uint16_t *doh = reinterpret_cast<const uint16_t *>(dout) + head * rows * HEAD_DIM;
-  const uint16_t *kh = reinterpret_cast<const uint16_t *>(k) + head * columns * HEAD_DIM;
-  const uint16_t *vh = reinterpret_cast<const uint16_t *>(v) + head * columns * HEAD_DIM;
+  const uint16_t *qh = reinterpret_cast<const uint16_t *>(q),
+                 *doh = reinterpret_cast<const uint16_t *>(dout),
+                 *kh = reinterpret_cast<const uint16_t *>(k),
+                 *vh = reinterpret_cast<const uint16_t *>(v);
+  const QueryRows query_at(head, rows, length, kv_heads);
+  const KeyRows key_at(head, columns);
   const uint32_t first_key = blockIdx.y * TILE, warp_key = first_key + warp * 16;
   const uint32_t tiles = (rows + TILE - 1) / TILE;
   uint32_t key[2];
@@ -494,8 +528,8 @@ __device__ void flash_backward(const T *__restrict__ q, const T *__restrict__ k,
   // The rows of tile x: Q and dO, and each row's log-sum-exp, dsum and span (past the rows:
   // zeros, +inf, 0 and nothing).
   const auto load_rows = [&](int b, uint32_t x) {
-    load_tile(qs[b], qh, x * TILE, rows);
-    load_tile(dos[b], doh, x * TILE, rows);
+    load_tile(qs[b], qh, query_at, x * TILE, rows);
+    load_tile(dos[b], doh, query_at, x * TILE, rows);
     for (uint32_t i = threadIdx.x; i < TILE; i += FLASH_THREADS) {
       const uint32_t row = x * TILE + i;
       if (row < rows) {
@@ -514,8 +548,8 @@ __device__ void flash_backward(const T *__restrict__ q, const T *__restrict__ k,
   };
   // The values' A fragments stay in registers; the keys' are read from their tile each time.
   uint32_t va[4][4];
-  load_a(va, vh, warp_key, columns);
-  load_tile(ks, kh, first_key, columns);
+  load_a(va, vh, key_at, warp_key, columns);
+  load_tile(ks, kh, key_at, first_key, columns);
   __syncthreads();
   uint32_t x = next_rows(seen, 0, tiles);
   if (x < tiles)
@@ -587,7 +621,7 @@ __device__ void flash_backward(const T *__restrict__ q, const T *__restrict__ k,
       if (query < rows)
 #pragma unroll
         for (int n = 0; n < 8; n++)
-          add2(&dq[(head * rows + query) * HEAD_DIM + n * 8 + 2 * t], acc[n][2 * h] * scale,
+          add2(&dq[query_at(query) + n * 8 + 2 * t], acc[n][2 * h] * scale,
                acc[n][2 * h + 1] * scale);
     }
     // Every warp is done with this buffer before the next tile but one is loaded into it.
@@ -599,8 +633,8 @@ __device__ void flash_backward(const T *__restrict__ q, const T *__restrict__ k,
   for (int h = 0; h < 2; h++) {
     if (!live[h])
       continue;
-    T *dkr = dk + (head * columns + key[h]) * HEAD_DIM + 2 * t;
-    T *dvr = dv + (head * columns + key[h]) * HEAD_DIM + 2 * t;
+    T *dkr = dk + key_at(key[h]) + 2 * t;
+    T *dvr = dv + key_at(key[h]) + 2 * t;
 #pragma unroll
     for (int n = 0; n < 8; n++) {
       store2(&dkr[n * 8], dka[n][2 * h] * scale, dka[n][2 * h + 1] * scale);
@@ -609,24 +643,33 @@ __device__ void flash_backward(const T *__restrict__ q, const T *__restrict__ k,
   }
 }
 
-// rowsum(dO·O) of `count` rows of 64 (the backward's dsum), in f32: a warp a row, two elements
-// a lane. Grid ceil(count / 4).
+// rowsum(dO·O) (the backward's dsum, in f32) of the rows of `[sequences, length, kv_heads ·
+// group, 64]` output and gradient, each to its place in `[sequences · kv_heads, group · length]`
+// (the kernels' rows): a warp a row, two elements a lane. Grid ceil(count / 4), count =
+// sequences · length · kv_heads · group.
 template <typename T>
 __device__ void flash_row_sums(const T *__restrict__ dout, const T *__restrict__ out,
-                               float *__restrict__ sums, uint32_t count) {
-  const uint32_t row = blockIdx.x * (FLASH_THREADS / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
+                               float *__restrict__ sums, uint32_t count, uint32_t length,
+                               uint32_t kv_heads, uint32_t group) {
+  const uint32_t row = blockIdx.x * (FLASH_THREADS / 32) + threadIdx.x / 32;
+  const uint32_t lane = threadIdx.x % 32;
   float x = 0.f;
   if (row < count) {
-    const uint32_t a = load2(reinterpret_cast<const uint16_t *>(dout) + (size_t)row * HEAD_DIM + 2 * lane),
-                   b = load2(reinterpret_cast<const uint16_t *>(out) + (size_t)row * HEAD_DIM + 2 * lane);
+    const size_t at = (size_t)row * HEAD_DIM + 2 * lane;
+    const uint32_t a = load2(reinterpret_cast<const uint16_t *>(dout) + at),
+                   b = load2(reinterpret_cast<const uint16_t *>(out) + at);
     x = widen_bits(T{}, a & 0xffff) * widen_bits(T{}, b & 0xffff) +
         widen_bits(T{}, a >> 16) * widen_bits(T{}, b >> 16);
   }
 #pragma unroll
   for (int offset = 16; offset > 0; offset /= 2)
     x += __shfl_xor_sync(0xffffffffu, x, offset);
-  if (row < count && lane == 0)
-    sums[row] = x;
+  if (row < count && lane == 0) {
+    const uint32_t heads = kv_heads * group, query_head = row % heads;
+    const uint32_t position = row / heads % length, sequence = row / heads / length;
+    sums[((size_t)sequence * kv_heads + query_head / group) * group * length +
+         query_head % group * length + position] = x;
+  }
 }
 
 // The forward at 4 blocks an SM (128 registers a thread at most). The backward takes 177 and
@@ -652,8 +695,8 @@ __device__ void flash_row_sums(const T *__restrict__ dout, const T *__restrict__
   }                                                                                                \
   extern "C" __global__ void __launch_bounds__(FLASH_THREADS) flash_row_sums_##NAME(               \
       const T *__restrict__ dout, const T *__restrict__ out, float *__restrict__ sums,              \
-      uint32_t count) {                                                                            \
-    flash_row_sums<T>(dout, out, sums, count);                                                     \
+      uint32_t count, uint32_t length, uint32_t kv_heads, uint32_t group) {                        \
+    flash_row_sums<T>(dout, out, sums, count, length, kv_heads, group);                            \
   }
 
 FLASH_KERNELS(__nv_bfloat16, bf16)

@@ -266,6 +266,13 @@ void adam_case() {
   check("adam_step_f32", error, 1e-6);
 }
 
+// The row of `[sequences, length, kv_heads · group, 64]` queries (or output, or a gradient of
+// either) that is row r of key head h's stacked query heads.
+size_t query_row(int h, int r, int length, int kv_heads, int group) {
+  return (size_t(h / kv_heads) * length + r % length) * kv_heads * group +
+         h % kv_heads * group + r / length;
+}
+
 // Attention in tiles against the composed arithmetic in double precision: `sequences` x 2 key
 // heads, 3 query heads to each, `length` positions after `prefix` keys every row sees, 64
 // dimensions. Sequence 0's rows are packed conversations (each position sees its conversation
@@ -318,13 +325,13 @@ void flash_case(int length, int prefix,
       dq(heads * rows * D, 0), dk(heads * columns * D, 0), dv(heads * columns * D, 0);
   for (int h = 0; h < heads; h++)
     for (int r = 0; r < rows; r++) {
-      const size_t row = size_t(h) * rows + r;
+      const size_t row = size_t(h) * rows + r, at = query_row(h, r, length, kv_heads, group);
       std::vector<double> s(columns), p(columns, 0.0), dp(columns);
       double top = -INFINITY, sum = 0;
       for (int j = 0; j < columns; j++) {
         double dot = 0;
         for (int d = 0; d < D; d++)
-          dot += back(q[row * D + d]) * back(k[(size_t(h) * columns + j) * D + d]);
+          dot += back(q[at * D + d]) * back(k[(size_t(h) * columns + j) * D + d]);
         s[j] = sees(h / kv_heads, r % length, j) ? dot * scale : -INFINITY;
         top = std::max(top, s[j]);
       }
@@ -340,19 +347,19 @@ void flash_case(int length, int prefix,
         for (int j = 0; j < columns; j++)
           x += p[j] * back(v[(size_t(h) * columns + j) * D + d]);
         o[row * D + d] = x;
-        ds_sum += x * back(dout[row * D + d]);
+        ds_sum += x * back(dout[at * D + d]);
       }
       dsum[row] = ds_sum;
       for (int j = 0; j < columns; j++) {
         const size_t key = size_t(h) * columns + j;
         double x = 0;
         for (int d = 0; d < D; d++)
-          x += back(dout[row * D + d]) * back(v[key * D + d]);
+          x += back(dout[at * D + d]) * back(v[key * D + d]);
         const double ds = p[j] * (x - ds_sum);
         for (int d = 0; d < D; d++) {
           dq[row * D + d] += scale * ds * back(k[key * D + d]);
-          dk[key * D + d] += scale * ds * back(q[row * D + d]);
-          dv[key * D + d] += p[j] * back(dout[row * D + d]);
+          dk[key * D + d] += scale * ds * back(q[at * D + d]);
+          dv[key * D + d] += p[j] * back(dout[at * D + d]);
         }
       }
     }
@@ -385,35 +392,46 @@ void flash_case(int length, int prefix,
     snprintf(what, 100, "%s, %d positions after %d: %s", name, length, prefix, part);
     check(what, error, tolerance);
   };
-  report("output", relative(o, [&](size_t i) { return back(out[i]); }), tol);
+  // The reference's rows are the kernels' (head, row); the outputs' are the projections'.
+  const auto moved = [&](size_t i) {
+    return query_row(i / D / rows, i / D % rows, length, kv_heads, group) * D + i % D;
+  };
+  report("output", relative(o, [&](size_t i) { return back(out[moved(i)]); }), tol);
   double lse_error = 0;
   for (size_t i = 0; i < lse.size(); i++)
     lse_error = lse[i] == INFINITY ? worst(lse_error, lse_out[i] == INFINITY ? 0 : INFINITY)
                                    : worst(lse_error, std::fabs(lse_out[i] - lse[i]));
   report("log-sum-exp", lse_error, 1e-4);
-  report("dq", relative(dq, [&](size_t i) { return double(dq_out[i]); }), tol);
+  report("dq", relative(dq, [&](size_t i) { return double(dq_out[moved(i)]); }), tol);
   report("dk", relative(dk, [&](size_t i) { return back(dk_out[i]); }), tol);
   report("dv", relative(dv, [&](size_t i) { return back(dv_out[i]); }), tol);
 }
 
-// rowsum(dO·O) of rows of 64 against double precision: 7 rows, not a multiple of a block's 4.
+// rowsum(dO·O) of rows of 64 against double precision, each in the kernels' place: 2 sequences
+// of 3 positions, 1 key head, 3 query heads (18 rows, not a multiple of a block's 4).
 template <typename T>
-void row_sums_case(void (*kernel)(const T *, const T *, float *, uint32_t), const char *name) {
-  const uint32_t count = 7;
+void row_sums_case(void (*kernel)(const T *, const T *, float *, uint32_t, uint32_t, uint32_t,
+                                  uint32_t),
+                   const char *name) {
+  const int sequences = 2, length = 3, kv_heads = 1, group = 3;
+  const uint32_t count = sequences * length * kv_heads * group;
   std::vector<T> dout(count * 64), out(count * 64);
   for (auto *m : {&dout, &out})
     for (auto &x : *m)
       x = cast<T>(randn());
   std::vector<float> sums = unset<float>(count);
-  launch(dim3{(count + 3) / 4, 1, 1}, 128,
-         [&] { kernel(dout.data(), out.data(), sums.data(), count); });
+  launch(dim3{(count + 3) / 4, 1, 1}, 128, [&] {
+    kernel(dout.data(), out.data(), sums.data(), count, length, kv_heads, group);
+  });
   double error = 0;
-  for (uint32_t r = 0; r < count; r++) {
-    double want = 0;
-    for (int d = 0; d < 64; d++)
-      want += back(dout[r * 64 + d]) * back(out[r * 64 + d]);
-    error = worst(error, std::fabs(sums[r] - want));
-  }
+  for (int h = 0; h < sequences * kv_heads; h++)
+    for (int r = 0; r < group * length; r++) {
+      const size_t at = query_row(h, r, length, kv_heads, group) * 64;
+      double want = 0;
+      for (int d = 0; d < 64; d++)
+        want += back(dout[at + d]) * back(out[at + d]);
+      error = worst(error, std::fabs(sums[h * group * length + r] - want));
+    }
   check(name, error, 1e-4);
 }
 

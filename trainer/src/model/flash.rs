@@ -27,9 +27,10 @@ const MAX_ROW_TILES: usize = 128 * 32;
 /// The scores' scale, 1/√HEAD_DIM.
 const SCALE: f32 = 0.125;
 
-/// Whether the tiled kernels take attention over these `[B, kv_heads, rows, head_dim]` queries,
-/// `[B, kv_heads, T, head_dim]` keys and values, every row seeing the first `prefix` keys and its
-/// position's span in `spans` `[B, rows / group, 2]`: on a GPU with bf16 or f16 tensor cores
+/// Whether the tiled kernels take attention over these `[B, L, heads, head_dim]` queries (as
+/// the projection makes them), `[B, kv_heads, T, head_dim]` keys and values, `group` query heads
+/// to a key head, every position seeing the first `prefix` keys and its span in `spans`
+/// `[B, L, 2]`: on a GPU with bf16 or f16 tensor cores
 /// (compute capability 8 or later), heads of 64, inputs laid out as the kernels read them.
 /// `CARTRIDGE_ATTENTION=composed` sends all attention to the composed form: to compare the two,
 /// or to go on should a kernel fail on some GPU.
@@ -104,19 +105,20 @@ impl Sizes {
         spans: &Tensor,
         group: usize,
     ) -> Result<Self> {
-        let (batch, kv_heads, rows, head_dim) = q.dims4()?;
+        let (batch, length, heads, head_dim) = q.dims4()?;
         let columns = k.dim(2).unwrap_or(0);
+        let kv_heads = heads.checked_div(group).unwrap_or(0);
         let keys = [batch, kv_heads, columns, HEAD_DIM];
         if head_dim != HEAD_DIM
             || k.dims() != keys
             || v.dims() != keys
             || group == 0
-            || !rows.is_multiple_of(group)
+            || !heads.is_multiple_of(group)
             || q.elem_count() == 0
             || columns == 0
             || prefix > columns
-            || rows.div_ceil(TILE) > MAX_ROW_TILES
-            || spans.dims() != [batch, rows / group, 2]
+            || (group * length).div_ceil(TILE) > MAX_ROW_TILES
+            || spans.dims() != [batch, length, 2]
             || spans.dtype() != DType::U32
             || !spans.is_contiguous()
         {
@@ -132,9 +134,9 @@ impl Sizes {
         Ok(Self {
             batch,
             kv_heads,
-            rows,
+            rows: group * length,
             columns,
-            length: rows / group,
+            length,
         })
     }
 
@@ -233,9 +235,10 @@ fn on_gpu(storage: &Storage) -> Result<&CudaStorage> {
     }
 }
 
-/// `softmax(scale·q·kᵀ over the keys each row sees)·v` `[B, kv_heads, rows, 64]`, each row's
-/// log-sum-exp `[B, kv_heads, rows]` (f32) and each tile of 64 rows' reach (u32 pairs), for rows
-/// seeing the first `prefix` keys and their position's span in `spans` `[B, rows / group, 2]`.
+/// `softmax(scale·q·kᵀ over the keys each row sees)·v` `[B, L, heads, 64]` (as `q`), each
+/// row's log-sum-exp `[B, kv_heads, group·L]` (f32, the kernels' rows: a key head's query heads
+/// stacked) and each tile of 64 of those rows' reach (u32 pairs), for positions seeing the
+/// first `prefix` keys and their span in `spans` `[B, L, 2]`.
 pub fn forward(
     q: &Tensor,
     k: &Tensor,
@@ -305,17 +308,16 @@ fn forward_as<T: CudaDType + DeviceRepr + candle_core::WithDType>(
     // SAFETY: the parameters are the kernel's in number, order and type; the grid covers the
     // rows the outputs hold and reads within the inputs' shapes (checked by `Sizes::of`).
     unsafe { builder.launch(sizes.rows_grid()?) }.w()?;
-    let shape = [sizes.batch, sizes.kv_heads, sizes.rows];
     Ok((
-        wrap(out, &device, &[shape[0], shape[1], shape[2], HEAD_DIM]),
-        wrap(lse, &device, &shape),
+        wrap(out, &device, q.dims()),
+        wrap(lse, &device, &[sizes.batch, sizes.kv_heads, sizes.rows]),
         wrap(reach, &device, &[tiles, 2]),
     ))
 }
 
-/// The gradients `(dq, dk, dv)` of [`forward`]'s output given `grad` of it (contiguous from a
-/// 16-byte boundary), for the same `(prefix, spans)` and the forward's `reach` and log-sum-exp,
-/// and `sums` = rowsum(grad·out) `[B, kv_heads, rows]` (f32); dq in f32.
+/// The gradients `(dq, dk, dv)` of [`forward`]'s output given `grad` of it (as `q`, contiguous
+/// from a 16-byte boundary), for the same `(prefix, spans)` and the forward's `reach` and
+/// log-sum-exp, and `sums` = [`row_sums`]; dq in f32.
 pub fn backward(
     [q, k, v]: [&Tensor; 3],
     (prefix, spans, reach): (usize, &Tensor, &Tensor),
@@ -419,21 +421,21 @@ fn backward_as<T: CudaDType + DeviceRepr + candle_core::WithDType>(
     // SAFETY: as in the forward; `dq` is zeroed and covers every query row, `reach` is the
     // forward's for these sizes (checked above).
     unsafe { builder.launch(sizes.keys_grid()?) }.w()?;
-    let rows = [sizes.batch, sizes.kv_heads, sizes.rows, HEAD_DIM];
     let columns = [sizes.batch, sizes.kv_heads, sizes.columns, HEAD_DIM];
     Ok((
-        wrap(dq, &device, &rows),
+        wrap(dq, &device, q.dims()),
         wrap(dk, &device, &columns),
         wrap(dv, &device, &columns),
     ))
 }
 
-/// rowsum(grad·out) `[B, kv_heads, rows]` (f32) of [`forward`]'s output and its gradient: the
-/// backward's `sums`, in one pass (the composed form casts both, multiplies and sums).
-pub fn row_sums(grad: &Tensor, out: &Tensor) -> Result<Tensor> {
+/// rowsum(grad·out) of [`forward`]'s output `[B, L, heads, 64]` and its gradient, in f32 and in
+/// the kernels' rows, `[B, heads / group, group·L]`: the backward's `sums`, in one pass (the
+/// composed form casts both, multiplies and sums).
+pub fn row_sums(grad: &Tensor, out: &Tensor, group: usize) -> Result<Tensor> {
     match out.dtype() {
-        DType::BF16 => row_sums_as::<bf16>(grad, out),
-        DType::F16 => row_sums_as::<f16>(grad, out),
+        DType::BF16 => row_sums_as::<bf16>(grad, out, group),
+        DType::F16 => row_sums_as::<f16>(grad, out, group),
         other => candle_core::bail!("attention's row sums in {other:?}"),
     }
 }
@@ -441,18 +443,27 @@ pub fn row_sums(grad: &Tensor, out: &Tensor) -> Result<Tensor> {
 fn row_sums_as<T: CudaDType + DeviceRepr + candle_core::WithDType>(
     grad: &Tensor,
     out: &Tensor,
+    group: usize,
 ) -> Result<Tensor> {
-    let (batch, kv_heads, rows, head_dim) = out.dims4()?;
-    if head_dim != HEAD_DIM || grad.dims() != out.dims() || grad.dtype() != out.dtype() {
+    let (batch, length, heads, head_dim) = out.dims4()?;
+    if head_dim != HEAD_DIM
+        || grad.dims() != out.dims()
+        || grad.dtype() != out.dtype()
+        || group == 0
+        || !heads.is_multiple_of(group)
+    {
         candle_core::bail!(
-            "attention's row sums of {:?} {:?} and {:?} {:?}",
+            "attention's row sums of {:?} {:?} and {:?} {:?}, {group} query heads to a key head",
             grad.dtype(),
             grad.shape(),
             out.dtype(),
             out.shape()
         );
     }
-    let count = batch * kv_heads * rows;
+    let count = batch * length * heads;
+    let narrow = |x: usize| {
+        u32::try_from(x).map_err(|_| candle_core::Error::Msg(format!("attention: {x} rows")))
+    };
     let device = cuda(out)?;
     // SAFETY: the kernel writes every row's sum.
     let sums = unsafe { device.alloc::<f32>(count) }?;
@@ -466,25 +477,26 @@ fn row_sums_as<T: CudaDType + DeviceRepr + candle_core::WithDType>(
         MODULE,
         OPS,
     )?;
-    let rows_per_block = THREADS as usize / 32;
     let config = LaunchConfig {
-        grid_dim: (
-            u32::try_from(count.div_ceil(rows_per_block))
-                .map_err(|_| candle_core::Error::Msg(format!("attention: {count} rows")))?,
-            1,
-            1,
-        ),
+        grid_dim: (narrow(count.div_ceil(THREADS as usize / 32))?, 1, 1),
         block_dim: (THREADS, 1, 1),
         shared_mem_bytes: 0,
     };
-    let count = u32::try_from(count)
-        .map_err(|_| candle_core::Error::Msg(format!("attention: {count} rows")))?;
+    let shape = [batch, heads / group, group * length];
+    // count, length, kv_heads, group.
+    let arguments = [count, length, heads / group, group]
+        .map(narrow)
+        .into_iter()
+        .collect::<Result<Vec<u32>>>()?;
     let mut builder = func.builder();
-    builder.arg(&gv).arg(&ov).arg(&sums).arg(&count);
+    builder.arg(&gv).arg(&ov).arg(&sums);
+    for argument in &arguments {
+        builder.arg(argument);
+    }
     // SAFETY: the parameters are the kernel's; a block reads 4 whole rows of 64 within both
-    // inputs (same shape, checked) and writes their sums.
+    // inputs (same shape, checked) and writes each sum within the `count` of the output.
     unsafe { builder.launch(config) }.w()?;
-    Ok(wrap(sums, &device, &[batch, kv_heads, rows]))
+    Ok(wrap(sums, &device, &shape))
 }
 
 #[cfg(test)]
@@ -524,9 +536,10 @@ mod tests {
                 }))
                 .collect();
             let mask = Mask::spans(&spans, (batch, length), prefix, total, &device)?;
-            let random = |rows| Tensor::randn(0f32, 1.0, (batch, kv_heads, rows, 64), &device);
-            let (q, k, v) = (random(group * length)?, random(total)?, random(total)?);
-            let w = random(group * length)?;
+            let keys = || Tensor::randn(0f32, 1.0, (batch, kv_heads, total, 64), &device);
+            let queries =
+                || Tensor::randn(0f32, 1.0, (batch, length, kv_heads * group, 64), &device);
+            let (q, k, v, w) = (queries()?, keys()?, keys()?, queries()?);
             let reference = composed_attention_and_gradients([&q, &k, &v], &mask, group, &w)?;
             let [q, k, v] = [&q, &k, &v].map(|x| x.to_dtype(dtype).expect("a cast"));
             let (p, pairs) = mask.spans_form().expect("spans");
@@ -543,7 +556,7 @@ mod tests {
             // The padding (position 90 on) sees the prefix: not zeros.
             assert!(
                 tiled[0]
-                    .narrow(2, 95, 1)?
+                    .narrow(1, 95, 1)?
                     .abs()?
                     .sum(D::Minus1)?
                     .min_all()?

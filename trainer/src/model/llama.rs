@@ -21,7 +21,8 @@ use super::config::{Config, read_gguf};
 use super::mask::Mask;
 use super::ops::{
     AttentionSaved, accumulation_dtype, attention_backward, attention_forward, linear,
-    linear_backward, rms_norm, rms_norm_backward, rope, rope_backward, swiglu, swiglu_backward,
+    linear_backward, rms_norm, rms_norm_backward, rope, rope_backward, rope_thd, rope_thd_backward,
+    swiglu, swiglu_backward,
 };
 use crate::error::{Error, Result};
 
@@ -424,11 +425,7 @@ impl Llama {
                 (linear_backward(&d_gate, &layer.gate)? + linear_backward(&d_up, &layer.up)?)?;
             let d_mid = (dx + rms_norm_backward(&saved.mid, &layer.ffn_norm, eps, &d_h)?)?;
             // The output projection's input gradient, in attention's layout.
-            let d_out = linear_backward(&d_mid, &layer.o)?
-                .reshape((batch, length, heads, hd))?
-                .transpose(1, 2)?
-                .reshape((batch, kv_heads, heads / kv_heads * length, hd))?
-                .contiguous()?;
+            let d_out = linear_backward(&d_mid, &layer.o)?.reshape((batch, length, heads, hd))?;
             // The first layer's queries come from the embeddings: nothing to carry below.
             let [dq, dk, dv] = attention_backward(
                 [&saved.q, &saved.k, &saved.v],
@@ -454,10 +451,10 @@ impl Llama {
             let merged = |d: Tensor, n: usize| -> Result<Tensor> {
                 Ok(d.transpose(1, 2)?.reshape((batch, length, n * hd))?)
             };
-            let dq = rope_backward(&dq.reshape((batch, heads, length, hd))?, &cos, &sin)?;
+            let dq = rope_thd_backward(&dq, &cos, &sin)?.reshape((batch, length, heads * hd))?;
             let dk = rope_backward(&dk.narrow(2, p, length)?, &cos, &sin)?;
             let dv = dv.narrow(2, p, length)?;
-            let d_h = ((linear_backward(&merged(dq, heads)?, &layer.q)?
+            let d_h = ((linear_backward(&dq, &layer.q)?
                 + linear_backward(&merged(dk, kv_heads)?, &layer.k)?)?
                 + linear_backward(&merged(dv, kv_heads)?, &layer.v)?)?;
             dx = (d_mid + rms_norm_backward(&saved.x, &layer.attn_norm, eps, &d_h)?)?;
@@ -506,7 +503,13 @@ impl Llama {
                 .transpose(1, 2)?
                 .contiguous()?)
         };
-        let q = rope(&split(&layer.q, heads)?, cos, sin)?;
+        // The queries keep the projection's layout, `[B, L, heads, head_dim]`, as attention's
+        // output does: no copy to a heads-first layout and back.
+        let q = rope_thd(
+            &linear(&h, &layer.q)?.reshape((batch, length, heads, hd))?,
+            cos,
+            sin,
+        )?;
         let k = rope(&split(&layer.k, kv_heads)?, cos, sin)?;
         let v = split(&layer.v, kv_heads)?;
         let (k, v) = match context {
@@ -523,16 +526,10 @@ impl Llama {
             }
             Context::Cache(cache) => cache.layers[index].append(&k, &v)?,
         };
-        // Grouped-query attention without copying keys: the query heads sharing a key head are
-        // stacked along the sequence axis. A cache's keys and values are views into its
-        // buffers, which matmuls on either device read as they are.
-        let group = heads / kv_heads;
-        let q = q.reshape((batch, kv_heads, group * length, hd))?;
-        let (out, attention) = attention_forward(&q, &k, &v, mask, group)?;
-        let attended = out
-            .reshape((batch, heads, length, hd))?
-            .transpose(1, 2)?
-            .reshape((batch, length, heads * hd))?;
+        // Grouped-query attention without copying keys per query head. A cache's keys and values
+        // are views into its buffers, which matmuls on either device read as they are.
+        let (out, attention) = attention_forward(&q, &k, &v, mask, heads / kv_heads)?;
+        let attended = out.reshape((batch, length, heads * hd))?;
         let mid = (&x + linear(&attended, &layer.o)?)?;
         let h = self.rms_norm(&mid, &layer.ffn_norm)?;
         let (gate, up) = (linear(&h, &layer.gate)?, linear(&h, &layer.up)?);

@@ -64,7 +64,17 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 /// [`rope`]'s input gradient given its output's, `grad`: a rotation's transpose is the
 /// rotation by the opposite angle.
 pub fn rope_backward(grad: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    candle_nn::rotary_emb::rope(&grad.contiguous()?, cos, &sin.neg()?)
+    rope(grad, cos, &sin.neg()?)
+}
+
+/// [`rope`] of `x` `[B, L, heads, head_dim]`: the projections' layout, which the queries keep.
+pub fn rope_thd(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    candle_nn::rotary_emb::rope_thd(&x.contiguous()?, cos, sin)
+}
+
+/// [`rope_thd`]'s input gradient given its output's.
+pub fn rope_thd_backward(grad: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    rope_thd(grad, cos, &sin.neg()?)
 }
 
 /// What [`attention_backward`] needs besides the inputs and the output: nothing for the
@@ -79,12 +89,12 @@ pub enum AttentionSaved {
     },
 }
 
-/// Attention of `q` `[B, kv_heads, group·L, head_dim]` — the `group` query heads that share a
-/// key head stacked along the sequence axis, so keys are never copied per query head — over
-/// `k`, `v` `[B, kv_heads, T, head_dim]`, each row seeing the keys `mask` says: the output
-/// `[B, kv_heads, group·L, head_dim]` and what the backward needs. By the GPU kernels that never
-/// write the score matrices (model/flash.rs) where they apply, by matmuls around the fused
-/// masked softmax otherwise (any device, any dtype).
+/// Attention of `q` `[B, L, heads, head_dim]` (the projection's layout; each `group` query heads
+/// share a key head, whose keys are never copied per query head) over `k`, `v` `[B, kv_heads,
+/// T, head_dim]`, each position seeing the keys `mask` says: the output `[B, L, heads,
+/// head_dim]` (the output projection's input) and what the backward needs. By the GPU kernels
+/// that never write the score matrices (model/flash.rs) where they apply, by matmuls around the
+/// fused masked softmax otherwise (any device, any dtype).
 pub fn attention_forward(
     q: &Tensor,
     k: &Tensor,
@@ -99,8 +109,8 @@ pub fn attention_forward(
         let (out, lse, reach) = super::flash::forward(q, k, v, prefix, spans, group)?;
         return Ok((out, AttentionSaved::Tiled { lse, reach }));
     }
-    let out = probabilities(q, k, mask, group)?.matmul(v)?;
-    Ok((out, AttentionSaved::Composed))
+    let out = probabilities(&stacked(q, group)?, k, mask, group)?.matmul(v)?;
+    Ok((unstacked(&out, group)?, AttentionSaved::Composed))
 }
 
 /// The gradients of [`attention_forward`]'s inputs `[q, k, v]` given its output's, `grad`:
@@ -125,7 +135,7 @@ pub fn attention_backward(
             } else {
                 grad.force_contiguous()?
             };
-            let sums = super::flash::row_sums(&grad, out)?;
+            let sums = super::flash::row_sums(&grad, out, group)?;
             let (dq, dk, dv) = super::flash::backward(
                 [q, k, v],
                 (prefix, spans, reach),
@@ -141,23 +151,46 @@ pub fn attention_backward(
             ])
         }
         AttentionSaved::Composed => {
-            let grad = grad.contiguous()?;
-            let p = probabilities(q, k, mask, group)?;
+            let (q, out, grad) = (
+                stacked(q, group)?,
+                stacked(out, group)?,
+                stacked(grad, group)?,
+            );
+            let p = probabilities(&q, k, mask, group)?;
             let dv = wanted[2].then(|| p.t()?.matmul(&grad)).transpose()?;
             if !(wanted[0] || wanted[1]) {
                 return Ok([None, None, dv]);
             }
             // Softmax backward, dS = P·(dP - rowsum(P·dP)). The score scale goes on dQ and dK,
             // not on all of dS.
-            let sums = output_sums(&grad, out)?;
+            let sums = output_sums(&grad, &out)?;
             let dp = grad.matmul(&v.t()?)?;
             let ds = p.apply_op3_no_bwd(&dp, &sums, &SoftmaxGradient)?;
-            let scale = scale(q)?;
-            let dq = wanted[0].then(|| ds.matmul(k)? * scale).transpose()?;
-            let dk = wanted[1].then(|| ds.t()?.matmul(q)? * scale).transpose()?;
+            let scale = scale(&q)?;
+            let dq = wanted[0]
+                .then(|| unstacked(&(ds.matmul(k)? * scale)?, group))
+                .transpose()?;
+            let dk = wanted[1].then(|| ds.t()?.matmul(&q)? * scale).transpose()?;
             Ok([dq, dk, dv])
         }
     }
+}
+
+/// `[B, L, heads, head_dim]` as the composed form takes it, `[B, kv_heads, group·L, head_dim]`:
+/// the query heads that share a key head stacked.
+fn stacked(x: &Tensor, group: usize) -> Result<Tensor> {
+    let (batch, length, heads, head_dim) = x.dims4()?;
+    x.transpose(1, 2)?
+        .contiguous()?
+        .reshape((batch, heads / group, group * length, head_dim))
+}
+
+/// [`stacked`]'s inverse.
+fn unstacked(x: &Tensor, group: usize) -> Result<Tensor> {
+    let (batch, kv_heads, rows, head_dim) = x.dims4()?;
+    x.reshape((batch, kv_heads * group, rows / group, head_dim))?
+        .transpose(1, 2)?
+        .contiguous()
 }
 
 /// rowsum(dO·O) `[.., 1]` of attention's output and its gradient, in the accumulation dtype (f32
@@ -441,6 +474,14 @@ pub(super) mod tests {
             |_, grad| rope_backward(grad, &cos, &sin),
             slow,
             &x,
+        )?;
+        // The same rotation with the positions before the heads.
+        let by_position = |x: &Tensor| x.transpose(1, 2)?.contiguous();
+        check(
+            |x| rope_thd(x, &cos, &sin),
+            |_, grad| rope_thd_backward(grad, &cos, &sin),
+            |x| by_position(&slow(&by_position(x)?)?),
+            &by_position(&x)?,
         )
     }
 
@@ -468,17 +509,23 @@ pub(super) mod tests {
         group: usize,
         w: &Tensor,
     ) -> Result<[Tensor; 4]> {
-        let (batch, kv_heads, rows, hd) = q.dims4()?;
-        let total = k.dim(2)?;
+        let (batch, length, heads, hd) = q.dims4()?;
+        let (kv_heads, total) = (heads / group, k.dim(2)?);
         let [q, k, v] =
             [q, k, v].map(|x| x.to_dtype(DType::F32).and_then(|x| Var::from_tensor(&x)));
         let (q, k, v) = (q?, k?, v?);
-        let scores = (q.matmul(&k.t()?)? / (hd as f64).sqrt())?
-            .reshape((batch, kv_heads, group, rows / group, total))?
-            .broadcast_add(&mask.to_additive(DType::F32)?)?;
+        let scores = (q
+            .transpose(1, 2)?
+            .reshape((batch, kv_heads, group * length, hd))?
+            .matmul(&k.t()?)?
+            / (hd as f64).sqrt())?
+        .reshape((batch, kv_heads, group, length, total))?
+        .broadcast_add(&mask.to_additive(DType::F32)?)?;
         let out = candle_nn::ops::softmax(&scores, D::Minus1)?
-            .reshape((batch, kv_heads, rows, total))?
-            .matmul(&v)?;
+            .reshape((batch, kv_heads, group * length, total))?
+            .matmul(&v)?
+            .reshape((batch, heads, length, hd))?
+            .transpose(1, 2)?;
         let grads = out.mul(w)?.sum_all()?.backward()?;
         let gradient = |x: &Var| grads.get(x).expect("a gradient").clone();
         Ok([out, gradient(&q), gradient(&k), gradient(&v)])
@@ -492,7 +539,7 @@ pub(super) mod tests {
         let (batch, kv_heads, group, length, prefix, hd) = (2, 2, 3, 4, 3, 8);
         let total = prefix + length;
         let mask = Mask::causal(batch, prefix, length, &device)?;
-        let q = Tensor::randn(0f32, 1.0, (batch, kv_heads, group * length, hd), &device)?;
+        let q = Tensor::randn(0f32, 1.0, (batch, length, kv_heads * group, hd), &device)?;
         let k = Tensor::randn(0f32, 1.0, (batch, kv_heads, total, hd), &device)?;
         let v = Tensor::randn(0f32, 1.0, (batch, kv_heads, total, hd), &device)?;
         let w = Tensor::randn(0f32, 1.0, q.shape(), &device)?;
