@@ -5,10 +5,11 @@
 //
 // Layouts (contiguous): per (sequence, key head) `head` = sequence · kv_heads + key head, its
 // rows = group · length (the query heads sharing the key head stacked: row r is query head
-// r / length of the group, position r % length), the keys and values `[columns, 64]`, and each
-// row's log-sum-exp of its scaled, visible scores (f32, `[head, rows]`; +inf for a row with
-// nothing visible, whose output is zeros). The queries, the output and their gradients are as
-// the projections make and take them, `[sequences, length, kv_heads · group, 64]` (QueryRows). What a row sees is spans, not a mask: every row the first
+// r / length of the group, position r % length), its columns = shared + length keys and values
+// (KeyRows), and each row's log-sum-exp of its scaled, visible scores (f32, `[head, rows]`; +inf
+// for a row with nothing visible, whose output is zeros). The queries, the output and their
+// gradients are as the projections make and take them, `[sequences, length, kv_heads · group,
+// 64]` (QueryRows). What a row sees is spans, not a mask: every row the first
 // `prefix` keys (a cartridge, a context) and the keys [from, to] of its position's pair in
 // `spans` `[sequences, length, 2]` (empty when from > to; a causal row's or a packed
 // conversation's), two numbers a row where a mask's row is as many bytes as the keys, and it
@@ -145,14 +146,25 @@ template <int N> __device__ __forceinline__ void wait_async() {
 }
 #endif
 
-// Where row r of a head's keys (or values, or their gradients) lies, in elements: `[heads,
-// columns, 64]`.
+// Where key r of a head lies, in elements: the first `shared` in `[kv_heads, shared, 64]`, the
+// same for every sequence (a cartridge's), the rest in the sequence's own `[sequences, length,
+// kv_heads, 64]` (the projection's layout). Values likewise.
 struct KeyRows {
-  size_t first;
-  __device__ __forceinline__ KeyRows(size_t head, uint32_t columns)
-      : first(head * columns * HEAD_DIM) {}
-  __device__ __forceinline__ size_t operator()(uint32_t r) const {
-    return first + (size_t)r * HEAD_DIM;
+  uint32_t shared, stride;
+  size_t shared_first, own_first;
+  __device__ __forceinline__ KeyRows(size_t head, uint32_t shared, uint32_t length,
+                                     uint32_t kv_heads)
+      : shared(shared), stride(kv_heads * HEAD_DIM),
+        shared_first(head % kv_heads * shared * HEAD_DIM),
+        own_first((head / kv_heads * length * kv_heads + head % kv_heads) * HEAD_DIM) {}
+  __device__ __forceinline__ size_t own(uint32_t r) const {
+    return own_first + (size_t)(r - shared) * stride;
+  }
+  // Key r's row, from the shared keys or the sequence's own.
+  __device__ __forceinline__ const uint16_t *operator()(const uint16_t *shared_keys,
+                                                        const uint16_t *own_keys,
+                                                        uint32_t r) const {
+    return r < shared ? shared_keys + shared_first + (size_t)r * HEAD_DIM : own_keys + own(r);
   }
 };
 
@@ -172,16 +184,16 @@ struct QueryRows {
   }
 };
 
-// Rows [first, first + TILE) of `count` (row r at `matrix + at(r)`) into a tile (zeros past
-// count), by cp.async: the copies are this thread's until it waits for them.
-template <typename At>
-__device__ __forceinline__ void load_tile(uint16_t *tile, const uint16_t *__restrict__ matrix,
-                                          At at, uint32_t first, uint32_t count) {
+// Rows [first, first + TILE) of `count` (row r at `row(r)`) into a tile (zeros past count), by
+// cp.async: the copies are this thread's until it waits for them.
+template <typename Row>
+__device__ __forceinline__ void load_tile(uint16_t *tile, Row row, uint32_t first,
+                                          uint32_t count) {
   for (uint32_t i = threadIdx.x; i < TILE * HEAD_DIM / 8; i += FLASH_THREADS) {
     const uint32_t r = i / (HEAD_DIM / 8), column = i % (HEAD_DIM / 8) * 8;
     uint16_t *to = tile + r * STRIDE + column;
     if (first + r < count)
-      copy16_async(to, matrix + at(first + r) + column);
+      copy16_async(to, row(first + r) + column);
     else
       zero16(to);
   }
@@ -195,18 +207,18 @@ __device__ __forceinline__ bool sees(uint32_t key, uint32_t prefix, uint32_t fro
   return key < prefix || (key >= from && key <= to);
 }
 
-// The A fragments of rows [first, first + 16) of `count` in global memory (row r at
-// `matrix + at(r)`), for the four 16-column steps of the head dimension (zeros past count).
-template <typename At>
-__device__ __forceinline__ void load_a(uint32_t (&a)[4][4], const uint16_t *__restrict__ matrix,
-                                       At at, uint32_t first, uint32_t count) {
+// The A fragments of rows [first, first + 16) of `count` in global memory (row r at `row(r)`),
+// for the four 16-column steps of the head dimension (zeros past count).
+template <typename Row>
+__device__ __forceinline__ void load_a(uint32_t (&a)[4][4], Row row, uint32_t first,
+                                       uint32_t count) {
   const uint32_t g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
 #pragma unroll
   for (int kk = 0; kk < 4; kk++)
 #pragma unroll
     for (int i = 0; i < 4; i++) {
       const uint32_t r = first + g + 8 * (i % 2), column = kk * 16 + 8 * (i / 2) + 2 * t;
-      a[kk][i] = r < count ? load2(matrix + at(r) + column) : 0;
+      a[kk][i] = r < count ? load2(row(r) + column) : 0;
     }
 }
 
@@ -328,21 +340,32 @@ __device__ __forceinline__ uint32_t next_keys(uint32_t first, uint32_t prefix, u
 // walks the keys they can see 64 at a time, keeping each row's running maximum and sum (online
 // softmax).
 template <typename T>
-__device__ void flash_forward(const T *__restrict__ q, const T *__restrict__ k,
-                              const T *__restrict__ v, const uint32_t *__restrict__ spans,
-                              uint32_t prefix, T *__restrict__ out, float *__restrict__ lse,
-                              uint32_t *__restrict__ reach, uint32_t rows, uint32_t columns,
-                              uint32_t length, uint32_t kv_heads, float scale) {
+__device__ void flash_forward(const T *__restrict__ q, const T *__restrict__ k_shared,
+                              const T *__restrict__ k_own, const T *__restrict__ v_shared,
+                              const T *__restrict__ v_own, uint32_t shared,
+                              const uint32_t *__restrict__ spans, uint32_t prefix,
+                              T *__restrict__ out, float *__restrict__ lse,
+                              uint32_t *__restrict__ reach, uint32_t rows, uint32_t length,
+                              uint32_t kv_heads, float scale) {
   __shared__ __align__(16) uint16_t ks[2][TILE * STRIDE];
   __shared__ __align__(16) uint16_t vs[2][TILE * STRIDE];
   __shared__ uint32_t warp_lo[FLASH_THREADS / 32], warp_hi[FLASH_THREADS / 32];
   const uint32_t warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const size_t head = blockIdx.y, sequence = head / kv_heads;
-  const uint16_t *qs = reinterpret_cast<const uint16_t *>(q),
-                 *kh = reinterpret_cast<const uint16_t *>(k),
-                 *vh = reinterpret_cast<const uint16_t *>(v);
+  const uint32_t columns = shared + length;
   const QueryRows query_at(head, rows, length, kv_heads);
-  const KeyRows key_at(head, columns);
+  const KeyRows key_at(head, shared, length, kv_heads);
+  const auto query_row = [&](uint32_t r) {
+    return reinterpret_cast<const uint16_t *>(q) + query_at(r);
+  };
+  const auto key_row = [&](uint32_t r) {
+    return key_at(reinterpret_cast<const uint16_t *>(k_shared),
+                  reinterpret_cast<const uint16_t *>(k_own), r);
+  };
+  const auto value_row = [&](uint32_t r) {
+    return key_at(reinterpret_cast<const uint16_t *>(v_shared),
+                  reinterpret_cast<const uint16_t *>(v_own), r);
+  };
   const uint32_t first_row = blockIdx.x * TILE + warp * 16;
   prefix = least(prefix, columns);
   // This thread's two rows, g and g + 8 of the warp's 16 (C fragment elements 0-1 and 2-3),
@@ -386,20 +409,20 @@ __device__ void flash_forward(const T *__restrict__ q, const T *__restrict__ k,
     r[1] = hi;
   }
   uint32_t qa[4][4];
-  load_a(qa, qs, query_at, first_row, rows);
+  load_a(qa, query_row, first_row, rows);
   float o[8][4] = {};
   float top[2] = {-INFINITY, -INFINITY}, sum[2] = {0, 0};
   uint32_t first = next_keys(0, prefix, lo, hi, columns);
   if (first < columns) {
-    load_tile(ks[0], kh, key_at, first, columns);
-    load_tile(vs[0], vh, key_at, first, columns);
+    load_tile(ks[0], key_row, first, columns);
+    load_tile(vs[0], value_row, first, columns);
   }
   commit_async();
   for (int b = 0; first < columns; b ^= 1) {
     const uint32_t after = next_keys(first + TILE, prefix, lo, hi, columns);
     if (after < columns) {
-      load_tile(ks[b ^ 1], kh, key_at, after, columns);
-      load_tile(vs[b ^ 1], vh, key_at, after, columns);
+      load_tile(ks[b ^ 1], key_row, after, columns);
+      load_tile(vs[b ^ 1], value_row, after, columns);
     }
     commit_async();
     wait_async<1>();
@@ -476,20 +499,23 @@ __device__ __forceinline__ uint32_t next_rows(const uint32_t *seen, uint32_t x, 
 
 // Grid (sequences · kv_heads, ceil(columns / 64)), heads first so that the blocks of the
 // prefix's keys, which every row sees and so take the longest, start before the rest: a block
-// takes 64 keys (16 a warp), keeps
-// their gradients in registers and walks the tiles of 64 query rows that see them, recomputing
-// each tile's probabilities from the forward's log-sum-exp: P = exp(scale·QKᵀ - lse) where
-// seen, dV += Pᵀ·dO, dS = P·(dO·Vᵀ - dsum) with dsum = rowsum(dO·O), dK += scale·dSᵀ·Q, and
-// dQ += scale·dS·K added to `dq` (f32, zeroed by the caller) by atomics, since every block adds
-// to every row.
+// takes 64 keys (16 a warp), keeps their gradients in registers and walks the tiles of 64 query
+// rows that see them, recomputing each tile's probabilities from the forward's log-sum-exp:
+// P = exp(scale·QKᵀ - lse) where seen, dV += Pᵀ·dO, dS = P·(dO·Vᵀ - dsum) with dsum =
+// rowsum(dO·O), dK += scale·dSᵀ·Q, and dQ += scale·dS·K added to `dq` (f32, zeroed by the
+// caller) by atomics, since every block adds to every row. The shared keys' gradients are each
+// sequence's, `[sequences, kv_heads, shared, 64]`; the own keys' as the keys.
 template <typename T>
-__device__ void flash_backward(const T *__restrict__ q, const T *__restrict__ k,
-                               const T *__restrict__ v, const uint32_t *__restrict__ spans,
-                               uint32_t prefix, const uint32_t *__restrict__ reach,
-                               const T *__restrict__ dout, const float *__restrict__ lse,
-                               const float *__restrict__ dsum, float *__restrict__ dq,
-                               T *__restrict__ dk, T *__restrict__ dv, uint32_t rows,
-                               uint32_t columns, uint32_t length, uint32_t kv_heads, float scale) {
+__device__ void flash_backward(const T *__restrict__ q, const T *__restrict__ k_shared,
+                               const T *__restrict__ k_own, const T *__restrict__ v_shared,
+                               const T *__restrict__ v_own, uint32_t shared,
+                               const uint32_t *__restrict__ spans, uint32_t prefix,
+                               const uint32_t *__restrict__ reach, const T *__restrict__ dout,
+                               const float *__restrict__ lse, const float *__restrict__ dsum,
+                               float *__restrict__ dq, T *__restrict__ dk_shared,
+                               T *__restrict__ dk_own, T *__restrict__ dv_shared,
+                               T *__restrict__ dv_own, uint32_t rows, uint32_t length,
+                               uint32_t kv_heads, float scale) {
   // The Q tile's buffer takes the tile's dS, `[query, key]` (the A operand of dQ's product),
   // once every warp is done reading Q.
   __shared__ __align__(16) uint16_t qs[2][TILE * STRIDE];
@@ -500,12 +526,23 @@ __device__ void flash_backward(const T *__restrict__ q, const T *__restrict__ k,
   __shared__ uint32_t seen[SEEN_WORDS];
   const uint32_t warp = threadIdx.x / 32, g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
   const size_t head = blockIdx.x, sequence = head / kv_heads;
-  const uint16_t *qh = reinterpret_cast<const uint16_t *>(q),
-                 *doh = reinterpret_cast<const uint16_t *>(dout),
-                 *kh = reinterpret_cast<const uint16_t *>(k),
-                 *vh = reinterpret_cast<const uint16_t *>(v);
+  const uint32_t columns = shared + length;
   const QueryRows query_at(head, rows, length, kv_heads);
-  const KeyRows key_at(head, columns);
+  const KeyRows key_at(head, shared, length, kv_heads);
+  const auto query_row = [&](uint32_t r) {
+    return reinterpret_cast<const uint16_t *>(q) + query_at(r);
+  };
+  const auto dout_row = [&](uint32_t r) {
+    return reinterpret_cast<const uint16_t *>(dout) + query_at(r);
+  };
+  const auto key_row = [&](uint32_t r) {
+    return key_at(reinterpret_cast<const uint16_t *>(k_shared),
+                  reinterpret_cast<const uint16_t *>(k_own), r);
+  };
+  const auto value_row = [&](uint32_t r) {
+    return key_at(reinterpret_cast<const uint16_t *>(v_shared),
+                  reinterpret_cast<const uint16_t *>(v_own), r);
+  };
   const uint32_t first_key = blockIdx.y * TILE, warp_key = first_key + warp * 16;
   const uint32_t tiles = (rows + TILE - 1) / TILE;
   uint32_t key[2];
@@ -528,8 +565,8 @@ __device__ void flash_backward(const T *__restrict__ q, const T *__restrict__ k,
   // The rows of tile x: Q and dO, and each row's log-sum-exp, dsum and span (past the rows:
   // zeros, +inf, 0 and nothing).
   const auto load_rows = [&](int b, uint32_t x) {
-    load_tile(qs[b], qh, query_at, x * TILE, rows);
-    load_tile(dos[b], doh, query_at, x * TILE, rows);
+    load_tile(qs[b], query_row, x * TILE, rows);
+    load_tile(dos[b], dout_row, x * TILE, rows);
     for (uint32_t i = threadIdx.x; i < TILE; i += FLASH_THREADS) {
       const uint32_t row = x * TILE + i;
       if (row < rows) {
@@ -548,8 +585,8 @@ __device__ void flash_backward(const T *__restrict__ q, const T *__restrict__ k,
   };
   // The values' A fragments stay in registers; the keys' are read from their tile each time.
   uint32_t va[4][4];
-  load_a(va, vh, key_at, warp_key, columns);
-  load_tile(ks, kh, key_at, first_key, columns);
+  load_a(va, value_row, warp_key, columns);
+  load_tile(ks, key_row, first_key, columns);
   __syncthreads();
   uint32_t x = next_rows(seen, 0, tiles);
   if (x < tiles)
@@ -633,8 +670,9 @@ __device__ void flash_backward(const T *__restrict__ q, const T *__restrict__ k,
   for (int h = 0; h < 2; h++) {
     if (!live[h])
       continue;
-    T *dkr = dk + key_at(key[h]) + 2 * t;
-    T *dvr = dv + key_at(key[h]) + 2 * t;
+    const size_t at = key[h] < shared ? (head * shared + key[h]) * HEAD_DIM : key_at.own(key[h]);
+    T *dkr = (key[h] < shared ? dk_shared : dk_own) + at + 2 * t;
+    T *dvr = (key[h] < shared ? dv_shared : dv_own) + at + 2 * t;
 #pragma unroll
     for (int n = 0; n < 8; n++) {
       store2(&dkr[n * 8], dka[n][2 * h] * scale, dka[n][2 * h + 1] * scale);
@@ -677,21 +715,25 @@ __device__ void flash_row_sums(const T *__restrict__ dout, const T *__restrict__
 // H200.
 #define FLASH_KERNELS(T, NAME)                                                                     \
   extern "C" __global__ void __launch_bounds__(FLASH_THREADS, 4) flash_forward_##NAME(             \
-      const T *__restrict__ q, const T *__restrict__ k, const T *__restrict__ v,                   \
+      const T *__restrict__ q, const T *__restrict__ k_shared, const T *__restrict__ k_own,        \
+      const T *__restrict__ v_shared, const T *__restrict__ v_own, uint32_t shared,                \
       const uint32_t *__restrict__ spans, uint32_t prefix, T *__restrict__ out,                    \
-      float *__restrict__ lse, uint32_t *__restrict__ reach, uint32_t rows, uint32_t columns,      \
-      uint32_t length, uint32_t kv_heads, float scale) {                                           \
-    flash_forward<T>(q, k, v, spans, prefix, out, lse, reach, rows, columns, length, kv_heads,     \
-                     scale);                                                                       \
+      float *__restrict__ lse, uint32_t *__restrict__ reach, uint32_t rows, uint32_t length,       \
+      uint32_t kv_heads, float scale) {                                                            \
+    flash_forward<T>(q, k_shared, k_own, v_shared, v_own, shared, spans, prefix, out, lse, reach,  \
+                     rows, length, kv_heads, scale);                                               \
   }                                                                                                \
-  extern "C" __global__ void __launch_bounds__(FLASH_THREADS) flash_backward_##NAME(            \
-      const T *__restrict__ q, const T *__restrict__ k, const T *__restrict__ v,                   \
+  extern "C" __global__ void __launch_bounds__(FLASH_THREADS) flash_backward_##NAME(               \
+      const T *__restrict__ q, const T *__restrict__ k_shared, const T *__restrict__ k_own,        \
+      const T *__restrict__ v_shared, const T *__restrict__ v_own, uint32_t shared,                \
       const uint32_t *__restrict__ spans, uint32_t prefix, const uint32_t *__restrict__ reach,     \
       const T *__restrict__ dout, const float *__restrict__ lse, const float *__restrict__ dsum,    \
-      float *__restrict__ dq, T *__restrict__ dk, T *__restrict__ dv, uint32_t rows,               \
-      uint32_t columns, uint32_t length, uint32_t kv_heads, float scale) {                         \
-    flash_backward<T>(q, k, v, spans, prefix, reach, dout, lse, dsum, dq, dk, dv, rows, columns,   \
-                      length, kv_heads, scale);                                                    \
+      float *__restrict__ dq, T *__restrict__ dk_shared, T *__restrict__ dk_own,                   \
+      T *__restrict__ dv_shared, T *__restrict__ dv_own, uint32_t rows, uint32_t length,           \
+      uint32_t kv_heads, float scale) {                                                            \
+    flash_backward<T>(q, k_shared, k_own, v_shared, v_own, shared, spans, prefix, reach, dout,     \
+                      lse, dsum, dq, dk_shared, dk_own, dv_shared, dv_own, rows, length, kv_heads, \
+                      scale);                                                                      \
   }                                                                                                \
   extern "C" __global__ void __launch_bounds__(FLASH_THREADS) flash_row_sums_##NAME(               \
       const T *__restrict__ dout, const T *__restrict__ out, float *__restrict__ sums,              \

@@ -283,22 +283,38 @@ size_t query_row(int h, int r, int length, int kv_heads, int group) {
 // Errors are relative to the largest element of each reference.
 template <typename T>
 void flash_case(int length, int prefix,
-                void (*forward)(const T *, const T *, const T *, const uint32_t *, uint32_t, T *,
-                                float *, uint32_t *, uint32_t, uint32_t, uint32_t, uint32_t,
-                                float),
-                void (*backward)(const T *, const T *, const T *, const uint32_t *, uint32_t,
-                                 const uint32_t *, const T *, const float *, const float *,
-                                 float *, T *, T *, uint32_t, uint32_t, uint32_t, uint32_t,
-                                 float),
+                void (*forward)(const T *, const T *, const T *, const T *, const T *, uint32_t,
+                                const uint32_t *, uint32_t, T *, float *, uint32_t *, uint32_t,
+                                uint32_t, uint32_t, float),
+                void (*backward)(const T *, const T *, const T *, const T *, const T *, uint32_t,
+                                 const uint32_t *, uint32_t, const uint32_t *, const T *,
+                                 const float *, const float *, float *, T *, T *, T *, T *,
+                                 uint32_t, uint32_t, uint32_t, float),
                 double tol, const char *name) {
   const int sequences = 2, kv_heads = 2, group = 3, D = 64, heads = sequences * kv_heads;
   const int rows = group * length, columns = prefix + length;
   const float scale = 0.125f;
-  std::vector<T> q(heads * rows * D), dout(heads * rows * D), k(heads * columns * D),
-      v(heads * columns * D);
-  for (auto *m : {&q, &dout, &k, &v})
+  // The prefix's keys and values are shared by the sequences, `[kv_heads, prefix, 64]`; the
+  // rest are each sequence's own, `[sequences, length, kv_heads, 64]`. Key j of head h, and
+  // its gradient, is in the one or the other (the gradients of the shared ones are each
+  // sequence's, `[heads, prefix, 64]`).
+  std::vector<T> q(heads * rows * D), dout(heads * rows * D), k_shared(kv_heads * prefix * D),
+      v_shared(kv_heads * prefix * D), k_own(heads * length * D), v_own(heads * length * D);
+  for (auto *m : {&q, &dout, &k_shared, &v_shared, &k_own, &v_own})
     for (auto &x : *m)
       x = cast<T>(randn());
+  const auto own = [&](int h, int j) {
+    return ((size_t(h / kv_heads) * length + j - prefix) * kv_heads + h % kv_heads) * D;
+  };
+  std::vector<T> k(heads * columns * D), v(heads * columns * D);
+  for (int h = 0; h < heads; h++)
+    for (int j = 0; j < columns; j++)
+      for (int d = 0; d < D; d++) {
+        const size_t at = (size_t(h) * columns + j) * D + d,
+                     shared_at = (size_t(h % kv_heads) * prefix + j) * D + d;
+        k[at] = j < prefix ? k_shared[shared_at] : k_own[own(h, j) + d];
+        v[at] = j < prefix ? v_shared[shared_at] : v_own[own(h, j) + d];
+      }
   std::vector<uint32_t> spans(sequences * length * 2);
   for (int i = 0, start = 0; i < length; i++) {
     if (uniform() < 0.05)
@@ -363,7 +379,9 @@ void flash_case(int length, int prefix,
         }
       }
     }
-  std::vector<T> out = unset<T>(q.size()), dk_out = unset<T>(k.size()), dv_out = unset<T>(v.size());
+  std::vector<T> out = unset<T>(q.size()), dk_shared = unset<T>(heads * prefix * D),
+                 dv_shared = unset<T>(heads * prefix * D), dk_own = unset<T>(k_own.size()),
+                 dv_own = unset<T>(v_own.size());
   std::vector<float> lse_out = unset<float>(lse.size()), lse_in(lse.begin(), lse.end()),
                      dsum_in(dsum.begin(), dsum.end()), dq_out(q.size(), 0.f);
   // Unset: a tile the forward leaves so sees no key beyond the prefix.
@@ -371,13 +389,15 @@ void flash_case(int length, int prefix,
   const dim3 queries{unsigned(rows + 63) / 64, unsigned(heads), 1},
       keys{unsigned(heads), unsigned(columns + 63) / 64, 1};
   launch(queries, 128, [&] {
-    forward(q.data(), k.data(), v.data(), spans.data(), prefix, out.data(), lse_out.data(),
-            reach.data(), rows, columns, length, kv_heads, scale);
+    forward(q.data(), k_shared.data(), k_own.data(), v_shared.data(), v_own.data(), prefix,
+            spans.data(), prefix, out.data(), lse_out.data(), reach.data(), rows, length, kv_heads,
+            scale);
   });
   launch(keys, 128, [&] {
-    backward(q.data(), k.data(), v.data(), spans.data(), prefix, reach.data(), dout.data(),
-             lse_in.data(), dsum_in.data(), dq_out.data(), dk_out.data(), dv_out.data(), rows,
-             columns, length, kv_heads, scale);
+    backward(q.data(), k_shared.data(), k_own.data(), v_shared.data(), v_own.data(), prefix,
+             spans.data(), prefix, reach.data(), dout.data(), lse_in.data(), dsum_in.data(),
+             dq_out.data(), dk_shared.data(), dk_own.data(), dv_shared.data(), dv_own.data(), rows,
+             length, kv_heads, scale);
   });
   const auto relative = [](const std::vector<double> &want, auto got) {
     double largest = 0, error = 0;
@@ -403,8 +423,14 @@ void flash_case(int length, int prefix,
                                    : worst(lse_error, std::fabs(lse_out[i] - lse[i]));
   report("log-sum-exp", lse_error, 1e-4);
   report("dq", relative(dq, [&](size_t i) { return double(dq_out[moved(i)]); }), tol);
-  report("dk", relative(dk, [&](size_t i) { return back(dk_out[i]); }), tol);
-  report("dv", relative(dv, [&](size_t i) { return back(dv_out[i]); }), tol);
+  const auto key_gradient = [&](const std::vector<T> &shared, const std::vector<T> &own_rows) {
+    return [&](size_t i) {
+      const int h = i / D / columns, j = i / D % columns, d = i % D;
+      return back(j < prefix ? shared[(size_t(h) * prefix + j) * D + d] : own_rows[own(h, j) + d]);
+    };
+  };
+  report("dk", relative(dk, key_gradient(dk_shared, dk_own)), tol);
+  report("dv", relative(dv, key_gradient(dv_shared, dv_own)), tol);
 }
 
 // rowsum(dO·O) of rows of 64 against double precision, each in the kernels' place: 2 sequences

@@ -16,6 +16,7 @@ use candle_core::{CudaStorage, DType, Device, Result, Storage, Tensor};
 use half::{bf16, f16};
 
 use super::fused::cuda::{MODULE, OPS};
+use super::ops::KeyGradients;
 
 /// Threads per block, and the rows (keys in the backward) a block takes: the kernels' own.
 const THREADS: u32 = 128;
@@ -27,21 +28,32 @@ const MAX_ROW_TILES: usize = 128 * 32;
 /// The scores' scale, 1/√HEAD_DIM.
 const SCALE: f32 = 0.125;
 
+/// The keys and the values of an attention in tiles: each the batch's shared ones `[kv_heads, P,
+/// 64]` (or none) and each sequence's own `[B, L, kv_heads, 64]` (ops.rs's `Keys::Split`).
+pub struct KeyParts<'a> {
+    pub keys: (Option<&'a Tensor>, &'a Tensor),
+    pub values: (Option<&'a Tensor>, &'a Tensor),
+}
+
+impl KeyParts<'_> {
+    fn all(&self) -> impl Iterator<Item = &Tensor> {
+        [self.keys, self.values]
+            .into_iter()
+            .flat_map(|(shared, own)| shared.into_iter().chain([own]))
+    }
+
+    fn shared(&self) -> usize {
+        self.keys.0.map_or(0, |shared| shared.dim(1).unwrap_or(0))
+    }
+}
+
 /// Whether the tiled kernels take attention over these `[B, L, heads, head_dim]` queries (as
-/// the projection makes them), `[B, kv_heads, T, head_dim]` keys and values, `group` query heads
-/// to a key head, every position seeing the first `prefix` keys and its span in `spans`
-/// `[B, L, 2]`: on a GPU with bf16 or f16 tensor cores
-/// (compute capability 8 or later), heads of 64, inputs laid out as the kernels read them.
-/// `CARTRIDGE_ATTENTION=composed` sends all attention to the composed form: to compare the two,
-/// or to go on should a kernel fail on some GPU.
-pub fn applies(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    prefix: usize,
-    spans: &Tensor,
-    group: usize,
-) -> bool {
+/// the projection makes them) and `parts`, `group` query heads to a key head, every position
+/// seeing the first `prefix` keys and its span in `spans` `[B, L, 2]`: on a GPU with bf16 or f16
+/// tensor cores (compute capability 8 or later), heads of 64, inputs laid out as the kernels
+/// read them. `CARTRIDGE_ATTENTION=composed` sends all attention to the composed form: to
+/// compare the two, or to go on should a kernel fail on some GPU.
+pub fn applies(q: &Tensor, parts: &KeyParts, prefix: usize, spans: &Tensor, group: usize) -> bool {
     static COMPOSED: OnceLock<bool> = OnceLock::new();
     if *COMPOSED
         .get_or_init(|| std::env::var_os("CARTRIDGE_ATTENTION").is_some_and(|v| v == "composed"))
@@ -52,9 +64,9 @@ pub fn applies(
         return false;
     };
     matches!(q.dtype(), DType::BF16 | DType::F16)
-        && [k, v].iter().all(|x| x.dtype() == q.dtype())
-        && [q, k, v].iter().all(|x| is_aligned(x))
-        && Sizes::of(q, k, v, prefix, spans, group).is_ok()
+        && parts.all().all(|x| x.dtype() == q.dtype() && is_aligned(x))
+        && is_aligned(q)
+        && Sizes::of(q, parts, prefix, spans, group).is_ok()
         && built_for_tensor_cores()
         && device
             .cuda_stream()
@@ -93,25 +105,30 @@ struct Sizes {
     rows: usize,
     columns: usize,
     length: usize,
+    /// Keys the batch shares, before each sequence's own.
+    shared: usize,
 }
 
 impl Sizes {
     /// The sizes of an attention the kernels can take, or why not.
     fn of(
         q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
+        parts: &KeyParts,
         prefix: usize,
         spans: &Tensor,
         group: usize,
     ) -> Result<Self> {
         let (batch, length, heads, head_dim) = q.dims4()?;
-        let columns = k.dim(2).unwrap_or(0);
+        let shared = parts.shared();
+        let columns = shared + length;
         let kv_heads = heads.checked_div(group).unwrap_or(0);
-        let keys = [batch, kv_heads, columns, HEAD_DIM];
+        let fits = |(shared_part, own): (Option<&Tensor>, &Tensor)| {
+            own.dims() == [batch, length, kv_heads, HEAD_DIM]
+                && shared_part.map_or(shared == 0, |x| x.dims() == [kv_heads, shared, HEAD_DIM])
+        };
         if head_dim != HEAD_DIM
-            || k.dims() != keys
-            || v.dims() != keys
+            || !fits(parts.keys)
+            || !fits(parts.values)
             || group == 0
             || !heads.is_multiple_of(group)
             || q.elem_count() == 0
@@ -123,11 +140,10 @@ impl Sizes {
             || !spans.is_contiguous()
         {
             candle_core::bail!(
-                "attention in tiles: queries {:?}, keys {:?}, values {:?}, spans {:?} after a \
+                "attention in tiles: queries {:?}, keys and values {:?}, spans {:?} after a \
                  prefix of {prefix}, {group} query heads to a key head",
                 q.shape(),
-                k.shape(),
-                v.shape(),
+                parts.all().map(|x| x.shape()).collect::<Vec<_>>(),
                 spans.shape()
             );
         }
@@ -135,6 +151,7 @@ impl Sizes {
             batch,
             kv_heads,
             rows: group * length,
+            shared,
             columns,
             length,
         })
@@ -144,15 +161,14 @@ impl Sizes {
         self.batch * self.kv_heads
     }
 
-    /// The kernels' trailing arguments: rows, columns, length, kv_heads.
-    fn arguments(&self) -> Result<[u32; 4]> {
+    /// The kernels' trailing arguments: rows, length, kv_heads.
+    fn arguments(&self) -> Result<[u32; 3]> {
         let narrow = |x: usize| {
             u32::try_from(x)
                 .map_err(|_| candle_core::Error::Msg(format!("attention: {x} is too large")))
         };
         Ok([
             narrow(self.rows)?,
-            narrow(self.columns)?,
             narrow(self.length)?,
             narrow(self.kv_heads)?,
         ])
@@ -235,34 +251,57 @@ fn on_gpu(storage: &Storage) -> Result<&CudaStorage> {
     }
 }
 
+/// The views of `parts` the kernels take: the shared keys, the own, the shared values, the own
+/// (a missing shared part as the own one, which the kernels do not read then).
+fn part_views<'a, T: CudaDType + DeviceRepr>(
+    storages: &'a [impl std::ops::Deref<Target = Storage>],
+    parts: &[&Tensor; 4],
+) -> Result<Vec<CudaView<'a, T>>> {
+    storages
+        .iter()
+        .zip(parts)
+        .map(|(storage, tensor)| aligned_view::<T>(on_gpu(storage)?, tensor))
+        .collect()
+}
+
+/// The four tensors of `parts` in the kernels' order, a missing shared part as the own one.
+fn part_tensors<'a>(parts: &KeyParts<'a>) -> [&'a Tensor; 4] {
+    let (k_shared, k_own) = parts.keys;
+    let (v_shared, v_own) = parts.values;
+    [
+        k_shared.unwrap_or(k_own),
+        k_own,
+        v_shared.unwrap_or(v_own),
+        v_own,
+    ]
+}
+
 /// `softmax(scale·q·kᵀ over the keys each row sees)·v` `[B, L, heads, 64]` (as `q`), each
 /// row's log-sum-exp `[B, kv_heads, group·L]` (f32, the kernels' rows: a key head's query heads
 /// stacked) and each tile of 64 of those rows' reach (u32 pairs), for positions seeing the
 /// first `prefix` keys and their span in `spans` `[B, L, 2]`.
 pub fn forward(
     q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
+    parts: &KeyParts,
     prefix: usize,
     spans: &Tensor,
     group: usize,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     match q.dtype() {
-        DType::BF16 => forward_as::<bf16>(q, k, v, prefix, spans, group),
-        DType::F16 => forward_as::<f16>(q, k, v, prefix, spans, group),
+        DType::BF16 => forward_as::<bf16>(q, parts, prefix, spans, group),
+        DType::F16 => forward_as::<f16>(q, parts, prefix, spans, group),
         other => candle_core::bail!("attention in tiles in {other:?}"),
     }
 }
 
 fn forward_as<T: CudaDType + DeviceRepr + candle_core::WithDType>(
     q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
+    parts: &KeyParts,
     prefix: usize,
     spans: &Tensor,
     group: usize,
 ) -> Result<(Tensor, Tensor, Tensor)> {
-    let sizes = Sizes::of(q, k, v, prefix, spans, group)?;
+    let sizes = Sizes::of(q, parts, prefix, spans, group)?;
     let device = cuda(q)?;
     let rows = sizes.heads() * sizes.rows;
     let tiles = sizes.heads() * sizes.rows.div_ceil(TILE);
@@ -272,16 +311,12 @@ fn forward_as<T: CudaDType + DeviceRepr + candle_core::WithDType>(
     let lse = unsafe { device.alloc::<f32>(rows) }?;
     let reach = unsafe { device.alloc::<u32>(tiles * 2) }?;
     // The storages are held (read-locked) until the kernel is enqueued.
-    let (qs, ks, vs, ss) = (
-        q.storage_and_layout().0,
-        k.storage_and_layout().0,
-        v.storage_and_layout().0,
-        spans.storage_and_layout().0,
-    );
-    let (qv, kv, vv, sv) = (
+    let tensors = part_tensors(parts);
+    let storages: Vec<_> = tensors.iter().map(|x| x.storage_and_layout().0).collect();
+    let key_views = part_views::<T>(&storages, &tensors)?;
+    let (qs, ss) = (q.storage_and_layout().0, spans.storage_and_layout().0);
+    let (qv, sv) = (
         aligned_view::<T>(on_gpu(&qs)?, q)?,
-        aligned_view::<T>(on_gpu(&ks)?, k)?,
-        aligned_view::<T>(on_gpu(&vs)?, v)?,
         view::<u32>(on_gpu(&ss)?, spans)?,
     );
     let func = device.get_or_load_custom_func(
@@ -289,13 +324,15 @@ fn forward_as<T: CudaDType + DeviceRepr + candle_core::WithDType>(
         MODULE,
         OPS,
     )?;
-    let prefix = prefix as u32;
+    let (shared, prefix) = (sizes.shared as u32, prefix as u32);
     let arguments = sizes.arguments()?;
     let mut builder = func.builder();
+    builder.arg(&qv);
+    for part in &key_views {
+        builder.arg(part);
+    }
     builder
-        .arg(&qv)
-        .arg(&kv)
-        .arg(&vv)
+        .arg(&shared)
         .arg(&sv)
         .arg(&prefix)
         .arg(&out)
@@ -315,34 +352,35 @@ fn forward_as<T: CudaDType + DeviceRepr + candle_core::WithDType>(
     ))
 }
 
-/// The gradients `(dq, dk, dv)` of [`forward`]'s output given `grad` of it (as `q`, contiguous
-/// from a 16-byte boundary), for the same `(prefix, spans)` and the forward's `reach` and
-/// log-sum-exp, and `sums` = [`row_sums`]; dq in f32.
+/// The gradients of [`forward`]'s inputs given `grad` of its output (as `q`, contiguous from a
+/// 16-byte boundary), for the same `(prefix, spans)` and the forward's `reach` and
+/// log-sum-exp, and `sums` = [`row_sums`]: dq in f32, and the keys' and the values'.
 pub fn backward(
-    [q, k, v]: [&Tensor; 3],
-    (prefix, spans, reach): (usize, &Tensor, &Tensor),
+    q: &Tensor,
+    parts: &KeyParts,
+    seen: (usize, &Tensor, &Tensor),
     grad: &Tensor,
     lse: &Tensor,
     sums: &Tensor,
     group: usize,
-) -> Result<(Tensor, Tensor, Tensor)> {
-    let seen = (prefix, spans, reach);
+) -> Result<(Tensor, KeyGradients, KeyGradients)> {
     match q.dtype() {
-        DType::BF16 => backward_as::<bf16>([q, k, v], seen, grad, lse, sums, group),
-        DType::F16 => backward_as::<f16>([q, k, v], seen, grad, lse, sums, group),
+        DType::BF16 => backward_as::<bf16>(q, parts, seen, grad, lse, sums, group),
+        DType::F16 => backward_as::<f16>(q, parts, seen, grad, lse, sums, group),
         other => candle_core::bail!("attention in tiles in {other:?}"),
     }
 }
 
 fn backward_as<T: CudaDType + DeviceRepr + candle_core::WithDType>(
-    [q, k, v]: [&Tensor; 3],
+    q: &Tensor,
+    parts: &KeyParts,
     (prefix, spans, reach): (usize, &Tensor, &Tensor),
     grad: &Tensor,
     lse: &Tensor,
     sums: &Tensor,
     group: usize,
-) -> Result<(Tensor, Tensor, Tensor)> {
-    let sizes = Sizes::of(q, k, v, prefix, spans, group)?;
+) -> Result<(Tensor, KeyGradients, KeyGradients)> {
+    let sizes = Sizes::of(q, parts, prefix, spans, group)?;
     if grad.dims() != q.dims() || grad.dtype() != q.dtype() {
         candle_core::bail!(
             "attention: a gradient {:?} for an output {:?}",
@@ -364,16 +402,21 @@ fn backward_as<T: CudaDType + DeviceRepr + candle_core::WithDType>(
         );
     }
     let device = cuda(q)?;
-    let keys = sizes.heads() * sizes.columns;
     // The blocks add to every query row's dQ: it starts at zero.
     let dq = device.alloc_zeros::<f32>(sizes.heads() * sizes.rows * HEAD_DIM)?;
-    // SAFETY (both): the kernel writes every key's row.
-    let dk = unsafe { device.alloc::<T>(keys * HEAD_DIM) }?;
-    let dv = unsafe { device.alloc::<T>(keys * HEAD_DIM) }?;
-    let (qs, ks, vs, ss, rs, gs) = (
+    // SAFETY (all four): the kernel writes every key's row, shared (for each sequence) or own.
+    // A size of zero is one element: the kernel takes a pointer, and writes nothing there.
+    let shared_rows = (sizes.heads() * sizes.shared * HEAD_DIM).max(1);
+    let own_rows = sizes.heads() * sizes.length * HEAD_DIM;
+    let dk_shared = unsafe { device.alloc::<T>(shared_rows) }?;
+    let dk_own = unsafe { device.alloc::<T>(own_rows) }?;
+    let dv_shared = unsafe { device.alloc::<T>(shared_rows) }?;
+    let dv_own = unsafe { device.alloc::<T>(own_rows) }?;
+    let tensors = part_tensors(parts);
+    let storages: Vec<_> = tensors.iter().map(|x| x.storage_and_layout().0).collect();
+    let key_views = part_views::<T>(&storages, &tensors)?;
+    let (qs, ss, rs, gs) = (
         q.storage_and_layout().0,
-        k.storage_and_layout().0,
-        v.storage_and_layout().0,
         spans.storage_and_layout().0,
         reach.storage_and_layout().0,
         grad.storage_and_layout().0,
@@ -384,10 +427,8 @@ fn backward_as<T: CudaDType + DeviceRepr + candle_core::WithDType>(
         MODULE,
         OPS,
     )?;
-    let (qv, kv, vv, gv) = (
+    let (qv, gv) = (
         aligned_view::<T>(on_gpu(&qs)?, q)?,
-        aligned_view::<T>(on_gpu(&ks)?, k)?,
-        aligned_view::<T>(on_gpu(&vs)?, v)?,
         aligned_view::<T>(on_gpu(&gs)?, grad)?,
     );
     let (sv, rv) = (
@@ -398,13 +439,15 @@ fn backward_as<T: CudaDType + DeviceRepr + candle_core::WithDType>(
         view::<f32>(on_gpu(&ls)?, lse)?,
         view::<f32>(on_gpu(&us)?, sums)?,
     );
-    let prefix = prefix as u32;
+    let (shared, prefix) = (sizes.shared as u32, prefix as u32);
     let arguments = sizes.arguments()?;
     let mut builder = func.builder();
+    builder.arg(&qv);
+    for part in &key_views {
+        builder.arg(part);
+    }
     builder
-        .arg(&qv)
-        .arg(&kv)
-        .arg(&vv)
+        .arg(&shared)
         .arg(&sv)
         .arg(&prefix)
         .arg(&rv)
@@ -412,8 +455,10 @@ fn backward_as<T: CudaDType + DeviceRepr + candle_core::WithDType>(
         .arg(&lv)
         .arg(&uv)
         .arg(&dq)
-        .arg(&dk)
-        .arg(&dv);
+        .arg(&dk_shared)
+        .arg(&dk_own)
+        .arg(&dv_shared)
+        .arg(&dv_own);
     for argument in &arguments {
         builder.arg(argument);
     }
@@ -421,11 +466,20 @@ fn backward_as<T: CudaDType + DeviceRepr + candle_core::WithDType>(
     // SAFETY: as in the forward; `dq` is zeroed and covers every query row, `reach` is the
     // forward's for these sizes (checked above).
     unsafe { builder.launch(sizes.keys_grid()?) }.w()?;
-    let columns = [sizes.batch, sizes.kv_heads, sizes.columns, HEAD_DIM];
+    let (batch, kv_heads) = (sizes.batch, sizes.kv_heads);
+    let gradients = |shared: CudaSlice<T>, own: CudaSlice<T>| -> Result<KeyGradients> {
+        let shared = wrap(shared, &device, &[shared_rows]);
+        Ok(KeyGradients {
+            shared: shared
+                .narrow(0, 0, sizes.heads() * sizes.shared * HEAD_DIM)?
+                .reshape((batch, kv_heads, sizes.shared, HEAD_DIM))?,
+            own: wrap(own, &device, &[batch, sizes.length, kv_heads, HEAD_DIM]),
+        })
+    };
     Ok((
         wrap(dq, &device, q.dims()),
-        wrap(dk, &device, &columns),
-        wrap(dv, &device, &columns),
+        gradients(dk_shared, dk_own)?,
+        gradients(dv_shared, dv_own)?,
     ))
 }
 
@@ -536,16 +590,29 @@ mod tests {
                 }))
                 .collect();
             let mask = Mask::spans(&spans, (batch, length), prefix, total, &device)?;
-            let keys = || Tensor::randn(0f32, 1.0, (batch, kv_heads, total, 64), &device);
-            let queries =
-                || Tensor::randn(0f32, 1.0, (batch, length, kv_heads * group, 64), &device);
-            let (q, k, v, w) = (queries()?, keys()?, keys()?, queries()?);
-            let reference = composed_attention_and_gradients([&q, &k, &v], &mask, group, &w)?;
-            let [q, k, v] = [&q, &k, &v].map(|x| x.to_dtype(dtype).expect("a cast"));
+            let random = |shape: &[usize]| Tensor::randn(0f32, 1.0, shape, &device);
+            let queries = [batch, length, kv_heads * group, 64];
+            let (shared, own) = ([kv_heads, prefix, 64], [batch, length, kv_heads, 64]);
+            let (q, w) = (random(&queries)?, random(&queries)?);
+            let kv = [
+                random(&shared)?,
+                random(&own)?,
+                random(&shared)?,
+                random(&own)?,
+            ];
+            let parts = [&kv[0], &kv[1], &kv[2], &kv[3]];
+            let reference = composed_attention_and_gradients(&q, parts, &mask, group, &w)?;
+            let q = q.to_dtype(dtype)?;
+            let kv = kv.map(|x| x.to_dtype(dtype).expect("a cast"));
+            let parts = [&kv[0], &kv[1], &kv[2], &kv[3]];
             let (p, pairs) = mask.spans_form().expect("spans");
-            assert!(applies(&q, &k, &v, p, pairs, group));
-            let tiled = attention_and_gradients([&q, &k, &v], &mask, group, &w)?;
-            for (name, (x, want)) in ["output", "dq", "dk", "dv"]
+            let split = KeyParts {
+                keys: (Some(parts[0]), parts[1]),
+                values: (Some(parts[2]), parts[3]),
+            };
+            assert!(applies(&q, &split, p, pairs, group));
+            let tiled = attention_and_gradients(&q, parts, &mask, group, &w)?;
+            for (name, (x, want)) in ["output", "dq", "dk shared", "dk", "dv shared", "dv"]
                 .iter()
                 .zip(tiled.iter().zip(&reference))
             {

@@ -20,9 +20,8 @@ use candle_nn::kv_cache::KvCache;
 use super::config::{Config, read_gguf};
 use super::mask::Mask;
 use super::ops::{
-    AttentionSaved, accumulation_dtype, attention_backward, attention_forward, linear,
-    linear_backward, rms_norm, rms_norm_backward, rope, rope_backward, rope_thd, rope_thd_backward,
-    swiglu, swiglu_backward,
+    AttentionSaved, Keys, accumulation_dtype, attention_backward, attention_forward, linear,
+    linear_backward, rms_norm, rms_norm_backward, rope, rope_backward, swiglu, swiglu_backward,
 };
 use crate::error::{Error, Result};
 
@@ -43,7 +42,8 @@ struct Saved {
     /// The layer's input, and the residual stream after attention.
     x: Tensor,
     mid: Tensor,
-    /// Attention's inputs (keys and values after the prefix's), output and saved state.
+    /// Attention's inputs (the keys and values of the input, without the prefix's, all in the
+    /// projections' layout), output and saved state.
     q: Tensor,
     k: Tensor,
     v: Tensor,
@@ -412,7 +412,6 @@ impl Llama {
         }
         let (value, grad) = loss(&self.rms_norm(&x, &self.norm)?)?;
         let mut dx = rms_norm_backward(&x, &self.norm, eps, &grad)?;
-        let p = prefix.tokens();
         let wide = accumulation_dtype(self.dtype);
         let mut gradients = Prefix {
             keys: Vec::new(),
@@ -427,36 +426,39 @@ impl Llama {
             // The output projection's input gradient, in attention's layout.
             let d_out = linear_backward(&d_mid, &layer.o)?.reshape((batch, length, heads, hd))?;
             // The first layer's queries come from the embeddings: nothing to carry below.
-            let [dq, dk, dv] = attention_backward(
-                [&saved.q, &saved.k, &saved.v],
+            let (keys, values) = (
+                Keys::Split {
+                    shared: Some(&prefix.keys[index]),
+                    own: &saved.k,
+                },
+                Keys::Split {
+                    shared: Some(&prefix.values[index]),
+                    own: &saved.v,
+                },
+            );
+            let (dq, dk, dv) = attention_backward(
+                &saved.q,
+                [&keys, &values],
                 mask,
                 heads / kv_heads,
                 &saved.out,
                 &saved.attention,
                 &d_out,
-                [index > 0, true, true],
+                index > 0,
             )?;
-            let (dk, dv) = (
-                dk.ok_or_else(|| Error::Model("attention gave no key gradient".into()))?,
-                dv.ok_or_else(|| Error::Model("attention gave no value gradient".into()))?,
-            );
-            let prefix_part =
-                |d: &Tensor| -> Result<Tensor> { Ok(d.narrow(2, 0, p)?.to_dtype(wide)?.sum(0)?) };
-            gradients.keys.push(prefix_part(&dk)?);
-            gradients.values.push(prefix_part(&dv)?);
+            // The cartridge's: summed over the batch.
+            let prefix_part = |d: &Tensor| -> Result<Tensor> { Ok(d.to_dtype(wide)?.sum(0)?) };
+            gradients.keys.push(prefix_part(&dk.shared)?);
+            gradients.values.push(prefix_part(&dv.shared)?);
             let Some(dq) = dq else {
                 break;
             };
-            // Back through the rotation and the head split to the normed input.
-            let merged = |d: Tensor, n: usize| -> Result<Tensor> {
-                Ok(d.transpose(1, 2)?.reshape((batch, length, n * hd))?)
-            };
-            let dq = rope_thd_backward(&dq, &cos, &sin)?.reshape((batch, length, heads * hd))?;
-            let dk = rope_backward(&dk.narrow(2, p, length)?, &cos, &sin)?;
-            let dv = dv.narrow(2, p, length)?;
-            let d_h = ((linear_backward(&dq, &layer.q)?
-                + linear_backward(&merged(dk, kv_heads)?, &layer.k)?)?
-                + linear_backward(&merged(dv, kv_heads)?, &layer.v)?)?;
+            // Back through the rotations to the projections' outputs, in their layout.
+            let dq = rope_backward(&dq, &cos, &sin)?.reshape((batch, length, heads * hd))?;
+            let dk = rope_backward(&dk.own, &cos, &sin)?.reshape((batch, length, kv_heads * hd))?;
+            let dv = dv.own.reshape((batch, length, kv_heads * hd))?;
+            let d_h = ((linear_backward(&dq, &layer.q)? + linear_backward(&dk, &layer.k)?)?
+                + linear_backward(&dv, &layer.v)?)?;
             dx = (d_mid + rms_norm_backward(&saved.x, &layer.attn_norm, eps, &d_h)?)?;
         }
         gradients.keys.reverse();
@@ -497,38 +499,38 @@ impl Llama {
         let (batch, length, _) = x.dims3()?;
         let (heads, kv_heads, hd) = (config.heads, config.kv_heads, config.head_dim);
         let h = self.rms_norm(&x, &layer.attn_norm)?;
-        let split = |w: &Tensor, n: usize| -> Result<Tensor> {
-            Ok(linear(&h, w)?
-                .reshape((batch, length, n, hd))?
-                .transpose(1, 2)?
-                .contiguous()?)
-        };
-        // The queries keep the projection's layout, `[B, L, heads, head_dim]`, as attention's
-        // output does: no copy to a heads-first layout and back.
-        let q = rope_thd(
-            &linear(&h, &layer.q)?.reshape((batch, length, heads, hd))?,
-            cos,
-            sin,
-        )?;
-        let k = rope(&split(&layer.k, kv_heads)?, cos, sin)?;
-        let v = split(&layer.v, kv_heads)?;
-        let (k, v) = match context {
-            Context::None => (k, v),
-            Context::Prefix(prefix) => {
-                let shape = (batch, kv_heads, prefix.tokens(), hd);
-                let pk = prefix.keys[index].unsqueeze(0)?.broadcast_as(shape)?;
-                let pv = prefix.values[index].unsqueeze(0)?.broadcast_as(shape)?;
-                // cat of a broadcast view leaves strides the batched matmul refuses.
-                (
-                    Tensor::cat(&[&pk, &k], 2)?.contiguous()?,
-                    Tensor::cat(&[&pv, &v], 2)?.contiguous()?,
-                )
+        // Queries, keys and values keep the projections' layout, `[B, L, heads, head_dim]`, as
+        // attention's output does: no copies to a heads-first layout and back.
+        let projected = |w: &Tensor, n: usize| linear(&h, w)?.reshape((batch, length, n, hd));
+        let q = rope(&projected(&layer.q, heads)?, cos, sin)?;
+        let k = rope(&projected(&layer.k, kv_heads)?, cos, sin)?;
+        let v = projected(&layer.v, kv_heads)?;
+        // Grouped-query attention without copying keys per query head.
+        let group = heads / kv_heads;
+        let (out, attention) = match context {
+            Context::None | Context::Prefix(_) => {
+                let prefix = match context {
+                    Context::Prefix(prefix) => Some(*prefix),
+                    _ => None,
+                };
+                let keys = Keys::Split {
+                    shared: prefix.map(|p| &p.keys[index]),
+                    own: &k,
+                };
+                let values = Keys::Split {
+                    shared: prefix.map(|p| &p.values[index]),
+                    own: &v,
+                };
+                attention_forward(&q, &keys, &values, mask, group)?
             }
-            Context::Cache(cache) => cache.layers[index].append(&k, &v)?,
+            // A cache's keys and values are views into its buffers, which matmuls on either
+            // device read as they are.
+            Context::Cache(cache) => {
+                let heads_first = |x: &Tensor| x.transpose(1, 2)?.contiguous();
+                let (k, v) = cache.layers[index].append(&heads_first(&k)?, &heads_first(&v)?)?;
+                attention_forward(&q, &Keys::Whole(&k), &Keys::Whole(&v), mask, group)?
+            }
         };
-        // Grouped-query attention without copying keys per query head. A cache's keys and values
-        // are views into its buffers, which matmuls on either device read as they are.
-        let (out, attention) = attention_forward(&q, &k, &v, mask, heads / kv_heads)?;
         let attended = out.reshape((batch, length, heads * hd))?;
         let mid = (&x + linear(&attended, &layer.o)?)?;
         let h = self.rms_norm(&mid, &layer.ffn_norm)?;
