@@ -1,8 +1,9 @@
 //! Attention in tiles on the GPU's tensor cores (kernels/attention.cuh): the forward and the
 //! backward never write a layer's `[rows, T]` score matrices to memory, which the composed form
-//! (ops.rs) moves several times a layer. It takes attention in bf16 or f16 with heads of 64 and
-//! contiguous inputs (training's, and a prompt's without a cache); everything else, and every
-//! CPU, takes the composed form. The kernels' arithmetic is checked without a GPU by
+//! (ops.rs) moves several times a layer. It takes attention in bf16 or f16 with heads of 64,
+//! split keys (a cartridge's, then the input's own, each where it lies) and a mask of spans:
+//! training's, and a prompt's without a cache. Everything else, and every CPU, takes the
+//! composed form. The kernels' arithmetic is checked without a GPU by
 //! kernels/emulated, and on a GPU against the composed form by this module's test.
 
 use candle_core::cuda_backend::cudarc::driver::{
