@@ -503,8 +503,9 @@ __device__ __forceinline__ uint32_t next_rows(const uint32_t *seen, uint32_t x, 
 // rows that see them, recomputing each tile's probabilities from the forward's log-sum-exp:
 // P = exp(scale·QKᵀ - lse) where seen, dV += Pᵀ·dO, dS = P·(dO·Vᵀ - dsum) with dsum =
 // rowsum(dO·O), dK += scale·dSᵀ·Q, and dQ += scale·dS·K added to `dq` (f32, zeroed by the
-// caller) by atomics, since every block adds to every row. The shared keys' gradients are each
-// sequence's, `[sequences, kv_heads, shared, 64]`; the own keys' as the keys.
+// caller) by atomics, since every block adds to every row. The shared keys' gradients are summed
+// over the sequences the same way (f32 `[kv_heads, shared, 64]`, zeroed by the caller); the own
+// keys' are as the keys.
 template <typename T>
 __device__ void flash_backward(const T *__restrict__ q, const T *__restrict__ k_shared,
                                const T *__restrict__ k_own, const T *__restrict__ v_shared,
@@ -512,8 +513,8 @@ __device__ void flash_backward(const T *__restrict__ q, const T *__restrict__ k_
                                const uint32_t *__restrict__ spans, uint32_t prefix,
                                const uint32_t *__restrict__ reach, const T *__restrict__ dout,
                                const float *__restrict__ lse, const float *__restrict__ dsum,
-                               float *__restrict__ dq, T *__restrict__ dk_shared,
-                               T *__restrict__ dk_own, T *__restrict__ dv_shared,
+                               float *__restrict__ dq, float *__restrict__ dk_shared,
+                               T *__restrict__ dk_own, float *__restrict__ dv_shared,
                                T *__restrict__ dv_own, uint32_t rows, uint32_t length,
                                uint32_t kv_heads, float scale) {
   // The Q tile's buffer takes the tile's dS, `[query, key]` (the A operand of dQ's product),
@@ -670,9 +671,18 @@ __device__ void flash_backward(const T *__restrict__ q, const T *__restrict__ k_
   for (int h = 0; h < 2; h++) {
     if (!live[h])
       continue;
-    const size_t at = key[h] < shared ? (head * shared + key[h]) * HEAD_DIM : key_at.own(key[h]);
-    T *dkr = (key[h] < shared ? dk_shared : dk_own) + at + 2 * t;
-    T *dvr = (key[h] < shared ? dv_shared : dv_own) + at + 2 * t;
+    if (key[h] < shared) {
+      // Every sequence's blocks add to the shared keys' gradients.
+      const size_t at = (head % kv_heads * shared + key[h]) * HEAD_DIM + 2 * t;
+#pragma unroll
+      for (int n = 0; n < 8; n++) {
+        add2(&dk_shared[at + n * 8], dka[n][2 * h] * scale, dka[n][2 * h + 1] * scale);
+        add2(&dv_shared[at + n * 8], dva[n][2 * h], dva[n][2 * h + 1]);
+      }
+      continue;
+    }
+    T *dkr = dk_own + key_at.own(key[h]) + 2 * t;
+    T *dvr = dv_own + key_at.own(key[h]) + 2 * t;
 #pragma unroll
     for (int n = 0; n < 8; n++) {
       store2(&dkr[n * 8], dka[n][2 * h] * scale, dka[n][2 * h + 1] * scale);
@@ -728,8 +738,8 @@ __device__ void flash_row_sums(const T *__restrict__ dout, const T *__restrict__
       const T *__restrict__ v_shared, const T *__restrict__ v_own, uint32_t shared,                \
       const uint32_t *__restrict__ spans, uint32_t prefix, const uint32_t *__restrict__ reach,     \
       const T *__restrict__ dout, const float *__restrict__ lse, const float *__restrict__ dsum,    \
-      float *__restrict__ dq, T *__restrict__ dk_shared, T *__restrict__ dk_own,                   \
-      T *__restrict__ dv_shared, T *__restrict__ dv_own, uint32_t rows, uint32_t length,           \
+      float *__restrict__ dq, float *__restrict__ dk_shared, T *__restrict__ dk_own,               \
+      float *__restrict__ dv_shared, T *__restrict__ dv_own, uint32_t rows, uint32_t length,       \
       uint32_t kv_heads, float scale) {                                                            \
     flash_backward<T>(q, k_shared, k_own, v_shared, v_own, shared, spans, prefix, reach, dout,     \
                       lse, dsum, dq, dk_shared, dk_own, dv_shared, dv_own, rows, length, kv_heads, \

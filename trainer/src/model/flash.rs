@@ -405,13 +405,14 @@ fn backward_as<T: CudaDType + DeviceRepr + candle_core::WithDType>(
     let device = cuda(q)?;
     // The blocks add to every query row's dQ: it starts at zero.
     let dq = device.alloc_zeros::<f32>(sizes.heads() * sizes.rows * HEAD_DIM)?;
-    // SAFETY (all four): the kernel writes every key's row, shared (for each sequence) or own.
-    // A size of zero is one element: the kernel takes a pointer, and writes nothing there.
-    let shared_rows = (sizes.heads() * sizes.shared * HEAD_DIM).max(1);
+    // The shared keys' gradients are summed over the batch by atomics: they start at zero (a
+    // size of zero is one element, a pointer the kernel takes and writes nothing at).
+    let shared_rows = (sizes.kv_heads * sizes.shared * HEAD_DIM).max(1);
+    let dk_shared = device.alloc_zeros::<f32>(shared_rows)?;
+    let dv_shared = device.alloc_zeros::<f32>(shared_rows)?;
+    // SAFETY (both): the kernel writes every own key's row.
     let own_rows = sizes.heads() * sizes.length * HEAD_DIM;
-    let dk_shared = unsafe { device.alloc::<T>(shared_rows) }?;
     let dk_own = unsafe { device.alloc::<T>(own_rows) }?;
-    let dv_shared = unsafe { device.alloc::<T>(shared_rows) }?;
     let dv_own = unsafe { device.alloc::<T>(own_rows) }?;
     let tensors = part_tensors(parts);
     let storages: Vec<_> = tensors.iter().map(|x| x.storage_and_layout().0).collect();
@@ -464,16 +465,16 @@ fn backward_as<T: CudaDType + DeviceRepr + candle_core::WithDType>(
         builder.arg(argument);
     }
     builder.arg(&SCALE);
-    // SAFETY: as in the forward; `dq` is zeroed and covers every query row, `reach` is the
-    // forward's for these sizes (checked above).
+    // SAFETY: as in the forward; `dq` and the shared gradients are zeroed and cover every query
+    // row and shared key, `reach` is the forward's for these sizes (checked above).
     unsafe { builder.launch(sizes.keys_grid()?) }.w()?;
     let (batch, kv_heads) = (sizes.batch, sizes.kv_heads);
-    let gradients = |shared: CudaSlice<T>, own: CudaSlice<T>| -> Result<KeyGradients> {
+    let gradients = |shared: CudaSlice<f32>, own: CudaSlice<T>| -> Result<KeyGradients> {
         let shared = wrap(shared, &device, &[shared_rows]);
         Ok(KeyGradients {
             shared: shared
-                .narrow(0, 0, sizes.heads() * sizes.shared * HEAD_DIM)?
-                .reshape((batch, kv_heads, sizes.shared, HEAD_DIM))?,
+                .narrow(0, 0, kv_heads * sizes.shared * HEAD_DIM)?
+                .reshape((kv_heads, sizes.shared, HEAD_DIM))?,
             own: wrap(own, &device, &[batch, sizes.length, kv_heads, HEAD_DIM]),
         })
     };

@@ -20,8 +20,8 @@ use candle_nn::kv_cache::KvCache;
 use super::config::{Config, read_gguf};
 use super::mask::Mask;
 use super::ops::{
-    AttentionSaved, Keys, accumulation_dtype, attention_backward, attention_forward, linear,
-    linear_backward, rms_norm, rms_norm_backward, rope, rope_backward, swiglu, swiglu_backward,
+    AttentionSaved, Keys, attention_backward, attention_forward, linear, linear_backward, rms_norm,
+    rms_norm_backward, rope, rope_backward, swiglu, swiglu_backward,
 };
 use crate::error::{Error, Result};
 
@@ -412,7 +412,6 @@ impl Llama {
         }
         let (value, grad) = loss(&self.rms_norm(&x, &self.norm)?)?;
         let mut dx = rms_norm_backward(&x, &self.norm, eps, &grad)?;
-        let wide = accumulation_dtype(self.dtype);
         let mut gradients = Prefix {
             keys: Vec::new(),
             values: Vec::new(),
@@ -446,10 +445,8 @@ impl Llama {
                 &d_out,
                 index > 0,
             )?;
-            // The cartridge's: summed over the batch.
-            let prefix_part = |d: &Tensor| -> Result<Tensor> { Ok(d.to_dtype(wide)?.sum(0)?) };
-            gradients.keys.push(prefix_part(&dk.shared)?);
-            gradients.values.push(prefix_part(&dv.shared)?);
+            gradients.keys.push(dk.shared);
+            gradients.values.push(dv.shared);
             let Some(dq) = dq else {
                 break;
             };

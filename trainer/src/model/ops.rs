@@ -112,8 +112,9 @@ impl Keys<'_> {
     }
 }
 
-/// The gradient of [`Keys::Split`] keys (or values): the shared ones' for each sequence
-/// `[B, kv_heads, P, head_dim]`, and the own ones' as they are, `[B, L, kv_heads, head_dim]`.
+/// The gradient of [`Keys::Split`] keys (or values): the shared ones' summed over the batch, in
+/// the accumulation dtype (f32 for half precision), `[kv_heads, P, head_dim]`, and the own
+/// ones' as they are, `[B, L, kv_heads, head_dim]`.
 pub struct KeyGradients {
     pub shared: Tensor,
     pub own: Tensor,
@@ -249,7 +250,10 @@ pub fn attention_backward(
                 let shared = keys.shared_count();
                 let own = d.dim(2)? - shared;
                 Ok(KeyGradients {
-                    shared: d.narrow(2, 0, shared)?,
+                    shared: d
+                        .narrow(2, 0, shared)?
+                        .to_dtype(accumulation_dtype(d.dtype()))?
+                        .sum(0)?,
                     own: d.narrow(2, shared, own)?.transpose(1, 2)?.contiguous()?,
                 })
             };
@@ -560,8 +564,8 @@ pub(super) mod tests {
     }
 
     /// Attention's output and the gradients of `sum(out·w)` by `q` and the keys and values
-    /// `[shared keys, own keys, shared values, own values]` (the shared ones' summed over the
-    /// batch), in f32, by [`attention_forward`] and [`attention_backward`].
+    /// `[shared keys, own keys, shared values, own values]`, in f32, by [`attention_forward`]
+    /// and [`attention_backward`].
     pub(crate) fn attention_and_gradients(
         q: &Tensor,
         [k_shared, k, v_shared, v]: [&Tensor; 4],
@@ -585,9 +589,9 @@ pub(super) mod tests {
         Ok([
             f32(&out)?,
             f32(&dq.expect("a gradient"))?,
-            f32(&dk.shared)?.sum(0)?,
+            f32(&dk.shared)?,
             f32(&dk.own)?,
-            f32(&dv.shared)?.sum(0)?,
+            f32(&dv.shared)?,
             f32(&dv.own)?,
         ])
     }
