@@ -114,6 +114,16 @@ __device__ __forceinline__ void add2(float *to, float low, float high) {
 #endif
 }
 
+// Adds four adjacent floats (16-byte aligned): one vector atomic where the GPU has them (sm_90).
+__device__ __forceinline__ void add4(float *to, float a, float b, float c, float d) {
+#if __CUDA_ARCH__ >= 900
+  atomicAdd(reinterpret_cast<float4 *>(to), make_float4(a, b, c, d));
+#else
+  add2(to, a, b);
+  add2(to + 2, c, d);
+#endif
+}
+
 // cp.async: global to shared memory without passing through registers, in groups committed
 // one after another; wait_async<N> waits until at most the N latest groups are in flight.
 __device__ __forceinline__ void copy16_async(uint16_t *to, const uint16_t *from) {
@@ -653,14 +663,25 @@ __device__ void flash_backward(const T *__restrict__ q, const T *__restrict__ k_
       a_rows(dss, warp * 16, kk, sa[kk]);
     float acc[8][4] = {};
     product<T, false>(acc, sa, ks);
+    // Lanes t and t ^ 1 hold adjacent pairs of columns of the same two rows: each gives the
+    // other its pair of the row the other adds, so that each adds four adjacent columns of one
+    // row (g + 8 (t % 2)) in one atomic, half as many as by pairs.
+    const int mine = t % 2;
+    const uint32_t query = x * TILE + warp * 16 + g + 8 * mine;
 #pragma unroll
-    for (int h = 0; h < 2; h++) {
-      const uint32_t query = x * TILE + warp * 16 + g + 8 * h;
-      if (query < rows)
-#pragma unroll
-        for (int n = 0; n < 8; n++)
-          add2(&dq[query_at(query) + n * 8 + 2 * t], acc[n][2 * h] * scale,
-               acc[n][2 * h + 1] * scale);
+    for (int n = 0; n < 8; n++) {
+      // Selected, not indexed by `mine`: an index known only at run time would put acc in
+      // local memory.
+      const float own0 = mine ? acc[n][2] : acc[n][0], own1 = mine ? acc[n][3] : acc[n][1];
+      const float got0 = __shfl_xor_sync(0xffffffffu, mine ? acc[n][0] : acc[n][2], 1),
+                  got1 = __shfl_xor_sync(0xffffffffu, mine ? acc[n][1] : acc[n][3], 1);
+      if (query < rows) {
+        float *to = &dq[query_at(query) + n * 8 + 4 * (t / 2)];
+        if (mine == 0)
+          add4(to, own0 * scale, own1 * scale, got0 * scale, got1 * scale);
+        else
+          add4(to, got0 * scale, got1 * scale, own0 * scale, own1 * scale);
+      }
     }
     // Every warp is done with this buffer before the next tile but one is loaded into it.
     __syncthreads();

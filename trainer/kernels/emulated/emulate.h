@@ -73,6 +73,12 @@ inline void add2(float *to, float low, float high) {
   std::atomic_ref<float>(to[0]).fetch_add(low);
   std::atomic_ref<float>(to[1]).fetch_add(high);
 }
+inline void add4(float *to, float a, float b, float c, float d) {
+  if (reinterpret_cast<uintptr_t>(to) % 16 != 0)
+    std::abort(); // a float4 atomic needs a 16-byte aligned address
+  add2(to, a, b);
+  add2(to + 2, c, d);
+}
 // cp.async: each thread's copies wait in its groups until wait_async lets them land, so a kernel
 // that reads a tile before waiting for it reads what was there before.
 struct AsyncCopy {
