@@ -555,6 +555,7 @@ __device__ void flash_backward(const T *__restrict__ q, const T *__restrict__ k_
                   reinterpret_cast<const uint16_t *>(v_own), r);
   };
   const uint32_t first_key = blockIdx.y * TILE, warp_key = first_key + warp * 16;
+  prefix = least(prefix, columns);
   const uint32_t tiles = (rows + TILE - 1) / TILE;
   uint32_t key[2];
   bool live[2];
@@ -614,8 +615,9 @@ __device__ void flash_backward(const T *__restrict__ q, const T *__restrict__ k_
     wait_async<1>();
     __syncthreads();
     // Pᵀ from Sᵀ = K·Qᵀ for the warp's 16 keys and the tile's 64 queries, rounded to T as the
-    // products take it, then dPᵀ = V·dOᵀ: one 16 x 64 tile of f32 live at a time (177 registers;
-    // the two tiles together took 182, and holding the keys' fragments across the loop 245).
+    // products take it, then dPᵀ = V·dOᵀ: one 16 x 64 tile of f32 live at a time (at 5dc7086,
+    // 177 registers; the two tiles together took 182, and the keys' fragments held across the
+    // loop 245).
     uint32_t pa[4][4];
     {
       uint32_t ka[4][4];
@@ -741,9 +743,8 @@ __device__ void flash_row_sums(const T *__restrict__ dout, const T *__restrict__
   }
 }
 
-// The forward at 4 blocks an SM (128 registers a thread at most). The backward takes 177 and
-// runs 2 blocks an SM: held to 168 for 3 (spilling 20 bytes) its step was 2.2 ms slower on an
-// H200.
+// The forward at 4 blocks an SM (128 registers a thread at most). The backward runs 2: held to
+// 168 registers for 3 (spilling 20 bytes), the step at 5dc7086 was 2.2 ms slower on an H200.
 #define FLASH_KERNELS(T, NAME)                                                                     \
   extern "C" __global__ void __launch_bounds__(FLASH_THREADS, 4) flash_forward_##NAME(             \
       const T *__restrict__ q, const T *__restrict__ k_shared, const T *__restrict__ k_own,        \

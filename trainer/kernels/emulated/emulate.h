@@ -113,19 +113,6 @@ inline std::barrier<> *block_barrier;
 inline std::barrier<> *warp_barriers[8];
 inline double exchange[256];
 inline void __syncthreads() { block_barrier->arrive_and_wait(); }
-inline std::atomic<int> votes;
-// A barrier that also tells every thread whether any thread's `vote` was true.
-inline int __syncthreads_or(int vote) {
-  if (vote)
-    votes++;
-  block_barrier->arrive_and_wait();
-  const int any = votes > 0;
-  block_barrier->arrive_and_wait();
-  if (threadIdx.x == 0)
-    votes = 0;
-  block_barrier->arrive_and_wait();
-  return any;
-}
 template <typename V> V __shfl_xor_sync(unsigned, V v, int offset) {
   unsigned t = threadIdx.x, warp = t / 32, lane = t % 32;
   exchange[t] = double(v);

@@ -136,6 +136,10 @@ impl Sizes {
             || columns == 0
             || prefix > columns
             || (group * length).div_ceil(TILE) > MAX_ROW_TILES
+            // The grids' y (heads forward, key tiles backward) and the kernels' u32 counts.
+            || batch * kv_heads >= 65536
+            || columns.div_ceil(TILE) >= 65536
+            || u32::try_from(columns.max(group * length)).is_err()
             || spans.dims() != [batch, length, 2]
             || spans.dtype() != DType::U32
             || !spans.is_contiguous()
