@@ -120,3 +120,52 @@ impl Spans {
         visible.where_cond(&fill(0.0)?, &fill(f32::NEG_INFINITY)?)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The additive form's rows as strings: `x` seen, `.` not.
+    fn seen(mask: &Mask, keys: usize) -> Vec<String> {
+        let values = mask
+            .to_additive(DType::F32)
+            .and_then(|m| m.flatten_all()?.to_vec1::<f32>())
+            .expect("an additive mask");
+        values
+            .chunks(keys)
+            .map(|row| {
+                row.iter()
+                    .map(|&v| if v == 0.0 { 'x' } else { '.' })
+                    .collect()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn causal_rows_see_the_context_and_their_sequence_up_to_themselves() {
+        let mask = Mask::causal(2, 2, 3, &Device::Cpu).unwrap();
+        assert_eq!(
+            mask.to_additive(DType::F32).unwrap().dims(),
+            [2, 1, 1, 3, 5]
+        );
+        let rows = ["xxx..", "xxxx.", "xxxxx"];
+        assert_eq!(seen(&mask, 5), [rows, rows].concat());
+    }
+
+    #[test]
+    fn spans_that_do_not_fit_are_refused() {
+        let device = Device::Cpu;
+        for (spans, prefix, problem) in [
+            (&[(0, 0)][..], 0, "1 spans for 1 x 2 rows"),
+            (&[(0, 0), (1, 1)][..], 3, "a prefix of 3 of 2 keys"),
+            (&[(0, 0), (1, 2)][..], 0, "a span [1, 2] past 2 keys"),
+        ] {
+            let error = Mask::spans(spans, (1, 2), prefix, 2, &device)
+                .err()
+                .expect("refused");
+            assert!(error.to_string().contains(problem), "{error}");
+        }
+        // An empty span (from > to) may lie anywhere.
+        assert!(Mask::spans(&[(9, 0), (1, 1)], (1, 2), 0, 2, &device).is_ok());
+    }
+}
