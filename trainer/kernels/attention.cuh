@@ -156,9 +156,9 @@ template <int N> __device__ __forceinline__ void wait_async() {
 }
 #endif
 
-// Where key r of a head lies, in elements: the first `shared` in `[kv_heads, shared, 64]`, the
-// same for every sequence (a cartridge's), the rest in the sequence's own `[sequences, length,
-// kv_heads, 64]` (the projection's layout). Values likewise.
+// Where key r of a head (or value: the same for both) lies, in elements: the first `shared` in
+// `[kv_heads, shared, 64]`, the same for every sequence (a cartridge's), the rest in the
+// sequence's own `[sequences, length, kv_heads, 64]` (the projection's layout).
 struct KeyRows {
   uint32_t shared, stride;
   size_t shared_first, own_first;
@@ -167,14 +167,9 @@ struct KeyRows {
       : shared(shared), stride(kv_heads * HEAD_DIM),
         shared_first(head % kv_heads * shared * HEAD_DIM),
         own_first((head / kv_heads * length * kv_heads + head % kv_heads) * HEAD_DIM) {}
+  // Own key r (r >= shared).
   __device__ __forceinline__ size_t own(uint32_t r) const {
     return own_first + (size_t)(r - shared) * stride;
-  }
-  // Key r's row, from the shared keys or the sequence's own.
-  __device__ __forceinline__ const uint16_t *operator()(const uint16_t *shared_keys,
-                                                        const uint16_t *own_keys,
-                                                        uint32_t r) const {
-    return r < shared ? shared_keys + shared_first + (size_t)r * HEAD_DIM : own_keys + own(r);
   }
 };
 
@@ -191,6 +186,25 @@ struct QueryRows {
   }
   __device__ __forceinline__ size_t operator()(uint32_t r) const {
     return first + (size_t)(r % length) * stride + (size_t)(r / length) * HEAD_DIM;
+  }
+};
+
+// Row r's address, for load_tile and load_a: of a tensor laid out as QueryRows says, or of the
+// shared and own parts of keys or values.
+struct QueryRow {
+  const QueryRows &at;
+  const void *tensor;
+  __device__ __forceinline__ const uint16_t *operator()(uint32_t r) const {
+    return static_cast<const uint16_t *>(tensor) + at(r);
+  }
+};
+struct KeyRow {
+  const KeyRows &at;
+  const void *shared_rows, *own_rows;
+  __device__ __forceinline__ const uint16_t *operator()(uint32_t r) const {
+    return r < at.shared
+               ? static_cast<const uint16_t *>(shared_rows) + at.shared_first + (size_t)r * HEAD_DIM
+               : static_cast<const uint16_t *>(own_rows) + at.own(r);
   }
 };
 
@@ -365,17 +379,8 @@ __device__ void flash_forward(const T *__restrict__ q, const T *__restrict__ k_s
   const uint32_t columns = shared + length;
   const QueryRows query_at(head, rows, length, kv_heads);
   const KeyRows key_at(head, shared, length, kv_heads);
-  const auto query_row = [&](uint32_t r) {
-    return reinterpret_cast<const uint16_t *>(q) + query_at(r);
-  };
-  const auto key_row = [&](uint32_t r) {
-    return key_at(reinterpret_cast<const uint16_t *>(k_shared),
-                  reinterpret_cast<const uint16_t *>(k_own), r);
-  };
-  const auto value_row = [&](uint32_t r) {
-    return key_at(reinterpret_cast<const uint16_t *>(v_shared),
-                  reinterpret_cast<const uint16_t *>(v_own), r);
-  };
+  const QueryRow query_row{query_at, q};
+  const KeyRow key_row{key_at, k_shared, k_own}, value_row{key_at, v_shared, v_own};
   const uint32_t first_row = blockIdx.x * TILE + warp * 16;
   prefix = least(prefix, columns);
   // This thread's two rows, g and g + 8 of the warp's 16 (C fragment elements 0-1 and 2-3),
@@ -540,20 +545,8 @@ __device__ void flash_backward(const T *__restrict__ q, const T *__restrict__ k_
   const uint32_t columns = shared + length;
   const QueryRows query_at(head, rows, length, kv_heads);
   const KeyRows key_at(head, shared, length, kv_heads);
-  const auto query_row = [&](uint32_t r) {
-    return reinterpret_cast<const uint16_t *>(q) + query_at(r);
-  };
-  const auto dout_row = [&](uint32_t r) {
-    return reinterpret_cast<const uint16_t *>(dout) + query_at(r);
-  };
-  const auto key_row = [&](uint32_t r) {
-    return key_at(reinterpret_cast<const uint16_t *>(k_shared),
-                  reinterpret_cast<const uint16_t *>(k_own), r);
-  };
-  const auto value_row = [&](uint32_t r) {
-    return key_at(reinterpret_cast<const uint16_t *>(v_shared),
-                  reinterpret_cast<const uint16_t *>(v_own), r);
-  };
+  const QueryRow query_row{query_at, q}, dout_row{query_at, dout};
+  const KeyRow key_row{key_at, k_shared, k_own}, value_row{key_at, v_shared, v_own};
   const uint32_t first_key = blockIdx.y * TILE, warp_key = first_key + warp * 16;
   prefix = least(prefix, columns);
   const uint32_t tiles = (rows + TILE - 1) / TILE;
