@@ -146,30 +146,46 @@ pub fn attention_forward(
     group: usize,
 ) -> Result<(Tensor, AttentionSaved)> {
     #[cfg(feature = "cuda")]
-    if let (
-        Some((prefix, spans)),
-        Keys::Split {
-            shared: k_shared,
-            own: k,
-        },
-        Keys::Split {
-            shared: v_shared,
-            own: v,
-        },
-    ) = (mask.spans_form(), keys, values)
+    if let Some((prefix, spans, parts)) = tiled(mask, keys, values)
+        && super::flash::applies(q, &parts, prefix, spans, group)
     {
-        let parts = super::flash::KeyParts {
-            keys: (*k_shared, k),
-            values: (*v_shared, v),
-        };
-        if super::flash::applies(q, &parts, prefix, spans, group) {
-            let (out, lse, reach) = super::flash::forward(q, &parts, prefix, spans, group)?;
-            return Ok((out, AttentionSaved::Tiled { lse, reach }));
-        }
+        let (out, lse, reach) = super::flash::forward(q, &parts, prefix, spans, group)?;
+        return Ok((out, AttentionSaved::Tiled { lse, reach }));
     }
     let v = values.whole()?;
     let out = probabilities(&stacked(q, group)?, &keys.whole()?, mask, group)?.matmul(&v)?;
     Ok((unstacked(&out, group)?, AttentionSaved::Composed))
+}
+
+/// What the tiled kernels take of an attention, if they can: the mask's spans (its prefix and
+/// pairs) and split keys and values.
+#[cfg(feature = "cuda")]
+fn tiled<'a>(
+    mask: &'a Mask,
+    keys: &Keys<'a>,
+    values: &Keys<'a>,
+) -> Option<(usize, &'a Tensor, super::flash::KeyParts<'a>)> {
+    match (mask.spans_form(), keys, values) {
+        (
+            Some((prefix, spans)),
+            &Keys::Split {
+                shared: k_shared,
+                own: k,
+            },
+            &Keys::Split {
+                shared: v_shared,
+                own: v,
+            },
+        ) => Some((
+            prefix,
+            spans,
+            super::flash::KeyParts {
+                keys: (k_shared, k),
+                values: (v_shared, v),
+            },
+        )),
+        _ => None,
+    }
 }
 
 /// The gradients of [`attention_forward`]'s inputs, [`Keys::Split`] keys and values, given its
@@ -192,18 +208,7 @@ pub fn attention_backward(
     match saved {
         #[cfg(feature = "cuda")]
         AttentionSaved::Tiled { lse, reach } => {
-            let (
-                Some((prefix, spans)),
-                Keys::Split {
-                    shared: k_shared,
-                    own: k,
-                },
-                Keys::Split {
-                    shared: v_shared,
-                    own: v,
-                },
-            ) = (mask.spans_form(), keys, values)
-            else {
+            let Some((prefix, spans, parts)) = tiled(mask, keys, values) else {
                 candle_core::bail!("attention in tiles without spans");
             };
             let grad = if super::flash::is_aligned(grad) {
@@ -212,10 +217,6 @@ pub fn attention_backward(
                 grad.force_contiguous()?
             };
             let sums = super::flash::row_sums(&grad, out, group)?;
-            let parts = super::flash::KeyParts {
-                keys: (*k_shared, k),
-                values: (*v_shared, v),
-            };
             let (dq, dk, dv) = super::flash::backward(
                 q,
                 &parts,
