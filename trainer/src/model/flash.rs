@@ -104,7 +104,6 @@ struct Sizes {
     batch: usize,
     kv_heads: usize,
     rows: usize,
-    columns: usize,
     length: usize,
     /// Keys the batch shares, before each sequence's own.
     shared: usize,
@@ -157,7 +156,6 @@ impl Sizes {
             kv_heads,
             rows: group * length,
             shared,
-            columns,
             length,
         })
     }
@@ -166,12 +164,13 @@ impl Sizes {
         self.batch * self.kv_heads
     }
 
+    /// Keys in all: the shared ones, then each sequence's own.
+    fn columns(&self) -> usize {
+        self.shared + self.length
+    }
+
     /// The kernels' trailing arguments: rows, length, kv_heads.
     fn arguments(&self) -> Result<[u32; 3]> {
-        let narrow = |x: usize| {
-            u32::try_from(x)
-                .map_err(|_| candle_core::Error::Msg(format!("attention: {x} is too large")))
-        };
         Ok([
             narrow(self.rows)?,
             narrow(self.length)?,
@@ -187,7 +186,7 @@ impl Sizes {
     /// The backward's grid: for each head (x), a block per 64 keys (y); heads first, so that
     /// the first keys' blocks (the prefix's, the longest) start first.
     fn keys_grid(&self) -> Result<LaunchConfig> {
-        self.grid(self.heads(), self.columns.div_ceil(TILE))
+        self.grid(self.heads(), self.columns().div_ceil(TILE))
     }
 
     fn grid(&self, x: usize, y: usize) -> Result<LaunchConfig> {
@@ -203,11 +202,16 @@ impl Sizes {
             _ => candle_core::bail!(
                 "attention: {} rows and {} keys of {} heads",
                 self.rows,
-                self.columns,
+                self.columns(),
                 self.heads()
             ),
         }
     }
+}
+
+/// A count as the kernels take it.
+fn narrow(x: usize) -> Result<u32> {
+    u32::try_from(x).map_err(|_| candle_core::Error::Msg(format!("attention: {x} is too large")))
 }
 
 /// A contiguous tensor's elements in device memory.
@@ -521,9 +525,6 @@ fn row_sums_as<T: CudaDType + DeviceRepr + candle_core::WithDType>(
         );
     }
     let count = batch * length * heads;
-    let narrow = |x: usize| {
-        u32::try_from(x).map_err(|_| candle_core::Error::Msg(format!("attention: {x} rows")))
-    };
     let device = cuda(out)?;
     // SAFETY: the kernel writes every row's sum.
     let sums = unsafe { device.alloc::<f32>(count) }?;
