@@ -1174,37 +1174,4 @@ mod tests {
         // None fits after the cartridge in the model's positions.
         assert!(usable(&options, 9, &conversations, OWN).is_err());
     }
-
-    #[test]
-    fn packed_rows_see_the_cartridge_and_their_own_conversation_only() {
-        // A cartridge of 2; a row of 5 holding conversations at columns 0..2 and 2..4, then
-        // padding.
-        let p = 2;
-        let spans = [(2, 2), (2, 3), (4, 4), (4, 5), (7, 0)];
-        let mask = Mask::spans(&spans, (1, 5), p, 7, &Device::Cpu)
-            .unwrap()
-            .to_additive(DType::F32)
-            .unwrap();
-        assert_eq!(mask.dims(), [1, 1, 1, 5, 7]);
-        let seen: Vec<String> = mask
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap()
-            .chunks(7)
-            .map(|row| {
-                row.iter()
-                    .map(|&v| match v {
-                        0.0 => 'x',
-                        f32::NEG_INFINITY => '.',
-                        other => panic!("{other} in an additive mask"),
-                    })
-                    .collect()
-            })
-            .collect();
-        assert_eq!(
-            seen,
-            ["xxx....", "xxxx...", "xx..x..", "xx..xx.", "xx....."]
-        );
-    }
 }

@@ -135,10 +135,30 @@ mod tests {
             .chunks(keys)
             .map(|row| {
                 row.iter()
-                    .map(|&v| if v == 0.0 { 'x' } else { '.' })
+                    .map(|&v| match v {
+                        0.0 => 'x',
+                        f32::NEG_INFINITY => '.',
+                        other => panic!("{other} in an additive mask"),
+                    })
                     .collect()
             })
             .collect()
+    }
+
+    #[test]
+    fn packed_rows_see_the_cartridge_and_their_own_conversation_only() {
+        // A cartridge of 2; a row of 5 holding conversations at columns 0..2 and 2..4, then
+        // padding.
+        let spans = [(2, 2), (2, 3), (4, 4), (4, 5), (7, 0)];
+        let mask = Mask::spans(&spans, (1, 5), 2, 7, &Device::Cpu).unwrap();
+        assert_eq!(
+            mask.to_additive(DType::F32).unwrap().dims(),
+            [1, 1, 1, 5, 7]
+        );
+        assert_eq!(
+            seen(&mask, 7),
+            ["xxx....", "xxxx...", "xx..x..", "xx..xx.", "xx....."]
+        );
     }
 
     #[test]
