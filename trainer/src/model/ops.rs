@@ -121,8 +121,9 @@ pub struct KeyGradients {
 }
 
 /// What [`attention_backward`] needs besides the inputs and the output: nothing for the
-/// composed form (it recomputes the probabilities), the log-sum-exps and the row tiles' reach
-/// for the GPU kernels.
+/// composed form (it recomputes the probabilities, and its stacked queries and whole keys: copies
+/// small beside the products, not kept for every layer), the log-sum-exps and the row tiles'
+/// reach for the GPU kernels.
 pub enum AttentionSaved {
     Composed,
     #[cfg(feature = "cuda")]
