@@ -137,20 +137,67 @@ __device__ void softmax_gradient(const T *__restrict__ p, const T *__restrict__ 
   }
 }
 
+// 16 bytes of elements, one load or store: the ops over the vocabulary's rows spent their time
+// issuing a load of 2 bytes an element.
+template <typename T> struct __align__(16) Pack {
+  static constexpr uint32_t N = 16 / sizeof(T);
+  T v[N];
+};
+
+// Whether rows of `columns` at x (and y) are read (and written) a Pack at a time: aligned, and
+// whole Packs a row.
+template <typename T> __device__ __forceinline__ bool packed(const T *x, const T *y, uint32_t columns) {
+  return columns % Pack<T>::N == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0 &&
+         reinterpret_cast<uintptr_t>(y) % 16 == 0;
+}
+
+// The log-sum-exp of a row, in every thread of the block.
+template <typename T>
+__device__ typename Wide<T>::type row_log_sum(const T *__restrict__ x, uint32_t columns) {
+  typedef typename Wide<T>::type A;
+  MaxSum<A> part = {-INFINITY, 0};
+  // n elements from v into the thread's part: one rescale for all of them.
+  const auto add = [&](const T *v, uint32_t n) {
+    A top = part.max;
+    for (uint32_t i = 0; i < n; i++)
+      top = fmax(top, (A)widen(v[i]));
+    // exp(-inf - -inf) would be NaN: nothing seen yet (or nothing but -inf) adds nothing.
+    if (top == -INFINITY)
+      return;
+    part.sum *= exp(part.max - top);
+    part.max = top;
+    for (uint32_t i = 0; i < n; i++)
+      part.sum += exp((A)widen(v[i]) - top);
+  };
+  if (packed(x, x, columns)) {
+    constexpr uint32_t N = Pack<T>::N;
+#pragma unroll 2
+    for (uint32_t j = threadIdx.x * N; j < columns; j += THREADS * N) {
+      const Pack<T> pack = *reinterpret_cast<const Pack<T> *>(x + j);
+      add(pack.v, N);
+    }
+  } else {
+    for (uint32_t j = threadIdx.x; j < columns; j += THREADS)
+      add(x + j, 1);
+  }
+  const MaxSum<A> whole = merge_block(part);
+  return whole.max + log(whole.sum);
+}
+
 // The cross-entropy of each row of logits `[rows, columns]` against a teacher's top k
-// (`ids`, `probabilities` `[rows, k]`): -sum_s p_s * log softmax(x)[id_s]. An id outside the
-// row counts for nothing (the caller checks ids; this only keeps reads in bounds).
+// (`ids`, `probabilities` `[rows, k]`): -sum_s p_s * log softmax(x)[id_s], into out[row], and
+// the row's log-sum-exp, which the gradient takes, into out[rows + row]. An id outside the row
+// counts for nothing (the caller checks ids; this only keeps reads in bounds).
 template <typename T>
 __device__ void top_k_cross_entropy(const T *__restrict__ logits, const uint32_t *__restrict__ ids,
                                     const typename Wide<T>::type *__restrict__ probabilities,
                                     typename Wide<T>::type *__restrict__ out, uint32_t columns,
-                                    uint32_t k) {
+                                    uint32_t k, uint32_t rows) {
   typedef typename Wide<T>::type A;
   const size_t row = blockIdx.x;
   const T *__restrict__ x = logits + row * columns;
-  const MaxSum<A> whole = row_max_sum<A>(columns, [&](uint32_t j) { return (A)widen(x[j]); });
+  const A log_sum = row_log_sum(x, columns);
   if (threadIdx.x == 0) {
-    const A log_sum = whole.max + log(whole.sum);
     A loss = 0;
     for (uint32_t s = 0; s < k; s++) {
       const uint32_t id = ids[row * k + s];
@@ -158,15 +205,18 @@ __device__ void top_k_cross_entropy(const T *__restrict__ logits, const uint32_t
         loss -= probabilities[row * k + s] * ((A)widen(x[id]) - log_sum);
     }
     out[row] = loss;
+    out[rows + row] = log_sum;
   }
 }
 
 // Its gradient for the logits, times each row's incoming gradient `grad`:
-// grad * (mass * softmax(x) - p at the teacher's ids), mass being the row's sum of p.
+// grad * (mass * softmax(x) - p at the teacher's ids), mass being the row's sum of p, softmax
+// from the log-sum-exps the loss gave (`log_sums` `[rows]`): one read of the logits.
 template <typename T>
 __device__ void
 top_k_cross_entropy_gradient(const T *__restrict__ logits, const uint32_t *__restrict__ ids,
                              const typename Wide<T>::type *__restrict__ probabilities,
+                             const typename Wide<T>::type *__restrict__ log_sums,
                              const typename Wide<T>::type *__restrict__ grad, T *__restrict__ out,
                              uint32_t columns, uint32_t k) {
   typedef typename Wide<T>::type A;
@@ -175,15 +225,25 @@ top_k_cross_entropy_gradient(const T *__restrict__ logits, const uint32_t *__res
   T *__restrict__ y = out + row * columns;
   const uint32_t *__restrict__ id = ids + row * k;
   const A *p = probabilities + row * k;
-  const MaxSum<A> whole = row_max_sum<A>(columns, [&](uint32_t j) { return (A)widen(x[j]); });
-  const A log_sum = whole.max + log(whole.sum);
+  const A log_sum = log_sums[row];
   A mass = 0;
   for (uint32_t s = 0; s < k; s++)
     mass += p[s];
-  const A g = grad[row];
-#pragma unroll 4
-  for (uint32_t j = threadIdx.x; j < columns; j += THREADS) {
-    store(&y[j], g * mass * exp((A)widen(x[j]) - log_sum));
+  const A g = grad[row], scale = g * mass;
+  if (packed(x, y, columns)) {
+    constexpr uint32_t N = Pack<T>::N;
+#pragma unroll 2
+    for (uint32_t j = threadIdx.x * N; j < columns; j += THREADS * N) {
+      const Pack<T> in = *reinterpret_cast<const Pack<T> *>(x + j);
+      Pack<T> result;
+#pragma unroll
+      for (uint32_t i = 0; i < N; i++)
+        store(&result.v[i], scale * exp((A)widen(in.v[i]) - log_sum));
+      *reinterpret_cast<Pack<T> *>(y + j) = result;
+    }
+  } else {
+    for (uint32_t j = threadIdx.x; j < columns; j += THREADS)
+      store(&y[j], scale * exp((A)widen(x[j]) - log_sum));
   }
   // The teacher's columns again, by one thread, each with all the probability its id has
   // (padding slots may repeat an id): rounded once, not a correction of a rounded value.
@@ -234,16 +294,19 @@ template <typename A> __device__ void sum_block(A &a, A &b) {
 }
 
 // RMSNorm's input gradient for y = w * x * r, r = (mean(x^2) + eps)^-1/2, per row of `columns`:
-// dx = r * g * w - x * r^3 * mean(g * w * x).
+// dx = r * g * w - x * r^3 * mean(g * w * x), plus, where `residual` is not null, the gradient
+// that reaches x around the norm (a residual connection's), in the same pass: the add would
+// read and write as much again.
 template <typename T>
 __device__ void rms_norm_gradient(const T *__restrict__ x, const T *__restrict__ grad,
-                                  const T *__restrict__ weight, T *__restrict__ out,
-                                  uint32_t columns, float eps) {
+                                  const T *__restrict__ weight, const T *__restrict__ residual,
+                                  T *__restrict__ out, uint32_t columns, float eps) {
   typedef typename Wide<T>::type A;
   const size_t row = blockIdx.x;
   const T *__restrict__ xr = x + row * columns;
   const T *__restrict__ g = grad + row * columns;
   T *__restrict__ y = out + row * columns;
+  const T *__restrict__ around = residual ? residual + row * columns : nullptr;
   A squares = 0, dot = 0;
 #pragma unroll 4
   for (uint32_t j = threadIdx.x; j < columns; j += THREADS) {
@@ -256,7 +319,8 @@ __device__ void rms_norm_gradient(const T *__restrict__ x, const T *__restrict__
   const A c = dot / (A)columns * r * r * r;
 #pragma unroll 4
   for (uint32_t j = threadIdx.x; j < columns; j += THREADS) {
-    store(&y[j], r * (A)widen(g[j]) * (A)widen(weight[j]) - (A)widen(xr[j]) * c);
+    const A rest = around ? (A)widen(around[j]) : (A)0;
+    store(&y[j], r * (A)widen(g[j]) * (A)widen(weight[j]) - (A)widen(xr[j]) * c + rest);
   }
 }
 
@@ -344,19 +408,25 @@ __device__ void adam_step(const T *__restrict__ param, const T *__restrict__ gra
   extern "C" __global__ void __launch_bounds__(THREADS)                                            \
       top_k_cross_entropy_##NAME(const T *__restrict__ logits, const uint32_t *__restrict__ ids,   \
                                  const Wide<T>::type *__restrict__ probabilities,                  \
-                                 Wide<T>::type *__restrict__ out, uint32_t columns, uint32_t k) {  \
-    top_k_cross_entropy<T>(logits, ids, probabilities, out, columns, k);                           \
+                                 Wide<T>::type *__restrict__ out, uint32_t columns, uint32_t k,    \
+                                 uint32_t rows) {                                                  \
+    top_k_cross_entropy<T>(logits, ids, probabilities, out, columns, k, rows);                     \
   }                                                                                                \
   extern "C" __global__ void __launch_bounds__(THREADS) top_k_cross_entropy_gradient_##NAME(       \
       const T *__restrict__ logits, const uint32_t *__restrict__ ids,                              \
-      const Wide<T>::type *__restrict__ probabilities, const Wide<T>::type *__restrict__ grad,     \
-      T *__restrict__ out, uint32_t columns, uint32_t k) {                                         \
-    top_k_cross_entropy_gradient<T>(logits, ids, probabilities, grad, out, columns, k);            \
+      const Wide<T>::type *__restrict__ probabilities, const Wide<T>::type *__restrict__ log_sums, \
+      const Wide<T>::type *__restrict__ grad, T *__restrict__ out, uint32_t columns, uint32_t k) { \
+    top_k_cross_entropy_gradient<T>(logits, ids, probabilities, log_sums, grad, out, columns, k);  \
   }                                                                                                \
   extern "C" __global__ void __launch_bounds__(THREADS) rms_norm_gradient_##NAME(                  \
       const T *__restrict__ x, const T *__restrict__ grad, const T *__restrict__ weight,           \
       T *__restrict__ out, uint32_t columns, float eps) {                                          \
-    rms_norm_gradient<T>(x, grad, weight, out, columns, eps);                                      \
+    rms_norm_gradient<T>(x, grad, weight, nullptr, out, columns, eps);                             \
+  }                                                                                                \
+  extern "C" __global__ void __launch_bounds__(THREADS) rms_norm_gradient_add_##NAME(              \
+      const T *__restrict__ x, const T *__restrict__ grad, const T *__restrict__ weight,           \
+      const T *__restrict__ residual, T *__restrict__ out, uint32_t columns, float eps) {          \
+    rms_norm_gradient<T>(x, grad, weight, residual, out, columns, eps);                            \
   }                                                                                                \
   extern "C" __global__ void __launch_bounds__(THREADS)                                            \
       place_rows_##NAME(const T *__restrict__ selected, const uint32_t *__restrict__ source,       \

@@ -790,7 +790,7 @@ impl<'a> Distiller<'a> {
                 // The vocabulary projection runs only where there is a target: a fraction of
                 // all tokens.
                 let logits = llama.logits(&hidden)?;
-                let cross_entropy =
+                let (cross_entropy, log_sums) =
                     top_k_cross_entropy(&logits, &batch.teacher_ids, &batch.teacher_probabilities)?;
                 let scale = 1.0 / batch.targets as f64;
                 let loss = ((cross_entropy.sum_all()? + batch.teacher_negentropy)? * scale)?;
@@ -800,6 +800,7 @@ impl<'a> Distiller<'a> {
                     &logits,
                     &batch.teacher_ids,
                     &batch.teacher_probabilities,
+                    &log_sums,
                     &d_rows,
                 )?;
                 let d_hidden = select_rows_backward(

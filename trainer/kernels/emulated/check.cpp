@@ -109,22 +109,25 @@ void gradient_case(int T_, void (*kernel)(const T *, const T *, const float *, T
   check(what, error, tol);
 }
 
+// Rows of 701 logits are read an element at a time; of 704, 16 bytes at a time.
 template <typename T>
-void cross_entropy_case(void (*forward)(const T *, const uint32_t *, const float *, float *,
-                                        uint32_t, uint32_t),
+void cross_entropy_case(int V,
+                        void (*forward)(const T *, const uint32_t *, const float *, float *,
+                                        uint32_t, uint32_t, uint32_t),
                         void (*backward)(const T *, const uint32_t *, const float *, const float *,
-                                         T *, uint32_t, uint32_t),
+                                         const float *, T *, uint32_t, uint32_t),
                         double tol, const char *name) {
-  const int rows = 3, V = 701, k = 4;
+  const int rows = 3, k = 4;
   std::vector<T> x(rows * V), dx = unset<T>(rows * V);
   for (auto &v : x)
     v = cast<T>(4 * randn());
   uint32_t ids[rows * k] = {5, 700, 17, 3, 0, 44, 0, 0, 640, 1, 2, 699};
   float p[rows * k] = {0.5, 0.25, 0.125, 0.125, 0.75, 0.25, 0, 0, 0.25, 0.25, 0.25, 0.25};
   float grad[rows] = {1.0, -2.0, 0.5};
-  std::vector<float> loss = unset<float>(rows);
-  launch(rows, [&] { forward(x.data(), ids, p, loss.data(), V, k); });
-  launch(rows, [&] { backward(x.data(), ids, p, grad, dx.data(), V, k); });
+  // The losses, then the log-sum-exps the gradient takes.
+  std::vector<float> loss = unset<float>(2 * rows);
+  launch(rows, [&] { forward(x.data(), ids, p, loss.data(), V, k, rows); });
+  launch(rows, [&] { backward(x.data(), ids, p, loss.data() + rows, grad, dx.data(), V, k); });
   double loss_error = 0, grad_error = 0;
   for (int r = 0; r < rows; r++) {
     double mx = -INFINITY, sum = 0, mass = 0;
@@ -138,6 +141,7 @@ void cross_entropy_case(void (*forward)(const T *, const uint32_t *, const float
       mass += p[r * k + s];
     }
     loss_error = worst(loss_error, std::fabs(loss[r] - want));
+    loss_error = worst(loss_error, std::fabs(loss[rows + r] - lse));
     for (int j = 0; j < V; j++) {
       double target = 0;
       for (int s = 0; s < k; s++)
@@ -148,25 +152,34 @@ void cross_entropy_case(void (*forward)(const T *, const uint32_t *, const float
     }
   }
   char what[100];
-  snprintf(what, 100, "%s: losses", name);
+  snprintf(what, 100, "%s, %d logits: losses", name, V);
   check(what, loss_error, 1e-4);
-  snprintf(what, 100, "%s: gradient", name);
+  snprintf(what, 100, "%s, %d logits: gradient", name, V);
   check(what, grad_error, tol);
 }
 
+// With `add`, the kernel that adds a residual gradient.
 template <typename T>
 void rms_case(int C, void (*kernel)(const T *, const T *, const T *, T *, uint32_t, float),
+              void (*add)(const T *, const T *, const T *, const T *, T *, uint32_t, float),
               double tol, const char *name) {
   int rows = 10;
   float eps = 1e-5f;
-  std::vector<T> x(rows * C), g(rows * C), w(C), out = unset<T>(rows * C);
+  std::vector<T> x(rows * C), g(rows * C), w(C), residual(rows * C), out = unset<T>(rows * C);
   for (auto &v : x)
     v = cast<T>(randn());
   for (auto &v : g)
     v = cast<T>(randn());
   for (auto &v : w)
     v = cast<T>(randn());
-  launch(rows, [&] { kernel(x.data(), g.data(), w.data(), out.data(), C, eps); });
+  for (auto &v : residual)
+    v = cast<T>(add ? randn() : 0.0);
+  launch(rows, [&] {
+    if (add)
+      add(x.data(), g.data(), w.data(), residual.data(), out.data(), C, eps);
+    else
+      kernel(x.data(), g.data(), w.data(), out.data(), C, eps);
+  });
   double error = 0, largest = 0;
   for (int r = 0; r < rows; r++) {
     double sq = 0, dot = 0;
@@ -177,13 +190,14 @@ void rms_case(int C, void (*kernel)(const T *, const T *, const T *, T *, uint32
     }
     double rr = 1 / std::sqrt(sq / C + eps), c = dot / C * rr * rr * rr;
     for (int j = 0; j < C; j++) {
-      double want = rr * back(g[r * C + j]) * back(w[j]) - back(x[r * C + j]) * c;
+      double want = rr * back(g[r * C + j]) * back(w[j]) - back(x[r * C + j]) * c +
+                    back(residual[r * C + j]);
       largest = std::max(largest, std::fabs(want));
       error = worst(error, std::fabs(back(out[r * C + j]) - want));
     }
   }
   char what[100];
-  snprintf(what, 100, "%s, %d wide (relative)", name, C);
+  snprintf(what, 100, "%s%s, %d wide (relative)", name, add ? " with a residual" : "", C);
   check(what, error / largest, tol);
 }
 
@@ -495,16 +509,25 @@ int main() {
     masked_softmax_case<__half>(T_, masked_softmax_f16, 1e-3, "masked_softmax_f16");
     gradient_case<__half>(T_, softmax_gradient_f16, 4e-3, "softmax_gradient_f16");
   }
-  cross_entropy_case<float>(top_k_cross_entropy_f32, top_k_cross_entropy_gradient_f32, 1e-6,
-                            "top_k_cross_entropy_f32");
-  cross_entropy_case<__nv_bfloat16>(top_k_cross_entropy_bf16, top_k_cross_entropy_gradient_bf16,
-                                    8e-3, "top_k_cross_entropy_bf16");
-  cross_entropy_case<__half>(top_k_cross_entropy_f16, top_k_cross_entropy_gradient_f16, 2e-3,
-                             "top_k_cross_entropy_f16");
+  for (int V : {701, 704}) {
+    cross_entropy_case<float>(V, top_k_cross_entropy_f32, top_k_cross_entropy_gradient_f32, 1e-6,
+                              "top_k_cross_entropy_f32");
+    cross_entropy_case<__nv_bfloat16>(V, top_k_cross_entropy_bf16,
+                                      top_k_cross_entropy_gradient_bf16, 8e-3,
+                                      "top_k_cross_entropy_bf16");
+    cross_entropy_case<__half>(V, top_k_cross_entropy_f16, top_k_cross_entropy_gradient_f16, 2e-3,
+                               "top_k_cross_entropy_f16");
+  }
   for (int C : {16, 600}) {
-    rms_case<float>(C, rms_norm_gradient_f32, 1e-6, "rms_norm_gradient_f32");
-    rms_case<__nv_bfloat16>(C, rms_norm_gradient_bf16, 1e-2, "rms_norm_gradient_bf16");
-    rms_case<__half>(C, rms_norm_gradient_f16, 2e-3, "rms_norm_gradient_f16");
+    for (bool residual : {false, true}) {
+      rms_case<float>(C, rms_norm_gradient_f32, residual ? rms_norm_gradient_add_f32 : nullptr,
+                      1e-6, "rms_norm_gradient_f32");
+      rms_case<__nv_bfloat16>(C, rms_norm_gradient_bf16,
+                              residual ? rms_norm_gradient_add_bf16 : nullptr, 1e-2,
+                              "rms_norm_gradient_bf16");
+      rms_case<__half>(C, rms_norm_gradient_f16, residual ? rms_norm_gradient_add_f16 : nullptr,
+                       2e-3, "rms_norm_gradient_f16");
+    }
   }
   swiglu_case<float>(swiglu_f32, swiglu_gradient_f32, 1e-6, "swiglu_f32");
   swiglu_case<__nv_bfloat16>(swiglu_bf16, swiglu_gradient_bf16, 8e-3, "swiglu_bf16");

@@ -28,19 +28,26 @@ macro_rules! for_float_dtype {
 }
 
 /// RMSNorm's input gradient for `y = w·x·r`, `r = (mean(x²) + eps)^-½`, given the output's
-/// gradient `g`: `dx = r·g·w - x·r³·mean(g·w·x)`, each row in one pass (kernels/ops.cu on the
-/// GPU), sums in f32.
+/// gradient `g`: `dx = r·g·w - x·r³·mean(g·w·x)`, plus `residual` where there is one (the
+/// gradient reaching x around the norm), each row in one pass (kernels/ops.cu on the GPU),
+/// sums in f32.
 pub(super) struct RmsNormGradient {
     pub(super) weight: Tensor,
+    pub(super) residual: Option<Tensor>,
     pub(super) eps: f32,
 }
 
 impl RmsNormGradient {
     fn columns(&self, x: &Layout, grad: &Layout) -> Result<usize> {
         let columns = x.shape().dims().last().copied().unwrap_or(1);
-        if x.shape() != grad.shape() || self.weight.dims() != [columns] {
+        let residual = self.residual.as_ref().map(Tensor::shape);
+        if x.shape() != grad.shape()
+            || self.weight.dims() != [columns]
+            || residual.is_some_and(|shape| shape != x.shape())
+        {
             candle_core::bail!(
-                "rms-norm gradient: x {:?}, its gradient {:?} and the weight {:?} disagree",
+                "rms-norm gradient: x {:?}, its gradient {:?}, the weight {:?} and the residual \
+                 gradient {residual:?} disagree",
                 x.shape(),
                 grad.shape(),
                 self.weight.shape()
@@ -75,9 +82,19 @@ impl CustomOp2 for RmsNormGradient {
                 candle_core::bail!("rms-norm gradient: the weight is not in host memory");
             };
             let weight = contiguous::<T>(weight, weight_layout)?;
+            let residual = this.residual.as_ref().map(Tensor::storage_and_layout);
+            let residual = match &residual {
+                Some((storage, layout)) => match &**storage {
+                    Storage::Cpu(storage) => Some(contiguous::<T>(storage, layout)?),
+                    _ => {
+                        candle_core::bail!("rms-norm gradient: the residual is not in host memory")
+                    }
+                },
+                None => None,
+            };
             let (x, grad) = (contiguous::<T>(s1, l1)?, contiguous::<T>(s2, l2)?);
             Ok(T::to_cpu_storage_owned(rms_norm_gradient_rows(
-                x, grad, weight, columns, this.eps,
+                x, grad, weight, residual, columns, this.eps,
             )))
         }
         Ok((
@@ -99,16 +116,29 @@ impl CustomOp2 for RmsNormGradient {
         let Storage::Cuda(weight) = &*weight else {
             candle_core::bail!("rms-norm gradient: the weight is not on the GPU");
         };
+        let residual = self.residual.as_ref().map(Tensor::storage_and_layout);
+        let dtype = s1.dtype();
+        let mut inputs = vec![
+            (s1, l1, dtype),
+            (s2, l2, dtype),
+            (weight, weight_layout, dtype),
+        ];
+        if let Some((storage, layout)) = &residual {
+            let Storage::Cuda(storage) = &**storage else {
+                candle_core::bail!("rms-norm gradient: the residual is not on the GPU");
+            };
+            inputs.push((storage, layout, dtype));
+        }
         let elements = l1.shape().elem_count();
         let storage = cuda::launch(
-            "rms_norm_gradient",
+            if residual.is_some() {
+                "rms_norm_gradient_add"
+            } else {
+                "rms_norm_gradient"
+            },
             elements / columns.max(1),
-            &[
-                (s1, l1, s1.dtype()),
-                (s2, l2, s1.dtype()),
-                (weight, weight_layout, s1.dtype()),
-            ],
-            (s1.dtype(), elements),
+            &inputs,
+            (dtype, elements),
             &[columns],
             &[self.eps],
         )?;
@@ -500,12 +530,13 @@ fn rms_norm_gradient_rows<T: Element>(
     x: &[T],
     grad: &[T],
     weight: &[T],
+    residual: Option<&[T]>,
     columns: usize,
     eps: f32,
 ) -> Vec<T> {
     let n = <T::Wide as WithDType>::from_f64(columns as f64);
     let eps = <T::Wide as WithDType>::from_f64(f64::from(eps));
-    let mut out = vec![T::zero(); x.len()];
+    let mut out = residual.map_or_else(|| vec![T::zero(); x.len()], <[T]>::to_vec);
     out.par_chunks_mut(columns)
         .zip(x.par_chunks(columns).zip(grad.par_chunks(columns)))
         .for_each(|(y, (x, g))| {
@@ -518,7 +549,8 @@ fn rms_norm_gradient_rows<T: Element>(
             let r = (squares / n + eps).sqrt().recip();
             let c = dot / n * r * r * r;
             for (((y, x), g), w) in y.iter_mut().zip(x).zip(g).zip(weight) {
-                let value = r * T::widen(*g) * T::widen(*w) - T::widen(*x) * c;
+                // y holds the residual gradient, or zero.
+                let value = r * T::widen(*g) * T::widen(*w) - T::widen(*x) * c + T::widen(*y);
                 *y = T::narrow(value);
             }
         });
@@ -775,7 +807,7 @@ impl CustomOp3 for TopKCrossEntropy {
         let rows = l1.shape().dims2()?.0;
         Ok((
             for_float_dtype!(s1.dtype(), run(s1, l1, s2, l2, s3, l3))?,
-            Shape::from(rows),
+            Shape::from((2, rows)),
         ))
     }
 
@@ -799,27 +831,42 @@ impl CustomOp3 for TopKCrossEntropy {
                 (s2, l2, DType::U32),
                 (s3, l3, accumulation_dtype(dtype)),
             ],
-            (accumulation_dtype(dtype), rows),
-            &[columns, k],
+            (accumulation_dtype(dtype), 2 * rows),
+            &[columns, k, rows],
             &[],
         )?;
-        Ok((storage, Shape::from(rows)))
+        Ok((storage, Shape::from((2, rows))))
     }
 }
 
 /// [`top_k_cross_entropy`]'s gradient for the logits, given each row's incoming gradient
-/// (kernels/ops.cu on the GPU).
+/// (kernels/ops.cu on the GPU), from the rows' log-sum-exps that the loss gave.
 pub(super) struct TopKCrossEntropyGradient {
     pub(super) ids: Tensor,
     pub(super) probabilities: Tensor,
+    pub(super) log_sums: Tensor,
 }
 
-/// The incoming gradient of [`top_k_cross_entropy`]'s `[rows]` losses must be `[rows]`.
-fn check_loss_gradient(grad: &Layout, rows: usize) -> Result<()> {
-    if grad.shape().dims() != [rows] {
+/// The incoming gradient of [`top_k_cross_entropy`]'s `[rows]` losses, and their log-sum-exps,
+/// must be `[rows]` in the accumulation dtype.
+fn check_loss_gradient(
+    grad: &Layout,
+    log_sums: (DType, &Layout),
+    rows: usize,
+    dtype: DType,
+) -> Result<()> {
+    if grad.shape().dims() != [rows] || log_sums.1.shape().dims() != [rows] {
         candle_core::bail!(
-            "top-k cross-entropy: a gradient of shape {:?} for {rows} losses",
-            grad.shape()
+            "top-k cross-entropy: a gradient of shape {:?} and log-sum-exps of shape {:?} for {rows} losses",
+            grad.shape(),
+            log_sums.1.shape()
+        );
+    }
+    if log_sums.0 != accumulation_dtype(dtype) {
+        candle_core::bail!(
+            "top-k cross-entropy: log-sum-exps in {:?} ({:?} expected)",
+            log_sums.0,
+            accumulation_dtype(dtype)
         );
     }
     Ok(())
@@ -846,7 +893,9 @@ impl CustomOp2 for TopKCrossEntropyGradient {
         ) -> Result<CpuStorage> {
             let (ids, id_layout) = this.ids.storage_and_layout();
             let (p, p_layout) = this.probabilities.storage_and_layout();
-            let (Storage::Cpu(ids), Storage::Cpu(p)) = (&*ids, &*p) else {
+            let (sums, sums_layout) = this.log_sums.storage_and_layout();
+            let (Storage::Cpu(ids), Storage::Cpu(p), Storage::Cpu(sums)) = (&*ids, &*p, &*sums)
+            else {
                 candle_core::bail!("top-k cross-entropy: the teacher is not in host memory");
             };
             let (rows, columns, k) = top_k_shape(
@@ -855,15 +904,16 @@ impl CustomOp2 for TopKCrossEntropyGradient {
                 (p.dtype(), p_layout),
                 T::DTYPE,
             )?;
-            check_loss_gradient(l2, rows)?;
+            check_loss_gradient(l2, (sums.dtype(), sums_layout), rows, T::DTYPE)?;
             let (logits, ids) = (contiguous::<T>(s1, l1)?, contiguous::<u32>(ids, id_layout)?);
             check_ids(ids, columns)?;
-            let (p, grad) = (
+            let (p, log_sums, grad) = (
                 contiguous::<T::Wide>(p, p_layout)?,
+                contiguous::<T::Wide>(sums, sums_layout)?,
                 contiguous::<T::Wide>(s2, l2)?,
             );
             Ok(T::to_cpu_storage_owned(cross_entropy_gradient_rows(
-                logits, ids, p, grad, columns, k,
+                logits, ids, p, log_sums, grad, columns, k,
             )))
         }
         Ok((
@@ -882,13 +932,15 @@ impl CustomOp2 for TopKCrossEntropyGradient {
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let (ids, id_layout) = self.ids.storage_and_layout();
         let (p, p_layout) = self.probabilities.storage_and_layout();
-        let (Storage::Cuda(ids), Storage::Cuda(p)) = (&*ids, &*p) else {
+        let (sums, sums_layout) = self.log_sums.storage_and_layout();
+        let (Storage::Cuda(ids), Storage::Cuda(p), Storage::Cuda(sums)) = (&*ids, &*p, &*sums)
+        else {
             candle_core::bail!("top-k cross-entropy: the teacher is not on the GPU");
         };
         let dtype = s1.dtype();
         let (rows, columns, k) =
             top_k_shape(l1, (ids.dtype(), id_layout), (p.dtype(), p_layout), dtype)?;
-        check_loss_gradient(l2, rows)?;
+        check_loss_gradient(l2, (sums.dtype(), sums_layout), rows, dtype)?;
         let storage = cuda::launch(
             "top_k_cross_entropy_gradient",
             rows,
@@ -896,6 +948,7 @@ impl CustomOp2 for TopKCrossEntropyGradient {
                 (s1, l1, dtype),
                 (ids, id_layout, DType::U32),
                 (p, p_layout, accumulation_dtype(dtype)),
+                (sums, sums_layout, accumulation_dtype(dtype)),
                 (s2, l2, accumulation_dtype(dtype)),
             ],
             (dtype, rows * columns),
@@ -927,7 +980,7 @@ fn log_sum_exp<T: Element>(row: &[T]) -> T::Wide {
     max + sum.ln()
 }
 
-/// [`TopKCrossEntropy`] on the CPU.
+/// [`TopKCrossEntropy`] on the CPU: the rows' losses, then their log-sum-exps.
 fn cross_entropy_rows<T: Element>(
     logits: &[T],
     ids: &[u32],
@@ -935,17 +988,19 @@ fn cross_entropy_rows<T: Element>(
     columns: usize,
     k: usize,
 ) -> Vec<T::Wide> {
-    logits
+    let (losses, log_sums): (Vec<_>, Vec<_>) = logits
         .par_chunks(columns)
         .zip(ids.par_chunks(k).zip(p.par_chunks(k)))
         .map(|(x, (ids, p))| {
             let log_sum = log_sum_exp(x);
-            ids.iter().zip(p).fold(T::Wide::zero(), |loss, (&id, &p)| {
+            let loss = ids.iter().zip(p).fold(T::Wide::zero(), |loss, (&id, &p)| {
                 let picked = T::widen(x[id as usize]);
                 loss - p * (picked - log_sum)
-            })
+            });
+            (loss, log_sum)
         })
-        .collect()
+        .unzip();
+    [losses, log_sums].concat()
 }
 
 /// [`TopKCrossEntropyGradient`] on the CPU: `grad·(mass·softmax(x) - p at the ids)`, each
@@ -954,6 +1009,7 @@ fn cross_entropy_gradient_rows<T: Element>(
     logits: &[T],
     ids: &[u32],
     p: &[T::Wide],
+    log_sums: &[T::Wide],
     grad: &[T::Wide],
     columns: usize,
     k: usize,
@@ -962,9 +1018,8 @@ fn cross_entropy_gradient_rows<T: Element>(
     out.par_chunks_mut(columns)
         .zip(logits.par_chunks(columns))
         .zip(ids.par_chunks(k).zip(p.par_chunks(k)))
-        .zip(grad.par_iter())
-        .for_each(|(((y, x), (ids, p)), &g)| {
-            let log_sum = log_sum_exp(x);
+        .zip(log_sums.par_iter().zip(grad))
+        .for_each(|(((y, x), (ids, p)), (&log_sum, &g))| {
             let mass = p.iter().fold(T::Wide::zero(), |sum, &p| sum + p);
             for (y, x) in y.iter_mut().zip(x) {
                 *y = T::narrow(g * mass * (T::widen(*x) - log_sum).exp());

@@ -411,7 +411,7 @@ impl Llama {
             )?;
         }
         let (value, grad) = loss(&self.rms_norm(&x, &self.norm)?)?;
-        let mut dx = rms_norm_backward(&x, &self.norm, eps, &grad)?;
+        let mut dx = rms_norm_backward(&x, &self.norm, eps, &grad, None)?;
         let mut gradients = Prefix {
             keys: Vec::new(),
             values: Vec::new(),
@@ -421,7 +421,7 @@ impl Llama {
             let (d_gate, d_up) = swiglu_backward(&saved.gate, &saved.up, &d_gated)?;
             let d_h =
                 (linear_backward(&d_gate, &layer.gate)? + linear_backward(&d_up, &layer.up)?)?;
-            let d_mid = (dx + rms_norm_backward(&saved.mid, &layer.ffn_norm, eps, &d_h)?)?;
+            let d_mid = rms_norm_backward(&saved.mid, &layer.ffn_norm, eps, &d_h, Some(&dx))?;
             // The output projection's input gradient, in attention's layout.
             let d_out = linear_backward(&d_mid, &layer.o)?.reshape((batch, length, heads, hd))?;
             // The first layer's queries come from the embeddings: nothing to carry below.
@@ -456,7 +456,7 @@ impl Llama {
             let dv = dv.own.reshape((batch, length, kv_heads * hd))?;
             let d_h = ((linear_backward(&dq, &layer.q)? + linear_backward(&dk, &layer.k)?)?
                 + linear_backward(&dv, &layer.v)?)?;
-            dx = (d_mid + rms_norm_backward(&saved.x, &layer.attn_norm, eps, &d_h)?)?;
+            dx = rms_norm_backward(&saved.x, &layer.attn_norm, eps, &d_h, Some(&d_mid))?;
         }
         gradients.keys.reverse();
         gradients.values.reverse();

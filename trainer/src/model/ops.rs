@@ -29,10 +29,18 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> Result<Tensor> {
     candle_nn::ops::rms_norm(x, weight, eps)
 }
 
-/// [`rms_norm`]'s input gradient given its output's, `grad`.
-pub fn rms_norm_backward(x: &Tensor, weight: &Tensor, eps: f32, grad: &Tensor) -> Result<Tensor> {
+/// [`rms_norm`]'s input gradient given its output's, `grad`, plus `residual` where x also
+/// reaches the output another way (a residual connection): added in the same pass.
+pub fn rms_norm_backward(
+    x: &Tensor,
+    weight: &Tensor,
+    eps: f32,
+    grad: &Tensor,
+    residual: Option<&Tensor>,
+) -> Result<Tensor> {
     let gradient = RmsNormGradient {
         weight: weight.contiguous()?,
+        residual: residual.map(Tensor::contiguous).transpose()?,
         eps,
     };
     x.contiguous()?
@@ -348,36 +356,39 @@ fn row_sources(n: usize, rows: &[u32]) -> Result<Vec<u32>> {
 
 /// The distillation loss of each row of `logits` `[N, V]` against a teacher's top k, `ids`
 /// (u32) and `probabilities` `[N, k]`: `-Σ p·log softmax(logits)[id]`, `[N]` in the
-/// accumulation dtype. One pass over the logits (two and a write for the gradient) where
-/// log_softmax's composed form crossed them, widened to f32, about ten times. Every id must be
-/// below `V`: the CPU refuses one that is not, a GPU kernel counts it for nothing (it cannot
-/// fail a launch; training checks the ids before).
+/// accumulation dtype, and each row's log-sum-exp, `[N]`, for the gradient. One pass over the
+/// logits (one and a write for the gradient) where log_softmax's composed form crossed them,
+/// widened to f32, about ten times. Every id must be below `V`: the CPU refuses one that is
+/// not, a GPU kernel counts it for nothing (it cannot fail a launch; training checks the ids
+/// before).
 pub fn top_k_cross_entropy(
     logits: &Tensor,
     ids: &Tensor,
     probabilities: &Tensor,
-) -> Result<Tensor> {
+) -> Result<(Tensor, Tensor)> {
     let wide = accumulation_dtype(logits.dtype());
-    logits.contiguous()?.apply_op3_no_bwd(
+    let both = logits.contiguous()?.apply_op3_no_bwd(
         &ids.contiguous()?,
         &probabilities.to_dtype(wide)?.contiguous()?,
         &TopKCrossEntropy,
-    )
+    )?;
+    Ok((both.get(0)?, both.get(1)?))
 }
 
 /// [`top_k_cross_entropy`]'s gradient with respect to `logits` given each row's loss's,
-/// `grad` `[N]`.
+/// `grad` `[N]`, and the log-sum-exps it gave.
 pub fn top_k_cross_entropy_backward(
     logits: &Tensor,
     ids: &Tensor,
     probabilities: &Tensor,
+    log_sums: &Tensor,
     grad: &Tensor,
 ) -> Result<Tensor> {
+    let wide = accumulation_dtype(logits.dtype());
     let gradient = TopKCrossEntropyGradient {
         ids: ids.contiguous()?,
-        probabilities: probabilities
-            .to_dtype(accumulation_dtype(logits.dtype()))?
-            .contiguous()?,
+        probabilities: probabilities.to_dtype(wide)?.contiguous()?,
+        log_sums: log_sums.to_dtype(wide)?.contiguous()?,
     };
     logits
         .contiguous()?
@@ -515,14 +526,20 @@ pub(super) mod tests {
             let weight = Tensor::randn(0f32, 1.0, hidden, &device)?;
             check(
                 |x| rms_norm(x, &weight, 1e-5),
-                |x, grad| rms_norm_backward(x, &weight, 1e-5, grad),
+                |x, grad| rms_norm_backward(x, &weight, 1e-5, grad, None),
                 |x| candle_nn::ops::rms_norm_slow(x, &weight, 1e-5),
                 &x,
             )?;
+            // A residual gradient is added in the same pass.
+            let (grad, residual) = (x.randn_like(0.0, 1.0)?, x.randn_like(0.0, 1.0)?);
+            let added = rms_norm_backward(&x, &weight, 1e-5, &grad, Some(&residual))?;
+            let apart = (rms_norm_backward(&x, &weight, 1e-5, &grad, None)? + &residual)?;
+            let error = max_difference(&added, &apart)?;
+            assert!(error < 1e-6, "with a residual, {hidden} wide: {error}");
             // In bf16, against the composed form in f32 from the same rounded values.
             let (x, weight) = (x.to_dtype(DType::BF16)?, weight.to_dtype(DType::BF16)?);
             let w = Tensor::randn(0f32, 1.0, x.shape(), &device)?;
-            let fused = rms_norm_backward(&x, &weight, 1e-5, &w.to_dtype(DType::BF16)?)?;
+            let fused = rms_norm_backward(&x, &weight, 1e-5, &w.to_dtype(DType::BF16)?, None)?;
             let composed = autograd(
                 |x| candle_nn::ops::rms_norm_slow(x, &weight.to_dtype(DType::F32)?, 1e-5),
                 &x.to_dtype(DType::F32)?,
@@ -728,11 +745,15 @@ pub(super) mod tests {
                     .sum(1)?
                     .neg()
             };
-            let fused = top_k_cross_entropy(&logits, &ids, &probabilities)?;
+            let (fused, log_sums) = top_k_cross_entropy(&logits, &ids, &probabilities)?;
             let error = max_difference(&fused, &composed(&logits)?)?;
             assert!(error < 1e-4, "{dtype:?} values: {error}");
-            let a = top_k_cross_entropy_backward(&logits, &ids, &probabilities, &weights)?
-                .to_dtype(DType::F32)?;
+            let composed_sums = logits.to_dtype(DType::F32)?.exp()?.sum(1)?.log()?;
+            let error = max_difference(&log_sums, &composed_sums)?;
+            assert!(error < 1e-4, "{dtype:?} log-sum-exps: {error}");
+            let a =
+                top_k_cross_entropy_backward(&logits, &ids, &probabilities, &log_sums, &weights)?
+                    .to_dtype(DType::F32)?;
             let b = autograd(composed, &logits, &weights)?.to_dtype(DType::F32)?;
             let tolerance = if dtype == DType::F32 { 2e-5 } else { 8e-3 };
             let error = max_difference(&a, &b)?;
