@@ -360,9 +360,22 @@ __device__ __forceinline__ uint32_t next_keys(uint32_t first, uint32_t prefix, u
   return most(first, lo / TILE * TILE);
 }
 
-// Grid (ceil(rows / 64), sequences · kv_heads): a block takes 64 query rows (16 a warp) and
-// walks the keys they can see 64 at a time, keeping each row's running maximum and sum (online
-// softmax).
+// The tile of rows that the forward's y-th block of a head takes: the latest positions first,
+// those of every query head of the group side by side. Causal rows see more keys the later
+// they are, so the longest blocks start first and the last wave on the GPU is of short ones,
+// not a tail of long ones (the ends of sequences, launched last in row order). Where tiles do
+// not align with the query heads, simply the last first.
+__device__ __forceinline__ uint32_t row_tile(uint32_t y, uint32_t rows, uint32_t length) {
+  const uint32_t group = rows / length;
+  if (length % TILE != 0)
+    return (rows + TILE - 1) / TILE - 1 - y;
+  const uint32_t per_head = length / TILE;
+  return y % group * per_head + per_head - 1 - y / group;
+}
+
+// Grid (sequences · kv_heads, ceil(rows / 64)): a block takes 64 query rows (16 a warp; which
+// ones: row_tile) and walks the keys they can see 64 at a time, keeping each row's running
+// maximum and sum (online softmax).
 template <typename T>
 __device__ void flash_forward(const T *__restrict__ q, const T *__restrict__ k_shared,
                               const T *__restrict__ k_own, const T *__restrict__ v_shared,
@@ -375,13 +388,13 @@ __device__ void flash_forward(const T *__restrict__ q, const T *__restrict__ k_s
   __shared__ __align__(16) uint16_t vs[2][TILE * STRIDE];
   __shared__ uint32_t warp_lo[FLASH_THREADS / 32], warp_hi[FLASH_THREADS / 32];
   const uint32_t warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-  const size_t head = blockIdx.y, sequence = head / kv_heads;
-  const uint32_t columns = shared + length;
+  const size_t head = blockIdx.x, sequence = head / kv_heads;
+  const uint32_t columns = shared + length, tile = row_tile(blockIdx.y, rows, length);
   const QueryRows query_at(head, rows, length, kv_heads);
   const KeyRows key_at(head, shared, length, kv_heads);
   const QueryRow query_row{query_at, q};
   const KeyRow key_row{key_at, k_shared, k_own}, value_row{key_at, v_shared, v_own};
-  const uint32_t first_row = blockIdx.x * TILE + warp * 16;
+  const uint32_t first_row = tile * TILE + warp * 16;
   prefix = least(prefix, columns);
   // This thread's two rows, g and g + 8 of the warp's 16 (C fragment elements 0-1 and 2-3),
   // their spans (a key past the last is no key), and the block's reach.
@@ -419,7 +432,7 @@ __device__ void flash_forward(const T *__restrict__ q, const T *__restrict__ k_s
     hi = most(hi, warp_hi[w]);
   }
   if (threadIdx.x == 0) {
-    uint32_t *r = reach + 2 * (head * ((rows + TILE - 1) / TILE) + blockIdx.x);
+    uint32_t *r = reach + 2 * (head * ((rows + TILE - 1) / TILE) + tile);
     r[0] = lo;
     r[1] = hi;
   }

@@ -135,8 +135,8 @@ impl Sizes {
             || columns == 0
             || prefix > columns
             || (group * length).div_ceil(TILE) > MAX_ROW_TILES
-            // The grids' y (heads forward, key tiles backward) and the kernels' u32 counts.
-            || batch * kv_heads >= 65536
+            // The grids' y (row tiles forward, below MAX_ROW_TILES; key tiles backward) and
+            // the kernels' u32 counts.
             || columns.div_ceil(TILE) >= 65536
             || u32::try_from(columns.max(group * length)).is_err()
             || spans.dims() != [batch, length, 2]
@@ -178,9 +178,10 @@ impl Sizes {
         ])
     }
 
-    /// The forward's grid: a block per 64 query rows (x), for each head (y).
+    /// The forward's grid: for each head (x), a block per 64 query rows (y), the kernel
+    /// taking the latest rows first.
     fn rows_grid(&self) -> Result<LaunchConfig> {
-        self.grid(self.rows.div_ceil(TILE), self.heads())
+        self.grid(self.heads(), self.rows.div_ceil(TILE))
     }
 
     /// The backward's grid: for each head (x), a block per 64 keys (y); heads first, so that
