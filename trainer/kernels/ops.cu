@@ -344,32 +344,38 @@ __device__ void place_rows(const T *__restrict__ selected, const uint32_t *__res
   }
 }
 
-// out = silu(gate)·up over rows of `columns`.
+// out = silu(gate)·up over rows of `columns`, a row's gate and up side by side in `gate_up`
+// `[rows, 2 · columns]` (one projection makes both).
 template <typename T>
-__device__ void swiglu(const T *__restrict__ gate, const T *__restrict__ up, T *__restrict__ out,
-                       uint32_t columns) {
+__device__ void swiglu(const T *__restrict__ gate_up, T *__restrict__ out, uint32_t columns) {
   typedef typename Wide<T>::type A;
-  const size_t base = (size_t)blockIdx.x * columns;
+  const size_t row = blockIdx.x;
+  const T *__restrict__ gate = gate_up + row * 2 * columns;
+  const T *__restrict__ up = gate + columns;
 #pragma unroll 4
   for (uint32_t j = threadIdx.x; j < columns; j += THREADS) {
-    const A g = widen(gate[base + j]);
-    store(&out[base + j], g / ((A)1 + exp(-g)) * (A)widen(up[base + j]));
+    const A g = widen(gate[j]);
+    store(&out[row * columns + j], g / ((A)1 + exp(-g)) * (A)widen(up[j]));
   }
 }
 
-// The gradients of silu(gate)·up given the output's, `[2, rows, columns]`: d gate, then d up.
+// The gradients of silu(gate)·up given the output's, laid out as gate_up: each row's d gate,
+// then its d up.
 template <typename T>
-__device__ void swiglu_gradient(const T *__restrict__ gate, const T *__restrict__ up,
-                                const T *__restrict__ grad, T *__restrict__ out, uint32_t columns,
-                                uint32_t rows) {
+__device__ void swiglu_gradient(const T *__restrict__ gate_up, const T *__restrict__ grad,
+                                T *__restrict__ out, uint32_t columns) {
   typedef typename Wide<T>::type A;
-  const size_t base = (size_t)blockIdx.x * columns, half = (size_t)rows * columns;
+  const size_t row = blockIdx.x;
+  const T *__restrict__ gate = gate_up + row * 2 * columns;
+  const T *__restrict__ up = gate + columns;
+  T *__restrict__ d_gate = out + row * 2 * columns;
+  T *__restrict__ d_up = d_gate + columns;
 #pragma unroll 4
   for (uint32_t j = threadIdx.x; j < columns; j += THREADS) {
-    const A g = widen(gate[base + j]), u = widen(up[base + j]), d = widen(grad[base + j]);
+    const A g = widen(gate[j]), u = widen(up[j]), d = widen(grad[row * columns + j]);
     const A sigmoid = (A)1 / ((A)1 + exp(-g));
-    store(&out[base + j], d * u * sigmoid * ((A)1 + g * ((A)1 - sigmoid)));
-    store(&out[half + base + j], d * g * sigmoid);
+    store(&d_gate[j], d * u * sigmoid * ((A)1 + g * ((A)1 - sigmoid)));
+    store(&d_up[j], d * g * sigmoid);
   }
 }
 
@@ -434,14 +440,13 @@ __device__ void adam_step(const T *__restrict__ param, const T *__restrict__ gra
     place_rows<T>(selected, source, out, columns);                                                 \
   }                                                                                                \
   extern "C" __global__ void __launch_bounds__(THREADS)                                            \
-      swiglu_##NAME(const T *__restrict__ gate, const T *__restrict__ up, T *__restrict__ out,     \
-                    uint32_t columns) {                                                            \
-    swiglu<T>(gate, up, out, columns);                                                             \
+      swiglu_##NAME(const T *__restrict__ gate_up, T *__restrict__ out, uint32_t columns) {        \
+    swiglu<T>(gate_up, out, columns);                                                              \
   }                                                                                                \
   extern "C" __global__ void __launch_bounds__(THREADS) swiglu_gradient_##NAME(                    \
-      const T *__restrict__ gate, const T *__restrict__ up, const T *__restrict__ grad,            \
-      T *__restrict__ out, uint32_t columns, uint32_t rows) {                                      \
-    swiglu_gradient<T>(gate, up, grad, out, columns, rows);                                        \
+      const T *__restrict__ gate_up, const T *__restrict__ grad, T *__restrict__ out,              \
+      uint32_t columns) {                                                                          \
+    swiglu_gradient<T>(gate_up, grad, out, columns);                                               \
   }                                                                                                \
   extern "C" __global__ void __launch_bounds__(THREADS) adam_step_##NAME(                          \
       const T *__restrict__ param, const T *__restrict__ grad, const T *__restrict__ moments,      \

@@ -7,7 +7,8 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::{
-    CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, WithDType,
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor,
+    WithDType,
 };
 use num_traits::{Float, One, Zero};
 use rayon::prelude::*;
@@ -146,13 +147,38 @@ impl CustomOp2 for RmsNormGradient {
     }
 }
 
-/// The MLP's gate, `silu(gate)·up`, elementwise over `[.., columns]` tensors of one shape, in one
-/// pass (kernels/ops.cu on the GPU); in `T::Wide`.
+/// The MLP's gate, `silu(gate)·up`, of `[.., 2·columns]` rows holding a gate then an up (one
+/// projection makes both): `[.., columns]`, in one pass (kernels/ops.cu on the GPU); in
+/// `T::Wide`.
 pub(super) struct SwiGlu;
 
-/// [`SwiGlu`]'s gradients given the output's, `[2, ..]`: `d gate` then `d up`, in one pass over the
-/// three inputs (the composed form took about ten elementwise ops over the MLP's width).
+/// [`SwiGlu`]'s gradients given the output's, laid out as its input (each row's `d gate` then
+/// its `d up`), in one pass over the inputs (the composed form took about ten elementwise ops
+/// over the MLP's width).
 pub(super) struct SwiGluGradient;
+
+/// The rows and columns (the output's width) of a [`SwiGlu`] input, and of its output's gradient
+/// where there is one.
+fn gate_up_shape(name: &str, gate_up: &Layout, grad: Option<&Layout>) -> Result<(usize, usize)> {
+    let width = gate_up.dims().last().copied().unwrap_or(0);
+    if width == 0 || width % 2 != 0 || grad.is_some_and(|grad| *grad.shape() != halved(gate_up)) {
+        candle_core::bail!(
+            "{name}: gates and ups {:?} (each row a gate then an up) and a gradient {:?}",
+            gate_up.shape(),
+            grad.map(Layout::shape)
+        );
+    }
+    Ok((gate_up.shape().elem_count() / width, width / 2))
+}
+
+/// `[.., columns]` for a [`SwiGlu`] input of `[.., 2·columns]`.
+fn halved(gate_up: &Layout) -> Shape {
+    let mut dims = gate_up.dims().to_vec();
+    if let Some(last) = dims.last_mut() {
+        *last /= 2;
+    }
+    Shape::from(dims)
+}
 
 /// The rows and columns of `[.., columns]` inputs of one shape, as kernels take them.
 fn elementwise(name: &str, layouts: &[&Layout]) -> Result<(usize, usize)> {
@@ -170,9 +196,51 @@ fn swiglu_parts<A: Float>(g: A, u: A) -> (A, A) {
     (g * sigmoid * u, sigmoid)
 }
 
-impl CustomOp2 for SwiGlu {
+impl CustomOp1 for SwiGlu {
     fn name(&self) -> &'static str {
         "swiglu"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout) -> Result<(CpuStorage, Shape)> {
+        fn run<T: Element>(s1: &CpuStorage, l1: &Layout) -> Result<CpuStorage> {
+            let (_, columns) = gate_up_shape("swiglu", l1, None)?;
+            let out: Vec<T> = contiguous::<T>(s1, l1)?
+                .par_chunks(2 * columns)
+                .flat_map_iter(|row| {
+                    let (gate, up) = row.split_at(columns);
+                    gate.iter()
+                        .zip(up)
+                        .map(|(&g, &u)| T::narrow(swiglu_parts(g.widen(), u.widen()).0))
+                })
+                .collect();
+            Ok(T::to_cpu_storage_owned(out))
+        }
+        Ok((for_float_dtype!(s1.dtype(), run(s1, l1))?, halved(l1)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (rows, columns) = gate_up_shape("swiglu", l1, None)?;
+        let dtype = s1.dtype();
+        let storage = cuda::launch(
+            "swiglu",
+            rows,
+            &[(s1, l1, dtype)],
+            (dtype, rows * columns),
+            &[columns],
+            &[],
+        )?;
+        Ok((storage, halved(l1)))
+    }
+}
+
+impl CustomOp2 for SwiGluGradient {
+    fn name(&self) -> &'static str {
+        "swiglu-gradient"
     }
 
     fn cpu_fwd(
@@ -188,13 +256,30 @@ impl CustomOp2 for SwiGlu {
             s2: &CpuStorage,
             l2: &Layout,
         ) -> Result<CpuStorage> {
-            elementwise("swiglu", &[l1, l2])?;
-            let (gate, up) = (contiguous::<T>(s1, l1)?, contiguous::<T>(s2, l2)?);
-            let out: Vec<T> = gate
-                .par_iter()
-                .zip(up)
-                .map(|(&g, &u)| T::narrow(swiglu_parts(g.widen(), u.widen()).0))
-                .collect();
+            let (_, columns) = gate_up_shape("swiglu gradient", l1, Some(l2))?;
+            let (gate_up, grad) = (contiguous::<T>(s1, l1)?, contiguous::<T>(s2, l2)?);
+            let mut out = vec![T::zero(); gate_up.len()];
+            out.par_chunks_mut(2 * columns)
+                .zip(
+                    gate_up
+                        .par_chunks(2 * columns)
+                        .zip(grad.par_chunks(columns)),
+                )
+                .for_each(|(out, (gate_up, grad))| {
+                    let (d_gate, d_up) = out.split_at_mut(columns);
+                    let (gate, up) = gate_up.split_at(columns);
+                    for ((dg, du), ((&g, &u), &d)) in d_gate
+                        .iter_mut()
+                        .zip(d_up)
+                        .zip(gate.iter().zip(up).zip(grad))
+                    {
+                        let (g, u, d) = (g.widen(), u.widen(), d.widen());
+                        let (_, sigmoid) = swiglu_parts(g, u);
+                        let one = T::Wide::one();
+                        *dg = T::narrow(d * u * sigmoid * (one + g * (one - sigmoid)));
+                        *du = T::narrow(d * g * sigmoid);
+                    }
+                });
             Ok(T::to_cpu_storage_owned(out))
         }
         Ok((
@@ -211,91 +296,17 @@ impl CustomOp2 for SwiGlu {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (rows, columns) = elementwise("swiglu", &[l1, l2])?;
-        let dtype = s1.dtype();
-        let storage = cuda::launch(
-            "swiglu",
-            rows,
-            &[(s1, l1, dtype), (s2, l2, dtype)],
-            (dtype, rows * columns),
-            &[columns],
-            &[],
-        )?;
-        Ok((storage, l1.shape().clone()))
-    }
-}
-
-impl CustomOp3 for SwiGluGradient {
-    fn name(&self) -> &'static str {
-        "swiglu-gradient"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        #[allow(clippy::too_many_arguments)]
-        fn run<T: Element>(
-            s1: &CpuStorage,
-            l1: &Layout,
-            s2: &CpuStorage,
-            l2: &Layout,
-            s3: &CpuStorage,
-            l3: &Layout,
-        ) -> Result<CpuStorage> {
-            elementwise("swiglu gradient", &[l1, l2, l3])?;
-            let (gate, up, grad) = (
-                contiguous::<T>(s1, l1)?,
-                contiguous::<T>(s2, l2)?,
-                contiguous::<T>(s3, l3)?,
-            );
-            let mut out = vec![T::zero(); 2 * gate.len()];
-            let (d_gate, d_up) = out.split_at_mut(gate.len());
-            d_gate
-                .par_iter_mut()
-                .zip(d_up.par_iter_mut())
-                .zip(gate.par_iter().zip(up).zip(grad))
-                .for_each(|((dg, du), ((&g, &u), &d))| {
-                    let (g, u, d) = (g.widen(), u.widen(), d.widen());
-                    let (_, sigmoid) = swiglu_parts(g, u);
-                    let one = T::Wide::one();
-                    *dg = T::narrow(d * u * sigmoid * (one + g * (one - sigmoid)));
-                    *du = T::narrow(d * g * sigmoid);
-                });
-            Ok(T::to_cpu_storage_owned(out))
-        }
-        Ok((
-            for_float_dtype!(s1.dtype(), run(s1, l1, s2, l2, s3, l3))?,
-            stacked_shape(2, l1),
-        ))
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-        s3: &candle_core::CudaStorage,
-        l3: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (rows, columns) = elementwise("swiglu gradient", &[l1, l2, l3])?;
+        let (rows, columns) = gate_up_shape("swiglu gradient", l1, Some(l2))?;
         let dtype = s1.dtype();
         let storage = cuda::launch(
             "swiglu_gradient",
             rows,
-            &[(s1, l1, dtype), (s2, l2, dtype), (s3, l3, dtype)],
+            &[(s1, l1, dtype), (s2, l2, dtype)],
             (dtype, 2 * rows * columns),
-            &[columns, rows],
+            &[columns],
             &[],
         )?;
-        Ok((storage, stacked_shape(2, l1)))
+        Ok((storage, l1.shape().clone()))
     }
 }
 

@@ -32,8 +32,9 @@ struct Layer {
     v: Tensor,
     o: Tensor,
     ffn_norm: Tensor,
-    gate: Tensor,
-    up: Tensor,
+    /// The MLP's gate and up projections stacked, `[2·intermediate, hidden]`: one product makes
+    /// both, and one takes their gradients back.
+    gate_up: Tensor,
     down: Tensor,
 }
 
@@ -49,9 +50,8 @@ struct Saved {
     v: Tensor,
     out: Tensor,
     attention: AttentionSaved,
-    /// The MLP's projections before the gate.
-    gate: Tensor,
-    up: Tensor,
+    /// The MLP's projections before the gate, each row's gate then its up.
+    gate_up: Tensor,
 }
 
 /// Per layer, keys and values `[kv_heads, P, head_dim]` placed before the input.
@@ -185,8 +185,13 @@ impl Llama {
                 v: tensor(&name("attn_v"), &[kv, hidden])?,
                 o: tensor(&name("attn_output"), &[hidden, q])?,
                 ffn_norm: tensor(&name("ffn_norm"), &[hidden])?,
-                gate: tensor(&name("ffn_gate"), &[inter, hidden])?,
-                up: tensor(&name("ffn_up"), &[inter, hidden])?,
+                gate_up: Tensor::cat(
+                    &[
+                        tensor(&name("ffn_gate"), &[inter, hidden])?,
+                        tensor(&name("ffn_up"), &[inter, hidden])?,
+                    ],
+                    0,
+                )?,
                 down: tensor(&name("ffn_down"), &[hidden, inter])?,
             });
         }
@@ -230,8 +235,13 @@ impl Llama {
                 v: vb.get((kv * hd, hidden), "self_attn.v_proj.weight")?,
                 o: vb.get((hidden, heads * hd), "self_attn.o_proj.weight")?,
                 ffn_norm: vb.get(hidden, "post_attention_layernorm.weight")?,
-                gate: vb.get((inter, hidden), "mlp.gate_proj.weight")?,
-                up: vb.get((inter, hidden), "mlp.up_proj.weight")?,
+                gate_up: Tensor::cat(
+                    &[
+                        vb.get((inter, hidden), "mlp.gate_proj.weight")?,
+                        vb.get((inter, hidden), "mlp.up_proj.weight")?,
+                    ],
+                    0,
+                )?,
                 down: vb.get((hidden, inter), "mlp.down_proj.weight")?,
             });
         }
@@ -271,8 +281,7 @@ impl Llama {
                 v: matrix(config.kv_heads * hd, hidden)?,
                 o: matrix(hidden, config.heads * hd)?,
                 ffn_norm: Tensor::ones(hidden, dtype, device)?,
-                gate: matrix(config.intermediate, hidden)?,
-                up: matrix(config.intermediate, hidden)?,
+                gate_up: matrix(2 * config.intermediate, hidden)?,
                 down: matrix(hidden, config.intermediate)?,
             });
         }
@@ -323,7 +332,12 @@ impl Llama {
         named.insert("model.embed_tokens.weight".to_owned(), self.embed.clone());
         named.insert("model.norm.weight".to_owned(), self.norm.clone());
         named.insert("lm_head.weight".to_owned(), self.output_weight().clone());
+        let inter = self.config.intermediate;
         for (i, layer) in self.layers.iter().enumerate() {
+            // Views of the stacked projections (narrowing rows copies nothing).
+            let rows = "the stacked projections hold 2·intermediate rows";
+            let gate = layer.gate_up.narrow(0, 0, inter).expect(rows);
+            let up = layer.gate_up.narrow(0, inter, inter).expect(rows);
             for (name, tensor) in [
                 ("input_layernorm", &layer.attn_norm),
                 ("self_attn.q_proj", &layer.q),
@@ -331,8 +345,8 @@ impl Llama {
                 ("self_attn.v_proj", &layer.v),
                 ("self_attn.o_proj", &layer.o),
                 ("post_attention_layernorm", &layer.ffn_norm),
-                ("mlp.gate_proj", &layer.gate),
-                ("mlp.up_proj", &layer.up),
+                ("mlp.gate_proj", &gate),
+                ("mlp.up_proj", &up),
                 ("mlp.down_proj", &layer.down),
             ] {
                 named.insert(format!("model.layers.{i}.{name}.weight"), tensor.clone());
@@ -418,9 +432,7 @@ impl Llama {
         };
         for (index, (layer, saved)) in self.layers.iter().zip(saved).enumerate().rev() {
             let d_gated = linear_backward(&dx, &layer.down)?;
-            let (d_gate, d_up) = swiglu_backward(&saved.gate, &saved.up, &d_gated)?;
-            let d_h =
-                (linear_backward(&d_gate, &layer.gate)? + linear_backward(&d_up, &layer.up)?)?;
+            let d_h = linear_backward(&swiglu_backward(&saved.gate_up, &d_gated)?, &layer.gate_up)?;
             let d_mid = rms_norm_backward(&saved.mid, &layer.ffn_norm, eps, &d_h, Some(&dx))?;
             // The output projection's input gradient, in attention's layout.
             let d_out = linear_backward(&d_mid, &layer.o)?.reshape((batch, length, heads, hd))?;
@@ -531,8 +543,8 @@ impl Llama {
         let attended = out.reshape((batch, length, heads * hd))?;
         let mid = (&x + linear(&attended, &layer.o)?)?;
         let h = self.rms_norm(&mid, &layer.ffn_norm)?;
-        let (gate, up) = (linear(&h, &layer.gate)?, linear(&h, &layer.up)?);
-        let y = (&mid + linear(&swiglu(&gate, &up)?, &layer.down)?)?;
+        let gate_up = linear(&h, &layer.gate_up)?;
+        let y = (&mid + linear(&swiglu(&gate_up)?, &layer.down)?)?;
         if let Some(saved) = saved {
             saved.push(Saved {
                 x,
@@ -542,8 +554,7 @@ impl Llama {
                 out,
                 attention,
                 mid,
-                gate,
-                up,
+                gate_up,
             });
         }
         Ok(y)

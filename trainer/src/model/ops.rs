@@ -47,20 +47,18 @@ pub fn rms_norm_backward(
         .apply_op2_no_bwd(&grad.contiguous()?, &gradient)
 }
 
-/// The MLP's gate `silu(gate)·up` of two tensors of one shape.
-pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-    gate.contiguous()?
-        .apply_op2_no_bwd(&up.contiguous()?, &SwiGlu)
+/// The MLP's gate `silu(gate)·up` of `gate_up` `[.., 2·I]`, each row's gate then its up (one
+/// projection makes both): `[.., I]`.
+pub fn swiglu(gate_up: &Tensor) -> Result<Tensor> {
+    gate_up.contiguous()?.apply_op1_no_bwd(&SwiGlu)
 }
 
-/// [`swiglu`]'s gradients (gate's, up's) given its output's, `grad`.
-pub fn swiglu_backward(gate: &Tensor, up: &Tensor, grad: &Tensor) -> Result<(Tensor, Tensor)> {
-    let both = gate.contiguous()?.apply_op3_no_bwd(
-        &up.contiguous()?,
-        &grad.contiguous()?,
-        &SwiGluGradient,
-    )?;
-    Ok((both.get(0)?, both.get(1)?))
+/// [`swiglu`]'s gradient given its output's, `grad` `[.., I]`: `[.., 2·I]`, laid out as
+/// `gate_up` (so that one product takes it back through the projection that made both).
+pub fn swiglu_backward(gate_up: &Tensor, grad: &Tensor) -> Result<Tensor> {
+    gate_up
+        .contiguous()?
+        .apply_op2_no_bwd(&grad.contiguous()?, &SwiGluGradient)
 }
 
 /// Rotates `x` `[B, L, heads, head_dim]` (half-split pairs; the projections' layout) by
@@ -499,22 +497,22 @@ pub(super) mod tests {
     #[test]
     fn swiglu_matches_the_composed_form() -> Result<()> {
         let device = device()?;
-        // Gates from -40 to 40: silu's tails, where exp(-g) overflows or vanishes.
+        // Gates from -40 to 40: silu's tails, where exp(-g) overflows or vanishes; each row's
+        // gate, then its up.
         let gate = Tensor::arange(-40f32, 40.0, &device)?.reshape((4, 20))?;
         let up = Tensor::randn(0f32, 1.0, (4, 20), &device)?;
-        let composed = |g: &Tensor, u: &Tensor| candle_nn::ops::silu(g)?.mul(u);
+        let gate_up = Tensor::cat(&[&gate, &up], 1)?;
         check(
-            |g| swiglu(g, &up),
-            |g, grad| Ok(swiglu_backward(g, &up, grad)?.0),
-            |g| composed(g, &up),
-            &gate,
+            swiglu,
+            swiglu_backward,
+            |x| candle_nn::ops::silu(&x.narrow(1, 0, 20)?)?.mul(&x.narrow(1, 20, 20)?),
+            &gate_up,
         )?;
-        check(
-            |u| swiglu(&gate, u),
-            |u, grad| Ok(swiglu_backward(&gate, u, grad)?.1),
-            |u| composed(&gate, u),
-            &up,
-        )
+        let error = swiglu(&Tensor::zeros((2, 5), DType::F32, &device)?)
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("a gate then an up"), "{error}");
+        Ok(())
     }
 
     #[test]
