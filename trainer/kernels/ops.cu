@@ -3,8 +3,9 @@
 // several times: attention's masked softmax and its gradient (the broadcast mask add, softmax,
 // casts and broadcast subtract took 33 ms a layer at the benchmark's size on an H200, against
 // about 1 ms of memory traffic), the distillation loss over the vocabulary with its gradient,
-// RMSNorm's gradient (ten composed ops on f32 copies), and the gradient of selecting rows. One
-// block per row; sums in f32 (f64 for f64). Attention in tiles, which replaces the softmax's two
+// RMSNorm's gradient (ten composed ops on f32 copies) with the residual gradient added, the
+// MLP's gate, the rotary embedding of the stacked projections' output, each with its gradient,
+// and the gradient of selecting rows. One block per row; sums in f32 (f64 for f64). Attention in tiles, which replaces the softmax's two
 // where it applies, is in attention.cuh (included at the end: one module).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -146,7 +147,8 @@ template <typename T> struct __align__(16) Pack {
 
 // Whether rows of `columns` at x (and y) are read (and written) a Pack at a time: aligned, and
 // whole Packs a row.
-template <typename T> __device__ __forceinline__ bool packed(const T *x, const T *y, uint32_t columns) {
+template <typename T>
+__device__ __forceinline__ bool packed(const T *x, const T *y, uint32_t columns) {
   return columns % Pack<T>::N == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0 &&
          reinterpret_cast<uintptr_t>(y) % 16 == 0;
 }
@@ -379,6 +381,45 @@ __device__ void swiglu_gradient(const T *__restrict__ gate_up, const T *__restri
   }
 }
 
+// The rotary embedding of a position's queries and keys, and a copy of its values, between the
+// two layouts of a row (block `row` = sequence · length + position): `stacked`, one projection's
+// output `[rows, (heads + 2 kv_heads) · dim]`, and `split`, the queries `[rows, heads, dim]`,
+// the keys and the values `[rows, kv_heads, dim]` apart (as attention takes them). Forward
+// (stacked to split, sign 1) rotates each head's pairs (x[i], x[i + half]) by the position's
+// angles, cos and sin `[rows, half]`; backward (split to stacked, sign -1) by their opposite,
+// which is the rotation's transpose. One pass where rotating the queries and the keys apart,
+// then adding their gradients back through three projections, crossed them four times.
+template <typename T>
+__device__ void rope_qkv(const T *__restrict__ q, const T *__restrict__ k,
+                         const T *__restrict__ v, T *__restrict__ q_out, T *__restrict__ k_out,
+                         T *__restrict__ v_out, bool forward, const T *__restrict__ cos,
+                         const T *__restrict__ sin, uint32_t heads, uint32_t kv_heads,
+                         uint32_t half) {
+  typedef typename Wide<T>::type A;
+  const size_t row = blockIdx.x;
+  const uint32_t dim = 2 * half, stacked = (heads + 2 * kv_heads) * dim;
+  // Elements a row of each part, in, then out.
+  const uint32_t query_in = forward ? stacked : heads * dim;
+  const uint32_t key_in = forward ? stacked : kv_heads * dim;
+  const uint32_t query_out = forward ? heads * dim : stacked;
+  const uint32_t key_out = forward ? kv_heads * dim : stacked;
+  const A sign = forward ? (A)1 : (A)-1;
+  for (uint32_t x = threadIdx.x; x < (heads + kv_heads) * half; x += THREADS) {
+    const uint32_t h = x / half, i = x % half;
+    const bool query = h < heads;
+    const T *__restrict__ from = query ? q + row * query_in + h * dim
+                                       : k + row * key_in + (h - heads) * dim;
+    T *__restrict__ to = query ? q_out + row * query_out + h * dim
+                               : k_out + row * key_out + (h - heads) * dim;
+    const A c = widen(cos[row * half + i]), s = sign * (A)widen(sin[row * half + i]);
+    const A a = widen(from[i]), b = widen(from[i + half]);
+    store(&to[i], a * c - b * s);
+    store(&to[i + half], a * s + b * c);
+  }
+  for (uint32_t j = threadIdx.x; j < kv_heads * dim; j += THREADS)
+    v_out[row * key_out + j] = v[row * key_in + j];
+}
+
 // One Adam step: param, its gradient and its moments `[2, rows, columns]` (first, second) give
 // `[3, rows, columns]`, the new param then the new moments.
 template <typename T>
@@ -447,6 +488,22 @@ __device__ void adam_step(const T *__restrict__ param, const T *__restrict__ gra
       const T *__restrict__ gate_up, const T *__restrict__ grad, T *__restrict__ out,              \
       uint32_t columns) {                                                                          \
     swiglu_gradient<T>(gate_up, grad, out, columns);                                               \
+  }                                                                                                \
+  extern "C" __global__ void __launch_bounds__(THREADS) rope_qkv_##NAME(                           \
+      const T *__restrict__ qkv, const T *__restrict__ cos, const T *__restrict__ sin,             \
+      T *__restrict__ out, uint32_t heads, uint32_t kv_heads, uint32_t half, uint32_t rows) {      \
+    const size_t dim = 2 * half, queries = (size_t)rows * heads * dim;                             \
+    rope_qkv<T>(qkv, qkv + heads * dim, qkv + (heads + kv_heads) * dim, out, out + queries,        \
+                out + queries + (size_t)rows * kv_heads * dim, true, cos, sin, heads, kv_heads,    \
+                half);                                                                             \
+  }                                                                                                \
+  extern "C" __global__ void __launch_bounds__(THREADS) rope_qkv_gradient_##NAME(                  \
+      const T *__restrict__ dq, const T *__restrict__ dk, const T *__restrict__ dv,                \
+      const T *__restrict__ cos, const T *__restrict__ sin, T *__restrict__ out, uint32_t heads,   \
+      uint32_t kv_heads, uint32_t half) {                                                          \
+    const size_t dim = 2 * half;                                                                   \
+    rope_qkv<T>(dq, dk, dv, out, out + heads * dim, out + (heads + kv_heads) * dim, false, cos,    \
+                sin, heads, kv_heads, half);                                                       \
   }                                                                                                \
   extern "C" __global__ void __launch_bounds__(THREADS) adam_step_##NAME(                          \
       const T *__restrict__ param, const T *__restrict__ grad, const T *__restrict__ moments,      \

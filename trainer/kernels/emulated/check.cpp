@@ -255,6 +255,65 @@ void swiglu_case(void (*forward)(const T *, T *, uint32_t),
   check(what, gradient_error, tol);
 }
 
+// The rotary embedding of stacked queries, keys and values (SmolLM2's 9 query heads, 3 key
+// heads, 64 dimensions: more pairs a row than a block has threads), against the rotation in
+// double precision, and its gradient as the rotation back of given gradients.
+template <typename T>
+void rope_qkv_case(void (*forward)(const T *, const T *, const T *, T *, uint32_t, uint32_t,
+                                   uint32_t, uint32_t),
+                   void (*backward)(const T *, const T *, const T *, const T *, const T *, T *,
+                                    uint32_t, uint32_t, uint32_t),
+                   double tol, const char *name) {
+  const int rows = 5, heads = 9, kv_heads = 3, half = 32, dim = 2 * half;
+  const int width = (heads + 2 * kv_heads) * dim, n = rows * width;
+  std::vector<T> qkv(n), cos(rows * half), sin(rows * half), out = unset<T>(n),
+      grads(n), back_out = unset<T>(n);
+  for (auto &x : qkv)
+    x = cast<T>(randn());
+  for (auto &x : grads)
+    x = cast<T>(randn());
+  for (int i = 0; i < rows * half; i++) {
+    const double angle = 3 * randn();
+    cos[i] = cast<T>(std::cos(angle));
+    sin[i] = cast<T>(std::sin(angle));
+  }
+  launch(rows, [&] {
+    forward(qkv.data(), cos.data(), sin.data(), out.data(), heads, kv_heads, half, rows);
+  });
+  // The split layout: queries, keys, values, each [rows, its heads, dim].
+  const auto split = [&](int r, int h, int d) {
+    return h < heads ? (r * heads + h) * dim + d
+                     : rows * heads * dim + (h < heads + kv_heads ? 0 : rows * kv_heads * dim) +
+                           (r * kv_heads + (h - heads) % kv_heads) * dim + d;
+  };
+  const T *g = grads.data();
+  launch(rows, [&] {
+    backward(g, g + rows * heads * dim, g + rows * (heads + kv_heads) * dim, cos.data(),
+             sin.data(), back_out.data(), heads, kv_heads, half);
+  });
+  double error = 0, gradient_error = 0;
+  for (int r = 0; r < rows; r++)
+    for (int h = 0; h < heads + 2 * kv_heads; h++)
+      for (int d = 0; d < dim; d++) {
+        const int i = d % half, stacked = r * width + h * dim;
+        const bool rotated = h < heads + kv_heads;
+        const double c = rotated ? back(cos[r * half + i]) : 1,
+                     s = rotated ? back(sin[r * half + i]) : 0;
+        // Pair (a, b) of the stacked row, and of the gradients in the split layout.
+        const double a = back(qkv[stacked + i]), b = back(qkv[stacked + i + half]);
+        const double want = d < half ? a * c - b * s : a * s + b * c;
+        error = worst(error, std::fabs(back(out[split(r, h, d)]) - want));
+        const double ga = back(g[split(r, h, i)]), gb = back(g[split(r, h, i + half)]);
+        const double back_want = d < half ? ga * c + gb * s : -ga * s + gb * c;
+        gradient_error = worst(gradient_error, std::fabs(back(back_out[stacked + d]) - back_want));
+      }
+  char what[100];
+  snprintf(what, 100, "%s", name);
+  check(what, error, tol);
+  snprintf(what, 100, "%s: gradient", name);
+  check(what, gradient_error, tol);
+}
+
 // One Adam step against the same arithmetic in double precision (f32 only: the trainer keeps the
 // cartridge and its moments in f32).
 void adam_case() {
@@ -537,6 +596,9 @@ int main() {
   swiglu_case<__nv_bfloat16>(swiglu_bf16, swiglu_gradient_bf16, 8e-3, "swiglu_bf16");
   swiglu_case<__half>(swiglu_f16, swiglu_gradient_f16, 1e-3, "swiglu_f16");
   adam_case();
+  rope_qkv_case<float>(rope_qkv_f32, rope_qkv_gradient_f32, 1e-6, "rope_qkv_f32");
+  rope_qkv_case<__nv_bfloat16>(rope_qkv_bf16, rope_qkv_gradient_bf16, 3e-2, "rope_qkv_bf16");
+  rope_qkv_case<__half>(rope_qkv_f16, rope_qkv_gradient_f16, 4e-3, "rope_qkv_f16");
   place_rows_case<float>(place_rows_f32, "place_rows_f32");
   place_rows_case<__nv_bfloat16>(place_rows_bf16, "place_rows_bf16");
   place_rows_case<__half>(place_rows_f16, "place_rows_f16");

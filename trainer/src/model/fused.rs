@@ -1,6 +1,7 @@
 //! The fused ops behind [`super::ops`]: each one pass over large matrices that the composed
 //! forms crossed several times (attention's masked softmax and its gradient, the loss over the
-//! vocabulary and its gradient, RMSNorm's gradient). Each is a candle custom op with a CPU
+//! vocabulary and its gradient, RMSNorm's gradient, the MLP's gate and the rotary embedding with
+//! theirs). Each is a candle custom op with a CPU
 //! implementation here (rayon; sums in f32, f64 for f64) and a kernel of kernels/ops.cu on the
 //! GPU (kernels/emulated runs those on the host for the tests). The gradients are ops of their
 //! own, which ops.rs's backward functions apply.
@@ -307,6 +308,308 @@ impl CustomOp2 for SwiGluGradient {
             &[],
         )?;
         Ok((storage, l1.shape().clone()))
+    }
+}
+
+/// The rotary embedding of the queries and keys of one projection's stacked output `[..,
+/// (heads + 2·kv_heads)·dim]`, and a copy of its values, to the queries `[.., heads, dim]`, the
+/// keys and the values `[.., kv_heads, dim]`, one after another in one buffer (flat): each pair
+/// `(x[i], x[i + dim/2])` of a head rotated by its position's angles, given as `cos` and `sin`
+/// `[.., dim/2]`, in one pass (kernels/ops.cu on the GPU).
+pub(super) struct RopeQkv {
+    pub(super) heads: usize,
+    pub(super) kv_heads: usize,
+    pub(super) cos: Tensor,
+    pub(super) sin: Tensor,
+}
+
+/// [`RopeQkv`]'s input gradient given its outputs' (the queries', the keys', the values'),
+/// stacked as its input: the rotation back, in one pass.
+pub(super) struct RopeQkvGradient {
+    pub(super) cos: Tensor,
+    pub(super) sin: Tensor,
+}
+
+/// A [`RopeQkv`]'s rows (positions), heads and pairs a head.
+#[derive(Clone, Copy, Debug)]
+struct RopeSizes {
+    rows: usize,
+    heads: usize,
+    kv_heads: usize,
+    half: usize,
+}
+
+impl RopeSizes {
+    /// Of stacked projections `[.., (heads + 2·kv_heads)·dim]` and angles `[.., dim/2]`.
+    fn stacked(qkv: &Layout, (heads, kv_heads): (usize, usize), angles: &Tensor) -> Result<Self> {
+        let half = angles.dims().last().copied().unwrap_or(0);
+        let width = (heads + 2 * kv_heads) * 2 * half;
+        let rows = qkv.shape().elem_count() / width.max(1);
+        let sizes = Self {
+            rows,
+            heads,
+            kv_heads,
+            half,
+        };
+        if width == 0 || qkv.dims().last() != Some(&width) || angles.elem_count() != rows * half {
+            candle_core::bail!(
+                "rotary embedding: {heads} query and {kv_heads} key heads of {:?} at angles {:?}",
+                qkv.shape(),
+                angles.shape()
+            );
+        }
+        Ok(sizes)
+    }
+
+    /// Of queries `[.., heads, dim]`, keys and values `[.., kv_heads, dim]` and angles `[..,
+    /// dim/2]`.
+    fn split(parts: [&Layout; 3], angles: &Tensor) -> Result<Self> {
+        let [q, k, v] = parts.map(|l| l.dims());
+        let heads_of = |dims: &[usize]| match dims {
+            [leading @ .., heads, dim] => Some((leading.iter().product::<usize>(), *heads, *dim)),
+            _ => None,
+        };
+        let half = angles.dims().last().copied().unwrap_or(0);
+        match (heads_of(q), heads_of(k)) {
+            (Some((rows, heads, dim)), Some((key_rows, kv_heads, key_dim)))
+                if half > 0
+                    && dim == 2 * half
+                    && key_dim == dim
+                    && key_rows == rows
+                    && v == k
+                    && angles.elem_count() == rows * half =>
+            {
+                Ok(Self {
+                    rows,
+                    heads,
+                    kv_heads,
+                    half,
+                })
+            }
+            _ => candle_core::bail!(
+                "rotary embedding's gradient: queries' {q:?}, keys' {k:?} and values' {v:?} at \
+                 angles {:?}",
+                angles.shape()
+            ),
+        }
+    }
+
+    fn dim(&self) -> usize {
+        2 * self.half
+    }
+
+    /// Elements a row of the stacked projections.
+    fn stacked_width(&self) -> usize {
+        (self.heads + 2 * self.kv_heads) * self.dim()
+    }
+}
+
+/// One row's rotation (the kernel's arithmetic, in `T::Wide`): the queries and keys of `from`,
+/// each head's pairs by the angles `cos` and `sign`·`sin`, into `to`, and the values copied.
+fn rope_row<T: Element>(
+    from: [&[T]; 3],
+    to: [&mut [T]; 3],
+    (cos, sin): (&[T], &[T]),
+    dim: usize,
+    sign: T::Wide,
+) {
+    let half = dim / 2;
+    let [q, k, v] = from;
+    let [q_out, k_out, v_out] = to;
+    let heads = q.chunks(dim).zip(q_out.chunks_mut(dim));
+    for (x, y) in heads.chain(k.chunks(dim).zip(k_out.chunks_mut(dim))) {
+        for i in 0..half {
+            let (c, s) = (cos[i].widen(), sign * sin[i].widen());
+            let (a, b) = (x[i].widen(), x[i + half].widen());
+            y[i] = T::narrow(a * c - b * s);
+            y[i + half] = T::narrow(a * s + b * c);
+        }
+    }
+    v_out.copy_from_slice(v);
+}
+
+/// The angles in host memory, contiguous.
+fn host_angles<T: Element>(
+    cos: &Tensor,
+    sin: &Tensor,
+    run: impl FnOnce(&[T], &[T]) -> Result<CpuStorage>,
+) -> Result<CpuStorage> {
+    let (c, cos_layout) = cos.storage_and_layout();
+    let (s, sin_layout) = sin.storage_and_layout();
+    let (Storage::Cpu(c), Storage::Cpu(s)) = (&*c, &*s) else {
+        candle_core::bail!("rotary embedding: the angles are not in host memory");
+    };
+    run(
+        contiguous::<T>(c, cos_layout)?,
+        contiguous::<T>(s, sin_layout)?,
+    )
+}
+
+/// The angles on the GPU.
+#[cfg(feature = "cuda")]
+fn with_gpu_angles<R>(
+    cos: &Tensor,
+    sin: &Tensor,
+    run: impl FnOnce(
+        (&candle_core::CudaStorage, &Layout),
+        (&candle_core::CudaStorage, &Layout),
+    ) -> Result<R>,
+) -> Result<R> {
+    let (c, cos_layout) = cos.storage_and_layout();
+    let (s, sin_layout) = sin.storage_and_layout();
+    let (Storage::Cuda(c), Storage::Cuda(s)) = (&*c, &*s) else {
+        candle_core::bail!("rotary embedding: the angles are not on the GPU");
+    };
+    run((c, cos_layout), (s, sin_layout))
+}
+
+impl CustomOp1 for RopeQkv {
+    fn name(&self) -> &'static str {
+        "rope-qkv"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout) -> Result<(CpuStorage, Shape)> {
+        fn run<T: Element>(this: &RopeQkv, s1: &CpuStorage, l1: &Layout) -> Result<CpuStorage> {
+            let sizes = RopeSizes::stacked(l1, (this.heads, this.kv_heads), &this.cos)?;
+            let qkv = contiguous::<T>(s1, l1)?;
+            let (dim, rows) = (sizes.dim(), sizes.rows);
+            let (query_width, key_width) = (sizes.heads * dim, sizes.kv_heads * dim);
+            host_angles::<T>(&this.cos, &this.sin, |cos, sin| {
+                let mut out = vec![T::zero(); qkv.len()];
+                let (q_out, rest) = out.split_at_mut(rows * query_width);
+                let (k_out, v_out) = rest.split_at_mut(rows * key_width);
+                q_out
+                    .par_chunks_mut(query_width)
+                    .zip(k_out.par_chunks_mut(key_width))
+                    .zip(v_out.par_chunks_mut(key_width))
+                    .zip(qkv.par_chunks(sizes.stacked_width()))
+                    .zip(cos.par_chunks(sizes.half).zip(sin.par_chunks(sizes.half)))
+                    .for_each(|((((q, k), v), row), angles)| {
+                        let (rq, rest) = row.split_at(query_width);
+                        let (rk, rv) = rest.split_at(key_width);
+                        rope_row([rq, rk, rv], [q, k, v], angles, dim, T::Wide::one());
+                    });
+                Ok(T::to_cpu_storage_owned(out))
+            })
+        }
+        Ok((
+            for_float_dtype!(s1.dtype(), run(self, s1, l1))?,
+            Shape::from(l1.shape().elem_count()),
+        ))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let sizes = RopeSizes::stacked(l1, (self.heads, self.kv_heads), &self.cos)?;
+        let dtype = s1.dtype();
+        let storage = with_gpu_angles(&self.cos, &self.sin, |(c, cl), (s, sl)| {
+            cuda::launch(
+                "rope_qkv",
+                sizes.rows,
+                &[(s1, l1, dtype), (c, cl, dtype), (s, sl, dtype)],
+                (dtype, l1.shape().elem_count()),
+                &[sizes.heads, sizes.kv_heads, sizes.half, sizes.rows],
+                &[],
+            )
+        })?;
+        Ok((storage, Shape::from(l1.shape().elem_count())))
+    }
+}
+
+/// `[.., (heads + 2·kv_heads)·dim]` for queries of `[.., heads, dim]`.
+fn stacked_shape_of(q: &Layout, sizes: RopeSizes) -> Shape {
+    let dims = q.dims();
+    let mut stacked = dims[..dims.len() - 2].to_vec();
+    stacked.push(sizes.stacked_width());
+    Shape::from(stacked)
+}
+
+impl CustomOp3 for RopeQkvGradient {
+    fn name(&self) -> &'static str {
+        "rope-qkv-gradient"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        #[allow(clippy::too_many_arguments)]
+        fn run<T: Element>(
+            this: &RopeQkvGradient,
+            s1: &CpuStorage,
+            l1: &Layout,
+            s2: &CpuStorage,
+            l2: &Layout,
+            s3: &CpuStorage,
+            l3: &Layout,
+        ) -> Result<CpuStorage> {
+            let sizes = RopeSizes::split([l1, l2, l3], &this.cos)?;
+            let (dq, dk, dv) = (
+                contiguous::<T>(s1, l1)?,
+                contiguous::<T>(s2, l2)?,
+                contiguous::<T>(s3, l3)?,
+            );
+            let dim = sizes.dim();
+            let (query_width, key_width) = (sizes.heads * dim, sizes.kv_heads * dim);
+            host_angles::<T>(&this.cos, &this.sin, |cos, sin| {
+                let mut out = vec![T::zero(); sizes.rows * sizes.stacked_width()];
+                out.par_chunks_mut(sizes.stacked_width())
+                    .zip(dq.par_chunks(query_width))
+                    .zip(dk.par_chunks(key_width).zip(dv.par_chunks(key_width)))
+                    .zip(cos.par_chunks(sizes.half).zip(sin.par_chunks(sizes.half)))
+                    .for_each(|(((row, q), (k, v)), angles)| {
+                        let (rq, rest) = row.split_at_mut(query_width);
+                        let (rk, rv) = rest.split_at_mut(key_width);
+                        rope_row([q, k, v], [rq, rk, rv], angles, dim, -T::Wide::one());
+                    });
+                Ok(T::to_cpu_storage_owned(out))
+            })
+        }
+        let sizes = RopeSizes::split([l1, l2, l3], &self.cos)?;
+        Ok((
+            for_float_dtype!(s1.dtype(), run(self, s1, l1, s2, l2, s3, l3))?,
+            stacked_shape_of(l1, sizes),
+        ))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let sizes = RopeSizes::split([l1, l2, l3], &self.cos)?;
+        let dtype = s1.dtype();
+        let storage = with_gpu_angles(&self.cos, &self.sin, |(c, cl), (s, sl)| {
+            cuda::launch(
+                "rope_qkv_gradient",
+                sizes.rows,
+                &[
+                    (s1, l1, dtype),
+                    (s2, l2, dtype),
+                    (s3, l3, dtype),
+                    (c, cl, dtype),
+                    (s, sl, dtype),
+                ],
+                (dtype, sizes.rows * sizes.stacked_width()),
+                &[sizes.heads, sizes.kv_heads, sizes.half],
+                &[],
+            )
+        })?;
+        Ok((storage, stacked_shape_of(l1, sizes)))
     }
 }
 

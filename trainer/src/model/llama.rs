@@ -21,15 +21,15 @@ use super::config::{Config, read_gguf};
 use super::mask::Mask;
 use super::ops::{
     AttentionSaved, Keys, attention_backward, attention_forward, linear, linear_backward, rms_norm,
-    rms_norm_backward, rope, rope_backward, swiglu, swiglu_backward,
+    rms_norm_backward, rope_qkv, rope_qkv_backward, swiglu, swiglu_backward,
 };
 use crate::error::{Error, Result};
 
 struct Layer {
     attn_norm: Tensor,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
+    /// The query, key and value projections stacked, `[(heads + 2·kv_heads)·head_dim,
+    /// hidden]`: one product makes all three, and one takes their gradients back.
+    qkv: Tensor,
     o: Tensor,
     ffn_norm: Tensor,
     /// The MLP's gate and up projections stacked, `[2·intermediate, hidden]`: one product makes
@@ -180,9 +180,14 @@ impl Llama {
             let inter = config.intermediate;
             layers.push(Layer {
                 attn_norm: tensor(&name("attn_norm"), &[hidden])?,
-                q: unpermute(tensor(&name("attn_q"), &[q, hidden])?, config.heads)?,
-                k: unpermute(tensor(&name("attn_k"), &[kv, hidden])?, config.kv_heads)?,
-                v: tensor(&name("attn_v"), &[kv, hidden])?,
+                qkv: Tensor::cat(
+                    &[
+                        unpermute(tensor(&name("attn_q"), &[q, hidden])?, config.heads)?,
+                        unpermute(tensor(&name("attn_k"), &[kv, hidden])?, config.kv_heads)?,
+                        tensor(&name("attn_v"), &[kv, hidden])?,
+                    ],
+                    0,
+                )?,
                 o: tensor(&name("attn_output"), &[hidden, q])?,
                 ffn_norm: tensor(&name("ffn_norm"), &[hidden])?,
                 gate_up: Tensor::cat(
@@ -230,9 +235,14 @@ impl Llama {
             let vb = vb.pp(format!("model.layers.{i}"));
             layers.push(Layer {
                 attn_norm: vb.get(hidden, "input_layernorm.weight")?,
-                q: vb.get((heads * hd, hidden), "self_attn.q_proj.weight")?,
-                k: vb.get((kv * hd, hidden), "self_attn.k_proj.weight")?,
-                v: vb.get((kv * hd, hidden), "self_attn.v_proj.weight")?,
+                qkv: Tensor::cat(
+                    &[
+                        vb.get((heads * hd, hidden), "self_attn.q_proj.weight")?,
+                        vb.get((kv * hd, hidden), "self_attn.k_proj.weight")?,
+                        vb.get((kv * hd, hidden), "self_attn.v_proj.weight")?,
+                    ],
+                    0,
+                )?,
                 o: vb.get((hidden, heads * hd), "self_attn.o_proj.weight")?,
                 ffn_norm: vb.get(hidden, "post_attention_layernorm.weight")?,
                 gate_up: Tensor::cat(
@@ -276,9 +286,7 @@ impl Llama {
         for _ in 0..config.layers {
             layers.push(Layer {
                 attn_norm: Tensor::ones(hidden, dtype, device)?,
-                q: matrix(config.heads * hd, hidden)?,
-                k: matrix(config.kv_heads * hd, hidden)?,
-                v: matrix(config.kv_heads * hd, hidden)?,
+                qkv: matrix((config.heads + 2 * config.kv_heads) * hd, hidden)?,
                 o: matrix(hidden, config.heads * hd)?,
                 ffn_norm: Tensor::ones(hidden, dtype, device)?,
                 gate_up: matrix(2 * config.intermediate, hidden)?,
@@ -332,17 +340,34 @@ impl Llama {
         named.insert("model.embed_tokens.weight".to_owned(), self.embed.clone());
         named.insert("model.norm.weight".to_owned(), self.norm.clone());
         named.insert("lm_head.weight".to_owned(), self.output_weight().clone());
-        let inter = self.config.intermediate;
+        let config = &self.config;
+        let (queries, keys) = (
+            config.heads * config.head_dim,
+            config.kv_heads * config.head_dim,
+        );
+        let inter = config.intermediate;
         for (i, layer) in self.layers.iter().enumerate() {
-            // Views of the stacked projections (narrowing rows copies nothing).
-            let rows = "the stacked projections hold 2·intermediate rows";
-            let gate = layer.gate_up.narrow(0, 0, inter).expect(rows);
-            let up = layer.gate_up.narrow(0, inter, inter).expect(rows);
+            // Views of the stacked projections (narrowing rows copies nothing); they were
+            // stacked from matrices of these sizes.
+            let rows = |stacked: &Tensor, first: usize, count: usize| {
+                stacked
+                    .narrow(0, first, count)
+                    .expect("stacked projections of the configured sizes")
+            };
+            let (q, k, v) = (
+                rows(&layer.qkv, 0, queries),
+                rows(&layer.qkv, queries, keys),
+                rows(&layer.qkv, queries + keys, keys),
+            );
+            let (gate, up) = (
+                rows(&layer.gate_up, 0, inter),
+                rows(&layer.gate_up, inter, inter),
+            );
             for (name, tensor) in [
                 ("input_layernorm", &layer.attn_norm),
-                ("self_attn.q_proj", &layer.q),
-                ("self_attn.k_proj", &layer.k),
-                ("self_attn.v_proj", &layer.v),
+                ("self_attn.q_proj", &q),
+                ("self_attn.k_proj", &k),
+                ("self_attn.v_proj", &v),
                 ("self_attn.o_proj", &layer.o),
                 ("post_attention_layernorm", &layer.ffn_norm),
                 ("mlp.gate_proj", &gate),
@@ -462,12 +487,9 @@ impl Llama {
             let Some(dq) = dq else {
                 break;
             };
-            // Back through the rotations to the projections' outputs, in their layout.
-            let dq = rope_backward(&dq, &cos, &sin)?.reshape((batch, length, heads * hd))?;
-            let dk = rope_backward(&dk.own, &cos, &sin)?.reshape((batch, length, kv_heads * hd))?;
-            let dv = dv.own.reshape((batch, length, kv_heads * hd))?;
-            let d_h = ((linear_backward(&dq, &layer.q)? + linear_backward(&dk, &layer.k)?)?
-                + linear_backward(&dv, &layer.v)?)?;
+            // Back through the rotations to the stacked projections' output, in its layout.
+            let d_qkv = rope_qkv_backward([&dq, &dk.own, &dv.own], &cos, &sin)?;
+            let d_h = linear_backward(&d_qkv, &layer.qkv)?;
             dx = rms_norm_backward(&saved.x, &layer.attn_norm, eps, &d_h, Some(&d_mid))?;
         }
         gradients.keys.reverse();
@@ -508,12 +530,9 @@ impl Llama {
         let (batch, length, _) = x.dims3()?;
         let (heads, kv_heads, hd) = (config.heads, config.kv_heads, config.head_dim);
         let h = self.rms_norm(&x, &layer.attn_norm)?;
-        // Queries, keys and values keep the projections' layout, `[B, L, heads, head_dim]`, as
+        // Queries, keys and values keep the projection's layout, `[B, L, heads, head_dim]`, as
         // attention's output does: no copies to a heads-first layout and back.
-        let projected = |w: &Tensor, n: usize| linear(&h, w)?.reshape((batch, length, n, hd));
-        let q = rope(&projected(&layer.q, heads)?, cos, sin)?;
-        let k = rope(&projected(&layer.k, kv_heads)?, cos, sin)?;
-        let v = projected(&layer.v, kv_heads)?;
+        let (q, k, v) = rope_qkv(&linear(&h, &layer.qkv)?, (heads, kv_heads), cos, sin)?;
         // Grouped-query attention without copying keys per query head.
         let group = heads / kv_heads;
         let (out, attention) = match context {

@@ -15,8 +15,8 @@ use candle_core::{D, DType, Result, Tensor};
 
 use super::Mask;
 use super::fused::{
-    MaskedSoftmax, PlaceRows, RmsNormGradient, SoftmaxGradient, SwiGlu, SwiGluGradient,
-    TopKCrossEntropy, TopKCrossEntropyGradient,
+    MaskedSoftmax, PlaceRows, RmsNormGradient, RopeQkv, RopeQkvGradient, SoftmaxGradient, SwiGlu,
+    SwiGluGradient, TopKCrossEntropy, TopKCrossEntropyGradient,
 };
 
 /// RMSNorm of `x` `[..., hidden]` with `weight` `[hidden]`.
@@ -61,16 +61,62 @@ pub fn swiglu_backward(gate_up: &Tensor, grad: &Tensor) -> Result<Tensor> {
         .apply_op2_no_bwd(&grad.contiguous()?, &SwiGluGradient)
 }
 
-/// Rotates `x` `[B, L, heads, head_dim]` (half-split pairs; the projections' layout) by
-/// per-token angles given as `cos` and `sin` `[B, L, head_dim/2]`.
-pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    candle_nn::rotary_emb::rope_thd(&x.contiguous()?, cos, sin)
+/// The queries `[B, L, heads, head_dim]`, keys and values `[B, L, kv_heads, head_dim]` of one
+/// projection's output `qkv` `[B, L, (heads + 2·kv_heads)·head_dim]` (its rows stacked the same
+/// way), the queries and keys rotated by per-token angles given as `cos` and `sin` `[B, L,
+/// head_dim/2]` (half-split pairs): each contiguous, in one pass.
+pub fn rope_qkv(
+    qkv: &Tensor,
+    (heads, kv_heads): (usize, usize),
+    cos: &Tensor,
+    sin: &Tensor,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let (batch, length, _) = qkv.dims3()?;
+    let dim = 2 * cos.dim(D::Minus1)?;
+    if sin.shape() != cos.shape() {
+        candle_core::bail!(
+            "rotary embedding: cosines {:?}, sines {:?}",
+            cos.shape(),
+            sin.shape()
+        );
+    }
+    let rope = RopeQkv {
+        heads,
+        kv_heads,
+        cos: cos.contiguous()?,
+        sin: sin.contiguous()?,
+    };
+    // One buffer, the queries then the keys then the values.
+    let all = qkv.contiguous()?.apply_op1_no_bwd(&rope)?;
+    let part = |first: usize, count: usize| {
+        let head = batch * length * dim;
+        all.narrow(0, first * head, count * head)?
+            .reshape((batch, length, count, dim))
+    };
+    Ok((
+        part(0, heads)?,
+        part(heads, kv_heads)?,
+        part(heads + kv_heads, kv_heads)?,
+    ))
 }
 
-/// [`rope`]'s input gradient given its output's, `grad`: a rotation's transpose is the
-/// rotation by the opposite angle.
-pub fn rope_backward(grad: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    rope(grad, cos, &sin.neg()?)
+/// [`rope_qkv`]'s input gradient given its outputs', `dq`, `dk` and `dv`: `[B, L, (heads +
+/// 2·kv_heads)·head_dim]`, as `qkv` (so that one product takes it back through the projection).
+/// A rotation's transpose is the rotation by the opposite angle.
+pub fn rope_qkv_backward([dq, dk, dv]: [&Tensor; 3], cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    if sin.shape() != cos.shape() {
+        candle_core::bail!(
+            "rotary embedding: cosines {:?}, sines {:?}",
+            cos.shape(),
+            sin.shape()
+        );
+    }
+    let gradient = RopeQkvGradient {
+        cos: cos.contiguous()?,
+        sin: sin.contiguous()?,
+    };
+    dq.contiguous()?
+        .apply_op3_no_bwd(&dk.contiguous()?, &dv.contiguous()?, &gradient)
 }
 
 /// Attention's keys, or its values: a cache's whole `[B, kv_heads, T, head_dim]`, or those the
@@ -555,12 +601,15 @@ pub(super) mod tests {
     }
 
     #[test]
-    fn rope_matches_the_composed_form() -> Result<()> {
+    fn rotating_stacked_queries_and_keys_matches_the_composed_form() -> Result<()> {
         let device = device()?;
-        let x = Tensor::randn(0f32, 1.0, (2, 5, 3, 8), &device)?;
+        // Two query heads and one key head (and value head) of 8 dimensions, each position's
+        // stacked.
+        let (heads, kv_heads) = (2, 1);
+        let qkv = Tensor::randn(0f32, 1.0, (2, 5, 4 * 8), &device)?;
         let angles = Tensor::randn(0f32, 3.0, (2, 5, 4), &device)?;
         let (cos, sin) = (angles.cos()?, angles.sin()?);
-        let slow = |x: &Tensor| -> Result<Tensor> {
+        let rotate = |x: &Tensor| -> Result<Tensor> {
             let cos = Tensor::cat(&[&cos, &cos], D::Minus1)?.unsqueeze(2)?;
             let sin = Tensor::cat(&[&sin, &sin], D::Minus1)?.unsqueeze(2)?;
             let rotated = Tensor::cat(
@@ -572,12 +621,34 @@ pub(super) mod tests {
             )?;
             x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?
         };
+        // The three parts flattened one after another.
+        let flat = |[q, k, v]: [&Tensor; 3]| {
+            Tensor::cat(&[q.flatten_all()?, k.flatten_all()?, v.flatten_all()?], 0)
+        };
+        let slow = |qkv: &Tensor| -> Result<Tensor> {
+            let x = qkv.reshape((2, 5, 4, 8))?;
+            let (q, k) = (rotate(&x.narrow(2, 0, 2)?)?, rotate(&x.narrow(2, 2, 1)?)?);
+            flat([&q, &k, &x.narrow(2, 3, 1)?])
+        };
         check(
-            |x| rope(x, &cos, &sin),
-            |_, grad| rope_backward(grad, &cos, &sin),
+            |qkv| {
+                let (q, k, v) = rope_qkv(qkv, (heads, kv_heads), &cos, &sin)?;
+                flat([&q, &k, &v])
+            },
+            |_, grad| {
+                let part = |first: usize, count: usize| {
+                    grad.narrow(0, first * 80, count * 80)?
+                        .reshape((2, 5, count, 8))
+                };
+                let parts = [part(0, 2)?, part(2, 1)?, part(3, 1)?];
+                rope_qkv_backward([&parts[0], &parts[1], &parts[2]], &cos, &sin)
+            },
             slow,
-            &x,
-        )
+            &qkv,
+        )?;
+        let error = rope_qkv(&qkv, (3, 1), &cos, &sin).unwrap_err().to_string();
+        assert!(error.contains("3 query and 1 key heads"), "{error}");
+        Ok(())
     }
 
     /// Attention's output and the gradients of `sum(out·w)` by `q` and the keys and values
