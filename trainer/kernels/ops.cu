@@ -3,10 +3,11 @@
 // several times: attention's masked softmax and its gradient (the broadcast mask add, softmax,
 // casts and broadcast subtract took 33 ms a layer at the benchmark's size on an H200, against
 // about 1 ms of memory traffic), the distillation loss over the vocabulary with its gradient,
-// RMSNorm's gradient (ten composed ops on f32 copies) with the residual gradient added, the
-// MLP's gate, the rotary embedding of the stacked projections' output, each with its gradient,
-// and the gradient of selecting rows. One block per row; sums in f32 (f64 for f64). Attention in tiles, which replaces the softmax's two
-// where it applies, is in attention.cuh (included at the end: one module).
+// a residual connection's add with the RMSNorm after it, RMSNorm's gradient (ten composed ops
+// on f32 copies) with the residual gradient added, the MLP's gate and the rotary embedding of
+// the stacked projections' output, each with its gradient, and the gradient of selecting rows.
+// One block per row; sums in f32 (f64 for f64). Attention in tiles, which replaces the
+// softmax's two where it applies, is in attention.cuh (included at the end: one module).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <math.h>
@@ -295,6 +296,34 @@ template <typename A> __device__ void sum_block(A &a, A &b) {
   b = bs[0];
 }
 
+// A residual connection's sum s = x + residual (rounded to T, as it is kept) and its RMSNorm
+// w * s * (mean(s^2) + eps)^-1/2, per row of `columns`: `out` `[2, rows, columns]`, the sums
+// then the normed rows. One pass where the add and the norm each crossed the rows.
+template <typename T>
+__device__ void add_rms_norm(const T *__restrict__ x, const T *__restrict__ residual,
+                             const T *__restrict__ weight, T *__restrict__ out, uint32_t columns,
+                             uint32_t rows, float eps) {
+  typedef typename Wide<T>::type A;
+  const size_t row = blockIdx.x;
+  const T *__restrict__ a = x + row * columns;
+  const T *__restrict__ b = residual + row * columns;
+  T *__restrict__ sum = out + row * columns;
+  T *__restrict__ normed = out + (size_t)rows * columns + row * columns;
+  A squares = 0, unused = 0;
+#pragma unroll 4
+  for (uint32_t j = threadIdx.x; j < columns; j += THREADS) {
+    store(&sum[j], (A)widen(a[j]) + (A)widen(b[j]));
+    const A v = widen(sum[j]);
+    squares += v * v;
+  }
+  sum_block(squares, unused);
+  const A r = (A)1 / sqrt(squares / (A)columns + (A)eps);
+  // Each thread reads back the sums it wrote.
+#pragma unroll 4
+  for (uint32_t j = threadIdx.x; j < columns; j += THREADS)
+    store(&normed[j], (A)widen(sum[j]) * r * (A)widen(weight[j]));
+}
+
 // RMSNorm's input gradient for y = w * x * r, r = (mean(x^2) + eps)^-1/2, per row of `columns`:
 // dx = r * g * w - x * r^3 * mean(g * w * x), plus, where `residual` is not null, the gradient
 // that reaches x around the norm (a residual connection's), in the same pass: the add would
@@ -464,6 +493,11 @@ __device__ void adam_step(const T *__restrict__ param, const T *__restrict__ gra
       const Wide<T>::type *__restrict__ probabilities, const Wide<T>::type *__restrict__ log_sums, \
       const Wide<T>::type *__restrict__ grad, T *__restrict__ out, uint32_t columns, uint32_t k) { \
     top_k_cross_entropy_gradient<T>(logits, ids, probabilities, log_sums, grad, out, columns, k);  \
+  }                                                                                                \
+  extern "C" __global__ void __launch_bounds__(THREADS) add_rms_norm_##NAME(                       \
+      const T *__restrict__ x, const T *__restrict__ residual, const T *__restrict__ weight,       \
+      T *__restrict__ out, uint32_t columns, uint32_t rows, float eps) {                           \
+    add_rms_norm<T>(x, residual, weight, out, columns, rows, eps);                                 \
   }                                                                                                \
   extern "C" __global__ void __launch_bounds__(THREADS) rms_norm_gradient_##NAME(                  \
       const T *__restrict__ x, const T *__restrict__ grad, const T *__restrict__ weight,           \

@@ -201,6 +201,44 @@ void rms_case(int C, void (*kernel)(const T *, const T *, const T *, T *, uint32
   check(what, error / largest, tol);
 }
 
+// A residual sum and its RMSNorm against the same arithmetic in double precision from the
+// rounded sums (as the kernel norms them).
+template <typename T>
+void add_rms_norm_case(int C,
+                       void (*kernel)(const T *, const T *, const T *, T *, uint32_t, uint32_t,
+                                      float),
+                       double tol, const char *name) {
+  const int rows = 10;
+  const float eps = 1e-5f;
+  std::vector<T> x(rows * C), residual(rows * C), w(C), out = unset<T>(2 * rows * C);
+  for (auto &v : x)
+    v = cast<T>(randn());
+  for (auto &v : residual)
+    v = cast<T>(randn());
+  for (auto &v : w)
+    v = cast<T>(randn());
+  launch(rows, [&] { kernel(x.data(), residual.data(), w.data(), out.data(), C, rows, eps); });
+  double sum_error = 0, error = 0;
+  for (int r = 0; r < rows; r++) {
+    double squares = 0;
+    for (int j = 0; j < C; j++) {
+      const double want = back(x[r * C + j]) + back(residual[r * C + j]);
+      sum_error = worst(sum_error, std::fabs(back(out[r * C + j]) - want) / (1 + std::fabs(want)));
+      squares += back(out[r * C + j]) * back(out[r * C + j]);
+    }
+    const double inverse = 1 / std::sqrt(squares / C + eps);
+    for (int j = 0; j < C; j++) {
+      const double want = back(out[r * C + j]) * inverse * back(w[j]);
+      error = worst(error, std::fabs(back(out[(rows + r) * C + j]) - want) / (1 + std::fabs(want)));
+    }
+  }
+  char what[100];
+  snprintf(what, 100, "%s, %d wide: sums", name, C);
+  check(what, sum_error, tol);
+  snprintf(what, 100, "%s, %d wide: normed", name, C);
+  check(what, error, tol);
+}
+
 template <typename T>
 void place_rows_case(void (*kernel)(const T *, const uint32_t *, T *, uint32_t), const char *name) {
   const int rows = 7, columns = 300;
@@ -582,6 +620,9 @@ int main() {
                                "top_k_cross_entropy_f16");
   }
   for (int C : {16, 600}) {
+    add_rms_norm_case<float>(C, add_rms_norm_f32, 1e-6, "add_rms_norm_f32");
+    add_rms_norm_case<__nv_bfloat16>(C, add_rms_norm_bf16, 8e-3, "add_rms_norm_bf16");
+    add_rms_norm_case<__half>(C, add_rms_norm_f16, 1e-3, "add_rms_norm_f16");
     for (bool residual : {false, true}) {
       rms_case<float>(C, rms_norm_gradient_f32, residual ? rms_norm_gradient_add_f32 : nullptr,
                       1e-6, "rms_norm_gradient_f32");

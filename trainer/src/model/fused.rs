@@ -29,6 +29,109 @@ macro_rules! for_float_dtype {
     };
 }
 
+/// A residual connection's sum `s = x + residual` (rounded as it is kept) and its RMSNorm
+/// `w·s·(mean(s²) + eps)^-½`: `[2, ..]`, the sums then the normed rows, each row in one pass
+/// (kernels/ops.cu on the GPU), sums of squares in f32.
+pub(super) struct AddRmsNorm {
+    pub(super) weight: Tensor,
+    pub(super) eps: f32,
+}
+
+impl CustomOp2 for AddRmsNorm {
+    fn name(&self) -> &'static str {
+        "add-rms-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        fn run<T: Element>(
+            this: &AddRmsNorm,
+            s1: &CpuStorage,
+            l1: &Layout,
+            s2: &CpuStorage,
+            l2: &Layout,
+        ) -> Result<CpuStorage> {
+            let (_, columns) = elementwise("add-rms-norm", &[l1, l2])?;
+            check_weight("add-rms-norm", &this.weight, columns)?;
+            let (weight, weight_layout) = this.weight.storage_and_layout();
+            let Storage::Cpu(weight) = &*weight else {
+                candle_core::bail!("add-rms-norm: the weight is not in host memory");
+            };
+            let weight = contiguous::<T>(weight, weight_layout)?;
+            let (x, residual) = (contiguous::<T>(s1, l1)?, contiguous::<T>(s2, l2)?);
+            let n = <T::Wide as WithDType>::from_f64(columns as f64);
+            let eps = <T::Wide as WithDType>::from_f64(f64::from(this.eps));
+            let mut out = vec![T::zero(); 2 * x.len()];
+            let (sums, normed) = out.split_at_mut(x.len());
+            sums.par_chunks_mut(columns)
+                .zip(normed.par_chunks_mut(columns))
+                .zip(x.par_chunks(columns).zip(residual.par_chunks(columns)))
+                .for_each(|((sum, normed), (x, residual))| {
+                    let mut squares = T::Wide::zero();
+                    for ((s, x), r) in sum.iter_mut().zip(x).zip(residual) {
+                        *s = T::narrow(x.widen() + r.widen());
+                        squares += s.widen() * s.widen();
+                    }
+                    let r = (squares / n + eps).sqrt().recip();
+                    for ((y, s), w) in normed.iter_mut().zip(sum.iter()).zip(weight) {
+                        *y = T::narrow(s.widen() * r * w.widen());
+                    }
+                });
+            Ok(T::to_cpu_storage_owned(out))
+        }
+        Ok((
+            for_float_dtype!(s1.dtype(), run(self, s1, l1, s2, l2))?,
+            stacked_shape(2, l1),
+        ))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (rows, columns) = elementwise("add-rms-norm", &[l1, l2])?;
+        check_weight("add-rms-norm", &self.weight, columns)?;
+        let (weight, weight_layout) = self.weight.storage_and_layout();
+        let Storage::Cuda(weight) = &*weight else {
+            candle_core::bail!("add-rms-norm: the weight is not on the GPU");
+        };
+        let dtype = s1.dtype();
+        let storage = cuda::launch(
+            "add_rms_norm",
+            rows,
+            &[
+                (s1, l1, dtype),
+                (s2, l2, dtype),
+                (weight, weight_layout, dtype),
+            ],
+            (dtype, 2 * rows * columns),
+            &[columns, rows],
+            &[self.eps],
+        )?;
+        Ok((storage, stacked_shape(2, l1)))
+    }
+}
+
+/// A norm's weight must be `[columns]`.
+fn check_weight(name: &str, weight: &Tensor, columns: usize) -> Result<()> {
+    if weight.dims() != [columns] {
+        candle_core::bail!(
+            "{name}: a weight of {:?} for rows of {columns}",
+            weight.shape()
+        );
+    }
+    Ok(())
+}
+
 /// RMSNorm's input gradient for `y = w·x·r`, `r = (mean(x²) + eps)^-½`, given the output's
 /// gradient `g`: `dx = r·g·w - x·r³·mean(g·w·x)`, plus `residual` where there is one (the
 /// gradient reaching x around the norm), each row in one pass (kernels/ops.cu on the GPU),

@@ -20,8 +20,9 @@ use candle_nn::kv_cache::KvCache;
 use super::config::{Config, read_gguf};
 use super::mask::Mask;
 use super::ops::{
-    AttentionSaved, Keys, attention_backward, attention_forward, linear, linear_backward, rms_norm,
-    rms_norm_backward, rope_qkv, rope_qkv_backward, swiglu, swiglu_backward,
+    AttentionSaved, Keys, add_rms_norm, attention_backward, attention_forward, linear,
+    linear_backward, rms_norm, rms_norm_backward, rope_qkv, rope_qkv_backward, swiglu,
+    swiglu_backward,
 };
 use crate::error::{Error, Result};
 
@@ -407,10 +408,11 @@ impl Llama {
         mut context: Context<'_>,
     ) -> Result<Tensor> {
         let (mut x, cos, sin) = self.embed(ids, positions)?;
+        let mut h = self.rms_norm(&x, self.norm_before(0))?;
         for (index, layer) in self.layers.iter().enumerate() {
-            x = self.layer(index, layer, x, &cos, &sin, mask, &mut context, None)?;
+            (x, h) = self.layer(index, layer, (x, h), &cos, &sin, mask, &mut context, None)?;
         }
-        self.rms_norm(&x, &self.norm)
+        Ok(h)
     }
 
     /// A loss of the hidden states and its gradients with respect to the keys and values of
@@ -435,13 +437,14 @@ impl Llama {
         let (heads, kv_heads, hd) = (config.heads, config.kv_heads, config.head_dim);
         let eps = config.rms_eps as f32;
         let (mut x, cos, sin) = self.embed(ids, positions)?;
+        let mut h = self.rms_norm(&x, self.norm_before(0))?;
         let mut saved = Vec::with_capacity(self.layers.len());
         let mut context = Context::Prefix(prefix);
         for (index, layer) in self.layers.iter().enumerate() {
-            x = self.layer(
+            (x, h) = self.layer(
                 index,
                 layer,
-                x,
+                (x, h),
                 &cos,
                 &sin,
                 mask,
@@ -449,7 +452,7 @@ impl Llama {
                 Some(&mut saved),
             )?;
         }
-        let (value, grad) = loss(&self.rms_norm(&x, &self.norm)?)?;
+        let (value, grad) = loss(&h)?;
         let mut dx = rms_norm_backward(&x, &self.norm, eps, &grad, None)?;
         let mut gradients = Prefix {
             keys: Vec::new(),
@@ -513,23 +516,33 @@ impl Llama {
         Ok((x, cos, sin))
     }
 
-    /// One layer from its input `x`; with `saved`, keeps there what the backward needs.
+    /// The norm of the residual stream entering layer `index`: its attention's, or after the
+    /// last layer the final one.
+    fn norm_before(&self, index: usize) -> &Tensor {
+        self.layers
+            .get(index)
+            .map_or(&self.norm, |layer| &layer.attn_norm)
+    }
+
+    /// One layer from its input `x` and `h`, its norm: its output and the output's norm (the
+    /// next layer's, or the final one), each norm computed in one pass with the add before it.
+    /// With `saved`, keeps there what the backward needs.
     #[allow(clippy::too_many_arguments)]
     fn layer(
         &self,
         index: usize,
         layer: &Layer,
-        x: Tensor,
+        (x, h): (Tensor, Tensor),
         cos: &Tensor,
         sin: &Tensor,
         mask: &Mask,
         context: &mut Context<'_>,
         saved: Option<&mut Vec<Saved>>,
-    ) -> Result<Tensor> {
+    ) -> Result<(Tensor, Tensor)> {
         let config = &self.config;
         let (batch, length, _) = x.dims3()?;
         let (heads, kv_heads, hd) = (config.heads, config.kv_heads, config.head_dim);
-        let h = self.rms_norm(&x, &layer.attn_norm)?;
+        let eps = config.rms_eps as f32;
         // Queries, keys and values keep the projection's layout, `[B, L, heads, head_dim]`, as
         // attention's output does: no copies to a heads-first layout and back.
         let (q, k, v) = rope_qkv(&linear(&h, &layer.qkv)?, (heads, kv_heads), cos, sin)?;
@@ -560,10 +573,14 @@ impl Llama {
             }
         };
         let attended = out.reshape((batch, length, heads * hd))?;
-        let mid = (&x + linear(&attended, &layer.o)?)?;
-        let h = self.rms_norm(&mid, &layer.ffn_norm)?;
+        let (mid, h) = add_rms_norm(&x, &linear(&attended, &layer.o)?, &layer.ffn_norm, eps)?;
         let gate_up = linear(&h, &layer.gate_up)?;
-        let y = (&mid + linear(&swiglu(&gate_up)?, &layer.down)?)?;
+        let (y, h) = add_rms_norm(
+            &mid,
+            &linear(&swiglu(&gate_up)?, &layer.down)?,
+            self.norm_before(index + 1),
+            eps,
+        )?;
         if let Some(saved) = saved {
             saved.push(Saved {
                 x,
@@ -576,7 +593,7 @@ impl Llama {
                 gate_up,
             });
         }
-        Ok(y)
+        Ok((y, h))
     }
 
     /// Next-token logits for hidden states `[..., hidden]`.

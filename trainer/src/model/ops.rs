@@ -15,8 +15,8 @@ use candle_core::{D, DType, Result, Tensor};
 
 use super::Mask;
 use super::fused::{
-    MaskedSoftmax, PlaceRows, RmsNormGradient, RopeQkv, RopeQkvGradient, SoftmaxGradient, SwiGlu,
-    SwiGluGradient, TopKCrossEntropy, TopKCrossEntropyGradient,
+    AddRmsNorm, MaskedSoftmax, PlaceRows, RmsNormGradient, RopeQkv, RopeQkvGradient,
+    SoftmaxGradient, SwiGlu, SwiGluGradient, TopKCrossEntropy, TopKCrossEntropyGradient,
 };
 
 /// RMSNorm of `x` `[..., hidden]` with `weight` `[hidden]`.
@@ -27,6 +27,24 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> Result<Tensor> {
         return candle_nn::ops::rms_norm_slow(x, weight, eps);
     }
     candle_nn::ops::rms_norm(x, weight, eps)
+}
+
+/// A residual connection's sum `x + residual` and its [`rms_norm`] with `weight`, in one pass
+/// (views of one buffer).
+pub fn add_rms_norm(
+    x: &Tensor,
+    residual: &Tensor,
+    weight: &Tensor,
+    eps: f32,
+) -> Result<(Tensor, Tensor)> {
+    let norm = AddRmsNorm {
+        weight: weight.contiguous()?,
+        eps,
+    };
+    let both = x
+        .contiguous()?
+        .apply_op2_no_bwd(&residual.contiguous()?, &norm)?;
+    Ok((both.get(0)?, both.get(1)?))
 }
 
 /// [`rms_norm`]'s input gradient given its output's, `grad`, plus `residual` where x also
@@ -574,6 +592,17 @@ pub(super) mod tests {
                 |x| candle_nn::ops::rms_norm_slow(x, &weight, 1e-5),
                 &x,
             )?;
+            // A residual sum and its norm in one pass.
+            let residual = x.randn_like(0.0, 1.0)?;
+            let (sum, normed) = add_rms_norm(&x, &residual, &weight, 1e-5)?;
+            let composed_sum = (&x + &residual)?;
+            assert!(max_difference(&sum, &composed_sum)? < 1e-6);
+            let composed = candle_nn::ops::rms_norm_slow(&composed_sum, &weight, 1e-5)?;
+            let error = max_difference(&normed, &composed)?;
+            assert!(
+                error < 1e-5,
+                "the norm of a residual sum, {hidden} wide: {error}"
+            );
             // A residual gradient is added in the same pass.
             let (grad, residual) = (x.randn_like(0.0, 1.0)?, x.randn_like(0.0, 1.0)?);
             let added = rms_norm_backward(&x, &weight, 1e-5, &grad, Some(&residual))?;
