@@ -6,8 +6,9 @@
 // a residual connection's add with the RMSNorm after it, RMSNorm's gradient (ten composed ops
 // on f32 copies) with the residual gradient added, the MLP's gate and the rotary embedding of
 // the stacked projections' output, each with its gradient, and the gradient of selecting rows.
-// One block per row; sums in f32 (f64 for f64). Attention in tiles, which replaces the
-// softmax's two where it applies, is in attention.cuh (included at the end: one module).
+// One block per row (the norms: a warp); sums in f32 (f64 for f64). Attention in tiles, which
+// replaces the softmax's two where it applies, is in attention.cuh (included at the end: one
+// module).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <math.h>
@@ -159,7 +160,7 @@ template <typename T>
 __device__ typename Wide<T>::type row_log_sum(const T *__restrict__ x, uint32_t columns) {
   typedef typename Wide<T>::type A;
   MaxSum<A> part = {-INFINITY, 0};
-  // n elements from v into the thread's part: one rescale for all of them.
+  // n elements from v into the thread's part: at most one rescale for all of them.
   const auto add = [&](const T *v, uint32_t n) {
     A top = part.max;
     for (uint32_t i = 0; i < n; i++)
@@ -167,8 +168,10 @@ __device__ typename Wide<T>::type row_log_sum(const T *__restrict__ x, uint32_t 
     // exp(-inf - -inf) would be NaN: nothing seen yet (or nothing but -inf) adds nothing.
     if (top == -INFINITY)
       return;
-    part.sum *= exp(part.max - top);
-    part.max = top;
+    if (top > part.max) {
+      part.sum *= exp(part.max - top);
+      part.max = top;
+    }
     for (uint32_t i = 0; i < n; i++)
       part.sum += exp((A)widen(v[i]) - top);
   };
@@ -265,35 +268,18 @@ top_k_cross_entropy_gradient(const T *__restrict__ logits, const uint32_t *__res
   }
 }
 
-// Two sums over the block, in every thread.
-template <typename A> __device__ void sum_block(A &a, A &b) {
-  __shared__ A as[THREADS / 32];
-  __shared__ A bs[THREADS / 32];
-  for (int offset = 16; offset > 0; offset /= 2) {
-    a += __shfl_xor_sync(0xffffffffu, a, offset);
-    b += __shfl_xor_sync(0xffffffffu, b, offset);
-  }
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  if (lane == 0) {
-    as[warp] = a;
-    bs[warp] = b;
-  }
-  __syncthreads();
-  if (warp == 0) {
-    a = lane < THREADS / 32 ? as[lane] : (A)0;
-    b = lane < THREADS / 32 ? bs[lane] : (A)0;
-    for (int offset = 16; offset > 0; offset /= 2) {
-      a += __shfl_xor_sync(0xffffffffu, a, offset);
-      b += __shfl_xor_sync(0xffffffffu, b, offset);
-    }
-    if (lane == 0) {
-      as[0] = a;
-      bs[0] = b;
-    }
-  }
-  __syncthreads();
-  a = as[0];
-  b = bs[0];
+// The norms' kernels take a warp a row, THREADS / 32 rows a block: rows of a few hundred
+// columns (SmolLM2's 576) would leave most of a block's threads idle, and its barriers wait.
+// Grid ceil(rows / (THREADS / 32)); the row of this thread's warp, and its lane.
+__device__ __forceinline__ size_t warp_row() {
+  return (size_t)blockIdx.x * (THREADS / 32) + threadIdx.x / 32;
+}
+
+// A sum over the warp, in every lane.
+template <typename A> __device__ __forceinline__ A warp_sum(A x) {
+  for (int offset = 16; offset > 0; offset /= 2)
+    x += __shfl_xor_sync(0xffffffffu, x, offset);
+  return x;
 }
 
 // A residual connection's sum s = x + residual (rounded to T, as it is kept) and its RMSNorm
@@ -304,23 +290,26 @@ __device__ void add_rms_norm(const T *__restrict__ x, const T *__restrict__ resi
                              const T *__restrict__ weight, T *__restrict__ out, uint32_t columns,
                              uint32_t rows, float eps) {
   typedef typename Wide<T>::type A;
-  const size_t row = blockIdx.x;
+  const size_t row = warp_row();
+  const uint32_t lane = threadIdx.x % 32;
+  // A whole warp leaves together: no barrier waits for it.
+  if (row >= rows)
+    return;
   const T *__restrict__ a = x + row * columns;
   const T *__restrict__ b = residual + row * columns;
   T *__restrict__ sum = out + row * columns;
   T *__restrict__ normed = out + (size_t)rows * columns + row * columns;
-  A squares = 0, unused = 0;
+  A squares = 0;
 #pragma unroll 4
-  for (uint32_t j = threadIdx.x; j < columns; j += THREADS) {
+  for (uint32_t j = lane; j < columns; j += 32) {
     store(&sum[j], (A)widen(a[j]) + (A)widen(b[j]));
     const A v = widen(sum[j]);
     squares += v * v;
   }
-  sum_block(squares, unused);
-  const A r = (A)1 / sqrt(squares / (A)columns + (A)eps);
-  // Each thread reads back the sums it wrote.
+  const A r = (A)1 / sqrt(warp_sum(squares) / (A)columns + (A)eps);
+  // Each lane reads back the sums it wrote.
 #pragma unroll 4
-  for (uint32_t j = threadIdx.x; j < columns; j += THREADS)
+  for (uint32_t j = lane; j < columns; j += 32)
     store(&normed[j], (A)widen(sum[j]) * r * (A)widen(weight[j]));
 }
 
@@ -331,25 +320,30 @@ __device__ void add_rms_norm(const T *__restrict__ x, const T *__restrict__ resi
 template <typename T>
 __device__ void rms_norm_gradient(const T *__restrict__ x, const T *__restrict__ grad,
                                   const T *__restrict__ weight, const T *__restrict__ residual,
-                                  T *__restrict__ out, uint32_t columns, float eps) {
+                                  T *__restrict__ out, uint32_t columns, uint32_t rows,
+                                  float eps) {
   typedef typename Wide<T>::type A;
-  const size_t row = blockIdx.x;
+  const size_t row = warp_row();
+  const uint32_t lane = threadIdx.x % 32;
+  if (row >= rows)
+    return;
   const T *__restrict__ xr = x + row * columns;
   const T *__restrict__ g = grad + row * columns;
   T *__restrict__ y = out + row * columns;
   const T *__restrict__ around = residual ? residual + row * columns : nullptr;
   A squares = 0, dot = 0;
 #pragma unroll 4
-  for (uint32_t j = threadIdx.x; j < columns; j += THREADS) {
+  for (uint32_t j = lane; j < columns; j += 32) {
     const A v = (A)widen(xr[j]);
     squares += v * v;
     dot += (A)widen(g[j]) * (A)widen(weight[j]) * v;
   }
-  sum_block(squares, dot);
+  squares = warp_sum(squares);
+  dot = warp_sum(dot);
   const A r = (A)1 / sqrt(squares / (A)columns + (A)eps);
   const A c = dot / (A)columns * r * r * r;
 #pragma unroll 4
-  for (uint32_t j = threadIdx.x; j < columns; j += THREADS) {
+  for (uint32_t j = lane; j < columns; j += 32) {
     const A rest = around ? (A)widen(around[j]) : (A)0;
     store(&y[j], r * (A)widen(g[j]) * (A)widen(weight[j]) - (A)widen(xr[j]) * c + rest);
   }
@@ -501,13 +495,14 @@ __device__ void adam_step(const T *__restrict__ param, const T *__restrict__ gra
   }                                                                                                \
   extern "C" __global__ void __launch_bounds__(THREADS) rms_norm_gradient_##NAME(                  \
       const T *__restrict__ x, const T *__restrict__ grad, const T *__restrict__ weight,           \
-      T *__restrict__ out, uint32_t columns, float eps) {                                          \
-    rms_norm_gradient<T>(x, grad, weight, nullptr, out, columns, eps);                             \
+      T *__restrict__ out, uint32_t columns, uint32_t rows, float eps) {                           \
+    rms_norm_gradient<T>(x, grad, weight, nullptr, out, columns, rows, eps);                       \
   }                                                                                                \
   extern "C" __global__ void __launch_bounds__(THREADS) rms_norm_gradient_add_##NAME(              \
       const T *__restrict__ x, const T *__restrict__ grad, const T *__restrict__ weight,           \
-      const T *__restrict__ residual, T *__restrict__ out, uint32_t columns, float eps) {          \
-    rms_norm_gradient<T>(x, grad, weight, residual, out, columns, eps);                            \
+      const T *__restrict__ residual, T *__restrict__ out, uint32_t columns, uint32_t rows,        \
+      float eps) {                                                                                 \
+    rms_norm_gradient<T>(x, grad, weight, residual, out, columns, rows, eps);                      \
   }                                                                                                \
   extern "C" __global__ void __launch_bounds__(THREADS)                                            \
       place_rows_##NAME(const T *__restrict__ selected, const uint32_t *__restrict__ source,       \

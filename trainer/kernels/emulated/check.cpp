@@ -160,8 +160,10 @@ void cross_entropy_case(int V,
 
 // With `add`, the kernel that adds a residual gradient.
 template <typename T>
-void rms_case(int C, void (*kernel)(const T *, const T *, const T *, T *, uint32_t, float),
-              void (*add)(const T *, const T *, const T *, const T *, T *, uint32_t, float),
+void rms_case(int C,
+              void (*kernel)(const T *, const T *, const T *, T *, uint32_t, uint32_t, float),
+              void (*add)(const T *, const T *, const T *, const T *, T *, uint32_t, uint32_t,
+                          float),
               double tol, const char *name) {
   int rows = 10;
   float eps = 1e-5f;
@@ -174,11 +176,12 @@ void rms_case(int C, void (*kernel)(const T *, const T *, const T *, T *, uint32
     v = cast<T>(randn());
   for (auto &v : residual)
     v = cast<T>(add ? randn() : 0.0);
-  launch(rows, [&] {
+  // A warp a row: 10 rows take 2 blocks, the second with 2 rows.
+  launch((rows + 7) / 8, [&] {
     if (add)
-      add(x.data(), g.data(), w.data(), residual.data(), out.data(), C, eps);
+      add(x.data(), g.data(), w.data(), residual.data(), out.data(), C, rows, eps);
     else
-      kernel(x.data(), g.data(), w.data(), out.data(), C, eps);
+      kernel(x.data(), g.data(), w.data(), out.data(), C, rows, eps);
   });
   double error = 0, largest = 0;
   for (int r = 0; r < rows; r++) {
@@ -217,7 +220,8 @@ void add_rms_norm_case(int C,
     v = cast<T>(randn());
   for (auto &v : w)
     v = cast<T>(randn());
-  launch(rows, [&] { kernel(x.data(), residual.data(), w.data(), out.data(), C, rows, eps); });
+  launch((rows + 7) / 8,
+         [&] { kernel(x.data(), residual.data(), w.data(), out.data(), C, rows, eps); });
   double sum_error = 0, error = 0;
   for (int r = 0; r < rows; r++) {
     double squares = 0;

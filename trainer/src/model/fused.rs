@@ -107,7 +107,7 @@ impl CustomOp2 for AddRmsNorm {
         let dtype = s1.dtype();
         let storage = cuda::launch(
             "add_rms_norm",
-            rows,
+            cuda::warp_row_blocks(rows),
             &[
                 (s1, l1, dtype),
                 (s2, l2, dtype),
@@ -235,16 +235,17 @@ impl CustomOp2 for RmsNormGradient {
             inputs.push((storage, layout, dtype));
         }
         let elements = l1.shape().elem_count();
+        let rows = elements / columns.max(1);
         let storage = cuda::launch(
             if residual.is_some() {
                 "rms_norm_gradient_add"
             } else {
                 "rms_norm_gradient"
             },
-            elements / columns.max(1),
+            cuda::warp_row_blocks(rows),
             &inputs,
             (dtype, elements),
-            &[columns],
+            &[columns, rows],
             &[self.eps],
         )?;
         Ok((storage, l1.shape().clone()))
@@ -1553,8 +1554,13 @@ pub(super) mod cuda {
     /// The name the kernels' module is loaded under.
     pub const MODULE: &str = "cartridge_trainer_ops";
 
-    /// Threads per block (`THREADS` in the kernels): one block per row.
+    /// Threads per block (`THREADS` in the kernels).
     const THREADS: u32 = 256;
+
+    /// The blocks of a kernel that takes a warp a row (the norms'), for `rows`.
+    pub fn warp_row_blocks(rows: usize) -> usize {
+        rows.div_ceil(THREADS as usize / 32)
+    }
 
     /// An argument in device memory: the contiguous elements of a storage under a layout.
     enum View<'a> {
@@ -1591,21 +1597,24 @@ pub(super) mod cuda {
         }
     }
 
-    /// Runs `{name}_{dtype of the first input}` with one block per row: the inputs (each of the
-    /// dtype the kernel reads it as: a pointer carries none), then an output of `out` (dtype,
-    /// elements), then `sizes` as 32-bit integers, then `floats`, as the kernel takes them.
+    /// Runs `{name}_{dtype of the first input}` with `blocks` blocks (a row each, or
+    /// [`warp_row_blocks`]): the inputs (each of the dtype the kernel reads it as: a pointer
+    /// carries none), then an output of `out` (dtype, elements), then `sizes` as 32-bit
+    /// integers, then `floats`, as the kernel takes them.
     pub fn launch(
         name: &str,
-        rows: usize,
+        blocks: usize,
         inputs: &[(&CudaStorage, &Layout, DType)],
         (dtype, elements): (DType, usize),
         sizes: &[usize],
         floats: &[f32],
     ) -> Result<CudaStorage> {
-        let grid = u32::try_from(rows)
+        let grid = u32::try_from(blocks)
             .ok()
             .filter(|&r| r <= i32::MAX as u32)
-            .ok_or_else(|| candle_core::Error::Msg(format!("{name}: {rows} rows are too many")))?;
+            .ok_or_else(|| {
+                candle_core::Error::Msg(format!("{name}: {blocks} blocks are too many"))
+            })?;
         let sizes = sizes
             .iter()
             .map(|&s| u32::try_from(s))
@@ -1659,7 +1668,7 @@ pub(super) mod cuda {
             shared_mem_bytes: 0,
         };
         // A grid of no blocks is an invalid launch; no rows is nothing to do.
-        if rows > 0 {
+        if blocks > 0 {
             // SAFETY: the callers pass the kernel's parameters in number, order and type, with
             // every pointer covering the rows the grid reads.
             unsafe { builder.launch(config) }.w()?;
