@@ -147,12 +147,18 @@ template <typename T> struct __align__(16) Pack {
   T v[N];
 };
 
-// Whether rows of `columns` at x (and y) are read (and written) a Pack at a time: aligned, and
-// whole Packs a row.
-template <typename T>
-__device__ __forceinline__ bool packed(const T *x, const T *y, uint32_t columns) {
-  return columns % Pack<T>::N == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0 &&
-         reinterpret_cast<uintptr_t>(y) % 16 == 0;
+// Whether rows of `columns` at these pointers are read and written a Pack at a time: each
+// aligned, and whole Packs a row.
+template <typename T, typename... More>
+__device__ __forceinline__ bool packed(uint32_t columns, const T *x, const More *...more) {
+  const auto aligned = [](const void *p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
+  return columns % Pack<T>::N == 0 && aligned(x) && (aligned(more) && ...);
+}
+template <typename T> __device__ __forceinline__ Pack<T> load_pack(const T *p) {
+  return *reinterpret_cast<const Pack<T> *>(p);
+}
+template <typename T> __device__ __forceinline__ void store_pack(T *p, const Pack<T> &pack) {
+  *reinterpret_cast<Pack<T> *>(p) = pack;
 }
 
 // The log-sum-exp of a row, in every thread of the block.
@@ -175,11 +181,11 @@ __device__ typename Wide<T>::type row_log_sum(const T *__restrict__ x, uint32_t 
     for (uint32_t i = 0; i < n; i++)
       part.sum += exp((A)widen(v[i]) - top);
   };
-  if (packed(x, x, columns)) {
+  if (packed(columns, x)) {
     constexpr uint32_t N = Pack<T>::N;
 #pragma unroll 2
     for (uint32_t j = threadIdx.x * N; j < columns; j += THREADS * N) {
-      const Pack<T> pack = *reinterpret_cast<const Pack<T> *>(x + j);
+      const Pack<T> pack = load_pack(x + j);
       add(pack.v, N);
     }
   } else {
@@ -236,16 +242,16 @@ top_k_cross_entropy_gradient(const T *__restrict__ logits, const uint32_t *__res
   for (uint32_t s = 0; s < k; s++)
     mass += p[s];
   const A g = grad[row], scale = g * mass;
-  if (packed(x, y, columns)) {
+  if (packed(columns, x, y)) {
     constexpr uint32_t N = Pack<T>::N;
 #pragma unroll 2
     for (uint32_t j = threadIdx.x * N; j < columns; j += THREADS * N) {
-      const Pack<T> in = *reinterpret_cast<const Pack<T> *>(x + j);
+      const Pack<T> in = load_pack(x + j);
       Pack<T> result;
 #pragma unroll
       for (uint32_t i = 0; i < N; i++)
         store(&result.v[i], scale * exp((A)widen(in.v[i]) - log_sum));
-      *reinterpret_cast<Pack<T> *>(y + j) = result;
+      store_pack(y + j, result);
     }
   } else {
     for (uint32_t j = threadIdx.x; j < columns; j += THREADS)
@@ -377,10 +383,21 @@ __device__ void swiglu(const T *__restrict__ gate_up, T *__restrict__ out, uint3
   const size_t row = blockIdx.x;
   const T *__restrict__ gate = gate_up + row * 2 * columns;
   const T *__restrict__ up = gate + columns;
-#pragma unroll 4
-  for (uint32_t j = threadIdx.x; j < columns; j += THREADS) {
-    const A g = widen(gate[j]);
-    store(&out[row * columns + j], g / ((A)1 + exp(-g)) * (A)widen(up[j]));
+  T *__restrict__ y = out + row * columns;
+  const auto silu_times = [](A g, A u) { return g / ((A)1 + exp(-g)) * u; };
+  if (packed(columns, gate, y)) {
+    constexpr uint32_t N = Pack<T>::N;
+    for (uint32_t j = threadIdx.x * N; j < columns; j += THREADS * N) {
+      const Pack<T> g = load_pack(gate + j), u = load_pack(up + j);
+      Pack<T> result;
+#pragma unroll
+      for (uint32_t i = 0; i < N; i++)
+        store(&result.v[i], silu_times(widen(g.v[i]), widen(u.v[i])));
+      store_pack(y + j, result);
+    }
+  } else {
+    for (uint32_t j = threadIdx.x; j < columns; j += THREADS)
+      store(&y[j], silu_times(widen(gate[j]), widen(up[j])));
   }
 }
 
@@ -393,14 +410,29 @@ __device__ void swiglu_gradient(const T *__restrict__ gate_up, const T *__restri
   const size_t row = blockIdx.x;
   const T *__restrict__ gate = gate_up + row * 2 * columns;
   const T *__restrict__ up = gate + columns;
+  const T *__restrict__ d = grad + row * columns;
   T *__restrict__ d_gate = out + row * 2 * columns;
   T *__restrict__ d_up = d_gate + columns;
-#pragma unroll 4
-  for (uint32_t j = threadIdx.x; j < columns; j += THREADS) {
-    const A g = widen(gate[j]), u = widen(up[j]), d = widen(grad[row * columns + j]);
+  // Column j's two gradients, into d_gate_j and d_up_j.
+  const auto gradients = [](A g, A u, A d, T *d_gate_j, T *d_up_j) {
     const A sigmoid = (A)1 / ((A)1 + exp(-g));
-    store(&d_gate[j], d * u * sigmoid * ((A)1 + g * ((A)1 - sigmoid)));
-    store(&d_up[j], d * g * sigmoid);
+    store(d_gate_j, d * u * sigmoid * ((A)1 + g * ((A)1 - sigmoid)));
+    store(d_up_j, d * g * sigmoid);
+  };
+  if (packed(columns, gate, d, d_gate)) {
+    constexpr uint32_t N = Pack<T>::N;
+    for (uint32_t j = threadIdx.x * N; j < columns; j += THREADS * N) {
+      const Pack<T> g = load_pack(gate + j), u = load_pack(up + j), dy = load_pack(d + j);
+      Pack<T> dg, du;
+#pragma unroll
+      for (uint32_t i = 0; i < N; i++)
+        gradients(widen(g.v[i]), widen(u.v[i]), widen(dy.v[i]), &dg.v[i], &du.v[i]);
+      store_pack(d_gate + j, dg);
+      store_pack(d_up + j, du);
+    }
+  } else {
+    for (uint32_t j = threadIdx.x; j < columns; j += THREADS)
+      gradients(widen(gate[j]), widen(up[j]), widen(d[j]), &d_gate[j], &d_up[j]);
   }
 }
 
