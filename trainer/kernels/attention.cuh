@@ -6,10 +6,13 @@
 // Layouts (contiguous): per (sequence, key head) `head` = sequence · kv_heads + key head, its
 // rows = group · length (the query heads sharing the key head stacked: row r is query head
 // r / length of the group, position r % length), its columns = shared + length keys and values
-// (KeyRows), and each row's log-sum-exp of its scaled, visible scores (f32, `[head, rows]`; +inf
-// for a row with nothing visible, whose output is zeros). The queries, the output and their
-// gradients are as the projections make and take them, `[sequences, length, kv_heads · group,
-// 64]` (QueryRows). What a row sees is spans, not a mask: every row the first
+// (KeyRows), and each row's log-sum-exp of its scaled, visible scores, in base 2 (f32, `[head,
+// rows]`; +inf for a row with nothing visible, whose output is zeros): the backward's
+// probabilities are then 2^(scale · log2(e) · s - lse), one multiply-add and the special function
+// unit's 2^x an element, as FlashAttention computes them (e^x is 2^(x · log2 e)). The forward
+// keeps e^x: at its 128 registers, ptxas spilled more with 2^x. The queries, the output and
+// their gradients are as the projections make and take them, `[sequences, length, kv_heads ·
+// group, 64]` (QueryRows). What a row sees is spans, not a mask: every row the first
 // `prefix` keys (a cartridge, a context) and the keys [from, to] of its position's pair in
 // `spans` `[sequences, length, 2]` (empty when from > to; a causal row's or a packed
 // conversation's), two numbers a row where a mask's row is as many bytes as the keys, and it
@@ -31,6 +34,7 @@
 // The backward's bits of which row tiles see its keys: at most 32 · SEEN_WORDS row tiles
 // (flash.rs sends larger attention to the composed form).
 #define SEEN_WORDS 128
+#define LOG2_E 1.4426950408889634f
 
 __device__ __forceinline__ uint16_t bits(__nv_bfloat16 x) { return __bfloat16_as_ushort(x); }
 __device__ __forceinline__ uint16_t bits(__half x) { return __half_as_ushort(x); }
@@ -44,6 +48,16 @@ __device__ __forceinline__ float widen_bits(__nv_bfloat16, uint32_t x) {
 __device__ __forceinline__ float widen_bits(__half, uint32_t x) {
   return __half2float(__ushort_as_half(uint16_t(x)));
 }
+
+#ifdef __CUDACC__
+// 2^x by the special function unit alone (a result below 2^-126 is flushed to zero: a
+// probability too small to matter).
+__device__ __forceinline__ float exp2_approx(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+#endif
 
 __device__ __forceinline__ uint32_t pair(uint16_t low, uint16_t high) {
   return uint32_t(low) | uint32_t(high) << 16;
@@ -510,7 +524,8 @@ __device__ void flash_forward(const T *__restrict__ q, const T *__restrict__ k_s
     for (int n = 0; n < 8; n++)
       store2(&y[n * 8], o[n][2 * h] * inverse, o[n][2 * h + 1] * inverse);
     if (t == 0)
-      lse[head * rows + row[h]] = top[h] == -INFINITY ? INFINITY : top[h] + logf(total);
+      lse[head * rows + row[h]] =
+          top[h] == -INFINITY ? INFINITY : (top[h] + logf(total)) * LOG2_E;
   }
 }
 
@@ -529,11 +544,11 @@ __device__ __forceinline__ uint32_t next_rows(const uint32_t *seen, uint32_t x, 
 // prefix's keys, which every row sees and so take the longest, start before the rest: a block
 // takes 64 keys (16 a warp), keeps their gradients in registers and walks the tiles of 64 query
 // rows that see them, recomputing each tile's probabilities from the forward's log-sum-exp:
-// P = exp(scale·QKᵀ - lse) where seen, dV += Pᵀ·dO, dS = P·(dO·Vᵀ - dsum) with dsum =
-// rowsum(dO·O), dK += scale·dSᵀ·Q, and dQ += scale·dS·K added to `dq` (f32, zeroed by the
-// caller) by atomics, since every block adds to every row. The shared keys' gradients are summed
-// over the sequences the same way (f32 `[kv_heads, shared, 64]`, zeroed by the caller); the own
-// keys' are as the keys.
+// P = 2^(scale·log2(e)·QKᵀ - lse) where seen, dV += Pᵀ·dO, dS = P·(dO·Vᵀ - dsum) with
+// dsum = rowsum(dO·O), dK += scale·dSᵀ·Q, and dQ += scale·dS·K added to `dq` (f32, zeroed by
+// the caller) by atomics, since every block adds to every row. The shared keys' gradients are
+// summed over the sequences the same way (f32 `[kv_heads, shared, 64]`, zeroed by the caller);
+// the own keys' are as the keys.
 template <typename T>
 __device__ void flash_backward(const T *__restrict__ q, const T *__restrict__ k_shared,
                                const T *__restrict__ k_own, const T *__restrict__ v_shared,
@@ -561,6 +576,7 @@ __device__ void flash_backward(const T *__restrict__ q, const T *__restrict__ k_
   const QueryRow query_row{query_at, q}, dout_row{query_at, dout};
   const KeyRow key_row{key_at, k_shared, k_own}, value_row{key_at, v_shared, v_own};
   const uint32_t first_key = blockIdx.y * TILE, warp_key = first_key + warp * 16;
+  const float scale2 = scale * LOG2_E;
   prefix = least(prefix, columns);
   const uint32_t tiles = (rows + TILE - 1) / TILE;
   uint32_t key[2];
@@ -639,7 +655,7 @@ __device__ void flash_backward(const T *__restrict__ q, const T *__restrict__ k_
           const uint32_t local = n * 8 + 2 * t + e % 2;
           // Past the rows, lse is +inf: exp(-inf) = 0.
           st[n][e] = whole || sees(key[e / 2], prefix, froms[b][local], tos[b][local])
-                         ? __expf(st[n][e] * scale - lses[b][local])
+                         ? exp2_approx(st[n][e] * scale2 - lses[b][local])
                          : 0.f;
         }
       as_a<T>(st, pa);

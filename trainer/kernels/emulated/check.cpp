@@ -501,8 +501,11 @@ void flash_case(int length, int prefix,
   std::vector<T> out = unset<T>(q.size()), dk_own = unset<T>(k_own.size()),
                  dv_own = unset<T>(v_own.size());
   std::vector<float> dk_shared(kv_heads * prefix * D, 0.f), dv_shared(kv_heads * prefix * D, 0.f);
-  std::vector<float> lse_out = unset<float>(lse.size()), lse_in(lse.begin(), lse.end()),
+  // The kernels' log-sum-exps are in base 2.
+  std::vector<float> lse_out = unset<float>(lse.size()), lse_in(lse.size()),
                      dsum_in(dsum.begin(), dsum.end()), dq_out(q.size(), 0.f);
+  for (size_t i = 0; i < lse.size(); i++)
+    lse_in[i] = float(lse[i] * M_LOG2E);
   // Unset: a tile the forward leaves so sees no key beyond the prefix.
   std::vector<uint32_t> reach(heads * ((rows + 63) / 64) * 2, 0xdeadbeefu);
   const dim3 queries{unsigned(heads), unsigned(rows + 63) / 64, 1},
@@ -539,7 +542,7 @@ void flash_case(int length, int prefix,
   double lse_error = 0;
   for (size_t i = 0; i < lse.size(); i++)
     lse_error = lse[i] == INFINITY ? worst(lse_error, lse_out[i] == INFINITY ? 0 : INFINITY)
-                                   : worst(lse_error, std::fabs(lse_out[i] - lse[i]));
+                                   : worst(lse_error, std::fabs(lse_out[i] - lse[i] * M_LOG2E));
   report("log-sum-exp", lse_error, 1e-4);
   report("dq", relative(dq, [&](size_t i) { return double(dq_out[moved(i)]); }), tol);
   // The reference's shared keys' gradients, each sequence's, summed.

@@ -287,8 +287,8 @@ fn part_tensors<'a>(parts: &KeyParts<'a>) -> [&'a Tensor; 4] {
 }
 
 /// `softmax(scale·q·kᵀ over the keys each row sees)·v` `[B, L, heads, 64]` (as `q`), each
-/// row's log-sum-exp `[B, kv_heads, group·L]` (f32, the kernels' rows: a key head's query heads
-/// stacked) and each tile of 64 of those rows' reach (u32 pairs), for positions seeing the
+/// row's log-sum-exp in base 2 `[B, kv_heads, group·L]` (f32, the kernels' rows: a key head's
+/// query heads stacked) and each tile of 64 of those rows' reach (u32 pairs), for positions seeing the
 /// first `prefix` keys and their span in `spans` `[B, L, 2]`.
 pub fn forward(
     q: &Tensor,

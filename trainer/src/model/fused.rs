@@ -1275,7 +1275,8 @@ fn check_loss_gradient(
 ) -> Result<()> {
     if grad.shape().dims() != [rows] || log_sums.1.shape().dims() != [rows] {
         candle_core::bail!(
-            "top-k cross-entropy: a gradient of shape {:?} and log-sum-exps of shape {:?} for {rows} losses",
+            "top-k cross-entropy: a gradient of shape {:?} and log-sum-exps of shape {:?} for \
+             {rows} losses",
             grad.shape(),
             log_sums.1.shape()
         );
