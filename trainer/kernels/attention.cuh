@@ -471,20 +471,29 @@ __device__ void flash_forward(const T *__restrict__ q, const T *__restrict__ k_s
     __syncthreads();
     float s[8][4] = {};
     product<T, true>(s, qa, ks[b]);
-    // A tile within the prefix is seen whole by every row.
+    // A tile within the prefix is seen whole by every row: no spans to compare.
     const bool whole = first + TILE <= prefix;
     float tile_top[2] = {-INFINITY, -INFINITY};
+    if (whole) {
 #pragma unroll
-    for (int n = 0; n < 8; n++)
+      for (int n = 0; n < 8; n++)
 #pragma unroll
-      for (int e = 0; e < 4; e++) {
-        const int h = e / 2;
-        const uint32_t key = first + n * 8 + 2 * t + e % 2;
-        const float x =
-            whole || sees(key, prefix, from[h], to[h]) ? s[n][e] * scale : -INFINITY;
-        s[n][e] = x;
-        tile_top[h] = fmaxf(tile_top[h], x);
-      }
+        for (int e = 0; e < 4; e++) {
+          s[n][e] *= scale;
+          tile_top[e / 2] = fmaxf(tile_top[e / 2], s[n][e]);
+        }
+    } else {
+#pragma unroll
+      for (int n = 0; n < 8; n++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+          const int h = e / 2;
+          const uint32_t key = first + n * 8 + 2 * t + e % 2;
+          const float x = sees(key, prefix, from[h], to[h]) ? s[n][e] * scale : -INFINITY;
+          s[n][e] = x;
+          tile_top[h] = fmaxf(tile_top[h], x);
+        }
+    }
     float reference[2], rescale[2];
 #pragma unroll
     for (int h = 0; h < 2; h++) {
@@ -653,7 +662,8 @@ __device__ void flash_backward(const T *__restrict__ q, const T *__restrict__ k_
 #pragma unroll
         for (int e = 0; e < 4; e++) {
           const uint32_t local = n * 8 + 2 * t + e % 2;
-          // Past the rows, lse is +inf: exp(-inf) = 0.
+          // Past the rows, lse is +inf: 2^-inf = 0. (`whole` is the same for the whole loop:
+          // the compiler makes a loop of its own for whole blocks.)
           st[n][e] = whole || sees(key[e / 2], prefix, froms[b][local], tos[b][local])
                          ? exp2_approx(st[n][e] * scale2 - lses[b][local])
                          : 0.f;
