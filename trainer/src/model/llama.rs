@@ -41,7 +41,9 @@ struct Layer {
 
 /// What the training forward keeps of a layer for the backward.
 struct Saved {
-    /// The layer's input, and the residual stream after attention.
+    /// The layer's input, and the residual stream after attention: each a view of the buffer
+    /// that [`add_rms_norm`] wrote it to beside its norm, which stays allocated with it (the
+    /// memory of a pass fewer a residual add; the first layer's input is the embeddings').
     x: Tensor,
     mid: Tensor,
     /// Attention's inputs (the keys and values of the input, without the prefix's, all in the
