@@ -3,8 +3,8 @@
 // several times: attention's masked softmax and its gradient (the broadcast mask add, softmax,
 // casts and broadcast subtract took 33 ms a layer at the benchmark's size on an H200, against
 // about 1 ms of memory traffic), the distillation loss over the vocabulary with its gradient,
-// a residual connection's add with the RMSNorm after it, RMSNorm's gradient (ten composed ops
-// on f32 copies) with the residual gradient added, the MLP's gate and the rotary embedding of
+// RMSNorm, a residual connection's add in place, RMSNorm's gradient (ten composed ops on f32
+// copies) with the residual gradient added, the MLP's gate and the rotary embedding of
 // the stacked projections' output, each with its gradient, and the gradient of selecting rows.
 // One block per row (the norms: a warp); sums in f32 (f64 for f64). Attention in tiles, which
 // replaces the softmax's two where it applies, is in attention.cuh (included at the end: one
@@ -288,35 +288,56 @@ template <typename A> __device__ __forceinline__ A warp_sum(A x) {
   return x;
 }
 
-// A residual connection's sum s = x + residual (rounded to T, as it is kept) and its RMSNorm
-// w * s * (mean(s^2) + eps)^-1/2, per row of `columns`: `out` `[2, rows, columns]`, the sums
-// then the normed rows. One pass where the add and the norm each crossed the rows.
+// RMSNorm, w * x * (mean(x^2) + eps)^-1/2, per row of `columns`.
 template <typename T>
-__device__ void add_rms_norm(const T *__restrict__ x, const T *__restrict__ residual,
-                             const T *__restrict__ weight, T *__restrict__ out, uint32_t columns,
-                             uint32_t rows, float eps) {
+__device__ void rms_norm(const T *__restrict__ x, const T *__restrict__ weight,
+                         T *__restrict__ out, uint32_t columns, uint32_t rows, float eps) {
   typedef typename Wide<T>::type A;
   const size_t row = warp_row();
   const uint32_t lane = threadIdx.x % 32;
   // A whole warp leaves together: no barrier waits for it.
   if (row >= rows)
     return;
-  const T *__restrict__ a = x + row * columns;
-  const T *__restrict__ b = residual + row * columns;
-  T *__restrict__ sum = out + row * columns;
-  T *__restrict__ normed = out + (size_t)rows * columns + row * columns;
+  const T *__restrict__ xr = x + row * columns;
+  T *__restrict__ y = out + row * columns;
   A squares = 0;
 #pragma unroll 4
   for (uint32_t j = lane; j < columns; j += 32) {
-    store(&sum[j], (A)widen(a[j]) + (A)widen(b[j]));
-    const A v = widen(sum[j]);
+    const A v = widen(xr[j]);
     squares += v * v;
   }
   const A r = (A)1 / sqrt(warp_sum(squares) / (A)columns + (A)eps);
-  // Each lane reads back the sums it wrote.
 #pragma unroll 4
   for (uint32_t j = lane; j < columns; j += 32)
-    store(&normed[j], (A)widen(sum[j]) * r * (A)widen(weight[j]));
+    store(&y[j], (A)widen(xr[j]) * r * (A)widen(weight[j]));
+}
+
+// sum += x per row of `columns`, in place: a residual connection's add, into the buffer of the
+// branch's output (which nothing else holds), so that no third buffer is written.
+template <typename T>
+__device__ void add_in_place(const T *__restrict__ x, T *__restrict__ sum, uint32_t columns,
+                             uint32_t rows) {
+  typedef typename Wide<T>::type A;
+  const size_t row = warp_row();
+  const uint32_t lane = threadIdx.x % 32;
+  if (row >= rows)
+    return;
+  T *__restrict__ s = sum + row * columns;
+  const T *__restrict__ a = x + row * columns;
+  if (packed(columns, s, a)) {
+    constexpr uint32_t N = Pack<T>::N;
+    for (uint32_t j = lane * N; j < columns; j += 32 * N) {
+      Pack<T> total = load_pack(s + j);
+      const Pack<T> more = load_pack(a + j);
+#pragma unroll
+      for (uint32_t i = 0; i < N; i++)
+        store(&total.v[i], (A)widen(total.v[i]) + (A)widen(more.v[i]));
+      store_pack(s + j, total);
+    }
+  } else {
+    for (uint32_t j = lane; j < columns; j += 32)
+      store(&s[j], (A)widen(s[j]) + (A)widen(a[j]));
+  }
 }
 
 // RMSNorm's input gradient for y = w * x * r, r = (mean(x^2) + eps)^-1/2, per row of `columns`:
@@ -520,10 +541,14 @@ __device__ void adam_step(const T *__restrict__ param, const T *__restrict__ gra
       const Wide<T>::type *__restrict__ grad, T *__restrict__ out, uint32_t columns, uint32_t k) { \
     top_k_cross_entropy_gradient<T>(logits, ids, probabilities, log_sums, grad, out, columns, k);  \
   }                                                                                                \
-  extern "C" __global__ void __launch_bounds__(THREADS) add_rms_norm_##NAME(                       \
-      const T *__restrict__ x, const T *__restrict__ residual, const T *__restrict__ weight,       \
-      T *__restrict__ out, uint32_t columns, uint32_t rows, float eps) {                           \
-    add_rms_norm<T>(x, residual, weight, out, columns, rows, eps);                                 \
+  extern "C" __global__ void __launch_bounds__(THREADS)                                            \
+      rms_norm_##NAME(const T *__restrict__ x, const T *__restrict__ weight, T *__restrict__ out,  \
+                      uint32_t columns, uint32_t rows, float eps) {                                \
+    rms_norm<T>(x, weight, out, columns, rows, eps);                                               \
+  }                                                                                                \
+  extern "C" __global__ void __launch_bounds__(THREADS) add_in_place_##NAME(                       \
+      const T *__restrict__ x, T *__restrict__ sum, uint32_t columns, uint32_t rows) {             \
+    add_in_place<T>(x, sum, columns, rows);                                                        \
   }                                                                                                \
   extern "C" __global__ void __launch_bounds__(THREADS) rms_norm_gradient_##NAME(                  \
       const T *__restrict__ x, const T *__restrict__ grad, const T *__restrict__ weight,           \

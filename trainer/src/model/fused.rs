@@ -8,8 +8,8 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::{
-    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor,
-    WithDType,
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, InplaceOp2, Layout, Result, Shape, Storage,
+    Tensor, WithDType,
 };
 use num_traits::{Float, One, Zero};
 use rayon::prelude::*;
@@ -29,64 +29,48 @@ macro_rules! for_float_dtype {
     };
 }
 
-/// A residual connection's sum `s = x + residual` (rounded as it is kept) and its RMSNorm
-/// `w·s·(mean(s²) + eps)^-½`: `[2, ..]`, the sums then the normed rows, each row in one pass
-/// (kernels/ops.cu on the GPU), sums of squares in f32.
-pub(super) struct AddRmsNorm {
+/// RMSNorm, `w·x·(mean(x²) + eps)^-½` over the last axis, each row in one pass (kernels/ops.cu
+/// on the GPU, where candle's own kernel took about twice the time its traffic needs), sums of
+/// squares in f32 (f64 for f64).
+pub(super) struct RmsNorm {
     pub(super) weight: Tensor,
     pub(super) eps: f32,
 }
 
-impl CustomOp2 for AddRmsNorm {
+impl CustomOp1 for RmsNorm {
     fn name(&self) -> &'static str {
-        "add-rms-norm"
+        "rms-norm"
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        fn run<T: Element>(
-            this: &AddRmsNorm,
-            s1: &CpuStorage,
-            l1: &Layout,
-            s2: &CpuStorage,
-            l2: &Layout,
-        ) -> Result<CpuStorage> {
-            let (_, columns) = elementwise("add-rms-norm", &[l1, l2])?;
-            check_weight("add-rms-norm", &this.weight, columns)?;
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout) -> Result<(CpuStorage, Shape)> {
+        fn run<T: Element>(this: &RmsNorm, s1: &CpuStorage, l1: &Layout) -> Result<CpuStorage> {
+            let (_, columns) = elementwise("rms-norm", &[l1])?;
+            check_weight("rms-norm", &this.weight, columns)?;
             let (weight, weight_layout) = this.weight.storage_and_layout();
             let Storage::Cpu(weight) = &*weight else {
-                candle_core::bail!("add-rms-norm: the weight is not in host memory");
+                candle_core::bail!("rms-norm: the weight is not in host memory");
             };
             let weight = contiguous::<T>(weight, weight_layout)?;
-            let (x, residual) = (contiguous::<T>(s1, l1)?, contiguous::<T>(s2, l2)?);
+            let x = contiguous::<T>(s1, l1)?;
             let n = <T::Wide as WithDType>::from_f64(columns as f64);
             let eps = <T::Wide as WithDType>::from_f64(f64::from(this.eps));
-            let mut out = vec![T::zero(); 2 * x.len()];
-            let (sums, normed) = out.split_at_mut(x.len());
-            sums.par_chunks_mut(columns)
-                .zip(normed.par_chunks_mut(columns))
-                .zip(x.par_chunks(columns).zip(residual.par_chunks(columns)))
-                .for_each(|((sum, normed), (x, residual))| {
-                    let mut squares = T::Wide::zero();
-                    for ((s, x), r) in sum.iter_mut().zip(x).zip(residual) {
-                        *s = T::narrow(x.widen() + r.widen());
-                        squares += s.widen() * s.widen();
-                    }
+            let mut out = vec![T::zero(); x.len()];
+            out.par_chunks_mut(columns)
+                .zip(x.par_chunks(columns))
+                .for_each(|(y, x)| {
+                    let squares = x
+                        .iter()
+                        .fold(T::Wide::zero(), |sum, x| sum + x.widen() * x.widen());
                     let r = (squares / n + eps).sqrt().recip();
-                    for ((y, s), w) in normed.iter_mut().zip(sum.iter()).zip(weight) {
-                        *y = T::narrow(s.widen() * r * w.widen());
+                    for ((y, x), w) in y.iter_mut().zip(x).zip(weight) {
+                        *y = T::narrow(x.widen() * r * w.widen());
                     }
                 });
             Ok(T::to_cpu_storage_owned(out))
         }
         Ok((
-            for_float_dtype!(s1.dtype(), run(self, s1, l1, s2, l2))?,
-            stacked_shape(2, l1),
+            for_float_dtype!(s1.dtype(), run(self, s1, l1))?,
+            l1.shape().clone(),
         ))
     }
 
@@ -95,29 +79,81 @@ impl CustomOp2 for AddRmsNorm {
         &self,
         s1: &candle_core::CudaStorage,
         l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (rows, columns) = elementwise("add-rms-norm", &[l1, l2])?;
-        check_weight("add-rms-norm", &self.weight, columns)?;
+        let (rows, columns) = elementwise("rms-norm", &[l1])?;
+        check_weight("rms-norm", &self.weight, columns)?;
         let (weight, weight_layout) = self.weight.storage_and_layout();
         let Storage::Cuda(weight) = &*weight else {
-            candle_core::bail!("add-rms-norm: the weight is not on the GPU");
+            candle_core::bail!("rms-norm: the weight is not on the GPU");
         };
         let dtype = s1.dtype();
         let storage = cuda::launch(
-            "add_rms_norm",
+            "rms_norm",
             cuda::warp_row_blocks(rows),
-            &[
-                (s1, l1, dtype),
-                (s2, l2, dtype),
-                (weight, weight_layout, dtype),
-            ],
-            (dtype, 2 * rows * columns),
+            &[(s1, l1, dtype), (weight, weight_layout, dtype)],
+            (dtype, rows * columns),
             &[columns, rows],
             &[self.eps],
         )?;
-        Ok((storage, stacked_shape(2, l1)))
+        Ok((storage, l1.shape().clone()))
+    }
+}
+
+/// `sum += x` in place, for tensors of one shape: a residual connection's add, into the buffer
+/// of the branch's fresh output, so that the sum needs no buffer of its own (a kernel of
+/// kernels/ops.cu on the GPU).
+pub(super) struct AddInPlace;
+
+/// `sum[i] += x[i]` in `T::Wide`, rounded.
+fn add_into<T: Element>(sum: &mut [T], x: &[T]) {
+    sum.par_iter_mut()
+        .zip(x)
+        .for_each(|(s, x)| *s = T::narrow(s.widen() + x.widen()));
+}
+
+impl InplaceOp2 for AddInPlace {
+    fn name(&self) -> &'static str {
+        "add-in-place"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<()> {
+        elementwise("add-in-place", &[l1, l2])?;
+        let (start, end) = l1
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("add-in-place: a strided sum".into()))?;
+        match s1 {
+            CpuStorage::BF16(sum) => add_into(&mut sum[start..end], contiguous(s2, l2)?),
+            CpuStorage::F16(sum) => add_into(&mut sum[start..end], contiguous(s2, l2)?),
+            CpuStorage::F32(sum) => add_into(&mut sum[start..end], contiguous(s2, l2)?),
+            CpuStorage::F64(sum) => add_into(&mut sum[start..end], contiguous(s2, l2)?),
+            other => candle_core::bail!("add-in-place: {:?} is not a float dtype", other.dtype()),
+        }
+        Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &mut candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<()> {
+        let (rows, columns) = elementwise("add-in-place", &[l1, l2])?;
+        let dtype = s1.dtype();
+        cuda::launch_into(
+            "add_in_place",
+            cuda::warp_row_blocks(rows),
+            &[(s2, l2, dtype)],
+            (s1, l1),
+            &[columns, rows],
+        )
     }
 }
 
@@ -1610,6 +1646,45 @@ pub(super) mod cuda {
         sizes: &[usize],
         floats: &[f32],
     ) -> Result<CudaStorage> {
+        let device = inputs[0].0.device.clone();
+        // SAFETY (each allocation): the kernel writes every element. Never none: the driver
+        // refuses an allocation of no bytes, and a storage may be larger than its shape.
+        let elements = elements.max(1);
+        let out = match dtype {
+            DType::BF16 => CudaStorageSlice::BF16(unsafe { device.alloc::<bf16>(elements)? }),
+            DType::F16 => CudaStorageSlice::F16(unsafe { device.alloc::<f16>(elements)? }),
+            DType::F32 => CudaStorageSlice::F32(unsafe { device.alloc::<f32>(elements)? }),
+            DType::F64 => CudaStorageSlice::F64(unsafe { device.alloc::<f64>(elements)? }),
+            other => candle_core::bail!("{name}: a {other:?} output"),
+        };
+        run(name, blocks, inputs, Some(&out), sizes, floats)?;
+        Ok(CudaStorage { slice: out, device })
+    }
+
+    /// [`launch`] of a kernel that writes its last input, `into`, in place (after the others,
+    /// where an output would be), and takes no floats.
+    pub fn launch_into(
+        name: &str,
+        blocks: usize,
+        inputs: &[(&CudaStorage, &Layout, DType)],
+        into: (&mut CudaStorage, &Layout),
+        sizes: &[usize],
+    ) -> Result<()> {
+        let (storage, layout) = into;
+        let mut all = inputs.to_vec();
+        all.push((&*storage, layout, storage.dtype()));
+        run(name, blocks, &all, None, sizes, &[])
+    }
+
+    /// [`launch`]'s launch: the inputs, `out` if any, `sizes`, `floats`.
+    fn run(
+        name: &str,
+        blocks: usize,
+        inputs: &[(&CudaStorage, &Layout, DType)],
+        out: Option<&CudaStorageSlice>,
+        sizes: &[usize],
+        floats: &[f32],
+    ) -> Result<()> {
         let grid = u32::try_from(blocks)
             .ok()
             .filter(|&r| r <= i32::MAX as u32)
@@ -1636,27 +1711,19 @@ pub(super) mod cuda {
                 View::of(storage, layout)
             })
             .collect::<Result<Vec<_>>>()?;
-        // SAFETY (each allocation): the kernel writes every element. Never none: the driver
-        // refuses an allocation of no bytes, and a storage may be larger than its shape.
-        let elements = elements.max(1);
-        let out = match dtype {
-            DType::BF16 => CudaStorageSlice::BF16(unsafe { device.alloc::<bf16>(elements)? }),
-            DType::F16 => CudaStorageSlice::F16(unsafe { device.alloc::<f16>(elements)? }),
-            DType::F32 => CudaStorageSlice::F32(unsafe { device.alloc::<f32>(elements)? }),
-            DType::F64 => CudaStorageSlice::F64(unsafe { device.alloc::<f64>(elements)? }),
-            other => candle_core::bail!("{name}: a {other:?} output"),
-        };
         let mut builder = func.builder();
         for view in &views {
             view.push(&mut builder);
         }
-        match &out {
-            CudaStorageSlice::BF16(s) => builder.arg(s),
-            CudaStorageSlice::F16(s) => builder.arg(s),
-            CudaStorageSlice::F32(s) => builder.arg(s),
-            CudaStorageSlice::F64(s) => builder.arg(s),
-            _ => unreachable!("allocated above"),
-        };
+        if let Some(out) = out {
+            match out {
+                CudaStorageSlice::BF16(s) => builder.arg(s),
+                CudaStorageSlice::F16(s) => builder.arg(s),
+                CudaStorageSlice::F32(s) => builder.arg(s),
+                CudaStorageSlice::F64(s) => builder.arg(s),
+                _ => candle_core::bail!("{name}: an output of an unexpected dtype"),
+            };
+        }
         for size in &sizes {
             builder.arg(size);
         }
@@ -1674,7 +1741,7 @@ pub(super) mod cuda {
             // every pointer covering the rows the grid reads.
             unsafe { builder.launch(config) }.w()?;
         }
-        Ok(CudaStorage { slice: out, device })
+        Ok(())
     }
 }
 

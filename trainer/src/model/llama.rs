@@ -20,7 +20,7 @@ use candle_nn::kv_cache::KvCache;
 use super::config::{Config, read_gguf};
 use super::mask::Mask;
 use super::ops::{
-    AttentionSaved, Keys, add_rms_norm, attention_backward, attention_forward, linear,
+    AttentionSaved, Keys, add_in_place, attention_backward, attention_forward, linear,
     linear_backward, rms_norm, rms_norm_backward, rope_qkv, rope_qkv_backward, swiglu,
     swiglu_backward,
 };
@@ -41,9 +41,7 @@ struct Layer {
 
 /// What the training forward keeps of a layer for the backward.
 struct Saved {
-    /// The layer's input, and the residual stream after attention: each a view of the buffer
-    /// that [`add_rms_norm`] wrote it to beside its norm, which stays allocated with it (the
-    /// memory of a pass fewer a residual add; the first layer's input is the embeddings').
+    /// The layer's input, and the residual stream after attention.
     x: Tensor,
     mid: Tensor,
     /// Attention's inputs (the keys and values of the input, without the prefix's, all in the
@@ -410,11 +408,10 @@ impl Llama {
         mut context: Context<'_>,
     ) -> Result<Tensor> {
         let (mut x, cos, sin) = self.embed(ids, positions)?;
-        let mut h = self.rms_norm(&x, self.norm_before(0))?;
         for (index, layer) in self.layers.iter().enumerate() {
-            (x, h) = self.layer(index, layer, (x, h), &cos, &sin, mask, &mut context, None)?;
+            x = self.layer(index, layer, x, &cos, &sin, mask, &mut context, None)?;
         }
-        Ok(h)
+        self.rms_norm(&x, &self.norm)
     }
 
     /// A loss of the hidden states and its gradients with respect to the keys and values of
@@ -439,14 +436,13 @@ impl Llama {
         let (heads, kv_heads, hd) = (config.heads, config.kv_heads, config.head_dim);
         let eps = config.rms_eps as f32;
         let (mut x, cos, sin) = self.embed(ids, positions)?;
-        let mut h = self.rms_norm(&x, self.norm_before(0))?;
         let mut saved = Vec::with_capacity(self.layers.len());
         let mut context = Context::Prefix(prefix);
         for (index, layer) in self.layers.iter().enumerate() {
-            (x, h) = self.layer(
+            x = self.layer(
                 index,
                 layer,
-                (x, h),
+                x,
                 &cos,
                 &sin,
                 mask,
@@ -454,7 +450,7 @@ impl Llama {
                 Some(&mut saved),
             )?;
         }
-        let (value, grad) = loss(&h)?;
+        let (value, grad) = loss(&self.rms_norm(&x, &self.norm)?)?;
         let mut dx = rms_norm_backward(&x, &self.norm, eps, &grad, None)?;
         let mut gradients = Prefix {
             keys: Vec::new(),
@@ -518,33 +514,23 @@ impl Llama {
         Ok((x, cos, sin))
     }
 
-    /// The norm of the residual stream entering layer `index`: its attention's, or after the
-    /// last layer the final one.
-    fn norm_before(&self, index: usize) -> &Tensor {
-        self.layers
-            .get(index)
-            .map_or(&self.norm, |layer| &layer.attn_norm)
-    }
-
-    /// One layer from its input `x` and `h`, its norm: its output and the output's norm (the
-    /// next layer's, or the final one), each norm computed in one pass with the add before it.
-    /// With `saved`, keeps there what the backward needs.
+    /// One layer from its input `x`; with `saved`, keeps there what the backward needs.
     #[allow(clippy::too_many_arguments)]
     fn layer(
         &self,
         index: usize,
         layer: &Layer,
-        (x, h): (Tensor, Tensor),
+        x: Tensor,
         cos: &Tensor,
         sin: &Tensor,
         mask: &Mask,
         context: &mut Context<'_>,
         saved: Option<&mut Vec<Saved>>,
-    ) -> Result<(Tensor, Tensor)> {
+    ) -> Result<Tensor> {
         let config = &self.config;
         let (batch, length, _) = x.dims3()?;
         let (heads, kv_heads, hd) = (config.heads, config.kv_heads, config.head_dim);
-        let eps = config.rms_eps as f32;
+        let h = self.rms_norm(&x, &layer.attn_norm)?;
         // Queries, keys and values keep the projection's layout, `[B, L, heads, head_dim]`, as
         // attention's output does: no copies to a heads-first layout and back.
         let (q, k, v) = rope_qkv(&linear(&h, &layer.qkv)?, (heads, kv_heads), cos, sin)?;
@@ -575,14 +561,13 @@ impl Llama {
             }
         };
         let attended = out.reshape((batch, length, heads * hd))?;
-        let (mid, h) = add_rms_norm(&x, &linear(&attended, &layer.o)?, &layer.ffn_norm, eps)?;
+        // The residual adds go into the branches' fresh outputs: no third buffer a sum.
+        let mid = linear(&attended, &layer.o)?;
+        add_in_place(&mid, &x)?;
+        let h = self.rms_norm(&mid, &layer.ffn_norm)?;
         let gate_up = linear(&h, &layer.gate_up)?;
-        let (y, h) = add_rms_norm(
-            &mid,
-            &linear(&swiglu(&gate_up)?, &layer.down)?,
-            self.norm_before(index + 1),
-            eps,
-        )?;
+        let y = linear(&swiglu(&gate_up)?, &layer.down)?;
+        add_in_place(&y, &mid)?;
         if let Some(saved) = saved {
             saved.push(Saved {
                 x,
@@ -595,7 +580,7 @@ impl Llama {
                 gate_up,
             });
         }
-        Ok((y, h))
+        Ok(y)
     }
 
     /// Next-token logits for hidden states `[..., hidden]`.

@@ -15,36 +15,24 @@ use candle_core::{D, DType, Result, Tensor};
 
 use super::Mask;
 use super::fused::{
-    AddRmsNorm, MaskedSoftmax, PlaceRows, RmsNormGradient, RopeQkv, RopeQkvGradient,
+    AddInPlace, MaskedSoftmax, PlaceRows, RmsNorm, RmsNormGradient, RopeQkv, RopeQkvGradient,
     SoftmaxGradient, SwiGlu, SwiGluGradient, TopKCrossEntropy, TopKCrossEntropyGradient,
 };
 
 /// RMSNorm of `x` `[..., hidden]` with `weight` `[hidden]`.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> Result<Tensor> {
-    if x.dtype() == DType::F64 {
-        // candle's fused kernel has no f64 (the dtype of the finite-difference tests); the
-        // composed form is exact.
-        return candle_nn::ops::rms_norm_slow(x, weight, eps);
-    }
-    candle_nn::ops::rms_norm(x, weight, eps)
-}
-
-/// A residual connection's sum `x + residual` and its [`rms_norm`] with `weight`, in one pass
-/// (views of one buffer).
-pub fn add_rms_norm(
-    x: &Tensor,
-    residual: &Tensor,
-    weight: &Tensor,
-    eps: f32,
-) -> Result<(Tensor, Tensor)> {
-    let norm = AddRmsNorm {
+    let norm = RmsNorm {
         weight: weight.contiguous()?,
         eps,
     };
-    let both = x
-        .contiguous()?
-        .apply_op2_no_bwd(&residual.contiguous()?, &norm)?;
-    Ok((both.get(0)?, both.get(1)?))
+    x.contiguous()?.apply_op1_no_bwd(&norm)
+}
+
+/// `sum += x` in place, for tensors of one shape, `sum` contiguous: a residual connection's
+/// add, into the buffer of the branch's output (which nothing else may hold), so that the sum
+/// takes no buffer of its own.
+pub fn add_in_place(sum: &Tensor, x: &Tensor) -> Result<()> {
+    sum.inplace_op2(&x.contiguous()?, &AddInPlace)
 }
 
 /// [`rms_norm`]'s input gradient given its output's, `grad`, plus `residual` where x also
@@ -592,17 +580,11 @@ pub(super) mod tests {
                 |x| candle_nn::ops::rms_norm_slow(x, &weight, 1e-5),
                 &x,
             )?;
-            // A residual sum and its norm in one pass.
-            let residual = x.randn_like(0.0, 1.0)?;
-            let (sum, normed) = add_rms_norm(&x, &residual, &weight, 1e-5)?;
-            let composed_sum = (&x + &residual)?;
-            assert!(max_difference(&sum, &composed_sum)? < 1e-6);
-            let composed = candle_nn::ops::rms_norm_slow(&composed_sum, &weight, 1e-5)?;
-            let error = max_difference(&normed, &composed)?;
-            assert!(
-                error < 1e-5,
-                "the norm of a residual sum, {hidden} wide: {error}"
-            );
+            // A residual added in place.
+            let (sum, residual) = (x.randn_like(0.0, 1.0)?, x.randn_like(0.0, 1.0)?);
+            let composed = (&sum + &residual)?;
+            add_in_place(&sum, &residual)?;
+            assert!(max_difference(&sum, &composed)? < 1e-6);
             // A residual gradient is added in the same pass.
             let (grad, residual) = (x.randn_like(0.0, 1.0)?, x.randn_like(0.0, 1.0)?);
             let added = rms_norm_backward(&x, &weight, 1e-5, &grad, Some(&residual))?;
