@@ -29,6 +29,31 @@ macro_rules! for_float_dtype {
     };
 }
 
+/// A tensor an op holds beside its inputs (a weight, the teacher's ids), as
+/// `Tensor::storage_and_layout` locks it: its contiguous elements in host memory, or an error
+/// saying `what` is not there.
+fn on_host<'a, T: WithDType>(
+    (storage, layout): &'a (impl std::ops::Deref<Target = Storage>, &'a Layout),
+    what: &str,
+) -> Result<&'a [T]> {
+    match &**storage {
+        Storage::Cpu(storage) => contiguous(storage, layout),
+        _ => candle_core::bail!("{what} is not in host memory"),
+    }
+}
+
+/// [`on_host`]'s GPU side: the held tensor as a kernel's input.
+#[cfg(feature = "cuda")]
+fn on_gpu<'a>(
+    (storage, layout): &'a (impl std::ops::Deref<Target = Storage>, &'a Layout),
+    what: &str,
+) -> Result<(&'a candle_core::CudaStorage, &'a Layout)> {
+    match &**storage {
+        Storage::Cuda(storage) => Ok((storage, layout)),
+        _ => candle_core::bail!("{what} is not on the GPU"),
+    }
+}
+
 /// RMSNorm, `w·x·(mean(x²) + eps)^-½` over the last axis, each row in one pass (kernels/ops.cu
 /// on the GPU, where candle's own kernel took about twice the time its traffic needs), sums of
 /// squares in f32 (f64 for f64).
@@ -46,11 +71,8 @@ impl CustomOp1 for RmsNorm {
         fn run<T: Element>(this: &RmsNorm, s1: &CpuStorage, l1: &Layout) -> Result<CpuStorage> {
             let (_, columns) = elementwise("rms-norm", &[l1])?;
             check_weight("rms-norm", &this.weight, columns)?;
-            let (weight, weight_layout) = this.weight.storage_and_layout();
-            let Storage::Cpu(weight) = &*weight else {
-                candle_core::bail!("rms-norm: the weight is not in host memory");
-            };
-            let weight = contiguous::<T>(weight, weight_layout)?;
+            let held = this.weight.storage_and_layout();
+            let weight = on_host::<T>(&held, "rms-norm: the weight")?;
             let x = contiguous::<T>(s1, l1)?;
             let n = <T::Wide as WithDType>::from_f64(columns as f64);
             let eps = <T::Wide as WithDType>::from_f64(f64::from(this.eps));
@@ -82,10 +104,8 @@ impl CustomOp1 for RmsNorm {
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let (rows, columns) = elementwise("rms-norm", &[l1])?;
         check_weight("rms-norm", &self.weight, columns)?;
-        let (weight, weight_layout) = self.weight.storage_and_layout();
-        let Storage::Cuda(weight) = &*weight else {
-            candle_core::bail!("rms-norm: the weight is not on the GPU");
-        };
+        let held = self.weight.storage_and_layout();
+        let (weight, weight_layout) = on_gpu(&held, "rms-norm: the weight")?;
         let dtype = s1.dtype();
         let storage = cuda::launch(
             "rms_norm",
@@ -218,21 +238,13 @@ impl CustomOp2 for RmsNormGradient {
             l2: &Layout,
         ) -> Result<CpuStorage> {
             let columns = this.columns(l1, l2)?;
-            let (weight, weight_layout) = this.weight.storage_and_layout();
-            let Storage::Cpu(weight) = &*weight else {
-                candle_core::bail!("rms-norm gradient: the weight is not in host memory");
-            };
-            let weight = contiguous::<T>(weight, weight_layout)?;
+            let held = this.weight.storage_and_layout();
+            let weight = on_host::<T>(&held, "rms-norm gradient: the weight")?;
             let residual = this.residual.as_ref().map(Tensor::storage_and_layout);
-            let residual = match &residual {
-                Some((storage, layout)) => match &**storage {
-                    Storage::Cpu(storage) => Some(contiguous::<T>(storage, layout)?),
-                    _ => {
-                        candle_core::bail!("rms-norm gradient: the residual is not in host memory")
-                    }
-                },
-                None => None,
-            };
+            let residual = residual
+                .as_ref()
+                .map(|held| on_host::<T>(held, "rms-norm gradient: the residual"))
+                .transpose()?;
             let (x, grad) = (contiguous::<T>(s1, l1)?, contiguous::<T>(s2, l2)?);
             Ok(T::to_cpu_storage_owned(rms_norm_gradient_rows(
                 x, grad, weight, residual, columns, this.eps,
@@ -253,10 +265,8 @@ impl CustomOp2 for RmsNormGradient {
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let columns = self.columns(l1, l2)?;
-        let (weight, weight_layout) = self.weight.storage_and_layout();
-        let Storage::Cuda(weight) = &*weight else {
-            candle_core::bail!("rms-norm gradient: the weight is not on the GPU");
-        };
+        let held = self.weight.storage_and_layout();
+        let (weight, weight_layout) = on_gpu(&held, "rms-norm gradient: the weight")?;
         let residual = self.residual.as_ref().map(Tensor::storage_and_layout);
         let dtype = s1.dtype();
         let mut inputs = vec![
@@ -264,10 +274,8 @@ impl CustomOp2 for RmsNormGradient {
             (s2, l2, dtype),
             (weight, weight_layout, dtype),
         ];
-        if let Some((storage, layout)) = &residual {
-            let Storage::Cuda(storage) = &**storage else {
-                candle_core::bail!("rms-norm gradient: the residual is not on the GPU");
-            };
+        if let Some(held) = &residual {
+            let (storage, layout) = on_gpu(held, "rms-norm gradient: the residual")?;
             inputs.push((storage, layout, dtype));
         }
         let elements = l1.shape().elem_count();
@@ -459,15 +467,40 @@ impl CustomOp2 for SwiGluGradient {
 pub(super) struct RopeQkv {
     pub(super) heads: usize,
     pub(super) kv_heads: usize,
-    pub(super) cos: Tensor,
-    pub(super) sin: Tensor,
+    pub(super) angles: Angles,
 }
 
 /// [`RopeQkv`]'s input gradient given its outputs' (the queries', the keys', the values'),
 /// stacked as its input: the rotation back, in one pass.
 pub(super) struct RopeQkvGradient {
-    pub(super) cos: Tensor,
-    pub(super) sin: Tensor,
+    pub(super) angles: Angles,
+}
+
+/// The rotations' angles, as [`RopeQkv`] and its gradient take them: cosines and sines of one
+/// shape, `[.., dim/2]`, contiguous.
+pub(super) struct Angles {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Angles {
+    pub(super) fn new(cos: &Tensor, sin: &Tensor) -> Result<Self> {
+        if sin.shape() != cos.shape() {
+            candle_core::bail!(
+                "rotary embedding: cosines {:?}, sines {:?}",
+                cos.shape(),
+                sin.shape()
+            );
+        }
+        Ok(Self {
+            cos: cos.contiguous()?,
+            sin: sin.contiguous()?,
+        })
+    }
+    /// The cosines and the sines, locked for reading.
+    fn held(&self) -> [(impl std::ops::Deref<Target = Storage> + '_, &Layout); 2] {
+        [&self.cos, &self.sin].map(Tensor::storage_and_layout)
+    }
 }
 
 /// A [`RopeQkv`]'s rows (positions), heads and pairs a head.
@@ -568,41 +601,6 @@ fn rope_row<T: Element>(
     v_out.copy_from_slice(v);
 }
 
-/// The angles in host memory, contiguous.
-fn host_angles<T: Element>(
-    cos: &Tensor,
-    sin: &Tensor,
-    run: impl FnOnce(&[T], &[T]) -> Result<CpuStorage>,
-) -> Result<CpuStorage> {
-    let (c, cos_layout) = cos.storage_and_layout();
-    let (s, sin_layout) = sin.storage_and_layout();
-    let (Storage::Cpu(c), Storage::Cpu(s)) = (&*c, &*s) else {
-        candle_core::bail!("rotary embedding: the angles are not in host memory");
-    };
-    run(
-        contiguous::<T>(c, cos_layout)?,
-        contiguous::<T>(s, sin_layout)?,
-    )
-}
-
-/// The angles on the GPU.
-#[cfg(feature = "cuda")]
-fn with_gpu_angles<R>(
-    cos: &Tensor,
-    sin: &Tensor,
-    run: impl FnOnce(
-        (&candle_core::CudaStorage, &Layout),
-        (&candle_core::CudaStorage, &Layout),
-    ) -> Result<R>,
-) -> Result<R> {
-    let (c, cos_layout) = cos.storage_and_layout();
-    let (s, sin_layout) = sin.storage_and_layout();
-    let (Storage::Cuda(c), Storage::Cuda(s)) = (&*c, &*s) else {
-        candle_core::bail!("rotary embedding: the angles are not on the GPU");
-    };
-    run((c, cos_layout), (s, sin_layout))
-}
-
 impl CustomOp1 for RopeQkv {
     fn name(&self) -> &'static str {
         "rope-qkv"
@@ -610,27 +608,28 @@ impl CustomOp1 for RopeQkv {
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout) -> Result<(CpuStorage, Shape)> {
         fn run<T: Element>(this: &RopeQkv, s1: &CpuStorage, l1: &Layout) -> Result<CpuStorage> {
-            let sizes = RopeSizes::stacked(l1, (this.heads, this.kv_heads), &this.cos)?;
+            let sizes = RopeSizes::stacked(l1, (this.heads, this.kv_heads), &this.angles.cos)?;
             let qkv = contiguous::<T>(s1, l1)?;
             let (dim, rows) = (sizes.dim(), sizes.rows);
             let (query_width, key_width) = (sizes.heads * dim, sizes.kv_heads * dim);
-            host_angles::<T>(&this.cos, &this.sin, |cos, sin| {
-                let mut out = vec![T::zero(); qkv.len()];
-                let (q_out, rest) = out.split_at_mut(rows * query_width);
-                let (k_out, v_out) = rest.split_at_mut(rows * key_width);
-                q_out
-                    .par_chunks_mut(query_width)
-                    .zip(k_out.par_chunks_mut(key_width))
-                    .zip(v_out.par_chunks_mut(key_width))
-                    .zip(qkv.par_chunks(sizes.stacked_width()))
-                    .zip(cos.par_chunks(sizes.half).zip(sin.par_chunks(sizes.half)))
-                    .for_each(|((((q, k), v), row), angles)| {
-                        let (rq, rest) = row.split_at(query_width);
-                        let (rk, rv) = rest.split_at(key_width);
-                        rope_row([rq, rk, rv], [q, k, v], angles, dim, T::Wide::one());
-                    });
-                Ok(T::to_cpu_storage_owned(out))
-            })
+            let held = this.angles.held();
+            let cos = on_host::<T>(&held[0], "rotary embedding: the cosines")?;
+            let sin = on_host::<T>(&held[1], "rotary embedding: the sines")?;
+            let mut out = vec![T::zero(); qkv.len()];
+            let (q_out, rest) = out.split_at_mut(rows * query_width);
+            let (k_out, v_out) = rest.split_at_mut(rows * key_width);
+            q_out
+                .par_chunks_mut(query_width)
+                .zip(k_out.par_chunks_mut(key_width))
+                .zip(v_out.par_chunks_mut(key_width))
+                .zip(qkv.par_chunks(sizes.stacked_width()))
+                .zip(cos.par_chunks(sizes.half).zip(sin.par_chunks(sizes.half)))
+                .for_each(|((((q, k), v), row), angles)| {
+                    let (rq, rest) = row.split_at(query_width);
+                    let (rk, rv) = rest.split_at(key_width);
+                    rope_row([rq, rk, rv], [q, k, v], angles, dim, T::Wide::one());
+                });
+            Ok(T::to_cpu_storage_owned(out))
         }
         Ok((
             for_float_dtype!(s1.dtype(), run(self, s1, l1))?,
@@ -644,18 +643,19 @@ impl CustomOp1 for RopeQkv {
         s1: &candle_core::CudaStorage,
         l1: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let sizes = RopeSizes::stacked(l1, (self.heads, self.kv_heads), &self.cos)?;
+        let sizes = RopeSizes::stacked(l1, (self.heads, self.kv_heads), &self.angles.cos)?;
         let dtype = s1.dtype();
-        let storage = with_gpu_angles(&self.cos, &self.sin, |(c, cl), (s, sl)| {
-            cuda::launch(
-                "rope_qkv",
-                sizes.rows,
-                &[(s1, l1, dtype), (c, cl, dtype), (s, sl, dtype)],
-                (dtype, l1.shape().elem_count()),
-                &[sizes.heads, sizes.kv_heads, sizes.half, sizes.rows],
-                &[],
-            )
-        })?;
+        let held = self.angles.held();
+        let (c, cl) = on_gpu(&held[0], "rotary embedding: the cosines")?;
+        let (s, sl) = on_gpu(&held[1], "rotary embedding: the sines")?;
+        let storage = cuda::launch(
+            "rope_qkv",
+            sizes.rows,
+            &[(s1, l1, dtype), (c, cl, dtype), (s, sl, dtype)],
+            (dtype, l1.shape().elem_count()),
+            &[sizes.heads, sizes.kv_heads, sizes.half, sizes.rows],
+            &[],
+        )?;
         Ok((storage, Shape::from(l1.shape().elem_count())))
     }
 }
@@ -692,7 +692,7 @@ impl CustomOp3 for RopeQkvGradient {
             s3: &CpuStorage,
             l3: &Layout,
         ) -> Result<CpuStorage> {
-            let sizes = RopeSizes::split([l1, l2, l3], &this.cos)?;
+            let sizes = RopeSizes::split([l1, l2, l3], &this.angles.cos)?;
             let (dq, dk, dv) = (
                 contiguous::<T>(s1, l1)?,
                 contiguous::<T>(s2, l2)?,
@@ -700,21 +700,22 @@ impl CustomOp3 for RopeQkvGradient {
             );
             let dim = sizes.dim();
             let (query_width, key_width) = (sizes.heads * dim, sizes.kv_heads * dim);
-            host_angles::<T>(&this.cos, &this.sin, |cos, sin| {
-                let mut out = vec![T::zero(); sizes.rows * sizes.stacked_width()];
-                out.par_chunks_mut(sizes.stacked_width())
-                    .zip(dq.par_chunks(query_width))
-                    .zip(dk.par_chunks(key_width).zip(dv.par_chunks(key_width)))
-                    .zip(cos.par_chunks(sizes.half).zip(sin.par_chunks(sizes.half)))
-                    .for_each(|(((row, q), (k, v)), angles)| {
-                        let (rq, rest) = row.split_at_mut(query_width);
-                        let (rk, rv) = rest.split_at_mut(key_width);
-                        rope_row([q, k, v], [rq, rk, rv], angles, dim, -T::Wide::one());
-                    });
-                Ok(T::to_cpu_storage_owned(out))
-            })
+            let held = this.angles.held();
+            let cos = on_host::<T>(&held[0], "rotary embedding: the cosines")?;
+            let sin = on_host::<T>(&held[1], "rotary embedding: the sines")?;
+            let mut out = vec![T::zero(); sizes.rows * sizes.stacked_width()];
+            out.par_chunks_mut(sizes.stacked_width())
+                .zip(dq.par_chunks(query_width))
+                .zip(dk.par_chunks(key_width).zip(dv.par_chunks(key_width)))
+                .zip(cos.par_chunks(sizes.half).zip(sin.par_chunks(sizes.half)))
+                .for_each(|(((row, q), (k, v)), angles)| {
+                    let (rq, rest) = row.split_at_mut(query_width);
+                    let (rk, rv) = rest.split_at_mut(key_width);
+                    rope_row([q, k, v], [rq, rk, rv], angles, dim, -T::Wide::one());
+                });
+            Ok(T::to_cpu_storage_owned(out))
         }
-        let sizes = RopeSizes::split([l1, l2, l3], &self.cos)?;
+        let sizes = RopeSizes::split([l1, l2, l3], &self.angles.cos)?;
         Ok((
             for_float_dtype!(s1.dtype(), run(self, s1, l1, s2, l2, s3, l3))?,
             stacked_shape_of(l1, sizes),
@@ -731,24 +732,25 @@ impl CustomOp3 for RopeQkvGradient {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let sizes = RopeSizes::split([l1, l2, l3], &self.cos)?;
+        let sizes = RopeSizes::split([l1, l2, l3], &self.angles.cos)?;
         let dtype = s1.dtype();
-        let storage = with_gpu_angles(&self.cos, &self.sin, |(c, cl), (s, sl)| {
-            cuda::launch(
-                "rope_qkv_gradient",
-                sizes.rows,
-                &[
-                    (s1, l1, dtype),
-                    (s2, l2, dtype),
-                    (s3, l3, dtype),
-                    (c, cl, dtype),
-                    (s, sl, dtype),
-                ],
-                (dtype, sizes.rows * sizes.stacked_width()),
-                &[sizes.heads, sizes.kv_heads, sizes.half],
-                &[],
-            )
-        })?;
+        let held = self.angles.held();
+        let (c, cl) = on_gpu(&held[0], "rotary embedding: the cosines")?;
+        let (s, sl) = on_gpu(&held[1], "rotary embedding: the sines")?;
+        let storage = cuda::launch(
+            "rope_qkv_gradient",
+            sizes.rows,
+            &[
+                (s1, l1, dtype),
+                (s2, l2, dtype),
+                (s3, l3, dtype),
+                (c, cl, dtype),
+                (s, sl, dtype),
+            ],
+            (dtype, sizes.rows * sizes.stacked_width()),
+            &[sizes.heads, sizes.kv_heads, sizes.half],
+            &[],
+        )?;
         Ok((storage, stacked_shape_of(l1, sizes)))
     }
 }
@@ -928,13 +930,10 @@ impl candle_core::CustomOp1 for PlaceRows {
             layout: &Layout,
         ) -> Result<CpuStorage> {
             let (rows, columns) = this.shape(layout)?;
-            let (source, source_layout) = this.source.storage_and_layout();
-            let Storage::Cpu(source) = &*source else {
-                candle_core::bail!("place rows: the sources are not in host memory");
-            };
+            let held = this.source.storage_and_layout();
             let (selected, source) = (
                 contiguous::<T>(storage, layout)?,
-                contiguous::<u32>(source, source_layout)?,
+                on_host::<u32>(&held, "place rows: the sources")?,
             );
             let mut out = vec![T::zero(); rows * columns];
             for (y, &from) in out.chunks_mut(columns.max(1)).zip(source) {
@@ -959,10 +958,8 @@ impl candle_core::CustomOp1 for PlaceRows {
         layout: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let (rows, columns) = self.shape(layout)?;
-        let (source, source_layout) = self.source.storage_and_layout();
-        let Storage::Cuda(source) = &*source else {
-            candle_core::bail!("place rows: the sources are not on the GPU");
-        };
+        let held = self.source.storage_and_layout();
+        let (source, source_layout) = on_gpu(&held, "place rows: the sources")?;
         let dtype = storage.dtype();
         let out = cuda::launch(
             "place_rows",
@@ -1301,6 +1298,25 @@ pub(super) struct TopKCrossEntropyGradient {
     pub(super) log_sums: Tensor,
 }
 
+impl TopKCrossEntropyGradient {
+    /// Rows, vocabulary and k of logits of `logits` and `dtype` with the incoming gradient
+    /// `grad`, checked against the teacher and the log-sum-exps.
+    fn shape(&self, logits: &Layout, grad: &Layout, dtype: DType) -> Result<(usize, usize, usize)> {
+        fn of(t: &Tensor) -> (DType, &Layout) {
+            (t.dtype(), t.layout())
+        }
+        let (rows, columns, k) =
+            top_k_shape(logits, of(&self.ids), of(&self.probabilities), dtype)?;
+        check_loss_gradient(grad, of(&self.log_sums), rows, dtype)?;
+        Ok((rows, columns, k))
+    }
+
+    /// The teacher's ids and probabilities and the log-sum-exps, locked for reading.
+    fn held(&self) -> [(impl std::ops::Deref<Target = Storage> + '_, &Layout); 3] {
+        [&self.ids, &self.probabilities, &self.log_sums].map(Tensor::storage_and_layout)
+    }
+}
+
 /// The incoming gradient of [`top_k_cross_entropy`]'s `[rows]` losses, and their log-sum-exps,
 /// must be `[rows]` in the accumulation dtype.
 fn check_loss_gradient(
@@ -1346,25 +1362,14 @@ impl CustomOp2 for TopKCrossEntropyGradient {
             s2: &CpuStorage,
             l2: &Layout,
         ) -> Result<CpuStorage> {
-            let (ids, id_layout) = this.ids.storage_and_layout();
-            let (p, p_layout) = this.probabilities.storage_and_layout();
-            let (sums, sums_layout) = this.log_sums.storage_and_layout();
-            let (Storage::Cpu(ids), Storage::Cpu(p), Storage::Cpu(sums)) = (&*ids, &*p, &*sums)
-            else {
-                candle_core::bail!("top-k cross-entropy: the teacher is not in host memory");
-            };
-            let (rows, columns, k) = top_k_shape(
-                l1,
-                (ids.dtype(), id_layout),
-                (p.dtype(), p_layout),
-                T::DTYPE,
-            )?;
-            check_loss_gradient(l2, (sums.dtype(), sums_layout), rows, T::DTYPE)?;
-            let (logits, ids) = (contiguous::<T>(s1, l1)?, contiguous::<u32>(ids, id_layout)?);
+            let (_, columns, k) = this.shape(l1, l2, T::DTYPE)?;
+            let held = this.held();
+            let teacher = "top-k cross-entropy: the teacher";
+            let (logits, ids) = (contiguous::<T>(s1, l1)?, on_host::<u32>(&held[0], teacher)?);
             check_ids(ids, columns)?;
             let (p, log_sums, grad) = (
-                contiguous::<T::Wide>(p, p_layout)?,
-                contiguous::<T::Wide>(sums, sums_layout)?,
+                on_host::<T::Wide>(&held[1], teacher)?,
+                on_host::<T::Wide>(&held[2], teacher)?,
                 contiguous::<T::Wide>(s2, l2)?,
             );
             Ok(T::to_cpu_storage_owned(cross_entropy_gradient_rows(
@@ -1385,17 +1390,13 @@ impl CustomOp2 for TopKCrossEntropyGradient {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (ids, id_layout) = self.ids.storage_and_layout();
-        let (p, p_layout) = self.probabilities.storage_and_layout();
-        let (sums, sums_layout) = self.log_sums.storage_and_layout();
-        let (Storage::Cuda(ids), Storage::Cuda(p), Storage::Cuda(sums)) = (&*ids, &*p, &*sums)
-        else {
-            candle_core::bail!("top-k cross-entropy: the teacher is not on the GPU");
-        };
         let dtype = s1.dtype();
-        let (rows, columns, k) =
-            top_k_shape(l1, (ids.dtype(), id_layout), (p.dtype(), p_layout), dtype)?;
-        check_loss_gradient(l2, (sums.dtype(), sums_layout), rows, dtype)?;
+        let (rows, columns, k) = self.shape(l1, l2, dtype)?;
+        let held = self.held();
+        let teacher = "top-k cross-entropy: the teacher";
+        let (ids, id_layout) = on_gpu(&held[0], teacher)?;
+        let (p, p_layout) = on_gpu(&held[1], teacher)?;
+        let (sums, sums_layout) = on_gpu(&held[2], teacher)?;
         let storage = cuda::launch(
             "top_k_cross_entropy_gradient",
             rows,

@@ -15,8 +15,9 @@ use candle_core::{D, DType, Result, Tensor};
 
 use super::Mask;
 use super::fused::{
-    AddInPlace, MaskedSoftmax, PlaceRows, RmsNorm, RmsNormGradient, RopeQkv, RopeQkvGradient,
-    SoftmaxGradient, SwiGlu, SwiGluGradient, TopKCrossEntropy, TopKCrossEntropyGradient,
+    AddInPlace, Angles, MaskedSoftmax, PlaceRows, RmsNorm, RmsNormGradient, RopeQkv,
+    RopeQkvGradient, SoftmaxGradient, SwiGlu, SwiGluGradient, TopKCrossEntropy,
+    TopKCrossEntropyGradient,
 };
 
 /// RMSNorm of `x` `[..., hidden]` with `weight` `[hidden]`.
@@ -79,18 +80,10 @@ pub fn rope_qkv(
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let (batch, length, _) = qkv.dims3()?;
     let dim = 2 * cos.dim(D::Minus1)?;
-    if sin.shape() != cos.shape() {
-        candle_core::bail!(
-            "rotary embedding: cosines {:?}, sines {:?}",
-            cos.shape(),
-            sin.shape()
-        );
-    }
     let rope = RopeQkv {
         heads,
         kv_heads,
-        cos: cos.contiguous()?,
-        sin: sin.contiguous()?,
+        angles: Angles::new(cos, sin)?,
     };
     // One buffer, the queries then the keys then the values.
     let all = qkv.contiguous()?.apply_op1_no_bwd(&rope)?;
@@ -110,16 +103,8 @@ pub fn rope_qkv(
 /// 2·kv_heads)·head_dim]`, as `qkv` (so that one product takes it back through the projection).
 /// A rotation's transpose is the rotation by the opposite angle.
 pub fn rope_qkv_backward([dq, dk, dv]: [&Tensor; 3], cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    if sin.shape() != cos.shape() {
-        candle_core::bail!(
-            "rotary embedding: cosines {:?}, sines {:?}",
-            cos.shape(),
-            sin.shape()
-        );
-    }
     let gradient = RopeQkvGradient {
-        cos: cos.contiguous()?,
-        sin: sin.contiguous()?,
+        angles: Angles::new(cos, sin)?,
     };
     dq.contiguous()?
         .apply_op3_no_bwd(&dk.contiguous()?, &dv.contiguous()?, &gradient)
