@@ -3,32 +3,42 @@
 // (two matmuls around the fused masked softmax, and five with its gradient) moves them several
 // times a layer. Heads of 64 dimensions, bf16 or f16 (mma.sync m16n8k16, f32 sums).
 //
-// Layouts (contiguous): per (sequence, key head) `head` = sequence · kv_heads + key head, its
-// rows = group · length (the query heads sharing the key head stacked: row r is query head
-// r / length of the group, position r % length), its columns = shared + length keys and values
-// (KeyRows), and each row's log-sum-exp of its scaled, visible scores, in base 2 (f32, `[head,
-// rows]`; +inf for a row with nothing visible, whose output is zeros): the backward's
-// probabilities are then 2^(scale · log2(e) · s - lse), one multiply-add and the special function
-// unit's 2^x an element, as FlashAttention computes them (e^x is 2^(x · log2 e)). The forward
-// keeps e^x: at its 128 registers, ptxas spilled more with 2^x. The queries, the output and
-// their gradients are as the projections make and take them, `[sequences, length, kv_heads ·
-// group, 64]` (QueryRows). What a row sees is spans, not a mask: every row the first
-// `prefix` keys (a cartridge, a context) and the keys [from, to] of its position's pair in
-// `spans` `[sequences, length, 2]` (empty when from > to; a causal row's or a packed
-// conversation's), two numbers a row where a mask's row is as many bytes as the keys, and it
-// tells without a load which tiles a block can skip. The forward also writes each tile of 64
-// rows' `reach` (the least `from` and the greatest `to` of its spans), from which the backward
-// knows which row tiles see its keys.
+// Layouts (contiguous): per (sequence, key head) `head` = sequence · kv_heads + key head, its rows
+// = group · length (the query heads sharing the key head stacked: row r is query head r / length of
+// the group, position r % length), its columns = shared + length keys and values (KeyRows), and
+// each row's log-sum-exp of its scaled, visible scores, in base 2 (f32, `[head, rows]`; +inf for a
+// row with nothing visible, whose output is zeros): the backward's probabilities are then
+// 2^(scale · log2(e) · s - lse), one multiply-add and the special function unit's 2^x an element,
+// as FlashAttention computes them (e^x is 2^(x · log2 e)), and so are the forward's. The queries,
+// the output and their gradients are as the projections make and take them, `[sequences, length,
+// kv_heads · group, 64]` (QueryRows). What a row sees is spans, not a mask: every row the first
+// `prefix` keys (a cartridge, a context) and the keys [from, to] of its position's pair in `spans`
+// `[sequences, length, 2]` (empty when from > to; a causal row's or a packed conversation's), two
+// numbers a row where a mask's row is as many bytes as the keys, and it tells without a load which
+// tiles a block can skip. The forward also writes each tile of 64 rows' `reach` (the least `from`
+// and the greatest `to` of its spans), from which the backward knows which row tiles see its keys.
 //
-// A block is 4 warps. Fragments follow the PTX ISA's figures for mma.m16n8k16 (g = lane / 4,
-// t = lane % 4): A (16 x 16) register i holds row g + 8 (i % 2), columns 2t + 8 (i / 2) and
-// one more; B (16 x 8) register i holds rows 2t + 8 i and one more of column g; C (16 x 8)
-// element e is row g + 8 (e / 2), column 2t + e % 2. Tiles in shared memory are rows of 72
-// elements: the 8 rows one fragment load reads start in 8 different banks. Tiles are loaded by
-// cp.async, the next one while the tensor cores work on this one (two buffers).
+// A forward block is 4 warps, a backward block 8. Fragments follow the PTX ISA's figures for
+// mma.m16n8k16 (g = lane / 4, t = lane % 4): A (16 x 16) register i holds row g + 8 (i % 2),
+// columns 2t + 8 (i / 2) and one more; B (16 x 8) register i holds rows 2t + 8 i and one more of
+// column g; C (16 x 8) element e is row g + 8 (e / 2), column 2t + e % 2. Tiles in shared memory
+// are rows of 72 elements: the 8 rows one fragment load reads start in 8 different banks. Tiles are
+// loaded by cp.async, the next one while the tensor cores work on this one (two buffers).
 
 #define FLASH_THREADS 128
 #define TILE 64
+// The forward's block: 4 warps, 32 rows each (two tiles of 16), which share each key and value
+// fragment loaded: half the shared memory loads a row of blocks of 64 rows (FlashAttention-2's
+// shape for heads of 64).
+#define FORWARD_ROWS 128
+// The backward's block: 8 warps, 16 keys each. Each tile of query rows it loads (Q, dO) and each
+// dQ it adds by atomics then serves 128 keys: half the loads and the atomics a key of blocks of
+// 64 (FlashAttention-2's shape for heads of 64).
+#define BACKWARD_THREADS 256
+#define KEYS 128
+// dS's rows in shared memory, `[query][key]`: the 8 rows one fragment load reads start in 8
+// different banks (as STRIDE's).
+#define DS_STRIDE (KEYS + 8)
 #define HEAD_DIM 64
 #define STRIDE 72
 // The backward's bits of which row tiles see its keys: at most 32 · SEEN_WORDS row tiles
@@ -222,12 +232,12 @@ struct KeyRow {
   }
 };
 
-// Rows [first, first + TILE) of `count` (row r at `row(r)`) into a tile (zeros past count), by
-// cp.async: the copies are this thread's until it waits for them.
-template <typename Row>
+// Rows [first, first + Rows) of `count` (row r at `row(r)`) into a tile (zeros past count), by
+// cp.async, by a block of `Threads`: the copies are this thread's until it waits for them.
+template <uint32_t Rows, uint32_t Threads, typename Row>
 __device__ __forceinline__ void load_tile(uint16_t *tile, Row row, uint32_t first,
                                           uint32_t count) {
-  for (uint32_t i = threadIdx.x; i < TILE * HEAD_DIM / 8; i += FLASH_THREADS) {
+  for (uint32_t i = threadIdx.x; i < Rows * HEAD_DIM / 8; i += Threads) {
     const uint32_t r = i / (HEAD_DIM / 8), column = i % (HEAD_DIM / 8) * 8;
     uint16_t *to = tile + r * STRIDE + column;
     if (first + r < count)
@@ -309,17 +319,19 @@ __device__ __forceinline__ void b_rows(const uint16_t *tile, int kk, int n0, uin
   b[1][1] = d[3];
 }
 
-// The A fragment of rows m0.. and columns kk·16.. of a tile stored `[m][k]`.
-__device__ __forceinline__ void a_rows(const uint16_t *tile, int m0, int kk, uint32_t (&a)[4]) {
+// The A fragment of rows m0.. and columns kk·16.. of a tile stored `[m][k]`, rows `stride`
+// elements apart.
+__device__ __forceinline__ void a_rows(const uint16_t *tile, int m0, int kk, uint32_t (&a)[4],
+                                       int stride = STRIDE) {
   const uint32_t lane = threadIdx.x % 32, j = lane / 8, r = lane % 8;
-  ldmatrix(a, tile + (m0 + r + 8 * (j % 2)) * STRIDE + kk * 16 + 8 * (j / 2));
+  ldmatrix(a, tile + (m0 + r + 8 * (j % 2)) * stride + kk * 16 + 8 * (j / 2));
 }
 
-// acc (16 x 64) += A (16 x 64, as the A fragments of four 16-column steps) times a 64 x 64 tile
-// in shared memory, stored `[k][n]` (by b_columns) or `[n][k]` (b_rows: the product with its
-// transpose).
-template <typename T, bool Transposed>
-__device__ __forceinline__ void product(float (&acc)[8][4], const uint32_t (&a)[4][4],
+// acc (M x 16 x 64) += A (M x 16 x 64, as the A fragments of four 16-column steps) times a
+// 64 x 64 tile in shared memory, stored `[k][n]` (by b_columns) or `[n][k]` (b_rows: the product
+// with its transpose): M tiles of 16 rows, which share each B fragment loaded.
+template <typename T, bool Transposed, int M>
+__device__ __forceinline__ void product(float (&acc)[M][8][4], const uint32_t (&a)[M][4][4],
                                         const uint16_t *tile) {
 #pragma unroll
   for (int kk = 0; kk < 4; kk++)
@@ -330,9 +342,19 @@ __device__ __forceinline__ void product(float (&acc)[8][4], const uint32_t (&a)[
         b_rows(tile, kk, n * 8, b);
       else
         b_columns(tile, kk, n * 8, b);
-      mma<T>(acc[n], a[kk], b[0][0], b[0][1]);
-      mma<T>(acc[n + 1], a[kk], b[1][0], b[1][1]);
+#pragma unroll
+      for (int m = 0; m < M; m++) {
+        mma<T>(acc[m][n], a[m][kk], b[0][0], b[0][1]);
+        mma<T>(acc[m][n + 1], a[m][kk], b[1][0], b[1][1]);
+      }
     }
+}
+// The same of one tile of 16 rows.
+template <typename T, bool Transposed>
+__device__ __forceinline__ void product(float (&acc)[8][4], const uint32_t (&a)[4][4],
+                                        const uint16_t *tile) {
+  product<T, Transposed, 1>(reinterpret_cast<float(&)[1][8][4]>(acc),
+                            reinterpret_cast<const uint32_t(&)[1][4][4]>(a), tile);
 }
 
 // C fragments of a 16 x 64 tile as the A fragments of four 16-column steps, rounded to T.
@@ -374,22 +396,23 @@ __device__ __forceinline__ uint32_t next_keys(uint32_t first, uint32_t prefix, u
   return most(first, lo / TILE * TILE);
 }
 
-// The tile of rows that the forward's y-th block of a head takes: the latest positions first,
+// The block of rows that the forward's y-th block of a head takes: the latest positions first,
 // those of every query head of the group side by side. Causal rows see more keys the later
 // they are, so the longest blocks start first and the last wave on the GPU is of short ones,
-// not a tail of long ones (the ends of sequences, launched last in row order). Where tiles do
+// not a tail of long ones (the ends of sequences, launched last in row order). Where blocks do
 // not align with the query heads, simply the last first.
-__device__ __forceinline__ uint32_t row_tile(uint32_t y, uint32_t rows, uint32_t length) {
+__device__ __forceinline__ uint32_t row_block(uint32_t y, uint32_t rows, uint32_t length) {
   const uint32_t group = rows / length;
-  if (length % TILE != 0)
-    return (rows + TILE - 1) / TILE - 1 - y;
-  const uint32_t per_head = length / TILE;
+  if (length % FORWARD_ROWS != 0)
+    return (rows + FORWARD_ROWS - 1) / FORWARD_ROWS - 1 - y;
+  const uint32_t per_head = length / FORWARD_ROWS;
   return y % group * per_head + per_head - 1 - y / group;
 }
 
-// Grid (sequences · kv_heads, ceil(rows / 64)): a block takes 64 query rows (16 a warp; which
-// ones: row_tile) and walks the keys they can see 64 at a time, keeping each row's running
-// maximum and sum (online softmax).
+// Grid (sequences · kv_heads, ceil(rows / 128)): a block takes 128 query rows (which ones:
+// row_block), two tiles of 64, each warp 16 rows of each, and walks the keys they can see 64 at
+// a time, keeping each row's running maximum and sum (online softmax). A warp's two tiles of
+// rows share each fragment of the keys and values it loads.
 template <typename T>
 __device__ void flash_forward(const T *__restrict__ q, const T *__restrict__ k_shared,
                               const T *__restrict__ k_own, const T *__restrict__ v_shared,
@@ -398,123 +421,148 @@ __device__ void flash_forward(const T *__restrict__ q, const T *__restrict__ k_s
                               T *__restrict__ out, float *__restrict__ lse,
                               uint32_t *__restrict__ reach, uint32_t rows, uint32_t length,
                               uint32_t kv_heads, float scale) {
+  constexpr int M = FORWARD_ROWS / TILE;
   __shared__ __align__(16) uint16_t ks[2][TILE * STRIDE];
   __shared__ __align__(16) uint16_t vs[2][TILE * STRIDE];
-  __shared__ uint32_t warp_lo[FLASH_THREADS / 32], warp_hi[FLASH_THREADS / 32];
+  __shared__ uint32_t warp_lo[M][FLASH_THREADS / 32], warp_hi[M][FLASH_THREADS / 32];
   const uint32_t warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const size_t head = blockIdx.x, sequence = head / kv_heads;
-  const uint32_t columns = shared + length, tile = row_tile(blockIdx.y, rows, length);
+  const uint32_t columns = shared + length, block = row_block(blockIdx.y, rows, length);
+  const uint32_t tiles = (rows + TILE - 1) / TILE;
   const QueryRows query_at(head, rows, length, kv_heads);
   const KeyRows key_at(head, shared, length, kv_heads);
   const QueryRow query_row{query_at, q};
   const KeyRow key_row{key_at, k_shared, k_own}, value_row{key_at, v_shared, v_own};
-  const uint32_t first_row = tile * TILE + warp * 16;
+  // Scores are scaled into base 2, e^(scale·s) = 2^(scale·log2(e)·s): one multiply-add and the
+  // special function unit's 2^x an element.
+  const float scale2 = scale * LOG2_E;
   prefix = least(prefix, columns);
-  // This thread's two rows, g and g + 8 of the warp's 16 (C fragment elements 0-1 and 2-3),
-  // their spans (a key past the last is no key), and the block's reach.
-  uint32_t row[2], from[2], to[2], lo = UINT32_MAX, hi = 0;
-  bool live[2];
+  // This thread's rows: of each tile m, g and g + 8 of the warp's 16 (C fragment elements 0-1
+  // and 2-3), their spans (a key past the last is no key), and each tile's reach.
+  uint32_t row[M][2], from[M][2], to[M][2], lo[M], hi[M];
+  bool live[M][2];
 #pragma unroll
-  for (int h = 0; h < 2; h++) {
-    row[h] = first_row + g + 8 * h;
-    live[h] = row[h] < rows;
-    from[h] = 1;
-    to[h] = 0;
-    if (live[h]) {
-      const uint32_t *span = spans + 2 * (sequence * length + row[h] % length);
-      from[h] = span[0];
-      to[h] = least(span[1], columns - 1);
-    }
-    if (from[h] <= to[h]) {
-      lo = least(lo, from[h]);
-      hi = most(hi, to[h]);
-    }
-  }
+  for (int m = 0; m < M; m++) {
+    lo[m] = UINT32_MAX;
+    hi[m] = 0;
 #pragma unroll
-  for (int offset = 16; offset > 0; offset /= 2) {
-    lo = least(lo, __shfl_xor_sync(0xffffffffu, lo, offset));
-    hi = most(hi, __shfl_xor_sync(0xffffffffu, hi, offset));
-  }
-  if (lane == 0) {
-    warp_lo[warp] = lo;
-    warp_hi[warp] = hi;
+    for (int h = 0; h < 2; h++) {
+      row[m][h] = (block * M + m) * TILE + warp * 16 + g + 8 * h;
+      live[m][h] = row[m][h] < rows;
+      from[m][h] = 1;
+      to[m][h] = 0;
+      if (live[m][h]) {
+        const uint32_t *span = spans + 2 * (sequence * length + row[m][h] % length);
+        from[m][h] = span[0];
+        to[m][h] = least(span[1], columns - 1);
+      }
+      if (from[m][h] <= to[m][h]) {
+        lo[m] = least(lo[m], from[m][h]);
+        hi[m] = most(hi[m], to[m][h]);
+      }
+    }
+#pragma unroll
+    for (int offset = 16; offset > 0; offset /= 2) {
+      lo[m] = least(lo[m], __shfl_xor_sync(0xffffffffu, lo[m], offset));
+      hi[m] = most(hi[m], __shfl_xor_sync(0xffffffffu, hi[m], offset));
+    }
+    if (lane == 0) {
+      warp_lo[m][warp] = lo[m];
+      warp_hi[m][warp] = hi[m];
+    }
   }
   __syncthreads();
+  // The block's reach, over both tiles: which keys it walks.
+  uint32_t block_lo = UINT32_MAX, block_hi = 0;
 #pragma unroll
-  for (int w = 0; w < FLASH_THREADS / 32; w++) {
-    lo = least(lo, warp_lo[w]);
-    hi = most(hi, warp_hi[w]);
+  for (int m = 0; m < M; m++) {
+#pragma unroll
+    for (int w = 0; w < FLASH_THREADS / 32; w++) {
+      lo[m] = least(lo[m], warp_lo[m][w]);
+      hi[m] = most(hi[m], warp_hi[m][w]);
+    }
+    const uint32_t tile = block * M + m;
+    if (threadIdx.x == 0 && tile < tiles) {
+      uint32_t *r = reach + 2 * (head * tiles + tile);
+      r[0] = lo[m];
+      r[1] = hi[m];
+    }
+    block_lo = least(block_lo, lo[m]);
+    block_hi = most(block_hi, hi[m]);
   }
-  if (threadIdx.x == 0) {
-    uint32_t *r = reach + 2 * (head * ((rows + TILE - 1) / TILE) + tile);
-    r[0] = lo;
-    r[1] = hi;
-  }
-  uint32_t qa[4][4];
-  load_a(qa, query_row, first_row, rows);
-  float o[8][4] = {};
-  float top[2] = {-INFINITY, -INFINITY}, sum[2] = {0, 0};
-  uint32_t first = next_keys(0, prefix, lo, hi, columns);
+  uint32_t qa[M][4][4];
+#pragma unroll
+  for (int m = 0; m < M; m++)
+    load_a(qa[m], query_row, (block * M + m) * TILE + warp * 16, rows);
+  float o[M][8][4] = {};
+  // Each row's greatest scaled score so far (base 2), and its sum of exponentials.
+  float top[M][2], sum[M][2] = {};
+#pragma unroll
+  for (int m = 0; m < M; m++)
+    top[m][0] = top[m][1] = -INFINITY;
+  uint32_t first = next_keys(0, prefix, block_lo, block_hi, columns);
   if (first < columns) {
-    load_tile(ks[0], key_row, first, columns);
-    load_tile(vs[0], value_row, first, columns);
+    load_tile<TILE, FLASH_THREADS>(ks[0], key_row, first, columns);
+    load_tile<TILE, FLASH_THREADS>(vs[0], value_row, first, columns);
   }
   commit_async();
   for (int b = 0; first < columns; b ^= 1) {
-    const uint32_t after = next_keys(first + TILE, prefix, lo, hi, columns);
+    const uint32_t after = next_keys(first + TILE, prefix, block_lo, block_hi, columns);
     if (after < columns) {
-      load_tile(ks[b ^ 1], key_row, after, columns);
-      load_tile(vs[b ^ 1], value_row, after, columns);
+      load_tile<TILE, FLASH_THREADS>(ks[b ^ 1], key_row, after, columns);
+      load_tile<TILE, FLASH_THREADS>(vs[b ^ 1], value_row, after, columns);
     }
     commit_async();
     wait_async<1>();
     __syncthreads();
-    float s[8][4] = {};
+    float s[M][8][4] = {};
     product<T, true>(s, qa, ks[b]);
     // A tile within the prefix is seen whole by every row: no spans to compare.
     const bool whole = first + TILE <= prefix;
-    float tile_top[2] = {-INFINITY, -INFINITY};
-    if (whole) {
+    uint32_t pa[M][4][4];
 #pragma unroll
-      for (int n = 0; n < 8; n++)
+    for (int m = 0; m < M; m++) {
+      // The tile's greatest unscaled score of each row (the scale is positive).
+      float tile_top[2] = {-INFINITY, -INFINITY};
+      if (whole) {
 #pragma unroll
-        for (int e = 0; e < 4; e++) {
-          s[n][e] *= scale;
-          tile_top[e / 2] = fmaxf(tile_top[e / 2], s[n][e]);
-        }
-    } else {
+        for (int n = 0; n < 8; n++)
 #pragma unroll
-      for (int n = 0; n < 8; n++)
+          for (int e = 0; e < 4; e++)
+            tile_top[e / 2] = fmaxf(tile_top[e / 2], s[m][n][e]);
+      } else {
 #pragma unroll
-        for (int e = 0; e < 4; e++) {
-          const int h = e / 2;
-          const uint32_t key = first + n * 8 + 2 * t + e % 2;
-          const float x = sees(key, prefix, from[h], to[h]) ? s[n][e] * scale : -INFINITY;
-          s[n][e] = x;
-          tile_top[h] = fmaxf(tile_top[h], x);
-        }
-    }
-    float reference[2], rescale[2];
+        for (int n = 0; n < 8; n++)
 #pragma unroll
-    for (int h = 0; h < 2; h++) {
-      const float next = fmaxf(top[h], quad_max(tile_top[h]));
-      // Exponentials relative to 0 while nothing is visible: exp(-inf - -inf) would be NaN.
-      reference[h] = next == -INFINITY ? 0.f : next;
-      rescale[h] = __expf(top[h] - reference[h]);
-      top[h] = next;
-      sum[h] *= rescale[h];
-    }
-#pragma unroll
-    for (int n = 0; n < 8; n++)
-#pragma unroll
-      for (int e = 0; e < 4; e++) {
-        const float p = __expf(s[n][e] - reference[e / 2]);
-        s[n][e] = p;
-        sum[e / 2] += p;
-        o[n][e] *= rescale[e / 2];
+          for (int e = 0; e < 4; e++) {
+            const int h = e / 2;
+            const uint32_t key = first + n * 8 + 2 * t + e % 2;
+            const float x = sees(key, prefix, from[m][h], to[m][h]) ? s[m][n][e] : -INFINITY;
+            s[m][n][e] = x;
+            tile_top[h] = fmaxf(tile_top[h], x);
+          }
       }
-    uint32_t pa[4][4];
-    as_a<T>(s, pa);
+      float reference[2], rescale[2];
+#pragma unroll
+      for (int h = 0; h < 2; h++) {
+        const float next = fmaxf(top[m][h], quad_max(tile_top[h]) * scale2);
+        // Exponentials relative to 0 while nothing is visible: 2^(-inf - -inf) would be NaN.
+        reference[h] = next == -INFINITY ? 0.f : next;
+        rescale[h] = exp2_approx(top[m][h] - reference[h]);
+        top[m][h] = next;
+        sum[m][h] *= rescale[h];
+      }
+#pragma unroll
+      for (int n = 0; n < 8; n++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+          const float p = exp2_approx(s[m][n][e] * scale2 - reference[e / 2]);
+          s[m][n][e] = p;
+          sum[m][e / 2] += p;
+          o[m][n][e] *= rescale[e / 2];
+        }
+      as_a<T>(s[m], pa[m]);
+    }
     product<T, false>(o, pa, vs[b]);
     // Every warp is done with this buffer before the next tile but one is loaded into it.
     __syncthreads();
@@ -522,20 +570,21 @@ __device__ void flash_forward(const T *__restrict__ q, const T *__restrict__ k_s
   }
   wait_async<0>();
 #pragma unroll
-  for (int h = 0; h < 2; h++) {
-    // Each thread summed its own columns; the row's sum is the quad's.
-    const float total = quad_sum(sum[h]);
-    if (!live[h])
-      continue;
-    const float inverse = total > 0 ? 1 / total : 0;
-    T *y = out + query_at(row[h]) + 2 * t;
+  for (int m = 0; m < M; m++)
 #pragma unroll
-    for (int n = 0; n < 8; n++)
-      store2(&y[n * 8], o[n][2 * h] * inverse, o[n][2 * h + 1] * inverse);
-    if (t == 0)
-      lse[head * rows + row[h]] =
-          top[h] == -INFINITY ? INFINITY : (top[h] + logf(total)) * LOG2_E;
-  }
+    for (int h = 0; h < 2; h++) {
+      // Each thread summed its own columns; the row's sum is the quad's.
+      const float total = quad_sum(sum[m][h]);
+      if (!live[m][h])
+        continue;
+      const float inverse = total > 0 ? 1 / total : 0;
+      T *y = out + query_at(row[m][h]) + 2 * t;
+#pragma unroll
+      for (int n = 0; n < 8; n++)
+        store2(&y[n * 8], o[m][n][2 * h] * inverse, o[m][n][2 * h + 1] * inverse);
+      if (t == 0)
+        lse[head * rows + row[m][h]] = top[m][h] == -INFINITY ? INFINITY : top[m][h] + log2f(total);
+    }
 }
 
 // The first row tile from `x` on whose bit is set in `seen`, or `tiles`.
@@ -549,9 +598,26 @@ __device__ __forceinline__ uint32_t next_rows(const uint32_t *seen, uint32_t x, 
   return tiles;
 }
 
-// Grid (sequences · kv_heads, ceil(columns / 64)), heads first so that the blocks of the
+// The backward's shared memory, more than the 48 KB a block may hold statically: given as
+// dynamic shared memory, whose size flash.rs's BACKWARD_SHARED_BYTES says (checked against this
+// by kernels/emulated/check.cpp, and by the kernel when it starts).
+struct BackwardTiles {
+  // Two buffers of a row tile's Q and dO, and of its rows' log-sum-exps, dsums and spans.
+  __align__(16) uint16_t qs[2][TILE * STRIDE];
+  __align__(16) uint16_t dos[2][TILE * STRIDE];
+  // The block's keys, and the tile's dS, `[query, key]` (the A operand of dQ's product).
+  __align__(16) uint16_t ks[KEYS * STRIDE];
+  __align__(16) uint16_t dss[TILE * DS_STRIDE];
+  __align__(16) float lses[2][TILE];
+  __align__(16) float dsums[2][TILE];
+  __align__(16) uint32_t froms[2][TILE];
+  __align__(16) uint32_t tos[2][TILE];
+  uint32_t seen[SEEN_WORDS];
+};
+
+// Grid (sequences · kv_heads, ceil(columns / 128)), heads first so that the blocks of the
 // prefix's keys, which every row sees and so take the longest, start before the rest: a block
-// takes 64 keys (16 a warp), keeps their gradients in registers and walks the tiles of 64 query
+// takes 128 keys (16 a warp), keeps their gradients in registers and walks the tiles of 64 query
 // rows that see them, recomputing each tile's probabilities from the forward's log-sum-exp:
 // P = 2^(scale·log2(e)·QKᵀ - lse) where seen, dV += Pᵀ·dO, dS = P·(dO·Vᵀ - dsum) with
 // dsum = rowsum(dO·O), dK += scale·dSᵀ·Q, and dQ += scale·dS·K added to `dq` (f32, zeroed by
@@ -569,14 +635,21 @@ __device__ void flash_backward(const T *__restrict__ q, const T *__restrict__ k_
                                T *__restrict__ dk_own, float *__restrict__ dv_shared,
                                T *__restrict__ dv_own, uint32_t rows, uint32_t length,
                                uint32_t kv_heads, float scale) {
-  // The Q tile's buffer takes the tile's dS, `[query, key]` (the A operand of dQ's product),
-  // once every warp is done reading Q.
-  __shared__ __align__(16) uint16_t qs[2][TILE * STRIDE];
-  __shared__ __align__(16) uint16_t dos[2][TILE * STRIDE];
-  __shared__ __align__(16) uint16_t ks[TILE * STRIDE];
-  __shared__ __align__(16) float lses[2][TILE], dsums[2][TILE];
-  __shared__ __align__(16) uint32_t froms[2][TILE], tos[2][TILE];
-  __shared__ uint32_t seen[SEEN_WORDS];
+#ifdef __CUDACC__
+  extern __shared__ __align__(16) unsigned char dynamic_shared[];
+  uint32_t given;
+  asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(given));
+  if (given < sizeof(BackwardTiles))
+    __trap(); // launched with less shared memory than the tiles take
+  BackwardTiles &tiles_ = *reinterpret_cast<BackwardTiles *>(dynamic_shared);
+#else
+  __shared__ BackwardTiles tiles_;
+#endif
+  auto &qs = tiles_.qs, &dos = tiles_.dos;
+  auto &lses = tiles_.lses, &dsums = tiles_.dsums;
+  auto &froms = tiles_.froms, &tos = tiles_.tos;
+  uint16_t *const ks = tiles_.ks, *const dss = tiles_.dss;
+  uint32_t *const seen = tiles_.seen;
   const uint32_t warp = threadIdx.x / 32, g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
   const size_t head = blockIdx.x, sequence = head / kv_heads;
   const uint32_t columns = shared + length;
@@ -584,7 +657,7 @@ __device__ void flash_backward(const T *__restrict__ q, const T *__restrict__ k_
   const KeyRows key_at(head, shared, length, kv_heads);
   const QueryRow query_row{query_at, q}, dout_row{query_at, dout};
   const KeyRow key_row{key_at, k_shared, k_own}, value_row{key_at, v_shared, v_own};
-  const uint32_t first_key = blockIdx.y * TILE, warp_key = first_key + warp * 16;
+  const uint32_t first_key = blockIdx.y * KEYS, warp_key = first_key + warp * 16;
   const float scale2 = scale * LOG2_E;
   prefix = least(prefix, columns);
   const uint32_t tiles = (rows + TILE - 1) / TILE;
@@ -597,20 +670,20 @@ __device__ void flash_backward(const T *__restrict__ q, const T *__restrict__ k_
   }
   // Which row tiles see any of the block's keys: all of them where the keys start within the
   // prefix, else those whose reach meets the keys.
-  for (uint32_t w = threadIdx.x; w < SEEN_WORDS; w += FLASH_THREADS)
+  for (uint32_t w = threadIdx.x; w < SEEN_WORDS; w += BACKWARD_THREADS)
     seen[w] = 0;
   __syncthreads();
-  for (uint32_t x = threadIdx.x; x < tiles; x += FLASH_THREADS) {
+  for (uint32_t x = threadIdx.x; x < tiles; x += BACKWARD_THREADS) {
     const uint32_t lo = reach[2 * (head * tiles + x)], hi = reach[2 * (head * tiles + x) + 1];
-    if (first_key < prefix || (lo <= first_key + TILE - 1 && hi >= first_key))
+    if (first_key < prefix || (lo <= first_key + KEYS - 1 && hi >= first_key))
       atomicOr(&seen[x / 32], 1u << x % 32);
   }
   // The rows of tile x: Q and dO, and each row's log-sum-exp, dsum and span (past the rows:
   // zeros, +inf, 0 and nothing).
   const auto load_rows = [&](int b, uint32_t x) {
-    load_tile(qs[b], query_row, x * TILE, rows);
-    load_tile(dos[b], dout_row, x * TILE, rows);
-    for (uint32_t i = threadIdx.x; i < TILE; i += FLASH_THREADS) {
+    load_tile<TILE, BACKWARD_THREADS>(qs[b], query_row, x * TILE, rows);
+    load_tile<TILE, BACKWARD_THREADS>(dos[b], dout_row, x * TILE, rows);
+    for (uint32_t i = threadIdx.x; i < TILE; i += BACKWARD_THREADS) {
       const uint32_t row = x * TILE + i;
       if (row < rows) {
         const uint32_t *span = spans + 2 * (sequence * length + row % length);
@@ -629,14 +702,17 @@ __device__ void flash_backward(const T *__restrict__ q, const T *__restrict__ k_
   // The values' A fragments stay in registers; the keys' are read from their tile each time.
   uint32_t va[4][4];
   load_a(va, value_row, warp_key, columns);
-  load_tile(ks, key_row, first_key, columns);
+  load_tile<KEYS, BACKWARD_THREADS>(ks, key_row, first_key, columns);
   __syncthreads();
   uint32_t x = next_rows(seen, 0, tiles);
   if (x < tiles)
     load_rows(0, x);
   commit_async();
   // Keys within the prefix are seen by every row.
-  const bool whole = first_key + TILE <= prefix;
+  const bool whole = first_key + KEYS <= prefix;
+  // dQ's share of this warp: 16 of the tile's queries and 32 of the dimensions, over the block's
+  // keys.
+  const uint32_t dq_row = warp % 4 * 16, dq_column = warp / 4 * 32;
   float dka[8][4] = {}, dva[8][4] = {};
   for (int b = 0; x < tiles; b ^= 1) {
     const uint32_t after = next_rows(seen, x + 1, tiles);
@@ -681,43 +757,49 @@ __device__ void flash_backward(const T *__restrict__ q, const T *__restrict__ k_
     uint32_t da[4][4];
     as_a<T>(dpt, da);
     product<T, false>(dka, da, qs[b]);
-    __syncthreads();
-    uint16_t *dss = qs[b];
+    // dS has a buffer of its own, which the last tile's dQ was done reading at the loop's end.
 #pragma unroll
     for (int n = 0; n < 8; n++)
 #pragma unroll
       for (int e = 0; e < 4; e++)
-        dss[(n * 8 + 2 * t + e % 2) * STRIDE + warp * 16 + g + 8 * (e / 2)] =
+        dss[(n * 8 + 2 * t + e % 2) * DS_STRIDE + warp * 16 + g + 8 * (e / 2)] =
             bits(narrow<T>(dpt[n][e]));
     __syncthreads();
-    // dQ for the warp's 16 queries of the tile, over the block's 64 keys.
-    uint32_t sa[4][4];
+    float acc[4][4] = {};
 #pragma unroll
-    for (int kk = 0; kk < 4; kk++)
-      a_rows(dss, warp * 16, kk, sa[kk]);
-    float acc[8][4] = {};
-    product<T, false>(acc, sa, ks);
+    for (int kk = 0; kk < KEYS / 16; kk++) {
+      uint32_t sa[4];
+      a_rows(dss, dq_row, kk, sa, DS_STRIDE);
+#pragma unroll
+      for (int n = 0; n < 4; n += 2) {
+        uint32_t bk[2][2];
+        b_columns(ks, kk, dq_column + n * 8, bk);
+        mma<T>(acc[n], sa, bk[0][0], bk[0][1]);
+        mma<T>(acc[n + 1], sa, bk[1][0], bk[1][1]);
+      }
+    }
     // Lanes t and t ^ 1 hold adjacent pairs of columns of the same two rows: each gives the
     // other its pair of the row the other adds, so that each adds four adjacent columns of one
     // row (g + 8 (t % 2)) in one atomic, half as many as by pairs.
     const int mine = t % 2;
-    const uint32_t query = x * TILE + warp * 16 + g + 8 * mine;
+    const uint32_t query = x * TILE + dq_row + g + 8 * mine;
 #pragma unroll
-    for (int n = 0; n < 8; n++) {
+    for (int n = 0; n < 4; n++) {
       // Selected, not indexed by `mine`: an index known only at run time would put acc in
       // local memory.
       const float own0 = mine ? acc[n][2] : acc[n][0], own1 = mine ? acc[n][3] : acc[n][1];
       const float got0 = __shfl_xor_sync(0xffffffffu, mine ? acc[n][0] : acc[n][2], 1),
                   got1 = __shfl_xor_sync(0xffffffffu, mine ? acc[n][1] : acc[n][3], 1);
       if (query < rows) {
-        float *to = &dq[query_at(query) + n * 8 + 4 * (t / 2)];
+        float *to = &dq[query_at(query) + dq_column + n * 8 + 4 * (t / 2)];
         if (mine == 0)
           add4(to, own0 * scale, own1 * scale, got0 * scale, got1 * scale);
         else
           add4(to, got0 * scale, got1 * scale, own0 * scale, own1 * scale);
       }
     }
-    // Every warp is done with this buffer before the next tile but one is loaded into it.
+    // Every warp is done with this buffer before the next tile but one is loaded into it, and
+    // with dS before the next tile's is written.
     __syncthreads();
     x = after;
   }
@@ -775,10 +857,11 @@ __device__ void flash_row_sums(const T *__restrict__ dout, const T *__restrict__
   }
 }
 
-// The forward at 4 blocks an SM (128 registers a thread at most). The backward runs 2: held to
-// 168 registers for 3 (spilling 20 bytes), the step at 5dc7086 was 2.2 ms slower on an H200.
+// The forward at 2 blocks an SM (255 registers a thread at most). The backward runs one block of
+// 8 warps (at 5dc7086, 2 of 4 warps: held to 168 registers for 3, spilling 20 bytes, the step
+// was 2.2 ms slower on an H200).
 #define FLASH_KERNELS(T, NAME)                                                                     \
-  extern "C" __global__ void __launch_bounds__(FLASH_THREADS, 4) flash_forward_##NAME(             \
+  extern "C" __global__ void __launch_bounds__(FLASH_THREADS, 2) flash_forward_##NAME(             \
       const T *__restrict__ q, const T *__restrict__ k_shared, const T *__restrict__ k_own,        \
       const T *__restrict__ v_shared, const T *__restrict__ v_own, uint32_t shared,                \
       const uint32_t *__restrict__ spans, uint32_t prefix, T *__restrict__ out,                    \
@@ -787,7 +870,7 @@ __device__ void flash_row_sums(const T *__restrict__ dout, const T *__restrict__
     flash_forward<T>(q, k_shared, k_own, v_shared, v_own, shared, spans, prefix, out, lse, reach,  \
                      rows, length, kv_heads, scale);                                               \
   }                                                                                                \
-  extern "C" __global__ void __launch_bounds__(FLASH_THREADS) flash_backward_##NAME(               \
+  extern "C" __global__ void __launch_bounds__(BACKWARD_THREADS) flash_backward_##NAME(            \
       const T *__restrict__ q, const T *__restrict__ k_shared, const T *__restrict__ k_own,        \
       const T *__restrict__ v_shared, const T *__restrict__ v_own, uint32_t shared,                \
       const uint32_t *__restrict__ spans, uint32_t prefix, const uint32_t *__restrict__ reach,     \

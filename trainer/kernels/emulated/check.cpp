@@ -10,6 +10,9 @@
 #include <random>
 #include <unistd.h>
 
+// What flash.rs's BACKWARD_SHARED_BYTES gives the backward.
+static_assert(sizeof(BackwardTiles) == 75264, "flash.rs's BACKWARD_SHARED_BYTES");
+
 std::mt19937 rng(7);
 double randn() {
   static std::normal_distribution<double> d(0, 1);
@@ -508,14 +511,14 @@ void flash_case(int length, int prefix,
     lse_in[i] = float(lse[i] * M_LOG2E);
   // Unset: a tile the forward leaves so sees no key beyond the prefix.
   std::vector<uint32_t> reach(heads * ((rows + 63) / 64) * 2, 0xdeadbeefu);
-  const dim3 queries{unsigned(heads), unsigned(rows + 63) / 64, 1},
-      keys{unsigned(heads), unsigned(columns + 63) / 64, 1};
+  const dim3 queries{unsigned(heads), unsigned(rows + 127) / 128, 1},
+      keys{unsigned(heads), unsigned(columns + 127) / 128, 1};
   launch(queries, 128, [&] {
     forward(q.data(), k_shared.data(), k_own.data(), v_shared.data(), v_own.data(), prefix,
             spans.data(), prefix, out.data(), lse_out.data(), reach.data(), rows, length, kv_heads,
             scale);
   });
-  launch(keys, 128, [&] {
+  launch(keys, 256, [&] {
     backward(q.data(), k_shared.data(), k_own.data(), v_shared.data(), v_own.data(), prefix,
              spans.data(), prefix, reach.data(), dout.data(), lse_in.data(), dsum_in.data(),
              dq_out.data(), dk_shared.data(), dk_own.data(), dv_shared.data(), dv_own.data(), rows,
@@ -655,11 +658,12 @@ int main() {
   place_rows_case<float>(place_rows_f32, "place_rows_f32");
   place_rows_case<__nv_bfloat16>(place_rows_bf16, "place_rows_bf16");
   place_rows_case<__half>(place_rows_f16, "place_rows_f16");
-  // Partial tiles of rows and keys; a prefix of whole tiles; none, so that rows see nothing and
-  // tiles of rows and keys that do not meet are skipped.
+  // Partial tiles of rows and keys; a prefix of whole tiles, and one that ends within a
+  // backward block; none, so that rows see nothing and tiles of rows and keys that do not meet
+  // are skipped.
   for (auto [length, prefix] :
        {std::pair{21, 19}, std::pair{70, 80}, std::pair{50, 78}, std::pair{40, 128},
-        std::pair{150, 0}, std::pair{128, 19}}) {
+        std::pair{150, 0}, std::pair{128, 19}, std::pair{100, 192}, std::pair{256, 64}}) {
     flash_case<__nv_bfloat16>(length, prefix, flash_forward_bf16, flash_backward_bf16, 2e-2,
                               "flash_bf16");
     flash_case<__half>(length, prefix, flash_forward_f16, flash_backward_f16, 2e-3, "flash_f16");

@@ -6,6 +6,7 @@
 //! composed form. The kernels' arithmetic is checked without a GPU by
 //! kernels/emulated, and on a GPU against the composed form by this module's test.
 
+use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
 use candle_core::cuda_backend::cudarc::driver::{
     CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
 };
@@ -19,9 +20,17 @@ use half::{bf16, f16};
 use super::fused::cuda::{MODULE, OPS};
 use super::ops::KeyGradients;
 
-/// Threads per block, and the rows (keys in the backward) a block takes: the kernels' own.
+/// Threads per block, the rows a tile holds (the backward's unit of rows, and of the reach), and
+/// the rows a forward block takes: the kernels' own.
 const THREADS: u32 = 128;
 const TILE: usize = 64;
+const FORWARD_ROWS: usize = 128;
+/// The backward's threads per block, and the keys a block takes.
+const BACKWARD_THREADS: u32 = 256;
+const KEYS: usize = 128;
+/// The backward's shared memory (`sizeof(BackwardTiles)`), more than a block's static 48 KB:
+/// given as dynamic shared memory, which a kernel takes beyond 48 KB only once allowed to.
+const BACKWARD_SHARED_BYTES: u32 = 75_264;
 const HEAD_DIM: usize = 64;
 /// The most tiles of rows a head may have: the backward marks those that see its keys in
 /// `SEEN_WORDS` (128) words of bits.
@@ -135,9 +144,9 @@ impl Sizes {
             || columns == 0
             || prefix > columns
             || (group * length).div_ceil(TILE) > MAX_ROW_TILES
-            // The grids' y (row tiles forward, below MAX_ROW_TILES; key tiles backward) and
+            // The grids' y (row tiles forward, below MAX_ROW_TILES; key blocks backward) and
             // the kernels' u32 counts.
-            || columns.div_ceil(TILE) >= 65536
+            || columns.div_ceil(KEYS) >= 65536
             || u32::try_from(columns.max(group * length)).is_err()
             || spans.dims() != [batch, length, 2]
             || spans.dtype() != DType::U32
@@ -178,27 +187,32 @@ impl Sizes {
         ])
     }
 
-    /// The forward's grid: for each head (x), a block per 64 query rows (y), the kernel
+    /// The forward's grid: for each head (x), a block per 128 query rows (y), the kernel
     /// taking the latest rows first.
     fn rows_grid(&self) -> Result<LaunchConfig> {
-        self.grid(self.heads(), self.rows.div_ceil(TILE))
+        self.grid(self.heads(), self.rows.div_ceil(FORWARD_ROWS), THREADS, 0)
     }
 
-    /// The backward's grid: for each head (x), a block per 64 keys (y); heads first, so that
+    /// The backward's grid: for each head (x), a block per 128 keys (y); heads first, so that
     /// the first keys' blocks (the prefix's, the longest) start first.
     fn keys_grid(&self) -> Result<LaunchConfig> {
-        self.grid(self.heads(), self.columns().div_ceil(TILE))
+        self.grid(
+            self.heads(),
+            self.columns().div_ceil(KEYS),
+            BACKWARD_THREADS,
+            BACKWARD_SHARED_BYTES,
+        )
     }
 
-    fn grid(&self, x: usize, y: usize) -> Result<LaunchConfig> {
+    fn grid(&self, x: usize, y: usize, threads: u32, shared: u32) -> Result<LaunchConfig> {
         match (
             u32::try_from(x),
             u32::try_from(y).ok().filter(|&y| y < 65536),
         ) {
             (Ok(x), Some(y)) => Ok(LaunchConfig {
                 grid_dim: (x, y, 1),
-                block_dim: (THREADS, 1, 1),
-                shared_mem_bytes: 0,
+                block_dim: (threads, 1, 1),
+                shared_mem_bytes: shared,
             }),
             _ => candle_core::bail!(
                 "attention: {} rows and {} keys of {} heads",
@@ -450,6 +464,13 @@ fn backward_as<T: CudaDType + DeviceRepr + candle_core::WithDType>(
         view::<f32>(on_gpu(&ls)?, lse)?,
         view::<f32>(on_gpu(&us)?, sums)?,
     );
+    // Its tiles take more shared memory than a kernel may use unless allowed: allowed at each
+    // launch, a driver call of microseconds beside a kernel of a millisecond.
+    func.set_attribute(
+        CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+        BACKWARD_SHARED_BYTES as i32,
+    )
+    .w()?;
     let (shared, prefix) = (sizes.shared as u32, prefix as u32);
     let arguments = sizes.arguments()?;
     let mut builder = func.builder();
