@@ -160,13 +160,13 @@ impl DistillOptions {
 /// The most rows a step packs.
 pub const MAX_ROWS: usize = 1024;
 
-/// Adam with its moments in tensors, so a checkpoint can hold them (candle-nn's optimizer keeps
-/// its state private, and restarting the moments at every resume would jolt training). Each
-/// parameter's moments are stacked, `[2, ..]` (first, second), as the fused step reads them.
+/// Adam with its moments in a tensor, so a checkpoint can hold them (candle-nn's optimizer keeps
+/// its state private, and restarting the moments at every resume would jolt training). The
+/// moments are stacked, `[2, ..]` (first, second), as the fused step reads them.
 struct Adam {
     learning_rate: f64,
     step: usize,
-    moments: Vec<Tensor>,
+    moments: Tensor,
 }
 
 const BETA1: f64 = 0.9;
@@ -174,27 +174,19 @@ const BETA2: f64 = 0.999;
 const EPSILON: f64 = 1e-8;
 
 impl Adam {
-    fn new(parameters: &[&Tensor], learning_rate: f64) -> Result<Self> {
-        let moments = parameters
-            .iter()
-            .map(|v| {
-                let dims: Vec<usize> = std::iter::once(2).chain(v.dims().iter().copied()).collect();
-                Tensor::zeros(dims, v.dtype(), v.device())
-            })
-            .collect::<candle_core::Result<Vec<_>>>()?;
+    fn new(parameters: &Tensor, learning_rate: f64) -> Result<Self> {
+        let dims: Vec<usize> = std::iter::once(2)
+            .chain(parameters.dims().iter().copied())
+            .collect();
         Ok(Self {
             learning_rate,
             step: 0,
-            moments,
+            moments: Tensor::zeros(dims, parameters.dtype(), parameters.device())?,
         })
     }
 
-    /// Updates each parameter by its gradient (in the same order as the moments).
-    fn update<'p>(
-        &mut self,
-        parameters: impl Iterator<Item = &'p mut Tensor>,
-        gradients: &[Tensor],
-    ) -> Result<()> {
+    /// Updates the parameters by their gradients, all in one kernel.
+    fn update(&mut self, parameters: &mut Tensor, gradients: &Tensor) -> Result<()> {
         self.step += 1;
         let step = AdamStep {
             learning_rate: self.learning_rate,
@@ -204,17 +196,11 @@ impl Adam {
             correction1: 1.0 - BETA1.powi(self.step as i32),
             correction2: 1.0 - BETA2.powi(self.step as i32),
         };
-        for ((parameter, moments), gradient) in parameters.zip(&mut self.moments).zip(gradients) {
-            let updated = parameter.apply_op3_no_bwd(&gradient.contiguous()?, moments, &step)?;
-            *parameter = updated.get(0)?;
-            *moments = updated.narrow(0, 1, 2)?;
-        }
+        let updated =
+            parameters.apply_op3_no_bwd(&gradients.contiguous()?, &self.moments, &step)?;
+        *parameters = updated.get(0)?;
+        self.moments = updated.narrow(0, 1, 2)?;
         Ok(())
-    }
-
-    /// Parameter `i`'s first and second moments.
-    fn moments(&self, i: usize) -> Result<(Tensor, Tensor)> {
-        Ok((self.moments[i].get(0)?, self.moments[i].get(1)?))
     }
 }
 
@@ -233,23 +219,25 @@ fn finiteness(tensor: &Tensor) -> Result<Tensor> {
 
 /// A step's loss, and whether every element of its gradients is finite, read together in one
 /// transfer: a GPU waits once a step.
-fn loss_and_finiteness(loss: &Tensor, gradients: &[Tensor]) -> Result<(f32, bool)> {
-    let mut read = vec![loss.to_dtype(DType::F32)?.reshape(())?];
-    for gradient in gradients {
-        read.push(finiteness(gradient)?);
-    }
+fn loss_and_finiteness(loss: &Tensor, gradients: &Tensor) -> Result<(f32, bool)> {
+    let read = [
+        loss.to_dtype(DType::F32)?.reshape(())?,
+        finiteness(gradients)?,
+    ];
     let values = Tensor::stack(&read, 0)?.to_vec1::<f32>()?;
-    Ok((values[0], values[1..].iter().sum::<f32>().is_finite()))
+    Ok((values[0], values[1].is_finite()))
 }
 
 /// A cartridge being trained: per layer, frozen leading tokens and trainable ones.
 pub struct Distiller<'a> {
     model: &'a Llama,
     options: DistillOptions,
-    frozen_keys: Vec<Tensor>,
-    frozen_values: Vec<Tensor>,
-    keys: Vec<Tensor>,
-    values: Vec<Tensor>,
+    /// The frozen tokens' keys and values, `[2·layers, kv_heads, frozen, head_dim]` (every
+    /// layer's keys, then every layer's values), in the model's dtype.
+    frozen: Tensor,
+    /// The trainable tokens' the same way, in f32: one tensor, so that a step updates and checks
+    /// them all in a few kernels, not a few for each layer.
+    trainable: Tensor,
     adam: Adam,
     /// Where the next step draws conversations from: the epoch (which seeds its order) and the
     /// position in it. Checkpointed, so a resumed run sees the same batches.
@@ -454,35 +442,35 @@ impl<'a> Distiller<'a> {
             )));
         }
         options.check(p, model.config.max_positions)?;
+        let layers = model.config.layers;
+        if prefix.keys.len() != layers || prefix.values.len() != layers {
+            return Err(Error::Data(format!(
+                "the cartridge has {} layers of keys and {} of values, the model {layers}",
+                prefix.keys.len(),
+                prefix.values.len()
+            )));
+        }
         // The trainable part and the optimizer's moments stay in f32 whatever the model computes
         // in: in bf16, Adam's 0.999 rounds to 1 and small steps round away.
-        let split = |tensors: &[Tensor]| -> Result<(Vec<Tensor>, Vec<Tensor>)> {
-            let mut frozen = Vec::new();
-            let mut trainable = Vec::new();
-            for t in tensors {
-                frozen.push(
-                    t.narrow(1, 0, options.frozen)?
-                        .to_dtype(model.dtype())?
-                        .detach(),
-                );
-                let rest = t.narrow(1, options.frozen, p - options.frozen)?;
-                trainable.push(rest.to_dtype(DType::F32)?.contiguous()?);
-            }
-            Ok((frozen, trainable))
-        };
-        let (frozen_keys, keys) = split(&prefix.keys)?;
-        let (frozen_values, values) = split(&prefix.values)?;
-        let adam = Adam::new(
-            &keys.iter().chain(&values).collect::<Vec<_>>(),
-            options.learning_rate,
+        let all = Tensor::stack(
+            &prefix.keys.iter().chain(&prefix.values).collect::<Vec<_>>(),
+            0,
         )?;
+        let frozen = all
+            .narrow(2, 0, options.frozen)?
+            .to_dtype(model.dtype())?
+            .contiguous()?
+            .detach();
+        let trainable = all
+            .narrow(2, options.frozen, p - options.frozen)?
+            .to_dtype(DType::F32)?
+            .contiguous()?;
+        let adam = Adam::new(&trainable, options.learning_rate)?;
         Ok(Self {
             model,
             options,
-            frozen_keys,
-            frozen_values,
-            keys,
-            values,
+            frozen,
+            trainable,
             adam,
             epoch: 0,
             cursor: 0,
@@ -568,26 +556,21 @@ impl<'a> Distiller<'a> {
     /// The frozen and trainable tokens as one prefix (each step's, unchecked: the step checks
     /// its loss and gradients).
     fn joined(&self) -> Result<Prefix> {
-        let join = |frozen: &[Tensor], trainable: &[Tensor]| -> Result<Vec<Tensor>> {
-            frozen
-                .iter()
-                .zip(trainable)
-                .map(|(f, t)| Ok(Tensor::cat(&[f, &t.to_dtype(f.dtype())?], 1)?))
-                .collect()
+        let trainable = self.trainable.to_dtype(self.frozen.dtype())?;
+        let all = Tensor::cat(&[&self.frozen, &trainable], 2)?;
+        // Each layer's a view of `all`, contiguous.
+        let layers = self.model.config.layers;
+        let part = |range: std::ops::Range<usize>| -> Result<Vec<Tensor>> {
+            range.map(|i| Ok(all.get(i)?)).collect()
         };
         Ok(Prefix {
-            keys: join(&self.frozen_keys, &self.keys)?,
-            values: join(&self.frozen_values, &self.values)?,
+            keys: part(0..layers)?,
+            values: part(layers..2 * layers)?,
         })
     }
 
     fn check_finite(&self) -> Result<()> {
-        let trainable = self.keys.iter().chain(&self.values).cloned();
-        let frozen = self.frozen_keys.iter().chain(&self.frozen_values).cloned();
-        let sums = trainable
-            .chain(frozen)
-            .map(|tensor| finiteness(&tensor))
-            .collect::<Result<Vec<_>>>()?;
+        let sums = [finiteness(&self.trainable)?, finiteness(&self.frozen)?];
         let sum = Tensor::stack(&sums, 0)?.sum_all()?.to_scalar::<f32>()?;
         match (sum.is_finite(), self.adam.step) {
             (true, _) => Ok(()),
@@ -677,10 +660,7 @@ impl<'a> Distiller<'a> {
                     }
                 )));
             }
-            self.adam.update(
-                self.keys.iter_mut().chain(self.values.iter_mut()),
-                &gradients,
-            )?;
+            self.adam.update(&mut self.trainable, &gradients)?;
             self.losses.push(value);
             each_step(self, self.adam.step, value, batch.tokens)?;
         }
@@ -769,7 +749,9 @@ impl<'a> Distiller<'a> {
 
     /// The step's loss and its gradients with respect to the trainable keys, then values, of
     /// every layer.
-    fn loss_and_gradients(&self, batch: &Batch) -> Result<(Tensor, Vec<Tensor>)> {
+    /// The step's loss, and its gradients with respect to the trainable tokens, laid out as
+    /// they are (`trainable`).
+    fn loss_and_gradients(&self, batch: &Batch) -> Result<(Tensor, Tensor)> {
         if batch.targets == 0 {
             return Err(Error::Data("a step packed no answer tokens".into()));
         }
@@ -818,9 +800,9 @@ impl<'a> Distiller<'a> {
             .keys
             .iter()
             .chain(&gradients.values)
-            .map(|g| Ok(g.narrow(1, start, trainable)?.to_dtype(DType::F32)?))
-            .collect::<Result<Vec<_>>>()?;
-        Ok((loss, gradients))
+            .map(|g| g.narrow(1, start, trainable))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok((loss, Tensor::stack(&gradients, 0)?.to_dtype(DType::F32)?))
     }
 
     /// Saves the cartridge and the optimizer's moments, to resume from.
@@ -830,23 +812,24 @@ impl<'a> Distiller<'a> {
         // the loop's position (in the metadata) always match.
         let f32 =
             |t: &Tensor| -> Result<Tensor> { Ok(t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?) };
+        // By layer, as a cartridge is (and as checkpoints were before the layers were one
+        // tensor): the moments' i counts every layer's keys, then every layer's values.
+        let layers = self.model.config.layers;
+        let (frozen, trainable, moments) = (
+            f32(&self.frozen)?,
+            f32(&self.trainable)?,
+            f32(&self.adam.moments)?,
+        );
         let mut tensors = Vec::new();
-        for (i, ((frozen_keys, frozen_values), (keys, values))) in self
-            .frozen_keys
-            .iter()
-            .zip(&self.frozen_values)
-            .zip(self.keys.iter().zip(&self.values))
-            .enumerate()
-        {
-            tensors.push((format!("frozen.{i}.keys"), f32(frozen_keys)?));
-            tensors.push((format!("frozen.{i}.values"), f32(frozen_values)?));
-            tensors.push((format!("trainable.{i}.keys"), f32(keys)?));
-            tensors.push((format!("trainable.{i}.values"), f32(values)?));
+        for i in 0..layers {
+            for (part, at) in [("keys", i), ("values", layers + i)] {
+                tensors.push((format!("frozen.{i}.{part}"), frozen.get(at)?));
+                tensors.push((format!("trainable.{i}.{part}"), trainable.get(at)?));
+            }
         }
-        for i in 0..self.adam.moments.len() {
-            let (m, v) = self.adam.moments(i)?;
-            tensors.push((format!("adam.{i}.first"), f32(&m)?));
-            tensors.push((format!("adam.{i}.second"), f32(&v)?));
+        for i in 0..2 * layers {
+            tensors.push((format!("adam.{i}.first"), moments.get(0)?.get(i)?));
+            tensors.push((format!("adam.{i}.second"), moments.get(1)?.get(i)?));
         }
         let state = serde_json::json!({
             "step": self.adam.step,
@@ -914,16 +897,24 @@ impl<'a> Distiller<'a> {
             values: join("values")?,
         };
         let mut distiller = Self::from_prefix(model, &prefix, options)?;
-        let count = distiller.adam.moments.len();
-        distiller.adam.moments = (0..count)
-            .map(|i| {
-                let (m, v) = (
-                    get(format!("adam.{i}.first"))?,
-                    get(format!("adam.{i}.second"))?,
-                );
-                Ok(Tensor::stack(&[m, v], 0)?)
-            })
-            .collect::<Result<_>>()?;
+        let shape = distiller.trainable.get(0)?.shape().clone();
+        let moments = |which: &str| -> Result<Tensor> {
+            let each = (0..2 * layers)
+                .map(|i| {
+                    let name = format!("adam.{i}.{which}");
+                    let moment = get(name.clone())?;
+                    if moment.shape() != &shape {
+                        return Err(bad(format!(
+                            "{name} is {:?}, the cartridge's trainable tokens {shape:?}",
+                            moment.shape()
+                        )));
+                    }
+                    Ok(moment)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Ok(Tensor::stack(&each, 0)?)
+        };
+        distiller.adam.moments = Tensor::stack(&[moments("first")?, moments("second")?], 0)?;
         distiller.adam.step = state["step"].as_u64().unwrap_or(0) as usize;
         // Its cartridge would be written as this run's, trained further than asked.
         if distiller.adam.step > distiller.options.steps {
@@ -1073,31 +1064,24 @@ mod tests {
     #[test]
     fn a_step_is_finite_only_when_its_loss_and_every_gradient_are() {
         let tensor = |values: &[f32]| Tensor::new(values, &Device::Cpu).unwrap();
-        let (loss, gradients) = (tensor(&[5.0]), [tensor(&[1.0, 2.0]), tensor(&[-3.0])]);
+        let (loss, gradients) = (tensor(&[5.0]), tensor(&[1.0, 2.0, -3.0]));
         assert_eq!(loss_and_finiteness(&loss, &gradients).unwrap(), (5.0, true));
         // Gradients far too large to add up in f32 are still finite.
-        let huge = [tensor(&[3e38, 3e38]), tensor(&[3e38])];
+        let huge = tensor(&[3e38, 3e38, 3e38]);
         assert!(loss_and_finiteness(&loss, &huge).unwrap().1);
-        // Of a cartridge's shape (summed by rows), one element not finite anywhere is found.
-        let shaped = Tensor::ones((3, 5, 4), DType::F32, &Device::Cpu).unwrap();
-        assert!(
-            loss_and_finiteness(&loss, std::slice::from_ref(&shaped))
-                .unwrap()
-                .1
-        );
-        for at in [0, 37, 59] {
-            let mut values = vec![1f32; 60];
+        // Of the shape a step stacks (2·layers, kv_heads, tokens, head_dim; summed by rows),
+        // one element not finite anywhere is found.
+        let shaped = Tensor::ones((2, 3, 5, 4), DType::F32, &Device::Cpu).unwrap();
+        assert!(loss_and_finiteness(&loss, &shaped).unwrap().1);
+        for at in [0, 37, 59, 60, 119] {
+            let mut values = vec![1f32; 120];
             values[at] = f32::NAN;
-            let bad = Tensor::from_vec(values, (3, 5, 4), &Device::Cpu).unwrap();
-            assert!(
-                !loss_and_finiteness(&loss, &[shaped.clone(), bad])
-                    .unwrap()
-                    .1
-            );
+            let bad = Tensor::from_vec(values, (2, 3, 5, 4), &Device::Cpu).unwrap();
+            assert!(!loss_and_finiteness(&loss, &bad).unwrap().1);
         }
         // A finite loss with a gradient that is not.
         for bad in [f32::INFINITY, f32::NAN] {
-            let gradients = [tensor(&[1.0, 2.0]), tensor(&[0.0, bad])];
+            let gradients = tensor(&[1.0, 2.0, 0.0, bad]);
             assert_eq!(
                 loss_and_finiteness(&loss, &gradients).unwrap(),
                 (5.0, false)
