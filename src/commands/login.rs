@@ -26,14 +26,12 @@ pub fn run(args: LoginArgs) -> Result<()> {
         // Typed or pasted at a terminal, it is not shown (where the process has a controlling
         // terminal to turn echo off on; elsewhere the line is read as it comes).
         _ => {
-            let hidden = std::io::stdin()
-                .is_terminal()
-                .then(|| {
-                    rpassword::prompt_password(
-                        "paste the token and press enter (it is not shown): ",
-                    )
-                })
-                .and_then(Result::ok);
+            let hidden = match std::io::stdin().is_terminal().then(prompt_hidden) {
+                Some(Err(e)) if e.kind() == std::io::ErrorKind::Interrupted => {
+                    bail!("interrupted")
+                }
+                read => read.and_then(Result::ok),
+            };
             match hidden {
                 Some(token) => token.trim().to_owned(),
                 None => {
@@ -82,4 +80,24 @@ pub fn run(args: LoginArgs) -> Result<()> {
         if visible == 1 { "" } else { "s" }
     );
     Ok(())
+}
+
+/// The token, read from the terminal without echo. On Ctrl-C, rpassword raises SIGINT itself
+/// with the terminal still without echo, and the signal's default action would end the process
+/// before rpassword puts the terminal back: the shell would then show nothing typed. Ignored
+/// while the prompt reads (typed, Ctrl-C reaches rpassword as a character, not a signal), it
+/// lets rpassword restore the terminal and return; it is raised again once it is.
+#[allow(unsafe_code)]
+fn prompt_hidden() -> std::io::Result<String> {
+    // SAFETY: dispositions only (ignore, then the one before): no handler runs in the signal.
+    let before = unsafe { libc::signal(libc::SIGINT, libc::SIG_IGN) };
+    let read = rpassword::prompt_password("paste the token and press enter (it is not shown): ");
+    unsafe { libc::signal(libc::SIGINT, before) };
+    if matches!(&read, Err(e) if e.kind() == std::io::ErrorKind::Interrupted) {
+        eprintln!();
+        // SAFETY: raising a signal; as the user's Ctrl-C would have, it ends the process where
+        // SIGINT's action is the default (and where it is not, `interrupted` is returned).
+        unsafe { libc::raise(libc::SIGINT) };
+    }
+    read
 }

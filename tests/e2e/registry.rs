@@ -1053,6 +1053,87 @@ fn s3_storage_moves_blobs_through_presigned_urls() {
     );
 }
 
+/// Ctrl-C at the token prompt, which reads a terminal without echo, ends the command as an
+/// interrupt does and gives the terminal back as it was: echo, line editing and signals on.
+#[test]
+#[allow(unsafe_code)]
+fn ctrl_c_at_the_token_prompt_gives_the_terminal_back() {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use std::os::unix::process::{CommandExt, ExitStatusExt};
+    let dir = tempfile::tempdir().unwrap();
+    let (mut master, mut slave) = (0, 0);
+    // SAFETY: openpty writes two new descriptors, owned from here on.
+    let (master, slave) = unsafe {
+        let opened = libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        );
+        assert_eq!(opened, 0, "openpty: {}", std::io::Error::last_os_error());
+        (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave))
+    };
+    let modes = |terminal: &OwnedFd| {
+        // SAFETY: tcgetattr fills the termios it is given.
+        unsafe {
+            let mut modes: libc::termios = std::mem::zeroed();
+            assert_eq!(libc::tcgetattr(terminal.as_raw_fd(), &mut modes), 0);
+            modes.c_lflag & (libc::ECHO | libc::ICANON | libc::ISIG)
+        }
+    };
+    let before = modes(&slave);
+    assert_eq!(before, libc::ECHO | libc::ICANON | libc::ISIG);
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_cartridge"));
+    command
+        .args(["login", "http://127.0.0.1:9"])
+        .env("CARTRIDGE_HOME", dir.path().join("home"))
+        .env_remove("CARTRIDGE_TOKEN")
+        .stdin(slave.try_clone().unwrap())
+        .stdout(slave.try_clone().unwrap())
+        .stderr(slave.try_clone().unwrap());
+    // The terminal is the command's controlling one, as a shell's is: the prompt reads /dev/tty.
+    // SAFETY: setsid and ioctl are async-signal-safe, as pre_exec asks.
+    unsafe {
+        command.pre_exec(|| {
+            if libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = command.spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    // Ctrl-C once the prompt has turned echo off (typed, it reaches the prompt as a character).
+    while modes(&slave) & libc::ECHO != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the prompt never turned echo off"
+        );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "login ended before its prompt"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // (Held open until the end: the terminal's last close would hang the command up.)
+    let mut master = std::fs::File::from(master);
+    std::io::Write::write_all(&mut master, b"\x03").unwrap();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "login went on after Ctrl-C");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert_eq!(status.signal(), Some(libc::SIGINT), "{status:?}");
+    assert_eq!(
+        modes(&slave),
+        before,
+        "the terminal's echo, line editing and signals"
+    );
+}
+
 #[test]
 fn login_saves_the_registry_and_token_for_later_commands() {
     let dir = tempfile::tempdir().unwrap();
