@@ -1092,11 +1092,16 @@ fn ctrl_c_at_the_token_prompt_gives_the_terminal_back() {
         .stdin(slave.try_clone().unwrap())
         .stdout(slave.try_clone().unwrap())
         .stderr(slave.try_clone().unwrap());
-    // The terminal is the command's controlling one, as a shell's is: the prompt reads /dev/tty.
-    // SAFETY: setsid and ioctl are async-signal-safe, as pre_exec asks.
+    // The terminal is the command's controlling one, and SIGINT's action the default, as in a
+    // shell's foreground (a test run in the background inherits SIGINT ignored): the prompt
+    // reads /dev/tty.
+    // SAFETY: setsid, ioctl and signal are async-signal-safe, as pre_exec asks.
     unsafe {
         command.pre_exec(|| {
-            if libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+            if libc::setsid() < 0
+                || libc::ioctl(0, libc::TIOCSCTTY, 0) < 0
+                || libc::signal(libc::SIGINT, libc::SIG_DFL) == libc::SIG_ERR
+            {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())
