@@ -15,8 +15,9 @@
 // `prefix` keys (a cartridge, a context) and the keys [from, to] of its position's pair in `spans`
 // `[sequences, length, 2]` (empty when from > to; a causal row's or a packed conversation's), two
 // numbers a row where a mask's row is as many bytes as the keys, and it tells without a load which
-// tiles a block can skip. The forward also writes each tile of 64 rows' `reach` (the least `from`
-// and the greatest `to` of its spans), from which the backward knows which row tiles see its keys.
+// tiles a block can skip, and which it can take whole (every row seeing every key: no spans to
+// compare). The forward also writes each tile of 64 rows' Reach, from which the backward knows
+// which row tiles see its keys, and which see all of them.
 //
 // A forward block is 4 warps, a backward block 8. Fragments follow the PTX ISA's figures for
 // mma.m16n8k16 (g = lane / 4, t = lane % 4): A (16 x 16) register i holds row g + 8 (i % 2),
@@ -396,6 +397,57 @@ __device__ __forceinline__ uint32_t next_keys(uint32_t first, uint32_t prefix, u
   return most(first, lo / TILE * TILE);
 }
 
+// What a set of rows sees beyond the prefix (their spans), as the forward writes it for each
+// tile of 64 rows (4 u32s): the least `from` and the greatest `to` of the spans that are not
+// empty (which keys any row sees: lo > hi when none), and the greatest `from` and the least `to`
+// of all of them (which keys every row sees: none when any span is empty). Rows past the last
+// are no rows.
+struct Reach {
+  uint32_t lo = UINT32_MAX, hi = 0, common_from = 0, common_to = UINT32_MAX;
+  __device__ __forceinline__ void add(uint32_t from, uint32_t to) {
+    if (from <= to) {
+      lo = least(lo, from);
+      hi = most(hi, to);
+    }
+    common_from = most(common_from, from);
+    common_to = least(common_to, to);
+  }
+  __device__ __forceinline__ void merge(const Reach &other) {
+    lo = least(lo, other.lo);
+    hi = most(hi, other.hi);
+    common_from = most(common_from, other.common_from);
+    common_to = least(common_to, other.common_to);
+  }
+  // Over the warp's lanes (every lane takes part).
+  __device__ __forceinline__ void reduce_warp() {
+#pragma unroll
+    for (int offset = 16; offset > 0; offset /= 2) {
+      lo = least(lo, __shfl_xor_sync(0xffffffffu, lo, offset));
+      hi = most(hi, __shfl_xor_sync(0xffffffffu, hi, offset));
+      common_from = most(common_from, __shfl_xor_sync(0xffffffffu, common_from, offset));
+      common_to = least(common_to, __shfl_xor_sync(0xffffffffu, common_to, offset));
+    }
+  }
+  // Whether every row sees each of the keys [first, last] (by its span).
+  __device__ __forceinline__ bool holds(uint32_t first, uint32_t last) const {
+    return first >= common_from && last <= common_to;
+  }
+  __device__ __forceinline__ void store(uint32_t *to) const {
+    to[0] = lo;
+    to[1] = hi;
+    to[2] = common_from;
+    to[3] = common_to;
+  }
+  __device__ __forceinline__ static Reach load(const uint32_t *from) {
+    Reach r;
+    r.lo = from[0];
+    r.hi = from[1];
+    r.common_from = from[2];
+    r.common_to = from[3];
+    return r;
+  }
+};
+
 // The block of rows that the forward's y-th block of a head takes: the latest positions first,
 // those of every query head of the group side by side. Causal rows see more keys the later
 // they are, so the longest blocks start first and the last wave on the GPU is of short ones,
@@ -424,7 +476,7 @@ __device__ void flash_forward(const T *__restrict__ q, const T *__restrict__ k_s
   constexpr int M = FORWARD_ROWS / TILE;
   __shared__ __align__(16) uint16_t ks[2][TILE * STRIDE];
   __shared__ __align__(16) uint16_t vs[2][TILE * STRIDE];
-  __shared__ uint32_t warp_lo[M][FLASH_THREADS / 32], warp_hi[M][FLASH_THREADS / 32];
+  __shared__ uint32_t warp_reach[M][FLASH_THREADS / 32][4];
   const uint32_t warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const size_t head = blockIdx.x, sequence = head / kv_heads;
   const uint32_t columns = shared + length, block = row_block(blockIdx.y, rows, length);
@@ -438,13 +490,13 @@ __device__ void flash_forward(const T *__restrict__ q, const T *__restrict__ k_s
   const float scale2 = scale * LOG2_E;
   prefix = least(prefix, columns);
   // This thread's rows: of each tile m, g and g + 8 of the warp's 16 (C fragment elements 0-1
-  // and 2-3), their spans (a key past the last is no key), and each tile's reach.
-  uint32_t row[M][2], from[M][2], to[M][2], lo[M], hi[M];
+  // and 2-3), their spans (a key past the last is no key), and each tile's Reach: of the warp's
+  // 16 rows first, then of the block's 64.
+  uint32_t row[M][2], from[M][2], to[M][2];
+  Reach warp_of[M];
   bool live[M][2];
 #pragma unroll
   for (int m = 0; m < M; m++) {
-    lo[m] = UINT32_MAX;
-    hi[m] = 0;
 #pragma unroll
     for (int h = 0; h < 2; h++) {
       row[m][h] = (block * M + m) * TILE + warp * 16 + g + 8 * h;
@@ -455,40 +507,27 @@ __device__ void flash_forward(const T *__restrict__ q, const T *__restrict__ k_s
         const uint32_t *span = spans + 2 * (sequence * length + row[m][h] % length);
         from[m][h] = span[0];
         to[m][h] = least(span[1], columns - 1);
-      }
-      if (from[m][h] <= to[m][h]) {
-        lo[m] = least(lo[m], from[m][h]);
-        hi[m] = most(hi[m], to[m][h]);
+        warp_of[m].add(from[m][h], to[m][h]);
       }
     }
-#pragma unroll
-    for (int offset = 16; offset > 0; offset /= 2) {
-      lo[m] = least(lo[m], __shfl_xor_sync(0xffffffffu, lo[m], offset));
-      hi[m] = most(hi[m], __shfl_xor_sync(0xffffffffu, hi[m], offset));
-    }
-    if (lane == 0) {
-      warp_lo[m][warp] = lo[m];
-      warp_hi[m][warp] = hi[m];
-    }
+    warp_of[m].reduce_warp();
+    if (lane == 0)
+      warp_of[m].store(warp_reach[m][warp]);
   }
   __syncthreads();
   // The block's reach, over both tiles: which keys it walks.
   uint32_t block_lo = UINT32_MAX, block_hi = 0;
 #pragma unroll
   for (int m = 0; m < M; m++) {
+    Reach tile_of;
 #pragma unroll
-    for (int w = 0; w < FLASH_THREADS / 32; w++) {
-      lo[m] = least(lo[m], warp_lo[m][w]);
-      hi[m] = most(hi[m], warp_hi[m][w]);
-    }
+    for (int w = 0; w < FLASH_THREADS / 32; w++)
+      tile_of.merge(Reach::load(warp_reach[m][w]));
     const uint32_t tile = block * M + m;
-    if (threadIdx.x == 0 && tile < tiles) {
-      uint32_t *r = reach + 2 * (head * tiles + tile);
-      r[0] = lo[m];
-      r[1] = hi[m];
-    }
-    block_lo = least(block_lo, lo[m]);
-    block_hi = most(block_hi, hi[m]);
+    if (threadIdx.x == 0 && tile < tiles)
+      tile_of.store(reach + 4 * (head * tiles + tile));
+    block_lo = least(block_lo, tile_of.lo);
+    block_hi = most(block_hi, tile_of.hi);
   }
   uint32_t qa[M][4][4];
 #pragma unroll
@@ -517,14 +556,14 @@ __device__ void flash_forward(const T *__restrict__ q, const T *__restrict__ k_s
     __syncthreads();
     float s[M][8][4] = {};
     product<T, true>(s, qa, ks[b]);
-    // A tile within the prefix is seen whole by every row: no spans to compare.
-    const bool whole = first + TILE <= prefix;
+    // A tile within the prefix, or within every row's span, is seen whole: no spans to compare.
+    const bool in_prefix = first + TILE <= prefix;
     uint32_t pa[M][4][4];
 #pragma unroll
     for (int m = 0; m < M; m++) {
       // The tile's greatest unscaled score of each row (the scale is positive).
       float tile_top[2] = {-INFINITY, -INFINITY};
-      if (whole) {
+      if (in_prefix || warp_of[m].holds(first, first + TILE - 1)) {
 #pragma unroll
         for (int n = 0; n < 8; n++)
 #pragma unroll
@@ -613,6 +652,8 @@ struct BackwardTiles {
   __align__(16) uint32_t froms[2][TILE];
   __align__(16) uint32_t tos[2][TILE];
   uint32_t seen[SEEN_WORDS];
+  // The row tile's Reach, as the forward wrote it.
+  __align__(16) uint32_t reaches[2][4];
 };
 
 // Grid (sequences · kv_heads, ceil(columns / 128)), heads first so that the blocks of the
@@ -674,7 +715,7 @@ __device__ void flash_backward(const T *__restrict__ q, const T *__restrict__ k_
     seen[w] = 0;
   __syncthreads();
   for (uint32_t x = threadIdx.x; x < tiles; x += BACKWARD_THREADS) {
-    const uint32_t lo = reach[2 * (head * tiles + x)], hi = reach[2 * (head * tiles + x) + 1];
+    const uint32_t lo = reach[4 * (head * tiles + x)], hi = reach[4 * (head * tiles + x) + 1];
     if (first_key < prefix || (lo <= first_key + KEYS - 1 && hi >= first_key))
       atomicOr(&seen[x / 32], 1u << x % 32);
   }
@@ -683,6 +724,8 @@ __device__ void flash_backward(const T *__restrict__ q, const T *__restrict__ k_
   const auto load_rows = [&](int b, uint32_t x) {
     load_tile<TILE, BACKWARD_THREADS>(qs[b], query_row, x * TILE, rows);
     load_tile<TILE, BACKWARD_THREADS>(dos[b], dout_row, x * TILE, rows);
+    if (threadIdx.x < 4)
+      copy4_async(&tiles_.reaches[b][threadIdx.x], &reach[4 * (head * tiles + x) + threadIdx.x]);
     for (uint32_t i = threadIdx.x; i < TILE; i += BACKWARD_THREADS) {
       const uint32_t row = x * TILE + i;
       if (row < rows) {
@@ -733,17 +776,25 @@ __device__ void flash_backward(const T *__restrict__ q, const T *__restrict__ k_
         a_rows(ks, warp * 16, kk, ka[kk]);
       float st[8][4] = {};
       product<T, true>(st, ka, qs[b]);
+      // Past the rows, lse is +inf: 2^-inf = 0. Keys within the prefix, or within every row's
+      // span, are seen whole: no spans to compare.
+      if (whole || Reach::load(tiles_.reaches[b]).holds(warp_key, warp_key + 15)) {
 #pragma unroll
-      for (int n = 0; n < 8; n++)
+        for (int n = 0; n < 8; n++)
 #pragma unroll
-        for (int e = 0; e < 4; e++) {
-          const uint32_t local = n * 8 + 2 * t + e % 2;
-          // Past the rows, lse is +inf: 2^-inf = 0. (`whole` is the same for the whole loop:
-          // the compiler makes a loop of its own for whole blocks.)
-          st[n][e] = whole || sees(key[e / 2], prefix, froms[b][local], tos[b][local])
-                         ? exp2_approx(st[n][e] * scale2 - lses[b][local])
-                         : 0.f;
-        }
+          for (int e = 0; e < 4; e++)
+            st[n][e] = exp2_approx(st[n][e] * scale2 - lses[b][n * 8 + 2 * t + e % 2]);
+      } else {
+#pragma unroll
+        for (int n = 0; n < 8; n++)
+#pragma unroll
+          for (int e = 0; e < 4; e++) {
+            const uint32_t local = n * 8 + 2 * t + e % 2;
+            st[n][e] = sees(key[e / 2], prefix, froms[b][local], tos[b][local])
+                           ? exp2_approx(st[n][e] * scale2 - lses[b][local])
+                           : 0.f;
+          }
+      }
       as_a<T>(st, pa);
     }
     product<T, false>(dva, pa, dos[b]);

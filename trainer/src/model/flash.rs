@@ -30,11 +30,13 @@ const BACKWARD_THREADS: u32 = 256;
 const KEYS: usize = 128;
 /// The backward's shared memory (`sizeof(BackwardTiles)`), more than a block's static 48 KB:
 /// given as dynamic shared memory, which a kernel takes beyond 48 KB only once allowed to.
-const BACKWARD_SHARED_BYTES: u32 = 75_264;
+const BACKWARD_SHARED_BYTES: u32 = 75_296;
 const HEAD_DIM: usize = 64;
 /// The most tiles of rows a head may have: the backward marks those that see its keys in
 /// `SEEN_WORDS` (128) words of bits.
 const MAX_ROW_TILES: usize = 128 * 32;
+/// What the forward writes of each row tile's spans for the backward (the kernels' `Reach`).
+const REACH: usize = 4;
 /// The scores' scale, 1/√HEAD_DIM.
 const SCALE: f32 = 0.125;
 
@@ -302,8 +304,8 @@ fn part_tensors<'a>(parts: &KeyParts<'a>) -> [&'a Tensor; 4] {
 
 /// `softmax(scale·q·kᵀ over the keys each row sees)·v` `[B, L, heads, 64]` (as `q`), each
 /// row's log-sum-exp in base 2 `[B, kv_heads, group·L]` (f32, the kernels' rows: a key head's
-/// query heads stacked) and each tile of 64 of those rows' reach (u32 pairs), for positions seeing the
-/// first `prefix` keys and their span in `spans` `[B, L, 2]`.
+/// query heads stacked) and each tile of 64 of those rows' reach (`REACH` u32s), for positions
+/// seeing the first `prefix` keys and their span in `spans` `[B, L, 2]`.
 pub fn forward(
     q: &Tensor,
     parts: &KeyParts,
@@ -333,7 +335,7 @@ fn forward_as<T: CudaDType + DeviceRepr + candle_core::WithDType>(
     // each row tile's reach.
     let out = unsafe { device.alloc::<T>(rows * HEAD_DIM) }?;
     let lse = unsafe { device.alloc::<f32>(rows) }?;
-    let reach = unsafe { device.alloc::<u32>(tiles * 2) }?;
+    let reach = unsafe { device.alloc::<u32>(tiles * REACH) }?;
     // The storages are held (read-locked) until the kernel is enqueued.
     let tensors = part_tensors(parts);
     let storages: Vec<_> = tensors.iter().map(|x| x.storage_and_layout().0).collect();
@@ -372,7 +374,7 @@ fn forward_as<T: CudaDType + DeviceRepr + candle_core::WithDType>(
     Ok((
         wrap(out, &device, q.dims()),
         wrap(lse, &device, &[sizes.batch, sizes.kv_heads, sizes.rows]),
-        wrap(reach, &device, &[tiles, 2]),
+        wrap(reach, &device, &[tiles, REACH]),
     ))
 }
 
@@ -418,7 +420,7 @@ fn backward_as<T: CudaDType + DeviceRepr + candle_core::WithDType>(
         }
     }
     let tiles = sizes.heads() * sizes.rows.div_ceil(TILE);
-    if reach.dims() != [tiles, 2] || reach.dtype() != DType::U32 {
+    if reach.dims() != [tiles, REACH] || reach.dtype() != DType::U32 {
         candle_core::bail!(
             "attention: reach is {:?} {:?}",
             reach.dtype(),
