@@ -556,14 +556,16 @@ __device__ void flash_forward(const T *__restrict__ q, const T *__restrict__ k_s
     __syncthreads();
     float s[M][8][4] = {};
     product<T, true>(s, qa, ks[b]);
-    // A tile within the prefix, or within every row's span, is seen whole: no spans to compare.
+    // A tile is seen whole, with no spans to compare, where its keys past the prefix (which
+    // every row sees) are within every row's span.
     const bool in_prefix = first + TILE <= prefix;
+    const uint32_t past_prefix = most(first, prefix);
     uint32_t pa[M][4][4];
 #pragma unroll
     for (int m = 0; m < M; m++) {
       // The tile's greatest unscaled score of each row (the scale is positive).
       float tile_top[2] = {-INFINITY, -INFINITY};
-      if (in_prefix || warp_of[m].holds(first, first + TILE - 1)) {
+      if (in_prefix || warp_of[m].holds(past_prefix, first + TILE - 1)) {
 #pragma unroll
         for (int n = 0; n < 8; n++)
 #pragma unroll
@@ -752,7 +754,8 @@ __device__ void flash_backward(const T *__restrict__ q, const T *__restrict__ k_
     load_rows(0, x);
   commit_async();
   // Keys within the prefix are seen by every row.
-  const bool whole = first_key + KEYS <= prefix;
+  const bool in_prefix = warp_key + 16 <= prefix;
+  const uint32_t past_prefix = most(warp_key, prefix);
   // dQ's share of this warp: 16 of the tile's queries and 32 of the dimensions, over the block's
   // keys.
   const uint32_t dq_row = warp % 4 * 16, dq_column = warp / 4 * 32;
@@ -776,9 +779,9 @@ __device__ void flash_backward(const T *__restrict__ q, const T *__restrict__ k_
         a_rows(ks, warp * 16, kk, ka[kk]);
       float st[8][4] = {};
       product<T, true>(st, ka, qs[b]);
-      // Past the rows, lse is +inf: 2^-inf = 0. Keys within the prefix, or within every row's
-      // span, are seen whole: no spans to compare.
-      if (whole || Reach::load(tiles_.reaches[b]).holds(warp_key, warp_key + 15)) {
+      // Past the rows, lse is +inf: 2^-inf = 0. Keys of the prefix, and past it keys within
+      // every row's span, are seen whole: no spans to compare.
+      if (in_prefix || Reach::load(tiles_.reaches[b]).holds(past_prefix, warp_key + 15)) {
 #pragma unroll
         for (int n = 0; n < 8; n++)
 #pragma unroll
