@@ -29,12 +29,12 @@
 #define FLASH_THREADS 128
 #define TILE 64
 // The forward's block: 4 warps, 32 rows each (two tiles of 16), which share each key and value
-// fragment loaded: half the shared memory loads a row of blocks of 64 rows (FlashAttention-2's
-// shape for heads of 64).
+// fragment loaded: half the shared-memory loads a row that blocks of 64 rows make
+// (FlashAttention-2's shape for heads of 64).
 #define FORWARD_ROWS 128
 // The backward's block: 8 warps, 16 keys each. Each tile of query rows it loads (Q, dO) and each
-// dQ it adds by atomics then serves 128 keys: half the loads and the atomics a key of blocks of
-// 64 (FlashAttention-2's shape for heads of 64).
+// dQ it adds by atomics then serves 128 keys: half the loads and atomics a key that blocks of 64
+// keys make (FlashAttention-2's shape for heads of 64).
 #define BACKWARD_THREADS 256
 #define KEYS 128
 // dS's rows in shared memory, `[query][key]`: the 8 rows one fragment load reads start in 8
