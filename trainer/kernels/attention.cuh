@@ -37,9 +37,6 @@
 // keys make (FlashAttention-2's shape for heads of 64).
 #define BACKWARD_THREADS 256
 #define KEYS 128
-// dS's rows in shared memory, `[query][key]`: the 8 rows one fragment load reads start in 8
-// different banks (as STRIDE's).
-#define DS_STRIDE (KEYS + 8)
 #define HEAD_DIM 64
 #define STRIDE 72
 // The backward's bits of which row tiles see its keys: at most 32 · SEEN_WORDS row tiles
@@ -78,14 +75,18 @@ template <typename T> __device__ __forceinline__ uint32_t pack(float low, float 
   return pair(bits(narrow<T>(low)), bits(narrow<T>(high)));
 }
 
-// Two adjacent elements (4-byte aligned), rounded to T, in one store.
-template <typename T> __device__ __forceinline__ void store2(T *to, float low, float high) {
-  const uint32_t both = pack<T>(low, high);
+// Two adjacent 16-bit elements (4-byte aligned), as one register holds them, in one store.
+__device__ __forceinline__ void store_pair(void *to, uint32_t both) {
 #ifdef __CUDACC__
   *reinterpret_cast<uint32_t *>(to) = both;
 #else
   memcpy(to, &both, 4);
 #endif
+}
+
+// Two adjacent elements (4-byte aligned), rounded to T, in one store.
+template <typename T> __device__ __forceinline__ void store2(T *to, float low, float high) {
+  store_pair(to, pack<T>(low, high));
 }
 
 #ifdef __CUDACC__
@@ -320,12 +321,16 @@ __device__ __forceinline__ void b_rows(const uint16_t *tile, int kk, int n0, uin
   b[1][1] = d[3];
 }
 
-// The A fragment of rows m0.. and columns kk·16.. of a tile stored `[m][k]`, rows `stride`
-// elements apart.
-__device__ __forceinline__ void a_rows(const uint16_t *tile, int m0, int kk, uint32_t (&a)[4],
-                                       int stride = STRIDE) {
+// The A fragment of rows m0.. and columns kk·16.. of a tile stored `[m][k]`.
+__device__ __forceinline__ void a_rows(const uint16_t *tile, int m0, int kk, uint32_t (&a)[4]) {
   const uint32_t lane = threadIdx.x % 32, j = lane / 8, r = lane % 8;
-  ldmatrix(a, tile + (m0 + r + 8 * (j % 2)) * stride + kk * 16 + 8 * (j / 2));
+  ldmatrix(a, tile + (m0 + r + 8 * (j % 2)) * STRIDE + kk * 16 + 8 * (j / 2));
+}
+
+// The same of a tile stored `[k][m]` (its transpose: loaded transposed).
+__device__ __forceinline__ void a_columns(const uint16_t *tile, int m0, int kk, uint32_t (&a)[4]) {
+  const uint32_t lane = threadIdx.x % 32, j = lane / 8, r = lane % 8;
+  ldmatrix_trans(a, tile + (kk * 16 + r + 8 * (j / 2)) * STRIDE + m0 + 8 * (j % 2));
 }
 
 // acc (M x 16 x 64) += A (M x 16 x 64, as the A fragments of four 16-column steps) times a
@@ -646,9 +651,10 @@ struct BackwardTiles {
   // Two buffers of a row tile's Q and dO, and of its rows' log-sum-exps, dsums and spans.
   __align__(16) uint16_t qs[2][TILE * STRIDE];
   __align__(16) uint16_t dos[2][TILE * STRIDE];
-  // The block's keys, and the tile's dS, `[query, key]` (the A operand of dQ's product).
+  // The block's keys, and the tile's dS, `[key, query]` (transposed, the A operand of dQ's
+  // product: each thread stores the pairs of adjacent queries its registers hold).
   __align__(16) uint16_t ks[KEYS * STRIDE];
-  __align__(16) uint16_t dss[TILE * DS_STRIDE];
+  __align__(16) uint16_t dss[KEYS * STRIDE];
   __align__(16) float lses[2][TILE];
   __align__(16) float dsums[2][TILE];
   __align__(16) uint32_t froms[2][TILE];
@@ -811,19 +817,21 @@ __device__ void flash_backward(const T *__restrict__ q, const T *__restrict__ k_
     uint32_t da[4][4];
     as_a<T>(dpt, da);
     product<T, false>(dka, da, qs[b]);
-    // dS has a buffer of its own, which the last tile's dQ was done reading at the loop's end.
+    // dS has a buffer of its own, which the last tile's dQ was done reading at the loop's end:
+    // da's registers, each two adjacent queries of one key, as they are (rows of 8 keys by
+    // lanes' g, 4 lanes' pairs of queries a row: 32 banks).
 #pragma unroll
     for (int n = 0; n < 8; n++)
 #pragma unroll
-      for (int e = 0; e < 4; e++)
-        dss[(n * 8 + 2 * t + e % 2) * DS_STRIDE + warp * 16 + g + 8 * (e / 2)] =
-            bits(narrow<T>(dpt[n][e]));
+      for (int h = 0; h < 2; h++)
+        store_pair(&dss[(warp * 16 + g + 8 * h) * STRIDE + n * 8 + 2 * t],
+                   da[n / 2][n % 2 * 2 + h]);
     __syncthreads();
     float acc[4][4] = {};
 #pragma unroll
     for (int kk = 0; kk < KEYS / 16; kk++) {
       uint32_t sa[4];
-      a_rows(dss, dq_row, kk, sa, DS_STRIDE);
+      a_columns(dss, dq_row, kk, sa);
 #pragma unroll
       for (int n = 0; n < 4; n += 2) {
         uint32_t bk[2][2];

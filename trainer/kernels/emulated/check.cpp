@@ -12,7 +12,7 @@
 #include <unistd.h>
 
 // What flash.rs's BACKWARD_SHARED_BYTES gives the backward.
-static_assert(sizeof(BackwardTiles) == 75296, "flash.rs's BACKWARD_SHARED_BYTES");
+static_assert(sizeof(BackwardTiles) == 76320, "flash.rs's BACKWARD_SHARED_BYTES");
 
 std::mt19937 rng(7);
 double randn() {

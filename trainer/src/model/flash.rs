@@ -30,7 +30,7 @@ const BACKWARD_THREADS: u32 = 256;
 const KEYS: usize = 128;
 /// The backward's shared memory (`sizeof(BackwardTiles)`), more than a block's static 48 KB:
 /// given as dynamic shared memory, which a kernel takes beyond 48 KB only once allowed to.
-const BACKWARD_SHARED_BYTES: u32 = 75_296;
+const BACKWARD_SHARED_BYTES: u32 = 76_320;
 const HEAD_DIM: usize = 64;
 /// The most tiles of rows a head may have: the backward marks those that see its keys in
 /// `SEEN_WORDS` (128) words of bits.
