@@ -94,9 +94,6 @@ template <typename T> __device__ __forceinline__ void store2(T *to, float low, f
 __device__ __forceinline__ uint32_t load2(const uint16_t *p) {
   return *reinterpret_cast<const uint32_t *>(p);
 }
-__device__ __forceinline__ void copy16(uint16_t *to, const uint16_t *from) {
-  *reinterpret_cast<uint4 *>(to) = *reinterpret_cast<const uint4 *>(from);
-}
 __device__ __forceinline__ void zero16(uint16_t *to) {
   *reinterpret_cast<uint4 *>(to) = make_uint4(0, 0, 0, 0);
 }

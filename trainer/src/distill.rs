@@ -747,10 +747,8 @@ impl<'a> Distiller<'a> {
         })
     }
 
-    /// The step's loss and its gradients with respect to the trainable keys, then values, of
-    /// every layer.
     /// The step's loss, and its gradients with respect to the trainable tokens, laid out as
-    /// they are (`trainable`).
+    /// they are (`trainable`: every layer's keys, then every layer's values).
     fn loss_and_gradients(&self, batch: &Batch) -> Result<(Tensor, Tensor)> {
         if batch.targets == 0 {
             return Err(Error::Data("a step packed no answer tokens".into()));

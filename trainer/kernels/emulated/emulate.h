@@ -68,7 +68,6 @@ inline __half __ushort_as_half(uint16_t u) {
   return h;
 }
 inline uint32_t load2(const uint16_t *p) { return uint32_t(p[0]) | uint32_t(p[1]) << 16; }
-inline void copy16(uint16_t *to, const uint16_t *from) { std::memcpy(to, from, 16); }
 inline void zero16(uint16_t *to) { std::memset(to, 0, 16); }
 inline void add2(float *to, float low, float high) {
   std::atomic_ref<float>(to[0]).fetch_add(low);
