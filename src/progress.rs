@@ -47,6 +47,10 @@ impl Progress for Bar {
         self.bar.inc(bytes);
     }
 
+    fn retreat(&self, bytes: u64) {
+        self.bar.dec(bytes);
+    }
+
     fn end(&self) {
         self.bar.finish_and_clear();
     }

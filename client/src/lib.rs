@@ -22,6 +22,8 @@ pub trait Progress: Send + Sync {
     /// A transfer of `total` bytes begins (`already` of them are on hand, e.g. resumed).
     fn begin(&self, total: u64, already: u64);
     fn advance(&self, bytes: u64);
+    /// Bytes counted before are to come again (a download that starts over).
+    fn retreat(&self, bytes: u64);
     fn end(&self);
 }
 
@@ -31,5 +33,6 @@ pub struct NoProgress;
 impl Progress for NoProgress {
     fn begin(&self, _: u64, _: u64) {}
     fn advance(&self, _: u64) {}
+    fn retreat(&self, _: u64) {}
     fn end(&self) {}
 }

@@ -169,16 +169,21 @@ pub async fn fetch_blobs(
     for blob in &cached {
         let _ = ready.send(blob.digest);
     }
-    let resumable: u64 = needed
-        .iter()
-        .map(|b| partial_len(&cache.partial(&b.digest)).min(b.size))
-        .sum();
-    progress.begin(needed.iter().map(|b| b.size).sum(), resumable);
+    // What each needed blob's partial download holds, counted as on hand from the start.
+    let needed: Vec<(BlobInfo, u64)> = needed
+        .into_iter()
+        .map(|b| (b, partial_len(&cache.partial(&b.digest)).min(b.size)))
+        .collect();
+    progress.begin(
+        needed.iter().map(|(b, _)| b.size).sum(),
+        needed.iter().map(|(_, on_hand)| on_hand).sum(),
+    );
     let fetched: Vec<(u64, u64)> = futures::stream::iter(needed)
-        .map(|blob| {
+        .map(|(blob, shown)| {
             let ready = ready.clone();
             async move {
-                let counts = fetch_blob(client, repo, blob, cache, options, progress).await?;
+                let counts =
+                    fetch_blob(client, repo, blob, cache, options, (progress, shown)).await?;
                 let _ = ready.send(blob.digest);
                 Ok::<_, ClientError>(counts)
             }
@@ -258,15 +263,26 @@ async fn hash_file(path: &Path) -> Result<(blake3::Hasher, u64), ClientError> {
     .map_err(ClientError::io(path))
 }
 
+/// Moves `progress` from counting `shown` bytes of a blob to counting `now`.
+fn show(progress: &dyn Progress, shown: &mut u64, now: u64) {
+    if now >= *shown {
+        progress.advance(now - *shown);
+    } else {
+        progress.retreat(*shown - now);
+    }
+    *shown = now;
+}
+
 /// Downloads one blob into the cache, resuming what an earlier attempt or process left, and
-/// verifies it. Returns the bytes downloaded now and the bytes resumed.
+/// verifies it; `progress` counts `shown` bytes of it already. Returns the bytes downloaded now
+/// and the bytes resumed.
 async fn fetch_blob(
     client: &Client,
     repo: &Repository,
     blob: BlobInfo,
     cache: &Cache,
     options: &PullOptions,
-    progress: &dyn Progress,
+    (progress, mut shown): (&dyn Progress, u64),
 ) -> Result<(u64, u64), ClientError> {
     let partial = cache.partial(&blob.digest);
     // One downloader per blob at a time, across tasks and processes: an exclusive lock on the
@@ -276,6 +292,7 @@ async fn fetch_blob(
     if cache.blob(&blob.digest).exists() {
         // The partial file is the empty one this call made; it goes under the lock.
         let _ = tokio::fs::remove_file(&partial).await;
+        show(progress, &mut shown, blob.size);
         return Ok((0, 0));
     }
     let mut resumed = partial_len(&partial);
@@ -298,7 +315,10 @@ async fn fetch_blob(
             if partial_len(&partial) != hashed {
                 (hasher, hashed) = hash_file(&partial).await?;
             }
-            match download_into(
+            // The bar counts what is on disk: bytes dropped (a partial file emptied, a write
+            // lost) are to come again, and another process's are on hand.
+            show(progress, &mut shown, hashed);
+            let outcome = download_into(
                 client,
                 repo,
                 &blob,
@@ -307,8 +327,10 @@ async fn fetch_blob(
                 options,
                 progress,
             )
-            .await
-            {
+            .await;
+            // It moved the bar with the bytes it hashed.
+            shown = hashed;
+            match outcome {
                 Ok(()) => break,
                 Err(error) if error.is_transient() => {
                     // An attempt that emptied the partial file (a range that did not continue
@@ -381,9 +403,10 @@ async fn truncate(partial: &Path) -> Result<(), ClientError> {
     file.set_len(0).await.map_err(ClientError::io(partial))
 }
 
-/// Appends the rest of a blob to its partial file, from where the file ends, hashing as it goes.
-/// Writes go through `held`, the partial file as locked (opened for appending): the lock lasts
-/// until the last write is done, even one still running when a download is dropped mid-way.
+/// Appends the rest of a blob to its partial file, from where the file ends, hashing as it goes
+/// (and moving `progress` with what it hashes, forward and back). Writes go through `held`, the
+/// partial file as locked (opened for appending): the lock lasts until the last write is done,
+/// even one still running when a download is dropped mid-way.
 async fn download_into(
     client: &Client,
     repo: &Repository,
@@ -420,6 +443,7 @@ async fn download_into(
         got => {
             // A gap, or no telling: the retry fetches the whole blob.
             file.set_len(0).await.map_err(ClientError::io(partial))?;
+            progress.retreat(*hashed);
             (*hasher, *hashed) = (blake3::Hasher::new(), 0);
             return Err(ClientError::WrongRange {
                 digest: blob.digest,
@@ -970,7 +994,17 @@ mod tests {
             size: blob.len() as u64,
         };
         let repo = "team/blobs".parse().unwrap();
-        fetch_blob(&client, &repo, info, cache, &options, &crate::NoProgress).await
+        // The bar begins at what the partial download holds, as a pull's does; it never
+        // passes the blob's size, and a fetched blob leaves it there.
+        let tally = crate::testing::Tally::default();
+        let on_hand = partial_len(&cache.partial(&info.digest)).min(info.size);
+        tally.begin(info.size, on_hand);
+        let fetched = fetch_blob(&client, &repo, info, cache, &options, (&tally, on_hand)).await;
+        assert!(tally.furthest() <= info.size as i64, "{}", tally.furthest());
+        if fetched.is_ok() {
+            assert_eq!(tally.position(), info.size as i64);
+        }
+        fetched
     }
 
     #[tokio::test(flavor = "multi_thread")]

@@ -51,3 +51,42 @@ pub fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
 pub fn target(head: &str) -> &str {
     head.split(' ').nth(1).unwrap_or("")
 }
+
+/// Progress that keeps where a bar would stand, and the furthest it stood.
+#[derive(Default)]
+pub struct Tally {
+    /// (position, furthest)
+    at: Mutex<(i64, i64)>,
+}
+
+impl Tally {
+    pub fn position(&self) -> i64 {
+        self.at.lock().unwrap().0
+    }
+
+    pub fn furthest(&self) -> i64 {
+        self.at.lock().unwrap().1
+    }
+
+    fn moved(&self, by: i64) {
+        let mut at = self.at.lock().unwrap();
+        at.0 += by;
+        at.1 = at.1.max(at.0);
+    }
+}
+
+impl crate::Progress for Tally {
+    fn begin(&self, _: u64, already: u64) {
+        *self.at.lock().unwrap() = (already as i64, already as i64);
+    }
+
+    fn advance(&self, bytes: u64) {
+        self.moved(bytes as i64);
+    }
+
+    fn retreat(&self, bytes: u64) {
+        self.moved(-(bytes as i64));
+    }
+
+    fn end(&self) {}
+}
