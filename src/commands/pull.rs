@@ -1,4 +1,7 @@
+use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -48,20 +51,35 @@ pub fn run(args: PullArgs) -> Result<()> {
     }
     let bar = Bar::new(&format!("pull {}", args.reference), args.json);
     let runtime = super::runtime()?;
+    let interrupted = Arc::new(AtomicBool::new(false));
     // Interrupted, the pull stops where it is: what it downloaded stays to resume from, and
     // the half-built cartridge goes (its builder sees the downloads end) before the runtime
-    // does. Further Ctrl-Cs wait for that (a pull caught in its last decode finishes it first).
+    // does; so does a half-made copy for -o (the copy sees `interrupted`). Further Ctrl-Cs
+    // wait for that (a pull caught in its last decode finishes it first).
     let pulled = runtime.block_on(async {
-        tokio::select! {
-            report = pull(
+        let work = async {
+            let report = pull(
                 &client,
                 &args.reference.repository,
                 &args.reference.selector,
                 &cache,
                 &options,
                 &bar,
-            ) => Some(report),
-            _ = tokio::signal::ctrl_c() => None,
+            )
+            .await?;
+            if let Some(output) = args.output.clone() {
+                let (from, interrupted) = (report.path.clone(), interrupted.clone());
+                tokio::task::spawn_blocking(move || copy_atomically(&from, &output, &interrupted))
+                    .await??;
+            }
+            anyhow::Ok(report)
+        };
+        tokio::select! {
+            report = work => Some(report),
+            _ = tokio::signal::ctrl_c() => {
+                interrupted.store(true, Ordering::Relaxed);
+                None
+            }
         }
     });
     drop(runtime);
@@ -71,9 +89,6 @@ pub fn run(args: PullArgs) -> Result<()> {
         std::process::exit(130);
     };
     let report = report?;
-    if let Some(output) = &args.output {
-        copy_atomically(&report.path, output)?;
-    }
     if args.json {
         let mut json = serde_json::to_value(&report)?;
         if let Some(output) = &args.output {
@@ -97,10 +112,14 @@ pub fn run(args: PullArgs) -> Result<()> {
     Ok(())
 }
 
+/// Bytes `pull -o` copies between looks at whether it was interrupted.
+const COPY_PIECE: u64 = 64 << 20;
+
 /// Links (or, across filesystems, copies) the cached file next to the destination, then renames,
 /// so a reader never sees half a file. Cached files are never written in place, and every use
-/// of one re-validates it, so sharing the inode with the cache is safe.
-fn copy_atomically(from: &Path, to: &Path) -> Result<()> {
+/// of one re-validates it, so sharing the inode with the cache is safe. A copy stops, and goes,
+/// once `interrupted` is set.
+fn copy_atomically(from: &Path, to: &Path, interrupted: &AtomicBool) -> Result<()> {
     cartridge_schemas::file::check_destination(to)
         .with_context(|| format!("cannot write {}", to.display()))?;
     // Already the cached file (an earlier pull linked it there, or -o names the cache entry): a
@@ -127,22 +146,43 @@ fn copy_atomically(from: &Path, to: &Path) -> Result<()> {
             linked.into_temp_path()
         }
         Err(_) => {
-            let writing = || format!("writing beside {}", to.display());
-            let mut copy = builder.tempfile_in(dir).with_context(writing)?;
-            let mut source =
-                std::fs::File::open(from).with_context(|| format!("reading {}", from.display()))?;
-            std::io::copy(&mut source, copy.as_file_mut()).with_context(writing)?;
-            let mode = std::fs::metadata(from)
-                .with_context(|| format!("reading {}", from.display()))?
-                .permissions();
-            copy.as_file().set_permissions(mode).with_context(writing)?;
-            copy.as_file().sync_all().with_context(writing)?;
-            copy.into_temp_path()
+            let copy = builder
+                .tempfile_in(dir)
+                .with_context(|| format!("writing beside {}", to.display()))?;
+            copy_into(from, copy, interrupted)?.into_temp_path()
         }
     };
     temporary
         .persist(to)
         .with_context(|| format!("writing {}", to.display()))
+}
+
+/// Copies `from` into `copy`, with its permissions, and syncs it; stops once `interrupted` is
+/// set (dropped, the copy goes).
+fn copy_into(
+    from: &Path,
+    mut copy: tempfile::NamedTempFile,
+    interrupted: &AtomicBool,
+) -> Result<tempfile::NamedTempFile> {
+    let path = copy.path().to_owned();
+    let writing = || format!("writing {}", path.display());
+    let source =
+        std::fs::File::open(from).with_context(|| format!("reading {}", from.display()))?;
+    // In pieces, to see an interruption; each `take` of a file still copies in the kernel
+    // where it can.
+    loop {
+        anyhow::ensure!(!interrupted.load(Ordering::Relaxed), "interrupted");
+        let copied = std::io::copy(&mut (&source).take(COPY_PIECE), copy.as_file_mut());
+        if copied.with_context(writing)? == 0 {
+            break;
+        }
+    }
+    let mode = std::fs::metadata(from)
+        .with_context(|| format!("reading {}", from.display()))?
+        .permissions();
+    copy.as_file().set_permissions(mode).with_context(writing)?;
+    copy.as_file().sync_all().with_context(writing)?;
+    Ok(copy)
 }
 
 /// Whether two paths name one file.
@@ -151,5 +191,26 @@ fn same_file(a: &Path, b: &Path) -> bool {
     match (std::fs::metadata(a), std::fs::metadata(b)) {
         (Ok(a), Ok(b)) => (a.dev(), a.ino()) == (b.dev(), b.ino()),
         _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_interrupted_copy_leaves_nothing_beside_the_destination() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let from = dir.path().join("cached");
+        std::fs::write(&from, b"cartridge bytes")?;
+        let beside = tempfile::tempdir()?;
+        let fresh = || tempfile::Builder::new().tempfile_in(beside.path());
+        let copied = copy_into(&from, fresh()?, &AtomicBool::new(false))?;
+        assert_eq!(std::fs::read(copied.path())?, b"cartridge bytes");
+        drop(copied);
+        let error = copy_into(&from, fresh()?, &AtomicBool::new(true)).unwrap_err();
+        assert_eq!(error.to_string(), "interrupted");
+        assert_eq!(std::fs::read_dir(beside.path())?.count(), 0);
+        Ok(())
     }
 }
