@@ -404,13 +404,12 @@ fn shuffled(count: usize, seed: u64, epoch: u64) -> Vec<usize> {
     order
 }
 
-/// The tokens a cartridge of `tokens` starts from: a system turn holding the corpus's first
-/// tokens, as many as fit with the template around them (the reference's best initialization;
+/// The tokens a cartridge of `tokens` starts from: a system turn holding the first of the
+/// corpus's tokens `corpus`, as many as fit with the template around them (the reference's best initialization;
 /// the student reads its conversations as following a system turn). Cheap: a run checks it
 /// before hours of synthesis.
-pub fn initial_ids(text: &TextCodec, corpus_text: &str, tokens: usize) -> Result<Vec<u32>> {
+pub fn initial_ids(text: &TextCodec, corpus: &[u32], tokens: usize) -> Result<Vec<u32>> {
     let (before, after, room) = text.system_turn_ids(tokens)?;
-    let corpus = text.encode(corpus_text)?;
     if corpus.len() < room {
         return Err(Error::Data(format!(
             "the corpus has {} tokens, fewer than the {room} a cartridge of {tokens} tokens holds (with {} of chat template)",

@@ -319,7 +319,9 @@ pub fn train(
             &partners.conversations,
         )?;
     }
-    let init = initial_ids(&model.text, &corpus.text(), distill.tokens)?;
+    // Tokenized once: a large corpus takes seconds.
+    let tokens = model.text.encode(&corpus.text())?;
+    let init = initial_ids(&model.text, &tokens, distill.tokens)?;
     if request.objective == Objective::SelfStudy && !zero_steps {
         check_rows_hold_a_conversation(model, &request.synthesis, &distill)?;
     }
@@ -369,7 +371,7 @@ pub fn train(
     };
     if resuming && request.objective == Objective::SelfStudy {
         // Its own arguments first: they are named whatever the checkpoint holds.
-        crate::synthesis::checked_tokens(model, corpus, &request.synthesis)?;
+        crate::synthesis::check_synthesis(model, &tokens, &request.synthesis)?;
         let known = run(request.synthesis.conversations);
         // Steps are known now unless they follow from the conversations (--epochs).
         let steps = request.epochs.is_none().then_some(distill.steps);
@@ -383,15 +385,13 @@ pub fn train(
         _ if initialization_only => Vec::new(),
         Objective::SelfStudy => synthesize(
             model,
-            corpus,
+            (corpus, &tokens),
             &request.synthesis,
             &conversations_path(&request.work_dir),
             |done, total| progress.synthesized(done, total),
         )?,
         // Pieces short enough that two pack into what a row holds after the cartridge.
-        Objective::NextToken => {
-            next_token_conversations(&model.text, corpus, distill.room(max_positions) / 2)?
-        }
+        Objective::NextToken => next_token_conversations(&tokens, distill.room(max_positions) / 2),
     };
     let synthesis_seconds = started.elapsed().as_secs_f64();
 

@@ -364,14 +364,14 @@ fn clean(text: &TextCodec, tokens: &[u32]) -> Result<String> {
     Ok(text.decode(&content)?.trim().to_owned())
 }
 
-/// The corpus's tokens, once synthesis with `options` is known to fit: the template has a
-/// system turn, and the longest chunk's prompts with the longest message and answer fit the
-/// model's positions. Found out before synthesis, not when a batch draws such a chunk hours in.
-pub fn checked_tokens(
+/// Whether synthesis with `options` over the corpus's `tokens` fits: the template has a system
+/// turn, and the longest chunk's prompts with the longest message and answer fit the model's
+/// positions. Found out before synthesis, not when a batch draws such a chunk hours in.
+pub fn check_synthesis(
     model: &LoadedModel,
-    corpus: &Corpus,
+    tokens: &[u32],
     options: &SynthesisOptions,
-) -> Result<Vec<u32>> {
+) -> Result<()> {
     if !(0.0..=1.0).contains(&options.recitation) {
         return Err(Error::Data(format!(
             "the share of recitations is {}: it must be from 0 to 1",
@@ -383,7 +383,6 @@ pub fn checked_tokens(
     model
         .text
         .render_after_system(&[Message::new("user", "?")], true)?;
-    let tokens = model.text.encode(&corpus.text())?;
     if tokens.is_empty() {
         return Err(Error::Data("the corpus tokenizes to nothing".into()));
     }
@@ -425,19 +424,19 @@ pub fn checked_tokens(
             options.user_max_tokens, options.answer_max_tokens, model.llama.config.max_positions
         )));
     }
-    Ok(tokens)
+    Ok(())
 }
 
-/// Synthesizes conversations into `path` (JSON lines), continuing a file an earlier run left.
-/// Returns every conversation in the file.
+/// Synthesizes conversations about `corpus`, whose tokens are `tokens`, into `path` (JSON
+/// lines), continuing a file an earlier run left. Returns every conversation in the file.
 pub fn synthesize(
     model: &LoadedModel,
-    corpus: &Corpus,
+    (corpus, tokens): (&Corpus, &[u32]),
     options: &SynthesisOptions,
     path: &Path,
     mut progress: impl FnMut(usize, usize),
 ) -> Result<Vec<Conversation>> {
-    let tokens = checked_tokens(model, corpus, options)?;
+    check_synthesis(model, tokens, options)?;
     let provenance = Provenance {
         corpus: corpus.digest,
         model: model.fingerprint.weights,
@@ -692,18 +691,13 @@ fn barren_error() -> Error {
     ))
 }
 
-/// The baseline objective: plain next-token prediction on the corpus. Consecutive pieces of
-/// `length` tokens become "conversations" whose first token is the prompt and whose teacher is
-/// certain of every following token, so the same distillation loss is the cross-entropy of the
-/// corpus text read after the cartridge.
-pub fn next_token_conversations(
-    text: &TextCodec,
-    corpus: &Corpus,
-    length: usize,
-) -> Result<Vec<Conversation>> {
-    let tokens = text.encode(&corpus.text())?;
+/// The baseline objective: plain next-token prediction on the corpus's `tokens`. Consecutive
+/// pieces of `length` tokens become "conversations" whose first token is the prompt and whose
+/// teacher is certain of every following token, so the same distillation loss is the
+/// cross-entropy of the corpus text read after the cartridge.
+pub fn next_token_conversations(tokens: &[u32], length: usize) -> Vec<Conversation> {
     let length = length.max(2);
-    Ok(tokens
+    tokens
         .chunks(length)
         .enumerate()
         .filter(|(_, piece)| piece.len() >= 2)
@@ -719,7 +713,7 @@ pub fn next_token_conversations(
             answer_ids: piece[1..].to_vec(),
             teacher: piece[1..].iter().map(|&t| vec![(t, 0.0)]).collect(),
         })
-        .collect())
+        .collect()
 }
 
 impl Conversation {

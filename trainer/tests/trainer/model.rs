@@ -653,7 +653,9 @@ fn control_tokens_named_in_text_are_text() {
     // So does a cartridge's start: the corpus between its template pieces is plain text.
     let ids = cartridge_trainer::distill::initial_ids(
         text,
-        &"a <|im_end|> b <|im_start|>user c ".repeat(20),
+        &text
+            .encode(&"a <|im_end|> b <|im_start|>user c ".repeat(20))
+            .unwrap(),
         48,
     )
     .unwrap();

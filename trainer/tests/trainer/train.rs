@@ -335,6 +335,7 @@ fn synthesis_writes_readable_conversations_and_resumes() {
     let corpus_path = dir.path().join("corpus.txt");
     std::fs::write(&corpus_path, "The lighthouse on Varn Island was built in 1871 by Edda Morrow. Its lamp burns whale oil and can be seen for nineteen miles. The keeper must log every ship that passes.").unwrap();
     let corpus = Corpus::read(&[corpus_path]).unwrap();
+    let corpus = (&corpus, &model.text.encode(&corpus.text()).unwrap()[..]);
     let path = dir.path().join("conversations.jsonl");
     let mut options = SynthesisOptions {
         conversations: 2,
@@ -344,7 +345,7 @@ fn synthesis_writes_readable_conversations_and_resumes() {
         answer_max_tokens: 16,
         ..SynthesisOptions::default()
     };
-    let first = synthesize(model, &corpus, &options, &path, |_, _| {}).unwrap();
+    let first = synthesize(model, corpus, &options, &path, |_, _| {}).unwrap();
     assert_eq!(first.len(), 2);
     for conversation in &first {
         assert!(!conversation.user.is_empty() && !conversation.assistant.is_empty());
@@ -384,7 +385,7 @@ fn synthesis_writes_readable_conversations_and_resumes() {
     let meta = path.with_extension("meta.json");
     let record = std::fs::read(&meta).unwrap();
     std::fs::remove_file(&meta).unwrap();
-    let err = synthesize(model, &corpus, &options, &path, |_, _| {}).unwrap_err();
+    let err = synthesize(model, corpus, &options, &path, |_, _| {}).unwrap_err();
     assert!(
         err.to_string().contains("holds conversations without"),
         "{err}"
@@ -394,7 +395,7 @@ fn synthesis_writes_readable_conversations_and_resumes() {
 
     // A run with other settings is refused: the file holds another run's conversations.
     options.answer_max_tokens = 17;
-    let err = synthesize(model, &corpus, &options, &path, |_, _| {}).unwrap_err();
+    let err = synthesize(model, corpus, &options, &path, |_, _| {}).unwrap_err();
     assert!(
         err.to_string()
             .contains("holds conversations made with options.answer_max_tokens"),
@@ -403,12 +404,12 @@ fn synthesis_writes_readable_conversations_and_resumes() {
     options.answer_max_tokens = 16;
     // A run asking for fewer takes the first ones.
     options.conversations = 1;
-    let fewer = synthesize(model, &corpus, &options, &path, |_, _| {}).unwrap();
+    let fewer = synthesize(model, corpus, &options, &path, |_, _| {}).unwrap();
     assert_eq!(fewer, first[..1]);
     options.conversations = 2;
     // What a run reports done, from its start on: work redone would start from 0.
     let run = |progress: &mut Vec<usize>| {
-        synthesize(model, &corpus, &options, &path, |done, _| {
+        synthesize(model, corpus, &options, &path, |done, _| {
             progress.push(done)
         })
         .unwrap()
@@ -431,15 +432,15 @@ fn synthesis_writes_readable_conversations_and_resumes() {
     // for that many from the start would have made it.
     let extended = dir.path().join("extended.jsonl");
     assert_eq!(
-        synthesize(model, &corpus, &options, &extended, |_, _| {}).unwrap(),
+        synthesize(model, corpus, &options, &extended, |_, _| {}).unwrap(),
         first
     );
     options.conversations = 4;
-    let extended = synthesize(model, &corpus, &options, &extended, |_, _| {}).unwrap();
+    let extended = synthesize(model, corpus, &options, &extended, |_, _| {}).unwrap();
     assert_eq!(extended[..2], first);
     let whole = dir.path().join("whole.jsonl");
     assert_eq!(
-        synthesize(model, &corpus, &options, &whole, |_, _| {}).unwrap(),
+        synthesize(model, corpus, &options, &whole, |_, _| {}).unwrap(),
         extended
     );
 
@@ -454,7 +455,7 @@ fn synthesis_writes_readable_conversations_and_resumes() {
     options.answer_max_tokens = 12;
     options.conversations = 2;
     assert_eq!(
-        synthesize(model, &corpus, &options, &stopped, |_, _| {})
+        synthesize(model, corpus, &options, &stopped, |_, _| {})
             .unwrap()
             .len(),
         2
@@ -469,6 +470,7 @@ fn recitations_continue_the_chunk_from_the_opening_given() {
     let corpus_path = dir.path().join("corpus.txt");
     std::fs::write(&corpus_path, text).unwrap();
     let corpus = Corpus::read(&[corpus_path]).unwrap();
+    let corpus = (&corpus, &model.text.encode(&corpus.text()).unwrap()[..]);
     let options = SynthesisOptions {
         conversations: 4,
         per_chunk: 4,
@@ -478,7 +480,7 @@ fn recitations_continue_the_chunk_from_the_opening_given() {
         ..SynthesisOptions::default()
     };
     let path = dir.path().join("conversations.jsonl");
-    let recitations = synthesize(model, &corpus, &options, &path, |_, _| {}).unwrap();
+    let recitations = synthesize(model, corpus, &options, &path, |_, _| {}).unwrap();
     assert_eq!(recitations.len(), 4);
     let words: Vec<&str> = text.split_whitespace().collect();
     let mut starts = Vec::new();
@@ -507,7 +509,7 @@ fn recitations_continue_the_chunk_from_the_opening_given() {
     // Mixed with written conversations, each is what its kind says.
     let mixed = synthesize(
         model,
-        &corpus,
+        corpus,
         &SynthesisOptions {
             conversations: 8,
             per_chunk: 8,
@@ -535,7 +537,7 @@ fn recitations_continue_the_chunk_from_the_opening_given() {
     // A share outside 0 to 1 is refused before any work.
     let err = synthesize(
         model,
-        &corpus,
+        corpus,
         &SynthesisOptions {
             recitation: 1.5,
             ..options
@@ -580,8 +582,7 @@ fn next_token_prediction_is_distillation_onto_the_text() {
     .unwrap();
     let corpus = Corpus::read(&[path]).unwrap();
     let tokens = model.text.encode(&corpus.text()).unwrap();
-    let pieces =
-        cartridge_trainer::synthesis::next_token_conversations(&model.text, &corpus, 5).unwrap();
+    let pieces = cartridge_trainer::synthesis::next_token_conversations(&tokens, 5);
     let rebuilt: Vec<u32> = pieces
         .iter()
         .flat_map(|c| c.prompt_ids.iter().chain(&c.answer_ids).copied())
@@ -658,7 +659,8 @@ fn a_cartridge_starts_as_the_corpus_in_a_system_turn() {
     let model = tiny_model();
     let corpus = "The lighthouse on Varn is kept by three sisters who take turns at the lamp.";
     let (before, after, room) = model.text.system_turn_ids(16).unwrap();
-    let ids = cartridge_trainer::distill::initial_ids(&model.text, corpus, 16).unwrap();
+    let encode = |text: &str| model.text.encode(text).unwrap();
+    let ids = cartridge_trainer::distill::initial_ids(&model.text, &encode(corpus), 16).unwrap();
     assert_eq!(ids.len(), 16);
     assert_eq!(ids[..before.len()], before);
     assert_eq!(ids[ids.len() - after.len()..], after);
@@ -667,7 +669,8 @@ fn a_cartridge_starts_as_the_corpus_in_a_system_turn() {
         .decode(&ids[before.len()..before.len() + room])
         .unwrap();
     assert!(corpus.starts_with(text.trim_end()), "{text:?}");
-    let err = cartridge_trainer::distill::initial_ids(&model.text, "Too short.", 16).unwrap_err();
+    let err = cartridge_trainer::distill::initial_ids(&model.text, &encode("Too short."), 16)
+        .unwrap_err();
     assert!(err.to_string().contains("the corpus has"), "{err}");
 
     let distiller = Distiller::from_corpus(
