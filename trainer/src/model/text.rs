@@ -281,22 +281,15 @@ impl TextCodec {
         std::fs::write(&config_path, config.to_string()).map_err(|e| Error::io(&config_path, e))
     }
 
-    /// Plain text's tokens: a special token's name in it is read as its characters.
+    /// Plain text's tokens: a special token's name in it is read as its characters. A long text
+    /// (a corpus) is read in pieces, on every core, with the tokens it would have whole.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        Self::ids(&self.literal, text)
+        encode_in_pieces(&self.literal, text, PIECE_BYTES)
     }
 
     /// The chat template's text, its special tokens recognized.
     pub fn encode_template(&self, text: &str) -> Result<Vec<u32>> {
-        Self::ids(&self.tokenizer, text)
-    }
-
-    fn ids(tokenizer: &Tokenizer, text: &str) -> Result<Vec<u32>> {
-        Ok(tokenizer
-            .encode(text, false)
-            .map_err(|e| Error::Model(format!("tokenizing: {e}")))?
-            .get_ids()
-            .to_vec())
+        ids(&self.tokenizer, text)
     }
 
     /// The tokens of `messages` rendered with the chat template ([`TextCodec::render`]).
@@ -504,6 +497,95 @@ impl TextCodec {
     }
 }
 
+fn ids(tokenizer: &Tokenizer, text: &str) -> Result<Vec<u32>> {
+    Ok(tokenizer
+        .encode(text, false)
+        .map_err(|e| Error::Model(format!("tokenizing: {e}")))?
+        .get_ids()
+        .to_vec())
+}
+
+/// Text read at once, at most: a tokenizer holds about 150 bytes for each byte it reads (its
+/// splits, their offsets and each token's string), 7.5 GB for a 50 MB codebase read whole.
+const PIECE_BYTES: usize = 256 << 10;
+
+/// Bytes read either side of a cut to see whether it changes the tokens there.
+const CUT_WINDOW: usize = 256;
+
+/// Line starts tried as a cut before giving up on a stretch of a piece's length.
+const CUT_TRIES: usize = 16;
+
+/// `text`'s tokens, read in pieces of about `piece` bytes each. A piece ends at a line start
+/// where reading the text around it in two gives the tokens it gives whole (a cut inside a
+/// token, or one the tokenizer reads differently at a text's start, would not): tokenizers
+/// decide each token from text nearby (their pre-tokenizers split on whitespace and character
+/// classes first), so those are the whole text's tokens. Where no such cut is found, the text
+/// is read whole.
+fn encode_in_pieces(tokenizer: &Tokenizer, text: &str, piece: usize) -> Result<Vec<u32>> {
+    let cuts = cuts(tokenizer, text, piece)?;
+    let pieces: Vec<&str> = cuts.windows(2).map(|w| &text[w[0]..w[1]]).collect();
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let per_thread = pieces.len().div_ceil(threads).max(1);
+    let read = std::thread::scope(|scope| {
+        let workers: Vec<_> = pieces
+            .chunks(per_thread)
+            .map(|mine| {
+                scope.spawn(move || {
+                    mine.iter()
+                        .map(|piece| ids(tokenizer, piece))
+                        .collect::<Result<Vec<_>>>()
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .map(|worker| {
+                worker
+                    .join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+            })
+            .collect::<Result<Vec<_>>>()
+    })?;
+    let mut all = Vec::with_capacity(read.iter().flatten().map(Vec::len).sum());
+    read.into_iter()
+        .flatten()
+        .for_each(|piece| all.extend(piece));
+    Ok(all)
+}
+
+/// Where [`encode_in_pieces`] cuts `text`: its start, the cuts, its end.
+fn cuts(tokenizer: &Tokenizer, text: &str, piece: usize) -> Result<Vec<usize>> {
+    let mut cuts = vec![0];
+    let mut from = piece;
+    'stretches: while from + piece <= text.len() {
+        let mut candidate = from;
+        for _ in 0..CUT_TRIES {
+            let Some(newline) = text[candidate..].find('\n') else {
+                break 'stretches;
+            };
+            candidate += newline + 1;
+            if keeps_tokens(tokenizer, text, candidate)? {
+                cuts.push(candidate);
+                from = candidate + piece;
+                continue 'stretches;
+            }
+        }
+        from = candidate + piece;
+    }
+    cuts.push(text.len());
+    Ok(cuts)
+}
+
+/// Whether cutting `text` at `at` leaves the tokens around it as they are.
+fn keeps_tokens(tokenizer: &Tokenizer, text: &str, at: usize) -> Result<bool> {
+    let start = text.floor_char_boundary(at.saturating_sub(CUT_WINDOW));
+    let end = text.ceil_char_boundary(at + CUT_WINDOW);
+    let whole = ids(tokenizer, &text[start..end])?;
+    let mut cut = ids(tokenizer, &text[start..at])?;
+    cut.extend(ids(tokenizer, &text[at..end])?);
+    Ok(whole == cut)
+}
+
 /// Content no template writes itself, to find where a message's content goes.
 const MARKER: &str = "\u{e000}content\u{e000}";
 
@@ -525,4 +607,86 @@ fn marked(messages: &[Message]) -> Vec<Message> {
             Message::new(&m.role, content)
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// SmolLM2's tokenizer (plain text's), from its GGUF.
+    fn smollm2() -> Tokenizer {
+        let models = cartridge_schemas::paths::Paths::from_env()
+            .expect("HOME is set")
+            .models();
+        let path = super::super::Alias::find("smollm2-135m")
+            .expect("known alias")
+            .install(&models)
+            .expect("installing the test model");
+        let (_, content, _) = super::super::config::read_gguf(&path).unwrap();
+        TextCodec::from_gguf(&content).unwrap().literal
+    }
+
+    #[test]
+    fn a_text_read_in_pieces_has_the_tokens_it_has_whole() {
+        let tokenizer = smollm2();
+        // Code (indented lines, blank lines, digits) and prose with characters of several bytes
+        // (a window's edge inside one), short pieces: many cuts tried, some refused.
+        let mut text = String::new();
+        for round in 0..6 {
+            text.push_str(include_str!("text.rs"));
+            text.push_str(&format!(
+                "\n\n  Round {round}: café — naïve “quotes” 12345 …\n"
+            ));
+            text.push_str(include_str!("../corpus.rs"));
+        }
+        let cuts = cuts(&tokenizer, &text, 4096).unwrap();
+        assert!(cuts.len() > 20, "{} cuts", cuts.len());
+        assert_eq!(
+            encode_in_pieces(&tokenizer, &text, 4096).unwrap(),
+            ids(&tokenizer, &text).unwrap()
+        );
+        // A cut that would split tokens is not made: before an indented line, the newline and
+        // the indentation are one token.
+        let indented = cuts.iter().filter(|&&at| text[at..].starts_with("  "));
+        assert_eq!(indented.count(), 0);
+    }
+
+    #[test]
+    fn where_every_cut_changes_the_tokens_the_text_is_read_whole() {
+        // No pre-tokenizer: the model merges across lines ("\na" is one token).
+        let symbols = ["a", "b", "\n", "\na", "ab"];
+        let vocab: ahash::AHashMap<String, u32> = symbols
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.to_string(), i as u32))
+            .collect();
+        let merges = vec![
+            ("\n".to_owned(), "a".to_owned()),
+            ("a".to_owned(), "b".to_owned()),
+        ];
+        let bpe = BPE::builder()
+            .vocab_and_merges(vocab, merges)
+            .build()
+            .unwrap();
+        let tokenizer = Tokenizer::new(bpe);
+        let lines = "ab\n".repeat(300);
+        assert_eq!(cuts(&tokenizer, &lines, 64).unwrap(), [0, lines.len()]);
+        assert_eq!(
+            encode_in_pieces(&tokenizer, &lines, 64).unwrap(),
+            ids(&tokenizer, &lines).unwrap()
+        );
+        // Lines starting otherwise can be cut before.
+        let mixed = "ab\nb\n".repeat(150);
+        let cuts = cuts(&tokenizer, &mixed, 64).unwrap();
+        assert!(cuts.len() > 3, "{cuts:?}");
+        assert!(
+            cuts[1..cuts.len() - 1]
+                .iter()
+                .all(|&at| mixed[at..].starts_with('b'))
+        );
+        assert_eq!(
+            encode_in_pieces(&tokenizer, &mixed, 64).unwrap(),
+            ids(&tokenizer, &mixed).unwrap()
+        );
+    }
 }
