@@ -1,6 +1,7 @@
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -112,7 +113,8 @@ pub struct TrainArgs {
     /// Leading tokens kept as initialized (the attention sink).
     #[arg(long, default_value_t = 1)]
     pub frozen: usize,
-    /// Steps between checkpoints in the work folder, which `--resume` continues from (0: none).
+    /// Steps between checkpoints in the work folder, which `--resume` continues from (0: none;
+    /// a run stopped by Ctrl-C writes one where it stopped).
     #[arg(long, default_value_t = 50)]
     pub checkpoint_every: usize,
     /// A line describing the corpus, shown to the model with every chunk.
@@ -205,6 +207,10 @@ impl TrainProgress for Bars {
         });
     }
 
+    fn stopping(&self) -> bool {
+        STOPPING.load(Ordering::Relaxed)
+    }
+
     fn stepped(&self, step: usize, total: usize, loss: f32, tokens_per_second: f64) {
         let message = format!("loss {loss:.4}, {tokens_per_second:.0} tok/s");
         self.training.set_length(total as u64);
@@ -213,6 +219,35 @@ impl TrainProgress for Bars {
         self.line("training", step == total, || {
             format!("step {step}/{total}, {message}")
         });
+    }
+}
+
+/// Set by the first Ctrl-C: the run stops at the end of the batch or step it is in.
+static STOPPING: AtomicBool = AtomicBool::new(false);
+
+#[allow(unsafe_code)]
+extern "C" fn stop_soon(_: libc::c_int) {
+    const SAID: &[u8] =
+        b"\nstopping after this synthesis batch or training step (Ctrl-C again stops at once)\n";
+    STOPPING.store(true, Ordering::Relaxed);
+    // SAFETY: signal and write are async-signal-safe; SAID outlives the call.
+    unsafe {
+        libc::signal(libc::SIGINT, libc::SIG_DFL);
+        libc::write(2, SAID.as_ptr().cast(), SAID.len());
+    }
+}
+
+/// From here, a first Ctrl-C asks the run to stop where what it made is kept (hours of
+/// synthesis or training otherwise lost back to the last checkpoint), a second ends it. Where
+/// SIGINT is ignored (a job started in the background), it stays ignored.
+#[allow(unsafe_code)]
+fn stop_on_ctrl_c() {
+    let handler = stop_soon as extern "C" fn(libc::c_int);
+    // SAFETY: the handler does only what a signal handler may.
+    unsafe {
+        if libc::signal(libc::SIGINT, handler as libc::sighandler_t) == libc::SIG_IGN {
+            libc::signal(libc::SIGINT, libc::SIG_IGN);
+        }
     }
 }
 
@@ -316,7 +351,16 @@ pub fn run(args: TrainArgs) -> Result<()> {
         )),
         lines: (!std::io::stderr().is_terminal()).then(|| Mutex::new(None)),
     };
-    let report = train(&model, &corpus, &request, &bars)?;
+    stop_on_ctrl_c();
+    let report = match train(&model, &corpus, &request, &bars) {
+        Err(cartridge_trainer::Error::Interrupted(said)) => {
+            bars.synthesis.abandon();
+            bars.training.abandon();
+            eprintln!("{said}");
+            std::process::exit(130);
+        }
+        trained => trained?,
+    };
     bars.synthesis.finish_and_clear();
     bars.training.finish_and_clear();
     let loss = |l: Option<f32>| l.map_or("-".into(), |l| format!("{l:.4}"));

@@ -774,3 +774,104 @@ fn bad_arguments_are_refused_before_any_synthesis() {
     let err = eval(QA, "2");
     assert!(err.contains("cannot hold a system turn"), "{err}");
 }
+
+/// `train` with `args` in `dir`, sent SIGINT once its stderr has a line holding `cue`; its exit
+/// status and stderr.
+#[allow(unsafe_code)]
+fn interrupted(dir: &Path, args: &[&str], cue: &str) -> (Option<i32>, String) {
+    use std::io::{BufRead, Read};
+    use std::os::unix::process::CommandExt;
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_cartridge"));
+    command
+        .args(args)
+        .current_dir(dir)
+        .env("CARTRIDGE_HOME", dir.join("home"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    // SIGINT's action the default, as in a shell's foreground (a test run in the background
+    // inherits it ignored, and the command leaves it so).
+    // SAFETY: signal is async-signal-safe, as pre_exec asks.
+    unsafe {
+        command.pre_exec(|| {
+            if libc::signal(libc::SIGINT, libc::SIG_DFL) == libc::SIG_ERR {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = command.spawn().unwrap();
+    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut said = String::new();
+    loop {
+        let before = said.len();
+        assert!(
+            stderr.read_line(&mut said).unwrap() > 0,
+            "it ended before {cue:?}: {said}"
+        );
+        if said[before..].contains(cue) {
+            break;
+        }
+    }
+    // SAFETY: a signal to a child of this process, not yet waited for.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
+    stderr.read_to_string(&mut said).unwrap();
+    (child.wait().unwrap().code(), said)
+}
+
+#[test]
+fn ctrl_c_stops_a_run_where_the_same_command_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("corpus.txt"), CORPUS).unwrap();
+    let gguf = smollm2_gguf();
+    let model = path_str(&gguf);
+    // Training: far more steps than it will take, and no checkpoints but the one Ctrl-C makes.
+    let mut args = vec![
+        "train",
+        "--model",
+        model,
+        "--corpus",
+        "corpus.txt",
+        "--tokens",
+        "32",
+        "-o",
+        "stopped.safetensors",
+        "--checkpoint-every",
+        "0",
+    ];
+    args.extend(next_token_flags("100000"));
+    let (code, said) = interrupted(dir.path(), &args, "training: step 1/100000");
+    assert_eq!(code, Some(130), "{said}");
+    let step: usize = said
+        .split_once("stopped at step ")
+        .and_then(|(_, rest)| rest.split(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no step said: {said}"));
+    assert!(said.contains("of 100000, kept in stopped.work/checkpoint.safetensors"));
+    assert!(!dir.path().join("stopped.safetensors").exists());
+    // A resume starts from that step: asked for one more, it makes one.
+    let further = (step + 1).to_string();
+    let mut args = with_flags(args, &["--steps", &further]);
+    args.extend(["--resume", "--json"]);
+    let resumed = cartridge(dir.path(), &args).json();
+    assert_eq!(resumed["steps"], step + 1);
+
+    // Synthesis: batches of one conversation, stopped after the one being made, which is
+    // kept.
+    let mut args = train_args(model, "2");
+    args.retain(|a| *a != "--json");
+    let args = with_flags(args, &["--conversations", "6", "--per-chunk", "1"]);
+    let (code, said) = interrupted(dir.path(), &args, "synthesis: 0/6");
+    assert_eq!(code, Some(130), "{said}");
+    let done: usize = said
+        .split_once("stopped after ")
+        .and_then(|(_, rest)| rest.split(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no count said: {said}"));
+    // (A batch whose conversation came out empty stores none.)
+    assert!(done < 6, "{said}");
+    let stored = std::fs::read_to_string(dir.path().join("varn.work/conversations.jsonl")).unwrap();
+    assert_eq!(stored.lines().count(), done);
+    // The same command makes the rest and trains.
+    let mut args = args;
+    args.push("--json");
+    let finished = cartridge(dir.path(), &args).json();
+    assert_eq!(finished["conversations"], 6);
+}

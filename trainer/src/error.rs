@@ -17,6 +17,9 @@ pub enum Error {
     },
     #[error(transparent)]
     Format(#[from] cartridge_schemas::file::FormatError),
+    /// The run stopped when asked to (Ctrl-C), saying where it stopped and what it kept.
+    #[error("{0}")]
+    Interrupted(String),
 }
 
 impl Error {

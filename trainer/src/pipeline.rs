@@ -54,10 +54,14 @@ pub struct TrainRequest {
     pub model_name: String,
 }
 
-/// Hooks for a progress display.
+/// Hooks for a progress display, and for stopping a run early.
 pub trait TrainProgress {
     fn synthesized(&self, done: usize, total: usize);
     fn stepped(&self, step: usize, total: usize, loss: f32, tokens_per_second: f64);
+    /// Whether the run is to stop (Ctrl-C): after the synthesis batch or the training step it
+    /// is in, with what it made kept for the same command to go on from
+    /// ([`Error::Interrupted`]).
+    fn stopping(&self) -> bool;
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -383,13 +387,25 @@ pub fn train(
     let initialization_only = init.is_some() && zero_steps;
     let conversations = match request.objective {
         _ if initialization_only => Vec::new(),
-        Objective::SelfStudy => synthesize(
-            model,
-            (corpus, &tokens),
-            &request.synthesis,
-            &conversations_path(&request.work_dir),
-            |done, total| progress.synthesized(done, total),
-        )?,
+        Objective::SelfStudy => {
+            let path = conversations_path(&request.work_dir);
+            synthesize(
+                model,
+                (corpus, &tokens),
+                &request.synthesis,
+                &path,
+                |done, total| {
+                    progress.synthesized(done, total);
+                    if progress.stopping() {
+                        return Err(Error::Interrupted(format!(
+                            "stopped after {done} of {total} conversations, kept in {}: the same command goes on from them",
+                            path.display()
+                        )));
+                    }
+                    Ok(())
+                },
+            )?
+        }
         // Pieces short enough that two pack into what a row holds after the cartridge.
         Objective::NextToken => next_token_conversations(&tokens, distill.room(max_positions) / 2),
     };
@@ -453,8 +469,17 @@ pub fn train(
             tokens += step_tokens;
             let rate = tokens as f64 / training.elapsed().as_secs_f64().max(1e-9);
             progress.stepped(step, options.steps, loss, rate);
-            if request.checkpoint_every > 0 && step % request.checkpoint_every == 0 {
+            // The last step goes on to write the cartridge.
+            let stopping = step < options.steps && progress.stopping();
+            if stopping || request.checkpoint_every > 0 && step % request.checkpoint_every == 0 {
                 distiller.save_checkpoint(&checkpoint)?;
+            }
+            if stopping {
+                return Err(Error::Interrupted(format!(
+                    "stopped at step {step} of {}, kept in {}: the same command with --resume goes on from there",
+                    options.steps,
+                    checkpoint.display()
+                )));
             }
             Ok(())
         })?;

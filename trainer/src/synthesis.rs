@@ -429,12 +429,14 @@ pub fn check_synthesis(
 
 /// Synthesizes conversations about `corpus`, whose tokens are `tokens`, into `path` (JSON
 /// lines), continuing a file an earlier run left. Returns every conversation in the file.
+/// `progress` hears how many are done, before the first batch and after each; an error it
+/// returns stops synthesis there (every batch made is stored).
 pub fn synthesize(
     model: &LoadedModel,
     (corpus, tokens): (&Corpus, &[u32]),
     options: &SynthesisOptions,
     path: &Path,
-    mut progress: impl FnMut(usize, usize),
+    mut progress: impl FnMut(usize, usize) -> Result<()>,
 ) -> Result<Vec<Conversation>> {
     check_synthesis(model, tokens, options)?;
     let provenance = Provenance {
@@ -517,7 +519,7 @@ pub fn synthesize(
         .map_err(|e| Error::io(path, e))?;
     // Each batch draws from its own seed, so a resumed run continues the same sequence.
     let mut batch_index = conversations.iter().map(|c| c.batch + 1).max().unwrap_or(0);
-    progress(conversations.len(), options.conversations);
+    progress(conversations.len(), options.conversations)?;
     let mut barren = 0;
     while conversations.len() < options.conversations {
         let before = conversations.len();
@@ -672,7 +674,7 @@ pub fn synthesize(
         if barren == BARREN_BATCHES {
             return Err(barren_error());
         }
-        progress(conversations.len(), options.conversations);
+        progress(conversations.len(), options.conversations)?;
     }
     Ok(conversations)
 }

@@ -345,7 +345,7 @@ fn synthesis_writes_readable_conversations_and_resumes() {
         answer_max_tokens: 16,
         ..SynthesisOptions::default()
     };
-    let first = synthesize(model, corpus, &options, &path, |_, _| {}).unwrap();
+    let first = synthesize(model, corpus, &options, &path, |_, _| Ok(())).unwrap();
     assert_eq!(first.len(), 2);
     for conversation in &first {
         assert!(!conversation.user.is_empty() && !conversation.assistant.is_empty());
@@ -385,7 +385,7 @@ fn synthesis_writes_readable_conversations_and_resumes() {
     let meta = path.with_extension("meta.json");
     let record = std::fs::read(&meta).unwrap();
     std::fs::remove_file(&meta).unwrap();
-    let err = synthesize(model, corpus, &options, &path, |_, _| {}).unwrap_err();
+    let err = synthesize(model, corpus, &options, &path, |_, _| Ok(())).unwrap_err();
     assert!(
         err.to_string().contains("holds conversations without"),
         "{err}"
@@ -395,7 +395,7 @@ fn synthesis_writes_readable_conversations_and_resumes() {
 
     // A run with other settings is refused: the file holds another run's conversations.
     options.answer_max_tokens = 17;
-    let err = synthesize(model, corpus, &options, &path, |_, _| {}).unwrap_err();
+    let err = synthesize(model, corpus, &options, &path, |_, _| Ok(())).unwrap_err();
     assert!(
         err.to_string()
             .contains("holds conversations made with options.answer_max_tokens"),
@@ -404,13 +404,14 @@ fn synthesis_writes_readable_conversations_and_resumes() {
     options.answer_max_tokens = 16;
     // A run asking for fewer takes the first ones.
     options.conversations = 1;
-    let fewer = synthesize(model, corpus, &options, &path, |_, _| {}).unwrap();
+    let fewer = synthesize(model, corpus, &options, &path, |_, _| Ok(())).unwrap();
     assert_eq!(fewer, first[..1]);
     options.conversations = 2;
     // What a run reports done, from its start on: work redone would start from 0.
     let run = |progress: &mut Vec<usize>| {
         synthesize(model, corpus, &options, &path, |done, _| {
-            progress.push(done)
+            progress.push(done);
+            Ok(())
         })
         .unwrap()
     };
@@ -432,15 +433,15 @@ fn synthesis_writes_readable_conversations_and_resumes() {
     // for that many from the start would have made it.
     let extended = dir.path().join("extended.jsonl");
     assert_eq!(
-        synthesize(model, corpus, &options, &extended, |_, _| {}).unwrap(),
+        synthesize(model, corpus, &options, &extended, |_, _| Ok(())).unwrap(),
         first
     );
     options.conversations = 4;
-    let extended = synthesize(model, corpus, &options, &extended, |_, _| {}).unwrap();
+    let extended = synthesize(model, corpus, &options, &extended, |_, _| Ok(())).unwrap();
     assert_eq!(extended[..2], first);
     let whole = dir.path().join("whole.jsonl");
     assert_eq!(
-        synthesize(model, corpus, &options, &whole, |_, _| {}).unwrap(),
+        synthesize(model, corpus, &options, &whole, |_, _| Ok(())).unwrap(),
         extended
     );
 
@@ -455,7 +456,7 @@ fn synthesis_writes_readable_conversations_and_resumes() {
     options.answer_max_tokens = 12;
     options.conversations = 2;
     assert_eq!(
-        synthesize(model, corpus, &options, &stopped, |_, _| {})
+        synthesize(model, corpus, &options, &stopped, |_, _| Ok(()))
             .unwrap()
             .len(),
         2
@@ -480,7 +481,7 @@ fn recitations_continue_the_chunk_from_the_opening_given() {
         ..SynthesisOptions::default()
     };
     let path = dir.path().join("conversations.jsonl");
-    let recitations = synthesize(model, corpus, &options, &path, |_, _| {}).unwrap();
+    let recitations = synthesize(model, corpus, &options, &path, |_, _| Ok(())).unwrap();
     assert_eq!(recitations.len(), 4);
     let words: Vec<&str> = text.split_whitespace().collect();
     let mut starts = Vec::new();
@@ -518,7 +519,7 @@ fn recitations_continue_the_chunk_from_the_opening_given() {
             ..options.clone()
         },
         &dir.path().join("mixed.jsonl"),
-        |_, _| {},
+        |_, _| Ok(()),
     )
     .unwrap();
     let recited = mixed.iter().filter(|c| c.seed == SeedKind::Recitation);
@@ -543,7 +544,7 @@ fn recitations_continue_the_chunk_from_the_opening_given() {
             ..options
         },
         &dir.path().join("other.jsonl"),
-        |_, _| {},
+        |_, _| Ok(()),
     )
     .unwrap_err();
     assert!(
