@@ -35,15 +35,16 @@ pub struct LoadRequest {
     #[serde(default)]
     pub stream: bool,
     /// Seconds the handle lives unless renewed (`POST /v1/renew`), so a consumer that dies
-    /// without releasing does not hold the memory for good. Without one, it lives until
-    /// released. A consumer whose lease lapsed must stop using the buffer at once: the loader
-    /// no longer keeps it (on a GPU the memory may go to another load).
+    /// without releasing does not hold the memory for good. Without one, the loader's
+    /// `--default-lease` applies, and without that the handle lives until released. A consumer
+    /// whose lease lapsed must stop using the buffer at once: the loader no longer keeps it (on
+    /// a GPU the memory may go to another load).
     #[serde(default)]
     pub lease: Option<u64>,
 }
 
 /// The longest lease a load may ask for: a week.
-const MAX_LEASE: u64 = 7 * 24 * 3600;
+pub const MAX_LEASE: u64 = 7 * 24 * 3600;
 
 /// The first `ready` of `layers` layers in the buffer at `location` hold their final bytes (on a
 /// GPU: their copies are done). Told while a single cartridge is decoded into a new buffer (a
@@ -120,6 +121,9 @@ pub struct LoadResponse {
     pub location: Location,
     pub bytes: u64,
     pub layout: Vec<LayerSpan>,
+    /// The handle's lease in seconds (the load's, else the loader's default): renew within it.
+    /// None: it lives until released.
+    pub lease: Option<u64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -160,6 +164,8 @@ impl Tier {
 pub struct LoaderOptions {
     pub device: Arc<Device>,
     pub transfers: PullOptions,
+    /// The lease of a load that asks for none (none: such a handle lives until released).
+    pub default_lease: Option<std::time::Duration>,
 }
 
 pub struct Loader {
@@ -242,7 +248,7 @@ impl Loader {
                     "a lease of {seconds} s: expected 1 to {MAX_LEASE}"
                 )));
             }
-            None => None,
+            None => self.options.default_lease,
         };
         let references = request
             .cartridges
@@ -341,6 +347,7 @@ impl Loader {
                     values: (l * 2 + 1) * tensor,
                 })
                 .collect(),
+            lease: lease.map(|lease| lease.as_secs()),
         })
     }
 
@@ -860,6 +867,7 @@ mod tests {
         let options = LoaderOptions {
             device: Arc::new(Device::host(&dir.path().join("shm"))),
             transfers: PullOptions::default(),
+            default_lease: None,
         };
         let loader = Loader::new(resolver, disk, 1 << 20, options);
         let key = EntryKey::Single(Digest::of(b"cartridge"));

@@ -129,8 +129,27 @@ struct ServeArgs {
     /// Attempts after the first before a download from the registry gives up.
     #[arg(long, default_value_t = 6)]
     retries: usize,
+    /// The lease of a load that asks for none (e.g. 10m): its handle is released unless renewed
+    /// within it, so a consumer that dies holding one, or never asked, does not hold the memory
+    /// for good (default: such a handle lives until released).
+    #[arg(long, value_parser = lease)]
+    default_lease: Option<Duration>,
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
+}
+
+/// A lease as a load may ask for one: whole seconds, from one to a week.
+fn lease(text: &str) -> Result<Duration, String> {
+    let lease = humantime::parse_duration(text).map_err(|e| e.to_string())?;
+    if lease.subsec_nanos() != 0
+        || !(1..=cartridge_loader::loader::MAX_LEASE).contains(&lease.as_secs())
+    {
+        return Err(format!(
+            "expected whole seconds from 1s to {}s (a week)",
+            cartridge_loader::loader::MAX_LEASE
+        ));
+    }
+    Ok(lease)
 }
 
 async fn serve(args: ServeArgs) -> Result<()> {
@@ -213,6 +232,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
                 .map(|r| Arc::new(cartridge_client::RateLimit::new(r.as_u64()))),
             retries: args.retries,
         },
+        default_lease: args.default_lease,
     };
     let loader = Arc::new(Loader::new(
         resolver,

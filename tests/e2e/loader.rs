@@ -8,7 +8,7 @@ use serde_json::{Value, json};
 
 use crate::support::{
     LoaderProcess, Registry, composed_payload, exchange, http_json, payload, random_cartridge,
-    raw_http,
+    raw_http, workspace_binary,
 };
 
 /// The model fingerprint the test cartridges are made for.
@@ -854,6 +854,61 @@ fn a_handle_whose_lease_lapses_is_released() {
     let body = json!({"model": model, "cartridges": ["team/a@v1"], "lease": 0});
     let (status, answer) = http_json(&loader.url, "POST", "/v1/load", Some(&body));
     assert_eq!(status, 400, "{answer}");
+}
+
+/// A loader with `--default-lease` gives it to a load that asks for none, so a consumer that
+/// never asked for one does not hold the memory for good either; a lease asked for stands.
+#[test]
+fn a_default_lease_bounds_a_handle_loaded_without_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_registry, loader, model) = setup(dir.path(), 16, &["--default-lease", "1s"]);
+    let load = |lease: Option<u64>| {
+        let mut body = json!({"model": model, "cartridges": ["team/a@v1"]});
+        if let Some(lease) = lease {
+            body["lease"] = json!(lease);
+        }
+        let (status, answer) = http_json(&loader.url, "POST", "/v1/load", Some(&body));
+        assert_eq!(status, 200, "{answer}");
+        answer
+    };
+    let (defaulted, asked) = (load(None), load(Some(600)));
+    assert_eq!(
+        (&defaulted["lease"], &asked["lease"]),
+        (&json!(1), &json!(600))
+    );
+    let handles = || http_json(&loader.url, "GET", "/v1/status", None).1["handles"].clone();
+    assert_eq!(handles(), 2);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while handles() != 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the default lease never lapsed"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let release = |answer: &Value| {
+        let body = json!({"handle": answer["handle"]});
+        http_json(&loader.url, "POST", "/v1/release", Some(&body)).0
+    };
+    assert_eq!((release(&defaulted), release(&asked)), (404, 200));
+    // A default no load could ask for is refused at start, naming the flag.
+    for refused in ["0s", "1500ms", "8days"] {
+        let output = std::process::Command::new(workspace_binary("cartridge-loader"))
+            .args([
+                "serve",
+                "--registry",
+                "http://127.0.0.1:9",
+                "--default-lease",
+                refused,
+            ])
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            !output.status.success() && said.contains("--default-lease") && said.contains("a week"),
+            "{refused}: {said}"
+        );
+    }
 }
 
 /// The Python client (loader/python) against the real loader serving host memory: streamed and

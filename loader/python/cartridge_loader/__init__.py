@@ -123,7 +123,8 @@ class Loader:
     def load(self, model: dict, cartridges: list[str], on_layers: Callable[[int, int, Any], None] | None = None, lease: int | None = None) -> "Handle":
         """Loads (and composes, in order) cartridges for the model with this fingerprint.
 
-        With ``lease`` (seconds), the loader releases the handle by itself unless
+        With ``lease`` (seconds; without one, the loader's ``--default-lease`` where it has one:
+        ``handle.answer["lease"]`` says which), the loader releases the handle by itself unless
         :meth:`Handle.renew` comes first (renew well within it, say every third of it): a
         process that dies holding it does not hold the memory for good. Once a lease lapsed,
         the buffer is no longer kept for this process: stop using its tensors (on a GPU the
@@ -140,7 +141,8 @@ class Loader:
         if lease is not None:
             body["lease"] = lease
         if on_layers is None:
-            return Handle(self, self._request("POST", "/v1/load", body), leased=lease is not None)
+            answer = self._request("POST", "/v1/load", body)
+            return Handle(self, answer, leased=answer.get("lease") is not None)
         connection = self._connection()
         try:
             connection.request("POST", "/v1/load", body=json.dumps(dict(body, stream=True)).encode(), headers={"Content-Type": "application/json"})
@@ -162,7 +164,7 @@ class Loader:
                         self._release_unreceived(response)
                         raise
                 elif kind == "loaded":
-                    return Handle(self, event, leased=lease is not None)
+                    return Handle(self, event, leased=event.get("lease") is not None)
                 else:
                     raise LoaderError(event.get("status", 500), event.get("code", "internal"), event.get("message", ""))
         finally:
