@@ -806,21 +806,24 @@ fn buffer_folders_of_dead_loaders_are_removed_and_live_ones_kept() {
     assert_eq!(left, [unrelated]);
 }
 
+/// The answer to a load of `team/a@v1` with `lease`, if any.
+fn leased(loader: &LoaderProcess, model: &Value, lease: Option<u64>) -> Value {
+    let mut body = json!({"model": model, "cartridges": ["team/a@v1"]});
+    if let Some(lease) = lease {
+        body["lease"] = json!(lease);
+    }
+    let (status, answer) = http_json(&loader.url, "POST", "/v1/load", Some(&body));
+    assert_eq!(status, 200, "{answer}");
+    answer
+}
+
 /// A consumer that dies holding a handle does not hold the memory for good: a leased handle is
 /// released once its lease lapses, unless renewed; one without a lease stays until released.
 #[test]
 fn a_handle_whose_lease_lapses_is_released() {
     let dir = tempfile::tempdir().unwrap();
     let (_registry, loader, model) = setup(dir.path(), 16, &[]);
-    let load = |lease: Option<u64>| {
-        let mut body = json!({"model": model, "cartridges": ["team/a@v1"]});
-        if let Some(lease) = lease {
-            body["lease"] = json!(lease);
-        }
-        let (status, answer) = http_json(&loader.url, "POST", "/v1/load", Some(&body));
-        assert_eq!(status, 200, "{answer}");
-        answer["handle"].clone()
-    };
+    let load = |lease: Option<u64>| leased(&loader, &model, lease)["handle"].clone();
     let call = |path: &str, handle: &Value| {
         http_json(&loader.url, "POST", path, Some(&json!({"handle": handle})))
     };
@@ -862,16 +865,10 @@ fn a_handle_whose_lease_lapses_is_released() {
 fn a_default_lease_bounds_a_handle_loaded_without_one() {
     let dir = tempfile::tempdir().unwrap();
     let (_registry, loader, model) = setup(dir.path(), 16, &["--default-lease", "1s"]);
-    let load = |lease: Option<u64>| {
-        let mut body = json!({"model": model, "cartridges": ["team/a@v1"]});
-        if let Some(lease) = lease {
-            body["lease"] = json!(lease);
-        }
-        let (status, answer) = http_json(&loader.url, "POST", "/v1/load", Some(&body));
-        assert_eq!(status, 200, "{answer}");
-        answer
-    };
-    let (defaulted, asked) = (load(None), load(Some(600)));
+    let (defaulted, asked) = (
+        leased(&loader, &model, None),
+        leased(&loader, &model, Some(600)),
+    );
     assert_eq!(
         (&defaulted["lease"], &asked["lease"]),
         (&json!(1), &json!(600))

@@ -83,6 +83,13 @@ fn baseline(dir: &Path, model: &str, output: &str, extra: &[&str]) -> Value {
 
 /// `train` of a 32-token cartridge of the corpus at `output`, with `extra`.
 fn train_baseline(dir: &Path, model: &str, output: &str, extra: &[&str]) -> crate::support::Run {
+    let mut args = baseline_args(model, output, extra);
+    args.push("--json");
+    cartridge(dir, &args)
+}
+
+/// The arguments of [`train_baseline`] but `--json`.
+fn baseline_args<'a>(model: &'a str, output: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
     let mut args = vec![
         "train",
         "--model",
@@ -93,10 +100,9 @@ fn train_baseline(dir: &Path, model: &str, output: &str, extra: &[&str]) -> crat
         "32",
         "-o",
         output,
-        "--json",
     ];
     args.extend(extra);
-    cartridge(dir, &args)
+    args
 }
 
 #[test]
@@ -825,19 +831,7 @@ fn ctrl_c_stops_a_run_where_the_same_command_goes_on() {
     let gguf = smollm2_gguf();
     let model = path_str(&gguf);
     // Training: far more steps than it will take, and no checkpoints but the one Ctrl-C makes.
-    let mut args = vec![
-        "train",
-        "--model",
-        model,
-        "--corpus",
-        "corpus.txt",
-        "--tokens",
-        "32",
-        "-o",
-        "stopped.safetensors",
-        "--checkpoint-every",
-        "0",
-    ];
+    let mut args = baseline_args(model, "stopped.safetensors", &["--checkpoint-every", "0"]);
     args.extend(next_token_flags("100000"));
     let (code, said) = interrupted(dir.path(), &args, "training: step 1/100000");
     assert_eq!(code, Some(130), "{said}");
