@@ -500,6 +500,8 @@ async fn download_into(
     if let Err(error @ ClientError::Manifest(_)) = received {
         // The bytes proved wrong: never resumed from (the cause is what to report).
         let _ = truncate(partial).await;
+        progress.retreat(*hashed);
+        (*hasher, *hashed) = (blake3::Hasher::new(), 0);
         return Err(error);
     }
     received?;

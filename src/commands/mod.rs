@@ -24,6 +24,20 @@ use clap::Args;
 
 use cartridge_schemas::paths::Paths;
 
+/// Ends the process as Ctrl-C's default action would, once what was interrupted is cleaned up:
+/// a shell running it in a loop or a script then sees the interrupt and stops too (an exit
+/// status of 130 would read as the command handling it and the script going on).
+#[allow(unsafe_code)]
+pub fn end_interrupted() -> ! {
+    // SAFETY: the signal's default action, then the signal: the process ends by it.
+    unsafe {
+        libc::signal(libc::SIGINT, libc::SIG_DFL);
+        libc::raise(libc::SIGINT);
+    }
+    // Reached only where SIGINT is blocked.
+    std::process::exit(130)
+}
+
 /// Which registry to talk to, for commands whose reference names none.
 #[derive(Debug, Args)]
 pub struct RegistryArgs {

@@ -86,7 +86,7 @@ pub fn run(args: PullArgs) -> Result<()> {
     let Some(report) = pulled else {
         bar.abandon();
         eprintln!("interrupted; a later pull resumes what was downloaded");
-        std::process::exit(130);
+        super::end_interrupted();
     };
     let report = report?;
     if args.json {
@@ -152,6 +152,8 @@ fn copy_atomically(from: &Path, to: &Path, interrupted: &AtomicBool) -> Result<(
             copy_into(from, copy, interrupted)?.into_temp_path()
         }
     };
+    // Interrupted while it synced, the copy goes too: what exits interrupted writes nothing.
+    anyhow::ensure!(!interrupted.load(Ordering::Relaxed), "interrupted");
     temporary
         .persist(to)
         .with_context(|| format!("writing {}", to.display()))

@@ -227,8 +227,7 @@ static STOPPING: AtomicBool = AtomicBool::new(false);
 
 #[allow(unsafe_code)]
 extern "C" fn stop_soon(_: libc::c_int) {
-    const SAID: &[u8] =
-        b"\nstopping after this synthesis batch or training step (Ctrl-C again stops at once)\n";
+    const SAID: &[u8] = b"\nstopping where the run's work is kept (Ctrl-C again stops at once)\n";
     STOPPING.store(true, Ordering::Relaxed);
     // SAFETY: signal and write are async-signal-safe; SAID outlives the call.
     unsafe {
@@ -357,7 +356,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
             bars.synthesis.abandon();
             bars.training.abandon();
             eprintln!("{said}");
-            std::process::exit(130);
+            super::end_interrupted();
         }
         trained => trained?,
     };

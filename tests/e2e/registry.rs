@@ -566,7 +566,11 @@ fn a_killed_pull_resumes_where_it_stopped() {
     assert!(interrupted.success());
     let status = crate::support::exit_within(&mut pull, Duration::from_secs(30))
         .expect("an interrupted pull did not stop");
-    assert_eq!(status.code(), Some(130));
+    // It ends as Ctrl-C's default would (a shell script running it stops too).
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&status),
+        Some(libc::SIGINT)
+    );
     assert_eq!(entries(), Vec::<std::path::PathBuf>::new());
     let downloaded = dir_bytes(&partial);
     assert!(downloaded > 1 << 20);

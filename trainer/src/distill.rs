@@ -405,9 +405,9 @@ fn shuffled(count: usize, seed: u64, epoch: u64) -> Vec<usize> {
 }
 
 /// The tokens a cartridge of `tokens` starts from: a system turn holding the first of the
-/// corpus's tokens `corpus`, as many as fit with the template around them (the reference's best initialization;
-/// the student reads its conversations as following a system turn). Cheap: a run checks it
-/// before hours of synthesis.
+/// corpus's tokens `corpus`, as many as fit with the template around them (the reference's
+/// best initialization; the student reads its conversations as following a system turn).
+/// Cheap: a run checks it before hours of synthesis.
 pub fn initial_ids(text: &TextCodec, corpus: &[u32], tokens: usize) -> Result<Vec<u32>> {
     let (before, after, room) = text.system_turn_ids(tokens)?;
     if corpus.len() < room {

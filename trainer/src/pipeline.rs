@@ -324,8 +324,8 @@ pub fn train(
         )?;
     }
     // Tokenized once: a large corpus takes seconds.
-    let tokens = model.text.encode(&corpus.text())?;
-    let init = initial_ids(&model.text, &tokens, distill.tokens)?;
+    let corpus_tokens = model.text.encode(&corpus.text())?;
+    let init = initial_ids(&model.text, &corpus_tokens, distill.tokens)?;
     if request.objective == Objective::SelfStudy && !zero_steps {
         check_rows_hold_a_conversation(model, &request.synthesis, &distill)?;
     }
@@ -375,7 +375,7 @@ pub fn train(
     };
     if resuming && request.objective == Objective::SelfStudy {
         // Its own arguments first: they are named whatever the checkpoint holds.
-        crate::synthesis::check_synthesis(model, &tokens, &request.synthesis)?;
+        crate::synthesis::check_synthesis(model, &corpus_tokens, &request.synthesis)?;
         let known = run(request.synthesis.conversations);
         // Steps are known now unless they follow from the conversations (--epochs).
         let steps = request.epochs.is_none().then_some(distill.steps);
@@ -391,7 +391,7 @@ pub fn train(
             let path = conversations_path(&request.work_dir);
             synthesize(
                 model,
-                (corpus, &tokens),
+                (corpus, &corpus_tokens),
                 &request.synthesis,
                 &path,
                 |done, total| {
@@ -407,9 +407,12 @@ pub fn train(
             )?
         }
         // Pieces short enough that two pack into what a row holds after the cartridge.
-        Objective::NextToken => next_token_conversations(&tokens, distill.room(max_positions) / 2),
+        Objective::NextToken => {
+            next_token_conversations(&corpus_tokens, distill.room(max_positions) / 2)
+        }
     };
     let synthesis_seconds = started.elapsed().as_secs_f64();
+    drop(corpus_tokens);
 
     let mut options = distill;
     if let Some(epochs) = request.epochs {

@@ -142,7 +142,7 @@ class Loader:
             body["lease"] = lease
         if on_layers is None:
             answer = self._request("POST", "/v1/load", body)
-            return Handle(self, answer, leased=answer.get("lease") is not None)
+            return Handle(self, answer, leased=_leased(lease, answer))
         connection = self._connection()
         try:
             connection.request("POST", "/v1/load", body=json.dumps(dict(body, stream=True)).encode(), headers={"Content-Type": "application/json"})
@@ -164,7 +164,7 @@ class Loader:
                         self._release_unreceived(response)
                         raise
                 elif kind == "loaded":
-                    return Handle(self, event, leased=event.get("lease") is not None)
+                    return Handle(self, event, leased=_leased(lease, event))
                 else:
                     raise LoaderError(event.get("status", 500), event.get("code", "internal"), event.get("message", ""))
         finally:
@@ -195,6 +195,12 @@ class Loader:
 
     def status(self) -> dict:
         return self._request("GET", "/v1/status")
+
+
+def _leased(asked: int | None, answer: dict) -> bool:
+    """Whether a load's handle has a lease: the one asked for, or the loader's default (which
+    its answer says; a loader from before defaults says nothing)."""
+    return asked is not None or answer.get("lease") is not None
 
 
 def _location(answer: dict):

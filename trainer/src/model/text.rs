@@ -282,7 +282,8 @@ impl TextCodec {
     }
 
     /// Plain text's tokens: a special token's name in it is read as its characters. A long text
-    /// (a corpus) is read in pieces, on every core, with the tokens it would have whole.
+    /// (a corpus) is read in pieces, on every core, cut only where the tokens about a cut are
+    /// those of the text whole ([`encode_in_pieces`]).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         encode_in_pieces(&self.literal, text, PIECE_BYTES)
     }
@@ -505,24 +506,30 @@ fn ids(tokenizer: &Tokenizer, text: &str) -> Result<Vec<u32>> {
         .to_vec())
 }
 
-/// Text read at once, at most: a tokenizer holds about 150 bytes for each byte it reads (its
-/// splits, their offsets and each token's string), 7.5 GB for a 50 MB codebase read whole.
+/// The length of text read at once that pieces aim at (each is at least this long, where the
+/// text is): a tokenizer holds about 150 bytes for each byte it reads (its splits, their offsets
+/// and each token's string), 7.5 GB for a 50 MB codebase read whole.
 const PIECE_BYTES: usize = 256 << 10;
 
 /// Bytes read either side of a cut to see whether it changes the tokens there.
 const CUT_WINDOW: usize = 256;
 
-/// Line starts tried as a cut before giving up on a stretch of a piece's length.
+/// Line starts that may be cuts tried before giving up on a stretch of a piece's length.
 const CUT_TRIES: usize = 16;
 
-/// `text`'s tokens, read in pieces of about `piece` bytes each. A piece ends at a line start
-/// where reading the text around it in two gives the tokens it gives whole (a cut inside a
-/// token, or one the tokenizer reads differently at a text's start, would not): tokenizers
-/// decide each token from text nearby (their pre-tokenizers split on whitespace and character
-/// classes first), so those are the whole text's tokens. Where no such cut is found, the text
-/// is read whole.
+/// `text`'s tokens, read in pieces of about `piece` bytes each. A piece ends at the start of a
+/// line whose first character, and the last before its line break, are not whitespace (so no
+/// long run of whitespace, which a tokenizer reads as one piece, spans the cut), and where
+/// reading the text about it in two gives the tokens it gives whole (a cut inside a token, or
+/// one the tokenizer reads differently at a text's start, would not): tokenizers decide each
+/// token from text nearby (their pre-tokenizers split on whitespace and character classes
+/// first), so those are the whole text's tokens. Where no such cut is found, the text is read
+/// whole.
 fn encode_in_pieces(tokenizer: &Tokenizer, text: &str, piece: usize) -> Result<Vec<u32>> {
     let cuts = cuts(tokenizer, text, piece)?;
+    if cuts.len() == 2 {
+        return ids(tokenizer, text);
+    }
     let pieces: Vec<&str> = cuts.windows(2).map(|w| &text[w[0]..w[1]]).collect();
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let per_thread = pieces.len().div_ceil(threads).max(1);
@@ -559,11 +566,21 @@ fn cuts(tokenizer: &Tokenizer, text: &str, piece: usize) -> Result<Vec<usize>> {
     let mut from = piece;
     'stretches: while from + piece <= text.len() {
         let mut candidate = from;
-        for _ in 0..CUT_TRIES {
-            let Some(newline) = text[candidate..].find('\n') else {
+        let mut tries = 0;
+        while tries < CUT_TRIES {
+            // A byte search: `from` may fall inside a character, and a line break's byte is
+            // never part of one.
+            let Some(newline) = text.as_bytes()[candidate..]
+                .iter()
+                .position(|&b| b == b'\n')
+            else {
                 break 'stretches;
             };
             candidate += newline + 1;
+            if !plain_line_start(text, candidate) {
+                continue;
+            }
+            tries += 1;
             if keeps_tokens(tokenizer, text, candidate)? {
                 cuts.push(candidate);
                 from = candidate + piece;
@@ -574,6 +591,22 @@ fn cuts(tokenizer: &Tokenizer, text: &str, piece: usize) -> Result<Vec<usize>> {
     }
     cuts.push(text.len());
     Ok(cuts)
+}
+
+/// Whether `at` follows a line break (`\n` or `\r\n`) after a character that is not
+/// whitespace, and starts a character that is not whitespace either.
+fn plain_line_start(text: &str, at: usize) -> bool {
+    let before = text[..at]
+        .strip_suffix('\n')
+        .map(|b| b.strip_suffix('\r').unwrap_or(b));
+    let ends_a_line = before
+        .and_then(|b| b.chars().next_back())
+        .is_some_and(|c| !c.is_whitespace());
+    ends_a_line
+        && text[at..]
+            .chars()
+            .next()
+            .is_some_and(|c| !c.is_whitespace())
 }
 
 /// Whether cutting `text` at `at` leaves the tokens around it as they are.
@@ -631,12 +664,18 @@ mod tests {
         let tokenizer = smollm2();
         // Code (indented lines, blank lines, digits) and prose with characters of several bytes
         // (a window's edge inside one), short pieces: many cuts tried, some refused.
+        // Runs of whitespace longer than the window a cut is checked on, lines of characters of
+        // three bytes (a piece's length lands inside one), Windows line breaks.
         let mut text = String::new();
         for round in 0..6 {
             text.push_str(include_str!("text.rs"));
             text.push_str(&format!(
                 "\n\n  Round {round}: café — naïve “quotes” 12345 …\n"
             ));
+            text.push_str(&"\n".repeat(300));
+            text.push_str(&format!("after the blank lines{}\n", " ".repeat(300)));
+            text.push_str(&"日本語のテキスト。\n".repeat(600));
+            text.push_str(&"A line ending in CR LF.\r\n".repeat(100));
             text.push_str(include_str!("../corpus.rs"));
         }
         let cuts = cuts(&tokenizer, &text, 4096).unwrap();
@@ -645,10 +684,17 @@ mod tests {
             encode_in_pieces(&tokenizer, &text, 4096).unwrap(),
             ids(&tokenizer, &text).unwrap()
         );
-        // A cut that would split tokens is not made: before an indented line, the newline and
-        // the indentation are one token.
-        let indented = cuts.iter().filter(|&&at| text[at..].starts_with("  "));
-        assert_eq!(indented.count(), 0);
+        // No cut next to whitespace: an indented line's newline and indentation are one token.
+        for &at in &cuts[1..cuts.len() - 1] {
+            assert!(plain_line_start(&text, at), "{:?}", &text[at - 2..at + 2]);
+        }
+        // Nor inside a run of line breaks longer than the window: the window's part of the run
+        // splits as the window does, the whole run otherwise.
+        let runs = format!("x{}y", "\n".repeat(601)).repeat(20);
+        assert_eq!(
+            encode_in_pieces(&tokenizer, &runs, 512).unwrap(),
+            ids(&tokenizer, &runs).unwrap()
+        );
     }
 
     #[test]
