@@ -198,12 +198,33 @@ impl Bars {
     }
 }
 
+/// Moves `bar` to `done` of `total`. The first move (to what a resumed run already had) is no
+/// progress made: the estimate of the time left starts after it.
+fn advance(bar: &ProgressBar, done: usize, total: usize) {
+    let first = bar.length().is_none();
+    bar.set_length(total as u64);
+    bar.set_position(done as u64);
+    if first {
+        bar.reset_eta();
+    }
+}
+
+/// `bar`'s estimate of the time left, for a log line (none before a first move past the start).
+fn left(bar: &ProgressBar, done: usize, total: usize) -> String {
+    if done == total || bar.per_sec() == 0.0 {
+        return String::new();
+    }
+    format!(", {} left", indicatif::HumanDuration(bar.eta()))
+}
+
 impl TrainProgress for Bars {
     fn synthesized(&self, done: usize, total: usize) {
-        self.synthesis.set_length(total as u64);
-        self.synthesis.set_position(done as u64);
+        advance(&self.synthesis, done, total);
         self.line("synthesis", done == total, || {
-            format!("{done}/{total} conversations")
+            format!(
+                "{done}/{total} conversations{}",
+                left(&self.synthesis, done, total)
+            )
         });
     }
 
@@ -213,11 +234,13 @@ impl TrainProgress for Bars {
 
     fn stepped(&self, step: usize, total: usize, loss: f32, tokens_per_second: f64) {
         let message = format!("loss {loss:.4}, {tokens_per_second:.0} tok/s");
-        self.training.set_length(total as u64);
-        self.training.set_position(step as u64);
+        advance(&self.training, step, total);
         self.training.set_message(message.clone());
         self.line("training", step == total, || {
-            format!("step {step}/{total}, {message}")
+            format!(
+                "step {step}/{total}, {message}{}",
+                left(&self.training, step, total)
+            )
         });
     }
 }
@@ -343,10 +366,10 @@ pub fn run(args: TrainArgs) -> Result<()> {
     };
     let bars = Bars {
         synthesis: ProgressBar::with_draw_target(None, target()).with_style(style(
-            "synthesis [{bar:30}] {pos}/{len} conversations {elapsed}",
+            "synthesis [{bar:30}] {pos}/{len} conversations {elapsed} ({eta} left)",
         )),
         training: ProgressBar::with_draw_target(None, target()).with_style(style(
-            "training  [{bar:30}] {pos}/{len} steps {msg} {elapsed}",
+            "training  [{bar:30}] {pos}/{len} steps {msg} {elapsed} ({eta} left)",
         )),
         lines: (!std::io::stderr().is_terminal()).then(|| Mutex::new(None)),
     };
