@@ -8,6 +8,7 @@ use cartridge_trainer::corpus::Corpus;
 use cartridge_trainer::eval::{Setting, evaluate, read_qa};
 use cartridge_trainer::model::ModelSource;
 use clap::Args;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use super::train::DeviceKind;
 use crate::output::human_bytes;
@@ -138,7 +139,30 @@ pub fn run(args: EvalArgs) -> Result<()> {
             .map(|(name, prefix)| (format!("cartridge: {name}"), Setting::Cartridge(prefix))),
     );
 
-    let reports = evaluate(&model, settings, &qa, args.samples, args.max_answer_tokens)?;
+    let bar = ProgressBar::with_draw_target(
+        None,
+        if args.json {
+            ProgressDrawTarget::hidden()
+        } else {
+            ProgressDrawTarget::stderr()
+        },
+    )
+    .with_style(
+        ProgressStyle::with_template("eval [{bar:30}] {msg} {elapsed} ({eta} left)")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let reports = evaluate(
+        &model,
+        settings,
+        &qa,
+        (args.samples, args.max_answer_tokens),
+        |mode, done, total| {
+            bar.set_length(total as u64);
+            bar.set_position(done as u64);
+            bar.set_message(mode.to_owned());
+        },
+    )?;
+    bar.finish_and_clear();
     if args.json {
         println!(
             "{}",

@@ -105,13 +105,14 @@ pub struct ModeReport {
 }
 
 /// Scores every setting on the QA set; `samples` answers per setting are generated to read.
-/// Gains are over the first setting (no context).
+/// Gains are over the first setting (no context). `progress` hears the setting at work, and
+/// how many of all the answers to score and to generate are done.
 pub fn evaluate(
     model: &LoadedModel,
     settings: Vec<(String, Setting)>,
     qa: &[QaPair],
-    samples: usize,
-    max_answer_tokens: usize,
+    (samples, max_answer_tokens): (usize, usize),
+    mut progress: impl FnMut(&str, usize, usize),
 ) -> Result<Vec<ModeReport>> {
     // A pair too long to read even after the first setting (no context) would leave every
     // mode unscored: named instead.
@@ -131,16 +132,23 @@ pub fn evaluate(
             }
         }
     }
+    let samples = samples.min(qa.len());
+    let (each, total) = (qa.len() + samples, settings.len() * (qa.len() + samples));
     let mut reports = Vec::new();
-    for (name, setting) in settings {
+    for (index, (name, setting)) in settings.into_iter().enumerate() {
+        let done = index * each;
+        progress(&name, done, total);
         reports.push(evaluate_one(
             model,
             &name,
             &setting,
             qa,
-            samples,
-            max_answer_tokens,
+            (samples, max_answer_tokens),
+            |answers| progress(&name, done + answers, total),
         )?);
+    }
+    if let Some(last) = reports.last() {
+        progress(&last.mode, total, total);
     }
     let bare = reports.first().and_then(|r| r.log_likelihood);
     for report in &mut reports {
@@ -149,13 +157,14 @@ pub fn evaluate(
     Ok(reports)
 }
 
+/// One setting's report; `progress` hears how many answers are scored or generated.
 fn evaluate_one(
     model: &LoadedModel,
     name: &str,
     setting: &Setting,
     qa: &[QaPair],
-    samples: usize,
-    max_answer_tokens: usize,
+    (samples, max_answer_tokens): (usize, usize),
+    mut progress: impl FnMut(usize),
 ) -> Result<ModeReport> {
     let prompts: Vec<Vec<u32>> = qa
         .iter()
@@ -205,7 +214,7 @@ fn evaluate_one(
 
     let mut total = 0.0;
     let mut count = 0usize;
-    for ((pair, prompt), answer) in qa.iter().zip(&prompts).zip(&answers) {
+    for (scored, ((pair, prompt), answer)) in qa.iter().zip(&prompts).zip(&answers).enumerate() {
         if answer.is_empty() {
             return Err(Error::Data(format!(
                 "the answer to {:?} is empty",
@@ -214,10 +223,11 @@ fn evaluate_one(
         }
         total += score(model, prefix, prompt, answer)?;
         count += answer.len();
+        progress(scored + 1);
     }
 
     let mut generated = Vec::new();
-    for (pair, prompt) in qa.iter().zip(&prompts).take(samples) {
+    for (written, (pair, prompt)) in qa.iter().zip(&prompts).take(samples).enumerate() {
         // As much of an answer as the model's positions leave room for.
         let room = config.max_positions - context_tokens - prompt.len();
         let request = GenerationRequest {
@@ -243,6 +253,7 @@ fn evaluate_one(
             reference: pair.answer.clone(),
             generated: model.text.decode(&tokens)?.trim().to_owned(),
         });
+        progress(qa.len() + written + 1);
     }
     Ok(ModeReport {
         mode: name.to_owned(),
