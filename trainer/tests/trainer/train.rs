@@ -951,3 +951,56 @@ fn a_cartridge_learning_to_compose_trains_on_its_partners_conversations_every_th
         "{error}"
     );
 }
+
+/// `evaluate` says how far it is: each setting named as it starts, every answer scored or
+/// generated counted once, in order, up to the whole.
+#[test]
+fn evaluation_reports_its_progress_to_the_end() {
+    use cartridge_trainer::eval::{QaPair, Setting, evaluate};
+    let model = tiny_model();
+    let qa: Vec<QaPair> = [
+        "Who keeps the lamp?",
+        "How far is it seen?",
+        "When was it built?",
+    ]
+    .iter()
+    .map(|question| QaPair {
+        question: question.to_string(),
+        answer: "Three sisters.".into(),
+    })
+    .collect();
+    let turn = |text: &str| {
+        let (before, after, _) = model.text.system_turn_ids(16).unwrap();
+        let corpus = model.text.encode(text).unwrap();
+        Setting::Turn([&before[..], &corpus, &after[..]].concat())
+    };
+    let settings = vec![
+        ("none".to_owned(), turn("")),
+        ("text".to_owned(), turn("The lighthouse on Varn.")),
+    ];
+    let mut heard = Vec::new();
+    let reports = evaluate(&model, settings, &qa, (2, 4), |mode, done, total| {
+        heard.push((mode.to_owned(), done, total));
+    })
+    .unwrap();
+    assert_eq!(reports.len(), 2);
+    // Three scored and two written a setting: ten in all.
+    assert!(heard.iter().all(|&(_, _, total)| total == 10), "{heard:?}");
+    let counts: Vec<usize> = heard.iter().map(|&(_, done, _)| done).collect();
+    assert!(counts.windows(2).all(|w| w[0] <= w[1]), "{heard:?}");
+    assert_eq!(
+        heard.first().map(|h| (h.0.as_str(), h.1)),
+        Some(("none", 0))
+    );
+    assert_eq!(
+        heard.last().map(|h| (h.0.as_str(), h.1)),
+        Some(("text", 10))
+    );
+    assert!(heard.contains(&("text".to_owned(), 5, 10)), "{heard:?}");
+    for done in 1..=10 {
+        assert!(
+            heard.iter().any(|h| h.1 == done),
+            "{done} never said: {heard:?}"
+        );
+    }
+}
