@@ -1,7 +1,22 @@
 //! Progress bars for transfers (drawn only on a terminal).
 
 use cartridge_client::Progress;
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use indicatif::{HumanDuration, ProgressBar, ProgressDrawTarget, ProgressState, ProgressStyle};
+
+/// The style of `template`, where `{left}` is the time left, "(2 minutes left)", once there is
+/// an estimate (nothing before: indicatif's `{eta}` says 0s until it knows a speed).
+pub fn style(template: &str) -> ProgressStyle {
+    ProgressStyle::with_template(template)
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .with_key(
+            "left",
+            |state: &ProgressState, out: &mut dyn std::fmt::Write| {
+                if state.per_sec() > 0.0 && state.len().is_some_and(|len| state.pos() < len) {
+                    let _ = write!(out, "({} left)", HumanDuration(state.eta()));
+                }
+            },
+        )
+}
 
 pub struct Bar {
     bar: ProgressBar,
@@ -19,11 +34,8 @@ impl Bar {
             },
         );
         bar.set_style(
-            ProgressStyle::with_template(
-                "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-            )
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> "),
+            style("{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {left}")
+                .progress_chars("=> "),
         );
         bar.set_message(message.to_owned());
         Self { bar }

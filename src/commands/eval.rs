@@ -8,7 +8,7 @@ use cartridge_trainer::corpus::Corpus;
 use cartridge_trainer::eval::{Setting, evaluate, read_qa};
 use cartridge_trainer::model::ModelSource;
 use clap::Args;
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use indicatif::{ProgressBar, ProgressDrawTarget};
 
 use super::train::DeviceKind;
 use crate::output::human_bytes;
@@ -147,10 +147,9 @@ pub fn run(args: EvalArgs) -> Result<()> {
             ProgressDrawTarget::stderr()
         },
     )
-    .with_style(
-        ProgressStyle::with_template("eval [{bar:30}] {msg} {elapsed} ({eta} left)")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
+    .with_style(crate::progress::style(
+        "eval [{bar:30}] {msg} {elapsed} {left}",
+    ));
     let reports = evaluate(
         &model,
         settings,

@@ -38,6 +38,18 @@ pub fn end_interrupted() -> ! {
     std::process::exit(130)
 }
 
+/// Whether SIGINT is ignored, as a shell leaves it for a command it starts in the background:
+/// such a command is not one for Ctrl-C to stop.
+#[allow(unsafe_code)]
+pub fn sigint_ignored() -> bool {
+    // SAFETY: reads the disposition, changing nothing.
+    unsafe {
+        let mut current: libc::sigaction = std::mem::zeroed();
+        libc::sigaction(libc::SIGINT, std::ptr::null(), &mut current) == 0
+            && current.sa_sigaction == libc::SIG_IGN
+    }
+}
+
 /// Which registry to talk to, for commands whose reference names none.
 #[derive(Debug, Args)]
 pub struct RegistryArgs {

@@ -52,6 +52,7 @@ pub fn run(args: PullArgs) -> Result<()> {
     let bar = Bar::new(&format!("pull {}", args.reference), args.json);
     let runtime = super::runtime()?;
     let interrupted = Arc::new(AtomicBool::new(false));
+    let listening = !super::sigint_ignored();
     // Interrupted, the pull stops where it is: what it downloaded stays to resume from, and
     // the half-built cartridge goes (its builder sees the downloads end) before the runtime
     // does; so does a half-made copy for -o (the copy sees `interrupted`). Further Ctrl-Cs
@@ -76,7 +77,13 @@ pub fn run(args: PullArgs) -> Result<()> {
         };
         tokio::select! {
             report = work => Some(report),
-            _ = tokio::signal::ctrl_c() => {
+            _ = async {
+                if listening {
+                    tokio::signal::ctrl_c().await
+                } else {
+                    std::future::pending().await
+                }
+            } => {
                 interrupted.store(true, Ordering::Relaxed);
                 None
             }

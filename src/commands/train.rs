@@ -15,10 +15,11 @@ use cartridge_trainer::model::ModelSource;
 use cartridge_trainer::pipeline::{Objective, TrainProgress, TrainRequest, train};
 use cartridge_trainer::synthesis::SynthesisOptions;
 use clap::{Args, ValueEnum};
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use indicatif::{ProgressBar, ProgressDrawTarget};
 
 use super::{Input, check_outputs};
 use crate::output::human_bytes;
+use crate::progress::style;
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum ObjectiveArg {
@@ -198,8 +199,9 @@ impl Bars {
     }
 }
 
-/// Moves `bar` to `done` of `total`. The first move (to what a resumed run already had) is no
-/// progress made: the estimate of the time left starts after it.
+/// Moves `bar` to `done` of `total`. The first move (to a resumed synthesis's stored
+/// conversations, or to the first step) is not taken for speed: the estimate of the time left
+/// starts after it.
 fn advance(bar: &ProgressBar, done: usize, total: usize) {
     let first = bar.length().is_none();
     bar.set_length(total as u64);
@@ -264,13 +266,12 @@ extern "C" fn stop_soon(_: libc::c_int) {
 /// SIGINT is ignored (a job started in the background), it stays ignored.
 #[allow(unsafe_code)]
 fn stop_on_ctrl_c() {
+    if super::sigint_ignored() {
+        return;
+    }
     let handler = stop_soon as extern "C" fn(libc::c_int);
     // SAFETY: the handler does only what a signal handler may.
-    unsafe {
-        if libc::signal(libc::SIGINT, handler as libc::sighandler_t) == libc::SIG_IGN {
-            libc::signal(libc::SIGINT, libc::SIG_IGN);
-        }
-    }
+    unsafe { libc::signal(libc::SIGINT, handler as libc::sighandler_t) };
 }
 
 pub fn run(args: TrainArgs) -> Result<()> {
@@ -361,15 +362,12 @@ pub fn run(args: TrainArgs) -> Result<()> {
             ProgressDrawTarget::stderr()
         }
     };
-    let style = |template: &str| {
-        ProgressStyle::with_template(template).unwrap_or_else(|_| ProgressStyle::default_bar())
-    };
     let bars = Bars {
         synthesis: ProgressBar::with_draw_target(None, target()).with_style(style(
-            "synthesis [{bar:30}] {pos}/{len} conversations {elapsed} ({eta} left)",
+            "synthesis [{bar:30}] {pos}/{len} conversations {elapsed} {left}",
         )),
         training: ProgressBar::with_draw_target(None, target()).with_style(style(
-            "training  [{bar:30}] {pos}/{len} steps {msg} {elapsed} ({eta} left)",
+            "training  [{bar:30}] {pos}/{len} steps {msg} {elapsed} {left}",
         )),
         lines: (!std::io::stderr().is_terminal()).then(|| Mutex::new(None)),
     };

@@ -528,19 +528,19 @@ fn a_killed_pull_resumes_where_it_stopped() {
         .ok();
 
     let slow_pull = || {
-        registry
-            .command(
-                dir.path(),
-                &token,
-                &[
-                    "pull",
-                    "legal/big@v1",
-                    "--limit-rate",
-                    "2MiB",
-                    "--jobs",
-                    "1",
-                ],
-            )
+        let mut command = registry.command(
+            dir.path(),
+            &token,
+            &[
+                "pull",
+                "legal/big@v1",
+                "--limit-rate",
+                "2MiB",
+                "--jobs",
+                "1",
+            ],
+        );
+        crate::support::foreground(&mut command)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()

