@@ -1,12 +1,13 @@
-//! Progress bars for transfers (drawn only on a terminal).
+//! Progress bars of transfers, training and evaluation (drawn only on a terminal).
 
 use cartridge_client::Progress;
 use indicatif::{HumanDuration, ProgressBar, ProgressDrawTarget, ProgressState, ProgressStyle};
 
-/// The style of `template`, where `{left}` is the time left, "(2 minutes left)", once there is
-/// an estimate (nothing before: indicatif's `{eta}` says 0s until it knows a speed).
-pub fn style(template: &str) -> ProgressStyle {
-    ProgressStyle::with_template(template)
+/// A bar drawn with `template` on stderr (where it is a terminal), none when `hidden` (e.g. for
+/// `--json`). In `template`, `{left}` is the time left, "(2 minutes left)", once there is an
+/// estimate (nothing before: indicatif's `{eta}` says 0s until it knows a speed).
+pub fn bar(template: &str, hidden: bool) -> ProgressBar {
+    let style = ProgressStyle::with_template(template)
         .unwrap_or_else(|_| ProgressStyle::default_bar())
         .with_key(
             "left",
@@ -15,7 +16,13 @@ pub fn style(template: &str) -> ProgressStyle {
                     let _ = write!(out, "({} left)", HumanDuration(state.eta()));
                 }
             },
-        )
+        );
+    let target = if hidden {
+        ProgressDrawTarget::hidden()
+    } else {
+        ProgressDrawTarget::stderr()
+    };
+    ProgressBar::with_draw_target(None, target).with_style(style)
 }
 
 pub struct Bar {
@@ -25,18 +32,11 @@ pub struct Bar {
 impl Bar {
     /// A bar labelled `message`; hidden when `hidden` (e.g. for `--json`).
     pub fn new(message: &str, hidden: bool) -> Self {
-        let bar = ProgressBar::with_draw_target(
-            None,
-            if hidden {
-                ProgressDrawTarget::hidden()
-            } else {
-                ProgressDrawTarget::stderr()
-            },
+        let bar = bar(
+            "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {left}",
+            hidden,
         );
-        bar.set_style(
-            style("{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {left}")
-                .progress_chars("=> "),
-        );
+        bar.set_style(bar.style().progress_chars("=> "));
         bar.set_message(message.to_owned());
         Self { bar }
     }

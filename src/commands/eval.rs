@@ -8,7 +8,6 @@ use cartridge_trainer::corpus::Corpus;
 use cartridge_trainer::eval::{Setting, evaluate, read_qa};
 use cartridge_trainer::model::ModelSource;
 use clap::Args;
-use indicatif::{ProgressBar, ProgressDrawTarget};
 
 use super::train::DeviceKind;
 use crate::output::human_bytes;
@@ -139,17 +138,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
             .map(|(name, prefix)| (format!("cartridge: {name}"), Setting::Cartridge(prefix))),
     );
 
-    let bar = ProgressBar::with_draw_target(
-        None,
-        if args.json {
-            ProgressDrawTarget::hidden()
-        } else {
-            ProgressDrawTarget::stderr()
-        },
-    )
-    .with_style(crate::progress::style(
-        "eval [{bar:30}] {msg} {elapsed} {left}",
-    ));
+    let bar = crate::progress::bar("eval [{bar:30}] {msg} {elapsed} {left}", args.json);
     let reports = evaluate(
         &model,
         settings,

@@ -15,11 +15,11 @@ use cartridge_trainer::model::ModelSource;
 use cartridge_trainer::pipeline::{Objective, TrainProgress, TrainRequest, train};
 use cartridge_trainer::synthesis::SynthesisOptions;
 use clap::{Args, ValueEnum};
-use indicatif::{ProgressBar, ProgressDrawTarget};
+use indicatif::ProgressBar;
 
 use super::{Input, check_outputs};
 use crate::output::human_bytes;
-use crate::progress::style;
+use crate::progress::bar;
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum ObjectiveArg {
@@ -355,20 +355,15 @@ pub fn run(args: TrainArgs) -> Result<()> {
         dtype: Dtype::Bf16,
         model_name: args.model.clone(),
     };
-    let target = || {
-        if args.json {
-            ProgressDrawTarget::hidden()
-        } else {
-            ProgressDrawTarget::stderr()
-        }
-    };
     let bars = Bars {
-        synthesis: ProgressBar::with_draw_target(None, target()).with_style(style(
+        synthesis: bar(
             "synthesis [{bar:30}] {pos}/{len} conversations {elapsed} {left}",
-        )),
-        training: ProgressBar::with_draw_target(None, target()).with_style(style(
+            args.json,
+        ),
+        training: bar(
             "training  [{bar:30}] {pos}/{len} steps {msg} {elapsed} {left}",
-        )),
+            args.json,
+        ),
         lines: (!std::io::stderr().is_terminal()).then(|| Mutex::new(None)),
     };
     stop_on_ctrl_c();

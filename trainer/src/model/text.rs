@@ -523,9 +523,9 @@ const CUT_TRIES: usize = 16;
 const CUT_WHITESPACE: usize = 64;
 
 /// `text`'s tokens, read in pieces of about `piece` bytes each. A piece ends at the start of a
-/// line or before a space, with little whitespace about it ([`CUT_WHITESPACE`]: a long run of it, which a
-/// tokenizer reads as one piece, never spans the cut), where reading the text about it in two
-/// gives the tokens it gives whole (a cut inside a token, or one the tokenizer reads
+/// line or before a space, with little whitespace about it ([`CUT_WHITESPACE`]: a long run of
+/// it, which a tokenizer reads as one piece, never spans the cut), where reading the text about
+/// it in two gives the tokens it gives whole (a cut inside a token, or one the tokenizer reads
 /// differently at a text's start, would not): tokenizers decide each token from text nearby
 /// (their pre-tokenizers split on whitespace and character classes first), so those are the
 /// whole text's tokens. Where no such cut is found, the text is read whole.
@@ -542,9 +542,8 @@ fn encode_in_pieces(tokenizer: &Tokenizer, text: &str, piece: usize) -> Result<V
             .chunks(per_thread)
             .map(|mine| {
                 scope.spawn(move || {
-                    mine.iter()
-                        .map(|piece| ids(tokenizer, piece))
-                        .collect::<Result<Vec<_>>>()
+                    let read = mine.iter().map(|piece| ids(tokenizer, piece));
+                    read.collect::<Result<Vec<_>>>().map(|ids| ids.concat())
                 })
             })
             .collect();
@@ -557,11 +556,7 @@ fn encode_in_pieces(tokenizer: &Tokenizer, text: &str, piece: usize) -> Result<V
             })
             .collect::<Result<Vec<_>>>()
     })?;
-    let mut all = Vec::with_capacity(read.iter().flatten().map(Vec::len).sum());
-    read.into_iter()
-        .flatten()
-        .for_each(|piece| all.extend(piece));
-    Ok(all)
+    Ok(read.concat())
 }
 
 /// Where [`encode_in_pieces`] cuts `text`: its start, the cuts, its end.
@@ -608,14 +603,13 @@ fn cuts(tokenizer: &Tokenizer, text: &str, piece: usize) -> Result<Vec<usize>> {
 /// Whether the whitespace about `at` (before it and after it) is at most [`CUT_WHITESPACE`]
 /// characters.
 fn little_whitespace_about(text: &str, at: usize) -> bool {
-    let (before, after) = (text[..at].chars().rev(), text[at..].chars());
-    let run = |chars: &mut dyn Iterator<Item = char>| {
+    fn run(chars: impl Iterator<Item = char>) -> usize {
         chars
             .take_while(|c| c.is_whitespace())
             .take(CUT_WHITESPACE + 1)
             .count()
-    };
-    run(&mut { before }) + run(&mut { after }) <= CUT_WHITESPACE
+    }
+    run(text[..at].chars().rev()) + run(text[at..].chars()) <= CUT_WHITESPACE
 }
 
 /// Whether cutting `text` at `at` leaves the tokens around it as they are.
@@ -671,10 +665,9 @@ mod tests {
     #[test]
     fn a_text_read_in_pieces_has_the_tokens_it_has_whole() {
         let tokenizer = smollm2();
-        // Code (indented lines, blank lines, digits) and prose with characters of several bytes
-        // (a window's edge inside one), short pieces: many cuts tried, some refused.
-        // Runs of whitespace longer than the window a cut is checked on, lines of characters of
-        // three bytes (a piece's length lands inside one), Windows line breaks.
+        // Short pieces of code (indented lines, blank lines, digits), characters of several
+        // bytes (a window's edge or a piece's length inside one), runs of whitespace longer
+        // than a window's side and Windows line breaks: many cuts tried, some refused.
         let mut text = String::new();
         for round in 0..6 {
             text.push_str(include_str!("text.rs"));
