@@ -517,18 +517,21 @@ const CUT_WINDOW: usize = 256;
 /// Cuts checked (by their window) before the search moves a piece's length on.
 const CUT_TRIES: usize = 16;
 
-/// The most whitespace characters about a cut: a tokenizer reads a run of whitespace as one
-/// piece, and the window must see where the run begins and ends (64 characters take at most
-/// 192 bytes, less than the window's side).
-const CUT_WHITESPACE: usize = 64;
+/// The longest run of characters of one kind (whitespace, letters, digits, others) touching a
+/// cut: a tokenizer splits text where its kind changes, and how it splits a run may depend on
+/// the whole run (a run of whitespace is one piece, but for the whitespace before a word), so
+/// the window must see each run about a cut whole, and what is beyond it (48 characters take at
+/// most 192 bytes, less than the window's side).
+const CUT_RUN: usize = 48;
 
 /// `text`'s tokens, read in pieces of about `piece` bytes each. A piece ends at the start of a
-/// line or before a space, with little whitespace about it ([`CUT_WHITESPACE`]: a long run of
-/// it, which a tokenizer reads as one piece, never spans the cut), where reading the text about
-/// it in two gives the tokens it gives whole (a cut inside a token, or one the tokenizer reads
-/// differently at a text's start, would not): tokenizers decide each token from text nearby
-/// (their pre-tokenizers split on whitespace and character classes first), so those are the
-/// whole text's tokens. Where no such cut is found, the text is read whole.
+/// line, before a space, or where ASCII letters or digits meet ASCII punctuation (minified code
+/// and data have neither lines nor spaces), with short runs of one kind about it ([`CUT_RUN`]),
+/// where reading the text about it in two gives the tokens it gives whole (a cut inside a
+/// token, or one the tokenizer reads differently at a text's start, would not): tokenizers
+/// decide each token from text nearby (their pre-tokenizers split on whitespace and character
+/// classes first), so those are the whole text's tokens. Where no such cut is found, the text
+/// is read whole.
 fn encode_in_pieces(tokenizer: &Tokenizer, text: &str, piece: usize) -> Result<Vec<u32>> {
     let cuts = cuts(tokenizer, text, piece)?;
     if cuts.len() == 2 {
@@ -561,30 +564,20 @@ fn encode_in_pieces(tokenizer: &Tokenizer, text: &str, piece: usize) -> Result<V
 
 /// Where [`encode_in_pieces`] cuts `text`: its start, the cuts, its end.
 fn cuts(tokenizer: &Tokenizer, text: &str, piece: usize) -> Result<Vec<usize>> {
+    let bytes = text.as_bytes();
     let mut cuts = vec![0];
     let mut from = piece;
     'stretches: while from + piece <= text.len() {
         let mut candidate = from;
         let mut tries = 0;
         while tries < CUT_TRIES {
-            // A byte search: `from` may fall inside a character, and a line break's or a
-            // space's byte is never part of one.
-            let Some(found) = text.as_bytes()[candidate..]
-                .iter()
-                .position(|&b| b == b'\n' || b == b' ')
-            else {
+            // A byte search: `from` may fall inside a character, and the bytes `may_cut` looks
+            // for (ASCII) are never part of one.
+            let Some(cut) = (candidate..text.len()).find(|&at| may_cut(bytes, at)) else {
                 break 'stretches;
             };
-            let at = candidate + found;
-            // Past the line break, or before the space (which a tokenizer reads with the word
-            // after it).
-            let cut = if text.as_bytes()[at] == b'\n' {
-                at + 1
-            } else {
-                at
-            };
-            candidate = at + 1;
-            if !little_whitespace_about(text, cut) {
+            candidate = cut + 1;
+            if !short_runs_about(text, cut) {
                 continue;
             }
             tries += 1;
@@ -600,16 +593,43 @@ fn cuts(tokenizer: &Tokenizer, text: &str, piece: usize) -> Result<Vec<usize>> {
     Ok(cuts)
 }
 
-/// Whether the whitespace about `at` (before it and after it) is at most [`CUT_WHITESPACE`]
-/// characters.
-fn little_whitespace_about(text: &str, at: usize) -> bool {
-    fn run(chars: impl Iterator<Item = char>) -> usize {
-        chars
-            .take_while(|c| c.is_whitespace())
-            .take(CUT_WHITESPACE + 1)
-            .count()
+/// Whether a piece may end before byte `at` (past its first): past a line break, before a space
+/// (which a tokenizer reads with the word after it), or between an ASCII letter or digit and an
+/// ASCII punctuation mark.
+fn may_cut(bytes: &[u8], at: usize) -> bool {
+    let (before, after) = (bytes[at - 1], bytes[at]);
+    let meet = |a: u8, b: u8| a.is_ascii_alphanumeric() && b.is_ascii_punctuation();
+    before == b'\n' || after == b' ' || meet(before, after) || meet(after, before)
+}
+
+/// Whether the runs of one kind of character touching `at` are at most [`CUT_RUN`]
+/// characters, one run through `at` counted whole.
+fn short_runs_about(text: &str, at: usize) -> bool {
+    fn kind(c: char) -> u8 {
+        match c {
+            c if c.is_whitespace() => 0,
+            c if c.is_alphabetic() => 1,
+            c if c.is_numeric() => 2,
+            _ => 3,
+        }
     }
-    run(text[..at].chars().rev()) + run(text[at..].chars()) <= CUT_WHITESPACE
+    fn run(mut chars: impl Iterator<Item = char>) -> (Option<u8>, usize) {
+        let Some(first) = chars.next().map(kind) else {
+            return (None, 0);
+        };
+        let rest = chars
+            .take_while(|&c| kind(c) == first)
+            .take(CUT_RUN)
+            .count();
+        (Some(first), 1 + rest)
+    }
+    let (before, before_len) = run(text[..at].chars().rev());
+    let (after, after_len) = run(text[at..].chars());
+    if before == after {
+        before_len + after_len <= CUT_RUN
+    } else {
+        before_len.max(after_len) <= CUT_RUN
+    }
 }
 
 /// Whether cutting `text` at `at` leaves the tokens around it as they are.
@@ -693,6 +713,21 @@ mod tests {
             encode_in_pieces(&tokenizer, &prose, 1024).unwrap(),
             ids(&tokenizer, &prose).unwrap()
         );
+        // Minified data, one line without spaces: cut where letters or digits meet
+        // punctuation, never about a long run of one kind.
+        let minified: String = (0..3000)
+            .map(|i| format!(r#"{{"id":{i},"name":"item-{i}","v":0.{i}e-3,"t":["ab","c"]}},"#))
+            .collect();
+        let cut = super::cuts(&tokenizer, &minified, 4096).unwrap();
+        assert!(cut.len() > 20, "{} cuts", cut.len());
+        assert_eq!(
+            encode_in_pieces(&tokenizer, &minified, 4096).unwrap(),
+            ids(&tokenizer, &minified).unwrap()
+        );
+        let long = format!("{}){}", "a".repeat(CUT_RUN), "b".repeat(CUT_RUN));
+        assert!(short_runs_about(&long, CUT_RUN));
+        assert!(!short_runs_about(&format!("a{long}"), CUT_RUN + 1));
+        assert!(!short_runs_about(&format!("{long}b"), CUT_RUN + 1));
         // No cut about a run of whitespace longer than the window's side: the window's part of
         // the run splits as the window does, the whole run otherwise. Cuts are made near them.
         let runs = format!("x{}y\nsome words here\n", "\n".repeat(601)).repeat(20);
