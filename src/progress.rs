@@ -5,14 +5,16 @@ use indicatif::{HumanDuration, ProgressBar, ProgressDrawTarget, ProgressState, P
 
 /// A bar drawn with `template` on stderr (where it is a terminal), none when `hidden` (e.g. for
 /// `--json`). In `template`, `{left}` is the time left, "(2 minutes left)", once there is an
-/// estimate (nothing before: indicatif's `{eta}` says 0s until it knows a speed).
+/// estimate (nothing before: indicatif's `{eta}` says 0s until it knows a speed), while the bar
+/// goes on (an abandoned one's estimate is 0 s).
 pub fn bar(template: &str, hidden: bool) -> ProgressBar {
     let style = ProgressStyle::with_template(template)
         .unwrap_or_else(|_| ProgressStyle::default_bar())
         .with_key(
             "left",
             |state: &ProgressState, out: &mut dyn std::fmt::Write| {
-                if state.per_sec() > 0.0 && state.len().is_some_and(|len| state.pos() < len) {
+                let going = !state.is_finished() && state.len().is_some_and(|l| state.pos() < l);
+                if going && state.per_sec() > 0.0 {
                     let _ = write!(out, "({} left)", HumanDuration(state.eta()));
                 }
             },

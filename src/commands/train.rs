@@ -1,7 +1,10 @@
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Read};
+use std::os::fd::IntoRawFd;
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -15,7 +18,7 @@ use cartridge_trainer::model::ModelSource;
 use cartridge_trainer::pipeline::{Objective, TrainProgress, TrainRequest, train};
 use cartridge_trainer::synthesis::SynthesisOptions;
 use clap::{Args, ValueEnum};
-use indicatif::ProgressBar;
+use indicatif::{HumanDuration, MultiProgress, ProgressBar, ProgressDrawTarget};
 
 use super::{Input, check_outputs};
 use crate::output::human_bytes;
@@ -178,6 +181,9 @@ fn parse_range(text: &str) -> Result<(usize, usize), String> {
 }
 
 struct Bars {
+    /// Where the bars are drawn, each below the last as its phase starts (two bars drawn apart
+    /// on one terminal each take the other's line for theirs).
+    shown: MultiProgress,
     synthesis: ProgressBar,
     training: ProgressBar,
     /// Where stderr is not a terminal (a job's log), bars draw nothing, so progress goes out as
@@ -189,6 +195,22 @@ struct Bars {
 const LOG_EVERY: Duration = Duration::from_secs(30);
 
 impl Bars {
+    /// Moves `bar` to `done` of `total`, showing it first. The first move (to a resumed
+    /// synthesis's stored conversations, or to the first step) is not taken for speed: the
+    /// time taken and the estimate of the time left start after it.
+    fn advance(&self, bar: &ProgressBar, done: usize, total: usize) {
+        let first = bar.length().is_none();
+        if first {
+            self.shown.add(bar.clone());
+        }
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+        if first {
+            bar.reset_elapsed();
+            bar.reset_eta();
+        }
+    }
+
     fn line(&self, phase: &'static str, last: bool, line: impl FnOnce() -> String) {
         let Some(lines) = &self.lines else { return };
         let mut logged = lines.lock().unwrap_or_else(|e| e.into_inner());
@@ -199,35 +221,35 @@ impl Bars {
     }
 }
 
-/// Moves `bar` to `done` of `total`. The first move (to a resumed synthesis's stored
-/// conversations, or to the first step) is not taken for speed: the estimate of the time left
-/// starts after it.
-fn advance(bar: &ProgressBar, done: usize, total: usize) {
-    let first = bar.length().is_none();
-    bar.set_length(total as u64);
-    bar.set_position(done as u64);
-    if first {
-        bar.reset_eta();
-    }
-}
-
 /// `bar`'s estimate of the time left, for a log line (none before a first move past the start).
 fn left(bar: &ProgressBar, done: usize, total: usize) -> String {
     if done == total || bar.per_sec() == 0.0 {
         return String::new();
     }
-    format!(", {} left", indicatif::HumanDuration(bar.eta()))
+    format!(", {} left", HumanDuration(bar.eta()))
 }
 
 impl TrainProgress for Bars {
     fn synthesized(&self, done: usize, total: usize) {
-        advance(&self.synthesis, done, total);
+        let stored = self.synthesis.length().is_none() && done == total;
+        self.advance(&self.synthesis, done, total);
         self.line("synthesis", done == total, || {
             format!(
                 "{done}/{total} conversations{}",
                 left(&self.synthesis, done, total)
             )
         });
+        if done == total {
+            // A line for the phase done: a finished bar's elapsed time would go on counting
+            // while the training's is drawn below it.
+            self.synthesis.finish_and_clear();
+            let _ = self.shown.println(if stored {
+                format!("synthesis: {total} conversations, stored before")
+            } else {
+                let took = HumanDuration(self.synthesis.elapsed());
+                format!("synthesis: {total} conversations in {took}")
+            });
+        }
     }
 
     fn stopping(&self) -> bool {
@@ -236,7 +258,7 @@ impl TrainProgress for Bars {
 
     fn stepped(&self, step: usize, total: usize, loss: f32, tokens_per_second: f64) {
         let message = format!("loss {loss:.4}, {tokens_per_second:.0} tok/s");
-        advance(&self.training, step, total);
+        self.advance(&self.training, step, total);
         self.training.set_message(message.clone());
         self.line("training", step == total, || {
             format!(
@@ -250,28 +272,44 @@ impl TrainProgress for Bars {
 /// Set by the first Ctrl-C: the run stops at the end of the batch or step it is in.
 static STOPPING: AtomicBool = AtomicBool::new(false);
 
+/// Where the first Ctrl-C is told, for [`stop_on_ctrl_c`]'s thread to say so through the bars
+/// (a line written by the handler itself leaves a copy of the bar drawn above it).
+static TOLD: AtomicI32 = AtomicI32::new(-1);
+
 #[allow(unsafe_code)]
 extern "C" fn stop_soon(_: libc::c_int) {
-    const SAID: &[u8] = b"\nstopping where the run's work is kept (Ctrl-C again stops at once)\n";
     STOPPING.store(true, Ordering::Relaxed);
-    // SAFETY: signal and write are async-signal-safe; SAID outlives the call.
+    // SAFETY: signal and write are async-signal-safe; the byte outlives the call.
     unsafe {
         libc::signal(libc::SIGINT, libc::SIG_DFL);
-        libc::write(2, SAID.as_ptr().cast(), SAID.len());
+        libc::write(TOLD.load(Ordering::Relaxed), [1u8].as_ptr().cast(), 1);
     }
 }
 
 /// From here, a first Ctrl-C asks the run to stop where what it made is kept (hours of
 /// synthesis or training otherwise lost back to the last checkpoint), a second ends it. Where
-/// SIGINT is ignored (a job started in the background), it stays ignored.
+/// SIGINT is ignored (a job started in the background), it stays ignored. The thread returned
+/// says that the run stops, once it is asked to.
 #[allow(unsafe_code)]
-fn stop_on_ctrl_c() {
+fn stop_on_ctrl_c(bars: &Bars) -> Result<Option<JoinHandle<()>>> {
     if super::sigint_ignored() {
-        return;
+        return Ok(None);
     }
+    let (tell, mut told) = UnixStream::pair().context("making the Ctrl-C handler's socket")?;
+    let shown = bars.shown.clone();
+    let saying = std::thread::spawn(move || {
+        if told.read(&mut [0]).is_ok_and(|n| n == 1) {
+            shown.suspend(|| {
+                eprintln!("stopping where the run's work is kept (Ctrl-C again stops at once)")
+            });
+        }
+    });
+    // Open for the rest of the process, for the handler.
+    TOLD.store(tell.into_raw_fd(), Ordering::Relaxed);
     let handler = stop_soon as extern "C" fn(libc::c_int);
     // SAFETY: the handler does only what a signal handler may.
     unsafe { libc::signal(libc::SIGINT, handler as libc::sighandler_t) };
+    Ok(Some(saying))
 }
 
 pub fn run(args: TrainArgs) -> Result<()> {
@@ -355,22 +393,36 @@ pub fn run(args: TrainArgs) -> Result<()> {
         dtype: Dtype::Bf16,
         model_name: args.model.clone(),
     };
+    // Each drawn where it is added to `shown`.
     let bars = Bars {
+        shown: MultiProgress::with_draw_target(if args.json {
+            ProgressDrawTarget::hidden()
+        } else {
+            ProgressDrawTarget::stderr()
+        }),
         synthesis: bar(
             "synthesis [{bar:30}] {pos}/{len} conversations {elapsed} {left}",
-            args.json,
+            true,
         ),
         training: bar(
             "training  [{bar:30}] {pos}/{len} steps {msg} {elapsed} {left}",
-            args.json,
+            true,
         ),
         lines: (!std::io::stderr().is_terminal()).then(|| Mutex::new(None)),
     };
-    stop_on_ctrl_c();
+    let saying = stop_on_ctrl_c(&bars)?;
     let report = match train(&model, &corpus, &request, &bars) {
         Err(cartridge_trainer::Error::Interrupted(said)) => {
-            bars.synthesis.abandon();
-            bars.training.abandon();
+            // Said first, that it stops (asked to, the run has told the thread).
+            if let Some(saying) = saying {
+                let _ = saying.join();
+            }
+            for bar in [&bars.synthesis, &bars.training] {
+                // Left where they stopped; a finished one has its line.
+                if !bar.is_finished() {
+                    bar.abandon();
+                }
+            }
             eprintln!("{said}");
             super::end_interrupted();
         }

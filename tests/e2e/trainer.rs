@@ -834,8 +834,13 @@ fn ctrl_c_stops_a_run_where_the_same_command_goes_on() {
     let mut args = baseline_args(model, "stopped.safetensors", &["--checkpoint-every", "0"]);
     args.extend(next_token_flags("100000"));
     let (status, said) = interrupted(dir.path(), &args, "training: step 1/100000");
-    // It ends as Ctrl-C's default would (a shell script running it stops too).
+    // It ends as Ctrl-C's default would (a shell script running it stops too), having said at
+    // once what it does.
     assert_eq!(status.signal(), Some(libc::SIGINT), "{said}");
+    assert!(
+        said.contains("stopping where the run's work is kept"),
+        "{said}"
+    );
     let step: usize = said
         .split_once("stopped at step ")
         .and_then(|(_, rest)| rest.split(' ').next()?.parse().ok())
