@@ -527,11 +527,11 @@ const CUT_RUN: usize = 48;
 /// `text`'s tokens, read in pieces of about `piece` bytes each. A piece ends at the start of a
 /// line, before a space, or where ASCII letters or digits meet ASCII punctuation (minified code
 /// and data have neither lines nor spaces), with short runs of one kind about it ([`CUT_RUN`]),
-/// where reading the text about it in two gives the tokens it gives whole (a cut inside a
-/// token, or one the tokenizer reads differently at a text's start, would not): tokenizers
-/// decide each token from text nearby (their pre-tokenizers split on whitespace and character
-/// classes first), so those are the whole text's tokens. Where no such cut is found, the text
-/// is read whole.
+/// between two pieces of the tokenizer's pre-tokenizer, where reading the text about it in two
+/// gives the tokens it gives whole (a cut the tokenizer reads differently at a text's start
+/// would not): tokenizers decide each token from text nearby (their pre-tokenizers split on
+/// whitespace and character classes first), so those are the whole text's tokens. Where no
+/// such cut is found, the text is read whole.
 fn encode_in_pieces(tokenizer: &Tokenizer, text: &str, piece: usize) -> Result<Vec<u32>> {
     let cuts = cuts(tokenizer, text, piece)?;
     if cuts.len() == 2 {
@@ -564,6 +564,7 @@ fn encode_in_pieces(tokenizer: &Tokenizer, text: &str, piece: usize) -> Result<V
 
 /// Where [`encode_in_pieces`] cuts `text`: its start, the cuts, its end.
 fn cuts(tokenizer: &Tokenizer, text: &str, piece: usize) -> Result<Vec<usize>> {
+    debug_assert!(piece > 0, "pieces of no length");
     let bytes = text.as_bytes();
     let mut cuts = vec![0];
     let mut from = piece;
@@ -632,14 +633,26 @@ fn short_runs_about(text: &str, at: usize) -> bool {
     }
 }
 
-/// Whether cutting `text` at `at` leaves the tokens around it as they are.
+/// Whether cutting `text` at `at` leaves the tokens around it as they are: the cut falls between
+/// two of the pieces the tokenizer's pre-tokenizer splits the text about it into (a BPE merges
+/// within a piece, where which tokens it makes may depend on where the piece starts: a
+/// tokenizer without a pre-tokenizer reads the whole text as one), and the text about it read
+/// in two has the tokens it has whole.
 fn keeps_tokens(tokenizer: &Tokenizer, text: &str, at: usize) -> Result<bool> {
     let start = text.floor_char_boundary(at.saturating_sub(CUT_WINDOW));
     let end = text.ceil_char_boundary(at + CUT_WINDOW);
-    let whole = ids(tokenizer, &text[start..end])?;
+    let whole = tokenizer
+        .encode(&text[start..end], false)
+        .map_err(|e| Error::Model(format!("tokenizing: {e}")))?;
+    let (offsets, pieces) = (whole.get_offsets(), whole.get_word_ids());
+    let between_pieces =
+        (1..offsets.len()).any(|i| offsets[i].0 == at - start && pieces[i] != pieces[i - 1]);
+    if !between_pieces {
+        return Ok(false);
+    }
     let mut cut = ids(tokenizer, &text[start..at])?;
     cut.extend(ids(tokenizer, &text[at..end])?);
-    Ok(whole == cut)
+    Ok(whole.get_ids() == cut)
 }
 
 /// Content no template writes itself, to find where a message's content goes.
@@ -728,6 +741,9 @@ mod tests {
         assert!(short_runs_about(&long, CUT_RUN));
         assert!(!short_runs_about(&format!("a{long}"), CUT_RUN + 1));
         assert!(!short_runs_about(&format!("{long}b"), CUT_RUN + 1));
+        // A run through the cut counts whole.
+        let spaces = format!("a{}b", " ".repeat(CUT_RUN + 2));
+        assert!(!short_runs_about(&spaces, CUT_RUN / 2 + 2));
         // No cut about a run of whitespace longer than the window's side: the window's part of
         // the run splits as the window does, the whole run otherwise. Cuts are made near them.
         let runs = format!("x{}y\nsome words here\n", "\n".repeat(601)).repeat(20);
@@ -741,40 +757,67 @@ mod tests {
 
     #[test]
     fn where_every_cut_changes_the_tokens_the_text_is_read_whole() {
-        // No pre-tokenizer: the model merges across lines ("\na" is one token).
-        let symbols = ["a", "b", "\n", "\na", "ab"];
-        let vocab: ahash::AHashMap<String, u32> = symbols
-            .iter()
-            .enumerate()
-            .map(|(i, s)| (s.to_string(), i as u32))
-            .collect();
-        let merges = vec![
-            ("\n".to_owned(), "a".to_owned()),
-            ("a".to_owned(), "b".to_owned()),
-        ];
-        let bpe = BPE::builder()
-            .vocab_and_merges(vocab, merges)
-            .build()
-            .unwrap();
-        let tokenizer = Tokenizer::new(bpe);
+        // Byte-level BPE (Ġ a space, Ċ a line break) that reads a text not starting with
+        // whitespace as if it did: a piece starting at a line of "ab" would be read otherwise.
+        let bpe = |symbols: &[&str], merges: &[(&str, &str)]| {
+            let vocab: ahash::AHashMap<String, u32> = symbols
+                .iter()
+                .enumerate()
+                .map(|(i, s)| (s.to_string(), i as u32))
+                .collect();
+            let merges = merges
+                .iter()
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .collect();
+            BPE::builder()
+                .vocab_and_merges(vocab, merges)
+                .build()
+                .unwrap()
+        };
+        let mut tokenizer = Tokenizer::new(bpe(
+            &["a", "b", "Ċ", "Ġ", "ab", "Ġb"],
+            &[("a", "b"), ("Ġ", "b")],
+        ));
+        tokenizer.with_pre_tokenizer(Some(ByteLevel::new(true, false, true)));
         let lines = "ab\n".repeat(300);
         assert_eq!(cuts(&tokenizer, &lines, 64).unwrap(), [0, lines.len()]);
         assert_eq!(
             encode_in_pieces(&tokenizer, &lines, 64).unwrap(),
             ids(&tokenizer, &lines).unwrap()
         );
-        // Lines starting otherwise can be cut before.
-        let mixed = "ab\nb\n".repeat(150);
-        let cuts = cuts(&tokenizer, &mixed, 64).unwrap();
-        assert!(cuts.len() > 3, "{cuts:?}");
+        // Lines starting with a space can be cut before.
+        let mixed = "ab\n b\n".repeat(150);
+        let cut = cuts(&tokenizer, &mixed, 64).unwrap();
+        assert!(cut.len() > 3, "{cut:?}");
         assert!(
-            cuts[1..cuts.len() - 1]
+            cut[1..cut.len() - 1]
                 .iter()
-                .all(|&at| mixed[at..].starts_with('b'))
+                .all(|&at| mixed[at..].starts_with(" b"))
         );
         assert_eq!(
             encode_in_pieces(&tokenizer, &mixed, 64).unwrap(),
             ids(&tokenizer, &mixed).unwrap()
         );
+        // Without a pre-tokenizer the text is one piece, its tokens merged across lines ("\na"
+        // is one): no cut, not even where the window reads the same in two.
+        let tokenizer = Tokenizer::new(bpe(
+            &["a", "b", "\n", "\na", "ab"],
+            &[("\n", "a"), ("a", "b")],
+        ));
+        let mixed = "ab\nb\n".repeat(150);
+        assert!(keeps_tokens_in_window(&tokenizer, &mixed));
+        assert_eq!(cuts(&tokenizer, &mixed, 64).unwrap(), [0, mixed.len()]);
+    }
+
+    /// Whether some line start of `text` reads the same in two within a window.
+    fn keeps_tokens_in_window(tokenizer: &Tokenizer, text: &str) -> bool {
+        (300..400)
+            .filter(|&at| text.as_bytes()[at - 1] == b'\n')
+            .any(|at| {
+                let (start, end) = (at - CUT_WINDOW, at + CUT_WINDOW);
+                let mut cut = ids(tokenizer, &text[start..at]).unwrap();
+                cut.extend(ids(tokenizer, &text[at..end]).unwrap());
+                cut == ids(tokenizer, &text[start..end]).unwrap()
+            })
     }
 }
