@@ -298,7 +298,7 @@ fn stop_on_ctrl_c(bars: &Bars) -> Result<Option<JoinHandle<()>>> {
     let (tell, mut told) = UnixStream::pair().context("making the Ctrl-C handler's socket")?;
     let shown = bars.shown.clone();
     let saying = std::thread::spawn(move || {
-        if told.read(&mut [0]).is_ok_and(|n| n == 1) {
+        if told.read_exact(&mut [0]).is_ok() {
             shown.suspend(|| {
                 eprintln!("stopping where the run's work is kept (Ctrl-C again stops at once)")
             });
@@ -310,6 +310,14 @@ fn stop_on_ctrl_c(bars: &Bars) -> Result<Option<JoinHandle<()>>> {
     // SAFETY: the handler does only what a signal handler may.
     unsafe { libc::signal(libc::SIGINT, handler as libc::sighandler_t) };
     Ok(Some(saying))
+}
+
+/// Once the run is done, Ctrl-C ends the command at once, as it would any other (it says no
+/// more that the run stops).
+#[allow(unsafe_code)]
+fn ctrl_c_ends_the_command() {
+    // SAFETY: setting a signal's default action.
+    unsafe { libc::signal(libc::SIGINT, libc::SIG_DFL) };
 }
 
 pub fn run(args: TrainArgs) -> Result<()> {
@@ -428,6 +436,9 @@ pub fn run(args: TrainArgs) -> Result<()> {
         }
         trained => trained?,
     };
+    if saying.is_some() {
+        ctrl_c_ends_the_command();
+    }
     bars.synthesis.finish_and_clear();
     bars.training.finish_and_clear();
     let loss = |l: Option<f32>| l.map_or("-".into(), |l| format!("{l:.4}"));
