@@ -23,9 +23,12 @@ pub struct Corpus {
 }
 
 impl Corpus {
-    /// Reads files and, recursively, directories (in name order). A file named must be UTF-8
-    /// text; one found in a folder that is not (an image in a codebase), a broken link or a
-    /// special file is skipped with a warning. A file reached twice is read once.
+    /// Reads files and, recursively, directories (in name order), as git sees them: what their
+    /// `.gitignore` (in a git checkout) and `.ignore` files leave out (build outputs,
+    /// dependencies) is skipped, and so are hidden files (`.git`). A file named is read
+    /// whatever its folder ignores, and must be UTF-8 text; one found in a folder that is not
+    /// (an image in a codebase), a broken link or a special file is skipped with a warning. A
+    /// file reached twice is read once.
     pub fn read(paths: &[PathBuf]) -> Result<Self> {
         let mut files = Vec::new();
         for path in paths {
@@ -35,7 +38,7 @@ impl Corpus {
             let name = last(path)
                 .or_else(|| last(&std::fs::canonicalize(path).ok()?))
                 .unwrap_or_else(|| "corpus".to_owned());
-            collect(path, name, true, &mut Vec::new(), &mut files)?;
+            collect(path, name, &mut files)?;
         }
         // The first place a file is reached names it; named on the command line anywhere, it
         // must be text.
@@ -111,61 +114,59 @@ impl Corpus {
     }
 }
 
-/// The files under `path`, each with its name in the corpus (`name` for `path` itself) and
-/// whether it was `named` on the command line. `within` holds the directories `path` lies in,
-/// as their real paths: a link back to one of them is a loop, skipped.
-fn collect(
-    path: &Path,
-    name: String,
-    named: bool,
-    within: &mut Vec<PathBuf>,
-    files: &mut Vec<(PathBuf, String, bool)>,
-) -> Result<()> {
-    let metadata = match std::fs::metadata(path) {
-        Ok(metadata) => metadata,
-        Err(error) if named => return Err(Error::io(path, error)),
-        Err(error) => {
-            tracing::warn!(path = %path.display(), %error, "skipped: unreadable (a broken link?)");
-            return Ok(());
-        }
-    };
+/// The files under `path`, named on the command line, each with its name in the corpus (`name`
+/// for `path` itself) and whether it is `path` itself.
+fn collect(path: &Path, name: String, files: &mut Vec<(PathBuf, String, bool)>) -> Result<()> {
+    let metadata = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
     if metadata.is_file() {
-        files.push((path.to_owned(), name, named));
+        files.push((path.to_owned(), name, true));
         return Ok(());
     }
     if !metadata.is_dir() {
-        if named {
-            return Err(Error::Data(format!(
-                "{}: not a regular file or folder",
-                path.display()
-            )));
-        }
-        tracing::warn!(path = %path.display(), "skipped: not a regular file or folder");
-        return Ok(());
+        return Err(Error::Data(format!(
+            "{}: not a regular file or folder",
+            path.display()
+        )));
     }
-    let real = std::fs::canonicalize(path).map_err(|e| Error::io(path, e))?;
-    if within.contains(&real) {
-        tracing::warn!(path = %path.display(), "skipped: a link back to a folder it is in");
-        return Ok(());
-    }
-    within.push(real);
-    let mut entries: Vec<PathBuf> = std::fs::read_dir(path)
-        .map_err(|e| Error::io(path, e))?
-        .flatten()
-        .map(|e| e.path())
-        .collect();
-    entries.sort();
-    for entry in entries {
-        let Some(file_name) = entry.file_name().map(|n| n.to_string_lossy().into_owned()) else {
+    // Only the tree's own ignore files: a corpus (and its digest) is the same on every machine,
+    // whatever a user's global excludes or a checkout's .git/info/exclude say. Links are
+    // followed, a loop back up skipped.
+    let walk = ignore::WalkBuilder::new(path)
+        .follow_links(true)
+        .git_global(false)
+        .git_exclude(false)
+        .sort_by_file_name(|a, b| a.cmp(b))
+        .build();
+    for entry in walk {
+        let entry = match entry {
+            Ok(entry) => entry,
+            Err(error) => {
+                tracing::warn!(%error, "skipped: unreadable (a broken link, a loop?)");
+                continue;
+            }
+        };
+        let Some(kind) = entry.file_type() else {
             continue;
         };
-        // Hidden files and directories (.git, editor state) are not corpus.
-        if file_name.starts_with('.') {
+        if kind.is_dir() {
             continue;
         }
-        collect(&entry, format!("{name}/{file_name}"), false, within, files)?;
+        if !kind.is_file() {
+            let path = entry.path();
+            tracing::warn!(path = %path.display(), "skipped: not a regular file or folder");
+            continue;
+        }
+        let within = entry.path().strip_prefix(path).unwrap_or(entry.path());
+        let within: Vec<_> = within
+            .components()
+            .map(|c| c.as_os_str().to_string_lossy().into_owned())
+            .collect();
+        files.push((
+            entry.into_path(),
+            format!("{name}/{}", within.join("/")),
+            false,
+        ));
     }
-    within.pop();
     Ok(())
 }
 
@@ -202,5 +203,41 @@ mod tests {
         let err = Corpus::read(&[docs.clone(), docs.join("sub/logo.png")]).unwrap_err();
         assert!(err.to_string().contains("not UTF-8 text"), "{err}");
         assert!(Corpus::read(&[docs.join("sub/dangling")]).is_err());
+    }
+
+    #[test]
+    fn what_a_checkout_ignores_is_no_corpus_unless_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = dir.path().join("repo");
+        for folder in [".git", "src", "target/debug", "drafts"] {
+            std::fs::create_dir_all(repo.join(folder)).unwrap();
+        }
+        std::fs::write(repo.join(".gitignore"), "target/\n*.log\n").unwrap();
+        std::fs::write(repo.join("src/.ignore"), "generated.rs\n").unwrap();
+        for (file, text) in [
+            ("README.md", "read me"),
+            ("run.log", "a log"),
+            ("src/lib.rs", "code"),
+            ("src/generated.rs", "made by a build"),
+            ("src/trace.log", "a log"),
+            ("target/debug/out.d", "build output"),
+            ("drafts/plan.txt", "a plan"),
+        ] {
+            std::fs::write(repo.join(file), text).unwrap();
+        }
+        let corpus = Corpus::read(std::slice::from_ref(&repo)).unwrap();
+        let names: Vec<&str> = corpus.documents.iter().map(|d| d.name.as_str()).collect();
+        assert_eq!(
+            names,
+            ["repo/README.md", "repo/drafts/plan.txt", "repo/src/lib.rs"]
+        );
+        // From a folder inside the checkout, the checkout's ignore files still apply.
+        let corpus = Corpus::read(&[repo.join("src")]).unwrap();
+        let names: Vec<&str> = corpus.documents.iter().map(|d| d.name.as_str()).collect();
+        assert_eq!(names, ["src/lib.rs"]);
+        // Named, an ignored file is read.
+        let corpus = Corpus::read(&[repo.clone(), repo.join("run.log")]).unwrap();
+        assert_eq!(corpus.documents.len(), 4);
+        assert_eq!(corpus.documents[3].name, "run.log");
     }
 }
