@@ -19,7 +19,7 @@ pub struct EvalArgs {
     /// The model: a GGUF file, a Hugging Face checkpoint directory or an installed alias.
     #[arg(long)]
     pub model: String,
-    /// Corpus files or directories (for the in-context baselines).
+    /// Corpus files or folders (for the in-context baselines), read as `train` reads them.
     #[arg(long, required = true, num_args = 1..)]
     pub corpus: Vec<PathBuf>,
     /// Questions and reference answers, one `{"question": …, "answer": …}` per line.
