@@ -11,7 +11,7 @@ use tokenizers::models::bpe::BPE;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
-use tokenizers::{AddedToken, Tokenizer};
+use tokenizers::{AddedToken, PostProcessorWrapper, Tokenizer};
 
 use crate::error::{Error, Result};
 
@@ -248,6 +248,9 @@ impl TextCodec {
         }
         let mut literal = tokenizer.clone();
         literal.set_encode_special_tokens(true);
+        // Plain text takes no special tokens, so a post-processor would only trim the tokens'
+        // offsets (ByteLevel's drops a space from a token's start), which cuts are made by.
+        literal.with_post_processor(None::<PostProcessorWrapper>);
         let specials = tokenizer
             .get_added_tokens_decoder()
             .into_values()
@@ -633,11 +636,14 @@ fn short_runs_about(text: &str, at: usize) -> bool {
     }
 }
 
-/// Whether cutting `text` at `at` leaves the tokens around it as they are: the cut falls between
-/// two of the pieces the tokenizer's pre-tokenizer splits the text about it into (a BPE merges
-/// within a piece, where which tokens it makes may depend on where the piece starts: a
-/// tokenizer without a pre-tokenizer reads the whole text as one), and the text about it read
-/// in two has the tokens it has whole.
+/// Whether cutting `text` at `at` leaves the tokens around it as they are. A tokenizer reads
+/// each piece its pre-tokenizer splits text into on its own (a BPE merges within one, where the
+/// piece's start may decide its tokens), so the cut must fall between two of them in the text
+/// about it; and that text read in two must have the tokens it has whole (a tokenizer may read
+/// a text's start otherwise). A tokenizer that does not split text (SentencePiece's) reads the
+/// text about the cut as one piece: there a cut falls only before a space, where its
+/// vocabulary starts a word (its tokens hold no word's end and the next one's start), and where
+/// the text about it reads the same in two.
 fn keeps_tokens(tokenizer: &Tokenizer, text: &str, at: usize) -> Result<bool> {
     let start = text.floor_char_boundary(at.saturating_sub(CUT_WINDOW));
     let end = text.ceil_char_boundary(at + CUT_WINDOW);
@@ -645,8 +651,11 @@ fn keeps_tokens(tokenizer: &Tokenizer, text: &str, at: usize) -> Result<bool> {
         .encode(&text[start..end], false)
         .map_err(|e| Error::Model(format!("tokenizing: {e}")))?;
     let (offsets, pieces) = (whole.get_offsets(), whole.get_word_ids());
-    let between_pieces =
-        (1..offsets.len()).any(|i| offsets[i].0 == at - start && pieces[i] != pieces[i - 1]);
+    let between_pieces = if pieces.windows(2).all(|w| w[0] == w[1]) {
+        text.as_bytes()[at] == b' '
+    } else {
+        (1..offsets.len()).any(|i| offsets[i].0 == at - start && pieces[i] != pieces[i - 1])
+    };
     if !between_pieces {
         return Ok(false);
     }
@@ -798,26 +807,33 @@ mod tests {
             encode_in_pieces(&tokenizer, &mixed, 64).unwrap(),
             ids(&tokenizer, &mixed).unwrap()
         );
-        // Without a pre-tokenizer the text is one piece, its tokens merged across lines ("\na"
-        // is one): no cut, not even where the window reads the same in two.
+        // Without a pre-tokenizer the text about a cut is one piece, whose start may decide its
+        // tokens: ",a,a" is one, so the text's tokens end every 4 bytes from its start, and a
+        // window's every 4 from the window's. Its cut falls before a space only.
         let tokenizer = Tokenizer::new(bpe(
-            &["a", "b", "\n", "\na", "ab"],
-            &[("\n", "a"), ("a", "b")],
+            &[",", "a", " ", ",a", ",a,a"],
+            &[(",", "a"), (",a", ",a")],
         ));
-        let mixed = "ab\nb\n".repeat(150);
-        assert!(keeps_tokens_in_window(&tokenizer, &mixed));
-        assert_eq!(cuts(&tokenizer, &mixed, 64).unwrap(), [0, mixed.len()]);
-    }
-
-    /// Whether some line start of `text` reads the same in two within a window.
-    fn keeps_tokens_in_window(tokenizer: &Tokenizer, text: &str) -> bool {
-        (300..400)
-            .filter(|&at| text.as_bytes()[at - 1] == b'\n')
-            .any(|at| {
-                let (start, end) = (at - CUT_WINDOW, at + CUT_WINDOW);
-                let mut cut = ids(tokenizer, &text[start..at]).unwrap();
-                cut.extend(ids(tokenizer, &text[at..end]).unwrap());
-                cut == ids(tokenizer, &text[start..end]).unwrap()
-            })
+        let pairs = ",a".repeat(1000);
+        let window = ids(&tokenizer, &pairs[46..558]).unwrap();
+        let mut two = ids(&tokenizer, &pairs[46..302]).unwrap();
+        two.extend(ids(&tokenizer, &pairs[302..558]).unwrap());
+        assert_eq!(
+            window, two,
+            "the window reads a cut inside a token the same in two"
+        );
+        assert_eq!(cuts(&tokenizer, &pairs, 64).unwrap(), [0, pairs.len()]);
+        let words = ",a,a ".repeat(400);
+        let cut = cuts(&tokenizer, &words, 64).unwrap();
+        assert!(cut.len() > 3, "{cut:?}");
+        assert!(
+            cut[1..cut.len() - 1]
+                .iter()
+                .all(|&at| words[at..].starts_with(' '))
+        );
+        assert_eq!(
+            encode_in_pieces(&tokenizer, &words, 64).unwrap(),
+            ids(&tokenizer, &words).unwrap()
+        );
     }
 }
