@@ -56,8 +56,8 @@ pub struct TrainArgs {
     /// The model: a GGUF file, a Hugging Face checkpoint directory or an installed alias.
     #[arg(long)]
     pub model: String,
-    /// Corpus files or folders. A folder is read as git sees it: hidden files and what its
-    /// .gitignore and .ignore files leave out are skipped (name such a file to read it).
+    /// Corpus files or folders. In a folder, hidden files and what its own .gitignore and
+    /// .ignore files leave out are skipped (name such a file to read it).
     #[arg(long, required = true, num_args = 1..)]
     pub corpus: Vec<PathBuf>,
     /// Cartridge length in tokens.

@@ -23,12 +23,12 @@ pub struct Corpus {
 }
 
 impl Corpus {
-    /// Reads files and, recursively, directories (in name order), as git sees them: what their
-    /// `.gitignore` (in a git checkout) and `.ignore` files leave out (build outputs,
-    /// dependencies) is skipped, and so are hidden files (`.git`). A file named is read
-    /// whatever its folder ignores, and must be UTF-8 text; one found in a folder that is not
-    /// (an image in a codebase), a broken link or a special file is skipped with a warning. A
-    /// file reached twice is read once.
+    /// Reads files and, recursively, folders (in name order). In a folder, what its own
+    /// `.gitignore` and `.ignore` files (those in it and below) leave out is skipped (build
+    /// outputs, dependencies), and so are hidden files (`.git`); a file in it that is not
+    /// UTF-8 text (an image in a codebase), a broken link or a special file is skipped with a
+    /// warning. A file named is read whatever a folder ignores, and must be text. A file
+    /// reached twice is read once.
     pub fn read(paths: &[PathBuf]) -> Result<Self> {
         let mut files = Vec::new();
         for path in paths {
@@ -89,7 +89,7 @@ impl Corpus {
         }
         if documents.is_empty() {
             return Err(Error::Data(
-                "the corpus is empty: no text files in what was given".into(),
+                "the corpus is empty: no text files in what was given (in a folder, hidden files and what its .gitignore and .ignore files leave out are skipped)".into(),
             ));
         }
         if documents.iter().all(|d| d.text.trim().is_empty()) {
@@ -128,20 +128,36 @@ fn collect(path: &Path, name: String, files: &mut Vec<(PathBuf, String, bool)>) 
             path.display()
         )));
     }
-    // Only the tree's own ignore files: a corpus (and its digest) is the same on every machine,
-    // whatever a user's global excludes or a checkout's .git/info/exclude say. Links are
-    // followed, a loop back up skipped.
-    let walk = ignore::WalkBuilder::new(path)
-        .follow_links(true)
+    // Only the folder's own ignore files, in a git checkout or not: a corpus (and its digest)
+    // is what the folder holds, the same on every machine, whatever lies above it (a home
+    // folder's `.gitignore` of `*`) or a user's global excludes say. Links are followed, a loop
+    // back up skipped. ("-" would be read as standard input.)
+    let root = if path == Path::new("-") {
+        Path::new("./-")
+    } else {
+        path
+    };
+    let walk = ignore::WalkBuilder::new(root)
+        .parents(false)
+        .require_git(false)
         .git_global(false)
         .git_exclude(false)
+        .follow_links(true)
         .sort_by_file_name(|a, b| a.cmp(b))
         .build();
     for entry in walk {
         let entry = match entry {
             Ok(entry) => entry,
+            // A folder that cannot be read would leave the corpus short.
+            Err(error)
+                if error
+                    .io_error()
+                    .is_some_and(|e| e.kind() != std::io::ErrorKind::NotFound) =>
+            {
+                return Err(Error::Data(format!("reading the corpus: {error}")));
+            }
             Err(error) => {
-                tracing::warn!(%error, "skipped: unreadable (a broken link, a loop?)");
+                tracing::warn!(%error, "skipped (a broken link, a loop, a bad ignore line?)");
                 continue;
             }
         };
@@ -156,7 +172,7 @@ fn collect(path: &Path, name: String, files: &mut Vec<(PathBuf, String, bool)>) 
             tracing::warn!(path = %path.display(), "skipped: not a regular file or folder");
             continue;
         }
-        let within = entry.path().strip_prefix(path).unwrap_or(entry.path());
+        let within = entry.path().strip_prefix(root).unwrap_or(entry.path());
         let within: Vec<_> = within
             .components()
             .map(|c| c.as_os_str().to_string_lossy().into_owned())
@@ -206,10 +222,11 @@ mod tests {
     }
 
     #[test]
-    fn what_a_checkout_ignores_is_no_corpus_unless_named() {
+    fn what_a_folder_ignores_is_no_corpus_unless_named() {
         let dir = tempfile::tempdir().unwrap();
         let repo = dir.path().join("repo");
-        for folder in [".git", "src", "target/debug", "drafts"] {
+        // No checkout needed: the folder's own ignore files count.
+        for folder in ["src", "target/debug", "drafts"] {
             std::fs::create_dir_all(repo.join(folder)).unwrap();
         }
         std::fs::write(repo.join(".gitignore"), "target/\n*.log\n").unwrap();
@@ -231,10 +248,11 @@ mod tests {
             names,
             ["repo/README.md", "repo/drafts/plan.txt", "repo/src/lib.rs"]
         );
-        // From a folder inside the checkout, the checkout's ignore files still apply.
+        // Read from a folder inside, only its own ignore files count (what lies above a folder
+        // would make the corpus differ from one machine to the next).
         let corpus = Corpus::read(&[repo.join("src")]).unwrap();
         let names: Vec<&str> = corpus.documents.iter().map(|d| d.name.as_str()).collect();
-        assert_eq!(names, ["src/lib.rs"]);
+        assert_eq!(names, ["src/lib.rs", "src/trace.log"]);
         // Named, an ignored file is read.
         let corpus = Corpus::read(&[repo.clone(), repo.join("run.log")]).unwrap();
         assert_eq!(corpus.documents.len(), 4);
