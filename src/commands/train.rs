@@ -402,7 +402,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         dtype: Dtype::Bf16,
         model_name: args.model.clone(),
     };
-    // Each drawn where it is added to `shown`.
+    // Hidden until added to `shown`, which draws them.
     let bars = Bars {
         shown: MultiProgress::with_draw_target(if args.json {
             ProgressDrawTarget::hidden()
