@@ -569,6 +569,7 @@ fn encode_in_pieces(tokenizer: &Tokenizer, text: &str, piece: usize) -> Result<V
 fn cuts(tokenizer: &Tokenizer, text: &str, piece: usize) -> Result<Vec<usize>> {
     debug_assert!(piece > 0, "pieces of no length");
     let bytes = text.as_bytes();
+    let apart = std::cell::OnceCell::new();
     let mut cuts = vec![0];
     let mut from = piece;
     'stretches: while from + piece <= text.len() {
@@ -585,7 +586,7 @@ fn cuts(tokenizer: &Tokenizer, text: &str, piece: usize) -> Result<Vec<usize>> {
                 continue;
             }
             tries += 1;
-            if keeps_tokens(tokenizer, text, cut)? {
+            if keeps_tokens(tokenizer, text, cut, &apart)? {
                 cuts.push(cut);
                 from = cut + piece;
                 continue 'stretches;
@@ -641,10 +642,15 @@ fn short_runs_about(text: &str, at: usize) -> bool {
 /// piece's start may decide its tokens), so the cut must fall between two of them in the text
 /// about it; and that text read in two must have the tokens it has whole (a tokenizer may read
 /// a text's start otherwise). A tokenizer that does not split text (SentencePiece's) reads the
-/// text about the cut as one piece: there a cut falls only before a space, where its
-/// vocabulary starts a word (its tokens hold no word's end and the next one's start), and where
-/// the text about it reads the same in two.
-fn keeps_tokens(tokenizer: &Tokenizer, text: &str, at: usize) -> Result<bool> {
+/// text about the cut as one piece: there a cut falls only before a space, where the text
+/// about it reads the same in two, and where no token of its vocabulary holds a word's end and
+/// the next one's start (`apart`, [`words_apart`]).
+fn keeps_tokens(
+    tokenizer: &Tokenizer,
+    text: &str,
+    at: usize,
+    apart: &std::cell::OnceCell<bool>,
+) -> Result<bool> {
     let start = text.floor_char_boundary(at.saturating_sub(CUT_WINDOW));
     let end = text.ceil_char_boundary(at + CUT_WINDOW);
     let whole = tokenizer
@@ -652,7 +658,7 @@ fn keeps_tokens(tokenizer: &Tokenizer, text: &str, at: usize) -> Result<bool> {
         .map_err(|e| Error::Model(format!("tokenizing: {e}")))?;
     let (offsets, pieces) = (whole.get_offsets(), whole.get_word_ids());
     let between_pieces = if pieces.windows(2).all(|w| w[0] == w[1]) {
-        text.as_bytes()[at] == b' '
+        text.as_bytes()[at] == b' ' && *apart.get_or_init(|| words_apart(tokenizer))
     } else {
         (1..offsets.len()).any(|i| offsets[i].0 == at - start && pieces[i] != pieces[i - 1])
     };
@@ -662,6 +668,18 @@ fn keeps_tokens(tokenizer: &Tokenizer, text: &str, at: usize) -> Result<bool> {
     let mut cut = ids(tokenizer, &text[start..at])?;
     cut.extend(ids(tokenizer, &text[at..end])?);
     Ok(whole.get_ids() == cut)
+}
+
+/// Whether no token of `tokenizer`'s vocabulary holds a space (as " ", SentencePiece's "▁" or
+/// byte-level "Ġ") after another character: then its tokens end before every word's space, so
+/// a cut there reads as the text whole does.
+fn words_apart(tokenizer: &Tokenizer) -> bool {
+    let space = |c: char| matches!(c, ' ' | '▁' | 'Ġ');
+    tokenizer.get_vocab(true).keys().all(|token| {
+        let mut chars = token.chars().peekable();
+        std::iter::from_fn(|| Some((chars.next()?, *chars.peek()?)))
+            .all(|(a, b)| space(a) || !space(b))
+    })
 }
 
 /// Content no template writes itself, to find where a message's content goes.
@@ -835,5 +853,11 @@ mod tests {
             encode_in_pieces(&tokenizer, &words, 64).unwrap(),
             ids(&tokenizer, &words).unwrap()
         );
+        // Unless a token holds a word's end and the next one's start.
+        let tokenizer = Tokenizer::new(bpe(
+            &[",", "a", " ", ",a", ",a,a", "a "],
+            &[(",", "a"), (",a", ",a"), ("a", " ")],
+        ));
+        assert_eq!(cuts(&tokenizer, &words, 64).unwrap(), [0, words.len()]);
     }
 }
