@@ -1,4 +1,4 @@
-use std::io::{IsTerminal, Read};
+use std::io::Read;
 use std::os::fd::IntoRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -187,8 +187,8 @@ struct Bars {
     shown: MultiProgress,
     synthesis: ProgressBar,
     training: ProgressBar,
-    /// Where stderr is not a terminal (a job's log), bars draw nothing, so progress goes out as
-    /// lines instead: the first and last of each phase and one every [`LOG_EVERY`] between.
+    /// Where stderr is not a terminal (a job's log) or one that cannot draw, bars draw nothing,
+    /// so progress goes out as lines instead: the first and last of each phase and one every [`LOG_EVERY`] between.
     /// (The phase and time of the last line.)
     lines: Option<Mutex<Option<(&'static str, Instant)>>>,
 }
@@ -417,7 +417,10 @@ pub fn run(args: TrainArgs) -> Result<()> {
             "training  [{bar:30}] {pos}/{len} steps {msg} {elapsed} {left}",
             true,
         ),
-        lines: (!std::io::stderr().is_terminal()).then(|| Mutex::new(None)),
+        // Where bars on stderr would draw nothing (no terminal, or TERM=dumb).
+        lines: ProgressDrawTarget::stderr()
+            .is_hidden()
+            .then(|| Mutex::new(None)),
     };
     let saying = stop_on_ctrl_c(&bars)?;
     let report = match train(&model, &corpus, &request, &bars) {

@@ -876,3 +876,148 @@ fn ctrl_c_stops_a_run_where_the_same_command_goes_on() {
     let finished = cartridge(dir.path(), &args).json();
     assert_eq!(finished["conversations"], 6);
 }
+
+#[test]
+#[allow(unsafe_code)]
+fn a_terminal_shows_each_phase_and_a_stop_once() {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    use std::os::unix::process::ExitStatusExt;
+    use std::process::{Command, Stdio};
+    const COLUMNS: u16 = 100;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("corpus.txt"), CORPUS).unwrap();
+    let gguf = smollm2_gguf();
+    let mut args = train_args(path_str(&gguf), "100000");
+    args.retain(|a| !matches!(*a, "--json" | "--resume"));
+    let (mut master, mut slave) = (0, 0);
+    let size = libc::winsize {
+        ws_row: 40,
+        ws_col: COLUMNS,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: two ints to fill, no name wanted, the default settings, a size to set.
+    let opened = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            &size,
+        )
+    };
+    assert_eq!(opened, 0, "{}", std::io::Error::last_os_error());
+    // SAFETY: both were just opened, for this test alone.
+    let (master, slave) = unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
+    let mut command = Command::new(env!("CARGO_BIN_EXE_cartridge"));
+    command
+        .args(&args)
+        .current_dir(dir.path())
+        .env("CARTRIDGE_HOME", dir.path().join("home"))
+        .env("TERM", "xterm")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(slave));
+    let mut child = crate::support::foreground(&mut command).spawn().unwrap();
+    // The terminal's last writer is the child now: once it ends, reading gives an error.
+    drop(command);
+    let (sent, received) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut terminal = std::fs::File::from(master);
+        let mut buffer = [0u8; 4096];
+        while let Ok(n @ 1..) = std::io::Read::read(&mut terminal, &mut buffer) {
+            if sent.send(buffer[..n].to_vec()).is_err() {
+                break;
+            }
+        }
+    });
+    let mut output = Vec::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+    while !String::from_utf8_lossy(&output).contains("/100000 steps") {
+        match received.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now())) {
+            Ok(bytes) => output.extend(bytes),
+            Err(_) => {
+                let _ = child.kill();
+                panic!(
+                    "no training bar in time: {}",
+                    String::from_utf8_lossy(&output)
+                );
+            }
+        }
+    }
+    // SAFETY: a signal to a child of this process, not yet waited for.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
+    let status = crate::support::exit_within(&mut child, std::time::Duration::from_secs(300))
+        .unwrap_or_else(|| panic!("it did not stop: {}", String::from_utf8_lossy(&output)));
+    assert_eq!(status.signal(), Some(libc::SIGINT));
+    output.extend(received.iter().flatten());
+    let shown = screen(&String::from_utf8_lossy(&output), COLUMNS.into());
+    let said = shown.join("\n");
+    // Top to bottom: the synthesis done, the stop said, the training bar where it stopped (one,
+    // no copy left above), where its work is.
+    let done = shown
+        .iter()
+        .position(|line| line.starts_with("synthesis: 3 conversations in "))
+        .unwrap_or_else(|| panic!("no synthesis line: {said}"));
+    assert_eq!(
+        shown[done + 1],
+        "stopping where the run's work is kept (Ctrl-C again stops at once)",
+        "{said}"
+    );
+    assert!(shown[done + 2].starts_with("training  ["), "{said}");
+    assert!(shown[done + 3].starts_with("stopped at step "), "{said}");
+    let bars = shown.iter().filter(|line| line.contains("] ")).count();
+    assert_eq!(bars, 1, "{said}");
+}
+
+/// What a terminal `width` columns wide shows of `output`, its lines that are not blank, with
+/// no trailing blanks. It knows what the bars and the log write: carriage returns, line feeds,
+/// erasing a line, moving up and down, colours (dropped), and a full line's wrap.
+fn screen(output: &str, width: usize) -> Vec<String> {
+    let mut lines: Vec<Vec<char>> = Vec::new();
+    let (mut row, mut column) = (0usize, 0usize);
+    let mut chars = output.chars().peekable();
+    while let Some(c) = chars.next() {
+        if lines.len() <= row {
+            lines.resize(row + 1, Vec::new());
+        }
+        match c {
+            '\r' => column = 0,
+            '\n' => row += 1,
+            '\x1b' if chars.next_if_eq(&'[').is_some() => {
+                let mut argument = String::new();
+                while let Some(digit) = chars.next_if(|d| d.is_ascii_digit() || *d == ';') {
+                    argument.push(digit);
+                }
+                let n = argument.parse().unwrap_or(1);
+                match chars.next() {
+                    Some('A') => row = row.saturating_sub(n),
+                    Some('B') => row += n,
+                    Some('K') if argument == "2" => lines[row].clear(),
+                    Some('K') => lines[row].truncate(column),
+                    _ => {}
+                }
+            }
+            c => {
+                if column == width {
+                    row += 1;
+                    column = 0;
+                    if lines.len() <= row {
+                        lines.resize(row + 1, Vec::new());
+                    }
+                }
+                let line = &mut lines[row];
+                if line.len() <= column {
+                    line.resize(column + 1, ' ');
+                }
+                line[column] = c;
+                column += 1;
+            }
+        }
+    }
+    lines
+        .iter()
+        .map(|line| line.iter().collect::<String>().trim_end().to_owned())
+        .filter(|line| !line.is_empty())
+        .collect()
+}
