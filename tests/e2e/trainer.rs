@@ -880,35 +880,17 @@ fn ctrl_c_stops_a_run_where_the_same_command_goes_on() {
 #[test]
 #[allow(unsafe_code)]
 fn a_terminal_shows_each_phase_and_a_stop_once() {
-    use std::os::fd::{FromRawFd, OwnedFd};
     use std::os::unix::process::ExitStatusExt;
     use std::process::{Command, Stdio};
+    use std::sync::mpsc::RecvTimeoutError;
+    use std::time::{Duration, Instant};
     const COLUMNS: u16 = 100;
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("corpus.txt"), CORPUS).unwrap();
     let gguf = smollm2_gguf();
     let mut args = train_args(path_str(&gguf), "100000");
     args.retain(|a| !matches!(*a, "--json" | "--resume"));
-    let (mut master, mut slave) = (0, 0);
-    let size = libc::winsize {
-        ws_row: 40,
-        ws_col: COLUMNS,
-        ws_xpixel: 0,
-        ws_ypixel: 0,
-    };
-    // SAFETY: two ints to fill, no name wanted, the default settings, a size to set.
-    let opened = unsafe {
-        libc::openpty(
-            &mut master,
-            &mut slave,
-            std::ptr::null_mut(),
-            std::ptr::null(),
-            &size,
-        )
-    };
-    assert_eq!(opened, 0, "{}", std::io::Error::last_os_error());
-    // SAFETY: both were just opened, for this test alone.
-    let (master, slave) = unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
+    let (master, slave) = terminal(COLUMNS);
     let mut command = Command::new(env!("CARGO_BIN_EXE_cartridge"));
     command
         .args(&args)
@@ -932,26 +914,31 @@ fn a_terminal_shows_each_phase_and_a_stop_once() {
         }
     });
     let mut output = Vec::new();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
-    while !String::from_utf8_lossy(&output).contains("/100000 steps") {
-        match received.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now())) {
+    let text = |output: &[u8]| String::from_utf8_lossy(output).into_owned();
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while !text(&output).contains("/100000 steps") {
+        match received.recv_timeout(Duration::from_secs(1)) {
             Ok(bytes) => output.extend(bytes),
+            Err(RecvTimeoutError::Timeout) if Instant::now() < deadline => {
+                if let Some(status) = child.try_wait().unwrap() {
+                    panic!("it ended ({status}) before training: {}", text(&output));
+                }
+            }
             Err(_) => {
                 let _ = child.kill();
-                panic!(
-                    "no training bar in time: {}",
-                    String::from_utf8_lossy(&output)
-                );
+                panic!("no training bar in time: {}", text(&output));
             }
         }
     }
     // SAFETY: a signal to a child of this process, not yet waited for.
     assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
-    let status = crate::support::exit_within(&mut child, std::time::Duration::from_secs(300))
-        .unwrap_or_else(|| panic!("it did not stop: {}", String::from_utf8_lossy(&output)));
+    let status = crate::support::exit_within(&mut child, Duration::from_secs(300))
+        .unwrap_or_else(|| panic!("it did not stop: {}", text(&output)));
     assert_eq!(status.signal(), Some(libc::SIGINT));
-    output.extend(received.iter().flatten());
-    let shown = screen(&String::from_utf8_lossy(&output), COLUMNS.into());
+    while let Ok(bytes) = received.recv_timeout(Duration::from_secs(10)) {
+        output.extend(bytes);
+    }
+    let shown = screen(&text(&output), COLUMNS.into());
     let said = shown.join("\n");
     // Top to bottom: the synthesis done, the stop said, the training bar where it stopped (one,
     // no copy left above), where its work is.
@@ -968,6 +955,27 @@ fn a_terminal_shows_each_phase_and_a_stop_once() {
     assert!(shown[done + 3].starts_with("stopped at step "), "{said}");
     let bars = shown.iter().filter(|line| line.contains("] ")).count();
     assert_eq!(bars, 1, "{said}");
+}
+
+/// A pseudo-terminal `columns` wide: its controlling side and the side a command writes to,
+/// both closed on exec (another test's command must not hold it open).
+fn terminal(columns: u16) -> (std::os::fd::OwnedFd, std::os::fd::OwnedFd) {
+    use rustix::fs::{Mode, OFlags};
+    use rustix::pty::{OpenptFlags, grantpt, openpt, ptsname, unlockpt};
+    let master = openpt(OpenptFlags::RDWR | OpenptFlags::NOCTTY | OpenptFlags::CLOEXEC).unwrap();
+    grantpt(&master).unwrap();
+    unlockpt(&master).unwrap();
+    let name = ptsname(&master, Vec::new()).unwrap();
+    let flags = OFlags::RDWR | OFlags::NOCTTY | OFlags::CLOEXEC;
+    let slave = rustix::fs::open(name.as_c_str(), flags, Mode::empty()).unwrap();
+    let size = rustix::termios::Winsize {
+        ws_row: 40,
+        ws_col: columns,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    rustix::termios::tcsetwinsize(&master, size).unwrap();
+    (master, slave)
 }
 
 /// What a terminal `width` columns wide shows of `output`, its lines that are not blank, with

@@ -642,9 +642,9 @@ fn short_runs_about(text: &str, at: usize) -> bool {
 /// piece's start may decide its tokens), so the cut must fall between two of them in the text
 /// about it; and that text read in two must have the tokens it has whole (a tokenizer may read
 /// a text's start otherwise). A tokenizer that does not split text (SentencePiece's) reads the
-/// text about the cut as one piece: there a cut falls only before a space, where the text
-/// about it reads the same in two, and where no token of its vocabulary holds a word's end and
-/// the next one's start (`apart`, [`words_apart`]).
+/// text about the cut as one piece: there a cut falls only before a space that starts a run of
+/// whitespace, where the text about it reads the same in two, and where no token of its
+/// vocabulary holds a word's end and the next one's start (`apart`, [`words_apart`]).
 fn keeps_tokens(
     tokenizer: &Tokenizer,
     text: &str,
@@ -658,7 +658,10 @@ fn keeps_tokens(
         .map_err(|e| Error::Model(format!("tokenizing: {e}")))?;
     let (offsets, pieces) = (whole.get_offsets(), whole.get_word_ids());
     let between_pieces = if pieces.windows(2).all(|w| w[0] == w[1]) {
-        text.as_bytes()[at] == b' ' && *apart.get_or_init(|| words_apart(tokenizer))
+        // At a run of whitespace's start: its tokens ("▁▁") may hold more than one.
+        text.as_bytes()[at] == b' '
+            && !text[..at].ends_with(char::is_whitespace)
+            && *apart.get_or_init(|| words_apart(tokenizer))
     } else {
         (1..offsets.len()).any(|i| offsets[i].0 == at - start && pieces[i] != pieces[i - 1])
     };
