@@ -658,7 +658,7 @@ fn keeps_tokens(
         .map_err(|e| Error::Model(format!("tokenizing: {e}")))?;
     let (offsets, pieces) = (whole.get_offsets(), whole.get_word_ids());
     let between_pieces = if pieces.windows(2).all(|w| w[0] == w[1]) {
-        // At a run of whitespace's start: its tokens ("▁▁") may hold more than one.
+        // At a run of whitespace's start: a token such as "▁▁" may span a cut inside one.
         text.as_bytes()[at] == b' '
             && !text[..at].ends_with(char::is_whitespace)
             && *apart.get_or_init(|| words_apart(tokenizer))
