@@ -1,5 +1,8 @@
 //! Progress bars of transfers, training and evaluation (drawn only on a terminal).
 
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
 use cartridge_client::Progress;
 use indicatif::{HumanDuration, ProgressBar, ProgressDrawTarget, ProgressState, ProgressStyle};
 
@@ -25,6 +28,51 @@ pub fn bar(template: &str, hidden: bool) -> ProgressBar {
         ProgressDrawTarget::stderr()
     };
     ProgressBar::with_draw_target(None, target).with_style(style)
+}
+
+/// Progress as log lines where bars on stderr draw nothing (a job's log, a terminal with
+/// TERM=dumb): each phase's first and last line, and one every [`LOG_EVERY`] between. (The
+/// phase and time of the line written last, and whether it was the phase's last.)
+pub struct Lines(Option<Mutex<Option<(String, Instant, bool)>>>);
+
+/// How often [`Lines`] writes within a phase.
+const LOG_EVERY: Duration = Duration::from_secs(30);
+
+impl Lines {
+    /// Lines where a bar on stderr would draw nothing, none elsewhere.
+    pub fn where_bars_cannot_draw() -> Self {
+        Self(
+            ProgressDrawTarget::stderr()
+                .is_hidden()
+                .then(|| Mutex::new(None)),
+        )
+    }
+
+    /// Writes "`phase`: `line`" where lines are written, if it is the phase's first, or its
+    /// `last` (once), or the line before is [`LOG_EVERY`] old.
+    pub fn line(&self, phase: &str, last: bool, line: impl FnOnce() -> String) {
+        let Some(lines) = &self.0 else { return };
+        let mut logged = lines.lock().unwrap_or_else(|e| e.into_inner());
+        let due = match logged.as_ref() {
+            Some((written, at, ended)) if written == phase => {
+                !ended && (last || at.elapsed() >= LOG_EVERY)
+            }
+            _ => true,
+        };
+        if due {
+            eprintln!("{phase}: {}", line());
+            *logged = Some((phase.to_owned(), Instant::now(), last));
+        }
+    }
+}
+
+/// `bar`'s estimate of the time left, for a log line: none before it knows a speed, none at its
+/// end.
+pub fn left(bar: &ProgressBar) -> String {
+    if bar.length().is_none_or(|length| bar.position() >= length) || bar.per_sec() == 0.0 {
+        return String::new();
+    }
+    format!(", {} left", HumanDuration(bar.eta()))
 }
 
 pub struct Bar {

@@ -139,6 +139,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
     );
 
     let bar = crate::progress::bar("eval [{bar:30}] {msg} {elapsed} {left}", args.json);
+    let lines = crate::progress::Lines::where_bars_cannot_draw();
     let reports = evaluate(
         &model,
         settings,
@@ -148,6 +149,10 @@ pub fn run(args: EvalArgs) -> Result<()> {
             bar.set_length(total as u64);
             bar.set_position(done as u64);
             bar.set_message(mode.to_owned());
+            lines.line("eval", done == total, || {
+                let left = crate::progress::left(&bar);
+                format!("{done}/{total} answers, {mode}{left}")
+            });
         },
     )?;
     bar.finish_and_clear();

@@ -2,10 +2,8 @@ use std::io::Read;
 use std::os::fd::IntoRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use candle_core::{DType, Device};
@@ -22,7 +20,7 @@ use indicatif::{HumanDuration, MultiProgress, ProgressBar, ProgressDrawTarget};
 
 use super::{Input, check_outputs};
 use crate::output::human_bytes;
-use crate::progress::bar;
+use crate::progress::{Lines, bar, left};
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum ObjectiveArg {
@@ -187,13 +185,9 @@ struct Bars {
     shown: MultiProgress,
     synthesis: ProgressBar,
     training: ProgressBar,
-    /// Where stderr is not a terminal (a job's log) or one that cannot draw, bars draw nothing,
-    /// so progress goes out as lines instead: the first and last of each phase and one every [`LOG_EVERY`] between.
-    /// (The phase and time of the last line.)
-    lines: Option<Mutex<Option<(&'static str, Instant)>>>,
+    /// Where the bars draw nothing.
+    lines: Lines,
 }
-
-const LOG_EVERY: Duration = Duration::from_secs(30);
 
 impl Bars {
     /// Moves `bar` to `done` of `total`, showing it first. The first move (to a resumed
@@ -211,34 +205,14 @@ impl Bars {
             bar.reset_eta();
         }
     }
-
-    fn line(&self, phase: &'static str, last: bool, line: impl FnOnce() -> String) {
-        let Some(lines) = &self.lines else { return };
-        let mut logged = lines.lock().unwrap_or_else(|e| e.into_inner());
-        if last || logged.is_none_or(|(p, at)| p != phase || at.elapsed() >= LOG_EVERY) {
-            eprintln!("{phase}: {}", line());
-            *logged = Some((phase, Instant::now()));
-        }
-    }
-}
-
-/// `bar`'s estimate of the time left, for a log line (none before a first move past the start).
-fn left(bar: &ProgressBar, done: usize, total: usize) -> String {
-    if done == total || bar.per_sec() == 0.0 {
-        return String::new();
-    }
-    format!(", {} left", HumanDuration(bar.eta()))
 }
 
 impl TrainProgress for Bars {
     fn synthesized(&self, done: usize, total: usize) {
         let stored = self.synthesis.length().is_none() && done == total;
         self.advance(&self.synthesis, done, total);
-        self.line("synthesis", done == total, || {
-            format!(
-                "{done}/{total} conversations{}",
-                left(&self.synthesis, done, total)
-            )
+        self.lines.line("synthesis", done == total, || {
+            format!("{done}/{total} conversations{}", left(&self.synthesis))
         });
         if done == total {
             // A line for the phase done: a finished bar's elapsed time would go on counting
@@ -261,11 +235,8 @@ impl TrainProgress for Bars {
         let message = format!("loss {loss:.4}, {tokens_per_second:.0} tok/s");
         self.advance(&self.training, step, total);
         self.training.set_message(message.clone());
-        self.line("training", step == total, || {
-            format!(
-                "step {step}/{total}, {message}{}",
-                left(&self.training, step, total)
-            )
+        self.lines.line("training", step == total, || {
+            format!("step {step}/{total}, {message}{}", left(&self.training))
         });
     }
 }
@@ -417,10 +388,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
             "training  [{bar:30}] {pos}/{len} steps {msg} {elapsed} {left}",
             true,
         ),
-        // Where bars on stderr would draw nothing (no terminal, or TERM=dumb).
-        lines: ProgressDrawTarget::stderr()
-            .is_hidden()
-            .then(|| Mutex::new(None)),
+        lines: Lines::where_bars_cannot_draw(),
     };
     let saying = stop_on_ctrl_c(&bars)?;
     let report = match train(&model, &corpus, &request, &bars) {

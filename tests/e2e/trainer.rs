@@ -414,7 +414,7 @@ fn train_then_eval_on_the_real_model() {
     );
     assert!(!dir.path().join("refused.safetensors").exists());
 
-    let report: Value = cartridge(
+    let evaluated = cartridge(
         dir.path(),
         &[
             "eval",
@@ -434,8 +434,23 @@ fn train_then_eval_on_the_real_model() {
             "8",
             "--json",
         ],
-    )
-    .json();
+    );
+    // Its progress, with no terminal to draw bars on, as log lines: the first and the last,
+    // once.
+    let progress: Vec<&str> = evaluated.stderr.lines().collect();
+    assert!(progress.windows(2).all(|w| w[0] != w[1]), "{progress:?}");
+    assert!(
+        progress.first().is_some_and(|l| l.starts_with("eval: 0/")),
+        "{progress:?}"
+    );
+    let last = progress.last().and_then(|l| l.strip_prefix("eval: "));
+    assert!(
+        last.and_then(|l| l.split_once(" answers"))
+            .and_then(|(count, _)| count.split_once('/'))
+            .is_some_and(|(done, total)| done == total),
+        "{progress:?}"
+    );
+    let report: Value = evaluated.json();
     let modes = report["modes"].as_array().unwrap();
     let names: Vec<&str> = modes.iter().map(|m| m["mode"].as_str().unwrap()).collect();
     assert_eq!(
