@@ -796,11 +796,9 @@ fn bad_arguments_are_refused_before_any_synthesis() {
     assert!(err.contains("cannot hold a system turn"), "{err}");
 }
 
-/// `train` with `args` in `dir`, sent SIGINT once its stderr has a line holding `cue`; how it
-/// ended and its stderr.
-#[allow(unsafe_code)]
+/// `train` with `args` in `dir`, sent SIGINT once its stderr holds `cue`; how it ended and its
+/// stderr.
 fn interrupted(dir: &Path, args: &[&str], cue: &str) -> (std::process::ExitStatus, String) {
-    use std::io::BufRead;
     let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_cartridge"));
     command
         .args(args)
@@ -809,33 +807,55 @@ fn interrupted(dir: &Path, args: &[&str], cue: &str) -> (std::process::ExitStatu
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped());
     let mut child = crate::support::foreground(&mut command).spawn().unwrap();
-    // Lines come through a channel, so a cue that never comes fails the test instead of
-    // hanging it.
-    let (lines, said) = std::sync::mpsc::channel();
-    let stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let stderr = child.stderr.take().unwrap();
+    interrupt_at(&mut child, stderr, cue)
+}
+
+/// Sends `child` SIGINT once what it writes to `output` holds `cue`, and waits for it to end:
+/// how it ended, and all it wrote. A cue that never comes, or a child that ends first, fails
+/// the test instead of hanging it.
+#[allow(unsafe_code)]
+fn interrupt_at(
+    child: &mut std::process::Child,
+    mut output: impl std::io::Read + Send + 'static,
+    cue: &str,
+) -> (std::process::ExitStatus, String) {
+    use std::sync::mpsc::RecvTimeoutError;
+    use std::time::{Duration, Instant};
+    let (sent, received) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        stderr
-            .split(b'\n')
-            .map_while(Result::ok)
-            .try_for_each(|l| lines.send(String::from_utf8_lossy(&l).into_owned()))
+        let mut buffer = [0u8; 4096];
+        while let Ok(n @ 1..) = output.read(&mut buffer) {
+            if sent.send(buffer[..n].to_vec()).is_err() {
+                break;
+            }
+        }
     });
-    let mut log = Vec::new();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
-    while !log.last().is_some_and(|line: &String| line.contains(cue)) {
-        match said.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now())) {
-            Ok(line) => log.push(line),
-            Err(_) => {
+    let mut written = Vec::new();
+    let text = |written: &[u8]| String::from_utf8_lossy(written).into_owned();
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while !text(&written).contains(cue) {
+        match received.recv_timeout(Duration::from_secs(1)) {
+            Ok(bytes) => written.extend(bytes),
+            Err(RecvTimeoutError::Timeout) if Instant::now() < deadline => {}
+            Err(RecvTimeoutError::Timeout) => {
                 let _ = child.kill();
-                panic!("no {cue:?} in time: {}", log.join("\n"));
+                panic!("no {cue:?} in time: {}", text(&written));
+            }
+            Err(RecvTimeoutError::Disconnected) => {
+                let status = child.wait().unwrap();
+                panic!("it ended ({status}) before {cue:?}: {}", text(&written));
             }
         }
     }
     // SAFETY: a signal to a child of this process, not yet waited for.
     assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
-    let status = crate::support::exit_within(&mut child, std::time::Duration::from_secs(300))
-        .unwrap_or_else(|| panic!("it did not stop: {}", log.join("\n")));
-    log.extend(said.iter());
-    (status, log.join("\n"))
+    let status = crate::support::exit_within(child, Duration::from_secs(300))
+        .unwrap_or_else(|| panic!("it did not stop: {}", text(&written)));
+    while let Ok(bytes) = received.recv_timeout(Duration::from_secs(10)) {
+        written.extend(bytes);
+    }
+    (status, text(&written))
 }
 
 #[test]
@@ -893,12 +913,9 @@ fn ctrl_c_stops_a_run_where_the_same_command_goes_on() {
 }
 
 #[test]
-#[allow(unsafe_code)]
 fn a_terminal_shows_each_phase_and_a_stop_once() {
     use std::os::unix::process::ExitStatusExt;
     use std::process::{Command, Stdio};
-    use std::sync::mpsc::RecvTimeoutError;
-    use std::time::{Duration, Instant};
     const COLUMNS: u16 = 100;
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("corpus.txt"), CORPUS).unwrap();
@@ -918,42 +935,10 @@ fn a_terminal_shows_each_phase_and_a_stop_once() {
     let mut child = crate::support::foreground(&mut command).spawn().unwrap();
     // The terminal's last writer is the child now: once it ends, reading gives an error.
     drop(command);
-    let (sent, received) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut terminal = std::fs::File::from(master);
-        let mut buffer = [0u8; 4096];
-        while let Ok(n @ 1..) = std::io::Read::read(&mut terminal, &mut buffer) {
-            if sent.send(buffer[..n].to_vec()).is_err() {
-                break;
-            }
-        }
-    });
-    let mut output = Vec::new();
-    let text = |output: &[u8]| String::from_utf8_lossy(output).into_owned();
-    let deadline = Instant::now() + Duration::from_secs(300);
-    while !text(&output).contains("/100000 steps") {
-        match received.recv_timeout(Duration::from_secs(1)) {
-            Ok(bytes) => output.extend(bytes),
-            Err(RecvTimeoutError::Timeout) if Instant::now() < deadline => {
-                if let Some(status) = child.try_wait().unwrap() {
-                    panic!("it ended ({status}) before training: {}", text(&output));
-                }
-            }
-            Err(_) => {
-                let _ = child.kill();
-                panic!("no training bar in time: {}", text(&output));
-            }
-        }
-    }
-    // SAFETY: a signal to a child of this process, not yet waited for.
-    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
-    let status = crate::support::exit_within(&mut child, Duration::from_secs(300))
-        .unwrap_or_else(|| panic!("it did not stop: {}", text(&output)));
+    let terminal = std::fs::File::from(master);
+    let (status, output) = interrupt_at(&mut child, terminal, "/100000 steps");
     assert_eq!(status.signal(), Some(libc::SIGINT));
-    while let Ok(bytes) = received.recv_timeout(Duration::from_secs(10)) {
-        output.extend(bytes);
-    }
-    let shown = screen(&text(&output), COLUMNS.into());
+    let shown = screen(&output, COLUMNS.into());
     let said = shown.join("\n");
     // Top to bottom: the synthesis done, the stop said, the training bar where it stopped (one,
     // no copy left above), where its work is.
