@@ -32,8 +32,8 @@ pub fn bar(template: &str, hidden: bool) -> ProgressBar {
 
 /// Progress as log lines where bars on stderr draw nothing (a job's log, a terminal with
 /// TERM=dumb): each phase's first and last line, and one every [`LOG_EVERY`] between. (The
-/// phase and time of the line written last, and whether it was the phase's last.)
-pub struct Lines(Option<Mutex<Option<(String, Instant, bool)>>>);
+/// phase and time of the line written last.)
+pub struct Lines(Option<Mutex<Option<(String, Instant)>>>);
 
 /// How often [`Lines`] writes within a phase.
 const LOG_EVERY: Duration = Duration::from_secs(30);
@@ -48,20 +48,15 @@ impl Lines {
         )
     }
 
-    /// Writes "`phase`: `line`" where lines are written, if it is the phase's first, or its
-    /// `last` (once), or the line before is [`LOG_EVERY`] old.
+    /// Writes "`phase`: `line`" where lines are written, if it is the phase's first or `last`,
+    /// or the line before is [`LOG_EVERY`] old.
     pub fn line(&self, phase: &str, last: bool, line: impl FnOnce() -> String) {
         let Some(lines) = &self.0 else { return };
         let mut logged = lines.lock().unwrap_or_else(|e| e.into_inner());
-        let due = match logged.as_ref() {
-            Some((written, at, ended)) if written == phase => {
-                !ended && (last || at.elapsed() >= LOG_EVERY)
-            }
-            _ => true,
-        };
-        if due {
+        let due = |(written, at): &(String, Instant)| written != phase || at.elapsed() >= LOG_EVERY;
+        if last || logged.as_ref().is_none_or(due) {
             eprintln!("{phase}: {}", line());
-            *logged = Some((phase.to_owned(), Instant::now(), last));
+            *logged = Some((phase.to_owned(), Instant::now()));
         }
     }
 }

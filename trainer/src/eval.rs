@@ -154,7 +154,8 @@ pub fn evaluate(
         }
         reports.push(report);
     }
-    if let Some(last) = reports.last() {
+    // A last setting that did not fit ends the count with no answer of its own to say so.
+    if let Some(last) = reports.last().filter(|r| r.skipped.is_some()) {
         progress(&last.mode, done, total);
     }
     let bare = reports.first().and_then(|r| r.log_likelihood);
