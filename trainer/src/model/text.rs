@@ -725,6 +725,14 @@ mod tests {
         TextCodec::from_gguf(&content).unwrap().literal
     }
 
+    /// `text` read in pieces of `piece` bytes has the tokens it has whole.
+    fn assert_reads_as_whole(tokenizer: &Tokenizer, text: &str, piece: usize) {
+        assert_eq!(
+            encode_in_pieces(tokenizer, text, piece).unwrap(),
+            ids(tokenizer, text).unwrap()
+        );
+    }
+
     #[test]
     fn a_text_read_in_pieces_has_the_tokens_it_has_whole() {
         let tokenizer = smollm2();
@@ -745,17 +753,11 @@ mod tests {
         }
         let cuts = cuts(&tokenizer, &text, 4096).unwrap();
         assert!(cuts.len() > 20, "{} cuts", cuts.len());
-        assert_eq!(
-            encode_in_pieces(&tokenizer, &text, 4096).unwrap(),
-            ids(&tokenizer, &text).unwrap()
-        );
+        assert_reads_as_whole(&tokenizer, &text, 4096);
         // Paragraphs of one line each, between blank lines: cut between words.
         let prose = "A paragraph of words on a line of its own, and no other.\n\n".repeat(400);
         assert!(super::cuts(&tokenizer, &prose, 1024).unwrap().len() > 10);
-        assert_eq!(
-            encode_in_pieces(&tokenizer, &prose, 1024).unwrap(),
-            ids(&tokenizer, &prose).unwrap()
-        );
+        assert_reads_as_whole(&tokenizer, &prose, 1024);
         // Minified data, one line without spaces: cut where letters or digits meet
         // punctuation, never about a long run of one kind.
         let minified: String = (0..3000)
@@ -763,10 +765,7 @@ mod tests {
             .collect();
         let cut = super::cuts(&tokenizer, &minified, 4096).unwrap();
         assert!(cut.len() > 20, "{} cuts", cut.len());
-        assert_eq!(
-            encode_in_pieces(&tokenizer, &minified, 4096).unwrap(),
-            ids(&tokenizer, &minified).unwrap()
-        );
+        assert_reads_as_whole(&tokenizer, &minified, 4096);
         let long = format!("{}){}", "a".repeat(CUT_RUN), "b".repeat(CUT_RUN));
         assert!(short_runs_about(&long, CUT_RUN));
         assert!(!short_runs_about(&format!("a{long}"), CUT_RUN + 1));
@@ -779,10 +778,7 @@ mod tests {
         let runs = format!("x{}y\nsome words here\n", "\n".repeat(601)).repeat(20);
         let cut = super::cuts(&tokenizer, &runs, 512).unwrap();
         assert!(cut.len() > 10, "{cut:?}");
-        assert_eq!(
-            encode_in_pieces(&tokenizer, &runs, 512).unwrap(),
-            ids(&tokenizer, &runs).unwrap()
-        );
+        assert_reads_as_whole(&tokenizer, &runs, 512);
     }
 
     #[test]
@@ -811,10 +807,7 @@ mod tests {
         tokenizer.with_pre_tokenizer(Some(ByteLevel::new(true, false, true)));
         let lines = "ab\n".repeat(300);
         assert_eq!(cuts(&tokenizer, &lines, 64).unwrap(), [0, lines.len()]);
-        assert_eq!(
-            encode_in_pieces(&tokenizer, &lines, 64).unwrap(),
-            ids(&tokenizer, &lines).unwrap()
-        );
+        assert_reads_as_whole(&tokenizer, &lines, 64);
         // Lines starting with a space can be cut before.
         let mixed = "ab\n b\n".repeat(150);
         let cut = cuts(&tokenizer, &mixed, 64).unwrap();
@@ -824,10 +817,7 @@ mod tests {
                 .iter()
                 .all(|&at| mixed[at..].starts_with(" b"))
         );
-        assert_eq!(
-            encode_in_pieces(&tokenizer, &mixed, 64).unwrap(),
-            ids(&tokenizer, &mixed).unwrap()
-        );
+        assert_reads_as_whole(&tokenizer, &mixed, 64);
         // Without a pre-tokenizer the text about a cut is one piece, whose start may decide its
         // tokens: ",a,a" is one, so the text's tokens end every 4 bytes from its start, and a
         // window's every 4 from the window's. Its cut falls before a space only.
@@ -852,10 +842,7 @@ mod tests {
                 .iter()
                 .all(|&at| words[at..].starts_with(' '))
         );
-        assert_eq!(
-            encode_in_pieces(&tokenizer, &words, 64).unwrap(),
-            ids(&tokenizer, &words).unwrap()
-        );
+        assert_reads_as_whole(&tokenizer, &words, 64);
         // Unless a token holds a word's end and the next one's start.
         let tokenizer = Tokenizer::new(bpe(
             &[",", "a", " ", ",a", ",a,a", "a "],
