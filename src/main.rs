@@ -36,6 +36,7 @@ enum Command {
     Namespace(commands::namespace::NamespaceArgs),
     Train(commands::train::TrainArgs),
     Eval(commands::eval::EvalArgs),
+    Chat(commands::chat::ChatArgs),
 }
 
 fn main() -> ExitCode {
@@ -71,6 +72,7 @@ fn main() -> ExitCode {
         Command::Namespace(args) => commands::namespace::run(args),
         Command::Train(args) => commands::train::run(args),
         Command::Eval(args) => commands::eval::run(args),
+        Command::Chat(args) => commands::chat::run(args),
     };
     cartridge_schemas::report::exit_with(result, |error| match commands::tag::not_moved(error) {
         true => commands::tag::NOT_MOVED_STATUS,

@@ -1,7 +1,6 @@
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, bail};
-use cartridge_schemas::Reference;
+use anyhow::{Context, Result};
 use cartridge_schemas::file::{Cartridge, Header};
 use clap::Args;
 use serde_json::json;
@@ -23,38 +22,19 @@ pub struct InspectArgs {
 }
 
 pub fn run(args: InspectArgs) -> Result<()> {
-    // A folder (or anything but a file) that happens to share a reference's name is no
-    // cartridge: the reference is meant.
-    let path = Path::new(&args.target);
-    if path.is_file() {
-        return inspect_file(path, args.json);
-    }
-    let reference: Reference = match args.target.parse() {
-        Ok(reference) => reference,
-        Err(error) => bail!(
-            "{} is not a file, and not a reference: {error}",
-            args.target
-        ),
+    let reference = match super::Target::parse(&args.target)? {
+        super::Target::File(path) => return inspect_file(&path, args.json),
+        super::Target::Reference(reference) => reference,
     };
-    // `out/missing.safetensors` also reads as a reference: one named like a file, or in a folder
-    // that is here, is far more likely a mistyped path than a cartridge in a registry.
-    let file_like = path.extension().is_some_and(|e| e == "safetensors")
-        || path
-            .parent()
-            .is_some_and(|p| !p.as_os_str().is_empty() && p.is_dir());
-    let looked_up = args
-        .registry
-        .connect(reference.registry.as_ref())
-        .and_then(|client| {
-            Ok(super::runtime()?
-                .block_on(client.resolve(&reference.repository, &reference.selector))?)
-        });
-    let resolved = match looked_up {
-        Err(error) if file_like => {
-            return Err(error.context(format!("there is no file {}; as a reference", args.target)));
-        }
-        looked_up => looked_up?,
-    };
+    let resolved = super::looked_up(
+        &args.target,
+        args.registry
+            .connect(reference.registry.as_ref())
+            .and_then(|client| {
+                Ok(super::runtime()?
+                    .block_on(client.resolve(&reference.repository, &reference.selector))?)
+            }),
+    )?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&resolved)?);
         return Ok(());

@@ -1,3 +1,4 @@
+pub mod chat;
 pub mod compose;
 pub mod eval;
 pub mod import;
@@ -19,6 +20,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result, bail};
 use bytesize::ByteSize;
 use cartridge_client::{Client, RateLimit};
+use cartridge_schemas::Reference;
 use cartridge_schemas::reference::Registry;
 use clap::Args;
 
@@ -47,6 +49,44 @@ pub fn sigint_ignored() -> bool {
         let mut current: libc::sigaction = std::mem::zeroed();
         libc::sigaction(libc::SIGINT, std::ptr::null(), &mut current) == 0
             && current.sa_sigaction == libc::SIG_IGN
+    }
+}
+
+/// A cartridge named on the command line: a file here, else a reference to one in a registry.
+pub enum Target {
+    File(PathBuf),
+    Reference(Reference),
+}
+
+impl Target {
+    pub fn parse(target: &str) -> Result<Self> {
+        // A folder (or anything but a file) that happens to share a reference's name is no
+        // cartridge: the reference is meant.
+        let path = Path::new(target);
+        if path.is_file() {
+            return Ok(Self::File(path.to_owned()));
+        }
+        match target.parse() {
+            Ok(reference) => Ok(Self::Reference(reference)),
+            Err(error) => bail!("{target} is not a file, and not a reference: {error}"),
+        }
+    }
+}
+
+/// What a registry made of `target`, read as a reference. `out/missing.safetensors` reads as
+/// one too: one named like a file, or in a folder that is here, is far more likely a mistyped
+/// path than a cartridge in a registry, and its error says so first.
+pub fn looked_up<T>(target: &str, result: Result<T>) -> Result<T> {
+    let path = Path::new(target);
+    let file_like = path.extension().is_some_and(|e| e == "safetensors")
+        || path
+            .parent()
+            .is_some_and(|p| !p.as_os_str().is_empty() && p.is_dir());
+    match result {
+        Err(error) if file_like => {
+            Err(error.context(format!("there is no file {target}; as a reference")))
+        }
+        result => result,
     }
 }
 

@@ -146,7 +146,7 @@ pub struct TrainArgs {
     pub json: bool,
 }
 
-fn positive(text: &str) -> Result<usize, String> {
+pub(super) fn positive(text: &str) -> Result<usize, String> {
     match text.parse() {
         Ok(0) | Err(_) => Err("expected a whole number above 0".into()),
         Ok(n) => Ok(n),

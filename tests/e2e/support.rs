@@ -15,7 +15,7 @@ pub struct Run {
 }
 
 impl Run {
-    fn from(output: Output) -> Self {
+    pub fn from(output: Output) -> Self {
         Self {
             success: output.status.success(),
             code: output.status.code(),

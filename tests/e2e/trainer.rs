@@ -6,12 +6,12 @@ use serde_json::Value;
 
 use crate::support::{cartridge, path_str, smollm2_gguf};
 
-const CORPUS: &str = "The lighthouse on Varn Island was built in 1871 by the engineer Edda Morrow. \
+pub(crate) const CORPUS: &str = "The lighthouse on Varn Island was built in 1871 by the engineer Edda Morrow. \
 Its lamp burns whale oil and can be seen for nineteen miles on a clear night. The keeper, by order of \
 the harbour board, must log every ship that passes and ring the fog bell every two minutes in fog. \
 In 1903 a storm broke the lantern glass, and it was replaced with glass made in Birmingham.";
 
-const QA: &str = r#"{"question": "Who built the lighthouse on Varn Island?", "answer": "The engineer Edda Morrow built it, in 1871."}
+pub(crate) const QA: &str = r#"{"question": "Who built the lighthouse on Varn Island?", "answer": "The engineer Edda Morrow built it, in 1871."}
 {"question": "How far can the lamp be seen?", "answer": "Nineteen miles on a clear night."}
 {"question": "What must the keeper do in fog?", "answer": "Ring the fog bell every two minutes."}
 "#;

@@ -58,6 +58,16 @@ pub struct Generated {
 }
 
 pub fn generate(model: &Llama, request: &GenerationRequest<'_>) -> Result<Vec<Generated>> {
+    generate_streaming(model, request, |_| {})
+}
+
+/// [`generate`], telling `step` what every sequence holds after each new token: a person
+/// reads an answer as it is written. (A repeat that ends a sequence drops tokens it was told.)
+pub fn generate_streaming(
+    model: &Llama,
+    request: &GenerationRequest<'_>,
+    mut step: impl FnMut(&[Generated]),
+) -> Result<Vec<Generated>> {
     let batch = request.prompts.len();
     if batch == 0 {
         return Ok(Vec::new());
@@ -183,6 +193,7 @@ pub fn generate(model: &Llama, request: &GenerationRequest<'_>) -> Result<Vec<Ge
                 token
             })
             .collect();
+        step(&results);
         // Done when no sequence would take another token (some may have stopped, others filled).
         if results
             .iter()

@@ -14,7 +14,7 @@ mod text;
 
 pub use config::Config;
 pub use fused::AdamStep;
-pub use generate::{Generated, GenerationRequest, Sampling, generate};
+pub use generate::{Generated, GenerationRequest, Sampling, generate, generate_streaming};
 pub use llama::{Cache, Context, Llama, Prefix};
 pub use mask::Mask;
 pub use ops::{

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use candle_core::{DType, Device};
+use cartridge_schemas::Digest;
 use cartridge_schemas::fingerprint::{ModelFingerprint, Rope, RopeLayout};
 
 use super::config::read_gguf;
@@ -39,6 +40,11 @@ const SCRATCH: [&str; 2] = ["partial", "broken"];
 impl Alias {
     pub fn find(name: &str) -> Option<&'static Alias> {
         ALIASES.iter().find(|alias| alias.name == name)
+    }
+
+    /// The alias of the model with these weights (a fingerprint's `weights`).
+    pub fn of_weights(weights: &Digest) -> Option<&'static Alias> {
+        ALIASES.iter().find(|alias| alias.digest == weights.hex())
     }
 
     fn install_dir(&self, models: &Path) -> PathBuf {
