@@ -71,6 +71,9 @@ fn share(text: &str) -> Result<f64, String> {
 }
 
 pub fn run(args: ChatArgs) -> Result<()> {
+    if args.question.as_ref().is_some_and(|q| q.trim().is_empty()) {
+        bail!("the question is empty");
+    }
     let paths = Paths::from_env()?;
     let named: Vec<&String> = std::iter::once(&args.cartridge).chain(&args.with).collect();
     let cartridges = named
@@ -110,7 +113,7 @@ pub fn run(args: ChatArgs) -> Result<()> {
         json: args.json,
     };
     if let Some(question) = &args.question {
-        return chat.answer(question);
+        return chat.answer(question.trim());
     }
     let stdin = std::io::stdin();
     let terminal = stdin.is_terminal();
@@ -201,8 +204,12 @@ impl Chat<'_> {
         let limit = self.model.llama.config.max_positions;
         let room = limit.saturating_sub(self.prefix.tokens() + prompt.len());
         if room == 0 {
+            let (what, then) = match self.conversation.len() {
+                1 => ("the question does not fit", ""),
+                _ => ("the conversation no longer fits", ": start a new one"),
+            };
             bail!(
-                "the conversation no longer fits the model's {limit} positions (the cartridges take {}): start a new one",
+                "{what} in the model's {limit} positions after the cartridges' {}{then}",
                 self.prefix.tokens()
             );
         }
@@ -221,32 +228,36 @@ impl Chat<'_> {
         self.seed = self.seed.wrapping_add(1);
         let mut stdout = std::io::stdout().lock();
         let mut shown = String::new();
-        let mut failed = None;
+        let mut failed: Option<anyhow::Error> = None;
         let generated = generate_streaming(&self.model.llama, &request, |sequences| {
             if self.json || failed.is_some() {
                 return;
             }
             // The whole answer decoded again: a token alone may be half a character, or read
-            // otherwise beside its neighbours. Shown once it continues what is on screen and
-            // ends in no half character.
-            match self.words(&sequences[0].tokens) {
-                Ok(written) => {
-                    let written = written.trim_start();
-                    if written.ends_with('\u{fffd}') {
-                        return;
-                    }
-                    if let Some(new) = written.strip_prefix(shown.as_str()) {
-                        let _ = stdout
-                            .write_all(new.as_bytes())
-                            .and_then(|()| stdout.flush());
-                        shown = written.to_owned();
-                    }
+            // otherwise beside its neighbours. Shown as far as it continues what is on screen,
+            // short of a last half character and of whitespace at either end, which the answer
+            // keeps only where more follows.
+            let written = match self.words(&sequences[0].tokens) {
+                Ok(written) => written,
+                Err(error) => {
+                    failed = Some(error.into());
+                    return;
                 }
-                Err(error) => failed = Some(error),
+            };
+            let written = written.trim_start().trim_end_matches('\u{fffd}').trim_end();
+            if let Some(new) = written.strip_prefix(shown.as_str()) {
+                if let Err(error) = stdout
+                    .write_all(new.as_bytes())
+                    .and_then(|()| stdout.flush())
+                {
+                    failed = Some(anyhow::Error::new(error).context("writing the answer"));
+                    return;
+                }
+                shown = written.to_owned();
             }
         })?;
         if let Some(error) = failed {
-            return Err(error.into());
+            return Err(error);
         }
         let answer = self.words(&generated[0].tokens)?.trim().to_owned();
         if self.json {
@@ -257,11 +268,18 @@ impl Chat<'_> {
             };
             writeln!(stdout, "{}", serde_json::to_string(&pair)?)
         } else {
-            // What the stream held back: a last half character, a reading that changed.
-            let rest = answer.strip_prefix(shown.trim_end()).unwrap_or(&answer);
-            writeln!(stdout, "{}", rest.trim_end())
+            match answer.strip_prefix(shown.as_str()) {
+                Some(rest) => writeln!(stdout, "{rest}"),
+                // Read whole, the answer does not continue what is on screen: it follows in
+                // full.
+                None => writeln!(stdout, "\n{answer}"),
+            }
         }
         .context("writing the answer")?;
+        let ended = &generated[0];
+        if !ended.stopped && ended.tokens.len() == room && room < self.max_tokens {
+            eprintln!("(the answer was cut where the model's {limit} positions end)");
+        }
         self.conversation.push(Message::new("assistant", answer));
         Ok(())
     }

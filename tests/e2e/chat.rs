@@ -114,7 +114,11 @@ fn chat_answers_from_a_cartridge() {
         .collect();
     assert_eq!(turns.len(), 2, "{turns:?}");
     assert_eq!(turns[0]["question"], QUESTION);
-    assert_eq!(turns[0]["answer"], answer.trim_end());
+    // Streamed, the answer is the whole answer and a line break, byte for byte.
+    assert_eq!(
+        format!("{}\n", turns[0]["answer"].as_str().unwrap()),
+        answer
+    );
     // The second answer reads the first turn: alone, the question is answered otherwise.
     let alone = asked(&["--json", follow_up], "").json();
     assert_eq!(turns[1]["question"], follow_up);
@@ -148,7 +152,6 @@ fn chat_answers_from_a_cartridge() {
     kell[10] = "kell.safetensors";
     cartridge(dir.path(), &kell).ok();
     let composed = asked(&[KELL_QUESTION, "--with", "kell.safetensors"], "").ok();
-    assert!(!composed.trim().is_empty());
     // As the two composed into one file answer. (Two initializations compose poorly, unlike
     // trained cartridges: the answer need not name the mason.)
     let both = [
@@ -184,6 +187,16 @@ fn chat_answers_from_a_cartridge() {
     let err = chat(dir.path(), &["missing/varn.safetensors", QUESTION], "").fails();
     assert!(
         err.contains("there is no file missing/varn.safetensors; as a reference: "),
+        "{err}"
+    );
+    let err = asked(&["  "], "").fails();
+    assert!(err.contains("the question is empty"), "{err}");
+    let long = "lighthouse ".repeat(9000);
+    let err = asked(&[&long], "").fails();
+    assert!(
+        err.contains(
+            "the question does not fit in the model's 8192 positions after the cartridges' 64"
+        ),
         "{err}"
     );
     let err = asked(&[QUESTION, "--top-p", "0"], "").fails();
