@@ -179,7 +179,7 @@ fn trained_for(cartridge: &Cartridge, target: &str, paths: &Paths) -> Result<Str
             alias.name
         ),
         None => bail!(
-            "{target} is for a model with weights {weights}, which is no alias: name it with --model"
+            "{target} is for a model with weights {weights}, which no alias names: name it with --model"
         ),
     }
 }
