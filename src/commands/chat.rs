@@ -75,7 +75,10 @@ pub fn run(args: ChatArgs) -> Result<()> {
         bail!("the question is empty");
     }
     let paths = Paths::from_env()?;
-    let named: Vec<&String> = std::iter::once(&args.cartridge).chain(&args.with).collect();
+    let named: Vec<&str> = std::iter::once(&args.cartridge)
+        .chain(&args.with)
+        .map(String::as_str)
+        .collect();
     let cartridges = named
         .iter()
         .map(|target| {
@@ -120,11 +123,7 @@ pub fn run(args: ChatArgs) -> Result<()> {
     if terminal {
         eprintln!(
             "{} ({} tokens); an empty line or Ctrl-D ends the conversation",
-            named
-                .iter()
-                .map(|n| n.as_str())
-                .collect::<Vec<_>>()
-                .join(" + "),
+            named.join(" + "),
             prefix.tokens()
         );
     }
@@ -172,7 +171,9 @@ fn locate(target: &str, registry: &RegistryArgs, paths: &Paths) -> Result<PathBu
 fn trained_for(cartridge: &Cartridge, target: &str, paths: &Paths) -> Result<String> {
     let weights = cartridge.header().model.weights;
     match Alias::of_weights(&weights) {
-        Some(alias) if alias.installed(&paths.models())?.is_some() => Ok(alias.name.to_owned()),
+        // Where `--model ALIAS` would look; loading reads the file anyway, so it is not hashed
+        // here as `model install` does.
+        Some(alias) if alias.weights_path(&paths.models()).is_file() => Ok(alias.name.to_owned()),
         Some(alias) => bail!(
             "{target} is for {}, which is not installed: run `cartridge model install {}`",
             alias.name,
