@@ -37,6 +37,7 @@ enum Command {
     Train(commands::train::TrainArgs),
     Eval(commands::eval::EvalArgs),
     Chat(commands::chat::ChatArgs),
+    Serve(commands::serve::ServeArgs),
 }
 
 fn main() -> ExitCode {
@@ -73,6 +74,7 @@ fn main() -> ExitCode {
         Command::Train(args) => commands::train::run(args),
         Command::Eval(args) => commands::eval::run(args),
         Command::Chat(args) => commands::chat::run(args),
+        Command::Serve(args) => commands::serve::run(args),
     };
     cartridge_schemas::report::exit_with(result, |error| match commands::tag::not_moved(error) {
         true => commands::tag::NOT_MOVED_STATUS,

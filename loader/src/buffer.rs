@@ -132,6 +132,23 @@ impl ShmDir {
         }
     }
 
+    /// [`ShmDir::create`] under `base`, else under `/dev/shm`, else (warned) under the
+    /// temporary folder.
+    pub fn create_in(base: Option<PathBuf>) -> anyhow::Result<Self> {
+        let base = base.unwrap_or_else(|| {
+            let shared = Path::new("/dev/shm");
+            if shared.is_dir() {
+                shared.to_owned()
+            } else {
+                let fallback = std::env::temp_dir();
+                tracing::warn!(folder = %fallback.display(), "no /dev/shm: resident buffers go to the temporary folder, which may be on disk (choose with --shm-dir)");
+                fallback
+            }
+        });
+        Self::create(&base)
+            .map_err(|e| anyhow::anyhow!("making a buffer folder in {}: {e}", base.display()))
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }

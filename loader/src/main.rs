@@ -202,18 +202,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
     // The buffer folder lives until the end of `serve`, after the last request.
     let (device, shm_dir) = match args.device {
         DeviceArg::Host => {
-            let shm_base = args.shm_dir.clone().unwrap_or_else(|| {
-                let shared = std::path::Path::new("/dev/shm");
-                if shared.is_dir() {
-                    shared.to_owned()
-                } else {
-                    let fallback = std::env::temp_dir();
-                    tracing::warn!(folder = %fallback.display(), "no /dev/shm: resident buffers go to the temporary folder, which may be on disk (choose with --shm-dir)");
-                    fallback
-                }
-            });
-            let dir = ShmDir::create(&shm_base)
-                .with_context(|| format!("making a buffer folder in {}", shm_base.display()))?;
+            let dir = ShmDir::create_in(args.shm_dir.clone())?;
             (Device::host(dir.path()), Some(dir))
         }
         DeviceArg::Cuda(ordinal) => (

@@ -231,7 +231,7 @@ impl Chat<'_> {
         let mut shown = String::new();
         let mut failed: Option<anyhow::Error> = None;
         let generated = generate_streaming(&self.model.llama, &request, |sequences| {
-            if self.json || failed.is_some() {
+            if self.json {
                 return;
             }
             // The whole answer decoded again: a token alone may be half a character, or read
@@ -242,6 +242,7 @@ impl Chat<'_> {
                 Ok(written) => written,
                 Err(error) => {
                     failed = Some(error.into());
+                    sequences[0].stopped = true;
                     return;
                 }
             };
@@ -252,6 +253,7 @@ impl Chat<'_> {
                     .and_then(|()| stdout.flush())
                 {
                     failed = Some(anyhow::Error::new(error).context("writing the answer"));
+                    sequences[0].stopped = true;
                     return;
                 }
                 shown = written.to_owned();

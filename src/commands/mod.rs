@@ -10,6 +10,7 @@ pub mod namespace;
 pub mod pull;
 pub mod push;
 pub mod rm;
+pub mod serve;
 pub mod tag;
 pub mod train;
 pub mod verify;

@@ -9,14 +9,14 @@ use serde_json::Value;
 use crate::support::{Registry, Run, cartridge, path_str, random_cartridge, smollm2_gguf};
 use crate::trainer::{CORPUS, QA};
 
-const QUESTION: &str = "Who built the lighthouse on Varn Island?";
+pub(crate) const QUESTION: &str = "Who built the lighthouse on Varn Island?";
 
-const KELL: &str = "The harbour wall at Kell was raised in 1790 by the mason Ansel Drury, with \
+pub(crate) const KELL: &str = "The harbour wall at Kell was raised in 1790 by the mason Ansel Drury, with \
 granite brought by barge from the quarries of Tennock. It shelters forty fishing boats, and its \
 lamp is lit by the harbour master at dusk. In 1851 a second wall was added to the east, and the \
 old fish market beside it became the customs house, where tolls are paid in silver.";
 
-const KELL_QUESTION: &str = "Who raised the harbour wall at Kell?";
+pub(crate) const KELL_QUESTION: &str = "Who raised the harbour wall at Kell?";
 
 /// `chat` with `args`, reading `stdin`.
 fn chat(dir: &Path, args: &[&str], stdin: &str) -> Run {

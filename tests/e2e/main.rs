@@ -7,5 +7,6 @@ mod loader;
 mod moto;
 mod offline;
 mod registry;
+mod serve;
 mod support;
 mod trainer;

@@ -81,8 +81,24 @@ pub fn prefix_of_cartridge(
     fingerprint
         .check_compatible(&header.model)
         .map_err(|e| Error::Model(format!("this cartridge is for another model: {e}")))?;
-    let shape = header.tensor_shape();
-    let dtype = storage_dtype(header.dtype);
+    prefix_of_layers(
+        (0..cartridge.layer_count()).map(|l| (cartridge.keys(l), cartridge.values(l))),
+        header.dtype,
+        header.tensor_shape(),
+        model,
+    )
+}
+
+/// A prefix for `model` from each layer's keys and values as stored (`[kv_heads, tokens,
+/// head_dim]` of `dtype`, little-endian), made for this model: a cartridge file's, or a
+/// loader's buffer.
+pub fn prefix_of_layers<'a>(
+    layers: impl Iterator<Item = (&'a [u8], &'a [u8])>,
+    dtype: Dtype,
+    shape: [usize; 3],
+    model: &Llama,
+) -> Result<Prefix> {
+    let dtype = storage_dtype(dtype);
     let load = |bytes: &[u8]| -> Result<Tensor> {
         Ok(
             Tensor::from_raw_buffer(bytes, dtype, &shape, model.device())?
@@ -93,9 +109,9 @@ pub fn prefix_of_cartridge(
         keys: Vec::new(),
         values: Vec::new(),
     };
-    for layer in 0..cartridge.layer_count() {
-        prefix.keys.push(load(cartridge.keys(layer))?);
-        prefix.values.push(load(cartridge.values(layer))?);
+    for (keys, values) in layers {
+        prefix.keys.push(load(keys)?);
+        prefix.values.push(load(values)?);
     }
     Ok(prefix)
 }

@@ -63,10 +63,12 @@ pub fn generate(model: &Llama, request: &GenerationRequest<'_>) -> Result<Vec<Ge
 
 /// [`generate`], telling `step` what every sequence holds after each new token: a person
 /// reads an answer as it is written. (A repeat that ends a sequence drops tokens it was told.)
+/// `step` may end a sequence by marking it `stopped` (a stop string written, a reader gone);
+/// generation ends once every sequence has.
 pub fn generate_streaming(
     model: &Llama,
     request: &GenerationRequest<'_>,
-    mut step: impl FnMut(&[Generated]),
+    mut step: impl FnMut(&mut [Generated]),
 ) -> Result<Vec<Generated>> {
     let batch = request.prompts.len();
     if batch == 0 {
@@ -193,7 +195,7 @@ pub fn generate_streaming(
                 token
             })
             .collect();
-        step(&results);
+        step(&mut results);
         // Done when no sequence would take another token (some may have stopped, others filled).
         if results
             .iter()

@@ -1,0 +1,461 @@
+//! `cartridge serve` on the real small model: OpenAI's chat completions with cartridges from a
+//! real registry, fetched by the loader in the server.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+use serde_json::{Value, json};
+
+use crate::chat::{KELL, KELL_QUESTION, QUESTION};
+use crate::support::{
+    Registry, cartridge, exchange, exit_within, foreground, http_json, path_str, random_cartridge,
+    raw_http, smollm2_gguf,
+};
+use crate::trainer::CORPUS;
+
+/// A real `cartridge serve`, killed when dropped.
+struct Server {
+    child: Child,
+    url: String,
+}
+
+impl Server {
+    fn start(mut command: Command) -> Self {
+        let mut child = foreground(&mut command)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("cartridge serve starts");
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        let url = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("unexpected {line:?}"))
+            .to_owned();
+        Self { child, url }
+    }
+
+    fn ask(&self, body: &Value) -> (u16, Value) {
+        http_json(&self.url, "POST", "/v1/chat/completions", Some(body))
+    }
+
+    /// Asks with `"stream": true`; the data of each event.
+    fn stream(&self, path: &str, body: &Value) -> Vec<String> {
+        let raw = exchange(
+            &self.url,
+            "HTTP/1.1",
+            "POST",
+            path,
+            &[("Content-Type", "application/json")],
+            body.to_string().as_bytes(),
+        );
+        let (head, body) = raw.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("HTTP/1.1 200"), "{raw}");
+        assert!(head.contains("text/event-stream"), "{head}");
+        assert!(head.contains("chunked"), "{head}");
+        unchunk(body)
+            .split("\n\n")
+            .filter_map(|event| event.strip_prefix("data: "))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// Asks for something the server refuses: its status and message.
+    fn refuses(&self, body: &Value) -> (u16, String) {
+        let (status, answer) = self.ask(body);
+        assert!(status >= 400, "{status}: {answer}");
+        assert_eq!(answer["error"]["param"], Value::Null, "{answer}");
+        assert!(answer["error"]["type"].is_string(), "{answer}");
+        let message = answer["error"]["message"].as_str().unwrap().to_owned();
+        (status, message)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A body sent with `Transfer-Encoding: chunked`, put back together.
+fn unchunk(mut body: &str) -> String {
+    let mut whole = String::new();
+    loop {
+        let (size, rest) = body.split_once("\r\n").expect("a chunk size");
+        let size = usize::from_str_radix(size.trim(), 16).expect("a hex chunk size");
+        if size == 0 {
+            return whole;
+        }
+        whole.push_str(&rest[..size]);
+        body = rest[size..].strip_prefix("\r\n").expect("a chunk's end");
+    }
+}
+
+fn question(text: &str) -> Value {
+    json!([{"role": "user", "content": text}])
+}
+
+fn content(answer: &Value, index: usize) -> &str {
+    answer["choices"][index]["message"]["content"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no content in {answer}"))
+}
+
+/// `cartridge chat`'s greedy answer, for the server's to match.
+fn chat(dir: &Path, model: &str, args: &[&str]) -> String {
+    let greedy = ["--model", model, "--temperature", "0", "--max-tokens", "40"];
+    let args = [&["chat"][..], args, &greedy].concat();
+    cartridge(dir, &args).ok().trim().to_owned()
+}
+
+#[test]
+fn serve_answers_with_cartridges_from_a_registry() {
+    let dir = tempfile::tempdir().unwrap();
+    let at = dir.path();
+    std::fs::write(at.join("varn.txt"), CORPUS).unwrap();
+    std::fs::write(at.join("kell.txt"), KELL).unwrap();
+    let gguf = smollm2_gguf();
+    let model = path_str(&gguf);
+    // Initialization cartridges: the keys and values of each corpus's first sentences.
+    for name in ["varn", "kell"] {
+        let (corpus, out) = (format!("{name}.txt"), format!("{name}.safetensors"));
+        let args = [
+            "train", "--model", model, "--corpus", &corpus, "--tokens", "64",
+        ];
+        cartridge(at, &[&args[..], &["--steps", "0", "-o", &out]].concat()).ok();
+    }
+    random_cartridge(&at.join("other.safetensors"), 30, 8, "other", None);
+    let registry = Registry::start(at);
+    let token = registry.token(&["lore/*:push"]);
+    for (reference, file) in [
+        ("lore/varn@v1", "varn.safetensors"),
+        ("lore/kell@v1", "kell.safetensors"),
+        ("lore/other@v1", "other.safetensors"),
+    ] {
+        registry
+            .cartridge(at, &token, &["push", reference, file])
+            .ok();
+    }
+
+    // Listening where other machines reach it takes saying so.
+    let remote = cartridge(at, &["serve", "--model", model, "--listen", "0.0.0.0:0"]).fails();
+    assert!(remote.contains("pass --allow-remote"), "{remote}");
+
+    let mut command = registry.command(at, &token, &["serve", "--model", model]);
+    command.args(["--listen", "127.0.0.1:0", "--max-tokens", "64", "--shm-dir"]);
+    command.arg(at.join("shm"));
+    let mut server = Server::start(command);
+
+    let (status, models) = http_json(&server.url, "GET", "/v1/models", None);
+    assert_eq!(status, 200, "{models}");
+    assert_eq!(models["data"][0]["id"], model, "{models}");
+
+    // A cartridge from the registry answers as `cartridge chat` answers with its file.
+    let expected = chat(at, model, &["varn.safetensors", QUESTION]);
+    assert!(expected.contains("Edda Morrow"), "{expected}");
+    let asked = json!({
+        "model": model,
+        "messages": question(QUESTION),
+        "cartridges": [{"id": "lore/varn@v1"}],
+        "temperature": 0,
+        "max_tokens": 40,
+    });
+    let (status, answer) = server.ask(&asked);
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["object"], "chat.completion");
+    assert_eq!(answer["model"], model);
+    assert_eq!(answer["choices"][0]["message"]["role"], "assistant");
+    assert_eq!(content(&answer, 0).trim(), expected);
+    let usage = &answer["usage"];
+    assert_eq!(usage["cartridge_tokens"], 64, "{usage}");
+    let prompt = usage["prompt_tokens"].as_u64().unwrap();
+    let completion = usage["completion_tokens"].as_u64().unwrap();
+    assert!(prompt > 5, "{usage}");
+    assert_eq!(usage["total_tokens"].as_u64(), Some(prompt + completion));
+    let reason = answer["choices"][0]["finish_reason"].as_str().unwrap();
+    match reason {
+        "stop" => assert!(completion <= 40),
+        "length" => assert_eq!(completion, 40),
+        other => panic!("finish_reason {other}"),
+    }
+    // Asked again (the cartridge now in memory), the same.
+    assert_eq!(server.ask(&asked).1["choices"], answer["choices"]);
+
+    // Streamed, on Tokasaurus's route, a cartridge named by its id alone: the same text in
+    // OpenAI's chunks, the usage after the last, then [DONE].
+    let mut streamed = asked.clone();
+    streamed["stream"] = json!(true);
+    streamed["stream_options"] = json!({"include_usage": true});
+    streamed["cartridges"] = json!(["lore/varn@v1"]);
+    let events = server.stream("/v1/cartridge/chat/completions", &streamed);
+    assert_eq!(events.last().unwrap(), "[DONE]", "{events:?}");
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    assert!(chunks.len() > 4, "{chunks:?}");
+    assert!(
+        chunks
+            .iter()
+            .all(|c| c["object"] == "chat.completion.chunk")
+    );
+    assert!(chunks.iter().all(|c| c["id"] == chunks[0]["id"]));
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let text: String = chunks
+        .iter()
+        .flat_map(|c| c["choices"].as_array().unwrap())
+        .filter_map(|choice| choice["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(text, content(&answer, 0));
+    let (closing, last) = (&chunks[chunks.len() - 2], &chunks[chunks.len() - 1]);
+    assert_eq!(closing["choices"][0]["finish_reason"], reason);
+    assert_eq!(last["choices"], json!([]));
+    assert_eq!(last["usage"], answer["usage"]);
+
+    // Composed in request order, as `chat --with` composes files.
+    let expected = chat(
+        at,
+        model,
+        &[
+            "varn.safetensors",
+            KELL_QUESTION,
+            "--with",
+            "kell.safetensors",
+        ],
+    );
+    let both = json!({
+        "messages": question(KELL_QUESTION),
+        "cartridges": [{"id": "lore/varn@v1"}, {"id": "lore/kell@v1"}],
+        "temperature": 0,
+        "max_tokens": 40,
+    });
+    let (status, answer) = server.ask(&both);
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(content(&answer, 0).trim(), expected);
+    assert_eq!(answer["usage"]["cartridge_tokens"], 128);
+
+    // Without cartridges, the model alone.
+    let plain = json!({"messages": question("What is the capital of France?"), "temperature": 0});
+    let (status, answer) = server.ask(&plain);
+    assert_eq!(status, 200, "{answer}");
+    assert!(content(&answer, 0).contains("Paris"), "{answer}");
+    assert_eq!(answer["usage"]["cartridge_tokens"], 0);
+
+    // A stop string ends the answer before it; a short max_tokens cuts it.
+    let mut stopped = asked.clone();
+    stopped["stop"] = json!(["Morrow"]);
+    let (status, answer) = server.ask(&stopped);
+    assert_eq!(status, 200, "{answer}");
+    let full = server.ask(&asked).1;
+    let cut = content(&answer, 0);
+    assert!(
+        content(&full, 0).starts_with(cut) && !cut.contains("Morrow"),
+        "{cut}"
+    );
+    assert!(cut.contains("Edda"), "{cut}");
+    assert_eq!(answer["choices"][0]["finish_reason"], "stop");
+    let mut events = server.stream("/v1/chat/completions", &{
+        let mut streamed = stopped.clone();
+        streamed["stream"] = json!(true);
+        streamed
+    });
+    assert_eq!(events.pop().unwrap(), "[DONE]");
+    let text: String = events
+        .iter()
+        .map(|e| serde_json::from_str::<Value>(e).unwrap())
+        .filter_map(|c| {
+            c["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_owned)
+        })
+        .collect();
+    assert_eq!(text, cut);
+    let mut short = asked.clone();
+    short["max_tokens"] = json!(3);
+    let answer = server.ask(&short).1;
+    assert_eq!(answer["choices"][0]["finish_reason"], "length", "{answer}");
+    assert_eq!(answer["usage"]["completion_tokens"], 3);
+
+    // Several answers, sampled: a seed repeats them.
+    let sampled = json!({
+        "messages": question(QUESTION),
+        "cartridges": ["lore/varn@v1"],
+        "n": 3,
+        "seed": 7,
+        "max_tokens": 12,
+    });
+    let (status, answer) = server.ask(&sampled);
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["choices"].as_array().unwrap().len(), 3);
+    assert_eq!(answer["choices"][2]["index"], 2);
+    assert_eq!(server.ask(&sampled).1["choices"], answer["choices"]);
+    let drawn: Vec<&str> = (0..3).map(|i| content(&answer, i)).collect();
+    assert!(drawn.iter().any(|d| *d != drawn[0]), "{drawn:?}");
+
+    // Bad requests: named, with OpenAI's error shape and a fitting status.
+    let with = |field: &str, value: Value| {
+        let mut body = asked.clone();
+        body[field] = value;
+        body
+    };
+    let cases = [
+        (
+            with("cartridges", json!(["lore/none@v1"])),
+            404,
+            "lore/none@v1",
+        ),
+        (with("cartridges", json!(["no ref"])), 400, "no ref"),
+        (
+            with(
+                "cartridges",
+                json!([{"id": "lore/varn@v1", "source": "wandb"}]),
+            ),
+            400,
+            "cartridges: the field \"source\" is not taken",
+        ),
+        (
+            with("cartridges", json!(["lore/other@v1"])),
+            409,
+            "lore/other@v1",
+        ),
+        (
+            with("model", json!("gpt-4o")),
+            404,
+            "the model \"gpt-4o\" is not served here",
+        ),
+        (with("temperature", json!(3)), 400, "temperature is 3"),
+        (with("top_p", json!(0)), 400, "top_p is 0"),
+        (with("n", json!(0)), 400, "n is 0"),
+        (with("max_tokens", json!(0)), 400, "max_tokens is 0"),
+        (
+            with("max_tokens", json!(65)),
+            400,
+            "over this server's limit of 64",
+        ),
+        (
+            with("stop", json!(["a", "b", "c", "d", "e"])),
+            400,
+            "at most 4",
+        ),
+        (with("messages", json!([])), 400, "messages is empty"),
+        (
+            with(
+                "messages",
+                json!([{"role": "assistant", "content": "Hello"}]),
+            ),
+            400,
+            "the last message is not the user's",
+        ),
+        (
+            with("messages", json!([{"role": "tool", "content": "42"}])),
+            400,
+            "the role \"tool\" is not supported",
+        ),
+        (
+            with(
+                "messages",
+                json!([{"role": "user", "content": [{"type": "image_url"}]}]),
+            ),
+            400,
+            "content of type \"image_url\" is not supported",
+        ),
+        (
+            with("logprobs", json!(true)),
+            400,
+            "logprobs is not supported",
+        ),
+        (
+            with("messages", question(&"lighthouse ".repeat(9000))),
+            400,
+            "does not fit in the model's 8192 positions after the cartridges' 64",
+        ),
+    ];
+    for (body, status, message) in cases {
+        let (got, said) = server.refuses(&body);
+        assert_eq!((got, said.contains(message)), (status, true), "{said}");
+    }
+    // A conversation that leaves fewer positions than max_tokens asks for: its length found
+    // from what two shorter ones take.
+    let prompt_tokens = |words: usize| {
+        let mut body = with("messages", question(&"lighthouse ".repeat(words)));
+        body["max_tokens"] = json!(1);
+        let (status, answer) = server.ask(&body);
+        assert_eq!(status, 200, "{answer}");
+        answer["usage"]["prompt_tokens"].as_u64().unwrap() as usize
+    };
+    let (hundred, two_hundred) = (prompt_tokens(100), prompt_tokens(200));
+    let per_word = (two_hundred - hundred) / 100;
+    let around = hundred - 100 * per_word;
+    // Some 20 positions left.
+    let words = (8192 - 64 - around - 20) / per_word;
+    let mut long = with("messages", question(&"lighthouse ".repeat(words)));
+    long["max_tokens"] = json!(64);
+    let (status, said) = server.refuses(&long);
+    assert_eq!(status, 400);
+    assert!(
+        said.contains("positions are left after the cartridges' 64"),
+        "{said}"
+    );
+    // Options that ask for nothing are taken.
+    let (status, _) = server.ask(&with("logprobs", json!(false)));
+    assert_eq!(status, 200);
+
+    let malformed = raw_http(
+        &server.url,
+        "POST",
+        "/v1/chat/completions",
+        &[("Content-Type", "application/json")],
+        b"{\"messages\": ",
+    );
+    assert_eq!(malformed, 400);
+    let huge = vec![b' '; 5 << 20];
+    let status = raw_http(
+        &server.url,
+        "POST",
+        "/v1/chat/completions",
+        &[("Content-Type", "application/json")],
+        &huge,
+    );
+    assert_eq!(status, 413);
+    let (status, answer) = http_json(&server.url, "GET", "/v1/completions", None);
+    assert_eq!(status, 404, "{answer}");
+    assert!(
+        answer["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("/v1/completions")
+    );
+
+    // The registry gone, cartridges the server has already fetched still answer.
+    drop(registry);
+    let (status, again) = server.ask(&asked);
+    assert_eq!(status, 200, "{again}");
+    assert_eq!(content(&again, 0).trim(), content(&full, 0).trim());
+
+    // A signal stops it.
+    let _ = Command::new("kill")
+        .args(["-TERM", &server.child.id().to_string()])
+        .status();
+    let exited = exit_within(&mut server.child, std::time::Duration::from_secs(15));
+    assert!(exited.is_some_and(|s| s.success()), "{exited:?}");
+
+    // Without a registry it answers, and says why it cannot fetch cartridges.
+    let mut command = Command::new(env!("CARGO_BIN_EXE_cartridge"));
+    command
+        .args(["serve", "--model", model, "--listen", "127.0.0.1:0"])
+        .current_dir(at)
+        .env("CARTRIDGE_HOME", at.join("home"))
+        .env_remove("CARTRIDGE_REGISTRY");
+    let alone = Server::start(command);
+    let (status, said) = alone.refuses(&asked);
+    assert_eq!(status, 400);
+    assert!(said.contains("reaches no registry"), "{said}");
+    let (status, _) = alone.ask(&plain);
+    assert_eq!(status, 200);
+}
