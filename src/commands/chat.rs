@@ -238,7 +238,7 @@ impl Chat<'_> {
             // otherwise beside its neighbours. Shown as far as it continues what is on screen,
             // short of a last half character and of whitespace at either end, which the answer
             // keeps only where more follows.
-            let written = match self.words(&sequences[0].tokens) {
+            let written = match self.model.text.answer_text(&sequences[0].tokens) {
                 Ok(written) => written,
                 Err(error) => {
                     failed = Some(error.into());
@@ -262,7 +262,12 @@ impl Chat<'_> {
         if let Some(error) = failed {
             return Err(error);
         }
-        let answer = self.words(&generated[0].tokens)?.trim().to_owned();
+        let answer = self
+            .model
+            .text
+            .answer_text(&generated[0].tokens)?
+            .trim()
+            .to_owned();
         if self.json {
             // The shape of `eval`'s questions file.
             let pair = QaPair {
@@ -285,16 +290,5 @@ impl Chat<'_> {
         }
         self.conversation.push(Message::new("assistant", answer));
         Ok(())
-    }
-
-    /// The text of generated tokens, without the token that stopped them.
-    fn words(&self, tokens: &[u32]) -> cartridge_trainer::Result<String> {
-        let text = &self.model.text;
-        let kept: Vec<u32> = tokens
-            .iter()
-            .copied()
-            .filter(|t| !text.stop_ids.contains(t))
-            .collect();
-        text.decode(&kept)
     }
 }

@@ -10,13 +10,13 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
+use std::sync::mpsc::Receiver;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{DefaultBodyLimit, State};
-use axum::http::{StatusCode, Uri};
+use axum::http::{Method, StatusCode, Uri};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -40,6 +40,7 @@ use clap::Args;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::RegistryArgs;
 use super::train::{DeviceKind, positive};
@@ -93,9 +94,9 @@ const MOST_CHOICES: usize = 16;
 const MOST_STOPS: usize = 4;
 /// How long running requests may go on after a signal to stop.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
-/// How long a load's handle lives: the keys and values are copied out at once, and a handle
-/// a failed request left behind is not kept for good.
-const LEASE_SECONDS: u64 = 300;
+/// How long a load's handle lives: a request holds it while it waits for the model, and one
+/// whose release was lost is not kept for good.
+const LEASE_SECONDS: u64 = 3600;
 
 pub fn run(args: ServeArgs) -> Result<()> {
     if !args.listen.ip().is_loopback() && !args.allow_remote {
@@ -104,6 +105,10 @@ pub fn run(args: ServeArgs) -> Result<()> {
             args.listen
         );
     }
+    // Bound first: a port in use is told before the model loads.
+    let listener = std::net::TcpListener::bind(args.listen)
+        .with_context(|| format!("binding {}", args.listen))?;
+    listener.set_nonblocking(true)?;
     let paths = Paths::from_env()?;
     let (device, dtype) = args.device.open()?;
     let LoadedModel {
@@ -132,7 +137,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
                 default_lease: None,
             };
             let loader = Loader::new(resolver, disk, args.memory.as_u64(), options);
-            (Ok(loader), Some(shm))
+            (Ok(Arc::new(loader)), Some(shm))
         }
         Err(error) => {
             let why = format!("{error:#}");
@@ -141,7 +146,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         }
     };
     let text = Arc::new(text);
-    let (jobs, queue) = std::sync::mpsc::sync_channel(args.queue);
+    let (jobs, queue) = std::sync::mpsc::channel();
     let max_positions = llama.config.max_positions;
     let worker_text = Arc::clone(&text);
     std::thread::Builder::new()
@@ -155,25 +160,26 @@ pub fn run(args: ServeArgs) -> Result<()> {
         max_positions,
         max_tokens: args.max_tokens,
         queue: args.queue,
+        // The request being answered, and those waiting.
+        admission: Arc::new(Semaphore::new(args.queue + 1)),
         loader,
         jobs,
     });
-    runtime.block_on(listen(server, args.listen))
+    let listener = tokio::net::TcpListener::from_std(listener)?;
+    runtime.block_on(listen(server, listener))
 }
 
-async fn listen(server: Arc<Server>, address: SocketAddr) -> Result<()> {
-    let listener = tokio::net::TcpListener::bind(address)
-        .await
-        .with_context(|| format!("binding {address}"))?;
+async fn listen(server: Arc<Server>, listener: tokio::net::TcpListener) -> Result<()> {
     eprintln!(
         "serving {} ({} positions); ask it at POST /v1/chat/completions",
         server.name, server.max_positions
     );
     println!("listening on http://{}", listener.local_addr()?);
+    let completions = post(completions).fallback(wrong_method);
     let router = Router::new()
-        .route("/v1/chat/completions", post(completions))
-        .route("/v1/cartridge/chat/completions", post(completions))
-        .route("/v1/models", get(models))
+        .route("/v1/chat/completions", completions.clone())
+        .route("/v1/cartridge/chat/completions", completions)
+        .route("/v1/models", get(models).fallback(wrong_method))
         .fallback(|uri: Uri| async move {
             ApiError::new(StatusCode::NOT_FOUND, format!("no such endpoint: {uri}"))
         })
@@ -210,6 +216,13 @@ async fn listen(server: Arc<Server>, address: SocketAddr) -> Result<()> {
     }
 }
 
+async fn wrong_method(method: Method, uri: Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("{uri} does not take {method}"),
+    )
+}
+
 struct Server {
     name: String,
     text: Arc<TextCodec>,
@@ -217,9 +230,12 @@ struct Server {
     max_positions: usize,
     max_tokens: usize,
     queue: usize,
+    /// A permit per request taken in, held until it is answered: what waits (its cartridges
+    /// held in memory) is bounded before anything is loaded.
+    admission: Arc<Semaphore>,
     /// The loader, or why there is none.
-    loader: std::result::Result<Loader, String>,
-    jobs: SyncSender<Job>,
+    loader: std::result::Result<Arc<Loader>, String>,
+    jobs: std::sync::mpsc::Sender<Job>,
 }
 
 /// An error in the shape of OpenAI's API: `{"error": {"message", "type", "param", "code"}}`.
@@ -227,6 +243,8 @@ struct Server {
 struct ApiError {
     status: StatusCode,
     message: String,
+    /// The request's field at fault.
+    param: Option<String>,
     code: Option<Value>,
 }
 
@@ -235,12 +253,17 @@ impl ApiError {
         Self {
             status,
             message: message.into(),
+            param: None,
             code: None,
         }
     }
 
-    fn bad(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, message)
+    /// A bad value of the request's field `param`.
+    fn bad(param: &str, message: impl Into<String>) -> Self {
+        Self {
+            param: Some(param.to_owned()),
+            ..Self::new(StatusCode::BAD_REQUEST, message)
+        }
     }
 
     fn internal(message: impl std::fmt::Display) -> Self {
@@ -249,13 +272,12 @@ impl ApiError {
     }
 
     fn body(&self) -> Value {
-        let kind = match self.status.as_u16() {
-            404 => "not_found_error",
-            400..=499 => "invalid_request_error",
-            _ => "server_error",
+        let kind = match self.status.is_client_error() {
+            true => "invalid_request_error",
+            false => "server_error",
         };
         json!({"error": {
-            "message": self.message, "type": kind, "param": null, "code": self.code,
+            "message": self.message, "type": kind, "param": self.param, "code": self.code,
         }})
     }
 }
@@ -277,98 +299,44 @@ impl From<LoaderError> for ApiError {
         Self {
             status,
             message: error.to_string(),
+            param: status.is_client_error().then(|| "cartridges".to_owned()),
             code: serde_json::to_value(code).ok(),
         }
     }
 }
 
+/// The body of a chat completion request. Fields whose shape OpenAI's API leaves open are
+/// read from JSON values, so a wrong one is told by name.
 #[derive(Debug, Deserialize)]
 struct ChatRequest {
     model: Option<String>,
-    messages: Vec<ChatMessage>,
-    #[serde(default, deserialize_with = "cartridge_ids")]
-    cartridges: Vec<String>,
+    messages: Value,
+    cartridges: Option<Value>,
     max_tokens: Option<usize>,
     max_completion_tokens: Option<usize>,
     temperature: Option<f64>,
     top_p: Option<f64>,
     n: Option<usize>,
-    stop: Option<Stop>,
-    seed: Option<u64>,
-    #[serde(default)]
-    stream: bool,
+    stop: Option<Value>,
+    seed: Option<i64>,
+    stream: Option<bool>,
     stream_options: Option<StreamOptions>,
-    /// Everything else: options no answer here could honour are refused (`UNSUPPORTED`),
-    /// the rest (`user`, `metadata`, …) do not change an answer.
+    /// Everything else: refused unless it asks for nothing (`asks_nothing`) or cannot change
+    /// an answer (`HARMLESS`), so an option this server does not offer is never ignored.
     #[serde(flatten)]
     rest: serde_json::Map<String, Value>,
 }
 
-/// Options of OpenAI's API that change an answer in ways this server does not offer.
-const UNSUPPORTED: &[&str] = &[
-    "logprobs",
-    "top_logprobs",
-    "tools",
-    "functions",
-    "response_format",
-    "logit_bias",
-    "presence_penalty",
-    "frequency_penalty",
-    "audio",
-    "modalities",
-    "prediction",
+/// Options of OpenAI's API that do not change an answer.
+const HARMLESS: &[&str] = &[
+    "user",
+    "metadata",
+    "store",
+    "service_tier",
+    "parallel_tool_calls",
+    "prompt_cache_key",
+    "safety_identifier",
 ];
-
-#[derive(Debug, Deserialize)]
-struct ChatMessage {
-    role: String,
-    content: Option<Content>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-enum Content {
-    Text(String),
-    Parts(Vec<ContentPart>),
-}
-
-#[derive(Debug, Deserialize)]
-struct ContentPart {
-    #[serde(rename = "type")]
-    kind: String,
-    text: Option<String>,
-}
-
-/// Each cartridge as `{"id": reference}` (Tokasaurus's shape) or the reference alone. What
-/// else Tokasaurus takes (`source`: where to download from) is refused: cartridges come from
-/// this server's registry.
-fn cartridge_ids<'de, D: serde::Deserializer<'de>>(
-    deserializer: D,
-) -> std::result::Result<Vec<String>, D::Error> {
-    use serde::de::Error;
-    let shape = "each as {\"id\": \"namespace/name@version\"} or the reference alone";
-    Vec::<Value>::deserialize(deserializer)?
-        .into_iter()
-        .map(|item| match item {
-            Value::String(id) => Ok(id),
-            Value::Object(mut fields) => match (fields.remove("id"), fields.keys().next()) {
-                (_, Some(other)) => Err(D::Error::custom(format!(
-                    "the field {other:?} is not taken: cartridges come from this server's registry, {shape}"
-                ))),
-                (Some(Value::String(id)), None) => Ok(id),
-                _ => Err(D::Error::custom(format!("a cartridge is named {shape}"))),
-            },
-            _ => Err(D::Error::custom(format!("a cartridge is named {shape}"))),
-        })
-        .collect()
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-enum Stop {
-    One(String),
-    Many(Vec<String>),
-}
 
 #[derive(Debug, Deserialize)]
 struct StreamOptions {
@@ -376,24 +344,27 @@ struct StreamOptions {
     include_usage: bool,
 }
 
-/// Whether an option's value is its default (asks for nothing).
-fn is_default(value: &Value) -> bool {
+/// Whether an option's value asks for nothing: its default, or none.
+fn asks_nothing(value: &Value) -> bool {
     match value {
         Value::Null | Value::Bool(false) => true,
         Value::Number(n) => n.as_f64() == Some(0.0),
-        Value::Array(items) => items.is_empty(),
+        Value::String(s) => s == "auto" || s == "none",
+        // `modalities`' default is text alone.
+        Value::Array(items) => items.is_empty() || *items == [json!("text")],
         Value::Object(fields) => {
             fields.is_empty() || fields.get("type").and_then(Value::as_str) == Some("text")
         }
-        Value::String(_) | Value::Bool(true) => false,
+        Value::Bool(true) => false,
     }
 }
 
-/// A request checked and rendered, ready for the model.
+/// A request checked, ready to render and load.
 struct Asked {
     messages: Vec<Message>,
     cartridges: Vec<String>,
-    requested_tokens: Option<usize>,
+    /// The answer's length asked for, and the field that asked.
+    requested_tokens: Option<(usize, &'static str)>,
     sampling: Sampling,
     choices: usize,
     stops: Vec<String>,
@@ -406,120 +377,227 @@ fn check(server: &Server, request: ChatRequest) -> Result<Asked, ApiError> {
     if let Some(model) = &request.model
         && *model != server.name
     {
-        return Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            format!(
-                "the model {model:?} is not served here; this server serves {:?}",
-                server.name
-            ),
-        ));
+        return Err(ApiError {
+            status: StatusCode::NOT_FOUND,
+            code: Some(json!("model_not_found")),
+            ..ApiError::bad(
+                "model",
+                format!(
+                    "the model {model:?} is not served here; this server serves {:?}",
+                    server.name
+                ),
+            )
+        });
     }
     if let Some((option, _)) = request
         .rest
         .iter()
-        .find(|(key, value)| UNSUPPORTED.contains(&key.as_str()) && !is_default(value))
+        .find(|(key, value)| !HARMLESS.contains(&key.as_str()) && !asks_nothing(value))
     {
-        return Err(ApiError::bad(format!(
-            "{option} is not supported by this server"
-        )));
-    }
-    if request.messages.is_empty() {
         return Err(ApiError::bad(
-            "messages is empty: there is nothing to answer",
+            option,
+            format!("{option} is not supported by this server"),
         ));
     }
-    let messages = request
-        .messages
-        .into_iter()
-        .enumerate()
-        .map(|(i, message)| {
-            let role = match message.role.as_str() {
-                // OpenAI's newer name for the system role.
-                "system" | "developer" => "system",
-                role @ ("user" | "assistant") => role,
-                other => {
-                    return Err(ApiError::bad(format!(
-                        "messages[{i}]: the role {other:?} is not supported (system, user or assistant)"
-                    )));
-                }
-            };
-            let content = match message.content {
-                None => String::new(),
-                Some(Content::Text(text)) => text,
-                Some(Content::Parts(parts)) => parts
-                    .into_iter()
-                    .map(|part| match (part.kind.as_str(), part.text) {
-                        ("text", Some(text)) => Ok(text),
-                        (kind, _) => Err(ApiError::bad(format!(
-                            "messages[{i}]: content of type {kind:?} is not supported (text only)"
-                        ))),
-                    })
-                    .collect::<Result<String, _>>()?,
-            };
-            Ok(Message::new(role, content))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    if messages.last().is_some_and(|m| m.role != "user") {
-        return Err(ApiError::bad(
-            "the last message is not the user's: there is no question to answer",
-        ));
-    }
+    let messages = messages(request.messages)?;
     let choices = request.n.unwrap_or(1);
     if !(1..=MOST_CHOICES).contains(&choices) {
-        return Err(ApiError::bad(format!(
-            "n is {choices}: expected 1 to {MOST_CHOICES}"
-        )));
+        return Err(ApiError::bad(
+            "n",
+            format!("n is {choices}: expected 1 to {MOST_CHOICES}"),
+        ));
     }
     let temperature = request.temperature.unwrap_or(1.0);
     if !(temperature.is_finite() && (0.0..=2.0).contains(&temperature)) {
-        return Err(ApiError::bad(format!(
-            "temperature is {temperature}: expected 0 to 2"
-        )));
+        return Err(ApiError::bad(
+            "temperature",
+            format!("temperature is {temperature}: expected 0 to 2"),
+        ));
     }
     let top_p = request.top_p.unwrap_or(1.0);
     if !(top_p > 0.0 && top_p <= 1.0) {
-        return Err(ApiError::bad(format!(
-            "top_p is {top_p}: expected above 0, at most 1"
-        )));
+        return Err(ApiError::bad(
+            "top_p",
+            format!("top_p is {top_p}: expected above 0, at most 1"),
+        ));
     }
-    let stops = match request.stop {
-        None => Vec::new(),
-        Some(Stop::One(stop)) => vec![stop],
-        Some(Stop::Many(stops)) => stops,
+    let stops = stops(request.stop)?;
+    let requested_tokens = match (request.max_completion_tokens, request.max_tokens) {
+        (Some(tokens), _) => Some((tokens, "max_completion_tokens")),
+        (None, Some(tokens)) => Some((tokens, "max_tokens")),
+        (None, None) => None,
     };
-    if stops.len() > MOST_STOPS || stops.iter().any(String::is_empty) {
-        return Err(ApiError::bad(format!(
-            "stop: expected at most {MOST_STOPS} strings, none empty"
-        )));
-    }
-    let requested_tokens = request.max_completion_tokens.or(request.max_tokens);
     match requested_tokens {
-        Some(0) => return Err(ApiError::bad("max_tokens is 0: expected at least 1")),
-        Some(tokens) if tokens > server.max_tokens => {
-            return Err(ApiError::bad(format!(
-                "max_tokens is {tokens}, over this server's limit of {} (its --max-tokens)",
-                server.max_tokens
-            )));
+        Some((0, field)) => {
+            return Err(ApiError::bad(
+                field,
+                format!("{field} is 0: expected at least 1"),
+            ));
+        }
+        Some((tokens, field)) if tokens > server.max_tokens => {
+            return Err(ApiError::bad(
+                field,
+                format!(
+                    "{field} is {tokens}, over this server's limit of {} (its --max-tokens)",
+                    server.max_tokens
+                ),
+            ));
         }
         _ => {}
     }
     Ok(Asked {
         messages,
-        cartridges: request.cartridges,
+        cartridges: cartridges(request.cartridges)?,
         requested_tokens,
         sampling: Sampling { temperature, top_p },
         choices,
         stops,
-        seed: request.seed,
-        stream: request.stream,
+        // Any 64 bits do; OpenAI's API takes a signed integer.
+        seed: request.seed.map(|seed| seed as u64),
+        stream: request.stream.unwrap_or(false),
         include_usage: request.stream_options.is_some_and(|o| o.include_usage),
     })
 }
 
-/// Cartridges composed by the loader: where each layer's keys and values are in `bytes`.
+/// The conversation: system (or developer), user and assistant turns of text, the user's last.
+fn messages(messages: Value) -> Result<Vec<Message>, ApiError> {
+    let bad = |message: String| ApiError::bad("messages", message);
+    let Value::Array(messages) = messages else {
+        return Err(bad("messages is not a list of messages".into()));
+    };
+    if messages.is_empty() {
+        return Err(bad("messages is empty: there is nothing to answer".into()));
+    }
+    let messages = messages
+        .into_iter()
+        .enumerate()
+        .map(|(i, message)| {
+            let role = match message.get("role").and_then(Value::as_str) {
+                // OpenAI's newer name for the system role.
+                Some("system" | "developer") => "system",
+                Some(role @ ("user" | "assistant")) => role,
+                Some(other) => {
+                    return Err(bad(format!(
+                        "messages[{i}]: the role {other:?} is not supported (system, developer, user or assistant)"
+                    )));
+                }
+                None => return Err(bad(format!("messages[{i}] has no role"))),
+            };
+            let content = match message.get("content") {
+                None | Some(Value::Null) => String::new(),
+                Some(Value::String(text)) => text.clone(),
+                Some(Value::Array(parts)) => parts
+                    .iter()
+                    .map(|part| match (part.get("type").and_then(Value::as_str), part.get("text")) {
+                        (Some("text"), Some(Value::String(text))) => Ok(text.as_str()),
+                        (Some("text"), _) => {
+                            Err(bad(format!("messages[{i}]: a text part without its text")))
+                        }
+                        (kind, _) => Err(bad(format!(
+                            "messages[{i}]: content of type {} is not supported (text only)",
+                            kind.map_or("(none)".into(), |k| format!("{k:?}"))
+                        ))),
+                    })
+                    .collect::<Result<String, _>>()?,
+                Some(_) => {
+                    return Err(bad(format!(
+                        "messages[{i}].content is neither text nor a list of text parts"
+                    )));
+                }
+            };
+            Ok(Message::new(role, content))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if messages.last().is_some_and(|m| m.role != "user") {
+        return Err(bad(
+            "the last message is not the user's: there is no question to answer".into(),
+        ));
+    }
+    Ok(messages)
+}
+
+/// `stop`: one string or a list of them.
+fn stops(stop: Option<Value>) -> Result<Vec<String>, ApiError> {
+    let shape = || {
+        ApiError::bad(
+            "stop",
+            format!("stop: expected a string or a list of at most {MOST_STOPS}, none empty"),
+        )
+    };
+    let stops = match stop {
+        None | Some(Value::Null) => return Ok(Vec::new()),
+        Some(Value::String(stop)) => vec![stop],
+        Some(Value::Array(stops)) => stops
+            .into_iter()
+            .map(|stop| match stop {
+                Value::String(stop) => Ok(stop),
+                _ => Err(shape()),
+            })
+            .collect::<Result<_, _>>()?,
+        Some(_) => return Err(shape()),
+    };
+    if stops.len() > MOST_STOPS || stops.iter().any(String::is_empty) {
+        return Err(shape());
+    }
+    Ok(stops)
+}
+
+/// `cartridges`: each `{"id": reference}` (Tokasaurus's shape) or the reference alone.
+/// Tokasaurus's `force_redownload` is taken and changes nothing (what is cached is checked
+/// against its digest); a `source` other than this server's registry is refused.
+fn cartridges(cartridges: Option<Value>) -> Result<Vec<String>, ApiError> {
+    let bad = |message: String| ApiError::bad("cartridges", message);
+    let shape = "each is {\"id\": \"namespace/name@version\"} or the reference alone";
+    let items = match cartridges {
+        None | Some(Value::Null) => return Ok(Vec::new()),
+        Some(Value::Array(items)) => items,
+        Some(_) => return Err(bad(format!("cartridges is not a list: {shape}"))),
+    };
+    items
+        .into_iter()
+        .enumerate()
+        .map(|(i, item)| match item {
+            Value::String(id) => Ok(id),
+            Value::Object(mut fields) => {
+                let id = match fields.remove("id") {
+                    Some(Value::String(id)) => id,
+                    _ => return Err(bad(format!("cartridges[{i}] has no id: {shape}"))),
+                };
+                match fields.remove("source") {
+                    None | Some(Value::Null) => {}
+                    Some(source) => {
+                        return Err(bad(format!(
+                            "cartridges[{i}]: the source {source} is not taken: cartridges come from this server's registry (leave source out)"
+                        )));
+                    }
+                }
+                match fields.remove("force_redownload") {
+                    None | Some(Value::Bool(_)) => {}
+                    Some(_) => return Err(bad(format!("cartridges[{i}].force_redownload is not true or false"))),
+                }
+                match fields.keys().next() {
+                    Some(other) => Err(bad(format!("cartridges[{i}]: the field {other:?} is not taken"))),
+                    None => Ok(id),
+                }
+            }
+            _ => Err(bad(format!("cartridges[{i}]: {shape}"))),
+        })
+        .collect()
+}
+
+/// Cartridges composed and resident in the loader, held until their keys and values are
+/// read: they count against the loader's memory while the request waits.
 struct Loaded {
     response: LoadResponse,
-    bytes: Vec<u8>,
+    loader: Arc<Loader>,
+}
+
+impl Drop for Loaded {
+    fn drop(&mut self) {
+        if let Err(error) = self.loader.release(self.response.handle) {
+            tracing::warn!(%error, "releasing a load");
+        }
+    }
 }
 
 impl Loaded {
@@ -527,18 +605,25 @@ impl Loaded {
         self.response.tokens as usize
     }
 
+    /// The keys and values as the model's prefix (a copy: the handle may go after).
     fn prefix(&self, llama: &Llama) -> Result<Prefix> {
         let r = &self.response;
+        let bytes = match &r.location {
+            Location::Path(path) => {
+                std::fs::read(path).with_context(|| format!("reading {}", path.display()))?
+            }
+            Location::Cuda(_) => bail!("the loader answered with GPU memory"),
+        };
         let shape = [r.kv_heads as usize, r.tokens as usize, r.head_dim as usize];
         let tensor = shape.iter().product::<usize>() * r.dtype.size();
         let at = |offset: u64| -> Result<&[u8]> {
             usize::try_from(offset)
                 .ok()
-                .and_then(|start| self.bytes.get(start..start.checked_add(tensor)?))
+                .and_then(|start| bytes.get(start..start.checked_add(tensor)?))
                 .with_context(|| {
                     format!(
                         "the loader's buffer ({} bytes) ends before its layout",
-                        self.bytes.len()
+                        bytes.len()
                     )
                 })
         };
@@ -551,12 +636,13 @@ impl Loaded {
     }
 }
 
-/// Loads `cartridges` composed for the server's model and copies their keys and values out.
+/// Loads `cartridges` composed for the server's model.
 async fn load(server: &Server, cartridges: Vec<String>) -> Result<Loaded, ApiError> {
     let loader = server.loader.as_ref().map_err(|why| {
-        ApiError::bad(format!(
-            "this server reaches no registry to fetch cartridges from ({why})"
-        ))
+        ApiError::bad(
+            "cartridges",
+            format!("this server reaches no registry to fetch cartridges from ({why})"),
+        )
     })?;
     let request = LoadRequest {
         model: server.fingerprint.clone(),
@@ -565,21 +651,15 @@ async fn load(server: &Server, cartridges: Vec<String>) -> Result<Loaded, ApiErr
         lease: Some(LEASE_SECONDS),
     };
     let prepared = loader.prepare(&request).await?;
-    let response = loader.load(prepared, None).await?;
-    let read = match &response.location {
-        Location::Path(path) => tokio::fs::read(path)
-            .await
-            .map_err(|e| ApiError::internal(format!("reading {}: {e}", path.display()))),
-        Location::Cuda(_) => Err(ApiError::internal("the loader answered with GPU memory")),
-    };
-    // Copied out (or not): the handle is not needed any more.
-    if let Err(error) = loader.release(response.handle) {
-        tracing::warn!(%error, "releasing a load");
-    }
-    Ok(Loaded {
-        response,
-        bytes: read?,
+    // On a task of its own: a load cancelled midway (its caller gone) would strand what it
+    // reserved. A handle nobody takes is released as its `Loaded` drops.
+    let loader = Arc::clone(loader);
+    tokio::spawn(async move {
+        let response = loader.load(prepared, None).await?;
+        Ok(Loaded { response, loader })
     })
+    .await
+    .map_err(|e| ApiError::internal(format!("loading the cartridges: {e}")))?
 }
 
 async fn models(State(server): State<Arc<Server>>) -> Json<Value> {
@@ -610,18 +690,33 @@ async fn respond(
                 ByteSize::b(BODY_LIMIT as u64)
             ),
         ),
-        // As OpenAI's API answers a body it cannot read (axum says 422 for a JSON of the
-        // wrong shape).
-        StatusCode::UNPROCESSABLE_ENTITY => ApiError::bad(rejection.body_text()),
+        // As OpenAI's API answers a body it cannot read (axum says 422 for JSON of the wrong
+        // shape).
+        StatusCode::UNPROCESSABLE_ENTITY => {
+            ApiError::new(StatusCode::BAD_REQUEST, rejection.body_text())
+        }
         status => ApiError::new(status, rejection.body_text()),
     })?;
     let asked = check(server, request)?;
+    let Ok(permit) = Arc::clone(&server.admission).try_acquire_owned() else {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "the server is busy: the model's queue (its --queue, {}) is full; try again later",
+                server.queue
+            ),
+        ));
+    };
     // With cartridges, the conversation follows the system turn a cartridge stands for.
-    let prompt = match asked.cartridges.is_empty() {
-        true => server.text.render_ids(&asked.messages, true),
-        false => server.text.render_after_system_ids(&asked.messages, true),
-    }
-    .map_err(|e| ApiError::bad(e.to_string()))?;
+    let text = Arc::clone(&server.text);
+    let (messages, after_system) = (asked.messages, !asked.cartridges.is_empty());
+    let prompt = tokio::task::spawn_blocking(move || match after_system {
+        true => text.render_after_system_ids(&messages, true),
+        false => text.render_ids(&messages, true),
+    })
+    .await
+    .map_err(ApiError::internal)?
+    .map_err(|e| ApiError::bad("messages", e.to_string()))?;
     let loaded = match asked.cartridges.is_empty() {
         true => None,
         false => Some(load(server, asked.cartridges).await?),
@@ -630,23 +725,38 @@ async fn respond(
     let limit = server.max_positions;
     let room = limit.saturating_sub(cartridge_tokens + prompt.len());
     if room == 0 {
-        return Err(ApiError::bad(format!(
-            "the conversation ({} tokens) does not fit in the model's {limit} positions after the cartridges' {cartridge_tokens}",
-            prompt.len()
-        )));
+        return Err(ApiError::bad(
+            "messages",
+            format!(
+                "the conversation ({} tokens) does not fit in the model's {limit} positions after the cartridges' {cartridge_tokens}",
+                prompt.len()
+            ),
+        ));
     }
     let max_tokens = match asked.requested_tokens {
-        Some(tokens) if tokens > room => {
-            return Err(ApiError::bad(format!(
-                "max_tokens is {tokens}, but {room} of the model's {limit} positions are left after the cartridges' {cartridge_tokens} and the conversation's {}",
-                prompt.len()
-            )));
+        Some((tokens, field)) if tokens > room => {
+            return Err(ApiError::bad(
+                field,
+                format!(
+                    "{field} is {tokens}, but {room} of the model's {limit} positions are left after the cartridges' {cartridge_tokens} and the conversation's {}",
+                    prompt.len()
+                ),
+            ));
         }
-        Some(tokens) => tokens,
+        Some((tokens, _)) => tokens,
         None => server.max_tokens.min(room),
     };
     let (updates, answers) = tokio::sync::mpsc::unbounded_channel();
-    let prompt_tokens = prompt.len();
+    let reply = Reply {
+        id: format!("chatcmpl-{:016x}", rand::random::<u64>()),
+        created: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+        model: server.name.clone(),
+        choices: asked.choices,
+        prompt_tokens: prompt.len(),
+        cartridge_tokens,
+    };
     let job = Job {
         prompt,
         loaded,
@@ -655,31 +765,14 @@ async fn respond(
         sampling: asked.sampling,
         seed: asked.seed.unwrap_or_else(rand::random),
         stops: asked.stops,
+        stream: asked.stream,
         updates,
+        _admitted: permit,
     };
-    match server.jobs.try_send(job) {
-        Ok(()) => {}
-        Err(TrySendError::Full(_)) => {
-            return Err(ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!(
-                    "the server is busy: {} requests are waiting for the model (its --queue); try again later",
-                    server.queue
-                ),
-            ));
-        }
-        Err(TrySendError::Disconnected(_)) => return Err(ApiError::internal("the model stopped")),
-    }
-    let reply = Reply {
-        id: format!("chatcmpl-{:016x}", rand::random::<u64>()),
-        created: SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs()),
-        model: server.name.clone(),
-        choices: asked.choices,
-        prompt_tokens,
-        cartridge_tokens,
-    };
+    server
+        .jobs
+        .send(job)
+        .map_err(|_| ApiError::internal("the model stopped"))?;
     match asked.stream {
         true => Ok(stream(reply, answers, asked.include_usage)),
         false => collect(reply, answers).await,
@@ -722,18 +815,14 @@ async fn collect(
     reply: Reply,
     mut answers: UnboundedReceiver<Update>,
 ) -> Result<Response, ApiError> {
-    let mut contents = vec![String::new(); reply.choices];
     while let Some(update) = answers.recv().await {
-        let finished = match update {
-            Update::Delta { index, text } => {
-                contents[index].push_str(&text);
-                continue;
-            }
-            Update::Done(finished) => finished.map_err(ApiError::internal)?,
+        let Update::Done(finished) = update else {
+            continue;
         };
-        let choices: Vec<Value> = contents
-            .into_iter()
-            .zip(&finished.reasons)
+        let finished = finished.map_err(ApiError::internal)?;
+        let choices: Vec<Value> = finished
+            .answers
+            .iter()
             .enumerate()
             .map(|(index, (content, reason))| {
                 json!({
@@ -778,10 +867,10 @@ fn stream(reply: Reply, answers: UnboundedReceiver<Update>, include_usage: bool)
                 )),
                 Some(Update::Done(Ok(finished))) => {
                     let closing: Vec<Value> = finished
-                        .reasons
+                        .answers
                         .iter()
                         .enumerate()
-                        .map(|(index, reason)| {
+                        .map(|(index, (_, reason))| {
                             json!({"index": index, "delta": {}, "finish_reason": reason})
                         })
                         .collect();
@@ -820,7 +909,11 @@ struct Job {
     sampling: Sampling,
     seed: u64,
     stops: Vec<String>,
+    /// Whether the answer is told as it is written, or only once done.
+    stream: bool,
     updates: UnboundedSender<Update>,
+    /// Given back once the job is dropped: answered, or never to be.
+    _admitted: OwnedSemaphorePermit,
 }
 
 /// What the model's thread tells a request as it answers.
@@ -834,25 +927,34 @@ enum Update {
 }
 
 struct Finished {
-    /// Per answer, `stop` (the model ended it, or a stop string) or `length`.
-    reasons: Vec<&'static str>,
+    /// Per answer, its text and why it ended: `stop` (the model ended it, or a stop string)
+    /// or `length`.
+    answers: Vec<(String, &'static str)>,
     completion_tokens: usize,
 }
 
 /// The model's thread: requests one at a time, in the order they came.
 fn work(llama: &Llama, text: &TextCodec, jobs: &Receiver<Job>) {
-    for job in jobs.iter() {
+    for mut job in jobs.iter() {
         // A request whose caller went away while it waited is not answered.
         if job.updates.is_closed() {
             continue;
         }
-        let finished = answer(llama, text, &job).map_err(|e| format!("{e:#}"));
+        // A panic fails its request, not the server.
+        let answered = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            answer(llama, text, &mut job)
+        }));
+        let finished = match answered {
+            Ok(finished) => finished.map_err(|e| format!("{e:#}")),
+            Err(_) => Err("the model failed (a panic; see the server's log)".to_owned()),
+        };
         let _ = job.updates.send(Update::Done(finished));
     }
 }
 
-fn answer(llama: &Llama, text: &TextCodec, job: &Job) -> Result<Finished> {
-    let prefix = job.loaded.as_ref().map(|l| l.prefix(llama)).transpose()?;
+fn answer(llama: &Llama, text: &TextCodec, job: &mut Job) -> Result<Finished> {
+    // Copied out, the cartridges are given back to the loader before the answer begins.
+    let prefix = job.loaded.take().map(|l| l.prefix(llama)).transpose()?;
     let request = GenerationRequest {
         prefix: prefix.as_ref(),
         shared: &job.prompt,
@@ -877,11 +979,17 @@ fn answer(llama: &Llama, text: &TextCodec, job: &Job) -> Result<Finished> {
                 continue;
             }
             let last = sequence.stopped || sequence.tokens.len() == job.max_tokens;
-            match answer.advance(text, &sequence.tokens, &job.stops, last) {
-                Ok(delta) if !delta.is_empty() => {
-                    let _ = job.updates.send(Update::Delta { index, text: delta });
+            // Only a streamed answer is decoded as it is written.
+            if !(job.stream || last) {
+                continue;
+            }
+            match text.answer_text(&sequence.tokens) {
+                Ok(written) => {
+                    let delta = answer.advance(written, &job.stops, last);
+                    if job.stream && !delta.is_empty() {
+                        let _ = job.updates.send(Update::Delta { index, text: delta });
+                    }
                 }
-                Ok(_) => {}
                 Err(error) => {
                     failed.get_or_insert(error);
                     answer.ended = true;
@@ -896,66 +1004,59 @@ fn answer(llama: &Llama, text: &TextCodec, job: &Job) -> Result<Finished> {
         return Err(error.into());
     }
     Ok(Finished {
-        reasons: generated
+        completion_tokens: generated.iter().map(|s| s.tokens.len()).sum(),
+        answers: generated
             .iter()
-            .zip(&answers)
+            .zip(answers)
             .map(|(sequence, answer)| {
                 let stop_token = sequence
                     .tokens
                     .last()
                     .is_some_and(|t| text.stop_ids.contains(t));
-                match answer.stop_string || stop_token {
+                let reason = match answer.stop_string || stop_token {
                     true => "stop",
                     false => "length",
-                }
+                };
+                (answer.text, reason)
             })
             .collect(),
-        completion_tokens: generated.iter().map(|s| s.tokens.len()).sum(),
     })
 }
 
-/// One answer as far as it has been told.
+/// One answer as far as it has been written, and told.
 #[derive(Default)]
 struct Answer {
+    /// The answer so far (whole once ended), cut at the first stop string.
+    text: String,
     told: String,
     ended: bool,
     stop_string: bool,
 }
 
 impl Answer {
-    /// The text `tokens` add to what was told. The whole answer is decoded again each time (a
-    /// token alone may be half a character, or read otherwise beside its neighbours) and cut
-    /// at the first stop string; until the `last` tokens, a half character at the end, and an
-    /// end that may begin a stop string, are held back.
-    fn advance(
-        &mut self,
-        text: &TextCodec,
-        tokens: &[u32],
-        stops: &[String],
-        last: bool,
-    ) -> cartridge_trainer::Result<String> {
-        let kept: Vec<u32> = tokens
-            .iter()
-            .copied()
-            .filter(|t| !text.stop_ids.contains(t))
-            .collect();
-        let mut written = text.decode(&kept)?;
+    /// Takes the whole answer `written` so far (decoded again each time: a token alone may be
+    /// half a character, or read otherwise beside its neighbours) and returns what it adds to
+    /// what was told. Until the `last` tokens, a half character at the end, and an end that may
+    /// begin a stop string, are held back.
+    fn advance(&mut self, mut written: String, stops: &[String], last: bool) -> String {
         if let Some(at) = stops.iter().filter_map(|s| written.find(s.as_str())).min() {
             written.truncate(at);
             self.stop_string = true;
         }
         self.ended = last || self.stop_string;
+        self.text = written;
         let shown = match self.ended {
-            true => written.as_str(),
-            false => held_back(&written, stops),
+            true => self.text.as_str(),
+            false => held_back(&self.text, stops),
         };
-        // A decoding that no longer continues what was told waits until it does again.
+        // A decoding that no longer continues what was told waits until it does again (the
+        // whole text still ends a non-streamed answer).
         let Some(new) = shown.strip_prefix(self.told.as_str()) else {
-            return Ok(String::new());
+            return String::new();
         };
         let new = new.to_owned();
         self.told.push_str(&new);
-        Ok(new)
+        new
     }
 }
 
@@ -982,29 +1083,69 @@ mod tests {
 
     #[test]
     fn an_end_that_may_begin_a_stop_string_is_held_back() {
-        let stops = vec!["END".to_owned(), "\n\n".to_owned()];
+        let stops = vec!["END".to_owned(), "\n\n".to_owned(), "é!".to_owned()];
         assert_eq!(held_back("the answer E", &stops), "the answer ");
         assert_eq!(held_back("the answer EN", &stops), "the answer ");
         assert_eq!(held_back("the answer\n", &stops), "the answer");
         assert_eq!(held_back("the answer ENDS", &stops), "the answer ENDS");
+        assert_eq!(held_back("café", &stops), "caf");
         assert_eq!(held_back("half \u{fffd}", &stops), "half ");
         assert_eq!(held_back("nothing held", &[]), "nothing held");
     }
 
     #[test]
-    fn options_at_their_defaults_ask_for_nothing() {
-        for default in [json!(null), json!(false), json!(0), json!([]), json!({})] {
-            assert!(is_default(&default), "{default}");
+    fn an_answer_is_told_up_to_its_first_stop_string() {
+        let stops = vec!["Morrow".to_owned()];
+        let mut answer = Answer::default();
+        let told: Vec<String> = ["Edda", "Edda Mor", "Edda Morr", "Edda Morrow built"]
+            .into_iter()
+            .map(|written| answer.advance(written.to_owned(), &stops, false))
+            .collect();
+        assert_eq!(told, ["Edda", " ", "", ""]);
+        assert!(answer.ended && answer.stop_string);
+        assert_eq!(answer.text, "Edda ");
+
+        // A held-back start of a stop string that goes on otherwise is told; the last tokens
+        // tell what was held.
+        let mut answer = Answer::default();
+        assert_eq!(answer.advance("Mo".to_owned(), &stops, false), "");
+        assert_eq!(answer.advance("Most".to_owned(), &stops, false), "Most");
+        assert_eq!(answer.advance("Most Mor".to_owned(), &stops, false), " ");
+        assert_eq!(answer.advance("Most Mor".to_owned(), &stops, true), "Mor");
+        assert!(answer.ended && !answer.stop_string);
+        assert_eq!(answer.text, "Most Mor");
+
+        // A decoding that stops continuing what was told waits; the text is the last one.
+        let mut answer = Answer::default();
+        assert_eq!(answer.advance("ab".to_owned(), &[], false), "ab");
+        assert_eq!(answer.advance("xy".to_owned(), &[], false), "");
+        assert_eq!(answer.advance("abc".to_owned(), &[], true), "c");
+        assert_eq!(answer.text, "abc");
+    }
+
+    #[test]
+    fn options_that_ask_for_nothing_are_told_from_those_that_ask() {
+        for nothing in [
+            json!(null),
+            json!(false),
+            json!(0),
+            json!([]),
+            json!({}),
+            json!("auto"),
+            json!(["text"]),
+            json!({"type": "text"}),
+        ] {
+            assert!(asks_nothing(&nothing), "{nothing}");
         }
-        assert!(is_default(&json!({"type": "text"})));
-        for set in [
+        for something in [
             json!(true),
             json!(0.5),
             json!([{"type": "function"}]),
-            json!("auto"),
+            json!("high"),
+            json!(["text", "audio"]),
+            json!({"type": "json_object"}),
         ] {
-            assert!(!is_default(&set), "{set}");
+            assert!(!asks_nothing(&something), "{something}");
         }
-        assert!(!is_default(&json!({"type": "json_object"})));
     }
 }

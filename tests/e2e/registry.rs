@@ -1229,17 +1229,7 @@ fn the_server_logs_json_and_shuts_down_gracefully() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(server.stdout.take().unwrap()),
-        &mut line,
-    )
-    .unwrap();
-    let url = line
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap()
-        .to_owned();
+    let url = crate::support::listening(&mut server);
     assert_eq!(raw_http(&url, "GET", "/v1/health", &[], b""), 200);
     let status = std::process::Command::new("kill")
         .args(["-TERM", &server.id().to_string()])

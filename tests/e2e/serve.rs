@@ -8,8 +8,8 @@ use serde_json::{Value, json};
 
 use crate::chat::{KELL, KELL_QUESTION, QUESTION};
 use crate::support::{
-    Registry, cartridge, exchange, exit_within, foreground, http_json, path_str, random_cartridge,
-    raw_http, smollm2_gguf,
+    Registry, cartridge, exchange, exit_within, foreground, http_json, listening, path_str,
+    random_cartridge, raw_http, smollm2_gguf,
 };
 use crate::trainer::CORPUS;
 
@@ -26,17 +26,7 @@ impl Server {
             .stderr(Stdio::inherit())
             .spawn()
             .expect("cartridge serve starts");
-        let mut line = String::new();
-        std::io::BufRead::read_line(
-            &mut std::io::BufReader::new(child.stdout.take().unwrap()),
-            &mut line,
-        )
-        .unwrap();
-        let url = line
-            .trim()
-            .strip_prefix("listening on ")
-            .unwrap_or_else(|| panic!("unexpected {line:?}"))
-            .to_owned();
+        let url = listening(&mut child);
         Self { child, url }
     }
 
@@ -65,14 +55,17 @@ impl Server {
             .collect()
     }
 
-    /// Asks for something the server refuses: its status and message.
-    fn refuses(&self, body: &Value) -> (u16, String) {
+    /// Asks for something the server refuses: its status and error (`message`, `param`, …).
+    fn refuses(&self, body: &Value) -> (u16, Value) {
         let (status, answer) = self.ask(body);
         assert!(status >= 400, "{status}: {answer}");
-        assert_eq!(answer["error"]["param"], Value::Null, "{answer}");
-        assert!(answer["error"]["type"].is_string(), "{answer}");
-        let message = answer["error"]["message"].as_str().unwrap().to_owned();
-        (status, message)
+        let kind = if status < 500 {
+            "invalid_request_error"
+        } else {
+            "server_error"
+        };
+        assert_eq!(answer["error"]["type"], kind, "{answer}");
+        (status, answer["error"].clone())
     }
 }
 
@@ -180,7 +173,7 @@ fn serve_answers_with_cartridges_from_a_registry() {
     assert_eq!(usage["total_tokens"].as_u64(), Some(prompt + completion));
     let reason = answer["choices"][0]["finish_reason"].as_str().unwrap();
     match reason {
-        "stop" => assert!(completion <= 40),
+        "stop" => assert!(completion < 40),
         "length" => assert_eq!(completion, 40),
         other => panic!("finish_reason {other}"),
     }
@@ -231,7 +224,10 @@ fn serve_answers_with_cartridges_from_a_registry() {
     );
     let both = json!({
         "messages": question(KELL_QUESTION),
-        "cartridges": [{"id": "lore/varn@v1"}, {"id": "lore/kell@v1"}],
+        "cartridges": [
+            {"id": "lore/varn@v1", "force_redownload": false},
+            {"id": "lore/kell@v1", "source": null},
+        ],
         "temperature": 0,
         "max_tokens": 40,
     });
@@ -240,16 +236,30 @@ fn serve_answers_with_cartridges_from_a_registry() {
     assert_eq!(content(&answer, 0).trim(), expected);
     assert_eq!(answer["usage"]["cartridge_tokens"], 128);
 
-    // Without cartridges, the model alone.
+    // Without cartridges, the model alone; a developer's turn and content in text parts.
     let plain = json!({"messages": question("What is the capital of France?"), "temperature": 0});
     let (status, answer) = server.ask(&plain);
     assert_eq!(status, 200, "{answer}");
     assert!(content(&answer, 0).contains("Paris"), "{answer}");
     assert_eq!(answer["usage"]["cartridge_tokens"], 0);
+    let parts = json!({
+        "messages": [
+            {"role": "developer", "content": "You are a helpful assistant."},
+            {"role": "user", "content": [
+                {"type": "text", "text": "What is the capital"},
+                {"type": "text", "text": " of France?"},
+            ]},
+        ],
+        "temperature": 0,
+        "max_completion_tokens": 20,
+    });
+    let (status, answer) = server.ask(&parts);
+    assert_eq!(status, 200, "{answer}");
+    assert!(content(&answer, 0).contains("Paris"), "{answer}");
 
     // A stop string ends the answer before it; a short max_tokens cuts it.
     let mut stopped = asked.clone();
-    stopped["stop"] = json!(["Morrow"]);
+    stopped["stop"] = json!("Morrow");
     let (status, answer) = server.ask(&stopped);
     assert_eq!(status, 200, "{answer}");
     let full = server.ask(&asked).1;
@@ -277,7 +287,7 @@ fn serve_answers_with_cartridges_from_a_registry() {
         .collect();
     assert_eq!(text, cut);
     let mut short = asked.clone();
-    short["max_tokens"] = json!(3);
+    short["max_completion_tokens"] = json!(3);
     let answer = server.ask(&short).1;
     assert_eq!(answer["choices"][0]["finish_reason"], "length", "{answer}");
     assert_eq!(answer["usage"]["completion_tokens"], 3);
@@ -297,6 +307,30 @@ fn serve_answers_with_cartridges_from_a_registry() {
     assert_eq!(server.ask(&sampled).1["choices"], answer["choices"]);
     let drawn: Vec<&str> = (0..3).map(|i| content(&answer, i)).collect();
     assert!(drawn.iter().any(|d| *d != drawn[0]), "{drawn:?}");
+    let mut reseeded = sampled.clone();
+    reseeded["seed"] = json!(8);
+    assert_ne!(server.ask(&reseeded).1["choices"], answer["choices"]);
+    // Streamed, each answer's chunks carry its index, and add up to the same answers.
+    let mut streamed = sampled.clone();
+    streamed["stream"] = json!(true);
+    let mut events = server.stream("/v1/chat/completions", &streamed);
+    assert_eq!(events.pop().unwrap(), "[DONE]");
+    let mut texts = vec![String::new(); 3];
+    let mut reasons = Vec::new();
+    for chunk in events
+        .iter()
+        .map(|e| serde_json::from_str::<Value>(e).unwrap())
+    {
+        for choice in chunk["choices"].as_array().unwrap() {
+            let index = choice["index"].as_u64().unwrap() as usize;
+            texts[index].push_str(choice["delta"]["content"].as_str().unwrap_or_default());
+            if !choice["finish_reason"].is_null() {
+                reasons.push(index);
+            }
+        }
+    }
+    assert_eq!(texts, drawn);
+    assert_eq!(reasons, [0, 1, 2]);
 
     // Bad requests: named, with OpenAI's error shape and a fitting status.
     let with = |field: &str, value: Value| {
@@ -317,7 +351,7 @@ fn serve_answers_with_cartridges_from_a_registry() {
                 json!([{"id": "lore/varn@v1", "source": "wandb"}]),
             ),
             400,
-            "cartridges: the field \"source\" is not taken",
+            "cartridges[0]: the source \"wandb\" is not taken",
         ),
         (
             with("cartridges", json!(["lore/other@v1"])),
@@ -370,6 +404,22 @@ fn serve_answers_with_cartridges_from_a_registry() {
             400,
             "logprobs is not supported",
         ),
+        (with("top_k", json!(5)), 400, "top_k is not supported"),
+        (
+            with("reasoning_effort", json!("high")),
+            400,
+            "reasoning_effort is not supported",
+        ),
+        (
+            with("stop", json!(5)),
+            400,
+            "stop: expected a string or a list",
+        ),
+        (
+            with("messages", json!([{"role": "user", "content": 42}])),
+            400,
+            "messages[0].content is neither text nor a list of text parts",
+        ),
         (
             with("messages", question(&"lighthouse ".repeat(9000))),
             400,
@@ -377,9 +427,23 @@ fn serve_answers_with_cartridges_from_a_registry() {
         ),
     ];
     for (body, status, message) in cases {
-        let (got, said) = server.refuses(&body);
+        let (got, error) = server.refuses(&body);
+        let said = error["message"].as_str().unwrap();
         assert_eq!((got, said.contains(message)), (status, true), "{said}");
     }
+    // The field at fault is named.
+    let (_, error) = server.refuses(&with("temperature", json!(3)));
+    assert_eq!(error["param"], "temperature");
+    let (_, error) = server.refuses(&with("model", json!("gpt-4o")));
+    assert_eq!(
+        (&error["param"], &error["code"]),
+        (&json!("model"), &json!("model_not_found"))
+    );
+    let (_, error) = server.refuses(&with("cartridges", json!(["lore/other@v1"])));
+    assert_eq!(
+        (&error["param"], &error["code"]),
+        (&json!("cartridges"), &json!("model_mismatch"))
+    );
     // A conversation that leaves fewer positions than max_tokens asks for: its length found
     // from what two shorter ones take.
     let prompt_tokens = |words: usize| {
@@ -396,15 +460,20 @@ fn serve_answers_with_cartridges_from_a_registry() {
     let words = (8192 - 64 - around - 20) / per_word;
     let mut long = with("messages", question(&"lighthouse ".repeat(words)));
     long["max_tokens"] = json!(64);
-    let (status, said) = server.refuses(&long);
-    assert_eq!(status, 400);
+    let (status, error) = server.refuses(&long);
+    let said = error["message"].as_str().unwrap();
+    assert_eq!((status, &error["param"]), (400, &json!("max_tokens")));
     assert!(
         said.contains("positions are left after the cartridges' 64"),
         "{said}"
     );
-    // Options that ask for nothing are taken.
-    let (status, _) = server.ask(&with("logprobs", json!(false)));
-    assert_eq!(status, 200);
+    // Options that ask for nothing, or nothing of the answer, are taken; so is any seed.
+    let mut taken = with("logprobs", json!(false));
+    taken["user"] = json!("alice");
+    taken["stream"] = json!(null);
+    taken["seed"] = json!(-3);
+    let (status, answer) = server.ask(&taken);
+    assert_eq!(status, 200, "{answer}");
 
     let malformed = raw_http(
         &server.url,
@@ -423,6 +492,14 @@ fn serve_answers_with_cartridges_from_a_registry() {
         &huge,
     );
     assert_eq!(status, 413);
+    let (status, answer) = http_json(&server.url, "GET", "/v1/chat/completions", None);
+    assert_eq!(status, 405, "{answer}");
+    assert!(
+        answer["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("does not take GET")
+    );
     let (status, answer) = http_json(&server.url, "GET", "/v1/completions", None);
     assert_eq!(status, 404, "{answer}");
     assert!(
@@ -448,14 +525,77 @@ fn serve_answers_with_cartridges_from_a_registry() {
     // Without a registry it answers, and says why it cannot fetch cartridges.
     let mut command = Command::new(env!("CARGO_BIN_EXE_cartridge"));
     command
-        .args(["serve", "--model", model, "--listen", "127.0.0.1:0"])
+        .args([
+            "serve",
+            "--model",
+            model,
+            "--listen",
+            "127.0.0.1:0",
+            "--queue",
+            "1",
+        ])
         .current_dir(at)
         .env("CARTRIDGE_HOME", at.join("home"))
         .env_remove("CARTRIDGE_REGISTRY");
     let alone = Server::start(command);
-    let (status, said) = alone.refuses(&asked);
+    let (status, error) = alone.refuses(&asked);
+    let said = error["message"].as_str().unwrap();
     assert_eq!(status, 400);
     assert!(said.contains("reaches no registry"), "{said}");
     let (status, _) = alone.ask(&plain);
     assert_eq!(status, 200);
+
+    // One answered and one waiting, a third is turned away; once their readers go, the server
+    // takes requests again.
+    let long = json!({
+        "messages": question("Tell me a long story about the sea."),
+        "max_tokens": 512,
+        "stream": true,
+    });
+    let answering = open_stream(&alone.url, &long);
+    let waiting = open_stream(&alone.url, &long);
+    let (status, error) = alone.refuses(&plain);
+    assert_eq!(status, 503, "{error}");
+    assert!(
+        error["message"]
+            .as_str()
+            .unwrap()
+            .contains("the server is busy: the model's queue (its --queue, 1) is full"),
+        "{error}"
+    );
+    drop((answering, waiting));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    let status = loop {
+        let (status, _) = alone.ask(&plain);
+        if status != 503 || std::time::Instant::now() > deadline {
+            break status;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    assert_eq!(status, 200);
+}
+
+/// A streamed request taken in: its connection, once the first event came.
+fn open_stream(url: &str, body: &Value) -> std::net::TcpStream {
+    use std::io::{Read, Write};
+    let address = url.trim_start_matches("http://");
+    let mut stream = std::net::TcpStream::connect(address).unwrap();
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(120)))
+        .unwrap();
+    let body = body.to_string();
+    write!(
+        stream,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: {address}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut read = Vec::new();
+    let mut buffer = [0; 4096];
+    while !String::from_utf8_lossy(&read).contains("data: ") {
+        let n = stream.read(&mut buffer).unwrap();
+        assert!(n > 0, "closed: {}", String::from_utf8_lossy(&read));
+        read.extend_from_slice(&buffer[..n]);
+    }
+    stream
 }

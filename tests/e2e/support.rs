@@ -142,15 +142,7 @@ impl Registry {
             .stderr(std::process::Stdio::inherit())
             .spawn()
             .expect("cartridge-registry starts");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let mut line = String::new();
-        std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line)
-            .expect("the server prints its address");
-        let url = line
-            .trim()
-            .strip_prefix("listening on ")
-            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-            .to_owned();
+        let url = listening(&mut child);
         Self {
             child,
             url,
@@ -400,6 +392,18 @@ pub fn raw_http(url: &str, method: &str, path: &str, headers: &[(&str, &str)], b
         .unwrap_or_else(|| panic!("no HTTP status in {text:.200}"))
 }
 
+/// The address a server started with piped stdout says it listens on (its first line).
+pub fn listening(child: &mut std::process::Child) -> String {
+    let stdout = child.stdout.take().expect("piped stdout");
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line)
+        .expect("the server prints its address");
+    line.trim()
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .to_owned()
+}
+
 /// A binary of the workspace, built beside `cartridge` (scripts/test builds them all first).
 pub fn workspace_binary(name: &str) -> PathBuf {
     let path = Path::new(env!("CARGO_BIN_EXE_cartridge")).with_file_name(name);
@@ -471,17 +475,7 @@ impl LoaderProcess {
             .stderr(std::process::Stdio::inherit())
             .spawn()
             .expect("cartridge-loader starts");
-        let mut line = String::new();
-        std::io::BufRead::read_line(
-            &mut std::io::BufReader::new(child.stdout.take().unwrap()),
-            &mut line,
-        )
-        .unwrap();
-        let url = line
-            .trim()
-            .strip_prefix("listening on ")
-            .unwrap_or_else(|| panic!("unexpected {line:?}"))
-            .to_owned();
+        let url = listening(&mut child);
         Self { child, url }
     }
 

@@ -250,16 +250,11 @@ fn evaluate_one(
             stop_on_repeat: 0,
             seed: 0,
         };
-        let tokens: Vec<u32> = generate(&model.llama, &request)?
-            .remove(0)
-            .tokens
-            .into_iter()
-            .filter(|t| !model.text.stop_ids.contains(t))
-            .collect();
+        let tokens = generate(&model.llama, &request)?.remove(0).tokens;
         generated.push(Sample {
             question: pair.question.clone(),
             reference: pair.answer.clone(),
-            generated: model.text.decode(&tokens)?.trim().to_owned(),
+            generated: model.text.answer_text(&tokens)?.trim().to_owned(),
         });
         progress(qa.len() + written + 1);
     }

@@ -389,6 +389,16 @@ impl TextCodec {
             .map_err(|e| Error::Model(format!("detokenizing: {e}")))
     }
 
+    /// The text of generated tokens, without the token that stopped them.
+    pub fn answer_text(&self, tokens: &[u32]) -> Result<String> {
+        let kept: Vec<u32> = tokens
+            .iter()
+            .copied()
+            .filter(|t| !self.stop_ids.contains(t))
+            .collect();
+        self.decode(&kept)
+    }
+
     /// One past the highest id the tokenizer gives (its added tokens' too, with `added`).
     pub fn id_bound(&self, added: bool) -> usize {
         self.tokenizer
