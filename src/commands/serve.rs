@@ -16,7 +16,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result, bail};
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{DefaultBodyLimit, State};
-use axum::http::{Method, StatusCode, Uri};
+use axum::http::{HeaderValue, Method, StatusCode, Uri};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -38,7 +38,8 @@ use cartridge_trainer::model::{
 };
 use clap::Args;
 use serde::Deserialize;
-use serde_json::{Value, json};
+use serde::de::DeserializeOwned;
+use serde_json::{Map, Value, json};
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -284,7 +285,15 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, Json(self.body())).into_response()
+        let mut response = (self.status, Json(self.body())).into_response();
+        // OpenAI's clients retry a 409 (another model's cartridge), which answers the same
+        // every time; they heed this.
+        if self.status.is_client_error() {
+            response
+                .headers_mut()
+                .insert("x-should-retry", HeaderValue::from_static("false"));
+        }
+        response
     }
 }
 
@@ -305,9 +314,9 @@ impl From<LoaderError> for ApiError {
     }
 }
 
-/// The body of a chat completion request. Fields whose shape OpenAI's API leaves open are
-/// read from JSON values, so a wrong one is told by name.
-#[derive(Debug, Deserialize)]
+/// The body of a chat completion request, read field by field (`ChatRequest::read`) so a value
+/// of the wrong shape is told by its name.
+#[derive(Debug)]
 struct ChatRequest {
     model: Option<String>,
     messages: Value,
@@ -323,8 +332,38 @@ struct ChatRequest {
     stream_options: Option<StreamOptions>,
     /// Everything else: refused unless it asks for nothing (`asks_nothing`) or cannot change
     /// an answer (`HARMLESS`), so an option this server does not offer is never ignored.
-    #[serde(flatten)]
-    rest: serde_json::Map<String, Value>,
+    rest: Map<String, Value>,
+}
+
+impl ChatRequest {
+    fn read(mut body: Map<String, Value>) -> Result<Self, ApiError> {
+        fn take<T: DeserializeOwned>(
+            body: &mut Map<String, Value>,
+            name: &str,
+        ) -> Result<Option<T>, ApiError> {
+            match body.remove(name) {
+                None | Some(Value::Null) => Ok(None),
+                Some(value) => serde_json::from_value(value)
+                    .map(Some)
+                    .map_err(|e| ApiError::bad(name, format!("{name}: {e}"))),
+            }
+        }
+        Ok(Self {
+            model: take(&mut body, "model")?,
+            messages: body.remove("messages").unwrap_or(Value::Null),
+            cartridges: body.remove("cartridges"),
+            max_tokens: take(&mut body, "max_tokens")?,
+            max_completion_tokens: take(&mut body, "max_completion_tokens")?,
+            temperature: take(&mut body, "temperature")?,
+            top_p: take(&mut body, "top_p")?,
+            n: take(&mut body, "n")?,
+            stop: body.remove("stop"),
+            seed: take(&mut body, "seed")?,
+            stream: take(&mut body, "stream")?,
+            stream_options: take(&mut body, "stream_options")?,
+            rest: body,
+        })
+    }
 }
 
 /// Options of OpenAI's API that do not change an answer.
@@ -415,12 +454,17 @@ fn check(server: &Server, request: ChatRequest) -> Result<Asked, ApiError> {
         ));
     }
     let top_p = request.top_p.unwrap_or(1.0);
-    if !(top_p > 0.0 && top_p <= 1.0) {
+    if !(0.0..=1.0).contains(&top_p) {
         return Err(ApiError::bad(
             "top_p",
-            format!("top_p is {top_p}: expected above 0, at most 1"),
+            format!("top_p is {top_p}: expected 0 to 1"),
         ));
     }
+    // No probability to draw from: the most likely token, as OpenAI's API reads it.
+    let sampling = match top_p == 0.0 {
+        true => Sampling::GREEDY,
+        false => Sampling { temperature, top_p },
+    };
     let stops = stops(request.stop)?;
     let requested_tokens = match (request.max_completion_tokens, request.max_tokens) {
         (Some(tokens), _) => Some((tokens, "max_completion_tokens")),
@@ -449,7 +493,7 @@ fn check(server: &Server, request: ChatRequest) -> Result<Asked, ApiError> {
         messages,
         cartridges: cartridges(request.cartridges)?,
         requested_tokens,
-        sampling: Sampling { temperature, top_p },
+        sampling,
         choices,
         stops,
         // Any 64 bits do; OpenAI's API takes a signed integer.
@@ -462,8 +506,10 @@ fn check(server: &Server, request: ChatRequest) -> Result<Asked, ApiError> {
 /// The conversation: system (or developer), user and assistant turns of text, the user's last.
 fn messages(messages: Value) -> Result<Vec<Message>, ApiError> {
     let bad = |message: String| ApiError::bad("messages", message);
-    let Value::Array(messages) = messages else {
-        return Err(bad("messages is not a list of messages".into()));
+    let messages = match messages {
+        Value::Array(messages) => messages,
+        Value::Null => return Err(bad("there are no messages".into())),
+        _ => return Err(bad("messages is not a list of messages".into())),
     };
     if messages.is_empty() {
         return Err(bad("messages is empty: there is nothing to answer".into()));
@@ -505,6 +551,17 @@ fn messages(messages: Value) -> Result<Vec<Message>, ApiError> {
                     )));
                 }
             };
+            // `name` says who wrote a turn; anything else (`tool_calls`, …) is not offered.
+            let other = message.as_object().and_then(|fields| {
+                fields.iter().find(|(key, value)| {
+                    !["role", "content", "name"].contains(&key.as_str()) && !asks_nothing(value)
+                })
+            });
+            if let Some((key, _)) = other {
+                return Err(bad(format!(
+                    "messages[{i}].{key} is not supported by this server"
+                )));
+            }
             Ok(Message::new(role, content))
         })
         .collect::<Result<Vec<_>, _>>()?;
@@ -636,8 +693,13 @@ impl Loaded {
     }
 }
 
-/// Loads `cartridges` composed for the server's model.
-async fn load(server: &Server, cartridges: Vec<String>) -> Result<Loaded, ApiError> {
+/// Loads `cartridges` composed for the server's model, the request's admission held until the
+/// load ends (its caller gone or not).
+async fn load(
+    server: &Server,
+    cartridges: Vec<String>,
+    admitted: OwnedSemaphorePermit,
+) -> Result<(Loaded, OwnedSemaphorePermit), ApiError> {
     let loader = server.loader.as_ref().map_err(|why| {
         ApiError::bad(
             "cartridges",
@@ -654,12 +716,16 @@ async fn load(server: &Server, cartridges: Vec<String>) -> Result<Loaded, ApiErr
     // On a task of its own: a load cancelled midway (its caller gone) would strand what it
     // reserved. A handle nobody takes is released as its `Loaded` drops.
     let loader = Arc::clone(loader);
-    tokio::spawn(async move {
-        let response = loader.load(prepared, None).await?;
-        Ok(Loaded { response, loader })
+    let (response, admitted) = tokio::spawn(async move {
+        let response = loader.load(prepared, None).await;
+        (
+            response.map(|response| Loaded { response, loader }),
+            admitted,
+        )
     })
     .await
-    .map_err(|e| ApiError::internal(format!("loading the cartridges: {e}")))?
+    .map_err(|e| ApiError::internal(format!("loading the cartridges: {e}")))?;
+    Ok((response?, admitted))
 }
 
 async fn models(State(server): State<Arc<Server>>) -> Json<Value> {
@@ -671,7 +737,7 @@ async fn models(State(server): State<Arc<Server>>) -> Json<Value> {
 
 async fn completions(
     State(server): State<Arc<Server>>,
-    body: std::result::Result<Json<ChatRequest>, JsonRejection>,
+    body: std::result::Result<Json<Map<String, Value>>, JsonRejection>,
 ) -> Response {
     respond(&server, body)
         .await
@@ -680,9 +746,9 @@ async fn completions(
 
 async fn respond(
     server: &Arc<Server>,
-    body: std::result::Result<Json<ChatRequest>, JsonRejection>,
+    body: std::result::Result<Json<Map<String, Value>>, JsonRejection>,
 ) -> Result<Response, ApiError> {
-    let Json(request) = body.map_err(|rejection| match rejection.status() {
+    let Json(body) = body.map_err(|rejection| match rejection.status() {
         StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             format!(
@@ -697,7 +763,7 @@ async fn respond(
         }
         status => ApiError::new(status, rejection.body_text()),
     })?;
-    let asked = check(server, request)?;
+    let asked = check(server, ChatRequest::read(body)?)?;
     let Ok(permit) = Arc::clone(&server.admission).try_acquire_owned() else {
         return Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -717,9 +783,12 @@ async fn respond(
     .await
     .map_err(ApiError::internal)?
     .map_err(|e| ApiError::bad("messages", e.to_string()))?;
-    let loaded = match asked.cartridges.is_empty() {
-        true => None,
-        false => Some(load(server, asked.cartridges).await?),
+    let (loaded, permit) = match asked.cartridges.is_empty() {
+        true => (None, permit),
+        false => {
+            let (loaded, permit) = load(server, asked.cartridges, permit).await?;
+            (Some(loaded), permit)
+        }
     };
     let cartridge_tokens = loaded.as_ref().map_or(0, Loaded::tokens);
     let limit = server.max_positions;
@@ -933,7 +1002,8 @@ struct Finished {
     completion_tokens: usize,
 }
 
-/// The model's thread: requests one at a time, in the order they came.
+/// The model's thread: requests one at a time, in the order they are ready (one whose
+/// cartridges are still being fetched is overtaken).
 fn work(llama: &Llama, text: &TextCodec, jobs: &Receiver<Job>) {
     for mut job in jobs.iter() {
         // A request whose caller went away while it waited is not answered.
@@ -979,8 +1049,8 @@ fn answer(llama: &Llama, text: &TextCodec, job: &mut Job) -> Result<Finished> {
                 continue;
             }
             let last = sequence.stopped || sequence.tokens.len() == job.max_tokens;
-            // Only a streamed answer is decoded as it is written.
-            if !(job.stream || last) {
+            // Only a streamed answer, or one a stop string may end, is decoded as it is written.
+            if !(job.stream || last || !job.stops.is_empty()) {
                 continue;
             }
             match text.answer_text(&sequence.tokens) {
@@ -1052,6 +1122,9 @@ impl Answer {
         // A decoding that no longer continues what was told waits until it does again (the
         // whole text still ends a non-streamed answer).
         let Some(new) = shown.strip_prefix(self.told.as_str()) else {
+            if self.ended {
+                tracing::warn!(told = %self.told, text = %self.text, "a streamed answer ended unlike its whole text");
+            }
             return String::new();
         };
         let new = new.to_owned();

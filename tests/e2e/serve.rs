@@ -8,7 +8,7 @@ use serde_json::{Value, json};
 
 use crate::chat::{KELL, KELL_QUESTION, QUESTION};
 use crate::support::{
-    Registry, cartridge, exchange, exit_within, foreground, http_json, listening, path_str,
+    Registry, Run, cartridge, exchange, exit_within, foreground, http_json, listening, path_str,
     random_cartridge, raw_http, smollm2_gguf,
 };
 use crate::trainer::CORPUS;
@@ -100,6 +100,40 @@ fn content(answer: &Value, index: usize) -> &str {
         .unwrap_or_else(|| panic!("no content in {answer}"))
 }
 
+/// A streamed answer put together, checked against OpenAI's chunk format: each answer's text,
+/// each one's finish_reason, and the usage if it came.
+fn streamed_answers(mut events: Vec<String>, choices: usize) -> (Vec<String>, Vec<Value>, Value) {
+    assert_eq!(events.pop().as_deref(), Some("[DONE]"), "{events:?}");
+    let chunks: Vec<Value> = events
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    assert!(chunks.iter().all(|c| c["object"] == "chat.completion.chunk"
+        && c["id"] == chunks[0]["id"]
+        && c["created"] == chunks[0]["created"]));
+    for (index, choice) in chunks[0]["choices"].as_array().unwrap().iter().enumerate() {
+        assert_eq!(choice["index"], index);
+        assert_eq!(choice["delta"]["role"], "assistant");
+    }
+    let (mut texts, mut reasons) = (vec![String::new(); choices], vec![Value::Null; choices]);
+    let mut usage = Value::Null;
+    for chunk in &chunks[1..] {
+        if let Some(counted) = chunk.get("usage") {
+            assert_eq!(chunk["choices"], json!([]));
+            usage = counted.clone();
+        }
+        for choice in chunk["choices"].as_array().unwrap() {
+            let index = choice["index"].as_u64().unwrap() as usize;
+            // Nothing after an answer's end.
+            assert!(reasons[index].is_null(), "{chunk}");
+            texts[index].push_str(choice["delta"]["content"].as_str().unwrap_or_default());
+            reasons[index] = choice["finish_reason"].clone();
+        }
+    }
+    assert!(reasons.iter().all(Value::is_string), "{reasons:?}");
+    (texts, reasons, usage)
+}
+
 /// `cartridge chat`'s greedy answer, for the server's to match.
 fn chat(dir: &Path, model: &str, args: &[&str]) -> String {
     let greedy = ["--model", model, "--temperature", "0", "--max-tokens", "40"];
@@ -173,7 +207,8 @@ fn serve_answers_with_cartridges_from_a_registry() {
     assert_eq!(usage["total_tokens"].as_u64(), Some(prompt + completion));
     let reason = answer["choices"][0]["finish_reason"].as_str().unwrap();
     match reason {
-        "stop" => assert!(completion < 40),
+        // The stop token counts.
+        "stop" => assert!(completion <= 40),
         "length" => assert_eq!(completion, 40),
         other => panic!("finish_reason {other}"),
     }
@@ -187,29 +222,32 @@ fn serve_answers_with_cartridges_from_a_registry() {
     streamed["stream_options"] = json!({"include_usage": true});
     streamed["cartridges"] = json!(["lore/varn@v1"]);
     let events = server.stream("/v1/cartridge/chat/completions", &streamed);
-    assert_eq!(events.last().unwrap(), "[DONE]", "{events:?}");
-    let chunks: Vec<Value> = events[..events.len() - 1]
-        .iter()
-        .map(|e| serde_json::from_str(e).unwrap())
-        .collect();
-    assert!(chunks.len() > 4, "{chunks:?}");
+    assert!(events.len() >= 6, "{events:?}");
+    let (texts, reasons, usage) = streamed_answers(events, 1);
+    assert_eq!(texts, [content(&answer, 0)]);
+    assert_eq!(reasons, [reason]);
+    assert_eq!(usage, answer["usage"]);
+
+    // scripts/ask.py, the demo's client, prints the streamed answer; and a refusal's message.
+    let ask = |args: &[&str]| {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/ask.py");
+        Run::from(
+            Command::new("python3")
+                .arg(script)
+                .arg(&server.url)
+                .args(args)
+                .args(["--max-tokens", "40"])
+                .output()
+                .unwrap(),
+        )
+    };
+    let printed = ask(&[QUESTION, "--cartridge", "lore/varn@v1"]).ok();
+    assert_eq!(printed, format!("{}\n", content(&answer, 0)));
+    let err = ask(&[QUESTION, "--cartridge", "lore/none@v1"]).fails();
     assert!(
-        chunks
-            .iter()
-            .all(|c| c["object"] == "chat.completion.chunk")
+        err.starts_with("error: ") && err.contains("lore/none@v1"),
+        "{err}"
     );
-    assert!(chunks.iter().all(|c| c["id"] == chunks[0]["id"]));
-    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
-    let text: String = chunks
-        .iter()
-        .flat_map(|c| c["choices"].as_array().unwrap())
-        .filter_map(|choice| choice["delta"]["content"].as_str())
-        .collect();
-    assert_eq!(text, content(&answer, 0));
-    let (closing, last) = (&chunks[chunks.len() - 2], &chunks[chunks.len() - 1]);
-    assert_eq!(closing["choices"][0]["finish_reason"], reason);
-    assert_eq!(last["choices"], json!([]));
-    assert_eq!(last["usage"], answer["usage"]);
 
     // Composed in request order, as `chat --with` composes files.
     let expected = chat(
@@ -270,22 +308,19 @@ fn serve_answers_with_cartridges_from_a_registry() {
     );
     assert!(cut.contains("Edda"), "{cut}");
     assert_eq!(answer["choices"][0]["finish_reason"], "stop");
-    let mut events = server.stream("/v1/chat/completions", &{
-        let mut streamed = stopped.clone();
-        streamed["stream"] = json!(true);
-        streamed
-    });
-    assert_eq!(events.pop().unwrap(), "[DONE]");
-    let text: String = events
-        .iter()
-        .map(|e| serde_json::from_str::<Value>(e).unwrap())
-        .filter_map(|c| {
-            c["choices"][0]["delta"]["content"]
-                .as_str()
-                .map(str::to_owned)
-        })
-        .collect();
-    assert_eq!(text, cut);
+    // Streamed, the same: held back where the answer might reach the stop string, it ends
+    // where the model stopped writing the unstreamed one.
+    let mut streamed = stopped.clone();
+    streamed["stream"] = json!(true);
+    streamed["stream_options"] = json!({"include_usage": true});
+    let events = server.stream("/v1/chat/completions", &streamed);
+    let (texts, reasons, usage) = streamed_answers(events, 1);
+    assert_eq!(
+        (texts, reasons),
+        (vec![cut.to_owned()], vec![json!("stop")])
+    );
+    assert_eq!(usage, answer["usage"]);
+    assert!(usage["completion_tokens"].as_u64() < full["usage"]["completion_tokens"].as_u64());
     let mut short = asked.clone();
     short["max_completion_tokens"] = json!(3);
     let answer = server.ask(&short).1;
@@ -313,24 +348,18 @@ fn serve_answers_with_cartridges_from_a_registry() {
     // Streamed, each answer's chunks carry its index, and add up to the same answers.
     let mut streamed = sampled.clone();
     streamed["stream"] = json!(true);
-    let mut events = server.stream("/v1/chat/completions", &streamed);
-    assert_eq!(events.pop().unwrap(), "[DONE]");
-    let mut texts = vec![String::new(); 3];
-    let mut reasons = Vec::new();
-    for chunk in events
-        .iter()
-        .map(|e| serde_json::from_str::<Value>(e).unwrap())
-    {
-        for choice in chunk["choices"].as_array().unwrap() {
-            let index = choice["index"].as_u64().unwrap() as usize;
-            texts[index].push_str(choice["delta"]["content"].as_str().unwrap_or_default());
-            if !choice["finish_reason"].is_null() {
-                reasons.push(index);
-            }
-        }
-    }
+    let events = server.stream("/v1/chat/completions", &streamed);
+    let (texts, reasons, _) = streamed_answers(events, 3);
     assert_eq!(texts, drawn);
-    assert_eq!(reasons, [0, 1, 2]);
+    let finished: Vec<&Value> = (0..3)
+        .map(|i| &answer["choices"][i]["finish_reason"])
+        .collect();
+    assert_eq!(reasons.iter().collect::<Vec<_>>(), finished);
+    // top_p 0 leaves the most likely token alone.
+    let mut narrowest = asked.clone();
+    narrowest["temperature"] = json!(1);
+    narrowest["top_p"] = json!(0);
+    assert_eq!(server.ask(&narrowest).1["choices"], full["choices"]);
 
     // Bad requests: named, with OpenAI's error shape and a fitting status.
     let with = |field: &str, value: Value| {
@@ -364,7 +393,22 @@ fn serve_answers_with_cartridges_from_a_registry() {
             "the model \"gpt-4o\" is not served here",
         ),
         (with("temperature", json!(3)), 400, "temperature is 3"),
-        (with("top_p", json!(0)), 400, "top_p is 0"),
+        (with("top_p", json!(1.5)), 400, "top_p is 1.5"),
+        (with("n", json!(-1)), 400, "n: invalid value: integer `-1`"),
+        (
+            with("max_tokens", json!("10")),
+            400,
+            "max_tokens: invalid type: string",
+        ),
+        (with("messages", json!(null)), 400, "there are no messages"),
+        (
+            with(
+                "messages",
+                json!([{"role": "user", "content": "Hi", "tool_calls": [{"id": "1"}]}]),
+            ),
+            400,
+            "messages[0].tool_calls is not supported",
+        ),
         (with("n", json!(0)), 400, "n is 0"),
         (with("max_tokens", json!(0)), 400, "max_tokens is 0"),
         (
@@ -434,6 +478,8 @@ fn serve_answers_with_cartridges_from_a_registry() {
     // The field at fault is named.
     let (_, error) = server.refuses(&with("temperature", json!(3)));
     assert_eq!(error["param"], "temperature");
+    let (_, error) = server.refuses(&with("n", json!("two")));
+    assert_eq!(error["param"], "n");
     let (_, error) = server.refuses(&with("model", json!("gpt-4o")));
     assert_eq!(
         (&error["param"], &error["code"]),
@@ -550,6 +596,7 @@ fn serve_answers_with_cartridges_from_a_registry() {
     let long = json!({
         "messages": question("Tell me a long story about the sea."),
         "max_tokens": 512,
+        "seed": 1,
         "stream": true,
     });
     let answering = open_stream(&alone.url, &long);
