@@ -162,7 +162,9 @@ pub fn run(args: ServeArgs) -> Result<()> {
         max_tokens: args.max_tokens,
         queue: args.queue,
         // The request being answered, and those waiting.
-        admission: Arc::new(Semaphore::new(args.queue + 1)),
+        admission: Arc::new(Semaphore::new(
+            args.queue.min(Semaphore::MAX_PERMITS - 1) + 1,
+        )),
         loader,
         jobs,
     });
