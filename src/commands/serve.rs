@@ -29,8 +29,8 @@ use cartridge_loader::disk::DiskCache;
 use cartridge_loader::error::LoaderError;
 use cartridge_loader::resolve::Resolver;
 use cartridge_loader::{LoadRequest, LoadResponse, Loader, LoaderOptions};
-use cartridge_schemas::ModelFingerprint;
 use cartridge_schemas::paths::Paths;
+use cartridge_schemas::{Digest, ModelFingerprint};
 use cartridge_trainer::cartridge::prefix_of_layers;
 use cartridge_trainer::model::{
     GenerationRequest, Llama, LoadedModel, Message, ModelSource, Prefix, Sampling, TextCodec,
@@ -1007,6 +1007,7 @@ struct Finished {
 /// The model's thread: requests one at a time, in the order they are ready (one whose
 /// cartridges are still being fetched is overtaken).
 fn work(llama: &Llama, text: &TextCodec, jobs: &Receiver<Job>) {
+    let mut recent = None;
     for mut job in jobs.iter() {
         // A request whose caller went away while it waited is not answered.
         if job.updates.is_closed() {
@@ -1014,7 +1015,7 @@ fn work(llama: &Llama, text: &TextCodec, jobs: &Receiver<Job>) {
         }
         // A panic fails its request, not the server.
         let answered = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            answer(llama, text, &mut job)
+            answer(llama, text, &mut job, &mut recent)
         }));
         let finished = match answered {
             Ok(finished) => finished.map_err(|e| format!("{e:#}")),
@@ -1024,9 +1025,30 @@ fn work(llama: &Llama, text: &TextCodec, jobs: &Receiver<Job>) {
     }
 }
 
-fn answer(llama: &Llama, text: &TextCodec, job: &mut Job) -> Result<Finished> {
-    // Copied out, the cartridges are given back to the loader before the answer begins.
-    let prefix = job.loaded.take().map(|l| l.prefix(llama)).transpose()?;
+/// The last cartridges made a prefix, by digest, kept for the next request that names the
+/// same: most requests to a server name the same few, and this spares copying their keys and
+/// values again (on a GPU, to the device).
+type Recent = Option<(Vec<Digest>, Prefix)>;
+
+fn answer(llama: &Llama, text: &TextCodec, job: &mut Job, recent: &mut Recent) -> Result<Finished> {
+    // Copied out (or found ready), the cartridges are given back to the loader before the
+    // answer begins.
+    let prefix = match job.loaded.take() {
+        None => None,
+        Some(loaded) => {
+            let parts: Vec<Digest> = loaded.response.parts.iter().map(|p| p.digest).collect();
+            match recent {
+                Some((kept, prefix)) if *kept == parts => Some(prefix.clone()),
+                _ => {
+                    // The one kept goes first: two compositions need not fit at once.
+                    *recent = None;
+                    let prefix = loaded.prefix(llama)?;
+                    *recent = Some((parts, prefix.clone()));
+                    Some(prefix)
+                }
+            }
+        }
+    };
     let request = GenerationRequest {
         prefix: prefix.as_ref(),
         shared: &job.prompt,
