@@ -316,55 +316,17 @@ impl From<LoaderError> for ApiError {
     }
 }
 
-/// The body of a chat completion request, read field by field (`ChatRequest::read`) so a value
-/// of the wrong shape is told by its name.
-#[derive(Debug)]
-struct ChatRequest {
-    model: Option<String>,
-    messages: Value,
-    cartridges: Option<Value>,
-    max_tokens: Option<usize>,
-    max_completion_tokens: Option<usize>,
-    temperature: Option<f64>,
-    top_p: Option<f64>,
-    n: Option<usize>,
-    stop: Option<Value>,
-    seed: Option<i64>,
-    stream: Option<bool>,
-    stream_options: Option<StreamOptions>,
-    /// Everything else: refused unless it asks for nothing (`asks_nothing`) or cannot change
-    /// an answer (`HARMLESS`), so an option this server does not offer is never ignored.
-    rest: Map<String, Value>,
-}
-
-impl ChatRequest {
-    fn read(mut body: Map<String, Value>) -> Result<Self, ApiError> {
-        fn take<T: DeserializeOwned>(
-            body: &mut Map<String, Value>,
-            name: &str,
-        ) -> Result<Option<T>, ApiError> {
-            match body.remove(name) {
-                None | Some(Value::Null) => Ok(None),
-                Some(value) => serde_json::from_value(value)
-                    .map(Some)
-                    .map_err(|e| ApiError::bad(name, format!("{name}: {e}"))),
-            }
-        }
-        Ok(Self {
-            model: take(&mut body, "model")?,
-            messages: body.remove("messages").unwrap_or(Value::Null),
-            cartridges: body.remove("cartridges"),
-            max_tokens: take(&mut body, "max_tokens")?,
-            max_completion_tokens: take(&mut body, "max_completion_tokens")?,
-            temperature: take(&mut body, "temperature")?,
-            top_p: take(&mut body, "top_p")?,
-            n: take(&mut body, "n")?,
-            stop: body.remove("stop"),
-            seed: take(&mut body, "seed")?,
-            stream: take(&mut body, "stream")?,
-            stream_options: take(&mut body, "stream_options")?,
-            rest: body,
-        })
+/// A body field named `name`, if given (`null` is not given): a value of the wrong shape is
+/// told by the field's name.
+fn take<T: DeserializeOwned>(
+    body: &mut Map<String, Value>,
+    name: &str,
+) -> Result<Option<T>, ApiError> {
+    match body.remove(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(value) => serde_json::from_value(value)
+            .map(Some)
+            .map_err(|e| ApiError::bad(name, format!("{name}: {e}"))),
     }
 }
 
@@ -414,8 +376,21 @@ struct Asked {
     include_usage: bool,
 }
 
-fn check(server: &Server, request: ChatRequest) -> Result<Asked, ApiError> {
-    if let Some(model) = &request.model
+/// Reads a chat completion request's body field by field.
+fn check(server: &Server, mut body: Map<String, Value>) -> Result<Asked, ApiError> {
+    let model: Option<String> = take(&mut body, "model")?;
+    let messages = body.remove("messages").unwrap_or(Value::Null);
+    let cartridges = body.remove("cartridges");
+    let max_tokens: Option<usize> = take(&mut body, "max_tokens")?;
+    let max_completion_tokens: Option<usize> = take(&mut body, "max_completion_tokens")?;
+    let temperature: Option<f64> = take(&mut body, "temperature")?;
+    let top_p: Option<f64> = take(&mut body, "top_p")?;
+    let n: Option<usize> = take(&mut body, "n")?;
+    let stop = body.remove("stop");
+    let seed: Option<i64> = take(&mut body, "seed")?;
+    let stream: Option<bool> = take(&mut body, "stream")?;
+    let stream_options: Option<StreamOptions> = take(&mut body, "stream_options")?;
+    if let Some(model) = &model
         && *model != server.name
     {
         return Err(ApiError {
@@ -430,8 +405,9 @@ fn check(server: &Server, request: ChatRequest) -> Result<Asked, ApiError> {
             )
         });
     }
-    if let Some((option, _)) = request
-        .rest
+    // Everything else is refused unless it asks for nothing or cannot change an answer, so an
+    // option this server does not offer is never ignored.
+    if let Some((option, _)) = body
         .iter()
         .find(|(key, value)| !HARMLESS.contains(&key.as_str()) && !asks_nothing(value))
     {
@@ -440,22 +416,22 @@ fn check(server: &Server, request: ChatRequest) -> Result<Asked, ApiError> {
             format!("{option} is not supported by this server"),
         ));
     }
-    let messages = messages(request.messages)?;
-    let choices = request.n.unwrap_or(1);
+    let messages = read_messages(messages)?;
+    let choices = n.unwrap_or(1);
     if !(1..=MOST_CHOICES).contains(&choices) {
         return Err(ApiError::bad(
             "n",
             format!("n is {choices}: expected 1 to {MOST_CHOICES}"),
         ));
     }
-    let temperature = request.temperature.unwrap_or(1.0);
+    let temperature = temperature.unwrap_or(1.0);
     if !(temperature.is_finite() && (0.0..=2.0).contains(&temperature)) {
         return Err(ApiError::bad(
             "temperature",
             format!("temperature is {temperature}: expected 0 to 2"),
         ));
     }
-    let top_p = request.top_p.unwrap_or(1.0);
+    let top_p = top_p.unwrap_or(1.0);
     if !(0.0..=1.0).contains(&top_p) {
         return Err(ApiError::bad(
             "top_p",
@@ -467,8 +443,8 @@ fn check(server: &Server, request: ChatRequest) -> Result<Asked, ApiError> {
         true => Sampling::GREEDY,
         false => Sampling { temperature, top_p },
     };
-    let stops = stops(request.stop)?;
-    let requested_tokens = match (request.max_completion_tokens, request.max_tokens) {
+    let stops = read_stops(stop)?;
+    let requested_tokens = match (max_completion_tokens, max_tokens) {
         (Some(tokens), _) => Some((tokens, "max_completion_tokens")),
         (None, Some(tokens)) => Some((tokens, "max_tokens")),
         (None, None) => None,
@@ -493,20 +469,20 @@ fn check(server: &Server, request: ChatRequest) -> Result<Asked, ApiError> {
     }
     Ok(Asked {
         messages,
-        cartridges: cartridges(request.cartridges)?,
+        cartridges: read_cartridges(cartridges)?,
         requested_tokens,
         sampling,
         choices,
         stops,
         // Any 64 bits do; OpenAI's API takes a signed integer.
-        seed: request.seed.map(|seed| seed as u64),
-        stream: request.stream.unwrap_or(false),
-        include_usage: request.stream_options.is_some_and(|o| o.include_usage),
+        seed: seed.map(|seed| seed as u64),
+        stream: stream.unwrap_or(false),
+        include_usage: stream_options.is_some_and(|o| o.include_usage),
     })
 }
 
 /// The conversation: system (or developer), user and assistant turns of text, the user's last.
-fn messages(messages: Value) -> Result<Vec<Message>, ApiError> {
+fn read_messages(messages: Value) -> Result<Vec<Message>, ApiError> {
     let bad = |message: String| ApiError::bad("messages", message);
     let messages = match messages {
         Value::Array(messages) => messages,
@@ -576,7 +552,7 @@ fn messages(messages: Value) -> Result<Vec<Message>, ApiError> {
 }
 
 /// `stop`: one string or a list of them.
-fn stops(stop: Option<Value>) -> Result<Vec<String>, ApiError> {
+fn read_stops(stop: Option<Value>) -> Result<Vec<String>, ApiError> {
     let shape = || {
         ApiError::bad(
             "stop",
@@ -604,7 +580,7 @@ fn stops(stop: Option<Value>) -> Result<Vec<String>, ApiError> {
 /// `cartridges`: each `{"id": reference}` (Tokasaurus's shape) or the reference alone.
 /// Tokasaurus's `force_redownload` is taken and changes nothing (what is cached is checked
 /// against its digest); a `source` other than this server's registry is refused.
-fn cartridges(cartridges: Option<Value>) -> Result<Vec<String>, ApiError> {
+fn read_cartridges(cartridges: Option<Value>) -> Result<Vec<String>, ApiError> {
     let bad = |message: String| ApiError::bad("cartridges", message);
     let shape = "each is {\"id\": \"namespace/name@version\"} or the reference alone";
     let items = match cartridges {
@@ -765,7 +741,7 @@ async fn respond(
         }
         status => ApiError::new(status, rejection.body_text()),
     })?;
-    let asked = check(server, ChatRequest::read(body)?)?;
+    let asked = check(server, body)?;
     let Ok(permit) = Arc::clone(&server.admission).try_acquire_owned() else {
         return Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -953,13 +929,11 @@ fn stream(reply: Reply, answers: UnboundedReceiver<Update>, include_usage: bool)
                     *ended = true;
                 }
                 // The answer has begun: the error goes in the stream, as OpenAI's does.
-                Some(Update::Done(Err(error))) => {
-                    let error = ApiError::internal(error);
-                    pending.push_back(Event::default().data(error.body().to_string()));
-                    *ended = true;
-                }
-                None => {
-                    let error = ApiError::internal("the model stopped before answering");
+                failed => {
+                    let error = ApiError::internal(match failed {
+                        Some(Update::Done(Err(error))) => error,
+                        _ => "the model stopped before answering".to_owned(),
+                    });
                     pending.push_back(Event::default().data(error.body().to_string()));
                     *ended = true;
                 }
